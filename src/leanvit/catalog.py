@@ -1,0 +1,95 @@
+"""Published facts of the models leanvit covers, in one table.
+
+Each entry is what the model's paper or official repository reports (see ``../shared/specs`` in
+the development tree for the sources): parameters, multiply-accumulates at the reference
+resolution, ImageNet-1k top-1 and the paper's own speed figure with the device it was measured on.
+These are the anchors ``leanvit profile`` compares against and ``leanvit bench`` plots measured
+latency against. Numbers are *published*, never measured here.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import UnknownModelError, close_matches
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    name: str  #: timm / leanvit registered name
+    family: str
+    params_m: float  #: published parameters, millions (distillation head included where it has one)
+    gmacs: float  #: published multiply-accumulates, G, at ``img_size``
+    top1: float  #: published ImageNet-1k top-1, %
+    speed: str | None  #: the paper's own latency/throughput figure, with its device; None if none
+    source: str  #: where the numbers come from
+    img_size: int = 224
+    provider: str = "timm"  #: "timm" or "leanvit" (leanvit's own model file)
+    tag: str | None = None  #: timm pretrained tag whose head matches the published model
+
+    @property
+    def model_id(self) -> str:
+        """The name to pass to ``timm.create_model`` to get the published configuration."""
+        return f"{self.name}.{self.tag}" if self.tag else self.name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _f(name, family, params_m, gmacs, top1, speed, source, **kw) -> ModelFacts:
+    return ModelFacts(name, family, params_m, gmacs, top1, speed, source, **kw)
+
+
+_EF1 = "EfficientFormer paper (params/MACs via RepViT table; timm agrees), snap-research README"
+_EF2 = "snap-research/EfficientFormer README (V2, 450-epoch top-1)"
+_NXT = "bytedance/Next-ViT README"
+_TVT = "microsoft/Cream TinyViT README (top-1: IN-22k distilled -> 1k)"
+_DEIT = "facebookresearch/deit README (top-1); params/GMACs: timm's count"
+_MVIG = "MobileViG paper (arXiv 2307.00395) / RepViT comparison table"
+_EMOD = "ma-xu/EfficientMod README (params, top-1 distilled); FLOPs and latency: paper Tables 1-3"
+_FCA = "hkzhang-git/FcaFormer README"
+_VCM = "Wertyuui345/VCMamba README"
+
+CATALOG: dict[str, ModelFacts] = {f.name: f for f in [
+    # --- EfficientFormer V1 (timm) ---
+    _f("efficientformer_l1", "EfficientFormer", 12.3, 1.3, 79.2, "1.6 ms, iPhone 12 (CoreML)", _EF1),
+    _f("efficientformer_l3", "EfficientFormer", 31.3, 3.9, 82.4, "3.0 ms, iPhone 12 (CoreML)", _EF1),
+    _f("efficientformer_l7", "EfficientFormer", 82.1, 10.2, 83.3, "7.0 ms, iPhone 12 (CoreML)", _EF1),
+    # --- EfficientFormer V2 (timm) ---
+    _f("efficientformerv2_s0", "EfficientFormerV2", 3.5, 0.40, 76.2, "0.9 ms, iPhone 12 (CoreML)", _EF2),
+    _f("efficientformerv2_s1", "EfficientFormerV2", 6.1, 0.65, 79.7, "1.1 ms, iPhone 12 (CoreML)", _EF2),
+    _f("efficientformerv2_s2", "EfficientFormerV2", 12.6, 1.25, 82.0, "1.6 ms, iPhone 12 (CoreML)", _EF2),
+    _f("efficientformerv2_l", "EfficientFormerV2", 26.1, 2.56, 83.5, "2.7 ms, iPhone 12 (CoreML)", _EF2),
+    # --- Next-ViT (timm) ---
+    _f("nextvit_small", "Next-ViT", 31.7, 5.8, 82.5, "3.5 ms, iPhone 12 Pro Max (CoreML); 7.7 ms TensorRT fp16", _NXT),
+    _f("nextvit_base", "Next-ViT", 44.8, 8.3, 83.2, "4.5 ms, iPhone 12 Pro Max (CoreML); 10.5 ms TensorRT fp16", _NXT),
+    _f("nextvit_large", "Next-ViT", 57.8, 10.8, 83.6, "5.5 ms, iPhone 12 Pro Max (CoreML); 13.0 ms TensorRT fp16", _NXT),
+    # --- TinyViT (timm) ---
+    _f("tiny_vit_5m_224", "TinyViT", 5.4, 1.3, 80.7, "3,060 img/s throughput, V100", _TVT, tag="dist_in22k_ft_in1k"),
+    _f("tiny_vit_11m_224", "TinyViT", 11.0, 2.0, 83.2, "2,468 img/s throughput, V100", _TVT, tag="dist_in22k_ft_in1k"),
+    _f("tiny_vit_21m_224", "TinyViT", 21.0, 4.3, 84.8, "1,571 img/s throughput, V100", _TVT, tag="dist_in22k_ft_in1k"),
+    # --- DeiT (timm) ---
+    _f("deit_tiny_patch16_224", "DeiT", 5.72, 1.26, 72.2, None, _DEIT),
+    _f("deit_small_patch16_224", "DeiT", 22.05, 4.61, 79.9, None, _DEIT),
+    _f("deit_base_patch16_224", "DeiT", 86.57, 17.58, 81.8, None, _DEIT),
+    _f("deit_tiny_distilled_patch16_224", "DeiT", 5.91, 1.27, 74.5, None, _DEIT),
+    _f("deit_small_distilled_patch16_224", "DeiT", 22.44, 4.63, 81.2, None, _DEIT),
+    _f("deit_base_distilled_patch16_224", "DeiT", 87.34, 17.68, 83.4, None, _DEIT),
+    # --- CNN reference (timm) ---
+    _f("mobilenetv2_100", "MobileNetV2", 3.4, 0.30, 72.0, "75 ms, Google Pixel 1 CPU (TFLite)",
+       "MobileNetV2 paper (Sandler et al. 2018), Table 4"),
+]}
+
+
+def get_facts(name: str) -> ModelFacts:
+    """The published facts for ``name`` (a pretrained tag such as ``.snap_dist_in1k`` is ignored)."""
+    arch = name.split(".", 1)[0]
+    if arch in CATALOG:
+        return CATALOG[arch]
+    hints = close_matches(arch, CATALOG)
+    hint = f" Did you mean: {', '.join(hints)}?" if hints else ""
+    raise UnknownModelError(f"'{name}' is not in leanvit's catalog.{hint} See `leanvit models`.")
+
+
+def find_facts(name: str) -> ModelFacts | None:
+    """Like :func:`get_facts` but ``None`` for models outside the catalog (any timm model)."""
+    return CATALOG.get(name.split(".", 1)[0])

@@ -1,0 +1,63 @@
+"""The ``leanvit`` console script.
+
+Each sub-command lives in its own module of this package and exposes
+``register(subparsers) -> argparse.ArgumentParser``, setting ``func=run`` on its parser; ``run(args)``
+returns the exit status. User errors (:class:`leanvit.errors.LeanvitError`) are printed as one
+line without a traceback and exit with status 2, like argparse's own usage errors.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any, Sequence
+
+from ..errors import LeanvitError
+
+#: Sub-command modules, in the order ``leanvit --help`` lists them.
+COMMANDS = ("models", "profile", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="leanvit",
+        description="Efficient vision transformers, compressed and measured on real inference engines.",
+    )
+    parser.add_argument("--version", action="version", version=f"leanvit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LeanvitError as e:
+        print(f"leanvit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def print_json(obj: Any) -> None:
+    """Machine-readable output: one JSON document on stdout."""
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (batch, threads, ...): a clear message instead of a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

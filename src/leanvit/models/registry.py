@@ -1,0 +1,42 @@
+"""Model names and construction across timm and leanvit's own families.
+
+One place turns a user's model name into a timm model, so every command gives the same error
+(with the closest registered names) for a typo.
+"""
+from __future__ import annotations
+
+import timm
+import torch.nn as nn
+
+from ..errors import UnknownModelError, close_matches
+
+
+def resolve_model_name(name: str) -> str:
+    """Return ``name`` if timm knows it (leanvit's families included), else raise with hints.
+
+    A pretrained tag (``efficientformer_l1.snap_dist_in1k``) is accepted and kept.
+    """
+    arch = name.split(".", 1)[0]
+    if timm.is_model(arch):
+        return name
+    hints = close_matches(arch, timm.list_models())
+    hint = f" Did you mean: {', '.join(hints)}?" if hints else ""
+    raise UnknownModelError(
+        f"Unknown model '{name}'.{hint} `leanvit models` lists the catalog; "
+        "any timm model name works too."
+    )
+
+
+def create_model(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
+    """``timm.create_model`` after name resolution, in eval mode.
+
+    ``pretrained=False`` is the default because leanvit's main jobs must run offline; pass
+    ``pretrained=True`` (or a ``checkpoint_path``) when weights are at hand.
+    """
+    from ..catalog import find_facts
+
+    facts = find_facts(name)
+    if facts is not None and "." not in name:
+        name = facts.model_id  # the tag whose head matches the published model (e.g. 1k classes)
+    model = timm.create_model(resolve_model_name(name), pretrained=pretrained, **kwargs)
+    return model.eval()

@@ -1,0 +1,83 @@
+"""Parameters and multiply-accumulates of a model, compared with its published numbers.
+
+MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on a real forward pass:
+MACs = counted FLOPs / 2, covering matmul/linear, convolution (depthwise and grouped included),
+batched matmul and scaled-dot-product attention. Element-wise ops, normalisation, pooling and
+softmax are not counted, which is the convention of fvcore and of the papers' own counters.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .catalog import find_facts
+from .errors import check_range
+from .models.registry import create_model
+
+MAC_CONVENTION = (
+    "MACs = torch.utils.flop_counter FLOPs / 2 (linear, conv, bmm, attention matmuls); "
+    "element-wise, norm, pooling and softmax not counted; batch 1"
+)
+
+
+def count_params(model: nn.Module) -> int:
+    """All parameters (frozen ones too), the way papers and timm report model size."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one eval-mode forward pass at ``input_size`` (C, H, W)."""
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, *input_size)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+@dataclass
+class Profile:
+    model: str
+    img_size: int
+    params: int
+    macs: int
+    published_params: int | None = None
+    published_macs: int | None = None
+    params_diff_pct: float | None = None
+    macs_diff_pct: float | None = None
+    mac_convention: str = MAC_CONVENTION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _diff_pct(measured: int, published: int | None) -> float | None:
+    return None if not published else round(100.0 * (measured - published) / published, 2)
+
+
+def profile_model(name: str, img_size: int | None = None, model: nn.Module | None = None) -> Profile:
+    """Count parameters and MACs of ``name`` and compare with the catalog's published numbers.
+
+    The published MACs are compared only at the resolution they were reported at.
+    """
+    model = model if model is not None else create_model(name)
+    cfg_size = model.pretrained_cfg.get("input_size", (3, 224, 224)) if hasattr(model, "pretrained_cfg") else (3, 224, 224)
+    img_size = img_size or cfg_size[-1]
+    check_range("--img-size", img_size, 32, 2048)
+    params = count_params(model)
+    macs = count_macs(model, (cfg_size[0], img_size, img_size))
+    facts = find_facts(name)
+    pub_params = round(facts.params_m * 1e6) if facts else None
+    pub_macs = round(facts.gmacs * 1e9) if facts and facts.img_size == img_size else None
+    return Profile(
+        model=name, img_size=img_size, params=params, macs=macs,
+        published_params=pub_params, published_macs=pub_macs,
+        params_diff_pct=_diff_pct(params, pub_params), macs_diff_pct=_diff_pct(macs, pub_macs),
+    )
