@@ -36,3 +36,7 @@ def check_range(what: str, value: int | float, lo: int | float, hi: int | float)
     """Reject ``value`` outside ``[lo, hi]`` with a message naming the accepted range."""
     if not lo <= value <= hi:
         raise LeanvitError(f"{what} must be between {lo} and {hi}, got {value}.")
+
+
+class InputSizeError(LeanvitError, ValueError):
+    """An input whose resolution a fixed-resolution model cannot take."""

@@ -1,0 +1,128 @@
+"""Bench results as files: ``results.json``, ``results.csv``, ``report.md`` and ``pareto.png``."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from .runner import BenchConfig, BenchRow
+
+_CSV_FIELDS = [f for f in BenchRow.__dataclass_fields__ if f != "engine_info"]
+
+
+def write_results(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in asdict(cfg).items()}
+    doc = {"created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": host, "config": config,
+           "rows": [r.to_dict() for r in rows]}
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "md": out / "report.md", "png": out / "pareto.png"}
+    paths["json"].write_text(json.dumps(doc, indent=2, default=str))
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(r.to_dict() for r in rows)
+    plot_pareto(rows, paths["png"], title=f"batch {cfg.batch}, {cfg.threads} threads, {host.get('cpu', '')}")
+    paths["md"].write_text(render_markdown(rows, cfg, host, doc["created"]))
+    return paths
+
+
+def _fmt(v, spec: str = ".2f", none: str = "–") -> str:
+    return none if v is None else format(v, spec)
+
+
+def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, created: str) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in host.get("versions", {}).items())
+    eager = {(r.model, r.batch): r.latency_ms_median for r in rows if r.engine == "eager" and r.precision == "f32"}
+    lines = [
+        "# leanvit bench report", "",
+        f"Created {created}. Every row was measured in this one run, one configuration after another.", "",
+        "## Host", "",
+        f"- CPU: {host.get('cpu')} ({host.get('usable_cpus')} usable of {host.get('logical_cpus')} logical CPUs)",
+        f"- CPU flags: {', '.join(host.get('cpu_flags', [])) or 'none of interest'}",
+        *( [f"- GPU: {host['gpu']}"] if host.get("gpu") else [] ),
+        f"- OS: {host.get('os')}, Python {host.get('python')}",
+        f"- Versions: {versions}", "",
+        "## Settings", "",
+        f"- batch {cfg.batch}, threads {cfg.threads}, weights: {'pretrained' if cfg.pretrained else 'random init (latency does not depend on weight values)'}",
+        f"- protocol: warm-up ≥ {cfg.budget.warmup_s} s and ≥ {cfg.budget.warmup_iters} calls, then single calls timed "
+        f"for {cfg.budget.budget_s} s (≥ {cfg.budget.min_iters}, ≤ {cfg.budget.max_iters} calls); statistics over calls",
+        f"- correctness: each engine's logits against PyTorch eager on {cfg.n_check} random images",
+        "- peak RSS: process-wide resident-set high-water mark, reset before each engine loads (includes the Python process)",
+        "",
+        "## Results", "",
+        "| model | engine | precision | median ms | p90 | p99 | IQR | vs eager | img/s | params M | GMACs | published top-1 | max abs err | top-1 agree | peak RSS MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.model} | {r.engine} | {r.precision} | **failed** | | | | | | | | | | | |")
+            continue
+        base = eager.get((r.model, r.batch))
+        ratio = f"{base / r.latency_ms_median:.2f}×" if base and r.latency_ms_median else "–"
+        flag = " ⚠" if r.diverges else ""
+        lines.append(
+            f"| {r.model} | {r.engine} | {r.precision} | {_fmt(r.latency_ms_median)} | {_fmt(r.latency_ms_p90)} | "
+            f"{_fmt(r.latency_ms_p99)} | {_fmt(r.latency_ms_iqr)} | {ratio} | {_fmt(r.throughput, '.1f')} | "
+            f"{_fmt(r.params and r.params / 1e6)} | {_fmt(r.macs and r.macs / 1e9, '.3f')} | {_fmt(r.published_top1, '.1f')} | "
+            f"{_fmt(r.max_abs_err, '.2e')}{flag} | {_fmt(r.top1_agreement, '.0%')} | {_fmt(r.peak_rss_mb, '.0f')} |"
+        )
+    bad = [r for r in rows if r.diverges]
+    failed = [r for r in rows if r.error]
+    lines += ["", "## Correctness", ""]
+    if bad:
+        lines += ["**Engines that diverge from eager (⚠):**", ""]
+        lines += [f"- {r.model} on {r.engine} ({r.precision}): top-1 agreement {r.top1_agreement:.1%}, "
+                  f"max abs err {r.max_abs_err:.3g}" for r in bad]
+    else:
+        lines.append("Every engine agrees with eager (f32: 100 % top-1 agreement, max abs error ≤ 1e-3 relative).")
+    if failed:
+        lines += ["", "## Failed configurations", ""]
+        lines += [f"- {r.model} on {r.engine} ({r.precision}): `{r.error}`" for r in failed]
+    paper = sorted({(r.model, r.paper_speed) for r in rows if r.paper_speed})
+    if paper:
+        lines += ["", "## Papers' own speed figures (their hardware, not this host)", ""]
+        lines += [f"- {m}: {s}" for m, s in paper]
+    lines += ["", "![latency vs published top-1](pareto.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_pareto(rows: Sequence[BenchRow], path: Path, title: str = "") -> None:
+    """Measured median latency (log x) against published top-1, one point per model x engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r.latency_ms_median and r.published_top1 is not None]
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    markers = "osD^v<>p*h"
+    for i, engine in enumerate(sorted({(r.engine, r.precision) for r in pts})):
+        sel = [r for r in pts if (r.engine, r.precision) == engine]
+        ax.scatter([r.latency_ms_median for r in sel], [r.published_top1 for r in sel],
+                   marker=markers[i % len(markers)], s=46, label=f"{engine[0]} {engine[1]}", alpha=0.85)
+    for model in sorted({r.model for r in pts}):
+        fastest = min((r for r in pts if r.model == model), key=lambda r: r.latency_ms_median)
+        ax.annotate(model, (fastest.latency_ms_median, fastest.published_top1), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7)
+    front, best = [], -1.0
+    for r in sorted(pts, key=lambda r: r.latency_ms_median):
+        if r.published_top1 > best:
+            front.append(r)
+            best = r.published_top1
+    if front:
+        ax.step([r.latency_ms_median for r in front], [r.published_top1 for r in front], where="post",
+                color="gray", lw=1, ls="--", label="Pareto front")
+    if pts:
+        ax.set_xscale("log")
+    ax.set_xlabel("measured median latency (ms, log scale)")
+    ax.set_ylabel("published ImageNet-1k top-1 (%)")
+    ax.set_title(f"latency vs accuracy — {title}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

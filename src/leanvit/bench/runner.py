@@ -1,0 +1,157 @@
+"""``leanvit bench``: every model on every engine, timed side by side and checked against eager."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..catalog import find_facts
+from ..deploy import check_agreement, get_engine
+from ..errors import LeanvitError, check_range
+from ..models.registry import create_model, resolve_model_name
+from ..profile import count_macs, count_params
+from .timing import TimingBudget, peak_rss_mb, reset_peak_rss, time_calls
+
+DEFAULT_MODELS = (
+    "efficientformer_l1", "efficientformerv2_s0", "tiny_vit_5m_224", "deit_tiny_patch16_224", "mobilenetv2_100",
+)
+DEFAULT_ENGINES = ("eager", "onnxruntime", "openvino")
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass
+class BenchConfig:
+    models: Sequence[str] = DEFAULT_MODELS
+    engines: Sequence[str] = DEFAULT_ENGINES
+    precisions: Sequence[str] = ("f32",)
+    batch: int = 1
+    threads: int = field(default_factory=default_threads)
+    img_size: int | None = None  #: None: each model's own pretrained_cfg input size
+    budget: TimingBudget = TimingBudget()
+    n_check: int = 8  #: random images compared against eager per engine
+    pretrained: bool = False  #: random weights need no network; latency does not depend on them
+    device: str = "cpu"
+    cache_dir: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_range("--batch", self.batch, 1, 4096)
+        check_range("--threads", self.threads, 1, 1024)
+        if self.img_size is not None:
+            check_range("--img-size", self.img_size, 32, 2048)
+        if not self.models:
+            raise LeanvitError("no models to benchmark.")
+        for m in self.models:
+            resolve_model_name(m)
+        for e in self.engines:
+            for p in self.precisions:
+                get_engine(e, threads=self.threads, precision=p, device=self.device)
+
+
+@dataclass
+class BenchRow:
+    model: str
+    engine: str
+    precision: str
+    batch: int
+    threads: int
+    img_size: int
+    latency_ms_median: float | None = None
+    latency_ms_p90: float | None = None
+    latency_ms_p99: float | None = None
+    latency_ms_iqr: float | None = None
+    latency_ms_mean: float | None = None
+    latency_ms_min: float | None = None
+    iterations: int = 0
+    throughput: float | None = None  #: images per second at the median latency
+    params: int | None = None
+    macs: int | None = None  #: per image
+    max_abs_err: float | None = None
+    top1_agreement: float | None = None
+    diverges: bool = False
+    peak_rss_mb: float | None = None
+    published_top1: float | None = None
+    paper_speed: str | None = None
+    engine_info: dict = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
+    """Benchmark every model x engine x precision of ``cfg``; one row each, failures included.
+
+    A configuration that fails is recorded with its ``error`` and reported, not dropped.
+    """
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    total = len(cfg.models) * len(cfg.engines) * len(cfg.precisions)
+    rows: list[BenchRow] = []
+    bar = tqdm(total=total, desc="bench", unit="run", disable=not progress, file=sys.stderr)
+    for name in cfg.models:
+        bar.set_description(f"{name}: create")
+        model = create_model(name, pretrained=cfg.pretrained)
+        chans, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))
+        size = cfg.img_size or h
+        params, macs = count_params(model), count_macs(model, (chans, size, size))
+        facts = find_facts(name)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        x = torch.randn(cfg.batch, chans, size, size, generator=gen)
+        checks = [torch.randn(cfg.batch, chans, size, size, generator=gen)
+                  for _ in range(max(1, math.ceil(cfg.n_check / cfg.batch)))]
+        for engine_name in cfg.engines:
+            for precision in cfg.precisions:
+                bar.set_description(f"{name}: {engine_name} {precision}")
+                row = BenchRow(model=name, engine=engine_name, precision=precision, batch=cfg.batch,
+                               threads=cfg.threads, img_size=size, params=params, macs=macs,
+                               published_top1=facts.top1 if facts else None,
+                               paper_speed=facts.speed if facts else None)
+                try:
+                    _measure(row, model, x, checks, cfg)
+                except LeanvitError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - one engine failing must not hide the others
+                    row.error = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+                    tqdm.write(f"!! {name} on {engine_name} ({precision}) FAILED: {row.error}", file=sys.stderr)
+                    traceback.print_exc(file=sys.stderr)
+                if row.diverges:
+                    tqdm.write(
+                        f"!! {name} on {engine_name} ({row.precision}) DIVERGES from eager: "
+                        f"top-1 agreement {row.top1_agreement:.1%}, max abs err {row.max_abs_err:.3g}",
+                        file=sys.stderr,
+                    )
+                rows.append(row)
+                bar.update()
+        del model
+    bar.close()
+    return rows
+
+
+def _measure(row: BenchRow, model, x, checks, cfg: BenchConfig) -> None:
+    engine = get_engine(row.engine, threads=cfg.threads, precision=row.precision, device=cfg.device)
+    reset_peak_rss()
+    runner = engine.load(model, x, cache_dir=cfg.cache_dir)
+    row.precision = runner.precision  # what the engine actually runs, not what was asked
+    row.engine_info = dict(runner.info)
+    agreement = check_agreement(model, runner, checks)
+    row.max_abs_err, row.top1_agreement = agreement.max_abs_err, agreement.top1_agreement
+    row.diverges = agreement.diverges(row.precision)
+    x_np = x.numpy()
+    timing = time_calls(lambda: runner(x_np), cfg.budget)
+    row.peak_rss_mb = peak_rss_mb()
+    row.latency_ms_median, row.latency_ms_p90, row.latency_ms_p99 = timing.median, timing.p90, timing.p99
+    row.latency_ms_iqr, row.latency_ms_mean, row.latency_ms_min = timing.iqr, timing.mean, timing.min
+    row.iterations = timing.n
+    row.throughput = cfg.batch * 1000.0 / timing.median

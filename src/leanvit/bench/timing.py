@@ -1,0 +1,102 @@
+"""The timing protocol: warm up, then time single calls until a time or count budget is spent.
+
+Latency statistics are taken over individual calls (not averaged batches of calls) so that the
+median, p90 and p99 describe what one request sees. Peak memory is the process's resident-set
+high-water mark, reset before each measurement through ``/proc/self/clear_refs`` on Linux.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TimingBudget:
+    warmup_s: float = 0.5
+    warmup_iters: int = 3  #: at least this many untimed calls, whatever ``warmup_s``
+    budget_s: float = 2.0
+    min_iters: int = 10  #: at least this many timed calls, even past ``budget_s``
+    max_iters: int = 2000
+
+
+@dataclass
+class Timing:
+    samples_ms: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.samples_ms.size)
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.samples_ms, q))
+
+    @property
+    def median(self) -> float:
+        return self.pct(50)
+
+    @property
+    def p90(self) -> float:
+        return self.pct(90)
+
+    @property
+    def p99(self) -> float:
+        return self.pct(99)
+
+    @property
+    def iqr(self) -> float:
+        """Spread: the inter-quartile range, robust to the odd preempted call."""
+        return self.pct(75) - self.pct(25)
+
+    @property
+    def mean(self) -> float:
+        return float(self.samples_ms.mean())
+
+    @property
+    def min(self) -> float:
+        return float(self.samples_ms.min())
+
+
+def time_calls(fn: Callable[[], object], budget: TimingBudget = TimingBudget()) -> Timing:
+    """Call ``fn`` (which must block until its result is ready) under ``budget``."""
+    start = time.perf_counter()
+    i = 0
+    while i < budget.warmup_iters or time.perf_counter() - start < budget.warmup_s:
+        fn()
+        i += 1
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < budget.max_iters and (
+        len(samples) < budget.min_iters or time.perf_counter() - start < budget.budget_s
+    ):
+        t0 = time.perf_counter_ns()
+        fn()
+        samples.append((time.perf_counter_ns() - t0) / 1e6)
+    return Timing(np.asarray(samples))
+
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter for this process; False where the OS cannot."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """The process's peak resident set (VmHWM) in MiB since the last reset, or None."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

@@ -1,0 +1,142 @@
+"""Model weights in and out of files, with errors that name every mismatched key.
+
+leanvit writes weights as safetensors with a JSON ``leanvit`` metadata entry (model name, model
+kwargs, data config, class names), so one file is enough to rebuild the model and its
+pre-processing. It reads those, plain ``.pth``/``.pt``/``.bin`` state dicts, and timm- or
+official-repo checkpoints (weights under ``model``/``state_dict``, ``module.`` prefixes from DDP,
+the model family's ``checkpoint_filter_fn`` for the official key names).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import LeanvitError
+from .models.registry import create_model
+
+WEIGHTS_FILE = "model.safetensors"
+_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointMismatchError(LeanvitError):
+    """A checkpoint whose keys or shapes do not fit the model it is loaded into."""
+
+
+def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    """Write ``state_dict`` as safetensors, ``metadata`` (JSON-able) stored inside the file."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(tensors, str(path), metadata={"leanvit": json.dumps(metadata or {})})
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state dict in ``path`` and leanvit's metadata (empty for foreign checkpoints).
+
+    A folder stands for the ``model.safetensors`` that ``leanvit train`` writes into it.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    if not path.is_file():
+        raise LeanvitError(f"Checkpoint {path} does not exist.")
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("leanvit", "{}"))
+                return {_strip_prefixes(k): f.get_tensor(k) for k in f.keys()}, meta
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
+        raise LeanvitError(f"Cannot read checkpoint {path}: {e}. Is it a complete weights file?") from None
+    for key in _WRAPPERS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise LeanvitError(f"{path} holds no state dict of tensors (looked under {', '.join(_WRAPPERS)}).")
+    return {_strip_prefixes(k): v for k, v in obj.items()}, {}
+
+
+def load_weights(model: nn.Module, path: str | Path, *, ignore_classifier: bool = False) -> dict:
+    """Load ``path`` into ``model`` and return the checkpoint's leanvit metadata.
+
+    Every key must match in name and shape, else :class:`CheckpointMismatchError` lists the
+    missing, unexpected and mis-shaped keys. ``ignore_classifier`` leaves the model's classifier
+    (``pretrained_cfg['classifier']``) as initialised, for fine-tuning on other classes.
+    """
+    state, meta = read_checkpoint(path)
+    _load_state(model, state, meta, path, ignore_classifier)
+    return meta
+
+
+def model_from_checkpoint(name: str, path: str | Path, **kwargs) -> tuple[nn.Module, dict]:
+    """``name`` built with the kwargs the checkpoint was trained with, its weights loaded.
+
+    A leanvit checkpoint records ``model_kwargs`` (``num_classes``, ``img_size``, ...); they are
+    applied when it was saved from the same architecture, and ``kwargs`` override them.
+    """
+    state, meta = read_checkpoint(path)
+    saved = meta.get("model")
+    same_arch = saved is not None and saved.split(".")[0] == name.split(".")[0]
+    model = create_model(name, **{**(meta.get("model_kwargs", {}) if same_arch else {}), **kwargs})
+    _load_state(model, state, meta, path, ignore_classifier=False)
+    return model, meta
+
+
+def _load_state(model: nn.Module, state: dict, meta: dict, path, ignore_classifier: bool) -> None:
+    expected = model.state_dict()
+    if _mismatch(expected, state, ignore_classifier, model):
+        filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            try:
+                filtered = filter_fn(dict(state), model)
+            except Exception:  # any failure means the keys are not in the official layout either
+                filtered = None
+            if filtered is not None and not _mismatch(expected, filtered, ignore_classifier, model):
+                state = filtered
+    problems = _mismatch(expected, state, ignore_classifier, model)
+    if problems:
+        arch = _arch(model)
+        saved = meta.get("model")
+        hint = (f" It was saved from '{saved}': load it into that model." if saved and saved.split(".")[0] != arch
+                else " Create the model with the architecture and num_classes the checkpoint was trained with.")
+        raise CheckpointMismatchError(f"Checkpoint {path} does not fit {arch}: {'; '.join(problems)}.{hint}")
+    if ignore_classifier:
+        state = {k: v for k, v in state.items() if not _is_classifier(k, model)}
+    model.load_state_dict(state, strict=not ignore_classifier)
+
+
+def _mismatch(expected: dict, state: dict, ignore_classifier: bool, model: nn.Module) -> list[str]:
+    keep = (lambda k: not _is_classifier(k, model)) if ignore_classifier else (lambda k: True)
+    missing = sorted(k for k in expected.keys() - state.keys() if keep(k))
+    unexpected = sorted(k for k in state.keys() - expected.keys() if keep(k))
+    shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(expected[k].shape)}"
+              for k in sorted(expected.keys() & state.keys())
+              if keep(k) and state[k].shape != expected[k].shape]
+    return [f"{len(items)} {what} ({', '.join(items[:8])}{', ...' if len(items) > 8 else ''})"
+            for items, what in ((missing, "missing keys"), (unexpected, "unexpected keys"),
+                                (shapes, "shape mismatches")) if items]
+
+
+def _is_classifier(key: str, model: nn.Module) -> bool:
+    heads = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else heads
+    return any(key.startswith(f"{h}.") for h in heads)
+
+
+def _arch(model: nn.Module) -> str:
+    return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+
+
+def _strip_prefixes(key: str) -> str:
+    for prefix in _PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key

@@ -1,0 +1,113 @@
+"""ToMe (Bolya et al., ICLR 2023): merge ``r`` similar tokens in every block.
+
+In each block, between attention and MLP, the tokens are split alternately into sets A and B. Each
+A token is matched to its most similar B token, using cosine similarity of the head-mean attention
+keys, and the ``r`` best-matched A tokens are merged into their partners. Merging is a size-weighted
+average, and proportional attention then adds log(size) to the attention logits so that a merged
+token weighs as much as the patches it replaced. Prefix tokens (class, distillation) are never
+merged, as in ``tome/patch/timm.py``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from ...errors import LeanvitError
+from .patch import TokenMethod, gather_tokens
+
+
+@dataclass(frozen=True)
+class ToMe(TokenMethod):
+    """Token merging.
+
+    Args:
+        r: tokens merged away in every block, or one count per block (a shorter list is padded
+            with zeros, as ``tome.utils.parse_r`` does).
+        prop_attn: proportional attention. ToMe recommends it for off-the-shelf models.
+    """
+
+    r: int | tuple[int, ...] = 8
+    prop_attn: bool = True
+
+    metric = "keys"
+
+    @property
+    def proportional(self) -> bool:
+        return self.prop_attn
+
+    def __post_init__(self) -> None:
+        r = (self.r,) if isinstance(self.r, int) else tuple(int(v) for v in self.r)
+        if any(v < 0 for v in r):
+            raise LeanvitError(f"ToMe r must be >= 0, got {self.r}.")
+        object.__setattr__(self, "r", self.r if isinstance(self.r, int) else r)
+
+    def schedule(self, depth: int) -> list[int]:
+        """``r`` for each of ``depth`` blocks."""
+        if isinstance(self.r, int):
+            return [self.r] * depth
+        if len(self.r) > depth:
+            raise LeanvitError(f"ToMe got {len(self.r)} per-block r values for a {depth}-block model.")
+        return list(self.r) + [0] * (depth - len(self.r))
+
+    def reducers(self, depth: int, num_prefix: int):
+        return [partial(_tome_reduce, r=r, num_prefix=num_prefix) if r else None for r in self.schedule(depth)]
+
+    def token_counts(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:
+        counts, n = [], num_tokens
+        for i, r in enumerate(self.schedule(depth)):
+            if r > (n - num_prefix) // 2:
+                raise _too_large(r, n, num_prefix, i, self._max_constant_r(num_tokens, num_prefix, depth))
+            n -= r
+            counts.append(n)
+        return counts
+
+    @staticmethod
+    def _max_constant_r(num_tokens: int, num_prefix: int, depth: int) -> int:
+        """The largest constant ``r`` that every block can merge (each merges at most half)."""
+        r = (num_tokens - num_prefix) // 2
+        while r > 0 and any(r > (num_tokens - i * r - num_prefix) // 2 for i in range(depth)):
+            r -= 1
+        return r
+
+
+def _too_large(r: int, n: int, num_prefix: int, block: int | None, max_r: int | None = None) -> LeanvitError:
+    where = f"block {block} has" if block is not None else "a block gets"
+    hint = f" The largest r every block can take here is {max_r}." if max_r is not None else ""
+    return LeanvitError(
+        f"ToMe r={r} is too large: {where} {n} tokens ({num_prefix} protected) and can merge at most "
+        f"{(n - num_prefix) // 2}.{hint} Lower r or give one r per block."
+    )
+
+
+def _tome_reduce(x, size, keys, *, r: int, num_prefix: int):
+    B, N, C = x.shape
+    if r > (N - num_prefix) // 2:  # an input larger or smaller than the one validated at apply()
+        raise _too_large(r, N, num_prefix, None)
+    metric = keys.detach()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # (B, |A|, |B|)
+
+    # Prefix token i sits in A (even i) or B (odd i): it can be neither a source nor a destination.
+    n_even, n_odd = (num_prefix + 1) // 2, num_prefix // 2
+    rows = torch.arange(scores.shape[1], device=x.device).unsqueeze(1) < n_even
+    cols = torch.arange(scores.shape[2], device=x.device).unsqueeze(0) < n_odd
+    scores = scores.masked_fill(rows | cols, -math.inf)
+
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)
+    src_idx, unm_idx = edge_idx[:, :r], edge_idx[:, r:].sort(dim=-1).values
+    dst_idx = node_idx.gather(1, src_idx)
+
+    if size is None:
+        size = x.new_ones(B, N, 1)
+    xs = torch.cat([x * size, size], dim=-1)  # merge the weighted sum and the size in one pass
+    a, b = xs[:, ::2], xs[:, 1::2]
+    unm = gather_tokens(a, unm_idx)
+    dst = b.scatter_add(1, dst_idx.unsqueeze(-1).expand(-1, -1, C + 1), gather_tokens(a, src_idx))
+    prefix = [unm[:, i // 2:i // 2 + 1] if i % 2 == 0 else dst[:, i // 2:i // 2 + 1] for i in range(num_prefix)]
+    out = torch.cat(prefix + [unm[:, n_even:], dst[:, n_odd:]], dim=1)
+    size = out[..., C:]
+    return out[..., :C] / size, size

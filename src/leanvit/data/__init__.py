@@ -1,0 +1,22 @@
+"""Datasets, timm pre-processing and calibration sets.
+
+``open_dataset(path)`` reads ImageFolder trees, ImageNet's flat validation layout with a label
+file, CIFAR-10's python pickles and the CIFAR-10 test subset shipped with leanvit
+(``"cifar10-test500"``); ``resolve_data_config`` / ``build_transform`` take mean, std, crop and
+interpolation from the model's ``pretrained_cfg`` through timm.
+"""
+from __future__ import annotations
+
+from .calibration import calibration_subset
+from .datasets import (
+    BUNDLED_CIFAR10, CorruptImageWarning, LabelFileDataset, bundled_cifar10, collate_skipping_corrupt,
+    dataset_classes, open_dataset,
+)
+from .loader import make_loader
+from .transforms import DATA_CONFIG_KEYS, build_transform, resolve_data_config
+
+__all__ = [
+    "BUNDLED_CIFAR10", "CorruptImageWarning", "DATA_CONFIG_KEYS", "LabelFileDataset", "build_transform",
+    "bundled_cifar10", "calibration_subset", "collate_skipping_corrupt", "dataset_classes", "make_loader",
+    "open_dataset", "resolve_data_config",
+]

@@ -1,0 +1,247 @@
+"""Image classification datasets behind one entry point, :func:`open_dataset`.
+
+Every dataset here yields ``(image, class_index)`` and exposes ``classes`` (names, index order)
+and ``targets`` (one index per sample, known without decoding an image), which is what the
+calibration sampler and the per-class report need.
+
+Corrupt images are skipped, not fatal: a file PIL cannot decode is reported with a warning and
+its sample comes back as ``None``; :func:`collate_skipping_corrupt` drops it from the batch, and
+:func:`leanvit.evaluate.evaluate` counts it (``skipped``) so an accuracy is never silently
+computed over fewer images than the folder holds.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, default_collate
+from torchvision.datasets import CIFAR10, ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from ..errors import LeanvitError
+
+#: Name of the CIFAR-10 test subset shipped inside the package (see ``assets/README.md``).
+BUNDLED_CIFAR10 = "cifar10-test500"
+_BUNDLED_FILE = "cifar10_test500.npz"
+_HEADER_NAMES = {"imageid", "image", "filename", "file", "path", "name"}
+
+
+class CorruptImageWarning(UserWarning):
+    """An image file that could not be decoded and was skipped."""
+
+
+def _load_rgb(path: str | Path) -> Image.Image | None:
+    """The image as RGB, or ``None`` (with a warning) when the file cannot be decoded."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        warnings.warn(f"skipping corrupt image {path}: {e}", CorruptImageWarning, stacklevel=2)
+        return None
+
+
+def collate_skipping_corrupt(batch: Sequence) -> list | None:
+    """``default_collate`` over the samples whose image decoded; ``None`` if none did."""
+    batch = [s for s in batch if s is not None]
+    return default_collate(batch) if batch else None
+
+
+class ImageFolderDataset(ImageFolder):
+    """torchvision's ``root/<class>/<image>`` layout, skipping undecodable files."""
+
+    def __init__(self, root: Path, transform: Callable | None = None):
+        try:
+            super().__init__(str(root), transform=transform, loader=_load_rgb)
+        except FileNotFoundError as e:  # a class folder without a single image
+            raise LeanvitError(f"{e}. Remove the empty class folders under {root} or add images.") from None
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        image = self.loader(path)
+        if image is None:
+            return None
+        return (self.transform(image) if self.transform else image), target
+
+
+class LabelFileDataset(Dataset):
+    """A flat folder of images and a file mapping each one to its class (ImageNet's val layout).
+
+    The label file has one ``filename label`` line per image (comma or whitespace separated; an
+    optional header line is skipped). ``label`` is a class index or a class name; names are
+    indexed in sorted order (the ImageNet synset order timm's heads use) unless ``classes`` is
+    given. ImageNet's ``LOC_val_solution.csv`` works as is: the image id has no extension and the
+    first word of its ``PredictionString`` is the synset.
+    """
+
+    def __init__(self, root: Path, label_file: Path, transform: Callable | None = None,
+                 classes: Sequence[str] | None = None):
+        self.root, self.transform = root, transform
+        images = {p.name: p for p in _images_in(root)}
+        if not images:
+            raise LeanvitError(f"No images ({', '.join(IMG_EXTENSIONS)}) in {root}.")
+        rows = _read_label_file(Path(label_file), images)
+        by_stem = {Path(n).stem: n for n in images}
+        named, missing = {}, []
+        for name, label in rows:
+            key = name if name in images else by_stem.get(name)
+            if key is None:
+                missing.append(name)
+            elif key in named:
+                raise LeanvitError(f"{label_file} lists {name} twice; each image needs exactly one label.")
+            else:
+                named[key] = label
+        unlabelled = sorted(set(images) - set(named))
+        if missing or unlabelled:
+            raise LeanvitError(
+                f"Label file {label_file} disagrees with the folder {root}: "
+                + _listing(missing, "listed image(s) not in the folder")
+                + ("; " if missing and unlabelled else "")
+                + _listing(unlabelled, "image(s) without a label")
+                + ". Pass the label file that belongs to this folder."
+            )
+        labels = list(named.values())
+        if all(label.isdigit() for label in labels):
+            self.classes = list(classes) if classes else [str(i) for i in range(max(map(int, labels)) + 1)]
+            index = {str(i): i for i in range(len(self.classes))}
+        else:
+            self.classes = list(classes) if classes else sorted(set(labels))
+            index = {c: i for i, c in enumerate(self.classes)}
+        unknown = sorted(set(labels) - set(index))
+        if unknown:
+            raise LeanvitError(
+                f"Label file {label_file} uses {_listing(unknown, 'label(s)')} outside the "
+                f"{len(self.classes)} classes. Pass the matching class list."
+            )
+        self.samples = [(images[n], index[named[n]]) for n in sorted(named)]
+        self.targets = [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        image = _load_rgb(path)
+        if image is None:
+            return None
+        return (self.transform(image) if self.transform else image), target
+
+
+class PackedJpegDataset(Dataset):
+    """JPEG files packed into one ``.npz`` (bytes, offsets, labels): the shipped test subset.
+
+    The bytes are the original JPEG files, so decoding gives exactly the pixels the unpacked
+    ImageFolder would.
+    """
+
+    def __init__(self, npz: Path | str, transform: Callable | None = None):
+        with np.load(npz) as z:
+            self._bytes, self._offsets = z["jpeg"], z["offsets"]
+            self.targets = z["labels"].tolist()
+            self.classes = z["classes"].tolist()
+            self.names = z["names"].tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        start, end = self._offsets[index], self._offsets[index + 1]
+        image = Image.open(io.BytesIO(self._bytes[start:end].tobytes())).convert("RGB")
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+
+def bundled_cifar10(transform: Callable | None = None) -> PackedJpegDataset:
+    """The 500-image class-balanced CIFAR-10 test subset that ships with leanvit."""
+    return PackedJpegDataset(resources.files("leanvit").joinpath("assets", _BUNDLED_FILE), transform)
+
+
+def open_dataset(source: str | Path, *, train: bool = False, transform: Callable | None = None,
+                 labels: str | Path | None = None, classes: Sequence[str] | None = None) -> Dataset:
+    """Open ``source`` in whichever supported layout it has.
+
+    - ``"cifar10-test500"``: the subset shipped with leanvit;
+    - a folder holding ``cifar-10-batches-py`` (CIFAR-10's python pickles), train or test split;
+    - a folder with ``train/`` and ``val/`` (or ``test/``) sub-folders: the split ``train`` picks;
+    - an ImageFolder tree ``root/<class>/<image>``;
+    - a flat folder of images with ``labels``, a label file (see :class:`LabelFileDataset`).
+    """
+    if str(source) == BUNDLED_CIFAR10:
+        return bundled_cifar10(transform)
+    root = Path(source).expanduser()
+    if not root.exists():
+        raise LeanvitError(f"Data path {root} does not exist.")
+    if root.is_file():
+        hint = (f" Extract it first (mkdir -p DIR && tar -xf {root} -C DIR) and pass DIR."
+                if ".tar" in root.suffixes or root.suffix in {".tgz", ".zip"} else "")
+        raise LeanvitError(f"Data path {root} is a file; expected a folder.{hint}")
+    if labels is not None:
+        return LabelFileDataset(root, Path(labels), transform, classes)
+    pickles = root if root.name == "cifar-10-batches-py" else root / "cifar-10-batches-py"
+    if pickles.is_dir():
+        try:
+            return CIFAR10(str(pickles.parent), train=train, transform=transform, download=False)
+        except RuntimeError as e:  # torchvision's checksum test failed
+            raise LeanvitError(f"{pickles}: {e} Re-download CIFAR-10's python version.") from None
+    for split in (["train"] if train else ["val", "test"]):
+        if (root / split).is_dir():
+            root = root / split
+            break
+    if any(d.is_dir() and any(_images_in(d, recursive=True)) for d in root.iterdir()):
+        return ImageFolderDataset(root, transform)
+    flat = list(_images_in(root))
+    if flat:
+        raise LeanvitError(
+            f"{root} holds {len(flat)} images but no class folders. Pass a label file (--labels FILE, "
+            "lines 'filename label', or ImageNet's LOC_val_solution.csv), or sort the images into "
+            "one folder per class."
+        )
+    raise LeanvitError(
+        f"No images found under {root}. Expected class folders (root/<class>/<image>), "
+        f"a flat folder with a label file, or CIFAR-10's cifar-10-batches-py; image types: "
+        f"{', '.join(IMG_EXTENSIONS)}."
+    )
+
+
+def _images_in(folder: Path, recursive: bool = False):
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    return (p for p in files if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+
+
+def _read_label_file(path: Path, images: dict) -> list[tuple[str, str]]:
+    if not path.is_file():
+        raise LeanvitError(f"Label file {path} does not exist.")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.replace(",", " ", 1).split()
+        if not fields:
+            continue
+        if len(fields) < 2:
+            raise LeanvitError(
+                f"{path}:{number}: expected 'filename label', got '{line.strip()}'. (ImageNet's "
+                "ILSVRC2012_validation_ground_truth.txt has no file names and uses another class "
+                "order; use LOC_val_solution.csv.)"
+            )
+        rows.append((fields[0], fields[1]))
+    if rows and rows[0][0].lower() in _HEADER_NAMES and rows[0][0] not in images:
+        rows = rows[1:]
+    return rows
+
+
+def _listing(items: Sequence[str], what: str, n: int = 5) -> str:
+    if not items:
+        return ""
+    more = f", ... ({len(items) - n} more)" if len(items) > n else ""
+    return f"{len(items)} {what} ({', '.join(map(str, items[:n]))}{more})"
+
+
+def dataset_classes(dataset: Dataset) -> list[str]:
+    """Class names of ``dataset`` (or of the dataset a ``Subset`` draws from)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return list(dataset.classes)

@@ -1,0 +1,28 @@
+"""DataLoaders with the corrupt-image policy and, under DDP, a shard of the data per process."""
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
+
+from .datasets import collate_skipping_corrupt
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, train: bool = False, seed: int = 0,
+                workers: int = 0) -> DataLoader:
+    """A loader over ``dataset``; batches may be ``None`` if every image in them was corrupt.
+
+    Training always samples through a ``DistributedSampler`` (one replica when not distributed),
+    so the global order of samples depends only on ``seed`` and the epoch
+    (``loader.sampler.set_epoch``): a run on N processes sees the same global batches as one
+    process with N times the per-process batch.
+    """
+    if train:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=seed, drop_last=True)
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=collate_skipping_corrupt, drop_last=train,
+                      pin_memory=False, persistent_workers=False)

@@ -1,0 +1,32 @@
+"""Pre-processing resolved from the model's ``pretrained_cfg`` by timm, never hand-written.
+
+A model trained at another resolution (CIFAR-10 at 32x32) or with another crop keeps its data
+config in its checkpoint (:mod:`leanvit.checkpoint`), so evaluation reproduces it exactly.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+from timm.data import create_transform, resolve_model_data_config
+
+#: The keys of a timm data config that define evaluation pre-processing.
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def resolve_data_config(model: nn.Module, *, img_size: int | None = None,
+                        crop_pct: float | None = None) -> dict:
+    """timm's data config of ``model`` (mean, std, crop, interpolation), with optional overrides."""
+    args = {k: v for k, v in {"img_size": img_size, "crop_pct": crop_pct}.items() if v is not None}
+    config = resolve_model_data_config(model, args=args)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
+
+
+def build_transform(data_config: dict, *, train: bool = False, auto_augment: str | None = None,
+                    re_prob: float = 0.0) -> Callable:
+    """timm's eval transform, or its training one with RandAugment (``auto_augment``, e.g.
+    ``"rand-m9-mstd0.5-inc1"``) and random erasing (``re_prob``)."""
+    config = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()}
+    if not train:
+        return create_transform(**config, is_training=False)
+    return create_transform(**config, is_training=True, auto_augment=auto_augment, re_prob=re_prob)

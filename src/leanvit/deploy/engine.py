@@ -1,0 +1,126 @@
+"""One small interface over every inference engine leanvit measures on.
+
+An :class:`Engine` turns a PyTorch model plus an example input into a :class:`Runner`, a callable
+from a NumPy batch to NumPy logits, running on that engine with a fixed thread count and
+precision. The runner reports the precision the engine *actually* used, which can differ from the
+one asked for (OpenVINO's CPU plugin silently runs f32 models in bf16 on AMX/AVX-512-BF16 CPUs
+unless told otherwise).
+"""
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import EngineUnavailableError, LeanvitError, check_range, close_matches
+
+
+class Runner(ABC):
+    """A model loaded on an engine: ``runner(x) -> logits``, both NumPy arrays."""
+
+    #: the precision the engine runs in, read back from the engine where it can tell
+    precision: str = "f32"
+    #: engine-specific facts worth reporting (device, provider, exporter ...)
+    info: dict
+
+    @abstractmethod
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class Engine(ABC):
+    name: str
+    #: the pip package that provides this engine, named in the error when it is missing
+    package: str
+    precisions: tuple[str, ...] = ("f32",)
+
+    def __init__(self, threads: int = 1, precision: str = "f32", device: str = "cpu"):
+        check_range("threads", threads, 1, 1024)
+        if precision not in self.precisions:
+            raise LeanvitError(
+                f"engine '{self.name}' runs precisions {', '.join(self.precisions)}; got '{precision}'."
+            )
+        self.threads, self.precision, self.device = threads, precision, device
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return importlib.util.find_spec(cls.package.split("[")[0].replace("-", "_")) is not None
+
+    @abstractmethod
+    def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir: str | Path | None = None) -> Runner:
+        """Put ``model`` on this engine for inputs shaped like ``example`` (exporting as needed)."""
+
+
+_ENGINES: dict[str, type[Engine]] = {}
+
+
+def register_engine(cls: type[Engine]) -> type[Engine]:
+    _ENGINES[cls.name] = cls
+    return cls
+
+
+def engine_names() -> list[str]:
+    return list(_ENGINES)
+
+
+def available_engines() -> list[str]:
+    return [n for n, cls in _ENGINES.items() if cls.is_available()]
+
+
+def get_engine(name: str, threads: int = 1, precision: str = "f32", device: str = "cpu") -> Engine:
+    """The engine ``name`` configured for ``threads`` and ``precision``.
+
+    Raises :class:`EngineUnavailableError` naming the package to install when it is missing.
+    """
+    if name not in _ENGINES:
+        hints = close_matches(name, _ENGINES)
+        hint = f" Did you mean: {', '.join(hints)}?" if hints else ""
+        raise LeanvitError(f"Unknown engine '{name}'.{hint} Engines: {', '.join(_ENGINES)}.")
+    cls = _ENGINES[name]
+    if not cls.is_available():
+        raise EngineUnavailableError(
+            f"Engine '{name}' needs the '{cls.package}' package: pip install {cls.package}"
+            + ("  (or: pip install 'leanvit[gpu]')" if name == "tensorrt" else "")
+        )
+    return cls(threads=threads, precision=precision, device=device)
+
+
+@dataclass
+class Agreement:
+    """How far an engine's logits are from PyTorch eager's on the same inputs."""
+
+    max_abs_err: float
+    top1_agreement: float  #: fraction of samples whose argmax matches eager's
+    n: int
+    ref_scale: float = field(default=1.0)  #: max |eager logit|, to read max_abs_err against
+
+    def diverges(self, precision: str = "f32") -> bool:
+        """True when the engine is not computing the same function as eager.
+
+        f32 must agree on every top-1 and stay within 1e-3 relative error; reduced precisions
+        are allowed their rounding but must still agree on 90 % of top-1 predictions.
+        """
+        if precision in ("f32", "fp32"):
+            return self.top1_agreement < 1.0 or self.max_abs_err > 1e-3 * max(1.0, self.ref_scale)
+        return self.top1_agreement < 0.9
+
+
+@torch.inference_mode()
+def check_agreement(model: nn.Module, runner: Runner, inputs: list[torch.Tensor]) -> Agreement:
+    """Run eager and ``runner`` on the same ``inputs`` and compare logits."""
+    if not inputs:
+        raise LeanvitError("check_agreement needs at least one input batch.")
+    model.eval()
+    errs, agree, n, scale = [], 0, 0, 0.0
+    for x in inputs:
+        ref = model(x).float().numpy()
+        out = np.asarray(runner(x.numpy()), dtype=np.float32).reshape(ref.shape)
+        errs.append(float(np.abs(out - ref).max()))
+        scale = max(scale, float(np.abs(ref).max()))
+        agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
+        n += ref.shape[0]
+    return Agreement(max_abs_err=max(errs), top1_agreement=agree / n, n=n, ref_scale=scale)

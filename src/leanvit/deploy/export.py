@@ -1,0 +1,131 @@
+"""Export to ONNX and OpenVINO IR, cached on disk by model, weights and input shape.
+
+Exports are the slow part of getting a model onto an engine (seconds to a minute), so each one is
+stored under a key made of everything that changes the graph: model class, a fingerprint of the
+weights, input shape, dynamic batch, opset and the torch version. A model whose weights changed
+never reuses a stale export.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import LeanvitError
+
+DEFAULT_OPSET = 18
+
+
+def cache_root() -> Path:
+    """``$LEANVIT_CACHE`` or ``~/.cache/leanvit``."""
+    return Path(os.environ.get("LEANVIT_CACHE", Path.home() / ".cache" / "leanvit"))
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's class, parameter/buffer names, shapes and values."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(type(model).__qualname__.encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def export_key(model: nn.Module, example: torch.Tensor, *, dynamic_batch: bool, opset: int) -> str:
+    arch = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    shape = "x".join(str(s) for s in example.shape)
+    dyn = "dyn" if dynamic_batch else "static"
+    torch_v = torch.__version__.split("+")[0]
+    return f"{arch}-{shape}-{dyn}-op{opset}-pt{torch_v}-{model_fingerprint(model)}"
+
+
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = False,
+) -> Path:
+    """Export ``model`` (in eval mode) to a single-file ONNX model at ``path``.
+
+    Uses the ``torch.export``-based exporter; a model it cannot trace falls back to the
+    TorchScript exporter with a warning that says so.
+    """
+    if opset < 17:
+        raise LeanvitError(f"ONNX opset must be >= 17 (LayerNormalization), got {opset}.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            _export_dynamo(model, example, path, opset, dynamic_batch)
+        except Exception as e:  # noqa: BLE001 - any exporter failure: retry with the other exporter
+            warnings.warn(
+                f"torch.export-based ONNX export failed for {type(model).__name__} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); using the TorchScript exporter.",
+                stacklevel=2,
+            )
+            _export_torchscript(model, example, path, opset, dynamic_batch)
+    finally:
+        model.train(was_training)
+    return path
+
+
+def _export_dynamo(model, example, path, opset, dynamic_batch) -> None:
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, opset_version=opset, input_names=["input"],
+            output_names=["logits"], dynamic_shapes=dynamic_shapes, verbose=False,
+        )
+    program.save(str(path), external_data=False)
+
+
+def _export_torchscript(model, example, path, opset, dynamic_batch) -> None:
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=False, opset_version=opset,
+            input_names=["input"], output_names=["logits"], dynamic_axes=axes,
+        )
+
+
+def cached_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    cache_dir: str | Path | None = None,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = False,
+) -> Path:
+    """The ONNX export of ``model`` at ``example``'s shape, exporting only on a cache miss."""
+    key = export_key(model, example, dynamic_batch=dynamic_batch, opset=opset)
+    path = Path(cache_dir or cache_root() / "exports") / key / "model.onnx"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp.onnx")
+        export_onnx(model, example, tmp, opset=opset, dynamic_batch=dynamic_batch)
+        tmp.replace(path)  # atomic: an interrupted export never leaves a half file in the cache
+    return path
+
+
+def cached_openvino_ir(onnx_path: Path) -> Path:
+    """The OpenVINO IR (``model.xml`` + ``.bin``, weights kept in f32) next to ``onnx_path``."""
+    import openvino as ov
+
+    xml = onnx_path.with_name("model.xml")
+    if not xml.exists():
+        ov_model = ov.convert_model(str(onnx_path))
+        tmp = onnx_path.with_name("model.tmp.xml")
+        ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
+        tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+        tmp.replace(xml)
+    return xml

@@ -1,0 +1,73 @@
+"""OpenVINO on the CPU, with the inference precision set explicitly and read back.
+
+OpenVINO's CPU plugin runs float models in bf16 on CPUs with AVX-512 BF16 or AMX unless
+``INFERENCE_PRECISION_HINT`` says otherwise, so leanvit always sets it and reports what the
+compiled model says it uses.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import LeanvitError
+from .engine import Engine, Runner, register_engine
+from .export import cached_onnx, cached_openvino_ir
+
+_OV_PRECISION = {"f32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def cpu_supports_bf16() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+class OpenVinoRunner(Runner):
+    def __init__(self, compiled, precision: str, info: dict):
+        self.compiled, self.precision, self.info = compiled, precision, info
+        self.request = compiled.create_infer_request()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.request.infer({0: x}, share_inputs=True)
+        return self.request.get_output_tensor(0).data.copy()
+
+
+@register_engine
+class OpenVinoEngine(Engine):
+    name = "openvino"
+    package = "openvino"
+    precisions = ("f32", "bf16")
+
+    def compile_config(self) -> dict:
+        """The CPU plugin settings; ``benchmarks/harness_check.py`` passes the same to benchmark_app."""
+        return {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": self.threads,
+            "INFERENCE_PRECISION_HINT": _OV_PRECISION[self.precision],
+        }
+
+    def load_model_file(self, path, *, info: dict | None = None) -> OpenVinoRunner:
+        """Compile an IR (``.xml``) or ONNX file directly (an INT8 model from a quantizer, say)."""
+        import openvino as ov
+
+        if self.precision == "bf16" and not cpu_supports_bf16():
+            raise LeanvitError(
+                "OpenVINO bf16 needs a CPU with AVX-512 BF16 or AMX; this one has neither. Use f32."
+            )
+        core = ov.Core()
+        compiled = core.compile_model(str(path), "CPU", self.compile_config())
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+        used = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        facts = {
+            "openvino": ov.__version__,
+            "model_file": str(path),
+            "inference_precision": used,
+            "num_streams": str(compiled.get_property("NUM_STREAMS")),
+            "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
+        }
+        precision = {"f32": "f32", "bf16": "bf16", "f16": "fp16"}.get(used, used)
+        return OpenVinoRunner(compiled, precision, {**facts, **(info or {})})
+
+    def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
+        return self.load_model_file(cached_openvino_ir(cached_onnx(model, example, cache_dir=cache_dir)))

@@ -1,0 +1,55 @@
+"""PyTorch itself as an engine: eager mode (the reference every other engine is checked against)
+and ``torch.compile`` (Inductor)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .engine import Engine, Runner, register_engine
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TorchRunner(Runner):
+    def __init__(self, fn, device: str, precision: str, info: dict):
+        self.fn, self.device, self.precision, self.info = fn, device, precision, info
+
+    @torch.inference_mode()
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x).to(self.device)
+        if self.precision in _DTYPES:
+            with torch.autocast(self.device.split(":")[0], dtype=_DTYPES[self.precision]):
+                out = self.fn(t)
+        else:
+            out = self.fn(t)
+        return out.float().cpu().numpy()
+
+
+@register_engine
+class EagerEngine(Engine):
+    name = "eager"
+    package = "torch"
+    precisions = ("f32", "bf16")
+
+    def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
+        torch.set_num_threads(self.threads)
+        model = model.eval().to(self.device)
+        return TorchRunner(model, self.device, self.precision, {"torch": torch.__version__})
+
+
+@register_engine
+class CompileEngine(Engine):
+    """``torch.compile`` with Inductor; compiled on load (first call) so timing excludes it."""
+
+    name = "compile"
+    package = "torch"
+    precisions = ("f32", "bf16")
+
+    def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
+        torch.set_num_threads(self.threads)
+        model = model.eval().to(self.device)
+        compiled = torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=False)
+        runner = TorchRunner(compiled, self.device, self.precision, {"torch": torch.__version__, "mode": "max-autotune-no-cudagraphs"})
+        runner(example.numpy())  # trigger compilation now, not inside the timed loop
+        return runner

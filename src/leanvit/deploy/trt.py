@@ -1,0 +1,72 @@
+"""TensorRT on an NVIDIA GPU, built from the cached ONNX export.
+
+Buffers are CUDA tensors owned by PyTorch, so no pycuda is needed. Engines are built for the
+example's exact shape and serialised next to the ONNX file, keyed by precision.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import EngineUnavailableError, LeanvitError
+from .engine import Engine, Runner, register_engine
+from .export import cached_onnx
+
+
+class TensorRTRunner(Runner):
+    def __init__(self, engine, precision: str, info: dict):
+        self.engine, self.precision, self.info = engine, precision, info
+        self.context = engine.create_execution_context()
+        self.names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.stream = torch.cuda.Stream()
+        self.buffers = {}
+        for n in self.names:
+            shape = tuple(self.context.get_tensor_shape(n))
+            self.buffers[n] = torch.empty(shape, dtype=torch.float32, device="cuda")
+            self.context.set_tensor_address(n, self.buffers[n].data_ptr())
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        import tensorrt as trt
+
+        inp = next(n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        out = next(n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        with torch.cuda.stream(self.stream):
+            self.buffers[inp].copy_(torch.from_numpy(x), non_blocking=True)
+            self.context.execute_async_v3(self.stream.cuda_stream)
+            result = self.buffers[out].cpu()
+        self.stream.synchronize()
+        return result.numpy()
+
+
+@register_engine
+class TensorRTEngine(Engine):
+    name = "tensorrt"
+    package = "tensorrt"
+    precisions = ("f32", "fp16")
+
+    def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
+        import tensorrt as trt
+
+        if not torch.cuda.is_available():
+            raise EngineUnavailableError("TensorRT needs an NVIDIA GPU with CUDA; none is visible here.")
+        onnx_path = cached_onnx(model, example, cache_dir=cache_dir)
+        plan = onnx_path.with_name(f"model-{self.precision}.plan")
+        logger = trt.Logger(trt.Logger.WARNING)
+        if not plan.exists():
+            builder = trt.Builder(logger)
+            network = builder.create_network(0)
+            parser = trt.OnnxParser(network, logger)
+            if not parser.parse_from_file(str(onnx_path)):
+                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                raise LeanvitError(f"TensorRT cannot parse {onnx_path}: {errors}")
+            config = builder.create_builder_config()
+            if self.precision == "fp16":
+                config.set_flag(trt.BuilderFlag.FP16)
+            serialized = builder.build_serialized_network(network, config)
+            if serialized is None:
+                raise LeanvitError(f"TensorRT failed to build an engine from {onnx_path}; see its log above.")
+            plan.write_bytes(bytes(serialized))
+        engine = trt.Runtime(logger).deserialize_cuda_engine(plan.read_bytes())
+        info = {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(), "plan": str(plan)}
+        return TensorRTRunner(engine, self.precision, info)

@@ -1,0 +1,98 @@
+"""Accuracy of a classifier on a dataset: top-1/top-5, per class, and its most common confusions.
+
+The classifier is a PyTorch module or any callable from a float32 NCHW numpy batch to logits,
+such as a runner of :mod:`leanvit.deploy`, so an exported or compressed model is scored by the
+same code as its eager original.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .data import dataset_classes
+from .errors import LeanvitError
+
+
+@dataclass
+class EvalResult:
+    """Accuracies in percent over the ``images`` that decoded; ``skipped`` ones could not."""
+
+    top1: float
+    top5: float
+    images: int
+    skipped: int
+    seconds: float
+    images_per_s: float  # the whole pipeline: decoding, pre-processing and the model
+    per_class: dict[str, float] = field(default_factory=dict)
+    most_confused: list[dict] = field(default_factory=list)  # {"true", "predicted", "count"}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(model: nn.Module | Callable[[np.ndarray], np.ndarray], loader: DataLoader, *,
+             classes: Sequence[str] | None = None, device: str | torch.device | None = None,
+             progress: bool = True, top_confusions: int = 10) -> EvalResult:
+    """Score ``model`` on every batch of ``loader`` (see :func:`leanvit.data.make_loader`)."""
+    classes = list(classes) if classes is not None else dataset_classes(loader.dataset)
+    n = len(classes)
+    if isinstance(model, nn.Module):
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        was_training = model.training
+        model.eval().to(device)
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            return model(x.to(device, non_blocking=True)).float().cpu()
+    else:
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(model(x.numpy()), dtype=np.float32))
+
+    confusion = torch.zeros(n * n, dtype=torch.int64)
+    top5_hits = images = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
+            if batch is None:  # every image of the batch was corrupt
+                continue
+            x, y = batch
+            logits = predict(x)
+            if logits.ndim != 2 or logits.shape[1] != n:
+                raise LeanvitError(
+                    f"The model gives {tuple(logits.shape[1:])} outputs per image but the data has {n} "
+                    "classes. Load a checkpoint trained on these classes (or create the model with "
+                    f"num_classes={n})."
+                )
+            topk = logits.topk(min(5, n), dim=1).indices
+            confusion += torch.bincount(y * n + topk[:, 0], minlength=n * n)
+            top5_hits += int((topk == y[:, None]).any(dim=1).sum())
+            images += len(y)
+    seconds = time.perf_counter() - start
+    if isinstance(model, nn.Module):
+        model.train(was_training)
+    if images == 0:
+        raise LeanvitError("No image of the dataset could be decoded; see the warnings above.")
+
+    confusion = confusion.view(n, n)
+    per_class_total = confusion.sum(1)
+    correct = confusion.diag()
+    off = confusion.clone().fill_diagonal_(0).flatten()
+    counts, flat = off.topk(min(top_confusions, n * n))
+    return EvalResult(
+        top1=round(100.0 * int(correct.sum()) / images, 4),
+        top5=round(100.0 * top5_hits / images, 4),
+        images=images,
+        skipped=len(loader.dataset) - images,
+        seconds=round(seconds, 3),
+        images_per_s=round(images / seconds, 2),
+        per_class={c: round(100.0 * int(correct[i]) / int(per_class_total[i]), 4)
+                   for i, c in enumerate(classes) if per_class_total[i] > 0},
+        most_confused=[{"true": classes[int(i) // n], "predicted": classes[int(i) % n], "count": int(k)}
+                       for k, i in zip(counts, flat) if k > 0],
+    )

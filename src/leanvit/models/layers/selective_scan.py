@@ -1,0 +1,97 @@
+"""Mamba's selective scan in plain PyTorch, exportable to ONNX and runnable on any engine.
+
+The recurrence is solved with a log-depth odd/even (Blelloch-style) reduction over whole tensors,
+so there is no Python loop over tokens: the graph has O(log L) nodes, exports to ONNX and compiles.
+It only ever multiplies decays ``exp(delta * A)`` in (0, 1] together, never divides by them or
+exponentiates a positive sum, so long sequences and sharp decays underflow towards the exact
+limit 0 instead of overflowing to inf/NaN as cumulative-sum formulations can.
+
+On CUDA tensors, ``mamba_ssm``'s fused kernel is used when it is installed; it is never required.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # the optional fused CUDA kernel; the PyTorch path below computes the same function
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _fused_selective_scan
+except ImportError:
+    _fused_selective_scan = None
+
+__all__ = ["linear_recurrence", "selective_scan"]
+
+
+def linear_recurrence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve ``h[t] = a[t] * h[t-1] + b[t]`` (with ``h[-1] = 0``) along the last dimension.
+
+    Each pair of consecutive steps composes into one step of the same form, so the half-length
+    recurrence over pairs gives ``h`` at odd positions and one more step gives the even ones:
+    log2(L) levels of element-wise work. ``a`` may broadcast against ``b``, which lets several
+    recurrences share one decay tensor without materialising copies of it.
+    """
+    length = b.shape[-1]
+    if length == 1:
+        return b
+    if length % 2:  # pad with the identity step (a=1, b=0); trimmed off below
+        a = F.pad(a, (0, 1), value=1.0)
+        b = F.pad(b, (0, 1))
+    a_even, a_odd = a[..., 0::2], a[..., 1::2]
+    b_even, b_odd = b[..., 0::2], b[..., 1::2]
+    h_odd = linear_recurrence(a_odd * a_even, a_odd * b_even + b_odd)
+    h_even = b_even + a_even * F.pad(h_odd[..., :-1], (1, 0))
+    return torch.stack((h_even, h_odd), dim=-1).flatten(-2)[..., :length]
+
+
+def selective_scan(
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: torch.Tensor | None = None,
+        delta_bias: torch.Tensor | None = None,
+        delta_softplus: bool = False,
+) -> torch.Tensor:
+    """Mamba's selective SSM, with the semantics of ``mamba_ssm``'s ``selective_scan_fn``.
+
+    With ``dt = softplus(delta + delta_bias)`` (softplus only if ``delta_softplus``)::
+
+        h[t] = exp(dt[t] * A) * h[t-1] + dt[t] * B[t] * u[t]      # state (..., dim, N)
+        y[t] = sum_n C[t, n] * h[t, :, n] + D * u[t]
+
+    Shapes: ``u``, ``delta`` (..., dim, L); ``A`` (dim, N); ``B``, ``C`` (..., N, L), shared by
+    all channels; ``D``, ``delta_bias`` (dim,). Leading dimensions broadcast, so scans that differ
+    only in ``u`` and ``B`` (e.g. several scan orders over one ``delta``) share their decays.
+    Computes in float32 and returns ``u``'s dtype and the broadcast shape (..., dim, L).
+    """
+    if _fused_selective_scan is not None and u.is_cuda:
+        return _fused(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    dtype = u.dtype
+    u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    decay = torch.exp(delta.unsqueeze(-2) * A.float().unsqueeze(-1))  # (..., dim, N, L)
+    drive = (delta * u).unsqueeze(-2) * B.unsqueeze(-3)  # (..., dim, N, L)
+    h = linear_recurrence(decay, drive)
+    y = (h * C.unsqueeze(-3)).sum(-2)
+    if D is not None:
+        y = y + u * D.float()[:, None]
+    return y.to(dtype)
+
+
+def _fused(u, delta, A, B, C, D, delta_bias, delta_softplus) -> torch.Tensor:
+    """The CUDA kernel takes one flat batch: broadcast the leading dimensions and fold them."""
+    lead = torch.broadcast_shapes(u.shape[:-2], delta.shape[:-2], B.shape[:-2], C.shape[:-2])
+
+    def fold(t: torch.Tensor) -> torch.Tensor:
+        return t.expand(*lead, *t.shape[-2:]).reshape(-1, *t.shape[-2:]).contiguous()
+
+    y = _fused_selective_scan(
+        fold(u), fold(delta), A.float(), fold(B), fold(C),
+        None if D is None else D.float(), z=None,
+        delta_bias=None if delta_bias is None else delta_bias.float(),
+        delta_softplus=delta_softplus,
+    )
+    return y.view(*lead, *y.shape[-2:])

@@ -1,0 +1,81 @@
+"""Everything a training run depends on, in one dataclass (also the ``leanvit train`` flags).
+
+Defaults are DeiT's ImageNet recipe (AdamW, lr 5e-4 per 512 images, weight decay 0.05, 5
+warm-up epochs, cosine, label smoothing 0.1, mixup 0.8, cutmix 1.0, RandAugment m9, random
+erasing 0.25, distillation alpha 0.5, tau 1), scaled to a global batch of 256.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import LeanvitError, check_range
+from .distill import DISTILL_MODES
+
+
+def _help(text: str, **kw) -> dict:
+    return {"metadata": {"help": text}, **kw}
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(**_help("timm or leanvit model name"))
+    data: str = field(**_help("training data: folder (ImageFolder, train/ + val/, CIFAR-10 pickles) "
+                              "or 'cifar10-test500'"))
+    output: str = field(default="runs/train", **_help("run folder: checkpoints, state, final weights"))
+    val_data: str | None = field(default=None, **_help("evaluated after every epoch (default: none)"))
+    model_kwargs: dict = field(default_factory=dict, **_help(
+        "JSON kwargs for timm.create_model, e.g. '{\"img_size\": 32}' for a 32x32 ViT"))
+    img_size: int | None = field(default=None, **_help(
+        "input resolution of the data pipeline (default: the model's); pair it with the model's "
+        "own img_size kwarg where it has one"))
+    crop_pct: float | None = field(default=None, **_help("evaluation crop fraction (default: the model's)"))
+    pretrained: bool = field(default=False, **_help("start from timm's pretrained weights (downloads)"))
+    init_checkpoint: str | None = field(default=None, **_help(
+        "start from these weights; the classifier is re-initialised if its size differs"))
+    epochs: int = field(default=300, **_help("training epochs"))
+    batch_size: int = field(default=256, **_help("global batch, split evenly over the processes"))
+    lr: float = field(default=2.5e-4, **_help("peak learning rate (DeiT: 5e-4 x batch / 512)"))
+    min_lr: float = field(default=1e-5, **_help("cosine schedule's final learning rate"))
+    warmup_epochs: float = field(default=5.0, **_help("linear warm-up length, in epochs"))
+    warmup_lr: float = field(default=1e-6, **_help("learning rate at the first step"))
+    weight_decay: float = field(default=0.05, **_help("AdamW weight decay (not on norms and biases)"))
+    label_smoothing: float = field(default=0.1, **_help("label smoothing"))
+    mixup: float = field(default=0.8, **_help("mixup alpha (0: off)"))
+    cutmix: float = field(default=1.0, **_help("cutmix alpha (0: off)"))
+    randaug: str | None = field(default="rand-m9-mstd0.5-inc1", **_help(
+        "timm auto-augment policy ('none': off)"))
+    reprob: float = field(default=0.25, **_help("random erasing probability"))
+    clip_grad: float | None = field(default=None, **_help("clip the gradient norm to this value"))
+    ema_decay: float | None = field(default=None, **_help("keep an EMA of the weights (e.g. 0.9998)"))
+    teacher: str | None = field(default=None, **_help("distil from this timm or leanvit model"))
+    teacher_checkpoint: str | None = field(default=None, **_help(
+        "teacher weights (default: timm's pretrained weights, downloaded)"))
+    distill: str = field(default="hard", **_help("distillation: hard or soft"))
+    distill_alpha: float = field(default=0.5, **_help("weight of the distillation term"))
+    distill_tau: float = field(default=1.0, **_help("soft distillation temperature"))
+    amp: bool = field(default=True, **_help("mixed precision on GPU (bf16, else fp16)"))
+    seed: int = field(default=0, **_help("seed of initialisation, data order and augmentation"))
+    workers: int = field(default=4, **_help("data loader processes per training process"))
+    max_steps_per_epoch: int | None = field(default=None, **_help("cut epochs short (smoke tests)"))
+    resume: bool = field(default=False, **_help("continue from the last checkpoint in --output"))
+    progress: bool = field(default=True, **_help("show progress bars"))
+
+    #: Fields a resumed run may change without changing what it computes (epochs extends it).
+    RESUMABLE_CHANGES = ("output", "resume", "workers", "progress", "epochs")
+
+    def __post_init__(self) -> None:
+        if self.randaug in ("", "none"):
+            self.randaug = None
+        for name, lo, hi in (("epochs", 1, 100_000), ("batch_size", 1, 1 << 20), ("workers", 0, 256)):
+            check_range(f"--{name.replace('_', '-')}", getattr(self, name), lo, hi)
+        for name in ("label_smoothing", "reprob", "distill_alpha"):
+            check_range(f"--{name.replace('_', '-')}", getattr(self, name), 0.0, 1.0)
+        if self.distill not in DISTILL_MODES:
+            raise LeanvitError(f"--distill must be one of {', '.join(DISTILL_MODES)}, got '{self.distill}'.")
+        if self.teacher_checkpoint and not self.teacher:
+            raise LeanvitError("--teacher-checkpoint needs --teacher, the teacher's model name.")
+        if not isinstance(self.model_kwargs, dict):
+            raise LeanvitError(f"--model-kwargs must be a JSON object, got {self.model_kwargs!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,68 @@
+"""Resumable training state: safetensors for tensors, JSON for everything else.
+
+An epoch's checkpoint is a folder ``epoch-NNNN`` holding ``model.safetensors`` (with the
+metadata :func:`leanvit.checkpoint.model_from_checkpoint` needs), ``ema.safetensors`` when EMA is
+on, ``optimizer.safetensors`` (the optimizer's tensors, flattened) and ``state.json`` (epoch,
+step, config, param groups, loss history). It is written under a temporary name and renamed, so
+an interrupted save never leaves a half-written checkpoint behind.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import WEIGHTS_FILE, read_checkpoint, save_weights
+
+STATE_FILE = "state.json"
+EMA_FILE = "ema.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+_EPOCH_DIR = re.compile(r"epoch-(\d{4})$")
+
+
+def save_training_state(output: Path, epoch: int, *, model: torch.nn.Module, metadata: dict,
+                        optimizer: torch.optim.Optimizer, ema: torch.nn.Module | None,
+                        state: dict) -> Path:
+    """Write the checkpoint of completed ``epoch`` (0-based) and delete the previous one."""
+    final = output / f"epoch-{epoch:04d}"
+    tmp = output / f".epoch-{epoch:04d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(tmp / WEIGHTS_FILE, model.state_dict(), metadata)
+    if ema is not None:
+        save_weights(tmp / EMA_FILE, ema.state_dict(), metadata)
+    opt = optimizer.state_dict()
+    save_file({f"{index}.{name}": value.contiguous() for index, slots in opt["state"].items()
+               for name, value in slots.items()}, str(tmp / OPTIMIZER_FILE))
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "epoch": epoch, "param_groups": opt["param_groups"]},
+                                             indent=1))
+    tmp.rename(final)
+    for old in output.glob("epoch-*"):
+        if old != final:
+            shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The newest complete epoch checkpoint under ``output``, if any."""
+    done = sorted(p for p in output.glob("epoch-*") if _EPOCH_DIR.search(p.name) and (p / STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+def load_training_state(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        ema: torch.nn.Module | None) -> dict:
+    """Restore model, optimizer and EMA from ``folder``; return its ``state.json``."""
+    state = json.loads((folder / STATE_FILE).read_text())
+    model.load_state_dict(read_checkpoint(folder / WEIGHTS_FILE)[0])
+    if ema is not None:
+        ema.load_state_dict(read_checkpoint(folder / EMA_FILE)[0])
+    slots: dict[int, dict] = {}
+    for key, value in load_file(str(folder / OPTIMIZER_FILE)).items():
+        index, name = key.split(".", 1)
+        slots.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+    return state
