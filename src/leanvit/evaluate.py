@@ -2,7 +2,8 @@
 
 The classifier is a PyTorch module or any callable from a float32 NCHW numpy batch to logits,
 such as a runner of :mod:`leanvit.deploy`, so an exported or compressed model is scored by the
-same code as its eager original.
+same code as its eager original. Such a callable always gets full batches (the last one padded),
+so engines exported for a fixed batch size work.
 """
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ def evaluate(model: nn.Module | Callable[[np.ndarray], np.ndarray], loader: Data
             return model(x.to(device, non_blocking=True)).float().cpu()
     else:
         def predict(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(np.asarray(model(x.numpy()), dtype=np.float32))
+            pad = (loader.batch_size or len(x)) - len(x)  # engines exported for a fixed batch
+            batch = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad > 0 else x
+            return torch.from_numpy(np.asarray(model(batch.numpy()), dtype=np.float32))[: len(x)]
 
     confusion = torch.zeros(n * n, dtype=torch.int64)
     top5_hits = images = 0

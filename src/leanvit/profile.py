@@ -7,6 +7,7 @@ softmax are not counted, which is the convention of fvcore and of the papers' ow
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 
 import torch
@@ -14,7 +15,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .catalog import find_facts
-from .errors import check_range
+from .errors import InputSizeError, check_range
 from .models.registry import create_model
 
 MAC_CONVENTION = (
@@ -62,15 +63,39 @@ def _diff_pct(measured: int, published: int | None) -> float | None:
     return None if not published else round(100.0 * (measured - published) / published, 2)
 
 
+def create_model_at(name: str, img_size: int | None = None, **kwargs) -> nn.Module:
+    """``name`` built for ``img_size`` inputs, or an :class:`InputSizeError` if it cannot run there.
+
+    Transformers get their position tables sized by timm's ``img_size`` argument, convolutional
+    models take any size as they are; one trial forward pass proves the result runs.
+    """
+    model = create_model(name, **kwargs)
+    chans, _, native = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    if img_size is None or img_size == native:
+        return model
+    if "img_size" in inspect.signature(type(model).__init__).parameters:
+        model = create_model(name, img_size=img_size, **kwargs)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, chans, img_size, img_size))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        reason = str(e).splitlines()[0][:160]
+        raise InputSizeError(
+            f"{name} does not run at {img_size}x{img_size}; it takes {native}x{native} inputs ({reason})."
+        ) from None
+    return model
+
+
 def profile_model(name: str, img_size: int | None = None, model: nn.Module | None = None) -> Profile:
     """Count parameters and MACs of ``name`` and compare with the catalog's published numbers.
 
     The published MACs are compared only at the resolution they were reported at.
     """
-    model = model if model is not None else create_model(name)
-    cfg_size = model.pretrained_cfg.get("input_size", (3, 224, 224)) if hasattr(model, "pretrained_cfg") else (3, 224, 224)
+    if img_size is not None:
+        check_range("--img-size", img_size, 16, 4096)
+    model = model if model is not None else create_model_at(name, img_size)
+    cfg_size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
     img_size = img_size or cfg_size[-1]
-    check_range("--img-size", img_size, 32, 2048)
     params = count_params(model)
     macs = count_macs(model, (cfg_size[0], img_size, img_size))
     facts = find_facts(name)

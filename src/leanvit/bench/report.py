@@ -122,7 +122,10 @@ def plot_pareto(rows: Sequence[BenchRow], path: Path, title: str = "") -> None:
     ax.set_ylabel("published ImageNet-1k top-1 (%)")
     ax.set_title(f"latency vs accuracy — {title}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if pts:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no model with a published top-1 in this run", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 from ..catalog import find_facts
 from ..deploy import check_agreement, get_engine
 from ..errors import LeanvitError, check_range
-from ..models.registry import create_model, resolve_model_name
-from ..profile import count_macs, count_params
+from ..models.registry import resolve_model_name
+from ..profile import count_macs, count_params, create_model_at
 from .timing import TimingBudget, peak_rss_mb, reset_peak_rss, time_calls
 
 DEFAULT_MODELS = (
@@ -102,7 +102,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
     bar = tqdm(total=total, desc="bench", unit="run", disable=not progress, file=sys.stderr)
     for name in cfg.models:
         bar.set_description(f"{name}: create")
-        model = create_model(name, pretrained=cfg.pretrained)
+        model = create_model_at(name, cfg.img_size, pretrained=cfg.pretrained)
         chans, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))
         size = cfg.img_size or h
         params, macs = count_params(model), count_macs(model, (chans, size, size))

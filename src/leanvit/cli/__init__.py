@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from ..errors import LeanvitError
 
 #: Sub-command modules, in the order ``leanvit --help`` lists them.
-COMMANDS = ("models", "profile", "bench")
+COMMANDS = ("models", "profile", "bench", "eval", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

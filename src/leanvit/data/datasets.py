@@ -187,7 +187,8 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
         try:
             return CIFAR10(str(pickles.parent), train=train, transform=transform, download=False)
         except RuntimeError as e:  # torchvision's checksum test failed
-            raise LeanvitError(f"{pickles}: {e} Re-download CIFAR-10's python version.") from None
+            raise LeanvitError(f"{pickles} is incomplete or corrupt (torchvision: {e}). Download and "
+                               "extract CIFAR-10's python version again.") from None
     for split in (["train"] if train else ["val", "test"]):
         if (root / split).is_dir():
             root = root / split

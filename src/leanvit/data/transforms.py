@@ -23,10 +23,28 @@ def resolve_data_config(model: nn.Module, *, img_size: int | None = None,
 
 
 def build_transform(data_config: dict, *, train: bool = False, auto_augment: str | None = None,
-                    re_prob: float = 0.0) -> Callable:
-    """timm's eval transform, or its training one with RandAugment (``auto_augment``, e.g.
-    ``"rand-m9-mstd0.5-inc1"``) and random erasing (``re_prob``)."""
+                    re_prob: float = 0.0, no_aug: bool = False) -> Callable:
+    """timm's eval transform, or its training one: random resized crop and flip, RandAugment
+    (``auto_augment``, e.g. ``"rand-m9-mstd0.5-inc1"``) and random erasing (``re_prob``), or with
+    ``no_aug`` only resizing and cropping."""
     config = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()}
     if not train:
         return create_transform(**config, is_training=False)
-    return create_transform(**config, is_training=True, auto_augment=auto_augment, re_prob=re_prob)
+    transform = create_transform(**config, is_training=True, no_aug=no_aug, auto_augment=auto_augment,
+                                 re_prob=re_prob)
+    for step in transform.transforms:
+        for op in getattr(step, "ops", ()):  # RandAugment's operations
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _PosterizeKeepingOneBit(op.aug_fn)
+    return transform
+
+
+class _PosterizeKeepingOneBit:
+    """timm's RandAugment posterizes to 0 bits at full strength, which Pillow >= 13 rejects
+    (older Pillow returned a black image); 1 bit is the nearest strength Pillow still accepts."""
+
+    def __init__(self, posterize: Callable):
+        self.posterize = posterize
+
+    def __call__(self, img, bits: int, **kwargs):
+        return self.posterize(img, max(1, bits), **kwargs)

@@ -43,6 +43,7 @@ class OpenVinoEngine(Engine):
         """The CPU plugin settings; ``benchmarks/harness_check.py`` passes the same to benchmark_app."""
         return {
             "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
             "INFERENCE_NUM_THREADS": self.threads,
             "INFERENCE_PRECISION_HINT": _OV_PRECISION[self.precision],
         }

@@ -39,6 +39,12 @@ PUBLISHED = {
 }
 
 
+def _to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """NHWC -> contiguous NCHW for a conv. Contiguous because torch.export cannot keep the batch
+    dimension dynamic through a conv whose input has channels-last strides (it fixes it to 1)."""
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
 class Stem(nn.Module):
     """Conv 7x7 stride 4 + LayerNorm: NCHW image in, NHWC features out."""
 
@@ -62,7 +68,7 @@ class Downsample(nn.Module):
         self.norm = norm_layer(out_chs, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return self.norm(self.conv(_to_nchw(x)).permute(0, 2, 3, 1))
 
 
 class ContextBranch(nn.Module):
@@ -77,8 +83,7 @@ class ContextBranch(nn.Module):
         self.g = nn.Linear(dim, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.f(x).permute(0, 3, 1, 2)
-        x = self.act(self.conv(x)).permute(0, 2, 3, 1)
+        x = self.act(self.conv(_to_nchw(self.f(x)))).permute(0, 2, 3, 1)
         return self.g(x)
 
 

@@ -116,7 +116,7 @@ class PlainMamba2d(nn.Module):
         trunc_normal_(self.direction_Bs, std=.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = x.shape
+        height, width = x.shape[-2:]
         x = self.act(self.conv_dw(self.in_proj(x))).flatten(2)  # (B, E, L)
         num_scans, length = self.scan_direction.shape
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -135,8 +135,9 @@ class PlainMamba2d(nn.Module):
         )
         y = y.transpose(1, 2).flatten(2).index_select(-1, self.scan_inverse)
         y = y.unflatten(-1, (num_scans, length)).sum(2)  # back to raster order, summed over scans
-        y = F.relu(self.norm(y.transpose(1, 2)))
-        return self.out_proj(y.transpose(1, 2).reshape(batch, -1, height, width))
+        y = F.relu(self.norm(y.transpose(1, 2))).transpose(1, 2)
+        # contiguous: torch.export pins the batch size to 1 when a conv gets this transposed view
+        return self.out_proj(y.unflatten(-1, (height, width)).contiguous())
 
 
 class VCMambaBlock(nn.Module):

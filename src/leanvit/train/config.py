@@ -26,8 +26,8 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict, **_help(
         "JSON kwargs for timm.create_model, e.g. '{\"img_size\": 32}' for a 32x32 ViT"))
     img_size: int | None = field(default=None, **_help(
-        "input resolution of the data pipeline (default: the model's); pair it with the model's "
-        "own img_size kwarg where it has one"))
+        "input resolution of the data pipeline (default: the model kwarg img_size, else the "
+        "model's pretrained_cfg)"))
     crop_pct: float | None = field(default=None, **_help("evaluation crop fraction (default: the model's)"))
     pretrained: bool = field(default=False, **_help("start from timm's pretrained weights (downloads)"))
     init_checkpoint: str | None = field(default=None, **_help(
@@ -45,6 +45,8 @@ class TrainConfig:
     randaug: str | None = field(default="rand-m9-mstd0.5-inc1", **_help(
         "timm auto-augment policy ('none': off)"))
     reprob: float = field(default=0.25, **_help("random erasing probability"))
+    no_aug: bool = field(default=False, **_help(
+        "no data augmentation: resize and crop only (mixup/cutmix are separate)"))
     clip_grad: float | None = field(default=None, **_help("clip the gradient norm to this value"))
     ema_decay: float | None = field(default=None, **_help("keep an EMA of the weights (e.g. 0.9998)"))
     teacher: str | None = field(default=None, **_help("distil from this timm or leanvit model"))
@@ -66,6 +68,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.randaug in ("", "none"):
             self.randaug = None
+        if not isinstance(self.model_kwargs, dict):
+            raise LeanvitError(f"--model-kwargs must be a JSON object, got {self.model_kwargs!r}.")
+        if self.img_size is None and isinstance(self.model_kwargs.get("img_size"), int):
+            self.img_size = self.model_kwargs["img_size"]  # a model built for 32x32 needs 32x32 data
         for name, lo, hi in (("epochs", 1, 100_000), ("batch_size", 1, 1 << 20), ("workers", 0, 256)):
             check_range(f"--{name.replace('_', '-')}", getattr(self, name), lo, hi)
         for name in ("label_smoothing", "reprob", "distill_alpha"):
@@ -74,8 +80,6 @@ class TrainConfig:
             raise LeanvitError(f"--distill must be one of {', '.join(DISTILL_MODES)}, got '{self.distill}'.")
         if self.teacher_checkpoint and not self.teacher:
             raise LeanvitError("--teacher-checkpoint needs --teacher, the teacher's model name.")
-        if not isinstance(self.model_kwargs, dict):
-            raise LeanvitError(f"--model-kwargs must be a JSON object, got {self.model_kwargs!r}.")
 
     def to_dict(self) -> dict:
         return asdict(self)

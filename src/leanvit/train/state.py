@@ -3,7 +3,7 @@
 An epoch's checkpoint is a folder ``epoch-NNNN`` holding ``model.safetensors`` (with the
 metadata :func:`leanvit.checkpoint.model_from_checkpoint` needs), ``ema.safetensors`` when EMA is
 on, ``optimizer.safetensors`` (the optimizer's tensors, flattened) and ``state.json`` (epoch,
-step, config, param groups, loss history). It is written under a temporary name and renamed, so
+step, config, param groups, per-epoch log). It is written under a temporary name and renamed, so
 an interrupted save never leaves a half-written checkpoint behind.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from timm.utils import ModelEmaV3
 
 from ..checkpoint import WEIGHTS_FILE, read_checkpoint, save_weights
 
@@ -25,7 +26,7 @@ _EPOCH_DIR = re.compile(r"epoch-(\d{4})$")
 
 
 def save_training_state(output: Path, epoch: int, *, model: torch.nn.Module, metadata: dict,
-                        optimizer: torch.optim.Optimizer, ema: torch.nn.Module | None,
+                        optimizer: torch.optim.Optimizer, ema: ModelEmaV3 | None,
                         state: dict) -> Path:
     """Write the checkpoint of completed ``epoch`` (0-based) and delete the previous one."""
     final = output / f"epoch-{epoch:04d}"
@@ -34,7 +35,7 @@ def save_training_state(output: Path, epoch: int, *, model: torch.nn.Module, met
     tmp.mkdir(parents=True)
     save_weights(tmp / WEIGHTS_FILE, model.state_dict(), metadata)
     if ema is not None:
-        save_weights(tmp / EMA_FILE, ema.state_dict(), metadata)
+        save_weights(tmp / EMA_FILE, ema.module.state_dict(), metadata)
     opt = optimizer.state_dict()
     save_file({f"{index}.{name}": value.contiguous() for index, slots in opt["state"].items()
                for name, value in slots.items()}, str(tmp / OPTIMIZER_FILE))
@@ -53,16 +54,19 @@ def latest_checkpoint(output: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_training_state(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        ema: torch.nn.Module | None) -> dict:
-    """Restore model, optimizer and EMA from ``folder``; return its ``state.json``."""
-    state = json.loads((folder / STATE_FILE).read_text())
+def read_state(folder: Path) -> dict:
+    """The ``state.json`` of an epoch checkpoint: epoch, step, config, param groups, epoch log."""
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def load_training_state(folder: Path, state: dict, *, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, ema: ModelEmaV3 | None) -> None:
+    """Restore model, optimizer and EMA from ``folder``, whose :func:`read_state` is ``state``."""
     model.load_state_dict(read_checkpoint(folder / WEIGHTS_FILE)[0])
     if ema is not None:
-        ema.load_state_dict(read_checkpoint(folder / EMA_FILE)[0])
+        ema.module.load_state_dict(read_checkpoint(folder / EMA_FILE)[0])
     slots: dict[int, dict] = {}
     for key, value in load_file(str(folder / OPTIMIZER_FILE)).items():
         index, name = key.split(".", 1)
         slots.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
-    return state

@@ -55,7 +55,7 @@ class EViT(TokenMethod):
     def reducers(self, depth: int, num_prefix: int):
         self._check_layers(depth)
         reduce = partial(_evit_reduce, keep_rate=self.keep_rate, fuse=self.fuse, num_prefix=num_prefix)
-        return [reduce if i in self.layers else None for i in range(depth)]
+        return [reduce if i in self.layers and self.keep_rate < 1 else None for i in range(depth)]
 
     def token_counts(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:
         self._check_layers(depth)

@@ -58,31 +58,32 @@ def attend(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """timm ``Attention.forward`` plus the reduction ``metric``, with an optional log-size bias.
 
-    The output stays on fused SDPA; the class token's attention row is recomputed on its own
-    (one query, negligible cost) because SDPA does not return attention weights.
+    Without a size bias the output stays on fused SDPA, and the class token's attention row is
+    recomputed on its own (one query, negligible cost) because SDPA returns no weights. With a bias
+    the attention is written out: SDPA with a float mask does not survive ``torch.export``'s
+    decomposition, and the weights are then at hand.
     """
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = None if size is None else size.log().view(B, 1, 1, N)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
-    )
+    cls_attn = None
+    if size is None:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        if metric == "cls_attn":
+            cls_attn = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0].mean(dim=1)
+    else:
+        w = ((q * attn.scale) @ k.transpose(-2, -1) + size.log().view(B, 1, 1, N)).softmax(dim=-1)
+        cls_attn = w[:, :, 0].mean(dim=1)
+        out = attn.attn_drop(w) @ v
     out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim))
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-
-    if metric == "cls_attn":
-        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
-        if bias is not None:
-            logits = logits + bias
-        return out, logits.softmax(dim=-1).mean(dim=1)[:, 0]
     if metric == "keys":
         return out, k.mean(dim=1)
-    return out, None
+    return out, cls_attn if metric == "cls_attn" else None
 
 
 def block_forward(

@@ -1,0 +1,58 @@
+"""Token reduction for plain ViTs: EViT, ToMe and DiffRate behind one patch API.
+
+>>> import leanvit.tokens as tokens
+>>> tokens.apply(model, tokens.EViT(keep_rate=0.7, fuse=True, layers=(3, 6, 9)))
+>>> tokens.apply(model, tokens.from_spec("tome:13"))        # replaces the EViT patch
+>>> tokens.remove(model)                                      # the original model again
+
+The model is changed in place and keeps its parameters and ``state_dict`` keys, so checkpoints load
+before or after. Token counts per block are fixed by the input size (:func:`token_counts`), so the
+reduced model exports to ONNX / OpenVINO with static shapes.
+
+Training hook: for fine-tuning with EViT on, ``leanvit train`` builds
+``hook = keep_rate_warmup(model, steps_per_epoch=...)`` and calls ``hook(global_step)`` before
+every forward pass (EViT's keep-rate warm-up: 1, then cosine down to the applied keep rate).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ...errors import LeanvitError, close_matches
+from .diffrate import DiffRate, search_rates
+from .evit import EViT, keep_rate_at, keep_rate_warmup
+from .patch import TokenMethod, applied, apply, remove, token_counts
+from .tome import ToMe
+
+METHODS = ("evit", "tome", "diffrate")
+
+__all__ = [
+    "DiffRate", "EViT", "METHODS", "ToMe", "TokenMethod", "applied", "apply", "from_spec",
+    "keep_rate_at", "keep_rate_warmup", "remove", "search_rates", "token_counts",
+]
+
+
+def from_spec(spec: str, **options: Any) -> TokenMethod:
+    """Parse ``"evit:0.7"`` (keep rate), ``"tome:8"`` (r) or ``"diffrate:2.9"`` (target GMACs).
+
+    ``options`` go to the method's constructor, e.g. ``from_spec("diffrate:2.9", calib=images)``
+    or ``from_spec("evit:0.5", fuse=False)``.
+    """
+    name, sep, value = spec.partition(":")
+    name = name.strip().lower()
+    if name not in METHODS or not sep:
+        hint = close_matches(name, METHODS)
+        raise LeanvitError(
+            f"Unknown token spec '{spec}'"
+            + (f" (did you mean {hint[0]}?)" if hint else "")
+            + ". Use evit:KEEP_RATE, tome:R or diffrate:GMACS, e.g. evit:0.7, tome:8, diffrate:2.9."
+        )
+    try:
+        number = int(value) if name == "tome" else float(value)
+    except ValueError:
+        kind = "a whole number of tokens" if name == "tome" else "a number"
+        raise LeanvitError(f"Token spec '{spec}': expected {kind} after '{name}:', got '{value}'.") from None
+    if name == "evit":
+        return EViT(keep_rate=number, **options)
+    if name == "tome":
+        return ToMe(r=number, **options)
+    return DiffRate(target_macs=number * 1e9, **options)

@@ -1,0 +1,243 @@
+"""``fit(TrainConfig)``: supervised or distilled training, on one process or many (``torchrun``).
+
+Reproducibility is by construction rather than by saving random states: every epoch re-seeds
+Python, NumPy and torch from ``(seed, epoch, rank)`` and the sampler orders the data from
+``(seed, epoch)``, so a run resumed from an epoch checkpoint repeats exactly what the
+uninterrupted run would have done. Under DDP, ranks draw disjoint slices of the same global
+order, so N processes with batch B/N see the same global batches as one process with batch B.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..checkpoint import WEIGHTS_FILE, load_weights, model_from_checkpoint, save_weights
+from ..data import build_transform, dataset_classes, make_loader, open_dataset, resolve_data_config
+from ..errors import LeanvitError
+from ..evaluate import evaluate
+from ..models.registry import create_model
+from .config import TrainConfig
+from .distill import DistillationLoss
+from .state import latest_checkpoint, load_training_state, read_state, save_training_state
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: list[dict] = field(default_factory=list)  # this call's steps: epoch, step, loss, lr
+    epochs: list[dict] = field(default_factory=list)  # every epoch so far: epoch, loss, val top1/top5
+
+
+def fit(cfg: TrainConfig) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data``; checkpoints every epoch, final weights in ``cfg.output``.
+
+    Launched by ``torchrun``, each process runs this same call; the process group is set up from
+    torchrun's environment (NCCL on GPUs, gloo on CPU).
+    """
+    owns_group = _init_distributed()
+    try:
+        return _fit(cfg)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _fit(cfg: TrainConfig) -> TrainResult:
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = _device()
+    if cfg.batch_size % world:
+        raise LeanvitError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes.")
+    output = Path(cfg.output).expanduser()
+    main = rank == 0
+    show = cfg.progress and main
+
+    train_set = open_dataset(cfg.data, train=True)
+    classes = dataset_classes(train_set)
+    _seed_everything(cfg.seed)
+    kwargs = {"num_classes": len(classes), **cfg.model_kwargs}
+    if kwargs["num_classes"] != len(classes):
+        raise LeanvitError(f"--model-kwargs sets num_classes={kwargs['num_classes']} but {cfg.data} "
+                           f"has {len(classes)} classes.")
+    model = create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
+    if cfg.init_checkpoint:
+        load_weights(model, cfg.init_checkpoint, ignore_classifier=True)
+    data_config = resolve_data_config(model, img_size=cfg.img_size, crop_pct=cfg.crop_pct)
+    train_set.transform = build_transform(data_config, train=True, auto_augment=cfg.randaug, re_prob=cfg.reprob,
+                                          no_aug=cfg.no_aug)
+    metadata = {"model": cfg.model, "model_kwargs": kwargs, "data_config": data_config, "classes": classes}
+
+    model.to(device)
+    teacher = _teacher(cfg, len(classes), device)
+    if teacher is not None and hasattr(model, "set_distilled_training"):
+        model.set_distilled_training(True)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+
+    loader = make_loader(train_set, cfg.batch_size // world, train=True, seed=cfg.seed, workers=cfg.workers)
+    steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
+    if steps == 0:
+        raise LeanvitError(f"{cfg.data} has {len(train_set)} images, fewer than one batch of {cfg.batch_size}.")
+    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr,
+                                  warmup_t=round(cfg.warmup_epochs * steps), warmup_lr_init=cfg.warmup_lr,
+                                  t_in_epochs=False)
+    mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                   num_classes=len(classes)) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
+    base = (SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)
+            if cfg.label_smoothing > 0 else nn.CrossEntropyLoss())
+    distill = (DistillationLoss(base, teacher, cfg.distill, cfg.distill_alpha, cfg.distill_tau)
+               if teacher is not None else None)
+    amp_dtype = _amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    val_loader = _val_loader(cfg, data_config, classes) if main and cfg.val_data else None
+
+    start_epoch, step, steps_log, epochs_log = 0, 0, [], []
+    if cfg.resume and (last := latest_checkpoint(output)) is not None:
+        state = read_state(last)
+        _check_same_run(state["config"], cfg)
+        load_training_state(last, state, model=model, optimizer=optimizer, ema=ema)
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, step, epochs_log = state["epoch"] + 1, state["step"], state["epochs"]
+        if main:
+            print(f"resumed from {last} (epoch {start_epoch} of {cfg.epochs})", file=sys.stderr)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        _seed_everything(int(np.random.SeedSequence([cfg.seed, epoch, rank]).generate_state(1)[0]))
+        loader.sampler.set_epoch(epoch)
+        net.train()
+        bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=not show, leave=False)
+        for i, batch in enumerate(loader):
+            if i == steps:
+                break
+            if batch is None:
+                raise LeanvitError("Every image of a training batch failed to decode; see the warnings above.")
+            x, y = (t.to(device, non_blocking=True) for t in batch)
+            if mixup:
+                x, y = (x[: len(x) // 2 * 2], y[: len(y) // 2 * 2])  # mixup pairs samples
+                x, y = mixup(x, y)
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                out = net(x)
+                loss = distill(x, out, y) if distill else base(out, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            scheduler.step_update(step)
+            if ema is not None:
+                ema.update(model, step=step)
+            loss = loss.detach().float()
+            if world > 1:
+                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            steps_log.append({"epoch": epoch, "step": step, "loss": loss.item(),
+                              "lr": optimizer.param_groups[0]["lr"]})
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.update()
+        bar.close()
+        losses = [s["loss"] for s in steps_log if s["epoch"] == epoch]
+        summary = {"epoch": epoch, "loss": round(sum(losses) / len(losses), 6), "lr": steps_log[-1]["lr"]}
+        if main:
+            if val_loader is not None:
+                summary.update(_validate(model, ema, val_loader, device, show))
+            epochs_log.append(summary)
+            save_training_state(output, epoch, model=model, metadata=metadata, optimizer=optimizer, ema=ema,
+                                state={"step": step, "config": cfg.to_dict(), "scaler": scaler.state_dict(),
+                                       "epochs": epochs_log})
+            print(json.dumps(summary), file=sys.stderr)
+        if world > 1:
+            dist.barrier()
+
+    if main:
+        save_weights(output / WEIGHTS_FILE, model.state_dict(), metadata)
+        if ema is not None:
+            save_weights(output / "ema.safetensors", ema.module.state_dict(), metadata)
+    return TrainResult(output=output, steps=steps_log, epochs=epochs_log)
+
+
+def _init_distributed() -> bool:
+    """Join torchrun's process group if launched by it with several processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if not cfg.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module | None:
+    if not cfg.teacher:
+        return None
+    if cfg.teacher_checkpoint:
+        teacher, _ = model_from_checkpoint(cfg.teacher, cfg.teacher_checkpoint)
+    else:
+        teacher = create_model(cfg.teacher, pretrained=True)
+    if teacher.num_classes != num_classes:
+        raise LeanvitError(f"The teacher {cfg.teacher} has {teacher.num_classes} classes but {cfg.data} has "
+                           f"{num_classes}: give a --teacher-checkpoint trained on these classes.")
+    return teacher.eval().requires_grad_(False).to(device)
+
+
+def _val_loader(cfg: TrainConfig, data_config: dict, classes: list[str]):
+    val_set = open_dataset(cfg.val_data, train=False, transform=build_transform(data_config))
+    if dataset_classes(val_set) != classes:
+        raise LeanvitError(f"--val-data {cfg.val_data} has other classes than --data {cfg.data}.")
+    return make_loader(val_set, max(1, cfg.batch_size), workers=cfg.workers)
+
+
+def _validate(model, ema, loader, device, show: bool) -> dict:
+    row = {}
+    for prefix, net in (("", model), ("ema_", ema.module if ema is not None else None)):
+        if net is not None:
+            result = evaluate(net, loader, device=device, progress=show)
+            row.update({f"{prefix}top1": result.top1, f"{prefix}top5": result.top5})
+    return row
+
+
+def _check_same_run(saved: dict, cfg: TrainConfig) -> None:
+    changed = sorted(k for k, v in cfg.to_dict().items()
+                     if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != v)
+    if changed:
+        raise LeanvitError(
+            "Cannot resume: the run in --output was started with different settings ("
+            + ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+            + "). Use the original settings or another --output."
+        )

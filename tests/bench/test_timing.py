@@ -1,0 +1,32 @@
+import time
+
+import numpy as np
+
+from leanvit.bench.timing import Timing, TimingBudget, peak_rss_mb, reset_peak_rss, time_calls
+
+
+def test_statistics():
+    t = Timing(np.arange(1, 101, dtype=float))
+    assert t.n == 100 and t.median == 50.5 and t.min == 1.0
+    assert abs(t.p90 - 90.1) < 1e-9 and abs(t.iqr - 49.5) < 1e-9
+
+
+def test_time_calls_respects_min_iterations_and_measures_sleep():
+    calls = []
+    timing = time_calls(lambda: (calls.append(1), time.sleep(0.002)),
+                        TimingBudget(warmup_s=0, warmup_iters=2, budget_s=0.0, min_iters=7))
+    assert timing.n == 7 and len(calls) == 9
+    assert timing.median >= 2.0
+
+
+def test_time_calls_stops_at_max_iterations():
+    assert time_calls(lambda: None, TimingBudget(warmup_s=0, budget_s=60, max_iters=50)).n == 50
+
+
+def test_peak_rss_resets_and_grows():
+    if not reset_peak_rss():
+        return  # not Linux: nothing to measure
+    before = peak_rss_mb()
+    block = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, touched
+    assert peak_rss_mb() >= before + 60
+    del block

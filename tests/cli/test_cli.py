@@ -1,0 +1,87 @@
+"""The console script: JSON outputs, the bench files, and user errors without tracebacks."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from leanvit.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_json_lists_the_catalog(capsys):
+    code, out, _ = run_cli(capsys, "models", "--json")
+    rows = json.loads(out)
+    assert code == 0
+    names = {r["name"] for r in rows}
+    assert {"efficientformer_l1", "mobilenetv2_100", "nextvit_small"} <= names
+    assert all({"params_m", "gmacs", "top1", "speed"} <= set(r) for r in rows)
+
+
+def test_models_table(capsys):
+    code, out, _ = run_cli(capsys, "models", "--family", "DeiT")
+    assert code == 0 and "deit_small_patch16_224" in out and "efficientformer" not in out
+
+
+def test_profile_json(capsys):
+    code, out, _ = run_cli(capsys, "profile", "mobilenetv2_100", "--json")
+    prof = json.loads(out)
+    assert code == 0
+    assert prof["model"] == "mobilenetv2_100" and prof["params"] == 3_504_872
+    assert 0.29e9 < prof["macs"] < 0.31e9 and "flop_counter" in prof["mac_convention"]
+
+
+def test_bench_writes_every_file(capsys, tmp_path):
+    out_dir = tmp_path / "bench"
+    code, out, err = run_cli(
+        capsys, "bench", "mobilenetv2_050", "--img-size", "64", "--engines", "eager,onnxruntime", "openvino",
+        "--threads", "1", "--budget", "0.05", "--warmup", "0.01", "--out", str(out_dir), "--json", "--no-progress",
+    )
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["engine"] for r in rows] == ["eager", "onnxruntime", "openvino"]
+    required = {"model", "engine", "precision", "batch", "threads", "latency_ms_median", "latency_ms_p90",
+                "throughput", "params", "macs", "max_abs_err", "top1_agreement"}
+    for r in rows:
+        assert required <= set(r)
+        assert r["top1_agreement"] == 1.0 and r["latency_ms_median"] > 0 and r["threads"] == 1
+    assert {p.name for p in out_dir.iterdir()} >= {"results.json", "results.csv", "report.md", "pareto.png"}
+    report = (out_dir / "report.md").read_text()
+    assert "mobilenetv2_050" in report and "openvino" in report and "Host" in report
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["profile", "efficientformer_l2"], "efficientformer_l1"),
+        (["bench", "deit_tiny_patch16_244"], "deit_tiny_patch16_224"),
+        (["bench", "mobilenetv2_100", "--engines", "onnxrt"], "onnxruntime"),
+        (["bench", "mobilenetv2_100", "--batch", "100000"], "--batch"),
+        (["profile", "mobilenetv2_100", "--img-size", "8"], "--img-size"),
+        (["profile", "efficientformer_l1", "--img-size", "160"], "224x224"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(capsys, argv, message):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["bench", "--threads", "0"], ["bench", "--batch", "two"], ["bench", "--budget", "-1"]])
+def test_argument_type_errors(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_console_script_and_module_entry_points():
+    out = subprocess.run([sys.executable, "-m", "leanvit", "models", "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)
+    missing = subprocess.run([sys.executable, "-m", "leanvit", "profile", "no_such_model"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "Unknown model" in missing.stderr and "Traceback" not in missing.stderr

@@ -1,0 +1,85 @@
+"""`leanvit train` then `leanvit eval` on its checkpoint, and the CLI's errors for bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from leanvit.checkpoint import model_from_checkpoint, save_weights
+from leanvit.cli import main
+from leanvit.data import build_transform, open_dataset
+
+MODEL = "deit_tiny_patch16_224"
+KWARGS = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main(["train", MODEL, "--data", "cifar10-test500", "--output", str(out), "--model-kwargs",
+                   json.dumps(KWARGS), "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "2",
+                   "--workers", "0", "--crop-pct", "1.0", "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    return out
+
+
+def test_eval_of_a_trained_checkpoint_matches_a_direct_count(trained, capsys, tmp_path):
+    assert main(["eval", MODEL, "--checkpoint", str(trained), "--json", "--no-progress", "--workers", "0",
+                 "--out", str(tmp_path / "r.json")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == json.loads((tmp_path / "r.json").read_text())
+    assert report["images"] == 500 and report["data_config"]["input_size"] == [3, 32, 32]
+
+    model, meta = model_from_checkpoint(MODEL, trained)
+    data = open_dataset("cifar10-test500", transform=build_transform(meta["data_config"]))
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    with torch.no_grad():
+        pred = model.eval()(x).argmax(1).numpy()
+    assert report["top1"] == pytest.approx(100 * np.mean(pred == np.array(data.targets)))
+    assert sorted(report["per_class"]) == sorted(data.classes)
+
+
+def test_eval_human_readable(trained, capsys):
+    assert main(["eval", MODEL, "--checkpoint", str(trained), "--no-progress", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1" in out and "images/s" in out and "500 images, 10 classes, 0 skipped" in out
+
+
+def test_checkpoint_of_another_architecture(tmp_path, capsys):
+    import timm
+
+    save_weights(tmp_path / "r.safetensors", timm.create_model("resnet10t", num_classes=10).state_dict())
+    rc = main(["eval", MODEL, "--checkpoint", str(tmp_path / "r.safetensors"), "--model-kwargs",
+               json.dumps({**KWARGS, "num_classes": 10}), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not fit" in err and "missing keys (blocks.0" in err and "unexpected keys (bn1" in err
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("empty", "No images found"),
+    ("labels", "image(s) without a label"),
+])
+def test_bad_data(tmp_path, capsys, layout, message):
+    from PIL import Image
+
+    args = ["eval", MODEL, "--data", str(tmp_path), "--model-kwargs", json.dumps(KWARGS), "--no-progress"]
+    if layout == "labels":
+        for name in ("a.png", "b.png"):
+            Image.new("RGB", (8, 8)).save(tmp_path / name)
+        (tmp_path / "labels.txt").write_text("a.png 0\n")
+        args += ["--labels", str(tmp_path / "labels.txt")]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_rejects_bad_model_kwargs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", MODEL, "--data", "cifar10-test500", "--model-kwargs", "[32]"])
+    assert exit_.value.code == 2 and "expected a JSON object" in capsys.readouterr().err

@@ -1,0 +1,155 @@
+"""Dataset layouts and the errors for bad data (empty folder, corrupt image, wrong label file)."""
+from __future__ import annotations
+
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from leanvit.data import (
+    BUNDLED_CIFAR10, CorruptImageWarning, bundled_cifar10, make_loader, open_dataset,
+)
+from leanvit.errors import LeanvitError
+
+SHARED_CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def _write_images(folder: Path, names: list[str], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random 8x8 images stored as PNG whatever the extension, so decoded pixels compare exactly."""
+    rng = np.random.default_rng(seed)
+    pixels = {}
+    for name in names:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels[name] = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels[name]).save(path, format="PNG")
+    return pixels
+
+
+def test_image_folder_classes_targets_and_pixels(tmp_path):
+    pixels = _write_images(tmp_path, ["cat/a.png", "cat/b.png", "dog/c.png"])
+    ds = open_dataset(tmp_path)
+    assert ds.classes == ["cat", "dog"] and ds.targets == [0, 0, 1]
+    image, target = ds[2]
+    assert target == 1 and np.array_equal(np.asarray(image), pixels["dog/c.png"])
+
+
+def test_split_folders_pick_train_or_val(tmp_path):
+    _write_images(tmp_path, ["train/a/1.png", "train/b/2.png", "train/b/3.png", "val/a/4.png", "val/b/5.png"])
+    assert len(open_dataset(tmp_path, train=True)) == 3
+    assert len(open_dataset(tmp_path, train=False)) == 2
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "cat").mkdir()
+    with pytest.raises(LeanvitError, match="No images found"):
+        open_dataset(tmp_path)
+
+
+def test_archive_instead_of_folder_says_extract(tmp_path):
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz"):
+        pass
+    with pytest.raises(LeanvitError, match="Extract it first"):
+        open_dataset(archive)
+
+
+def test_flat_images_without_label_file_ask_for_one(tmp_path):
+    _write_images(tmp_path, ["a.png", "b.png"])
+    with pytest.raises(LeanvitError, match="--labels"):
+        open_dataset(tmp_path)
+
+
+def test_corrupt_image_is_skipped_with_a_warning(tmp_path):
+    _write_images(tmp_path, ["cat/a.png", "dog/b.png"])
+    (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    ds = open_dataset(tmp_path, transform=lambda im: torch.from_numpy(np.asarray(im).copy()))
+    with pytest.warns(CorruptImageWarning, match="broken.png"):
+        batches = list(make_loader(ds, batch_size=8))
+    images, targets = batches[0]
+    assert len(ds) == 3 and images.shape[0] == 2 and targets.tolist() == [0, 1]
+
+
+def test_label_file_with_names_ints_and_imagenet_csv(tmp_path):
+    pixels = _write_images(tmp_path / "val", ["x1.JPEG", "x2.JPEG", "x3.JPEG"])
+    names = tmp_path / "names.txt"
+    names.write_text("x1.JPEG n02\nx2.JPEG n01\nx3.JPEG n02\n")
+    ds = open_dataset(tmp_path / "val", labels=names)
+    assert ds.classes == ["n01", "n02"] and ds.targets == [1, 0, 1]
+    assert np.array_equal(np.asarray(ds[1][0]), pixels["x2.JPEG"])
+
+    loc = tmp_path / "LOC_val_solution.csv"  # ImageNet's: no extension, synset first in a box list
+    loc.write_text("ImageId,PredictionString\nx1,n02 1 2 3 4\nx2,n01 5 6 7 8 n01 1 1 2 2\nx3,n02 0 0 1 1\n")
+    assert open_dataset(tmp_path / "val", labels=loc).targets == [1, 0, 1]
+
+    ints = tmp_path / "ints.csv"
+    ints.write_text("x1.JPEG,4\nx2.JPEG,0\nx3.JPEG,2\n")
+    ds = open_dataset(tmp_path / "val", labels=ints, classes=[f"c{i}" for i in range(6)])
+    assert ds.targets == [4, 0, 2] and len(ds.classes) == 6
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("x1.png 0\nx2.png 1\nghost.png 1\n", "1 listed image(s) not in the folder (ghost.png)"),
+    ("x1.png 0\n", "1 image(s) without a label (x2.png)"),
+    ("x1.png 0\nx1.png 1\nx2.png 0\n", "lists x1.png twice"),
+    ("0\n1\n", "expected 'filename label'"),
+])
+def test_label_file_that_disagrees_with_the_folder(tmp_path, content, problem):
+    _write_images(tmp_path / "val", ["x1.png", "x2.png"])
+    (tmp_path / "labels.txt").write_text(content)
+    with pytest.raises(LeanvitError) as err:
+        open_dataset(tmp_path / "val", labels=tmp_path / "labels.txt")
+    assert problem in str(err.value)
+
+
+def test_label_outside_given_classes(tmp_path):
+    _write_images(tmp_path / "val", ["x1.png"])
+    (tmp_path / "labels.txt").write_text("x1.png n09\n")
+    with pytest.raises(LeanvitError, match="n09"):
+        open_dataset(tmp_path / "val", labels=tmp_path / "labels.txt", classes=["n01", "n02"])
+
+
+def test_cifar10_python_pickles(tmp_path, monkeypatch):
+    """torchvision's layout: 5 train batches + test_batch, rows of 3072 bytes in CHW order."""
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                         "labels": rng.integers(0, 10, 4).tolist()}
+        (root / name).write_bytes(pickle.dumps(batches[name]))
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (root / "batches.meta").write_bytes(pickle.dumps({"label_names": classes}))
+    with pytest.raises(LeanvitError, match="incomplete or corrupt"):  # md5 sums of the real files
+        open_dataset(tmp_path)
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args: True)
+
+    test = open_dataset(tmp_path, train=False)
+    assert len(test) == 4 and test.classes == classes and test.targets == batches["test_batch"]["labels"]
+    expected = batches["test_batch"]["data"][2].reshape(3, 32, 32).transpose(1, 2, 0)
+    assert np.array_equal(np.asarray(test[2][0]), expected)
+    assert len(open_dataset(root, train=True)) == 20
+
+
+def test_bundled_subset_is_balanced_and_decodes():
+    ds = open_dataset(BUNDLED_CIFAR10)
+    assert len(ds) == 500 and np.bincount(ds.targets).tolist() == [50] * 10
+    assert ds.classes[0] == "airplane" and ds.classes[-1] == "truck"
+    image, target = ds[499]
+    assert image.size == (32, 32) and target == 9 and ds.names[499].startswith("test/truck/")
+
+
+@pytest.mark.skipif(not SHARED_CIFAR.is_file(), reason="../shared/data/cifar10-jpeg.tar.gz is not present")
+def test_bundled_subset_matches_the_archive():
+    ds = bundled_cifar10()
+    with tarfile.open(SHARED_CIFAR) as tar:
+        members = {m.name.lstrip("./"): m for m in tar.getmembers()}
+        for i in (0, 137, 499):
+            ref = Image.open(tar.extractfile(members[ds.names[i]])).convert("RGB")
+            assert np.array_equal(np.asarray(ds[i][0]), np.asarray(ref))
+            assert ds.classes[ds.targets[i]] == ds.names[i].split("/")[1]

@@ -1,0 +1,43 @@
+"""Pre-processing comes from the model's timm config, never from constants in leanvit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+from PIL import Image
+
+from leanvit.data import build_transform, resolve_data_config
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
+def test_data_config_is_the_models_pretrained_cfg(name):
+    model = timm.create_model(name, pretrained=False, depth=1)
+    cfg = resolve_data_config(model)
+    assert tuple(cfg["mean"]) == tuple(model.pretrained_cfg["mean"])
+    assert tuple(cfg["std"]) == tuple(model.pretrained_cfg["std"])
+    assert cfg["crop_pct"] == model.pretrained_cfg["crop_pct"]
+    assert cfg["input_size"] == list(model.pretrained_cfg["input_size"])
+    small = resolve_data_config(model, img_size=32, crop_pct=1.0)
+    assert small["input_size"] == [3, 32, 32] and small["crop_pct"] == 1.0
+
+
+def test_eval_transform_normalises_with_the_models_mean_and_std():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    cfg = resolve_data_config(model, img_size=16, crop_pct=1.0)
+    rgb = (200, 100, 50)
+    x = build_transform(cfg)(Image.new("RGB", (16, 16), rgb))
+    expected = (np.array(rgb) / 255 - np.array(cfg["mean"])) / np.array(cfg["std"])
+    assert x.shape == (3, 16, 16)
+    np.testing.assert_allclose(x.mean(dim=(1, 2)).numpy(), expected, atol=1e-5)
+
+
+def test_randaugment_posterize_at_full_strength_keeps_one_bit():
+    cfg = resolve_data_config(timm.create_model("vit_tiny_patch16_224", depth=1), img_size=16)
+    transform = build_transform(cfg, train=True, auto_augment="rand-m10-mstd0-inc1")
+    ops = [op for step in transform.transforms for op in getattr(step, "ops", ()) if op.name.startswith("Posterize")]
+    assert ops, "RandAugment should include a posterize operation"
+    op = ops[0]
+    op.prob = 1.0
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    out = np.asarray(op(img))
+    assert set(np.unique(out)) <= {0, 128}

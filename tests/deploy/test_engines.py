@@ -1,0 +1,87 @@
+"""Every CPU engine's round trip on tiny models: export, load, run, agree with eager."""
+import numpy as np
+import pytest
+import torch
+
+from leanvit.deploy import available_engines, cached_onnx, check_agreement, export_onnx, get_engine
+from leanvit.errors import EngineUnavailableError, LeanvitError
+
+CPU_ENGINES = ["eager", "onnxruntime", "openvino"]
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+@pytest.mark.parametrize("model_fixture", ["tiny_vit", "tiny_cnn"])
+def test_round_trip_agrees_with_eager(engine, model_fixture, request, tmp_path):
+    model = request.getfixturevalue(model_fixture)
+    size = 32 if model_fixture == "tiny_vit" else 64
+    x = torch.randn(1, 3, size, size)
+    runner = get_engine(engine, threads=1).load(model, x, cache_dir=tmp_path)
+    assert runner.precision == "f32"
+    agreement = check_agreement(model, runner, [torch.randn(1, 3, size, size) for _ in range(4)])
+    assert agreement.top1_agreement == 1.0
+    assert agreement.max_abs_err < 1e-4
+    assert not agreement.diverges("f32")
+
+
+@pytest.mark.slow
+def test_torch_compile_engine(tiny_vit):
+    x = torch.randn(1, 3, 32, 32)
+    runner = get_engine("compile", threads=1).load(tiny_vit, x)
+    assert check_agreement(tiny_vit, runner, [x]).max_abs_err < 1e-4
+
+
+def test_openvino_reports_the_precision_it_runs(tiny_vit, tmp_path):
+    runner = get_engine("openvino", threads=1, precision="f32").load(tiny_vit, torch.randn(1, 3, 32, 32), cache_dir=tmp_path)
+    assert runner.info["inference_precision"] == "f32"
+    assert runner.info["threads"] == 1
+
+
+def test_export_is_cached_by_weights_and_shape(tiny_vit, tmp_path):
+    x = torch.randn(1, 3, 32, 32)
+    first = cached_onnx(tiny_vit, x, cache_dir=tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert cached_onnx(tiny_vit, x, cache_dir=tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert cached_onnx(tiny_vit, torch.randn(2, 3, 32, 32), cache_dir=tmp_path) != first
+    changed = type(tiny_vit)(img_size=32, patch_size=8, depth=2, num_classes=10, embed_dim=192, num_heads=3).eval()
+    assert cached_onnx(changed, x, cache_dir=tmp_path) != first  # new weights, new export
+
+
+def test_dynamic_batch_export_runs_any_batch(tiny_cnn, tmp_path):
+    path = export_onnx(tiny_cnn, torch.randn(1, 3, 64, 64), tmp_path / "m.onnx", dynamic_batch=True)
+    runner = get_engine("onnxruntime", threads=1).load_onnx(path)
+    x = torch.randn(5, 3, 64, 64)
+    np.testing.assert_allclose(runner(x.numpy()), tiny_cnn(x).detach().numpy(), atol=1e-4)
+
+
+def test_divergence_is_detected(tiny_vit):
+    class Wrong:
+        precision, info = "f32", {}
+
+        def __call__(self, x):
+            return -tiny_vit(torch.from_numpy(x)).detach().numpy()
+
+    agreement = check_agreement(tiny_vit, Wrong(), [torch.randn(4, 3, 32, 32)])
+    assert agreement.diverges("f32") and agreement.top1_agreement < 1.0
+
+
+def test_missing_engine_names_the_package(monkeypatch):
+    from leanvit.deploy.trt import TensorRTEngine
+
+    monkeypatch.setattr(TensorRTEngine, "is_available", classmethod(lambda cls: False))
+    with pytest.raises(EngineUnavailableError, match="pip install tensorrt"):
+        get_engine("tensorrt")
+    assert "tensorrt" not in available_engines()
+
+
+def test_unknown_engine_and_bad_settings():
+    with pytest.raises(LeanvitError, match="openvino"):
+        get_engine("openvin")
+    with pytest.raises(LeanvitError, match="threads"):
+        get_engine("eager", threads=0)
+    with pytest.raises(LeanvitError, match="precisions"):
+        get_engine("onnxruntime", precision="int3")
+
+
+def test_opset_below_17_is_refused(tiny_cnn, tmp_path):
+    with pytest.raises(LeanvitError, match="opset"):
+        export_onnx(tiny_cnn, torch.randn(1, 3, 64, 64), tmp_path / "m.onnx", opset=13)

@@ -1,0 +1,86 @@
+"""evaluate(): accuracies against a direct computation, engines' fixed batches, skipped images."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from torch.utils.data import Subset
+
+from leanvit.data import build_transform, make_loader, open_dataset, resolve_data_config
+from leanvit.errors import LeanvitError
+from leanvit.evaluate import evaluate
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16,
+                              num_heads=2, num_classes=10).eval()
+    transform = build_transform(resolve_data_config(model, img_size=32, crop_pct=1.0))
+    data = Subset(open_dataset("cifar10-test500", transform=transform), list(range(0, 500, 5)))
+    return model, data
+
+
+def _reference(model, data):
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = np.array([data[i][1] for i in range(len(data))])
+    with torch.no_grad():
+        logits = model(x).numpy()
+    order = np.argsort(-logits, axis=1)
+    return y, order[:, 0], (order[:, :5] == y[:, None]).any(axis=1)
+
+
+def test_matches_direct_computation(setup):
+    model, data = setup
+    y, pred, top5 = _reference(model, data)
+    result = evaluate(model, make_loader(data, batch_size=32), progress=False)
+    assert result.images == 100 and result.skipped == 0
+    assert result.top1 == pytest.approx(100 * np.mean(pred == y))
+    assert result.top5 == pytest.approx(100 * np.mean(top5))
+    classes = data.dataset.classes
+    for c, acc in result.per_class.items():
+        k = classes.index(c)
+        assert acc == pytest.approx(100 * np.mean(pred[y == k] == k))
+    top = result.most_confused[0]
+    pairs = [(classes[a], classes[b]) for a, b in zip(y, pred) if a != b]
+    assert top["count"] == max(pairs.count(p) for p in set(pairs))
+    assert pairs.count((top["true"], top["predicted"])) == top["count"]
+
+
+def test_numpy_runner_with_fixed_batch_gets_padded_batches(setup):
+    model, data = setup
+    seen = []
+
+    def runner(x: np.ndarray) -> np.ndarray:
+        seen.append(x.shape[0])
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+    eager = evaluate(model, make_loader(data, batch_size=32), progress=False)
+    result = evaluate(runner, make_loader(data, batch_size=32), progress=False)
+    assert set(seen) == {32} and len(seen) == 4  # 100 images: 3 full batches + 1 padded
+    assert (result.top1, result.top5, result.per_class) == (eager.top1, eager.top5, eager.per_class)
+
+
+def test_wrong_number_of_classes(setup):
+    model, data = setup
+    wide = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16,
+                             num_heads=2, num_classes=7)
+    with pytest.raises(LeanvitError, match="7,\\) outputs per image but the data has 10 classes"):
+        evaluate(wide, make_loader(data, batch_size=32), progress=False)
+
+
+def test_corrupt_images_are_counted_as_skipped(tmp_path, setup):
+    model, _ = setup
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / c / "ok.png")
+    (tmp_path / "b" / "truncated.png").write_bytes((tmp_path / "b" / "ok.png").read_bytes()[:40])
+    two_class = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16,
+                                  num_heads=2, num_classes=2)
+    data = open_dataset(tmp_path, transform=build_transform(resolve_data_config(two_class, img_size=32)))
+    with pytest.warns(UserWarning, match="truncated.png"):
+        result = evaluate(two_class, make_loader(data, batch_size=2), progress=False)
+    assert (result.images, result.skipped) == (2, 1)

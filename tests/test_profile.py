@@ -1,0 +1,45 @@
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from leanvit.profile import count_macs, count_params, profile_model
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_050", "deit_tiny_patch16_224", "efficientformerv2_s0"])
+def test_params_equal_timms_own_count(name):
+    model = timm.create_model(name)
+    expected = sum(p.numel() for p in model.parameters())
+    assert count_params(model) == expected
+    assert profile_model(name, model=model).params == expected
+
+
+def test_macs_of_a_linear_and_a_conv_by_hand():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 16 * 16, 10))
+    conv = 8 * 16 * 16 * 3 * 3 * 3
+    linear = 8 * 16 * 16 * 10
+    assert count_macs(model, (3, 16, 16)) == conv + linear
+
+
+def test_attention_matmuls_are_counted():
+    """A 1-block ViT: the two attention matmuls (QK^T and AV) must be in the count."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=0, class_token=False,
+                              global_pool="avg")
+    n, d = 4, 192  # 2x2 patches
+    linears = n * (3 * 3 * 16 * 16 * d) // 3 + n * d * 3 * d + n * d * d + 2 * n * d * 4 * d
+    attention = 2 * n * n * d
+    assert count_macs(model, (3, 32, 32)) == linears + attention
+
+
+def test_deit_tiny_matches_published_and_reports_difference():
+    prof = profile_model("deit_tiny_patch16_224")
+    assert prof.published_params == 5_720_000
+    assert abs(prof.params_diff_pct) < 0.5 and abs(prof.macs_diff_pct) < 2
+    # at another resolution the published MACs no longer apply
+    assert profile_model("deit_tiny_patch16_224", img_size=160).published_macs is None
+
+
+def test_count_macs_restores_training_mode():
+    model = nn.Linear(4, 2).train()
+    count_macs(model, (4,))
+    assert model.training

@@ -1,0 +1,81 @@
+"""Checkpoints: round trips, foreign formats, and errors that name every mismatched key."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from leanvit.checkpoint import (
+    CheckpointMismatchError, load_weights, model_from_checkpoint, read_checkpoint, save_weights,
+)
+from leanvit.errors import LeanvitError
+
+TINY = dict(img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2, num_classes=10)
+
+
+def _vit(**overrides):
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", **{**TINY, **overrides}).eval()
+
+
+def test_safetensors_round_trip_rebuilds_the_model(tmp_path):
+    model = _vit()
+    meta = {"model": "deit_tiny_patch16_224", "model_kwargs": TINY, "classes": list("abcdefghij")}
+    save_weights(tmp_path / "model.safetensors", model.state_dict(), meta)
+    rebuilt, got = model_from_checkpoint("deit_tiny_patch16_224", tmp_path)  # a folder means its model.safetensors
+    assert got == meta
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+
+
+def test_pth_with_wrapper_and_ddp_prefix(tmp_path):
+    model = _vit()
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, tmp_path / "c.pth")
+    state, meta = read_checkpoint(tmp_path / "c.pth")
+    assert meta == {} and state.keys() == model.state_dict().keys()
+    other = _vit()
+    torch.nn.init.zeros_(other.head.weight)
+    load_weights(other, tmp_path / "c.pth")
+    torch.testing.assert_close(other.head.weight, model.head.weight)
+
+
+def test_another_architecture_names_the_keys(tmp_path):
+    save_weights(tmp_path / "r.safetensors", timm.create_model("resnet10t", num_classes=10).state_dict(),
+                 {"model": "resnet10t"})
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_weights(_vit(), tmp_path / "r.safetensors")
+    message = str(err.value)
+    assert "missing keys (blocks.0.attn.proj.bias" in message
+    assert "unexpected keys (bn1.bias" in message
+    assert "It was saved from 'resnet10t'" in message
+
+
+def test_deeper_model_and_other_head_name_keys_and_shapes(tmp_path):
+    save_weights(tmp_path / "m.safetensors", _vit().state_dict())
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(blocks\.1\.attn\.proj\.bias"):
+        load_weights(_vit(depth=2), tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_weights(_vit(num_classes=5), tmp_path / "m.safetensors")
+    assert "2 shape mismatches (head.bias: checkpoint [10] vs model [5], head.weight" in str(err.value)
+    assert "missing" not in str(err.value)
+
+
+def test_ignore_classifier_for_fine_tuning(tmp_path):
+    source = _vit()
+    save_weights(tmp_path / "m.safetensors", source.state_dict())
+    target = _vit(num_classes=5)
+    head = target.head.weight.clone()
+    load_weights(target, tmp_path / "m.safetensors", ignore_classifier=True)
+    torch.testing.assert_close(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(target.head.weight, head)
+
+
+def test_unreadable_and_missing_files(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LeanvitError, match="Cannot read checkpoint"):
+        read_checkpoint(tmp_path / "bad.safetensors")
+    with pytest.raises(LeanvitError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.pth")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(LeanvitError, match="no state dict"):
+        read_checkpoint(tmp_path / "list.pth")

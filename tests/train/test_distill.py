@@ -1,0 +1,51 @@
+"""DistillationLoss against DeiT's formulas written out by hand."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from leanvit.errors import LeanvitError
+from leanvit.train import DistillationLoss
+
+
+class _Fixed(nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(4, 3, generator=g), torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g),
+            torch.randn(4, 6, generator=g) * 3, torch.tensor([0, 5, 2, 2]))
+
+
+def _ce(logits, target):
+    return -(logits.log_softmax(1).gather(1, target[:, None])).mean()
+
+
+def test_hard_uses_the_distillation_head_and_teacher_argmax(batch):
+    x, cls, dist, teacher, y = batch
+    loss = DistillationLoss(nn.CrossEntropyLoss(), _Fixed(teacher), "hard", alpha=0.3)(x, (cls, dist), y)
+    expected = 0.7 * _ce(cls, y) + 0.3 * _ce(dist, teacher.argmax(1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_soft_is_temperature_scaled_kl_per_logit(batch):
+    x, cls, dist, teacher, y = batch
+    tau = 2.0
+    loss = DistillationLoss(nn.CrossEntropyLoss(), _Fixed(teacher), "soft", alpha=0.5, tau=tau)(x, cls, y)
+    p_t = (teacher / tau).softmax(1)
+    kl = (p_t * (p_t.log() - (cls / tau).log_softmax(1))).sum()
+    expected = 0.5 * _ce(cls, y) + 0.5 * kl * tau**2 / cls.numel()  # single head: used for both terms
+    torch.testing.assert_close(loss, expected)
+
+
+def test_unknown_mode():
+    with pytest.raises(LeanvitError, match="hard, soft"):
+        DistillationLoss(nn.CrossEntropyLoss(), nn.Identity(), "medium")

@@ -1,0 +1,88 @@
+"""fit(): an interrupted and resumed run ends exactly where an uninterrupted one does."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from leanvit.checkpoint import model_from_checkpoint, read_checkpoint, save_weights
+from leanvit.errors import LeanvitError
+from leanvit.train import TrainConfig, fit
+from leanvit.train import loop
+
+TINY = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2}
+
+
+def _config(tmp_path, name, **overrides) -> TrainConfig:
+    base = dict(model="deit_tiny_distilled_patch16_224", data="cifar10-test500", output=str(tmp_path / name),
+                model_kwargs=TINY, epochs=2, batch_size=8, max_steps_per_epoch=3, warmup_epochs=0.5,
+                lr=1e-3, ema_decay=0.9, clip_grad=1.0, workers=0, progress=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Mixup, RandAugment, random erasing, EMA and the schedule all have to pick up where they left."""
+    full = fit(_config(tmp_path, "full"))
+
+    save = loop.save_training_state
+
+    def crash_after_first_checkpoint(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_training_state", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_config(tmp_path, "cut"))
+    monkeypatch.setattr(loop, "save_training_state", save)
+    resumed = fit(_config(tmp_path, "cut", resume=True))
+
+    assert [s["epoch"] for s in resumed.steps] == [1, 1, 1]
+    assert [s["loss"] for s in full.steps[3:]] == [s["loss"] for s in resumed.steps]
+    assert full.epochs == resumed.epochs
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = read_checkpoint(tmp_path / "full" / name)[0], read_checkpoint(tmp_path / "cut" / name)[0]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == [
+        "ema.safetensors", "epoch-0001", "model.safetensors"]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1))
+    with pytest.raises(LeanvitError, match=r"different settings \(lr: 0.001 -> 0.002"):
+        fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=1, lr=2e-3, resume=True))
+
+
+def test_distillation_from_a_checkpointed_teacher(tmp_path):
+    teacher, _ = _teacher(tmp_path)
+    result = fit(_config(tmp_path, "kd", epochs=1, max_steps_per_epoch=2, teacher="deit_tiny_patch16_224",
+                         teacher_checkpoint=str(teacher), distill="soft", mixup=0, cutmix=0,
+                         val_data="cifar10-test500"))
+    assert len(result.steps) == 2 and {"top1", "ema_top1"} <= result.epochs[0].keys()
+    student, meta = model_from_checkpoint("deit_tiny_distilled_patch16_224", tmp_path / "kd")
+    assert meta["model_kwargs"] == {"num_classes": 10, **TINY} and meta["data_config"]["input_size"] == [3, 32, 32]
+    assert json.loads((tmp_path / "kd" / "epoch-0000" / "state.json").read_text())["step"] == 2
+
+
+def test_teacher_for_other_classes_is_refused(tmp_path):
+    _, path = _teacher(tmp_path, num_classes=3)
+    with pytest.raises(LeanvitError, match="teacher deit_tiny_patch16_224 has 3 classes"):
+        fit(_config(tmp_path, "kd", teacher="deit_tiny_patch16_224", teacher_checkpoint=str(path)))
+
+
+def _teacher(tmp_path, num_classes=10):
+    import timm
+
+    kwargs = {**TINY, "num_classes": num_classes}
+    path = tmp_path / f"teacher{num_classes}.safetensors"
+    save_weights(path, timm.create_model("deit_tiny_patch16_224", **kwargs).state_dict(),
+                 {"model": "deit_tiny_patch16_224", "model_kwargs": kwargs})
+    return path, path
