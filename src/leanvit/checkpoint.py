@@ -21,7 +21,7 @@ from .errors import LeanvitError
 from .models.registry import create_model
 
 WEIGHTS_FILE = "model.safetensors"
-_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
+_WRAPPERS = ("state_dict", "model", "module", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.")
 
 

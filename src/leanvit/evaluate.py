@@ -41,7 +41,11 @@ class EvalResult:
 def evaluate(model: nn.Module | Callable[[np.ndarray], np.ndarray], loader: DataLoader, *,
              classes: Sequence[str] | None = None, device: str | torch.device | None = None,
              progress: bool = True, top_confusions: int = 10) -> EvalResult:
-    """Score ``model`` on every batch of ``loader`` (see :func:`leanvit.data.make_loader`)."""
+    """Score ``model`` on every batch of ``loader`` (see :func:`leanvit.data.make_loader`).
+
+    A module is run in eval mode on ``device`` (default: CUDA if present), where it stays; its
+    train/eval mode is restored afterwards.
+    """
     classes = list(classes) if classes is not None else dataset_classes(loader.dataset)
     n = len(classes)
     if isinstance(model, nn.Module):

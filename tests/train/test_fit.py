@@ -55,18 +55,29 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkey
         "ema.safetensors", "epoch-0001", "model.safetensors"]
 
 
-def test_resume_refuses_other_settings(tmp_path):
+def test_resume_refuses_other_settings_and_overwriting(tmp_path):
     fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1))
+    with pytest.raises(LeanvitError, match="already holds a run"):
+        fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1))
     with pytest.raises(LeanvitError, match=r"different settings \(lr: 0.001 -> 0.002"):
         fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=1, lr=2e-3, resume=True))
 
 
-def test_distillation_from_a_checkpointed_teacher(tmp_path):
+def test_distillation_from_a_checkpointed_teacher(tmp_path, monkeypatch):
     teacher, _ = _teacher(tmp_path)
+    heads = []
+
+    class Recording(loop.DistillationLoss):
+        def forward(self, inputs, outputs, targets):
+            heads.append(isinstance(outputs, tuple))  # (class, distillation) logits from DeiT's two heads
+            return super().forward(inputs, outputs, targets)
+
+    monkeypatch.setattr(loop, "DistillationLoss", Recording)
     result = fit(_config(tmp_path, "kd", epochs=1, max_steps_per_epoch=2, teacher="deit_tiny_patch16_224",
                          teacher_checkpoint=str(teacher), distill="soft", mixup=0, cutmix=0,
                          val_data="cifar10-test500"))
     assert len(result.steps) == 2 and {"top1", "ema_top1"} <= result.epochs[0].keys()
+    assert heads == [True, True]
     student, meta = model_from_checkpoint("deit_tiny_distilled_patch16_224", tmp_path / "kd")
     assert meta["model_kwargs"] == {"num_classes": 10, **TINY} and meta["data_config"]["input_size"] == [3, 32, 32]
     assert json.loads((tmp_path / "kd" / "epoch-0000" / "state.json").read_text())["step"] == 2

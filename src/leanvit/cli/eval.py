@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import model_from_checkpoint
-from ..data import BUNDLED_CIFAR10, build_transform, dataset_classes, make_loader, open_dataset, resolve_data_config
+from ..data import (
+    BUNDLED_CIFAR10, build_transform, dataset_classes, make_loader, open_dataset, resolve_data_config,
+)
 from ..errors import LeanvitError
 from ..evaluate import evaluate
 from ..models.registry import create_model

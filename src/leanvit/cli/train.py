@@ -10,6 +10,7 @@ from ..train import TrainConfig, fit
 from . import print_json
 
 _TYPES = {"str": str, "int": int, "float": float}
+_METAVARS = {"int": "N", "float": "X"}
 
 EPILOG = """\
 examples:
@@ -49,17 +50,19 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         if f.name == "model":
             p.add_argument("model", help=help_text)
             continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
-        if f.default is MISSING and f.default_factory is MISSING:
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if default is MISSING and f.default_factory is MISSING:
             p.add_argument(flag, required=True, help=help_text)
+        elif f.type == "bool" and not default:
+            p.add_argument(flag, action="store_true", default=None, help=help_text)
         elif f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{help_text} (default: {'on' if default else 'off'})")
+                           help=f"{help_text} (default: on)")
         elif f.type == "dict":
             p.add_argument(flag, type=json_object, metavar="JSON", help=help_text)
         else:
-            p.add_argument(flag, type=_TYPES[f.type.replace(" | None", "")], metavar=f.name.split("_")[-1].upper(),
+            kind = f.type.replace(" | None", "")
+            p.add_argument(flag, type=_TYPES[kind], metavar=_METAVARS.get(kind, f.name.split("_")[-1].upper()),
                            help=help_text if default is None else f"{help_text} (default: {default})")
     p.add_argument("--json", action="store_true", help="print the per-epoch log as JSON when done")
     p.set_defaults(func=run)

@@ -1,6 +1,7 @@
 """DataLoaders with the corrupt-image policy and, under DDP, a shard of the data per process."""
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
@@ -23,6 +24,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool = False, seed:
                                      seed=seed, drop_last=True)
     else:
         sampler = SequentialSampler(dataset)
+    # Workers are not persistent: each epoch starts new ones, seeded from the re-seeded main process.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_skipping_corrupt, drop_last=train,
-                      pin_memory=False, persistent_workers=False)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)

@@ -12,8 +12,9 @@ from ..errors import LeanvitError, check_range
 from .distill import DISTILL_MODES
 
 
-def _help(text: str, **kw) -> dict:
-    return {"metadata": {"help": text}, **kw}
+def _help(text: str) -> dict:
+    """A field's ``--help`` text, which ``leanvit train`` turns into its flag's help."""
+    return {"metadata": {"help": text}}
 
 
 @dataclass
@@ -21,8 +22,11 @@ class TrainConfig:
     model: str = field(**_help("timm or leanvit model name"))
     data: str = field(**_help("training data: folder (ImageFolder, train/ + val/, CIFAR-10 pickles) "
                               "or 'cifar10-test500'"))
-    output: str = field(default="runs/train", **_help("run folder: checkpoints, state, final weights"))
+    output: str = field(default="runs/train", **_help(
+        "run folder: checkpoints, state, final weights (on a filesystem every node sees)"))
     val_data: str | None = field(default=None, **_help("evaluated after every epoch (default: none)"))
+    val_labels: str | None = field(default=None, **_help(
+        "label file when --val-data is a flat folder (ImageNet's validation layout)"))
     model_kwargs: dict = field(default_factory=dict, **_help(
         "JSON kwargs for timm.create_model, e.g. '{\"img_size\": 32}' for a 32x32 ViT"))
     img_size: int | None = field(default=None, **_help(
@@ -59,11 +63,12 @@ class TrainConfig:
     seed: int = field(default=0, **_help("seed of initialisation, data order and augmentation"))
     workers: int = field(default=4, **_help("data loader processes per training process"))
     max_steps_per_epoch: int | None = field(default=None, **_help("cut epochs short (smoke tests)"))
-    resume: bool = field(default=False, **_help("continue from the last checkpoint in --output"))
+    resume: bool = field(default=False, **_help(
+        "continue from the last checkpoint in --output (a fresh start if there is none)"))
     progress: bool = field(default=True, **_help("show progress bars"))
 
     #: Fields a resumed run may change without changing what it computes (epochs extends it).
-    RESUMABLE_CHANGES = ("output", "resume", "workers", "progress", "epochs")
+    RESUMABLE_CHANGES = ("output", "resume", "workers", "progress", "epochs", "val_data", "val_labels")
 
     def __post_init__(self) -> None:
         if self.randaug in ("", "none"):

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,11 +34,13 @@ from ..evaluate import evaluate
 from ..models.registry import create_model
 from .config import TrainConfig
 from .distill import DistillationLoss
-from .state import latest_checkpoint, load_training_state, read_state, save_training_state
+from .state import EMA_FILE, latest_checkpoint, load_training_state, read_state, save_training_state
 
 
 @dataclass
 class TrainResult:
+    """Where the weights are, and the loss curve (``steps``) and per-epoch log (``epochs``)."""
+
     output: Path
     steps: list[dict] = field(default_factory=list)  # this call's steps: epoch, step, loss, lr
     epochs: list[dict] = field(default_factory=list)  # every epoch so far: epoch, loss, val top1/top5
@@ -89,7 +90,8 @@ def _fit(cfg: TrainConfig) -> TrainResult:
         model.set_distilled_training(True)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    net = model if world == 1 else DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
 
     loader = make_loader(train_set, cfg.batch_size // world, train=True, seed=cfg.seed, workers=cfg.workers)
     steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
@@ -98,18 +100,17 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr,
                                   warmup_t=round(cfg.warmup_epochs * steps), warmup_lr_init=cfg.warmup_lr,
                                   t_in_epochs=False)
-    mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                   num_classes=len(classes)) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
-    base = (SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)
-            if cfg.label_smoothing > 0 else nn.CrossEntropyLoss())
-    distill = (DistillationLoss(base, teacher, cfg.distill, cfg.distill_alpha, cfg.distill_tau)
-               if teacher is not None else None)
+    mixup, loss_fn = _objective(cfg, len(classes), teacher)
     amp_dtype = _amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     val_loader = _val_loader(cfg, data_config, classes) if main and cfg.val_data else None
 
     start_epoch, step, steps_log, epochs_log = 0, 0, [], []
-    if cfg.resume and (last := latest_checkpoint(output)) is not None:
+    last = latest_checkpoint(output)
+    if last is not None and not cfg.resume:
+        raise LeanvitError(f"{output} already holds a run ({last.name}). Pass --resume to continue it, "
+                           "or choose another --output.")
+    if last is not None:
         state = read_state(last)
         _check_same_run(state["config"], cfg)
         load_training_state(last, state, model=model, optimizer=optimizer, ema=ema)
@@ -118,6 +119,8 @@ def _fit(cfg: TrainConfig) -> TrainResult:
         start_epoch, step, epochs_log = state["epoch"] + 1, state["step"], state["epochs"]
         if main:
             print(f"resumed from {last} (epoch {start_epoch} of {cfg.epochs})", file=sys.stderr)
+    if world > 1:
+        _check_ranks_agree(start_epoch, device)
 
     for epoch in range(start_epoch, cfg.epochs):
         _seed_everything(int(np.random.SeedSequence([cfg.seed, epoch, rank]).generate_state(1)[0]))
@@ -131,11 +134,10 @@ def _fit(cfg: TrainConfig) -> TrainResult:
                 raise LeanvitError("Every image of a training batch failed to decode; see the warnings above.")
             x, y = (t.to(device, non_blocking=True) for t in batch)
             if mixup:
-                x, y = (x[: len(x) // 2 * 2], y[: len(y) // 2 * 2])  # mixup pairs samples
-                x, y = mixup(x, y)
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                out = net(x)
-                loss = distill(x, out, y) if distill else base(out, y)
+                even = len(x) // 2 * 2  # mixup pairs samples; a skipped corrupt image can leave one over
+                x, y = mixup(x[:even], y[:even])
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = loss_fn(x, net(x), y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.clip_grad:
@@ -157,10 +159,10 @@ def _fit(cfg: TrainConfig) -> TrainResult:
         bar.close()
         losses = [s["loss"] for s in steps_log if s["epoch"] == epoch]
         summary = {"epoch": epoch, "loss": round(sum(losses) / len(losses), 6), "lr": steps_log[-1]["lr"]}
+        epochs_log.append(summary)
         if main:
             if val_loader is not None:
                 summary.update(_validate(model, ema, val_loader, device, show))
-            epochs_log.append(summary)
             save_training_state(output, epoch, model=model, metadata=metadata, optimizer=optimizer, ema=ema,
                                 state={"step": step, "config": cfg.to_dict(), "scaler": scaler.state_dict(),
                                        "epochs": epochs_log})
@@ -171,7 +173,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     if main:
         save_weights(output / WEIGHTS_FILE, model.state_dict(), metadata)
         if ema is not None:
-            save_weights(output / "ema.safetensors", ema.module.state_dict(), metadata)
+            save_weights(output / EMA_FILE, ema.module.state_dict(), metadata)
     return TrainResult(output=output, steps=steps_log, epochs=epochs_log)
 
 
@@ -189,6 +191,22 @@ def _device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _objective(cfg: TrainConfig, num_classes: int, teacher: nn.Module | None):
+    """timm's Mixup/CutMix (or None) and ``loss(inputs, outputs, targets)``: soft-target CE after
+    mixup (which smooths the labels itself), else label-smoothed CE, wrapped for distillation."""
+    mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                   num_classes=num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
+    if mixup is not None:
+        base = SoftTargetCrossEntropy()
+    elif cfg.label_smoothing > 0:
+        base = LabelSmoothingCrossEntropy(cfg.label_smoothing)
+    else:
+        base = nn.CrossEntropyLoss()
+    if teacher is not None:
+        return mixup, DistillationLoss(base, teacher, cfg.distill, cfg.distill_alpha, cfg.distill_tau)
+    return mixup, lambda inputs, outputs, targets: base(outputs, targets)
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -217,10 +235,11 @@ def _teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Mod
 
 
 def _val_loader(cfg: TrainConfig, data_config: dict, classes: list[str]):
-    val_set = open_dataset(cfg.val_data, train=False, transform=build_transform(data_config))
+    val_set = open_dataset(cfg.val_data, train=False, transform=build_transform(data_config),
+                           labels=cfg.val_labels, classes=classes if cfg.val_labels else None)
     if dataset_classes(val_set) != classes:
         raise LeanvitError(f"--val-data {cfg.val_data} has other classes than --data {cfg.data}.")
-    return make_loader(val_set, max(1, cfg.batch_size), workers=cfg.workers)
+    return make_loader(val_set, cfg.batch_size, workers=cfg.workers)
 
 
 def _validate(model, ema, loader, device, show: bool) -> dict:
@@ -230,6 +249,16 @@ def _validate(model, ema, loader, device, show: bool) -> dict:
             result = evaluate(net, loader, device=device, progress=show)
             row.update({f"{prefix}top1": result.top1, f"{prefix}top5": result.top5})
     return row
+
+
+def _check_ranks_agree(start_epoch: int, device: torch.device) -> None:
+    """Every process must resume from the same checkpoint (``--output`` shared by all nodes)."""
+    lo, hi = torch.tensor([start_epoch], device=device), torch.tensor([start_epoch], device=device)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise LeanvitError(f"The processes found different checkpoints in --output (epochs {lo.item()} to "
+                           f"{hi.item()}). Put --output on a filesystem that every node shares.")
 
 
 def _check_same_run(saved: dict, cfg: TrainConfig) -> None:
