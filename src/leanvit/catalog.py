@@ -74,6 +74,16 @@ CATALOG: dict[str, ModelFacts] = {f.name: f for f in [
     _f("deit_tiny_distilled_patch16_224", "DeiT", 5.91, 1.27, 74.5, None, _DEIT),
     _f("deit_small_distilled_patch16_224", "DeiT", 22.44, 4.63, 81.2, None, _DEIT),
     _f("deit_base_distilled_patch16_224", "DeiT", 87.34, 17.68, 83.4, None, _DEIT),
+    # --- MobileViG (leanvit) --- params: the paper's counter leaves BatchNorm out (true count +0.5-1.4 %)
+    _f("mobilevig_ti", "MobileViG", 5.2, 0.7, 75.7, "0.78 ms, iPhone 13 Mini NPU (CoreML)", _MVIG, provider="leanvit"),
+    _f("mobilevig_s", "MobileViG", 7.2, 1.0, 78.2, None, _MVIG, provider="leanvit"),
+    _f("mobilevig_m", "MobileViG", 14.0, 1.5, 80.6, None, _MVIG, provider="leanvit"),
+    _f("mobilevig_b", "MobileViG", 26.7, 2.8, 82.6, "2.30 ms, iPhone 13 Mini NPU (CoreML)", _MVIG, provider="leanvit"),
+    # --- EfficientMod (leanvit) ---
+    _f("efficientmod_xxs", "EfficientMod", 4.7, 0.6, 77.1, "10.2 ms, Xeon E5-2680 4 threads (ONNX); 3.0 ms P100", _EMOD, provider="leanvit"),
+    _f("efficientmod_xs", "EfficientMod", 6.6, 0.8, 79.4, "13.4 ms, Xeon E5-2680 4 threads (ONNX); 3.6 ms P100", _EMOD, provider="leanvit"),
+    _f("efficientmod_s", "EfficientMod", 12.9, 1.4, 81.9, "23.5 ms, Xeon E5-2680 4 threads (ONNX); 5.5 ms P100", _EMOD, provider="leanvit"),
+    _f("efficientmod_s_conv", "EfficientMod", 12.9, 1.5, 80.5, None, _EMOD, provider="leanvit"),
     # --- CNN reference (timm) ---
     _f("mobilenetv2_100", "MobileNetV2", 3.4, 0.30, 72.0, "75 ms, Google Pixel 1 CPU (TFLite)",
        "MobileNetV2 paper (Sandler et al. 2018), Table 4"),

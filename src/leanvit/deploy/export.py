@@ -61,6 +61,8 @@ def export_onnx(
         raise LeanvitError(f"ONNX opset must be >= 17 (LayerNormalization), got {opset}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if dynamic_batch and example.shape[0] == 1:
+        example = example.expand(2, *example.shape[1:]).contiguous()  # torch.export specialises size-1 dims
     was_training = model.training
     model.eval()
     try:

@@ -1,0 +1,316 @@
+"""EfficientMod: published size, official checkpoints against a from-the-keys reference, timm's API,
+export to ONNX Runtime / OpenVINO, torch.compile and training.
+
+Outputs are compared with weights randomised away from init (``_randomize``): layer scales of 1e-4
+make every modulation block nearly the identity, which would let a broken mapping or export agree
+with almost anything.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import leanvit.models.efficientmod as emod
+from leanvit.errors import LeanvitError
+from leanvit.profile import count_macs, count_params
+
+VARIANTS = list(emod.PUBLISHED)
+#: official constructor arguments (ma-xu/EfficientMod models/EfficientMod.py); per-block MLP
+#: ratios there are explicit lists, alternating 1 and r from the start of every stage
+OFFICIAL = {
+    'efficientmod_xxs': dict(dims=(32, 64, 128, 256), depths=(2, 2, 6, 2), attn=(0, 0, 1, 2), r=6, att_ratio=(0, 0, 4, 4)),
+    'efficientmod_xs': dict(dims=(32, 64, 144, 288), depths=(3, 3, 4, 2), attn=(0, 0, 3, 3), r=4, att_ratio=(4, 4, 4, 4)),
+    'efficientmod_s': dict(dims=(32, 64, 144, 312), depths=(4, 4, 8, 4), attn=(0, 0, 4, 4), r=6, att_ratio=(4, 4, 4, 5)),
+    'efficientmod_s_conv': dict(dims=(40, 80, 160, 344), depths=(4, 4, 12, 8), attn=(0, 0, 0, 0), r=6, att_ratio=(4, 4, 4, 4)),
+}
+#: a small EfficientMod, in our and in the official constructor's terms (stage 1 and 2 have both
+#: r = 1 and r = 3 blocks; stages 3 and 4 have attention blocks with different MLP ratios)
+TINY = dict(
+    embed_dims=(8, 16, 24, 40), depths=(2, 2, 1, 1), attn_depths=(0, 0, 1, 2), mlp_ratios=(1, 3),
+    attn_mlp_ratios=(4, 4, 2, 3), num_classes=10,
+)
+TINY_OFFICIAL = dict(dims=(8, 16, 24, 40), depths=(2, 2, 1, 1), attn=(0, 0, 1, 2), r=3, att_ratio=(4, 4, 2, 3), num_classes=10)
+slow = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for name, t in model.state_dict().items():
+        t.copy_(_random_like(name, t.shape, g))
+    return model
+
+
+def _random_like(name: str, shape, g: torch.Generator) -> torch.Tensor:
+    """Fan-in scaled weights; norm scales and layer scales well away from init."""
+    leaf = name.rsplit('.', 1)[-1]
+    noise = torch.randn(shape, generator=g)
+    if leaf == 'weight' and len(shape) > 1:
+        return noise / math.sqrt(math.prod(shape[1:]))
+    if leaf in ('gamma', 'gamma_1'):
+        return 0.1 * (1 + 0.2 * noise)  # large enough to matter, small enough for a 30-block network
+    if leaf == 'weight':
+        return 1 + 0.2 * noise
+    return 0.2 * noise
+
+
+def _tiny(**kwargs) -> emod.EfficientMod:
+    torch.manual_seed(0)
+    return _randomize(timm.create_model('efficientmod_xxs', **{**TINY, **kwargs}).eval())
+
+
+# --- the official model, written down independently from its constructor and forward ------------
+
+def official_shapes(dims, depths, attn, r, att_ratio, num_classes=1000, heads=8):
+    """Every (key, shape) of an official state dict, following the official module tree."""
+    shapes = {}
+
+    def lin(p, cin, cout, bias=True):
+        shapes[f'{p}.weight'] = (cout, cin)
+        if bias:
+            shapes[f'{p}.bias'] = (cout,)
+
+    def conv(p, cin, cout, k, groups=1):
+        shapes[f'{p}.weight'] = (cout, cin // groups, k, k)
+        shapes[f'{p}.bias'] = (cout,)
+
+    def ln(p, c):
+        shapes[f'{p}.weight'] = shapes[f'{p}.bias'] = (c,)
+
+    conv('patch_embed.proj', 3, dims[0], 7), ln('patch_embed.norm', dims[0])
+    for s, d in enumerate(dims):
+        for j in range(depths[s]):
+            p, ratio = f'layers.{s}.blocks.{j}', (1, r)[j % 2]
+            ln(f'{p}.norm', d)
+            lin(f'{p}.mlp.fc1', d, d * ratio), lin(f'{p}.mlp.fc2', d * ratio, d)
+            lin(f'{p}.mlp.context_layer.f', d, d), lin(f'{p}.mlp.context_layer.g', d, d)
+            conv(f'{p}.mlp.context_layer.context_list.0', d, d, 7, groups=d)
+            shapes[f'{p}.gamma_1'] = (d,)
+        for j in range(attn[s]):
+            p, inner = f'layers.{s}.blocks.{depths[s] + j}', heads * max(d // heads, 32)
+            ln(f'{p}.norm1', d), ln(f'{p}.norm2', d)
+            lin(f'{p}.attn.qkv', d, 3 * inner, bias=False), lin(f'{p}.attn.proj', inner, d)
+            lin(f'{p}.mlp.fc1', d, d * att_ratio[s]), lin(f'{p}.mlp.fc2', d * att_ratio[s], d)
+        if s < len(dims) - 1:
+            conv(f'layers.{s}.downsample.proj', d, dims[s + 1], 3), ln(f'layers.{s}.downsample.norm', dims[s + 1])
+    ln('norm', dims[-1]), lin('head', dims[-1], num_classes)
+    return shapes
+
+
+def official_state_dict(seed=0, **cfg):
+    g = torch.Generator().manual_seed(seed)
+    return {k: _random_like(k, s, g) for k, s in official_shapes(**cfg).items()}
+
+
+def official_forward(sd: dict, x: torch.Tensor, heads: int = 8) -> torch.Tensor:
+    """The official EfficientMod forward, functionally, straight from the official key names."""
+    def ln(x, p):
+        return F.layer_norm(x, x.shape[-1:], sd[f'{p}.weight'], sd[f'{p}.bias'], 1e-5)
+
+    def lin(x, p):
+        return F.linear(x, sd[f'{p}.weight'], sd.get(f'{p}.bias'))
+
+    def conv_nhwc(x, p, stride=1, groups=1):  # NHWC in and out, as the official code permutes
+        w = sd[f'{p}.weight']
+        return F.conv2d(x.permute(0, 3, 1, 2), w, sd[f'{p}.bias'], stride, w.shape[-1] // 2, 1, groups).permute(0, 2, 3, 1)
+
+    x = ln(F.conv2d(x, sd['patch_embed.proj.weight'], sd['patch_embed.proj.bias'], 4, 3).permute(0, 2, 3, 1), 'patch_embed.norm')
+    s = 0
+    while f'layers.{s}.blocks.0.norm.weight' in sd:
+        j = 0
+        while f'layers.{s}.blocks.{j}.norm.weight' in sd or f'layers.{s}.blocks.{j}.norm1.weight' in sd:
+            p = f'layers.{s}.blocks.{j}'
+            if f'{p}.norm.weight' in sd:  # modulation block
+                h = ln(x, f'{p}.norm')
+                ctx = lin(h, f'{p}.mlp.context_layer.f')
+                ctx = lin(F.gelu(conv_nhwc(ctx, f'{p}.mlp.context_layer.context_list.0', groups=ctx.shape[-1])), f'{p}.mlp.context_layer.g')
+                h = lin(h, f'{p}.mlp.fc1')
+                ratio = h.shape[-1] // x.shape[-1]
+                if ratio > 1:
+                    h = F.gelu(h)
+                x = x + sd[f'{p}.gamma_1'] * lin(h * ctx.repeat(1, 1, 1, ratio), f'{p}.mlp.fc2')
+            else:  # attention block on the flattened map
+                B, H, W, C = x.shape
+                t = x.reshape(B, H * W, C)
+                q, k, v = lin(ln(t, f'{p}.norm1'), f'{p}.attn.qkv').reshape(B, H * W, 3, heads, -1).permute(2, 0, 3, 1, 4)
+                attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+                t = t + lin((attn @ v).transpose(1, 2).reshape(B, H * W, -1), f'{p}.attn.proj')
+                t = t + lin(F.gelu(lin(ln(t, f'{p}.norm2'), f'{p}.mlp.fc1')), f'{p}.mlp.fc2')
+                x = t.reshape(B, H, W, C)
+            j += 1
+        if f'layers.{s}.downsample.proj.weight' in sd:
+            x = ln(conv_nhwc(x, f'layers.{s}.downsample.proj', 2), f'layers.{s}.downsample.norm')
+        s += 1
+    return lin(ln(x, 'norm').mean((1, 2)), 'head')
+
+
+# --- published size --------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_params_within_1pct_of_paper(name):
+    params_m = count_params(timm.create_model(name)) / 1e6
+    assert abs(params_m - emod.PUBLISHED[name]['params_m']) <= 0.01 * emod.PUBLISHED[name]['params_m'], params_m
+
+
+@pytest.mark.parametrize('name', ['efficientmod_xxs'] + [pytest.param(n, marks=slow) for n in VARIANTS[1:]])
+def test_macs_within_5pct_of_paper(name):
+    gmacs = count_macs(timm.create_model(name), (3, 224, 224)) / 1e9
+    assert abs(gmacs - emod.PUBLISHED[name]['gmacs']) <= 0.05 * emod.PUBLISHED[name]['gmacs'], gmacs
+
+
+# --- official checkpoints ----------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_official_keys_and_shapes_map_onto_ours(name):
+    model = timm.create_model(name)
+    official = {k: torch.empty(s) for k, s in official_shapes(**OFFICIAL[name]).items()}
+    mapped = emod.checkpoint_filter_fn(official, model)
+    ours = model.state_dict()
+    assert sorted(mapped) == sorted(ours)
+    assert all(mapped[k].shape == ours[k].shape for k in ours)
+
+
+def test_official_checkpoint_loads_through_timm(tmp_path):
+    sd = official_state_dict(**TINY_OFFICIAL)
+    live = official_state_dict(seed=1, **TINY_OFFICIAL)
+    path = tmp_path / 'efficientMod_tiny.pth.tar'
+    torch.save({'state_dict': live, 'state_dict_ema': sd, 'epoch': 299}, path)  # as timm's CheckpointSaver
+    model = timm.create_model(
+        'efficientmod_xxs', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10), **TINY).eval()
+    direct = timm.create_model('efficientmod_xxs', **TINY).eval()
+    direct.load_state_dict(emod.checkpoint_filter_fn({'model': sd}, direct))
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        out, ref = model(x), official_forward(sd, x)
+        assert torch.equal(out, direct(x))
+    assert ref.abs().max() > 1  # a live signal, not a network that has collapsed to its biases
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+# --- timm's API ----------------------------------------------------------------------------------
+
+def test_features_only_channels_and_reductions():
+    model = timm.create_model('efficientmod_xxs', features_only=True, **{k: v for k, v in TINY.items() if k != 'num_classes'})
+    assert model.feature_info.channels() == list(TINY['embed_dims'])
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    outs = model(torch.randn(1, 3, 96, 64))
+    assert [tuple(o.shape) for o in outs] == [(1, c, 96 // r, 64 // r) for c, r in zip(TINY['embed_dims'], (4, 8, 16, 32))]
+
+
+def test_forward_intermediates_and_prune():
+    model = _tiny()
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x)
+        assert torch.equal(final, model.forward_features(x))
+        assert model.output_fmt == 'NHWC' and final.shape == (1, 3, 2, TINY['embed_dims'][-1])
+        assert [tuple(t.shape[1:]) for t in inter] == [(8, 24, 16), (16, 12, 8), (24, 6, 4), (40, 3, 2)]
+        normed = model.forward_intermediates(x, indices=1, norm=True, output_fmt='NHWC', intermediates_only=True)
+        assert torch.equal(normed[0], final)
+        only = model.forward_intermediates(x, indices=[1, 2], stop_early=True, intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(only, inter[1:3]))
+        assert model.prune_intermediate_layers([1, 2]) == [1, 2]
+        assert len(model.stages) == 3 and model.num_features == TINY['embed_dims'][2]
+        assert torch.equal(model(x).permute(0, 3, 1, 2), inter[2])  # norm, pooling and head are gone
+
+
+def test_head_reset_and_pre_logits():
+    model = _tiny()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pre = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert pre.shape == (2, model.num_features) and model.head_hidden_size == model.num_features
+        torch.testing.assert_close(model(x), model.head(pre))
+        model.reset_classifier(0)
+        assert torch.equal(model(x), pre)
+        model.reset_classifier(0, '')
+        assert model(x).shape == (2, 2, 2, model.num_features)
+        model.reset_classifier(5, 'avg')
+        assert model(x).shape == (2, 5)
+    assert model.no_weight_decay() == set()
+
+
+def test_unsupported_global_pool_is_a_clear_error():
+    with pytest.raises(LeanvitError, match="global_pool='avg' or ''"):
+        timm.create_model('efficientmod_xxs', global_pool='max')
+
+
+def test_any_resolution_runs():
+    """Convs and position-free attention: EfficientMod is not tied to 224 (no InputSizeError)."""
+    model = _tiny()
+    with torch.no_grad():
+        for hw in ((32, 32), (100, 76), (256, 192)):
+            assert model(torch.randn(1, 3, *hw)).shape == (1, 10)
+
+
+def test_training_forward_backward():
+    """No distillation head: the README's checkpoints were soft-distilled into the one head."""
+    model = _tiny(drop_path_rate=0.1).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 10)
+    F.cross_entropy(out, torch.tensor([1, 2])).backward()
+    stage3 = model.stages[3].blocks
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (
+        model.stem.conv.weight, model.stages[1].blocks[1].mlp.context.conv.weight, stage3[1].attn.qkv.weight,
+        model.head.weight))
+
+
+# --- compile and export --------------------------------------------------------------------------
+
+def test_torch_compile_fullgraph():
+    """Dynamo traces the whole network (no graph breaks); inductor itself runs in the slow test."""
+    model = _tiny()
+    x = torch.randn(2, 3, 96, 96)
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+@slow
+@pytest.mark.parametrize('name', VARIANTS)
+def test_torch_compile_inductor(name):
+    torch.manual_seed(0)
+    model = _randomize(timm.create_model(name).eval())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-3)
+
+
+def _check_engines(model: nn.Module, size: int, tmp_path) -> None:
+    from leanvit.deploy import check_agreement, export_onnx, get_engine
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter('always')
+        path = export_onnx(model, torch.randn(1, 3, size, size), tmp_path / 'model.onnx', opset=18, dynamic_batch=True)
+    assert not [w for w in record if 'TorchScript exporter' in str(w.message)]  # torch.export needs no fallback
+    batches = [torch.randn(1, 3, size, size), torch.randn(3, 3, size, size)]
+    for engine in (get_engine('onnxruntime', threads=1), get_engine('openvino', threads=1)):
+        runner = engine.load_model_file(path) if engine.name == 'openvino' else engine.load_onnx(path)
+        agreement = check_agreement(model, runner, batches)
+        assert agreement.max_abs_err <= 1e-3 and agreement.top1_agreement == 1.0, (engine.name, agreement)
+
+
+def test_onnx_ort_openvino_smallest(tmp_path):
+    torch.manual_seed(0)
+    _check_engines(_randomize(timm.create_model('efficientmod_xxs').eval()), 128, tmp_path)
+
+
+@slow
+@pytest.mark.parametrize('name', VARIANTS)
+def test_onnx_ort_openvino_all(name, tmp_path):
+    torch.manual_seed(0)
+    _check_engines(_randomize(timm.create_model(name).eval()), 224, tmp_path)

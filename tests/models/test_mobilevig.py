@@ -1,0 +1,346 @@
+"""MobileViG: published size, official checkpoints against a from-the-keys reference, timm's API,
+export to ONNX Runtime / OpenVINO, torch.compile and distilled training.
+
+Outputs are compared with weights randomised away from init (``_randomize``): BN statistics at
+0/1 and layer scales of 1e-5 would let a broken mapping or export agree with almost anything.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import leanvit.models.mobilevig as mvig
+from leanvit.errors import LeanvitError
+from leanvit.profile import count_macs, count_params
+
+VARIANTS = list(mvig.PUBLISHED)
+#: official constructor arguments (SLDGroup/MobileViG models/mobilevig.py), independent of ours
+OFFICIAL = {
+    'mobilevig_ti': dict(local_channels=(42, 84, 168), local_blocks=(2, 2, 6), global_channels=256, global_blocks=2, emb_dims=512),
+    'mobilevig_s': dict(local_channels=(42, 84, 176), local_blocks=(3, 3, 9), global_channels=256, global_blocks=3, emb_dims=512),
+    'mobilevig_m': dict(local_channels=(42, 84, 224), local_blocks=(3, 3, 9), global_channels=400, global_blocks=3, emb_dims=768),
+    'mobilevig_b': dict(local_channels=(42, 84, 240), local_blocks=(5, 5, 15), global_channels=464, global_blocks=5, emb_dims=768),
+}
+#: a small MobileViG, in our and in the official constructor's terms
+TINY = dict(embed_dims=(8, 16, 24, 32), depths=(1, 2, 1, 2), head_hidden_size=24, num_classes=10)
+TINY_OFFICIAL = dict(local_channels=(8, 16, 24), local_blocks=(1, 2, 1), global_channels=32, global_blocks=2, emb_dims=24, num_classes=10)
+slow = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            t.copy_(_random_like(name, t.shape, g))
+    return model
+
+
+def _random_like(name: str, shape, g: torch.Generator) -> torch.Tensor:
+    """Fan-in scaled weights; norm scales, BN statistics and layer scales well away from init."""
+    leaf = name.rsplit('.', 1)[-1]
+    noise = torch.randn(shape, generator=g)
+    if leaf == 'running_var':
+        return noise.abs() * 0.5 + 0.5
+    if leaf == 'weight' and len(shape) > 1:
+        return noise / math.sqrt(math.prod(shape[1:]))
+    if leaf in ('gamma', 'layer_scale_2'):
+        return 0.1 * (1 + 0.2 * noise)  # large enough to matter, small enough for a 30-block network
+    if leaf == 'weight':
+        return 1 + 0.2 * noise
+    return 0.2 * noise
+
+
+def _tiny(**kwargs) -> mvig.MobileViG:
+    torch.manual_seed(0)
+    return _randomize(timm.create_model('mobilevig_ti', **{**TINY, **kwargs}).eval())
+
+
+# --- the official model, written down independently from its constructor and forward ------------
+
+def official_shapes(local_channels, local_blocks, global_channels, global_blocks, emb_dims, num_classes=1000):
+    """Every (key, shape) of an official state dict, following the official module tree."""
+    shapes = {}
+
+    def conv(p, cin, cout, k=1, groups=1):
+        shapes[f'{p}.weight'] = (cout, cin // groups, k, k)
+        shapes[f'{p}.bias'] = (cout,)
+
+    def bn(p, c):
+        shapes.update({f'{p}.{n}': (c,) for n in ('weight', 'bias', 'running_mean', 'running_var')})
+        shapes[f'{p}.num_batches_tracked'] = ()
+
+    c0 = local_channels[0]
+    conv('stem.stem.0', 3, c0 // 2, 3), bn('stem.stem.1', c0 // 2)
+    conv('stem.stem.3', c0 // 2, c0, 3), bn('stem.stem.4', c0)
+    i = 0
+    for s, (c, n) in enumerate(zip(local_channels, local_blocks)):
+        if s > 0:
+            conv(f'local_backbone.{i}.conv.0', local_channels[s - 1], c, 3), bn(f'local_backbone.{i}.conv.1', c)
+            i += 1
+        for _ in range(n):
+            p = f'local_backbone.{i}.mlp'
+            conv(f'{p}.fc1', c, 4 * c), bn(f'{p}.norm1', 4 * c)
+            conv(f'{p}.mid', 4 * c, 4 * c, 3, groups=4 * c), bn(f'{p}.mid_norm', 4 * c)
+            conv(f'{p}.fc2', 4 * c, c), bn(f'{p}.norm2', c)
+            shapes[f'local_backbone.{i}.layer_scale_2'] = (c, 1, 1)
+            i += 1
+    g = global_channels
+    conv(f'local_backbone.{i}.conv.0', local_channels[-1], g, 3), bn(f'local_backbone.{i}.conv.1', g)
+    for j in range(global_blocks):
+        p = f'backbone.{j}'
+        conv(f'{p}.0.fc1.0', g, g), bn(f'{p}.0.fc1.1', g)
+        conv(f'{p}.0.graph_conv.nn.0', 2 * g, 2 * g), bn(f'{p}.0.graph_conv.nn.1', 2 * g)
+        conv(f'{p}.0.fc2.0', 2 * g, g), bn(f'{p}.0.fc2.1', g)
+        conv(f'{p}.1.fc1.0', g, 4 * g), bn(f'{p}.1.fc1.1', 4 * g)
+        conv(f'{p}.1.fc2.0', 4 * g, g), bn(f'{p}.1.fc2.1', g)
+    conv('prediction.1', g, emb_dims), bn('prediction.2', emb_dims)
+    conv('head', emb_dims, num_classes), conv('dist_head', emb_dims, num_classes)
+    return shapes
+
+
+def official_state_dict(seed=0, **cfg):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.tensor(0) if k.endswith('num_batches_tracked') else _random_like(k, s, g)
+        for k, s in official_shapes(**cfg).items()
+    }
+
+
+def official_forward(sd: dict, x: torch.Tensor, K: int = 2) -> torch.Tensor:
+    """The official MobileViG eval forward, functionally, straight from the official key names."""
+    def conv(x, p, stride=1, groups=1):
+        w = sd[f'{p}.weight']
+        return F.conv2d(x, w, sd[f'{p}.bias'], stride, w.shape[-1] // 2, 1, groups)
+
+    def bn(x, p):
+        return F.batch_norm(x, sd[f'{p}.running_mean'], sd[f'{p}.running_var'], sd[f'{p}.weight'], sd[f'{p}.bias'], False, 0., 1e-5)
+
+    x = F.gelu(bn(conv(x, 'stem.stem.0', 2), 'stem.stem.1'))
+    x = F.gelu(bn(conv(x, 'stem.stem.3', 2), 'stem.stem.4'))
+    i = 0
+    while f'local_backbone.{i}.conv.0.weight' in sd or f'local_backbone.{i}.layer_scale_2' in sd:
+        p = f'local_backbone.{i}'
+        if f'{p}.conv.0.weight' in sd:
+            x = bn(conv(x, f'{p}.conv.0', 2), f'{p}.conv.1')
+        else:
+            h = F.gelu(bn(conv(x, f'{p}.mlp.fc1'), f'{p}.mlp.norm1'))
+            h = F.gelu(bn(conv(h, f'{p}.mlp.mid', groups=h.shape[1]), f'{p}.mlp.mid_norm'))
+            x = x + sd[f'{p}.layer_scale_2'] * bn(conv(h, f'{p}.mlp.fc2'), f'{p}.mlp.norm2')
+        i += 1
+    j = 0
+    while f'backbone.{j}.0.fc1.0.weight' in sd:
+        p = f'backbone.{j}'
+        h = bn(conv(x, f'{p}.0.fc1.0'), f'{p}.0.fc1.1')
+        H, W = h.shape[-2:]
+        rel = torch.zeros_like(h)  # max-relative over the tokens K, 2K, ... away, wrapping around
+        for d in range(K, H, K):
+            rel = torch.max(rel, h - h[:, :, (torch.arange(H) - d) % H])
+        for d in range(K, W, K):
+            rel = torch.max(rel, h - h[:, :, :, (torch.arange(W) - d) % W])
+        h = F.gelu(bn(conv(torch.cat([h, rel], 1), f'{p}.0.graph_conv.nn.0'), f'{p}.0.graph_conv.nn.1'))
+        x = x + bn(conv(h, f'{p}.0.fc2.0'), f'{p}.0.fc2.1')
+        h = F.gelu(bn(conv(x, f'{p}.1.fc1.0'), f'{p}.1.fc1.1'))
+        x = x + bn(conv(h, f'{p}.1.fc2.0'), f'{p}.1.fc2.1')
+        j += 1
+    x = F.gelu(bn(conv(x.mean((2, 3), keepdim=True), 'prediction.1'), 'prediction.2'))
+    return ((conv(x, 'head') + conv(x, 'dist_head')) / 2).flatten(1)
+
+
+# --- published size --------------------------------------------------------------------------
+
+def _within(measured: float, published: float, rel: float) -> bool:
+    """Within ``rel``, or equal once rounded to the digits the paper printed (0.662 -> '0.7')."""
+    decimals = len(str(published).partition('.')[2])
+    return abs(measured - published) <= rel * published or round(measured, decimals) == published
+
+
+#: The paper's counter (util/profile.py) skips BatchNorm, so the small variants, where BN is a
+#: larger share, exceed 1 % by the real count; by the paper's rule they match (next test).
+_PAPER_SKIPS_BN = pytest.mark.xfail(strict=True, reason="paper's parameter counter leaves BatchNorm out")
+
+
+@pytest.mark.parametrize('name', [
+    pytest.param('mobilevig_ti', marks=_PAPER_SKIPS_BN),  # 5.27 M vs 5.2 M (+1.4 %)
+    pytest.param('mobilevig_s', marks=_PAPER_SKIPS_BN),  # 7.28 M vs 7.2 M (+1.1 %)
+    'mobilevig_m', 'mobilevig_b',
+])
+def test_params_within_1pct_of_paper(name):
+    params_m = count_params(timm.create_model(name)) / 1e6
+    assert abs(params_m - mvig.PUBLISHED[name]['params_m']) <= 0.01 * mvig.PUBLISHED[name]['params_m'], params_m
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_params_match_paper_by_its_counting_rule(name):
+    """The official profiler counts conv weights plus in-channels per conv, and nothing else."""
+    model = timm.create_model(name)
+    rule = sum(m.weight.numel() + m.weight.shape[1] for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert _within(rule / 1e6, mvig.PUBLISHED[name]['params_m'], 0.01), rule
+
+
+@pytest.mark.parametrize('name', ['mobilevig_ti'] + [pytest.param(n, marks=slow) for n in VARIANTS[1:]])
+def test_macs_match_paper(name):
+    gmacs = count_macs(timm.create_model(name), (3, 224, 224)) / 1e9
+    assert _within(gmacs, mvig.PUBLISHED[name]['gmacs'], 0.05), gmacs
+
+
+# --- official checkpoints ----------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_official_keys_and_shapes_map_onto_ours(name):
+    model = timm.create_model(name)
+    official = {k: torch.empty(s) for k, s in official_shapes(**OFFICIAL[name]).items()}
+    mapped = mvig.checkpoint_filter_fn(official, model)
+    ours = model.state_dict()
+    assert sorted(mapped) == sorted(ours)
+    assert all(mapped[k].shape == ours[k].shape for k in ours)
+
+
+def test_official_checkpoint_loads_through_timm(tmp_path):
+    sd = official_state_dict(**TINY_OFFICIAL)
+    live = official_state_dict(seed=1, **TINY_OFFICIAL)
+    path = tmp_path / 'MobileViG_tiny.pth.tar'
+    torch.save({'state_dict': live, 'state_dict_ema': sd, 'epoch': 299}, path)  # as the official main.py
+    model = timm.create_model(
+        'mobilevig_ti', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10), **TINY).eval()
+    direct = timm.create_model('mobilevig_ti', **TINY).eval()
+    direct.load_state_dict(mvig.checkpoint_filter_fn({'model': sd}, direct))
+    x = torch.randn(2, 3, 160, 224)  # a 5x7 global map: hops 2, 4 along H and 2, 4, 6 along W
+    with torch.no_grad():
+        out, ref = model(x), official_forward(sd, x)
+        assert torch.equal(out, direct(x))
+    assert ref.abs().max() > 1  # a live signal, not a network that has collapsed to its biases
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+# --- timm's API ----------------------------------------------------------------------------------
+
+def test_features_only_channels_and_reductions():
+    model = timm.create_model('mobilevig_ti', features_only=True, **{k: v for k, v in TINY.items() if k != 'num_classes'})
+    assert model.feature_info.channels() == list(TINY['embed_dims'])
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    outs = model(torch.randn(1, 3, 96, 64))
+    assert [tuple(o.shape) for o in outs] == [(1, c, 96 // r, 64 // r) for c, r in zip(TINY['embed_dims'], (4, 8, 16, 32))]
+
+
+def test_forward_intermediates_and_prune():
+    model = _tiny()
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x)
+        assert torch.equal(final, model.forward_features(x))
+        assert [t.shape[1] for t in inter] == list(TINY['embed_dims'])
+        assert [t.shape[-1] for t in inter] == [16, 8, 4, 2]
+        only = model.forward_intermediates(x, indices=[1, 2], stop_early=True, intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(only, inter[1:3]))
+        assert model.prune_intermediate_layers([1, 2]) == [1, 2]
+        assert len(model.stages) == 3 and model.num_features == TINY['embed_dims'][2]
+        assert torch.equal(model(x), inter[2])  # head and pooling are gone
+
+
+def test_head_reset_and_pre_logits():
+    model = _tiny()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pre = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert pre.shape == (2, model.head_hidden_size)
+        logits = model(x)
+        assert torch.allclose(logits, (model.head(pre) + model.head_dist(pre)) / 2)
+        model.reset_classifier(0)
+        assert torch.equal(model(x), pre)
+        model.reset_classifier(0, '')
+        assert model(x).shape == (2, model.head_hidden_size, 2, 2)
+        model.reset_classifier(5, 'avg')
+        assert model(x).shape == (2, 5)
+    assert model.no_weight_decay() == set()
+    assert model.pretrained_cfg['classifier'] == ('head', 'head_dist')
+
+
+def test_unsupported_global_pool_is_a_clear_error():
+    with pytest.raises(LeanvitError, match="global_pool='avg' or ''"):
+        timm.create_model('mobilevig_ti', global_pool='max')
+
+
+def test_any_resolution_runs():
+    """SVGA's graph follows the map size, so MobileViG is not tied to 224 (no InputSizeError)."""
+    model = _tiny()
+    with torch.no_grad():
+        for hw in ((32, 32), (100, 76), (256, 192)):
+            assert model(torch.randn(1, 3, *hw)).shape == (1, 10)
+
+
+def test_distilled_training_forward_backward():
+    model = _tiny(drop_path_rate=0.1).train()
+    model.set_distilled_training(True)
+    x = torch.randn(2, 3, 64, 64)
+    out, out_dist = model(x)
+    assert out.shape == out_dist.shape == (2, 10)
+    (F.cross_entropy(out, torch.tensor([1, 2])) + F.cross_entropy(out_dist, torch.tensor([3, 4]))).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (
+        model.stem.conv1.conv.weight, model.stages[3].blocks[0].grapher.graph_conv.proj.conv.weight,
+        model.head.weight, model.head_dist.weight))
+    model.eval()
+    with torch.no_grad():
+        pre = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert torch.allclose(model(x), (model.head(pre) + model.head_dist(pre)) / 2)
+
+
+# --- compile and export --------------------------------------------------------------------------
+
+def test_torch_compile_fullgraph():
+    """Dynamo traces the whole network (no graph breaks); inductor itself runs in the slow test."""
+    model = _tiny()
+    x = torch.randn(2, 3, 96, 96)
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+@slow
+@pytest.mark.parametrize('name', VARIANTS)
+def test_torch_compile_inductor(name):
+    torch.manual_seed(0)
+    model = _randomize(timm.create_model(name).eval())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-3)
+
+
+def _check_engines(model: nn.Module, size: int, tmp_path) -> None:
+    from leanvit.deploy import check_agreement, export_onnx, get_engine
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter('always')
+        path = export_onnx(model, torch.randn(1, 3, size, size), tmp_path / 'model.onnx', opset=18, dynamic_batch=True)
+    assert not [w for w in record if 'TorchScript exporter' in str(w.message)]  # torch.export needs no fallback
+    batches = [torch.randn(1, 3, size, size), torch.randn(3, 3, size, size)]
+    for engine in (get_engine('onnxruntime', threads=1), get_engine('openvino', threads=1)):
+        runner = engine.load_model_file(path) if engine.name == 'openvino' else engine.load_onnx(path)
+        agreement = check_agreement(model, runner, batches)
+        assert agreement.max_abs_err <= 1e-3 and agreement.top1_agreement == 1.0, (engine.name, agreement)
+
+
+def test_onnx_ort_openvino_smallest(tmp_path):
+    torch.manual_seed(0)
+    _check_engines(_randomize(timm.create_model('mobilevig_ti').eval()), 160, tmp_path)
+
+
+@slow
+@pytest.mark.parametrize('name', VARIANTS)
+def test_onnx_ort_openvino_all(name, tmp_path):
+    torch.manual_seed(0)
+    _check_engines(_randomize(timm.create_model(name).eval()), 224, tmp_path)
