@@ -1,0 +1,191 @@
+"""FP32 vs leanvit INT8 vs NNCF INT8 on the same models and calibration images: accuracy and OpenVINO latency.
+
+    python benchmarks/ptq.py --manifest benchmarks/checkpoints.json --data DIR --calib DIR \\
+        [--calib-images 256] [--eval-images N] [--bits w8a8] [--threads 2] [--out results/ptq]
+    python benchmarks/ptq.py --models deit_tiny_patch16_224 --data cifar10-test500 --calib cifar10-test500 \\
+        --model-kwargs '{"num_classes": 10}' --eval-images 64      # smoke run, random weights
+
+For every model, one FP32 ONNX export (batch 1, static) feeds both OpenVINO FP32 and NNCF
+(``nncf.quantize`` on the OpenVINO model read from it, ``ModelType.TRANSFORMER`` for models with
+attention, as NNCF recommends; the same calibration images). leanvit's INT8 model is the QDQ export of
+its own simulation. Accuracy is top-1 of each engine running its file at batch 1, plus the simulation's
+top-1 and its top-1 agreement with the engine; latency is OpenVINO at batch 1 with ``--threads``
+threads, median of ``leanvit.bench.time_calls``. Writes ``ptq.json``, ``ptq.md`` and ``ptq.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leanvit.bench.timing import TimingBudget, time_calls
+from leanvit.checkpoint import model_from_checkpoint
+from leanvit.compress import quant
+from leanvit.data import build_transform, calibration_subset, make_loader, open_dataset, resolve_data_config
+from leanvit.deploy import export_onnx, get_engine
+from leanvit.models.registry import create_model
+
+HERE = Path(__file__).resolve().parent
+
+
+def load(entry: dict, model_kwargs: dict):
+    if entry.get("checkpoint"):
+        model, meta = model_from_checkpoint(entry["model"], HERE / entry["checkpoint"], **model_kwargs)
+    else:
+        model, meta = create_model(entry["model"], **model_kwargs), {}
+    img_size = model_kwargs.get("img_size") if isinstance(model_kwargs.get("img_size"), int) else None
+    return model.eval(), meta.get("data_config") or resolve_data_config(model, img_size=img_size)
+
+
+def predictions(predict, loader) -> tuple[np.ndarray, np.ndarray]:
+    preds, labels = [], []
+    for images, targets in loader:
+        preds.append(np.asarray(predict(images)).argmax(-1))
+        labels.append(targets.numpy())
+    return np.concatenate(preds), np.concatenate(labels)
+
+
+def top1(preds: np.ndarray, labels: np.ndarray) -> float:
+    return round(100.0 * float((preds == labels).mean()), 2)
+
+
+def latency_ms(runner, x: np.ndarray, budget: TimingBudget) -> float:
+    return round(time_calls(lambda: runner(x), budget).median, 3)
+
+
+def has_attention(model: torch.nn.Module) -> bool:
+    return any("attn" in name.split(".")[-1].lower() or "attention" in type(m).__name__.lower()
+               for name, m in model.named_modules())
+
+
+def bench_model(entry: dict, args) -> dict:
+    import nncf
+    import openvino as ov
+
+    model, data_config = load(entry, args.model_kwargs)
+    transform = build_transform(data_config)
+    calib = calibration_subset(open_dataset(args.calib, train=True, transform=transform), args.calib_images)
+    evalset = open_dataset(args.data, transform=transform)
+    if args.eval_images and args.eval_images < len(evalset):
+        evalset = calibration_subset(evalset, args.eval_images, seed=1)
+    eval_one = make_loader(evalset, 1)
+    out = args.out / entry["model"]
+    out.mkdir(parents=True, exist_ok=True)
+    x = torch.zeros(1, *data_config["input_size"])
+    budget = TimingBudget(budget_s=args.budget_s)
+    engine = get_engine("openvino", threads=args.threads, precision="f32")
+    row = {"model": entry["model"], "checkpoint": entry.get("checkpoint"), "calib_images": len(calib),
+           "eval_images": len(evalset), "bits": args.bits}
+
+    # FP32: eager accuracy, OpenVINO f32 latency, from the ONNX file NNCF also starts from
+    fp_onnx = export_onnx(model, x, out / "fp32.onnx")
+    fp32 = engine.load_model_file(fp_onnx)
+    with torch.inference_mode():
+        preds, labels = predictions(lambda b: model(b).numpy(), make_loader(evalset, args.batch_size))
+    row["fp32_top1"] = top1(preds, labels)
+    row["fp32_ms"] = latency_ms(fp32, x.numpy(), budget)
+
+    # leanvit: simulation, then the exported INT8 IR on OpenVINO
+    config = quant.QuantConfig.from_bits(args.bits)
+    qmodel = quant.quantize(model, make_loader(calib, args.batch_size), config, progress=False)
+    with torch.inference_mode():
+        sim_preds, _ = predictions(lambda b: qmodel(b).numpy(), make_loader(evalset, args.batch_size))
+    row["leanvit_sim_top1"] = top1(sim_preds, labels)
+    row["leanvit_float_layers"] = list(qmodel.quant_report.float_compute_layers)
+    xml = quant.export(qmodel, out / "leanvit_int8.xml", engine="openvino", example=x, dynamic_batch=False)
+    lean = engine.load_model_file(xml)
+    lean_preds, _ = predictions(lambda b: lean(b.numpy()), eval_one)
+    row["leanvit_top1"] = top1(lean_preds, labels)
+    row["sim_engine_agreement"] = round(100.0 * float((lean_preds == sim_preds).mean()), 2)
+    row["leanvit_ms"] = latency_ms(lean, x.numpy(), budget)
+    row["leanvit_int8_layers"] = sum(p in ("i8", "u8") for _, p in quant.openvino_precisions(lean.compiled).values())
+
+    # NNCF on the same FP32 model and calibration images
+    kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if has_attention(model) else {}
+    nncf_model = nncf.quantize(ov.Core().read_model(str(fp_onnx)),
+                               nncf.Dataset(make_loader(calib, 1), lambda batch: batch[0].numpy()),
+                               subset_size=len(calib), **kwargs)
+    nncf_xml = out / "nncf_int8.xml"
+    ov.save_model(nncf_model, str(nncf_xml), compress_to_fp16=False)
+    anchor = engine.load_model_file(nncf_xml)
+    nncf_preds, _ = predictions(lambda b: anchor(b.numpy()), eval_one)
+    row["nncf_top1"] = top1(nncf_preds, labels)
+    row["nncf_ms"] = latency_ms(anchor, x.numpy(), budget)
+    row["nncf_int8_layers"] = sum(p in ("i8", "u8") for _, p in quant.openvino_precisions(anchor.compiled).values())
+    return row
+
+
+def render_markdown(rows: list[dict], args) -> str:
+    lines = [f"# PTQ: FP32 vs leanvit {args.bits} vs NNCF (OpenVINO, batch 1, {args.threads} threads)", "",
+             f"Calibration: {args.calib} ({args.calib_images} images); evaluation: {args.data}.", "",
+             "| model | eval imgs | FP32 top-1 | leanvit sim | leanvit OV | sim/OV agree % | NNCF OV | "
+             "FP32 ms | leanvit ms | NNCF ms | leanvit / NNCF | FP32 / leanvit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['eval_images']} | {r['fp32_top1']:.2f} | {r['leanvit_sim_top1']:.2f} | "
+            f"{r['leanvit_top1']:.2f} | {r['sim_engine_agreement']:.1f} | {r['nncf_top1']:.2f} | {r['fp32_ms']:.2f} | "
+            f"{r['leanvit_ms']:.2f} | {r['nncf_ms']:.2f} | {r['leanvit_ms'] / r['nncf_ms']:.2f} | "
+            f"{r['fp32_ms'] / r['leanvit_ms']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, marker in (("fp32", "o"), ("leanvit", "s"), ("nncf", "^")):
+        ax.scatter([r[f"{kind}_ms"] for r in rows], [r[f"{kind}_top1"] for r in rows], marker=marker, label=kind)
+    for r in rows:
+        ax.annotate(r["model"], (r["fp32_ms"], r["fp32_top1"]), fontsize=7)
+    ax.set_xlabel("OpenVINO latency, batch 1 (ms)")
+    ax.set_ylabel("top-1 (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--manifest", type=Path, help="JSON list of {model, checkpoint} (see eval_checkpoints.py)")
+    p.add_argument("--models", nargs="+", default=[], help="model names (random weights) instead of a manifest")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help="kwargs for timm.create_model (JSON)")
+    p.add_argument("--data", default="cifar10-test500", help="evaluation data (default: the shipped subset)")
+    p.add_argument("--calib", default="cifar10-test500", help="calibration data (its training split if any)")
+    p.add_argument("--calib-images", type=int, default=256)
+    p.add_argument("--eval-images", type=int, help="evaluate on this many images (class-balanced)")
+    p.add_argument("--bits", default="w8a8", help="leanvit's bit-widths: w8a8, or w7a8 on CPUs without VNNI")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--budget-s", type=float, default=5.0, help="timing budget per measurement (s)")
+    p.add_argument("--out", type=Path, default=Path("results/ptq"))
+    args = p.parse_args(argv)
+    entries = json.loads(args.manifest.read_text()) if args.manifest else [{"model": m} for m in args.models]
+    if not entries:
+        p.error("give --manifest or --models")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*VNNI.*")  # the bits are the user's choice here
+    rows = []
+    for entry in entries:
+        print(f"== {entry['model']}", file=sys.stderr)
+        rows.append(bench_model(entry, args))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ptq.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / "ptq.md").write_text(render_markdown(rows, args))
+    plot(rows, args.out / "ptq.png")
+    print(render_markdown(rows, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""``leanvit quantize MODEL --checkpoint F --calib DATA --bits w8a8 --out DIR``: post-training quantization.
+
+Calibrates on ``--calib-images`` class-balanced images of ``--calib`` (its training split where it has
+one), prints which layers stay in float and why, and with ``--out`` writes the deployable INT8 model
+(OpenVINO IR converted from a QDQ ONNX, or the QDQ ONNX alone for ONNX Runtime) plus
+``report.json``. ``--eval DATA`` adds the top-1 of the float model, the simulation and, when exported,
+the engine running the INT8 file.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import model_from_checkpoint
+from ..data import (
+    build_transform, calibration_subset, dataset_classes, make_loader, open_dataset, resolve_data_config,
+)
+from ..errors import LeanvitError
+from ..evaluate import evaluate
+from ..models.registry import create_model
+from . import positive_int, print_json
+from .train import json_object
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..compress.quant.quantizer import RANGE_METHODS
+
+    p = sub.add_parser("quantize", help="post-training INT8 quantization, exported for OpenVINO / ONNX Runtime")
+    p.add_argument("model", help="timm or leanvit model name")
+    p.add_argument("--checkpoint", help="weights: a `leanvit train` folder or .safetensors, or a timm/official .pth")
+    p.add_argument("--model-kwargs", type=json_object, default={}, metavar="JSON",
+                   help="kwargs for timm.create_model, e.g. '{\"num_classes\": 10}'")
+    p.add_argument("--img-size", type=positive_int,
+                   help="input resolution (default: the checkpoint's, the img_size model kwarg, or the model's)")
+    p.add_argument("--calib", required=True, metavar="DATA",
+                   help="calibration images: any layout `leanvit eval` reads (its training split if it has one)")
+    p.add_argument("--calib-images", type=positive_int, default=256, help="images used (default 256)")
+    p.add_argument("--bits", default="w8a8",
+                   help="weight/activation bits: w8a8 (default), w7a8 (exact on CPUs without VNNI); "
+                        "w6a6, w4a8, w4a4 are simulation-only")
+    p.add_argument("--w-method", choices=RANGE_METHODS, default="mse", help="weight range choice (default mse)")
+    p.add_argument("--a-method", choices=RANGE_METHODS, default="mse", help="activation range choice (default mse)")
+    p.add_argument("--a-scheme", choices=("asym", "sym", "auto"), default="asym",
+                   help="activations: uint8 asymmetric (default), int8 symmetric, or per layer by held-out error")
+    p.add_argument("--no-reparam", action="store_true",
+                   help="no RepQ-ViT reparameterisation of post-LayerNorm ranges (on by default where it helps)")
+    p.add_argument("--bias-correction", action="store_true", help="remove each layer's mean output error")
+    p.add_argument("--avg-bits", type=float, metavar="B",
+                   help="mixed precision: --bits where it hurts least, w8a8 elsewhere, averaging B weight bits")
+    p.add_argument("--layer-bits", action="append", type=_layer_bits, default=[], metavar="PATTERN=BITS",
+                   help="bit-widths for layers matching a glob (repeatable, first match wins), e.g. head=w8a8")
+    p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                   help="keep layers whose name matches this glob in float (repeatable), e.g. --skip head")
+    p.add_argument("--engine", choices=("openvino", "onnxruntime"), default="openvino",
+                   help="engine the --out model is for (default openvino)")
+    p.add_argument("--out", type=Path, help="folder to write the INT8 model and report.json to")
+    p.add_argument("--eval", metavar="DATA", help="dataset to measure top-1 on (any layout `leanvit eval` reads)")
+    p.add_argument("--eval-images", type=positive_int, help="evaluate on this many images (class-balanced)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for PyTorch and the engine")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+    return p
+
+
+def _layer_bits(text: str) -> tuple[str, str]:
+    pattern, sep, bits = text.partition("=")
+    if not sep or not pattern or not bits:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=BITS such as head=w8a8, got '{text}'")
+    return pattern, bits
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..compress import quant
+
+    config = quant.QuantConfig.from_bits(
+        args.bits, w_method=args.w_method, a_method=args.a_method, skip=tuple(args.skip),
+        layer_bits=tuple(args.layer_bits),
+        a_symmetric={"asym": False, "sym": True, "auto": "auto"}[args.a_scheme],
+        reparam_layernorm=not args.no_reparam, bias_correction=args.bias_correction)
+    torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        model, meta = model_from_checkpoint(args.model, args.checkpoint, **args.model_kwargs)
+    else:
+        model, meta = create_model(args.model, **args.model_kwargs), {}
+        print("leanvit quantize: warning: no --checkpoint, quantizing random weights", file=sys.stderr)
+    model.eval()
+    img_size = args.img_size or (args.model_kwargs.get("img_size")
+                                 if isinstance(args.model_kwargs.get("img_size"), int) else None)
+    if meta.get("data_config") and not img_size:
+        data_config = meta["data_config"]
+    else:
+        data_config = resolve_data_config(model, img_size=img_size)
+    transform = build_transform(data_config)
+    calib = open_dataset(args.calib, train=True, transform=transform)
+    if len(calib) < config.min_images:
+        raise LeanvitError(f"{args.calib} has {len(calib)} images; calibration needs at least {config.min_images}.")
+    calib = calibration_subset(calib, min(args.calib_images, len(calib)))
+
+    started = time.perf_counter()
+    # decoded once, used by every pass (None: a batch whose images were all corrupt)
+    calib = [batch[0] for batch in make_loader(calib, args.batch_size) if batch is not None]
+    if args.avg_bits is not None:
+        mixed = quant.allocate_bits(model, calib, args.avg_bits, low=args.bits, high="w8a8", config=config)
+        config = dataclasses.replace(config, layer_bits=(*config.layer_bits, *mixed))
+    qmodel = quant.quantize(model, calib, config, progress=not args.json)
+    report = qmodel.quant_report
+    result = {"model": args.model, "checkpoint": args.checkpoint, "bits": args.bits.lower(),
+              "config": vars(config), "calib": str(args.calib),
+              "calib_images": report.calib_images, "calibration_s": round(time.perf_counter() - started, 1),
+              "quantized_layers": len(report.quantized), "layers": report.quantized,
+              "float_layers": report.float_layers,
+              "reparameterised": report.reparameterised,
+              "folded_batchnorms": len(report.folded_batchnorms)}
+
+    runner = None
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        example = torch.zeros(1, *data_config["input_size"])
+        path = quant.export(qmodel, args.out / "model", engine=args.engine, example=example, dynamic_batch=False)
+        result["exported"] = str(path)
+        from ..deploy import get_engine
+
+        engine = get_engine(args.engine, threads=args.threads)
+        runner = engine.load_model_file(path) if args.engine == "openvino" else engine.load_onnx(path)
+
+    if args.eval:
+        dataset = open_dataset(args.eval, transform=transform)
+        classes = dataset_classes(dataset)
+        if meta.get("classes") and meta["classes"] != classes:
+            raise LeanvitError(f"The checkpoint was trained on the classes {meta['classes']}, not those of "
+                               f"{args.eval}. Evaluate it on data with the same classes.")
+        if args.eval_images and args.eval_images < len(dataset):
+            dataset = calibration_subset(dataset, args.eval_images)
+        loader = make_loader(dataset, args.batch_size)
+        result["eval_data"] = str(args.eval)
+        result["top1"] = evaluate(model, loader, classes=classes, device="cpu", progress=False).top1
+        result["sim_top1"] = evaluate(qmodel, loader, classes=classes, device="cpu", progress=False).top1
+        if runner is not None:  # the exported file has a batch of 1, the deployment case
+            result["engine_top1"] = evaluate(runner, make_loader(dataset, 1), classes=classes, progress=False).top1
+        result["eval_images"] = len(dataset)
+
+    if args.out:
+        (args.out / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"model    {args.model}" + (f"  ({args.checkpoint})" if args.checkpoint else ""))
+    print(f"quant    {args.bits.lower()}, calibrated in {result['calibration_s']} s: {report.summary()}")
+    if args.out:
+        print(f"wrote    {result['exported']}  (and report.json)")
+    if args.eval:
+        line = f"top-1    float {result['top1']:.2f} %  simulated {result['sim_top1']:.2f} %"
+        if "engine_top1" in result:
+            line += f"  {args.engine} INT8 {result['engine_top1']:.2f} %"
+        print(line + f"  on {result['eval_images']} images of {args.eval}")
+    return 0

@@ -1,0 +1,1 @@
+"""Compression methods applied to a trained model: quantization (``quant``) and token reduction (``tokens``)."""

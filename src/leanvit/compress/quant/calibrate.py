@@ -1,0 +1,344 @@
+"""``quantize(model, calib_data, QuantConfig())``: post-training quantization in simulation.
+
+The model is deep-copied, its BatchNorms are folded into the preceding convolutions, every
+``nn.Linear`` / ``nn.Conv2d`` becomes a quantized wrapper, weight ranges are set from the weights and
+activation ranges from the calibration batches. What is quantized follows what the engines run fast
+in INT8: the inputs and weights of convolutions and matrix products. LayerNorm, softmax, GELU and
+residual adds stay in float (quantizing them costs accuracy and buys no speed on OpenVINO / ONNX
+Runtime); the :class:`QuantReport` lists every layer left in float, and a warning names the compute
+layers among them, so nothing falls back to float silently.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+
+from ...errors import LeanvitError, check_range
+from .modules import fold_batchnorm, quantizable_type
+from .quantizer import RANGE_METHODS, FakeQuantizer, QScheme, RangeObserver, input_channel_weights, weight_range
+from .reparam import layernorm_consumers, per_channel_gain, reparameterise
+
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    Defaults are the deployable W8A8 recipe: int8 symmetric per-output-channel weights, uint8
+    asymmetric per-tensor activations, both ranges chosen by MSE search. ``skip`` holds glob patterns
+    of layer names kept in float (e.g. ``("head",)``).
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    w_per_channel: bool = True
+    a_symmetric: bool | str = False  #: or "auto": per layer, whichever scheme has the lower held-out error
+    a_per_channel: bool = False  #: simulation only: INT8 kernels need one activation scale per tensor
+    w_method: str = "mse"
+    a_method: str = "mse"
+    percentile: float = 99.99
+    skip: tuple[str, ...] = ()
+    #: ``(glob, "w8a8")`` pairs: matching layers take these bit-widths (first match wins), e.g. the patch
+    #: embedding and head kept at 8 bits in a W4A4 model, as RepQ-ViT and PTQ4ViT do
+    layer_bits: tuple[tuple[str, str], ...] = ()
+    reparam_layernorm: bool = True  #: RepQ-ViT: per-channel post-LayerNorm ranges, deployed per tensor
+    bias_correction: bool = False  #: remove each layer's mean output error (helps most below 8 bits)
+    min_images: int = 16  #: fewer calibration images than this is an error
+    batch_size: int = 32  #: batch size when ``calib_data`` is one tensor
+
+    def __post_init__(self):
+        for what, method in (("w_method", self.w_method), ("a_method", self.a_method)):
+            if method not in RANGE_METHODS:
+                raise LeanvitError(f"{what} '{method}' is not a range method; use one of {', '.join(RANGE_METHODS)}.")
+        if self.a_symmetric not in (True, False, "auto"):
+            raise LeanvitError(f"a_symmetric must be True, False or 'auto', got {self.a_symmetric!r}.")
+        for bits in (f"w{self.w_bits}a{self.a_bits}", *(b for _, b in self.layer_bits)):
+            parse_bits(bits)
+        check_range("min_images", self.min_images, 1, 1_000_000)
+
+    @classmethod
+    def from_bits(cls, bits: str, **kwargs) -> QuantConfig:
+        """``"w8a8"``, ``"w6a6"``, ``"w4a8"`` ... (weight and activation bit-widths)."""
+        w_bits, a_bits = parse_bits(bits)
+        return cls(w_bits=w_bits, a_bits=a_bits, **kwargs)
+
+    def schemes(self, layer: str) -> tuple[QScheme, QScheme]:
+        """The weight and input schemes of the layer named ``layer``."""
+        w_bits, a_bits = next((parse_bits(bits) for pattern, bits in self.layer_bits
+                               if fnmatch.fnmatchcase(layer, pattern)), (self.w_bits, self.a_bits))
+        return (QScheme(w_bits, symmetric=True, per_channel=self.w_per_channel),
+                QScheme(a_bits, symmetric=self.a_symmetric is True, per_channel=self.a_per_channel))
+
+
+def parse_bits(bits: str) -> tuple[int, int]:
+    """``"w4a8"`` -> ``(4, 8)``: weight and activation bit-widths."""
+    match = re.fullmatch(r"w(\d+)a(\d+)", bits.strip().lower())
+    if not match:
+        raise LeanvitError(f"Bit-widths '{bits}' not understood: write them as w8a8, w6a6, w4a8 or w4a4.")
+    w_bits, a_bits = int(match[1]), int(match[2])
+    if not (2 <= w_bits <= 8 and 2 <= a_bits <= 8):
+        raise LeanvitError(f"Bit-widths '{bits}': weights and activations take 2 to 8 bits.")
+    return w_bits, a_bits
+
+
+@dataclass
+class QuantReport:
+    """Which layers run quantized, which stay in float and why."""
+
+    quantized: dict[str, str] = field(default_factory=dict)  #: layer -> "weights ...; inputs ..."
+    float_layers: dict[str, str] = field(default_factory=dict)  #: layer -> reason it stays in float
+    folded_batchnorms: list[str] = field(default_factory=list)
+    reparameterised: list[str] = field(default_factory=list)  #: LayerNorms whose consumers got RepQ-ViT scales
+    calib_images: int = 0
+    input_size: tuple[int, ...] = ()  #: (C, H, W) of the calibration images: the export's default input
+
+    @property
+    def float_compute_layers(self) -> dict[str, str]:
+        """The float layers that do matrix products: each one is INT8 speed and scale left on the table."""
+        return {k: v for k, v in self.float_layers.items() if not v.startswith(("normalisation", "elementwise"))}
+
+    def summary(self) -> str:
+        lines = [f"{len(self.quantized)} layers quantized, {len(self.folded_batchnorms)} BatchNorms folded, "
+                 f"{len(self.reparameterised)} LayerNorms reparameterised, {self.calib_images} calibration images"]
+        lines += [f"  float {name}: {reason}" for name, reason in self.float_layers.items()]
+        return "\n".join(lines)
+
+
+def calibration_batches(calib_data, min_images: int, batch_size: int = 32) -> list[torch.Tensor]:
+    """The calibration images as a list of ``(B, C, H, W)`` float batches.
+
+    Accepts one tensor, or an iterable of tensors or of ``(images, labels)`` pairs (a DataLoader);
+    ``None`` batches (all images corrupt, from leanvit's loaders) are skipped.
+    """
+    if isinstance(calib_data, torch.Tensor):
+        calib_data = calib_data.split(batch_size)
+    batches = []
+    for batch in calib_data:
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        if batch is None:
+            continue
+        if not isinstance(batch, torch.Tensor) or batch.ndim != 4:
+            raise LeanvitError(f"Calibration batches must be (B, C, H, W) image tensors or (images, labels) pairs; "
+                               f"got {type(batch).__name__} {tuple(getattr(batch, 'shape', ()))}.")
+        batches.append(batch.float())
+    n = sum(b.shape[0] for b in batches)
+    if n == 0:
+        raise LeanvitError("The calibration set is empty. Pass a few hundred representative images "
+                           "(e.g. leanvit.data.calibration_subset(dataset, 256)).")
+    if n < min_images:
+        raise LeanvitError(f"The calibration set has {n} images; at least {min_images} are needed for stable "
+                           f"activation ranges (256 is a good choice). Pass more images, or lower "
+                           f"QuantConfig(min_images=...) if you accept noisy ranges.")
+    return batches
+
+
+def _float_reason(name: str, module: nn.Module, config: QuantConfig, inside_mha: set[str]) -> str | None:
+    """Why ``module`` stays in float, or None if it is quantized or holds no computation of its own."""
+    if name in inside_mha:
+        return "inside nn.MultiheadAttention, which uses its weights directly: no INT8 wrapper"
+    if isinstance(module, NORM_TYPES):
+        return f"normalisation ({type(module).__name__}): float by design, no INT8 kernel and accuracy-sensitive"
+    params = dict(module.named_parameters(recurse=False))
+    if quantizable_type(module) is not None:
+        pattern = next(p for p in config.skip if fnmatch.fnmatchcase(name, p))
+        return f"kept float by QuantConfig.skip ('{pattern}')"
+    if any(n.endswith("weight") and p.ndim >= 2 for n, p in params.items()) and not isinstance(module, nn.Embedding):
+        own_forward = isinstance(module, (nn.Linear, nn.Conv2d))
+        return f"no quantized wrapper for {type(module).__name__}" + (" (its own forward)" if own_forward else "")
+    if params and not any(True for _ in module.children()):
+        return f"elementwise ({type(module).__name__}): float by design"
+    return None  # holds no computation of its own (or only embeddings added to the tokens)
+
+
+def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport) -> dict[str, nn.Module]:
+    inside_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                  for c, _ in m.named_modules() if c}
+    swapped = {}
+    for name, module in list(model.named_modules()):
+        quant_type = quantizable_type(module)
+        skipped = any(fnmatch.fnmatchcase(name, p) for p in config.skip)
+        if quant_type is not None and name not in inside_mha and not skipped:
+            swapped[name] = quant_type.from_float(module, *config.schemes(name))
+            model.set_submodule(name, swapped[name])
+        elif (reason := _float_reason(name, module, config, inside_mha)) is not None:
+            report.float_layers[name] = reason
+    return swapped
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), *,
+             progress: bool = True) -> nn.Module:
+    """A quantized copy of ``model``, calibrated on ``calib_data``; ``model`` is left unchanged.
+
+    The copy's ``quant_report`` attribute is a :class:`QuantReport`. Layers whose forward never ran
+    on the calibration data (their weights are used by some other code path) cannot be calibrated;
+    they are put back in float and listed, with a warning.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters(), torch.empty(0)).device
+    batches = [b.to(device) for b in calibration_batches(calib_data, config.min_images, config.batch_size)]
+    qmodel = copy.deepcopy(model).eval()
+    example = batches[0][:2]
+    report = QuantReport(calib_images=sum(b.shape[0] for b in batches), input_size=tuple(batches[0].shape[1:]))
+    report.folded_batchnorms = fold_batchnorm(qmodel, example)
+    consumers = layernorm_consumers(qmodel, example) if config.reparam_layernorm else {}
+    layers = _swap_layers(qmodel, config, report)
+    if not layers:
+        raise LeanvitError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer left to quantize "
+                           f"(QuantConfig.skip={config.skip}).")
+
+    # Ranges come from the float model's activations (PTQ4ViT's "parallel" calibration): the weight
+    # quantizers are off and the input quantizers only observe, so every layer sees float inputs.
+    for layer in layers.values():
+        layer.input_quantizer.observer = RangeObserver(axis=layer.input_quantizer.axis)
+    try:
+        with quantizers_disabled(qmodel):
+            for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress, file=sys.stderr):
+                qmodel(batch)
+    finally:
+        observers = {name: layer.input_quantizer.observer for name, layer in layers.items()}
+        for layer in layers.values():
+            layer.input_quantizer.observer = None
+    for name in [n for n, o in observers.items() if o.batches == 0]:
+        qmodel.set_submodule(name, layers.pop(name).to_float())
+        report.float_layers[name] = "never called during calibration (its weights are used outside its forward)"
+
+    ranged = set()
+    if consumers and not config.a_per_channel:
+        ranged = _reparameterise_layernorms(qmodel, consumers, layers, observers, config, example, report)
+    for name, layer in layers.items():
+        layer.weight_quantizer.set_range(*weight_range(layer.weight, layer.weight_quantizer.scheme, config.w_method,
+                                                       percentile=config.percentile))
+        if name not in ranged:
+            quantizer = layer.input_quantizer
+            if config.a_symmetric == "auto":
+                quantizer.scheme = _best_scheme(observers[name], layer, config)
+            quantizer.set_range(*observers[name].range(quantizer.scheme, config.a_method,
+                                                       percentile=config.percentile))
+        report.quantized[name] = f"weights {layer.weight_quantizer.scheme}; inputs {layer.input_quantizer.scheme}"
+    if config.bias_correction:
+        correct_bias(qmodel, layers, batches)
+
+    if report.float_compute_layers:
+        listed = "\n".join(f"  {n}: {r}" for n, r in report.float_compute_layers.items())
+        warnings.warn(f"{len(report.float_compute_layers)} compute layers stay in float:\n{listed}", stacklevel=2)
+    qmodel.quant_report = report
+    return qmodel
+
+
+def _best_scheme(observer: RangeObserver, layer: nn.Module, config: QuantConfig) -> QScheme:
+    """Symmetric int or asymmetric uint for this layer's input, by held-out output error.
+
+    Hybrid models mix inputs centred on zero (after a LayerNorm) with one-sided ones (after ReLU or
+    GELU); Q-HyViT picks the scheme per layer for the same reason.
+    """
+    weights = input_channel_weights(layer)
+    candidates = [replace(layer.input_quantizer.scheme, symmetric=symmetric) for symmetric in (False, True)]
+    return min(candidates, key=lambda scheme: observer.held_out_error(scheme, config.a_method, weights,
+                                                                      percentile=config.percentile))
+
+
+@contextmanager
+def quantizers_disabled(model: nn.Module):
+    """Every fake quantizer of ``model`` is the identity inside the block: the model's float function."""
+    found = list(quantizers(model).values())
+    states = [q.enabled for q in found]
+    for q in found:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, state in zip(found, states):
+            q.enabled = state
+
+
+def _reparameterise_layernorms(qmodel, consumers, layers, observers, config, example, report) -> set[str]:
+    """RepQ-ViT for each LayerNorm feeding quantized Linears; returns the layers whose input range is set.
+
+    A LayerNorm is reparameterised only where per-channel ranges beat the per-tensor one on held-out
+    calibration rows (:func:`per_channel_gain`). Each change is checked to leave the float function
+    unchanged and undone if it does not (the LayerNorm's output also feeds something not rescaled).
+    """
+    done = set()
+    with quantizers_disabled(qmodel):
+        reference = qmodel(example)
+    for norm_name, names in consumers.items():
+        if not all(n in layers for n in names):
+            continue
+        norm, targets = qmodel.get_submodule(norm_name), [layers[n] for n in names]
+        scheme = targets[0].input_quantizer.scheme
+        if any(t.input_quantizer.scheme != scheme for t in targets):  # one LayerNorm output, one quantizer
+            continue
+        observer = observers[names[0]]
+        if per_channel_gain(observer, targets, scheme, config.a_method, config.percentile) <= 1.0:
+            continue
+        lo, hi = observer.range(replace(scheme, per_channel=True), config.a_method, percentile=config.percentile)
+        saved = [t.detach().clone() for t in (norm.weight, norm.bias)]
+        saved_layers = [(t.weight.detach().clone(), t.bias) for t in targets]
+        reparameterise(norm, targets, lo, hi)
+        with quantizers_disabled(qmodel):
+            err = (qmodel(example) - reference).abs().max().item()
+        if err <= 1e-3 * max(1.0, reference.abs().max().item()):
+            done.update(names)
+            report.reparameterised.append(norm_name)
+            continue
+        norm.weight.copy_(saved[0])
+        norm.bias.copy_(saved[1])
+        for target, (weight, bias) in zip(targets, saved_layers):
+            target.weight.copy_(weight)
+            target.bias = bias
+    return done
+
+
+@torch.no_grad()
+def correct_bias(qmodel: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor]) -> None:
+    """Empirical bias correction: remove each layer's mean output error over the calibration data.
+
+    The error of a layer is its quantized output minus its float output on the same input (the
+    input it receives in the quantized model); quantization shifts the mean of that error away from
+    zero per output channel, which the bias absorbs (Nagel et al., 2019; NNCF's fast bias correction).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def record(layer, args, out):
+            layer.input_quantizer.enabled = layer.weight_quantizer.enabled = False
+            err = out - layer.forward(args[0])  # forward(), not __call__: this hook must not run again
+            layer.input_quantizer.enabled = layer.weight_quantizer.enabled = True
+            channels = err.ndim - 1 if isinstance(layer, nn.Linear) else 1
+            sums[name] = sums.get(name, 0) + err.sum([d for d in range(err.ndim) if d != channels])
+            counts[name] = counts.get(name, 0) + err.numel() // err.shape[channels]
+        return record
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        for batch in batches:
+            qmodel(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, layer in layers.items():
+        if name not in counts:
+            continue
+        shift = sums[name] / counts[name]
+        if layer.bias is None:
+            layer.bias = nn.Parameter(-shift)
+        else:
+            layer.bias.sub_(shift)
+
+
+def quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
+    """Every fake quantizer in ``model`` by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantizer)}

@@ -1,0 +1,256 @@
+"""Export a quantized model as QDQ ONNX or OpenVINO IR that the engine runs with INT8 kernels.
+
+The fake quantizers export as QuantizeLinear → DequantizeLinear pairs carrying the simulation's
+scales and zero points. Two rewrites then give the canonical QDQ form the engines pattern-match:
+the QuantizeLinear on each weight is evaluated here (int8 weights stored in the file, a quarter of
+the size), and a Transpose between a weight's DequantizeLinear and its MatMul is folded into the
+int8 weight, because ONNX Runtime only fuses ``DQ → MatMul`` into an integer kernel when the two
+are adjacent. The result is checked: every quantized layer must appear as a compute node whose
+inputs all come from DequantizeLinear, and on OpenVINO the compiled model must run those layers in
+INT8; anything else is reported by name.
+"""
+from __future__ import annotations
+
+import platform
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ...errors import LeanvitError
+from .calibrate import quantizers
+from .quantizer import FakeQuantizer
+
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+OV_COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
+ENGINES = ("openvino", "onnxruntime")
+
+
+def check_deployable(qmodel: nn.Module) -> None:
+    """Raise, naming the layers, if some quantizer has no INT8 kernel behind it on the engines."""
+    found = quantizers(qmodel)
+    if not found:
+        raise LeanvitError("This model has no quantizers: quantize it first with "
+                           "leanvit.quantize(model, calib, config).")
+    low_bits = sorted({n.rsplit(".", 1)[0] for n, q in found.items()
+                       if q.scheme.bits != 8 and not (n.endswith("weight_quantizer") and q.scheme.bits == 7)})
+    if low_bits:
+        raise LeanvitError(
+            f"{len(low_bits)} layers are quantized below 8 bits ({', '.join(low_bits[:8])}"
+            f"{', ...' if len(low_bits) > 8 else ''}); OpenVINO and ONNX Runtime have no kernels for them. "
+            "Such bit-widths are simulation-only: export a W8A8 (or W7A8) model, QuantConfig.from_bits('w8a8').")
+    per_channel = sorted(n.rsplit(".", 1)[0] for n, q in found.items()
+                         if q.scheme.per_channel and n.endswith("input_quantizer"))
+    if per_channel:
+        raise LeanvitError(
+            f"{len(per_channel)} layers quantize their inputs per channel ({', '.join(per_channel[:8])}"
+            f"{', ...' if len(per_channel) > 8 else ''}); INT8 kernels need one input scale per tensor. "
+            "Use QuantConfig(a_per_channel=False).")
+
+
+def int8_saturates() -> bool:
+    """True on x86 CPUs without VNNI or AMX, whose INT8 dot products go through saturating 16-bit sums.
+
+    (``vpmaddubsw``: two u8 x s8 products can exceed int16, which NNCF's "overflow fix" and ONNX
+    Runtime's ``reduce_range`` avoid with 7-bit weights.)
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+@contextmanager
+def _int8_weights(qmodel: nn.Module):
+    """Export 7-bit weights in an int8 container: the exporter only maps the full int8/uint8 ranges.
+
+    Each such weight is replaced by its quantized values for the export, so quantizing it again over
+    the full int8 range gives the same integers.
+    """
+    saved = []
+    for layer in qmodel.modules():
+        q = getattr(layer, "weight_quantizer", None)
+        if isinstance(q, FakeQuantizer) and q.scheme.bits < 8:
+            saved.append((layer, layer.weight, q.scheme))
+            layer.weight = nn.Parameter(q(layer.weight).detach(), requires_grad=False)
+            q.scheme = replace(q.scheme, bits=8)
+    try:
+        yield
+    finally:
+        for layer, weight, scheme in saved:
+            layer.weight, layer.weight_quantizer.scheme = weight, scheme
+
+
+def _example(qmodel: nn.Module, example: torch.Tensor | None, dynamic_batch: bool) -> torch.Tensor:
+    """The export input; a batch of 2 for a dynamic batch, since ``torch.export`` specialises a size-1 dim."""
+    if example is None:
+        report = getattr(qmodel, "quant_report", None)
+        if report is None or not report.input_size:
+            raise LeanvitError("Pass example=torch.zeros(1, C, H, W): the model carries no calibration input size.")
+        example = torch.zeros(1, *report.input_size)
+    return example[:1].expand(2, *example.shape[1:]).contiguous() if dynamic_batch else example
+
+
+def export_quantized(qmodel: nn.Module, path: str | Path, example: torch.Tensor | None = None, *, opset: int = 18,
+                     dynamic_batch: bool = False) -> Path:
+    """Write ``qmodel`` as a QDQ ONNX file at ``path``, with int8 weights; returns ``path``.
+
+    ``example`` defaults to one image of the calibration size. A dynamic batch goes through the
+    TorchScript exporter (with the deploy module's warning): ``torch.export`` cannot yet trace
+    fake-quantize ops with a symbolic batch size.
+    """
+    import onnx
+
+    from ...deploy.export import export_onnx
+
+    check_deployable(qmodel)
+    if int8_saturates() and any(n.endswith("weight_quantizer") and q.scheme.bits == 8
+                                for n, q in quantizers(qmodel).items()):
+        warnings.warn(
+            "This CPU has no VNNI/AMX: its INT8 kernels add pairs of u8 x s8 products in 16 bits, which saturate "
+            "with 8-bit weights, so the engine's results can differ from the simulation's. Quantize with "
+            "7-bit weights (QuantConfig.from_bits('w7a8'), stored as int8) to run exactly what was simulated.",
+            stacklevel=2)
+    path = Path(path)
+    with _int8_weights(qmodel):
+        export_onnx(qmodel, _example(qmodel, example, dynamic_batch), path, opset=opset, dynamic_batch=dynamic_batch)
+    model = onnx.load(str(path))
+    _fold_weight_quantizers(model.graph)
+    onnx.save(model, str(path))
+    summary = onnx_int8_summary(path)
+    report = getattr(qmodel, "quant_report", None)
+    if report is not None and summary.int8 < len(report.quantized):
+        raise RuntimeError(
+            f"The exported graph has {summary.int8} compute nodes fed by quantized inputs and weights, but "
+            f"{len(report.quantized)} layers were quantized: the exporter lost some quantizers (float compute "
+            f"nodes: {', '.join(summary.float[:10])}). Please report this model.")
+    return path
+
+
+def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", example: torch.Tensor | None = None, *,
+           dynamic_batch: bool = False) -> Path:
+    """Deployable INT8 model for ``engine``: QDQ ONNX (``onnxruntime``) or OpenVINO IR (``.xml`` + ``.bin``).
+
+    The OpenVINO IR is converted from the QDQ ONNX (kept next to it) and compiled once to check which
+    compute layers run in INT8; those that do not are named in a warning.
+    """
+    if engine not in ENGINES:
+        raise LeanvitError(f"Cannot export a quantized model for engine '{engine}'; "
+                           f"choose one of {', '.join(ENGINES)}.")
+    path = Path(path)
+    if engine == "onnxruntime":
+        return export_quantized(qmodel, path.with_suffix(".onnx"), example, dynamic_batch=dynamic_batch)
+    import openvino as ov
+
+    onnx_path = export_quantized(qmodel, path.with_suffix(".onnx"), example, dynamic_batch=dynamic_batch)
+    xml = path.with_suffix(".xml")
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
+    precisions = openvino_precisions(ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}))
+    in_float = [name for name, (_, precision) in precisions.items() if precision not in ("i8", "u8")]
+    if in_float:
+        warnings.warn(f"{len(in_float)} compute layers run in float on OpenVINO: {', '.join(in_float)}", stacklevel=2)
+    return xml
+
+
+def openvino_precisions(compiled) -> dict[str, tuple[str, str]]:
+    """``{layer: (layer type, runtime precision)}`` of the compute layers of a compiled OpenVINO model.
+
+    The runtime precision is what the CPU plugin chose after its low-precision transformations: ``u8``
+    or ``i8`` means the layer runs an INT8 kernel.
+    """
+    found = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer_type = info["layerType"].astype(str)
+        if layer_type in OV_COMPUTE_LAYERS:
+            found[op.get_friendly_name()] = (layer_type, info["runtimePrecision"].astype(str).lower())
+    return found
+
+
+@dataclass
+class OnnxInt8Summary:
+    int8: int  #: compute nodes whose data and weight inputs both come from DequantizeLinear
+    float: list[str]  #: the other compute nodes (e.g. attention matmuls left in float)
+
+
+def onnx_int8_summary(path: str | Path) -> OnnxInt8Summary:
+    """Count the QDQ-fed compute nodes of an ONNX graph, which ONNX Runtime / OpenVINO turn into INT8 kernels."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    int8, in_float = 0, []
+    for node in graph.node:
+        if node.op_type in COMPUTE_OPS:
+            if all(producer.get(name) == "DequantizeLinear" for name in node.input[:2]):
+                int8 += 1
+            else:
+                in_float.append(node.name or node.output[0])
+    return OnnxInt8Summary(int8, in_float)
+
+
+def _fold_weight_quantizers(graph) -> None:
+    """Replace ``QuantizeLinear(constant weight)`` by its int8 result, and fold a following Transpose."""
+    from onnx import helper, numpy_helper
+
+    consts = {t.name: t for t in graph.initializer}
+    for node in graph.node:  # the TorchScript exporter also writes constants as nodes and Identity aliases
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = node.attribute[0].t
+        elif node.op_type == "Identity" and node.input[0] in consts:
+            consts[node.output[0]] = consts[node.input[0]]
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    removed = set()
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        if len(q.input) < 3 or not all(name in consts for name in q.input[:3]):
+            continue
+        x, scale, zero = (numpy_helper.to_array(consts[name]) for name in q.input[:3])
+        axis = next((a.i for a in q.attribute if a.name == "axis"), 1)
+        per_axis = scale.ndim == 1
+        if per_axis:  # per-axis: broadcast the scale and zero point along ``axis``
+            shape = [1] * x.ndim
+            shape[axis % x.ndim] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        info = np.iinfo(zero.dtype)
+        ints = np.clip(np.rint(x / scale) + zero.astype(np.int32), info.min, info.max).astype(zero.dtype)
+        (dq,) = consumers[q.output[0]]
+        dq_axis = axis
+        users = consumers.get(dq.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Transpose" and ints.ndim == 2:
+            transpose = users[0]
+            perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), [1, 0])
+            ints = ints.transpose(perm)
+            dq_axis = perm.index(axis % 2)
+            dq.output[0] = transpose.output[0]
+            removed.add(id(transpose))
+        name = f"{q.input[0]}_quantized"
+        graph.initializer.append(numpy_helper.from_array(ints, name))
+        dq.input[0] = name
+        if zero.dtype == np.int8 and not zero.any():
+            # Symmetric: no zero point at all. The exporter shares one all-zero constant between layers
+            # of equal width, and OpenVINO then fails to recognise the weights' dequantization (f32 FC).
+            del dq.input[2:]
+        del dq.attribute[:]
+        if per_axis:
+            dq.attribute.append(helper.make_attribute("axis", dq_axis))
+        removed.add(id(q))
+    kept = [n for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {name for n in graph.node for name in n.input}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+    produced = {name for n in graph.node for name in n.output}
+    for v in [v for v in graph.value_info if v.name not in produced]:
+        graph.value_info.remove(v)

@@ -1,0 +1,138 @@
+"""Quantized stand-ins for ``nn.Linear`` / ``nn.Conv2d``, and BatchNorm folding.
+
+The wrappers subclass the float layers and keep their parameters, so ``state_dict`` keys, ``.weight``
+look-ups in timm code and ``isinstance`` checks all still work; they add an ``input_quantizer``
+(per-tensor on the activation) and a ``weight_quantizer`` (per output channel). Quantizing the
+*inputs* of the compute layers, and nothing else, is what the INT8 kernels of OpenVINO and ONNX
+Runtime consume: each layer reads int8/uint8 activations and int8 weights and writes float, which
+the next layer re-quantizes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from .quantizer import FakeQuantizer, QScheme
+
+
+class QuantLinear(nn.Linear):
+    @classmethod
+    def from_float(cls, layer: nn.Linear, weight: QScheme, act: QScheme) -> QuantLinear:
+        q = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        q.weight, q.bias = layer.weight, layer.bias
+        q.input_quantizer = FakeQuantizer(act, axis=-1, channels=layer.in_features)
+        q.weight_quantizer = FakeQuantizer(weight, axis=0, channels=layer.out_features)
+        return q
+
+    def to_float(self) -> nn.Linear:
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        layer.weight, layer.bias = self.weight, self.bias
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantConv2d(nn.Conv2d):
+    @classmethod
+    def from_float(cls, layer: nn.Conv2d, weight: QScheme, act: QScheme) -> QuantConv2d:
+        q = cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
+                padding_mode=layer.padding_mode, device="meta")
+        q.weight, q.bias = layer.weight, layer.bias
+        q.input_quantizer = FakeQuantizer(act, axis=1, channels=layer.in_channels)
+        q.weight_quantizer = FakeQuantizer(weight, axis=0, channels=layer.out_channels)
+        return q
+
+    def to_float(self) -> nn.Conv2d:
+        layer = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                          padding=self.padding, dilation=self.dilation, groups=self.groups,
+                          bias=self.bias is not None, padding_mode=self.padding_mode, device="meta")
+        layer.weight, layer.bias = self.weight, self.bias
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+
+
+def quantizable_type(layer: nn.Module) -> type[nn.Module] | None:
+    """The wrapper for ``layer``, if it computes exactly what ``nn.Linear`` / ``nn.Conv2d`` compute.
+
+    A subclass with its own ``forward`` (timm's ``Conv2dSame`` pads first) would lose that behaviour in
+    the wrapper, so it is left alone; timm's ``Linear`` only differs under TorchScript and qualifies.
+    """
+    from timm.layers import Linear as TimmLinear
+
+    for float_type, quant_type in QUANT_TYPES.items():
+        if (isinstance(layer, float_type) and not isinstance(layer, tuple(QUANT_TYPES.values()))
+                and (type(layer).forward is float_type.forward or type(layer) is TimmLinear)):
+            return quant_type
+    return None
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Fold every eval-mode BatchNorm2d that directly consumes a Conv2d's output into that conv.
+
+    The engines fold BN into the preceding conv anyway; folding it *before* quantization makes the
+    quantized weights the ones the engine runs, so their scales are the simulation's. The pairs are
+    found by running ``example`` with hooks (a BN whose input tensor is a conv's output), which works
+    for any module structure; the model's output is checked to be unchanged afterwards.
+    Returns the names of the folded BatchNorms.
+    """
+    produced: dict[int, str] = {}
+    keep_alive, pairs, hooks = [], [], []
+    modules = dict(model.named_modules())
+
+    def conv_hook(name):
+        def hook(_, __, out):
+            produced[id(out)] = name
+            keep_alive.append(out)
+        return hook
+
+    def bn_hook(name):
+        def hook(_, args):
+            if id(args[0]) in produced:
+                pairs.append((produced[id(args[0])], name))
+        return hook
+
+    for name, m in modules.items():
+        if type(m) is nn.Conv2d or type(m) is QuantConv2d:
+            hooks.append(m.register_forward_hook(conv_hook(name)))
+        elif isinstance(m, nn.BatchNorm2d) and m.track_running_stats and not m.training:
+            hooks.append(m.register_forward_pre_hook(bn_hook(name)))
+    try:
+        reference = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    pairs = list(dict.fromkeys(pairs))
+    counts = {}
+    for conv_name, _ in pairs:
+        counts[conv_name] = counts.get(conv_name, 0) + 1
+    folded = []
+    for conv_name, bn_name in pairs:
+        if counts[conv_name] > 1:  # a conv output shared by two BNs cannot be folded into both
+            continue
+        conv, bn = modules[conv_name], modules[bn_name]
+        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                            bn.weight, bn.bias)
+        conv.weight, conv.bias = weight, bias
+        # timm's BatchNormAct2d applies its dropout and activation after the normalisation: keep those.
+        tail = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+        model.set_submodule(bn_name, nn.Sequential(*tail) if tail else nn.Identity())
+        folded.append(bn_name)
+    if folded:
+        after = model(example)
+        err = (after - reference).abs().max().item()
+        if err > 1e-3 * max(1.0, reference.abs().max().item()):
+            raise RuntimeError(
+                f"Folding BatchNorm into convolutions changed the model output (max abs err {err:.3g}): a conv "
+                f"output feeds more than its BatchNorm. Folded: {', '.join(folded)}. Please report this model."
+            )
+    return folded

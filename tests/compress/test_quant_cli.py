@@ -1,0 +1,43 @@
+"""``leanvit quantize``: calibrates on the shipped CIFAR-10 subset, reports float layers, exports, fails cleanly."""
+import json
+
+import pytest
+
+from leanvit.cli import main
+
+TINY = ["deit_tiny_patch16_224", "--model-kwargs",
+        '{"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10}', "--calib", "cifar10-test500",
+        "--calib-images", "16", "--threads", "1"]
+
+
+def test_quantize_exports_and_reports(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", *TINY, "--bits", "w7a8", "--engine", "onnxruntime", "--out", str(out), "--json",
+                 "--eval", "cifar10-test500", "--eval-images", "20"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["quantized_layers"] == 6  # patch conv, qkv, proj, fc1, fc2, head
+    assert result["calib_images"] == 16 and result["eval_images"] == 20
+    assert {"blocks.0.norm1", "norm"} <= set(result["float_layers"])
+    assert (out / "model.onnx").is_file()
+    assert json.loads((out / "report.json").read_text())["exported"] == result["exported"]
+    for key in ("top1", "sim_top1", "engine_top1"):
+        assert 0.0 <= result[key] <= 100.0
+
+
+def test_mixed_precision_from_the_command_line(capsys):
+    assert main(["quantize", *TINY, "--bits", "w4a4", "--avg-bits", "6", "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert {"int4 sym", "int8 sym"} <= {scheme.split(" per-")[0].removeprefix("weights ") for scheme in layers.values()}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bits", "int8"], "w8a8"),
+    (["--bits", "w4a4", "--out", "OUT"], "below 8 bits"),
+    (["--calib-images", "4"], "4 images"),
+    (["--layer-bits", "head=w8"], "w8"),
+])
+def test_bad_input_is_a_one_line_error(argv, message, tmp_path, capsys):
+    argv = [str(tmp_path / "q") if a == "OUT" else a for a in argv]
+    assert main(["quantize", *TINY, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

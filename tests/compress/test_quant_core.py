@@ -1,0 +1,207 @@
+"""Quantizer primitives, range choice, calibration and the float-layer report, against independent references."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from leanvit.compress.quant import (
+    QScheme, QuantConfig, QuantConv2d, QuantLinear, RangeObserver, choose_range, fake_quantize, fold_batchnorm,
+    qparams, quantize,
+)
+from leanvit.errors import LeanvitError
+
+torch.set_num_threads(1)
+
+
+def reference_fake_quant(x, scale, zero, qmin, qmax):
+    """ONNX QuantizeLinear -> DequantizeLinear in NumPy: round half to even, saturate."""
+    return (np.clip(np.rint(x / scale) + zero, qmin, qmax) - zero) * scale
+
+
+@pytest.mark.parametrize("scheme", [QScheme(8, True), QScheme(8, False), QScheme(4, False), QScheme(6, True)])
+def test_fake_quantize_matches_onnx_semantics(scheme):
+    torch.manual_seed(0)
+    x = torch.randn(64, 16) * 3
+    scale, zero = qparams(x.min().view(1), x.max().view(1), scheme)
+    out = fake_quantize(x, scale[0], zero[0], scheme)
+    ref = reference_fake_quant(x.numpy(), scale.item(), zero.item(), scheme.qmin, scheme.qmax)
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-6)
+    assert fake_quantize(torch.zeros(1), scale[0], zero[0], scheme).item() == 0.0  # zero is exact
+    assert len(torch.unique(out)) <= 2**scheme.bits
+
+
+def test_per_channel_scales_follow_each_channel():
+    w = torch.randn(8, 32) * torch.logspace(-2, 1, 8)[:, None]
+    scheme = QScheme(8, symmetric=True, per_channel=True)
+    scale, zero = qparams(w.amin(1), w.amax(1), scheme)
+    np.testing.assert_allclose(scale.numpy(), (w.abs().amax(1) / 127).numpy(), rtol=1e-6)
+    out = fake_quantize(w, scale, zero, scheme, axis=0)
+    ref = reference_fake_quant(w.numpy(), scale.numpy()[:, None], 0, -128, 127)
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-6)
+
+
+def test_mse_range_beats_minmax_and_is_near_the_true_optimum():
+    torch.manual_seed(0)
+    values = torch.cat([torch.randn(20000), torch.tensor([40.0, -35.0])]).view(1, -1)  # two outliers
+    lo, hi = values.amin(1), values.amax(1)
+    scheme = QScheme(4, symmetric=False)
+
+    def err(r_lo, r_hi):
+        s, z = qparams(r_lo, r_hi, scheme)
+        return float(((fake_quantize(values[0], s[0], z[0], scheme) - values[0]) ** 2).mean())
+
+    m_lo, m_hi = choose_range(values, lo, hi, scheme, "mse")
+    dense = min(err(lo * r, hi * r) for r in np.linspace(0.001, 1, 1000))  # brute force, 1000 ratios
+    assert err(m_lo, m_hi) < 0.25 * err(lo, hi)
+    assert err(m_lo, m_hi) <= dense * 1.02
+    p_lo, p_hi = choose_range(values, lo, hi, scheme, "percentile", percentile=99.9)
+    np.testing.assert_allclose([p_lo.item(), p_hi.item()], np.percentile(values.numpy(), [0.1, 99.9]), rtol=1e-3)
+
+
+def test_observer_keeps_exact_extremes_and_a_uniform_bounded_sample():
+    torch.manual_seed(0)
+    observer = RangeObserver(axis=-1, max_values=4096)
+    batches = [torch.rand(16, 50, 8) + 10 * i for i in range(6)]  # a row's batch is its value // 10
+    for b in batches:
+        observer.update(b)
+    full = torch.cat(batches).reshape(-1, 8)
+    torch.testing.assert_close(observer.lo, full.amin(0))
+    torch.testing.assert_close(observer.hi, full.amax(0))
+    assert observer.rows.numel() <= 4096
+    per_batch = torch.bincount((observer.rows[:, 0] // 10).long(), minlength=6)
+    assert per_batch.sum() == 4096 // 8
+    assert per_batch.min() > 50 and per_batch.max() < 125  # ~85 each: uniform over batches, not the last ones
+
+
+def test_config_parses_bits_and_rejects_bad_values():
+    config = QuantConfig.from_bits("W4A8")
+    assert (config.w_bits, config.a_bits) == (4, 8)
+    for bad in ("w8", "int8", "w8a9", "w1a8"):
+        with pytest.raises(LeanvitError):
+            QuantConfig.from_bits(bad)
+    with pytest.raises(LeanvitError, match="range method"):
+        QuantConfig(a_method="kl")
+
+
+def test_empty_or_small_calibration_set_is_an_error(tiny_vit):
+    with pytest.raises(LeanvitError, match="empty"):
+        quantize(tiny_vit, [], progress=False)
+    with pytest.raises(LeanvitError, match="4 images"):
+        quantize(tiny_vit, torch.randn(4, 3, 32, 32), progress=False)
+    with pytest.raises(LeanvitError, match=r"\(B, C, H, W\)"):
+        quantize(tiny_vit, [torch.randn(16, 32)], progress=False)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    torch.manual_seed(1)
+    return [torch.randn(8, 3, 32, 32) for _ in range(3)]
+
+
+def test_quantize_swaps_every_compute_layer_and_reports_float_ones(tiny_vit, calib):
+    before = copy.deepcopy(tiny_vit.state_dict())
+    qmodel = quantize(tiny_vit, calib, QuantConfig(), progress=False)
+    for k, v in tiny_vit.state_dict().items():  # the original is untouched
+        assert torch.equal(v, before[k])
+    float_compute = [n for n, m in qmodel.named_modules()
+                     if type(m) in (nn.Linear, nn.Conv2d)]
+    assert float_compute == []
+    n_layers = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in tiny_vit.modules())
+    assert len(qmodel.quant_report.quantized) == n_layers
+    norms = [n for n, m in tiny_vit.named_modules() if isinstance(m, nn.LayerNorm)]
+    assert set(norms) <= set(qmodel.quant_report.float_layers)
+    assert qmodel.quant_report.input_size == (3, 32, 32)
+    assert f"float {norms[0]}: normalisation" in qmodel.quant_report.summary()
+
+
+def test_more_bits_track_the_float_model_more_closely(tiny_vit, calib):
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        ref = tiny_vit(x)
+        errs = [(quantize(tiny_vit, calib, QuantConfig(w_bits=b, a_bits=b), progress=False)(x) - ref).pow(2).mean()
+                for b in (4, 6, 8)]
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 1e-2 * ref.pow(2).mean()
+
+
+def test_skipped_layers_stay_float_with_a_warning(tiny_vit, calib):
+    with pytest.warns(UserWarning, match="head"):
+        qmodel = quantize(tiny_vit, calib, QuantConfig(skip=("head",)), progress=False)
+    assert type(qmodel.head) is nn.Linear
+    assert "QuantConfig.skip" in qmodel.quant_report.float_layers["head"]
+
+
+def test_layer_bits_override_the_default_first_match_first(tiny_vit, calib):
+    config = QuantConfig.from_bits("w4a4", layer_bits=(("head", "w8a8"), ("patch_embed.*", "w8a6"), ("*", "w6a6")))
+    qmodel = quantize(tiny_vit, calib, config, progress=False)
+    bits = {name: (m.weight_quantizer.scheme.bits, m.input_quantizer.scheme.bits)
+            for name, m in qmodel.named_modules() if hasattr(m, "weight_quantizer")}
+    assert bits.pop("head") == (8, 8)
+    assert bits.pop("patch_embed.proj") == (8, 6)
+    assert set(bits.values()) == {(6, 6)}
+    with pytest.raises(LeanvitError, match="w9a8"):
+        QuantConfig(layer_bits=(("head", "w9a8"),))
+
+
+class DirectWeights(nn.Module):
+    """Uses ``fc``'s weight without calling it, and holds an nn.MultiheadAttention."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        t = self.conv(x).flatten(2).transpose(1, 2)
+        t = self.mha(t, t, t)[0]
+        return F.linear(t, self.fc.weight).mean(1)
+
+
+def test_conv_subclass_with_its_own_forward_stays_float_and_is_named():
+    from timm.layers import Conv2dSame
+
+    model = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), nn.Flatten(), nn.Linear(8 * 16, 4)).eval()
+    with pytest.warns(UserWarning, match="Conv2dSame"):
+        qmodel = quantize(model, torch.randn(16, 3, 8, 8), progress=False)
+    assert type(qmodel[0]) is Conv2dSame and list(qmodel.quant_report.quantized) == ["2"]
+
+
+def test_layers_that_cannot_be_calibrated_are_named():
+    with pytest.warns(UserWarning) as caught:
+        qmodel = quantize(DirectWeights().eval(), torch.randn(16, 3, 8, 8), progress=False)
+    message = str(caught[0].message)
+    assert "fc" in message and "mha" in message and "mha.out_proj" in message
+    report = qmodel.quant_report
+    assert list(report.quantized) == ["conv"]
+    assert "never called" in report.float_layers["fc"]
+    assert type(qmodel.fc) is nn.Linear
+
+
+def test_batchnorm_folding_keeps_the_function(tiny_cnn):
+    model = copy.deepcopy(tiny_cnn)
+    for m in model.modules():  # non-trivial statistics, so a wrong fold would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        folded = fold_batchnorm(model, x)
+        torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in tiny_cnn.modules())
+    assert len(folded) == n_bn
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_quantized_wrappers_keep_state_dict_keys(tiny_cnn):
+    conv = next(m for m in tiny_cnn.modules() if isinstance(m, nn.Conv2d) and m.groups > 1)
+    q = QuantConv2d.from_float(conv, QScheme(8, True, True), QScheme(8, False))
+    assert q.weight is conv.weight and q.groups == conv.groups
+    assert {"weight", "input_quantizer.scale", "weight_quantizer.scale"} <= set(q.state_dict())
+    linear = QuantLinear.from_float(nn.Linear(4, 3), QScheme(8, True, True), QScheme(8, False))
+    assert linear.weight_quantizer.scale.shape == (3,)
+    assert isinstance(linear.to_float(), nn.Linear) and not hasattr(linear.to_float(), "input_quantizer")

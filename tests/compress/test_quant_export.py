@@ -1,0 +1,133 @@
+"""Quantized models export as QDQ ONNX / OpenVINO IR that run INT8 kernels and compute what was simulated."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from leanvit.compress.quant import (
+    QuantConfig, export, export_quantized, onnx_int8_summary, openvino_precisions, quantize,
+)
+from leanvit.compress.quant.export import OnnxInt8Summary, int8_saturates
+from leanvit.deploy import check_agreement, get_engine
+from leanvit.errors import LeanvitError
+
+torch.set_num_threads(1)
+# 7-bit weights in int8: exact on every x86 CPU, VNNI or not (see export.int8_saturates)
+DEPLOY = QuantConfig(w_bits=7)
+
+
+@pytest.fixture(scope="module")
+def qvit(tiny_vit):
+    torch.manual_seed(1)
+    return quantize(tiny_vit, [torch.randn(8, 3, 32, 32) for _ in range(3)], DEPLOY, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tests_in():
+    torch.manual_seed(2)
+    return [torch.randn(1, 3, 32, 32) for _ in range(8)]
+
+
+@pytest.fixture(scope="module")
+def vit_xml(qvit, tmp_path_factory):
+    return export(qvit, tmp_path_factory.mktemp("q") / "vit.xml", engine="openvino", dynamic_batch=False)
+
+
+@pytest.fixture(scope="module")
+def vit_onnx(vit_xml):
+    return vit_xml.with_suffix(".onnx")  # the QDQ ONNX the IR was converted from
+
+
+def test_onnx_carries_the_simulation_scales_and_int8_weights(qvit, vit_onnx):
+    assert onnx_int8_summary(vit_onnx).int8 == len(qvit.quant_report.quantized)
+    graph = onnx.load(str(vit_onnx)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    # the first Linear's weight: int8 initializer, its scale and integers from the simulation, recomputed here
+    layer = qvit.blocks[0].attn.qkv
+    scale = layer.weight_quantizer.scale.numpy()
+    dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[1]) is not None
+              and inits[n.input[1]].shape == scale.shape and np.array_equal(inits[n.input[1]], scale))
+    ints = inits[dq.input[0]]
+    assert ints.dtype == np.int8
+    expected = np.clip(np.rint(layer.weight.detach().numpy() / scale[:, None]), -64, 63)  # 7-bit symmetric
+    np.testing.assert_array_equal(ints.T if ints.shape != expected.shape else ints, expected)
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.float32
+                   and inits[n.input[0]].ndim > 1 for n in graph.node)  # no float weight left to quantize at run time
+
+
+def test_onnxruntime_runs_the_simulation(qvit, vit_onnx, tests_in):
+    runner = get_engine("onnxruntime", threads=1).load_onnx(vit_onnx)
+    agreement = check_agreement(qvit, runner, tests_in)
+    assert agreement.top1_agreement == 1.0
+    assert agreement.max_abs_err < 0.02 * agreement.ref_scale
+
+
+def test_openvino_runs_int8_kernels_and_the_simulation(qvit, vit_xml, tests_in):
+    runner = get_engine("openvino", threads=1).load_model_file(vit_xml)
+    precisions = openvino_precisions(runner.compiled)
+    assert len(precisions) >= len(qvit.quant_report.quantized)
+    assert {p for _, p in precisions.values()} <= {"u8", "i8"}, precisions
+    agreement = check_agreement(qvit, runner, tests_in)
+    assert agreement.top1_agreement == 1.0
+    # float accumulation order differs, which can move a value across a rounding step in the next layer
+    assert agreement.max_abs_err < 0.02 * agreement.ref_scale
+
+
+def small_cnn():
+    """Stem conv + BN + ReLU6, depthwise conv + BN, pointwise conv, pool, head: the ops of a mobile CNN."""
+    torch.manual_seed(3)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+        nn.Conv2d(16, 24, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10),
+    )
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+def test_cnn_with_folded_batchnorm_exports(tmp_path):
+    model = small_cnn()
+    qcnn = quantize(model, torch.randn(16, 3, 32, 32), DEPLOY, progress=False)
+    assert len(qcnn.quant_report.folded_batchnorms) == 2
+    path = export_quantized(qcnn, tmp_path / "cnn.onnx", dynamic_batch=False)
+    assert onnx_int8_summary(path) == OnnxInt8Summary(int8=4, float=[])
+    runner = get_engine("onnxruntime", threads=1).load_onnx(path)
+    agreement = check_agreement(qcnn, runner, [torch.randn(1, 3, 32, 32) for _ in range(4)])
+    assert agreement.top1_agreement == 1.0
+    assert agreement.max_abs_err < 0.02 * agreement.ref_scale
+
+
+def test_bit_widths_without_engine_kernels_are_refused(tiny_vit, tmp_path):
+    calib = torch.randn(16, 3, 32, 32)
+    w4a4 = quantize(tiny_vit, calib, QuantConfig.from_bits("w4a4"), progress=False)
+    with pytest.raises(LeanvitError, match="below 8 bits.*blocks.0.attn.qkv"):
+        export(w4a4, tmp_path / "m.xml", engine="openvino")
+    per_channel = quantize(tiny_vit, calib, QuantConfig(a_per_channel=True), progress=False)
+    with pytest.raises(LeanvitError, match="per channel"):
+        export(per_channel, tmp_path / "m.onnx", engine="onnxruntime")
+    with pytest.raises(LeanvitError, match="no quantizers"):
+        export(tiny_vit, tmp_path / "m.onnx", engine="onnxruntime")
+    with pytest.raises(LeanvitError, match="engine 'tensorrt'"):
+        export(w4a4, tmp_path / "m.onnx", engine="tensorrt")
+
+
+@pytest.mark.skipif(not int8_saturates(), reason="this CPU has VNNI/AMX: 8-bit weights are exact")
+def test_8bit_weights_on_a_cpu_without_vnni_warn(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 2)).eval()
+    w8 = quantize(model, torch.randn(16, 3, 8, 8), progress=False)
+    with pytest.warns(UserWarning, match="VNNI"):
+        export_quantized(w8, tmp_path / "m.onnx", dynamic_batch=False)
+
+
+def test_dynamic_batch_export(qvit, tmp_path):
+    with pytest.warns(UserWarning, match="TorchScript"):  # torch.export cannot trace fake-quant with a symbolic batch
+        path = export(qvit, tmp_path / "dyn.onnx", engine="onnxruntime", dynamic_batch=True)
+    runner = get_engine("onnxruntime", threads=1).load_onnx(path)
+    assert onnx_int8_summary(path).int8 == len(qvit.quant_report.quantized)
+    agreement = check_agreement(qvit, runner, [torch.randn(5, 3, 32, 32)])
+    assert agreement.n == 5 and agreement.top1_agreement == 1.0

@@ -1,0 +1,126 @@
+"""RepQ-ViT LayerNorm reparameterisation and bias correction, checked against what they promise."""
+import copy
+
+import pytest
+import torch
+
+from leanvit.compress.quant import QuantConfig, quantize, quantizers
+from leanvit.compress.quant import export as quant_export
+from leanvit.compress.quant.calibrate import quantizers_disabled
+from leanvit.errors import LeanvitError
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def outlier_vit(tiny_vit):
+    """tiny_vit whose LayerNorms scale a few channels 30x, the post-LN outliers trained ViTs have."""
+    model = copy.deepcopy(tiny_vit)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in model.blocks:
+            for norm in (block.norm1, block.norm2):
+                gain = torch.ones_like(norm.weight)
+                gain[torch.randperm(gain.numel(), generator=generator)[:6]] = 30.0
+                norm.weight.mul_(gain)
+                norm.bias.normal_(0, 0.5, generator=generator)
+    return model
+
+
+@pytest.fixture(scope="module")
+def calib():
+    torch.manual_seed(4)
+    return [torch.randn(8, 3, 32, 32) for _ in range(4)]
+
+
+def _only(model, keep):
+    for name, q in quantizers(model).items():
+        q.enabled = name in keep
+    return model
+
+
+@torch.no_grad()
+def test_reparameterisation_deploys_per_channel_ranges_per_tensor(outlier_vit, calib):
+    x = torch.randn(8, 3, 32, 32)
+    rep = quantize(outlier_vit, calib, QuantConfig(), progress=False)
+    assert set(rep.quant_report.reparameterised) == {f"blocks.{i}.norm{j}" for i in (0, 1) for j in (1, 2)}
+    with quantizers_disabled(rep):  # the float function is unchanged
+        torch.testing.assert_close(rep(x), outlier_vit(x), atol=1e-4, rtol=1e-4)
+    assert rep.blocks[0].attn.qkv.input_quantizer.scale.ndim == 0  # per tensor: deployable
+
+    # with only qkv's input quantized, the reparameterised per-tensor quantizer computes exactly what a
+    # per-channel quantizer on the original model computes
+    keep = {"blocks.0.attn.qkv.input_quantizer"}
+    per_channel = _only(quantize(outlier_vit, calib, QuantConfig(a_per_channel=True, reparam_layernorm=False),
+                                 progress=False), keep)
+    torch.testing.assert_close(_only(rep, keep)(x), per_channel(x), atol=1e-4, rtol=1e-4)
+    per_tensor = _only(quantize(outlier_vit, calib, QuantConfig(reparam_layernorm=False), progress=False), keep)
+    ref = outlier_vit(x)
+    assert (per_channel(x) - ref).pow(2).mean() < 0.5 * (per_tensor(x) - ref).pow(2).mean()
+
+
+@torch.no_grad()
+def test_reparameterisation_improves_w8a8_and_is_skipped_where_channels_look_alike(outlier_vit, tiny_vit, calib):
+    x = torch.randn(16, 3, 32, 32)
+    ref = outlier_vit(x)
+    err = {rp: (quantize(outlier_vit, calib, QuantConfig(reparam_layernorm=rp), progress=False)(x) - ref).pow(2).mean()
+           for rp in (False, True)}
+    assert err[True] < 0.8 * err[False]
+    plain = quantize(tiny_vit, calib, QuantConfig(), progress=False)  # random init: all channels alike
+    assert plain.quant_report.reparameterised == []
+
+
+@torch.no_grad()
+def test_bias_correction_zeroes_the_mean_output_error(tiny_vit, calib):
+    config = QuantConfig(w_bits=4, a_bits=8, bias_correction=True)
+    corrected = quantize(tiny_vit, calib, config, progress=False)
+    plain = quantize(tiny_vit, calib, QuantConfig(w_bits=4, a_bits=8), progress=False)
+
+    def mean_error(model):  # the patch embedding sees the images themselves: no upstream layer changes them
+        errors = [(model.patch_embed.proj(x) - tiny_vit.patch_embed.proj(x)).mean((0, 2, 3)) for x in calib]
+        return torch.stack(errors).mean(0).abs().max()
+
+    assert mean_error(plain) > 1e-3
+    assert mean_error(corrected) < 1e-5
+    assert not torch.equal(corrected.head.bias, plain.head.bias)
+
+
+def test_auto_activation_scheme_picks_uint8_after_relu_and_exports(tmp_path):
+    from leanvit.compress.quant import onnx_int8_summary
+    from leanvit.deploy import check_agreement, get_engine
+
+    torch.manual_seed(5)
+    nn = torch.nn
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    calib = torch.randn(64, 3, 4, 4)
+    qmodel = quantize(model, calib, QuantConfig(w_bits=7, a_symmetric="auto"), progress=False)
+    assert not qmodel[3].input_quantizer.scheme.symmetric  # one-sided input: the full uint8 grid
+    path = quant_export(qmodel, tmp_path / "m.onnx", engine="onnxruntime")
+    assert onnx_int8_summary(path).int8 == 2
+    runner = get_engine("onnxruntime", threads=1).load_onnx(path)
+    agreement = check_agreement(qmodel, runner, [torch.randn(1, 3, 4, 4) for _ in range(4)])
+    assert agreement.max_abs_err < 1e-2 * agreement.ref_scale
+
+
+@torch.no_grad()
+def test_mixed_precision_meets_the_budget_and_beats_the_opposite_choice(tiny_vit, calib):
+    from leanvit.compress.quant import allocate_bits, average_weight_bits, layer_sensitivity
+
+    with pytest.raises(LeanvitError, match="between 4 and 8"):
+        allocate_bits(tiny_vit, calib, 3.0, low="w4a4", high="w8a8")
+    bits = allocate_bits(tiny_vit, calib, 6.0, low="w4a4", high="w8a8")
+    chosen = quantize(tiny_vit, calib, QuantConfig(layer_bits=bits), progress=False)
+    assert 4.0 < average_weight_bits(chosen) <= 6.0
+    # the opposite: the layers that hurt most per weight go to 4 bits first, until the same budget
+    sensitivity = layer_sensitivity(tiny_vit, calib, QuantConfig.from_bits("w4a4"))
+    sizes = {n: tiny_vit.get_submodule(n).weight.numel() for n in sensitivity}
+    worst, average = [], 8.0
+    for name in sorted(sensitivity, key=lambda n: -sensitivity[n] / sizes[n]):
+        if average <= 6.0:
+            break
+        worst.append((name, "w4a4"))
+        average -= sizes[name] * 4 / sum(sizes.values())
+    opposite = quantize(tiny_vit, calib, QuantConfig(layer_bits=(*worst, ("*", "w8a8"))), progress=False)
+    x = torch.randn(16, 3, 32, 32)
+    ref = tiny_vit(x)
+    assert (chosen(x) - ref).pow(2).mean() < 0.5 * (opposite(x) - ref).pow(2).mean()
