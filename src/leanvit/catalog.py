@@ -84,6 +84,10 @@ CATALOG: dict[str, ModelFacts] = {f.name: f for f in [
     _f("efficientmod_xs", "EfficientMod", 6.6, 0.8, 79.4, "13.4 ms, Xeon E5-2680 4 threads (ONNX); 3.6 ms P100", _EMOD, provider="leanvit"),
     _f("efficientmod_s", "EfficientMod", 12.9, 1.4, 81.9, "23.5 ms, Xeon E5-2680 4 threads (ONNX); 5.5 ms P100", _EMOD, provider="leanvit"),
     _f("efficientmod_s_conv", "EfficientMod", 12.9, 1.5, 80.5, None, _EMOD, provider="leanvit"),
+    # --- VCMamba (leanvit) --- GMACs: the README's are fvcore counts, which include norm layers
+    _f("vcmamba_s", "VCMamba", 10.5, 1.1, 78.7, None, _VCM, provider="leanvit"),
+    _f("vcmamba_m", "VCMamba", 21.0, 2.3, 81.5, None, _VCM, provider="leanvit"),
+    _f("vcmamba_b", "VCMamba", 31.5, 4.0, 82.6, None, _VCM, provider="leanvit"),
     # --- CNN reference (timm) ---
     _f("mobilenetv2_100", "MobileNetV2", 3.4, 0.30, 72.0, "75 ms, Google Pixel 1 CPU (TFLite)",
        "MobileNetV2 paper (Sandler et al. 2018), Table 4"),

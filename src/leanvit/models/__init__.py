@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 #: Family modules in this package. Each registers its variants with timm on import.
-FAMILIES: tuple[str, ...] = ("mobilevig", "efficientmod")
+FAMILIES: tuple[str, ...] = ("mobilevig", "efficientmod", "vcmamba")
 
 for _family in FAMILIES:
     importlib.import_module(f"{__name__}.{_family}")

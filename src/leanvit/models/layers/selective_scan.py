@@ -32,14 +32,15 @@ def linear_recurrence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     length = b.shape[-1]
     if length == 1:
         return b
-    if length % 2:  # pad with the identity step (a=1, b=0); trimmed off below
-        a = F.pad(a, (0, 1), value=1.0)
-        b = F.pad(b, (0, 1))
+    # (concatenation rather than F.pad throughout: pad fills its whole output before copying)
+    if length % 2:  # append the identity step (a=1, b=0); trimmed off below
+        a = torch.cat((a, torch.ones_like(a[..., :1])), dim=-1)
+        b = torch.cat((b, torch.zeros_like(b[..., :1])), dim=-1)
     a_even, a_odd = a[..., 0::2], a[..., 1::2]
     b_even, b_odd = b[..., 0::2], b[..., 1::2]
     h_odd = linear_recurrence(a_odd * a_even, a_odd * b_even + b_odd)
-    h_even = b_even + a_even * F.pad(h_odd[..., :-1], (1, 0))
-    return torch.stack((h_even, h_odd), dim=-1).flatten(-2)[..., :length]
+    h_before = torch.cat((torch.zeros_like(h_odd[..., :1]), h_odd[..., :-1]), dim=-1)  # h[2i - 1]
+    return torch.stack((b_even + a_even * h_before, h_odd), dim=-1).flatten(-2)[..., :length]
 
 
 def selective_scan(
