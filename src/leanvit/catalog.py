@@ -84,6 +84,11 @@ CATALOG: dict[str, ModelFacts] = {f.name: f for f in [
     _f("efficientmod_xs", "EfficientMod", 6.6, 0.8, 79.4, "13.4 ms, Xeon E5-2680 4 threads (ONNX); 3.6 ms P100", _EMOD, provider="leanvit"),
     _f("efficientmod_s", "EfficientMod", 12.9, 1.4, 81.9, "23.5 ms, Xeon E5-2680 4 threads (ONNX); 5.5 ms P100", _EMOD, provider="leanvit"),
     _f("efficientmod_s_conv", "EfficientMod", 12.9, 1.5, 80.5, None, _EMOD, provider="leanvit"),
+    # --- FcaFormer (leanvit) --- latency: ARM Cortex-A17, 4 threads, batch 1
+    _f("fcaformer_l1", "FcaFormer", 6.2, 1.4, 80.3, "312 ms, ARM Cortex-A17 4 threads", _FCA, provider="leanvit"),
+    _f("fcaformer_l2", "FcaFormer", 16.3, 3.6, 83.1, "728 ms, ARM Cortex-A17 4 threads", _FCA, provider="leanvit"),
+    _f("fcaformer_l3", "FcaFormer", 28.0, 6.7, 84.2, "1344 ms, ARM Cortex-A17 4 threads", _FCA, provider="leanvit"),
+    _f("fcaformer_l4", "FcaFormer", 66.0, 14.5, 84.9, "2624 ms, ARM Cortex-A17 4 threads", _FCA, provider="leanvit"),
     # --- VCMamba (leanvit) --- GMACs: the README's are fvcore counts, which include norm layers
     _f("vcmamba_s", "VCMamba", 10.5, 1.1, 78.7, None, _VCM, provider="leanvit"),
     _f("vcmamba_m", "VCMamba", 21.0, 2.3, 81.5, None, _VCM, provider="leanvit"),

@@ -82,7 +82,7 @@ def export_onnx(
 
 def _export_dynamo(model, example, path, opset, dynamic_batch) -> None:
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():  # grad mode breaks views of parameter-built masks
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, (example,), dynamo=True, opset_version=opset, input_names=["input"],

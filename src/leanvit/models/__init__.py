@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 #: Family modules in this package. Each registers its variants with timm on import.
-FAMILIES: tuple[str, ...] = ("mobilevig", "efficientmod", "vcmamba")
+FAMILIES: tuple[str, ...] = ("mobilevig", "efficientmod", "fcaformer", "vcmamba")
 
 for _family in FAMILIES:
     importlib.import_module(f"{__name__}.{_family}")

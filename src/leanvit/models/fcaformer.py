@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from functools import partial
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -38,14 +38,13 @@ from ..errors import InputSizeError
 
 __all__ = ["FcaFormer", "PUBLISHED"]
 
-#: What the official README reports, ImageNet-1k at 224: (params M, GMACs, top-1 %). Params and
-#: MACs of L1, L3 and L4 are the official code's comments (6.2/1.37, 27.9/6.7, 65.6/14.5), which
-#: are more precise than the README's rounding (6.2/1.4, 28/6.7, 66/14.5).
-PUBLISHED: Dict[str, Tuple[float, float, float]] = {
-    "fcaformer_l1": (6.2, 1.37, 80.3),
-    "fcaformer_l2": (16.3, 3.6, 83.1),
-    "fcaformer_l3": (27.9, 6.7, 84.2),
-    "fcaformer_l4": (65.6, 14.5, 84.9),
+#: The official numbers, ImageNet-1k at 224 (no distillation). README params/MACs, except where the
+#: official code's comments are more precise: L1 1.37 GMACs (README 1.4), L3 27.9M (28), L4 65.6M (66).
+PUBLISHED = {
+    "fcaformer_l1": dict(params_m=6.2, gmacs=1.37, top1=80.3),
+    "fcaformer_l2": dict(params_m=16.3, gmacs=3.6, top1=83.1),
+    "fcaformer_l3": dict(params_m=27.9, gmacs=6.7, top1=84.2),
+    "fcaformer_l4": dict(params_m=65.6, gmacs=14.5, top1=84.9),
 }
 
 
@@ -53,13 +52,13 @@ class ForwardCrossAttention(nn.Module):
     """Multi-head attention of a block's tokens over themselves and the stage's earlier cross tokens.
 
     Queries come from the block's own ``N`` tokens; keys and values from those plus ``num_cross``
-    cross tokens. LSF calibrates cross tokens from shallower blocks before they are mixed in: a
-    learnable scale per cross token, a LayerNorm of their own and a learnable logit bias per head
-    and cross token. Own tokens get LeViT's relative position bias (one learnt value per head and
-    ``(|dy|, |dx|)`` offset on the ``resolution`` grid).
+    cross tokens. (The official model projects queries for the cross tokens too, then drops them;
+    ``q`` and ``kv`` are its ``qkv`` split in two, which skips that work.) LSF calibrates cross
+    tokens from shallower blocks before they are mixed in: a learnable scale per cross token, a
+    LayerNorm of their own and a learnable logit bias per head and cross token. Own tokens get
+    LeViT's relative position bias (one learnt value per head and ``(|dy|, |dx|)`` offset on the
+    ``resolution`` grid).
     """
-
-    fused_attn: torch.jit.Final[bool]
 
     def __init__(
             self,
@@ -78,7 +77,8 @@ class ForwardCrossAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
 
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -96,16 +96,14 @@ class ForwardCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cross: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, C = x.shape
-        bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0)  # (1, heads, N, N)
-        q_w, kv_w = self.qkv.weight.split([C, 2 * C])
-        q_b, kv_b = self.qkv.bias.split([C, 2 * C]) if self.qkv.bias is not None else (None, None)
-        q = F.linear(x, q_w, q_b)
+        # (heads, N, N + num_cross), broadcast over the batch; a 4-D (1, heads, ...) mask derived from
+        # parameters trips the ONNX exporter's attention decomposition (torch 2.15, grad mode on)
+        bias = self.attention_biases[:, self.attention_bias_idxs]
+        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         if cross is not None:
-            # queries are only needed for own tokens: cross tokens enter as keys and values alone
             x = torch.cat((x, self.cross_norm(cross * self.cross_scale)), dim=1)
-            bias = torch.cat((bias, self.cross_bias.expand(-1, -1, N, -1)), dim=-1)
-        q = q.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = F.linear(x, kv_w, kv_b).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            bias = torch.cat((bias, self.cross_bias[0].expand(-1, N, -1)), dim=-1)
+        k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
@@ -176,11 +174,13 @@ class FcaBlock(nn.Module):
 class ConvStage(nn.Module):
     """Optional patch merging, then ConvNeXt blocks (NCHW in and out)."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool, drop_path: List[float]):
+    def __init__(
+            self, in_dim: int, dim: int, depth: int, downsample: bool, drop_path: List[float], ls_init_value: float,
+    ):
         super().__init__()
         self.downsample = PatchMerging(in_dim, dim, act_layer=nn.GELU) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
-            ConvNeXtBlock(dim, ls_init_value=1e-6, drop_path=drop_path[i]) for i in range(depth)])
+            ConvNeXtBlock(dim, ls_init_value=ls_init_value, drop_path=drop_path[i]) for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.downsample(x))
@@ -271,7 +271,7 @@ class FcaFormer(nn.Module):
             in_dim = embed_dims[max(i - 1, 0)]
             stride = self.patch_embed.stride * 2 ** i
             if i < num_conv:
-                stage = ConvStage(in_dim, dim, depth, downsample=i > 0, drop_path=dpr[i])
+                stage = ConvStage(in_dim, dim, depth, i > 0, dpr[i], ls_init_value)
             else:
                 # stride-2 3x3 convs with padding 1 give ceil(size / 2) at every step
                 grid = tuple(math.ceil(s / stride) for s in self.img_size)
@@ -297,13 +297,11 @@ class FcaFormer(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    @torch.jit.ignore
     def no_weight_decay(self) -> set:
         """Position and cross-token logit biases and the cross-token scales: no decay toward zero."""
         return {k for k, _ in self.named_parameters()
                 if k.rsplit(".", 1)[-1] in ("attention_biases", "cross_bias", "cross_scale")}
 
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(
             stem=r"^patch_embed",
@@ -314,11 +312,9 @@ class FcaFormer(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
@@ -332,9 +328,9 @@ class FcaFormer(nn.Module):
             h, w = self.img_size
             raise InputSizeError(
                 f"FcaFormer takes {h}x{w} inputs, got {x.shape[-2]}x{x.shape[-1]}: its attention biases "
-                f"and cross-token counts are learnt for one token grid. Resize/center-crop images to "
-                f"{h}x{w} (timm.data.resolve_data_config(model=model) gives the transform), or create the "
-                f"model with img_size=({x.shape[-2]}, {x.shape[-1]}) and train it at that size."
+                f"and cross-token counts are learnt for one token grid. Resize and center-crop images to "
+                f"{h}x{w} (timm.data.create_transform(**timm.data.resolve_model_data_config(model)) does), "
+                f"or create the model with img_size=({x.shape[-2]}, {x.shape[-1]}) and train it at that size."
             )
 
     def forward_intermediates(
@@ -354,12 +350,12 @@ class FcaFormer(nn.Module):
         assert output_fmt == "NCHW", "Output format must be NCHW."
         self._check_input_size(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
 
         intermediates = []
         x = self.patch_embed(x)
         for i, stage in enumerate(stages):
-            x = checkpoint(stage, x) if self.grad_checkpointing and not torch.jit.is_scripting() else stage(x)
+            x = checkpoint(stage, x) if self.grad_checkpointing else stage(x)
             if i in take_indices:
                 intermediates.append(x)
         if intermediates_only:
@@ -386,7 +382,7 @@ class FcaFormer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_size(x)
         x = self.patch_embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if self.grad_checkpointing:
             return checkpoint_seq(self.stages, x)
         return self.stages(x)
 
@@ -442,7 +438,17 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
             break
     if "patch_embed.conv1.conv.weight" in state_dict:
         return state_dict
-    return {_official_to_ours(k): v for k, v in state_dict.items() if not k.endswith("attention_bias_idxs")}
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith("attention_bias_idxs"):
+            continue
+        k = _official_to_ours(k)
+        if ".attn.qkv." in k:
+            dim = len(v) // 3
+            out[k.replace(".qkv.", ".q.")], out[k.replace(".qkv.", ".kv.")] = v.split([dim, 2 * dim])
+        else:
+            out[k] = v
+    return out
 
 
 def _create_fcaformer(variant: str, pretrained: bool = False, **kwargs) -> FcaFormer:
