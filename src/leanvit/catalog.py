@@ -46,7 +46,7 @@ _TVT = "microsoft/Cream TinyViT README (top-1: IN-22k distilled -> 1k)"
 _DEIT = "facebookresearch/deit README (top-1); params/GMACs: timm's count"
 _MVIG = "MobileViG paper (arXiv 2307.00395) / RepViT comparison table"
 _EMOD = "ma-xu/EfficientMod README (params, top-1 distilled); FLOPs and latency: paper Tables 1-3"
-_FCA = "hkzhang-git/FcaFormer README"
+_FCA = "hkzhang-git/FcaFormer README (L1 GMACs, L3/L4 params: the official code's more precise comments)"
 _VCM = "Wertyuui345/VCMamba README"
 
 CATALOG: dict[str, ModelFacts] = {f.name: f for f in [
@@ -85,10 +85,10 @@ CATALOG: dict[str, ModelFacts] = {f.name: f for f in [
     _f("efficientmod_s", "EfficientMod", 12.9, 1.4, 81.9, "23.5 ms, Xeon E5-2680 4 threads (ONNX); 5.5 ms P100", _EMOD, provider="leanvit"),
     _f("efficientmod_s_conv", "EfficientMod", 12.9, 1.5, 80.5, None, _EMOD, provider="leanvit"),
     # --- FcaFormer (leanvit) --- latency: ARM Cortex-A17, 4 threads, batch 1
-    _f("fcaformer_l1", "FcaFormer", 6.2, 1.4, 80.3, "312 ms, ARM Cortex-A17 4 threads", _FCA, provider="leanvit"),
+    _f("fcaformer_l1", "FcaFormer", 6.2, 1.37, 80.3, "312 ms, ARM Cortex-A17 4 threads", _FCA, provider="leanvit"),
     _f("fcaformer_l2", "FcaFormer", 16.3, 3.6, 83.1, "728 ms, ARM Cortex-A17 4 threads", _FCA, provider="leanvit"),
-    _f("fcaformer_l3", "FcaFormer", 28.0, 6.7, 84.2, "1344 ms, ARM Cortex-A17 4 threads", _FCA, provider="leanvit"),
-    _f("fcaformer_l4", "FcaFormer", 66.0, 14.5, 84.9, "2624 ms, ARM Cortex-A17 4 threads", _FCA, provider="leanvit"),
+    _f("fcaformer_l3", "FcaFormer", 27.9, 6.7, 84.2, "1344 ms, ARM Cortex-A17 4 threads", _FCA, provider="leanvit"),
+    _f("fcaformer_l4", "FcaFormer", 65.6, 14.5, 84.9, "2624 ms, ARM Cortex-A17 4 threads", _FCA, provider="leanvit"),
     # --- VCMamba (leanvit) --- GMACs: the README's are fvcore counts, which include norm layers
     _f("vcmamba_s", "VCMamba", 10.5, 1.1, 78.7, None, _VCM, provider="leanvit"),
     _f("vcmamba_m", "VCMamba", 21.0, 2.3, 81.5, None, _VCM, provider="leanvit"),

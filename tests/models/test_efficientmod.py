@@ -16,11 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from leanvit.catalog import CATALOG, get_facts
 import leanvit.models.efficientmod as emod
 from leanvit.errors import LeanvitError
 from leanvit.profile import count_macs, count_params
 
-VARIANTS = list(emod.PUBLISHED)
+VARIANTS = [f.name for f in CATALOG.values() if f.family == 'EfficientMod']
 #: official constructor arguments (ma-xu/EfficientMod models/EfficientMod.py); per-block MLP
 #: ratios there are explicit lists, alternating 1 and r from the start of every stage
 OFFICIAL = {
@@ -163,13 +164,13 @@ def official_forward(sd: dict, x: torch.Tensor, heads: int = 8) -> torch.Tensor:
 @pytest.mark.parametrize('name', VARIANTS)
 def test_params_within_1pct_of_paper(name):
     params_m = count_params(timm.create_model(name)) / 1e6
-    assert abs(params_m - emod.PUBLISHED[name]['params_m']) <= 0.01 * emod.PUBLISHED[name]['params_m'], params_m
+    assert abs(params_m - get_facts(name).params_m) <= 0.01 * get_facts(name).params_m, params_m
 
 
 @pytest.mark.parametrize('name', ['efficientmod_xxs'] + [pytest.param(n, marks=slow) for n in VARIANTS[1:]])
 def test_macs_within_5pct_of_paper(name):
     gmacs = count_macs(timm.create_model(name), (3, 224, 224)) / 1e9
-    assert abs(gmacs - emod.PUBLISHED[name]['gmacs']) <= 0.05 * emod.PUBLISHED[name]['gmacs'], gmacs
+    assert abs(gmacs - get_facts(name).gmacs) <= 0.05 * get_facts(name).gmacs, gmacs
 
 
 # --- official checkpoints ----------------------------------------------------------------------

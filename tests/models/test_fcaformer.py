@@ -16,11 +16,12 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from leanvit.catalog import CATALOG, get_facts
 import leanvit.models.fcaformer as fca
 from leanvit.errors import InputSizeError, LeanvitError
 from leanvit.profile import count_macs, count_params
 
-VARIANTS = list(fca.PUBLISHED)
+VARIANTS = [f.name for f in CATALOG.values() if f.family == 'FcaFormer']
 
 #: a few-block FcaFormer with a non-square grid (6x4 then 3x2 tokens) and cab_max_d=2 < depth - 1,
 #: so the cross-token window slides
@@ -154,11 +155,11 @@ def _levit_bias_idxs(h: int, w: int) -> torch.Tensor:
 
 
 def _check_published(name: str) -> None:
-    published = fca.PUBLISHED[name]
+    published = get_facts(name)
     model = timm.create_model(name)
     params, macs = count_params(model), count_macs(model, (3, 224, 224))
-    assert abs(params / 1e6 / published["params_m"] - 1) <= 0.01, (name, params)
-    assert abs(macs / 1e9 / published["gmacs"] - 1) <= 0.05, (name, macs)
+    assert abs(params / 1e6 / published.params_m - 1) <= 0.01, (name, params)
+    assert abs(macs / 1e9 / published.gmacs - 1) <= 0.05, (name, macs)
 
 
 def test_l1_matches_published_params_and_macs():

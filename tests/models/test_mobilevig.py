@@ -15,11 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from leanvit.catalog import CATALOG, get_facts
 import leanvit.models.mobilevig as mvig
 from leanvit.errors import LeanvitError
 from leanvit.profile import count_macs, count_params
 
-VARIANTS = list(mvig.PUBLISHED)
+VARIANTS = [f.name for f in CATALOG.values() if f.family == 'MobileViG']
 #: official constructor arguments (SLDGroup/MobileViG models/mobilevig.py), independent of ours
 OFFICIAL = {
     'mobilevig_ti': dict(local_channels=(42, 84, 168), local_blocks=(2, 2, 6), global_channels=256, global_blocks=2, emb_dims=512),
@@ -181,7 +182,7 @@ _PAPER_SKIPS_BN = pytest.mark.xfail(strict=True, reason="paper's parameter count
 ])
 def test_params_within_1pct_of_paper(name):
     params_m = count_params(timm.create_model(name)) / 1e6
-    assert abs(params_m - mvig.PUBLISHED[name]['params_m']) <= 0.01 * mvig.PUBLISHED[name]['params_m'], params_m
+    assert abs(params_m - get_facts(name).params_m) <= 0.01 * get_facts(name).params_m, params_m
 
 
 @pytest.mark.parametrize('name', VARIANTS)
@@ -189,13 +190,13 @@ def test_params_match_paper_by_its_counting_rule(name):
     """The official profiler counts conv weights plus in-channels per conv, and nothing else."""
     model = timm.create_model(name)
     rule = sum(m.weight.numel() + m.weight.shape[1] for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-    assert _within(rule / 1e6, mvig.PUBLISHED[name]['params_m'], 0.01), rule
+    assert _within(rule / 1e6, get_facts(name).params_m, 0.01), rule
 
 
 @pytest.mark.parametrize('name', ['mobilevig_ti'] + [pytest.param(n, marks=slow) for n in VARIANTS[1:]])
 def test_macs_match_paper(name):
     gmacs = count_macs(timm.create_model(name), (3, 224, 224)) / 1e9
-    assert _within(gmacs, mvig.PUBLISHED[name]['gmacs'], 0.05), gmacs
+    assert _within(gmacs, get_facts(name).gmacs, 0.05), gmacs
 
 
 # --- official checkpoints ----------------------------------------------------------------------

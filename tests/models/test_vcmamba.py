@@ -10,10 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from leanvit.catalog import CATALOG, get_facts
 from leanvit.deploy import check_agreement, export_onnx, get_engine
 from leanvit.errors import InputSizeError
 from leanvit.models.layers import linear_recurrence, selective_scan
-from leanvit.models.vcmamba import PUBLISHED, PlainMamba2d, VCMambaBlock, checkpoint_filter_fn, snake_scan_orders
+from leanvit.models.vcmamba import PlainMamba2d, VCMambaBlock, checkpoint_filter_fn, snake_scan_orders
 from leanvit.profile import count_macs, count_params
 
 #: A tiny VCMamba with every part of the real one: a 3x3 token grid (odd, so the scan pads at
@@ -179,10 +180,10 @@ def norm_flops(model: nn.Module, input_size: tuple) -> int:
     return total
 
 
-@pytest.mark.parametrize('name', list(PUBLISHED))
+@pytest.mark.parametrize('name', [f.name for f in CATALOG.values() if f.family == 'VCMamba'])
 def test_param_count_matches_readme(name):
     params = count_params(timm.create_model(name))
-    assert abs(params / (PUBLISHED[name]['params_m'] * 1e6) - 1) <= 0.01
+    assert abs(params / (get_facts(name).params_m * 1e6) - 1) <= 0.01
 
 
 _S_MACS_NOTE = (
@@ -198,7 +199,7 @@ _S_MACS_NOTE = (
 ])
 def test_macs_match_readme(name):
     macs = count_macs(timm.create_model(name), (3, 224, 224))
-    assert abs(macs / (PUBLISHED[name]['gmacs'] * 1e9) - 1) <= 0.05
+    assert abs(macs / (get_facts(name).gmacs * 1e9) - 1) <= 0.05
 
 
 @pytest.mark.parametrize('name', [
@@ -208,7 +209,7 @@ def test_macs_reproduce_readme_count(name):
     """The README counts with fvcore (matmuls and convs, plus norms), to one decimal."""
     model = timm.create_model(name).eval()
     total = count_macs(model, (3, 224, 224)) + norm_flops(model, (3, 224, 224))
-    assert round(total / 1e9, 1) == PUBLISHED[name]['gmacs']
+    assert round(total / 1e9, 1) == get_facts(name).gmacs
 
 
 # --- official checkpoints -----------------------------------------------------------------------
@@ -315,7 +316,7 @@ def test_tiny_exports_and_runs_on_onnxruntime_and_openvino(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', list(PUBLISHED))
+@pytest.mark.parametrize('name', [f.name for f in CATALOG.values() if f.family == 'VCMamba'])
 def test_variant_exports_and_runs_on_onnxruntime_and_openvino(name, tmp_path):
     model = timm.create_model(name).eval()
     example = torch.randn(1, 3, 224, 224)
@@ -336,7 +337,7 @@ def test_tiny_compiles_without_graph_breaks():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', list(PUBLISHED))
+@pytest.mark.parametrize('name', [f.name for f in CATALOG.values() if f.family == 'VCMamba'])
 def test_variant_compiles_with_inductor(name):
     torch._dynamo.reset()
     model = timm.create_model(name).eval()

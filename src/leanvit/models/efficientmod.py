@@ -27,16 +27,7 @@ from timm.models._features import feature_take_indices
 
 from ..errors import LeanvitError
 
-__all__ = ['EfficientMod', 'PUBLISHED']
-
-#: Published numbers: params and top-1 (distilled, s_conv not) from the official README, GMACs at
-#: 224 from the paper's Table 1-3 (reported as "FLOPs"; fvcore-style MACs).
-PUBLISHED = {
-    'efficientmod_xxs': dict(params_m=4.7, gmacs=0.6, top1=77.1),
-    'efficientmod_xs': dict(params_m=6.6, gmacs=0.8, top1=79.4),
-    'efficientmod_s': dict(params_m=12.9, gmacs=1.4, top1=81.9),
-    'efficientmod_s_conv': dict(params_m=12.9, gmacs=1.5, top1=80.5),
-}
+__all__ = ['EfficientMod']
 
 
 def _to_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -492,6 +483,10 @@ def _create_efficientmod(variant: str, pretrained: bool = False, **kwargs) -> Ef
     )
 
 
+#: Registered variants; their published numbers are in ``leanvit.catalog``.
+VARIANTS = ('efficientmod_xxs', 'efficientmod_xs', 'efficientmod_s', 'efficientmod_s_conv')
+
+
 def _cfg(**kwargs) -> dict:
     return {
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
@@ -504,7 +499,7 @@ def _cfg(**kwargs) -> dict:
     }
 
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in PUBLISHED})
+default_cfgs = generate_default_cfgs({name: _cfg() for name in VARIANTS})
 
 
 @register_model

@@ -36,16 +36,7 @@ from timm.models.tiny_vit import ConvNorm, NormMlp, PatchEmbed, PatchMerging
 
 from ..errors import InputSizeError
 
-__all__ = ["FcaFormer", "PUBLISHED"]
-
-#: The official numbers, ImageNet-1k at 224 (no distillation). README params/MACs, except where the
-#: official code's comments are more precise: L1 1.37 GMACs (README 1.4), L3 27.9M (28), L4 65.6M (66).
-PUBLISHED = {
-    "fcaformer_l1": dict(params_m=6.2, gmacs=1.37, top1=80.3),
-    "fcaformer_l2": dict(params_m=16.3, gmacs=3.6, top1=83.1),
-    "fcaformer_l3": dict(params_m=27.9, gmacs=6.7, top1=84.2),
-    "fcaformer_l4": dict(params_m=65.6, gmacs=14.5, top1=84.9),
-}
+__all__ = ["FcaFormer"]
 
 
 class ForwardCrossAttention(nn.Module):

@@ -36,14 +36,7 @@ from timm.models.efficientformer_v2 import ConvMlpWithNorm, Downsample, Efficien
 from ..errors import InputSizeError, LeanvitError
 from .layers import selective_scan
 
-__all__ = ['VCMamba', 'PUBLISHED', 'snake_scan_orders']
-
-#: The README's numbers (params include the distillation head). No latency is published.
-PUBLISHED = {
-    'vcmamba_s': dict(params_m=10.5, gmacs=1.1, top1=78.7),
-    'vcmamba_m': dict(params_m=21.0, gmacs=2.3, top1=81.5),
-    'vcmamba_b': dict(params_m=31.5, gmacs=4.0, top1=82.6),
-}
+__all__ = ['VCMamba', 'snake_scan_orders']
 
 
 def snake_scan_orders(height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -523,6 +516,10 @@ def _create_vcmamba(variant: str, pretrained: bool = False, **kwargs) -> VCMamba
     )
 
 
+#: Registered variants; their published numbers are in ``leanvit.catalog``.
+VARIANTS = ('vcmamba_s', 'vcmamba_m', 'vcmamba_b')
+
+
 def _cfg(**kwargs) -> dict:
     return {
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'fixed_input_size': True,
@@ -537,7 +534,7 @@ def _cfg(**kwargs) -> dict:
 # The official checkpoints (README): Hugging Face SLDGroup/VCMamba, one DeiT-style file per variant.
 default_cfgs = generate_default_cfgs({
     f'{name}.in1k': _cfg(hf_hub_id='SLDGroup/VCMamba', hf_hub_filename=f'VCMamba-{name[-1].upper()}.pth')
-    for name in PUBLISHED
+    for name in VARIANTS
 })
 
 
