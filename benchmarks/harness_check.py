@@ -4,8 +4,10 @@
    on the very same IR file, with the same settings (CPU, latency hint, N threads, f32, sync API).
 2. Eager: ``leanvit bench``'s eager median against a bare ``time.perf_counter`` loop.
 
-The two timers of each pair run alternately for ``--rounds`` rounds so that machine drift hits
-both; the ratio of their medians (across rounds) must stay within ``--tolerance``.
+leanvit's side is exactly what ``leanvit bench`` times: the engine's runner (``engine.load``) under
+``leanvit.bench.time_calls``. The two timers of each pair alternate in short rounds, so that the
+drift of a shared machine hits both alike; the ratio of the medians of their per-round medians
+must stay within ``--tolerance``.
 
     python benchmarks/harness_check.py --out benchmarks/results
 """
@@ -24,17 +26,13 @@ from pathlib import Path
 import torch
 
 import leanvit
-from leanvit.bench import BenchConfig, TimingBudget, host_info, run_bench
-from leanvit.deploy import cached_onnx, cached_openvino_ir, get_engine
+from leanvit.bench import TimingBudget, host_info, time_calls
+from leanvit.deploy import get_engine
 
 
-def leanvit_median(model: str, engine: str, threads: int, seconds: float) -> float:
-    cfg = BenchConfig(models=[model], engines=[engine], threads=threads, n_check=1,
-                      budget=TimingBudget(warmup_s=1.0, budget_s=seconds, max_iters=100_000))
-    row = run_bench(cfg, progress=False)[0]
-    if row.error:
-        raise SystemExit(f"leanvit bench failed: {row.error}")
-    return row.latency_ms_median
+def leanvit_median(runner, x: torch.Tensor, seconds: float) -> float:
+    x_np = x.numpy()
+    return time_calls(lambda: runner(x_np), TimingBudget(warmup_s=1.0, budget_s=seconds, max_iters=100_000)).median
 
 
 def benchmark_app_median(xml: Path, threads: int, seconds: float) -> tuple[float, list[str]]:
@@ -49,9 +47,7 @@ def benchmark_app_median(xml: Path, threads: int, seconds: float) -> tuple[float
 
 
 @torch.inference_mode()
-def bare_loop_median(model: torch.nn.Module, threads: int, seconds: float) -> float:
-    torch.set_num_threads(threads)
-    x = torch.randn(1, 3, 224, 224)
+def bare_loop_median(model: torch.nn.Module, x: torch.Tensor, seconds: float) -> float:
     end = time.perf_counter() + 1.0
     while time.perf_counter() < end:
         model(x)
@@ -68,25 +64,30 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="efficientformer_l1")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seconds", type=float, default=15.0, help="timed seconds per measurement")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=4.0, help="timed seconds per measurement")
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--tolerance", type=float, default=0.10)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
-    torch.manual_seed(BenchConfig().seed)  # the same random weights run_bench builds: same cached IR
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     model = leanvit.create_model(args.model)
-    xml = cached_openvino_ir(cached_onnx(model, torch.randn(1, 3, 224, 224)))
-    assert get_engine("openvino", threads=args.threads).load_model_file(xml).precision == "f32"
+    x = torch.randn(1, 3, 224, 224)
+    ov_engine = get_engine("openvino", threads=args.threads, precision="f32")
+    ov_runner = ov_engine.load(model, x)
+    xml = Path(ov_runner.info["model_file"])
+    assert ov_runner.precision == "f32", ov_runner.precision
+    eager_runner = get_engine("eager", threads=args.threads).load(model, x)
 
     pairs = {"openvino_f32": {"leanvit": [], "reference": []}, "eager_f32": {"leanvit": [], "reference": []}}
     ref_cmd = None
     for r in range(args.rounds):
-        pairs["openvino_f32"]["leanvit"].append(leanvit_median(args.model, "openvino", args.threads, args.seconds))
+        pairs["openvino_f32"]["leanvit"].append(leanvit_median(ov_runner, x, args.seconds))
         median, ref_cmd = benchmark_app_median(xml, args.threads, args.seconds)
         pairs["openvino_f32"]["reference"].append(median)
-        pairs["eager_f32"]["leanvit"].append(leanvit_median(args.model, "eager", args.threads, args.seconds))
-        pairs["eager_f32"]["reference"].append(bare_loop_median(model, args.threads, args.seconds))
+        pairs["eager_f32"]["leanvit"].append(leanvit_median(eager_runner, x, args.seconds))
+        pairs["eager_f32"]["reference"].append(bare_loop_median(model, x, args.seconds))
         print(f"round {r + 1}: " + ", ".join(f"{k} leanvit {v['leanvit'][-1]:.2f} ms / reference {v['reference'][-1]:.2f} ms"
                                               for k, v in pairs.items()), file=sys.stderr)
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from ..errors import LeanvitError
 
 #: Sub-command modules, in the order ``leanvit --help`` lists them.
-COMMANDS = ("models", "profile", "bench", "eval", "train")
+COMMANDS = ("models", "profile", "bench", "eval", "train", "tokens", "quantize")
 
 
 def build_parser() -> argparse.ArgumentParser:

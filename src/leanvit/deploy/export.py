@@ -26,9 +26,10 @@ def cache_root() -> Path:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's class, parameter/buffer names, shapes and values."""
+    """A short hash of the model's structure (its repr, which names patched-in methods such as token
+    reduction), parameter/buffer names, shapes and values."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(type(model).__qualname__.encode())
+    h.update(repr(model).encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())

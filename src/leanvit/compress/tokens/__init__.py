@@ -1,33 +1,37 @@
-"""Token reduction for plain ViTs: EViT, ToMe and DiffRate behind one patch API.
+"""Token reduction for plain ViTs: EViT, ToMe and DiffRate behind one patch API::
 
->>> import leanvit.tokens as tokens
->>> tokens.apply(model, tokens.EViT(keep_rate=0.7, fuse=True, layers=(3, 6, 9)))
->>> tokens.apply(model, tokens.from_spec("tome:13"))        # replaces the EViT patch
->>> tokens.remove(model)                                      # the original model again
+    import leanvit.tokens as tokens
+
+    tokens.apply(model, tokens.EViT(keep_rate=0.7, fuse=True, layers=(3, 6, 9)))
+    tokens.apply(model, tokens.from_spec("tome:13"))  # replaces the EViT patch
+    tokens.remove(model)                              # the original model again
 
 The model is changed in place and keeps its parameters and ``state_dict`` keys, so checkpoints load
 before or after. Token counts per block are fixed by the input size (:func:`token_counts`), so the
 reduced model exports to ONNX / OpenVINO with static shapes.
 
-Training hook: for fine-tuning with EViT on, ``leanvit train`` builds
-``hook = keep_rate_warmup(model, steps_per_epoch=...)`` and calls ``hook(global_step)`` before
-every forward pass (EViT's keep-rate warm-up: 1, then cosine down to the applied keep rate).
+Fine-tuning with the reduction on (the hook ``leanvit train`` uses): apply the method to the model
+before building the optimizer, then, for EViT, ``hook = keep_rate_warmup(model, steps_per_epoch=N,
+start_epoch=S, shrink_epochs=E)`` and ``hook(global_step)`` before every forward pass. The keep rate
+is 1 for S epochs, then follows a cosine down to the applied keep rate over E epochs. The official
+recipe is S=10, E=100 of 300 epochs, so scale both for a short fine-tune. ToMe and DiffRate need no
+schedule. The saved weights are a plain ViT's: re-apply the method after loading them.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from ...errors import LeanvitError, close_matches
-from .diffrate import DiffRate, search_rates
+from .diffrate import DiffRate
 from .evit import EViT, keep_rate_at, keep_rate_warmup
-from .patch import TokenMethod, applied, apply, remove, token_counts
+from .patch import TokenMethod, applied, apply, check_plain_vit, remove, token_counts
 from .tome import ToMe
 
 METHODS = ("evit", "tome", "diffrate")
 
 __all__ = [
-    "DiffRate", "EViT", "METHODS", "ToMe", "TokenMethod", "applied", "apply", "from_spec",
-    "keep_rate_at", "keep_rate_warmup", "remove", "search_rates", "token_counts",
+    "DiffRate", "EViT", "METHODS", "ToMe", "TokenMethod", "applied", "apply", "check_plain_vit", "from_spec",
+    "keep_rate_at", "keep_rate_warmup", "remove", "token_counts",
 ]
 
 

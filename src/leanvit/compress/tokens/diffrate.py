@@ -107,6 +107,9 @@ class DiffRate(TokenMethod):
             raise LeanvitError("DiffRate needs both prune and merge counts, or neither (with target_macs).")
         if self.prune is None and self.target_macs is None:
             raise LeanvitError("DiffRate needs target_macs (e.g. 2.9e9) or explicit prune and merge counts.")
+        if self.prune is not None and self.calib is not None:
+            raise LeanvitError("DiffRate got both kept counts and calibration data; the counts leave nothing "
+                               "to search. Drop one of them.")
         if self.prune is not None:
             object.__setattr__(self, "prune", tuple(int(v) for v in self.prune))
             object.__setattr__(self, "merge", tuple(int(v) for v in self.merge))
@@ -125,7 +128,7 @@ class DiffRate(TokenMethod):
 
     def resolve(self, model: VisionTransformer) -> DiffRate:
         if self.prune is not None:
-            return replace(self, calib=None)
+            return self
         if self.calib is not None:
             prune, merge = search_rates(model, self.calib, self)
             return replace(self, prune=prune, merge=merge, calib=None)
@@ -263,6 +266,8 @@ def _masked_attention(attn, x, size, mask, eps: float = 1e-6):
     w = (logits - logits.amax(dim=-1, keepdim=True)).exp() * policy
     w = (w + eps / N) / (w.sum(dim=-1, keepdim=True) + eps)
     out = attn.norm((w @ v).transpose(1, 2).reshape(B, N, -1))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
     return attn.proj(out), w[:, :, 0].mean(dim=1)
 
 
@@ -285,6 +290,9 @@ def _calibration_batches(model: nn.Module, calib: Any, batch_size: int) -> list[
         images, labels = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             raise LeanvitError("DiffRate calib must hold image tensors (B, C, H, W) or (images, labels) batches.")
+        if tuple(images.shape[-2:]) != tuple(model.patch_embed.img_size):
+            raise LeanvitError(f"DiffRate calibration images are {tuple(images.shape[-2:])} but the model takes "
+                               f"{tuple(model.patch_embed.img_size)}; pre-process them for this model.")
         if labels is None:
             with torch.no_grad():
                 labels = model(images).argmax(dim=-1)
@@ -340,7 +348,7 @@ def search_rates(model: VisionTransformer, calib: Any, cfg: DiffRate) -> tuple[t
             opt.step()
             sched.step()
         with torch.no_grad():
-            kept = (_ste_ceil(logits.softmax(dim=-1) @ candidates) + prefix).int().tolist()
+            kept = (torch.ceil(logits.softmax(dim=-1) @ candidates) + prefix).int().tolist()
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -6,7 +6,8 @@ DiffRate) or the keys (ToMe), and for merging methods a log-size bias on the att
 (ToMe's proportional attention). Rather than swapping module classes, :func:`apply` replaces
 ``model.blocks`` with :class:`ReducingBlocks`, an ``nn.Sequential`` over the *same* block modules, so
 ``state_dict`` keys and checkpoints are unchanged. Its forward passes the token sizes from block to
-block. :func:`remove` puts the original ``nn.Sequential`` back.
+block. :func:`remove` puts the original ``nn.Sequential`` back. Reduction applies to ``forward`` and
+``forward_features``; ``forward_intermediates`` (spatial feature maps) runs the original blocks.
 
 Every token count is a Python integer derived from the input's token count, never from data, so a
 reduced model is top-k, gather and scatter-add with fixed shapes, and it exports to ONNX and
@@ -14,6 +15,7 @@ OpenVINO as such.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Callable, Optional
 
 import torch
@@ -30,7 +32,7 @@ from ...errors import LeanvitError
 Reducer = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], tuple]
 
 
-class TokenMethod:
+class TokenMethod(ABC):
     """A token-reduction method: per-block reducers plus what they need from the attention.
 
     ``metric`` is ``"cls_attn"`` (head-mean attention of the class token to every token, (B, N))
@@ -41,12 +43,13 @@ class TokenMethod:
     metric: str = "cls_attn"
     proportional: bool = False
 
+    @abstractmethod
     def reducers(self, depth: int, num_prefix: int) -> list[Reducer | None]:
-        raise NotImplementedError
+        """One reducer per block (None: the block keeps its tokens); raises if ``self`` cannot fit."""
 
+    @abstractmethod
     def token_counts(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:
         """Tokens left after each block's reduction, for an input of ``num_tokens`` tokens."""
-        raise NotImplementedError
 
     def resolve(self, model: VisionTransformer) -> TokenMethod:
         """The method with everything it learns from ``model`` fixed (DiffRate searches here)."""
@@ -113,6 +116,11 @@ class ReducingBlocks(nn.Sequential):
         self.method = method
         self.__dict__["_reducers"] = method.reducers(len(self), self.num_prefix)
 
+    def __getitem__(self, idx):
+        """Blocks of the original model: timm slices ``blocks`` (``forward_intermediates``,
+        ``prune_intermediate_layers``) to run them one by one, which is the unreduced path."""
+        return self.original[idx]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = None
         for blk, reduce in zip(self, self._reducers):
@@ -138,7 +146,7 @@ def check_plain_vit(model: nn.Module) -> VisionTransformer:
             f"{name} has non-standard transformer blocks ({', '.join(sorted(odd)) or type(blocks).__name__}); "
             "token reduction needs timm's Block with its Attention. Use a DeiT/ViT model."
         )
-    if model.cls_token is None or model.global_pool != "token" or model.attn_pool is not None:
+    if model.cls_token is None or model.global_pool != "token" or getattr(model, "attn_pool", None) is not None:
         raise LeanvitError(
             f"{name} pools with '{model.global_pool}' rather than reading a class token; EViT, ToMe "
             "and DiffRate keep the class token and drop or merge the others. Use a class-token ViT "
@@ -163,7 +171,8 @@ def _refuse_grad_checkpointing(model: nn.Module, args) -> None:
 def apply(model: nn.Module, method: TokenMethod) -> nn.Module:
     """Apply ``method`` to ``model`` in place (replacing any reduction already applied); returns it.
 
-    DiffRate's rate search, if the method asks for one, runs here on the unreduced model.
+    DiffRate's rate search, if the method asks for one, runs here on the unreduced model. A method
+    that does not fit the model raises :class:`LeanvitError` and leaves the model unreduced.
     """
     if not isinstance(method, TokenMethod):
         raise LeanvitError(

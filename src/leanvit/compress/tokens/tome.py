@@ -5,7 +5,9 @@ A token is matched to its most similar B token, using cosine similarity of the h
 keys, and the ``r`` best-matched A tokens are merged into their partners. Merging is a size-weighted
 average, and proportional attention then adds log(size) to the attention logits so that a merged
 token weighs as much as the patches it replaced. Prefix tokens (class, distillation) are never
-merged, as in ``tome/patch/timm.py``.
+merged, as in ``tome/patch/timm.py``. The official code quietly merges fewer tokens in a block that
+cannot merge ``r`` (at most half of its unprotected tokens); here that is an error naming the largest
+``r`` that fits, so the token counts are always the ones asked for.
 """
 from __future__ import annotations
 

@@ -1,0 +1,123 @@
+"""``leanvit tokens MODEL --method evit --keep-rate 0.7``: token reduction, its MACs and accuracy.
+
+Prints the tokens left after each block and the MACs before and after. With ``--eval DATA`` (any
+layout ``leanvit eval`` reads, e.g. ``cifar10-test500``) it also prints the top-1 of both. There is
+no fine-tuning; that is ``leanvit train``'s job.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..checkpoint import model_from_checkpoint
+from ..data import (
+    build_transform, calibration_subset, dataset_classes, make_loader, open_dataset, resolve_data_config,
+)
+from ..errors import LeanvitError
+from ..evaluate import evaluate
+from ..models.registry import create_model
+from ..profile import count_macs
+from . import positive_int, print_json
+from .train import json_object
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("tokens", help="reduce a ViT's tokens (EViT, ToMe, DiffRate): MACs and accuracy")
+    p.add_argument("model", help="a plain ViT: timm name such as deit_small_patch16_224")
+    p.add_argument("--method", required=True, choices=("evit", "tome", "diffrate"))
+    p.add_argument("--keep-rate", type=float, default=0.7, help="EViT: fraction of tokens kept (default 0.7)")
+    p.add_argument("--layers", type=_index_list, default=(3, 6, 9),
+                   help="EViT: 0-based blocks that drop tokens (default 3,6,9)")
+    p.add_argument("--no-fuse", action="store_true", help="EViT: drop tokens instead of fusing them into one")
+    p.add_argument("--r", type=int, default=8, help="ToMe: tokens merged per block (default 8)")
+    p.add_argument("--target-gmacs", type=float, help="DiffRate: target GMACs (required for diffrate)")
+    p.add_argument("--calib", metavar="DATA", help="DiffRate: dataset whose training split the rates are searched on")
+    p.add_argument("--calib-images", type=positive_int, default=256, help="DiffRate: images used (default 256)")
+    p.add_argument("--steps", type=positive_int, default=300, help="DiffRate: search steps (default 300)")
+    p.add_argument("--checkpoint", help="weights: a `leanvit train` folder or .safetensors, or a timm/official .pth")
+    p.add_argument("--model-kwargs", type=json_object, default={}, metavar="JSON",
+                   help="kwargs for timm.create_model, e.g. '{\"num_classes\": 10}'")
+    p.add_argument("--eval", metavar="DATA", help="dataset to measure top-1 on (any layout `leanvit eval` reads)")
+    p.add_argument("--eval-images", type=positive_int, help="evaluate on this many images (class-balanced)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+    return p
+
+
+def _index_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got '{text}'") from None
+
+
+def _subset(dataset, n: int | None):
+    return dataset if n is None or n >= len(dataset) else calibration_subset(dataset, n)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import tokens
+
+    if args.method == "evit":
+        method = tokens.EViT(keep_rate=args.keep_rate, fuse=not args.no_fuse, layers=args.layers)
+    elif args.method == "tome":
+        method = tokens.ToMe(r=args.r)
+    elif args.target_gmacs is None:
+        raise LeanvitError("--method diffrate needs --target-gmacs (e.g. 2.9).")
+
+    if args.checkpoint:
+        model, meta = model_from_checkpoint(args.model, args.checkpoint, **args.model_kwargs)
+    else:
+        model, meta = create_model(args.model, **args.model_kwargs), {}
+        if args.eval:
+            print("leanvit tokens: warning: no --checkpoint, evaluating random weights", file=sys.stderr)
+    tokens.check_plain_vit(model)
+    data_config = meta.get("data_config") or resolve_data_config(model, img_size=model.patch_embed.img_size[0])
+    transform = build_transform(data_config)
+    if args.method == "diffrate":
+        calib = None
+        if args.calib:
+            images = _subset(open_dataset(args.calib, train=True, transform=transform), args.calib_images)
+            calib = [b for b in make_loader(images, args.batch_size) if b is not None]
+        method = tokens.DiffRate(target_macs=args.target_gmacs * 1e9, calib=calib, steps=args.steps)
+
+    input_size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    result = {"model": args.model, "checkpoint": args.checkpoint, "img_size": input_size[-1],
+              "macs": count_macs(model, input_size)}
+    if args.eval:
+        dataset = open_dataset(args.eval, transform=transform)
+        if meta.get("classes") and meta["classes"] != dataset_classes(dataset):
+            raise LeanvitError(f"The checkpoint was trained on the classes {meta['classes']}, not those of "
+                               f"{args.eval}. Evaluate it on data with the same classes.")
+        loader = make_loader(_subset(dataset, args.eval_images), args.batch_size)
+        before = evaluate(model, loader, classes=dataset_classes(dataset), device="cpu", progress=False)
+
+    started = time.perf_counter()
+    tokens.apply(model, method)
+    result.update(
+        method=repr(tokens.applied(model)),
+        setup_s=round(time.perf_counter() - started, 2),
+        tokens_per_block=tokens.token_counts(model),
+        reduced_macs=count_macs(model, input_size),
+    )
+    result["macs_cut_pct"] = round(100.0 * (1 - result["reduced_macs"] / result["macs"]), 2)
+    if args.eval:
+        after = evaluate(model, loader, classes=dataset_classes(dataset), device="cpu", progress=False)
+        result.update(eval_data=str(args.eval), eval_images=before.images, top1=before.top1,
+                      reduced_top1=after.top1)
+
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"model    {args.model} @ {result['img_size']}x{result['img_size']}"
+          + (f"  ({args.checkpoint})" if args.checkpoint else ""))
+    print(f"method   {result['method']}")
+    print(f"tokens   {' '.join(map(str, result['tokens_per_block']))}  (after each block)")
+    print(f"MACs     {result['macs'] / 1e9:.3f} G -> {result['reduced_macs'] / 1e9:.3f} G"
+          f"  (-{result['macs_cut_pct']:.1f} %)")
+    if args.eval:
+        print(f"top-1    {result['top1']:.2f} % -> {result['reduced_top1']:.2f} %  on {result['eval_images']} "
+              f"images of {args.eval} (no fine-tuning)")
+    return 0

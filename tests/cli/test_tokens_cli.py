@@ -1,0 +1,58 @@
+"""``leanvit tokens``: JSON report, evaluation on the bundled CIFAR-10 subset, user errors."""
+import json
+import re
+
+import pytest
+
+from leanvit.cli import main
+
+TINY = ["deit_tiny_patch16_224", "--model-kwargs", '{"num_classes": 10, "img_size": 32, "patch_size": 8}']
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_evit_json_with_eval(capsys):
+    code, out, _ = run_cli(capsys, "tokens", *TINY, "--method", "evit", "--keep-rate", "0.5",
+                           "--eval", "cifar10-test500", "--eval-images", "20", "--json")
+    report = json.loads(out)
+    assert code == 0
+    assert report["tokens_per_block"] == [17, 17, 17, 1 + 8 + 1, 10, 10, 1 + 5 + 1, 7, 7, 1 + 3 + 1, 5, 5]
+    assert report["reduced_macs"] < report["macs"]
+    assert report["macs_cut_pct"] == pytest.approx(100 * (1 - report["reduced_macs"] / report["macs"]), abs=0.01)
+    assert report["eval_images"] == 20 and 0 <= report["reduced_top1"] <= 100
+
+
+def test_tome_table(capsys):
+    code, out, _ = run_cli(capsys, "tokens", *TINY, "--method", "tome", "--r", "1")
+    assert code == 0
+    assert "16 15 14 13 12 11 10 9 8 7 6 5" in out and "MACs" in out
+
+
+def test_diffrate_searches_on_calibration_images(capsys):
+    code, out, _ = run_cli(capsys, "tokens", *TINY, "--method", "diffrate", "--target-gmacs", "0.05",
+                           "--calib", "cifar10-test500", "--calib-images", "16", "--steps", "2", "--json")
+    report = json.loads(out)
+    assert code == 0
+    assert report["tokens_per_block"][0] == 17 and report["tokens_per_block"][-1] < 17
+    assert report["reduced_macs"] < report["macs"]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--method", "tome", "--r", "9"], "ToMe r=9 is too large"),
+    (["--method", "evit", "--keep-rate", "1.5"], r"keep_rate must be in \(0, 1\]"),
+    (["--method", "diffrate"], "needs --target-gmacs"),
+    (["--method", "diffrate", "--target-gmacs", "0.2"], "calib"),
+])
+def test_user_errors(capsys, argv, match):
+    code, _, err = run_cli(capsys, "tokens", *TINY, *argv)
+    assert code == 2
+    assert "leanvit tokens: error:" in err and re.search(match, err)
+
+
+def test_not_a_vit(capsys):
+    code, _, err = run_cli(capsys, "tokens", "resnet10t", "--method", "evit")
+    assert code == 2 and "plain ViTs" in err

@@ -1,0 +1,68 @@
+"""DiffRate's differentiable rate search on a tiny ViT: deterministic, driven by the MAC target."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import leanvit.tokens as tokens
+from leanvit.errors import LeanvitError
+from leanvit.profile import count_macs
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=4,
+                             num_heads=3, num_classes=10).eval()
+
+
+@pytest.fixture(scope="module")
+def calib():
+    torch.manual_seed(2)
+    return torch.randn(16, 3, 32, 32)
+
+
+def search(vit, calib, target, **kw):
+    cfg = dict(target_macs=target, calib=calib, steps=4, lr=0.1, batch_size=8, granularity=2) | kw
+    return tokens.apply(copy.deepcopy(vit), tokens.DiffRate(**cfg))
+
+
+def test_search_is_deterministic_and_well_formed(vit, calib):
+    full = count_macs(vit, (3, 32, 32))
+    a, b = tokens.applied(search(vit, calib, 0.6 * full)), tokens.applied(search(vit, calib, 0.6 * full))
+    assert (a.prune, a.merge) == (b.prune, b.merge)
+    assert a.calib is None and a.target_macs == 0.6 * full
+    n = 65
+    assert a.prune[0] == a.merge[0] == n  # the first block is never reduced
+    assert all(1 < v <= n for v in a.prune + a.merge)
+
+
+def test_the_mac_target_steers_the_rates(vit, calib):
+    full = count_macs(vit, (3, 32, 32))
+    low, high = search(vit, calib, 0.4 * full), search(vit, calib, 0.95 * full)
+    assert sum(tokens.token_counts(low)) < sum(tokens.token_counts(high))
+    assert count_macs(low, (3, 32, 32)) < count_macs(high, (3, 32, 32)) < full
+
+
+def test_labelled_calibration_batches(vit, calib):
+    labels = torch.arange(16) % 10
+    model = search(vit, [(calib[:8], labels[:8]), (calib[8:], labels[8:])], 0.6 * count_macs(vit, (3, 32, 32)))
+    with torch.no_grad():
+        assert model(calib[:2]).shape == (2, 10)
+
+
+def test_unreachable_target(vit, calib):
+    with pytest.raises(LeanvitError, match="outside what this model can reach.*e.g. 2.9e9"):
+        search(vit, calib, 2.9)  # GMACs given where MACs are expected
+    with pytest.raises(LeanvitError, match="outside"):
+        search(vit, calib, 2 * count_macs(vit, (3, 32, 32)))
+
+
+def test_published_rates():
+    rates = tokens.DiffRate.published("deit_small_patch16_224", 2.9)
+    assert rates.prune[:4] == (197, 196, 190, 168) and rates.merge[-1] == 3
+    with pytest.raises(LeanvitError, match="published no rates"):
+        tokens.DiffRate.published("deit_small_patch16_224", 3.0)

@@ -1,0 +1,306 @@
+"""EViT, ToMe and DiffRate against naive per-image references, plus the patch API and its errors.
+
+Each reference re-implements the method from its paper/official code with Python loops over one
+image at a time (explicit softmax attention, sorted() rankings, dict-based merge groups), so it
+shares no code with the batched, static-shape implementation under test.
+"""
+import copy
+import math
+
+import pytest
+import timm
+import torch
+
+import leanvit.tokens as tokens
+from leanvit.errors import LeanvitError
+from leanvit.profile import count_macs
+
+torch.set_num_threads(1)
+
+DEPTH = 6
+
+
+@pytest.fixture(scope="module", params=["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def vit(request):
+    """A 6-block ViT at 32x32 with 4x4 patches: 64 patch tokens plus the class (and distillation) token."""
+    torch.manual_seed(0)
+    return timm.create_model(request.param, img_size=32, patch_size=4, embed_dim=48, depth=DEPTH,
+                             num_heads=3, num_classes=10).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(1)
+    return torch.randn(3, 3, 32, 32)
+
+
+def reduced(model, method):
+    return tokens.apply(copy.deepcopy(model), method)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image references
+
+
+def _attention(attn, x, size=None):
+    """Explicit multi-head attention on one image's tokens (N, C): output, weights (H, N, N), keys."""
+    n, _ = x.shape
+    q, k, v = attn.qkv(x).view(n, 3, attn.num_heads, -1).permute(1, 2, 0, 3)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if size is not None:
+        logits = logits + size.log()
+    w = logits.softmax(dim=-1)
+    return attn.proj((w @ v).transpose(0, 1).reshape(n, -1)), w, k
+
+
+def _embed(model, image):
+    return model._pos_embed(model.patch_embed(image[None]))[0]
+
+
+def _head(model, x):
+    return model.forward_head(model.norm(x)[None])[0]
+
+
+def evit_reference(model, image, keep_rate, layers, fuse):
+    p = model.num_prefix_tokens
+    x = _embed(model, image)
+    for i, blk in enumerate(model.blocks):
+        h, w, _ = _attention(blk.attn, blk.norm1(x))
+        x = x + h
+        n = len(x) - p
+        kept = math.ceil(keep_rate * n)
+        if i in layers and kept < n:
+            cls_attn = w[:, 0, p:].mean(0)
+            ranked = sorted(range(n), key=lambda j: -cls_attn[j].item())
+            rows = [x[:p]] + [x[p + j][None] for j in ranked[:kept]]
+            if fuse:
+                rows.append(sum(cls_attn[j] * x[p + j] for j in ranked[kept:])[None])
+            x = torch.cat(rows)
+        x = x + blk.mlp(blk.norm2(x))
+    return _head(model, x)
+
+
+def tome_reference(model, image, schedule):
+    p = model.num_prefix_tokens
+    x = _embed(model, image)
+    size = torch.ones(len(x))
+    for blk, r in zip(model.blocks, schedule):
+        h, _, k = _attention(blk.attn, blk.norm1(x), size)
+        x = x + h
+        if r:
+            x, size = _tome_merge(x, size, k, r, p)
+        x = x + blk.mlp(blk.norm2(x))
+    return _head(model, x)
+
+
+def _tome_merge(x, size, k, r, p):
+    """Bipartite soft matching: even positions (A) into their most similar odd position (B)."""
+    metric = k.mean(0)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    set_b = [t for t in range(1, len(x), 2) if t >= p]
+    best = {}
+    for a in range(0, len(x), 2):
+        if a >= p:
+            sims = metric[set_b] @ metric[a]
+            best[a] = (sims.max().item(), set_b[int(sims.argmax())])
+    merged = sorted(best, key=lambda a: -best[a][0])[:r]
+    groups = {t: [t] for t in range(len(x)) if t not in merged}
+    for a in merged:
+        groups[best[a][1]].append(a)
+    # ToMe's output order, which decides the next block's A/B split: prefix tokens, then the
+    # unmerged A tokens, then the B tokens
+    order = list(range(p)) + [t for t in range(0, len(x), 2) if t >= p and t not in merged] + set_b
+    size_new = torch.stack([size[groups[t]].sum() for t in order])
+    x_new = torch.stack([(size[groups[t], None] * x[groups[t]]).sum(0) for t in order]) / size_new[:, None]
+    return x_new, size_new
+
+
+def diffrate_reference(model, image, prune, merge):
+    p = model.num_prefix_tokens
+    x = _embed(model, image)
+    size = torch.ones(len(x))
+    for i, blk in enumerate(model.blocks):
+        h, w, _ = _attention(blk.attn, blk.norm1(x), size)
+        x = x + h
+        keep = min(len(x), prune[i])
+        kept = min(keep, merge[i])
+        if kept < len(x):
+            cls_attn = w[:, 0, p:].mean(0)
+            order = list(range(p)) + [p + j for j in sorted(range(len(x) - p), key=lambda j: -cls_attn[j].item())]
+            x, size = x[order[:keep]], size[order[:keep]]
+            unit = x / x.norm(dim=-1, keepdim=True)
+            total, count, size_new = list(x[:kept]), [1] * kept, list(size[:kept])
+            for s in range(kept, keep):
+                sims = unit[p:kept] @ unit[s]
+                d = p + int(sims.argmax())
+                total[d] = total[d] + x[s]
+                count[d] += 1
+                size_new[d] = size_new[d] + size[s] * max(sims.max().item(), 0.0)
+            x = torch.stack([t / c for t, c in zip(total, count)])
+            size = torch.stack(size_new)
+        x = x + blk.mlp(blk.norm2(x))
+    return _head(model, x)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("keep_rate,layers,fuse", [(0.7, (1, 3, 4), True), (0.5, (0, 2), False)])
+def test_evit_matches_reference(vit, images, keep_rate, layers, fuse):
+    out = reduced(vit, tokens.EViT(keep_rate=keep_rate, fuse=fuse, layers=layers))(images)
+    ref = torch.stack([evit_reference(vit, img, keep_rate, layers, fuse) for img in images])
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("r", [5, (8, 0, 3, 6)])
+def test_tome_matches_reference(vit, images, r):
+    out = reduced(vit, tokens.ToMe(r=r))(images)
+    schedule = [r] * DEPTH if isinstance(r, int) else list(r) + [0] * (DEPTH - len(r))
+    ref = torch.stack([tome_reference(vit, img, schedule) for img in images])
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_diffrate_matches_reference(vit, images):
+    n = 64 + vit.num_prefix_tokens
+    prune = (n, n - 2, 50, 44, 30, 12)
+    merge = (n, n - 9, 46, 44, 21, 12)
+    out = reduced(vit, tokens.DiffRate(prune=prune, merge=merge))(images)
+    ref = torch.stack([diffrate_reference(vit, img, prune, merge) for img in images])
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", [tokens.EViT(keep_rate=1.0, layers=(1, 2)), tokens.ToMe(r=0),
+                                    tokens.DiffRate(prune=(200,) * DEPTH, merge=(200,) * DEPTH)])
+def test_no_reduction_is_the_original_model(vit, images, method):
+    torch.testing.assert_close(reduced(vit, method)(images), vit(images), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_token_counts_follow_each_method(vit, images):
+    p, n = vit.num_prefix_tokens, 64 + vit.num_prefix_tokens
+    evit = reduced(vit, tokens.EViT(keep_rate=0.5, fuse=True, layers=(1, 4)))
+    assert tokens.token_counts(evit) == [n, p + 32 + 1, p + 33, p + 33, p + 17 + 1, p + 18]
+    tome = reduced(vit, tokens.ToMe(r=4))
+    assert tokens.token_counts(tome) == [n - 4 * (i + 1) for i in range(DEPTH)]
+    # the static counts are the ones the forward pass really produces
+    seen = []
+    hooks = [blk.mlp.register_forward_hook(lambda m, i, o: seen.append(o.shape[1])) for blk in tome.blocks]
+    tome(images)
+    for h in hooks:
+        h.remove()
+    assert seen == tokens.token_counts(tome)
+
+
+def test_deit_small_matches_the_papers():
+    """EViT README: keep 0.9 / 0.7 / 0.5 with fusion -> 4.0 / 3.0 / 2.3 GMACs, and 196 patch tokens
+    -> 138+1 -> 98+1 -> 70+1 at 0.7; DiffRate's published DeiT-S rates for 2.9 GMACs."""
+    model = timm.create_model("deit_small_patch16_224").eval()
+    full = count_macs(model, (3, 224, 224))
+    for keep_rate, gmacs in [(0.9, 4.0), (0.7, 3.0), (0.5, 2.3)]:
+        tokens.apply(model, tokens.EViT(keep_rate=keep_rate, fuse=True, layers=(3, 6, 9)))
+        assert count_macs(model, (3, 224, 224)) == pytest.approx(gmacs * 1e9, rel=0.03)
+    tokens.apply(model, tokens.EViT(keep_rate=0.7))
+    assert tokens.token_counts(model)[::3] == [197, 1 + 138 + 1, 1 + 98 + 1, 1 + 70 + 1]
+    assert count_macs(model, (3, 224, 224)) <= 0.7 * full  # the issue's bar: at least 30 % fewer MACs
+    tokens.apply(model, tokens.from_spec("diffrate:2.9"))
+    assert count_macs(model, (3, 224, 224)) == pytest.approx(2.9e9, rel=0.01)
+
+
+def test_remove_restores_the_model(vit, images):
+    model = copy.deepcopy(vit)
+    blocks, keys = model.blocks, list(model.state_dict())
+    tokens.apply(model, tokens.ToMe(r=3))
+    assert list(model.state_dict()) == keys  # checkpoints load into the reduced model unchanged
+    tokens.apply(model, tokens.EViT(keep_rate=0.5, layers=(2,)))  # replaces, does not stack
+    assert isinstance(tokens.applied(model), tokens.EViT)
+    tokens.remove(model)
+    assert model.blocks is blocks and tokens.applied(model) is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), vit(images))
+    assert not model._forward_pre_hooks
+
+
+@torch.no_grad()
+def test_intermediates_run_the_original_blocks(vit, images):
+    model = reduced(vit, tokens.ToMe(r=3))
+    got = model.forward_intermediates(images, indices=2, intermediates_only=True)
+    for g, w in zip(got, vit.forward_intermediates(images, indices=2, intermediates_only=True), strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_reduced_model_trains(vit, images):
+    model = reduced(vit, tokens.EViT(keep_rate=0.5, layers=(1, 3))).train()
+    model(images).logsumexp(-1).sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_keep_rate_warmup_drives_the_applied_evit(vit):
+    model = reduced(vit, tokens.EViT(keep_rate=0.5, layers=(1, 4)))
+    target = tokens.token_counts(model)
+    hook = tokens.keep_rate_warmup(model, steps_per_epoch=10, start_epoch=1, shrink_epochs=2)
+    assert hook(0) == 1.0 and hook(10) == 1.0
+    assert tokens.token_counts(model) == [64 + vit.num_prefix_tokens] * DEPTH
+    assert hook(20) == pytest.approx(0.75)  # half-way down the cosine
+    assert tokens.applied(model).keep_rate == pytest.approx(0.75)
+    assert hook(30) == 0.5 and hook(1000) == 0.5
+    assert tokens.token_counts(model) == target
+
+
+def test_from_spec():
+    assert tokens.from_spec("evit:0.7") == tokens.EViT(keep_rate=0.7)
+    assert tokens.from_spec("ToMe:8") == tokens.ToMe(r=8)
+    assert tokens.from_spec("diffrate:2.9").target_macs == pytest.approx(2.9e9)
+    assert tokens.from_spec("evit:0.5", fuse=False).fuse is False
+
+
+@pytest.mark.parametrize("spec,match", [("evt:0.7", "evit"), ("tome:8.5", "whole number"), ("evit", "Use evit")])
+def test_bad_spec(spec, match):
+    with pytest.raises(LeanvitError, match=match):
+        tokens.from_spec(spec)
+
+
+@pytest.mark.parametrize("keep_rate", [0.0, -0.1, 1.2])
+def test_keep_rate_outside_unit_interval(keep_rate):
+    with pytest.raises(LeanvitError, match=r"keep_rate must be in \(0, 1\]"):
+        tokens.EViT(keep_rate=keep_rate)
+
+
+def test_r_too_large_names_the_largest_valid_r(vit):
+    model = copy.deepcopy(vit)
+    n, p = 64 + vit.num_prefix_tokens, vit.num_prefix_tokens
+    largest = max(r for r in range(1, n) if all(r <= (n - i * r - p) // 2 for i in range(DEPTH)))
+    with pytest.raises(LeanvitError, match=f"ToMe r=12 is too large.*can take here is {largest}"):
+        tokens.apply(model, tokens.ToMe(r=12))
+    assert tokens.applied(model) is None
+    tokens.apply(model, tokens.ToMe(r=largest))
+
+
+def test_not_a_plain_vit():
+    cnn = timm.create_model("resnet10t", num_classes=10)
+    with pytest.raises(LeanvitError, match="plain ViTs"):
+        tokens.apply(cnn, tokens.EViT())
+    avg = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, global_pool="avg", class_token=False)
+    with pytest.raises(LeanvitError, match="class token"):
+        tokens.apply(avg, tokens.ToMe(r=1))
+
+
+def test_method_must_fit_the_model(vit):
+    with pytest.raises(LeanvitError, match=r"EViT layers \[9\] do not exist"):
+        tokens.apply(copy.deepcopy(vit), tokens.EViT(layers=(3, 9)))
+    with pytest.raises(LeanvitError, match="one of each per block"):
+        tokens.apply(copy.deepcopy(vit), tokens.DiffRate(prune=(60,) * 3, merge=(60,) * 3))
+    with pytest.raises(LeanvitError, match="no published rates"):
+        tokens.apply(copy.deepcopy(vit), tokens.DiffRate(target_macs=1e7))
+    with pytest.raises(LeanvitError, match="Expected a token method"):
+        tokens.apply(copy.deepcopy(vit), "evit:0.7")
+
+
+def test_grad_checkpointing_is_refused(vit, images):
+    model = reduced(vit, tokens.ToMe(r=2))
+    model.set_grad_checkpointing(True)
+    with pytest.raises(LeanvitError, match="checkpointing"):
+        model(images)
