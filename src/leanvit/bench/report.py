@@ -36,7 +36,8 @@ def _fmt(v, spec: str = ".2f", none: str = "–") -> str:
 
 def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, created: str) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in host.get("versions", {}).items())
-    eager = {(r.model, r.batch): r.latency_ms_median for r in rows if r.engine == "eager" and r.precision == "f32"}
+    eager = {(r.model, r.variant, r.batch): r.latency_ms_median for r in rows
+             if r.engine == "eager" and r.precision == "f32" and not r.error}
     lines = [
         "# leanvit bench report", "",
         f"Created {created}. Every row was measured in this one run, one configuration after another.", "",
@@ -58,18 +59,20 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        label = f"{r.model} + {r.variant}" if r.variant else r.model
         if r.error:
-            lines.append(f"| {r.model} | {r.engine} | {r.precision} | **failed** | | | | | | | | | | | |")
+            lines.append(f"| {label} | {r.engine} | {r.precision} | **failed** | | | | | | | | | | | |")
             continue
-        base = eager.get((r.model, r.batch))
+        base = eager.get((r.model, r.variant, r.batch))
         ratio = f"{base / r.latency_ms_median:.2f}×" if base and r.latency_ms_median else "–"
         flag = " ⚠" if r.diverges else ""
         lines.append(
-            f"| {r.model} | {r.engine} | {r.precision} | {_fmt(r.latency_ms_median)} | {_fmt(r.latency_ms_p90)} | "
+            f"| {label} | {r.engine} | {r.precision} | {_fmt(r.latency_ms_median)} | {_fmt(r.latency_ms_p90)} | "
             f"{_fmt(r.latency_ms_p99)} | {_fmt(r.latency_ms_iqr)} | {ratio} | {_fmt(r.throughput, '.1f')} | "
             f"{_fmt(r.params and r.params / 1e6)} | {_fmt(r.macs and r.macs / 1e9, '.3f')} | {_fmt(r.published_top1, '.1f')} | "
             f"{_fmt(r.max_abs_err, '.2e')}{flag} | {_fmt(r.top1_agreement, '.0%')} | {_fmt(r.peak_rss_mb, '.0f')} |"
         )
+    lines += _token_section(rows)
     bad = [r for r in rows if r.diverges]
     failed = [r for r in rows if r.error]
     lines += ["", "## Correctness", ""]
@@ -90,6 +93,25 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
     return "\n".join(lines)
 
 
+def _token_section(rows: Sequence[BenchRow]) -> list[str]:
+    """Each token-reduced variant against its unreduced model on the same engine and precision."""
+    base = {(r.model, r.engine, r.precision, r.batch): r for r in rows if not r.variant and not r.error}
+    pairs = [(r, base.get((r.model, r.engine, r.precision, r.batch))) for r in rows if r.variant and not r.error]
+    pairs = [(r, b) for r, b in pairs if b is not None]
+    if not pairs:
+        return []
+    lines = ["", "## Token reduction against the unreduced model", "",
+             "| model | variant | engine | precision | GMACs | MACs cut | median ms | latency cut | speed-up |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r, b in pairs:
+        lines.append(
+            f"| {r.model} | {r.variant} | {r.engine} | {r.precision} | {r.macs / 1e9:.3f} | "
+            f"{1 - r.macs / b.macs:.1%} | {r.latency_ms_median:.2f} | {1 - r.latency_ms_median / b.latency_ms_median:.1%} | "
+            f"{b.latency_ms_median / r.latency_ms_median:.2f}× |"
+        )
+    return lines
+
+
 def plot_pareto(rows: Sequence[BenchRow], path: Path, title: str = "") -> None:
     """Measured median latency (log x) against published top-1, one point per model x engine."""
     import matplotlib
@@ -97,7 +119,8 @@ def plot_pareto(rows: Sequence[BenchRow], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [r for r in rows if r.latency_ms_median and r.published_top1 is not None]
+    # published top-1 describes the model as built, not a token-reduced variant of it
+    pts = [r for r in rows if r.latency_ms_median and r.published_top1 is not None and not r.variant]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     markers = "osD^v<>p*h"
     for i, engine in enumerate(sorted({(r.engine, r.precision) for r in pts})):

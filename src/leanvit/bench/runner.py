@@ -13,6 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..catalog import find_facts
+from ..compress.tokens import apply as token_apply
+from ..compress.tokens import from_spec
 from ..deploy import check_agreement, get_engine
 from ..errors import LeanvitError, check_range
 from ..models.registry import resolve_model_name
@@ -43,6 +45,8 @@ class BenchConfig:
     device: str = "cpu"
     cache_dir: str | None = None
     seed: int = 0
+    #: token-reduction variants measured beside each unreduced model, e.g. ("evit:0.7", "tome:8")
+    tokens: Sequence[str] = ()
 
     def validate(self) -> None:
         check_range("--batch", self.batch, 1, 4096)
@@ -53,6 +57,8 @@ class BenchConfig:
             raise LeanvitError("no models to benchmark.")
         for m in self.models:
             resolve_model_name(m)
+        for spec in self.tokens:
+            from_spec(spec)
         for e in self.engines:
             for p in self.precisions:
                 get_engine(e, threads=self.threads, precision=p, device=self.device)
@@ -66,6 +72,7 @@ class BenchRow:
     batch: int
     threads: int
     img_size: int
+    variant: str = ""  #: token-reduction spec applied to the model ("" for the model as built)
     latency_ms_median: float | None = None
     latency_ms_p90: float | None = None
     latency_ms_p99: float | None = None
@@ -97,7 +104,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
     cfg.validate()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    total = len(cfg.models) * len(cfg.engines) * len(cfg.precisions)
+    total = len(cfg.models) * (1 + len(cfg.tokens)) * len(cfg.engines) * len(cfg.precisions)
     rows: list[BenchRow] = []
     bar = tqdm(total=total, desc="bench", unit="run", disable=not progress, file=sys.stderr)
     for name in cfg.models:
@@ -105,35 +112,40 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
         model = create_model_at(name, cfg.img_size, pretrained=cfg.pretrained)
         chans, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))
         size = cfg.img_size or h
-        params, macs = count_params(model), count_macs(model, (chans, size, size))
+        params = count_params(model)
         facts = find_facts(name)
         gen = torch.Generator().manual_seed(cfg.seed)
         x = torch.randn(cfg.batch, chans, size, size, generator=gen)
         checks = [torch.randn(cfg.batch, chans, size, size, generator=gen)
                   for _ in range(max(1, math.ceil(cfg.n_check / cfg.batch)))]
-        for engine_name in cfg.engines:
-            for precision in cfg.precisions:
-                bar.set_description(f"{name}: {engine_name} {precision}")
-                row = BenchRow(model=name, engine=engine_name, precision=precision, batch=cfg.batch,
-                               threads=cfg.threads, img_size=size, params=params, macs=macs,
-                               published_top1=facts.top1 if facts else None,
-                               paper_speed=facts.speed if facts else None)
-                try:
-                    _measure(row, model, x, checks, cfg)
-                except LeanvitError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - one engine failing must not hide the others
-                    row.error = f"{type(e).__name__}: {e}".splitlines()[0][:500]
-                    tqdm.write(f"!! {name} on {engine_name} ({precision}) FAILED: {row.error}", file=sys.stderr)
-                    traceback.print_exc(file=sys.stderr)
-                if row.diverges:
-                    tqdm.write(
-                        f"!! {name} on {engine_name} ({row.precision}) DIVERGES from eager: "
-                        f"top-1 agreement {row.top1_agreement:.1%}, max abs err {row.max_abs_err:.3g}",
-                        file=sys.stderr,
-                    )
-                rows.append(row)
-                bar.update()
+        for variant in ("", *cfg.tokens):
+            if variant:
+                token_apply(model, from_spec(variant))  # replaces the previous variant's patch
+            macs = count_macs(model, (chans, size, size))
+            for engine_name in cfg.engines:
+                for precision in cfg.precisions:
+                    label = f"{name}{' + ' + variant if variant else ''}"
+                    bar.set_description(f"{label}: {engine_name} {precision}")
+                    row = BenchRow(model=name, engine=engine_name, variant=variant, precision=precision,
+                                   batch=cfg.batch, threads=cfg.threads, img_size=size, params=params, macs=macs,
+                                   published_top1=facts.top1 if facts else None,
+                                   paper_speed=facts.speed if facts else None)
+                    try:
+                        _measure(row, model, x, checks, cfg)
+                    except LeanvitError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - one engine failing must not hide the others
+                        row.error = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+                        tqdm.write(f"!! {label} on {engine_name} ({precision}) FAILED: {row.error}", file=sys.stderr)
+                        traceback.print_exc(file=sys.stderr)
+                    if row.diverges:
+                        tqdm.write(
+                            f"!! {label} on {engine_name} ({row.precision}) DIVERGES from eager: "
+                            f"top-1 agreement {row.top1_agreement:.1%}, max abs err {row.max_abs_err:.3g}",
+                            file=sys.stderr,
+                        )
+                    rows.append(row)
+                    bar.update()
         del model
     bar.close()
     return rows

@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=positive_int, help="input resolution (default: each model's own)")
     p.add_argument("--budget", type=_seconds, default=2.0, help="seconds of timed calls per configuration (default 2)")
     p.add_argument("--warmup", type=_seconds, default=0.5, help="seconds of warm-up per configuration (default 0.5)")
+    p.add_argument("--tokens", nargs="+", metavar="SPEC",
+                   help="token-reduction variants measured beside each model: evit:KEEP, tome:R, diffrate:GMACS")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device for GPU-capable engines")
     p.add_argument("--pretrained", action="store_true", help="load pretrained weights (needs them cached or a network)")
     p.add_argument("--cache-dir", help="export cache (default: $LEANVIT_CACHE/exports or ~/.cache/leanvit/exports)")
@@ -55,20 +57,21 @@ def run(args: argparse.Namespace) -> int:
         precisions=_names(args.precision),
         batch=args.batch, threads=args.threads, img_size=args.img_size,
         budget=TimingBudget(warmup_s=args.warmup, budget_s=args.budget),
-        pretrained=args.pretrained, device=args.device, cache_dir=args.cache_dir,
+        pretrained=args.pretrained, device=args.device, cache_dir=args.cache_dir, tokens=_names(args.tokens),
     )
     rows = run_bench(cfg, progress=not args.no_progress)
     paths = write_results(rows, cfg, host_info(), args.out)
     if args.json:
         print_json([r.to_dict() for r in rows])
     else:
-        print(f"{'model':28} {'engine':12} {'prec':5} {'median ms':>10} {'p90':>8} {'img/s':>8}  agree")
+        print(f"{'model':40} {'engine':12} {'prec':5} {'median ms':>10} {'p90':>8} {'img/s':>8}  agree")
         for r in rows:
+            label = f"{r.model} + {r.variant}" if r.variant else r.model
             if r.error:
-                print(f"{r.model:28} {r.engine:12} {r.precision:5} {'FAILED':>10}  {r.error[:60]}")
+                print(f"{label:40} {r.engine:12} {r.precision:5} {'FAILED':>10}  {r.error[:60]}")
             else:
                 flag = "  DIVERGES" if r.diverges else ""
-                print(f"{r.model:28} {r.engine:12} {r.precision:5} {r.latency_ms_median:10.2f} "
+                print(f"{label:40} {r.engine:12} {r.precision:5} {r.latency_ms_median:10.2f} "
                       f"{r.latency_ms_p90:8.2f} {r.throughput:8.1f}  {r.top1_agreement:.0%}{flag}")
     print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 1 if any(r.error for r in rows) else 0
