@@ -47,6 +47,10 @@ def main() -> int:
             f"{f.gmacs:.2f} | {p.macs / 1e9:.3f} | {p.macs_diff_pct:+.2f} % | {'yes' if ok else '**no**'} | "
             f"{f.top1:.1f} | {f.source} |"
         )
+    notes = [f for f in facts if f.note]
+    if notes:
+        lines += ["", "Where a published figure was counted another way (from the official code / README):", ""]
+        lines += [f"- {f.name}: {f.note}." for f in notes]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

@@ -25,6 +25,7 @@ class ModelFacts:
     img_size: int = 224
     provider: str = "timm"  #: "timm" or "leanvit" (leanvit's own model file)
     tag: str | None = None  #: timm pretrained tag whose head matches the published model
+    note: str | None = None  #: how the published figure was counted, where that differs from ours
 
     @property
     def model_id(self) -> str:
@@ -75,8 +76,11 @@ CATALOG: dict[str, ModelFacts] = {f.name: f for f in [
     _f("deit_small_distilled_patch16_224", "DeiT", 22.44, 4.63, 81.2, None, _DEIT),
     _f("deit_base_distilled_patch16_224", "DeiT", 87.34, 17.68, 83.4, None, _DEIT),
     # --- MobileViG (leanvit) --- params: the paper's counter leaves BatchNorm out (true count +0.5-1.4 %)
-    _f("mobilevig_ti", "MobileViG", 5.2, 0.7, 75.7, "0.78 ms, iPhone 13 Mini NPU (CoreML)", _MVIG, provider="leanvit"),
-    _f("mobilevig_s", "MobileViG", 7.2, 1.0, 78.2, None, _MVIG, provider="leanvit"),
+    _f("mobilevig_ti", "MobileViG", 5.2, 0.7, 75.7, "0.78 ms, iPhone 13 Mini NPU (CoreML)", _MVIG, provider="leanvit",
+       note="the paper's counter (official util/profile.py) leaves BatchNorm out: 5.23 M by that rule; "
+            "0.7 GMACs is printed to one digit (0.662 rounds to it)"),
+    _f("mobilevig_s", "MobileViG", 7.2, 1.0, 78.2, None, _MVIG, provider="leanvit",
+       note="the paper's counter leaves BatchNorm out: 7.21 M by that rule"),
     _f("mobilevig_m", "MobileViG", 14.0, 1.5, 80.6, None, _MVIG, provider="leanvit"),
     _f("mobilevig_b", "MobileViG", 26.7, 2.8, 82.6, "2.30 ms, iPhone 13 Mini NPU (CoreML)", _MVIG, provider="leanvit"),
     # --- EfficientMod (leanvit) ---
@@ -90,7 +94,8 @@ CATALOG: dict[str, ModelFacts] = {f.name: f for f in [
     _f("fcaformer_l3", "FcaFormer", 27.9, 6.7, 84.2, "1344 ms, ARM Cortex-A17 4 threads", _FCA, provider="leanvit"),
     _f("fcaformer_l4", "FcaFormer", 65.6, 14.5, 84.9, "2624 ms, ARM Cortex-A17 4 threads", _FCA, provider="leanvit"),
     # --- VCMamba (leanvit) --- GMACs: the README's are fvcore counts, which include norm layers
-    _f("vcmamba_s", "VCMamba", 10.5, 1.1, 78.7, None, _VCM, provider="leanvit"),
+    _f("vcmamba_s", "VCMamba", 10.5, 1.1, 78.7, None, _VCM, provider="leanvit",
+       note="the README's GMACs are fvcore counts, which include norm layers: 1.062 G by that rule"),
     _f("vcmamba_m", "VCMamba", 21.0, 2.3, 81.5, None, _VCM, provider="leanvit"),
     _f("vcmamba_b", "VCMamba", 31.5, 4.0, 82.6, None, _VCM, provider="leanvit"),
     # --- CNN reference (timm) ---
