@@ -112,8 +112,7 @@ def main() -> int:
             engine = get_engine(engine_name, threads=threads)
             for batch in args.batches:
                 x = torch.randn(batch, *input_size)
-                # one export cache per variant: the export key does not see the token method
-                runner = engine.load(model, x, cache_dir=args.out / "cache" / label.replace(" ", "_"))
+                runner = engine.load(model, x)  # the export key includes the token method (model repr)
                 agr = check_agreement(model, runner, [x, torch.randn_like(x)])
                 x_np = x.numpy()
                 timing = time_calls(lambda: runner(x_np), budget)

@@ -14,6 +14,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LEANVIT_CACHE", str(tmp_path_factory.getbasetemp() / "leanvit-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread per test: CI has 2 cores, and tiny models gain nothing from more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_vit():
     """A 2-block DeiT-tiny at 32x32: the same ops as the real one (attention, LayerNorm, GELU)."""

@@ -85,3 +85,15 @@ def test_console_script_and_module_entry_points():
     assert json.loads(out.stdout)
     missing = subprocess.run([sys.executable, "-m", "leanvit", "profile", "no_such_model"], capture_output=True, text=True)
     assert missing.returncode == 2 and "Unknown model" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_bench_token_variants_beside_the_model(capsys, tmp_path):
+    code, out, err = run_cli(
+        capsys, "bench", "deit_tiny_patch16_224", "--img-size", "32", "--engines", "openvino", "--tokens", "evit:0.5",
+        "--threads", "1", "--budget", "0.05", "--warmup", "0.01", "--out", str(tmp_path), "--json", "--no-progress",
+    )
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["variant"] for r in rows] == ["", "evit:0.5"]
+    assert rows[1]["macs"] < rows[0]["macs"] and rows[1]["top1_agreement"] == 1.0
+    assert "Token reduction against the unreduced model" in (tmp_path / "report.md").read_text()

@@ -85,3 +85,14 @@ def test_unknown_engine_and_bad_settings():
 def test_opset_below_17_is_refused(tiny_cnn, tmp_path):
     with pytest.raises(LeanvitError, match="opset"):
         export_onnx(tiny_cnn, torch.randn(1, 3, 64, 64), tmp_path / "m.onnx", opset=13)
+
+
+def test_export_key_sees_token_reduction(tiny_vit, tmp_path):
+    import copy
+
+    import leanvit.tokens as tokens
+
+    x = torch.randn(1, 3, 32, 32)
+    reduced = copy.deepcopy(tiny_vit)
+    tokens.apply(reduced, tokens.ToMe(r=2))
+    assert cached_onnx(reduced, x, cache_dir=tmp_path) != cached_onnx(tiny_vit, x, cache_dir=tmp_path)

@@ -40,13 +40,6 @@ TINY_OFFICIAL = dict(dims=(8, 16, 24, 40), depths=(2, 2, 1, 1), attn=(0, 0, 1, 2
 slow = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @torch.no_grad()
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -34,13 +34,6 @@ TINY_OFFICIAL = dict(local_channels=(8, 16, 24), local_blocks=(1, 2, 1), global_
 slow = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @torch.no_grad()
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:

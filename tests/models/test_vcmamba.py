@@ -22,13 +22,6 @@ from leanvit.profile import count_macs, count_params
 TINY = dict(embed_dims=(16, 16, 32, 48), depths=(1, 1, 1, 4), num_mamba=2, img_size=96)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny(**kwargs) -> nn.Module:
     torch.manual_seed(0)

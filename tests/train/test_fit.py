@@ -21,13 +21,6 @@ def _config(tmp_path, name, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     """Mixup, RandAugment, random erasing, EMA and the schedule all have to pick up where they left."""
