@@ -140,7 +140,12 @@ def plot_pareto(rows: Sequence[BenchRow], path: Path, title: str = "") -> None:
         ax.step([r.latency_ms_median for r in front], [r.published_top1 for r in front], where="post",
                 color="gray", lw=1, ls="--", label="Pareto front")
     if pts:
+        from matplotlib.ticker import FormatStrFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("measured median latency (ms, log scale)")
     ax.set_ylabel("published ImageNet-1k top-1 (%)")
     ax.set_title(f"latency vs accuracy — {title}", fontsize=9)
