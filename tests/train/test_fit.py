@@ -90,3 +90,32 @@ def _teacher(tmp_path, num_classes=10):
     save_weights(path, timm.create_model("deit_tiny_patch16_224", **kwargs).state_dict(),
                  {"model": "deit_tiny_patch16_224", "model_kwargs": kwargs})
     return path, path
+
+
+def test_training_with_evit_follows_the_keep_rate_warmup(tmp_path, monkeypatch):
+    """--tokens evit:0.5 with a 1-epoch start and 1-epoch shrink: keep rate 1, then the cosine, per step."""
+    from leanvit.compress.tokens import evit
+
+    seen = []
+    warmup = evit.keep_rate_warmup
+
+    def recording_warmup(model, **kwargs):
+        hook = warmup(model, **kwargs)
+        return lambda step: seen.append(hook(step)) or seen[-1]
+
+    monkeypatch.setattr(loop, "keep_rate_warmup", recording_warmup)
+    result = fit(_config(tmp_path, "evit", model="deit_tiny_patch16_224", model_kwargs={**TINY, "depth": 10},
+                         epochs=3, max_steps_per_epoch=2,
+                         tokens="evit:0.5", keep_rate_start_epoch=1, keep_rate_shrink_epochs=1))
+    assert seen[:2] == [1.0, 1.0]
+    assert seen[2] == 1.0 and 0.5 < seen[3] < 1.0 and seen[4:] == [0.5, 0.5]
+    assert len(result.epochs) == 3
+    assert read_checkpoint(tmp_path / "evit" / "model.safetensors")[1]["tokens"] == "evit:0.5"
+
+
+def test_keep_rate_schedule_needs_evit(tmp_path):
+    with pytest.raises(LeanvitError, match="not EViT"):
+        fit(_config(tmp_path, "tome", model="deit_tiny_patch16_224", epochs=1, max_steps_per_epoch=1,
+                    tokens="tome:1", keep_rate_shrink_epochs=1))
+    with pytest.raises(LeanvitError, match="token spec"):
+        _config(tmp_path, "bad", tokens="evit0.7")

@@ -59,6 +59,13 @@ class TrainConfig:
     distill: str = field(default="hard", **_help("distillation: hard or soft"))
     distill_alpha: float = field(default=0.5, **_help("weight of the distillation term"))
     distill_tau: float = field(default=1.0, **_help("soft distillation temperature"))
+    tokens: str | None = field(default=None, **_help(
+        "train with token reduction on (plain ViTs): evit:KEEP, tome:R or diffrate:GMACS"))
+    keep_rate_start_epoch: int = field(default=0, **_help(
+        "EViT: epochs at keep rate 1 before it shrinks (official from-scratch recipe: 10)"))
+    keep_rate_shrink_epochs: int = field(default=0, **_help(
+        "EViT: epochs of cosine decay from 1 to the target keep rate (official: 100; 0: the target "
+        "from the start, as EViT's fine-tuning does)"))
     amp: bool = field(default=True, **_help("mixed precision on GPU (bf16, else fp16)"))
     seed: int = field(default=0, **_help("seed of initialisation, data order and augmentation"))
     workers: int = field(default=4, **_help("data loader processes per training process"))
@@ -83,6 +90,12 @@ class TrainConfig:
             check_range(f"--{name.replace('_', '-')}", getattr(self, name), 0.0, 1.0)
         if self.distill not in DISTILL_MODES:
             raise LeanvitError(f"--distill must be one of {', '.join(DISTILL_MODES)}, got '{self.distill}'.")
+        for name in ("keep_rate_start_epoch", "keep_rate_shrink_epochs"):
+            check_range(f"--{name.replace('_', '-')}", getattr(self, name), 0, 100_000)
+        if self.tokens is not None:
+            from ..compress.tokens import from_spec
+
+            from_spec(self.tokens)  # a bad spec fails here, before any data is read
         if self.teacher_checkpoint and not self.teacher:
             raise LeanvitError("--teacher-checkpoint needs --teacher, the teacher's model name.")
 

@@ -28,6 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..checkpoint import WEIGHTS_FILE, load_weights, model_from_checkpoint, save_weights
+from ..compress.tokens import EViT, from_spec, keep_rate_warmup
+from ..compress.tokens import apply as token_apply
 from ..data import build_transform, dataset_classes, make_loader, open_dataset, resolve_data_config
 from ..errors import LeanvitError
 from ..evaluate import evaluate
@@ -79,10 +81,13 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     model = create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
     if cfg.init_checkpoint:
         load_weights(model, cfg.init_checkpoint, ignore_classifier=True)
+    if cfg.tokens:
+        token_apply(model, from_spec(cfg.tokens))  # no new parameters: the weights stay a plain ViT's
     data_config = resolve_data_config(model, img_size=cfg.img_size, crop_pct=cfg.crop_pct)
     train_set.transform = build_transform(data_config, train=True, auto_augment=cfg.randaug, re_prob=cfg.reprob,
                                           no_aug=cfg.no_aug)
-    metadata = {"model": cfg.model, "model_kwargs": kwargs, "data_config": data_config, "classes": classes}
+    metadata = {"model": cfg.model, "model_kwargs": kwargs, "data_config": data_config, "classes": classes,
+                **({"tokens": cfg.tokens} if cfg.tokens else {})}
 
     model.to(device)
     teacher = _teacher(cfg, len(classes), device)
@@ -100,6 +105,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr,
                                   warmup_t=round(cfg.warmup_epochs * steps), warmup_lr_init=cfg.warmup_lr,
                                   t_in_epochs=False)
+    keep_rate = _keep_rate_schedule(cfg, model, steps)
     mixup, loss_fn = _objective(cfg, len(classes), teacher)
     amp_dtype = _amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -136,6 +142,8 @@ def _fit(cfg: TrainConfig) -> TrainResult:
             if mixup:
                 even = len(x) // 2 * 2  # mixup pairs samples; a skipped corrupt image can leave one over
                 x, y = mixup(x[:even], y[:even])
+            if keep_rate is not None:
+                keep_rate(step)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = loss_fn(x, net(x), y)
             optimizer.zero_grad(set_to_none=True)
@@ -175,6 +183,17 @@ def _fit(cfg: TrainConfig) -> TrainResult:
         if ema is not None:
             save_weights(output / EMA_FILE, ema.module.state_dict(), metadata)
     return TrainResult(output=output, steps=steps_log, epochs=epochs_log)
+
+
+def _keep_rate_schedule(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
+    """EViT's keep-rate warm-up hook (``hook(step)``), or None when there is nothing to schedule."""
+    if not cfg.tokens or not (cfg.keep_rate_start_epoch or cfg.keep_rate_shrink_epochs):
+        return None
+    if not isinstance(from_spec(cfg.tokens), EViT):
+        raise LeanvitError("--keep-rate-start-epoch / --keep-rate-shrink-epochs schedule EViT's keep rate; "
+                           f"--tokens {cfg.tokens} is not EViT.")
+    return keep_rate_warmup(model, steps_per_epoch=steps_per_epoch, start_epoch=cfg.keep_rate_start_epoch,
+                            shrink_epochs=cfg.keep_rate_shrink_epochs)
 
 
 def _init_distributed() -> bool:
