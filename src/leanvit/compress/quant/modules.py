@@ -9,6 +9,8 @@ the next layer re-quantizes.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -76,6 +78,46 @@ def quantizable_type(layer: nn.Module) -> type[nn.Module] | None:
 
 
 @torch.no_grad()
+def direct_consumers(
+    model: nn.Module,
+    example: torch.Tensor,
+    is_producer: Callable[[nn.Module], bool],
+    is_consumer: Callable[[nn.Module], bool],
+) -> tuple[dict[str, list[str]], torch.Tensor]:
+    """``({producer: [consumers]}, output)``: which consumer modules take a producer module's output
+    tensor itself as their input, found by running ``example`` with hooks, so it works for any module
+    structure (no graph tracing). Consumers are listed in call order."""
+    produced: dict[int, str] = {}
+    keep_alive, hooks = [], []  # outputs stay alive during the pass, so their ids stay unique
+    found: dict[str, list[str]] = {}
+
+    def on_output(name):
+        def hook(_, __, out):
+            produced[id(out)] = name
+            keep_alive.append(out)
+        return hook
+
+    def on_input(name):
+        def hook(_, args):
+            source = produced.get(id(args[0])) if args else None
+            if source is not None and name not in found.setdefault(source, []):
+                found[source].append(name)
+        return hook
+
+    for name, m in model.named_modules():
+        if is_producer(m):
+            hooks.append(m.register_forward_hook(on_output(name)))
+        elif is_consumer(m):
+            hooks.append(m.register_forward_pre_hook(on_input(name)))
+    try:
+        output = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found, output
+
+
+@torch.no_grad()
 def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Fold every eval-mode BatchNorm2d that directly consumes a Conv2d's output into that conv.
 
@@ -85,40 +127,17 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[str]:
     for any module structure; the model's output is checked to be unchanged afterwards.
     Returns the names of the folded BatchNorms.
     """
-    produced: dict[int, str] = {}
-    keep_alive, pairs, hooks = [], [], []
+    consumers, reference = direct_consumers(
+        model, example,
+        is_producer=lambda m: type(m) is nn.Conv2d or type(m) is QuantConv2d,
+        is_consumer=lambda m: isinstance(m, nn.BatchNorm2d) and m.track_running_stats and not m.training,
+    )
     modules = dict(model.named_modules())
-
-    def conv_hook(name):
-        def hook(_, __, out):
-            produced[id(out)] = name
-            keep_alive.append(out)
-        return hook
-
-    def bn_hook(name):
-        def hook(_, args):
-            if id(args[0]) in produced:
-                pairs.append((produced[id(args[0])], name))
-        return hook
-
-    for name, m in modules.items():
-        if type(m) is nn.Conv2d or type(m) is QuantConv2d:
-            hooks.append(m.register_forward_hook(conv_hook(name)))
-        elif isinstance(m, nn.BatchNorm2d) and m.track_running_stats and not m.training:
-            hooks.append(m.register_forward_pre_hook(bn_hook(name)))
-    try:
-        reference = model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    pairs = list(dict.fromkeys(pairs))
-    counts = {}
-    for conv_name, _ in pairs:
-        counts[conv_name] = counts.get(conv_name, 0) + 1
     folded = []
-    for conv_name, bn_name in pairs:
-        if counts[conv_name] > 1:  # a conv output shared by two BNs cannot be folded into both
+    for conv_name, bns in consumers.items():
+        if len(bns) > 1:  # a conv output shared by two BNs cannot be folded into both
             continue
+        bn_name = bns[0]
         conv, bn = modules[conv_name], modules[bn_name]
         weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
                                             bn.weight, bn.bias)

@@ -24,6 +24,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
+from .modules import direct_consumers
 from .quantizer import FakeQuantizer, QScheme, RangeObserver, input_channel_weights, qparams
 
 
@@ -34,34 +35,12 @@ def layernorm_consumers(model: nn.Module, example: torch.Tensor) -> dict[str, li
     Only affine LayerNorms over the last dimension qualify; the caller checks that each change keeps
     the model's function, which catches a LayerNorm output that also feeds something else.
     """
-    produced: dict[int, str] = {}
-    keep_alive, hooks = [], []
-    found: dict[str, list[str]] = {}
-
-    def norm_hook(name):
-        def hook(_, __, out):
-            produced[id(out)] = name
-            keep_alive.append(out)
-        return hook
-
-    def linear_hook(name):
-        def hook(_, args):
-            if id(args[0]) in produced:
-                found.setdefault(produced[id(args[0])], [])
-                if name not in found[produced[id(args[0])]]:
-                    found[produced[id(args[0])]].append(name)
-        return hook
-
-    for name, m in model.named_modules():
-        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1 and m.elementwise_affine and m.bias is not None:
-            hooks.append(m.register_forward_hook(norm_hook(name)))
-        elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_pre_hook(linear_hook(name)))
-    try:
-        model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    found, _ = direct_consumers(
+        model, example,
+        is_producer=lambda m: (isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
+                               and m.elementwise_affine and m.bias is not None),
+        is_consumer=lambda m: isinstance(m, nn.Linear),
+    )
     return found
 
 
