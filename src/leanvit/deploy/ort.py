@@ -33,7 +33,7 @@ class OnnxRuntimeEngine(Engine):
         if "CUDAExecutionProvider" not in have:
             raise EngineUnavailableError(
                 f"onnxruntime has no CUDA provider here (available: {', '.join(have)}): "
-                "pip install onnxruntime-gpu"
+                "pip uninstall onnxruntime && pip install onnxruntime-gpu"
             )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
