@@ -80,13 +80,18 @@ def model_from_checkpoint(name: str, path: str | Path, **kwargs) -> tuple[nn.Mod
     """``name`` built with the kwargs the checkpoint was trained with, its weights loaded.
 
     A leanvit checkpoint records ``model_kwargs`` (``num_classes``, ``img_size``, ...); they are
-    applied when it was saved from the same architecture, and ``kwargs`` override them.
+    applied when it was saved from the same architecture, and ``kwargs`` override them. A model
+    trained with token reduction on (``leanvit train --tokens``) gets that reduction back.
     """
     state, meta = read_checkpoint(path)
     saved = meta.get("model")
     same_arch = saved is not None and saved.split(".")[0] == name.split(".")[0]
     model = create_model(name, **{**(meta.get("model_kwargs", {}) if same_arch else {}), **kwargs})
     _load_state(model, state, meta, path, ignore_classifier=False)
+    if same_arch and meta.get("tokens"):
+        from .compress.tokens import apply, from_spec
+
+        apply(model, from_spec(meta["tokens"]))
     return model, meta
 
 

@@ -54,6 +54,7 @@ class Profile:
     params_diff_pct: float | None = None
     macs_diff_pct: float | None = None
     mac_convention: str = MAC_CONVENTION
+    published_note: str | None = None  #: how the published figures were counted, where it differs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,4 +106,5 @@ def profile_model(name: str, img_size: int | None = None, model: nn.Module | Non
         model=name, img_size=img_size, params=params, macs=macs,
         published_params=pub_params, published_macs=pub_macs,
         params_diff_pct=_diff_pct(params, pub_params), macs_diff_pct=_diff_pct(macs, pub_macs),
+        published_note=facts.note if facts else None,
     )

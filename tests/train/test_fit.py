@@ -111,6 +111,8 @@ def test_training_with_evit_follows_the_keep_rate_warmup(tmp_path, monkeypatch):
     assert seen[2] == 1.0 and 0.5 < seen[3] < 1.0 and seen[4:] == [0.5, 0.5]
     assert len(result.epochs) == 3
     assert read_checkpoint(tmp_path / "evit" / "model.safetensors")[1]["tokens"] == "evit:0.5"
+    reloaded, _ = model_from_checkpoint("deit_tiny_patch16_224", tmp_path / "evit" / "model.safetensors")
+    assert reloaded.blocks.method.keep_rate == 0.5  # trained with EViT on, evaluated with it
 
 
 def test_keep_rate_schedule_needs_evit(tmp_path):

@@ -29,4 +29,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"params  {prof.params / 1e6:.3f} M{_fmt_diff(prof.params_diff_pct)}")
     print(f"MACs    {prof.macs / 1e9:.3f} G{_fmt_diff(prof.macs_diff_pct)}")
     print(f"        {prof.mac_convention}")
+    if prof.published_note:
+        print(f"note    published figures: {prof.published_note}")
     return 0
