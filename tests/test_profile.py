@@ -1,6 +1,5 @@
 import pytest
 import timm
-import torch
 import torch.nn as nn
 
 from leanvit.profile import count_macs, count_params, profile_model

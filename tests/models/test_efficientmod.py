@@ -8,7 +8,6 @@ with almost anything.
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import timm
@@ -284,27 +283,13 @@ def test_torch_compile_inductor(name):
         torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-3)
 
 
-def _check_engines(model: nn.Module, size: int, tmp_path) -> None:
-    from leanvit.deploy import check_agreement, export_onnx, get_engine
-
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter('always')
-        path = export_onnx(model, torch.randn(1, 3, size, size), tmp_path / 'model.onnx', opset=18, dynamic_batch=True)
-    assert not [w for w in record if 'TorchScript exporter' in str(w.message)]  # torch.export needs no fallback
-    batches = [torch.randn(1, 3, size, size), torch.randn(3, 3, size, size)]
-    for engine in (get_engine('onnxruntime', threads=1), get_engine('openvino', threads=1)):
-        runner = engine.load_model_file(path) if engine.name == 'openvino' else engine.load_onnx(path)
-        agreement = check_agreement(model, runner, batches)
-        assert agreement.max_abs_err <= 1e-3 and agreement.top1_agreement == 1.0, (engine.name, agreement)
-
-
-def test_onnx_ort_openvino_smallest(tmp_path):
+def test_onnx_ort_openvino_smallest(check_engines):
     torch.manual_seed(0)
-    _check_engines(_randomize(timm.create_model('efficientmod_xxs').eval()), 128, tmp_path)
+    check_engines(_randomize(timm.create_model('efficientmod_xxs').eval()), 128)
 
 
 @slow
 @pytest.mark.parametrize('name', VARIANTS)
-def test_onnx_ort_openvino_all(name, tmp_path):
+def test_onnx_ort_openvino_all(name, check_engines):
     torch.manual_seed(0)
-    _check_engines(_randomize(timm.create_model(name).eval()), 224, tmp_path)
+    check_engines(_randomize(timm.create_model(name).eval()), 224)

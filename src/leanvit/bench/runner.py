@@ -6,7 +6,6 @@ import os
 import sys
 import traceback
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
