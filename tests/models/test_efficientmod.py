@@ -1,24 +1,23 @@
 """EfficientMod: published size, official checkpoints against a from-the-keys reference, timm's API,
 export to ONNX Runtime / OpenVINO, torch.compile and training.
 
-Outputs are compared with weights randomised away from init (``_randomize``): layer scales of 1e-4
+Outputs are compared with weights randomised away from init (``random_weights.randomize``): layer scales of 1e-4
 make every modulation block nearly the identity, which would let a broken mapping or export agree
 with almost anything.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from leanvit.catalog import CATALOG, get_facts
 import leanvit.models.efficientmod as emod
 from leanvit.errors import LeanvitError
 from leanvit.profile import count_macs, count_params
+from random_weights import randomize, random_like
 
 VARIANTS = [f.name for f in CATALOG.values() if f.family == 'EfficientMod']
 #: official constructor arguments (ma-xu/EfficientMod models/EfficientMod.py); per-block MLP
@@ -41,29 +40,9 @@ slow = pytest.mark.slow
 
 
 @torch.no_grad()
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for name, t in model.state_dict().items():
-        t.copy_(_random_like(name, t.shape, g))
-    return model
-
-
-def _random_like(name: str, shape, g: torch.Generator) -> torch.Tensor:
-    """Fan-in scaled weights; norm scales and layer scales well away from init."""
-    leaf = name.rsplit('.', 1)[-1]
-    noise = torch.randn(shape, generator=g)
-    if leaf == 'weight' and len(shape) > 1:
-        return noise / math.sqrt(math.prod(shape[1:]))
-    if leaf in ('gamma', 'gamma_1'):
-        return 0.1 * (1 + 0.2 * noise)  # large enough to matter, small enough for a 30-block network
-    if leaf == 'weight':
-        return 1 + 0.2 * noise
-    return 0.2 * noise
-
-
 def _tiny(**kwargs) -> emod.EfficientMod:
     torch.manual_seed(0)
-    return _randomize(timm.create_model('efficientmod_xxs', **{**TINY, **kwargs}).eval())
+    return randomize(timm.create_model('efficientmod_xxs', **{**TINY, **kwargs}).eval())
 
 
 # --- the official model, written down independently from its constructor and forward ------------
@@ -106,7 +85,7 @@ def official_shapes(dims, depths, attn, r, att_ratio, num_classes=1000, heads=8)
 
 def official_state_dict(seed=0, **cfg):
     g = torch.Generator().manual_seed(seed)
-    return {k: _random_like(k, s, g) for k, s in official_shapes(**cfg).items()}
+    return {k: random_like(k, s, g) for k, s in official_shapes(**cfg).items()}
 
 
 def official_forward(sd: dict, x: torch.Tensor, heads: int = 8) -> torch.Tensor:
@@ -277,7 +256,7 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize('name', VARIANTS)
 def test_torch_compile_inductor(name):
     torch.manual_seed(0)
-    model = _randomize(timm.create_model(name).eval())
+    model = randomize(timm.create_model(name).eval())
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-3)
@@ -285,11 +264,11 @@ def test_torch_compile_inductor(name):
 
 def test_onnx_ort_openvino_smallest(check_engines):
     torch.manual_seed(0)
-    check_engines(_randomize(timm.create_model('efficientmod_xxs').eval()), 128)
+    check_engines(randomize(timm.create_model('efficientmod_xxs').eval()), 128)
 
 
 @slow
 @pytest.mark.parametrize('name', VARIANTS)
 def test_onnx_ort_openvino_all(name, check_engines):
     torch.manual_seed(0)
-    check_engines(_randomize(timm.create_model(name).eval()), 224)
+    check_engines(randomize(timm.create_model(name).eval()), 224)

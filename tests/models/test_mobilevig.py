@@ -1,12 +1,11 @@
 """MobileViG: published size, official checkpoints against a from-the-keys reference, timm's API,
 export to ONNX Runtime / OpenVINO, torch.compile and distilled training.
 
-Outputs are compared with weights randomised away from init (``_randomize``): BN statistics at
+Outputs are compared with weights randomised away from init (``random_weights.randomize``): BN statistics at
 0/1 and layer scales of 1e-5 would let a broken mapping or export agree with almost anything.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import timm
@@ -18,6 +17,7 @@ from leanvit.catalog import CATALOG, get_facts
 import leanvit.models.mobilevig as mvig
 from leanvit.errors import LeanvitError
 from leanvit.profile import count_macs, count_params
+from random_weights import randomize, random_like
 
 VARIANTS = [f.name for f in CATALOG.values() if f.family == 'MobileViG']
 #: official constructor arguments (SLDGroup/MobileViG models/mobilevig.py), independent of ours
@@ -35,32 +35,9 @@ slow = pytest.mark.slow
 
 
 @torch.no_grad()
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for name, t in model.state_dict().items():
-        if t.is_floating_point():
-            t.copy_(_random_like(name, t.shape, g))
-    return model
-
-
-def _random_like(name: str, shape, g: torch.Generator) -> torch.Tensor:
-    """Fan-in scaled weights; norm scales, BN statistics and layer scales well away from init."""
-    leaf = name.rsplit('.', 1)[-1]
-    noise = torch.randn(shape, generator=g)
-    if leaf == 'running_var':
-        return noise.abs() * 0.5 + 0.5
-    if leaf == 'weight' and len(shape) > 1:
-        return noise / math.sqrt(math.prod(shape[1:]))
-    if leaf in ('gamma', 'layer_scale_2'):
-        return 0.1 * (1 + 0.2 * noise)  # large enough to matter, small enough for a 30-block network
-    if leaf == 'weight':
-        return 1 + 0.2 * noise
-    return 0.2 * noise
-
-
 def _tiny(**kwargs) -> mvig.MobileViG:
     torch.manual_seed(0)
-    return _randomize(timm.create_model('mobilevig_ti', **{**TINY, **kwargs}).eval())
+    return randomize(timm.create_model('mobilevig_ti', **{**TINY, **kwargs}).eval())
 
 
 # --- the official model, written down independently from its constructor and forward ------------
@@ -109,7 +86,7 @@ def official_shapes(local_channels, local_blocks, global_channels, global_blocks
 def official_state_dict(seed=0, **cfg):
     g = torch.Generator().manual_seed(seed)
     return {
-        k: torch.tensor(0) if k.endswith('num_batches_tracked') else _random_like(k, s, g)
+        k: torch.tensor(0) if k.endswith('num_batches_tracked') else random_like(k, s, g)
         for k, s in official_shapes(**cfg).items()
     }
 
@@ -307,7 +284,7 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize('name', VARIANTS)
 def test_torch_compile_inductor(name):
     torch.manual_seed(0)
-    model = _randomize(timm.create_model(name).eval())
+    model = randomize(timm.create_model(name).eval())
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-3)
@@ -315,11 +292,11 @@ def test_torch_compile_inductor(name):
 
 def test_onnx_ort_openvino_smallest(check_engines):
     torch.manual_seed(0)
-    check_engines(_randomize(timm.create_model('mobilevig_ti').eval()), 160)
+    check_engines(randomize(timm.create_model('mobilevig_ti').eval()), 160)
 
 
 @slow
 @pytest.mark.parametrize('name', VARIANTS)
 def test_onnx_ort_openvino_all(name, check_engines):
     torch.manual_seed(0)
-    check_engines(_randomize(timm.create_model(name).eval()), 224)
+    check_engines(randomize(timm.create_model(name).eval()), 224)
