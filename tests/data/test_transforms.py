@@ -41,3 +41,10 @@ def test_randaugment_posterize_at_full_strength_keeps_one_bit():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     out = np.asarray(op(img))
     assert set(np.unique(out)) <= {0, 128}
+
+
+def test_training_crop_scale_bounds_the_random_crop_area():
+    cfg = resolve_data_config(timm.create_model("vit_tiny_patch16_224", depth=1), img_size=16)
+    crop = build_transform(cfg, train=True, crop_scale=0.35).transforms[0]
+    assert crop.scale == (0.35, 1.0)
+    assert build_transform(cfg, train=True).transforms[0].scale == (0.08, 1.0)  # timm's ImageNet default

@@ -23,15 +23,15 @@ def resolve_data_config(model: nn.Module, *, img_size: int | None = None,
 
 
 def build_transform(data_config: dict, *, train: bool = False, auto_augment: str | None = None,
-                    re_prob: float = 0.0, no_aug: bool = False) -> Callable:
+                    re_prob: float = 0.0, no_aug: bool = False, crop_scale: float = 0.08) -> Callable:
     """timm's eval transform, or its training one: random resized crop and flip, RandAugment
     (``auto_augment``, e.g. ``"rand-m9-mstd0.5-inc1"``) and random erasing (``re_prob``), or with
-    ``no_aug`` only resizing and cropping."""
+    ``no_aug`` only resizing and cropping. ``crop_scale`` is the random crop's smallest area fraction."""
     config = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()}
     if not train:
         return create_transform(**config, is_training=False)
     transform = create_transform(**config, is_training=True, no_aug=no_aug, auto_augment=auto_augment,
-                                 re_prob=re_prob)
+                                 re_prob=re_prob, scale=(crop_scale, 1.0))
     for step in transform.transforms:
         for op in getattr(step, "ops", ()):  # RandAugment's operations
             if op.name.startswith("Posterize"):

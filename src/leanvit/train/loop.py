@@ -85,7 +85,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
         token_apply(model, from_spec(cfg.tokens))  # no new parameters: the weights stay a plain ViT's
     data_config = resolve_data_config(model, img_size=cfg.img_size, crop_pct=cfg.crop_pct)
     train_set.transform = build_transform(data_config, train=True, auto_augment=cfg.randaug, re_prob=cfg.reprob,
-                                          no_aug=cfg.no_aug)
+                                          no_aug=cfg.no_aug, crop_scale=cfg.crop_scale)
     metadata = {"model": cfg.model, "model_kwargs": kwargs, "data_config": data_config, "classes": classes,
                 **({"tokens": cfg.tokens} if cfg.tokens else {})}
 
