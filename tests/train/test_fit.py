@@ -40,7 +40,10 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkey
 
     assert [s["epoch"] for s in resumed.steps] == [1, 1, 1]
     assert [s["loss"] for s in full.steps[3:]] == [s["loss"] for s in resumed.steps]
-    assert full.epochs == resumed.epochs
+    timing = ("seconds", "hardware")  # when and where, not what was computed
+    assert ([{k: v for k, v in e.items() if k not in timing} for e in full.epochs]
+            == [{k: v for k, v in e.items() if k not in timing} for e in resumed.epochs])
+    assert all(e["seconds"] >= 0 and "threads" in e["hardware"] for e in resumed.epochs)
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = read_checkpoint(tmp_path / "full" / name)[0], read_checkpoint(tmp_path / "cut" / name)[0]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

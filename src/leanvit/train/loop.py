@@ -12,6 +12,7 @@ import json
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +133,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
         _seed_everything(int(np.random.SeedSequence([cfg.seed, epoch, rank]).generate_state(1)[0]))
         loader.sampler.set_epoch(epoch)
         net.train()
+        started = time.perf_counter()
         bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=not show, leave=False)
         for i, batch in enumerate(loader):
             if i == steps:
@@ -166,7 +168,8 @@ def _fit(cfg: TrainConfig) -> TrainResult:
             bar.update()
         bar.close()
         losses = [s["loss"] for s in steps_log if s["epoch"] == epoch]
-        summary = {"epoch": epoch, "loss": round(sum(losses) / len(losses), 6), "lr": steps_log[-1]["lr"]}
+        summary = {"epoch": epoch, "loss": round(sum(losses) / len(losses), 6), "lr": steps_log[-1]["lr"],
+                   "seconds": round(time.perf_counter() - started, 1), "hardware": _hardware(device, world)}
         epochs_log.append(summary)
         if main:
             if val_loader is not None:
@@ -232,6 +235,17 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if not cfg.amp or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _hardware(device: torch.device, world: int) -> str:
+    """What an epoch ran on, for model cards: processes x (GPU, or CPU model and threads)."""
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        from ..bench.host import host_info
+
+        what = f"{host_info()['cpu']}, {torch.get_num_threads()} threads"
+    return f"{world} x {what}" if world > 1 else what
 
 
 def _seed_everything(seed: int) -> None:
