@@ -21,6 +21,8 @@ from .errors import LeanvitError
 from .models.registry import create_model
 
 WEIGHTS_FILE = "model.safetensors"
+#: checkpoints trained by the project (``tools/release_checkpoint.py``), each with a model card beside it
+SHIPPED_DIR = Path(__file__).parent / "assets" / "checkpoints"
 _WRAPPERS = ("state_dict", "model", "module", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -37,16 +39,25 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata
     return path
 
 
+def shipped_checkpoints() -> dict[str, Path]:
+    """The project's own trained checkpoints by name (their model cards are the ``.md`` files beside them)."""
+    return {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.safetensors"))}
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The state dict in ``path`` and leanvit's metadata (empty for foreign checkpoints).
 
-    A folder stands for the ``model.safetensors`` that ``leanvit train`` writes into it.
+    A folder stands for the ``model.safetensors`` that ``leanvit train`` writes into it; the name of
+    a shipped checkpoint (:func:`shipped_checkpoints`) for that file.
     """
     path = Path(path).expanduser()
+    if not path.exists() and str(path) in shipped_checkpoints():
+        path = shipped_checkpoints()[str(path)]
     if path.is_dir():
         path = path / WEIGHTS_FILE
     if not path.is_file():
-        raise LeanvitError(f"Checkpoint {path} does not exist.")
+        shipped = ", ".join(shipped_checkpoints()) or "none yet"
+        raise LeanvitError(f"Checkpoint {path} does not exist (the shipped checkpoints, usable by name: {shipped}).")
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:

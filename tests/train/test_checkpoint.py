@@ -79,3 +79,44 @@ def test_unreadable_and_missing_files(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(LeanvitError, match="no state dict"):
         read_checkpoint(tmp_path / "list.pth")
+
+
+def test_shipped_checkpoints_load_by_name_in_half_precision(tmp_path, monkeypatch):
+    import leanvit.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "SHIPPED_DIR", tmp_path)
+    model = _vit()
+    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_weights(tmp_path / "tiny-cifar10.safetensors", half, {"model": "deit_tiny_patch16_224", "model_kwargs": TINY})
+    assert list(checkpoint.shipped_checkpoints()) == ["tiny-cifar10"]
+    rebuilt, _ = model_from_checkpoint("deit_tiny_patch16_224", "tiny-cifar10")
+    assert rebuilt.head.weight.dtype == torch.float32  # float16 on disk, the model's own dtype once loaded
+    torch.testing.assert_close(rebuilt.head.weight, model.head.weight.half().float(), rtol=0, atol=0)
+    with pytest.raises(LeanvitError, match="usable by name: tiny-cifar10"):
+        read_checkpoint("tiny-cifar100")
+
+
+def test_release_tool_writes_the_command_that_gives_the_runs_config():
+    """The model card's command, parsed by ``leanvit train``, is exactly the run's configuration."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from leanvit.cli.train import register
+    from leanvit.train import TrainConfig
+
+    tool = Path(__file__).resolve().parents[2] / "tools" / "release_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("release_checkpoint", tool)
+    release = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(release)
+    config = TrainConfig(model="deit_tiny_patch16_224", data="/data/train", model_kwargs={"img_size": 32},
+                         epochs=30, lr=1e-3, mixup=0.0, randaug=None, crop_scale=0.35, ema_decay=0.9995,
+                         amp=False, resume=True, workers=0).to_dict()
+    command = release.training_command(config)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    import shlex
+
+    args = vars(parser.parse_args(shlex.split(command)[1:]))
+    parsed = TrainConfig(**{k: v for k, v in args.items() if k in config and v is not None}).to_dict()
+    assert parsed == config

@@ -1,0 +1,147 @@
+"""Ship a finished ``leanvit train`` run as one of the project's checkpoints, with its model card.
+
+    python tools/release_checkpoint.py RUN --name deit_tiny-cifar10 [--data ~/.cache/leanvit/cifar10/test]
+
+Writes ``src/leanvit/assets/checkpoints/NAME.safetensors`` (the run's EMA weights when it kept an EMA,
+else its final weights, stored in half precision so each file stays under 20 MB) and ``NAME.md``, the
+model card: the exact training command, epochs, wall time and hardware read from the run's own
+log, and the top-1/top-5 of the *shipped file* measured here on the full test split. The card's
+entry in ``benchmarks/checkpoints.json`` is added or replaced, so ``benchmarks/eval_checkpoints.py``
+re-checks it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from leanvit.checkpoint import SHIPPED_DIR, WEIGHTS_FILE, model_from_checkpoint, read_checkpoint, save_weights
+from leanvit.data import build_transform, make_loader, open_dataset
+from leanvit.evaluate import evaluate
+from leanvit.train import TrainConfig
+from leanvit.train.state import EMA_FILE, latest_checkpoint, read_state
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = ROOT / "benchmarks" / "checkpoints.json"
+FULL_TEST_SPLIT = 10_000
+MAX_BYTES = 20 * 2**20
+TOLERANCE = 0.1  # points: what benchmarks/eval_checkpoints.py allows between the card and a re-run
+
+
+def training_command(config: dict) -> str:
+    """The ``leanvit train`` command line that gives ``config`` (only the flags that differ from the defaults)."""
+    parts = ["leanvit train", config["model"]]
+    for f in fields(TrainConfig):
+        if f.name == "model":
+            continue
+        value, flag = config.get(f.name), "--" + f.name.replace("_", "-")
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if value == default:
+            continue
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, dict):
+            parts.append(f"{flag} '{json.dumps(value)}'")
+        else:
+            parts.append(f"{flag} {value if value is not None else 'none'}")
+    return " ".join(parts)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="the --output folder of a finished leanvit train run")
+    ap.add_argument("--name", required=True, help="checkpoint name, e.g. deit_tiny-cifar10")
+    ap.add_argument("--data", type=Path, default=Path("~/.cache/leanvit/cifar10/test").expanduser(),
+                    help="the full CIFAR-10 JPEG test split (../shared/data/cifar10-jpeg.tar.gz, extracted)")
+    ap.add_argument("--notes", default="", help="a paragraph for the card: the resolution/stem adaptation and why")
+    ap.add_argument("--batch-size", type=int, default=250)
+    args = ap.parse_args()
+
+    last = latest_checkpoint(args.run)
+    weights = args.run / (EMA_FILE if (args.run / EMA_FILE).is_file() else WEIGHTS_FILE)
+    if last is None or not weights.is_file():
+        print(f"error: {args.run} holds no finished run (no {WEIGHTS_FILE}); finish it with --resume first.",
+              file=sys.stderr)
+        return 2
+    state = read_state(last)
+    config, log = state["config"], state["epochs"]
+    if len(log) != config["epochs"]:
+        print(f"error: {args.run} logged {len(log)} of {config['epochs']} epochs.", file=sys.stderr)
+        return 2
+
+    tensors, meta = read_checkpoint(weights)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    SHIPPED_DIR.mkdir(parents=True, exist_ok=True)
+    path = SHIPPED_DIR / f"{args.name}.safetensors"
+    save_weights(path, half, {**meta, "source": f"{weights.name} of {config['epochs']} epochs, stored as float16"})
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        path.unlink()
+        print(f"error: {path.name} would be {size / 2**20:.1f} MB, over the 20 MB limit.", file=sys.stderr)
+        return 2
+
+    model, meta = model_from_checkpoint(config["model"], path)
+    dataset = open_dataset(args.data, transform=build_transform(meta["data_config"]))
+    if len(dataset) != FULL_TEST_SPLIT:
+        print(f"error: {args.data} has {len(dataset)} images, not the full {FULL_TEST_SPLIT}-image test split.",
+              file=sys.stderr)
+        return 2
+    result = evaluate(model, make_loader(dataset, args.batch_size))
+
+    seconds = sum(e.get("seconds", 0.0) for e in log)
+    untimed = sum("seconds" not in e for e in log)
+    hardware = sorted({e["hardware"] for e in log if "hardware" in e})
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    input_size = meta["data_config"]["input_size"]
+    card = "\n".join([
+        f"# {args.name}", "",
+        f"`{config['model']}` trained from scratch on CIFAR-10 by `leanvit train`; "
+        f"{sum(t.numel() for t in tensors.values() if t.is_floating_point()) / 1e6:.2f} M parameters and buffers.", "",
+        "| | |", "|---|---|",
+        f"| test top-1 (full 10,000-image JPEG test split, this file) | **{result.top1:.2f} %** |",
+        f"| test top-5 | {result.top5:.2f} % |",
+        f"| input | {input_size[1]}×{input_size[2]}, mean {meta['data_config']['mean']}, "
+        f"std {meta['data_config']['std']}, crop_pct {meta['data_config']['crop_pct']} |",
+        f"| model kwargs | `{json.dumps(meta['model_kwargs'])}` |",
+        f"| weights | {weights.name.split('.')[0]} weights after epoch {len(log)}, float16 safetensors, "
+        f"{size / 2**20:.1f} MB, sha256 `{sha[:16]}…` |",
+        f"| epochs | {len(log)} ({state['step']} steps of {config['batch_size']} images) |",
+        f"| wall time | {seconds / 3600:.2f} h of training (evaluation excluded)"
+        + (f"; {untimed} epochs untimed" if untimed else "") + " |",
+        f"| hardware | {'; '.join(hardware) or 'not logged'} |",
+        f"| final training loss | {log[-1]['loss']:.4f} |", "",
+        "## Adaptation", "", args.notes or "-", "",
+        "## Command", "",
+        "Data: the CIFAR-10 JPEG train split (`../shared/data/cifar10-jpeg.tar.gz`, extracted to "
+        "`~/.cache/leanvit/cifar10`). Checkpoints were written every epoch; the run resumed with "
+        "`--resume` after each interruption, which repeats exactly what an uninterrupted run computes.", "",
+        "```", training_command(config), "```", "",
+        "## Reproduce the accuracy", "",
+        "```",
+        f"leanvit eval {config['model']} --checkpoint {args.name} --data ~/.cache/leanvit/cifar10/test",
+        "python benchmarks/eval_checkpoints.py",
+        "```", "",
+        "## Per-epoch log", "",
+        "| epoch | loss | test500 top-1 | EMA test500 top-1 | seconds |", "|---:|---:|---:|---:|---:|",
+        *(f"| {e['epoch']} | {e['loss']:.4f} | {e.get('top1', float('nan')):.1f} | "
+          f"{e.get('ema_top1', float('nan')):.1f} | {e.get('seconds', float('nan')):.0f} |" for e in log), "",
+    ])
+    path.with_suffix(".md").write_text(card)
+
+    entries = [e for e in json.loads(MANIFEST.read_text()) if e.get("name") != args.name]
+    entries.append({"name": args.name, "model": config["model"],
+                    "checkpoint": os.path.relpath(path, MANIFEST.parent),
+                    "top1": result.top1, "tolerance": TOLERANCE})
+    MANIFEST.write_text(json.dumps(entries, indent=2) + "\n")
+    print(f"{args.name}: top-1 {result.top1:.2f} % on {len(dataset)} images, {size / 2**20:.1f} MB -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
