@@ -19,7 +19,6 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-import torch
 
 from leanvit.checkpoint import SHIPPED_DIR, WEIGHTS_FILE, model_from_checkpoint, read_checkpoint, save_weights
 from leanvit.data import build_transform, make_loader, open_dataset
