@@ -59,7 +59,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON kwargs for timm.create_model")
     p.add_argument("--checkpoint", help="weights (a `leanvit train` folder or file); random weights otherwise")
     p.add_argument("--keep-rate", type=float, default=0.7, help="EViT keep rate that sets the MAC budget")
-    p.add_argument("--sweep", action="store_true", help="also keep rates 0.9 and 0.5 (and matched ToMe/DiffRate)")
+    p.add_argument("--sweep", action="store_true", help="keep rates 0.9, 0.7 and 0.5 (and matched ToMe/DiffRate)")
+    p.add_argument("--keep-rates", nargs="+", type=float,
+                   help="EViT keep rates, each with ToMe and DiffRate matched to its MACs (overrides --sweep)")
+    p.add_argument("--tome-r", nargs="+", type=tome_r, default=[],
+                   help="extra ToMe variants: R (every block) or RxK (R in the first K blocks), e.g. 1x6")
     p.add_argument("--engines", nargs="+", default=["openvino", "onnxruntime"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: all usable CPUs)")
@@ -71,6 +75,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="DiffRate search steps")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args()
+
+
+def tome_r(text: str) -> int | tuple[int, ...]:
+    """``"2"`` -> 2 (every block); ``"1x6"`` -> (1,) * 6 (the first six blocks), for models with few tokens."""
+    r, _, blocks = text.partition("x")
+    return (int(r),) * int(blocks) if blocks else int(r)
 
 
 def main() -> int:
@@ -128,7 +138,8 @@ def main() -> int:
     report = {"model": args.model, "checkpoint": args.checkpoint, "input_size": list(input_size),
               "threads": threads, "engines": args.engines, "batches": args.batches, "eval": args.eval,
               "host": host_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "rows": rows, "checks": checks(rows), "paper": PAPER}
+              "rows": rows, "checks": checks(rows, spec_setting=args.model == "deit_small_patch16_224" and input_size[-1] == 224),
+              "paper": PAPER}
     (args.out / "tokens.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (args.out / "tokens.md").write_text(markdown(report))
     plot(rows, args.out / "tokens.png")
@@ -139,12 +150,19 @@ def main() -> int:
 def plan_variants(base, input_size, args, calib) -> list[tuple[str, tokens.TokenMethod | None]]:
     """Baseline, then EViT at each keep rate with ToMe and DiffRate matched to its MACs."""
     variants = [("baseline", None)]
-    for keep_rate in ([0.9, args.keep_rate, 0.5] if args.sweep else [args.keep_rate]):
+    unreduced = count_macs(base, input_size)
+    for keep_rate in args.keep_rates or ([0.9, args.keep_rate, 0.5] if args.sweep else [args.keep_rate]):
         evit = tokens.EViT(keep_rate=keep_rate)
         target = count_macs(tokens.apply(copy.deepcopy(base), evit), input_size)
         variants += [(f"evit keep={keep_rate}", evit),
-                     (f"tome matched to {keep_rate}", matched_tome(base, input_size, target)),
-                     (f"diffrate matched to {keep_rate}", matched_diffrate(base, input_size, target, calib, args))]
+                     (f"tome matched to {keep_rate}", matched_tome(base, input_size, target))]
+        if target < 0.99 * unreduced:
+            variants.append((f"diffrate matched to {keep_rate}", matched_diffrate(base, input_size, target, calib, args)))
+        else:  # too few tokens for this keep rate to remove any: nothing for DiffRate to match
+            print(f"DiffRate: EViT keep={keep_rate} removes {cut(unreduced, target)} % of the MACs; no DiffRate "
+                  "variant at that budget", file=sys.stderr)
+    variants += [(f"tome r={r if isinstance(r, int) else f'{r[0]} x {len(r)} blocks'}", tokens.ToMe(r=r))
+                 for r in args.tome_r]
     return variants
 
 
@@ -174,12 +192,21 @@ def matched_diffrate(base, input_size, target: int, calib, args) -> tokens.DiffR
     return tokens.DiffRate(target_macs=target, calib=images, steps=args.steps)
 
 
-def checks(rows: list[dict]) -> list[dict]:
-    """The issue's acceptance criteria for EViT keep 0.7 against the baseline."""
+def checks(rows: list[dict], spec_setting: bool) -> list[dict]:
+    """The issue's acceptance criteria: EViT keep 0.7 against the baseline (stated for DeiT-S at 224,
+    ``spec_setting``); with accuracy, the ToMe variant whose OpenVINO batch-32 speed-up is nearest
+    1.3x loses at most 1 point."""
     base = rows[0]
     found = []
+    b32 = "openvino/b32"
+    tome = [r for r in rows[1:] if r["method"] == "tome" and "top1" in r and b32 in r["latency_ms"]]
+    if tome and "top1" in base and b32 in base["latency_ms"]:
+        row = min(tome, key=lambda r: abs(base["latency_ms"][b32] / r["latency_ms"][b32] - 1.3))
+        speedup, drop = base["latency_ms"][b32] / row["latency_ms"][b32], base["top1"] - row["top1"]
+        found.append({"check": f"ToMe at ~1.3x {b32} speed-up ({row['variant']}: {speedup:.2f}x) loses <= 1 pt",
+                      "value_pt": round(drop, 2), "pass": drop <= 1.0})
     for row in rows:
-        if row["variant"] != "evit keep=0.7":
+        if row["variant"] != "evit keep=0.7" or not spec_setting:
             continue
         found.append({"check": "EViT 0.7 cuts MACs >= 30 %", "value_pct": cut(base["macs"], row["macs"]),
                       "pass": cut(base["macs"], row["macs"]) >= 30})
@@ -219,7 +246,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {row['variant']} | {row['macs'] / 1e9:.3f} | {cut(base['macs'], row['macs']):.1f} % "
                      f"| {lat}{acc} | {counts} |")
     lines += ["", "## Acceptance checks", ""]
-    lines += [f"- {'PASS' if c['pass'] else 'FAIL'}: {c['check']} (measured {c['value_pct']} %)"
+    lines += [f"- {'PASS' if c['pass'] else 'FAIL'}: {c['check']} (measured {c['value_pct']} %)" if "value_pct" in c
+              else f"- {'PASS' if c['pass'] else 'FAIL'}: {c['check']} (measured {c['value_pt']} pt)"
               for c in report["checks"]]
     lines += ["", "## The papers' numbers (DeiT-S, ImageNet-1k, official weights)", "",
               "| method | GMACs | top-1 | note |", "|---|---|---|---|"]
