@@ -9,25 +9,38 @@ The exported model's QuantizeLinear/DequantizeLinear nodes carry exactly the sim
 zero points, so the engine's INT8 kernels compute what the simulation predicts. Inside ``quantize``:
 BatchNorm folding, calibration of weight and input ranges (min-max, percentile or MSE search),
 RepQ-ViT reparameterisation of post-LayerNorm ranges where it helps on held-out data, an optional
-per-layer choice of symmetric/asymmetric activations, and optional bias correction. ``allocate_bits``
-gives per-layer bit-widths under an average-bit budget (mixed precision, simulation).
+per-layer choice of symmetric/asymmetric activations, optional PTQ4ViT Hessian-guided range search,
+optional bias correction and optional BRECQ/AdaRound block reconstruction (all blocks, or Q-HyViT's
+CNN-to-transformer bridges only). ``allocate_bits`` gives per-layer bit-widths under an average-bit
+budget from logit-error or Hessian-trace sensitivity (mixed precision, simulation).
+``QuantConfig(attn_bits=8)`` also quantizes the inputs of the attention matmuls (q, k, softmax, v):
+uniform ones export; the log2 / shift-uniform-log2 / twin-uniform softmax quantizers simulate 3-4 bits.
 """
 from __future__ import annotations
 
+from .attention import SOFTMAX_QUANTIZERS, QuantAttention, swap_attention
 from .calibrate import (
     QuantConfig, QuantReport, calibration_batches, correct_bias, parse_bits, quantize, quantizers,
     quantizers_disabled,
 )
 from .export import check_deployable, export, export_quantized, onnx_int8_summary, openvino_precisions
+from .hessian import hessian_search
 from .mixed import allocate_bits, average_weight_bits, layer_sensitivity
 from .modules import QuantConv2d, QuantLinear, fold_batchnorm
-from .quantizer import FakeQuantizer, QScheme, RangeObserver, choose_range, fake_quantize, qparams
+from .quantizer import (
+    FakeQuantizer, Log2Quantizer, QScheme, Quantizer, RangeObserver, ShiftUniformLog2Quantizer, TwinUniformQuantizer,
+    choose_range, fake_quantize, qparams,
+)
+from .reconstruct import find_bridges, find_units, reconstruct
 from .reparam import layernorm_consumers, reparameterise
 
 __all__ = [
-    "FakeQuantizer", "QScheme", "QuantConfig", "QuantConv2d", "QuantLinear", "QuantReport", "RangeObserver",
+    "FakeQuantizer", "Log2Quantizer", "QScheme", "QuantAttention", "QuantConfig", "QuantConv2d", "QuantLinear",
+    "QuantReport", "Quantizer", "RangeObserver", "SOFTMAX_QUANTIZERS", "ShiftUniformLog2Quantizer",
+    "TwinUniformQuantizer",
     "allocate_bits", "average_weight_bits", "calibration_batches", "check_deployable", "choose_range",
-    "correct_bias", "export", "export_quantized", "fake_quantize", "fold_batchnorm", "layer_sensitivity",
-    "layernorm_consumers", "onnx_int8_summary", "openvino_precisions", "parse_bits", "qparams", "quantize",
-    "quantizers", "quantizers_disabled", "reparameterise",
+    "correct_bias", "export", "export_quantized", "fake_quantize", "find_bridges", "find_units", "fold_batchnorm",
+    "hessian_search", "layer_sensitivity", "layernorm_consumers", "onnx_int8_summary", "openvino_precisions",
+    "parse_bits", "qparams", "quantize", "quantizers", "quantizers_disabled", "reconstruct", "reparameterise",
+    "swap_attention",
 ]

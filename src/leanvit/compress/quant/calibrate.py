@@ -6,7 +6,9 @@ activation ranges from the calibration batches. What is quantized follows what t
 in INT8: the inputs and weights of convolutions and matrix products. LayerNorm, softmax, GELU and
 residual adds stay in float (quantizing them costs accuracy and buys no speed on OpenVINO / ONNX
 Runtime); the :class:`QuantReport` lists every layer left in float, and a warning names the compute
-layers among them, so nothing falls back to float silently.
+layers among them, so nothing falls back to float silently. The attention matmuls (``q @ kᵀ``,
+``softmax @ v``) stay in float unless ``QuantConfig.attn_bits`` is set: then timm's ``Attention``
+modules become :class:`~.attention.QuantAttention` and other attention classes are reported.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ import torch
 import torch.nn as nn
 
 from ...errors import LeanvitError, check_range
+from .attention import SOFTMAX_QUANTIZERS, swap_attention
 from .modules import fold_batchnorm, quantizable_type
-from .quantizer import RANGE_METHODS, FakeQuantizer, QScheme, RangeObserver, input_channel_weights, weight_range
+from .quantizer import RANGE_METHODS, QScheme, Quantizer, RangeObserver, input_channel_weights, weight_range
 from .reparam import layernorm_consumers, per_channel_gain, reparameterise
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -52,6 +55,18 @@ class QuantConfig:
     layer_bits: tuple[tuple[str, str], ...] = ()
     reparam_layernorm: bool = True  #: RepQ-ViT: per-channel post-LayerNorm ranges, deployed per tensor
     bias_correction: bool = False  #: remove each layer's mean output error (helps most below 8 bits)
+    #: PTQ4ViT: refine the w_method/a_method ranges to minimise the output error weighted by the task
+    #: loss's squared output gradients (a separate switch: the initial ranges still come from those methods)
+    hessian_search: bool = False
+    #: None, "blocks" (BRECQ + AdaRound for every block) or "bridge" (Q-HyViT: only CNN-to-transformer bridges)
+    reconstruct: str | None = None
+    reconstruct_iters: int = 500  #: optimiser steps per reconstructed block or layer, one calibration batch each
+    reconstruct_act_scales: bool = False  #: also learn the blocks' input step sizes (LSQ) while reconstructing
+    #: bits of the inputs of timm ``Attention``'s matmuls (q, k, softmax output, v; per tensor);
+    #: None keeps those matmuls in float
+    attn_bits: int | None = None
+    #: "uniform" (uint, what the engines run), or "log2", "sulq", "twin" (more accurate at 3-4 bits, simulation only)
+    softmax_quantizer: str = "uniform"
     min_images: int = 16  #: fewer calibration images than this is an error
     batch_size: int = 32  #: batch size when ``calib_data`` is one tensor
 
@@ -64,6 +79,17 @@ class QuantConfig:
         for bits in (f"w{self.w_bits}a{self.a_bits}", *(b for _, b in self.layer_bits)):
             parse_bits(bits)
         check_range("min_images", self.min_images, 1, 1_000_000)
+        if self.attn_bits is not None:
+            check_range("attn_bits", self.attn_bits, 2, 8)
+        if self.reconstruct not in (None, "blocks", "bridge"):
+            raise LeanvitError(f"reconstruct must be None, 'blocks' or 'bridge', got {self.reconstruct!r}.")
+        check_range("reconstruct_iters", self.reconstruct_iters, 1, 1_000_000)
+        if self.hessian_search and self.a_per_channel:
+            raise LeanvitError("hessian_search searches per-tensor input ranges; a_per_channel=True (simulation "
+                               "only) has none. Turn one of them off.")
+        if self.softmax_quantizer not in SOFTMAX_QUANTIZERS:
+            raise LeanvitError(f"softmax_quantizer '{self.softmax_quantizer}' is not a softmax quantizer; use one of "
+                               f"{', '.join(SOFTMAX_QUANTIZERS)} ('uniform' is the one that exports).")
 
     @classmethod
     def from_bits(cls, bits: str, **kwargs) -> QuantConfig:
@@ -98,6 +124,7 @@ class QuantReport:
     float_layers: dict[str, str] = field(default_factory=dict)  #: layer -> reason it stays in float
     folded_batchnorms: list[str] = field(default_factory=list)
     reparameterised: list[str] = field(default_factory=list)  #: LayerNorms whose consumers got RepQ-ViT scales
+    reconstructed: dict[str, str] = field(default_factory=dict)  #: block or layer -> outcome of its reconstruction
     calib_images: int = 0
     input_size: tuple[int, ...] = ()  #: (C, H, W) of the calibration images: the export's default input
 
@@ -110,6 +137,7 @@ class QuantReport:
         lines = [f"{len(self.quantized)} layers quantized, {len(self.folded_batchnorms)} BatchNorms folded, "
                  f"{len(self.reparameterised)} LayerNorms reparameterised, {self.calib_images} calibration images"]
         lines += [f"  float {name}: {reason}" for name, reason in self.float_layers.items()]
+        lines += [f"  reconstructed {name}: {outcome}" for name, outcome in self.reconstructed.items()]
         return "\n".join(lines)
 
 
@@ -197,11 +225,18 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     if not layers:
         raise LeanvitError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer left to quantize "
                            f"(QuantConfig.skip={config.skip}).")
+    attentions = {}
+    if config.attn_bits is not None:
+        attentions, float_attention = swap_attention(qmodel, config.attn_bits, config.softmax_quantizer)
+        for name, reason in float_attention.items():
+            report.float_layers.setdefault(name, reason)  # nn.MultiheadAttention is listed already
 
     # Ranges come from the float model's activations (PTQ4ViT's "parallel" calibration): the weight
     # quantizers are off and the input quantizers only observe, so every layer sees float inputs.
     for layer in layers.values():
         layer.input_quantizer.observer = RangeObserver(axis=layer.input_quantizer.axis)
+    for attention in attentions.values():
+        attention.observe()
     try:
         with quantizers_disabled(qmodel):
             for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress, file=sys.stderr):
@@ -213,6 +248,13 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     for name in [n for n, o in observers.items() if o.batches == 0]:
         qmodel.set_submodule(name, layers.pop(name).to_float())
         report.float_layers[name] = "never called during calibration (its weights are used outside its forward)"
+    for name, attention in list(attentions.items()):
+        if attention.calibrated():
+            attention.calibrate(config.a_method, config.percentile)
+            report.quantized[name] = attention.describe()
+        else:  # e.g. token reduction computes attention from the module's layers, not its forward
+            qmodel.set_submodule(name, attentions.pop(name).to_float())
+            report.float_layers[name] = "attention matmuls in float: forward never called during calibration"
 
     ranged = set()
     if consumers and not config.a_per_channel:
@@ -227,8 +269,18 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
             quantizer.set_range(*observers[name].range(quantizer.scheme, config.a_method,
                                                        percentile=config.percentile))
         report.quantized[name] = f"weights {layer.weight_quantizer.scheme}; inputs {layer.input_quantizer.scheme}"
+    if config.hessian_search:
+        from .hessian import hessian_search
+
+        hessian_search(qmodel, batches, fixed_inputs=ranged, progress=progress)
     if config.bias_correction:
         correct_bias(qmodel, layers, batches)
+    if config.reconstruct:  # last: it fits whole blocks to the float outputs, which later per-layer changes would undo
+        from .reconstruct import reconstruct
+
+        report.reconstructed = reconstruct(qmodel, model, batches, mode=config.reconstruct,
+                                           iters=config.reconstruct_iters, act_scales=config.reconstruct_act_scales,
+                                           progress=progress)
 
     if report.float_compute_layers:
         listed = "\n".join(f"  {n}: {r}" for n, r in report.float_compute_layers.items())
@@ -339,6 +391,6 @@ def correct_bias(qmodel: nn.Module, layers: dict[str, nn.Module], batches: list[
             layer.bias.sub_(shift)
 
 
-def quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
+def quantizers(model: nn.Module) -> dict[str, Quantizer]:
     """Every fake quantizer in ``model`` by qualified name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantizer)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, Quantizer)}

@@ -36,6 +36,11 @@ def check_deployable(qmodel: nn.Module) -> None:
     if not found:
         raise LeanvitError("This model has no quantizers: quantize it first with "
                            "leanvit.quantize(model, calib, config).")
+    non_uniform = sorted(n.rsplit(".", 1)[0] for n, q in found.items() if not isinstance(q, FakeQuantizer))
+    if non_uniform:
+        raise LeanvitError(
+            f"Attention softmax quantizers without an engine kernel are simulation only: {', '.join(non_uniform[:8])}"
+            f"{', ...' if len(non_uniform) > 8 else ''}. Use QuantConfig(softmax_quantizer='uniform') to export.")
     low_bits = sorted({n.rsplit(".", 1)[0] for n, q in found.items()
                        if q.scheme.bits != 8 and not (n.endswith("weight_quantizer") and q.scheme.bits == 7)})
     if low_bits:

@@ -1,10 +1,21 @@
 """Mixed precision: per-layer bit-widths under an average-bit budget, from measured sensitivity.
 
-A layer's sensitivity is the error it causes in the model's logits when it alone is quantized at
-the low bit-width (everything else float), measured on calibration images: a direct, model-agnostic
-stand-in for the Hessian-trace and relevance scores of the mixed-precision literature. Layers then
-go to the low bit-width cheapest first (least logit error per weight moved down) until the average
-weight bit-width, weighted by each layer's number of weights, meets the budget.
+Two measures of how much a layer suffers at the low bit-width:
+
+* ``"logit"`` (the default): the mean squared error of the model's logits when that layer alone is
+  quantized at the low bit-width, everything else float, on calibration images. It measures what
+  the allocation trades, weights *and* inputs moved down together (``low="w4a4"``), with no model
+  of the loss, at one forward pass per layer.
+* ``"hessian"``: HAWQ's second-order estimate (Dong et al., NeurIPS 2020, HAWQ-V2; Yao et al.,
+  ICML 2021, HAWQ-V3), ``Tr(H) / n * ||Q(W) - W||^2``, with ``H`` the Hessian of the task loss
+  w.r.t. the layer's ``n`` weights, its trace estimated by Hutchinson's method (the mean of
+  ``v^T H v`` over random ±1 vectors ``v``, one Hessian-vector product per draw, for all layers at
+  once). The task loss is the cross entropy against the float model's own prediction, so no labels
+  are needed. It sees the weights' quantization only, which is why it is not the default; it costs
+  a fixed number of double-backward passes however many layers there are.
+
+Layers then go to the low bit-width cheapest first (least sensitivity per weight moved down) until
+the average weight bit-width, weighted by each layer's number of weights, meets the budget.
 """
 from __future__ import annotations
 
@@ -12,23 +23,62 @@ from dataclasses import replace
 
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ...errors import LeanvitError
-from .calibrate import QuantConfig, parse_bits, calibration_batches, quantize, quantizers_disabled
+from ...errors import LeanvitError, check_range
+from .calibrate import QuantConfig, calibration_batches, parse_bits, quantize, quantizers_disabled
+from .hessian import pseudo_label_loss
+
+SENSITIVITY_METHODS = ("logit", "hessian")
 
 
-@torch.no_grad()
-def layer_sensitivity(model: nn.Module, calib_data, config: QuantConfig, *, max_images: int = 64
-                      ) -> dict[str, float]:
-    """``{layer: mean squared logit error with only that layer quantized under config}``."""
-    qmodel = quantize(model, calib_data, config, progress=False)
-    batches = calibration_batches(calib_data, config.min_images, config.batch_size)
-    images = torch.cat(batches)[:max_images]
-    reference = model.eval()(images)
-    sensitivity = {}
-    with quantizers_disabled(qmodel):
-        for name in qmodel.quant_report.quantized:
-            layer = qmodel.get_submodule(name)
+def hessian_traces(model: nn.Module, images: torch.Tensor, weights: dict[str, torch.Tensor], *, samples: int = 16,
+                   seed: int = 0) -> dict[str, float]:
+    """``{name: Tr(H) / n}`` of the pseudo-label cross entropy (mean over ``images``) w.r.t. each of
+    ``weights`` (parameters of ``model``), by Hutchinson's estimator with ``samples`` draws.
+
+    Attention runs on PyTorch's reference kernel here: the fused ones have no second derivative.
+    """
+    check_range("Hutchinson samples", samples, 1, 100_000)
+    generator = torch.Generator().manual_seed(seed)
+    names, params = list(weights), list(weights.values())
+    traces = dict.fromkeys(names, 0.0)
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        loss = pseudo_label_loss(model(images), "method='hessian'") / len(images)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        for _ in range(samples):
+            vs = [(torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p) for p in params]
+            products = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
+            for name, v, hv in zip(names, vs, products):
+                traces[name] += float((v * hv).sum()) / samples
+    return {name: traces[name] / weights[name].numel() for name in names}
+
+
+def layer_sensitivity(model: nn.Module, calib_data, config: QuantConfig, *, method: str = "logit",
+                      max_images: int = 64, samples: int = 16) -> dict[str, float]:
+    """``{layer: sensitivity}`` of every layer quantized under ``config`` (see the module docstring):
+    the mean squared logit error with only that layer quantized (``"logit"``), or HAWQ's
+    ``Tr(H) / n * ||Q(W) - W||^2`` (``"hessian"``, ``samples`` Hutchinson draws)."""
+    if method not in SENSITIVITY_METHODS:
+        raise LeanvitError(f"Unknown sensitivity method '{method}'; use one of {', '.join(SENSITIVITY_METHODS)}.")
+    # reconstruction writes quantized values into the weights, so the float function would be lost
+    qmodel = quantize(model, calib_data, replace(config, reconstruct=None), progress=False)
+    images = torch.cat(calibration_batches(calib_data, config.min_images, config.batch_size))[:max_images]
+    images = images.to(next(model.parameters(), images).device)
+    layers = {name: qmodel.get_submodule(name) for name in qmodel.quant_report.quantized
+              if hasattr(qmodel.get_submodule(name), "weight_quantizer")}
+    if method == "hessian":
+        for layer in layers.values():
+            layer.weight.requires_grad_(True)  # qmodel is this function's own copy
+        with quantizers_disabled(qmodel):
+            traces = hessian_traces(qmodel, images, {n: m.weight for n, m in layers.items()}, samples=samples)
+        with torch.no_grad():
+            return {n: traces[n] * float((m.weight_quantizer(m.weight) - m.weight).pow(2).sum())
+                    for n, m in layers.items()}
+    with torch.no_grad(), quantizers_disabled(qmodel):
+        reference = qmodel(images)
+        sensitivity = {}
+        for name, layer in layers.items():
             layer.input_quantizer.enabled = layer.weight_quantizer.enabled = True
             sensitivity[name] = float((qmodel(images) - reference).pow(2).mean())
             layer.input_quantizer.enabled = layer.weight_quantizer.enabled = False
@@ -36,8 +86,9 @@ def layer_sensitivity(model: nn.Module, calib_data, config: QuantConfig, *, max_
 
 
 def allocate_bits(model: nn.Module, calib_data, budget: float, *, low: str = "w4a4", high: str = "w8a8",
-                  config: QuantConfig = QuantConfig()) -> tuple[tuple[str, str], ...]:
-    """``layer_bits`` for :class:`QuantConfig` giving an average weight bit-width of at most ``budget``.
+                  config: QuantConfig = QuantConfig(), method: str = "logit") -> tuple[tuple[str, str], ...]:
+    """``layer_bits`` for :class:`QuantConfig` giving an average weight bit-width of at most ``budget``,
+    ranked by :func:`layer_sensitivity` with ``method``.
 
     >>> bits = allocate_bits(model, calib, 6.0)          # W4A4 where it hurts least, W8A8 elsewhere
     >>> qmodel = quantize(model, calib, QuantConfig(layer_bits=bits))
@@ -47,7 +98,7 @@ def allocate_bits(model: nn.Module, calib_data, budget: float, *, low: str = "w4
         raise LeanvitError(f"An average of {budget} weight bits cannot be reached with {low} and {high}: "
                            f"choose a budget between {low_w} and {high_w}.")
     low_config = replace(config, layer_bits=(("*", low),))
-    sensitivity = layer_sensitivity(model, calib_data, low_config)
+    sensitivity = layer_sensitivity(model, calib_data, low_config, method=method)
     sizes = {name: model.get_submodule(name).weight.numel() for name in sensitivity}
     total = sum(sizes.values())
     average, chosen = float(high_w), []

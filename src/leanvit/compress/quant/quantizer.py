@@ -8,6 +8,11 @@ straight through the rounding (zero where a value was clipped), which reconstruc
 
 Ranges are chosen from calibration statistics by :func:`choose_range`: min-max, a percentile, or a
 search for the clipping ratio that minimises the squared quantization error.
+
+Post-softmax attention (values in ``[0, 1]``, most of them tiny, a few near 1) is badly served by
+uniform levels at low bit-widths; :class:`Log2Quantizer`, :class:`ShiftUniformLog2Quantizer` and
+:class:`TwinUniformQuantizer` spend their levels where those values are. No engine has kernels for
+them: they are for simulating low-bit attention, while uniform uint8 is what deploys.
 """
 from __future__ import annotations
 
@@ -161,6 +166,12 @@ class RangeObserver:
             err = fake_quantize(held, scale[0], zero[0], scheme) - held
         return float(err.pow(2).mean(0) @ channel_weights)
 
+    def sample(self, limit: int = 2**17) -> torch.Tensor:
+        """About ``limit`` of the sampled values as one flat tensor, plus the exact minimum and maximum,
+        so that a per-tensor fit sees the true extremes that a subsample can miss."""
+        rows = self.rows[: max(1, limit // self.rows.shape[1])]
+        return torch.cat([rows.flatten(), self.lo.min().view(1), self.hi.max().view(1)])
+
     def range(self, scheme: QScheme, method: str, *, search_values: int = 2**17, **kwargs
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """The range for ``scheme``; a per-tensor search scores ``search_values`` of the sampled values.
@@ -194,7 +205,36 @@ def weight_range(weight: torch.Tensor, scheme: QScheme, method: str, **kwargs) -
     return choose_range(values, values.amin(1), values.amax(1), scheme, method, **kwargs)
 
 
-class FakeQuantizer(nn.Module):
+class Quantizer(nn.Module):
+    """What every fake quantizer shares: calibration by observation, and an off switch.
+
+    While ``observer`` is set the quantizer only records its input; with ``enabled = False`` it is
+    the identity, to compare with the float function of the same model. ``scheme`` gives the width
+    of the integer codes, which decides whether an engine has a kernel for them.
+    """
+
+    def __init__(self, scheme: QScheme):
+        super().__init__()
+        self.scheme = scheme
+        self.observer: RangeObserver | None = None
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.update(x)
+            return x
+        if not self.enabled:
+            return x
+        return self.quantize(x)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return str(self.scheme)
+
+
+class FakeQuantizer(Quantizer):
     """Quantize-dequantize with fixed parameters; while ``observer`` is set it only records its input.
 
     ``enabled = False`` makes it the identity, to compare with the float function of the same model.
@@ -204,13 +244,11 @@ class FakeQuantizer(nn.Module):
     """
 
     def __init__(self, scheme: QScheme, axis: int, channels: int):
-        super().__init__()
-        self.scheme, self.axis = scheme, axis
+        super().__init__(scheme)
+        self.axis = axis
         shape = (channels,) if scheme.per_channel else ()
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
-        self.observer: RangeObserver | None = None
-        self.enabled = True
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         scale, zero_point = qparams(lo, hi, self.scheme)
@@ -218,13 +256,126 @@ class FakeQuantizer(nn.Module):
         self.scale.copy_(scale.reshape(shape))
         self.zero_point.copy_(zero_point.reshape(shape))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer.update(x)
-            return x
-        if not self.enabled:
-            return x
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize(x, self.scale, self.zero_point, self.scheme, self.axis)
 
+
+def _straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """``quantized`` in the forward pass (bit for bit), the identity's gradient in the backward pass."""
+    return quantized.detach() + (x - x.detach())
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).mean())
+
+
+class Log2Quantizer(Quantizer):
+    """Power-of-two levels for values in ``[0, 1]``: ``2^-q`` with ``q = clamp(round(-log2 x), 0, 2^b - 1)``.
+
+    Post-softmax values crowd near 0, where power-of-two levels are dense (FQ-ViT, Lin et al., IJCAI
+    2022; RepQ-ViT, Li et al., ICCV 2023). The last code stands for 0 rather than ``2^-(2^b - 1)``,
+    so masked keys stay exactly 0 and everything too small for the other codes becomes 0 within
+    ``b`` bits (FQ-ViT and RepQ-ViT zero such values with a mask, one level more than ``b`` bits hold).
+    Nothing to calibrate: the levels are fixed by the ``[0, 1]`` range.
+    """
+
+    def __init__(self, bits: int):
+        super().__init__(QScheme(bits, symmetric=False))
+
+    def fit(self, values: torch.Tensor) -> None:
+        """Nothing to fit (the calibration protocol of the post-softmax quantizers)."""
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        code = torch.round(-torch.log2(x.detach().clamp(min=0))).clamp(0, self.scheme.qmax)
+        return _straight_through(x, torch.where(code < self.scheme.qmax, torch.exp2(-code), 0.0))
+
     def extra_repr(self) -> str:
-        return str(self.scheme)
+        return f"log2, {self.scheme.bits} bits"
+
+
+class ShiftUniformLog2Quantizer(Quantizer):
+    """I&S-ViT's shift-uniform-log2 quantizer, SULQ (Zhong et al., 2023, arXiv:2311.10126).
+
+    A log2 quantizer spends its codes on the exponents ``0 .. 2^b - 1`` and clamps every smaller
+    value; at 3-4 bits that cuts off much of the softmax's range. SULQ shifts the input by ``eta``,
+    takes ``log2`` and quantizes that *uniformly* over its whole calibrated range ``[lo, lo + s(2^b - 1)]``,
+    so no part of the domain is clamped; the value decodes to ``2^round(lo + s q) - eta``, a power
+    of two again (a bit shift in hardware). ``eta`` is searched on calibration data for the least
+    squared error, with ``lo`` and ``s`` the min-max range of ``log2(x + eta)``.
+    """
+
+    #: candidate shifts: 2^0 .. 2^-12, finer where softmax values live
+    ETAS = tuple(2.0**-i for i in range(13))
+
+    def __init__(self, bits: int):
+        super().__init__(QScheme(bits, symmetric=False))
+        self.register_buffer("eta", torch.tensor(1.0))
+        self.register_buffer("lo", torch.tensor(0.0))
+        self.register_buffer("step", torch.tensor(1.0))
+
+    def _decode(self, x, eta, lo, step):
+        code = torch.round((torch.log2(x.clamp(min=0) + eta) - lo) / step).clamp(0, self.scheme.qmax)
+        return torch.exp2(torch.round(lo + step * code)) - eta
+
+    @torch.no_grad()
+    def fit(self, values: torch.Tensor) -> None:
+        """Choose ``eta`` (and with it ``lo`` and ``s``) for the least squared error on ``values``."""
+        values = values.float().clamp(min=0)
+        best = None
+        for eta in self.ETAS:
+            logs = torch.log2(values + eta)
+            lo, step = logs.min(), ((logs.max() - logs.min()) / self.scheme.qmax).clamp(min=MIN_SCALE)
+            err = _mse(self._decode(values, eta, lo, step), values)
+            if best is None or err < best[0]:
+                best = err, eta, lo, step
+        _, eta, lo, step = best
+        self.eta.fill_(eta)
+        self.lo.copy_(lo)
+        self.step.copy_(step)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return _straight_through(x, self._decode(x.detach(), self.eta, self.lo, self.step))
+
+    def extra_repr(self) -> str:
+        return f"shift-uniform-log2, {self.scheme.bits} bits"
+
+
+class TwinUniformQuantizer(Quantizer):
+    """PTQ4ViT's twin uniform quantizer for post-softmax values (Yuan et al., ECCV 2022).
+
+    Two uniform ``(b-1)``-bit grids, the top bit of the code choosing one: a fine step ``d1`` for the
+    many small values in ``R1 = [0, 2^(b-1) d1)`` and a coarse step ``d2 = 2^-(b-1)`` over ``[0, 1]``
+    for the few large ones. ``d2 = 2^m d1`` keeps the two grids a bit shift apart, so an integer
+    kernel can align them; ``m`` is searched on calibration data for the least squared error
+    (PTQ4ViT searches with a Hessian-guided metric; the squared error of the values is its
+    data-free proxy).
+    """
+
+    MAX_SHIFT = 24  #: m in 0 .. MAX_SHIFT; m = 0 is one uniform (b-1)-bit grid
+
+    def __init__(self, bits: int):
+        super().__init__(QScheme(bits, symmetric=False))
+        self.register_buffer("fine_step", torch.tensor(self.coarse_step))
+
+    @property
+    def coarse_step(self) -> float:
+        return 2.0 ** -(self.scheme.bits - 1)
+
+    def _decode(self, x, fine_step):
+        levels = 2 ** (self.scheme.bits - 1)
+        fine = torch.round(x / fine_step).clamp(0, levels - 1) * fine_step
+        coarse = torch.round(x / self.coarse_step).clamp(0, levels - 1) * self.coarse_step
+        return torch.where(x < levels * fine_step, fine, coarse)
+
+    @torch.no_grad()
+    def fit(self, values: torch.Tensor) -> None:
+        """Choose ``m`` (the fine step ``d2 / 2^m``) for the least squared error on ``values``."""
+        values = values.float()
+        steps = [self.coarse_step * 2.0**-m for m in range(self.MAX_SHIFT + 1)]
+        self.fine_step.fill_(min(steps, key=lambda step: _mse(self._decode(values, step), values)))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return _straight_through(x, self._decode(x.detach(), self.fine_step))
+
+    def extra_repr(self) -> str:
+        return f"twin uniform, {self.scheme.bits} bits"

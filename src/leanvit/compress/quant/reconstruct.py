@@ -1,0 +1,313 @@
+"""Block reconstruction (BRECQ) with adaptive rounding (AdaRound), and Q-HyViT's bridge blocks.
+
+Rounding each weight to its nearest grid point does not minimise the error of a layer's output:
+the errors of neighbouring weights can cancel. AdaRound (Nagel et al., ICML 2020) learns per
+weight whether to round down or up, relaxed as ``floor(w / s) + h(V)`` with ``h`` a rectified
+sigmoid and a regulariser ``sum(1 - |2h - 1|^beta)`` whose ``beta`` anneals from 20 to 2, which
+drives every ``h`` to 0 or 1. BRECQ (Li et al., ICLR 2021) learns it per block: the input is the
+quantized model's activation at the block and the target the float model's block output, so the
+errors of the layers inside a block compensate each other and upstream errors are corrected for.
+The activation quantizers stay on while the rounding is learned, so it adapts to the inputs it
+will see; optionally their step sizes are learned as well (LSQ, Esser et al., ICLR 2020, BRECQ's
+activation stage).
+
+Afterwards the weights are frozen to the hard rounding and written as grid values of the existing
+scales: the weight quantizers then reproduce them exactly, and the exported int8 weights are
+bit-exact with the simulation. A unit whose learned rounding does not beat round-to-nearest on the
+calibration data keeps round-to-nearest, and the returned report says so.
+
+Units are found from the module structure: the elements of ``nn.Sequential`` / ``nn.ModuleList``
+containers that hold at least two quantized layers, at the deepest such level (a ViT's
+``blocks[i]``, a hybrid's stage blocks); quantized layers outside every unit are reconstructed one
+by one. ``mode="bridge"`` follows Q-HyViT (Lee et al., 2023), which finds the blocks where a
+hybrid turns from convolutions to attention the hardest to quantize: only the first transformer
+unit after a convolutional one is reconstructed, together with the quantized layers that run
+between the two (a downsampling or embedding layer).
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+
+import torch
+import torch.nn as nn
+
+from ...errors import LeanvitError, check_range
+from .calibrate import quantizers_disabled
+from .modules import QuantConv2d, QuantLinear
+from .quantizer import FakeQuantizer
+
+MODES = ("blocks", "bridge")
+ZETA, GAMMA = 1.1, -0.1  #: AdaRound's stretch of the sigmoid, so that h reaches 0 and 1 exactly
+REG_WEIGHT = 0.01  #: weight of the rounding regulariser (BRECQ's default)
+BETA = (20.0, 2.0)  #: regulariser temperature, annealed linearly after the warm-up
+WARMUP = 0.2  #: fraction of the iterations without the regulariser
+#: Adam's rate for the rounding variables: BRECQ's 1e-3 is for 20,000 iterations, a CPU budget allows
+#: hundreds; the log step sizes' rate is BRECQ's 4e-5 on steps of ~0.1-0.5, made relative
+ROUNDING_LR, STEP_LR = 1e-2, 1e-4
+QUANT_LAYERS = (QuantLinear, QuantConv2d)
+
+
+class AdaRound(nn.Module):
+    """A weight quantizer with learned rounding: ``s * (clamp(floor(w / s) + h(V) + z) - z)`` per weight."""
+
+    def __init__(self, quantizer: FakeQuantizer, weight: torch.Tensor):
+        super().__init__()
+        self.scheme = quantizer.scheme
+        shape = (-1,) + (1,) * (weight.ndim - 1) if quantizer.scale.ndim else ()
+        self.register_buffer("scale", quantizer.scale.reshape(shape))
+        self.register_buffer("zero_point", quantizer.zero_point.reshape(shape).float())
+        scaled = weight.detach().float() / self.scale
+        self.register_buffer("floor", scaled.floor())
+        rest = scaled - self.floor
+        self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))  # h(V) = rest: starts at w
+
+    def soft(self) -> torch.Tensor:
+        return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * self.soft() - 1).abs().pow(beta)).sum()
+
+    def _dequantize(self, up: torch.Tensor) -> torch.Tensor:
+        ints = torch.clamp(self.floor + up + self.zero_point, self.scheme.qmin, self.scheme.qmax)
+        return (ints - self.zero_point) * self.scale
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:  # the layer passes its weight; V replaces it
+        return self._dequantize(self.soft())
+
+    def hard(self) -> torch.Tensor:
+        """The frozen weights: each rounded up where ``V >= 0``, exactly on the grid."""
+        return self._dequantize((self.v >= 0).float())
+
+
+class LearnedStep(nn.Module):
+    """An input quantizer whose step size is learned (LSQ) through a straight-through rounding; the
+    zero point stays, so the result deploys like any other scale."""
+
+    def __init__(self, quantizer: FakeQuantizer):
+        super().__init__()
+        self.scheme, self.axis = quantizer.scheme, quantizer.axis
+        self.log_scale = nn.Parameter(quantizer.scale.log())
+        self.register_buffer("zero_point", quantizer.zero_point.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.ndim
+        if self.log_scale.ndim:
+            shape[self.axis] = -1
+        scale, zero = self.log_scale.exp().reshape(shape), self.zero_point.reshape(shape)
+        scaled = x / scale
+        ints = torch.clamp(scaled + (scaled.round() - scaled).detach() + zero, self.scheme.qmin, self.scheme.qmax)
+        return (ints - zero) * scale
+
+
+def _inside(name: str, prefix: str) -> bool:
+    return name.startswith(prefix + ".")
+
+
+def find_units(qmodel: nn.Module) -> list[str]:
+    """The reconstruction units: elements of ``nn.Sequential`` / ``nn.ModuleList`` holding two or more
+    quantized layers, deepest first (an element holding a unit is not one)."""
+    layers = [n for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYERS)]
+    candidates = [f"{name}.{child}" if name else child for name, module in qmodel.named_modules()
+                  if isinstance(module, (nn.Sequential, nn.ModuleList)) for child in module._modules]
+    candidates = [c for c in candidates if sum(_inside(n, c) for n in layers) >= 2]
+    return [c for c in candidates if not any(_inside(other, c) for other in candidates)]
+
+
+@torch.no_grad()
+def _call_order(qmodel: nn.Module, example: torch.Tensor) -> tuple[list[str], list[str], dict[str, object]]:
+    """``(units, items in order of first call, first output of each)``: items are the units and the
+    quantized layers outside every unit; what never runs on ``example`` is left out."""
+    units = find_units(qmodel)
+    loose = [n for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYERS)
+             and not any(_inside(n, u) for u in units)]
+    order, outputs = [], {}
+
+    def hook(name):
+        def record(_, __, out):
+            if name not in outputs:
+                order.append(name)
+                outputs[name] = out
+        return record
+
+    handles = [qmodel.get_submodule(n).register_forward_hook(hook(n)) for n in units + loose]
+    try:
+        with quantizers_disabled(qmodel):
+            qmodel(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return units, order, outputs
+
+
+def _kind(module: nn.Module, output) -> str | None:
+    """``"transformer"`` (attention inside, or token tensors out), ``"conv"`` (feature maps out) or None."""
+    if any(isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower() for m in module.modules()):
+        return "transformer"
+    ndim = output.ndim if isinstance(output, torch.Tensor) else None
+    return {3: "transformer", 4: "conv"}.get(ndim)
+
+
+def find_bridges(qmodel: nn.Module, example: torch.Tensor) -> list[str]:
+    """Q-HyViT's bridge: each transformer unit that directly follows a convolutional one, preceded by
+    the quantized layers that run between the two; in call order. Empty for a plain ViT or CNN."""
+    units, order, outputs = _call_order(qmodel, example)
+    bridges, between, previous = [], [], None
+    for name in order:
+        if name not in units:
+            between.append(name)
+            continue
+        kind = _kind(qmodel.get_submodule(name), outputs[name])
+        if kind == "transformer" and previous == "conv":
+            bridges += [*between, name]
+        between, previous = [], kind
+    return bridges
+
+
+def _tensors(output, unit: str) -> list[torch.Tensor]:
+    found = [output] if isinstance(output, torch.Tensor) else [
+        t for t in (output if isinstance(output, (tuple, list)) else ()) if isinstance(t, torch.Tensor)]
+    if not found:
+        raise LeanvitError(f"Cannot reconstruct '{unit}': it returns {type(output).__name__}, not tensors. "
+                           f"Use QuantConfig(reconstruct=None).")
+    return found
+
+
+def _reconstruction_error(output, target: list[torch.Tensor], unit: str) -> torch.Tensor:
+    """Squared error summed over channels (dim 1 of feature maps, the last dim of tokens) and averaged
+    over positions, BRECQ's reconstruction loss."""
+    return sum((o - t).pow(2).sum(1 if o.ndim == 4 else -1).mean() for o, t in zip(_tensors(output, unit), target))
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the unit's input or output is captured."""
+
+
+def _run_until_captured(model: nn.Module, hook, batch: torch.Tensor) -> None:
+    try:
+        model(batch)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+
+
+@torch.no_grad()
+def _capture(qmodel: nn.Module, reference: nn.Module, name: str, batches: list[torch.Tensor]) -> list[tuple]:
+    """``(args, kwargs, float target)`` of the unit's first call per batch: the arguments from the
+    quantized model (everything before it quantized), the target from the float model."""
+    calls = []
+    for batch in batches:
+        found = {}
+
+        def take_input(_, args, kwargs):
+            found["input"] = (args, kwargs)
+            raise _Stop
+
+        def take_output(_, __, out):
+            found["target"] = [t.detach() for t in _tensors(out, name)]
+            raise _Stop
+
+        _run_until_captured(qmodel, qmodel.get_submodule(name).register_forward_pre_hook(take_input, with_kwargs=True),
+                            batch)
+        _run_until_captured(reference, reference.get_submodule(name).register_forward_hook(take_output), batch)
+        if len(found) == 2:
+            calls.append((*found["input"], found["target"]))
+    return calls
+
+
+@torch.no_grad()
+def _mean_error(unit: nn.Module, calls: list[tuple], name: str) -> float:
+    return sum(float(_reconstruction_error(unit(*args, **kwargs), target, name))
+               for args, kwargs, target in calls) / len(calls)
+
+
+def _beta(step: int, iters: int) -> float | None:
+    """The regulariser's temperature at ``step``; None during the warm-up, when it is off."""
+    start = WARMUP * iters
+    if step < start:
+        return None
+    return BETA[1] + (BETA[0] - BETA[1]) * max(0.0, 1 - (step - start) / max(1.0, iters - start))
+
+
+def _reconstruct_unit(unit: nn.Module, name: str, calls: list[tuple], iters: int, act_scales: bool,
+                      generator: torch.Generator) -> str:
+    """Learn the rounding (and optionally the input steps) of ``unit``'s layers; returns what happened."""
+    layers = [m for m in unit.modules() if isinstance(m, QUANT_LAYERS)]
+    before = _mean_error(unit, calls, name)
+    saved = [(m.weight.detach().clone(), m.weight_quantizer, m.input_quantizer, m.input_quantizer.scale.clone())
+             for m in layers]
+    rounders = [AdaRound(m.weight_quantizer, m.weight) for m in layers]
+    steps = [LearnedStep(m.input_quantizer) for m in layers] if act_scales else []
+    for i, m in enumerate(layers):
+        m.weight_quantizer = rounders[i]
+        if steps:
+            m.input_quantizer = steps[i]
+    groups = [{"params": [r.v for r in rounders], "lr": ROUNDING_LR}]
+    if steps:
+        groups.append({"params": [s.log_scale for s in steps], "lr": STEP_LR})
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.Adam(groups)
+    try:
+        for step in range(iters):
+            args, kwargs, target = calls[int(torch.randint(len(calls), (), generator=generator))]
+            with torch.enable_grad():
+                loss = _reconstruction_error(unit(*args, **kwargs), target, name)
+                if (beta := _beta(step, iters)) is not None:
+                    loss = loss + REG_WEIGHT * sum(r.regulariser(beta) for r in rounders)
+                grads = torch.autograd.grad(loss, params)
+            for p, g in zip(params, grads):
+                p.grad = g
+            optimizer.step()
+    finally:
+        for m, (_, weight_q, input_q, _) in zip(layers, saved):
+            m.weight_quantizer, m.input_quantizer = weight_q, input_q
+    with torch.no_grad():
+        for m, rounder in zip(layers, rounders):
+            m.weight.copy_(rounder.hard())
+        for m, learned in zip(layers, steps):
+            m.input_quantizer.scale.copy_(learned.log_scale.exp())
+        after = _mean_error(unit, calls, name)
+        if after < before:
+            return f"output error {before:.4g} -> {after:.4g} (round-to-nearest -> learned)"
+        for m, (weight, _, input_q, scale) in zip(layers, saved):
+            m.weight.copy_(weight)
+            input_q.scale.copy_(scale)
+    return f"kept round-to-nearest: learned rounding gave output error {after:.4g} >= {before:.4g}"
+
+
+def reconstruct(qmodel: nn.Module, float_model: nn.Module, batches: list[torch.Tensor], *, mode: str = "blocks",
+                iters: int = 500, act_scales: bool = False, seed: int = 0, progress: bool = True) -> dict[str, str]:
+    """Reconstruct ``qmodel``'s units in call order against ``float_model`` (the model it was quantized from);
+    returns ``{unit or layer: what happened}``.
+
+    ``mode="blocks"`` reconstructs every unit and every quantized layer outside them, ``"bridge"`` only
+    the CNN-to-transformer bridges (:func:`find_bridges`), with a warning where there are none.
+    Each step runs ``iters`` optimiser iterations on one calibration batch each.
+    """
+    from tqdm.auto import tqdm
+
+    if mode not in MODES:
+        raise LeanvitError(f"Unknown reconstruction mode '{mode}'; use one of {', '.join(MODES)} (or None).")
+    check_range("reconstruction iterations", iters, 1, 1_000_000)
+    example = batches[0][:2]
+    if mode == "bridge":
+        names = find_bridges(qmodel, example)
+        if not names:
+            warnings.warn(f"reconstruct='bridge': {type(qmodel).__name__} has no convolutional block followed by a "
+                          f"transformer block, so there is no bridge and nothing was reconstructed. Use "
+                          f"reconstruct='blocks' to reconstruct every block.", stacklevel=2)
+            return {}
+    else:
+        names = _call_order(qmodel, example)[1]
+    reference = copy.deepcopy(float_model).eval()
+    generator = torch.Generator().manual_seed(seed)
+    done = {}
+    for name in tqdm(names, desc="reconstructing", unit="unit", disable=not progress, file=sys.stderr):
+        calls = _capture(qmodel, reference, name, batches)
+        if not calls:
+            done[name] = "not reconstructed: not called on the calibration batches"
+            continue
+        done[name] = _reconstruct_unit(qmodel.get_submodule(name), name, calls, iters, act_scales, generator)
+    return done

@@ -1,0 +1,239 @@
+"""Quantized attention matmuls and the post-softmax quantizers: accuracy, equivalence, export, reporting."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from timm.layers import Attention
+
+import leanvit.compress.tokens as tokens
+from leanvit.compress.quant import (
+    FakeQuantizer, Log2Quantizer, QScheme, QuantAttention, QuantConfig, RangeObserver, ShiftUniformLog2Quantizer,
+    TwinUniformQuantizer, check_deployable, export, onnx_int8_summary, openvino_precisions, quantize, quantizers,
+    quantizers_disabled,
+)
+from leanvit.deploy import check_agreement, get_engine
+from leanvit.errors import LeanvitError
+
+torch.set_num_threads(1)
+DEPLOY = QuantConfig(w_bits=7, attn_bits=8)  # 7-bit weights: exact on CPUs without VNNI (see export.int8_saturates)
+
+
+def attention_probs(seed: int, n: int = 197) -> torch.Tensor:
+    """Softmax of random logits at ViT-B/16's 197 tokens, one row in eight peaked on one key."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 3, n, n, generator=g) * 1.5
+    logits[:, :, ::8, 0] += 6.0
+    return logits.softmax(-1)
+
+
+def fitted(kind: str, bits: int, calib: torch.Tensor):
+    observer = RangeObserver(axis=-1)
+    observer.update(calib)
+    if kind == "uniform":
+        q = FakeQuantizer(QScheme(bits, symmetric=False), axis=-1, channels=1)
+        q.set_range(*observer.range(q.scheme, "mse"))
+        return q
+    q = {"log2": Log2Quantizer, "sulq": ShiftUniformLog2Quantizer, "twin": TwinUniformQuantizer}[kind](bits)
+    q.fit(observer.sample())
+    return q
+
+
+def attn_v_error(kind: str, bits: int) -> float:
+    probs, v = attention_probs(1), torch.randn(2, 3, 197, 16, generator=torch.Generator().manual_seed(2))
+    q = fitted(kind, bits, attention_probs(0))  # fitted on other images than those scored
+    return float((q(probs) @ v - probs @ v).pow(2).mean())
+
+
+def test_post_softmax_quantizers_beat_uniform_at_4_bits():
+    uniform = attn_v_error("uniform", 4)
+    for kind in ("log2", "sulq", "twin"):
+        assert attn_v_error(kind, 4) < 0.75 * uniform, kind
+
+
+def test_sulq_covers_the_small_values_that_3_bit_log2_clamps():
+    """I&S-ViT's point: at 3 bits log2 has exponents 0..-6 only; SULQ spreads its codes over the whole range."""
+    assert attn_v_error("sulq", 3) < 0.95 * attn_v_error("log2", 3)
+
+
+def test_log2_levels_match_the_formula():
+    bits = 3
+    x = torch.tensor([1.0, 0.7, 0.5, 0.3, 0.1, 2.0**-5, 2.0**-5.6, 2.0**-6.4, 1e-4, 0.0])
+    out = Log2Quantizer(bits)(x).numpy()
+    code = np.clip(np.rint(-np.log2(np.maximum(x.numpy(), 1e-30))), 0, 2**bits - 1)
+    expected = np.where(code < 2**bits - 1, 2.0**-code, 0.0)  # the last code is 0
+    np.testing.assert_array_equal(out, expected)
+    assert len(np.unique(Log2Quantizer(bits)(torch.rand(10_000)).numpy())) <= 2**bits
+
+
+def test_twin_uses_two_grids_a_power_of_two_apart():
+    bits = 4
+    q = fitted("twin", bits, attention_probs(0))
+    coarse, fine = 2.0 ** -(bits - 1), q.fine_step.item()
+    m = np.log2(coarse / fine)
+    assert m == round(m) and m >= 1  # softmax data wants a finer grid for the small values
+    out = q(attention_probs(1)).flatten().numpy()
+    small = out < 2 ** (bits - 1) * fine
+    np.testing.assert_allclose(out[small] / fine, np.rint(out[small] / fine), atol=1e-4)
+    np.testing.assert_allclose(out[~small] / coarse, np.rint(out[~small] / coarse), atol=1e-4)
+    assert len(np.unique(out)) <= 2**bits
+
+
+def test_sulq_decodes_to_shifted_powers_of_two():
+    q = fitted("sulq", 3, attention_probs(0))
+    eta = q.eta.item()
+    levels = np.unique(q(attention_probs(1)).numpy()) + eta
+    exponents = np.log2(levels)
+    np.testing.assert_allclose(exponents, np.rint(exponents), atol=1e-4)
+    assert len(levels) <= 2**3 and 0 < eta <= 1
+
+
+@pytest.mark.parametrize("kind", ["log2", "sulq", "twin"])
+def test_gradients_go_straight_through(kind):
+    q = fitted(kind, 4, attention_probs(0))
+    x = attention_probs(1).requires_grad_()
+    q(x).mul(torch.arange(197.0)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(197.0).expand_as(x))
+
+
+def small_attention(**kwargs) -> Attention:
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=4, qkv_bias=True, **kwargs).eval()
+    attn.fused_attn = False
+    return attn
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"qk_norm": True, "norm_layer": nn.LayerNorm, "gated": True}])
+def test_quant_attention_with_quantizers_off_is_timm_attention(kwargs):
+    attn = small_attention(**kwargs)
+    qattn = QuantAttention.from_float(attn, 8, "sulq")
+    x = torch.randn(2, 10, 32)
+    with quantizers_disabled(qattn):
+        out = qattn(x)
+    assert torch.equal(out, attn(x))  # the unfused path, bit for bit
+    attn.fused_attn = True
+    torch.testing.assert_close(out, attn(x), atol=1e-6, rtol=1e-5)
+    own = {k for k in qattn.state_dict() if not k.split(".")[0].endswith("_quantizer")}
+    assert own == set(attn.state_dict()) and qattn.qkv.weight is attn.qkv.weight
+    assert type(qattn.to_float()) is Attention and set(qattn.to_float().state_dict()) == set(attn.state_dict())
+
+
+@pytest.fixture(scope="module")
+def calib():
+    torch.manual_seed(1)
+    return torch.randn(16, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def qvit(tiny_vit, calib):
+    return quantize(tiny_vit, calib, DEPLOY, progress=False)
+
+
+def test_8_bit_attention_stays_close_to_float(tiny_vit, qvit):
+    attentions = {n: m for n, m in qvit.named_modules() if isinstance(m, QuantAttention)}
+    assert set(attentions) == {"blocks.0.attn", "blocks.1.attn"}
+    assert set(attentions) <= set(qvit.quant_report.quantized)
+    x = torch.randn(8, 3, 32, 32)
+    reference = tiny_vit(x)
+    scale = reference.abs().max()
+    with quantizers_disabled(qvit):  # only the attention matmuls' inputs quantized
+        for attn in attentions.values():
+            for name in QuantAttention.QUANTIZERS:
+                getattr(attn, name).enabled = True
+        err = (qvit(x) - reference).abs().max()
+    assert 0 < err < 0.01 * scale
+    assert (qvit(x) - reference).abs().max() < 0.1 * scale
+
+
+def test_uniform_attention_exports_as_int8_matmuls(qvit, tmp_path):
+    inputs = [torch.randn(1, 3, 32, 32) for _ in range(4)]
+    onnx_path = export(qvit, tmp_path / "vit.onnx", engine="onnxruntime")
+    layers = sum(1 for m in qvit.modules() if hasattr(m, "weight_quantizer"))
+    assert onnx_int8_summary(onnx_path).int8 == layers + 2 * 2  # q@kT and attn@v of both blocks, fed by DQ
+    assert onnx_int8_summary(onnx_path).float == []
+    ort = get_engine("onnxruntime", threads=1).load_onnx(onnx_path)
+    agreement = check_agreement(qvit, ort, inputs)
+    assert agreement.top1_agreement == 1.0 and agreement.max_abs_err < 1e-3 * agreement.ref_scale
+    ov = get_engine("openvino", threads=1).load_model_file(onnx_path)  # OpenVINO reads the QDQ ONNX itself
+    precisions = openvino_precisions(ov.compiled)
+    matmuls = [p for kind, p in precisions.values() if kind == "MatMul"]
+    assert len(matmuls) == 4 and set(matmuls) <= {"u8", "i8"}, precisions
+    agreement = check_agreement(qvit, ov, inputs)
+    assert agreement.top1_agreement == 1.0 and agreement.max_abs_err < 0.02 * agreement.ref_scale
+
+
+@pytest.mark.parametrize("kind", ["log2", "sulq", "twin"])
+def test_non_uniform_softmax_quantizers_are_simulation_only(tiny_vit, calib, kind):
+    qmodel = quantize(tiny_vit, calib, QuantConfig(attn_bits=8, softmax_quantizer=kind), progress=False)
+    assert sum(not isinstance(q, FakeQuantizer) for q in quantizers(qmodel).values()) == 2
+    with pytest.raises(LeanvitError, match=r"simulation only: blocks.0.attn, blocks.1.attn\. .*'uniform'"):
+        check_deployable(qmodel)
+
+
+def test_bad_attention_settings_are_refused():
+    with pytest.raises(LeanvitError, match="'log4'.*uniform, log2, sulq, twin"):
+        QuantConfig(attn_bits=8, softmax_quantizer="log4")
+    with pytest.raises(LeanvitError, match="attn_bits must be between 2 and 8"):
+        QuantConfig(attn_bits=16)
+
+
+class OwnAttention(nn.Module):
+    """A zoo model's attention: its own class, its own matmuls."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj((q @ k.transpose(-2, -1)).softmax(-1) @ v)
+
+
+class PatchedAttention(Attention):
+    """A subclass with its own forward (as token-reduction patches write them)."""
+
+    def forward(self, x):
+        return super().forward(x) * 1.0
+
+
+class Tokens(nn.Module):
+    def __init__(self, *blocks):
+        super().__init__()
+        self.embed, self.blocks = nn.Conv2d(3, 16, 4, stride=4), nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.blocks(self.embed(x).flatten(2).transpose(1, 2)).mean(1)
+
+
+class SelfAttentionMHA(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(dim, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+def test_other_attention_classes_are_reported_in_float():
+    torch.manual_seed(0)
+    model = Tokens(Attention(16, num_heads=2), OwnAttention(16), PatchedAttention(16, num_heads=2),
+                   SelfAttentionMHA(16)).eval()
+    with pytest.warns(UserWarning, match="compute layers stay in float"):
+        qmodel = quantize(model, torch.randn(16, 3, 16, 16), DEPLOY, progress=False)
+    report = qmodel.quant_report
+    assert type(qmodel.blocks[0]) is QuantAttention and "blocks.0" in report.quantized
+    assert report.float_layers["blocks.1"] == "attention matmuls in float: OwnAttention"
+    assert report.float_layers["blocks.2"] == "attention matmuls in float: PatchedAttention"
+    assert "MultiheadAttention" in report.float_layers["blocks.3.mha"]  # all of it in float, reported as before
+    assert type(qmodel.blocks[2]) is PatchedAttention
+
+
+def test_attention_bypassed_by_token_reduction_stays_float(tiny_vit, calib):
+    model = copy.deepcopy(tiny_vit)
+    tokens.apply(model, tokens.from_spec("tome:2"))
+    with pytest.warns(UserWarning, match="blocks.0.attn: attention matmuls in float: forward never called"):
+        qmodel = quantize(model, calib, DEPLOY, progress=False)
+    assert not any(isinstance(m, QuantAttention) for m in qmodel.modules())
+    assert qmodel.quant_report.float_layers["blocks.0.attn"].startswith("attention matmuls in float: forward never")
+    assert "blocks.0.attn.qkv" in qmodel.quant_report.quantized

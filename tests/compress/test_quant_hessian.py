@@ -1,0 +1,116 @@
+"""PTQ4ViT's Hessian-guided range search and HAWQ's Hessian-trace sensitivity, against what they promise."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from leanvit.compress.quant import QuantConfig, allocate_bits, layer_sensitivity, quantize
+from leanvit.compress.quant.calibrate import quantizers_disabled
+from leanvit.compress.quant.mixed import hessian_traces
+from leanvit.errors import LeanvitError
+
+torch.set_num_threads(1)
+
+
+class ClsTokens(nn.Module):
+    """Pixels as tokens; the first token is 20x larger than the rest and alone reaches the head, so
+    the loss cares about a rare outlier row that a plain MSE range clips."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)
+        t = torch.cat([t[:, :1] * 20, t[:, 1:]], 1)
+        return self.head(self.fc(t)[:, 0])
+
+
+def grad_weighted_error(qmodel, layer, images):
+    """``sum(g^2 (O_hat - O)^2)`` of ``layer`` over all positions, ``g`` the pseudo-label loss gradient."""
+    found = {}
+
+    def hook(_, args, out):
+        found["x"], found["out"] = args[0], out
+        out.retain_grad()
+
+    handle = layer.register_forward_hook(hook)
+    with torch.enable_grad(), quantizers_disabled(qmodel):
+        logits = qmodel(images)
+        F.cross_entropy(logits, logits.argmax(1), reduction="sum").backward()
+    handle.remove()
+    with torch.no_grad():
+        err = layer(found["x"]) - found["out"]
+    return float((found["out"].grad.pow(2) * err.pow(2)).sum()), float(err.pow(2).mean())
+
+
+def test_hessian_search_lowers_the_gradient_weighted_output_error():
+    torch.manual_seed(0)
+    model = ClsTokens().eval()
+    calib = torch.randn(32, 16, 16, 16)
+    mse = quantize(model, calib, QuantConfig(w_bits=4, a_bits=4), progress=False)
+    hessian = quantize(model, calib, QuantConfig(w_bits=4, a_bits=4, hessian_search=True), progress=False)
+    (weighted_mse, plain_mse), (weighted_h, plain_h) = (grad_weighted_error(q, q.fc, calib) for q in (mse, hessian))
+    assert weighted_h < 0.2 * weighted_mse
+    assert plain_h > plain_mse  # a different objective: the plain output MSE is what it gives up
+    assert hessian.fc.input_quantizer.scale > 2 * mse.fc.input_quantizer.scale  # the class token is no longer clipped
+
+
+def test_hessian_search_needs_logits_and_per_tensor_inputs():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)).eval()
+    with pytest.raises(LeanvitError, match=r"\(batch, classes\) logits"):
+        quantize(model, torch.randn(16, 3, 8, 8), QuantConfig(hessian_search=True), progress=False)
+    with pytest.raises(LeanvitError, match="a_per_channel"):
+        QuantConfig(hessian_search=True, a_per_channel=True)
+
+
+def test_hutchinson_trace_matches_the_exact_hessian_trace():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    images = torch.randn(8, 5)
+    weights = {"0": model[0].weight, "2": model[2].weight}
+    estimate = hessian_traces(model, images, weights, samples=2000)
+    for name, weight in weights.items():
+        def loss(w, name=name):
+            logits = torch.func.functional_call(model, {f"{name}.weight": w}, (images,))
+            return F.cross_entropy(logits, model(images).argmax(1).detach())
+        exact = torch.autograd.functional.hessian(loss, weight.detach()).reshape(weight.numel(), -1).trace()
+        assert estimate[name] == pytest.approx(float(exact) / weight.numel(), rel=0.1)
+
+
+class FourLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(32, 32) for _ in range(3)])
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        for layer in self.layers:
+            x = F.relu(layer(x))
+        return self.head(x)
+
+
+@pytest.fixture(scope="module")
+def fragile():
+    """``layers.1`` has one weight 30x the others per row: at 4 bits its per-channel scale rounds the rest to 0."""
+    torch.manual_seed(0)
+    model = FourLayers().eval()
+    with torch.no_grad():
+        weight = model.layers[1].weight
+        weight[torch.arange(32), torch.randint(0, 32, (32,))] *= 30
+    return model, torch.randn(32, 2, 4, 4)
+
+
+def test_hessian_sensitivity_ranks_the_fragile_layer_first(fragile):
+    model, calib = fragile
+    config = QuantConfig(w_bits=4, a_bits=8)
+    hessian = layer_sensitivity(model, calib, config, method="hessian")
+    logit = layer_sensitivity(model, calib, config)
+    assert set(hessian) == set(logit) == {"layers.0", "layers.1", "layers.2", "head"}
+    assert max(hessian, key=hessian.get) == max(logit, key=logit.get) == "layers.1"
+    bits = allocate_bits(model, calib, 7.0, low="w4a8", high="w8a8", method="hessian")
+    assert ("layers.1", "w4a8") not in bits and bits[-1] == ("*", "w8a8") and len(bits) > 1
+    with pytest.raises(LeanvitError, match="sensitivity method 'fisher'"):
+        layer_sensitivity(model, calib, config, method="fisher")

@@ -1,0 +1,147 @@
+"""BRECQ/AdaRound block reconstruction and Q-HyViT's bridge blocks, against what they promise."""
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+
+from leanvit.compress.quant import QuantConfig, export_quantized, find_bridges, find_units, quantize
+from leanvit.compress.quant.modules import QuantConv2d, QuantLinear
+from leanvit.errors import LeanvitError
+
+torch.set_num_threads(1)
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x + self.conv2(self.act(self.conv1(x)))
+
+
+class TinyHybrid(nn.Module):
+    """A convolutional stage, a strided conv into tokens, a transformer stage: the hybrid layout."""
+
+    def __init__(self, c=8, d=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, stride=2, padding=1)
+        self.stage1 = nn.Sequential(ConvBlock(c), ConvBlock(c))
+        self.down = nn.Conv2d(c, d, 2, stride=2)
+        self.stage2 = nn.Sequential(Block(d, 2), Block(d, 2))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        x = self.down(self.stage1(self.stem(x))).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.stage2(x)).mean(1))
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    torch.manual_seed(0)
+    return TinyHybrid().eval()
+
+
+@pytest.fixture(scope="module")
+def calib():
+    torch.manual_seed(1)
+    return torch.randn(48, 3, 16, 16)
+
+
+W4 = dict(w_bits=4, a_bits=8, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def rtn(hybrid, calib):
+    return quantize(hybrid, calib, QuantConfig(**W4), progress=False)
+
+
+@pytest.fixture(scope="module")
+def reconstructed(hybrid, calib):
+    return quantize(hybrid, calib, QuantConfig(**W4, reconstruct="blocks", reconstruct_iters=200), progress=False)
+
+
+def layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+
+
+def test_units_and_the_bridge_come_from_the_structure(rtn, calib):
+    assert find_units(rtn) == ["stage1.0", "stage1.1", "stage2.0", "stage2.1"]
+    assert find_bridges(rtn, calib[:2]) == ["down", "stage2.0"]  # the transition conv, then the first attention block
+
+
+def test_a_plain_vit_has_no_bridge_and_says_so(tiny_vit):
+    calib = torch.randn(16, 3, 32, 32)
+    with pytest.warns(UserWarning, match="no bridge"):
+        qmodel = quantize(tiny_vit, calib, QuantConfig(reconstruct="bridge", reconstruct_iters=5), progress=False)
+    assert qmodel.quant_report.reconstructed == {}
+    assert find_units(qmodel) == ["blocks.0", "blocks.1"]
+
+
+def test_adaround_weights_lie_on_the_grid_and_beat_round_to_nearest(hybrid, rtn, reconstructed):
+    report = reconstructed.quant_report.reconstructed
+    assert list(report) == ["stem", "stage1.0", "stage1.1", "down", "stage2.0", "stage2.1", "head"]  # call order
+    assert "reconstructed stage2.0: output error" in reconstructed.quant_report.summary()
+    learned = [n for n, outcome in report.items() if "learned)" in outcome]
+    assert {"stage2.0", "stage2.1"} <= set(learned)
+    moved = 0
+    for name, layer in layers(reconstructed).items():
+        if any(name == u or name.startswith(u + ".") for u in learned):
+            assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight), name  # exactly on the grid
+            moved += int((layer.weight != layers(rtn)[name].weight_quantizer(layers(rtn)[name].weight)).sum())
+    assert moved > 0  # some weights were rounded the other way
+
+    torch.manual_seed(2)
+    x = torch.randn(64, 3, 16, 16)
+    with torch.no_grad():
+        ref = hybrid(x)
+        assert (reconstructed(x) - ref).pow(2).mean() < 0.9 * (rtn(x) - ref).pow(2).mean()  # on held-out images
+
+
+@torch.no_grad()
+def test_a_block_beats_round_to_nearest_on_held_out_inputs():
+    """Two blocks fed the images directly, so both models' first block sees the very same input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvBlock(8), ConvBlock(8)).eval()
+    calib, x = torch.randn(48, 8, 8, 8), torch.randn(64, 8, 8, 8)
+    config = QuantConfig(w_bits=4, batch_size=16)
+    nearest = quantize(model, calib, config, progress=False)
+    learned = quantize(model, calib, replace(config, reconstruct="blocks", reconstruct_iters=200), progress=False)
+    target = model[0](x)
+    assert (learned[0](x) - target).pow(2).mean() < 0.9 * (nearest[0](x) - target).pow(2).mean()
+
+
+def test_bridge_mode_reconstructs_only_the_bridge(hybrid, rtn, calib):
+    bridge = quantize(hybrid, calib, QuantConfig(**W4, reconstruct="bridge", reconstruct_iters=50), progress=False)
+    assert list(bridge.quant_report.reconstructed) == ["down", "stage2.0"]
+    for name, layer in layers(bridge).items():
+        if not name.startswith(("down", "stage2.0.")):
+            assert torch.equal(layer.weight, layers(rtn)[name].weight), name
+
+
+def test_reconstructed_model_exports_and_onnxruntime_matches(hybrid, calib, tmp_path):
+    from leanvit.compress.quant import onnx_int8_summary
+    from leanvit.deploy import check_agreement, get_engine
+
+    config = QuantConfig(w_bits=7, batch_size=16, reconstruct="blocks", reconstruct_iters=30,
+                         reconstruct_act_scales=True)
+    qmodel = quantize(hybrid, calib, config, progress=False)
+    assert any("learned)" in outcome for outcome in qmodel.quant_report.reconstructed.values())
+    path = export_quantized(qmodel, tmp_path / "hybrid.onnx", dynamic_batch=False)
+    assert onnx_int8_summary(path).int8 == len(qmodel.quant_report.quantized)
+    runner = get_engine("onnxruntime", threads=1).load_onnx(path)
+    agreement = check_agreement(qmodel, runner, [torch.randn(1, 3, 16, 16) for _ in range(4)])
+    assert agreement.top1_agreement == 1.0
+    assert agreement.max_abs_err < 0.02 * agreement.ref_scale
+
+
+def test_bad_reconstruction_settings_are_errors():
+    with pytest.raises(LeanvitError, match="reconstruct must be"):
+        QuantConfig(reconstruct="all")
+    with pytest.raises(LeanvitError, match="reconstruct_iters"):
+        QuantConfig(reconstruct="blocks", reconstruct_iters=0)
