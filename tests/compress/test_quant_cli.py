@@ -30,7 +30,17 @@ def test_mixed_precision_from_the_command_line(capsys):
     assert {"int4 sym", "int8 sym"} <= {scheme.split(" per-")[0].removeprefix("weights ") for scheme in layers.values()}
 
 
+def test_research_methods_from_the_command_line(capsys):
+    """Hessian search, bridge reconstruction (none in a plain ViT: reported) and quantized attention."""
+    assert main(["quantize", *TINY, "--bits", "w6a6", "--hessian", "--reconstruct", "blocks",
+                 "--reconstruct-iters", "5", "--attn-bits", "6", "--softmax", "twin", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["config"]["hessian_search"] and result["config"]["softmax_quantizer"] == "twin"
+    assert "twin" in result["layers"]["blocks.0.attn"] and result["reconstructed"]
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--attn-bits", "4", "--softmax", "log2", "--out", "OUT"], "simulation only"),
     (["--bits", "int8"], "w8a8"),
     (["--bits", "w4a4", "--out", "OUT"], "below 8 bits"),
     (["--calib-images", "4"], "4 images"),

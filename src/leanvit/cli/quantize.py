@@ -29,6 +29,7 @@ from .train import json_object
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..compress.quant.attention import SOFTMAX_QUANTIZERS
     from ..compress.quant.quantizer import RANGE_METHODS
 
     p = sub.add_parser("quantize", help="post-training INT8 quantization, exported for OpenVINO / ONNX Runtime")
@@ -51,6 +52,19 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-reparam", action="store_true",
                    help="no RepQ-ViT reparameterisation of post-LayerNorm ranges (on by default where it helps)")
     p.add_argument("--bias-correction", action="store_true", help="remove each layer's mean output error")
+    p.add_argument("--hessian", action="store_true",
+                   help="PTQ4ViT: refine ranges by the output error weighted by the task loss's squared gradients")
+    p.add_argument("--reconstruct", choices=("blocks", "bridge"),
+                   help="BRECQ/AdaRound reconstruction of every block, or only of a hybrid's CNN-to-transformer "
+                        "bridge blocks (Q-HyViT)")
+    p.add_argument("--reconstruct-iters", type=positive_int, default=500, help="steps per block (default 500)")
+    p.add_argument("--attn-bits", type=positive_int,
+                   help="also quantize the attention matmuls' inputs (q, k, softmax, v) to this many bits")
+    p.add_argument("--softmax", choices=SOFTMAX_QUANTIZERS, default="uniform",
+                   help="softmax-output quantizer with --attn-bits: uniform (default, deployable), or log2, "
+                        "sulq, twin (simulation only; better at 3-4 bits)")
+    p.add_argument("--sensitivity", choices=("logit", "hessian"), default="logit",
+                   help="layer sensitivity for --avg-bits: logit error (default) or Hessian trace")
     p.add_argument("--avg-bits", type=float, metavar="B",
                    help="mixed precision: --bits where it hurts least, w8a8 elsewhere, averaging B weight bits")
     p.add_argument("--layer-bits", action="append", type=_layer_bits, default=[], metavar="PATTERN=BITS",
@@ -83,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
         args.bits, w_method=args.w_method, a_method=args.a_method, skip=tuple(args.skip),
         layer_bits=tuple(args.layer_bits),
         a_symmetric={"asym": False, "sym": True, "auto": "auto"}[args.a_scheme],
-        reparam_layernorm=not args.no_reparam, bias_correction=args.bias_correction)
+        reparam_layernorm=not args.no_reparam, bias_correction=args.bias_correction, hessian_search=args.hessian,
+        reconstruct=args.reconstruct, reconstruct_iters=args.reconstruct_iters, attn_bits=args.attn_bits,
+        softmax_quantizer=args.softmax)
     torch.set_num_threads(args.threads)
     if args.checkpoint:
         model, meta = model_from_checkpoint(args.model, args.checkpoint, **args.model_kwargs)
@@ -107,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     # decoded once, used by every pass (None: a batch whose images were all corrupt)
     calib = [batch[0] for batch in make_loader(calib, args.batch_size) if batch is not None]
     if args.avg_bits is not None:
-        mixed = quant.allocate_bits(model, calib, args.avg_bits, low=args.bits, high="w8a8", config=config)
+        mixed = quant.allocate_bits(model, calib, args.avg_bits, low=args.bits, high="w8a8", config=config,
+                                    method=args.sensitivity)
         config = dataclasses.replace(config, layer_bits=(*config.layer_bits, *mixed))
     qmodel = quant.quantize(model, calib, config, progress=not args.json)
     report = qmodel.quant_report
@@ -116,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
               "calib_images": report.calib_images, "calibration_s": round(time.perf_counter() - started, 1),
               "quantized_layers": len(report.quantized), "layers": report.quantized,
               "float_layers": report.float_layers,
-              "reparameterised": report.reparameterised,
+              "reparameterised": report.reparameterised, "reconstructed": report.reconstructed,
               "folded_batchnorms": len(report.folded_batchnorms)}
 
     runner = None
