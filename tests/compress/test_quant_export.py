@@ -92,7 +92,10 @@ def small_cnn():
 
 def test_cnn_with_folded_batchnorm_exports(tmp_path):
     model = small_cnn()
-    qcnn = quantize(model, torch.randn(16, 3, 32, 32), DEPLOY, progress=False)
+    by_default = quantize(model, torch.randn(16, 3, 32, 32), DEPLOY, progress=False).quant_report
+    assert by_default.float_layers["3"].startswith("depthwise") and "3" not in by_default.float_compute_layers
+    assert len(by_default.quantized) == 3
+    qcnn = quantize(model, torch.randn(16, 3, 32, 32), QuantConfig(w_bits=7, quantize_depthwise=True), progress=False)
     assert len(qcnn.quant_report.folded_batchnorms) == 2
     path = export_quantized(qcnn, tmp_path / "cnn.onnx", dynamic_batch=False)
     assert onnx_int8_summary(path) == OnnxInt8Summary(int8=4, float=[])

@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-reparam", action="store_true",
                    help="no RepQ-ViT reparameterisation of post-LayerNorm ranges (on by default where it helps)")
     p.add_argument("--bias-correction", action="store_true", help="remove each layer's mean output error")
+    p.add_argument("--quantize-depthwise", action="store_true",
+                   help="quantize depthwise convs too (float by default: no faster in INT8 on the CPU engines)")
     p.add_argument("--hessian", action="store_true",
                    help="PTQ4ViT: refine ranges by the output error weighted by the task loss's squared gradients")
     p.add_argument("--reconstruct", choices=("blocks", "bridge"),
@@ -98,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         layer_bits=tuple(args.layer_bits),
         a_symmetric={"asym": False, "sym": True, "auto": "auto"}[args.a_scheme],
         reparam_layernorm=not args.no_reparam, bias_correction=args.bias_correction, hessian_search=args.hessian,
+        quantize_depthwise=args.quantize_depthwise,
         reconstruct=args.reconstruct, reconstruct_iters=args.reconstruct_iters, attn_bits=args.attn_bits,
         softmax_quantizer=args.softmax)
     torch.set_num_threads(args.threads)

@@ -53,6 +53,10 @@ class QuantConfig:
     #: ``(glob, "w8a8")`` pairs: matching layers take these bit-widths (first match wins), e.g. the patch
     #: embedding and head kept at 8 bits in a W4A4 model, as RepQ-ViT and PTQ4ViT do
     layer_bits: tuple[tuple[str, str], ...] = ()
+    #: depthwise convolutions stay in float by default: the CPU engines' INT8 depthwise kernels are no
+    #: faster than their float ones (OpenVINO, efficientformerv2_s0: 4.7 ms INT8 vs 3.8 ms f32 in all its
+    #: depthwise convs) and a few weights per channel make them the most rounding-sensitive convs
+    quantize_depthwise: bool = False
     reparam_layernorm: bool = True  #: RepQ-ViT: per-channel post-LayerNorm ranges, deployed per tensor
     bias_correction: bool = False  #: remove each layer's mean output error (helps most below 8 bits)
     #: PTQ4ViT: refine the w_method/a_method ranges to minimise the output error weighted by the task
@@ -131,7 +135,8 @@ class QuantReport:
     @property
     def float_compute_layers(self) -> dict[str, str]:
         """The float layers that do matrix products: each one is INT8 speed and scale left on the table."""
-        return {k: v for k, v in self.float_layers.items() if not v.startswith(("normalisation", "elementwise"))}
+        return {k: v for k, v in self.float_layers.items()
+                if not v.startswith(("normalisation", "elementwise", "depthwise"))}
 
     def summary(self) -> str:
         lines = [f"{len(self.quantized)} layers quantized, {len(self.folded_batchnorms)} BatchNorms folded, "
@@ -188,6 +193,10 @@ def _float_reason(name: str, module: nn.Module, config: QuantConfig, inside_mha:
     return None  # holds no computation of its own (or only embeddings added to the tokens)
 
 
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
 def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport) -> dict[str, nn.Module]:
     inside_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                   for c, _ in m.named_modules() if c}
@@ -195,7 +204,10 @@ def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport) -> 
     for name, module in list(model.named_modules()):
         quant_type = quantizable_type(module)
         skipped = any(fnmatch.fnmatchcase(name, p) for p in config.skip)
-        if quant_type is not None and name not in inside_mha and not skipped:
+        if quant_type is not None and _is_depthwise(module) and not config.quantize_depthwise:
+            report.float_layers[name] = ("depthwise convolution: float by design, the CPU engines' INT8 depthwise "
+                                         "kernels are no faster (QuantConfig.quantize_depthwise=True to quantize)")
+        elif quant_type is not None and name not in inside_mha and not skipped:
             swapped[name] = quant_type.from_float(module, *config.schemes(name))
             model.set_submodule(name, swapped[name])
         elif (reason := _float_reason(name, module, config, inside_mha)) is not None:
