@@ -3,13 +3,14 @@
     python benchmarks/ptq_lowbit.py --manifest benchmarks/checkpoints.json \\
         --data ~/.cache/leanvit/cifar10/test --calib ~/.cache/leanvit/cifar10 [--bits w6a6 w4a4] [--out DIR]
 
-Every recipe quantizes the same checkpoint from the same calibration images (class-balanced, from
-the training split) and is scored on the same evaluation images, top-1 against the FP32 model's:
+Every recipe (``leanvit.QuantConfig.recipe``) quantizes the same checkpoint from the same calibration
+images (class-balanced, from the training split) and is scored on the same evaluation images, top-1
+against the FP32 model's; the attention matmuls are quantized at the activation bit-width in all:
 
 - ``minmax``: the textbook baseline, min-max ranges for weights (per channel) and activations
-  (per tensor), attention matmuls quantized with uniform levels;
+  (per tensor), uniform softmax levels;
 - ``mse``: leanvit's deployable W8A8 recipe (MSE-searched ranges, RepQ-ViT LayerNorm
-  reparameterisation), attention matmuls as ``minmax``;
+  reparameterisation), uniform softmax levels;
 - ``hybrid``: the hybrid-aware method: ``mse`` plus a per-layer choice of symmetric or asymmetric
   activations, PTQ4ViT's Hessian-guided range search, bias correction, BRECQ/AdaRound block
   reconstruction (Q-HyViT's bridge blocks included), and twin-uniform softmax quantization.
@@ -31,30 +32,11 @@ import torch
 from leanvit.bench import host_info
 from leanvit.checkpoint import model_from_checkpoint
 from leanvit.compress import quant
-from leanvit.compress.quant.modules import quantizable_type
 from leanvit.data import build_transform, calibration_subset, make_loader, open_dataset
 from leanvit.evaluate import evaluate
 
 HERE = Path(__file__).resolve().parent
-RECIPES = ("minmax", "mse", "hybrid")
-
-
-def recipe(name: str, bits: str, model: torch.nn.Module, iters: int) -> quant.QuantConfig:
-    """The QuantConfig of recipe ``name`` at ``bits``, first and last layers at 8 bits."""
-    layers = [n for n, m in model.named_modules() if quantizable_type(m) is not None]
-    keep8 = tuple((n, "w8a8") for n in (layers[0], layers[-1]))
-    a_bits = quant.parse_bits(bits)[1]
-    common = dict(layer_bits=keep8, attn_bits=a_bits)
-    if name == "minmax":
-        return quant.QuantConfig.from_bits(bits, w_method="minmax", a_method="minmax", reparam_layernorm=False,
-                                           **common)
-    if name == "mse":
-        return quant.QuantConfig.from_bits(bits, **common)
-    if name == "hybrid":
-        return quant.QuantConfig.from_bits(bits, a_symmetric="auto", hessian_search=True, bias_correction=True,
-                                           reconstruct="blocks", reconstruct_iters=iters,
-                                           softmax_quantizer="uniform" if a_bits == 8 else "twin", **common)
-    raise ValueError(name)
+RECIPES = ("minmax", "mse", "hybrid")  #: QuantConfig.recipe's names
 
 
 def main(argv=None) -> int:
@@ -94,7 +76,8 @@ def main(argv=None) -> int:
         print(f"== {name}: FP32 {fp32:.2f} % on {len(evalset)} images", file=sys.stderr)
         for bits in args.bits:
             for recipe_name in args.recipes:
-                config = recipe(recipe_name, bits, model, args.iters)
+                config = quant.QuantConfig.recipe(recipe_name, bits, attn_bits=quant.parse_bits(bits)[1],
+                                                  reconstruct_iters=args.iters)
                 started = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # float layers are listed in the report instead

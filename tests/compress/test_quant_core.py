@@ -205,3 +205,17 @@ def test_quantized_wrappers_keep_state_dict_keys(tiny_cnn):
     linear = QuantLinear.from_float(nn.Linear(4, 3), QScheme(8, True, True), QScheme(8, False))
     assert linear.weight_quantizer.scale.shape == (3,)
     assert isinstance(linear.to_float(), nn.Linear) and not hasattr(linear.to_float(), "input_quantizer")
+
+
+def test_recipes_keep_the_first_and_last_layers_at_8_bits(tiny_vit):
+    calib = torch.randn(16, 3, 32, 32)
+    config = QuantConfig.recipe("hybrid", "w4a4", reconstruct_iters=5, attn_bits=4)
+    assert config.hessian_search and config.reconstruct == "blocks" and config.softmax_quantizer == "twin"
+    layers = quantize(tiny_vit, calib, config, progress=False).quant_report.quantized
+    assert layers["patch_embed.proj"].startswith("weights int8") and layers["head"].startswith("weights int8")
+    assert layers["blocks.0.attn.qkv"].startswith("weights int4")
+    minmax = QuantConfig.recipe("minmax", "w6a6", edge_bits=None)
+    assert (minmax.w_method, minmax.a_method, minmax.reparam_layernorm, minmax.edge_bits) == (
+        "minmax", "minmax", False, None)
+    with pytest.raises(LeanvitError, match="minmax, mse, hybrid"):
+        QuantConfig.recipe("best", "w8a8")

@@ -45,10 +45,14 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--bits", default="w8a8",
                    help="weight/activation bits: w8a8 (default), w7a8 (exact on CPUs without VNNI); "
                         "w6a6, w4a8, w4a4 are simulation-only")
-    p.add_argument("--w-method", choices=RANGE_METHODS, default="mse", help="weight range choice (default mse)")
-    p.add_argument("--a-method", choices=RANGE_METHODS, default="mse", help="activation range choice (default mse)")
-    p.add_argument("--a-scheme", choices=("asym", "sym", "auto"), default="asym",
-                   help="activations: uint8 asymmetric (default), int8 symmetric, or per layer by held-out error")
+    p.add_argument("--recipe", choices=("minmax", "mse", "hybrid"), default="mse",
+                   help="mse (default: deployable W8A8), minmax (baseline), or hybrid (the hybrid-aware method: "
+                        "+ per-layer symmetry, Hessian search, bias correction, block reconstruction); the flags "
+                        "below override the recipe")
+    p.add_argument("--w-method", choices=RANGE_METHODS, help="weight range choice")
+    p.add_argument("--a-method", choices=RANGE_METHODS, help="activation range choice")
+    p.add_argument("--a-scheme", choices=("asym", "sym", "auto"),
+                   help="activations: uint8 asymmetric, int8 symmetric, or per layer by held-out error")
     p.add_argument("--no-reparam", action="store_true",
                    help="no RepQ-ViT reparameterisation of post-LayerNorm ranges (on by default where it helps)")
     p.add_argument("--bias-correction", action="store_true", help="remove each layer's mean output error")
@@ -59,16 +63,16 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--reconstruct", choices=("blocks", "bridge"),
                    help="BRECQ/AdaRound reconstruction of every block, or only of a hybrid's CNN-to-transformer "
                         "bridge blocks (Q-HyViT)")
-    p.add_argument("--reconstruct-iters", type=positive_int, default=500, help="steps per block (default 500)")
+    p.add_argument("--reconstruct-iters", type=positive_int, help="steps per block (default 500)")
     p.add_argument("--attn-bits", type=positive_int,
                    help="also quantize the attention matmuls' inputs (q, k, softmax, v) to this many bits")
-    p.add_argument("--softmax", choices=SOFTMAX_QUANTIZERS, default="uniform",
-                   help="softmax-output quantizer with --attn-bits: uniform (default, deployable), or log2, "
-                        "sulq, twin (simulation only; better at 3-4 bits)")
-    p.add_argument("--sensitivity", choices=("logit", "hessian"), default="logit",
-                   help="layer sensitivity for --avg-bits: logit error (default) or Hessian trace")
+    p.add_argument("--softmax", choices=SOFTMAX_QUANTIZERS,
+                   help="softmax-output quantizer with --attn-bits: uniform (deployable), or log2, sulq, twin "
+                        "(simulation only; better at 3-4 bits)")
     p.add_argument("--avg-bits", type=float, metavar="B",
                    help="mixed precision: --bits where it hurts least, w8a8 elsewhere, averaging B weight bits")
+    p.add_argument("--sensitivity", choices=("logit", "hessian"), default="logit",
+                   help="layer sensitivity for --avg-bits: logit error (default) or Hessian trace")
     p.add_argument("--layer-bits", action="append", type=_layer_bits, default=[], metavar="PATTERN=BITS",
                    help="bit-widths for layers matching a glob (repeatable, first match wins), e.g. head=w8a8")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
@@ -95,14 +99,15 @@ def _layer_bits(text: str) -> tuple[str, str]:
 def run(args: argparse.Namespace) -> int:
     from ..compress import quant
 
-    config = quant.QuantConfig.from_bits(
-        args.bits, w_method=args.w_method, a_method=args.a_method, skip=tuple(args.skip),
-        layer_bits=tuple(args.layer_bits),
-        a_symmetric={"asym": False, "sym": True, "auto": "auto"}[args.a_scheme],
-        reparam_layernorm=not args.no_reparam, bias_correction=args.bias_correction, hessian_search=args.hessian,
-        quantize_depthwise=args.quantize_depthwise,
-        reconstruct=args.reconstruct, reconstruct_iters=args.reconstruct_iters, attn_bits=args.attn_bits,
-        softmax_quantizer=args.softmax)
+    given = {
+        "w_method": args.w_method, "a_method": args.a_method, "reconstruct": args.reconstruct,
+        "a_symmetric": {"asym": False, "sym": True, "auto": "auto", None: None}[args.a_scheme],
+        "reconstruct_iters": args.reconstruct_iters, "attn_bits": args.attn_bits, "softmax_quantizer": args.softmax,
+        "reparam_layernorm": False if args.no_reparam else None, "bias_correction": args.bias_correction or None,
+        "hessian_search": args.hessian or None, "quantize_depthwise": args.quantize_depthwise or None,
+    }
+    config = quant.QuantConfig.recipe(args.recipe, args.bits, skip=tuple(args.skip), layer_bits=tuple(args.layer_bits),
+                                      **{k: v for k, v in given.items() if v is not None})
     torch.set_num_threads(args.threads)
     if args.checkpoint:
         model, meta = model_from_checkpoint(args.model, args.checkpoint, **args.model_kwargs)

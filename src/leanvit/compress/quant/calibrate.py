@@ -71,6 +71,9 @@ class QuantConfig:
     attn_bits: int | None = None
     #: "uniform" (uint, what the engines run), or "log2", "sulq", "twin" (more accurate at 3-4 bits, simulation only)
     softmax_quantizer: str = "uniform"
+    #: bit-widths of the first and the last quantized layer (stem or patch embedding, classifier), e.g.
+    #: "w8a8" in a W4A4 model as RepQ-ViT and PTQ4ViT do; None: like every other layer. ``layer_bits`` wins.
+    edge_bits: str | None = None
     min_images: int = 16  #: fewer calibration images than this is an error
     batch_size: int = 32  #: batch size when ``calib_data`` is one tensor
 
@@ -80,7 +83,7 @@ class QuantConfig:
                 raise LeanvitError(f"{what} '{method}' is not a range method; use one of {', '.join(RANGE_METHODS)}.")
         if self.a_symmetric not in (True, False, "auto"):
             raise LeanvitError(f"a_symmetric must be True, False or 'auto', got {self.a_symmetric!r}.")
-        for bits in (f"w{self.w_bits}a{self.a_bits}", *(b for _, b in self.layer_bits)):
+        for bits in (f"w{self.w_bits}a{self.a_bits}", *(b for _, b in self.layer_bits), *filter(None, [self.edge_bits])):
             parse_bits(bits)
         check_range("min_images", self.min_images, 1, 1_000_000)
         if self.attn_bits is not None:
@@ -100,6 +103,27 @@ class QuantConfig:
         """``"w8a8"``, ``"w6a6"``, ``"w4a8"`` ... (weight and activation bit-widths)."""
         w_bits, a_bits = parse_bits(bits)
         return cls(w_bits=w_bits, a_bits=a_bits, **kwargs)
+
+    @classmethod
+    def recipe(cls, name: str, bits: str = "w8a8", **overrides) -> QuantConfig:
+        """A named recipe at ``bits`` (fields in ``overrides`` win); first and last layers at 8 bits.
+
+        - ``"minmax"``: the textbook baseline, min-max ranges, no reparameterisation;
+        - ``"mse"``: the deployable default (MSE-searched ranges, RepQ-ViT LayerNorm reparameterisation);
+        - ``"hybrid"``: the hybrid-aware method: ``"mse"`` plus a per-layer symmetric/asymmetric choice,
+          PTQ4ViT's Hessian-guided search, bias correction, BRECQ/AdaRound block reconstruction (a
+          hybrid's bridge blocks included) and, below 8 bits, twin-uniform softmax quantization.
+        """
+        a_bits = parse_bits(bits)[1]
+        recipes = {
+            "minmax": dict(w_method="minmax", a_method="minmax", reparam_layernorm=False),
+            "mse": {},
+            "hybrid": dict(a_symmetric="auto", hessian_search=True, bias_correction=True, reconstruct="blocks",
+                           softmax_quantizer="uniform" if a_bits == 8 else "twin"),
+        }
+        if name not in recipes:
+            raise LeanvitError(f"Unknown quantization recipe '{name}'; use one of {', '.join(recipes)}.")
+        return cls.from_bits(bits, **{"edge_bits": "w8a8", **recipes[name], **overrides})
 
     def schemes(self, layer: str) -> tuple[QScheme, QScheme]:
         """The weight and input schemes of the layer named ``layer``."""
@@ -200,6 +224,13 @@ def _is_depthwise(module: nn.Module) -> bool:
 def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport) -> dict[str, nn.Module]:
     inside_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                   for c, _ in m.named_modules() if c}
+    if config.edge_bits:
+        candidates = [n for n, m in model.named_modules() if quantizable_type(m) is not None and n not in inside_mha
+                      and (config.quantize_depthwise or not _is_depthwise(m))
+                      and not any(fnmatch.fnmatchcase(n, p) for p in config.skip)]
+        if candidates:
+            edges = tuple((n, config.edge_bits) for n in dict.fromkeys((candidates[0], candidates[-1])))
+            config = replace(config, layer_bits=(*config.layer_bits, *edges))
     swapped = {}
     for name, module in list(model.named_modules()):
         quant_type = quantizable_type(module)
