@@ -58,6 +58,26 @@ def latency_ms(runner, x: np.ndarray, budget: TimingBudget) -> float:
     return round(time_calls(lambda: runner(x), budget).median, 3)
 
 
+def op_profile(engine, path: Path, x: np.ndarray, runs: int = 50) -> dict[str, float]:
+    """OpenVINO's own per-node timings summed by node type and the precision it ran in (ms per
+    inference, median-free mean over ``runs``): where an INT8 model's time goes, and which ops it
+    left in f32."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {**engine.compile_config(), "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    for _ in range(10):
+        request.infer([x])
+    totals: dict[str, float] = {}
+    for _ in range(runs):
+        request.infer([x])
+        for node in request.profiling_info:
+            if node.status == node.Status.EXECUTED:
+                key = f"{node.node_type} ({node.exec_type.rsplit('_', 1)[-1].lower()})"
+                totals[key] = totals.get(key, 0.0) + node.real_time.total_seconds() * 1e3 / runs
+    return {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+
+
 def has_attention(model: torch.nn.Module) -> bool:
     return any("attn" in name.split(".")[-1].lower() or "attention" in type(m).__name__.lower()
                for name, m in model.named_modules())
@@ -91,7 +111,7 @@ def bench_model(entry: dict, args) -> dict:
     row["fp32_ms"] = latency_ms(fp32, x.numpy(), budget)
 
     # leanvit: simulation, then the exported INT8 IR on OpenVINO
-    config = quant.QuantConfig.from_bits(args.bits)
+    config = quant.QuantConfig.from_bits(args.bits, **args.quant_kwargs)
     qmodel = quant.quantize(model, make_loader(calib, args.batch_size), config, progress=False)
     with torch.inference_mode():
         sim_preds, _ = predictions(lambda b: qmodel(b).numpy(), make_loader(evalset, args.batch_size))
@@ -117,6 +137,9 @@ def bench_model(entry: dict, args) -> dict:
     row["nncf_top1"] = top1(nncf_preds, labels)
     row["nncf_ms"] = latency_ms(anchor, x.numpy(), budget)
     row["nncf_int8_layers"] = sum(p in ("i8", "u8") for _, p in quant.openvino_precisions(anchor.compiled).values())
+    if args.profile:
+        row["op_ms"] = {kind: op_profile(engine, path, x.numpy())
+                        for kind, path in (("fp32", fp_onnx), ("leanvit", xml), ("nncf", nncf_xml))}
     return row
 
 
@@ -132,6 +155,14 @@ def render_markdown(rows: list[dict], args) -> str:
             f"{r['leanvit_top1']:.2f} | {r['sim_engine_agreement']:.1f} | {r['nncf_top1']:.2f} | {r['fp32_ms']:.2f} | "
             f"{r['leanvit_ms']:.2f} | {r['nncf_ms']:.2f} | {r['leanvit_ms'] / r['nncf_ms']:.2f} | "
             f"{r['fp32_ms'] / r['leanvit_ms']:.2f} |")
+    for r in rows:
+        if "op_ms" not in r:
+            continue
+        kinds = list(r["op_ms"])
+        ops = list(dict.fromkeys(op for kind in kinds for op in r["op_ms"][kind]))
+        lines += ["", f"## {r['model']}: OpenVINO time per op type and execution precision (ms per inference)", "",
+                  "| op (precision) | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        lines += [f"| {op} | " + " | ".join(f"{r['op_ms'][k].get(op, 0):.2f}" for k in kinds) + " |" for op in ops]
     return "\n".join(lines) + "\n"
 
 
@@ -167,6 +198,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--budget-s", type=float, default=5.0, help="timing budget per measurement (s)")
+    p.add_argument("--profile", action="store_true",
+                   help="also OpenVINO's per-op timings of the three models: where the INT8 time goes")
+    p.add_argument("--quant-kwargs", type=json.loads, default={},
+                   help="other QuantConfig fields for leanvit's model (JSON), e.g. '{\"quantize_depthwise\": true}'")
     p.add_argument("--out", type=Path, default=Path("results/ptq"))
     args = p.parse_args(argv)
     entries = json.loads(args.manifest.read_text()) if args.manifest else [{"model": m} for m in args.models]
