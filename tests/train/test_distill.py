@@ -49,3 +49,24 @@ def test_soft_is_temperature_scaled_kl_per_logit(batch):
 def test_unknown_mode():
     with pytest.raises(LeanvitError, match="hard, soft"):
         DistillationLoss(nn.CrossEntropyLoss(), nn.Identity(), "medium")
+
+
+class _Recording(nn.Module):
+    def forward(self, x):
+        self.seen = x
+        return x.mean((2, 3))
+
+
+def test_teacher_sees_its_own_resolution_and_normalisation():
+    from leanvit.train.distill import AdaptedTeacher
+
+    student = {"input_size": [3, 4, 4], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    teacher = {"input_size": [3, 8, 8], "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "interpolation": "bilinear"}
+    raw = torch.full((2, 3, 4, 4), 0.8)
+    recorder = _Recording()
+    AdaptedTeacher(recorder, student, teacher)((raw - 0.5) / 0.25)
+    assert recorder.seen.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(recorder.seen, torch.full((2, 3, 8, 8), 0.8))  # the raw pixels, renormalised
+    x = torch.randn(2, 3, 4, 4)
+    AdaptedTeacher(recorder, student, {**student, "interpolation": "bicubic"})(x)
+    assert recorder.seen is x  # same pre-processing: untouched

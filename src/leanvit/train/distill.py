@@ -40,3 +40,34 @@ class DistillationLoss(nn.Module):
             kd = F.kl_div(F.log_softmax(outputs_kd / t, dim=1), F.log_softmax(teacher / t, dim=1),
                           reduction="sum", log_target=True) * (t * t) / outputs_kd.numel()
         return (1 - self.alpha) * base + self.alpha * kd
+
+
+class AdaptedTeacher(nn.Module):
+    """A teacher fed the student's batches in its own pre-processing.
+
+    The student's images are un-normalised with the student's mean/std, resized to the teacher's
+    input size (with the teacher's interpolation) and normalised with the teacher's mean/std, so a
+    hybrid trained at 64x64 can teach a ViT trained at 32x32 on the images it knows. With identical
+    data configs the batch passes through untouched.
+    """
+
+    def __init__(self, teacher: nn.Module, student_config: dict, teacher_config: dict):
+        super().__init__()
+        self.teacher = teacher
+        self.size = tuple(teacher_config["input_size"][-2:])
+        self.mode = "bicubic" if teacher_config.get("interpolation") == "bicubic" else "bilinear"
+        same_size = tuple(student_config["input_size"][-2:]) == self.size
+        same_norm = all(list(student_config[k]) == list(teacher_config[k]) for k in ("mean", "std"))
+        self.identity = same_size and same_norm
+        for name, config in (("student", student_config), ("teacher", teacher_config)):
+            self.register_buffer(f"{name}_mean", torch.tensor(config["mean"]).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer(f"{name}_std", torch.tensor(config["std"]).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return self.teacher(x)
+        x = x * self.student_std + self.student_mean
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode=self.mode, align_corners=False)
+        return self.teacher((x - self.teacher_mean) / self.teacher_std)
+

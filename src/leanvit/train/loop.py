@@ -36,7 +36,7 @@ from ..errors import LeanvitError
 from ..evaluate import evaluate
 from ..models.registry import create_model
 from .config import TrainConfig
-from .distill import DistillationLoss
+from .distill import AdaptedTeacher, DistillationLoss
 from .state import EMA_FILE, latest_checkpoint, load_training_state, read_state, save_training_state
 
 
@@ -91,7 +91,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
                 **({"tokens": cfg.tokens} if cfg.tokens else {})}
 
     model.to(device)
-    teacher = _teacher(cfg, len(classes), device)
+    teacher = _teacher(cfg, len(classes), data_config, device)
     if teacher is not None and hasattr(model, "set_distilled_training"):
         model.set_distilled_training(True)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
@@ -254,17 +254,21 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module | None:
+def _teacher(cfg: TrainConfig, num_classes: int, data_config: dict, device: torch.device) -> nn.Module | None:
+    """The frozen teacher, fed in its own pre-processing (its checkpoint's data config, else timm's at
+    the student's resolution)."""
     if not cfg.teacher:
         return None
     if cfg.teacher_checkpoint:
-        teacher, _ = model_from_checkpoint(cfg.teacher, cfg.teacher_checkpoint)
+        teacher, meta = model_from_checkpoint(cfg.teacher, cfg.teacher_checkpoint)
     else:
-        teacher = create_model(cfg.teacher, pretrained=True)
+        teacher, meta = create_model(cfg.teacher, pretrained=True), {}
     if teacher.num_classes != num_classes:
         raise LeanvitError(f"The teacher {cfg.teacher} has {teacher.num_classes} classes but {cfg.data} has "
                            f"{num_classes}: give a --teacher-checkpoint trained on these classes.")
-    return teacher.eval().requires_grad_(False).to(device)
+    # a checkpoint without leanvit's metadata says nothing of its resolution: keep the student's
+    teacher_config = meta.get("data_config") or resolve_data_config(teacher, img_size=data_config["input_size"][-1])
+    return AdaptedTeacher(teacher.eval().requires_grad_(False), data_config, teacher_config).to(device)
 
 
 def _val_loader(cfg: TrainConfig, data_config: dict, classes: list[str]):
