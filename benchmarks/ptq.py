@@ -10,7 +10,8 @@ For every model, one FP32 ONNX export (batch 1, static) feeds both OpenVINO FP32
 attention, as NNCF recommends; the same calibration images). leanvit's INT8 model is the QDQ export of
 its own simulation. Accuracy is top-1 of each engine running its file at batch 1, plus the simulation's
 top-1 and its top-1 agreement with the engine; latency is OpenVINO at batch 1 with ``--threads``
-threads, median of ``leanvit.bench.time_calls``. Writes ``ptq.json``, ``ptq.md`` and ``ptq.png``.
+threads, the three files timed in alternating rounds (``leanvit.bench.time_alternating``) so that the
+machine's drift hits them alike; ``--profile`` adds OpenVINO's per-op timings. Writes ``ptq.json``, ``ptq.md`` and ``ptq.png``.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leanvit.bench.timing import TimingBudget, time_calls
+from leanvit.bench.timing import TimingBudget, time_alternating
 from leanvit.checkpoint import model_from_checkpoint
 from leanvit.compress import quant
 from leanvit.data import build_transform, calibration_subset, make_loader, open_dataset, resolve_data_config
@@ -52,10 +53,6 @@ def predictions(predict, loader) -> tuple[np.ndarray, np.ndarray]:
 
 def top1(preds: np.ndarray, labels: np.ndarray) -> float:
     return round(100.0 * float((preds == labels).mean()), 2)
-
-
-def latency_ms(runner, x: np.ndarray, budget: TimingBudget) -> float:
-    return round(time_calls(lambda: runner(x), budget).median, 3)
 
 
 def op_profile(engine, path: Path, x: np.ndarray, runs: int = 50) -> dict[str, float]:
@@ -108,7 +105,6 @@ def bench_model(entry: dict, args) -> dict:
     with torch.inference_mode():
         preds, labels = predictions(lambda b: model(b).numpy(), make_loader(evalset, args.batch_size))
     row["fp32_top1"] = top1(preds, labels)
-    row["fp32_ms"] = latency_ms(fp32, x.numpy(), budget)
 
     # leanvit: simulation, then the exported INT8 IR on OpenVINO
     config = quant.QuantConfig.from_bits(args.bits, **args.quant_kwargs)
@@ -122,7 +118,6 @@ def bench_model(entry: dict, args) -> dict:
     lean_preds, _ = predictions(lambda b: lean(b.numpy()), eval_one)
     row["leanvit_top1"] = top1(lean_preds, labels)
     row["sim_engine_agreement"] = round(100.0 * float((lean_preds == sim_preds).mean()), 2)
-    row["leanvit_ms"] = latency_ms(lean, x.numpy(), budget)
     row["leanvit_int8_layers"] = sum(p in ("i8", "u8") for _, p in quant.openvino_precisions(lean.compiled).values())
 
     # NNCF on the same FP32 model and calibration images
@@ -135,7 +130,10 @@ def bench_model(entry: dict, args) -> dict:
     anchor = engine.load_model_file(nncf_xml)
     nncf_preds, _ = predictions(lambda b: anchor(b.numpy()), eval_one)
     row["nncf_top1"] = top1(nncf_preds, labels)
-    row["nncf_ms"] = latency_ms(anchor, x.numpy(), budget)
+    x_np = x.numpy()
+    timings = time_alternating({kind: (lambda r=runner: r(x_np)) for kind, runner in
+                                (("fp32", fp32), ("leanvit", lean), ("nncf", anchor))}, budget, rounds=args.rounds)
+    row.update({f"{kind}_ms": round(t.median, 3) for kind, t in timings.items()})
     row["nncf_int8_layers"] = sum(p in ("i8", "u8") for _, p in quant.openvino_precisions(anchor.compiled).values())
     if args.profile:
         row["op_ms"] = {kind: op_profile(engine, path, x.numpy())
@@ -197,7 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--bits", default="w8a8", help="leanvit's bit-widths: w8a8, or w7a8 on CPUs without VNNI")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--budget-s", type=float, default=5.0, help="timing budget per measurement (s)")
+    p.add_argument("--budget-s", type=float, default=6.0, help="timing budget per model and engine file (s)")
+    p.add_argument("--rounds", type=int, default=6, help="FP32, leanvit and NNCF alternate in this many rounds")
     p.add_argument("--profile", action="store_true",
                    help="also OpenVINO's per-op timings of the three models: where the INT8 time goes")
     p.add_argument("--quant-kwargs", type=json.loads, default={},

@@ -2,7 +2,7 @@ import time
 
 import numpy as np
 
-from leanvit.bench.timing import Timing, TimingBudget, peak_rss_mb, reset_peak_rss, time_calls
+from leanvit.bench.timing import Timing, TimingBudget, peak_rss_mb, reset_peak_rss, time_alternating, time_calls
 
 
 def test_statistics():
@@ -30,3 +30,11 @@ def test_peak_rss_resets_and_grows():
     block = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, touched
     assert peak_rss_mb() >= before + 60
     del block
+
+
+def test_alternating_rounds_interleave_the_functions_and_pool_their_samples():
+    calls = []
+    budget = TimingBudget(warmup_s=0, warmup_iters=0, budget_s=0, min_iters=6)
+    timings = time_alternating({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, budget, rounds=3)
+    assert calls == ["a", "a", "b", "b"] * 3  # each round: a's share, then b's
+    assert timings["a"].n == timings["b"].n == 6

@@ -7,7 +7,7 @@ high-water mark, reset before each measurement through ``/proc/self/clear_refs``
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -76,6 +76,22 @@ def time_calls(fn: Callable[[], object], budget: TimingBudget = TimingBudget()) 
         fn()
         samples.append((time.perf_counter_ns() - t0) / 1e6)
     return Timing(np.asarray(samples))
+
+
+def time_alternating(fns: dict[str, Callable[[], object]], budget: TimingBudget = TimingBudget(),
+                     rounds: int = 5) -> dict[str, Timing]:
+    """Time several functions in ``rounds`` alternating rounds, each round ``budget / rounds`` long.
+
+    On a shared, noisy machine the speed drifts over minutes; timing A, then B, then C in one block
+    each would fold that drift into their ratios. Alternating short rounds exposes all of them to
+    the same drift, so ratios measured side by side hold. Samples of all rounds are pooled.
+    """
+    per_round = replace(budget, budget_s=budget.budget_s / rounds, min_iters=max(1, budget.min_iters // rounds))
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(time_calls(fn, per_round).samples_ms)
+    return {name: Timing(np.concatenate(parts)) for name, parts in samples.items()}
 
 
 _STATUS = Path("/proc/self/status")
