@@ -219,3 +219,9 @@ def test_recipes_keep_the_first_and_last_layers_at_8_bits(tiny_vit):
         "minmax", "minmax", False, None)
     with pytest.raises(LeanvitError, match="minmax, mse, hybrid"):
         QuantConfig.recipe("best", "w8a8")
+
+
+def test_recipes_keep_deployable_bit_widths_whole():
+    """W7A8 (exact INT8 on CPUs without VNNI) and W8A8 keep every layer at their width: no 8-bit ends."""
+    assert QuantConfig.recipe("mse", "w7a8").edge_bits is None and QuantConfig.recipe("hybrid", "w8a8").edge_bits is None
+    assert QuantConfig.recipe("mse", "w6a6").edge_bits == "w8a8"

@@ -106,7 +106,7 @@ class QuantConfig:
 
     @classmethod
     def recipe(cls, name: str, bits: str = "w8a8", **overrides) -> QuantConfig:
-        """A named recipe at ``bits`` (fields in ``overrides`` win); first and last layers at 8 bits.
+        """A named recipe at ``bits`` (fields in ``overrides`` win); below W7A8, first and last layers at 8 bits.
 
         - ``"minmax"``: the textbook baseline, min-max ranges, no reparameterisation;
         - ``"mse"``: the deployable default (MSE-searched ranges, RepQ-ViT LayerNorm reparameterisation);
@@ -114,7 +114,9 @@ class QuantConfig:
           PTQ4ViT's Hessian-guided search, bias correction, BRECQ/AdaRound block reconstruction (a
           hybrid's bridge blocks included) and, below 8 bits, twin-uniform softmax quantization.
         """
-        a_bits = parse_bits(bits)[1]
+        w_bits, a_bits = parse_bits(bits)
+        # 8-bit ends help low-bit models; a W7A8 model (exact INT8 on CPUs without VNNI) keeps 7-bit weights throughout
+        edges = "w8a8" if w_bits < 7 or a_bits < 8 else None
         recipes = {
             "minmax": dict(w_method="minmax", a_method="minmax", reparam_layernorm=False),
             "mse": {},
@@ -123,7 +125,7 @@ class QuantConfig:
         }
         if name not in recipes:
             raise LeanvitError(f"Unknown quantization recipe '{name}'; use one of {', '.join(recipes)}.")
-        return cls.from_bits(bits, **{"edge_bits": "w8a8", **recipes[name], **overrides})
+        return cls.from_bits(bits, **{"edge_bits": edges, **recipes[name], **overrides})
 
     def schemes(self, layer: str) -> tuple[QScheme, QScheme]:
         """The weight and input schemes of the layer named ``layer``."""
