@@ -3,7 +3,7 @@
     python tools/release_checkpoint.py RUN --name deit_tiny-cifar10 [--data ~/.cache/leanvit/cifar10/test]
 
 Writes ``src/leanvit/assets/checkpoints/NAME.safetensors`` (the run's EMA weights when it kept an EMA,
-else its final weights, stored in half precision so each file stays under 20 MB) and ``NAME.md``, the
+else, or with ``--weights final``, its final weights, stored in half precision so each file stays under 20 MB) and ``NAME.md``, the
 model card: the exact training command, epochs, wall time and hardware read from the run's own
 log, and the top-1/top-5 of the *shipped file* measured here on the full test split. The card's
 entry in ``benchmarks/checkpoints.json`` is added or replaced, so ``benchmarks/eval_checkpoints.py``
@@ -60,10 +60,14 @@ def main() -> int:
                     help="the full CIFAR-10 JPEG test split (../shared/data/cifar10-jpeg.tar.gz, extracted)")
     ap.add_argument("--notes", default="", help="a paragraph for the card: the resolution/stem adaptation and why")
     ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--weights", choices=("ema", "final"), default="ema",
+                    help="ship the EMA weights (default, when the run kept an EMA) or the final weights, "
+                         "e.g. when a slow EMA still lags at the end of a short schedule (say why in --notes)")
     args = ap.parse_args()
 
     last = latest_checkpoint(args.run)
-    weights = args.run / (EMA_FILE if (args.run / EMA_FILE).is_file() else WEIGHTS_FILE)
+    use_ema = args.weights == "ema" and (args.run / EMA_FILE).is_file()
+    weights = args.run / (EMA_FILE if use_ema else WEIGHTS_FILE)
     if last is None or not weights.is_file():
         print(f"error: {args.run} holds no finished run (no {WEIGHTS_FILE}); finish it with --resume first.",
               file=sys.stderr)
@@ -108,7 +112,7 @@ def main() -> int:
         f"| input | {input_size[1]}×{input_size[2]}, mean {meta['data_config']['mean']}, "
         f"std {meta['data_config']['std']}, crop_pct {meta['data_config']['crop_pct']} |",
         f"| model kwargs | `{json.dumps(meta['model_kwargs'])}` |",
-        f"| weights | {weights.name.split('.')[0]} weights after epoch {len(log)}, float16 safetensors, "
+        f"| weights | {'EMA' if use_ema else 'final'} weights after epoch {len(log)}, float16 safetensors, "
         f"{size / 2**20:.1f} MB, sha256 `{sha[:16]}…` |",
         f"| epochs | {len(log)} ({state['step']} steps of {config['batch_size']} images) |",
         f"| wall time | {seconds / 3600:.2f} h of training (evaluation excluded)"

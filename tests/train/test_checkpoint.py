@@ -1,6 +1,9 @@
 """Checkpoints: round trips, foreign formats, and errors that name every mismatched key."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -120,3 +123,20 @@ def test_release_tool_writes_the_command_that_gives_the_runs_config():
     args = vars(parser.parse_args(shlex.split(command)[1:]))
     parsed = TrainConfig(**{k: v for k, v in args.items() if k in config and v is not None}).to_dict()
     assert parsed == config
+
+
+MANIFEST = Path(__file__).resolve().parents[2] / "benchmarks" / "checkpoints.json"
+
+
+@pytest.mark.parametrize("entry", json.loads(MANIFEST.read_text()), ids=lambda e: e["name"])
+def test_each_shipped_checkpoint_classifies_the_bundled_test_subset(entry):
+    """The bundled 500 test images score near the card's full-split top-1 (3 standard errors of a
+    500-image sample), so a file that no longer loads into its architecture correctly cannot pass."""
+    from leanvit.data import BUNDLED_CIFAR10, build_transform, make_loader, open_dataset
+    from leanvit.evaluate import evaluate
+
+    model, meta = model_from_checkpoint(entry["model"], entry["name"])
+    dataset = open_dataset(BUNDLED_CIFAR10, transform=build_transform(meta["data_config"]))
+    top1 = evaluate(model, make_loader(dataset, 100), progress=False).top1
+    p = entry["top1"] / 100
+    assert abs(top1 - entry["top1"]) <= 300 * (p * (1 - p) / len(dataset)) ** 0.5
