@@ -27,7 +27,9 @@ import torch
 from leanvit.bench.timing import TimingBudget, time_alternating
 from leanvit.checkpoint import model_from_checkpoint
 from leanvit.compress import quant
-from leanvit.data import build_transform, calibration_subset, make_loader, open_dataset, resolve_data_config
+from leanvit.data import (
+    DecodedDataset, build_transform, calibration_subset, make_loader, open_dataset, resolve_data_config,
+)
 from leanvit.deploy import export_onnx, get_engine
 from leanvit.models.registry import create_model
 
@@ -90,6 +92,7 @@ def bench_model(entry: dict, args) -> dict:
     evalset = open_dataset(args.data, transform=transform)
     if args.eval_images and args.eval_images < len(evalset):
         evalset = calibration_subset(evalset, args.eval_images, seed=1)
+    evalset = DecodedDataset(evalset)  # scored by FP32, the simulation, and each engine model
     eval_one = make_loader(evalset, 1)
     out = args.out / entry["model"]
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ import torch
 from leanvit.bench import host_info
 from leanvit.checkpoint import model_from_checkpoint
 from leanvit.compress import quant
-from leanvit.data import build_transform, calibration_subset, make_loader, open_dataset
+from leanvit.data import DecodedDataset, build_transform, calibration_subset, make_loader, open_dataset
 from leanvit.evaluate import evaluate
 
 HERE = Path(__file__).resolve().parent
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         evalset = open_dataset(args.data, transform=transform)
         if args.eval_images and args.eval_images < len(evalset):
             evalset = calibration_subset(evalset, args.eval_images, seed=1)
-        loader = make_loader(evalset, 100)
+        loader = make_loader(DecodedDataset(evalset), 100)  # decoded once, scored for every recipe
         name = entry.get("name", entry["model"])
         fp32 = evaluate(model, loader, progress=False).top1
         print(f"== {name}: FP32 {fp32:.2f} % on {len(evalset)} images", file=sys.stderr)

@@ -33,7 +33,9 @@ import leanvit.tokens as tokens
 from leanvit.bench import TimingBudget, host_info, time_calls
 from leanvit.bench.runner import default_threads
 from leanvit.checkpoint import model_from_checkpoint
-from leanvit.data import build_transform, calibration_subset, make_loader, open_dataset, resolve_data_config
+from leanvit.data import (
+    DecodedDataset, build_transform, calibration_subset, make_loader, open_dataset, resolve_data_config,
+)
 from leanvit.compress.tokens.diffrate import PUBLISHED_RATES
 from leanvit.compress.tokens.patch import model_tokens
 from leanvit.deploy import check_agreement, get_engine
@@ -102,7 +104,7 @@ def main() -> int:
         data = open_dataset(args.eval, transform=transform)
         if args.eval_images and args.eval_images < len(data):
             data = calibration_subset(data, args.eval_images)
-        eval_loader = make_loader(data, 64)
+        eval_loader = make_loader(DecodedDataset(data), 64)  # decoded once, scored for every variant
     calib = None
     if args.calib:
         data = open_dataset(args.calib, train=True, transform=transform)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from leanvit.data import (
-    BUNDLED_CIFAR10, CorruptImageWarning, bundled_cifar10, make_loader, open_dataset,
+    BUNDLED_CIFAR10, CorruptImageWarning, DecodedDataset, bundled_cifar10, make_loader, open_dataset,
 )
 from leanvit.errors import LeanvitError
 
@@ -72,6 +72,18 @@ def test_corrupt_image_is_skipped_with_a_warning(tmp_path):
         batches = list(make_loader(ds, batch_size=8))
     images, targets = batches[0]
     assert len(ds) == 3 and images.shape[0] == 2 and targets.tolist() == [0, 1]
+
+
+def test_decoded_dataset_holds_the_transformed_images_once(tmp_path):
+    pixels = _write_images(tmp_path, ["cat/a.png", "cat/c.png", "dog/b.png"])
+    (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    ds = open_dataset(tmp_path, transform=lambda im: torch.from_numpy(np.asarray(im).copy()))
+    with pytest.warns(CorruptImageWarning, match="broken.png"):
+        decoded = DecodedDataset(ds, batch_size=2)
+    assert (len(decoded), decoded.skipped, decoded.classes) == (3, 1, ["cat", "dog"])
+    x, y = next(iter(make_loader(decoded, batch_size=8)))
+    assert y.tolist() == [0, 0, 1]
+    assert torch.equal(x[2], torch.from_numpy(pixels["dog/b.png"]))
 
 
 def test_label_file_with_names_ints_and_imagenet_csv(tmp_path):

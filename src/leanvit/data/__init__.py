@@ -12,11 +12,11 @@ from .datasets import (
     BUNDLED_CIFAR10, CorruptImageWarning, LabelFileDataset, bundled_cifar10, collate_skipping_corrupt,
     dataset_classes, open_dataset,
 )
-from .loader import make_loader
+from .loader import DecodedDataset, make_loader
 from .transforms import DATA_CONFIG_KEYS, build_transform, resolve_data_config
 
 __all__ = [
-    "BUNDLED_CIFAR10", "CorruptImageWarning", "DATA_CONFIG_KEYS", "LabelFileDataset", "build_transform",
+    "BUNDLED_CIFAR10", "CorruptImageWarning", "DATA_CONFIG_KEYS", "DecodedDataset", "LabelFileDataset", "build_transform",
     "bundled_cifar10", "calibration_subset", "collate_skipping_corrupt", "dataset_classes", "make_loader",
     "open_dataset", "resolve_data_config",
 ]
