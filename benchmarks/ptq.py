@@ -100,7 +100,8 @@ def bench_model(entry: dict, args) -> dict:
     budget = TimingBudget(budget_s=args.budget_s)
     engine = get_engine("openvino", threads=args.threads, precision="f32")
     row = {"model": entry["model"], "checkpoint": entry.get("checkpoint"), "calib_images": len(calib),
-           "eval_images": len(evalset), "bits": args.bits}
+           "eval_images": len(evalset), "bits": args.bits, "recipe": args.recipe,
+           "quant_kwargs": args.quant_kwargs}
 
     # FP32: eager accuracy, OpenVINO f32 latency, from the ONNX file NNCF also starts from
     fp_onnx = export_onnx(model, x, out / "fp32.onnx")
@@ -110,7 +111,7 @@ def bench_model(entry: dict, args) -> dict:
     row["fp32_top1"] = top1(preds, labels)
 
     # leanvit: simulation, then the exported INT8 IR on OpenVINO
-    config = quant.QuantConfig.from_bits(args.bits, **args.quant_kwargs)
+    config = quant.QuantConfig.recipe(args.recipe, args.bits, **args.quant_kwargs)
     qmodel = quant.quantize(model, make_loader(calib, args.batch_size), config, progress=False)
     with torch.inference_mode():
         sim_preds, _ = predictions(lambda b: qmodel(b).numpy(), make_loader(evalset, args.batch_size))
@@ -145,7 +146,8 @@ def bench_model(entry: dict, args) -> dict:
 
 
 def render_markdown(rows: list[dict], args) -> str:
-    lines = [f"# PTQ: FP32 vs leanvit {args.bits} vs NNCF (OpenVINO, batch 1, {args.threads} threads)", "",
+    lines = [f"# PTQ: FP32 vs leanvit {args.bits} ({args.recipe} recipe) vs NNCF (OpenVINO, batch 1, "
+             f"{args.threads} threads)", "",
              f"Calibration: {args.calib} ({args.calib_images} images); evaluation: {args.data}.", "",
              "| model | eval imgs | FP32 top-1 | leanvit sim | leanvit OV | sim/OV agree % | NNCF OV | "
              "FP32 ms | leanvit ms | NNCF ms | leanvit / NNCF | FP32 / leanvit |",
@@ -196,6 +198,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib-images", type=int, default=256)
     p.add_argument("--eval-images", type=int, help="evaluate on this many images (class-balanced)")
     p.add_argument("--bits", default="w8a8", help="leanvit's bit-widths: w8a8, or w7a8 on CPUs without VNNI")
+    p.add_argument("--recipe", default="mse", choices=("minmax", "mse", "hybrid"),
+                   help="leanvit's recipe (QuantConfig.recipe); --quant-kwargs override its fields")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--budget-s", type=float, default=6.0, help="timing budget per model and engine file (s)")

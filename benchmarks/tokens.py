@@ -72,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=3.0, help="timing budget per measurement")
     p.add_argument("--eval", help="dataset for top-1 (any layout `leanvit eval` reads, e.g. cifar10-test500)")
     p.add_argument("--eval-images", type=int, help="class-balanced subset of the eval data")
+    p.add_argument("--agreement-images", type=int, default=1024,
+                   help="evaluation images each export is compared with eager PyTorch on (with --eval)")
     p.add_argument("--calib", help="dataset whose training split DiffRate's rates are searched on")
     p.add_argument("--calib-images", type=int, default=512)
     p.add_argument("--steps", type=int, default=300, help="DiffRate search steps")
@@ -99,12 +101,13 @@ def main() -> int:
     data_config = meta.get("data_config") or resolve_data_config(base, img_size=input_size[-1])
     transform = build_transform(data_config)
 
-    eval_loader = None
+    eval_loader = eval_images = None
     if args.eval:
         data = open_dataset(args.eval, transform=transform)
         if args.eval_images and args.eval_images < len(data):
             data = calibration_subset(data, args.eval_images)
-        eval_loader = make_loader(DecodedDataset(data), 64)  # decoded once, scored for every variant
+        data = DecodedDataset(data)  # decoded once, scored for every variant
+        eval_loader, eval_images = make_loader(data, 64), data.tensors[0]
     calib = None
     if args.calib:
         data = open_dataset(args.calib, train=True, transform=transform)
@@ -125,12 +128,13 @@ def main() -> int:
             for batch in args.batches:
                 x = torch.randn(batch, *input_size)
                 runner = engine.load(model, x)  # the export key includes the token method (model repr)
-                agr = check_agreement(model, runner, [x, torch.randn_like(x)])
+                with torch.inference_mode():
+                    agr = check_agreement(model, runner, agreement_inputs(eval_images, x, args.agreement_images))
                 x_np = x.numpy()
                 timing = time_calls(lambda: runner(x_np), budget)
                 key = f"{engine_name}/b{batch}"
                 row["latency_ms"][key] = round(timing.median, 3)
-                row["agreement"][key] = {"top1": agr.top1_agreement, "max_abs_err": agr.max_abs_err}
+                row["agreement"][key] = {"top1": agr.top1_agreement, "max_abs_err": agr.max_abs_err, "images": agr.n}
                 print(f"{label:28} {key:18} {timing.median:9.2f} ms  (top-1 agreement {agr.top1_agreement:.3f})",
                       file=sys.stderr)
         if eval_loader is not None:
@@ -147,6 +151,17 @@ def main() -> int:
     plot(rows, args.out / "tokens.png")
     print(f"wrote {args.out / 'tokens.md'}, tokens.json, tokens.png", file=sys.stderr)
     return 0
+
+
+def agreement_inputs(images: torch.Tensor | None, like: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """Batches shaped like ``like`` for the export check: the first ``count`` evaluation images
+    when there are any (a trained model's agreement on real images is what matters), else two
+    random batches."""
+    if images is None or len(images) < like.shape[0]:
+        return [like, torch.randn_like(like)]
+    batch = like.shape[0]
+    usable = min(count, len(images)) // batch * batch
+    return list(images[:max(usable, batch)].split(batch))
 
 
 def plan_variants(base, input_size, args, calib) -> list[tuple[str, tokens.TokenMethod | None]]:
@@ -194,19 +209,31 @@ def matched_diffrate(base, input_size, target: int, calib, args) -> tokens.DiffR
     return tokens.DiffRate(target_macs=target, calib=images, steps=args.steps)
 
 
+#: The ToMe check takes the mildest variant at least this much faster than the baseline ("~1.3x").
+MIN_TOME_SPEEDUP = 1.25
+
+
 def checks(rows: list[dict], spec_setting: bool) -> list[dict]:
     """The issue's acceptance criteria: EViT keep 0.7 against the baseline (stated for DeiT-S at 224,
-    ``spec_setting``); with accuracy, the ToMe variant whose OpenVINO batch-32 speed-up is nearest
-    1.3x loses at most 1 point."""
+    ``spec_setting``); with accuracy, the ToMe variant at ~1.3x OpenVINO batch-32 speed-up (the
+    mildest one reaching ``MIN_TOME_SPEEDUP``) loses at most 1 point."""
     base = rows[0]
     found = []
     b32 = "openvino/b32"
     tome = [r for r in rows[1:] if r["method"] == "tome" and "top1" in r and b32 in r["latency_ms"]]
     if tome and "top1" in base and b32 in base["latency_ms"]:
-        row = min(tome, key=lambda r: abs(base["latency_ms"][b32] / r["latency_ms"][b32] - 1.3))
-        speedup, drop = base["latency_ms"][b32] / row["latency_ms"][b32], base["top1"] - row["top1"]
-        found.append({"check": f"ToMe at ~1.3x {b32} speed-up ({row['variant']}: {speedup:.2f}x) loses <= 1 pt",
-                      "value_pt": round(drop, 2), "pass": drop <= 1.0})
+        speedups = {r["variant"]: base["latency_ms"][b32] / r["latency_ms"][b32] for r in tome}
+        fast = [r for r in tome if speedups[r["variant"]] >= MIN_TOME_SPEEDUP]
+        if not fast:
+            found.append({"check": f"a ToMe variant reaches ~1.3x {b32} speed-up (>= {MIN_TOME_SPEEDUP}x); "
+                                   f"fastest {max(speedups.values()):.2f}x: add larger --tome-r values",
+                          "value_pt": None, "pass": False})
+        else:  # the mildest reduction that reaches the speed-up
+            row = min(fast, key=lambda r: speedups[r["variant"]])
+            drop = base["top1"] - row["top1"]
+            found.append({"check": f"ToMe at ~1.3x {b32} speed-up ({row['variant']}: "
+                                   f"{speedups[row['variant']]:.2f}x) loses <= 1 pt",
+                          "value_pt": round(drop, 2), "pass": drop <= 1.0})
     for row in rows:
         if row["variant"] != "evit keep=0.7" or not spec_setting:
             continue
@@ -234,7 +261,9 @@ def markdown(report: dict) -> str:
         f"CPU: {report['host'].get('cpu')}. {report['created']}.",
         "MACs: leanvit.profile.count_macs (batch 1). Latency: median ms per call (change against the "
         f"baseline), leanvit's timing protocol. Lowest top-1 agreement of an export with eager PyTorch: "
-        f"{min(a['top1'] for r in rows for a in r['agreement'].values()):.3f}.",
+        f"{min(a['top1'] for r in rows for a in r['agreement'].values()):.3f} "
+        f"(on {min(a['images'] for r in rows for a in r['agreement'].values())} "
+        f"{'evaluation' if report['eval'] else 'random'} images per export and batch size).",
         "",
         "| variant | GMACs | MACs cut | " + " | ".join(f"{k} ms" for k in keys)
         + (" | top-1 | " if has_acc else " | ") + "tokens after each block |",
@@ -249,7 +278,8 @@ def markdown(report: dict) -> str:
                      f"| {lat}{acc} | {counts} |")
     lines += ["", "## Acceptance checks", ""]
     lines += [f"- {'PASS' if c['pass'] else 'FAIL'}: {c['check']} (measured {c['value_pct']} %)" if "value_pct" in c
-              else f"- {'PASS' if c['pass'] else 'FAIL'}: {c['check']} (measured {c['value_pt']} pt)"
+              else f"- {'PASS' if c['pass'] else 'FAIL'}: {c['check']}"
+              + (f" (measured {c['value_pt']} pt)" if c["value_pt"] is not None else "")
               for c in report["checks"]]
     lines += ["", "## The papers' numbers (DeiT-S, ImageNet-1k, official weights)", "",
               "| method | GMACs | top-1 | note |", "|---|---|---|---|"]
