@@ -6,8 +6,10 @@ when given; otherwise the published DeiT rates nearest in counted MACs are used 
 official DeiT; otherwise the search runs on random images labelled by the model itself, which fixes
 the MACs and latency but says nothing about accuracy.
 
-Every variant is exported for each engine and batch size, checked against eager PyTorch
-(top-1 agreement), then timed with leanvit's protocol. ``--eval`` adds the top-1 of each variant
+Every variant is exported for each engine and batch size and checked against eager PyTorch
+(top-1 agreement, on the evaluation images when given); then, per engine and batch size, all
+variants are timed side by side in alternating rounds (``leanvit.bench.time_alternating``), so
+that the machine's drift hits them alike. ``--eval`` adds the top-1 of each variant
 (no fine-tuning) and a plot of accuracy against measured latency. The papers' numbers sit next to
 ours in the report, but they hold for the official ImageNet weights only.
 
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 import leanvit.tokens as tokens
-from leanvit.bench import TimingBudget, host_info, time_calls
+from leanvit.bench import TimingBudget, host_info, time_alternating
 from leanvit.bench.runner import default_threads
 from leanvit.checkpoint import model_from_checkpoint
 from leanvit.data import (
@@ -69,7 +71,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--engines", nargs="+", default=["openvino", "onnxruntime"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: all usable CPUs)")
-    p.add_argument("--budget-s", type=float, default=3.0, help="timing budget per measurement")
+    p.add_argument("--budget-s", type=float, default=3.0, help="timing budget per variant, engine and batch size")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="the variants are timed side by side in this many alternating rounds")
     p.add_argument("--eval", help="dataset for top-1 (any layout `leanvit eval` reads, e.g. cifar10-test500)")
     p.add_argument("--eval-images", type=int, help="class-balanced subset of the eval data")
     p.add_argument("--agreement-images", type=int, default=1024,
@@ -116,7 +120,7 @@ def main() -> int:
 
     variants = plan_variants(base, input_size, args, calib)
     budget = TimingBudget(warmup_s=1.0, budget_s=args.budget_s, min_iters=10)
-    rows = []
+    rows, timed = [], {}  # timed: "engine/bN" -> {variant: call}
     for label, method in variants:
         model = copy.deepcopy(base) if method is None else tokens.apply(copy.deepcopy(base), method)
         row = {"variant": label, "method": "baseline" if method is None else type(method).__name__.lower(),
@@ -130,21 +134,25 @@ def main() -> int:
                 runner = engine.load(model, x)  # the export key includes the token method (model repr)
                 with torch.inference_mode():
                     agr = check_agreement(model, runner, agreement_inputs(eval_images, x, args.agreement_images))
-                x_np = x.numpy()
-                timing = time_calls(lambda: runner(x_np), budget)
                 key = f"{engine_name}/b{batch}"
-                row["latency_ms"][key] = round(timing.median, 3)
+                timed.setdefault(key, {})[label] = lambda r=runner, x_np=x.numpy(): r(x_np)
                 row["agreement"][key] = {"top1": agr.top1_agreement, "max_abs_err": agr.max_abs_err, "images": agr.n}
-                print(f"{label:28} {key:18} {timing.median:9.2f} ms  (top-1 agreement {agr.top1_agreement:.3f})",
-                      file=sys.stderr)
         if eval_loader is not None:
             row["top1"] = evaluate(model, eval_loader, device="cpu", progress=False).top1
+        print(f"{label:28} exported; top-1 agreement {min(a['top1'] for a in row['agreement'].values()):.3f}"
+              + (f", top-1 {row['top1']:.2f} %" if "top1" in row else ""), file=sys.stderr)
         rows.append(row)
+    for key, calls in timed.items():  # all variants side by side, in alternating rounds
+        by_label = {row["variant"]: row for row in rows}
+        for label, timing in time_alternating(calls, budget, rounds=args.rounds).items():
+            by_label[label]["latency_ms"][key] = round(timing.median, 3)
+            print(f"{label:28} {key:18} {timing.median:9.2f} ms", file=sys.stderr)
 
     report = {"model": args.model, "checkpoint": args.checkpoint, "input_size": list(input_size),
               "threads": threads, "engines": args.engines, "batches": args.batches, "eval": args.eval,
               "host": host_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "rows": rows, "checks": checks(rows, spec_setting=args.model == "deit_small_patch16_224" and input_size[-1] == 224),
+              "rows": rows, "rounds": args.rounds,
+              "checks": checks(rows, spec_setting=args.model == "deit_small_patch16_224" and input_size[-1] == 224),
               "paper": PAPER}
     (args.out / "tokens.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (args.out / "tokens.md").write_text(markdown(report))
@@ -174,13 +182,21 @@ def plan_variants(base, input_size, args, calib) -> list[tuple[str, tokens.Token
         variants += [(f"evit keep={keep_rate}", evit),
                      (f"tome matched to {keep_rate}", matched_tome(base, input_size, target))]
         if target < 0.99 * unreduced:
-            variants.append((f"diffrate matched to {keep_rate}", matched_diffrate(base, input_size, target, calib, args)))
+            variants.append((f"diffrate matched to {keep_rate}",
+                             matched_diffrate(base, input_size, target, calib, args)))
         else:  # too few tokens for this keep rate to remove any: nothing for DiffRate to match
             print(f"DiffRate: EViT keep={keep_rate} removes {cut(unreduced, target)} % of the MACs; no DiffRate "
                   "variant at that budget", file=sys.stderr)
     variants += [(f"tome r={r if isinstance(r, int) else f'{r[0]} x {len(r)} blocks'}", tokens.ToMe(r=r))
                  for r in args.tome_r]
-    return variants
+    unique, seen = [], set()
+    for label, method in variants:  # with few tokens, several budgets can match the same ToMe r
+        if repr(method) in seen:
+            print(f"{label}: same configuration as an earlier variant ({method!r}); measured once", file=sys.stderr)
+            continue
+        seen.add(repr(method))
+        unique.append((label, method))
+    return unique
 
 
 def matched_tome(base, input_size, target: int) -> tokens.ToMe:
@@ -209,27 +225,27 @@ def matched_diffrate(base, input_size, target: int, calib, args) -> tokens.DiffR
     return tokens.DiffRate(target_macs=target, calib=images, steps=args.steps)
 
 
-#: The ToMe check takes the mildest variant at least this much faster than the baseline ("~1.3x").
-MIN_TOME_SPEEDUP = 1.25
+#: "~1.3x" in the ToMe check: the variant whose speed-up is nearest 1.3x, within this much of it.
+TOME_SPEEDUP_TOLERANCE = 0.1
 
 
 def checks(rows: list[dict], spec_setting: bool) -> list[dict]:
     """The issue's acceptance criteria: EViT keep 0.7 against the baseline (stated for DeiT-S at 224,
-    ``spec_setting``); with accuracy, the ToMe variant at ~1.3x OpenVINO batch-32 speed-up (the
-    mildest one reaching ``MIN_TOME_SPEEDUP``) loses at most 1 point."""
+    ``spec_setting``); with accuracy, the ToMe variant at ~1.3x OpenVINO batch-32 speed-up (nearest
+    1.3x, within ``TOME_SPEEDUP_TOLERANCE``) loses at most 1 point."""
     base = rows[0]
     found = []
     b32 = "openvino/b32"
     tome = [r for r in rows[1:] if r["method"] == "tome" and "top1" in r and b32 in r["latency_ms"]]
     if tome and "top1" in base and b32 in base["latency_ms"]:
         speedups = {r["variant"]: base["latency_ms"][b32] / r["latency_ms"][b32] for r in tome}
-        fast = [r for r in tome if speedups[r["variant"]] >= MIN_TOME_SPEEDUP]
-        if not fast:
-            found.append({"check": f"a ToMe variant reaches ~1.3x {b32} speed-up (>= {MIN_TOME_SPEEDUP}x); "
-                                   f"fastest {max(speedups.values()):.2f}x: add larger --tome-r values",
-                          "value_pt": None, "pass": False})
-        else:  # the mildest reduction that reaches the speed-up
-            row = min(fast, key=lambda r: speedups[r["variant"]])
+        near = [r for r in tome if abs(speedups[r["variant"]] - 1.3) <= TOME_SPEEDUP_TOLERANCE]
+        if not near:
+            found.append({"check": f"a ToMe variant is 1.3 ± {TOME_SPEEDUP_TOLERANCE}x faster on {b32} (measured: "
+                                   + ", ".join(f"{v} {x:.2f}x" for v, x in speedups.items())
+                                   + "); try other --tome-r values", "value_pt": None, "pass": False})
+        else:
+            row = min(near, key=lambda r: abs(speedups[r["variant"]] - 1.3))
             drop = base["top1"] - row["top1"]
             found.append({"check": f"ToMe at ~1.3x {b32} speed-up ({row['variant']}: "
                                    f"{speedups[row['variant']]:.2f}x) loses <= 1 pt",
@@ -260,7 +276,8 @@ def markdown(report: dict) -> str:
         f"Weights: {report['checkpoint'] or 'random (latency and MACs only)'}. Threads: {report['threads']}. "
         f"CPU: {report['host'].get('cpu')}. {report['created']}.",
         "MACs: leanvit.profile.count_macs (batch 1). Latency: median ms per call (change against the "
-        f"baseline), leanvit's timing protocol. Lowest top-1 agreement of an export with eager PyTorch: "
+        f"baseline), all variants timed in alternating rounds. Lowest top-1 agreement of an export with "
+        f"eager PyTorch: "
         f"{min(a['top1'] for r in rows for a in r['agreement'].values()):.3f} "
         f"(on {min(a['images'] for r in rows for a in r['agreement'].values())} "
         f"{'evaluation' if report['eval'] else 'random'} images per export and batch size).",
