@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,9 +50,10 @@ def main() -> int:
     parser.add_argument("--manifest", type=Path, default=HERE / "checkpoints.json")
     parser.add_argument("--data", type=Path, default=Path("~/.cache/leanvit/cifar10/test").expanduser(),
                         help="the extracted test split (default: ~/.cache/leanvit/cifar10/test)")
-    parser.add_argument("--out", type=Path, default=Path("eval-checkpoints.json"))
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "eval-checkpoints.json")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))),
+                        help="JPEG decoding processes (default: the usable CPUs, at most 4)")
     args = parser.parse_args()
 
     entries = json.loads(args.manifest.read_text())
