@@ -88,7 +88,8 @@ def bench_model(entry: dict, args) -> dict:
 
     model, data_config = load(entry, args.model_kwargs)
     transform = build_transform(data_config)
-    calib = calibration_subset(open_dataset(args.calib, train=True, transform=transform), args.calib_images)
+    calib = open_dataset(args.calib, train=True, transform=transform)
+    calib = DecodedDataset(calibration_subset(calib, args.calib_images))  # read by leanvit and by NNCF
     evalset = open_dataset(args.data, transform=transform)
     if args.eval_images and args.eval_images < len(evalset):
         evalset = calibration_subset(evalset, args.eval_images, seed=1)

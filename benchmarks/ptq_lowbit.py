@@ -66,7 +66,8 @@ def main(argv=None) -> int:
         model, meta = model_from_checkpoint(entry["model"], HERE / entry["checkpoint"])
         model.eval()
         transform = build_transform(meta["data_config"])
-        calib = calibration_subset(open_dataset(args.calib, train=True, transform=transform), args.calib_images)
+        calib = open_dataset(args.calib, train=True, transform=transform)
+        calib = DecodedDataset(calibration_subset(calib, args.calib_images))  # read by every recipe
         evalset = open_dataset(args.data, transform=transform)
         if args.eval_images and args.eval_images < len(evalset):
             evalset = calibration_subset(evalset, args.eval_images, seed=1)
