@@ -192,7 +192,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--manifest", type=Path, help="JSON list of {model, checkpoint} (see eval_checkpoints.py)")
-    p.add_argument("--models", nargs="+", default=[], help="model names (random weights) instead of a manifest")
+    p.add_argument("--models", nargs="+", default=[],
+                   help="with --manifest: only these entries (by name); without: model names (random weights)")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="kwargs for timm.create_model (JSON)")
     p.add_argument("--data", default="cifar10-test500", help="evaluation data (default: the shipped subset)")
     p.add_argument("--calib", default="cifar10-test500", help="calibration data (its training split if any)")
@@ -211,9 +212,15 @@ def main(argv=None) -> int:
                    help="other QuantConfig fields for leanvit's model (JSON), e.g. '{\"quantize_depthwise\": true}'")
     p.add_argument("--out", type=Path, default=Path("results/ptq"))
     args = p.parse_args(argv)
-    entries = json.loads(args.manifest.read_text()) if args.manifest else [{"model": m} for m in args.models]
-    if not entries:
-        p.error("give --manifest or --models")
+    if args.manifest:
+        entries = [e for e in json.loads(args.manifest.read_text())
+                   if not args.models or e.get("name", e["model"]) in args.models]
+        if not entries:
+            p.error(f"{args.manifest} lists no checkpoints{' named ' + ', '.join(args.models) if args.models else ''}")
+    else:
+        entries = [{"model": m} for m in args.models]
+        if not entries:
+            p.error("give --manifest or --models")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*VNNI.*")  # the bits are the user's choice here
     rows = []
