@@ -51,6 +51,10 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     p.add_argument("--iters", type=int, default=500, help="reconstruction steps per block (hybrid recipe)")
     p.add_argument("--models", nargs="+", help="only these manifest entries (by name)")
+    p.add_argument("--quant-kwargs", type=json.loads, default={"quantize_depthwise": True},
+                   help="QuantConfig fields for every recipe (JSON); by default depthwise convs are quantized "
+                        "too: a simulated W4A4 model has every weight at 4 bits (leanvit keeps them float "
+                        "only where an engine's INT8 depthwise kernel is slower)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=HERE / "results" / "ptq-lowbit")
     args = p.parse_args(argv)
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
         for bits in args.bits:
             for recipe_name in args.recipes:
                 config = quant.QuantConfig.recipe(recipe_name, bits, attn_bits=quant.parse_bits(bits)[1],
-                                                  reconstruct_iters=args.iters)
+                                                  reconstruct_iters=args.iters, **args.quant_kwargs)
                 started = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # float layers are listed in the report instead
@@ -94,6 +98,7 @@ def main(argv=None) -> int:
                       f"quantize {seconds:.0f} s", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"host": host_info(), "threads": args.threads, "calib": args.calib, "data": args.data,
+              "quant_kwargs": args.quant_kwargs,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
     (args.out / "lowbit.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "lowbit.md").write_text(markdown(rows, args))
@@ -106,7 +111,8 @@ def markdown(rows: list[dict], args) -> str:
     lines = ["# Low-bit PTQ (simulation): min-max vs leanvit", "",
              f"Calibration: {rows[0]['calib_images']} images of {args.calib}; evaluation: {rows[0]['eval_images']} "
              f"images of {args.data}. Top-1 %, drop against FP32 in brackets. First and last layers at 8 bits, "
-             "attention matmuls quantized at the activation bit-width.", "",
+             "attention matmuls quantized at the activation bit-width. Every recipe also sets "
+             f"`{json.dumps(args.quant_kwargs)}`.", "",
              "| checkpoint | FP32 | bits | " + " | ".join(args.recipes) + " |",
              "|---|---|---|" + "---|" * len(args.recipes)]
     for (name, bits) in dict.fromkeys((r["checkpoint"], r["bits"]) for r in rows):
