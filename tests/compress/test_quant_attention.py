@@ -119,6 +119,39 @@ def test_quant_attention_with_quantizers_off_is_timm_attention(kwargs):
     assert type(qattn.to_float()) is Attention and set(qattn.to_float().state_dict()) == set(attn.state_dict())
 
 
+def test_efficientmod_attention_is_swapped_and_restored():
+    from leanvit.models.efficientmod import Attention as EfficientModAttention
+    torch.manual_seed(0)
+    attn = EfficientModAttention(32, num_heads=4).eval()  # head width 32 > 32 / 4: attn_dim 128
+    qattn = QuantAttention.from_float(attn, 8)
+    x = torch.randn(2, 10, 32)
+    with quantizers_disabled(qattn):
+        torch.testing.assert_close(qattn(x), attn(x), atol=1e-6, rtol=1e-5)  # unfused vs SDPA
+    own = {k for k in qattn.state_dict() if not k.split(".")[0].endswith("_quantizer")}
+    assert own == set(attn.state_dict()) and qattn.qkv.weight is attn.qkv.weight
+    restored = qattn.to_float()
+    assert type(restored) is EfficientModAttention and set(restored.state_dict()) == set(attn.state_dict())
+    assert not hasattr(restored, "scale") and dict(restored.named_children()).keys() == {"qkv", "proj"}
+    torch.testing.assert_close(restored(x), attn(x), atol=0, rtol=0)
+
+
+def test_efficientmod_attention_quantized_in_the_model(tmp_path):
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("efficientmod_xxs", num_classes=10, embed_dims=(8, 16, 24, 40), depths=(1, 1, 1, 1),
+                              attn_depths=(0, 0, 1, 1)).eval()
+    qmodel = quantize(model, torch.randn(16, 3, 64, 64), DEPLOY, progress=False)
+    names = [n for n, m in qmodel.named_modules() if isinstance(m, QuantAttention)]
+    assert len(names) == 2 and set(names) <= set(qmodel.quant_report.quantized)
+    assert not any("attention matmuls in float" in r for r in qmodel.quant_report.float_layers.values())
+    onnx_path = export(qmodel, tmp_path / "emod.onnx", engine="onnxruntime", example=torch.randn(1, 3, 64, 64))
+    layers = sum(1 for m in qmodel.modules() if hasattr(m, "weight_quantizer"))
+    assert onnx_int8_summary(onnx_path).int8 == layers + 2 * 2  # q@kT and attn@v of both attention blocks
+    ort = get_engine("onnxruntime", threads=1).load_onnx(onnx_path)
+    agreement = check_agreement(qmodel, ort, [torch.randn(1, 3, 64, 64) for _ in range(2)])
+    assert agreement.max_abs_err < 1e-3 * agreement.ref_scale
+
+
 @pytest.fixture(scope="module")
 def calib():
     torch.manual_seed(1)

@@ -7,9 +7,9 @@ the softmax output with the quantizer chosen by name (``SOFTMAX_QUANTIZERS``). W
 pair in the exported graph, which OpenVINO and ONNX Runtime run as INT8 matmuls; ``"log2"``,
 ``"sulq"`` and ``"twin"`` keep more accuracy at 3-4 bits but have no engine kernel (simulation only).
 
-Only exact ``Attention`` instances are swapped: a subclass with its own forward (token-reduction
-patches, zoo models' own attention) would lose its behaviour, so those keep float matmuls and are
-reported by :func:`swap_attention`.
+Swapped are exact ``Attention`` instances and the zoo's attention classes that compute the same
+thing (``TIMM_EQUIVALENT``); any other attention (token-reduction patches, attention with biases or
+cross tokens) would lose its behaviour, so it keeps float matmuls and :func:`swap_attention` reports it.
 """
 from __future__ import annotations
 
@@ -53,6 +53,18 @@ def _shell(cls: type[nn.Module], module: nn.Module, drop: tuple[str, ...] = ()) 
     return new
 
 
+def _timm_equivalent() -> dict[type[nn.Module], dict]:
+    """Attention classes that compute timm's ``Attention`` exactly, with the attributes they lack.
+
+    EfficientMod's attention is plain multi-head self-attention (no qkv bias, no norms) whose head
+    width may exceed ``dim / heads``; with these defaults :class:`QuantAttention`'s forward is its own.
+    """
+    from ...models.efficientmod import Attention as EfficientModAttention
+    return {EfficientModAttention: dict(fused_attn=False, q_norm=nn.Identity(), k_norm=nn.Identity(),
+                                        norm=nn.Identity(), attn_drop=nn.Identity(), proj_drop=nn.Identity(),
+                                        gate=None)}
+
+
 class QuantAttention(Attention):
     """timm ``Attention`` computed unfused, with quantized inputs to ``q @ kᵀ`` and ``softmax @ v``.
 
@@ -64,8 +76,17 @@ class QuantAttention(Attention):
 
     @classmethod
     def from_float(cls, attn: Attention, bits: int = 8, softmax: str = "uniform") -> QuantAttention:
-        """``attn`` with ``bits``-bit q, k, v and softmax output; shares its layers and parameters."""
+        """``attn`` with ``bits``-bit q, k, v and softmax output; shares its layers and parameters.
+
+        ``attn`` is a timm ``Attention`` or one of the classes in :func:`_timm_equivalent`."""
         q = _shell(cls, attn)
+        q._float_cls, q._added = type(attn), ()
+        if type(attn) is not Attention:
+            added = {**_timm_equivalent()[type(attn)], "scale": attn.head_dim ** -0.5,
+                     "attn_dim": attn.num_heads * attn.head_dim}
+            for name, value in added.items():
+                setattr(q, name, value)
+            q._added = tuple(added)
         signed = QScheme(bits, symmetric=True)
         q.q_quantizer = FakeQuantizer(signed, axis=-1, channels=1)
         q.k_quantizer = FakeQuantizer(signed, axis=-1, channels=1)
@@ -73,8 +94,12 @@ class QuantAttention(Attention):
         q.v_quantizer = FakeQuantizer(signed, axis=-1, channels=1)
         return q
 
-    def to_float(self) -> Attention:
-        return _shell(Attention, self, drop=self.QUANTIZERS)
+    def to_float(self) -> nn.Module:
+        """The float module this one was made from (same class, same layers and parameters)."""
+        float_attn = _shell(self._float_cls, self, drop=self.QUANTIZERS + self._added)
+        for name in self._added:  # the attributes from_float gave a timm-equivalent class
+            float_attn.__dict__.pop(name, None)
+        return float_attn
 
     def observe(self) -> None:
         """Start calibration: every quantizer records its input and passes it on unchanged."""
@@ -130,7 +155,8 @@ def swap_attention(model: nn.Module, bits: int, softmax: str = "uniform"
     """
     swapped, others = {}, []
     for name, module in list(model.named_modules()):
-        if isinstance(module, Attention) and type(module).forward is Attention.forward and name:
+        exact = isinstance(module, Attention) and type(module).forward is Attention.forward
+        if name and (exact or type(module) in _timm_equivalent()):
             swapped[name] = QuantAttention.from_float(module, bits, softmax)
             model.set_submodule(name, swapped[name])
         elif _is_attention(module) and not isinstance(module, QuantAttention):
