@@ -59,6 +59,9 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=Path("~/.cache/leanvit/cifar10/test").expanduser(),
                     help="the full CIFAR-10 JPEG test split (../shared/data/cifar10-jpeg.tar.gz, extracted)")
     ap.add_argument("--notes", default="", help="a paragraph for the card: the resolution/stem adaptation and why")
+    ap.add_argument("--resume-note", default="",
+                    help="a setting changed when the run was resumed (e.g. a shortened schedule): the card then "
+                         "says so instead of claiming the resumed run equals an uninterrupted one")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--weights", choices=("ema", "final"), default="ema",
                     help="ship the EMA weights (default, when the run kept an EMA) or the final weights, "
@@ -123,7 +126,9 @@ def main() -> int:
         "## Command", "",
         "Data: the CIFAR-10 JPEG train split (`../shared/data/cifar10-jpeg.tar.gz`, extracted to "
         "`~/.cache/leanvit/cifar10`). Checkpoints were written every epoch; the run resumed with "
-        "`--resume` after each interruption, which repeats exactly what an uninterrupted run computes.", "",
+        "`--resume` after each interruption, "
+        + (f"and one setting changed on a resume: {args.resume_note} The command below is the final "
+           "configuration." if args.resume_note else "which repeats exactly what an uninterrupted run computes."), "",
         "```", training_command(config), "```", "",
         "## Reproduce the accuracy", "",
         "```",
