@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from leanvit.bench import host_info
+from leanvit.bench.report import host_lines
 from leanvit.bench.timing import TimingBudget, time_alternating
 from leanvit.checkpoint import model_from_checkpoint
 from leanvit.compress import quant
@@ -147,17 +148,11 @@ def bench_model(entry: dict, args) -> dict:
     return row
 
 
-def _host_line() -> str:
-    host = host_info()
-    versions = ", ".join(f"{k} {v}" for k, v in host["versions"].items() if k != "leanvit")
-    return f"{host['cpu']} ({host['usable_cpus']} usable CPUs, {' '.join(host['cpu_flags']) or 'no AVX'}); {versions}"
-
-
-def render_markdown(rows: list[dict], args) -> str:
+def render_markdown(rows: list[dict], args, host: dict) -> str:
     lines = [f"# PTQ: FP32 vs leanvit {args.bits} ({args.recipe} recipe) vs NNCF (OpenVINO, batch 1, "
              f"{args.threads} threads)", "",
              f"Calibration: {args.calib} ({args.calib_images} images); evaluation: {args.data}.", "",
-             f"Host: {_host_line()}.", "",
+             "Host:", "", *host_lines(host), "",
              "| model | eval imgs | FP32 top-1 | leanvit sim | leanvit OV | sim/OV agree % | NNCF OV | "
              "FP32 ms | leanvit ms | NNCF ms | leanvit / NNCF | FP32 / leanvit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -237,12 +232,14 @@ def main(argv=None) -> int:
         rows.append(bench_model(entry, args))
         print(json.dumps(rows[-1]), file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"host": host_info(), "threads": args.threads, "bits": args.bits, "recipe": args.recipe,
+    host = host_info()
+    report = {"host": host, "threads": args.threads, "bits": args.bits, "recipe": args.recipe,
               "calib": args.calib, "data": args.data, "rows": rows}
     (args.out / "ptq.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "ptq.md").write_text(render_markdown(rows, args))
+    markdown = render_markdown(rows, args, host)
+    (args.out / "ptq.md").write_text(markdown)
     plot(rows, args.out / "ptq.png")
-    print(render_markdown(rows, args))
+    print(markdown)
     return 0
 
 

@@ -34,19 +34,25 @@ def _fmt(v, spec: str = ".2f", none: str = "–") -> str:
     return none if v is None else format(v, spec)
 
 
-def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, created: str) -> str:
+def host_lines(host: dict) -> list[str]:
+    """The markdown bullets that describe ``host`` (:func:`~leanvit.bench.host_info`) in every report."""
     versions = ", ".join(f"{k} {v}" for k, v in host.get("versions", {}).items())
+    return [
+        f"- CPU: {host.get('cpu')} ({host.get('usable_cpus')} usable of {host.get('logical_cpus')} logical CPUs)",
+        f"- CPU flags: {', '.join(host.get('cpu_flags', [])) or 'none of interest'}",
+        *([f"- GPU: {host['gpu']}"] if host.get("gpu") else []),
+        f"- OS: {host.get('os')}, Python {host.get('python')}",
+        f"- Versions: {versions}",
+    ]
+
+
+def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, created: str) -> str:
     eager = {(r.model, r.variant, r.batch): r.latency_ms_median for r in rows
              if r.engine == "eager" and r.precision == "f32" and not r.error}
     lines = [
         "# leanvit bench report", "",
         f"Created {created}. Every row was measured in this one run, one configuration after another.", "",
-        "## Host", "",
-        f"- CPU: {host.get('cpu')} ({host.get('usable_cpus')} usable of {host.get('logical_cpus')} logical CPUs)",
-        f"- CPU flags: {', '.join(host.get('cpu_flags', [])) or 'none of interest'}",
-        *( [f"- GPU: {host['gpu']}"] if host.get("gpu") else [] ),
-        f"- OS: {host.get('os')}, Python {host.get('python')}",
-        f"- Versions: {versions}", "",
+        "## Host", "", *host_lines(host), "",
         "## Settings", "",
         f"- batch {cfg.batch}, threads {cfg.threads}, weights: {'pretrained' if cfg.pretrained else 'random init (latency does not depend on weight values)'}",
         f"- protocol: warm-up ≥ {cfg.budget.warmup_s} s and ≥ {cfg.budget.warmup_iters} calls, then single calls timed "

@@ -8,7 +8,7 @@ pair in the exported graph, which OpenVINO and ONNX Runtime run as INT8 matmuls;
 ``"sulq"`` and ``"twin"`` keep more accuracy at 3-4 bits but have no engine kernel (simulation only).
 
 Swapped are exact ``Attention`` instances and the zoo's attention classes that compute the same
-thing (``TIMM_EQUIVALENT``); any other attention (token-reduction patches, attention with biases or
+thing (:func:`_timm_equivalent`); any other attention (token-reduction patches, attention with biases or
 cross tokens) would lose its behaviour, so it keeps float matmuls and :func:`swap_attention` reports it.
 """
 from __future__ import annotations
@@ -153,10 +153,10 @@ def swap_attention(model: nn.Module, bits: int, softmax: str = "uniform"
     Returns the swapped modules and ``{name: reason}`` for the attention modules left with float
     matmuls: any other module of an attention class (found by class name, innermost ones only).
     """
-    swapped, others = {}, []
+    swapped, others, equivalent = {}, [], _timm_equivalent().keys()
     for name, module in list(model.named_modules()):
         exact = isinstance(module, Attention) and type(module).forward is Attention.forward
-        if name and (exact or type(module) in _timm_equivalent()):
+        if name and (exact or type(module) in equivalent):
             swapped[name] = QuantAttention.from_float(module, bits, softmax)
             model.set_submodule(name, swapped[name])
         elif _is_attention(module) and not isinstance(module, QuantAttention):
