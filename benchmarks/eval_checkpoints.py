@@ -3,15 +3,9 @@
     python benchmarks/eval_checkpoints.py [--manifest benchmarks/checkpoints.json]
                                           [--data ~/.cache/leanvit/cifar10/test] [--out FILE]
 
-The manifest is a JSON list, one entry per checkpoint:
-
-    {"model": "deit_tiny_patch16_224", "checkpoint": "path/to/model.safetensors",
-     "top1": 91.23, "tolerance": 0.05}
-
-``checkpoint`` is relative to the manifest's folder; ``top1`` is the model card's accuracy (%)
-on the 10,000-image JPEG test split (``../shared/data/cifar10-jpeg.tar.gz``, extracted);
-``tolerance`` (points, default 0.05) allows for non-determinism across machines. Pre-processing
-comes from each checkpoint's metadata, exactly as ``leanvit eval`` does. Writes one JSON report
+The manifest (``benchmarks/manifest.py`` describes it) gives each checkpoint's model card accuracy on
+the 10,000-image JPEG test split (``../shared/data/cifar10-jpeg.tar.gz``, extracted) and a tolerance.
+Pre-processing comes from each checkpoint's metadata, exactly as ``leanvit eval`` does. Writes one JSON report
 and exits with status 1 if any checkpoint misses its card.
 """
 from __future__ import annotations
@@ -26,13 +20,14 @@ from leanvit.checkpoint import model_from_checkpoint
 from leanvit.data import build_transform, make_loader, open_dataset
 from leanvit.errors import LeanvitError
 from leanvit.evaluate import evaluate
+from manifest import DEFAULT as DEFAULT_MANIFEST, read_manifest
 
 HERE = Path(__file__).resolve().parent
 FULL_TEST_SPLIT = 10_000
 
 
-def check(entry: dict, root: Path, data: Path, batch_size: int, workers: int) -> dict:
-    model, meta = model_from_checkpoint(entry["model"], root / entry["checkpoint"])
+def check(entry: dict, data: Path, batch_size: int, workers: int) -> dict:
+    model, meta = model_from_checkpoint(entry["model"], entry.pop("path"))
     dataset = open_dataset(data, transform=build_transform(meta["data_config"]))
     if len(dataset) != FULL_TEST_SPLIT:
         raise LeanvitError(f"{data} has {len(dataset)} images; the model cards are for the full "
@@ -47,7 +42,7 @@ def check(entry: dict, root: Path, data: Path, batch_size: int, workers: int) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--manifest", type=Path, default=HERE / "checkpoints.json")
+    parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
     parser.add_argument("--data", type=Path, default=Path("~/.cache/leanvit/cifar10/test").expanduser(),
                         help="the extracted test split (default: ~/.cache/leanvit/cifar10/test)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "eval-checkpoints.json")
@@ -56,12 +51,12 @@ def main() -> int:
                         help="JPEG decoding processes (default: the usable CPUs, at most 4)")
     args = parser.parse_args()
 
-    entries = json.loads(args.manifest.read_text())
+    entries = read_manifest(args.manifest)
     if not entries:
         print(f"{args.manifest} lists no checkpoints; nothing to check.")
         return 0
     try:
-        rows = [check(e, args.manifest.parent, args.data, args.batch_size, args.workers) for e in entries]
+        rows = [check(e, args.data, args.batch_size, args.workers) for e in entries]
     except LeanvitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

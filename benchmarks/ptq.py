@@ -1,7 +1,7 @@
 """FP32 vs leanvit INT8 vs NNCF INT8 on the same models and calibration images: accuracy and OpenVINO latency.
 
     python benchmarks/ptq.py --manifest benchmarks/checkpoints.json --data DIR --calib DIR \\
-        [--calib-images 256] [--eval-images N] [--bits w8a8] [--threads 2] [--out results/ptq]
+        [--calib-images 256] [--eval-images N] [--bits w8a8] [--threads 2] [--out benchmarks/results/ptq]
     python benchmarks/ptq.py --models deit_tiny_patch16_224 --data cifar10-test500 --calib cifar10-test500 \\
         --model-kwargs '{"num_classes": 10}' --eval-images 64      # smoke run, random weights
 
@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,14 @@ from leanvit.data import (
 )
 from leanvit.deploy import export_onnx, get_engine
 from leanvit.models.registry import create_model
+from manifest import read_manifest
 
 HERE = Path(__file__).resolve().parent
 
 
 def load(entry: dict, model_kwargs: dict):
-    if entry.get("checkpoint"):
-        model, meta = model_from_checkpoint(entry["model"], HERE / entry["checkpoint"], **model_kwargs)
+    if entry.get("path"):
+        model, meta = model_from_checkpoint(entry["model"], entry["path"], **model_kwargs)
     else:
         model, meta = create_model(entry["model"], **model_kwargs), {}
     img_size = model_kwargs.get("img_size") if isinstance(model_kwargs.get("img_size"), int) else None
@@ -102,7 +104,7 @@ def bench_model(entry: dict, args) -> dict:
     x = torch.zeros(1, *data_config["input_size"])
     budget = TimingBudget(budget_s=args.budget_s)
     engine = get_engine("openvino", threads=args.threads, precision="f32")
-    row = {"model": entry["model"], "checkpoint": entry.get("checkpoint"), "calib_images": len(calib),
+    row = {"model": entry["model"], "checkpoint": entry.get("name"), "calib_images": len(calib),
            "eval_images": len(evalset), "bits": args.bits, "recipe": args.recipe,
            "quant_kwargs": args.quant_kwargs}
 
@@ -119,7 +121,7 @@ def bench_model(entry: dict, args) -> dict:
     with torch.inference_mode():
         sim_preds, _ = predictions(lambda b: qmodel(b).numpy(), make_loader(evalset, args.batch_size))
     row["leanvit_sim_top1"] = top1(sim_preds, labels)
-    row["leanvit_float_layers"] = list(qmodel.quant_report.float_compute_layers)
+    row["leanvit_float_layers"] = dict(qmodel.quant_report.float_layers)  # layer -> why it stays float
     xml = quant.export(qmodel, out / "leanvit_int8.xml", engine="openvino", example=x, dynamic_batch=False)
     lean = engine.load_model_file(xml)
     lean_preds, _ = predictions(lambda b: lean(b.numpy()), eval_one)
@@ -162,6 +164,10 @@ def render_markdown(rows: list[dict], args, host: dict) -> str:
             f"{r['leanvit_top1']:.2f} | {r['sim_engine_agreement']:.1f} | {r['nncf_top1']:.2f} | {r['fp32_ms']:.2f} | "
             f"{r['leanvit_ms']:.2f} | {r['nncf_ms']:.2f} | {r['leanvit_ms'] / r['nncf_ms']:.2f} | "
             f"{r['fp32_ms'] / r['leanvit_ms']:.2f} |")
+    lines += ["", "Layers leanvit leaves in float (reasons in ptq.json):", ""]
+    for r in rows:
+        kinds = Counter(reason.split(":")[0] for reason in r["leanvit_float_layers"].values())
+        lines.append(f"- {r['model']}: " + (", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) or "none"))
     for r in rows:
         if "op_ms" not in r:
             continue
@@ -213,13 +219,15 @@ def main(argv=None) -> int:
                    help="also OpenVINO's per-op timings of the three models: where the INT8 time goes")
     p.add_argument("--quant-kwargs", type=json.loads, default={},
                    help="other QuantConfig fields for leanvit's model (JSON), e.g. '{\"quantize_depthwise\": true}'")
-    p.add_argument("--out", type=Path, default=Path("results/ptq"))
+    p.add_argument("--out", type=Path, default=HERE / "results" / "ptq")
     args = p.parse_args(argv)
     if args.manifest:
-        entries = [e for e in json.loads(args.manifest.read_text())
-                   if not args.models or e.get("name", e["model"]) in args.models]
+        try:
+            entries = read_manifest(args.manifest, args.models)
+        except ValueError as e:
+            p.error(str(e))
         if not entries:
-            p.error(f"{args.manifest} lists no checkpoints{' named ' + ', '.join(args.models) if args.models else ''}")
+            p.error(f"{args.manifest} lists no checkpoints")
     else:
         entries = [{"model": m} for m in args.models]
         if not entries:

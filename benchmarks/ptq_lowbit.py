@@ -34,6 +34,7 @@ from leanvit.checkpoint import model_from_checkpoint
 from leanvit.compress import quant
 from leanvit.data import DecodedDataset, build_transform, calibration_subset, make_loader, open_dataset
 from leanvit.evaluate import evaluate
+from manifest import DEFAULT as DEFAULT_MANIFEST, read_manifest
 
 HERE = Path(__file__).resolve().parent
 RECIPES = ("minmax", "mse", "hybrid")  #: QuantConfig.recipe's names
@@ -41,7 +42,7 @@ RECIPES = ("minmax", "mse", "hybrid")  #: QuantConfig.recipe's names
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--manifest", type=Path, default=HERE / "checkpoints.json")
+    p.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
     p.add_argument("--data", default=str(Path("~/.cache/leanvit/cifar10/test").expanduser()))
     p.add_argument("--calib", default=str(Path("~/.cache/leanvit/cifar10").expanduser()),
                    help="calibration data (its training split when it has one)")
@@ -61,13 +62,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*VNNI.*")
 
-    entries = [e for e in json.loads(args.manifest.read_text())
-               if not args.models or e.get("name", e["model"]) in args.models]
+    try:
+        entries = read_manifest(args.manifest, args.models or ())
+    except ValueError as e:
+        p.error(str(e))
     if not entries:
-        p.error(f"{args.manifest} lists no checkpoints{' of ' + ', '.join(args.models) if args.models else ''}")
+        p.error(f"{args.manifest} lists no checkpoints")
     rows = []
     for entry in entries:
-        model, meta = model_from_checkpoint(entry["model"], HERE / entry["checkpoint"])
+        model, meta = model_from_checkpoint(entry["model"], entry["path"])
         model.eval()
         transform = build_transform(meta["data_config"])
         calib = open_dataset(args.calib, train=True, transform=transform)
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
         if args.eval_images and args.eval_images < len(evalset):
             evalset = calibration_subset(evalset, args.eval_images, seed=1)
         loader = make_loader(DecodedDataset(evalset), 100)  # decoded once, scored for every recipe
-        name = entry.get("name", entry["model"])
+        name = entry["name"]
         fp32 = evaluate(model, loader, progress=False).top1
         print(f"== {name}: FP32 {fp32:.2f} % on {len(evalset)} images", file=sys.stderr)
         for bits in args.bits:
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
                 rows.append({"checkpoint": name, "model": entry["model"], "bits": bits, "recipe": recipe_name,
                              "top1": top1, "fp32_top1": fp32, "drop": round(fp32 - top1, 2),
                              "quantize_s": round(seconds, 1), "calib_images": len(calib),
-                             "eval_images": len(evalset), "float_layers": list(qmodel.quant_report.float_compute_layers),
+                             "eval_images": len(evalset), "float_layers": dict(qmodel.quant_report.float_layers),
                              "reconstructed": qmodel.quant_report.reconstructed})
                 print(f"   {bits} {recipe_name:7} top-1 {top1:6.2f} (drop {fp32 - top1:+.2f}) "
                       f"quantize {seconds:.0f} s", file=sys.stderr)

@@ -1,0 +1,35 @@
+"""The manifest of shipped checkpoints (``benchmarks/checkpoints.json``) that every benchmark reads.
+
+A JSON list, one entry per checkpoint (``tools/release_checkpoint.py`` writes it):
+
+    {"name": "mobilevig_ti-cifar10", "model": "mobilevig_ti",
+     "checkpoint": "../src/leanvit/assets/checkpoints/mobilevig_ti-cifar10.safetensors",
+     "top1": 83.66, "tolerance": 0.1}
+
+``checkpoint`` is relative to the manifest's folder; ``top1`` is the model card's accuracy (%) on the
+full 10,000-image CIFAR-10 JPEG test split; ``tolerance`` (points, default 0.05) allows for
+non-determinism across machines.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DEFAULT = Path(__file__).resolve().parent / "checkpoints.json"
+
+
+def read_manifest(path: str | Path = DEFAULT, names=()) -> list[dict]:
+    """The manifest's entries (all, or those ``names`` picks, in the manifest's order), each with its
+    ``name`` filled in and ``path``, the checkpoint's absolute path. A name the manifest lacks is an error, not
+    a silently shorter benchmark."""
+    path = Path(path)
+    entries = json.loads(path.read_text())
+    for entry in entries:
+        entry.setdefault("name", entry["model"])
+        entry["path"] = (path.parent / entry["checkpoint"]).resolve()
+    known = [e["name"] for e in entries]
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ValueError(f"{path} has no checkpoint named {', '.join(missing)}; it lists: "
+                         f"{', '.join(known) or 'nothing'}")
+    return [e for e in entries if not names or e["name"] in names]
