@@ -124,3 +124,12 @@ def test_keep_rate_schedule_needs_evit(tmp_path):
                     tokens="tome:1", keep_rate_shrink_epochs=1))
     with pytest.raises(LeanvitError, match="token spec"):
         _config(tmp_path, "bad", tokens="evit0.7")
+
+
+def test_channels_last_changes_the_layout_not_the_result(tmp_path):
+    conv = dict(model="resnet10t", model_kwargs={}, img_size=32, epochs=1, max_steps_per_epoch=2, ema_decay=None)
+    plain = fit(_config(tmp_path, "plain", **conv))
+    nhwc = fit(_config(tmp_path, "nhwc", channels_last=True, **conv))
+    assert [s["loss"] for s in nhwc.steps] == pytest.approx([s["loss"] for s in plain.steps], rel=1e-4)
+    a, b = read_checkpoint(tmp_path / "plain")[0], read_checkpoint(tmp_path / "nhwc")[0]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)

@@ -90,8 +90,11 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     metadata = {"model": cfg.model, "model_kwargs": kwargs, "data_config": data_config, "classes": classes,
                 **({"tokens": cfg.tokens} if cfg.tokens else {})}
 
-    model.to(device)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device, memory_format=layout)
     teacher = _teacher(cfg, len(classes), data_config, device)
+    if teacher is not None:
+        teacher.to(memory_format=layout)
     if teacher is not None and hasattr(model, "set_distilled_training"):
         model.set_distilled_training(True)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
@@ -140,7 +143,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
                 break
             if batch is None:
                 raise LeanvitError("Every image of a training batch failed to decode; see the warnings above.")
-            x, y = (t.to(device, non_blocking=True) for t in batch)
+            x, y = batch[0].to(device, non_blocking=True, memory_format=layout), batch[1].to(device, non_blocking=True)
             if mixup:
                 even = len(x) // 2 * 2  # mixup pairs samples; a skipped corrupt image can leave one over
                 x, y = mixup(x[:even], y[:even])
