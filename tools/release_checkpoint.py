@@ -37,7 +37,7 @@ def training_command(config: dict) -> str:
     """The ``leanvit train`` command line that gives ``config`` (only the flags that differ from the defaults)."""
     parts = ["leanvit train", config["model"]]
     for f in fields(TrainConfig):
-        if f.name == "model":
+        if f.name == "model" or f.name not in config:  # a field newer than the run: it ran with the default
             continue
         value, flag = config.get(f.name), "--" + f.name.replace("_", "-")
         default = f.default_factory() if callable(f.default_factory) else f.default
