@@ -133,3 +133,13 @@ def test_channels_last_changes_the_layout_not_the_result(tmp_path):
     assert [s["loss"] for s in nhwc.steps] == pytest.approx([s["loss"] for s in plain.steps], rel=1e-4)
     a, b = read_checkpoint(tmp_path / "plain")[0], read_checkpoint(tmp_path / "nhwc")[0]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+def test_compiled_training_step_matches_eager(tmp_path):
+    """--compile only changes how the step runs: same losses, and checkpoints keep plain key names."""
+    short = dict(epochs=1, max_steps_per_epoch=2, ema_decay=None)
+    eager = fit(_config(tmp_path, "eager", **short))
+    compiled = fit(_config(tmp_path, "compiled", compile=True, **short))
+    assert [s["loss"] for s in compiled.steps] == pytest.approx([s["loss"] for s in eager.steps], rel=1e-4)
+    a, b = read_checkpoint(tmp_path / "eager")[0], read_checkpoint(tmp_path / "compiled")[0]
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)

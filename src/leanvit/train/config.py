@@ -70,6 +70,9 @@ class TrainConfig:
         "EViT: epochs of cosine decay from 1 to the target keep rate (official: 100; 0: the target "
         "from the start, as EViT's fine-tuning does)"))
     amp: bool = field(default=True, **_help("mixed precision on GPU (bf16, else fp16)"))
+    compile: bool = field(default=False, **_help(
+        "torch.compile (Inductor) the model's training step and the teacher: a few minutes of compiling per "
+        "start, then faster steps (1.4x on MobileViG-Ti at 64px on a 2-core CPU)"))
     channels_last: bool = field(default=False, **_help(
         "channels-last memory layout for the model and its inputs: faster convolutions with oneDNN on CPU "
         "and with tensor cores on GPU (same result, another layout)"))
@@ -82,7 +85,7 @@ class TrainConfig:
 
     #: Fields a resumed run may change without changing what it computes (epochs extends it).
     RESUMABLE_CHANGES = ("output", "resume", "workers", "progress", "epochs", "val_data", "val_labels",
-                         "channels_last")
+                         "channels_last", "compile")
 
     def __post_init__(self) -> None:
         if self.randaug in ("", "none"):

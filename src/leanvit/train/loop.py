@@ -101,6 +101,9 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     net = model if world == 1 else DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:  # model, EMA and checkpoints keep the plain module; only the calls go through Inductor
+        net = torch.compile(net)
+        teacher = torch.compile(teacher) if teacher is not None else None
 
     loader = make_loader(train_set, cfg.batch_size // world, train=True, seed=cfg.seed, workers=cfg.workers)
     steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
