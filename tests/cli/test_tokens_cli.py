@@ -32,6 +32,12 @@ def test_tome_table(capsys):
     assert "16 15 14 13 12 11 10 9 8 7 6 5" in out and "MACs" in out
 
 
+def test_tome_per_block_schedule(capsys):
+    code, out, _ = run_cli(capsys, "tokens", *TINY, "--method", "tome", "--r", "0,2,2,1", "--json")
+    assert code == 0
+    assert json.loads(out)["tokens_per_block"] == [17, 15, 13, 12, 12, 12, 12, 12, 12, 12, 12, 12]
+
+
 def test_diffrate_searches_on_calibration_images(capsys):
     code, out, _ = run_cli(capsys, "tokens", *TINY, "--method", "diffrate", "--target-gmacs", "0.05",
                            "--calib", "cifar10-test500", "--calib-images", "16", "--steps", "2", "--json")
@@ -43,6 +49,7 @@ def test_diffrate_searches_on_calibration_images(capsys):
 
 @pytest.mark.parametrize("argv,match", [
     (["--method", "tome", "--r", "9"], "ToMe r=9 is too large"),
+    (["--method", "tome", "--r", "1x"], "RxK"),
     (["--method", "evit", "--keep-rate", "1.5"], r"keep_rate must be in \(0, 1\]"),
     (["--method", "diffrate"], "needs --target-gmacs"),
     (["--method", "diffrate", "--target-gmacs", "0.2"], "calib"),

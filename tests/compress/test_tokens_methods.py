@@ -255,9 +255,11 @@ def test_from_spec():
     assert tokens.from_spec("ToMe:8") == tokens.ToMe(r=8)
     assert tokens.from_spec("diffrate:2.9").target_macs == pytest.approx(2.9e9)
     assert tokens.from_spec("evit:0.5", fuse=False).fuse is False
+    assert tokens.from_spec("tome:1x3") == tokens.ToMe(r=(1, 1, 1))
+    assert tokens.from_spec("tome:0,2,2,1") == tokens.ToMe(r=(0, 2, 2, 1))
 
 
-@pytest.mark.parametrize("spec,match", [("evt:0.7", "evit"), ("tome:8.5", "whole number"), ("evit", "Use evit")])
+@pytest.mark.parametrize("spec,match", [("evt:0.7", "evit"), ("tome:8.5", "expected R"), ("tome:1x", "RxK"), ("tome:1,a", "per block"), ("evit", "Use evit")])
 def test_bad_spec(spec, match):
     with pytest.raises(LeanvitError, match=match):
         tokens.from_spec(spec)

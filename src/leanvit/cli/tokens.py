@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--layers", type=_index_list, default=(3, 6, 9),
                    help="EViT: 0-based blocks that drop tokens (default 3,6,9)")
     p.add_argument("--no-fuse", action="store_true", help="EViT: drop tokens instead of fusing them into one")
-    p.add_argument("--r", type=int, default=8, help="ToMe: tokens merged per block (default 8)")
+    p.add_argument("--r", default="8",
+                   help="ToMe: tokens merged per block (default 8); 1x6 = 1 in the first six blocks; "
+                        "0,2,2,1 = one count per block")
     p.add_argument("--target-gmacs", type=float, help="DiffRate: target GMACs (required for diffrate)")
     p.add_argument("--calib", metavar="DATA", help="DiffRate: dataset whose training split the rates are searched on")
     p.add_argument("--calib-images", type=positive_int, default=256, help="DiffRate: images used (default 256)")
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "evit":
         method = tokens.EViT(keep_rate=args.keep_rate, fuse=not args.no_fuse, layers=args.layers)
     elif args.method == "tome":
-        method = tokens.ToMe(r=args.r)
+        method = tokens.ToMe(r=tokens.parse_r(args.r))
     elif args.target_gmacs is None:
         raise LeanvitError("--method diffrate needs --target-gmacs (e.g. 2.9).")
 

@@ -25,18 +25,19 @@ from ...errors import LeanvitError, close_matches
 from .diffrate import DiffRate
 from .evit import EViT, keep_rate_at, keep_rate_warmup
 from .patch import TokenMethod, applied, apply, check_plain_vit, remove, token_counts
-from .tome import ToMe
+from .tome import ToMe, parse_r
 
 METHODS = ("evit", "tome", "diffrate")
 
 __all__ = [
     "DiffRate", "EViT", "METHODS", "ToMe", "TokenMethod", "applied", "apply", "check_plain_vit", "from_spec",
-    "keep_rate_at", "keep_rate_warmup", "remove", "token_counts",
+    "keep_rate_at", "keep_rate_warmup", "parse_r", "remove", "token_counts",
 ]
 
 
 def from_spec(spec: str, **options: Any) -> TokenMethod:
-    """Parse ``"evit:0.7"`` (keep rate), ``"tome:8"`` (r) or ``"diffrate:2.9"`` (target GMACs).
+    """Parse ``"evit:0.7"`` (keep rate), ``"tome:8"`` (r; also ``tome:1x6``, ``tome:0,2,2,1``, see
+    :func:`parse_r`) or ``"diffrate:2.9"`` (target GMACs).
 
     ``options`` go to the method's constructor, e.g. ``from_spec("diffrate:2.9", calib=images)``
     or ``from_spec("evit:0.5", fuse=False)``.
@@ -50,13 +51,12 @@ def from_spec(spec: str, **options: Any) -> TokenMethod:
             + (f" (did you mean {hint[0]}?)" if hint else "")
             + ". Use evit:KEEP_RATE, tome:R or diffrate:GMACS, e.g. evit:0.7, tome:8, diffrate:2.9."
         )
+    if name == "tome":
+        return ToMe(r=parse_r(value), **options)
     try:
-        number = int(value) if name == "tome" else float(value)
+        number = float(value)
     except ValueError:
-        kind = "a whole number of tokens" if name == "tome" else "a number"
-        raise LeanvitError(f"Token spec '{spec}': expected {kind} after '{name}:', got '{value}'.") from None
+        raise LeanvitError(f"Token spec '{spec}': expected a number after '{name}:', got '{value}'.") from None
     if name == "evit":
         return EViT(keep_rate=number, **options)
-    if name == "tome":
-        return ToMe(r=number, **options)
     return DiffRate(target_macs=number * 1e9, **options)

@@ -75,6 +75,21 @@ class ToMe(TokenMethod):
         return r
 
 
+def parse_r(text: str) -> int | tuple[int, ...]:
+    """ToMe's ``r`` from text: ``"8"`` (every block), ``"1x6"`` (1 in each of the first six blocks)
+    or ``"0,2,2,1"`` (one count per block, the rest 0). Models with few tokens need a per-block
+    schedule: merging in the first block, before its keys are informative, costs the most accuracy."""
+    text = text.strip()
+    try:
+        if "," in text:
+            return tuple(int(v) for v in text.split(","))
+        r, sep, blocks = text.partition("x")
+        return (int(r),) * int(blocks) if sep else int(r)
+    except ValueError:
+        raise LeanvitError(f"ToMe r '{text}': expected R (e.g. 8), RxK (R in the first K blocks, e.g. 1x6) "
+                           "or one count per block (e.g. 0,2,2,1).") from None
+
+
 def _too_large(r: int, n: int, num_prefix: int, block: int | None, max_r: int | None = None) -> LeanvitError:
     where = f"block {block} has" if block is not None else "a block gets"
     hint = f" The largest r every block can take here is {max_r}." if max_r is not None else ""
