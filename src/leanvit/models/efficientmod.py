@@ -31,9 +31,12 @@ __all__ = ['EfficientMod']
 
 
 def _to_nchw(x: torch.Tensor) -> torch.Tensor:
-    """NHWC -> contiguous NCHW for a conv. Contiguous because torch.export cannot keep the batch
-    dimension dynamic through a conv whose input has channels-last strides (it fixes it to 1)."""
-    return x.permute(0, 3, 1, 2).contiguous()
+    """NHWC -> NCHW for a conv, as a view with channels-last strides, which oneDNN's channels-last
+    convolutions take without a copy. Under ``torch.export`` the view is made contiguous: export
+    cannot keep the batch dimension dynamic through a conv whose input has channels-last strides
+    (it fixes it to 1)."""
+    x = x.permute(0, 3, 1, 2)
+    return x.contiguous() if torch.compiler.is_exporting() else x
 
 
 class Stem(nn.Module):
