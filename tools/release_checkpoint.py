@@ -52,6 +52,38 @@ def training_command(config: dict) -> str:
     return " ".join(parts)
 
 
+def provenance(config: dict) -> str:
+    """How the weights came about: from scratch, or from ``--init-checkpoint``, with any teacher."""
+    how = (f"fine-tuned from `{config['init_checkpoint']}`" if config.get("init_checkpoint")
+           else "trained from scratch")
+    if config.get("teacher"):
+        how += (f" with DeiT {config.get('distill', 'hard')} distillation (alpha {config.get('distill_alpha')}) from "
+                f"`{config['teacher']}` (weights `{config.get('teacher_checkpoint') or 'timm pretrained'}`)")
+    return f"`{config['model']}` {how} on CIFAR-10 by `leanvit train`"
+
+
+def earlier_stage(config: dict) -> tuple[list[str], float]:
+    """The card section for the run that made ``--init-checkpoint`` (when its folder is a finished
+    ``leanvit train`` run), so both commands are on the card, and that run's training seconds."""
+    init = config.get("init_checkpoint")
+    run = Path(init).parent if init else None
+    last = latest_checkpoint(run) if run is not None and run.is_dir() else None
+    if last is None:
+        return [], 0.0
+    state = read_state(last)
+    log = state["epochs"]
+    seconds = sum(e.get("seconds", 0.0) for e in log)
+    ended = log[-1]
+    return [
+        "## Earlier stage", "",
+        f"The initial weights (`--init-checkpoint`, `{Path(init).name}`) come from this run: {len(log)} epochs, "
+        f"{seconds / 3600:.2f} h of training on {'; '.join(sorted({e['hardware'] for e in log if 'hardware' in e}))}, "
+        f"last epoch test500 top-1 {ended.get('top1', float('nan')):.1f} % "
+        f"(EMA {ended.get('ema_top1', float('nan')):.1f} %).", "",
+        "```", training_command(state["config"]), "```", "",
+    ], seconds
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="the --output folder of a finished leanvit train run")
@@ -105,9 +137,10 @@ def main() -> int:
     hardware = sorted({e["hardware"] for e in log if "hardware" in e})
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     input_size = meta["data_config"]["input_size"]
+    stage, stage_seconds = earlier_stage(config)
     card = "\n".join([
         f"# {args.name}", "",
-        f"`{config['model']}` trained from scratch on CIFAR-10 by `leanvit train`; "
+        f"{provenance(config)}; "
         f"{sum(t.numel() for t in tensors.values() if t.is_floating_point()) / 1e6:.2f} M parameters and buffers.", "",
         "| | |", "|---|---|",
         f"| test top-1 (full 10,000-image JPEG test split, this file) | **{result.top1:.2f} %** |",
@@ -119,7 +152,8 @@ def main() -> int:
         f"{size / 2**20:.1f} MB, sha256 `{sha[:16]}…` |",
         f"| epochs | {len(log)} ({state['step']} steps of {config['batch_size']} images) |",
         f"| wall time | {seconds / 3600:.2f} h of training (evaluation excluded)"
-        + (f"; {untimed} epochs untimed" if untimed else "") + " |",
+        + (f"; {untimed} epochs untimed" if untimed else "")
+        + (f"; {(seconds + stage_seconds) / 3600:.2f} h with the earlier stage" if stage else "") + " |",
         f"| hardware | {'; '.join(hardware) or 'not logged'} |",
         f"| final training loss | {log[-1]['loss']:.4f} |", "",
         "## Adaptation", "", args.notes or "-", "",
@@ -130,6 +164,7 @@ def main() -> int:
         + (f"and one setting changed on a resume: {args.resume_note} The command below is the final "
            "configuration." if args.resume_note else "which repeats exactly what an uninterrupted run computes."), "",
         "```", training_command(config), "```", "",
+        *stage,
         "## Reproduce the accuracy", "",
         "```",
         f"leanvit eval {config['model']} --checkpoint {args.name} --data ~/.cache/leanvit/cifar10/test",

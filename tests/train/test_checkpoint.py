@@ -125,6 +125,33 @@ def test_release_tool_writes_the_command_that_gives_the_runs_config():
     assert parsed == config
 
 
+def test_release_card_names_the_initial_weights_teacher_and_earlier_run(tmp_path):
+    """A second-stage run's card says what it started from and repeats the first stage's command."""
+    import importlib.util
+
+    from leanvit.train import TrainConfig
+    from leanvit.train.state import STATE_FILE
+
+    tool = Path(__file__).resolve().parents[2] / "tools" / "release_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("release_checkpoint", tool)
+    release = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(release)
+    first = TrainConfig(model="deit_tiny_patch16_224", data="/data/train", epochs=2, lr=1e-3).to_dict()
+    (tmp_path / "stage1" / "epoch-0001").mkdir(parents=True)
+    log = [{"epoch": i, "loss": 1.0, "seconds": 1800.0, "hardware": "cpu", "top1": 50.0 + i} for i in range(2)]
+    (tmp_path / "stage1" / "epoch-0001" / STATE_FILE).write_text(
+        json.dumps({"epoch": 1, "step": 10, "config": first, "epochs": log}))
+    second = TrainConfig(model="deit_tiny_patch16_224", data="/data/train", teacher="mobilevig_ti",
+                         teacher_checkpoint="mobilevig_ti-cifar10",
+                         init_checkpoint=str(tmp_path / "stage1" / "model.safetensors")).to_dict()
+
+    assert release.provenance(first).startswith("`deit_tiny_patch16_224` trained from scratch")
+    assert "fine-tuned from" in release.provenance(second) and "hard distillation" in release.provenance(second)
+    section, seconds = release.earlier_stage(second)
+    assert seconds == 3600.0 and release.training_command(first) in section
+    assert release.earlier_stage(first) == ([], 0.0)
+
+
 MANIFEST = Path(__file__).resolve().parents[2] / "benchmarks" / "checkpoints.json"
 
 
