@@ -62,6 +62,11 @@ def provenance(config: dict) -> str:
     return f"`{config['model']}` {how} on CIFAR-10 by `leanvit train`"
 
 
+def training_time(log: list[dict]) -> tuple[float, list[str]]:
+    """Training seconds summed over a run's epoch log, and the hardware it names."""
+    return sum(e.get("seconds", 0.0) for e in log), sorted({e["hardware"] for e in log if "hardware" in e})
+
+
 def earlier_stage(config: dict) -> tuple[list[str], float]:
     """The card section for the run that made ``--init-checkpoint`` (when its folder is a finished
     ``leanvit train`` run), so both commands are on the card, and that run's training seconds."""
@@ -72,12 +77,12 @@ def earlier_stage(config: dict) -> tuple[list[str], float]:
         return [], 0.0
     state = read_state(last)
     log = state["epochs"]
-    seconds = sum(e.get("seconds", 0.0) for e in log)
+    seconds, hardware = training_time(log)
     ended = log[-1]
     return [
         "## Earlier stage", "",
         f"The initial weights (`--init-checkpoint`, `{Path(init).name}`) come from this run: {len(log)} epochs, "
-        f"{seconds / 3600:.2f} h of training on {'; '.join(sorted({e['hardware'] for e in log if 'hardware' in e}))}, "
+        f"{seconds / 3600:.2f} h of training on {'; '.join(hardware) or 'hardware not logged'}, "
         f"last epoch test500 top-1 {ended.get('top1', float('nan')):.1f} % "
         f"(EMA {ended.get('ema_top1', float('nan')):.1f} %).", "",
         "```", training_command(state["config"]), "```", "",
@@ -132,9 +137,8 @@ def main() -> int:
         return 2
     result = evaluate(model, make_loader(dataset, args.batch_size))
 
-    seconds = sum(e.get("seconds", 0.0) for e in log)
+    seconds, hardware = training_time(log)
     untimed = sum("seconds" not in e for e in log)
-    hardware = sorted({e["hardware"] for e in log if "hardware" in e})
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     input_size = meta["data_config"]["input_size"]
     stage, stage_seconds = earlier_stage(config)

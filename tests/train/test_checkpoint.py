@@ -99,19 +99,25 @@ def test_shipped_checkpoints_load_by_name_in_half_precision(tmp_path, monkeypatc
         read_checkpoint("tiny-cifar100")
 
 
-def test_release_tool_writes_the_command_that_gives_the_runs_config():
-    """The model card's command, parsed by ``leanvit train``, is exactly the run's configuration."""
-    import argparse
+def _release_tool():
+    """``tools/release_checkpoint.py`` as a module (it is a script, not part of the package)."""
     import importlib.util
-    from pathlib import Path
-
-    from leanvit.cli.train import register
-    from leanvit.train import TrainConfig
 
     tool = Path(__file__).resolve().parents[2] / "tools" / "release_checkpoint.py"
     spec = importlib.util.spec_from_file_location("release_checkpoint", tool)
     release = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(release)
+    return release
+
+
+def test_release_tool_writes_the_command_that_gives_the_runs_config():
+    """The model card's command, parsed by ``leanvit train``, is exactly the run's configuration."""
+    import argparse
+
+    from leanvit.cli.train import register
+    from leanvit.train import TrainConfig
+
+    release = _release_tool()
     config = TrainConfig(model="deit_tiny_patch16_224", data="/data/train", model_kwargs={"img_size": 32},
                          epochs=30, lr=1e-3, mixup=0.0, randaug=None, crop_scale=0.35, ema_decay=0.9995,
                          amp=False, resume=True, workers=0).to_dict()
@@ -127,15 +133,10 @@ def test_release_tool_writes_the_command_that_gives_the_runs_config():
 
 def test_release_card_names_the_initial_weights_teacher_and_earlier_run(tmp_path):
     """A second-stage run's card says what it started from and repeats the first stage's command."""
-    import importlib.util
-
     from leanvit.train import TrainConfig
     from leanvit.train.state import STATE_FILE
 
-    tool = Path(__file__).resolve().parents[2] / "tools" / "release_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("release_checkpoint", tool)
-    release = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(release)
+    release = _release_tool()
     first = TrainConfig(model="deit_tiny_patch16_224", data="/data/train", epochs=2, lr=1e-3).to_dict()
     (tmp_path / "stage1" / "epoch-0001").mkdir(parents=True)
     log = [{"epoch": i, "loss": 1.0, "seconds": 1800.0, "hardware": "cpu", "top1": 50.0 + i} for i in range(2)]
