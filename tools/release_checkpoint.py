@@ -67,26 +67,39 @@ def training_time(log: list[dict]) -> tuple[float, list[str]]:
     return sum(e.get("seconds", 0.0) for e in log), sorted({e["hardware"] for e in log if "hardware" in e})
 
 
-def earlier_stage(config: dict) -> tuple[list[str], float]:
-    """The card section for the run that made ``--init-checkpoint`` (when its folder is a finished
-    ``leanvit train`` run), so both commands are on the card, and that run's training seconds."""
+def earlier_stages(config: dict) -> tuple[list[str], float]:
+    """The card section for the runs that made ``--init-checkpoint``, followed back as long as each
+    initial checkpoint's folder is a finished ``leanvit train`` run, oldest first, so every command
+    is on the card; and those runs' training seconds."""
+    stages, seconds = [], 0.0
     init = config.get("init_checkpoint")
-    run = Path(init).parent if init else None
-    last = latest_checkpoint(run) if run is not None and run.is_dir() else None
-    if last is None:
+    while init and init not in (stage[0] for stage in stages):  # a run is never its own ancestor
+        run = Path(init).parent
+        last = latest_checkpoint(run) if run.is_dir() else None
+        if last is None:
+            break
+        state = read_state(last)
+        log = state["epochs"]
+        run_seconds, hardware = training_time(log)
+        stages.insert(0, (init, state["config"], log, run_seconds, hardware))
+        seconds += run_seconds
+        init = state["config"].get("init_checkpoint")
+    if not stages:
         return [], 0.0
-    state = read_state(last)
-    log = state["epochs"]
-    seconds, hardware = training_time(log)
-    ended = log[-1]
-    return [
-        "## Earlier stage", "",
-        f"The initial weights (`--init-checkpoint`, `{Path(init).name}`) come from this run: {len(log)} epochs, "
-        f"{seconds / 3600:.2f} h of training on {'; '.join(hardware) or 'hardware not logged'}, "
-        f"last epoch test500 top-1 {ended.get('top1', float('nan')):.1f} % "
-        f"(EMA {ended.get('ema_top1', float('nan')):.1f} %).", "",
-        "```", training_command(state["config"]), "```", "",
-    ], seconds
+    lines = ["## Earlier stages" if len(stages) > 1 else "## Earlier stage", ""]
+    for i, (init, stage_config, log, run_seconds, hardware) in enumerate(stages, 1):
+        if len(stages) > 1:
+            lines += [f"### Stage {i} of {len(stages) + 1}", ""]
+        where = f"`{Path(init).parent.name}/{Path(init).name}`"
+        lines += [
+            (f"The initial weights (`--init-checkpoint`, {where}) come" if len(stages) == 1 else
+             f"The initial weights of stage {i + 1} ({where}) come") + f" from this run: {len(log)} epochs, "
+            f"{run_seconds / 3600:.2f} h of training on {'; '.join(hardware) or 'hardware not logged'}, "
+            f"last epoch test500 top-1 {log[-1].get('top1', float('nan')):.1f} % "
+            f"(EMA {log[-1].get('ema_top1', float('nan')):.1f} %).", "",
+            "```", training_command(stage_config), "```", "",
+        ]
+    return lines, seconds
 
 
 def main() -> int:
@@ -141,7 +154,7 @@ def main() -> int:
     untimed = sum("seconds" not in e for e in log)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     input_size = meta["data_config"]["input_size"]
-    stage, stage_seconds = earlier_stage(config)
+    stage, stage_seconds = earlier_stages(config)
     card = "\n".join([
         f"# {args.name}", "",
         f"{provenance(config)}; "
@@ -157,7 +170,7 @@ def main() -> int:
         f"| epochs | {len(log)} ({state['step']} steps of {config['batch_size']} images) |",
         f"| wall time | {seconds / 3600:.2f} h of training (evaluation excluded)"
         + (f"; {untimed} epochs untimed" if untimed else "")
-        + (f"; {(seconds + stage_seconds) / 3600:.2f} h with the earlier stage" if stage else "") + " |",
+        + (f"; {(seconds + stage_seconds) / 3600:.2f} h with the earlier stages" if stage else "") + " |",
         f"| hardware | {'; '.join(hardware) or 'not logged'} |",
         f"| final training loss | {log[-1]['loss']:.4f} |", "",
         "## Adaptation", "", args.notes or "-", "",

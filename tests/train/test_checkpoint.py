@@ -131,26 +131,36 @@ def test_release_tool_writes_the_command_that_gives_the_runs_config():
     assert parsed == config
 
 
-def test_release_card_names_the_initial_weights_teacher_and_earlier_run(tmp_path):
-    """A second-stage run's card says what it started from and repeats the first stage's command."""
+def test_release_card_names_the_initial_weights_teacher_and_earlier_runs(tmp_path):
+    """A later-stage run's card says what it started from and repeats every earlier stage's command."""
     from leanvit.train import TrainConfig
     from leanvit.train.state import STATE_FILE
 
     release = _release_tool()
+
+    def finished(name, config, hours):
+        (tmp_path / name / "epoch-0001").mkdir(parents=True)
+        log = [{"epoch": i, "loss": 1.0, "seconds": hours * 1800.0, "hardware": "cpu", "top1": 50.0 + i}
+               for i in range(2)]
+        (tmp_path / name / "epoch-0001" / STATE_FILE).write_text(
+            json.dumps({"epoch": 1, "step": 10, "config": config, "epochs": log}))
+        return str(tmp_path / name / "model.safetensors")
+
     first = TrainConfig(model="deit_tiny_patch16_224", data="/data/train", epochs=2, lr=1e-3).to_dict()
-    (tmp_path / "stage1" / "epoch-0001").mkdir(parents=True)
-    log = [{"epoch": i, "loss": 1.0, "seconds": 1800.0, "hardware": "cpu", "top1": 50.0 + i} for i in range(2)]
-    (tmp_path / "stage1" / "epoch-0001" / STATE_FILE).write_text(
-        json.dumps({"epoch": 1, "step": 10, "config": first, "epochs": log}))
     second = TrainConfig(model="deit_tiny_patch16_224", data="/data/train", teacher="mobilevig_ti",
-                         teacher_checkpoint="mobilevig_ti-cifar10",
-                         init_checkpoint=str(tmp_path / "stage1" / "model.safetensors")).to_dict()
+                         teacher_checkpoint="mobilevig_ti-cifar10", init_checkpoint=finished("stage1", first, 1),
+                         epochs=2).to_dict()
+    third = TrainConfig(model="deit_tiny_patch16_224", data="/data/train", model_kwargs={"img_size": 64},
+                        init_checkpoint=finished("stage2", second, 2)).to_dict()
 
     assert release.provenance(first).startswith("`deit_tiny_patch16_224` trained from scratch")
     assert "fine-tuned from" in release.provenance(second) and "hard distillation" in release.provenance(second)
-    section, seconds = release.earlier_stage(second)
-    assert seconds == 3600.0 and release.training_command(first) in section
-    assert release.earlier_stage(first) == ([], 0.0)
+    section, seconds = release.earlier_stages(second)
+    assert seconds == 3600.0 and release.training_command(first) in section and "## Earlier stage" in section
+    section, seconds = release.earlier_stages(third)
+    assert seconds == 3 * 3600.0 and "### Stage 1 of 3" in section and "### Stage 2 of 3" in section
+    assert section.index(release.training_command(first)) < section.index(release.training_command(second))
+    assert release.earlier_stages(first) == ([], 0.0)
 
 
 MANIFEST = Path(__file__).resolve().parents[2] / "benchmarks" / "checkpoints.json"
