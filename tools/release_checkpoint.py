@@ -71,33 +71,32 @@ def earlier_stages(config: dict) -> tuple[list[str], float]:
     """The card section for the runs that made ``--init-checkpoint``, followed back as long as each
     initial checkpoint's folder is a finished ``leanvit train`` run, oldest first, so every command
     is on the card; and those runs' training seconds."""
-    stages, seconds = [], 0.0
+    chain = []  # (init checkpoint, state of the run that wrote it), oldest first
     init = config.get("init_checkpoint")
-    while init and init not in (stage[0] for stage in stages):  # a run is never its own ancestor
+    while init and init not in (path for path, _ in chain):  # a run is never its own ancestor
         run = Path(init).parent
         last = latest_checkpoint(run) if run.is_dir() else None
         if last is None:
             break
-        state = read_state(last)
+        chain.insert(0, (init, read_state(last)))
+        init = chain[0][1]["config"].get("init_checkpoint")
+    if not chain:
+        return [], 0.0
+    lines, seconds = ["## Earlier stages" if len(chain) > 1 else "## Earlier stage", ""], 0.0
+    for i, (init, state) in enumerate(chain, 1):
         log = state["epochs"]
         run_seconds, hardware = training_time(log)
-        stages.insert(0, (init, state["config"], log, run_seconds, hardware))
         seconds += run_seconds
-        init = state["config"].get("init_checkpoint")
-    if not stages:
-        return [], 0.0
-    lines = ["## Earlier stages" if len(stages) > 1 else "## Earlier stage", ""]
-    for i, (init, stage_config, log, run_seconds, hardware) in enumerate(stages, 1):
-        if len(stages) > 1:
-            lines += [f"### Stage {i} of {len(stages) + 1}", ""]
+        if len(chain) > 1:
+            lines += [f"### Stage {i} of {len(chain) + 1}", ""]
         where = f"`{Path(init).parent.name}/{Path(init).name}`"
         lines += [
-            (f"The initial weights (`--init-checkpoint`, {where}) come" if len(stages) == 1 else
+            (f"The initial weights (`--init-checkpoint`, {where}) come" if len(chain) == 1 else
              f"The initial weights of stage {i + 1} ({where}) come") + f" from this run: {len(log)} epochs, "
             f"{run_seconds / 3600:.2f} h of training on {'; '.join(hardware) or 'hardware not logged'}, "
             f"last epoch test500 top-1 {log[-1].get('top1', float('nan')):.1f} % "
             f"(EMA {log[-1].get('ema_top1', float('nan')):.1f} %).", "",
-            "```", training_command(stage_config), "```", "",
+            "```", training_command(state["config"]), "```", "",
         ]
     return lines, seconds
 
