@@ -67,6 +67,15 @@ def training_time(log: list[dict]) -> tuple[float, list[str]]:
     return sum(e.get("seconds", 0.0) for e in log), sorted({e["hardware"] for e in log if "hardware" in e})
 
 
+def resume_changes(state: dict, note: str = "") -> str:
+    """What a run's resumes changed (recorded by ``leanvit train --resume`` in ``changes``), plus ``note``
+    for what the state does not hold (runs from before the record existed): '' when nothing changed."""
+    said = [f"from epoch {c['epoch']}, " + ", ".join(f"`{k}` {old!r} → {new!r}" for k, (old, new)
+                                                    in c["changes"].items())
+            for c in state.get("changes", [])]
+    return "; ".join(said + ([note.rstrip(".")] if note else []))
+
+
 def earlier_stages(config: dict) -> tuple[list[str], float]:
     """The card section for the runs that made ``--init-checkpoint``, followed back as long as each
     initial checkpoint's folder is a finished ``leanvit train`` run, oldest first, so every command
@@ -95,7 +104,8 @@ def earlier_stages(config: dict) -> tuple[list[str], float]:
              f"The initial weights of stage {i + 1} ({where}) come") + f" from this run: {len(log)} epochs, "
             f"{run_seconds / 3600:.2f} h of training on {'; '.join(hardware) or 'hardware not logged'}, "
             f"last epoch test500 top-1 {log[-1].get('top1', float('nan')):.1f} % "
-            f"(EMA {log[-1].get('ema_top1', float('nan')):.1f} %).", "",
+            f"(EMA {log[-1].get('ema_top1', float('nan')):.1f} %)."
+            + (f" Settings changed on a resume: {changed}." if (changed := resume_changes(state)) else ""), "",
             "```", training_command(state["config"]), "```", "",
         ]
     return lines, seconds
@@ -109,8 +119,9 @@ def main() -> int:
                     help="the full CIFAR-10 JPEG test split (../shared/data/cifar10-jpeg.tar.gz, extracted)")
     ap.add_argument("--notes", default="", help="a paragraph for the card: the resolution/stem adaptation and why")
     ap.add_argument("--resume-note", default="",
-                    help="a setting changed when the run was resumed (e.g. a shortened schedule): the card then "
-                         "says so instead of claiming the resumed run equals an uninterrupted one")
+                    help="a setting changed on a resume that the run's state does not record (runs from before "
+                         "leanvit train recorded them): the card then says so instead of claiming the resumed "
+                         "run equals an uninterrupted one")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--weights", choices=("ema", "final"), default="ema",
                     help="ship the EMA weights (default, when the run kept an EMA) or the final weights, "
@@ -177,8 +188,9 @@ def main() -> int:
         "Data: the CIFAR-10 JPEG train split (`../shared/data/cifar10-jpeg.tar.gz`, extracted to "
         "`~/.cache/leanvit/cifar10`). Checkpoints were written every epoch; the run resumed with "
         "`--resume` after each interruption, "
-        + (f"and one setting changed on a resume: {args.resume_note} The command below is the final "
-           "configuration." if args.resume_note else "which repeats exactly what an uninterrupted run computes."), "",
+        + (f"and settings changed on a resume: {changed}. The command below is the final configuration."
+           if (changed := resume_changes(state, args.resume_note))
+           else "which repeats exactly what an uninterrupted run computes."), "",
         "```", training_command(config), "```", "",
         *stage,
         "## Reproduce the accuracy", "",

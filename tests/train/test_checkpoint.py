@@ -163,6 +163,15 @@ def test_release_card_names_the_initial_weights_teacher_and_earlier_runs(tmp_pat
     assert release.earlier_stages(first) == ([], 0.0)
 
 
+def test_release_card_says_what_a_resume_changed():
+    release = _release_tool()
+    state = {"changes": [{"epoch": 6, "changes": {"epochs": [20, 18]}},
+                         {"epoch": 8, "changes": {"compile": [False, True]}}]}
+    assert release.resume_changes(state) == "from epoch 6, `epochs` 20 → 18; from epoch 8, `compile` False → True"
+    assert release.resume_changes({}, "lr restarted.") == "lr restarted"
+    assert release.resume_changes({"changes": []}) == ""
+
+
 MANIFEST = Path(__file__).resolve().parents[2] / "benchmarks" / "checkpoints.json"
 
 

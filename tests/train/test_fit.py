@@ -59,6 +59,18 @@ def test_resume_refuses_other_settings_and_overwriting(tmp_path):
         fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=1, lr=2e-3, resume=True))
 
 
+def test_resume_records_the_settings_it_changed(tmp_path):
+    """A resume that extends the schedule is kept in the run's state, so its card can say so."""
+    fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1))
+    fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=1, workers=1, resume=True))
+    state = json.loads((tmp_path / "run" / "epoch-0001" / "state.json").read_text())
+    assert state["changes"] == [{"epoch": 1, "changes": {"epochs": [1, 2]}}]  # workers is bookkeeping
+    fit(_config(tmp_path, "run", epochs=3, max_steps_per_epoch=1, resume=True))
+    state = json.loads((tmp_path / "run" / "epoch-0002" / "state.json").read_text())
+    assert state["changes"] == [{"epoch": 1, "changes": {"epochs": [1, 2]}},
+                                {"epoch": 2, "changes": {"epochs": [2, 3]}}]
+
+
 def test_distillation_from_a_checkpointed_teacher(tmp_path, monkeypatch):
     teacher, _ = _teacher(tmp_path)
     heads = []

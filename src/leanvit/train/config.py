@@ -86,6 +86,9 @@ class TrainConfig:
     #: Fields a resumed run may change without changing what it computes (epochs extends it).
     RESUMABLE_CHANGES = ("output", "resume", "workers", "progress", "epochs", "val_data", "val_labels",
                          "channels_last", "compile")
+    #: Of those, the ones that say where and how a run was carried out, not what it trained: a resume
+    #: that changes any other one is recorded in the run's state (``changes``) for its model card.
+    BOOKKEEPING = ("output", "resume", "workers", "progress")
 
     def __post_init__(self) -> None:
         if self.randaug in ("", "none"):

@@ -118,7 +118,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     val_loader = _val_loader(cfg, data_config, classes) if main and cfg.val_data else None
 
-    start_epoch, step, steps_log, epochs_log = 0, 0, [], []
+    start_epoch, step, steps_log, epochs_log, changes = 0, 0, [], [], []
     last = latest_checkpoint(output)
     if last is not None and not cfg.resume:
         raise LeanvitError(f"{output} already holds a run ({last.name}). Pass --resume to continue it, "
@@ -130,6 +130,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         start_epoch, step, epochs_log = state["epoch"] + 1, state["step"], state["epochs"]
+        changes = state.get("changes", []) + _resume_changes(state["config"], cfg, start_epoch)
         if main:
             print(f"resumed from {last} (epoch {start_epoch} of {cfg.epochs})", file=sys.stderr)
     if world > 1:
@@ -182,7 +183,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
                 summary.update(_validate(model, ema, val_loader, device, show))
             save_training_state(output, epoch, model=model, metadata=metadata, optimizer=optimizer, ema=ema,
                                 state={"step": step, "config": cfg.to_dict(), "scaler": scaler.state_dict(),
-                                       "epochs": epochs_log})
+                                       "epochs": epochs_log, "changes": changes})
             print(json.dumps(summary), file=sys.stderr)
         if world > 1:
             dist.barrier()
@@ -302,6 +303,15 @@ def _check_ranks_agree(start_epoch: int, device: torch.device) -> None:
     if lo.item() != hi.item():
         raise LeanvitError(f"The processes found different checkpoints in --output (epochs {lo.item()} to "
                            f"{hi.item()}). Put --output on a filesystem that every node shares.")
+
+
+def _resume_changes(saved: dict, cfg: TrainConfig, epoch: int) -> list[dict]:
+    """The allowed setting changes of this resume (e.g. a longer schedule), as ``[{"epoch", "changes":
+    {field: [old, new]}}]``, so the run's card can say that it is not one uninterrupted command."""
+    now = cfg.to_dict()
+    changed = {k: [saved.get(k), now[k]] for k in TrainConfig.RESUMABLE_CHANGES
+               if k not in TrainConfig.BOOKKEEPING and saved.get(k) != now[k]}
+    return [{"epoch": epoch, "changes": changed}] if changed else []
 
 
 def _check_same_run(saved: dict, cfg: TrainConfig) -> None:
