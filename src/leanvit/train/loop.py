@@ -125,12 +125,11 @@ def _fit(cfg: TrainConfig) -> TrainResult:
                            "or choose another --output.")
     if last is not None:
         state = read_state(last)
-        _check_same_run(state["config"], cfg)
+        changes = state.get("changes", []) + _resume_changes(state["config"], cfg, state["epoch"] + 1)
         load_training_state(last, state, model=model, optimizer=optimizer, ema=ema)
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         start_epoch, step, epochs_log = state["epoch"] + 1, state["step"], state["epochs"]
-        changes = state.get("changes", []) + _resume_changes(state["config"], cfg, start_epoch)
         if main:
             print(f"resumed from {last} (epoch {start_epoch} of {cfg.epochs})", file=sys.stderr)
     if world > 1:
@@ -306,20 +305,16 @@ def _check_ranks_agree(start_epoch: int, device: torch.device) -> None:
 
 
 def _resume_changes(saved: dict, cfg: TrainConfig, epoch: int) -> list[dict]:
-    """The allowed setting changes of this resume (e.g. a longer schedule), as ``[{"epoch", "changes":
-    {field: [old, new]}}]``, so the run's card can say that it is not one uninterrupted command."""
-    now = cfg.to_dict()
-    changed = {k: [saved.get(k), now[k]] for k in TrainConfig.RESUMABLE_CHANGES
-               if k not in TrainConfig.BOOKKEEPING and saved.get(k) != now[k]}
-    return [{"epoch": epoch, "changes": changed}] if changed else []
-
-
-def _check_same_run(saved: dict, cfg: TrainConfig) -> None:
-    changed = sorted(k for k, v in cfg.to_dict().items()
-                     if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != v)
-    if changed:
+    """Refuse a resume that changes what the run computes; return the allowed changes it makes (e.g. a
+    longer schedule) as ``[{"epoch", "changes": {field: [old, new]}}]``, bookkeeping left out, so the
+    run's card can say that it is not one uninterrupted command."""
+    changed = {k: [saved.get(k), v] for k, v in cfg.to_dict().items() if saved.get(k) != v}
+    refused = sorted(k for k in changed if k not in TrainConfig.RESUMABLE_CHANGES)
+    if refused:
         raise LeanvitError(
             "Cannot resume: the run in --output was started with different settings ("
-            + ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+            + ", ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
             + "). Use the original settings or another --output."
         )
+    kept = {k: v for k, v in changed.items() if k not in TrainConfig.BOOKKEEPING}
+    return [{"epoch": epoch, "changes": kept}] if kept else []
