@@ -12,7 +12,6 @@ re-checks it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -20,7 +19,8 @@ from dataclasses import fields
 from pathlib import Path
 
 
-from leanvit.checkpoint import SHIPPED_DIR, WEIGHTS_FILE, model_from_checkpoint, read_checkpoint, save_weights
+from leanvit.checkpoint import (SHIPPED_DIR, WEIGHTS_FILE, checkpoint_sha256, model_from_checkpoint, read_checkpoint,
+                                save_weights)
 from leanvit.data import build_transform, make_loader, open_dataset
 from leanvit.evaluate import evaluate
 from leanvit.train import TrainConfig
@@ -52,13 +52,18 @@ def training_command(config: dict) -> str:
     return " ".join(parts)
 
 
-def provenance(config: dict) -> str:
-    """How the weights came about: from scratch, or from ``--init-checkpoint``, with any teacher."""
-    how = (f"fine-tuned from `{config['init_checkpoint']}`" if config.get("init_checkpoint")
-           else "trained from scratch")
+def provenance(config: dict, inputs: dict | None = None) -> str:
+    """How the weights came about: from scratch, or from ``--init-checkpoint``, with any teacher; each weights
+    file named with the sha256 the run recorded (``inputs``), since a shipped name may later mean other weights."""
+    def weights(key: str) -> str:
+        sha = (inputs or {}).get(key, {}).get("sha256")
+        return f"`{config[key]}`" + (f" (sha256 `{sha[:16]}…`)" if sha else "")
+
+    how = f"fine-tuned from {weights('init_checkpoint')}" if config.get("init_checkpoint") else "trained from scratch"
     if config.get("teacher"):
         how += (f" with DeiT {config.get('distill', 'hard')} distillation (alpha {config.get('distill_alpha')}) from "
-                f"`{config['teacher']}` (weights `{config.get('teacher_checkpoint') or 'timm pretrained'}`)")
+                f"`{config['teacher']}` (weights "
+                + (weights("teacher_checkpoint") if config.get("teacher_checkpoint") else "`timm pretrained`") + ")")
     return f"`{config['model']}` {how} on CIFAR-10 by `leanvit train`"
 
 
@@ -162,12 +167,12 @@ def main() -> int:
 
     seconds, hardware = training_time(log)
     untimed = sum("seconds" not in e for e in log)
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    sha = checkpoint_sha256(path)
     input_size = meta["data_config"]["input_size"]
     stage, stage_seconds = earlier_stages(config)
     card = "\n".join([
         f"# {args.name}", "",
-        f"{provenance(config)}; "
+        f"{provenance(config, state.get('inputs'))}; "
         f"{sum(t.numel() for t in tensors.values() if t.is_floating_point()) / 1e6:.2f} M parameters and buffers.", "",
         "| | |", "|---|---|",
         f"| test top-1 (full 10,000-image JPEG test split, this file) | **{result.top1:.2f} %** |",

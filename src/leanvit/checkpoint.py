@@ -8,6 +8,7 @@ the model family's ``checkpoint_filter_fn`` for the official key names).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -44,12 +45,8 @@ def shipped_checkpoints() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.safetensors"))}
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The state dict in ``path`` and leanvit's metadata (empty for foreign checkpoints).
-
-    A folder stands for the ``model.safetensors`` that ``leanvit train`` writes into it; the name of
-    a shipped checkpoint (:func:`shipped_checkpoints`) for that file.
-    """
+def checkpoint_file(path: str | Path) -> Path:
+    """The weights file ``path`` names: itself, a run folder's ``model.safetensors``, or a shipped checkpoint."""
     path = Path(path).expanduser()
     if not path.exists() and str(path) in shipped_checkpoints():
         path = shipped_checkpoints()[str(path)]
@@ -58,6 +55,22 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.is_file():
         shipped = ", ".join(shipped_checkpoints()) or "none yet"
         raise LeanvitError(f"Checkpoint {path} does not exist (the shipped checkpoints, usable by name: {shipped}).")
+    return path
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """The sha256 of the weights file ``path`` names: what identifies it once a name or file is reused."""
+    with open(checkpoint_file(path), "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state dict in ``path`` and leanvit's metadata (empty for foreign checkpoints).
+
+    A folder stands for the ``model.safetensors`` that ``leanvit train`` writes into it; the name of
+    a shipped checkpoint (:func:`shipped_checkpoints`) for that file.
+    """
+    path = checkpoint_file(path)
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:

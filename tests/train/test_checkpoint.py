@@ -155,6 +155,8 @@ def test_release_card_names_the_initial_weights_teacher_and_earlier_runs(tmp_pat
 
     assert release.provenance(first).startswith("`deit_tiny_patch16_224` trained from scratch")
     assert "fine-tuned from" in release.provenance(second) and "hard distillation" in release.provenance(second)
+    pinned = release.provenance(second, {"teacher_checkpoint": {"file": "/x.safetensors", "sha256": "ab" * 32}})
+    assert "(weights `mobilevig_ti-cifar10` (sha256 `abababababababab…`))" in pinned
     section, seconds = release.earlier_stages(second)
     assert seconds == 3600.0 and release.training_command(first) in section and "## Earlier stage" in section
     section, seconds = release.earlier_stages(third)

@@ -91,6 +91,30 @@ def test_distillation_from_a_checkpointed_teacher(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "kd" / "epoch-0000" / "state.json").read_text())["step"] == 2
 
 
+def test_run_records_its_teachers_file_and_refuses_another_on_resume(tmp_path):
+    """A teacher named by a (reusable) name or path is pinned by its sha256: a resume after the file was
+    replaced would distil from other weights, so it is refused."""
+    import hashlib
+
+    import timm
+
+    path, _ = _teacher(tmp_path)
+    kd = dict(epochs=1, max_steps_per_epoch=1, teacher="deit_tiny_patch16_224", teacher_checkpoint=str(path),
+              mixup=0, cutmix=0)
+    fit(_config(tmp_path, "kd", **kd))
+    inputs = json.loads((tmp_path / "kd" / "epoch-0000" / "state.json").read_text())["inputs"]
+    assert inputs == {"teacher_checkpoint": {"file": str(path.resolve()),
+                                             "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}}
+    fit(_config(tmp_path, "kd", **{**kd, "epochs": 2}, resume=True))  # same file: resumes, record kept
+    assert json.loads((tmp_path / "kd" / "epoch-0001" / "state.json").read_text())["inputs"] == inputs
+
+    kwargs = {**TINY, "num_classes": 10}
+    save_weights(path, timm.create_model("deit_tiny_patch16_224", **kwargs).state_dict(),
+                 {"model": "deit_tiny_patch16_224", "model_kwargs": kwargs})  # same name, other weights
+    with pytest.raises(LeanvitError, match="--teacher-checkpoint .* is not the file the run started with"):
+        fit(_config(tmp_path, "kd", **{**kd, "epochs": 3}, resume=True))
+
+
 def test_teacher_for_other_classes_is_refused(tmp_path):
     _, path = _teacher(tmp_path, num_classes=3)
     with pytest.raises(LeanvitError, match="teacher deit_tiny_patch16_224 has 3 classes"):

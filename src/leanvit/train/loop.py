@@ -28,7 +28,8 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..checkpoint import WEIGHTS_FILE, load_weights, model_from_checkpoint, save_weights
+from ..checkpoint import (WEIGHTS_FILE, checkpoint_file, checkpoint_sha256, load_weights, model_from_checkpoint,
+                          save_weights)
 from ..compress.tokens import EViT, from_spec, keep_rate_warmup
 from ..compress.tokens import apply as token_apply
 from ..data import build_transform, dataset_classes, make_loader, open_dataset, resolve_data_config
@@ -119,6 +120,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     val_loader = _val_loader(cfg, data_config, classes) if main and cfg.val_data else None
 
     start_epoch, step, steps_log, epochs_log, changes = 0, 0, [], [], []
+    inputs = _weights_read(cfg)
     last = latest_checkpoint(output)
     if last is not None and not cfg.resume:
         raise LeanvitError(f"{output} already holds a run ({last.name}). Pass --resume to continue it, "
@@ -126,6 +128,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     if last is not None:
         state = read_state(last)
         changes = state.get("changes", []) + _resume_changes(state["config"], cfg, state["epoch"] + 1)
+        inputs = _same_weights_read(state.get("inputs"), inputs)
         load_training_state(last, state, model=model, optimizer=optimizer, ema=ema)
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])
@@ -182,7 +185,8 @@ def _fit(cfg: TrainConfig) -> TrainResult:
                 summary.update(_validate(model, ema, val_loader, device, show))
             save_training_state(output, epoch, model=model, metadata=metadata, optimizer=optimizer, ema=ema,
                                 state={"step": step, "config": cfg.to_dict(), "scaler": scaler.state_dict(),
-                                       "epochs": epochs_log, "changes": changes})
+                                       "epochs": epochs_log, "changes": changes,
+                                       "inputs": inputs})
             print(json.dumps(summary), file=sys.stderr)
         if world > 1:
             dist.barrier()
@@ -302,6 +306,29 @@ def _check_ranks_agree(start_epoch: int, device: torch.device) -> None:
     if lo.item() != hi.item():
         raise LeanvitError(f"The processes found different checkpoints in --output (epochs {lo.item()} to "
                            f"{hi.item()}). Put --output on a filesystem that every node shares.")
+
+
+def _weights_read(cfg: TrainConfig) -> dict:
+    """The weights files the run reads (``--init-checkpoint``, ``--teacher-checkpoint``) with their sha256:
+    a shipped checkpoint's name may later stand for other weights, the hash does not."""
+    return {key: {"file": str(checkpoint_file(path).resolve()), "sha256": checkpoint_sha256(path)}
+            for key, path in (("init_checkpoint", cfg.init_checkpoint), ("teacher_checkpoint", cfg.teacher_checkpoint))
+            if path}
+
+
+def _same_weights_read(saved: dict | None, now: dict) -> dict:
+    """Refuse a resume whose init or teacher weights are not the files the run started with (same name,
+    other contents: the run would no longer be one computation). Returns the record to keep: the
+    start's (none for runs from before the record existed)."""
+    if saved is None:
+        return {}
+    for key, first in saved.items():
+        if key in now and now[key]["sha256"] != first["sha256"]:
+            raise LeanvitError(
+                f"Cannot resume: --{key.replace('_', '-')} {now[key]['file']} is not the file the run started "
+                f"with (sha256 {first['sha256'][:16]}… then, {now[key]['sha256'][:16]}… now; it was "
+                f"{first['file']}). Restore those weights or start a new --output.")
+    return saved
 
 
 def _resume_changes(saved: dict, cfg: TrainConfig, epoch: int) -> list[dict]:
