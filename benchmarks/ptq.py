@@ -9,7 +9,8 @@ For every model, one FP32 ONNX export (batch 1, static) feeds both OpenVINO FP32
 (``nncf.quantize`` on the OpenVINO model read from it, ``ModelType.TRANSFORMER`` for models with
 attention, as NNCF recommends; the same calibration images). leanvit's INT8 model is the QDQ export of
 its own simulation. Accuracy is top-1 of each engine running its file at batch 1, plus the simulation's
-top-1 and its top-1 agreement with the engine; latency is OpenVINO at batch 1 with ``--threads``
+top-1 and its top-1 agreement with the engine, and McNemar's paired test of leanvit's INT8 against
+NNCF's on the same images; latency is OpenVINO at batch 1 with ``--threads``
 threads, the three files timed in alternating rounds (``leanvit.bench.time_alternating``) so that the
 machine's drift hits them alike; ``--profile`` adds OpenVINO's per-op timings. Writes ``ptq.json``, ``ptq.md`` and ``ptq.png``.
 """
@@ -34,6 +35,7 @@ from leanvit.data import (
     DecodedDataset, build_transform, calibration_subset, make_loader, open_dataset, resolve_data_config,
 )
 from leanvit.deploy import export_onnx, get_engine
+from leanvit.evaluate import compare_paired
 from leanvit.models.registry import create_model
 from manifest import read_manifest
 
@@ -139,6 +141,8 @@ def bench_model(entry: dict, args) -> dict:
     anchor = engine.load_model_file(nncf_xml)
     nncf_preds, _ = predictions(lambda b: anchor(b.numpy()), eval_one)
     row["nncf_top1"] = top1(nncf_preds, labels)
+    paired = compare_paired(lean_preds, nncf_preds, labels)  # is the gap more than chance?
+    row["leanvit_vs_nncf"] = {"leanvit_only": paired.a_only, "nncf_only": paired.b_only, "mcnemar_p": paired.p_value}
     x_np = x.numpy()
     timings = time_alternating({kind: (lambda r=runner: r(x_np)) for kind, runner in
                                 (("fp32", fp32), ("leanvit", lean), ("nncf", anchor))}, budget, rounds=args.rounds)
@@ -156,15 +160,20 @@ def render_markdown(rows: list[dict], args, host: dict) -> str:
              f"Calibration: {args.calib} ({args.calib_images} images); evaluation: {args.data}.", "",
              "Host:", "", *host_lines(host), "",
              "| model | eval imgs | FP32 top-1 | leanvit sim | leanvit OV | sim/OV agree % | NNCF OV | "
-             "FP32 ms | leanvit ms | NNCF ms | leanvit / NNCF | FP32 / leanvit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "leanvit-only / NNCF-only right (McNemar p) | FP32 ms | leanvit ms | NNCF ms | leanvit / NNCF | "
+             "FP32 / leanvit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['eval_images']} | {r['fp32_top1']:.2f} | {r['leanvit_sim_top1']:.2f} | "
-            f"{r['leanvit_top1']:.2f} | {r['sim_engine_agreement']:.1f} | {r['nncf_top1']:.2f} | {r['fp32_ms']:.2f} | "
+            f"{r['leanvit_top1']:.2f} | {r['sim_engine_agreement']:.1f} | {r['nncf_top1']:.2f} | "
+            f"{r['leanvit_vs_nncf']['leanvit_only']} / {r['leanvit_vs_nncf']['nncf_only']} "
+            f"({r['leanvit_vs_nncf']['mcnemar_p']:.2f}) | {r['fp32_ms']:.2f} | "
             f"{r['leanvit_ms']:.2f} | {r['nncf_ms']:.2f} | {r['leanvit_ms'] / r['nncf_ms']:.2f} | "
             f"{r['fp32_ms'] / r['leanvit_ms']:.2f} |")
-    lines += ["", "Layers leanvit leaves in float (reasons in ptq.json):", ""]
+    lines += ["", "The McNemar column counts the test images only one of the two INT8 models classifies right; p is "
+              "the exact two-sided chance of a split at least that lopsided between equally accurate models.",
+              "", "Layers leanvit leaves in float (reasons in ptq.json):", ""]
     for r in rows:
         kinds = Counter(reason.split(":")[0] for reason in r["leanvit_float_layers"].values())
         lines.append(f"- {r['model']}: " + (", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) or "none"))

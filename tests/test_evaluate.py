@@ -84,3 +84,23 @@ def test_corrupt_images_are_counted_as_skipped(tmp_path, setup):
     with pytest.warns(UserWarning, match="truncated.png"):
         result = evaluate(two_class, make_loader(data, batch_size=2), progress=False)
     assert (result.images, result.skipped) == (2, 1)
+
+
+def test_paired_comparison_counts_disagreements_and_gives_mcnemars_exact_p():
+    from leanvit.evaluate import compare_paired
+
+    labels = np.zeros(20, dtype=int)
+    a = np.zeros(20, dtype=int)
+    b = a.copy()
+    b[:5] = 1  # b wrong on 5 images a gets right
+    result = compare_paired(a, b, labels)
+    assert (result.a_only, result.b_only) == (5, 0)
+    assert result.p_value == pytest.approx(2 * 0.5**5)  # both one-sided tails of Binomial(5, 1/2)
+    b[5] = 1
+    a[6:8] = 1  # now 6 vs 2: p = 2 * (1 + 8 + 28) / 2**8
+    result = compare_paired(a, b, labels)
+    assert (result.a_only, result.b_only) == (6, 2)
+    assert result.p_value == pytest.approx(round(2 * 37 / 256, 4))
+    assert compare_paired(a, a, labels).p_value == 1.0  # no disagreement: no evidence either way
+    with pytest.raises(LeanvitError, match="one prediction per label"):
+        compare_paired(a[:3], b, labels)

@@ -7,6 +7,7 @@ so engines exported for a fixed batch size work.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -103,3 +104,27 @@ def evaluate(model: nn.Module | Callable[[np.ndarray], np.ndarray], loader: Data
         most_confused=[{"true": classes[int(i) // n], "predicted": classes[int(i) % n], "count": int(k)}
                        for k, i in zip(counts, flat) if k > 0],
     )
+
+
+@dataclass
+class PairedComparison:
+    """Two classifiers scored on the same images: the images only one of them gets right, and the exact
+    two-sided McNemar p-value of that split (the chance of one at least this lopsided if both were
+    equally accurate). Top-1 gaps of a few images are often chance; only the disagreements tell."""
+
+    a_only: int
+    b_only: int
+    p_value: float
+
+
+def compare_paired(preds_a: np.ndarray, preds_b: np.ndarray, labels: np.ndarray) -> PairedComparison:
+    """McNemar's exact test on the top-1 predictions of two classifiers for the same ``labels``."""
+    preds_a, preds_b, labels = (np.asarray(v).ravel() for v in (preds_a, preds_b, labels))
+    if not len(preds_a) == len(preds_b) == len(labels):
+        raise LeanvitError(f"Paired comparison needs one prediction per label: got {len(preds_a)}, {len(preds_b)} "
+                           f"predictions for {len(labels)} labels.")
+    right_a, right_b = preds_a == labels, preds_b == labels
+    a_only, b_only = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
+    n = a_only + b_only
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n
+    return PairedComparison(a_only, b_only, round(min(1.0, 2 * tail), 4))
