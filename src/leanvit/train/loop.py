@@ -311,9 +311,9 @@ def _check_ranks_agree(start_epoch: int, device: torch.device) -> None:
 def _weights_read(cfg: TrainConfig) -> dict:
     """The weights files the run reads (``--init-checkpoint``, ``--teacher-checkpoint``) with their sha256:
     a shipped checkpoint's name may later stand for other weights, the hash does not."""
-    return {key: {"file": str(checkpoint_file(path).resolve()), "sha256": checkpoint_sha256(path)}
-            for key, path in (("init_checkpoint", cfg.init_checkpoint), ("teacher_checkpoint", cfg.teacher_checkpoint))
-            if path}
+    files = {key: checkpoint_file(path).resolve() for key, path in
+             (("init_checkpoint", cfg.init_checkpoint), ("teacher_checkpoint", cfg.teacher_checkpoint)) if path}
+    return {key: {"file": str(file), "sha256": checkpoint_sha256(file)} for key, file in files.items()}
 
 
 def _same_weights_read(saved: dict | None, now: dict) -> dict:
