@@ -22,6 +22,7 @@ from pathlib import Path
 from leanvit.checkpoint import (SHIPPED_DIR, WEIGHTS_FILE, checkpoint_sha256, model_from_checkpoint, read_checkpoint,
                                 save_weights)
 from leanvit.data import build_transform, make_loader, open_dataset
+from leanvit.errors import LeanvitError
 from leanvit.evaluate import evaluate
 from leanvit.train import TrainConfig
 from leanvit.train.state import EMA_FILE, latest_checkpoint, read_state
@@ -81,19 +82,32 @@ def resume_changes(state: dict, note: str = "") -> str:
     return "; ".join(said + ([note.rstrip(".")] if note else []))
 
 
+def run_record(weights: str) -> dict | None:
+    """The training record (config, epoch log, resume changes, input hashes) of the run that wrote ``weights``:
+    its run folder's state while the folder exists, else the record a released checkpoint carries in its
+    metadata, so a stage shipped in one session can be built on after its run folder is gone."""
+    run = Path(weights).expanduser().parent
+    last = latest_checkpoint(run) if run.is_dir() else None
+    if last is not None:
+        return read_state(last)
+    try:
+        return read_checkpoint(weights)[1].get("run")
+    except LeanvitError:
+        return None
+
+
 def earlier_stages(config: dict) -> tuple[list[str], float]:
     """The card section for the runs that made ``--init-checkpoint``, followed back as long as each
-    initial checkpoint's folder is a finished ``leanvit train`` run, oldest first, so every command
+    initial checkpoint has a training record (:func:`run_record`), oldest first, so every command
     is on the card; and those runs' training seconds."""
     chain = []  # (init checkpoint, state of the run that wrote it), oldest first
     init = config.get("init_checkpoint")
     while init and init not in (path for path, _ in chain):  # a run is never its own ancestor
-        run = Path(init).parent
-        last = latest_checkpoint(run) if run.is_dir() else None
-        if last is None:
+        state = run_record(init)
+        if state is None:
             break
-        chain.insert(0, (init, read_state(last)))
-        init = chain[0][1]["config"].get("init_checkpoint")
+        chain.insert(0, (init, state))
+        init = state["config"].get("init_checkpoint")
     if not chain:
         return [], 0.0
     lines, seconds = ["## Earlier stages" if len(chain) > 1 else "## Earlier stage", ""], 0.0
@@ -103,7 +117,7 @@ def earlier_stages(config: dict) -> tuple[list[str], float]:
         seconds += run_seconds
         if len(chain) > 1:
             lines += [f"### Stage {i} of {len(chain) + 1}", ""]
-        where = f"`{Path(init).parent.name}/{Path(init).name}`"
+        where = f"`{Path(init).parent.name}/{Path(init).name}`" if Path(init).parent.name else f"`{init}`"
         lines += [
             (f"The initial weights (`--init-checkpoint`, {where}) come" if len(chain) == 1 else
              f"The initial weights of stage {i + 1} ({where}) come") + f" from this run: {len(log)} epochs, "
@@ -150,7 +164,9 @@ def main() -> int:
     half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     SHIPPED_DIR.mkdir(parents=True, exist_ok=True)
     path = SHIPPED_DIR / f"{args.name}.safetensors"
-    save_weights(path, half, {**meta, "source": f"{weights.name} of {config['epochs']} epochs, stored as float16"})
+    record = {k: state[k] for k in ("config", "epochs", "step", "changes", "inputs") if k in state}
+    save_weights(path, half, {**meta, "source": f"{weights.name} of {config['epochs']} epochs, stored as float16",
+                              "run": record})
     size = path.stat().st_size
     if size > MAX_BYTES:
         path.unlink()

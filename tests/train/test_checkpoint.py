@@ -165,6 +165,25 @@ def test_release_card_names_the_initial_weights_teacher_and_earlier_runs(tmp_pat
     assert release.earlier_stages(first) == ([], 0.0)
 
 
+def test_a_released_checkpoint_carries_its_run_for_the_next_stages_card(tmp_path):
+    """A stage released in one session is still listed on a later stage's card once its run folder is gone."""
+    from leanvit.checkpoint import save_weights
+    from leanvit.train import TrainConfig
+
+    release = _release_tool()
+    first = TrainConfig(model="deit_tiny_patch16_224", data="/data/train", epochs=2, lr=1e-3).to_dict()
+    log = [{"epoch": i, "loss": 1.0, "seconds": 1800.0, "hardware": "cpu", "top1": 50.0 + i} for i in range(2)]
+    (tmp_path / "shipped").mkdir()
+    stage1 = save_weights(tmp_path / "shipped" / "stage1.safetensors", {"w": torch.zeros(1)},
+                          {"run": {"config": first, "epochs": log, "step": 10}})
+    second = TrainConfig(model="deit_tiny_patch16_224", data="/data/train", init_checkpoint=str(stage1)).to_dict()
+    section, seconds = release.earlier_stages(second)
+    assert seconds == 3600.0 and release.training_command(first) in section
+    assert "`shipped/stage1.safetensors`" in "\n".join(section)
+    unknown = TrainConfig(model="deit_tiny_patch16_224", data="/data/train", init_checkpoint="no-such-run").to_dict()
+    assert release.earlier_stages(unknown) == ([], 0.0)
+
+
 def test_release_card_says_what_a_resume_changed():
     release = _release_tool()
     state = {"changes": [{"epoch": 6, "changes": {"epochs": [20, 18]}},
