@@ -118,7 +118,8 @@ def bench_model(entry: dict, args) -> dict:
     row["fp32_top1"] = top1(preds, labels)
 
     # leanvit: simulation, then the exported INT8 IR on OpenVINO
-    config = quant.QuantConfig.recipe(args.recipe, args.bits, **args.quant_kwargs)
+    row["target"] = quant.resolve_target(args.target)
+    config = quant.QuantConfig.recipe(args.recipe, args.bits, target=row["target"], **args.quant_kwargs)
     qmodel = quant.quantize(model, make_loader(calib, args.batch_size), config, progress=False)
     with torch.inference_mode():
         sim_preds, _ = predictions(lambda b: qmodel(b).numpy(), make_loader(evalset, args.batch_size))
@@ -155,8 +156,9 @@ def bench_model(entry: dict, args) -> dict:
 
 
 def render_markdown(rows: list[dict], args, host: dict) -> str:
-    lines = [f"# PTQ: FP32 vs leanvit {args.bits} ({args.recipe} recipe) vs NNCF (OpenVINO, batch 1, "
-             f"{args.threads} threads)", "",
+    target = quant.resolve_target(args.target)
+    lines = [f"# PTQ: FP32 vs leanvit {args.bits} ({args.recipe} recipe, {target} target) vs NNCF (OpenVINO, "
+             f"batch 1, {args.threads} threads)", "",
              f"Calibration: {args.calib} ({args.calib_images} images); evaluation: {args.data}.", "",
              "Host:", "", *host_lines(host), "",
              "| model | eval imgs | FP32 top-1 | leanvit sim | leanvit OV | sim/OV agree % | NNCF OV | "
@@ -218,6 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib-images", type=int, default=256)
     p.add_argument("--eval-images", type=int, help="evaluate on this many images (class-balanced)")
     p.add_argument("--bits", default="w8a8", help="leanvit's bit-widths: w8a8, or w7a8 on CPUs without VNNI")
+    p.add_argument("--target", default="auto", choices=quant.TARGETS,
+                   help="the CPU leanvit's INT8 model is for (auto: this machine's; see QuantConfig.recipe)")
     p.add_argument("--recipe", default="mse", choices=("minmax", "mse", "hybrid"),
                    help="leanvit's recipe (QuantConfig.recipe); --quant-kwargs override its fields")
     p.add_argument("--threads", type=int, default=2)

@@ -12,8 +12,8 @@ TINY = ["deit_tiny_patch16_224", "--model-kwargs",
 
 def test_quantize_exports_and_reports(tmp_path, capsys):
     out = tmp_path / "q"
-    assert main(["quantize", *TINY, "--bits", "w7a8", "--engine", "onnxruntime", "--out", str(out), "--json",
-                 "--eval", "cifar10-test500", "--eval-images", "20"]) == 0
+    assert main(["quantize", *TINY, "--bits", "w7a8", "--target", "generic", "--engine", "onnxruntime", "--out",
+                 str(out), "--json", "--eval", "cifar10-test500", "--eval-images", "20"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["quantized_layers"] == 6  # patch conv, qkv, proj, fc1, fc2, head
     assert result["calib_images"] == 16 and result["eval_images"] == 20
@@ -22,6 +22,18 @@ def test_quantize_exports_and_reports(tmp_path, capsys):
     assert json.loads((out / "report.json").read_text())["exported"] == result["exported"]
     for key in ("top1", "sim_top1", "engine_top1"):
         assert 0.0 <= result[key] <= 100.0
+
+
+def test_a_vnni_target_runs_the_attention_matmuls_in_int8_too(capsys):
+    """What is worth INT8 depends on the CPU: with VNNI the attention matmuls are, without it they stay float."""
+    layers = {}
+    for target in ("generic", "vnni"):
+        assert main(["quantize", *TINY, "--target", target, "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["target"] == target
+        layers[target] = result["layers"]
+    assert "blocks.0.attn" in layers["vnni"] and "blocks.0.attn" not in layers["generic"]
+    assert set(layers["generic"]) < set(layers["vnni"])
 
 
 def test_mixed_precision_from_the_command_line(capsys):

@@ -225,3 +225,20 @@ def test_recipes_keep_deployable_bit_widths_whole():
     """W7A8 (exact INT8 on CPUs without VNNI) and W8A8 keep every layer at their width: no 8-bit ends."""
     assert QuantConfig.recipe("mse", "w7a8").edge_bits is None and QuantConfig.recipe("hybrid", "w8a8").edge_bits is None
     assert QuantConfig.recipe("mse", "w6a6").edge_bits == "w8a8"
+
+
+def test_the_target_cpu_decides_which_ops_run_int8():
+    """A VNNI target quantizes depthwise convs and attention matmuls of deployable models; "auto" is this CPU."""
+    from leanvit.compress.quant import resolve_target
+    from leanvit.compress.quant.export import int8_saturates
+
+    generic, vnni = QuantConfig.recipe("mse", "w8a8"), QuantConfig.recipe("mse", "w8a8", target="vnni")
+    assert (generic.quantize_depthwise, generic.attn_bits) == (False, None)
+    assert (vnni.quantize_depthwise, vnni.attn_bits) == (True, 8)
+    assert QuantConfig.recipe("mse", "w8a8", target="vnni", attn_bits=None).attn_bits is None  # overrides win
+    assert QuantConfig.recipe("mse", "w4a4", target="vnni").attn_bits is None  # simulation only: no CPU to suit
+    assert resolve_target("auto") == ("generic" if int8_saturates() else "vnni")
+    assert QuantConfig.recipe("mse", "w8a8", target="auto") == QuantConfig.recipe(
+        "mse", "w8a8", target=resolve_target("auto"))
+    with pytest.raises(LeanvitError, match="generic, vnni, auto"):
+        QuantConfig.recipe("mse", "w8a8", target="arm")

@@ -30,6 +30,7 @@ from .train import json_object
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from ..compress.quant.attention import SOFTMAX_QUANTIZERS
+    from ..compress.quant.calibrate import TARGETS
     from ..compress.quant.quantizer import RANGE_METHODS
 
     p = sub.add_parser("quantize", help="post-training INT8 quantization, exported for OpenVINO / ONNX Runtime")
@@ -45,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--bits", default="w8a8",
                    help="weight/activation bits: w8a8 (default), w7a8 (exact on CPUs without VNNI); "
                         "w6a6, w4a8, w4a4 are simulation-only")
+    p.add_argument("--target", choices=TARGETS, default="auto",
+                   help="the CPU the INT8 model is for: vnni (VNNI/AMX: depthwise convs and attention matmuls "
+                        "run INT8 too), generic (they stay float: no faster without VNNI), auto (this machine's)")
     p.add_argument("--recipe", choices=("minmax", "mse", "hybrid"), default="mse",
                    help="mse (default: deployable W8A8), minmax (baseline), or hybrid (the hybrid-aware method: "
                         "+ per-layer symmetry, Hessian search, bias correction, block reconstruction); the flags "
@@ -57,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="no RepQ-ViT reparameterisation of post-LayerNorm ranges (on by default where it helps)")
     p.add_argument("--bias-correction", action="store_true", help="remove each layer's mean output error")
     p.add_argument("--quantize-depthwise", action="store_true",
-                   help="quantize depthwise convs too (float by default: no faster in INT8 on the CPU engines)")
+                   help="quantize depthwise convs too (float for a generic --target: no faster in INT8 there)")
     p.add_argument("--hessian", action="store_true",
                    help="PTQ4ViT: refine ranges by the output error weighted by the task loss's squared gradients")
     p.add_argument("--reconstruct", choices=("blocks", "bridge"),
@@ -106,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
         "reparam_layernorm": False if args.no_reparam else None, "bias_correction": args.bias_correction or None,
         "hessian_search": args.hessian or None, "quantize_depthwise": args.quantize_depthwise or None,
     }
-    config = quant.QuantConfig.recipe(args.recipe, args.bits, skip=tuple(args.skip), layer_bits=tuple(args.layer_bits),
-                                      **{k: v for k, v in given.items() if v is not None})
+    target = quant.resolve_target(args.target)
+    config = quant.QuantConfig.recipe(args.recipe, args.bits, target=target, skip=tuple(args.skip),
+                                      layer_bits=tuple(args.layer_bits), **{k: v for k, v in given.items() if v is not None})
     torch.set_num_threads(args.threads)
     if args.checkpoint:
         model, meta = model_from_checkpoint(args.model, args.checkpoint, **args.model_kwargs)
@@ -136,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, layer_bits=(*config.layer_bits, *mixed))
     qmodel = quant.quantize(model, calib, config, progress=not args.json)
     report = qmodel.quant_report
-    result = {"model": args.model, "checkpoint": args.checkpoint, "bits": args.bits.lower(),
+    result = {"model": args.model, "checkpoint": args.checkpoint, "bits": args.bits.lower(), "target": target,
               "config": vars(config), "calib": str(args.calib),
               "calib_images": report.calib_images, "calibration_s": round(time.perf_counter() - started, 1),
               "quantized_layers": len(report.quantized), "layers": report.quantized,
@@ -177,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     print(f"model    {args.model}" + (f"  ({args.checkpoint})" if args.checkpoint else ""))
-    print(f"quant    {args.bits.lower()}, calibrated in {result['calibration_s']} s: {report.summary()}")
+    print(f"quant    {args.bits.lower()} for a {target} CPU, calibrated in {result['calibration_s']} s: "
+          f"{report.summary()}")
     if args.out:
         print(f"wrote    {result['exported']}  (and report.json)")
     if args.eval:

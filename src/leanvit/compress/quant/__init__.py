@@ -15,13 +15,14 @@ CNN-to-transformer bridges only). ``allocate_bits`` gives per-layer bit-widths u
 budget from logit-error or Hessian-trace sensitivity (mixed precision, simulation).
 ``QuantConfig(attn_bits=8)`` also quantizes the inputs of the attention matmuls (q, k, softmax, v):
 uniform ones export; the log2 / shift-uniform-log2 / twin-uniform softmax quantizers simulate 3-4 bits.
+``QuantConfig.recipe("mse", "w8a8", target="auto")`` picks those INT8 ops for the CPU at hand (``TARGETS``).
 """
 from __future__ import annotations
 
 from .attention import SOFTMAX_QUANTIZERS, QuantAttention, swap_attention
 from .calibrate import (
-    QuantConfig, QuantReport, calibration_batches, correct_bias, parse_bits, quantize, quantizers,
-    quantizers_disabled,
+    TARGETS, QuantConfig, QuantReport, calibration_batches, correct_bias, parse_bits, quantize, quantizers,
+    quantizers_disabled, resolve_target,
 )
 from .export import check_deployable, export, export_quantized, onnx_int8_summary, openvino_precisions
 from .hessian import hessian_search
@@ -36,11 +37,12 @@ from .reparam import layernorm_consumers, reparameterise
 
 __all__ = [
     "FakeQuantizer", "Log2Quantizer", "QScheme", "QuantAttention", "QuantConfig", "QuantConv2d", "QuantLinear",
-    "QuantReport", "Quantizer", "RangeObserver", "SOFTMAX_QUANTIZERS", "ShiftUniformLog2Quantizer",
+    "QuantReport", "Quantizer", "RangeObserver", "SOFTMAX_QUANTIZERS", "ShiftUniformLog2Quantizer", "TARGETS",
     "TwinUniformQuantizer",
     "allocate_bits", "average_weight_bits", "calibration_batches", "check_deployable", "choose_range",
     "correct_bias", "export", "export_quantized", "fake_quantize", "find_bridges", "find_units", "fold_batchnorm",
     "hessian_search", "layer_sensitivity", "layernorm_consumers", "onnx_int8_summary", "openvino_precisions",
     "parse_bits", "qparams", "quantize", "quantizers", "quantizers_disabled", "reconstruct", "reparameterise",
+    "resolve_target",
     "swap_attention",
 ]

@@ -53,9 +53,9 @@ class QuantConfig:
     #: ``(glob, "w8a8")`` pairs: matching layers take these bit-widths (first match wins), e.g. the patch
     #: embedding and head kept at 8 bits in a W4A4 model, as RepQ-ViT and PTQ4ViT do
     layer_bits: tuple[tuple[str, str], ...] = ()
-    #: depthwise convolutions stay in float by default: the CPU engines' INT8 depthwise kernels are no
-    #: faster than their float ones (OpenVINO, efficientformerv2_s0: 4.7 ms INT8 vs 3.8 ms f32 in all its
-    #: depthwise convs) and a few weights per channel make them the most rounding-sensitive convs
+    #: depthwise convolutions stay in float by default: without VNNI the CPU engines' INT8 depthwise kernels
+    #: are no faster than their float ones (see :data:`TARGETS`, ``recipe(target="vnni")`` turns them on) and
+    #: a few weights per channel make them the most rounding-sensitive convs
     quantize_depthwise: bool = False
     reparam_layernorm: bool = True  #: RepQ-ViT: per-channel post-LayerNorm ranges, deployed per tensor
     bias_correction: bool = False  #: remove each layer's mean output error (helps most below 8 bits)
@@ -105,7 +105,7 @@ class QuantConfig:
         return cls(w_bits=w_bits, a_bits=a_bits, **kwargs)
 
     @classmethod
-    def recipe(cls, name: str, bits: str = "w8a8", **overrides) -> QuantConfig:
+    def recipe(cls, name: str, bits: str = "w8a8", target: str = "generic", **overrides) -> QuantConfig:
         """A named recipe at ``bits`` (fields in ``overrides`` win); below W7A8, first and last layers at 8 bits.
 
         - ``"minmax"``: the textbook baseline, min-max ranges, no reparameterisation;
@@ -113,8 +113,15 @@ class QuantConfig:
         - ``"hybrid"``: the hybrid-aware method: ``"mse"`` plus a per-layer symmetric/asymmetric choice,
           PTQ4ViT's Hessian-guided search, bias correction, BRECQ/AdaRound block reconstruction (a
           hybrid's bridge blocks included) and, below 8 bits, twin-uniform softmax quantization.
+
+        ``target`` is the CPU a deployable (8-bit activation) model is for, one of :data:`TARGETS`: it decides
+        which ops are worth running in INT8 there.
         """
         w_bits, a_bits = parse_bits(bits)
+        if target not in TARGETS:
+            raise LeanvitError(f"Unknown target '{target}'; use one of {', '.join(TARGETS)}.")
+        if resolve_target(target) == "vnni" and a_bits == 8 and w_bits >= 7:
+            overrides = {"quantize_depthwise": True, "attn_bits": 8, **overrides}
         # 8-bit ends help low-bit models; a W7A8 model (exact INT8 on CPUs without VNNI) keeps 7-bit weights throughout
         edges = "w8a8" if w_bits < 7 or a_bits < 8 else None
         recipes = {
@@ -133,6 +140,23 @@ class QuantConfig:
                                if fnmatch.fnmatchcase(layer, pattern)), (self.w_bits, self.a_bits))
         return (QScheme(w_bits, symmetric=True, per_channel=self.w_per_channel),
                 QScheme(a_bits, symmetric=self.a_symmetric is True, per_channel=self.a_per_channel))
+
+
+#: The CPUs an INT8 model can be built for. "generic": depthwise convs and attention matmuls stay float, since
+#: without VNNI the engines' INT8 kernels for them are no faster (efficientformerv2_s0's depthwise convs: 4.7 ms
+#: INT8 against 3.8 ms f32 on OpenVINO, AVX2). "vnni": they run INT8 too, faster on VNNI/AMX CPUs (OpenVINO at
+#: 224x224, 2 threads, Xeon with AVX512-VNNI: DeiT-tiny 1.55x -> 1.94x and MobileViG-Ti 1.61x -> 1.81x the f32
+#: speed). "auto": "vnni" on a CPU with VNNI or AMX, else "generic".
+TARGETS = ("generic", "vnni", "auto")
+
+
+def resolve_target(target: str) -> str:
+    """``target`` with "auto" replaced by this machine's kind of CPU."""
+    if target != "auto":
+        return target
+    from .export import int8_saturates
+
+    return "generic" if int8_saturates() else "vnni"
 
 
 def parse_bits(bits: str) -> tuple[int, int]:
