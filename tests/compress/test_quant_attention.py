@@ -10,13 +10,17 @@ from timm.layers import Attention
 import leanvit.compress.tokens as tokens
 from leanvit.compress.quant import (
     FakeQuantizer, Log2Quantizer, QScheme, QuantAttention, QuantConfig, RangeObserver, ShiftUniformLog2Quantizer,
-    TwinUniformQuantizer, check_deployable, export, onnx_int8_summary, openvino_precisions, quantize, quantizers,
+    TwinUniformQuantizer, check_deployable, export, onnx_int8_summary, quantize, quantizers,
     quantizers_disabled,
 )
 from leanvit.deploy import check_agreement, get_engine
 from leanvit.errors import LeanvitError
 
 torch.set_num_threads(1)
+#: An engine's float ops (GEMM, softmax, GELU) sum in another order than PyTorch's, so a value within float error of a
+#: rounding boundary can land one quantization step away and shift what follows: on the VNNI Xeon ONNX Runtime
+#: differs from the simulation by 1.3 % of the logits' range with every op unfused (the AMD EPYC: under 0.1 %).
+ENGINE_TOLERANCE = 0.02
 DEPLOY = QuantConfig(w_bits=7, attn_bits=8)  # 7-bit weights: exact on CPUs without VNNI (see export.int8_saturates)
 
 
@@ -149,7 +153,7 @@ def test_efficientmod_attention_quantized_in_the_model(tmp_path):
     assert onnx_int8_summary(onnx_path).int8 == layers + 2 * 2  # q@kT and attn@v of both attention blocks
     ort = get_engine("onnxruntime", threads=1).load_onnx(onnx_path)
     agreement = check_agreement(qmodel, ort, [torch.randn(1, 3, 64, 64) for _ in range(2)])
-    assert agreement.max_abs_err < 1e-3 * agreement.ref_scale
+    assert agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
 
 
 @pytest.fixture(scope="module")
@@ -187,13 +191,17 @@ def test_uniform_attention_exports_as_int8_matmuls(qvit, tmp_path):
     assert onnx_int8_summary(onnx_path).float == []
     ort = get_engine("onnxruntime", threads=1).load_onnx(onnx_path)
     agreement = check_agreement(qvit, ort, inputs)
-    assert agreement.top1_agreement == 1.0 and agreement.max_abs_err < 1e-3 * agreement.ref_scale
+    assert agreement.top1_agreement == 1.0 and agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
     ov = get_engine("openvino", threads=1).load_model_file(onnx_path)  # OpenVINO reads the QDQ ONNX itself
-    precisions = openvino_precisions(ov.compiled)
-    matmuls = [p for kind, p in precisions.values() if kind == "MatMul"]
-    assert len(matmuls) == 4 and set(matmuls) <= {"u8", "i8"}, precisions
+    # each block's q@kT and attn@v run as INT8 MatMul layers or, on AVX-512 CPUs, fused with the softmax into one
+    # INT8 "Subgraph" (OpenVINO's snippets)
+    layers = [(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str).lower())
+              for op in ov.compiled.get_runtime_model().get_ordered_ops()]
+    matmuls = [p for kind, p in layers if kind == "MatMul"]
+    fused = [p for kind, p in layers if kind == "Subgraph" and p in ("u8", "i8")]
+    assert set(matmuls) <= {"u8", "i8"} and (len(matmuls) == 4 or (not matmuls and len(fused) == 2)), layers
     agreement = check_agreement(qvit, ov, inputs)
-    assert agreement.top1_agreement == 1.0 and agreement.max_abs_err < 0.02 * agreement.ref_scale
+    assert agreement.top1_agreement == 1.0 and agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
 
 
 @pytest.mark.parametrize("kind", ["log2", "sulq", "twin"])
