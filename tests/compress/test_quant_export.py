@@ -66,8 +66,11 @@ def test_onnxruntime_runs_the_simulation(qvit, vit_onnx, tests_in):
 def test_openvino_runs_int8_kernels_and_the_simulation(qvit, vit_xml, tests_in):
     runner = get_engine("openvino", threads=1).load_model_file(vit_xml)
     precisions = openvino_precisions(runner.compiled)
-    assert len(precisions) >= len(qvit.quant_report.quantized)
-    assert {p for _, p in precisions.values()} <= {"u8", "i8"}, precisions
+    layers = {name: p for name, (kind, p) in precisions.items() if kind != "Subgraph"}
+    assert len(layers) >= len(qvit.quant_report.quantized)
+    assert set(layers.values()) <= {"u8", "i8"}, precisions
+    # DEPLOY keeps the attention matmuls float: where OpenVINO fuses them (AVX-512 CPUs) the fused layers say so
+    assert {p for kind, p in precisions.values() if kind == "Subgraph"} <= {"f32"}, precisions
     agreement = check_agreement(qvit, runner, tests_in)
     assert agreement.top1_agreement == 1.0
     # float accumulation order differs, which can move a value across a rounding step in the next layer

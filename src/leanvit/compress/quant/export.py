@@ -168,13 +168,16 @@ def openvino_precisions(compiled) -> dict[str, tuple[str, str]]:
     """``{layer: (layer type, runtime precision)}`` of the compute layers of a compiled OpenVINO model.
 
     The runtime precision is what the CPU plugin chose after its low-precision transformations: ``u8``
-    or ``i8`` means the layer runs an INT8 kernel.
+    or ``i8`` means the layer runs an INT8 kernel. On AVX-512 CPUs the plugin fuses an attention's
+    matmuls and softmax into one ``Subgraph`` (its snippets); such a subgraph is listed too, so
+    attention matmuls left in float are not missed there.
     """
     found = {}
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         layer_type = info["layerType"].astype(str)
-        if layer_type in OV_COMPUTE_LAYERS:
+        fused = info["originalLayersNames"].astype(str).lower() if "originalLayersNames" in info else ""
+        if layer_type in OV_COMPUTE_LAYERS or (layer_type == "Subgraph" and "matmul" in fused):
             found[op.get_friendly_name()] = (layer_type, info["runtimePrecision"].astype(str).lower())
     return found
 
