@@ -118,8 +118,8 @@ def bench_model(entry: dict, args) -> dict:
     row["fp32_top1"] = top1(preds, labels)
 
     # leanvit: simulation, then the exported INT8 IR on OpenVINO
-    row["target"] = quant.resolve_target(args.target)
-    config = quant.QuantConfig.recipe(args.recipe, args.bits, target=row["target"], **args.quant_kwargs)
+    row["target"] = args.target
+    config = quant.QuantConfig.recipe(args.recipe, args.bits, target=args.target, **args.quant_kwargs)
     qmodel = quant.quantize(model, make_loader(calib, args.batch_size), config, progress=False)
     with torch.inference_mode():
         sim_preds, _ = predictions(lambda b: qmodel(b).numpy(), make_loader(evalset, args.batch_size))
@@ -156,8 +156,7 @@ def bench_model(entry: dict, args) -> dict:
 
 
 def render_markdown(rows: list[dict], args, host: dict) -> str:
-    target = quant.resolve_target(args.target)
-    lines = [f"# PTQ: FP32 vs leanvit {args.bits} ({args.recipe} recipe, {target} target) vs NNCF (OpenVINO, "
+    lines = [f"# PTQ: FP32 vs leanvit {args.bits} ({args.recipe} recipe, {args.target} target) vs NNCF (OpenVINO, "
              f"batch 1, {args.threads} threads)", "",
              f"Calibration: {args.calib} ({args.calib_images} images); evaluation: {args.data}.", "",
              "Host:", "", *host_lines(host), "",
@@ -234,6 +233,7 @@ def main(argv=None) -> int:
                    help="other QuantConfig fields for leanvit's model (JSON), e.g. '{\"quantize_depthwise\": true}'")
     p.add_argument("--out", type=Path, default=HERE / "results" / "ptq")
     args = p.parse_args(argv)
+    args.target = quant.resolve_target(args.target)  # once: each row and the report name the CPU kind
     if args.manifest:
         try:
             entries = read_manifest(args.manifest, args.models)

@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     }
     target = quant.resolve_target(args.target)
     config = quant.QuantConfig.recipe(args.recipe, args.bits, target=target, skip=tuple(args.skip),
-                                      layer_bits=tuple(args.layer_bits), **{k: v for k, v in given.items() if v is not None})
+                                      layer_bits=tuple(args.layer_bits),
+                                      **{k: v for k, v in given.items() if v is not None})
     torch.set_num_threads(args.threads)
     if args.checkpoint:
         model, meta = model_from_checkpoint(args.model, args.checkpoint, **args.model_kwargs)

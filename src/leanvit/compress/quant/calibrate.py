@@ -145,8 +145,8 @@ class QuantConfig:
 #: The CPUs an INT8 model can be built for. "generic": depthwise convs and attention matmuls stay float, since
 #: without VNNI the engines' INT8 kernels for them are no faster (efficientformerv2_s0's depthwise convs: 4.7 ms
 #: INT8 against 3.8 ms f32 on OpenVINO, AVX2). "vnni": they run INT8 too, faster on VNNI/AMX CPUs (OpenVINO at
-#: 224x224, 2 threads, Xeon with AVX512-VNNI: DeiT-tiny 1.55x -> 1.94x and MobileViG-Ti 1.61x -> 1.81x the f32
-#: speed). "auto": "vnni" on a CPU with VNNI or AMX, else "generic".
+#: 224x224, 2 threads, Xeon with AVX512-VNNI: DeiT-tiny 1.55x -> 2.10x and MobileViG-Ti 1.61x -> 1.77x the f32
+#: speed; benchmarks/results/ptq-smoke-vnni*). "auto": "vnni" on a CPU with VNNI or AMX, else "generic".
 TARGETS = ("generic", "vnni", "auto")
 
 
