@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 from leanvit.checkpoint import (SHIPPED_DIR, WEIGHTS_FILE, checkpoint_sha256, model_from_checkpoint, read_checkpoint,
-                                save_weights)
+                                read_metadata, save_weights)
 from leanvit.data import build_transform, make_loader, open_dataset
 from leanvit.errors import LeanvitError
 from leanvit.evaluate import evaluate
@@ -62,7 +62,9 @@ def provenance(config: dict, inputs: dict | None = None) -> str:
 
     how = f"fine-tuned from {weights('init_checkpoint')}" if config.get("init_checkpoint") else "trained from scratch"
     if config.get("teacher"):
-        how += (f" with DeiT {config.get('distill', 'hard')} distillation (alpha {config.get('distill_alpha')}) from "
+        soft = config.get("distill") == "soft"
+        how += (f" with DeiT {config.get('distill', 'hard')} distillation (alpha {config.get('distill_alpha')}"
+                + (f", temperature {config.get('distill_tau')}" if soft else "") + ") from "
                 f"`{config['teacher']}` (weights "
                 + (weights("teacher_checkpoint") if config.get("teacher_checkpoint") else "`timm pretrained`") + ")")
     return f"`{config['model']}` {how} on CIFAR-10 by `leanvit train`"
@@ -91,7 +93,7 @@ def run_record(weights: str) -> dict | None:
     if last is not None:
         return read_state(last)
     try:
-        return read_checkpoint(weights)[1].get("run")
+        return read_metadata(weights).get("run")
     except LeanvitError:
         return None
 

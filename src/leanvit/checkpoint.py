@@ -74,8 +74,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("leanvit", "{}"))
-                return {_strip_prefixes(k): f.get_tensor(k) for k in f.keys()}, meta
+                return {_strip_prefixes(k): f.get_tensor(k) for k in f.keys()}, _leanvit_metadata(f)
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
         raise LeanvitError(f"Cannot read checkpoint {path}: {e}. Is it a complete weights file?") from None
@@ -86,6 +85,22 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise LeanvitError(f"{path} holds no state dict of tensors (looked under {', '.join(_WRAPPERS)}).")
     return {_strip_prefixes(k): v for k, v in obj.items()}, {}
+
+
+def read_metadata(path: str | Path) -> dict:
+    """leanvit's metadata in the checkpoint ``path`` names, read from the file's header alone (no tensors)."""
+    path = checkpoint_file(path)
+    if path.suffix != ".safetensors":
+        return {}  # a pickled state dict carries no leanvit metadata
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return _leanvit_metadata(f)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LeanvitError(f"Cannot read checkpoint {path}: {e}. Is it a complete weights file?") from None
+
+
+def _leanvit_metadata(f) -> dict:
+    return json.loads((f.metadata() or {}).get("leanvit", "{}"))
 
 
 def load_weights(model: nn.Module, path: str | Path, *, ignore_classifier: bool = False) -> dict:

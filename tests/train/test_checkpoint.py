@@ -9,7 +9,7 @@ import timm
 import torch
 
 from leanvit.checkpoint import (
-    CheckpointMismatchError, load_weights, model_from_checkpoint, read_checkpoint, save_weights,
+    CheckpointMismatchError, load_weights, model_from_checkpoint, read_checkpoint, read_metadata, save_weights,
 )
 from leanvit.errors import LeanvitError
 
@@ -26,7 +26,7 @@ def test_safetensors_round_trip_rebuilds_the_model(tmp_path):
     meta = {"model": "deit_tiny_patch16_224", "model_kwargs": TINY, "classes": list("abcdefghij")}
     save_weights(tmp_path / "model.safetensors", model.state_dict(), meta)
     rebuilt, got = model_from_checkpoint("deit_tiny_patch16_224", tmp_path)  # a folder means its model.safetensors
-    assert got == meta
+    assert got == meta and read_metadata(tmp_path) == meta  # the header alone holds it
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
 
@@ -35,7 +35,7 @@ def test_pth_with_wrapper_and_ddp_prefix(tmp_path):
     model = _vit()
     torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, tmp_path / "c.pth")
     state, meta = read_checkpoint(tmp_path / "c.pth")
-    assert meta == {} and state.keys() == model.state_dict().keys()
+    assert meta == {} and read_metadata(tmp_path / "c.pth") == {} and state.keys() == model.state_dict().keys()
     other = _vit()
     torch.nn.init.zeros_(other.head.weight)
     load_weights(other, tmp_path / "c.pth")
@@ -77,6 +77,8 @@ def test_unreadable_and_missing_files(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(LeanvitError, match="Cannot read checkpoint"):
         read_checkpoint(tmp_path / "bad.safetensors")
+    with pytest.raises(LeanvitError, match="Cannot read checkpoint"):
+        read_metadata(tmp_path / "bad.safetensors")
     with pytest.raises(LeanvitError, match="does not exist"):
         read_checkpoint(tmp_path / "nope.pth")
     torch.save([1, 2, 3], tmp_path / "list.pth")
@@ -154,7 +156,10 @@ def test_release_card_names_the_initial_weights_teacher_and_earlier_runs(tmp_pat
                         init_checkpoint=finished("stage2", second, 2)).to_dict()
 
     assert release.provenance(first).startswith("`deit_tiny_patch16_224` trained from scratch")
-    assert "fine-tuned from" in release.provenance(second) and "hard distillation" in release.provenance(second)
+    assert "fine-tuned from" in release.provenance(second)
+    assert "hard distillation (alpha 0.5) from" in release.provenance(second)
+    soft = {**second, "distill": "soft", "distill_tau": 2.0}
+    assert "soft distillation (alpha 0.5, temperature 2.0)" in release.provenance(soft)
     pinned = release.provenance(second, {"teacher_checkpoint": {"file": "/x.safetensors", "sha256": "ab" * 32}})
     assert "(weights `mobilevig_ti-cifar10` (sha256 `abababababababab…`))" in pinned
     section, seconds = release.earlier_stages(second)

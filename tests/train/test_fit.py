@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from leanvit.checkpoint import model_from_checkpoint, read_checkpoint, save_weights
+from leanvit.checkpoint import model_from_checkpoint, read_checkpoint, read_metadata, save_weights
 from leanvit.errors import LeanvitError
 from leanvit.train import TrainConfig, fit
 from leanvit.train import loop
@@ -149,7 +149,7 @@ def test_training_with_evit_follows_the_keep_rate_warmup(tmp_path, monkeypatch):
     assert seen[:2] == [1.0, 1.0]
     assert seen[2] == 1.0 and 0.5 < seen[3] < 1.0 and seen[4:] == [0.5, 0.5]
     assert len(result.epochs) == 3
-    assert read_checkpoint(tmp_path / "evit" / "model.safetensors")[1]["tokens"] == "evit:0.5"
+    assert read_metadata(tmp_path / "evit")["tokens"] == "evit:0.5"
     reloaded, _ = model_from_checkpoint("deit_tiny_patch16_224", tmp_path / "evit" / "model.safetensors")
     assert reloaded.blocks.method.keep_rate == 0.5  # trained with EViT on, evaluated with it
 
