@@ -62,10 +62,10 @@ def provenance(config: dict, inputs: dict | None = None) -> str:
 
     how = f"fine-tuned from {weights('init_checkpoint')}" if config.get("init_checkpoint") else "trained from scratch"
     if config.get("teacher"):
-        soft = config.get("distill") == "soft"
-        how += (f" with DeiT {config.get('distill', 'hard')} distillation (alpha {config.get('distill_alpha')}"
-                + (f", temperature {config.get('distill_tau')}" if soft else "") + ") from "
-                f"`{config['teacher']}` (weights "
+        mode = config.get("distill", "hard")
+        params = f"alpha {config.get('distill_alpha')}" + (f", temperature {config.get('distill_tau')}"
+                                                          if mode == "soft" else "")
+        how += (f" with DeiT {mode} distillation ({params}) from `{config['teacher']}` (weights "
                 + (weights("teacher_checkpoint") if config.get("teacher_checkpoint") else "`timm pretrained`") + ")")
     return f"`{config['model']}` {how} on CIFAR-10 by `leanvit train`"
 

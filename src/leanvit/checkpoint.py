@@ -77,7 +77,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                 return {_strip_prefixes(k): f.get_tensor(k) for k in f.keys()}, _leanvit_metadata(f)
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise LeanvitError(f"Cannot read checkpoint {path}: {e}. Is it a complete weights file?") from None
+        raise _unreadable(path, e) from None
     for key in _WRAPPERS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -96,11 +96,15 @@ def read_metadata(path: str | Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             return _leanvit_metadata(f)
     except (SafetensorError, OSError, ValueError) as e:
-        raise LeanvitError(f"Cannot read checkpoint {path}: {e}. Is it a complete weights file?") from None
+        raise _unreadable(path, e) from None
 
 
 def _leanvit_metadata(f) -> dict:
     return json.loads((f.metadata() or {}).get("leanvit", "{}"))
+
+
+def _unreadable(path: Path, error: Exception) -> LeanvitError:
+    return LeanvitError(f"Cannot read checkpoint {path}: {error}. Is it a complete weights file?")
 
 
 def load_weights(model: nn.Module, path: str | Path, *, ignore_classifier: bool = False) -> dict:
