@@ -21,6 +21,17 @@ def test_data_config_is_the_models_pretrained_cfg(name):
     assert small["input_size"] == [3, 32, 32] and small["crop_pct"] == 1.0
 
 
+def test_a_saved_data_config_keeps_its_crop_and_statistics_at_another_resolution():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    saved = {"input_size": [3, 96, 96], "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
+             "std": [0.25, 0.25, 0.25], "crop_pct": 1.0, "crop_mode": "center"}
+    assert resolve_data_config(model, saved=saved) == saved
+    larger = resolve_data_config(model, img_size=128, saved=saved)
+    assert larger == {**saved, "input_size": [3, 128, 128]}  # not timm's 0.9 crop and ImageNet statistics
+    assert resolve_data_config(model, crop_pct=0.875, saved=saved)["crop_pct"] == 0.875
+    assert saved["input_size"] == [3, 96, 96]  # the checkpoint's own record is not modified
+
+
 def test_eval_transform_normalises_with_the_models_mean_and_std():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
     cfg = resolve_data_config(model, img_size=16, crop_pct=1.0)

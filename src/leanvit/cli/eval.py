@@ -62,10 +62,7 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
     img_size = args.img_size or (args.model_kwargs.get("img_size") if isinstance(
         args.model_kwargs.get("img_size"), int) else None)
-    if meta.get("data_config") and not (img_size or args.crop_pct):
-        data_config = meta["data_config"]
-    else:
-        data_config = resolve_data_config(model, img_size=img_size, crop_pct=args.crop_pct)
+    data_config = resolve_data_config(model, img_size=img_size, crop_pct=args.crop_pct, saved=meta.get("data_config"))
     dataset = open_dataset(args.data, transform=build_transform(data_config), labels=args.labels)
     classes = dataset_classes(dataset)
     if meta.get("classes") and meta["classes"] != classes:

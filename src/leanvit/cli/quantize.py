@@ -123,10 +123,7 @@ def run(args: argparse.Namespace) -> int:
     model.eval()
     img_size = args.img_size or (args.model_kwargs.get("img_size")
                                  if isinstance(args.model_kwargs.get("img_size"), int) else None)
-    if meta.get("data_config") and not img_size:
-        data_config = meta["data_config"]
-    else:
-        data_config = resolve_data_config(model, img_size=img_size)
+    data_config = resolve_data_config(model, img_size=img_size, saved=meta.get("data_config"))
     transform = build_transform(data_config)
     calib = open_dataset(args.calib, train=True, transform=transform)
     if len(calib) < config.min_images:

@@ -14,9 +14,18 @@ from timm.data import create_transform, resolve_model_data_config
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
-def resolve_data_config(model: nn.Module, *, img_size: int | None = None,
-                        crop_pct: float | None = None) -> dict:
-    """timm's data config of ``model`` (mean, std, crop, interpolation), with optional overrides."""
+def resolve_data_config(model: nn.Module, *, img_size: int | None = None, crop_pct: float | None = None,
+                        saved: dict | None = None) -> dict:
+    """The evaluation data config of ``model``: the one ``saved`` with its checkpoint when there is
+    one, else timm's from its ``pretrained_cfg``. ``img_size`` and ``crop_pct`` override either and
+    keep the rest, so a checkpoint evaluated at another resolution keeps its own crop and statistics."""
+    if saved:
+        config = dict(saved)
+        if img_size is not None:
+            config["input_size"] = [config["input_size"][0], img_size, img_size]
+        if crop_pct is not None:
+            config["crop_pct"] = crop_pct
+        return config
     args = {k: v for k, v in {"img_size": img_size, "crop_pct": crop_pct}.items() if v is not None}
     config = resolve_model_data_config(model, args=args)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
