@@ -46,6 +46,14 @@ def test_eval_of_a_trained_checkpoint_matches_a_direct_count(trained, capsys, tm
     assert sorted(report["per_class"]) == sorted(data.classes)
 
 
+def test_eval_img_size_keeps_the_checkpoints_crop(trained, capsys):
+    # the run trained with --crop-pct 1.0; naming a resolution must not bring back timm's 0.9 crop
+    assert main(["eval", MODEL, "--checkpoint", str(trained), "--img-size", "32", "--json", "--no-progress",
+                 "--workers", "0"]) == 0
+    config = json.loads(capsys.readouterr().out)["data_config"]
+    assert config["input_size"] == [3, 32, 32] and config["crop_pct"] == 1.0
+
+
 def test_eval_human_readable(trained, capsys):
     assert main(["eval", MODEL, "--checkpoint", str(trained), "--no-progress", "--workers", "0"]) == 0
     out = capsys.readouterr().out
