@@ -94,7 +94,9 @@ def run_record(weights: str) -> dict | None:
         return read_state(last)
     try:
         return read_metadata(weights).get("run")
-    except LeanvitError:
+    except LeanvitError as e:  # the card then ends its list of stages here, and says so on the console
+        print(f"release_checkpoint: warning: no training record of {weights}, so the card lists no stage "
+              f"before it: {e}", file=sys.stderr)
         return None
 
 

@@ -170,7 +170,7 @@ def test_release_card_names_the_initial_weights_teacher_and_earlier_runs(tmp_pat
     assert release.earlier_stages(first) == ([], 0.0)
 
 
-def test_a_released_checkpoint_carries_its_run_for_the_next_stages_card(tmp_path):
+def test_a_released_checkpoint_carries_its_run_for_the_next_stages_card(tmp_path, capsys):
     """A stage released in one session is still listed on a later stage's card once its run folder is gone."""
     from leanvit.checkpoint import save_weights
     from leanvit.train import TrainConfig
@@ -187,6 +187,7 @@ def test_a_released_checkpoint_carries_its_run_for_the_next_stages_card(tmp_path
     assert "`shipped/stage1.safetensors`" in "\n".join(section)
     unknown = TrainConfig(model="deit_tiny_patch16_224", data="/data/train", init_checkpoint="no-such-run").to_dict()
     assert release.earlier_stages(unknown) == ([], 0.0)
+    assert "no training record of no-such-run" in capsys.readouterr().err  # said, not silently dropped
 
 
 def test_release_card_says_what_a_resume_changed():
