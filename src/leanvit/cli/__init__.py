@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any, Sequence
 
+from ..data import resolve_data_config
 from ..errors import LeanvitError
 
 #: Sub-command modules, in the order ``leanvit --help`` lists them.
@@ -61,3 +62,13 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def input_data_config(model, meta: dict, args: argparse.Namespace) -> dict:
+    """Pre-processing for a command that runs a model on images: ``--img-size`` (else an integer
+    ``img_size`` model kwarg) and ``--crop-pct`` where the command has one, over the checkpoint's
+    saved data config, else over the model's timm config."""
+    kwarg = args.model_kwargs.get("img_size")
+    img_size = args.img_size or (kwarg if isinstance(kwarg, int) else None)
+    return resolve_data_config(model, img_size=img_size, crop_pct=getattr(args, "crop_pct", None),
+                               saved=meta.get("data_config"))

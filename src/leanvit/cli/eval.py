@@ -10,12 +10,12 @@ import torch
 
 from ..checkpoint import model_from_checkpoint
 from ..data import (
-    BUNDLED_CIFAR10, build_transform, dataset_classes, make_loader, open_dataset, resolve_data_config,
+    BUNDLED_CIFAR10, build_transform, dataset_classes, make_loader, open_dataset,
 )
 from ..errors import LeanvitError
 from ..evaluate import evaluate
 from ..models.registry import create_model
-from . import positive_int, print_json
+from . import input_data_config, positive_int, print_json
 from .train import json_object
 
 
@@ -60,9 +60,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.pretrained:
             print("leanvit eval: warning: no --checkpoint or --pretrained, evaluating random weights",
                   file=sys.stderr)
-    img_size = args.img_size or (args.model_kwargs.get("img_size") if isinstance(
-        args.model_kwargs.get("img_size"), int) else None)
-    data_config = resolve_data_config(model, img_size=img_size, crop_pct=args.crop_pct, saved=meta.get("data_config"))
+    data_config = input_data_config(model, meta, args)
     dataset = open_dataset(args.data, transform=build_transform(data_config), labels=args.labels)
     classes = dataset_classes(dataset)
     if meta.get("classes") and meta["classes"] != classes:

@@ -19,12 +19,12 @@ import torch
 
 from ..checkpoint import model_from_checkpoint
 from ..data import (
-    build_transform, calibration_subset, dataset_classes, make_loader, open_dataset, resolve_data_config,
+    build_transform, calibration_subset, dataset_classes, make_loader, open_dataset,
 )
 from ..errors import LeanvitError
 from ..evaluate import evaluate
 from ..models.registry import create_model
-from . import positive_int, print_json
+from . import input_data_config, positive_int, print_json
 from .train import json_object
 
 
@@ -121,9 +121,7 @@ def run(args: argparse.Namespace) -> int:
         model, meta = create_model(args.model, **args.model_kwargs), {}
         print("leanvit quantize: warning: no --checkpoint, quantizing random weights", file=sys.stderr)
     model.eval()
-    img_size = args.img_size or (args.model_kwargs.get("img_size")
-                                 if isinstance(args.model_kwargs.get("img_size"), int) else None)
-    data_config = resolve_data_config(model, img_size=img_size, saved=meta.get("data_config"))
+    data_config = input_data_config(model, meta, args)
     transform = build_transform(data_config)
     calib = open_dataset(args.calib, train=True, transform=transform)
     if len(calib) < config.min_images:
