@@ -48,7 +48,7 @@ def load(entry: dict, model_kwargs: dict):
     else:
         model, meta = create_model(entry["model"], **model_kwargs), {}
     img_size = model_kwargs.get("img_size") if isinstance(model_kwargs.get("img_size"), int) else None
-    return model.eval(), meta.get("data_config") or resolve_data_config(model, img_size=img_size)
+    return model.eval(), resolve_data_config(model, img_size=img_size, saved=meta.get("data_config"))
 
 
 def predictions(predict, loader) -> tuple[np.ndarray, np.ndarray]:

@@ -97,7 +97,7 @@ def main() -> int:
         base, meta = create_model(args.model, **args.model_kwargs), {}
     base.eval()
     input_size = (base.patch_embed.proj.in_channels, *base.patch_embed.img_size)
-    data_config = meta.get("data_config") or resolve_data_config(base, img_size=input_size[-1])
+    data_config = resolve_data_config(base, img_size=input_size[-1], saved=meta.get("data_config"))
     transform = build_transform(data_config)
 
     eval_loader = eval_images = None

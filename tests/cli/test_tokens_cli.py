@@ -63,3 +63,22 @@ def test_user_errors(capsys, argv, match):
 def test_not_a_vit(capsys):
     code, _, err = run_cli(capsys, "tokens", "resnet10t", "--method", "evit")
     assert code == 2 and "plain ViTs" in err
+
+
+def test_img_size_kwarg_over_a_checkpoints_saved_config(tmp_path, capsys):
+    # the checkpoint's saved pre-processing is 32x32; a model rebuilt at 48x48 must be fed 48x48 images
+    import timm
+
+    from leanvit.checkpoint import save_weights
+
+    kwargs = {"num_classes": 10, "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2}
+    model = timm.create_model("deit_tiny_patch16_224", **kwargs)
+    saved = {"input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
+             "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    path = save_weights(tmp_path / "m.safetensors", model.state_dict(),
+                        {"model": "deit_tiny_patch16_224", "model_kwargs": kwargs, "data_config": saved})
+    code, out, _ = run_cli(capsys, "tokens", "deit_tiny_patch16_224", "--checkpoint", str(path), "--model-kwargs",
+                           '{"img_size": 48}', "--method", "tome", "--r", "1", "--eval", "cifar10-test500",
+                           "--eval-images", "10", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["img_size"] == 48 and report["eval_images"] == 10

@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         if args.eval:
             print("leanvit tokens: warning: no --checkpoint, evaluating random weights", file=sys.stderr)
     tokens.check_plain_vit(model)
-    data_config = meta.get("data_config") or resolve_data_config(model, img_size=model.patch_embed.img_size[0])
+    # the size the model was built for (an img_size model kwarg wins over the checkpoint's), its saved crop and statistics
+    data_config = resolve_data_config(model, img_size=model.patch_embed.img_size[0], saved=meta.get("data_config"))
     transform = build_transform(data_config)
     if args.method == "diffrate":
         calib = None
