@@ -6,7 +6,8 @@ import torch
 from onnx import numpy_helper
 
 from leanvit.compress.quant import (
-    QuantConfig, export, export_quantized, onnx_int8_summary, openvino_precisions, quantize,
+    QuantConfig, QuantLinear, export, export_quantized, onnx_int8_summary, onnxruntime_precisions, openvino_precisions,
+    quantize,
 )
 from leanvit.compress.quant.export import OnnxInt8Summary, int8_saturates
 from leanvit.deploy import check_agreement, get_engine
@@ -61,6 +62,18 @@ def test_onnxruntime_runs_the_simulation(qvit, vit_onnx, tests_in):
     agreement = check_agreement(qvit, runner, tests_in)
     assert agreement.top1_agreement == 1.0
     assert agreement.max_abs_err < 0.02 * agreement.ref_scale
+
+
+def test_onnxruntime_runs_the_linears_as_int8_kernels(qvit, vit_onnx, tiny_cnn, tmp_path):
+    # ONNX Runtime's MatMul + Add -> Gemm fusion would make every quantized Linear a float Gemm; leanvit's
+    # sessions turn it off for QDQ models, and the graph ONNX Runtime runs is read back to check
+    ops = [op for op, _ in onnxruntime_precisions(vit_onnx).values()]
+    token_linears = [n for n, m in qvit.named_modules() if isinstance(m, QuantLinear) and n != "head"]
+    assert ops.count("MatMulIntegerToFloat") == len(token_linears) == 8
+    # what stays float on ONNX Runtime is named: a conv's QDQ needs a quantized output to become QLinearConv
+    qcnn = quantize(tiny_cnn, torch.randn(16, 3, 32, 32), DEPLOY, progress=False)
+    with pytest.warns(UserWarning, match="compute layers run in float on ONNX Runtime: .*QLinearConv"):
+        export(qcnn, tmp_path / "cnn.onnx", engine="onnxruntime")
 
 
 def test_openvino_runs_int8_kernels_and_the_simulation(qvit, vit_xml, tests_in):

@@ -24,7 +24,9 @@ from .calibrate import (
     TARGETS, QuantConfig, QuantReport, calibration_batches, correct_bias, parse_bits, quantize, quantizers,
     quantizers_disabled, resolve_target,
 )
-from .export import check_deployable, export, export_quantized, onnx_int8_summary, openvino_precisions
+from .export import (
+    check_deployable, export, export_quantized, onnx_int8_summary, onnxruntime_precisions, openvino_precisions,
+)
 from .hessian import hessian_search
 from .mixed import allocate_bits, average_weight_bits, layer_sensitivity
 from .modules import QuantConv2d, QuantLinear, fold_batchnorm
@@ -41,7 +43,8 @@ __all__ = [
     "TwinUniformQuantizer",
     "allocate_bits", "average_weight_bits", "calibration_batches", "check_deployable", "choose_range",
     "correct_bias", "export", "export_quantized", "fake_quantize", "find_bridges", "find_units", "fold_batchnorm",
-    "hessian_search", "layer_sensitivity", "layernorm_consumers", "onnx_int8_summary", "openvino_precisions",
+    "hessian_search", "layer_sensitivity", "layernorm_consumers", "onnx_int8_summary", "onnxruntime_precisions",
+    "openvino_precisions",
     "parse_bits", "qparams", "quantize", "quantizers", "quantizers_disabled", "reconstruct", "reparameterise",
     "resolve_target",
     "swap_attention",

@@ -27,6 +27,13 @@ from .quantizer import FakeQuantizer
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 OV_COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
+#: ONNX Runtime's CPU nodes after its graph fusions: the integer kernels, and the float compute ops
+ORT_INT8_OPS = ("QLinearConv", "NhwcQLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger",
+                "MatMulInteger", "DynamicQuantizeMatMul")
+ORT_FLOAT_OPS = ("Conv", "FusedConv", "NhwcFusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm")
+#: why a QDQ convolution stays float on ONNX Runtime, for the warnings
+ORT_CONV_NOTE = ("ONNX Runtime fuses a QDQ Conv into its INT8 QLinearConv only when the conv's output is quantized "
+                 "too, and leanvit quantizes the inputs of compute layers (what OpenVINO runs in INT8)")
 ENGINES = ("openvino", "onnxruntime")
 
 
@@ -151,7 +158,13 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
                            f"choose one of {', '.join(ENGINES)}.")
     path = Path(path)
     if engine == "onnxruntime":
-        return export_quantized(qmodel, path.with_suffix(".onnx"), example, dynamic_batch=dynamic_batch)
+        onnx_path = export_quantized(qmodel, path.with_suffix(".onnx"), example, dynamic_batch=dynamic_batch)
+        in_float = [name for name, (_, precision) in onnxruntime_precisions(onnx_path).items() if precision != "int8"]
+        if in_float:
+            note = f" ({ORT_CONV_NOTE})" if any("conv" in name.lower() for name in in_float) else ""
+            warnings.warn(f"{len(in_float)} compute layers run in float on ONNX Runtime: {', '.join(in_float)}{note}",
+                          stacklevel=2)
+        return onnx_path
     import openvino as ov
 
     onnx_path = export_quantized(qmodel, path.with_suffix(".onnx"), example, dynamic_batch=dynamic_batch)
@@ -180,6 +193,24 @@ def openvino_precisions(compiled) -> dict[str, tuple[str, str]]:
         if layer_type in OV_COMPUTE_LAYERS or (layer_type == "Subgraph" and "matmul" in fused):
             found[op.get_friendly_name()] = (layer_type, info["runtimePrecision"].astype(str).lower())
     return found
+
+
+def onnxruntime_precisions(path: str | Path) -> dict[str, tuple[str, str]]:
+    """``{node: (op type, "int8" or "float")}`` of the compute nodes ONNX Runtime's CPU provider runs for the
+    ONNX file at ``path``, read from the graph it executes after its fusions: a QDQ node it could not fuse
+    into an integer kernel shows up here as a float op fed by DequantizeLinear."""
+    import tempfile
+
+    import onnx
+
+    from ...deploy import get_engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        get_engine("onnxruntime", threads=1).load_onnx(path, optimized_path=optimized)
+        graph = onnx.load(str(optimized), load_external_data=False).graph
+    return {node.name or node.output[0]: (node.op_type, "int8" if node.op_type in ORT_INT8_OPS else "float")
+            for node in graph.node if node.op_type in ORT_INT8_OPS + ORT_FLOAT_OPS}
 
 
 @dataclass
