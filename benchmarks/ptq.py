@@ -1,18 +1,20 @@
-"""FP32 vs leanvit INT8 vs NNCF INT8 on the same models and calibration images: accuracy and OpenVINO latency.
+"""FP32 vs leanvit INT8 vs NNCF INT8 on the same models and calibration images: accuracy and OpenVINO / ONNX Runtime latency.
 
     python benchmarks/ptq.py --manifest benchmarks/checkpoints.json --data DIR --calib DIR \\
         [--calib-images 256] [--eval-images N] [--bits w8a8] [--threads 2] [--out benchmarks/results/ptq]
     python benchmarks/ptq.py --models deit_tiny_patch16_224 --data cifar10-test500 --calib cifar10-test500 \\
         --model-kwargs '{"num_classes": 10}' --eval-images 64      # smoke run, random weights
 
-For every model, one FP32 ONNX export (batch 1, static) feeds both OpenVINO FP32 and NNCF
-(``nncf.quantize`` on the OpenVINO model read from it, ``ModelType.TRANSFORMER`` for models with
-attention, as NNCF recommends; the same calibration images). leanvit's INT8 model is the QDQ export of
-its own simulation. Accuracy is top-1 of each engine running its file at batch 1, plus the simulation's
-top-1 and its top-1 agreement with the engine, and McNemar's paired test of leanvit's INT8 against
-NNCF's on the same images; latency is OpenVINO at batch 1 with ``--threads``
-threads, the three files timed in alternating rounds (``leanvit.bench.time_alternating``) so that the
-machine's drift hits them alike; ``--profile`` adds OpenVINO's per-op timings. Writes ``ptq.json``, ``ptq.md`` and ``ptq.png``.
+For every model, one FP32 ONNX export (batch 1, static) feeds OpenVINO FP32, ONNX Runtime FP32 and NNCF
+(``nncf.quantize`` on the OpenVINO model read from it, and on the ONNX model itself for ONNX Runtime;
+``ModelType.TRANSFORMER`` for models with attention, as NNCF recommends; the same calibration images).
+leanvit's INT8 model is the QDQ export of its own simulation, run by both engines. Accuracy is top-1 of
+each engine running its file at batch 1, plus the simulation's top-1 and its top-1 agreement with each
+engine, and McNemar's paired test of leanvit's INT8 against NNCF's on OpenVINO; latency is batch 1 with
+``--threads`` threads, the six files timed in alternating rounds (``leanvit.bench.time_alternating``) so
+that the machine's drift hits them alike; ``--profile`` adds OpenVINO's per-op timings. Which compute
+nodes each engine runs in INT8 is read from the engine (OpenVINO's runtime precisions, the graph ONNX
+Runtime executes after its fusions). Writes ``ptq.json``, ``ptq.md`` and ``ptq.png``.
 """
 from __future__ import annotations
 
@@ -132,6 +134,15 @@ def bench_model(entry: dict, args) -> dict:
     row["sim_engine_agreement"] = round(100.0 * float((lean_preds == sim_preds).mean()), 2)
     row["leanvit_int8_layers"] = sum(p in ("i8", "u8") for _, p in quant.openvino_precisions(lean.compiled).values())
 
+    # the same QDQ file on ONNX Runtime
+    ort = get_engine("onnxruntime", threads=args.threads, precision="f32")
+    fp32_ort, lean_onnx = ort.load_onnx(fp_onnx), xml.with_suffix(".onnx")
+    lean_ort = ort.load_onnx(lean_onnx)
+    ort_preds, _ = predictions(lambda b: lean_ort(b.numpy()), eval_one)
+    row["leanvit_ort_top1"] = top1(ort_preds, labels)
+    row["sim_ort_agreement"] = round(100.0 * float((ort_preds == sim_preds).mean()), 2)
+    row["leanvit_ort_precisions"] = dict(Counter(p for _, p in quant.onnxruntime_precisions(lean_onnx).values()))
+
     # NNCF on the same FP32 model and calibration images
     kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if has_attention(model) else {}
     nncf_model = nncf.quantize(ov.Core().read_model(str(fp_onnx)),
@@ -144,15 +155,40 @@ def bench_model(entry: dict, args) -> dict:
     row["nncf_top1"] = top1(nncf_preds, labels)
     paired = compare_paired(lean_preds, nncf_preds, labels)  # is the gap more than chance?
     row["leanvit_vs_nncf"] = {"leanvit_only": paired.a_only, "nncf_only": paired.b_only, "mcnemar_p": paired.p_value}
+    nncf_ort = nncf_onnx_runner(fp_onnx, calib, out / "nncf_int8.onnx", ort, kwargs)
+    if isinstance(nncf_ort, str):  # NNCF's ONNX backend failed: say so, keep the rest of the row
+        print(f"NNCF (ONNX backend) failed on {entry['model']}: {nncf_ort}", file=sys.stderr)
+        row["nncf_ort_error"], nncf_ort = nncf_ort, None
+    else:
+        nncf_ort_preds, _ = predictions(lambda b: nncf_ort(b.numpy()), eval_one)
+        row["nncf_ort_top1"] = top1(nncf_ort_preds, labels)
     x_np = x.numpy()
-    timings = time_alternating({kind: (lambda r=runner: r(x_np)) for kind, runner in
-                                (("fp32", fp32), ("leanvit", lean), ("nncf", anchor))}, budget, rounds=args.rounds)
+    runners = [("fp32", fp32), ("leanvit", lean), ("nncf", anchor), ("ort_fp32", fp32_ort), ("ort_leanvit", lean_ort)]
+    runners += [("ort_nncf", nncf_ort)] if nncf_ort is not None else []
+    timings = time_alternating({kind: (lambda r=runner: r(x_np)) for kind, runner in runners}, budget,
+                               rounds=args.rounds)
     row.update({f"{kind}_ms": round(t.median, 3) for kind, t in timings.items()})
     row["nncf_int8_layers"] = sum(p in ("i8", "u8") for _, p in quant.openvino_precisions(anchor.compiled).values())
     if args.profile:
         row["op_ms"] = {kind: op_profile(engine, path, x.numpy())
                         for kind, path in (("fp32", fp_onnx), ("leanvit", xml), ("nncf", nncf_xml))}
     return row
+
+
+def nncf_onnx_runner(fp_onnx: Path, calib, path: Path, ort, kwargs: dict):
+    """NNCF's INT8 model for ONNX Runtime (its ONNX backend, same calibration images), or the error's text."""
+    import nncf
+    import onnx
+
+    model = onnx.load(str(fp_onnx))
+    name = model.graph.input[0].name
+    try:
+        quantized = nncf.quantize(model, nncf.Dataset(make_loader(calib, 1), lambda batch: {name: batch[0].numpy()}),
+                                  subset_size=len(calib), **kwargs)
+    except Exception as e:  # an anchor that cannot be built is reported, not fatal to the benchmark
+        return f"{type(e).__name__}: {e}"
+    onnx.save(quantized, str(path))
+    return ort.load_onnx(path)
 
 
 def render_markdown(rows: list[dict], args, host: dict) -> str:
@@ -172,6 +208,19 @@ def render_markdown(rows: list[dict], args, host: dict) -> str:
             f"({r['leanvit_vs_nncf']['mcnemar_p']:.2f}) | {r['fp32_ms']:.2f} | "
             f"{r['leanvit_ms']:.2f} | {r['nncf_ms']:.2f} | {r['leanvit_ms'] / r['nncf_ms']:.2f} | "
             f"{r['fp32_ms'] / r['leanvit_ms']:.2f} |")
+    lines += ["", f"ONNX Runtime (CPU execution provider), the same files, batch 1, {args.threads} threads; INT8 / float: "
+              "leanvit's compute nodes in the graph ONNX Runtime executes after its fusions:", "",
+              "| model | leanvit ORT top-1 | sim/ORT agree % | leanvit INT8 / float nodes | NNCF ORT top-1 | FP32 ms | "
+              "leanvit ms | NNCF ms | leanvit / NNCF | FP32 / leanvit |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        nncf_ms = r.get("ort_nncf_ms")
+        lines.append(
+            f"| {r['model']} | {r['leanvit_ort_top1']:.2f} | {r['sim_ort_agreement']:.1f} | "
+            f"{r['leanvit_ort_precisions'].get('int8', 0)} / {r['leanvit_ort_precisions'].get('float', 0)} | "
+            + (f"{r['nncf_ort_top1']:.2f}" if "nncf_ort_top1" in r else "failed (ptq.json)")
+            + f" | {r['ort_fp32_ms']:.2f} | {r['ort_leanvit_ms']:.2f} | "
+            + (f"{nncf_ms:.2f} | {r['ort_leanvit_ms'] / nncf_ms:.2f}" if nncf_ms else "– | –")
+            + f" | {r['ort_fp32_ms'] / r['ort_leanvit_ms']:.2f} |")
     lines += ["", "The McNemar column counts the test images only one of the two INT8 models classifies right; p is "
               "the exact two-sided chance of a split at least that lopsided between equally accurate models.",
               "", "Layers leanvit leaves in float (reasons in ptq.json):", ""]
@@ -195,14 +244,19 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, marker in (("fp32", "o"), ("leanvit", "s"), ("nncf", "^")):
-        ax.scatter([r[f"{kind}_ms"] for r in rows], [r[f"{kind}_top1"] for r in rows], marker=marker, label=kind)
-    for r in rows:
-        ax.annotate(r["model"], (r["fp32_ms"], r["fp32_top1"]), fontsize=7)
-    ax.set_xlabel("OpenVINO latency, batch 1 (ms)")
-    ax.set_ylabel("top-1 (%)")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    top1_keys = {"fp32": "fp32_top1", "leanvit": "leanvit_top1", "nncf": "nncf_top1"}
+    for ax, (engine, prefix) in zip(axes, (("OpenVINO", ""), ("ONNX Runtime", "ort_"))):
+        for kind, marker in (("fp32", "o"), ("leanvit", "s"), ("nncf", "^")):
+            key = top1_keys[kind] if not prefix or kind == "fp32" else f"{kind}_ort_top1"
+            points = [(r[f"{prefix}{kind}_ms"], r[key]) for r in rows if f"{prefix}{kind}_ms" in r and key in r]
+            if points:
+                ax.scatter(*zip(*points), marker=marker, label=kind)
+        for r in rows:
+            ax.annotate(r["model"], (r[f"{prefix}fp32_ms"], r["fp32_top1"]), fontsize=7)
+        ax.set_xlabel(f"{engine} latency, batch 1 (ms)")
+        ax.legend()
+    axes[0].set_ylabel("top-1 (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
