@@ -1,4 +1,6 @@
 """Quantized models export as QDQ ONNX / OpenVINO IR that run INT8 kernels and compute what was simulated."""
+from collections import Counter
+
 import numpy as np
 import onnx
 import pytest
@@ -6,8 +8,8 @@ import torch
 from onnx import numpy_helper
 
 from leanvit.compress.quant import (
-    QuantConfig, QuantLinear, export, export_quantized, onnx_int8_summary, onnxruntime_precisions, openvino_precisions,
-    quantize,
+    QuantConfig, QuantConv2d, QuantLinear, export, export_quantized, onnx_int8_summary, onnxruntime_precisions,
+    openvino_precisions, quantize,
 )
 from leanvit.compress.quant.export import OnnxInt8Summary, int8_saturates
 from leanvit.deploy import check_agreement, get_engine
@@ -74,6 +76,26 @@ def test_onnxruntime_runs_the_linears_as_int8_kernels(qvit, vit_onnx, tiny_cnn, 
     qcnn = quantize(tiny_cnn, torch.randn(16, 3, 32, 32), DEPLOY, progress=False)
     with pytest.warns(UserWarning, match="compute layers run in float on ONNX Runtime: .*QLinearConv"):
         export(qcnn, tmp_path / "cnn.onnx", engine="onnxruntime")
+
+
+def test_quantized_conv_outputs_make_onnxruntime_run_int8_convs(tiny_cnn, tmp_path, tests_in):
+    config = QuantConfig.recipe("mse", "w7a8", engine="onnxruntime", quantize_depthwise=True)
+    assert config.quantize_conv_outputs and not QuantConfig.recipe("mse", "w8a8").quantize_conv_outputs
+    with pytest.raises(LeanvitError, match="Unknown engine 'tensorrt'"):
+        QuantConfig.recipe("mse", engine="tensorrt")
+    qcnn = quantize(tiny_cnn, torch.randn(16, 3, 32, 32), config, progress=False)
+    convs = [m for m in qcnn.modules() if isinstance(m, QuantConv2d)]
+    assert convs and all(m.output_quantizer is not None for m in convs)
+    for conv in convs:  # biases snapped to the int32 grid of input scale x weight scale, as QLinearConv stores them
+        ints = conv.bias / (conv.input_quantizer.scale * conv.weight_quantizer.scale)
+        assert torch.allclose(ints, ints.round(), atol=1e-3)
+    path = export(qcnn, tmp_path / "cnn.onnx", engine="onnxruntime")
+    ops = Counter(op for op, _ in onnxruntime_precisions(path).values())
+    assert ops["QLinearConv"] == len(convs) and ops["Conv"] == ops["FusedConv"] == 0
+    runner = get_engine("onnxruntime", threads=1).load_onnx(path)
+    agreement = check_agreement(qcnn, runner, tests_in)
+    # integer requantization rounds some outputs one step away from the simulation's float rounding
+    assert agreement.max_abs_err < 0.2 * agreement.ref_scale
 
 
 def test_openvino_runs_int8_kernels_and_the_simulation(qvit, vit_xml, tests_in):

@@ -82,7 +82,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                    help="keep layers whose name matches this glob in float (repeatable), e.g. --skip head")
     p.add_argument("--engine", choices=("openvino", "onnxruntime"), default="openvino",
-                   help="engine the --out model is for (default openvino)")
+                   help="engine the model is for (default openvino); onnxruntime also quantizes convolution outputs, "
+                        "which its INT8 QLinearConv needs")
     p.add_argument("--out", type=Path, help="folder to write the INT8 model and report.json to")
     p.add_argument("--eval", metavar="DATA", help="dataset to measure top-1 on (any layout `leanvit eval` reads)")
     p.add_argument("--eval-images", type=positive_int, help="evaluate on this many images (class-balanced)")
@@ -111,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
         "hessian_search": args.hessian or None, "quantize_depthwise": args.quantize_depthwise or None,
     }
     target = quant.resolve_target(args.target)
-    config = quant.QuantConfig.recipe(args.recipe, args.bits, target=target, skip=tuple(args.skip),
-                                      layer_bits=tuple(args.layer_bits),
+    config = quant.QuantConfig.recipe(args.recipe, args.bits, target=target, engine=args.engine,
+                                      skip=tuple(args.skip), layer_bits=tuple(args.layer_bits),
                                       **{k: v for k, v in given.items() if v is not None})
     torch.set_num_threads(args.threads)
     if args.checkpoint:

@@ -25,8 +25,10 @@ import torch.nn as nn
 
 from ...errors import LeanvitError, check_range
 from .attention import SOFTMAX_QUANTIZERS, swap_attention
-from .modules import fold_batchnorm, quantizable_type
-from .quantizer import RANGE_METHODS, QScheme, Quantizer, RangeObserver, input_channel_weights, weight_range
+from .modules import QuantConv2d, fold_batchnorm, quantizable_type
+from .quantizer import (
+    RANGE_METHODS, FakeQuantizer, QScheme, Quantizer, RangeObserver, input_channel_weights, weight_range,
+)
 from .reparam import layernorm_consumers, per_channel_gain, reparameterise
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -57,6 +59,10 @@ class QuantConfig:
     #: are no faster than their float ones (see :data:`TARGETS`, ``recipe(target="vnni")`` turns them on) and
     #: a few weights per channel make them the most rounding-sensitive convs
     quantize_depthwise: bool = False
+    #: also quantize each convolution's output (uint8, per tensor) and snap its bias to the int32 grid: ONNX
+    #: Runtime runs a QDQ convolution as its INT8 QLinearConv only then (else in float); OpenVINO needs neither
+    #: (``recipe(engine="onnxruntime")`` turns it on)
+    quantize_conv_outputs: bool = False
     reparam_layernorm: bool = True  #: RepQ-ViT: per-channel post-LayerNorm ranges, deployed per tensor
     bias_correction: bool = False  #: remove each layer's mean output error (helps most below 8 bits)
     #: PTQ4ViT: refine the w_method/a_method ranges to minimise the output error weighted by the task
@@ -105,7 +111,8 @@ class QuantConfig:
         return cls(w_bits=w_bits, a_bits=a_bits, **kwargs)
 
     @classmethod
-    def recipe(cls, name: str, bits: str = "w8a8", target: str = "generic", **overrides) -> QuantConfig:
+    def recipe(cls, name: str, bits: str = "w8a8", target: str = "generic", engine: str = "openvino",
+               **overrides) -> QuantConfig:
         """A named recipe at ``bits`` (fields in ``overrides`` win); below W7A8, first and last layers at 8 bits.
 
         - ``"minmax"``: the textbook baseline, min-max ranges, no reparameterisation;
@@ -115,11 +122,16 @@ class QuantConfig:
           hybrid's bridge blocks included) and, below 8 bits, twin-uniform softmax quantization.
 
         ``target`` is the CPU a deployable (8-bit activation) model is for, one of :data:`TARGETS`: it decides
-        which ops are worth running in INT8 there.
+        which ops are worth running in INT8 there; ``engine`` the engine it is for ("openvino" or
+        "onnxruntime", which needs quantized conv outputs to run convolutions in INT8).
         """
         w_bits, a_bits = parse_bits(bits)
         if target not in TARGETS:
             raise LeanvitError(f"Unknown target '{target}'; use one of {', '.join(TARGETS)}.")
+        if engine not in ("openvino", "onnxruntime"):
+            raise LeanvitError(f"Unknown engine '{engine}'; quantization recipes are for openvino or onnxruntime.")
+        if engine == "onnxruntime" and a_bits == 8:
+            overrides = {"quantize_conv_outputs": True, **overrides}
         if resolve_target(target) == "vnni" and a_bits == 8 and w_bits >= 7:
             overrides = {"quantize_depthwise": True, "attn_bits": 8, **overrides}
         # 8-bit ends help low-bit models; a W7A8 model (exact INT8 on CPUs without VNNI) keeps 7-bit weights throughout
@@ -351,11 +363,36 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
                                            iters=config.reconstruct_iters, act_scales=config.reconstruct_act_scales,
                                            progress=progress)
 
+    if config.quantize_conv_outputs:  # after every step that changes weights or biases
+        _quantize_conv_outputs(qmodel, layers, batches, config, report)
     if report.float_compute_layers:
         listed = "\n".join(f"  {n}: {r}" for n, r in report.float_compute_layers.items())
         warnings.warn(f"{len(report.float_compute_layers)} compute layers stay in float:\n{listed}", stacklevel=2)
     qmodel.quant_report = report
     return qmodel
+
+
+def _quantize_conv_outputs(qmodel: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor],
+                           config: QuantConfig, report: QuantReport) -> None:
+    """Give each quantized convolution an output quantizer, ranged on the quantized model's own outputs, and snap
+    its bias to the int32 grid of input scale x weight scale: the QDQ form of ONNX Runtime's QLinearConv
+    (DequantizeLinear on input, weight and int32 bias, QuantizeLinear on the output), simulated exactly."""
+    convs = {name: layer for name, layer in layers.items() if isinstance(layer, QuantConv2d)}
+    for layer in convs.values():
+        if layer.bias is not None:
+            step = layer.input_quantizer.scale * layer.weight_quantizer.scale
+            layer.bias.copy_(torch.round(layer.bias / step) * step)
+        quantizer = FakeQuantizer(QScheme(layer.input_quantizer.scheme.bits, symmetric=False), axis=1,
+                                  channels=layer.out_channels)
+        quantizer.observer = RangeObserver(axis=1)
+        layer.output_quantizer = quantizer
+    for batch in batches:
+        qmodel(batch)
+    for name, layer in convs.items():
+        quantizer = layer.output_quantizer
+        observer, quantizer.observer = quantizer.observer, None
+        quantizer.set_range(*observer.range(quantizer.scheme, config.a_method, percentile=config.percentile))
+        report.quantized[name] += f"; outputs {quantizer.scheme}, int32 bias"
 
 
 def _best_scheme(observer: RangeObserver, layer: nn.Module, config: QuantConfig) -> QScheme:

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ...errors import LeanvitError
 from .calibrate import quantizers
+from .modules import QuantConv2d
 from .quantizer import FakeQuantizer
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
@@ -33,7 +34,8 @@ ORT_INT8_OPS = ("QLinearConv", "NhwcQLinearConv", "QLinearMatMul", "MatMulIntege
 ORT_FLOAT_OPS = ("Conv", "FusedConv", "NhwcFusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm")
 #: why a QDQ convolution stays float on ONNX Runtime, for the warnings
 ORT_CONV_NOTE = ("ONNX Runtime fuses a QDQ Conv into its INT8 QLinearConv only when the conv's output is quantized "
-                 "too, and leanvit quantizes the inputs of compute layers (what OpenVINO runs in INT8)")
+                 "too: quantize with QuantConfig(quantize_conv_outputs=True), or QuantConfig.recipe(..., "
+                 "engine='onnxruntime')")
 ENGINES = ("openvino", "onnxruntime")
 
 
@@ -135,6 +137,7 @@ def export_quantized(qmodel: nn.Module, path: str | Path, example: torch.Tensor 
         export_onnx(qmodel, _example(qmodel, example, dynamic_batch), path, opset=opset, dynamic_batch=dynamic_batch)
     model = onnx.load(str(path))
     _fold_weight_quantizers(model.graph)
+    _quantize_conv_biases(model.graph)
     onnx.save(model, str(path))
     summary = onnx_int8_summary(path)
     report = getattr(qmodel, "quant_report", None)
@@ -161,7 +164,8 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
         onnx_path = export_quantized(qmodel, path.with_suffix(".onnx"), example, dynamic_batch=dynamic_batch)
         in_float = [name for name, (_, precision) in onnxruntime_precisions(onnx_path).items() if precision != "int8"]
         if in_float:
-            note = f" ({ORT_CONV_NOTE})" if any("conv" in name.lower() for name in in_float) else ""
+            unfused = any(isinstance(m, QuantConv2d) and m.output_quantizer is None for m in qmodel.modules())
+            note = f" ({ORT_CONV_NOTE})" if unfused else ""
             warnings.warn(f"{len(in_float)} compute layers run in float on ONNX Runtime: {', '.join(in_float)}{note}",
                           stacklevel=2)
         return onnx_path
@@ -235,16 +239,56 @@ def onnx_int8_summary(path: str | Path) -> OnnxInt8Summary:
     return OnnxInt8Summary(int8, in_float)
 
 
-def _fold_weight_quantizers(graph) -> None:
-    """Replace ``QuantizeLinear(constant weight)`` by its int8 result, and fold a following Transpose."""
-    from onnx import helper, numpy_helper
-
+def _constants(graph) -> dict:
+    """``{name: TensorProto}`` of the graph's constant values: initializers, Constant nodes and their aliases."""
     consts = {t.name: t for t in graph.initializer}
     for node in graph.node:  # the TorchScript exporter also writes constants as nodes and Identity aliases
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             consts[node.output[0]] = node.attribute[0].t
         elif node.op_type == "Identity" and node.input[0] in consts:
             consts[node.output[0]] = consts[node.input[0]]
+    return consts
+
+
+def _quantize_conv_biases(graph) -> None:
+    """Store the bias of each QDQ Conv whose output is quantized as int32 behind a DequantizeLinear (scale:
+    input scale x weight scale, per output channel), the form ONNX Runtime fuses into QLinearConv. Exact
+    for the biases ``QuantConfig.quantize_conv_outputs`` snapped to that grid."""
+    from onnx import helper, numpy_helper
+
+    consts = _constants(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for index in reversed(range(len(graph.node))):  # inserting before a node keeps the earlier indices valid
+        conv = graph.node[index]
+        if conv.op_type != "Conv" or len(conv.input) < 3 or conv.input[2] not in consts:
+            continue
+        dq_x, dq_w = (producer.get(name) for name in conv.input[:2])
+        if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"
+                and dq_x.input[1] in consts and dq_w.input[1] in consts):
+            continue
+        if [c.op_type for c in consumers.get(conv.output[0], [])] != ["QuantizeLinear"]:
+            continue
+        bias = numpy_helper.to_array(consts[conv.input[2]]).astype(np.float64)
+        step = (numpy_helper.to_array(consts[dq_x.input[1]]).astype(np.float64)
+                * numpy_helper.to_array(consts[dq_w.input[1]]).astype(np.float64))
+        step = np.broadcast_to(step.reshape(-1), bias.shape).astype(np.float32)
+        name = f"{conv.input[2]}_int32"
+        graph.initializer.extend([numpy_helper.from_array(np.rint(bias / step).astype(np.int32), name),
+                                  numpy_helper.from_array(step, f"{name}_scale")])
+        graph.node.insert(index, helper.make_node("DequantizeLinear", [name, f"{name}_scale"], [f"{name}_dq"],
+                                                  name=f"{conv.name or conv.output[0]}_bias_dq", axis=0))
+        conv.input[2] = f"{name}_dq"
+
+
+def _fold_weight_quantizers(graph) -> None:
+    """Replace ``QuantizeLinear(constant weight)`` by its int8 result, and fold a following Transpose."""
+    from onnx import helper, numpy_helper
+
+    consts = _constants(graph)
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:

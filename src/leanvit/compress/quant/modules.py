@@ -5,7 +5,9 @@ look-ups in timm code and ``isinstance`` checks all still work; they add an ``in
 (per-tensor on the activation) and a ``weight_quantizer`` (per output channel). Quantizing the
 *inputs* of the compute layers, and nothing else, is what the INT8 kernels of OpenVINO and ONNX
 Runtime consume: each layer reads int8/uint8 activations and int8 weights and writes float, which
-the next layer re-quantizes.
+the next layer re-quantizes. A convolution may also quantize its output (``output_quantizer``,
+``QuantConfig.quantize_conv_outputs``): ONNX Runtime only runs a QDQ convolution as its INT8 QLinearConv
+when the output is quantized too.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class QuantConv2d(nn.Conv2d):
         q.weight, q.bias = layer.weight, layer.bias
         q.input_quantizer = FakeQuantizer(act, axis=1, channels=layer.in_channels)
         q.weight_quantizer = FakeQuantizer(weight, axis=0, channels=layer.out_channels)
+        q.output_quantizer = None  # a FakeQuantizer when the engine needs quantized conv outputs
         return q
 
     def to_float(self) -> nn.Conv2d:
@@ -56,7 +59,8 @@ class QuantConv2d(nn.Conv2d):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        y = self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return y if self.output_quantizer is None else self.output_quantizer(y)
 
 
 QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
