@@ -5,9 +5,11 @@ scales and zero points. Two rewrites then give the canonical QDQ form the engine
 the QuantizeLinear on each weight is evaluated here (int8 weights stored in the file, a quarter of
 the size), and a Transpose between a weight's DequantizeLinear and its MatMul is folded into the
 int8 weight, because ONNX Runtime only fuses ``DQ → MatMul`` into an integer kernel when the two
-are adjacent. The result is checked: every quantized layer must appear as a compute node whose
-inputs all come from DequantizeLinear, and on OpenVINO the compiled model must run those layers in
-INT8; anything else is reported by name.
+are adjacent; a convolution whose output is quantized too (``QuantConfig.quantize_conv_outputs``) gets
+its bias as int32 behind a DequantizeLinear, the form ONNX Runtime fuses into QLinearConv. The result
+is checked: every quantized layer must appear as a compute node whose inputs all come from
+DequantizeLinear, and the compute layers each engine runs in float (OpenVINO's runtime precisions, the
+graph ONNX Runtime executes after its fusions) are reported by name.
 """
 from __future__ import annotations
 
