@@ -87,8 +87,8 @@ def test_quantized_conv_outputs_make_onnxruntime_run_int8_convs(tiny_cnn, tmp_pa
     convs = [m for m in qcnn.modules() if isinstance(m, QuantConv2d)]
     assert convs and all(m.output_quantizer is not None for m in convs)
     for conv in convs:  # biases snapped to the int32 grid of input scale x weight scale, as QLinearConv stores them
-        ints = conv.bias / (conv.input_quantizer.scale * conv.weight_quantizer.scale)
-        assert torch.allclose(ints, ints.round(), atol=1e-3)
+        ints = conv.bias.double() / (conv.input_quantizer.scale * conv.weight_quantizer.scale)
+        assert torch.allclose(ints, ints.round(), rtol=1e-6, atol=1e-3)
     path = export(qcnn, tmp_path / "cnn.onnx", engine="onnxruntime")
     ops = Counter(op for op, _ in onnxruntime_precisions(path).values())
     assert ops["QLinearConv"] == len(convs) and ops["Conv"] == ops["FusedConv"] == 0

@@ -254,8 +254,9 @@ def _constants(graph) -> dict:
 
 def _quantize_conv_biases(graph) -> None:
     """Store the bias of each QDQ Conv whose output is quantized as int32 behind a DequantizeLinear (scale:
-    input scale x weight scale, per output channel), the form ONNX Runtime fuses into QLinearConv. Exact
-    for the biases ``QuantConfig.quantize_conv_outputs`` snapped to that grid."""
+    input scale x weight scale, per output channel), the form ONNX Runtime fuses into QLinearConv. Only
+    biases on that grid, where ``QuantConfig.quantize_conv_outputs`` snaps them, are rewritten: exactly
+    what was simulated."""
     from onnx import helper, numpy_helper
 
     consts = _constants(graph)
@@ -275,9 +276,11 @@ def _quantize_conv_biases(graph) -> None:
         if [c.op_type for c in consumers.get(conv.output[0], [])] != ["QuantizeLinear"]:
             continue
         bias = numpy_helper.to_array(consts[conv.input[2]]).astype(np.float64)
-        step = (numpy_helper.to_array(consts[dq_x.input[1]]).astype(np.float64)
-                * numpy_helper.to_array(consts[dq_w.input[1]]).astype(np.float64))
+        step = (numpy_helper.to_array(consts[dq_x.input[1]]).astype(np.float32)
+                * numpy_helper.to_array(consts[dq_w.input[1]]).astype(np.float32))  # as the simulation computes it
         step = np.broadcast_to(step.reshape(-1), bias.shape).astype(np.float32)
+        if not np.allclose(bias / step, np.rint(bias / step), rtol=1e-6, atol=1e-3):
+            continue  # a bias off that grid (not snapped by the quantizer) would change the result as int32
         name = f"{conv.input[2]}_int32"
         graph.initializer.extend([numpy_helper.from_array(np.rint(bias / step).astype(np.int32), name),
                                   numpy_helper.from_array(step, f"{name}_scale")])
