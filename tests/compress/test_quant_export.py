@@ -1,4 +1,5 @@
 """Quantized models export as QDQ ONNX / OpenVINO IR that run INT8 kernels and compute what was simulated."""
+import copy
 from collections import Counter
 
 import numpy as np
@@ -83,7 +84,10 @@ def test_quantized_conv_outputs_make_onnxruntime_run_int8_convs(tiny_cnn, tmp_pa
     assert config.quantize_conv_outputs and not QuantConfig.recipe("mse", "w8a8").quantize_conv_outputs
     with pytest.raises(LeanvitError, match="Unknown engine 'tensorrt'"):
         QuantConfig.recipe("mse", engine="tensorrt")
-    qcnn = quantize(tiny_cnn, torch.randn(16, 3, 32, 32), config, progress=False)
+    cnn = copy.deepcopy(tiny_cnn)
+    for bn in (m for m in cnn.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # folded biases non-zero, as trained
+        torch.nn.init.normal_(bn.bias, std=0.1)
+    qcnn = quantize(cnn, torch.randn(16, 3, 32, 32), config, progress=False)
     convs = [m for m in qcnn.modules() if isinstance(m, QuantConv2d)]
     assert convs and all(m.output_quantizer is not None for m in convs)
     for conv in convs:  # biases snapped to the int32 grid of input scale x weight scale, as QLinearConv stores them
@@ -96,6 +100,13 @@ def test_quantized_conv_outputs_make_onnxruntime_run_int8_convs(tiny_cnn, tmp_pa
     agreement = check_agreement(qcnn, runner, tests_in)
     # integer requantization rounds some outputs one step away from the simulation's float rounding
     assert agreement.max_abs_err < 0.2 * agreement.ref_scale
+    int32_biases = [n for n in onnx.load(str(path)).graph.node if n.name.endswith("_bias_dq")]
+    assert len(int32_biases) == len(convs)
+    # a bias moved off the grid stays a float initializer rather than being rounded to int32 (a different result)
+    with torch.no_grad():
+        convs[1].bias.add_(0.3 * convs[1].input_quantizer.scale * convs[1].weight_quantizer.scale)
+    path = export(qcnn, tmp_path / "off_grid.onnx", engine="onnxruntime")
+    assert len([n for n in onnx.load(str(path)).graph.node if n.name.endswith("_bias_dq")]) == len(convs) - 1
 
 
 def test_openvino_runs_int8_kernels_and_the_simulation(qvit, vit_xml, tests_in):
