@@ -10,9 +10,8 @@ For every model, one FP32 ONNX export (batch 1, static) feeds OpenVINO FP32, ONN
 ``ModelType.TRANSFORMER`` for models with attention, as NNCF recommends; the same calibration images).
 leanvit's INT8 model is the QDQ export of its own simulation: for ONNX Runtime the same recipe with
 quantized convolution outputs (``QuantConfig.recipe(engine="onnxruntime")``), without which its QDQ
-convolutions run in float. Accuracy is top-1 of
-each engine running its file at batch 1, plus the simulation's top-1 and its top-1 agreement with each
-engine, and McNemar's paired test of leanvit's INT8 against NNCF's on OpenVINO; latency is batch 1 with
+convolutions run in float. Accuracy is top-1 of each engine running its file at batch 1, plus the
+simulation's top-1 and its top-1 agreement with each engine, and McNemar's paired test of leanvit's INT8 against NNCF's on OpenVINO; latency is batch 1 with
 ``--threads`` threads, the six files timed in alternating rounds (``leanvit.bench.time_alternating``) so
 that the machine's drift hits them alike; ``--profile`` adds OpenVINO's per-op timings. Which compute
 nodes each engine runs in INT8 is read from the engine (OpenVINO's runtime precisions, the graph ONNX
@@ -63,8 +62,9 @@ def predictions(predict, loader) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(preds), np.concatenate(labels)
 
 
-def top1(preds: np.ndarray, labels: np.ndarray) -> float:
-    return round(100.0 * float((preds == labels).mean()), 2)
+def percent_equal(a: np.ndarray, b: np.ndarray) -> float:
+    """Top-1 (predictions against labels) or agreement (two models' predictions), in percent."""
+    return round(100.0 * float((a == b).mean()), 2)
 
 
 def op_profile(engine, path: Path, x: np.ndarray, runs: int = 50) -> dict[str, float]:
@@ -119,7 +119,7 @@ def bench_model(entry: dict, args) -> dict:
     fp32 = engine.load_model_file(fp_onnx)
     with torch.inference_mode():
         preds, labels = predictions(lambda b: model(b).numpy(), make_loader(evalset, args.batch_size))
-    row["fp32_top1"] = top1(preds, labels)
+    row["fp32_top1"] = percent_equal(preds, labels)
 
     # leanvit: simulation, then the exported INT8 IR on OpenVINO
     row["target"] = args.target
@@ -127,13 +127,13 @@ def bench_model(entry: dict, args) -> dict:
     qmodel = quant.quantize(model, make_loader(calib, args.batch_size), config, progress=False)
     with torch.inference_mode():
         sim_preds, _ = predictions(lambda b: qmodel(b).numpy(), make_loader(evalset, args.batch_size))
-    row["leanvit_sim_top1"] = top1(sim_preds, labels)
+    row["leanvit_sim_top1"] = percent_equal(sim_preds, labels)
     row["leanvit_float_layers"] = dict(qmodel.quant_report.float_layers)  # layer -> why it stays float
     xml = quant.export(qmodel, out / "leanvit_int8.xml", engine="openvino", example=x, dynamic_batch=False)
     lean = engine.load_model_file(xml)
     lean_preds, _ = predictions(lambda b: lean(b.numpy()), eval_one)
-    row["leanvit_top1"] = top1(lean_preds, labels)
-    row["sim_engine_agreement"] = round(100.0 * float((lean_preds == sim_preds).mean()), 2)
+    row["leanvit_top1"] = percent_equal(lean_preds, labels)
+    row["sim_engine_agreement"] = percent_equal(lean_preds, sim_preds)
     row["leanvit_int8_layers"] = sum(p in ("i8", "u8") for _, p in quant.openvino_precisions(lean.compiled).values())
 
     # ONNX Runtime: leanvit's model for it (the same recipe with quantized conv outputs, which its QLinearConv
@@ -147,12 +147,12 @@ def bench_model(entry: dict, args) -> dict:
         ort_qmodel = quant.quantize(model, make_loader(calib, args.batch_size), ort_config, progress=False)
         with torch.inference_mode():
             ort_sim_preds, _ = predictions(lambda b: ort_qmodel(b).numpy(), make_loader(evalset, args.batch_size))
-    row["leanvit_ort_sim_top1"] = top1(ort_sim_preds, labels)
+    row["leanvit_ort_sim_top1"] = percent_equal(ort_sim_preds, labels)
     lean_onnx = quant.export(ort_qmodel, out / "leanvit_ort_int8.onnx", engine="onnxruntime", example=x)
     lean_ort = ort.load_onnx(lean_onnx)
     ort_preds, _ = predictions(lambda b: lean_ort(b.numpy()), eval_one)
-    row["leanvit_ort_top1"] = top1(ort_preds, labels)
-    row["sim_ort_agreement"] = round(100.0 * float((ort_preds == ort_sim_preds).mean()), 2)
+    row["leanvit_ort_top1"] = percent_equal(ort_preds, labels)
+    row["sim_ort_agreement"] = percent_equal(ort_preds, ort_sim_preds)
     row["leanvit_ort_precisions"] = dict(Counter(p for _, p in quant.onnxruntime_precisions(lean_onnx).values()))
 
     # NNCF on the same FP32 model and calibration images
@@ -164,7 +164,7 @@ def bench_model(entry: dict, args) -> dict:
     ov.save_model(nncf_model, str(nncf_xml), compress_to_fp16=False)
     anchor = engine.load_model_file(nncf_xml)
     nncf_preds, _ = predictions(lambda b: anchor(b.numpy()), eval_one)
-    row["nncf_top1"] = top1(nncf_preds, labels)
+    row["nncf_top1"] = percent_equal(nncf_preds, labels)
     paired = compare_paired(lean_preds, nncf_preds, labels)  # is the gap more than chance?
     row["leanvit_vs_nncf"] = {"leanvit_only": paired.a_only, "nncf_only": paired.b_only, "mcnemar_p": paired.p_value}
     nncf_ort = nncf_onnx_runner(fp_onnx, calib, out / "nncf_int8.onnx", ort, kwargs)
@@ -173,7 +173,7 @@ def bench_model(entry: dict, args) -> dict:
         row["nncf_ort_error"], nncf_ort = nncf_ort, None
     else:
         nncf_ort_preds, _ = predictions(lambda b: nncf_ort(b.numpy()), eval_one)
-        row["nncf_ort_top1"] = top1(nncf_ort_preds, labels)
+        row["nncf_ort_top1"] = percent_equal(nncf_ort_preds, labels)
     x_np = x.numpy()
     runners = [("fp32", fp32), ("leanvit", lean), ("nncf", anchor), ("ort_fp32", fp32_ort), ("ort_leanvit", lean_ort)]
     runners += [("ort_nncf", nncf_ort)] if nncf_ort is not None else []
@@ -260,10 +260,9 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    top1_keys = {"fp32": "fp32_top1", "leanvit": "leanvit_top1", "nncf": "nncf_top1"}
     for ax, (engine, prefix) in zip(axes, (("OpenVINO", ""), ("ONNX Runtime", "ort_"))):
         for kind, marker in (("fp32", "o"), ("leanvit", "s"), ("nncf", "^")):
-            key = top1_keys[kind] if not prefix or kind == "fp32" else f"{kind}_ort_top1"
+            key = f"{kind}_ort_top1" if prefix and kind != "fp32" else f"{kind}_top1"  # FP32: eager's top-1
             points = [(r[f"{prefix}{kind}_ms"], r[key]) for r in rows if f"{prefix}{kind}_ms" in r and key in r]
             if points:
                 ax.scatter(*zip(*points), marker=marker, label=kind)

@@ -128,8 +128,10 @@ class QuantConfig:
         w_bits, a_bits = parse_bits(bits)
         if target not in TARGETS:
             raise LeanvitError(f"Unknown target '{target}'; use one of {', '.join(TARGETS)}.")
-        if engine not in ("openvino", "onnxruntime"):
-            raise LeanvitError(f"Unknown engine '{engine}'; quantization recipes are for openvino or onnxruntime.")
+        from .export import ENGINES
+
+        if engine not in ENGINES:
+            raise LeanvitError(f"Unknown engine '{engine}'; quantization recipes are for {' or '.join(ENGINES)}.")
         if engine == "onnxruntime" and a_bits == 8:
             overrides = {"quantize_conv_outputs": True, **overrides}
         if resolve_target(target) == "vnni" and a_bits == 8 and w_bits >= 7:

@@ -252,6 +252,15 @@ def _constants(graph) -> dict:
     return consts
 
 
+def _consumers(graph) -> dict[str, list]:
+    """``{value name: [nodes reading it]}``."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 def _quantize_conv_biases(graph) -> None:
     """Store the bias of each QDQ Conv whose output is quantized as int32 behind a DequantizeLinear (scale:
     input scale x weight scale, per output channel), the form ONNX Runtime fuses into QLinearConv. Only
@@ -261,10 +270,7 @@ def _quantize_conv_biases(graph) -> None:
 
     consts = _constants(graph)
     producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
     for index in reversed(range(len(graph.node))):  # inserting before a node keeps the earlier indices valid
         conv = graph.node[index]
         if conv.op_type != "Conv" or len(conv.input) < 3 or conv.input[2] not in consts:
@@ -294,10 +300,7 @@ def _fold_weight_quantizers(graph) -> None:
     from onnx import helper, numpy_helper
 
     consts = _constants(graph)
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
 
     removed = set()
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
