@@ -8,6 +8,7 @@ import torch.nn as nn
 from timm.layers import Attention
 
 import leanvit.compress.tokens as tokens
+from leanvit.compress.quant.attention import _QuantMatmuls
 from leanvit.compress.quant import (
     FakeQuantizer, Log2Quantizer, QScheme, QuantAttention, QuantConfig, RangeObserver, ShiftUniformLog2Quantizer,
     TwinUniformQuantizer, check_deployable, export, onnx_int8_summary, openvino_precisions, quantize, quantizers,
@@ -154,6 +155,41 @@ def test_efficientmod_attention_quantized_in_the_model(tmp_path):
     ort = get_engine("onnxruntime", threads=1).load_onnx(onnx_path)
     agreement = check_agreement(qmodel, ort, [torch.randn(1, 3, 64, 64) for _ in range(2)])
     assert agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
+
+
+HYBRID_ATTENTION = {  # tiny EfficientFormer / V2: their attention with learned position biases (and talking heads)
+    "efficientformer_l1": (dict(depths=(1, 1, 1, 2), embed_dims=(8, 16, 24, 32), num_vit=1), 224,
+                           {"QuantEfficientFormerAttention": 1}),
+    "efficientformerv2_s0": (dict(img_size=64, depths=(1, 1, 2, 2), embed_dims=(8, 16, 24, 32), num_vit=2), 64,
+                             {"QuantAttention2d": 4, "QuantAttention2dDownsample": 1}),
+}
+
+
+@pytest.mark.parametrize("name", HYBRID_ATTENTION)
+def test_efficientformer_attention_quantized_and_int8_on_the_engines(name, tmp_path):
+    import timm
+    kwargs, size, expected = HYBRID_ATTENTION[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **kwargs).eval()
+    qmodel = quantize(model, torch.randn(16, 3, size, size), DEPLOY, progress=False)
+    swapped = [type(m).__name__ for m in qmodel.modules() if isinstance(m, _QuantMatmuls)]
+    assert {k: swapped.count(k) for k in set(swapped)} == expected
+    assert not any("attention matmuls in float" in r for r in qmodel.quant_report.float_layers.values())
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad(), quantizers_disabled(qmodel):
+        assert torch.allclose(qmodel(x), model(x), atol=1e-5)  # the restated forwards are the float ones
+    attentions = sum(expected.values())
+    onnx_path = export(qmodel, tmp_path / f"{name}.onnx", engine="onnxruntime", example=x[:1])
+    layers = sum(1 for m in qmodel.modules() if hasattr(m, "weight_quantizer"))
+    assert onnx_int8_summary(onnx_path).int8 == layers + 2 * attentions
+    inputs = [torch.randn(1, 3, size, size) for _ in range(2)]
+    ov = get_engine("openvino", threads=1).load_model_file(onnx_path)
+    matmuls = [p for kind, p in openvino_precisions(ov.compiled).values() if kind in ("MatMul", "Subgraph")]
+    assert matmuls and set(matmuls) <= {"u8", "i8"}, matmuls  # talking heads' signed mix included
+    agreement = check_agreement(qmodel, ov, inputs)
+    assert agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
+    restored = qmodel.get_submodule(next(n for n, m in qmodel.named_modules() if isinstance(m, _QuantMatmuls)))
+    assert type(restored.to_float()) in {type(m) for m in model.modules()}
 
 
 @pytest.fixture(scope="module")

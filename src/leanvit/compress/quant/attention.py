@@ -7,15 +7,17 @@ the softmax output with the quantizer chosen by name (``SOFTMAX_QUANTIZERS``). W
 pair in the exported graph, which OpenVINO and ONNX Runtime run as INT8 matmuls; ``"log2"``,
 ``"sulq"`` and ``"twin"`` keep more accuracy at 3-4 bits but have no engine kernel (simulation only).
 
-Swapped are exact ``Attention`` instances and the zoo's attention classes that compute the same
-thing (:func:`_timm_equivalent`); any other attention (token-reduction patches, attention with biases or
-cross tokens) would lose its behaviour, so it keeps float matmuls and :func:`swap_attention` reports it.
+Swapped are timm's ``Attention`` (and EfficientMod's, which computes the same), EfficientFormer's and
+EfficientFormerV2's attention (:func:`_quantized_classes`: one subclass each, restating the float forward
+with the quantizers in place); any other attention (token-reduction patches, cross tokens) would lose its
+behaviour, so it keeps float matmuls and :func:`swap_attention` reports it.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 from timm.layers import Attention
+from timm.models import efficientformer, efficientformer_v2
 from timm.models.vision_transformer import maybe_add_mask, resolve_self_attn_mask
 
 from ...errors import LeanvitError
@@ -53,51 +55,44 @@ def _shell(cls: type[nn.Module], module: nn.Module, drop: tuple[str, ...] = ()) 
     return new
 
 
-def _timm_equivalent() -> dict[type[nn.Module], dict]:
-    """Attention classes that compute timm's ``Attention`` exactly, with the attributes they lack.
+class _QuantMatmuls:
+    """Mixin: fake quantizers on the inputs of an attention's two matmuls, calibrated like layer inputs.
 
-    EfficientMod's attention is plain multi-head self-attention (no qkv bias, no norms) whose head
-    width may exceed ``dim / heads``; with these defaults :class:`QuantAttention`'s forward is its own.
-    """
-    from ...models.efficientmod import Attention as EfficientModAttention
-    return {EfficientModAttention: dict(fused_attn=False, q_norm=nn.Identity(), k_norm=nn.Identity(),
-                                        norm=nn.Identity(), attn_drop=nn.Identity(), proj_drop=nn.Identity(),
-                                        gate=None)}
-
-
-class QuantAttention(Attention):
-    """timm ``Attention`` computed unfused, with quantized inputs to ``q @ kᵀ`` and ``softmax @ v``.
-
-    q is quantized after the ``head_dim ** -0.5`` scaling and k after its transpose, so that in the
-    exported graph each DequantizeLinear feeds its MatMul directly, the pattern the engines fuse.
+    A subclass also derives from the float attention class and restates its forward with the quantizers
+    in place; :meth:`from_float` turns a float instance into one, sharing its layers and parameters.
     """
 
     QUANTIZERS = ("q_quantizer", "k_quantizer", "softmax_quantizer", "v_quantizer")
 
     @classmethod
-    def from_float(cls, attn: Attention, bits: int = 8, softmax: str = "uniform") -> QuantAttention:
-        """``attn`` with ``bits``-bit q, k, v and softmax output; shares its layers and parameters.
-
-        ``attn`` is a timm ``Attention`` or one of the classes in :func:`_timm_equivalent`."""
+    def from_float(cls, attn: nn.Module, bits: int = 8, softmax: str = "uniform") -> nn.Module:
+        """``attn`` with ``bits``-bit inputs to both matmuls; shares its layers and parameters."""
         q = _shell(cls, attn)
-        q._float_cls, q._added = type(attn), ()
-        if type(attn) is not Attention:
-            added = {**_timm_equivalent()[type(attn)], "scale": attn.head_dim ** -0.5,
-                     "attn_dim": attn.num_heads * attn.head_dim}
-            for name, value in added.items():
-                setattr(q, name, value)
-            q._added = tuple(added)
+        added = cls._missing_attributes(attn)
+        for name, value in added.items():
+            setattr(q, name, value)
+        q._float_cls, q._added = type(attn), tuple(added)
         signed = QScheme(bits, symmetric=True)
         q.q_quantizer = FakeQuantizer(signed, axis=-1, channels=1)
         q.k_quantizer = FakeQuantizer(signed, axis=-1, channels=1)
-        q.softmax_quantizer = softmax_quantizer(softmax, bits)
+        q.softmax_quantizer = cls._probs_quantizer(softmax, bits)
         q.v_quantizer = FakeQuantizer(signed, axis=-1, channels=1)
         return q
+
+    @classmethod
+    def _missing_attributes(cls, attn: nn.Module) -> dict:
+        """Attributes the forward reads that ``attn``'s class does not have."""
+        return {}
+
+    @classmethod
+    def _probs_quantizer(cls, softmax: str, bits: int) -> Quantizer:
+        """The quantizer of the left input of the second matmul (the attention probabilities)."""
+        return softmax_quantizer(softmax, bits)
 
     def to_float(self) -> nn.Module:
         """The float module this one was made from (same class, same layers and parameters)."""
         float_attn = _shell(self._float_cls, self, drop=self.QUANTIZERS + self._added)
-        for name in self._added:  # the attributes from_float gave a timm-equivalent class
+        for name in self._added:  # the attributes from_float gave the float class
             float_attn.__dict__.pop(name, None)
         return float_attn
 
@@ -125,6 +120,24 @@ class QuantAttention(Attention):
         return (f"q@kT: {self.q_quantizer.scheme} x {self.k_quantizer.scheme}; "
                 f"attn@v: {self.softmax_quantizer.extra_repr()} x {self.v_quantizer.scheme}")
 
+
+class QuantAttention(_QuantMatmuls, Attention):
+    """timm ``Attention`` computed unfused, with quantized inputs to ``q @ kᵀ`` and ``softmax @ v``.
+
+    q is quantized after the ``head_dim ** -0.5`` scaling and k after its transpose, so that in the
+    exported graph each DequantizeLinear feeds its MatMul directly, the pattern the engines fuse.
+    Also stands in for EfficientMod's attention: plain multi-head self-attention (no qkv bias, no
+    norms) whose head width may exceed ``dim / heads``, given the attributes it lacks.
+    """
+
+    @classmethod
+    def _missing_attributes(cls, attn: nn.Module) -> dict:
+        if type(attn) is Attention:
+            return {}
+        return dict(fused_attn=False, q_norm=nn.Identity(), k_norm=nn.Identity(), norm=nn.Identity(),
+                    attn_drop=nn.Identity(), proj_drop=nn.Identity(), gate=None, scale=attn.head_dim ** -0.5,
+                    attn_dim=attn.num_heads * attn.head_dim)
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
                 ) -> torch.Tensor:
         B, N, _ = x.shape
@@ -142,24 +155,96 @@ class QuantAttention(Attention):
         return self.proj_drop(self.proj(x))
 
 
+class QuantEfficientFormerAttention(_QuantMatmuls, efficientformer.Attention):
+    """EfficientFormer's attention (learned position biases on the logits) with quantized matmul inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        attn = (self.q_quantizer(q) @ self.k_quantizer(k.transpose(-2, -1))) * self.scale
+        attn = (attn + self.get_attention_biases(x.device)).softmax(dim=-1)
+        x = (self.softmax_quantizer(attn) @ self.v_quantizer(v)).transpose(1, 2)
+        return self.proj(x.reshape(B, N, self.val_attn_dim))
+
+
+class QuantAttention2d(_QuantMatmuls, efficientformer_v2.Attention2d):
+    """EfficientFormerV2's attention with quantized matmul inputs.
+
+    Its talking-head 1x1 conv mixes the probabilities across heads after the softmax, so the left
+    input of ``attn @ v`` is signed: it gets a symmetric uniform quantizer whatever ``softmax`` says
+    (OpenVINO runs that matmul in f32 when the input has a zero point).
+    """
+
+    @classmethod
+    def _probs_quantizer(cls, softmax: str, bits: int) -> Quantizer:
+        return FakeQuantizer(QScheme(bits, symmetric=True), axis=-1, channels=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        if self.stride_conv is not None:
+            x = self.stride_conv(x)
+        q = self.q(x).reshape(B, self.num_heads, -1, self.N).permute(0, 1, 3, 2)
+        k = self.k(x).reshape(B, self.num_heads, -1, self.N)
+        v = self.v(x)
+        v_local = self.v_local(v)
+        v = v.reshape(B, self.num_heads, -1, self.N).permute(0, 1, 3, 2)
+        attn = (self.q_quantizer(q) @ self.k_quantizer(k)) * self.scale
+        attn = self.talking_head1(attn + self.get_attention_biases(x.device))
+        attn = self.talking_head2(attn.softmax(dim=-1))
+        x = (self.softmax_quantizer(attn) @ self.v_quantizer(v)).transpose(2, 3)
+        x = x.reshape(B, self.dh, self.resolution[0], self.resolution[1]) + v_local
+        if self.upsample is not None:
+            x = self.upsample(x)
+        return self.proj(self.act(x))
+
+
+class QuantAttention2dDownsample(_QuantMatmuls, efficientformer_v2.Attention2dDownsample):
+    """EfficientFormerV2's downsampling attention (queries at half resolution) with quantized matmul inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q = self.q(x).reshape(B, self.num_heads, -1, self.N2).permute(0, 1, 3, 2)
+        k = self.k(x).reshape(B, self.num_heads, -1, self.N)
+        v = self.v(x)
+        v_local = self.v_local(v)
+        v = v.reshape(B, self.num_heads, -1, self.N).permute(0, 1, 3, 2)
+        attn = (self.q_quantizer(q) @ self.k_quantizer(k)) * self.scale
+        attn = (attn + self.get_attention_biases(x.device)).softmax(dim=-1)
+        x = (self.softmax_quantizer(attn) @ self.v_quantizer(v)).transpose(2, 3)
+        x = x.reshape(B, self.dh, self.resolution2[0], self.resolution2[1]) + v_local
+        return self.proj(self.act(x))
+
+
+def _quantized_classes() -> dict[type[nn.Module], type[_QuantMatmuls]]:
+    """The float attention classes with a quantized counterpart, and that counterpart."""
+    from ...models.efficientmod import Attention as EfficientModAttention
+    return {Attention: QuantAttention, EfficientModAttention: QuantAttention,
+            efficientformer.Attention: QuantEfficientFormerAttention,
+            efficientformer_v2.Attention2d: QuantAttention2d,
+            efficientformer_v2.Attention2dDownsample: QuantAttention2dDownsample}
+
+
 def _is_attention(module: nn.Module) -> bool:
     return isinstance(module, (Attention, nn.MultiheadAttention)) or "attention" in type(module).__name__.lower()
 
 
 def swap_attention(model: nn.Module, bits: int, softmax: str = "uniform"
-                   ) -> tuple[dict[str, QuantAttention], dict[str, str]]:
-    """Replace every timm ``Attention`` of ``model`` (in place) by a :class:`QuantAttention`.
+                   ) -> tuple[dict[str, _QuantMatmuls], dict[str, str]]:
+    """Replace every attention of ``model`` with a quantized counterpart (in place) by that counterpart.
 
-    Returns the swapped modules and ``{name: reason}`` for the attention modules left with float
-    matmuls: any other module of an attention class (found by class name, innermost ones only).
+    Swapped are instances of the classes in :func:`_quantized_classes` (subclasses too, unless they
+    override ``forward``). Returns the swapped modules and ``{name: reason}`` for the attention modules
+    left with float matmuls: any other module of an attention class (found by class name, innermost ones only).
     """
-    swapped, others, equivalent = {}, [], _timm_equivalent().keys()
+    swapped, others, classes = {}, [], _quantized_classes()
     for name, module in list(model.named_modules()):
-        exact = isinstance(module, Attention) and type(module).forward is Attention.forward
-        if name and (exact or type(module) in equivalent):
-            swapped[name] = QuantAttention.from_float(module, bits, softmax)
+        quant_cls = next((q for f, q in classes.items() if isinstance(module, f) and type(module).forward is f.forward),
+                         None)
+        if name and quant_cls is not None:
+            swapped[name] = quant_cls.from_float(module, bits, softmax)
             model.set_submodule(name, swapped[name])
-        elif _is_attention(module) and not isinstance(module, QuantAttention):
+        elif _is_attention(module) and not isinstance(module, _QuantMatmuls):
             others.append(name)
     inner = [*others, *swapped]
     innermost = [n for n in others if not any(o.startswith(f"{n}.") for o in inner)]
