@@ -7,8 +7,9 @@ in INT8: the inputs and weights of convolutions and matrix products. LayerNorm, 
 residual adds stay in float (quantizing them costs accuracy and buys no speed on OpenVINO / ONNX
 Runtime); the :class:`QuantReport` lists every layer left in float, and a warning names the compute
 layers among them, so nothing falls back to float silently. The attention matmuls (``q @ kᵀ``,
-``softmax @ v``) stay in float unless ``QuantConfig.attn_bits`` is set: then timm's ``Attention``
-modules become :class:`~.attention.QuantAttention` and other attention classes are reported.
+``softmax @ v``) stay in float unless ``QuantConfig.attn_bits`` is set: then timm's ``Attention``, EfficientMod's
+and EfficientFormer(V2)'s attention get quantized matmul inputs (:mod:`.attention`) and other attention classes
+are reported.
 """
 from __future__ import annotations
 
