@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from leanvit.compress.quant import (
     QuantConfig, QuantConv2d, QuantLinear, export, export_quantized, onnx_int8_summary, onnxruntime_precisions,
-    openvino_precisions, quantize,
+    openvino_precisions, quantize, source_modules,
 )
 from leanvit.compress.quant.export import OnnxInt8Summary, int8_saturates
 from leanvit.deploy import check_agreement, get_engine
@@ -75,8 +75,15 @@ def test_onnxruntime_runs_the_linears_as_int8_kernels(qvit, vit_onnx, tiny_cnn, 
     assert ops.count("MatMulIntegerToFloat") == len(token_linears) == 8
     # what stays float on ONNX Runtime is named: a conv's QDQ needs a quantized output to become QLinearConv
     qcnn = quantize(tiny_cnn, torch.randn(16, 3, 32, 32), DEPLOY, progress=False)
-    with pytest.warns(UserWarning, match="compute layers run in float on ONNX Runtime: .*QLinearConv"):
-        export(qcnn, tmp_path / "cnn.onnx", engine="onnxruntime")
+    with pytest.warns(UserWarning, match="compute layers run in float on ONNX Runtime: .*QLinearConv") as caught:
+        path = export(qcnn, tmp_path / "cnn.onnx", engine="onnxruntime")
+    # named by the model's layers (recorded by the exporter), with the engine's node names in brackets
+    message = str(next(w.message for w in caught if "ONNX Runtime" in str(w.message)))
+    precisions = onnxruntime_precisions(path, source_modules(path))
+    assert all(" (" in node for node in precisions), precisions  # every node ORT runs traced to its layer
+    in_float = [node.split(" (")[0] for node, (_, precision) in precisions.items() if precision == "float"]
+    layers = {n for n, m in qcnn.named_modules() if isinstance(m, (QuantConv2d, QuantLinear, torch.nn.Conv2d))}
+    assert in_float and set(in_float) <= layers and all(f"{name} (" in message for name in in_float), message
 
 
 def test_quantized_conv_outputs_make_onnxruntime_run_int8_convs(tiny_cnn, tmp_path, tests_in):
@@ -121,6 +128,9 @@ def test_openvino_runs_int8_kernels_and_the_simulation(qvit, vit_xml, tests_in):
     layers = {name: p for name, (kind, p) in precisions.items() if kind != "Subgraph"}
     assert len(layers) >= len(qvit.quant_report.quantized)
     assert set(layers.values()) <= {"u8", "i8"}, precisions
+    named = openvino_precisions(runner.compiled, source_modules(vit_xml.with_suffix(".onnx")))
+    layer_names = {n for n, m in qvit.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+    assert {n.split(" (")[0] for n, (kind, _) in named.items() if kind != "Subgraph"} <= layer_names, named
     # DEPLOY keeps the attention matmuls float: where OpenVINO fuses them (AVX-512 CPUs) the fused layers say so
     assert {p for kind, p in precisions.values() if kind == "Subgraph"} <= {"f32"}, precisions
     agreement = check_agreement(qvit, runner, tests_in)

@@ -26,6 +26,7 @@ from .calibrate import (
 )
 from .export import (
     check_deployable, export, export_quantized, onnx_int8_summary, onnxruntime_precisions, openvino_precisions,
+    source_modules,
 )
 from .hessian import hessian_search
 from .mixed import allocate_bits, average_weight_bits, layer_sensitivity
@@ -44,7 +45,7 @@ __all__ = [
     "allocate_bits", "average_weight_bits", "calibration_batches", "check_deployable", "choose_range",
     "correct_bias", "export", "export_quantized", "fake_quantize", "find_bridges", "find_units", "fold_batchnorm",
     "hessian_search", "layer_sensitivity", "layernorm_consumers", "onnx_int8_summary", "onnxruntime_precisions",
-    "openvino_precisions",
+    "openvino_precisions", "source_modules",
     "parse_bits", "qparams", "quantize", "quantizers", "quantizers_disabled", "reconstruct", "reparameterise",
     "resolve_target",
     "swap_attention",

@@ -164,7 +164,8 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
     path = Path(path)
     if engine == "onnxruntime":
         onnx_path = export_quantized(qmodel, path.with_suffix(".onnx"), example, dynamic_batch=dynamic_batch)
-        in_float = [name for name, (_, precision) in onnxruntime_precisions(onnx_path).items() if precision != "int8"]
+        precisions = onnxruntime_precisions(onnx_path, source_modules(onnx_path))
+        in_float = [name for name, (_, precision) in precisions.items() if precision != "int8"]
         if in_float:
             unfused = any(isinstance(m, QuantConv2d) and m.output_quantizer is None for m in qmodel.modules())
             note = f" ({ORT_CONV_NOTE})" if unfused else ""
@@ -176,35 +177,40 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
     onnx_path = export_quantized(qmodel, path.with_suffix(".onnx"), example, dynamic_batch=dynamic_batch)
     xml = path.with_suffix(".xml")
     ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
-    precisions = openvino_precisions(ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}))
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    precisions = openvino_precisions(compiled, source_modules(onnx_path))
     in_float = [name for name, (_, precision) in precisions.items() if precision not in ("i8", "u8")]
     if in_float:
         warnings.warn(f"{len(in_float)} compute layers run in float on OpenVINO: {', '.join(in_float)}", stacklevel=2)
     return xml
 
 
-def openvino_precisions(compiled) -> dict[str, tuple[str, str]]:
+def openvino_precisions(compiled, modules: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
     """``{layer: (layer type, runtime precision)}`` of the compute layers of a compiled OpenVINO model.
 
     The runtime precision is what the CPU plugin chose after its low-precision transformations: ``u8``
     or ``i8`` means the layer runs an INT8 kernel. On AVX-512 CPUs the plugin fuses an attention's
     matmuls and softmax into one ``Subgraph`` (its snippets); such a subgraph is listed too, so
-    attention matmuls left in float are not missed there.
+    attention matmuls left in float are not missed there. With ``modules`` (:func:`source_modules` of
+    the ONNX file the model came from) a layer is named ``"module (layer)"``.
     """
     found = {}
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         layer_type = info["layerType"].astype(str)
-        fused = info["originalLayersNames"].astype(str).lower() if "originalLayersNames" in info else ""
-        if layer_type in OV_COMPUTE_LAYERS or (layer_type == "Subgraph" and "matmul" in fused):
-            found[op.get_friendly_name()] = (layer_type, info["runtimePrecision"].astype(str).lower())
+        fused = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
+        if layer_type in OV_COMPUTE_LAYERS or (layer_type == "Subgraph" and "matmul" in fused.lower()):
+            name = op.get_friendly_name()  # e.g. "node_conv2d_3/WithoutBiases" for the ONNX node "node_conv2d_3"
+            label = _label(name, (name, name.split("/")[0], *fused.split(",")), modules or {})
+            found[label] = (layer_type, info["runtimePrecision"].astype(str).lower())
     return found
 
 
-def onnxruntime_precisions(path: str | Path) -> dict[str, tuple[str, str]]:
+def onnxruntime_precisions(path: str | Path, modules: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
     """``{node: (op type, "int8" or "float")}`` of the compute nodes ONNX Runtime's CPU provider runs for the
     ONNX file at ``path``, read from the graph it executes after its fusions: a QDQ node it could not fuse
-    into an integer kernel shows up here as a float op fed by DequantizeLinear."""
+    into an integer kernel shows up here as a float op fed by DequantizeLinear. With ``modules``
+    (:func:`source_modules` of ``path``) a node is named ``"module (node)"``."""
     import tempfile
 
     import onnx
@@ -215,8 +221,36 @@ def onnxruntime_precisions(path: str | Path) -> dict[str, tuple[str, str]]:
         optimized = Path(tmp) / "optimized.onnx"
         get_engine("onnxruntime", threads=1).load_onnx(path, optimized_path=optimized)
         graph = onnx.load(str(optimized), load_external_data=False).graph
-    return {node.name or node.output[0]: (node.op_type, "int8" if node.op_type in ORT_INT8_OPS else "float")
+    # ORT's NCHWc layout pass renames a conv after the torch op it came from ("conv2d_3" -> "conv2d_3_nchwc")
+    return {_label(node.name or node.output[0], (node.name, node.name.removesuffix("_nchwc"), *node.output),
+                   modules or {}):
+            (node.op_type, "int8" if node.op_type in ORT_INT8_OPS else "float")
             for node in graph.node if node.op_type in ORT_INT8_OPS + ORT_FLOAT_OPS}
+
+
+def source_modules(path: str | Path) -> dict[str, str]:
+    """``{ONNX node, tensor or torch op name: the PyTorch module it was exported from}`` for the ONNX file at ``path``.
+
+    Read from the scopes ``torch.onnx``'s exporter records on each node, so that warnings can name the
+    model's layers rather than the engine's nodes; empty for a file without them (the TorchScript
+    exporter's, used for a dynamic batch).
+    """
+    import ast
+
+    import onnx
+
+    modules = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        if scopes and len(scopes := ast.literal_eval(scopes)) > 1:  # [..., module, op]
+            modules.update(dict.fromkeys((node.name, *node.output, scopes[-1]), scopes[-2]))
+    return modules
+
+
+def _label(name: str, candidates: tuple[str, ...], modules: dict[str, str]) -> str:
+    """``"module (name)"`` for the first of ``candidates`` (names of an engine node) found in ``modules``, else ``name``."""
+    module = next((modules[c] for c in candidates if c in modules), None)
+    return f"{module} ({name})" if module else name
 
 
 @dataclass
