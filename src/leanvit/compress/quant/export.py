@@ -248,7 +248,7 @@ def source_modules(path: str | Path) -> dict[str, str]:
 
 
 def _label(name: str, candidates: tuple[str, ...], modules: dict[str, str]) -> str:
-    """``"module (name)"`` for the first of ``candidates`` (an engine node's names) found in ``modules``, else ``name``."""
+    """``"module (name)"``: the module of the first of ``candidates`` (an engine node's names) in ``modules``."""
     module = next((modules[c] for c in candidates if c in modules), None)
     return f"{module} ({name})" if module else name
 
