@@ -168,6 +168,15 @@ class QuantEfficientFormerAttention(_QuantMatmuls, efficientformer.Attention):
         return self.proj(x.reshape(B, N, self.val_attn_dim))
 
 
+def _heads(attn: nn.Module, x: torch.Tensor, queries: int) -> tuple[torch.Tensor, ...]:
+    """EfficientFormerV2's per-head q (B, h, queries, d), kᵀ (B, h, d, N) and v (B, h, N, d), and v's local conv."""
+    B, heads = x.shape[0], attn.num_heads
+    q = attn.q(x).reshape(B, heads, -1, queries).permute(0, 1, 3, 2)
+    k = attn.k(x).reshape(B, heads, -1, attn.N)
+    v = attn.v(x)
+    return q, k, v.reshape(B, heads, -1, attn.N).permute(0, 1, 3, 2), attn.v_local(v)
+
+
 class QuantAttention2d(_QuantMatmuls, efficientformer_v2.Attention2d):
     """EfficientFormerV2's attention with quantized matmul inputs.
 
@@ -181,14 +190,9 @@ class QuantAttention2d(_QuantMatmuls, efficientformer_v2.Attention2d):
         return FakeQuantizer(QScheme(bits, symmetric=True), axis=-1, channels=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
         if self.stride_conv is not None:
             x = self.stride_conv(x)
-        q = self.q(x).reshape(B, self.num_heads, -1, self.N).permute(0, 1, 3, 2)
-        k = self.k(x).reshape(B, self.num_heads, -1, self.N)
-        v = self.v(x)
-        v_local = self.v_local(v)
-        v = v.reshape(B, self.num_heads, -1, self.N).permute(0, 1, 3, 2)
+        B, (q, k, v, v_local) = x.shape[0], _heads(self, x, self.N)
         attn = (self.q_quantizer(q) @ self.k_quantizer(k)) * self.scale
         attn = self.talking_head1(attn + self.get_attention_biases(x.device))
         attn = self.talking_head2(attn.softmax(dim=-1))
@@ -203,12 +207,7 @@ class QuantAttention2dDownsample(_QuantMatmuls, efficientformer_v2.Attention2dDo
     """EfficientFormerV2's downsampling attention (queries at half resolution) with quantized matmul inputs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        q = self.q(x).reshape(B, self.num_heads, -1, self.N2).permute(0, 1, 3, 2)
-        k = self.k(x).reshape(B, self.num_heads, -1, self.N)
-        v = self.v(x)
-        v_local = self.v_local(v)
-        v = v.reshape(B, self.num_heads, -1, self.N).permute(0, 1, 3, 2)
+        B, (q, k, v, v_local) = x.shape[0], _heads(self, x, self.N2)
         attn = (self.q_quantizer(q) @ self.k_quantizer(k)) * self.scale
         attn = (attn + self.get_attention_biases(x.device)).softmax(dim=-1)
         x = (self.softmax_quantizer(attn) @ self.v_quantizer(v)).transpose(2, 3)
