@@ -87,6 +87,18 @@ def test_opset_below_17_is_refused(tiny_cnn, tmp_path):
         export_onnx(tiny_cnn, torch.randn(1, 3, 64, 64), tmp_path / "m.onnx", opset=13)
 
 
+def test_gelu_runs_as_one_kernel_on_onnxruntime(tiny_vit, tmp_path):
+    """At the default opset GELU is ONNX's Gelu op; written as Div/Erf/Add/Mul/Mul, ONNX Runtime runs 5 kernels."""
+    import onnx
+
+    path = export_onnx(tiny_vit, torch.randn(1, 3, 32, 32), tmp_path / "vit.onnx")
+    optimized = tmp_path / "optimized.onnx"
+    get_engine("onnxruntime", threads=1).load_onnx(path, optimized_path=optimized)
+    ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
+    gelus = sum(isinstance(m, torch.nn.GELU) for m in tiny_vit.modules())
+    assert gelus and ops.count("Gelu") == gelus and "Erf" not in ops
+
+
 def test_export_key_sees_token_reduction(tiny_vit, tmp_path):
     import copy
 

@@ -13,6 +13,10 @@ from ..errors import EngineUnavailableError, LeanvitError
 from .engine import Engine, Runner, register_engine
 from .export import cached_onnx
 
+#: The ONNX opset TensorRT reads its export at: opset 20's ``Gelu`` op (the default export's, for ONNX Runtime) is
+#: not in every TensorRT ONNX parser; at 18 GELU is plain element-wise ops, which TensorRT fuses itself.
+TENSORRT_OPSET = 18
+
 
 class TensorRTRunner(Runner):
     def __init__(self, engine, precision: str, info: dict):
@@ -50,7 +54,7 @@ class TensorRTEngine(Engine):
 
         if not torch.cuda.is_available():
             raise EngineUnavailableError("TensorRT needs an NVIDIA GPU with CUDA; none is visible here.")
-        onnx_path = cached_onnx(model, example, cache_dir=cache_dir)
+        onnx_path = cached_onnx(model, example, cache_dir=cache_dir, opset=TENSORRT_OPSET)
         plan = onnx_path.with_name(f"model-{self.precision}.plan")
         logger = trt.Logger(trt.Logger.WARNING)
         if not plan.exists():

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ...deploy.export import DEFAULT_OPSET
 from ...errors import LeanvitError
 from .calibrate import quantizers
 from .modules import QuantConv2d
@@ -114,7 +115,7 @@ def _example(qmodel: nn.Module, example: torch.Tensor | None, dynamic_batch: boo
     return example[:1].expand(2, *example.shape[1:]).contiguous() if dynamic_batch else example
 
 
-def export_quantized(qmodel: nn.Module, path: str | Path, example: torch.Tensor | None = None, *, opset: int = 18,
+def export_quantized(qmodel: nn.Module, path: str | Path, example: torch.Tensor | None = None, *, opset: int = DEFAULT_OPSET,
                      dynamic_batch: bool = False) -> Path:
     """Write ``qmodel`` as a QDQ ONNX file at ``path``, with int8 weights; returns ``path``.
 
