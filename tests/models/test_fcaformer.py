@@ -468,7 +468,7 @@ def _check_onnx_engines(model, x_export, batches, path, dynamic_batch):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # export_onnx warns when it falls back to the TorchScript exporter
-        onnx_path = export_onnx(model, x_export, path, opset=18, dynamic_batch=dynamic_batch)
+        onnx_path = export_onnx(model, x_export, path, dynamic_batch=dynamic_batch)
     runners = {
         "onnxruntime": get_engine("onnxruntime", threads=2).load_onnx(onnx_path),
         "openvino": get_engine("openvino", threads=2, precision="f32").load_model_file(onnx_path),

@@ -289,7 +289,7 @@ def _export_checked(model: nn.Module, example: torch.Tensor, path) -> None:
     """Export with dynamic batch through torch.export (no silent fallback to TorchScript)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        export_onnx(model, example, path, opset=18, dynamic_batch=True)
+        export_onnx(model, example, path, dynamic_batch=True)
     assert not [w for w in caught if 'TorchScript exporter' in str(w.message)], [str(w.message) for w in caught]
 
 
