@@ -132,7 +132,7 @@ class QuantAttention(_QuantMatmuls, Attention):
 
     @classmethod
     def _missing_attributes(cls, attn: nn.Module) -> dict:
-        if type(attn) is Attention:
+        if isinstance(attn, Attention):  # timm's, or a subclass keeping its forward
             return {}
         return dict(fused_attn=False, q_norm=nn.Identity(), k_norm=nn.Identity(), norm=nn.Identity(),
                     attn_drop=nn.Identity(), proj_drop=nn.Identity(), gate=None, scale=attn.head_dim ** -0.5,

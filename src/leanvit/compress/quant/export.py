@@ -115,8 +115,8 @@ def _example(qmodel: nn.Module, example: torch.Tensor | None, dynamic_batch: boo
     return example[:1].expand(2, *example.shape[1:]).contiguous() if dynamic_batch else example
 
 
-def export_quantized(qmodel: nn.Module, path: str | Path, example: torch.Tensor | None = None, *, opset: int = DEFAULT_OPSET,
-                     dynamic_batch: bool = False) -> Path:
+def export_quantized(qmodel: nn.Module, path: str | Path, example: torch.Tensor | None = None, *,
+                     opset: int = DEFAULT_OPSET, dynamic_batch: bool = False) -> Path:
     """Write ``qmodel`` as a QDQ ONNX file at ``path``, with int8 weights; returns ``path``.
 
     ``example`` defaults to one image of the calibration size. A dynamic batch goes through the
