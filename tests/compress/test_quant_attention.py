@@ -304,6 +304,21 @@ def test_other_attention_classes_are_reported_in_float():
     assert type(qmodel.blocks[2]) is PatchedAttention
 
 
+class KeptForward(Attention):
+    """A subclass keeping timm's forward (a renamed class)."""
+
+
+def test_attention_subclass_keeping_the_forward_is_quantized_as_it_is():
+    torch.manual_seed(0)
+    model = Tokens(KeptForward(16, num_heads=2, qk_norm=True, norm_layer=nn.LayerNorm)).eval()
+    qmodel = quantize(model, torch.randn(16, 3, 16, 16), DEPLOY, progress=False)
+    assert type(qmodel.blocks[0]) is QuantAttention
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad(), quantizers_disabled(qmodel):  # its own q/k norms kept, not replaced
+        assert torch.allclose(qmodel(x), model(x), atol=1e-6)
+    assert type(qmodel.blocks[0].to_float()) is KeptForward
+
+
 def test_attention_bypassed_by_token_reduction_stays_float(tiny_vit, calib):
     model = copy.deepcopy(tiny_vit)
     tokens.apply(model, tokens.from_spec("tome:2"))
