@@ -13,8 +13,8 @@ quantized convolution outputs (``QuantConfig.recipe(engine="onnxruntime")``), wi
 convolutions run in float. Accuracy is top-1 of each engine running its file at batch 1, plus the
 simulation's top-1 and its top-1 agreement with each engine, and McNemar's paired test of leanvit's INT8
 against NNCF's on OpenVINO; latency is batch 1 with ``--threads`` threads, the six files timed in alternating
-rounds (``leanvit.bench.time_alternating``) so that the machine's drift hits them alike; ``--profile`` adds OpenVINO's per-op timings. Which compute
-nodes each engine runs in INT8 is read from the engine (OpenVINO's runtime precisions, the graph ONNX
+rounds (``leanvit.bench.time_alternating``) so that the machine's drift hits them alike; ``--profile`` adds
+OpenVINO's per-op timings. Which compute nodes each engine runs in INT8 is read from the engine (OpenVINO's runtime precisions, the graph ONNX
 Runtime executes after its fusions; those left in float are listed by layer). Writes ``ptq.json``, ``ptq.md``
 and ``ptq.png``.
 """
