@@ -7,16 +7,16 @@
 
 For every model, one FP32 ONNX export (batch 1, static) feeds OpenVINO FP32, ONNX Runtime FP32 and NNCF
 (``nncf.quantize`` on the OpenVINO model read from it, and on the ONNX model itself for ONNX Runtime;
-``ModelType.TRANSFORMER`` for models with attention, as NNCF recommends; the same calibration images).
-leanvit's INT8 model is the QDQ export of its own simulation: for ONNX Runtime the same recipe with
-quantized convolution outputs (``QuantConfig.recipe(engine="onnxruntime")``), without which its QDQ
-convolutions run in float. Accuracy is top-1 of each engine running its file at batch 1, plus the
-simulation's top-1 and its top-1 agreement with each engine, and McNemar's paired test of leanvit's INT8
-against NNCF's on OpenVINO; latency is batch 1 with ``--threads`` threads, the six files timed in alternating
-rounds (``leanvit.bench.time_alternating``) so that the machine's drift hits them alike; ``--profile`` adds
-OpenVINO's per-op timings. Which compute nodes each engine runs in INT8 is read from the engine (OpenVINO's runtime precisions, the graph ONNX
-Runtime executes after its fusions; those left in float are listed by layer). Writes ``ptq.json``, ``ptq.md``
-and ``ptq.png``.
+``ModelType.TRANSFORMER`` for models with attention, as NNCF recommends; the same calibration images). leanvit's
+INT8 model is the QDQ export of its own simulation: for ONNX Runtime the same recipe with quantized convolution
+outputs (``QuantConfig.recipe(engine="onnxruntime")``), without which its QDQ convolutions run in float.
+Accuracy is top-1 of each engine running its file at batch 1, plus the simulation's top-1 and its top-1
+agreement with each engine, and McNemar's paired test of leanvit's INT8 against NNCF's on OpenVINO; latency is
+batch 1 with ``--threads`` threads, the six files timed in alternating rounds
+(``leanvit.bench.time_alternating``) so that the machine's drift hits them alike; ``--profile`` adds OpenVINO's
+per-op timings. Which compute nodes each engine runs in INT8 is read from the engine (OpenVINO's runtime
+precisions, the graph ONNX Runtime executes after its fusions; those left in float are listed by layer). Writes
+``ptq.json``, ``ptq.md`` and ``ptq.png``.
 """
 from __future__ import annotations
 
