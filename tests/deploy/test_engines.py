@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from leanvit.deploy import available_engines, cached_onnx, check_agreement, export_onnx, get_engine
+from leanvit.deploy.export import DEFAULT_OPSET
 from leanvit.errors import EngineUnavailableError, LeanvitError
 
 CPU_ENGINES = ["eager", "onnxruntime", "openvino"]
@@ -93,7 +94,8 @@ def test_gelu_runs_as_one_kernel_on_onnxruntime(tiny_vit, tmp_path):
 
     path = export_onnx(tiny_vit, torch.randn(1, 3, 32, 32), tmp_path / "vit.onnx")
     optimized = tmp_path / "optimized.onnx"
-    get_engine("onnxruntime", threads=1).load_onnx(path, optimized_path=optimized)
+    runner = get_engine("onnxruntime", threads=1).load_onnx(path, optimized_path=optimized)
+    assert runner.info["opset"] == DEFAULT_OPSET == 20  # recorded with every ORT measurement
     ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
     gelus = sum(isinstance(m, torch.nn.GELU) for m in tiny_vit.modules())
     assert gelus and ops.count("Gelu") == gelus and "Erf" not in ops

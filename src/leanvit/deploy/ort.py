@@ -16,11 +16,13 @@ from .export import cached_onnx
 QDQ_DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
 
 
-def is_qdq(path) -> bool:
-    """Whether the ONNX file at ``path`` carries quantized (DequantizeLinear) nodes."""
+def onnx_facts(path) -> dict:
+    """The ONNX file's opset and whether it carries quantized (DequantizeLinear) nodes, read once."""
     import onnx
 
-    return any(node.op_type == "DequantizeLinear" for node in onnx.load(str(path), load_external_data=False).graph.node)
+    model = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"opset": opset, "qdq": any(node.op_type == "DequantizeLinear" for node in model.graph.node)}
 
 
 class OrtRunner(Runner):
@@ -65,9 +67,11 @@ class OnnxRuntimeEngine(Engine):
         opts.log_severity_level = 3
         if optimized_path is not None:
             opts.optimized_model_filepath = str(optimized_path)
-        disabled = list(QDQ_DISABLED_OPTIMIZERS) if is_qdq(path) else []
+        model = onnx_facts(path)
+        disabled = list(QDQ_DISABLED_OPTIMIZERS) if model["qdq"] else []
         session = ort.InferenceSession(str(path), opts, providers=self.providers(), disabled_optimizers=disabled)
-        facts = {"onnxruntime": ort.__version__, "providers": session.get_providers(), "onnx": str(path)}
+        facts = {"onnxruntime": ort.__version__, "providers": session.get_providers(), "onnx": str(path),
+                 "opset": model["opset"]}
         if disabled:
             facts["disabled_optimizers"] = disabled
         return OrtRunner(session, self.precision, {**facts, **(info or {})})
