@@ -19,7 +19,7 @@ from ..errors import LeanvitError
 
 #: 20: GELU exports as ONNX's own Gelu op, which ONNX Runtime runs as one kernel; at 18 the exporter writes it as
 #: five element-wise ops (Div, Erf, Add, Mul, Mul) that ONNX Runtime does not fuse (efficientformerv2_s0 at 224x224,
-#: 2 threads: 9.01 ms at opset 18, 5.76 ms at 20; OpenVINO fuses either form).
+#: 2 threads, f32: 8.68 ms at opset 18, 5.67 ms at 20; OpenVINO fuses either form; benchmarks/opset.py).
 DEFAULT_OPSET = 20
 
 
