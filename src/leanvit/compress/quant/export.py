@@ -142,7 +142,7 @@ def export_quantized(qmodel: nn.Module, path: str | Path, example: torch.Tensor 
     _fold_weight_quantizers(model.graph)
     _quantize_conv_biases(model.graph)
     onnx.save(model, str(path))
-    summary = onnx_int8_summary(path)
+    summary = _int8_summary(model.graph)
     report = getattr(qmodel, "quant_report", None)
     if report is not None and summary.int8 < len(report.quantized):
         raise RuntimeError(
@@ -163,9 +163,10 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
         raise LeanvitError(f"Cannot export a quantized model for engine '{engine}'; "
                            f"choose one of {', '.join(ENGINES)}.")
     path = Path(path)
+    onnx_path = export_quantized(qmodel, path.with_suffix(".onnx"), example, dynamic_batch=dynamic_batch)
+    modules = source_modules(onnx_path)
     if engine == "onnxruntime":
-        onnx_path = export_quantized(qmodel, path.with_suffix(".onnx"), example, dynamic_batch=dynamic_batch)
-        precisions = onnxruntime_precisions(onnx_path, source_modules(onnx_path))
+        precisions = onnxruntime_precisions(onnx_path, modules)
         in_float = [name for name, (_, precision) in precisions.items() if precision != "int8"]
         if in_float:
             unfused = any(isinstance(m, QuantConv2d) and m.output_quantizer is None for m in qmodel.modules())
@@ -175,11 +176,10 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
         return onnx_path
     import openvino as ov
 
-    onnx_path = export_quantized(qmodel, path.with_suffix(".onnx"), example, dynamic_batch=dynamic_batch)
     xml = path.with_suffix(".xml")
     ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
     compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    precisions = openvino_precisions(compiled, source_modules(onnx_path))
+    precisions = openvino_precisions(compiled, modules)
     in_float = [name for name, (_, precision) in precisions.items() if precision not in ("i8", "u8")]
     if in_float:
         warnings.warn(f"{len(in_float)} compute layers run in float on OpenVINO: {', '.join(in_float)}", stacklevel=2)
@@ -264,7 +264,10 @@ def onnx_int8_summary(path: str | Path) -> OnnxInt8Summary:
     """Count the QDQ-fed compute nodes of an ONNX graph, which ONNX Runtime / OpenVINO turn into INT8 kernels."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    return _int8_summary(onnx.load(str(path), load_external_data=False).graph)
+
+
+def _int8_summary(graph) -> OnnxInt8Summary:
     producer = {out: node.op_type for node in graph.node for out in node.output}
     int8, in_float = 0, []
     for node in graph.node:
