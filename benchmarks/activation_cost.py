@@ -1,0 +1,89 @@
+"""What GELU costs an INT8 model on OpenVINO: the same architectures built with GELU and with ReLU, f32 and INT8.
+
+    python benchmarks/activation_cost.py [--models efficientformerv2_s0 mobilevig_ti ...] [--acts gelu relu]
+                                         [--out DIR]
+
+Why the hybrids' INT8 speed-up stops short of the convolutions' own: OpenVINO runs each activation as a post-op of
+the convolution before it, in float, once per output element, in f32 and INT8 models alike. An INT8 convolution
+is 2-3x faster than its f32 one, but GELU's erf costs the same in both, so the more of a model's time is
+activation (depthwise convs on 4x-wide hidden maps), the lower its INT8 speed-up. Swapping the activation class
+(every model here takes ``act_layer``) and keeping everything else measures that share directly. The ReLU models
+are ablations for timing, not models anyone trained: random weights, random calibration images.
+
+Each model: f32 ONNX and leanvit's INT8 IR (``QuantConfig.recipe("mse", target=...)``), per activation, all
+timed in alternating rounds on OpenVINO (``leanvit.bench.time_alternating``; 224x224, batch 1, ``--threads``).
+Writes ``activation_cost.json`` and ``activation_cost.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from leanvit.bench import host_info
+from leanvit.bench.report import host_lines
+from leanvit.bench.timing import TimingBudget, time_alternating
+from leanvit.compress import quant
+from leanvit.deploy import export_onnx, get_engine
+from leanvit.models.registry import create_model
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "hardswish": nn.Hardswish, "silu": nn.SiLU}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+",
+                        default=["efficientformer_l1", "efficientformerv2_s0", "deit_tiny_patch16_224", "mobilevig_ti"])
+    parser.add_argument("--acts", nargs="+", choices=sorted(ACTIVATIONS), default=["gelu", "relu"])
+    parser.add_argument("--target", choices=quant.TARGETS, default="auto", help="leanvit's INT8 recipe target")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--budget-s", type=float, default=6.0, help="timing budget per file (s)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "activation-cost")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    engine = get_engine("openvino", threads=args.threads, precision="f32")
+    config = quant.QuantConfig.recipe("mse", "w8a8", target=args.target)
+    calib = torch.randn(16, 3, 224, 224)
+    x = calib[:1]
+    rows = []
+    for name in args.models:
+        runners = {}
+        for act in args.acts:
+            model = create_model(name, act_layer=ACTIVATIONS[act]).eval()
+            folder = args.out / name / act
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # float layers are listed in the other benchmarks' reports
+                fp32 = export_onnx(model, x, folder / "fp32.onnx")
+                qmodel = quant.quantize(model, calib, config, progress=False)
+                int8 = quant.export(qmodel, folder / "int8.xml", engine="openvino", example=x)
+            runners[(act, "fp32")] = engine.load_model_file(fp32)
+            runners[(act, "int8")] = engine.load_model_file(int8)
+        fns = {key: (lambda r=runner, a=x.numpy(): r(a)) for key, runner in runners.items()}
+        timings = time_alternating(fns, TimingBudget(budget_s=args.budget_s * len(fns)), rounds=args.rounds)
+        row = {"model": name, **{f"{act}_{precision}_ms": round(t.median, 3) for (act, precision), t in timings.items()}}
+        rows.append(row)
+        print(row, flush=True)
+
+    head = " | ".join(f"{a} f32 | {a} INT8 | {a} f32/INT8" for a in args.acts)
+    lines = [f"# INT8 speed-up on OpenVINO with each activation (batch 1, {args.threads} threads, 224x224, ms)", "",
+             *host_lines(host_info()), f"- leanvit recipe: mse, w8a8, target {quant.resolve_target(args.target)}", "",
+             f"| model | {head} |", "|---|" + "---:|" * (3 * len(args.acts))]
+    for r in rows:
+        cells = [f"{r[f'{a}_fp32_ms']:.2f} | {r[f'{a}_int8_ms']:.2f} | {r[f'{a}_fp32_ms'] / r[f'{a}_int8_ms']:.2f}"
+                 for a in args.acts]
+        lines.append(f"| {r['model']} | {' | '.join(cells)} |")
+    (args.out / "activation_cost.md").write_text("\n".join(lines) + "\n")
+    (args.out / "activation_cost.json").write_text(json.dumps(
+        {"host": host_info(), "threads": args.threads, "target": quant.resolve_target(args.target), "rows": rows},
+        indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
