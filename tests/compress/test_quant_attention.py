@@ -327,3 +327,41 @@ def test_attention_bypassed_by_token_reduction_stays_float(tiny_vit, calib):
     assert not any(isinstance(m, QuantAttention) for m in qmodel.modules())
     assert qmodel.quant_report.float_layers["blocks.0.attn"].startswith("attention matmuls in float: forward never")
     assert "blocks.0.attn.qkv" in qmodel.quant_report.quantized
+
+
+def _runtime_layers(compiled, layer_type: str) -> list[str]:
+    """The output precisions of the ``layer_type`` nodes OpenVINO actually runs."""
+    layers = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) == layer_type:
+            layers.append(info["outputPrecisions"].astype(str))
+    return layers
+
+
+def test_shared_qkv_quantizer_computes_what_separate_ones_do(tiny_vit, calib, qvit, tmp_path):
+    from dataclasses import replace
+    shared = quantize(tiny_vit, calib, replace(DEPLOY, share_qkv_quantizer=True), progress=False)
+    x = torch.randn(2, 17, 192)
+    for name in ("blocks.0.attn", "blocks.1.attn"):
+        attn, separate = shared.get_submodule(name), qvit.get_submodule(name)
+        assert attn.qkv_quantizer is not None and separate.qkv_quantizer is None
+        assert "quantized once at the qkv output" in shared.quant_report.quantized[name]
+        with torch.no_grad():
+            torch.testing.assert_close(attn(x), separate(x), atol=1e-5, rtol=1e-5)  # the same integers
+            restored = attn.to_float()
+            assert type(restored) is Attention
+            assert restored.state_dict().keys() == separate.to_float().state_dict().keys()
+            assert not hasattr(restored, "qk_scale") and not hasattr(restored, "qkv_quantizer")
+            with quantizers_disabled(attn):
+                torch.testing.assert_close(attn(x), restored(x), atol=1e-5, rtol=1e-5)
+    # OpenVINO fuses the shared quantizer into the qkv projection: the head split's transpose then moves int8
+    example = torch.randn(1, 3, 32, 32)
+    ov = get_engine("openvino", threads=1)
+    float_transposes = {}
+    for label, model in (("separate", qvit), ("shared", shared)):
+        compiled = ov.load_model_file(export(model, tmp_path / f"{label}.xml", engine="openvino", example=example))
+        float_transposes[label] = _runtime_layers(compiled.compiled, "Transpose").count("f32")
+        agreement = check_agreement(model, compiled, [example])
+        assert agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
+    assert float_transposes["shared"] == float_transposes["separate"] - 2, float_transposes

@@ -235,6 +235,9 @@ def test_the_target_cpu_decides_which_ops_run_int8():
     generic, vnni = QuantConfig.recipe("mse", "w8a8"), QuantConfig.recipe("mse", "w8a8", target="vnni")
     assert (generic.quantize_depthwise, generic.attn_bits) == (False, None)
     assert (vnni.quantize_depthwise, vnni.attn_bits) == (True, 8)
+    # the shared qkv quantizer is for OpenVINO, which fuses it; ONNX Runtime runs it slower
+    for_ort = QuantConfig.recipe("mse", target="vnni", engine="onnxruntime")
+    assert vnni.share_qkv_quantizer and not for_ort.share_qkv_quantizer
     assert QuantConfig.recipe("mse", "w8a8", target="vnni", attn_bits=None).attn_bits is None  # overrides win
     assert QuantConfig.recipe("mse", "w4a4", target="vnni").attn_bits is None  # simulation only: no CPU to suit
     assert resolve_target("auto") == ("generic" if int8_saturates() else "vnni")

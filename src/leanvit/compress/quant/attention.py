@@ -40,18 +40,19 @@ def softmax_quantizer(kind: str, bits: int) -> Quantizer:
 
 
 def _shell(cls: type[nn.Module], module: nn.Module, drop: tuple[str, ...] = ()) -> nn.Module:
-    """A ``cls`` instance sharing ``module``'s attributes, parameters and submodules (except ``drop``),
-    so that ``state_dict`` keys and weights stay those of ``module``."""
+    """A ``cls`` instance sharing ``module``'s attributes, parameters, buffers and submodules (except
+    those named in ``drop``), so that ``state_dict`` keys and weights stay those of ``module``."""
     new = cls.__new__(cls)
     nn.Module.__init__(new)
-    new.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("_")})
+    new.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("_") and k not in drop})
     for name, child in module.named_children():
         if name not in drop:
             new.add_module(name, child)
     for name, param in module.named_parameters(recurse=False):
         new.register_parameter(name, param)
     for name, buffer in module.named_buffers(recurse=False):
-        new.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
+        if name not in drop:
+            new.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
     return new
 
 
@@ -63,6 +64,8 @@ class _QuantMatmuls:
     """
 
     QUANTIZERS = ("q_quantizer", "k_quantizer", "softmax_quantizer", "v_quantizer")
+    #: what :meth:`share_qkv_quantizer` adds, which :meth:`to_float` drops
+    SHARED_QKV = ("qkv_quantizer", "qkv_gain", "qk_scale")
 
     @classmethod
     def from_float(cls, attn: nn.Module, bits: int = 8, softmax: str = "uniform") -> nn.Module:
@@ -91,10 +94,14 @@ class _QuantMatmuls:
 
     def to_float(self) -> nn.Module:
         """The float module this one was made from (same class, same layers and parameters)."""
-        float_attn = _shell(self._float_cls, self, drop=self.QUANTIZERS + self._added)
-        for name in self._added:  # the attributes from_float gave the float class
-            float_attn.__dict__.pop(name, None)
-        return float_attn
+        return _shell(self._float_cls, self, drop=self.QUANTIZERS + self.SHARED_QKV + self._added)
+
+    def share_qkv_quantizer(self) -> bool:
+        """Quantize the fused qkv projection's output once, in place of q, k and v separately; whether done.
+
+        Only :class:`QuantAttention` can (its q, k and v are slices of one projection's output).
+        """
+        return False
 
     def observe(self) -> None:
         """Start calibration: every quantizer records its input and passes it on unchanged."""
@@ -117,8 +124,9 @@ class _QuantMatmuls:
 
     def describe(self) -> str:
         """The report entry: what each matmul's inputs are quantized to."""
+        shared = "; q, k, v quantized once at the qkv output" if getattr(self, "qkv_quantizer", None) else ""
         return (f"q@kT: {self.q_quantizer.scheme} x {self.k_quantizer.scheme}; "
-                f"attn@v: {self.softmax_quantizer.extra_repr()} x {self.v_quantizer.scheme}")
+                f"attn@v: {self.softmax_quantizer.extra_repr()} x {self.v_quantizer.scheme}{shared}")
 
 
 class QuantAttention(_QuantMatmuls, Attention):
@@ -131,6 +139,13 @@ class QuantAttention(_QuantMatmuls, Attention):
     """
 
     @classmethod
+    def from_float(cls, attn: nn.Module, bits: int = 8, softmax: str = "uniform") -> nn.Module:
+        q = super().from_float(attn, bits, softmax)
+        q.qkv_quantizer = q.qk_scale = None  # set by share_qkv_quantizer
+        q.register_buffer("qkv_gain", None)
+        return q
+
+    @classmethod
     def _missing_attributes(cls, attn: nn.Module) -> dict:
         if isinstance(attn, Attention):  # timm's, or a subclass keeping its forward
             return {}
@@ -138,14 +153,44 @@ class QuantAttention(_QuantMatmuls, Attention):
                     attn_drop=nn.Identity(), proj_drop=nn.Identity(), gate=None, scale=attn.head_dim ** -0.5,
                     attn_dim=attn.num_heads * attn.head_dim)
 
+    @torch.no_grad()
+    def share_qkv_quantizer(self) -> bool:
+        """Quantize the qkv projection's output once, on the calibrated q, k and v quantizers' integer grids.
+
+        Why: OpenVINO fuses a quantizer that directly follows a fully-connected layer into it, which then
+        writes int8 instead of float, and the head split's reshape and transposes move int8 (DeiT-tiny at
+        224x224: about 7 % faster; ``tests`` check the graph, ``benchmarks/ptq.py`` the time). One per-tensor
+        step ``s`` (v's) serves all three: the q and k channels are first multiplied by ``a_q``, ``a_k`` that
+        bring their own steps to ``s``, and ``q @ kT`` is scaled by ``scale / (a_q a_k)`` instead of ``scale``,
+        so the integers, and the products, are those of the separate quantizers (up to float rounding).
+        The q, k and v quantizers stay, re-scaled to the same grids, so each matmul still reads a
+        DequantizeLinear (a no-op re-quantization), the pattern every engine's fusion looks for.
+        Not done with q/k norms (they sit between the projection and the quantizers).
+        """
+        if not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
+            return False
+        step = self.v_quantizer.scale.clone()
+        gain_q = step * self.scale / self.q_quantizer.scale
+        gain_k = step / self.k_quantizer.scale
+        channels = self.num_heads * self.head_dim
+        self.qkv_gain = torch.cat([gain_q.expand(channels), gain_k.expand(channels), step.new_ones(channels)])
+        self.qk_scale = float(self.scale / (gain_q * gain_k))
+        self.qkv_quantizer = FakeQuantizer(self.v_quantizer.scheme, axis=-1, channels=1)
+        self.qkv_quantizer.scale.copy_(step)
+        self.q_quantizer.scale.copy_(step * self.qk_scale)
+        self.k_quantizer.scale.copy_(step)
+        return True
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
                 ) -> torch.Tensor:
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        qkv, scale = self.qkv(x), self.scale
+        if self.qkv_quantizer is not None:
+            qkv, scale = self.qkv_quantizer(qkv * self.qkv_gain), self.qk_scale
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.q_quantizer(q * self.scale) @ self.k_quantizer(k.transpose(-2, -1))
+        attn = self.q_quantizer(q * scale) @ self.k_quantizer(k.transpose(-2, -1))
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = self.attn_drop(attn.softmax(dim=-1))
         x = self.softmax_quantizer(attn) @ self.v_quantizer(v)
