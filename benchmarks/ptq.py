@@ -39,6 +39,7 @@ from leanvit.data import (
     DecodedDataset, build_transform, calibration_subset, make_loader, open_dataset, resolve_data_config,
 )
 from leanvit.deploy import export_onnx, get_engine
+from leanvit.deploy.ov import openvino_core
 from leanvit.evaluate import compare_paired
 from leanvit.models.registry import create_model
 from manifest import read_manifest
@@ -72,9 +73,7 @@ def op_profile(engine, path: Path, x: np.ndarray, runs: int = 50) -> dict[str, f
     """OpenVINO's own per-node timings summed by node type and the precision it ran in (ms per
     inference, median-free mean over ``runs``): where an INT8 model's time goes, and which ops it
     left in f32."""
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(path), "CPU", {**engine.compile_config(), "PERF_COUNT": True})
+    compiled = openvino_core().compile_model(str(path), "CPU", {**engine.compile_config(), "PERF_COUNT": True})
     request = compiled.create_infer_request()
     for _ in range(10):
         request.infer([x])
@@ -161,7 +160,7 @@ def bench_model(entry: dict, args) -> dict:
 
     # NNCF on the same FP32 model and calibration images
     kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if has_attention(model) else {}
-    nncf_model = nncf.quantize(ov.Core().read_model(str(fp_onnx)),
+    nncf_model = nncf.quantize(openvino_core().read_model(str(fp_onnx)),
                                nncf.Dataset(make_loader(calib, 1), lambda batch: batch[0].numpy()),
                                subset_size=len(calib), **kwargs)
     nncf_xml = out / "nncf_int8.xml"

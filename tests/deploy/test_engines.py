@@ -110,3 +110,25 @@ def test_export_key_sees_token_reduction(tiny_vit, tmp_path):
     reduced = copy.deepcopy(tiny_vit)
     tokens.apply(reduced, tokens.ToMe(r=2))
     assert cached_onnx(reduced, x, cache_dir=tmp_path) != cached_onnx(tiny_vit, x, cache_dir=tmp_path)
+
+
+def test_openvino_models_freed_in_any_order_leave_signals_deliverable(tmp_path):
+    """OpenVINO's CPU plugin swaps the thread's signal stack when a Core's plugin is made and destroyed: with a
+    Core per model, freeing models in creation order left a freed signal stack behind, and the next signal with
+    a handler (here a child's SIGCHLD) killed the process. Run in a fresh interpreter, which that would kill."""
+    import subprocess
+    import sys
+
+    script = f"""
+import signal, subprocess, sys, torch, torch.nn as nn
+from leanvit.deploy import export_onnx, get_engine
+engine = get_engine("openvino", threads=1)
+runners = [engine.load_model_file(export_onnx(nn.Conv2d(3, c, 3), torch.randn(1, 3, 8, 8), r"{tmp_path}/m{{c}}.onnx"))
+           for c in (4, 8)]
+del runners[0]; del runners[0]
+signal.signal(signal.SIGCHLD, lambda *args: None)
+subprocess.run([sys.executable, "-c", "pass"], check=True)
+print("alive")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "alive" in done.stdout, (done.returncode, done.stderr[-2000:])

@@ -6,6 +6,8 @@ compiled model says it uses.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -17,10 +19,22 @@ from .export import cached_onnx, cached_openvino_ir
 _OV_PRECISION = {"f32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
-def cpu_supports_bf16() -> bool:
+@functools.cache
+def openvino_core():
+    """The process's one ``openvino.Core``, kept until exit.
+
+    Why one: each Core loads its own CPU plugin, and the plugin replaces the calling thread's signal stack
+    when it is created and puts one back when it is destroyed; Cores created and destroyed out of order
+    (one per compiled model) left the main thread on a freed signal stack, and the next signal it handled
+    (a child process's SIGCHLD) killed the process with SIGSEGV. One Core also loads the plugin once.
+    """
     import openvino as ov
 
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return ov.Core()
+
+
+def cpu_supports_bf16() -> bool:
+    return "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 class OpenVinoRunner(Runner):
@@ -56,8 +70,7 @@ class OpenVinoEngine(Engine):
             raise LeanvitError(
                 "OpenVINO bf16 needs a CPU with AVX-512 BF16 or AMX; this one has neither. Use f32."
             )
-        core = ov.Core()
-        compiled = core.compile_model(str(path), "CPU", self.compile_config())
+        compiled = openvino_core().compile_model(str(path), "CPU", self.compile_config())
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")
         used = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         facts = {

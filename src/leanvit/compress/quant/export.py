@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ...deploy.export import DEFAULT_OPSET
+from ...deploy.ov import openvino_core
 from ...errors import LeanvitError
 from .calibrate import quantizers
 from .modules import QuantConv2d
@@ -178,7 +179,7 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
 
     xml = path.with_suffix(".xml")
     ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
-    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = openvino_core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     precisions = openvino_precisions(compiled, modules)
     in_float = [name for name, (_, precision) in precisions.items() if precision not in ("i8", "u8")]
     if in_float:
