@@ -159,7 +159,7 @@ class QuantAttention(_QuantMatmuls, Attention):
 
         Why: OpenVINO fuses a quantizer that directly follows a fully-connected layer into it, which then
         writes int8 instead of float, and the head split's reshape and transposes move int8 (DeiT-tiny at
-        224x224: about 7 % faster; ``tests`` check the graph, ``benchmarks/ptq.py`` the time). One per-tensor
+        224x224: about 9 % faster; ``tests`` check the graph, ``benchmarks/ptq.py`` the time). One per-tensor
         step ``s`` (v's) serves all three: the q and k channels are first multiplied by ``a_q``, ``a_k`` that
         bring their own steps to ``s``, and ``q @ kT`` is scaled by ``scale / (a_q a_k)`` instead of ``scale``,
         so the integers, and the products, are those of the separate quantizers (up to float rounding).
