@@ -30,14 +30,14 @@ from leanvit.bench.timing import TimingBudget, time_alternating
 from leanvit.compress import quant
 from leanvit.deploy import export_onnx, get_engine
 from leanvit.models.registry import create_model
+from manifest import LATENCY_MODELS
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "hardswish": nn.Hardswish, "silu": nn.SiLU}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+",
-                        default=["efficientformer_l1", "efficientformerv2_s0", "deit_tiny_patch16_224", "mobilevig_ti"])
+    parser.add_argument("--models", nargs="+", default=list(LATENCY_MODELS))
     parser.add_argument("--acts", nargs="+", choices=sorted(ACTIVATIONS), default=["gelu", "relu"])
     parser.add_argument("--target", choices=quant.TARGETS, default="auto", help="leanvit's INT8 recipe target")
     parser.add_argument("--threads", type=int, default=2)

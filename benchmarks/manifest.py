@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 
 DEFAULT = Path(__file__).resolve().parent / "checkpoints.json"
+#: the models the PTQ issue's latency checks name, timed at 224x224 with random weights by the latency benchmarks
+LATENCY_MODELS = ("efficientformer_l1", "efficientformerv2_s0", "deit_tiny_patch16_224", "mobilevig_ti")
 
 
 def read_manifest(path: str | Path = DEFAULT, names=()) -> list[dict]:

@@ -21,12 +21,12 @@ from leanvit.bench.report import host_lines
 from leanvit.bench.timing import TimingBudget, time_alternating
 from leanvit.deploy import export_onnx, get_engine
 from leanvit.models.registry import create_model
+from manifest import LATENCY_MODELS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+",
-                        default=["efficientformer_l1", "efficientformerv2_s0", "deit_tiny_patch16_224", "mobilevig_ti"])
+    parser.add_argument("--models", nargs="+", default=list(LATENCY_MODELS))
     parser.add_argument("--opsets", nargs=2, type=int, default=[18, 20])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)

@@ -65,7 +65,7 @@ class _QuantMatmuls:
 
     QUANTIZERS = ("q_quantizer", "k_quantizer", "softmax_quantizer", "v_quantizer")
     #: what :meth:`share_qkv_quantizer` adds, which :meth:`to_float` drops
-    SHARED_QKV = ("qkv_quantizer", "qkv_gain", "qk_scale")
+    SHARED_QKV: tuple[str, ...] = ()
 
     @classmethod
     def from_float(cls, attn: nn.Module, bits: int = 8, softmax: str = "uniform") -> nn.Module:
@@ -124,9 +124,8 @@ class _QuantMatmuls:
 
     def describe(self) -> str:
         """The report entry: what each matmul's inputs are quantized to."""
-        shared = "; q, k, v quantized once at the qkv output" if getattr(self, "qkv_quantizer", None) else ""
         return (f"q@kT: {self.q_quantizer.scheme} x {self.k_quantizer.scheme}; "
-                f"attn@v: {self.softmax_quantizer.extra_repr()} x {self.v_quantizer.scheme}{shared}")
+                f"attn@v: {self.softmax_quantizer.extra_repr()} x {self.v_quantizer.scheme}")
 
 
 class QuantAttention(_QuantMatmuls, Attention):
@@ -137,6 +136,8 @@ class QuantAttention(_QuantMatmuls, Attention):
     Also stands in for EfficientMod's attention: plain multi-head self-attention (no qkv bias, no
     norms) whose head width may exceed ``dim / heads``, given the attributes it lacks.
     """
+
+    SHARED_QKV = ("qkv_quantizer", "qkv_gain", "qk_scale")
 
     @classmethod
     def from_float(cls, attn: nn.Module, bits: int = 8, softmax: str = "uniform") -> nn.Module:
@@ -180,6 +181,10 @@ class QuantAttention(_QuantMatmuls, Attention):
         self.q_quantizer.scale.copy_(step * self.qk_scale)
         self.k_quantizer.scale.copy_(step)
         return True
+
+    def describe(self) -> str:
+        shared = "; q, k, v quantized once at the qkv output" if self.qkv_quantizer is not None else ""
+        return super().describe() + shared
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
                 ) -> torch.Tensor:
