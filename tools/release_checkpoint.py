@@ -53,6 +53,12 @@ def training_command(config: dict) -> str:
     return " ".join(parts)
 
 
+def portable(text: str, runs: Path) -> str:
+    """``text`` without this machine's absolute paths: the folder holding the run folders written ``runs/``, the
+    home folder ``~/``, so a card's commands read the same wherever they ran."""
+    return text.replace(f"{runs.resolve()}/", "runs/").replace(f"{Path.home()}/", "~/")
+
+
 def provenance(config: dict, inputs: dict | None = None) -> str:
     """How the weights came about: from scratch, or from ``--init-checkpoint``, with any teacher; each weights
     file named with the sha256 the run recorded (``inputs``), since a shipped name may later mean other weights."""
@@ -211,7 +217,8 @@ def main() -> int:
         "## Adaptation", "", args.notes or "-", "",
         "## Command", "",
         "Data: the CIFAR-10 JPEG train split (`../shared/data/cifar10-jpeg.tar.gz`, extracted to "
-        "`~/.cache/leanvit/cifar10`). Checkpoints were written every epoch; the run resumed with "
+        "`~/.cache/leanvit/cifar10`); `runs/` is the folder holding the run folders. Checkpoints were written "
+        "every epoch; the run resumed with "
         "`--resume` after each interruption, "
         + (f"and settings changed on a resume: {changed}. The command below is the final configuration."
            if (changed := resume_changes(state, args.resume_note))
@@ -228,7 +235,7 @@ def main() -> int:
         *(f"| {e['epoch']} | {e['loss']:.4f} | {e.get('top1', float('nan')):.1f} | "
           f"{e.get('ema_top1', float('nan')):.1f} | {e.get('seconds', float('nan')):.0f} |" for e in log), "",
     ])
-    path.with_suffix(".md").write_text(card)
+    path.with_suffix(".md").write_text(portable(card, args.run.parent))
 
     entries = [e for e in json.loads(MANIFEST.read_text()) if e.get("name") != args.name]
     entries.append({"name": args.name, "model": config["model"],

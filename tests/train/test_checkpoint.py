@@ -133,6 +133,15 @@ def test_release_tool_writes_the_command_that_gives_the_runs_config():
     assert parsed == config
 
 
+def test_release_card_has_no_absolute_paths_of_the_machine_it_was_made_on(tmp_path):
+    """Run folders are written under ``runs/`` and the home folder as ``~``; other text is left alone."""
+    release = _release_tool()
+    home, runs = Path.home(), tmp_path / "runs-here"
+    text = f"--data {home}/.cache/c10/train --output {runs}/s2 --init-checkpoint {runs}/s1/model.safetensors /x/y"
+    assert release.portable(text, runs) == ("--data ~/.cache/c10/train --output runs/s2 "
+                                            "--init-checkpoint runs/s1/model.safetensors /x/y")
+
+
 def test_release_card_names_the_initial_weights_teacher_and_earlier_runs(tmp_path):
     """A later-stage run's card says what it started from and repeats every earlier stage's command."""
     from leanvit.train import TrainConfig
