@@ -93,9 +93,6 @@ def has_attention(model: torch.nn.Module) -> bool:
 
 
 def bench_model(entry: dict, args) -> dict:
-    import nncf
-    import openvino as ov
-
     model, data_config = load(entry, args.model_kwargs)
     transform = build_transform(data_config)
     calib = open_dataset(args.calib, train=True, transform=transform)
@@ -159,12 +156,8 @@ def bench_model(entry: dict, args) -> dict:
     row["leanvit_ort_float_nodes"] = [node for node, (_, p) in ort_precisions.items() if p != "int8"]
 
     # NNCF on the same FP32 model and calibration images
-    kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if has_attention(model) else {}
-    nncf_model = nncf.quantize(openvino_core().read_model(str(fp_onnx)),
-                               nncf.Dataset(make_loader(calib, 1), lambda batch: batch[0].numpy()),
-                               subset_size=len(calib), **kwargs)
-    nncf_xml = out / "nncf_int8.xml"
-    ov.save_model(nncf_model, str(nncf_xml), compress_to_fp16=False)
+    kwargs = nncf_kwargs(model)
+    nncf_xml = nncf_openvino(fp_onnx, calib, out / "nncf_int8.xml", kwargs)
     anchor = engine.load_model_file(nncf_xml)
     nncf_preds, _ = predictions(lambda b: anchor(b.numpy()), eval_one)
     row["nncf_top1"] = percent_equal(nncf_preds, labels)
@@ -188,6 +181,25 @@ def bench_model(entry: dict, args) -> dict:
         row["op_ms"] = {kind: op_profile(engine, path, x.numpy())
                         for kind, path in (("fp32", fp_onnx), ("leanvit", xml), ("nncf", nncf_xml))}
     return row
+
+
+def nncf_kwargs(model: torch.nn.Module) -> dict:
+    """``nncf.quantize``'s options for ``model``: ``ModelType.TRANSFORMER`` where it has attention, as NNCF advises."""
+    import nncf
+
+    return {"model_type": nncf.ModelType.TRANSFORMER} if has_attention(model) else {}
+
+
+def nncf_openvino(fp_onnx: Path, calib, path: Path, kwargs: dict) -> Path:
+    """NNCF's INT8 OpenVINO IR of the FP32 ONNX file, calibrated on ``calib`` (all of it, batch 1), saved at ``path``."""
+    import nncf
+    import openvino as ov
+
+    quantized = nncf.quantize(openvino_core().read_model(str(fp_onnx)),
+                              nncf.Dataset(make_loader(calib, 1), lambda batch: batch[0].numpy()),
+                              subset_size=len(calib), **kwargs)
+    ov.save_model(quantized, str(path), compress_to_fp16=False)
+    return path
 
 
 def nncf_onnx_runner(fp_onnx: Path, calib, path: Path, ort, kwargs: dict):
