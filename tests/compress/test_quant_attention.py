@@ -1,5 +1,6 @@
 """Quantized attention matmuls and the post-softmax quantizers: accuracy, equivalence, export, reporting."""
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -365,3 +366,36 @@ def test_shared_qkv_quantizer_computes_what_separate_ones_do(tiny_vit, calib, qv
         agreement = check_agreement(model, compiled, [example])
         assert agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
     assert float_transposes["shared"] == float_transposes["separate"] - 2, float_transposes
+
+
+def test_efficientformerv2_qk_quantized_where_the_convs_write_them(tmp_path):
+    """Quantized at the q and k convs' outputs, q and k keep their integers; OpenVINO then moves the head split's
+    tensors as int8 (fewer f32 reorders), keeps every layer in INT8 and runs what the simulation computes."""
+    import timm
+    from dataclasses import replace
+
+    kwargs, size, _ = HYBRID_ATTENTION["efficientformerv2_s0"]
+    torch.manual_seed(0)
+    model = timm.create_model("efficientformerv2_s0", num_classes=10, **kwargs).eval()
+    calib, x = torch.randn(16, 3, size, size), torch.randn(4, 3, size, size)
+    config = replace(DEPLOY, quantize_depthwise=True)
+    separate = quantize(model, calib, config, progress=False)
+    shared = quantize(model, calib, replace(config, share_qkv_quantizer=True), progress=False)
+    name = "stages.3.blocks.0.token_mixer"
+    assert "q, k quantized at their projections" in shared.quant_report.quantized[name]
+    with torch.no_grad():
+        torch.testing.assert_close(shared(x), separate(x), atol=1e-6, rtol=1e-5)
+        restored = shared.get_submodule(name).to_float()
+        assert type(restored) is type(model.get_submodule(name))
+        assert not any(hasattr(restored, n) for n in ("q_proj_quantizer", "k_proj_quantizer"))
+    ov = get_engine("openvino", threads=1)
+    float_reorders = {}
+    for label, qmodel in (("separate", separate), ("shared", shared)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a layer left in float would warn
+            path = export(qmodel, tmp_path / f"{label}.xml", engine="openvino", example=x[:1])
+        compiled = ov.load_model_file(path)
+        float_reorders[label] = _runtime_layers(compiled.compiled, "Reorder").count("f32")
+        agreement = check_agreement(qmodel, compiled, [x[:1]])
+        assert agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
+    assert float_reorders["shared"] < float_reorders["separate"], float_reorders

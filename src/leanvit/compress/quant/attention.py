@@ -14,6 +14,8 @@ behaviour, so it keeps float matmuls and :func:`swap_attention` reports it.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 from timm.layers import Attention
@@ -97,10 +99,9 @@ class _QuantMatmuls:
         return _shell(self._float_cls, self, drop=self.QUANTIZERS + self.SHARED_QKV + self._added)
 
     def share_qkv_quantizer(self) -> bool:
-        """Quantize the fused qkv projection's output once, in place of q, k and v separately; whether done.
-
-        Only :class:`QuantAttention` can (its q, k and v are slices of one projection's output).
-        """
+        """Quantize q, k and v where their projections write them rather than just before the matmuls;
+        whether done. :class:`QuantAttention` and EfficientFormerV2's attentions do; EfficientFormer's (one
+        block, in its last stage, on 49 tokens at 224x224) keeps them at the matmuls."""
         return False
 
     def observe(self) -> None:
@@ -218,16 +219,48 @@ class QuantEfficientFormerAttention(_QuantMatmuls, efficientformer.Attention):
         return self.proj(x.reshape(B, N, self.val_attn_dim))
 
 
-def _heads(attn: nn.Module, x: torch.Tensor, queries: int) -> tuple[torch.Tensor, ...]:
-    """EfficientFormerV2's per-head q (B, h, queries, d), kᵀ (B, h, d, N) and v (B, h, N, d), and v's local conv."""
-    B, heads = x.shape[0], attn.num_heads
-    q = attn.q(x).reshape(B, heads, -1, queries).permute(0, 1, 3, 2)
-    k = attn.k(x).reshape(B, heads, -1, attn.N)
-    v = attn.v(x)
-    return q, k, v.reshape(B, heads, -1, attn.N).permute(0, 1, 3, 2), attn.v_local(v)
+class _QuantAttention2dHeads(_QuantMatmuls):
+    """EfficientFormerV2's attentions: per-head q, k and v from 1x1 conv projections, v also through a local conv."""
+
+    SHARED_QKV = ("q_proj_quantizer", "k_proj_quantizer")
+
+    @classmethod
+    def from_float(cls, attn: nn.Module, bits: int = 8, softmax: str = "uniform") -> nn.Module:
+        q = super().from_float(attn, bits, softmax)
+        q.q_proj_quantizer = q.k_proj_quantizer = None  # set by share_qkv_quantizer
+        return q
+
+    @torch.no_grad()
+    def share_qkv_quantizer(self) -> bool:
+        """Quantize q and k at their projections' outputs, on their matmul quantizers' grids.
+
+        Why: as in :meth:`QuantAttention.share_qkv_quantizer`, OpenVINO fuses a quantizer that directly
+        follows a conv into it, and the head split's reorders then move int8 instead of f32. A per-tensor
+        quantizer commutes with the reshape and transpose, so the integers are unchanged and the matmul
+        quantizers stay as no-op re-quantizations. v keeps its quantizer at the matmul: it also feeds the
+        local depthwise conv, which OpenVINO runs in f32 once it reads v's signed grid (and, with it, the
+        matmul: measured on efficientformerv2_s0, 5 convs and 5 matmuls fell back).
+        """
+        self.q_proj_quantizer = copy.deepcopy(self.q_quantizer)
+        self.k_proj_quantizer = copy.deepcopy(self.k_quantizer)
+        return True
+
+    def describe(self) -> str:
+        shared = "; q, k quantized at their projections" if self.q_proj_quantizer is not None else ""
+        return super().describe() + shared
+
+    def _heads(self, x: torch.Tensor, queries: int) -> tuple[torch.Tensor, ...]:
+        """Per-head q (B, h, queries, d), kᵀ (B, h, d, N) and v (B, h, N, d), and v's local conv."""
+        B, heads = x.shape[0], self.num_heads
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.q_proj_quantizer is not None:
+            q, k = self.q_proj_quantizer(q), self.k_proj_quantizer(k)
+        q = q.reshape(B, heads, -1, queries).permute(0, 1, 3, 2)
+        k = k.reshape(B, heads, -1, self.N)
+        return q, k, v.reshape(B, heads, -1, self.N).permute(0, 1, 3, 2), self.v_local(v)
 
 
-class QuantAttention2d(_QuantMatmuls, efficientformer_v2.Attention2d):
+class QuantAttention2d(_QuantAttention2dHeads, efficientformer_v2.Attention2d):
     """EfficientFormerV2's attention with quantized matmul inputs.
 
     Its talking-head 1x1 conv mixes the probabilities across heads after the softmax, so the left
@@ -242,7 +275,7 @@ class QuantAttention2d(_QuantMatmuls, efficientformer_v2.Attention2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride_conv is not None:
             x = self.stride_conv(x)
-        B, (q, k, v, v_local) = x.shape[0], _heads(self, x, self.N)
+        B, (q, k, v, v_local) = x.shape[0], self._heads(x, self.N)
         attn = (self.q_quantizer(q) @ self.k_quantizer(k)) * self.scale
         attn = self.talking_head1(attn + self.get_attention_biases(x.device))
         attn = self.talking_head2(attn.softmax(dim=-1))
@@ -253,11 +286,11 @@ class QuantAttention2d(_QuantMatmuls, efficientformer_v2.Attention2d):
         return self.proj(self.act(x))
 
 
-class QuantAttention2dDownsample(_QuantMatmuls, efficientformer_v2.Attention2dDownsample):
+class QuantAttention2dDownsample(_QuantAttention2dHeads, efficientformer_v2.Attention2dDownsample):
     """EfficientFormerV2's downsampling attention (queries at half resolution) with quantized matmul inputs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, (q, k, v, v_local) = x.shape[0], _heads(self, x, self.N2)
+        B, (q, k, v, v_local) = x.shape[0], self._heads(x, self.N2)
         attn = (self.q_quantizer(q) @ self.k_quantizer(k)) * self.scale
         attn = (attn + self.get_attention_biases(x.device)).softmax(dim=-1)
         x = (self.softmax_quantizer(attn) @ self.v_quantizer(v)).transpose(2, 3)

@@ -78,10 +78,10 @@ class QuantConfig:
     attn_bits: int | None = None
     #: "uniform" (uint, what the engines run), or "log2", "sulq", "twin" (more accurate at 3-4 bits, simulation only)
     softmax_quantizer: str = "uniform"
-    #: with ``attn_bits``: quantize a timm-style attention's qkv projection output once, on q, k and v's own
-    #: grids (``QuantAttention.share_qkv_quantizer``). OpenVINO fuses that quantizer into the INT8 projection
-    #: (DeiT-tiny ~9 % faster at 224x224); ONNX Runtime runs it ~12 % slower. ``recipe(engine="openvino")``
-    #: turns it on.
+    #: with ``attn_bits``: quantize q, k and v where their projections write them, on their own grids: a
+    #: timm-style attention's qkv output once (``QuantAttention.share_qkv_quantizer``), EfficientFormerV2's
+    #: q and k conv outputs. OpenVINO fuses those quantizers into the INT8 projections (DeiT-tiny ~9 %
+    #: faster at 224x224); ONNX Runtime runs DeiT's ~12 % slower. ``recipe(engine="openvino")`` turns it on.
     share_qkv_quantizer: bool = False
     #: bit-widths of the first and the last quantized layer (stem or patch embedding, classifier), e.g.
     #: "w8a8" in a W4A4 model as RepQ-ViT and PTQ4ViT do; None: like every other layer. ``layer_bits`` wins.
