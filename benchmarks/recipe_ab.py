@@ -1,0 +1,97 @@
+"""Does a quantization option pay on this engine? leanvit's INT8 model with and without it, timed side by side.
+
+    python benchmarks/recipe_ab.py --change '{"share_qkv_quantizer": false}' \\
+        [--models efficientformerv2_s0 deit_tiny_patch16_224 ...] [--engine openvino] [--rounds 10] [--out DIR]
+
+Which ops are worth running in INT8, and where a quantizer sits, are engine- and CPU-dependent choices
+(``QuantConfig.recipe(target=, engine=)``); a gain of a few percent is below the drift between two runs of
+``ptq.py`` on a shared machine. Here the recipe's INT8 model (A), the same recipe with ``--change`` applied (B)
+and the FP32 model are timed in alternating rounds (``leanvit.bench.time_alternating``; 224x224, batch 1,
+``--threads``), so the drift hits all three alike. Also reported: how far B's simulated outputs are from A's
+(0 when the change only moves where the same integers are computed). Random weights and calibration images:
+a latency A/B, not an accuracy one. Writes ``recipe_ab.json`` and ``recipe_ab.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from leanvit.bench import host_info
+from leanvit.bench.report import host_lines
+from leanvit.bench.timing import TimingBudget, time_alternating
+from leanvit.compress import quant
+from leanvit.compress.quant.export import ENGINES
+from leanvit.deploy import export_onnx, get_engine
+from leanvit.models.registry import create_model
+from manifest import LATENCY_MODELS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--change", type=json.loads, required=True,
+                        help="QuantConfig fields that make B from the recipe (JSON), e.g. '{\"share_qkv_quantizer\": false}'")
+    parser.add_argument("--models", nargs="+", default=list(LATENCY_MODELS))
+    parser.add_argument("--engine", choices=ENGINES, default="openvino")
+    parser.add_argument("--recipe", choices=("minmax", "mse", "hybrid"), default="mse")
+    parser.add_argument("--target", choices=quant.TARGETS, default="auto", help="leanvit's INT8 recipe target")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--budget-s", type=float, default=6.0, help="timing budget per file (s)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "recipe-ab")
+    args = parser.parse_args()
+    base = quant.QuantConfig.recipe(args.recipe, "w8a8", target=args.target, engine=args.engine)
+    try:
+        changed = replace(base, **args.change)
+    except TypeError as e:
+        parser.error(f"--change: {e} (fields: see leanvit.QuantConfig)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    engine = get_engine(args.engine, threads=args.threads, precision="f32")
+    calib = torch.randn(16, 3, 224, 224)
+    x = calib[:1]
+    suffix, load = (".xml", engine.load_model_file) if args.engine == "openvino" else (".onnx", engine.load_onnx)
+    rows = []
+    for name in args.models:
+        model = create_model(name).eval()
+        folder = args.out / name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # float layers are listed in ptq.py's reports
+            runners = {"fp32": load(export_onnx(model, x, folder / "fp32.onnx"))}
+            outputs = {}
+            for label, config in (("A", base), ("B", changed)):
+                qmodel = quant.quantize(model, calib, config, progress=False)
+                with torch.no_grad():
+                    outputs[label] = qmodel(calib)
+                path = quant.export(qmodel, folder / f"int8_{label}{suffix}", engine=args.engine, example=x)
+                runners[label] = load(path)
+        fns = {key: (lambda r=runner, a=x.numpy(): r(a)) for key, runner in runners.items()}
+        timings = time_alternating(fns, TimingBudget(budget_s=args.budget_s * len(fns)), rounds=args.rounds)
+        ms = {key: t.median for key, t in timings.items()}
+        diff = float((outputs["B"] - outputs["A"]).abs().max() / outputs["A"].abs().max())
+        rows.append({"model": name, **{f"{k}_ms": round(v, 3) for k, v in ms.items()},
+                     "fp32_over_A": round(ms["fp32"] / ms["A"], 3), "fp32_over_B": round(ms["fp32"] / ms["B"], 3),
+                     "A_over_B": round(ms["A"] / ms["B"], 3), "max_output_change": round(diff, 5)})
+        print(rows[-1], flush=True)
+
+    lines = [f"# leanvit INT8, recipe {args.recipe!r} (A) vs A with {json.dumps(args.change)} (B) on {args.engine} "
+             f"(batch 1, {args.threads} threads, 224x224, {args.rounds} alternating rounds, ms)", "",
+             *host_lines(host_info()), f"- target: {quant.resolve_target(args.target)}", "",
+             "| model | FP32 | A | B | FP32 / A | FP32 / B | A / B (> 1: B faster) | B's output change (of A's max) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['fp32_ms']:.2f} | {r['A_ms']:.2f} | {r['B_ms']:.2f} | {r['fp32_over_A']:.2f} | "
+              f"{r['fp32_over_B']:.2f} | {r['A_over_B']:.3f} | {r['max_output_change']:.2%} |" for r in rows]
+    (args.out / "recipe_ab.md").write_text("\n".join(lines) + "\n")
+    report = {"host": host_info(), "engine": args.engine, "recipe": args.recipe, "change": args.change,
+              "threads": args.threads, "rounds": args.rounds, "target": quant.resolve_target(args.target),
+              "rows": rows}
+    (args.out / "recipe_ab.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
