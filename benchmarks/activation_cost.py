@@ -16,10 +16,8 @@ Writes ``activation_cost.json`` and ``activation_cost.md``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -30,20 +28,15 @@ from leanvit.bench.timing import TimingBudget, time_alternating
 from leanvit.compress import quant
 from leanvit.deploy import export_onnx, get_engine
 from leanvit.models.registry import create_model
-from manifest import LATENCY_MODELS
+from manifest import latency_parser
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "hardswish": nn.Hardswish, "silu": nn.SiLU}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(LATENCY_MODELS))
+    parser = latency_parser(__doc__.splitlines()[0], "activation-cost", rounds=6, budget_s=6.0)
     parser.add_argument("--acts", nargs="+", choices=sorted(ACTIVATIONS), default=["gelu", "relu"])
     parser.add_argument("--target", choices=quant.TARGETS, default="auto", help="leanvit's INT8 recipe target")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--budget-s", type=float, default=6.0, help="timing budget per file (s)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "activation-cost")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

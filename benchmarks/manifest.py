@@ -12,12 +12,25 @@ non-determinism across machines.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 DEFAULT = Path(__file__).resolve().parent / "checkpoints.json"
 #: the models the PTQ issue's latency checks name, timed at 224x224 with random weights by the latency benchmarks
 LATENCY_MODELS = ("efficientformer_l1", "efficientformerv2_s0", "deit_tiny_patch16_224", "mobilevig_ti")
+
+
+def latency_parser(description: str, out: str, rounds: int, budget_s: float) -> argparse.ArgumentParser:
+    """The options every latency benchmark takes (models, threads, alternating rounds, budget, output folder
+    ``results/<out>``); each adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--models", nargs="+", default=list(LATENCY_MODELS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=rounds, help="the files are timed in this many alternating rounds")
+    parser.add_argument("--budget-s", type=float, default=budget_s, help="timing budget per file (s)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / out)
+    return parser
 
 
 def read_manifest(path: str | Path = DEFAULT, names=()) -> list[dict]:

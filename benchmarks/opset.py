@@ -9,10 +9,8 @@ depend on them), 224x224, batch 1, ``--threads`` threads, every file timed in al
 """
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -21,17 +19,12 @@ from leanvit.bench.report import host_lines
 from leanvit.bench.timing import TimingBudget, time_alternating
 from leanvit.deploy import export_onnx, get_engine
 from leanvit.models.registry import create_model
-from manifest import LATENCY_MODELS
+from manifest import latency_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(LATENCY_MODELS))
+    parser = latency_parser(__doc__.splitlines()[0], "opset", rounds=5, budget_s=8.0)
     parser.add_argument("--opsets", nargs=2, type=int, default=[18, 20])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--budget-s", type=float, default=8.0, help="timing budget per file and engine (s)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "opset")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

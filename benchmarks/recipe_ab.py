@@ -13,11 +13,9 @@ a latency A/B, not an accuracy one. Writes ``recipe_ab.json`` and ``recipe_ab.md
 """
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -28,21 +26,16 @@ from leanvit.compress import quant
 from leanvit.compress.quant.export import ENGINES
 from leanvit.deploy import export_onnx, get_engine
 from leanvit.models.registry import create_model
-from manifest import LATENCY_MODELS
+from manifest import latency_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = latency_parser(__doc__.splitlines()[0], "recipe-ab", rounds=10, budget_s=6.0)
     parser.add_argument("--change", type=json.loads, required=True,
                         help="QuantConfig fields that make B from the recipe (JSON), e.g. '{\"share_qkv_quantizer\": false}'")
-    parser.add_argument("--models", nargs="+", default=list(LATENCY_MODELS))
     parser.add_argument("--engine", choices=ENGINES, default="openvino")
     parser.add_argument("--recipe", choices=("minmax", "mse", "hybrid"), default="mse")
     parser.add_argument("--target", choices=quant.TARGETS, default="auto", help="leanvit's INT8 recipe target")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--budget-s", type=float, default=6.0, help="timing budget per file (s)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "recipe-ab")
     args = parser.parse_args()
     base = quant.QuantConfig.recipe(args.recipe, "w8a8", target=args.target, engine=args.engine)
     try:
