@@ -65,8 +65,9 @@ def main() -> None:
         print(row, flush=True)
 
     head = " | ".join(f"{a} f32 | {a} INT8 | {a} f32/INT8" for a in args.acts)
+    host = host_info()
     lines = [f"# INT8 speed-up on OpenVINO with each activation (batch 1, {args.threads} threads, 224x224, ms)", "",
-             *host_lines(host_info()), f"- leanvit recipe: mse, w8a8, target {quant.resolve_target(args.target)}", "",
+             *host_lines(host), f"- leanvit recipe: mse, w8a8, target {quant.resolve_target(args.target)}", "",
              f"| model | {head} |", "|---|" + "---:|" * (3 * len(args.acts))]
     for r in rows:
         cells = [f"{r[f'{a}_fp32_ms']:.2f} | {r[f'{a}_int8_ms']:.2f} | {r[f'{a}_fp32_ms'] / r[f'{a}_int8_ms']:.2f}"
@@ -74,7 +75,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {' | '.join(cells)} |")
     (args.out / "activation_cost.md").write_text("\n".join(lines) + "\n")
     (args.out / "activation_cost.json").write_text(json.dumps(
-        {"host": host_info(), "threads": args.threads, "target": quant.resolve_target(args.target), "rows": rows},
+        {"host": host, "threads": args.threads, "target": quant.resolve_target(args.target), "rows": rows},
         indent=2))
     print("\n".join(lines))
 

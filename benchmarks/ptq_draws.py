@@ -168,12 +168,12 @@ def main(argv=None) -> int:
         p.error(str(e))
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*VNNI.*")
-    rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    host, rows = host_info(), []
     for entry in entries:
         print(f"== {entry['name']}", file=sys.stderr)
         rows.append(bench_model(entry, args))
-        args.out.mkdir(parents=True, exist_ok=True)  # written after each model: a long run keeps what it measured
-        host = host_info()
+        # written after each model: a long run keeps what it measured
         report = {"host": host, "threads": args.threads, "recipe": args.recipe, "target": args.target,
                   "calib": args.calib, "data": args.data, "seeds": args.seeds, "rows": rows}
         (args.out / "draws.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -71,15 +71,16 @@ def main() -> None:
                      "A_over_B": round(ms["A"] / ms["B"], 3), "max_output_change": round(diff, 5)})
         print(rows[-1], flush=True)
 
+    host = host_info()
     lines = [f"# leanvit INT8, recipe {args.recipe!r} (A) vs A with {json.dumps(args.change)} (B) on {args.engine} "
              f"(batch 1, {args.threads} threads, 224x224, {args.rounds} alternating rounds, ms)", "",
-             *host_lines(host_info()), f"- target: {quant.resolve_target(args.target)}", "",
+             *host_lines(host), f"- target: {quant.resolve_target(args.target)}", "",
              "| model | FP32 | A | B | FP32 / A | FP32 / B | A / B (> 1: B faster) | B's output change (of A's max) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['fp32_ms']:.2f} | {r['A_ms']:.2f} | {r['B_ms']:.2f} | {r['fp32_over_A']:.2f} | "
               f"{r['fp32_over_B']:.2f} | {r['A_over_B']:.3f} | {r['max_output_change']:.2%} |" for r in rows]
     (args.out / "recipe_ab.md").write_text("\n".join(lines) + "\n")
-    report = {"host": host_info(), "engine": args.engine, "recipe": args.recipe, "change": args.change,
+    report = {"host": host, "engine": args.engine, "recipe": args.recipe, "change": args.change,
               "threads": args.threads, "rounds": args.rounds, "target": quant.resolve_target(args.target),
               "rows": rows}
     (args.out / "recipe_ab.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -161,7 +161,7 @@ class QuantAttention(_QuantMatmuls, Attention):
 
         Why: OpenVINO fuses a quantizer that directly follows a fully-connected layer into it, which then
         writes int8 instead of float, and the head split's reshape and transposes move int8 (DeiT-tiny at
-        224x224: about 9 % faster; ``tests`` check the graph, ``benchmarks/ptq.py`` the time). One per-tensor
+        224x224: about 10 % faster; ``tests`` check the graph, ``benchmarks/recipe_ab.py`` the time). One per-tensor
         step ``s`` (v's) serves all three: the q and k channels are first multiplied by ``a_q``, ``a_k`` that
         bring their own steps to ``s``, and ``q @ kT`` is scaled by ``scale / (a_q a_k)`` instead of ``scale``,
         so the integers, and the products, are those of the separate quantizers (up to float rounding).
@@ -239,7 +239,7 @@ class _QuantAttention2dHeads(_QuantMatmuls):
         quantizer commutes with the reshape and transpose, so the integers are unchanged and the matmul
         quantizers stay as no-op re-quantizations. v keeps its quantizer at the matmul: it also feeds the
         local depthwise conv, which OpenVINO runs in f32 once it reads v's signed grid (and, with it, the
-        matmul: measured on efficientformerv2_s0, 5 convs and 5 matmuls fell back).
+        matmul: in a one-off check on efficientformerv2_s0, 5 convs and 5 matmuls fell back).
         """
         self.q_proj_quantizer = copy.deepcopy(self.q_quantizer)
         self.k_proj_quantizer = copy.deepcopy(self.k_quantizer)

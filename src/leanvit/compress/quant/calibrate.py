@@ -80,8 +80,8 @@ class QuantConfig:
     softmax_quantizer: str = "uniform"
     #: with ``attn_bits``: quantize q, k and v where their projections write them, on their own grids: a
     #: timm-style attention's qkv output once (``QuantAttention.share_qkv_quantizer``), EfficientFormerV2's
-    #: q and k conv outputs. OpenVINO fuses those quantizers into the INT8 projections (DeiT-tiny ~9 %
-    #: faster at 224x224); ONNX Runtime runs DeiT's ~12 % slower. ``recipe(engine="openvino")`` turns it on.
+    #: q and k conv outputs. OpenVINO fuses those quantizers into the INT8 projections (DeiT-tiny ~10 %
+    #: faster at 224x224); ONNX Runtime runs DeiT's ~15 % slower (``benchmarks/recipe_ab.py``). ``recipe(engine="openvino")`` turns it on.
     share_qkv_quantizer: bool = False
     #: bit-widths of the first and the last quantized layer (stem or patch embedding, classifier), e.g.
     #: "w8a8" in a W4A4 model as RepQ-ViT and PTQ4ViT do; None: like every other layer. ``layer_bits`` wins.
