@@ -45,9 +45,11 @@ def test_mixed_precision_from_the_command_line(capsys):
 def test_research_methods_from_the_command_line(capsys):
     """Hessian search, bridge reconstruction (none in a plain ViT: reported) and quantized attention."""
     assert main(["quantize", *TINY, "--bits", "w6a6", "--hessian", "--reconstruct", "blocks",
-                 "--reconstruct-iters", "5", "--attn-bits", "6", "--softmax", "twin", "--json"]) == 0
+                 "--reconstruct-iters", "5", "--attn-bits", "6", "--softmax", "twin", "--a-granularity", "auto",
+                 "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["config"]["hessian_search"] and result["config"]["softmax_quantizer"] == "twin"
+    assert result["config"]["a_per_channel"] == "auto"
     assert "twin" in result["layers"]["blocks.0.attn"] and result["reconstructed"]
 
 
@@ -55,6 +57,7 @@ def test_research_methods_from_the_command_line(capsys):
     (["--attn-bits", "4", "--softmax", "log2", "--out", "OUT"], "simulation only"),
     (["--bits", "int8"], "w8a8"),
     (["--bits", "w4a4", "--out", "OUT"], "below 8 bits"),
+    (["--a-granularity", "channel", "--out", "OUT"], "only a depthwise conv's can be per channel"),
     (["--calib-images", "4"], "4 images"),
     (["--layer-bits", "head=w8"], "w8"),
 ])

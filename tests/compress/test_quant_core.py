@@ -211,6 +211,10 @@ def test_recipes_keep_the_first_and_last_layers_at_8_bits(tiny_vit):
     calib = torch.randn(16, 3, 32, 32)
     config = QuantConfig.recipe("hybrid", "w4a4", reconstruct_iters=5, attn_bits=4)
     assert config.hessian_search and config.reconstruct == "blocks" and config.softmax_quantizer == "twin"
+    assert (config.a_symmetric, config.a_per_channel) == ("auto", "auto")
+    assert QuantConfig.recipe("hybrid", "w8a8").a_per_channel is False
+    with pytest.raises(LeanvitError, match="a_per_channel must be True, False or 'auto'"):
+        QuantConfig(a_per_channel="depthwise")
     layers = quantize(tiny_vit, calib, config, progress=False).quant_report.quantized
     assert layers["patch_embed.proj"].startswith("weights int8") and layers["head"].startswith("weights int8")
     assert layers["blocks.0.attn.qkv"].startswith("weights int4")

@@ -1,6 +1,7 @@
 """Quantized models export as QDQ ONNX / OpenVINO IR that run INT8 kernels and compute what was simulated."""
 import copy
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -168,6 +169,38 @@ def test_cnn_with_folded_batchnorm_exports(tmp_path):
     agreement = check_agreement(qcnn, runner, [torch.randn(1, 3, 32, 32) for _ in range(4)])
     assert agreement.top1_agreement == 1.0
     assert agreement.max_abs_err < 0.02 * agreement.ref_scale
+
+
+def test_per_channel_depthwise_inputs_run_int8_on_openvino_and_are_refused_for_onnxruntime(tmp_path):
+    """Q-HyViT's granularity choice: a depthwise conv whose input channels differ widely in range takes
+    per-channel input ranges, which OpenVINO runs in INT8 (the scale folds into each channel's requantization)."""
+    torch.manual_seed(6)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.GELU(),
+                          nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.GELU(),
+                          nn.Conv2d(16, 24, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.logspace(-2, 1, 16))  # channel ranges over three decades,
+        model[4].weight.copy_(torch.logspace(2, -1, 16))  # rescaled by the next BatchNorm, as trained models do
+    calib, tests = torch.randn(32, 3, 16, 16), [torch.randn(1, 3, 16, 16) for _ in range(4)]
+    config = QuantConfig(w_bits=7, quantize_depthwise=True, a_per_channel="auto")
+    qcnn = quantize(model, calib, config, progress=False)
+    assert qcnn[3].input_quantizer.scheme.per_channel and qcnn[3].input_quantizer.scale.shape == (16,)
+    assert not any(qcnn[i].input_quantizer.scheme.per_channel for i in (0, 6, 9))
+    assert "inputs uint8 asym per-channel" in qcnn.quant_report.quantized["3"]
+    per_tensor = quantize(model, calib, replace(config, a_per_channel=False), progress=False)
+    with torch.no_grad():
+        x = torch.randn(16, 3, 16, 16)
+        err = [(q(x) - model(x)).pow(2).mean().item() for q in (qcnn, per_tensor)]
+    assert err[0] < 0.7 * err[1], err
+    xml = export(qcnn, tmp_path / "dw.xml", engine="openvino", dynamic_batch=False)
+    runner = get_engine("openvino", threads=1).load_model_file(xml)
+    precisions = openvino_precisions(runner.compiled, source_modules(xml.with_suffix(".onnx")))
+    assert len(precisions) == 4 and {p for _, p in precisions.values()} <= {"u8", "i8"}, precisions
+    agreement = check_agreement(qcnn, runner, tests)
+    assert agreement.max_abs_err < 0.02 * agreement.ref_scale
+    with pytest.raises(LeanvitError, match="3.*QLinearConv needs one input scale per tensor"):
+        export(qcnn, tmp_path / "dw.onnx", engine="onnxruntime")
 
 
 def test_bit_widths_without_engine_kernels_are_refused(tiny_vit, tmp_path):

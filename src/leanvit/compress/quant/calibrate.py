@@ -48,7 +48,13 @@ class QuantConfig:
     a_bits: int = 8
     w_per_channel: bool = True
     a_symmetric: bool | str = False  #: or "auto": per layer, whichever scheme has the lower held-out error
-    a_per_channel: bool = False  #: simulation only: INT8 kernels need one activation scale per tensor
+    #: True: every input per channel (simulation only: most INT8 kernels need one input scale per tensor);
+    #: "auto": Q-HyViT's per-layer granularity choice, per channel where that lowers the held-out output error
+    #: on depthwise convolutions' inputs (each output channel reads one input channel, so its scale folds into
+    #: that channel's requantization). OpenVINO runs such a conv INT8 when a conv writes its input, in f32 when
+    #: a transpose does (EfficientMod's NHWC context branch; ``export`` names them), so only the low-bit
+    #: ``hybrid`` recipe (simulation) turns it on
+    a_per_channel: bool | str = False
     w_method: str = "mse"
     a_method: str = "mse"
     percentile: float = 99.99
@@ -93,8 +99,9 @@ class QuantConfig:
         for what, method in (("w_method", self.w_method), ("a_method", self.a_method)):
             if method not in RANGE_METHODS:
                 raise LeanvitError(f"{what} '{method}' is not a range method; use one of {', '.join(RANGE_METHODS)}.")
-        if self.a_symmetric not in (True, False, "auto"):
-            raise LeanvitError(f"a_symmetric must be True, False or 'auto', got {self.a_symmetric!r}.")
+        for what, value in (("a_symmetric", self.a_symmetric), ("a_per_channel", self.a_per_channel)):
+            if value not in (True, False, "auto"):
+                raise LeanvitError(f"{what} must be True, False or 'auto', got {value!r}.")
         for bits in (f"w{self.w_bits}a{self.a_bits}", *(b for _, b in self.layer_bits), *filter(None, [self.edge_bits])):
             parse_bits(bits)
         check_range("min_images", self.min_images, 1, 1_000_000)
@@ -103,7 +110,7 @@ class QuantConfig:
         if self.reconstruct not in (None, "blocks", "bridge"):
             raise LeanvitError(f"reconstruct must be None, 'blocks' or 'bridge', got {self.reconstruct!r}.")
         check_range("reconstruct_iters", self.reconstruct_iters, 1, 1_000_000)
-        if self.hessian_search and self.a_per_channel:
+        if self.hessian_search and self.a_per_channel is True:
             raise LeanvitError("hessian_search searches per-tensor input ranges; a_per_channel=True (simulation "
                                "only) has none. Turn one of them off.")
         if self.softmax_quantizer not in SOFTMAX_QUANTIZERS:
@@ -123,7 +130,8 @@ class QuantConfig:
 
         - ``"minmax"``: the textbook baseline, min-max ranges, no reparameterisation;
         - ``"mse"``: the deployable default (MSE-searched ranges, RepQ-ViT LayerNorm reparameterisation);
-        - ``"hybrid"``: the hybrid-aware method: ``"mse"`` plus a per-layer symmetric/asymmetric choice,
+        - ``"hybrid"``: the hybrid-aware method: ``"mse"`` plus a per-layer choice of symmetry and (below 8-bit
+          activations, for depthwise convs) granularity,
           PTQ4ViT's Hessian-guided search, bias correction, BRECQ/AdaRound block reconstruction (a
           hybrid's bridge blocks included) and, below 8 bits, twin-uniform softmax quantization.
 
@@ -148,7 +156,8 @@ class QuantConfig:
         recipes = {
             "minmax": dict(w_method="minmax", a_method="minmax", reparam_layernorm=False),
             "mse": {},
-            "hybrid": dict(a_symmetric="auto", hessian_search=True, bias_correction=True, reconstruct="blocks",
+            "hybrid": dict(a_symmetric="auto", a_per_channel="auto" if a_bits < 8 else False,
+                           hessian_search=True, bias_correction=True, reconstruct="blocks",
                            softmax_quantizer="uniform" if a_bits == 8 else "twin"),
         }
         if name not in recipes:
@@ -160,7 +169,7 @@ class QuantConfig:
         w_bits, a_bits = next((parse_bits(bits) for pattern, bits in self.layer_bits
                                if fnmatch.fnmatchcase(layer, pattern)), (self.w_bits, self.a_bits))
         return (QScheme(w_bits, symmetric=True, per_channel=self.w_per_channel),
-                QScheme(a_bits, symmetric=self.a_symmetric is True, per_channel=self.a_per_channel))
+                QScheme(a_bits, symmetric=self.a_symmetric is True, per_channel=self.a_per_channel is True))
 
 
 #: The CPUs an INT8 model can be built for. "generic": depthwise convs and attention matmuls stay float, since
@@ -264,7 +273,7 @@ def _float_reason(name: str, module: nn.Module, config: QuantConfig, inside_mha:
     return None  # holds no computation of its own (or only embeddings added to the tokens)
 
 
-def _is_depthwise(module: nn.Module) -> bool:
+def is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
 
 
@@ -273,7 +282,7 @@ def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport) -> 
                   for c, _ in m.named_modules() if c}
     if config.edge_bits:
         candidates = [n for n, m in model.named_modules() if quantizable_type(m) is not None and n not in inside_mha
-                      and (config.quantize_depthwise or not _is_depthwise(m))
+                      and (config.quantize_depthwise or not is_depthwise(m))
                       and not any(fnmatch.fnmatchcase(n, p) for p in config.skip)]
         if candidates:
             edges = tuple((n, config.edge_bits) for n in dict.fromkeys((candidates[0], candidates[-1])))
@@ -282,7 +291,7 @@ def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport) -> 
     for name, module in list(model.named_modules()):
         quant_type = quantizable_type(module)
         skipped = any(fnmatch.fnmatchcase(name, p) for p in config.skip)
-        if quant_type is not None and _is_depthwise(module) and not config.quantize_depthwise:
+        if quant_type is not None and is_depthwise(module) and not config.quantize_depthwise:
             report.float_layers[name] = ("depthwise convolution: float by design, the CPU engines' INT8 depthwise "
                                          "kernels are no faster (QuantConfig.quantize_depthwise=True to quantize)")
         elif quant_type is not None and name not in inside_mha and not skipped:
@@ -347,15 +356,17 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
             report.float_layers[name] = "attention matmuls in float: forward never called during calibration"
 
     ranged = set()
-    if consumers and not config.a_per_channel:
+    if consumers and config.a_per_channel is not True:
         ranged = _reparameterise_layernorms(qmodel, consumers, layers, observers, config, example, report)
     for name, layer in layers.items():
         layer.weight_quantizer.set_range(*weight_range(layer.weight, layer.weight_quantizer.scheme, config.w_method,
                                                        percentile=config.percentile))
         if name not in ranged:
+            scheme = _best_scheme(observers[name], layer, config)
+            if scheme.per_channel != layer.input_quantizer.scheme.per_channel:
+                layer.input_quantizer = FakeQuantizer(scheme, axis=1, channels=layer.in_channels)
             quantizer = layer.input_quantizer
-            if config.a_symmetric == "auto":
-                quantizer.scheme = _best_scheme(observers[name], layer, config)
+            quantizer.scheme = scheme
             quantizer.set_range(*observers[name].range(quantizer.scheme, config.a_method,
                                                        percentile=config.percentile))
         report.quantized[name] = f"weights {layer.weight_quantizer.scheme}; inputs {layer.input_quantizer.scheme}"
@@ -408,13 +419,20 @@ def _quantize_conv_outputs(qmodel: nn.Module, layers: dict[str, nn.Module], batc
 
 
 def _best_scheme(observer: RangeObserver, layer: nn.Module, config: QuantConfig) -> QScheme:
-    """Symmetric int or asymmetric uint for this layer's input, by held-out output error.
+    """This layer's input scheme: the configured one, or where ``config`` says "auto", the candidate with
+    the lowest held-out output error (Q-HyViT's per-layer choice of symmetry and granularity).
 
-    Hybrid models mix inputs centred on zero (after a LayerNorm) with one-sided ones (after ReLU or
-    GELU); Q-HyViT picks the scheme per layer for the same reason.
+    Symmetry: hybrid models mix inputs centred on zero (after a LayerNorm) with one-sided ones (after
+    ReLU or GELU). Granularity: a depthwise conv's input channels after a BatchNorm can differ in range
+    by orders of magnitude, and only there (see ``QuantConfig.a_per_channel``) a per-channel input deploys.
     """
+    scheme = layer.input_quantizer.scheme
+    symmetric = (False, True) if config.a_symmetric == "auto" else (scheme.symmetric,)
+    per_channel = (False, True) if config.a_per_channel == "auto" and is_depthwise(layer) else (scheme.per_channel,)
+    candidates = [replace(scheme, symmetric=s, per_channel=c) for s in symmetric for c in per_channel]
+    if len(candidates) == 1:
+        return scheme
     weights = input_channel_weights(layer)
-    candidates = [replace(layer.input_quantizer.scheme, symmetric=symmetric) for symmetric in (False, True)]
     return min(candidates, key=lambda scheme: observer.held_out_error(scheme, config.a_method, weights,
                                                                       percentile=config.percentile))
 

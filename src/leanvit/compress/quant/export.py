@@ -26,7 +26,7 @@ import torch.nn as nn
 from ...deploy.export import DEFAULT_OPSET
 from ...deploy.ov import openvino_core
 from ...errors import LeanvitError
-from .calibrate import quantizers
+from .calibrate import is_depthwise, quantizers
 from .modules import QuantConv2d
 from .quantizer import FakeQuantizer
 
@@ -43,8 +43,9 @@ ORT_CONV_NOTE = ("ONNX Runtime fuses a QDQ Conv into its INT8 QLinearConv only w
 ENGINES = ("openvino", "onnxruntime")
 
 
-def check_deployable(qmodel: nn.Module) -> None:
-    """Raise, naming the layers, if some quantizer has no INT8 kernel behind it on the engines."""
+def check_deployable(qmodel: nn.Module, engine: str | None = None) -> None:
+    """Raise, naming the layers, if some quantizer has no INT8 kernel behind it on ``engine`` (None: on
+    OpenVINO or ONNX Runtime, whichever runs it)."""
     found = quantizers(qmodel)
     if not found:
         raise LeanvitError("This model has no quantizers: quantize it first with "
@@ -63,11 +64,18 @@ def check_deployable(qmodel: nn.Module) -> None:
             "Such bit-widths are simulation-only: export a W8A8 (or W7A8) model, QuantConfig.from_bits('w8a8').")
     per_channel = sorted(n.rsplit(".", 1)[0] for n, q in found.items()
                          if q.scheme.per_channel and n.endswith("input_quantizer"))
-    if per_channel:
+    not_depthwise = [n for n in per_channel if not is_depthwise(qmodel.get_submodule(n))]
+    if not_depthwise:
         raise LeanvitError(
-            f"{len(per_channel)} layers quantize their inputs per channel ({', '.join(per_channel[:8])}"
-            f"{', ...' if len(per_channel) > 8 else ''}); INT8 kernels need one input scale per tensor. "
-            "Use QuantConfig(a_per_channel=False).")
+            f"{len(not_depthwise)} layers quantize their inputs per channel ({', '.join(not_depthwise[:8])}"
+            f"{', ...' if len(not_depthwise) > 8 else ''}); their INT8 kernels need one input scale per tensor "
+            "(only a depthwise conv's can be per channel). Use QuantConfig(a_per_channel='auto') or False.")
+    if per_channel and engine == "onnxruntime":
+        raise LeanvitError(
+            f"{len(per_channel)} depthwise convs quantize their inputs per channel ({', '.join(per_channel[:8])}"
+            f"{', ...' if len(per_channel) > 8 else ''}); ONNX Runtime's QLinearConv needs one input scale per "
+            "tensor (OpenVINO runs them in INT8). Quantize for ONNX Runtime with QuantConfig(a_per_channel=False), "
+            "as QuantConfig.recipe(..., engine='onnxruntime') does.")
 
 
 def int8_saturates() -> bool:
@@ -163,6 +171,7 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
     if engine not in ENGINES:
         raise LeanvitError(f"Cannot export a quantized model for engine '{engine}'; "
                            f"choose one of {', '.join(ENGINES)}.")
+    check_deployable(qmodel, engine)
     path = Path(path)
     onnx_path = export_quantized(qmodel, path.with_suffix(".onnx"), example, dynamic_batch=dynamic_batch)
     modules = source_modules(onnx_path)

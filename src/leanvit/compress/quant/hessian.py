@@ -185,16 +185,15 @@ def hessian_search(qmodel: nn.Module, batches: list[torch.Tensor], *, fixed_inpu
 
     ``fixed_inputs`` names layers whose input range must stay (RepQ-ViT's reparameterised ones,
     which share one scale derived from per-channel ranges); their weight ranges are still searched.
+    Inputs quantized per channel (``QuantConfig.a_per_channel``) keep their ranges too: the search
+    scales one per-tensor range.
     Returns the names of the layers searched; a layer whose output never reached the loss (no
     gradient) keeps its ranges and is left out.
     """
     from tqdm.auto import tqdm
 
     layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
-    per_channel_inputs = [n for n, m in layers.items() if m.input_quantizer.scheme.per_channel]
-    if per_channel_inputs:
-        raise LeanvitError(f"hessian_search searches per-tensor input ranges, but {', '.join(per_channel_inputs[:4])} "
-                           f"quantize their inputs per channel: use QuantConfig(a_per_channel=False).")
+    fixed_inputs = set(fixed_inputs) | {n for n, m in layers.items() if m.input_quantizer.scheme.per_channel}
     generator = torch.Generator().manual_seed(seed)
     samples = _collect(qmodel, layers, batches, images, rows, generator)
     for name in tqdm(samples, desc="hessian search", unit="layer", disable=not progress, file=sys.stderr):
