@@ -16,7 +16,6 @@ Writes ``activation_cost.json`` and ``activation_cost.md``.
 """
 from __future__ import annotations
 
-import json
 import warnings
 
 import torch
@@ -28,7 +27,7 @@ from leanvit.bench.timing import TimingBudget, time_alternating
 from leanvit.compress import quant
 from leanvit.deploy import export_onnx, get_engine
 from leanvit.models.registry import create_model
-from manifest import latency_parser
+from manifest import latency_parser, save_report
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "hardswish": nn.Hardswish, "silu": nn.SiLU}
 
@@ -73,10 +72,9 @@ def main() -> None:
         cells = [f"{r[f'{a}_fp32_ms']:.2f} | {r[f'{a}_int8_ms']:.2f} | {r[f'{a}_fp32_ms'] / r[f'{a}_int8_ms']:.2f}"
                  for a in args.acts]
         lines.append(f"| {r['model']} | {' | '.join(cells)} |")
-    (args.out / "activation_cost.md").write_text("\n".join(lines) + "\n")
-    (args.out / "activation_cost.json").write_text(json.dumps(
-        {"host": host, "threads": args.threads, "target": quant.resolve_target(args.target), "rows": rows},
-        indent=2))
+    save_report(args.out, "activation_cost",
+                {"host": host, "threads": args.threads, "target": quant.resolve_target(args.target), "rows": rows},
+                "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -14,7 +14,6 @@ must stay within ``--tolerance``.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import statistics
@@ -28,6 +27,7 @@ import torch
 import leanvit
 from leanvit.bench import TimingBudget, host_info, time_calls
 from leanvit.deploy import get_engine
+from manifest import save_report
 
 
 def leanvit_median(runner, x: torch.Tensor, seconds: float) -> float:
@@ -99,9 +99,6 @@ def main() -> int:
     doc = {"model": args.model, "threads": args.threads, "batch": 1, "seconds_per_measurement": args.seconds,
            "rounds": args.rounds, "tolerance": args.tolerance, "benchmark_app_command": " ".join(ref_cmd),
            "host": host_info(), "results": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "harness_check.json").write_text(json.dumps(doc, indent=2))
     lines = [
         "# Harness bias check", "",
         f"`python benchmarks/harness_check.py` — {args.model}, batch 1, {args.threads} threads, "
@@ -115,7 +112,7 @@ def main() -> int:
         lines.append(f"| {names[key]} | {r['leanvit_median_ms']:.2f} | {r['reference_median_ms']:.2f} | "
                      f"{r['ratio']:.3f} | {'yes' if r['within_tolerance'] else '**no**'} |")
     lines += ["", f"benchmark_app command: `{doc['benchmark_app_command']}`", ""]
-    (out / "harness_check.md").write_text("\n".join(lines))
+    save_report(Path(args.out), "harness_check", doc, "\n".join(lines))
     print("\n".join(lines))
     return 0 if all(r["within_tolerance"] for r in results.values()) else 1
 

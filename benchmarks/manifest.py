@@ -1,4 +1,5 @@
-"""The manifest of shipped checkpoints (``benchmarks/checkpoints.json``) that every benchmark reads.
+"""The manifest of shipped checkpoints (``benchmarks/checkpoints.json``) that every benchmark reads, and the
+options and result files the benchmarks share.
 
 A JSON list, one entry per checkpoint (``tools/release_checkpoint.py`` writes it):
 
@@ -31,6 +32,16 @@ def latency_parser(description: str, out: str, rounds: int, budget_s: float) -> 
     parser.add_argument("--budget-s", type=float, default=budget_s, help="timing budget per file (s)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / out)
     return parser
+
+
+def save_report(out: Path, stem: str, report: dict, markdown: str, plot=None) -> None:
+    """Write a benchmark's results to ``out``: ``stem.json`` (``report``), ``stem.md`` (``markdown``) and, given
+    ``plot`` (a function of the image's path), ``stem.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / f"{stem}.md").write_text(markdown.rstrip("\n") + "\n")
+    if plot is not None:
+        plot(out / f"{stem}.png")
 
 
 def read_manifest(path: str | Path = DEFAULT, names=()) -> list[dict]:

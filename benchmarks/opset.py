@@ -9,7 +9,6 @@ depend on them), 224x224, batch 1, ``--threads`` threads, every file timed in al
 """
 from __future__ import annotations
 
-import json
 import warnings
 
 import torch
@@ -19,7 +18,7 @@ from leanvit.bench.report import host_lines
 from leanvit.bench.timing import TimingBudget, time_alternating
 from leanvit.deploy import export_onnx, get_engine
 from leanvit.models.registry import create_model
-from manifest import latency_parser
+from manifest import latency_parser, save_report
 
 
 def main() -> None:
@@ -47,17 +46,16 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     low, high = args.opsets
+    host = host_info()
     lines = [f"# Float latency at ONNX opset {low} and {high} (batch 1, {args.threads} threads, 224x224, ms)", "",
-             *host_lines(host_info()), "",
+             *host_lines(host), "",
              f"| model | ORT op{low} | ORT op{high} | ORT op{low} / op{high} | OpenVINO op{low} | OpenVINO op{high} |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         ort_low, ort_high = r[f"onnxruntime_op{low}_ms"], r[f"onnxruntime_op{high}_ms"]
         lines.append(f"| {r['model']} | {ort_low:.2f} | {ort_high:.2f} | {ort_low / ort_high:.2f} | "
                      f"{r[f'openvino_op{low}_ms']:.2f} | {r[f'openvino_op{high}_ms']:.2f} |")
-    (args.out / "opset.md").write_text("\n".join(lines) + "\n")
-    (args.out / "opset.json").write_text(json.dumps({"host": host_info(), "threads": args.threads, "rows": rows},
-                                                    indent=2))
+    save_report(args.out, "opset", {"host": host, "threads": args.threads, "rows": rows}, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -42,7 +42,7 @@ from leanvit.deploy import export_onnx, get_engine
 from leanvit.deploy.ov import openvino_core
 from leanvit.evaluate import compare_paired
 from leanvit.models.registry import create_model
-from manifest import read_manifest
+from manifest import read_manifest, save_report
 
 HERE = Path(__file__).resolve().parent
 
@@ -337,14 +337,11 @@ def main(argv=None) -> int:
         print(f"== {entry['model']}", file=sys.stderr)
         rows.append(bench_model(entry, args))
         print(json.dumps(rows[-1]), file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
     host = host_info()
     report = {"host": host, "threads": args.threads, "bits": args.bits, "recipe": args.recipe,
               "calib": args.calib, "data": args.data, "rows": rows}
-    (args.out / "ptq.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = render_markdown(rows, args, host)
-    (args.out / "ptq.md").write_text(markdown)
-    plot(rows, args.out / "ptq.png")
+    save_report(args.out, "ptq", report, markdown, lambda path: plot(rows, path))
     print(markdown)
     return 0
 

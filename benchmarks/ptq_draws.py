@@ -17,7 +17,6 @@ Writes ``draws.json``, ``draws.md`` and ``draws.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from leanvit.compress import quant
 from leanvit.data import DecodedDataset, build_transform, calibration_subset, make_loader, open_dataset
 from leanvit.deploy import export_onnx, get_engine
 from leanvit.evaluate import compare_paired
-from manifest import DEFAULT as DEFAULT_MANIFEST, read_manifest
+from manifest import DEFAULT as DEFAULT_MANIFEST, read_manifest, save_report
 from ptq import load, nncf_kwargs, nncf_openvino, percent_equal, predictions
 
 HERE = Path(__file__).resolve().parent
@@ -168,7 +167,6 @@ def main(argv=None) -> int:
         p.error(str(e))
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*VNNI.*")
-    args.out.mkdir(parents=True, exist_ok=True)
     host, rows = host_info(), []
     for entry in entries:
         print(f"== {entry['name']}", file=sys.stderr)
@@ -176,10 +174,8 @@ def main(argv=None) -> int:
         # written after each model: a long run keeps what it measured
         report = {"host": host, "threads": args.threads, "recipe": args.recipe, "target": args.target,
                   "calib": args.calib, "data": args.data, "seeds": args.seeds, "rows": rows}
-        (args.out / "draws.json").write_text(json.dumps(report, indent=2) + "\n")
         markdown = render_markdown(rows, args, host)
-        (args.out / "draws.md").write_text(markdown)
-        plot(rows, args.out / "draws.png")
+        save_report(args.out, "draws", report, markdown, lambda path: plot(rows, path))
     print(markdown)
     return 0
 

@@ -34,7 +34,7 @@ from leanvit.checkpoint import model_from_checkpoint
 from leanvit.compress import quant
 from leanvit.data import DecodedDataset, build_transform, calibration_subset, make_loader, open_dataset
 from leanvit.evaluate import evaluate
-from manifest import DEFAULT as DEFAULT_MANIFEST, read_manifest
+from manifest import DEFAULT as DEFAULT_MANIFEST, read_manifest, save_report
 
 HERE = Path(__file__).resolve().parent
 RECIPES = ("minmax", "mse", "hybrid")  #: QuantConfig.recipe's names
@@ -99,13 +99,10 @@ def main(argv=None) -> int:
                              "reconstructed": qmodel.quant_report.reconstructed})
                 print(f"   {bits} {recipe_name:7} top-1 {top1:6.2f} (drop {fp32 - top1:+.2f}) "
                       f"quantize {seconds:.0f} s", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
     report = {"host": host_info(), "threads": args.threads, "calib": args.calib, "data": args.data,
               "quant_kwargs": args.quant_kwargs,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
-    (args.out / "lowbit.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "lowbit.md").write_text(markdown(rows, args))
-    plot(rows, args.out / "lowbit.png")
+    save_report(args.out, "lowbit", report, markdown(rows, args), lambda path: plot(rows, path))
     print(markdown(rows, args))
     return 0
 

@@ -26,7 +26,7 @@ from leanvit.compress import quant
 from leanvit.compress.quant.export import ENGINES
 from leanvit.deploy import export_onnx, get_engine
 from leanvit.models.registry import create_model
-from manifest import latency_parser
+from manifest import latency_parser, save_report
 
 
 def main() -> None:
@@ -79,11 +79,10 @@ def main() -> None:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['fp32_ms']:.2f} | {r['A_ms']:.2f} | {r['B_ms']:.2f} | {r['fp32_over_A']:.2f} | "
               f"{r['fp32_over_B']:.2f} | {r['A_over_B']:.3f} | {r['max_output_change']:.2%} |" for r in rows]
-    (args.out / "recipe_ab.md").write_text("\n".join(lines) + "\n")
     report = {"host": host, "engine": args.engine, "recipe": args.recipe, "change": args.change,
               "threads": args.threads, "rounds": args.rounds, "target": quant.resolve_target(args.target),
               "rows": rows}
-    (args.out / "recipe_ab.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_report(args.out, "recipe_ab", report, "\n".join(lines))
     print("\n".join(lines))
 
 

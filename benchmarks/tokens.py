@@ -45,6 +45,7 @@ from leanvit.errors import LeanvitError
 from leanvit.evaluate import evaluate
 from leanvit.models.registry import create_model
 from leanvit.profile import count_macs
+from manifest import save_report
 
 #: The papers' DeiT-S (ImageNet-1k) numbers, from ../shared/specs (EViT README, ToMe README,
 #: DiffRate README and compression_rate.json). Throughput is on the papers' GPUs, not comparable to ours.
@@ -149,9 +150,7 @@ def main() -> int:
               "rows": rows, "rounds": args.rounds,
               "checks": checks(rows, spec_setting=args.model == "deit_small_patch16_224" and input_size[-1] == 224),
               "paper": PAPER}
-    (args.out / "tokens.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (args.out / "tokens.md").write_text(markdown(report))
-    plot(rows, args.out / "tokens.png")
+    save_report(args.out, "tokens", report, markdown(report), lambda path: plot(rows, path))
     print(f"wrote {args.out / 'tokens.md'}, tokens.json, tokens.png", file=sys.stderr)
     return 0
 

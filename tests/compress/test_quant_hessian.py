@@ -114,3 +114,36 @@ def test_hessian_sensitivity_ranks_the_fragile_layer_first(fragile):
     assert ("layers.1", "w4a8") not in bits and bits[-1] == ("*", "w8a8") and len(bits) > 1
     with pytest.raises(LeanvitError, match="sensitivity method 'fisher'"):
         layer_sensitivity(model, calib, config, method="fisher")
+
+
+def test_hessian_search_keeps_per_channel_depthwise_inputs():
+    """Q-HyViT's granularity choice with the Hessian search: a per-channel input range stays, the weights are searched."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.GELU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.GELU(), nn.Conv2d(8, 8, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.logspace(-2, 1, 8))
+    calib = torch.randn(32, 3, 12, 12)
+    config = QuantConfig(w_bits=4, a_bits=4, quantize_depthwise=True, a_per_channel="auto")
+    plain = quantize(model, calib, config, progress=False)
+    searched = quantize(model, calib, QuantConfig(**{**vars(config), "hessian_search": True}), progress=False)
+    assert searched[3].input_quantizer.scheme.per_channel
+    assert torch.equal(searched[3].input_quantizer.scale, plain[3].input_quantizer.scale)
+    assert not torch.equal(searched[3].weight_quantizer.scale, plain[3].weight_quantizer.scale)
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 6, 3, groups=2), nn.Linear(4, 3)])
+def test_per_channel_input_rows_are_quantized_as_the_layer_quantizes_its_input(layer):
+    from leanvit.compress.quant.hessian import _input_rows, _quantized_rows
+    from leanvit.compress.quant.quantizer import FakeQuantizer, QScheme
+
+    torch.manual_seed(2)
+    x = torch.randn(2, 4, 5, 5) * torch.logspace(-1, 1, 4).view(1, 4, 1, 1)
+    if isinstance(layer, nn.Linear):
+        x = x.movedim(1, -1)
+    axis = -1 if isinstance(layer, nn.Linear) else 1
+    quantizer = FakeQuantizer(QScheme(4, symmetric=False, per_channel=True), axis=axis, channels=4)
+    quantizer.set_range(torch.linspace(-1, -0.1, 4), torch.linspace(0.5, 9, 4))
+    expected = _input_rows(layer, quantizer(x))
+    assert torch.allclose(_quantized_rows(_input_rows(layer, x), quantizer), expected, atol=1e-6)

@@ -139,6 +139,18 @@ def _ratio_search(error, start: torch.Tensor) -> torch.Tensor:
     return best
 
 
+def _quantized_rows(rows: torch.Tensor, quantizer) -> torch.Tensor:
+    """Input rows ``(N, groups, K)`` through the layer's input quantizer; a per-channel one (its ranges stay:
+    the search is per tensor) has its channel steps laid out as :func:`_input_rows` lays out the channels."""
+    if not quantizer.scheme.per_channel:
+        return fake_quantize(rows, quantizer.scale, quantizer.zero_point, quantizer.scheme)
+    repeat = rows.shape[1] * rows.shape[2] // quantizer.scale.numel()  # a conv's kernel positions per channel
+    scale, zero = (t.float().repeat_interleave(repeat).reshape(rows.shape[1:]) for t in
+                   (quantizer.scale, quantizer.zero_point))
+    scheme = quantizer.scheme
+    return (torch.clamp(torch.round(rows / scale) + zero, scheme.qmin, scheme.qmax) - zero) * scale
+
+
 @torch.no_grad()
 def _search_layer(layer: nn.Module, x: torch.Tensor, grad_sq: torch.Tensor, rounds: int, search_input: bool) -> None:
     """Alternate the weight ranges (per row) and the input range (per tensor) of one layer."""
@@ -165,8 +177,9 @@ def _search_layer(layer: nn.Module, x: torch.Tensor, grad_sq: torch.Tensor, roun
 
     # the ratio at which the min-max range gives the current scale: qparams is linear in the range
     w_ratio = wq.scale.reshape(-1) / qparams(w_lo, w_hi, wq.scheme)[0]
-    x_ratio = iq.scale.reshape(1) / qparams(x_lo, x_hi, iq.scheme)[0]
-    x_hat = fake_quantize(x, iq.scale, iq.zero_point, iq.scheme)
+    if search_input:
+        x_ratio = iq.scale.reshape(1) / qparams(x_lo, x_hi, iq.scheme)[0]
+    x_hat = _quantized_rows(x, iq)
     for _ in range(rounds):
         w_ratio = _ratio_search(weight_cost, w_ratio)
         w_hat = quantized(weight, w_lo, w_hi, w_ratio, wq.scheme, wq.scale.shape, 0)
