@@ -1,5 +1,6 @@
 """Quantized models export as QDQ ONNX / OpenVINO IR that run INT8 kernels and compute what was simulated."""
 import copy
+import warnings
 from collections import Counter
 from dataclasses import replace
 
@@ -201,6 +202,39 @@ def test_per_channel_depthwise_inputs_run_int8_on_openvino_and_are_refused_for_o
     assert agreement.max_abs_err < 0.02 * agreement.ref_scale
     with pytest.raises(LeanvitError, match="3.*QLinearConv needs one input scale per tensor"):
         export(qcnn, tmp_path / "dw.onnx", engine="onnxruntime")
+
+
+class _ChannelsLast(torch.nn.Module):
+    """A Linear applied over channels (NHWC), its output back to NCHW: EfficientMod's context branch."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.fc = torch.nn.Linear(channels, channels)
+
+    def forward(self, x):
+        return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_a_per_channel_depthwise_input_openvino_runs_in_float_is_named_with_the_fix(tmp_path):
+    nn = torch.nn
+    model = nn.Sequential(_ChannelsLast(8), nn.Conv2d(8, 8, 7, padding=3, groups=8), nn.GELU(), nn.Conv2d(8, 8, 1)).eval()
+    with torch.no_grad():
+        model[0].fc.weight.mul_(torch.logspace(-2, 1, 8)[:, None])
+    qmodel = quantize(model, torch.randn(32, 8, 12, 12), QuantConfig(w_bits=7, quantize_depthwise=True,
+                                                                     a_per_channel="auto"), progress=False)
+    assert qmodel[1].input_quantizer.scheme.per_channel
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        xml = export(qmodel, tmp_path / "m.xml", engine="openvino", dynamic_batch=False)
+    runner = get_engine("openvino", threads=1).load_model_file(xml)
+    in_float = [n for n, (_, p) in openvino_precisions(runner.compiled, source_modules(xml.with_suffix(".onnx"))).items()
+                if p not in ("u8", "i8")]
+    said = " ".join(str(w.message) for w in caught)
+    if in_float:  # OpenVINO 2026.4 runs it in f32: the warning says which layer, why, and the fix
+        assert in_float[0].startswith("1 (") and "1 quantize their inputs per channel" in said
+        assert "a_per_channel=False" in said
+    else:
+        assert "run in float" not in said
 
 
 def test_bit_widths_without_engine_kernels_are_refused(tiny_vit, tmp_path):

@@ -192,7 +192,14 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
     precisions = openvino_precisions(compiled, modules)
     in_float = [name for name, (_, precision) in precisions.items() if precision not in ("i8", "u8")]
     if in_float:
-        warnings.warn(f"{len(in_float)} compute layers run in float on OpenVINO: {', '.join(in_float)}", stacklevel=2)
+        layers = dict(qmodel.named_modules())
+        per_channel = [n for n in (name.split(" (")[0] for name in in_float)
+                       if (q := getattr(layers.get(n), "input_quantizer", None)) is not None and q.scheme.per_channel]
+        note = (f" ({', '.join(per_channel)} quantize their inputs per channel, which OpenVINO runs in INT8 when a "
+                "conv writes them but not after a transpose: QuantConfig(a_per_channel=False) keeps them INT8)"
+                if per_channel else "")
+        warnings.warn(f"{len(in_float)} compute layers run in float on OpenVINO: {', '.join(in_float)}{note}",
+                      stacklevel=2)
     return xml
 
 
