@@ -40,6 +40,12 @@ HERE = Path(__file__).resolve().parent
 RECIPES = ("minmax", "mse", "hybrid")  #: QuantConfig.recipe's names
 
 
+def per_channel_inputs(qmodel) -> list[str]:
+    """The layers whose inputs the granularity choice (``QuantConfig.a_per_channel="auto"``) quantized per channel."""
+    return [name for name, m in qmodel.named_modules() if isinstance(m, (quant.QuantLinear, quant.QuantConv2d))
+            and m.input_quantizer.scheme.per_channel]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
@@ -96,7 +102,8 @@ def main(argv=None) -> int:
                              "top1": top1, "fp32_top1": fp32, "drop": round(fp32 - top1, 2),
                              "quantize_s": round(seconds, 1), "calib_images": len(calib),
                              "eval_images": len(evalset), "float_layers": dict(qmodel.quant_report.float_layers),
-                             "reconstructed": qmodel.quant_report.reconstructed})
+                             "reconstructed": qmodel.quant_report.reconstructed,
+                             "per_channel_inputs": per_channel_inputs(qmodel)})
                 print(f"   {bits} {recipe_name:7} top-1 {top1:6.2f} (drop {fp32 - top1:+.2f}) "
                       f"quantize {seconds:.0f} s", file=sys.stderr)
     report = {"host": host_info(), "threads": args.threads, "calib": args.calib, "data": args.data,
@@ -120,6 +127,11 @@ def markdown(rows: list[dict], args) -> str:
         fp32 = next(iter(cells.values()))["fp32_top1"]
         lines.append(f"| {name} | {fp32:.2f} | {bits} | " + " | ".join(
             f"{cells[k]['top1']:.2f} ({cells[k]['top1'] - fp32:+.2f})" if k in cells else "–" for k in args.recipes) + " |")
+    per_channel = [f"{r['checkpoint']} {r['bits']} {r['recipe']}: {len(r['per_channel_inputs'])}" for r in rows
+                   if r.get("per_channel_inputs")]
+    if per_channel:
+        lines += ["", "Layers whose inputs the granularity choice quantized per channel (names in the json): "
+                  + "; ".join(per_channel) + "."]
     return "\n".join(lines) + "\n"
 
 
