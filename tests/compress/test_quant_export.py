@@ -189,6 +189,7 @@ def test_per_channel_depthwise_inputs_run_int8_on_openvino_and_are_refused_for_o
     assert qcnn[3].input_quantizer.scheme.per_channel and qcnn[3].input_quantizer.scale.shape == (16,)
     assert not any(qcnn[i].input_quantizer.scheme.per_channel for i in (0, 6, 9))
     assert "inputs uint8 asym per-channel" in qcnn.quant_report.quantized["3"]
+    assert "1 layers with per-channel inputs" in qcnn.quant_report.summary()
     per_tensor = quantize(model, calib, replace(config, a_per_channel=False), progress=False)
     with torch.no_grad():
         x = torch.randn(16, 3, 16, 16)

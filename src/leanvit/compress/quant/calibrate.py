@@ -219,8 +219,11 @@ class QuantReport:
                 if not v.startswith(("normalisation", "elementwise", "depthwise"))}
 
     def summary(self) -> str:
+        per_channel = sum("per-channel" in entry.partition("inputs ")[2] for entry in self.quantized.values())
         lines = [f"{len(self.quantized)} layers quantized, {len(self.folded_batchnorms)} BatchNorms folded, "
-                 f"{len(self.reparameterised)} LayerNorms reparameterised, {self.calib_images} calibration images"]
+                 f"{len(self.reparameterised)} LayerNorms reparameterised, "
+                 + (f"{per_channel} layers with per-channel inputs, " if per_channel else "")
+                 + f"{self.calib_images} calibration images"]
         lines += [f"  float {name}: {reason}" for name, reason in self.float_layers.items()]
         lines += [f"  reconstructed {name}: {outcome}" for name, outcome in self.reconstructed.items()]
         return "\n".join(lines)
