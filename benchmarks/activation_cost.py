@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--acts", nargs="+", choices=sorted(ACTIVATIONS), default=["gelu", "relu"])
     parser.add_argument("--target", choices=quant.TARGETS, default="auto", help="leanvit's INT8 recipe target")
     args = parser.parse_args()
+    args.target = quant.resolve_target(args.target)  # once: the models and the report name it
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     engine = get_engine("openvino", threads=args.threads, precision="f32")
@@ -66,14 +67,14 @@ def main() -> None:
     head = " | ".join(f"{a} f32 | {a} INT8 | {a} f32/INT8" for a in args.acts)
     host = host_info()
     lines = [f"# INT8 speed-up on OpenVINO with each activation (batch 1, {args.threads} threads, 224x224, ms)", "",
-             *host_lines(host), f"- leanvit recipe: mse, w8a8, target {quant.resolve_target(args.target)}", "",
+             *host_lines(host), f"- leanvit recipe: mse, w8a8, target {args.target}", "",
              f"| model | {head} |", "|---|" + "---:|" * (3 * len(args.acts))]
     for r in rows:
         cells = [f"{r[f'{a}_fp32_ms']:.2f} | {r[f'{a}_int8_ms']:.2f} | {r[f'{a}_fp32_ms'] / r[f'{a}_int8_ms']:.2f}"
                  for a in args.acts]
         lines.append(f"| {r['model']} | {' | '.join(cells)} |")
     save_report(args.out, "activation_cost",
-                {"host": host, "threads": args.threads, "target": quant.resolve_target(args.target), "rows": rows},
+                {"host": host, "threads": args.threads, "target": args.target, "rows": rows},
                 "\n".join(lines))
     print("\n".join(lines))
 

@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--recipe", choices=("minmax", "mse", "hybrid"), default="mse")
     parser.add_argument("--target", choices=quant.TARGETS, default="auto", help="leanvit's INT8 recipe target")
     args = parser.parse_args()
+    args.target = quant.resolve_target(args.target)  # once: the models and the report name it
     base = quant.QuantConfig.recipe(args.recipe, "w8a8", target=args.target, engine=args.engine)
     try:
         changed = replace(base, **args.change)
@@ -74,13 +75,13 @@ def main() -> None:
     host = host_info()
     lines = [f"# leanvit INT8, recipe {args.recipe!r} (A) vs A with {json.dumps(args.change)} (B) on {args.engine} "
              f"(batch 1, {args.threads} threads, 224x224, {args.rounds} alternating rounds, ms)", "",
-             *host_lines(host), f"- target: {quant.resolve_target(args.target)}", "",
+             *host_lines(host), f"- target: {args.target}", "",
              "| model | FP32 | A | B | FP32 / A | FP32 / B | A / B (> 1: B faster) | B's output change (of A's max) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['fp32_ms']:.2f} | {r['A_ms']:.2f} | {r['B_ms']:.2f} | {r['fp32_over_A']:.2f} | "
               f"{r['fp32_over_B']:.2f} | {r['A_over_B']:.3f} | {r['max_output_change']:.2%} |" for r in rows]
     report = {"host": host, "engine": args.engine, "recipe": args.recipe, "change": args.change,
-              "threads": args.threads, "rounds": args.rounds, "target": quant.resolve_target(args.target),
+              "threads": args.threads, "rounds": args.rounds, "target": args.target,
               "rows": rows}
     save_report(args.out, "recipe_ab", report, "\n".join(lines))
     print("\n".join(lines))

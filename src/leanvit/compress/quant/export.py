@@ -125,18 +125,19 @@ def _example(qmodel: nn.Module, example: torch.Tensor | None, dynamic_batch: boo
 
 
 def export_quantized(qmodel: nn.Module, path: str | Path, example: torch.Tensor | None = None, *,
-                     opset: int = DEFAULT_OPSET, dynamic_batch: bool = False) -> Path:
+                     opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, engine: str | None = None) -> Path:
     """Write ``qmodel`` as a QDQ ONNX file at ``path``, with int8 weights; returns ``path``.
 
     ``example`` defaults to one image of the calibration size. A dynamic batch goes through the
     TorchScript exporter (with the deploy module's warning): ``torch.export`` cannot yet trace
-    fake-quantize ops with a symbolic batch size.
+    fake-quantize ops with a symbolic batch size. Every quantizer must have an INT8 kernel behind it on
+    ``engine`` (None: on OpenVINO or ONNX Runtime, whichever runs the file; :func:`check_deployable`).
     """
     import onnx
 
     from ...deploy.export import export_onnx
 
-    check_deployable(qmodel)
+    check_deployable(qmodel, engine)
     if int8_saturates() and any(n.endswith("weight_quantizer") and q.scheme.bits == 8
                                 for n, q in quantizers(qmodel).items()):
         warnings.warn(
@@ -171,9 +172,9 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
     if engine not in ENGINES:
         raise LeanvitError(f"Cannot export a quantized model for engine '{engine}'; "
                            f"choose one of {', '.join(ENGINES)}.")
-    check_deployable(qmodel, engine)
     path = Path(path)
-    onnx_path = export_quantized(qmodel, path.with_suffix(".onnx"), example, dynamic_batch=dynamic_batch)
+    onnx_path = export_quantized(qmodel, path.with_suffix(".onnx"), example, dynamic_batch=dynamic_batch,
+                                 engine=engine)
     modules = source_modules(onnx_path)
     if engine == "onnxruntime":
         precisions = onnxruntime_precisions(onnx_path, modules)

@@ -140,15 +140,13 @@ def _ratio_search(error, start: torch.Tensor) -> torch.Tensor:
 
 
 def _quantized_rows(rows: torch.Tensor, quantizer) -> torch.Tensor:
-    """Input rows ``(N, groups, K)`` through the layer's input quantizer; a per-channel one (its ranges stay:
-    the search is per tensor) has its channel steps laid out as :func:`_input_rows` lays out the channels."""
+    """Input rows ``(N, groups, K)`` through the layer's input quantizer. :func:`_input_rows` lays each
+    channel's values (its kernel positions) out consecutively, so a per-channel quantizer (whose ranges stay:
+    the search is per tensor) applies along a ``(N, channels, positions)`` view."""
     if not quantizer.scheme.per_channel:
         return fake_quantize(rows, quantizer.scale, quantizer.zero_point, quantizer.scheme)
-    repeat = rows.shape[1] * rows.shape[2] // quantizer.scale.numel()  # a conv's kernel positions per channel
-    scale, zero = (t.float().repeat_interleave(repeat).reshape(rows.shape[1:]) for t in
-                   (quantizer.scale, quantizer.zero_point))
-    scheme = quantizer.scheme
-    return (torch.clamp(torch.round(rows / scale) + zero, scheme.qmin, scheme.qmax) - zero) * scale
+    by_channel = rows.reshape(rows.shape[0], quantizer.scale.numel(), -1)
+    return fake_quantize(by_channel, quantizer.scale, quantizer.zero_point, quantizer.scheme, axis=1).reshape(rows.shape)
 
 
 @torch.no_grad()
