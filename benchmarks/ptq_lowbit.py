@@ -46,48 +46,67 @@ def per_channel_inputs(qmodel) -> list[str]:
             and m.input_quantizer.scheme.per_channel]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def simulation_parser(description: str, out: str) -> argparse.ArgumentParser:
+    """The options of a benchmark scoring simulated quantized models of the manifest's checkpoints: which
+    checkpoints, the data, ``--quant-kwargs`` for every configuration, threads, output folder ``results/<out>``."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
+    p.add_argument("--models", nargs="+", help="only these manifest entries (by name)")
     p.add_argument("--data", default=str(Path("~/.cache/leanvit/cifar10/test").expanduser()))
     p.add_argument("--calib", default=str(Path("~/.cache/leanvit/cifar10").expanduser()),
                    help="calibration data (its training split when it has one)")
     p.add_argument("--calib-images", type=int, default=256)
     p.add_argument("--eval-images", type=int, help="class-balanced subset of --data (default: all of it)")
-    p.add_argument("--bits", nargs="+", default=["w8a8", "w6a6", "w4a4"])
-    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
-    p.add_argument("--iters", type=int, default=500, help="reconstruction steps per block (hybrid recipe)")
-    p.add_argument("--models", nargs="+", help="only these manifest entries (by name)")
     p.add_argument("--quant-kwargs", type=json.loads, default={"quantize_depthwise": True},
-                   help="QuantConfig fields for every recipe (JSON); by default depthwise convs are quantized "
-                        "too: a simulated W4A4 model has every weight at 4 bits (leanvit keeps them float "
-                        "only where an engine's INT8 depthwise kernel is slower)")
+                   help="QuantConfig fields for every configuration (JSON); by default depthwise convs are "
+                        "quantized too: a simulated W4A4 model has every weight at 4 bits (leanvit keeps them "
+                        "float only where an engine's INT8 depthwise kernel is slower)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=HERE / "results" / "ptq-lowbit")
-    args = p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=HERE / "results" / out)
+    return p
+
+
+def checkpoints(parser: argparse.ArgumentParser, args) -> list[dict]:
+    """The manifest entries ``args`` names (an error through ``parser`` if none or unknown); sets the threads."""
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*VNNI.*")
-
     try:
         entries = read_manifest(args.manifest, args.models or ())
     except ValueError as e:
-        p.error(str(e))
+        parser.error(str(e))
     if not entries:
-        p.error(f"{args.manifest} lists no checkpoints")
+        parser.error(f"{args.manifest} lists no checkpoints")
+    return entries
+
+def open_checkpoint(entry: dict, args):
+    """The manifest ``entry``'s FP32 model, its calibration images (``args.calib_images`` class-balanced ones of
+    ``args.calib``'s training split), a loader of its evaluation images (``args.data``, or ``args.eval_images``
+    class-balanced ones of it), both decoded once for every model scored on them, and its FP32 top-1."""
+    model, meta = model_from_checkpoint(entry["model"], entry["path"])
+    model.eval()
+    transform = build_transform(meta["data_config"])
+    calib = open_dataset(args.calib, train=True, transform=transform)
+    calib = DecodedDataset(calibration_subset(calib, args.calib_images))
+    evalset = open_dataset(args.data, transform=transform)
+    if args.eval_images and args.eval_images < len(evalset):
+        evalset = calibration_subset(evalset, args.eval_images, seed=1)
+    loader = make_loader(DecodedDataset(evalset), 100)
+    fp32 = evaluate(model, loader, progress=False).top1
+    print(f"== {entry['name']}: FP32 {fp32:.2f} % on {len(evalset)} images", file=sys.stderr)
+    return model, calib, loader, fp32
+
+
+def main(argv=None) -> int:
+    p = simulation_parser(__doc__.split("\n\n")[0], "ptq-lowbit")
+    p.add_argument("--bits", nargs="+", default=["w8a8", "w6a6", "w4a4"])
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    p.add_argument("--iters", type=int, default=500, help="reconstruction steps per block (hybrid recipe)")
+    args = p.parse_args(argv)
+    entries = checkpoints(p, args)
     rows = []
     for entry in entries:
-        model, meta = model_from_checkpoint(entry["model"], entry["path"])
-        model.eval()
-        transform = build_transform(meta["data_config"])
-        calib = open_dataset(args.calib, train=True, transform=transform)
-        calib = DecodedDataset(calibration_subset(calib, args.calib_images))  # read by every recipe
-        evalset = open_dataset(args.data, transform=transform)
-        if args.eval_images and args.eval_images < len(evalset):
-            evalset = calibration_subset(evalset, args.eval_images, seed=1)
-        loader = make_loader(DecodedDataset(evalset), 100)  # decoded once, scored for every recipe
+        model, calib, loader, fp32 = open_checkpoint(entry, args)
         name = entry["name"]
-        fp32 = evaluate(model, loader, progress=False).top1
-        print(f"== {name}: FP32 {fp32:.2f} % on {len(evalset)} images", file=sys.stderr)
         for bits in args.bits:
             for recipe_name in args.recipes:
                 config = quant.QuantConfig.recipe(recipe_name, bits, attn_bits=quant.parse_bits(bits)[1],
@@ -101,7 +120,7 @@ def main(argv=None) -> int:
                 rows.append({"checkpoint": name, "model": entry["model"], "bits": bits, "recipe": recipe_name,
                              "top1": top1, "fp32_top1": fp32, "drop": round(fp32 - top1, 2),
                              "quantize_s": round(seconds, 1), "calib_images": len(calib),
-                             "eval_images": len(evalset), "float_layers": dict(qmodel.quant_report.float_layers),
+                             "eval_images": len(loader.dataset), "float_layers": dict(qmodel.quant_report.float_layers),
                              "reconstructed": qmodel.quant_report.reconstructed,
                              "per_channel_inputs": per_channel_inputs(qmodel)})
                 print(f"   {bits} {recipe_name:7} top-1 {top1:6.2f} (drop {fp32 - top1:+.2f}) "

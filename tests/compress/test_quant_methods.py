@@ -102,9 +102,21 @@ def test_auto_activation_scheme_picks_uint8_after_relu_and_exports(tmp_path):
     assert agreement.max_abs_err < 1e-2 * agreement.ref_scale
 
 
+def test_assign_bits_moves_the_cheapest_layers_per_weight_first_until_the_budget():
+    from leanvit.compress.quant import assign_bits
+
+    scores, sizes = {"a": 1.0, "b": 10.0, "c": 0.5}, {"a": 100, "b": 100, "c": 200}  # per weight: c < a < b
+    assert assign_bits(scores, sizes, 8.0) == (("*", "w8a8"),)
+    assert assign_bits(scores, sizes, 6.0) == (("c", "w4a4"), ("*", "w8a8"))  # c is half the weights: 8 -> 6
+    assert assign_bits(scores, sizes, 5.5) == (("c", "w4a4"), ("a", "w4a4"), ("*", "w8a8"))
+    assert assign_bits(scores, sizes, 4.0, low="w4a8") == (("c", "w4a8"), ("a", "w4a8"), ("b", "w4a8"), ("*", "w8a8"))
+    with pytest.raises(LeanvitError, match="between 4 and 8"):
+        assign_bits(scores, sizes, 3.5)
+
+
 @torch.no_grad()
 def test_mixed_precision_meets_the_budget_and_beats_the_opposite_choice(tiny_vit, calib):
-    from leanvit.compress.quant import allocate_bits, average_weight_bits, layer_sensitivity
+    from leanvit.compress.quant import allocate_bits, assign_bits, average_weight_bits, layer_sensitivity
 
     with pytest.raises(LeanvitError, match="between 4 and 8"):
         allocate_bits(tiny_vit, calib, 3.0, low="w4a4", high="w8a8")
@@ -114,13 +126,10 @@ def test_mixed_precision_meets_the_budget_and_beats_the_opposite_choice(tiny_vit
     # the opposite: the layers that hurt most per weight go to 4 bits first, until the same budget
     sensitivity = layer_sensitivity(tiny_vit, calib, QuantConfig.from_bits("w4a4"))
     sizes = {n: tiny_vit.get_submodule(n).weight.numel() for n in sensitivity}
-    worst, average = [], 8.0
-    for name in sorted(sensitivity, key=lambda n: -sensitivity[n] / sizes[n]):
-        if average <= 6.0:
-            break
-        worst.append((name, "w4a4"))
-        average -= sizes[name] * 4 / sum(sizes.values())
-    opposite = quantize(tiny_vit, calib, QuantConfig(layer_bits=(*worst, ("*", "w8a8"))), progress=False)
+    worst = assign_bits({n: -s for n, s in sensitivity.items()}, sizes, 6.0)
+    assert {n for n, _ in worst[:-1]} != {n for n, _ in bits[:-1]}
+    opposite = quantize(tiny_vit, calib, QuantConfig(layer_bits=worst), progress=False)
+    assert 4.0 < average_weight_bits(opposite) <= 6.0
     x = torch.randn(16, 3, 32, 32)
     ref = tiny_vit(x)
     assert (chosen(x) - ref).pow(2).mean() < 0.5 * (opposite(x) - ref).pow(2).mean()

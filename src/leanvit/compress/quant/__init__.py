@@ -29,7 +29,7 @@ from .export import (
     source_modules,
 )
 from .hessian import hessian_search
-from .mixed import allocate_bits, average_weight_bits, layer_sensitivity
+from .mixed import allocate_bits, assign_bits, average_weight_bits, layer_sensitivity
 from .modules import QuantConv2d, QuantLinear, fold_batchnorm
 from .quantizer import (
     FakeQuantizer, Log2Quantizer, QScheme, Quantizer, RangeObserver, ShiftUniformLog2Quantizer, TwinUniformQuantizer,
@@ -42,7 +42,7 @@ __all__ = [
     "FakeQuantizer", "Log2Quantizer", "QScheme", "QuantAttention", "QuantConfig", "QuantConv2d", "QuantLinear",
     "QuantReport", "Quantizer", "RangeObserver", "SOFTMAX_QUANTIZERS", "ShiftUniformLog2Quantizer", "TARGETS",
     "TwinUniformQuantizer",
-    "allocate_bits", "average_weight_bits", "calibration_batches", "check_deployable", "choose_range",
+    "allocate_bits", "assign_bits", "average_weight_bits", "calibration_batches", "check_deployable", "choose_range",
     "correct_bias", "export", "export_quantized", "fake_quantize", "find_bridges", "find_units", "fold_batchnorm",
     "hessian_search", "layer_sensitivity", "layernorm_consumers", "onnx_int8_summary", "onnxruntime_precisions",
     "openvino_precisions", "source_modules",

@@ -93,21 +93,38 @@ def allocate_bits(model: nn.Module, calib_data, budget: float, *, low: str = "w4
     >>> bits = allocate_bits(model, calib, 6.0)          # W4A4 where it hurts least, W8A8 elsewhere
     >>> qmodel = quantize(model, calib, QuantConfig(layer_bits=bits))
     """
-    (low_w, _), (high_w, _) = parse_bits(low), parse_bits(high)
-    if not low_w <= budget <= high_w:
-        raise LeanvitError(f"An average of {budget} weight bits cannot be reached with {low} and {high}: "
-                           f"choose a budget between {low_w} and {high_w}.")
-    low_config = replace(config, layer_bits=(("*", low),))
-    sensitivity = layer_sensitivity(model, calib_data, low_config, method=method)
+    _check_budget(budget, low, high)
+    sensitivity = layer_sensitivity(model, calib_data, replace(config, layer_bits=(("*", low),)), method=method)
     sizes = {name: model.get_submodule(name).weight.numel() for name in sensitivity}
+    return assign_bits(sensitivity, sizes, budget, low=low, high=high)
+
+
+def assign_bits(scores: dict[str, float], sizes: dict[str, int], budget: float, *, low: str = "w4a4",
+                high: str = "w8a8") -> tuple[tuple[str, str], ...]:
+    """``layer_bits`` moving layers to ``low`` cheapest first (smallest ``scores[layer] / sizes[layer]``,
+    ``sizes`` the weight counts) until the average weight bit-width is at most ``budget``; ``high`` elsewhere.
+
+    The greedy half of :func:`allocate_bits`, for a sensitivity measured some other way (or none: random
+    scores give the control an allocation must beat).
+    """
+    (low_w, _), (high_w, _) = _check_budget(budget, low, high)
     total = sum(sizes.values())
     average, chosen = float(high_w), []
-    for name in sorted(sensitivity, key=lambda n: sensitivity[n] / sizes[n]):
+    for name in sorted(scores, key=lambda n: scores[n] / sizes[n]):
         if average <= budget:
             break
         chosen.append(name)
         average -= sizes[name] * (high_w - low_w) / total
     return (*((name, low) for name in chosen), ("*", high))
+
+
+def _check_budget(budget: float, low: str, high: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The parsed ``low`` and ``high`` bit-widths; an error unless ``budget`` lies between their weight bits."""
+    (low_w, low_a), (high_w, high_a) = parse_bits(low), parse_bits(high)
+    if not low_w <= budget <= high_w:
+        raise LeanvitError(f"An average of {budget} weight bits cannot be reached with {low} and {high}: "
+                           f"choose a budget between {low_w} and {high_w}.")
+    return (low_w, low_a), (high_w, high_a)
 
 
 def average_weight_bits(qmodel: nn.Module) -> float:
