@@ -12,7 +12,8 @@ weight bit-width, over all quantized weights, meets the budget. The scores:
   (what ``allocate_bits`` and ``leanvit quantize --avg-bits`` use by default);
 - ``hessian``: ``layer_sensitivity(method="hessian")``, HAWQ's ``Tr(H) / n * ||Q(W) - W||^2``;
 - ``random``: a random order of the layers (``--random-seeds`` draws): the control a sensitivity must beat;
-- ``uniform``: no mixing, every layer at the budget's bit-width (``w6a6`` for a budget of 6), the same average.
+- ``uniform``: no mixing, every layer at the budget's bit-width (``w6a6`` for a budget of 6; ``w6a8`` when both
+  ends have 8-bit activations), the same average.
 
 Both ends (every layer low, every layer high) are scored as well. Every run is ``--recipe`` (default ``mse``:
 fast, so the allocation is what differs) with the attention matmuls at 8 bits; the sensitivities are measured
@@ -82,8 +83,9 @@ def score(config: quant.QuantConfig, entry: dict, args) -> list[dict]:
             shuffled = {name: draw.random() * size for name, size in sizes.items()}
             rows.append(run("random", quant.assign_bits(shuffled, sizes, budget, low=args.low, high=args.high),
                             budget, seed))
-        if float(budget).is_integer():
-            bits = f"w{int(budget)}a{int(budget)}"
+        if float(budget).is_integer():  # activations at the budget's bits too, unless both ends share theirs
+            (_, low_a), (_, high_a) = quant.parse_bits(args.low), quant.parse_bits(args.high)
+            bits = f"w{int(budget)}a{low_a if low_a == high_a else int(budget)}"
             rows.append(run("uniform", (("*", bits),), budget))
     return rows
 

@@ -123,6 +123,8 @@ def test_mixed_precision_meets_the_budget_and_beats_the_opposite_choice(tiny_vit
     bits = allocate_bits(tiny_vit, calib, 6.0, low="w4a4", high="w8a8")
     chosen = quantize(tiny_vit, calib, QuantConfig(layer_bits=bits), progress=False)
     assert 4.0 < average_weight_bits(chosen) <= 6.0
+    low = sum(layer_bits == "w4a4" for _, layer_bits in bits)
+    assert f"{low} layers at 4 bits" in chosen.quant_report.summary()
     # the opposite: the layers that hurt most per weight go to 4 bits first, until the same budget
     sensitivity = layer_sensitivity(tiny_vit, calib, QuantConfig.from_bits("w4a4"))
     sizes = {n: tiny_vit.get_submodule(n).weight.numel() for n in sensitivity}

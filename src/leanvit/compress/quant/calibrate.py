@@ -18,6 +18,7 @@ import fnmatch
 import re
 import sys
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -224,6 +225,10 @@ class QuantReport:
                  f"{len(self.reparameterised)} LayerNorms reparameterised, "
                  + (f"{per_channel} layers with per-channel inputs, " if per_channel else "")
                  + f"{self.calib_images} calibration images"]
+        weight_bits = Counter(int(m[1]) for entry in self.quantized.values()
+                              if (m := re.match(r"weights u?int(\d+)", entry)))
+        if len(weight_bits) > 1:  # mixed precision: how the layers split
+            lines.append("  weights: " + ", ".join(f"{n} layers at {b} bits" for b, n in sorted(weight_bits.items())))
         lines += [f"  float {name}: {reason}" for name, reason in self.float_layers.items()]
         lines += [f"  reconstructed {name}: {outcome}" for name, outcome in self.reconstructed.items()]
         return "\n".join(lines)
