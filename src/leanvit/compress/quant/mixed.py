@@ -11,8 +11,10 @@ Two measures of how much a layer suffers at the low bit-width:
   w.r.t. the layer's ``n`` weights, its trace estimated by Hutchinson's method (the mean of
   ``v^T H v`` over random ±1 vectors ``v``, one Hessian-vector product per draw, for all layers at
   once). The task loss is the cross entropy against the float model's own prediction, so no labels
-  are needed. It sees the weights' quantization only, which is why it is not the default; it costs
-  a fixed number of double-backward passes however many layers there are.
+  are needed. It sees the weights' quantization only, which is why it is not the default (with W4A4
+  layers it ranked worse than the logit error on every shipped checkpoint, below chance on the DeiT:
+  ``benchmarks/results/ptq-mixed``); it costs a fixed number of double-backward passes however many
+  layers there are.
 
 Layers then go to the low bit-width cheapest first (least sensitivity per weight moved down) until
 the average weight bit-width, weighted by each layer's number of weights, meets the budget.
