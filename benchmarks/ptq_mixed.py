@@ -44,6 +44,7 @@ SENSITIVITIES = ("logit", "hessian")
 def score(config: quant.QuantConfig, entry: dict, args) -> list[dict]:
     """Rows of one checkpoint: both ends, then every allocation at every budget."""
     model, calib, loader, fp32 = open_checkpoint(entry, args)
+    (low_w, low_a), (_, high_a) = quant.parse_bits(args.low), quant.parse_bits(args.high)
 
     def run(allocation: str, layer_bits: tuple, budget: float | None = None, seed: int | None = None) -> dict:
         started = time.perf_counter()
@@ -52,9 +53,8 @@ def score(config: quant.QuantConfig, entry: dict, args) -> list[dict]:
             qmodel = quant.quantize(model, make_loader(calib, 32), replace(config, layer_bits=layer_bits),
                                     progress=False)
         top1 = evaluate(qmodel, loader, progress=False).top1
-        low_bits = quant.parse_bits(args.low)[0]
         low = [name for name, m in qmodel.named_modules()
-               if hasattr(m, "weight_quantizer") and m.weight_quantizer.scheme.bits == low_bits]
+               if hasattr(m, "weight_quantizer") and m.weight_quantizer.scheme.bits == low_w]
         row = {"checkpoint": entry["name"], "allocation": allocation, "budget": budget, "seed": seed, "top1": top1,
                "fp32_top1": fp32, "avg_weight_bits": round(quant.average_weight_bits(qmodel), 3),
                "low_layers": low, "layers": len(qmodel.quant_report.quantized),
@@ -84,7 +84,6 @@ def score(config: quant.QuantConfig, entry: dict, args) -> list[dict]:
             rows.append(run("random", quant.assign_bits(shuffled, sizes, budget, low=args.low, high=args.high),
                             budget, seed))
         if float(budget).is_integer():  # activations at the budget's bits too, unless both ends share theirs
-            (_, low_a), (_, high_a) = quant.parse_bits(args.low), quant.parse_bits(args.high)
             bits = f"w{int(budget)}a{low_a if low_a == high_a else int(budget)}"
             rows.append(run("uniform", (("*", bits),), budget))
     return rows
