@@ -117,11 +117,43 @@ def test_quantized_conv_outputs_make_onnxruntime_run_int8_convs(tiny_cnn, tmp_pa
     assert len(float_biases(export(qcnn, tmp_path / "off_grid.onnx", engine="onnxruntime"))) == 1
 
 
+def test_onnxruntime_recipe_runs_the_classifier_as_qgemm(tiny_vit, tmp_path, tests_in):
+    # ONNX Runtime fuses a QDQ Gemm into QGemm only with an explicit weight zero point and an int32 bias
+    vit = copy.deepcopy(tiny_vit)
+    torch.nn.init.normal_(vit.head.bias, std=0.5)  # as trained: timm initialises the classifier bias to zero
+    torch.manual_seed(4)
+    qvit = quantize(vit, torch.randn(16, 3, 32, 32), QuantConfig.recipe("mse", "w7a8", engine="onnxruntime"),
+                    progress=False)
+    ints = qvit.head.bias.double() / (qvit.head.input_quantizer.scale * qvit.head.weight_quantizer.scale)
+    assert ints.abs().min() > 1 and torch.allclose(ints, ints.round(), rtol=1e-6, atol=1e-3)  # snapped, not zeroed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # (the generic target keeps the attention matmuls float, and says so)
+        path = export(qvit, tmp_path / "vit.onnx", engine="onnxruntime")
+    assert not any("head (" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    precisions = onnxruntime_precisions(path, source_modules(path))
+    assert [p for node, p in precisions.items() if node.startswith("head (")] == [("QGemm", "int8")], precisions
+    assert float_biases(path) == []
+    agreement = check_agreement(qvit, get_engine("onnxruntime", threads=1).load_onnx(path), tests_in)
+    assert agreement.top1_agreement == 1.0 and agreement.max_abs_err < 0.02 * agreement.ref_scale
+    # OpenVINO still runs the classifier with its weights' own zero point as an INT8 FullyConnected
+    runner = get_engine("openvino", threads=1).load_model_file(export(qvit, tmp_path / "vit.xml", engine="openvino"))
+    head = [p for name, (_, p) in openvino_precisions(runner.compiled, source_modules(tmp_path / "vit.onnx")).items()
+            if name.startswith("head (")]
+    assert head and set(head) <= {"u8", "i8"}
+    # a classifier bias off the int32 grid stays float, and ONNX Runtime's float Gemm is named
+    with torch.no_grad():
+        qvit.head.bias.add_(0.3 * qvit.head.input_quantizer.scale * qvit.head.weight_quantizer.scale)
+    with pytest.warns(UserWarning, match=r"run in float on ONNX Runtime: .*head \("):
+        assert len(float_biases(export(qvit, tmp_path / "off_grid.onnx", engine="onnxruntime"))) == 1
+
+
 def float_biases(path) -> list[str]:
-    """The Conv nodes of an ONNX file whose bias is a float initializer (not int32 behind a DequantizeLinear)."""
+    """The Conv / Gemm nodes of an ONNX file whose bias is a float initializer (not int32 behind a
+    DequantizeLinear)."""
     graph = onnx.load(str(path)).graph
     floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
-    return [n.name for n in graph.node if n.op_type == "Conv" and len(n.input) > 2 and n.input[2] in floats]
+    return [n.name for n in graph.node
+            if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.input[2] in floats]
 
 
 def test_openvino_runs_int8_kernels_and_the_simulation(qvit, vit_xml, tests_in):

@@ -67,9 +67,9 @@ class QuantConfig:
     #: are no faster than their float ones (see :data:`TARGETS`, ``recipe(target="vnni")`` turns them on) and
     #: a few weights per channel make them the most rounding-sensitive convs
     quantize_depthwise: bool = False
-    #: also quantize each convolution's output (uint8, per tensor) and snap its bias to the int32 grid: ONNX
-    #: Runtime runs a QDQ convolution as its INT8 QLinearConv only then (else in float); OpenVINO needs neither
-    #: (``recipe(engine="onnxruntime")`` turns it on)
+    #: also quantize each convolution's output (uint8, per tensor) and snap conv and Linear biases to the int32
+    #: grid: ONNX Runtime runs a QDQ convolution as its INT8 QLinearConv only then (else in float), and a
+    #: classifier Gemm as QGemm; OpenVINO needs neither (``recipe(engine="onnxruntime")`` turns it on)
     quantize_conv_outputs: bool = False
     reparam_layernorm: bool = True  #: RepQ-ViT: per-channel post-LayerNorm ranges, deployed per tensor
     bias_correction: bool = False  #: remove each layer's mean output error (helps most below 8 bits)
@@ -406,13 +406,15 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
 def _quantize_conv_outputs(qmodel: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor],
                            config: QuantConfig, report: QuantReport) -> None:
     """Give each quantized convolution an output quantizer, ranged on the quantized model's own outputs, and snap
-    its bias to the int32 grid of input scale x weight scale: the QDQ form of ONNX Runtime's QLinearConv
-    (DequantizeLinear on input, weight and int32 bias, QuantizeLinear on the output), simulated exactly."""
-    convs = {name: layer for name, layer in layers.items() if isinstance(layer, QuantConv2d)}
-    for layer in convs.values():
-        if layer.bias is not None:
+    conv and Linear biases to the int32 grid of input scale x weight scale: the QDQ forms of ONNX Runtime's
+    QLinearConv (DequantizeLinear on input, weight and int32 bias, QuantizeLinear on the output) and QGemm (the
+    same, float output), simulated exactly."""
+    for layer in layers.values():
+        if layer.bias is not None and not layer.input_quantizer.scheme.per_channel:  # (per channel: no int32 grid)
             step = layer.input_quantizer.scale * layer.weight_quantizer.scale
             layer.bias.copy_(torch.round(layer.bias / step) * step)
+    convs = {name: layer for name, layer in layers.items() if isinstance(layer, QuantConv2d)}
+    for layer in convs.values():
         quantizer = FakeQuantizer(QScheme(layer.input_quantizer.scheme.bits, symmetric=False), axis=1,
                                   channels=layer.out_channels)
         quantizer.observer = RangeObserver(axis=1)

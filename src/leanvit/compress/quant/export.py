@@ -5,8 +5,9 @@ scales and zero points. Two rewrites then give the canonical QDQ form the engine
 the QuantizeLinear on each weight is evaluated here (int8 weights stored in the file, a quarter of
 the size), and a Transpose between a weight's DequantizeLinear and its MatMul is folded into the
 int8 weight, because ONNX Runtime only fuses ``DQ → MatMul`` into an integer kernel when the two
-are adjacent; a convolution whose output is quantized too (``QuantConfig.quantize_conv_outputs``) gets
-its bias as int32 behind a DequantizeLinear, the form ONNX Runtime fuses into QLinearConv. The result
+are adjacent; a convolution whose output is quantized too (``QuantConfig.quantize_conv_outputs``) and a
+Gemm (a classifier) get their biases as int32 behind a DequantizeLinear, and a Gemm's weights an explicit
+zero point, the forms ONNX Runtime fuses into QLinearConv and QGemm. The result
 is checked: every quantized layer must appear as a compute node whose inputs all come from
 DequantizeLinear, and the compute layers each engine runs in float (OpenVINO's runtime precisions, the
 graph ONNX Runtime executes after its fusions) are reported by name.
@@ -150,7 +151,8 @@ def export_quantized(qmodel: nn.Module, path: str | Path, example: torch.Tensor 
         export_onnx(qmodel, _example(qmodel, example, dynamic_batch), path, opset=opset, dynamic_batch=dynamic_batch)
     model = onnx.load(str(path))
     _fold_weight_quantizers(model.graph)
-    _quantize_conv_biases(model.graph)
+    _name_gemm_zero_points(model.graph)
+    _quantize_biases(model.graph)
     onnx.save(model, str(path))
     summary = _int8_summary(model.graph)
     report = getattr(qmodel, "quant_report", None)
@@ -317,38 +319,65 @@ def _consumers(graph) -> dict[str, list]:
     return consumers
 
 
-def _quantize_conv_biases(graph) -> None:
-    """Store the bias of each QDQ Conv whose output is quantized as int32 behind a DequantizeLinear (scale:
-    input scale x weight scale, per output channel), the form ONNX Runtime fuses into QLinearConv. Only
-    biases on that grid, where ``QuantConfig.quantize_conv_outputs`` snaps them, are rewritten: exactly
-    what was simulated."""
+def _quantize_biases(graph) -> None:
+    """Store the bias of each QDQ Conv whose output is quantized, and of each QDQ Gemm, as int32 behind a
+    DequantizeLinear (scale: input scale x weight scale, per output channel): the forms ONNX Runtime fuses into
+    QLinearConv and QGemm. Only biases on that grid, where ``QuantConfig.quantize_conv_outputs`` snaps them,
+    are rewritten: exactly what was simulated."""
     from onnx import helper, numpy_helper
 
     consts = _constants(graph)
     producer = {out: node for node in graph.node for out in node.output}
     consumers = _consumers(graph)
     for index in reversed(range(len(graph.node))):  # inserting before a node keeps the earlier indices valid
-        conv = graph.node[index]
-        if conv.op_type != "Conv" or len(conv.input) < 3 or conv.input[2] not in consts:
+        node = graph.node[index]
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in consts:
             continue
-        dq_x, dq_w = (producer.get(name) for name in conv.input[:2])
+        dq_x, dq_w = (producer.get(name) for name in node.input[:2])
         if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"
                 and dq_x.input[1] in consts and dq_w.input[1] in consts):
             continue
-        if [c.op_type for c in consumers.get(conv.output[0], [])] != ["QuantizeLinear"]:
-            continue
-        bias = numpy_helper.to_array(consts[conv.input[2]]).astype(np.float64)
+        if node.op_type == "Conv" and [c.op_type for c in consumers.get(node.output[0], [])] != ["QuantizeLinear"]:
+            continue  # QLinearConv needs a quantized output; QGemm may write float
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+            continue  # (Gemm) QGemm adds its int32 bias unscaled, to the product of an untransposed input
+        bias = numpy_helper.to_array(consts[node.input[2]]).astype(np.float64)
         step = (numpy_helper.to_array(consts[dq_x.input[1]]).astype(np.float32)
                 * numpy_helper.to_array(consts[dq_w.input[1]]).astype(np.float32))  # as the simulation computes it
+        if bias.ndim != 1 or step.size not in (1, bias.size):
+            continue
         step = np.broadcast_to(step.reshape(-1), bias.shape).astype(np.float32)
         if not np.allclose(bias / step, np.rint(bias / step), rtol=1e-6, atol=1e-3):
             continue  # a bias off that grid (not snapped by the quantizer) would change the result as int32
-        name = f"{conv.input[2]}_int32"
+        name = f"{node.input[2]}_int32"
         graph.initializer.extend([numpy_helper.from_array(np.rint(bias / step).astype(np.int32), name),
                                   numpy_helper.from_array(step, f"{name}_scale")])
         graph.node.insert(index, helper.make_node("DequantizeLinear", [name, f"{name}_scale"], [f"{name}_dq"],
-                                                  name=f"{conv.name or conv.output[0]}_bias_dq", axis=0))
-        conv.input[2] = f"{name}_dq"
+                                                  name=f"{node.name or node.output[0]}_bias_dq", axis=0))
+        node.input[2] = f"{name}_dq"
+
+
+def _name_gemm_zero_points(graph) -> None:
+    """Give each QDQ Gemm's int8 weights an explicit zero point of their own.
+
+    ONNX Runtime fuses ``DQ → Gemm`` into its INT8 QGemm only when the weights' DequantizeLinear names its
+    zero point (it does without for Conv and MatMul); a constant of the layer's own, because OpenVINO does not
+    recognise weights whose zero point is shared between layers (see :func:`_fold_weight_quantizers`).
+    """
+    from onnx import numpy_helper
+
+    producer = {out: node for node in graph.node for out in node.output}
+    consts = _constants(graph)
+    for gemm in (n for n in graph.node if n.op_type == "Gemm" and len(n.input) > 1):
+        dq = producer.get(gemm.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) != 2 or dq.input[0] not in consts:
+            continue
+        scale = numpy_helper.to_array(consts[dq.input[1]])
+        dtype = numpy_helper.to_array(consts[dq.input[0]]).dtype
+        name = f"{dq.input[0]}_zero_point"
+        graph.initializer.append(numpy_helper.from_array(np.zeros(scale.shape, dtype), name))
+        dq.input.append(name)
 
 
 def _fold_weight_quantizers(graph) -> None:
