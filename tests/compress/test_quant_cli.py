@@ -57,12 +57,15 @@ def test_research_methods_from_the_command_line(capsys):
     (["--attn-bits", "4", "--softmax", "log2", "--out", "OUT"], "simulation only"),
     (["--bits", "int8"], "w8a8"),
     (["--bits", "w4a4", "--out", "OUT"], "below 8 bits"),
+    # refused before the data is read and calibrated on, not after: here there is none to read
+    (["--bits", "w6a6", "--hessian", "--out", "OUT", "--calib", "NOWHERE"], "w6a6: layers quantized below 8 bits"),
+    (["--layer-bits", "blocks.*=w8a4", "--out", "OUT", "--calib", "NOWHERE"], "w8a4: layers quantized below 8 bits"),
     (["--a-granularity", "channel", "--out", "OUT"], "only a depthwise conv's can be per channel"),
     (["--calib-images", "4"], "4 images"),
     (["--layer-bits", "head=w8"], "w8"),
 ])
 def test_bad_input_is_a_one_line_error(argv, message, tmp_path, capsys):
-    argv = [str(tmp_path / "q") if a == "OUT" else a for a in argv]
+    argv = [{"OUT": str(tmp_path / "q"), "NOWHERE": str(tmp_path / "none")}.get(a, a) for a in argv]
     assert main(["quantize", *TINY, *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
