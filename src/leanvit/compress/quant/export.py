@@ -151,7 +151,6 @@ def export_quantized(qmodel: nn.Module, path: str | Path, example: torch.Tensor 
         export_onnx(qmodel, _example(qmodel, example, dynamic_batch), path, opset=opset, dynamic_batch=dynamic_batch)
     model = onnx.load(str(path))
     _fold_weight_quantizers(model.graph)
-    _name_gemm_zero_points(model.graph)
     _quantize_biases(model.graph)
     onnx.save(model, str(path))
     summary = _int8_summary(model.graph)
@@ -358,28 +357,6 @@ def _quantize_biases(graph) -> None:
         node.input[2] = f"{name}_dq"
 
 
-def _name_gemm_zero_points(graph) -> None:
-    """Give each QDQ Gemm's int8 weights an explicit zero point of their own.
-
-    ONNX Runtime fuses ``DQ → Gemm`` into its INT8 QGemm only when the weights' DequantizeLinear names its
-    zero point (it does without for Conv and MatMul); a constant of the layer's own, because OpenVINO does not
-    recognise weights whose zero point is shared between layers (see :func:`_fold_weight_quantizers`).
-    """
-    from onnx import numpy_helper
-
-    producer = {out: node for node in graph.node for out in node.output}
-    consts = _constants(graph)
-    for gemm in (n for n in graph.node if n.op_type == "Gemm" and len(n.input) > 1):
-        dq = producer.get(gemm.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) != 2 or dq.input[0] not in consts:
-            continue
-        scale = numpy_helper.to_array(consts[dq.input[1]])
-        dtype = numpy_helper.to_array(consts[dq.input[0]]).dtype
-        name = f"{dq.input[0]}_zero_point"
-        graph.initializer.append(numpy_helper.from_array(np.zeros(scale.shape, dtype), name))
-        dq.input.append(name)
-
-
 def _fold_weight_quantizers(graph) -> None:
     """Replace ``QuantizeLinear(constant weight)`` by its int8 result, and fold a following Transpose."""
     from onnx import helper, numpy_helper
@@ -414,9 +391,15 @@ def _fold_weight_quantizers(graph) -> None:
         graph.initializer.append(numpy_helper.from_array(ints, name))
         dq.input[0] = name
         if zero.dtype == np.int8 and not zero.any():
-            # Symmetric: no zero point at all. The exporter shares one all-zero constant between layers
-            # of equal width, and OpenVINO then fails to recognise the weights' dequantization (f32 FC).
-            del dq.input[2:]
+            # Symmetric. The exporter shares one all-zero constant between layers of equal width, and OpenVINO
+            # then fails to recognise the weights' dequantization (f32 FC): no zero point at all, except before
+            # a Gemm, which ONNX Runtime fuses into its INT8 QGemm only with a named one (a constant of its own).
+            if any(user.op_type == "Gemm" for user in consumers.get(dq.output[0], [])):
+                dq.input[2] = f"{name}_zero_point"
+                graph.initializer.append(numpy_helper.from_array(np.zeros(scale.size if per_axis else (), np.int8),
+                                                                 dq.input[2]))
+            else:
+                del dq.input[2:]
         del dq.attribute[:]
         if per_axis:
             dq.attribute.append(helper.make_attribute("axis", dq_axis))
