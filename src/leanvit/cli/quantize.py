@@ -104,26 +104,6 @@ def _layer_bits(text: str) -> tuple[str, str]:
     return pattern, bits
 
 
-def _check_exportable(config, bits: str) -> None:
-    """With ``--out``, refuse before calibrating (minutes with ``--reconstruct`` or ``--hessian``) what the export
-    would refuse after it: bit-widths, softmax quantizers and input granularities no engine kernel runs."""
-    from ..compress.quant import parse_bits
-
-    widths = {b: parse_bits(b) for b in (bits, *(b for _, b in config.layer_bits))}
-    low = sorted(b for b, (w, a) in widths.items() if w < 7 or a < 8)
-    if low:
-        raise LeanvitError(f"{', '.join(low)}: layers quantized below 8 bits (7 for weights) have no kernels on "
-                           "OpenVINO or ONNX Runtime; such bit-widths are simulation only. Drop --out and measure "
-                           "them with --eval DATA, or export --bits w8a8.")
-    if config.attn_bits and config.softmax_quantizer != "uniform":
-        raise LeanvitError(f"--softmax {config.softmax_quantizer} is simulation only (no engine kernel); drop --out, "
-                           "or export with --softmax uniform.")
-    if config.a_per_channel is True:
-        raise LeanvitError("--a-granularity channel quantizes every layer's inputs per channel, but INT8 kernels "
-                           "need one input scale per tensor (only a depthwise conv's can be per channel): export "
-                           "with --a-granularity auto or tensor, or drop --out.")
-
-
 def run(args: argparse.Namespace) -> int:
     from ..compress import quant
 
@@ -140,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                                       skip=tuple(args.skip), layer_bits=tuple(args.layer_bits),
                                       **{k: v for k, v in given.items() if v is not None})
     if args.out:
-        _check_exportable(config, args.bits)
+        quant.check_config_deployable(config)
     torch.set_num_threads(args.threads)
     if args.checkpoint:
         model, meta = model_from_checkpoint(args.model, args.checkpoint, **args.model_kwargs)

@@ -25,8 +25,8 @@ from .calibrate import (
     quantizers_disabled, resolve_target,
 )
 from .export import (
-    check_deployable, export, export_quantized, onnx_int8_summary, onnxruntime_precisions, openvino_precisions,
-    source_modules,
+    check_config_deployable, check_deployable, export, export_quantized, onnx_int8_summary, onnxruntime_precisions,
+    openvino_precisions, source_modules,
 )
 from .hessian import hessian_search
 from .mixed import allocate_bits, assign_bits, average_weight_bits, layer_sensitivity
@@ -42,7 +42,8 @@ __all__ = [
     "FakeQuantizer", "Log2Quantizer", "QScheme", "QuantAttention", "QuantConfig", "QuantConv2d", "QuantLinear",
     "QuantReport", "Quantizer", "RangeObserver", "SOFTMAX_QUANTIZERS", "ShiftUniformLog2Quantizer", "TARGETS",
     "TwinUniformQuantizer",
-    "allocate_bits", "assign_bits", "average_weight_bits", "calibration_batches", "check_deployable", "choose_range",
+    "allocate_bits", "assign_bits", "average_weight_bits", "calibration_batches", "check_config_deployable",
+    "check_deployable", "choose_range",
     "correct_bias", "export", "export_quantized", "fake_quantize", "find_bridges", "find_units", "fold_batchnorm",
     "hessian_search", "layer_sensitivity", "layernorm_consumers", "onnx_int8_summary", "onnxruntime_precisions",
     "openvino_precisions", "source_modules",

@@ -27,7 +27,7 @@ import torch.nn as nn
 from ...deploy.export import DEFAULT_OPSET
 from ...deploy.ov import openvino_core
 from ...errors import LeanvitError
-from .calibrate import is_depthwise, quantizers
+from .calibrate import is_depthwise, parse_bits, quantizers
 from .modules import QuantConv2d
 from .quantizer import FakeQuantizer
 
@@ -44,6 +44,29 @@ ORT_CONV_NOTE = ("ONNX Runtime fuses a QDQ Conv into its INT8 QLinearConv only w
 ENGINES = ("openvino", "onnxruntime")
 
 
+def deployable_bits(bits: int, weights: bool) -> bool:
+    """Whether the engines' INT8 kernels run a quantizer of ``bits``: 8, or 7 for weights (stored as int8)."""
+    return bits == 8 or (weights and bits == 7)
+
+
+def check_config_deployable(config) -> None:
+    """Refuse, from ``config`` alone, what :func:`check_deployable` would refuse of the model it quantizes: before
+    calibrating (minutes with reconstruction or the Hessian search), not after."""
+    widths = {b: parse_bits(b) for b in (f"w{config.w_bits}a{config.a_bits}", *(b for _, b in config.layer_bits))}
+    low = sorted(b for b, (w, a) in widths.items() if not (deployable_bits(w, True) and deployable_bits(a, False)))
+    if low:
+        raise LeanvitError(f"{', '.join(low)}: layers quantized below 8 bits (7 for weights) have no kernels on "
+                           "OpenVINO or ONNX Runtime; such bit-widths are simulation only. Measure them in "
+                           "simulation (leanvit quantize: drop --out, add --eval DATA), or export W8A8.")
+    if config.attn_bits and config.softmax_quantizer != "uniform":
+        raise LeanvitError(f"The {config.softmax_quantizer} softmax quantizer is simulation only (no engine kernel): "
+                           "export with softmax_quantizer='uniform' (--softmax uniform).")
+    if config.a_per_channel is True:
+        raise LeanvitError("a_per_channel=True (--a-granularity channel) quantizes every layer's inputs per channel, "
+                           "but INT8 kernels need one input scale per tensor (only a depthwise conv's can be per "
+                           "channel): export with a_per_channel='auto' or False.")
+
+
 def check_deployable(qmodel: nn.Module, engine: str | None = None) -> None:
     """Raise, naming the layers, if some quantizer has no INT8 kernel behind it on ``engine`` (None: on
     OpenVINO or ONNX Runtime, whichever runs it)."""
@@ -57,7 +80,7 @@ def check_deployable(qmodel: nn.Module, engine: str | None = None) -> None:
             f"Attention softmax quantizers without an engine kernel are simulation only: {', '.join(non_uniform[:8])}"
             f"{', ...' if len(non_uniform) > 8 else ''}. Use QuantConfig(softmax_quantizer='uniform') to export.")
     low_bits = sorted({n.rsplit(".", 1)[0] for n, q in found.items()
-                       if q.scheme.bits != 8 and not (n.endswith("weight_quantizer") and q.scheme.bits == 7)})
+                       if not deployable_bits(q.scheme.bits, n.endswith("weight_quantizer"))})
     if low_bits:
         raise LeanvitError(
             f"{len(low_bits)} layers are quantized below 8 bits ({', '.join(low_bits[:8])}"
