@@ -40,12 +40,6 @@ HERE = Path(__file__).resolve().parent
 RECIPES = ("minmax", "mse", "hybrid")  #: QuantConfig.recipe's names
 
 
-def per_channel_inputs(qmodel) -> list[str]:
-    """The layers whose inputs the granularity choice (``QuantConfig.a_per_channel="auto"``) quantized per channel."""
-    return [name for name, m in qmodel.named_modules() if isinstance(m, (quant.QuantLinear, quant.QuantConv2d))
-            and m.input_quantizer.scheme.per_channel]
-
-
 def simulation_parser(description: str, out: str) -> argparse.ArgumentParser:
     """The options of a benchmark scoring simulated quantized models of the manifest's checkpoints: which
     checkpoints, the data, ``--quant-kwargs`` for every configuration, threads, output folder ``results/<out>``."""
@@ -122,7 +116,7 @@ def main(argv=None) -> int:
                              "quantize_s": round(seconds, 1), "calib_images": len(calib),
                              "eval_images": len(loader.dataset), "float_layers": dict(qmodel.quant_report.float_layers),
                              "reconstructed": qmodel.quant_report.reconstructed,
-                             "per_channel_inputs": per_channel_inputs(qmodel)})
+                             "per_channel_inputs": qmodel.quant_report.per_channel_inputs})
                 print(f"   {bits} {recipe_name:7} top-1 {top1:6.2f} (drop {fp32 - top1:+.2f}) "
                       f"quantize {seconds:.0f} s", file=sys.stderr)
     report = {"host": host_info(), "threads": args.threads, "calib": args.calib, "data": args.data,

@@ -53,8 +53,7 @@ def score(config: quant.QuantConfig, entry: dict, args) -> list[dict]:
             qmodel = quant.quantize(model, make_loader(calib, 32), replace(config, layer_bits=layer_bits),
                                     progress=False)
         top1 = evaluate(qmodel, loader, progress=False).top1
-        low = [name for name, m in qmodel.named_modules()
-               if hasattr(m, "weight_quantizer") and m.weight_quantizer.scheme.bits == low_w]
+        low = [name for name, bits in qmodel.quant_report.weight_bits.items() if bits == low_w]
         row = {"checkpoint": entry["name"], "allocation": allocation, "budget": budget, "seed": seed, "top1": top1,
                "fp32_top1": fp32, "avg_weight_bits": round(quant.average_weight_bits(qmodel), 3),
                "low_layers": low, "layers": len(qmodel.quant_report.quantized),

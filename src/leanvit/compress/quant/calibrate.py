@@ -206,6 +206,8 @@ class QuantReport:
     """Which layers run quantized, which stay in float and why."""
 
     quantized: dict[str, str] = field(default_factory=dict)  #: layer -> "weights ...; inputs ..."
+    weight_bits: dict[str, int] = field(default_factory=dict)  #: Linear / conv layer -> its weights' bits
+    per_channel_inputs: list[str] = field(default_factory=list)  #: layers whose inputs are quantized per channel
     float_layers: dict[str, str] = field(default_factory=dict)  #: layer -> reason it stays in float
     folded_batchnorms: list[str] = field(default_factory=list)
     reparameterised: list[str] = field(default_factory=list)  #: LayerNorms whose consumers got RepQ-ViT scales
@@ -220,13 +222,12 @@ class QuantReport:
                 if not v.startswith(("normalisation", "elementwise", "depthwise"))}
 
     def summary(self) -> str:
-        per_channel = sum("per-channel" in entry.partition("inputs ")[2] for entry in self.quantized.values())
+        per_channel = len(self.per_channel_inputs)
         lines = [f"{len(self.quantized)} layers quantized, {len(self.folded_batchnorms)} BatchNorms folded, "
                  f"{len(self.reparameterised)} LayerNorms reparameterised, "
                  + (f"{per_channel} layers with per-channel inputs, " if per_channel else "")
                  + f"{self.calib_images} calibration images"]
-        weight_bits = Counter(int(m[1]) for entry in self.quantized.values()
-                              if (m := re.match(r"weights u?int(\d+)", entry)))
+        weight_bits = Counter(self.weight_bits.values())
         if len(weight_bits) > 1:  # mixed precision: how the layers split
             lines.append("  weights: " + ", ".join(f"{n} layers at {b} bits" for b, n in sorted(weight_bits.items())))
         lines += [f"  float {name}: {reason}" for name, reason in self.float_layers.items()]
@@ -378,6 +379,9 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
             quantizer.set_range(*observers[name].range(quantizer.scheme, config.a_method,
                                                        percentile=config.percentile))
         report.quantized[name] = f"weights {layer.weight_quantizer.scheme}; inputs {layer.input_quantizer.scheme}"
+        report.weight_bits[name] = layer.weight_quantizer.scheme.bits
+        if layer.input_quantizer.scheme.per_channel:
+            report.per_channel_inputs.append(name)
     if config.hessian_search:
         from .hessian import hessian_search
 
