@@ -135,3 +135,32 @@ def test_mixed_precision_meets_the_budget_and_beats_the_opposite_choice(tiny_vit
     x = torch.randn(16, 3, 32, 32)
     ref = tiny_vit(x)
     assert (chosen(x) - ref).pow(2).mean() < 0.5 * (opposite(x) - ref).pow(2).mean()
+
+
+class _NormActHead(torch.nn.Module):
+    """Patch embedding -> LayerNorm with outlier channels -> in-place Hardswish -> Linear (EfficientViT's head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 32, 4, 4)
+        self.norm = torch.nn.LayerNorm(32)
+        self.act = torch.nn.Hardswish(inplace=True)
+        self.fc = torch.nn.Linear(32, 10)
+        with torch.no_grad():
+            self.norm.weight[:4] = 30.0  # outliers: per-channel ranges win, so the change is attempted
+
+    def forward(self, x):
+        return self.fc(self.act(self.norm(self.embed(x).flatten(2).transpose(1, 2)))).mean(1)
+
+
+@torch.no_grad()
+def test_a_rejected_reparameterisation_is_undone_in_full(calib):
+    """The in-place activation makes the LayerNorm's output tensor the Linear's input, so the LayerNorm is tried
+    and must be rolled back (the activation is not linear): the Linear's bias has to come back too."""
+    torch.manual_seed(0)
+    model = _NormActHead().eval()
+    q = quantize(model, calib, QuantConfig(), progress=False)
+    assert q.quant_report.reparameterised == []
+    x = torch.randn(8, 3, 32, 32)
+    with quantizers_disabled(q):
+        torch.testing.assert_close(q(x), model(x), atol=1e-4, rtol=1e-4)

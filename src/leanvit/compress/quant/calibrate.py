@@ -487,7 +487,8 @@ def _reparameterise_layernorms(qmodel, consumers, layers, observers, config, exa
             continue
         lo, hi = observer.range(replace(scheme, per_channel=True), config.a_method, percentile=config.percentile)
         saved = [t.detach().clone() for t in (norm.weight, norm.bias)]
-        saved_layers = [(t.weight.detach().clone(), t.bias) for t in targets]
+        saved_layers = [(t.weight.detach().clone(), None if t.bias is None else t.bias.detach().clone())
+                        for t in targets]
         reparameterise(norm, targets, lo, hi)
         with quantizers_disabled(qmodel):
             err = (qmodel(example) - reference).abs().max().item()
@@ -499,7 +500,7 @@ def _reparameterise_layernorms(qmodel, consumers, layers, observers, config, exa
         norm.bias.copy_(saved[1])
         for target, (weight, bias) in zip(targets, saved_layers):
             target.weight.copy_(weight)
-            target.bias = bias
+            target.bias = None if bias is None else nn.Parameter(bias)
     return done
 
 
