@@ -299,3 +299,32 @@ def test_dynamic_batch_export(qvit, tmp_path):
     assert onnx_int8_summary(path).int8 == len(qvit.quant_report.quantized)
     agreement = check_agreement(qvit, runner, [torch.randn(5, 3, 32, 32)])
     assert agreement.n == 5 and agreement.top1_agreement == 1.0
+
+
+class _FourierPositions(torch.nn.Module):
+    """Tokens plus a projection of a fixed grid of Fourier features (XCiT's positional encoding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 16, 8, 8)
+        self.token_projection = torch.nn.Conv2d(8, 16, 1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        tokens = self.embed(x)
+        grid = torch.arange(tokens.shape[-1], dtype=x.dtype).expand(tokens.shape[-2], -1)
+        features = torch.stack([torch.sin(grid * f) for f in range(1, 9)]).expand(x.shape[0], -1, -1, -1)
+        return self.head((tokens + self.token_projection(features)).mean((2, 3)))
+
+
+def test_layers_with_constant_inputs_stay_float_and_match_on_the_engine(tmp_path, tests_in):
+    torch.manual_seed(0)
+    model = _FourierPositions().eval()
+    qmodel = quantize(model, torch.randn(16, 3, 32, 32), DEPLOY, progress=False)
+    report = qmodel.quant_report
+    assert set(report.quantized) == {"embed", "head"}
+    assert report.float_layers["token_projection"].startswith("constant input")
+    assert "token_projection" not in report.float_compute_layers  # no INT8 speed left on the table: no warning
+    runner = get_engine("openvino", threads=1).load_model_file(export(qmodel, tmp_path / "m.xml", engine="openvino"))
+    agreement = check_agreement(qmodel, runner, tests_in)
+    assert agreement.max_abs_err < 0.02 * agreement.ref_scale

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ...errors import LeanvitError, check_range
 from .attention import SOFTMAX_QUANTIZERS, swap_attention
-from .modules import QuantConv2d, fold_batchnorm, quantizable_type
+from .modules import QuantConv2d, fold_batchnorm, image_independent_layers, quantizable_type
 from .quantizer import (
     RANGE_METHODS, FakeQuantizer, QScheme, Quantizer, RangeObserver, input_channel_weights, weight_range,
 )
@@ -219,7 +219,7 @@ class QuantReport:
     def float_compute_layers(self) -> dict[str, str]:
         """The float layers that do matrix products: each one is INT8 speed and scale left on the table."""
         return {k: v for k, v in self.float_layers.items()
-                if not v.startswith(("normalisation", "elementwise", "depthwise"))}
+                if not v.startswith(("normalisation", "elementwise", "depthwise", "constant input"))}
 
     def summary(self) -> str:
         per_channel = len(self.per_channel_inputs)
@@ -286,11 +286,15 @@ def is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
 
 
-def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport) -> dict[str, nn.Module]:
+def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, constant: set[str]) -> dict[str, nn.Module]:
     inside_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                   for c, _ in m.named_modules() if c}
+    for name in constant:
+        report.float_layers[name] = ("constant input (the same for every image, e.g. a positional encoding or a "
+                                     "class token): float, quantizing it would only add error")
     if config.edge_bits:
         candidates = [n for n, m in model.named_modules() if quantizable_type(m) is not None and n not in inside_mha
+                      and n not in constant
                       and (config.quantize_depthwise or not is_depthwise(m))
                       and not any(fnmatch.fnmatchcase(n, p) for p in config.skip)]
         if candidates:
@@ -300,6 +304,8 @@ def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport) -> 
     for name, module in list(model.named_modules()):
         quant_type = quantizable_type(module)
         skipped = any(fnmatch.fnmatchcase(name, p) for p in config.skip)
+        if name in constant:
+            continue
         if quant_type is not None and is_depthwise(module) and not config.quantize_depthwise:
             report.float_layers[name] = ("depthwise convolution: float by design, the CPU engines' INT8 depthwise "
                                          "kernels are no faster (QuantConfig.quantize_depthwise=True to quantize)")
@@ -329,7 +335,9 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     report = QuantReport(calib_images=sum(b.shape[0] for b in batches), input_size=tuple(batches[0].shape[1:]))
     report.folded_batchnorms = fold_batchnorm(qmodel, example)
     consumers = layernorm_consumers(qmodel, example) if config.reparam_layernorm else {}
-    layers = _swap_layers(qmodel, config, report)
+    images = torch.cat([b[:2] for b in batches[:2]])
+    constant = image_independent_layers(qmodel, images[:1], images[1:2]) if len(images) > 1 else set()
+    layers = _swap_layers(qmodel, config, report, constant)
     if not layers:
         raise LeanvitError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer left to quantize "
                            f"(QuantConfig.skip={config.skip}).")

@@ -82,6 +82,34 @@ def quantizable_type(layer: nn.Module) -> type[nn.Module] | None:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def image_independent_layers(model: nn.Module, first: torch.Tensor, second: torch.Tensor) -> set[str]:
+    """The quantizable layers whose inputs are identical for the images ``first`` and ``second``.
+
+    Such a layer computes a constant (XCiT's Fourier positional encoding projects a fixed grid, its first
+    class-attention block's query reads the learned class token): quantizing it only adds error, and OpenVINO's
+    result for a quantized constant input differs from the simulation's. Found by running both images with hooks.
+    """
+    inputs: dict[str, list[list[torch.Tensor]]] = {}
+    run = [0]
+
+    def hook(name):
+        def record(_, args):
+            if args and isinstance(args[0], torch.Tensor):
+                inputs.setdefault(name, [[], []])[run[0]].append(args[0].detach().clone())
+        return record
+
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if quantizable_type(m) is not None]
+    try:
+        for run[0], image in enumerate((first, second)):
+            model(image)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name for name, (a, b) in inputs.items()
+            if len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))}
+
+
 def direct_consumers(
     model: nn.Module,
     example: torch.Tensor,
