@@ -14,7 +14,7 @@ from leanvit.compress.quant import (
     QuantConfig, QuantConv2d, QuantLinear, export, export_quantized, onnx_int8_summary, onnxruntime_precisions,
     openvino_precisions, quantize, source_modules,
 )
-from leanvit.compress.quant.export import OnnxInt8Summary, int8_saturates
+from leanvit.compress.quant.export import OnnxInt8Summary, fuses_a_matmul, int8_saturates
 from leanvit.deploy import check_agreement, get_engine
 from leanvit.errors import LeanvitError
 
@@ -328,3 +328,12 @@ def test_layers_with_constant_inputs_stay_float_and_match_on_the_engine(tmp_path
     runner = get_engine("openvino", threads=1).load_model_file(export(qmodel, tmp_path / "m.xml", engine="openvino"))
     agreement = check_agreement(qmodel, runner, tests_in)
     assert agreement.max_abs_err < 0.02 * agreement.ref_scale
+
+
+
+def test_openvino_elementwise_subgraphs_are_not_taken_for_float_matmuls():
+    # original op names of runtime Subgraphs as OpenVINO 2026.4 reported them (MambaOut-femto, DeiT-tiny, Hiera)
+    assert not fuses_a_matmul("Subtract_10002,node_MatMul_13/DequantizationMultiply,FakeQuantize_1378144")
+    assert fuses_a_matmul("node_matmul,node_matmul/DequantizationMultiply,node_softmax,node_fake_quantize_5,"
+                          "node_matmul_1,")
+    assert fuses_a_matmul("/blocks.0/attn/MatMul_1,/blocks.0/attn/Softmax")  # TorchScript exporter's names

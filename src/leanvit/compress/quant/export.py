@@ -242,11 +242,18 @@ def openvino_precisions(compiled, modules: dict[str, str] | None = None) -> dict
         info = op.get_rt_info()
         layer_type = info["layerType"].astype(str)
         fused = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
-        if layer_type in OV_COMPUTE_LAYERS or (layer_type == "Subgraph" and "matmul" in fused.lower()):
+        if layer_type in OV_COMPUTE_LAYERS or (layer_type == "Subgraph" and fuses_a_matmul(fused)):
             name = op.get_friendly_name()  # e.g. "node_conv2d_3/WithoutBiases" for the ONNX node "node_conv2d_3"
             label = _label(name, (name, name.split("/")[0], *fused.split(",")), modules or {})
             found[label] = (layer_type, info["runtimePrecision"].astype(str).lower())
     return found
+
+
+def fuses_a_matmul(original_names: str) -> bool:
+    """Whether an OpenVINO ``Subgraph`` fused from the ops ``original_names`` (comma-separated) holds a matmul:
+    one of them is one, not just named after one, like the elementwise "node_MatMul_13/DequantizationMultiply"
+    the plugin splits off an INT8 FullyConnected (MambaOut's, EVA-02's MLPs)."""
+    return any("matmul" in name.rsplit("/", 1)[-1].lower() for name in original_names.split(","))
 
 
 def onnxruntime_precisions(path: str | Path, modules: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
