@@ -1,0 +1,124 @@
+"""Does leanvit's W8A8 PTQ work on any timm ViT or hybrid? One row per architecture family, on both engines.
+
+    python benchmarks/ptq_families.py [--models deit_tiny_patch16_224 xcit_nano_12_p16_224 ...] [--out DIR]
+
+For each model (random weights, 16 random calibration images at its own input size): ``quantize`` with the
+OpenVINO recipe and with the ONNX Runtime recipe (``QuantConfig.recipe("mse", target="vnni", engine=...)``),
+``export`` to that engine, run 4 other random images there and in the simulation, and record
+
+- how many layers are quantized, and which compute layers stay float and why (``QuantReport``);
+- which compute layers the engine runs in float (``openvino_precisions`` / ``onnxruntime_precisions``);
+- engine vs simulation: max |logit difference| / max |simulated logit|, next to simulation vs float (the
+  quantization error itself). An engine that differs from the simulation by more than the simulation differs
+  from float is not computing what was simulated: such rows are flagged.
+
+It checks the plumbing, not accuracy: random weights say nothing about top-1 (``ptq.py`` measures that on
+trained checkpoints). A model that fails is a row with its error, not a crash. Writes ``ptq_families.json/.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leanvit.bench import host_info
+from leanvit.bench.report import host_lines
+from leanvit.compress import quant
+from leanvit.deploy import get_engine
+from leanvit.models.registry import create_model
+from manifest import save_report
+
+FAMILIES = (
+    # plain and modified ViTs
+    "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_small_patch16_rope_224", "eva02_tiny_patch14_224",
+    "cait_xxs24_224", "xcit_nano_12_p16_224", "convit_tiny", "crossvit_tiny_240", "vit_tiny_r_s16_p8_224",
+    # hierarchical and hybrid
+    "swin_tiny_patch4_window7_224", "pvt_v2_b0", "levit_128s", "tiny_vit_5m_224", "coatnet_nano_rw_224",
+    "maxvit_nano_rw_256", "efficientformer_l1", "efficientformerv2_s0", "efficientvit_b0", "efficientvit_m0",
+    "fastvit_t8", "mobilevit_xxs", "mobilevitv2_050", "edgenext_xx_small", "mobilevig_ti", "efficientmod_xxs",
+    # convolutional and MetaFormer references
+    "repvit_m0_9", "convnext_atto", "mambaout_femto", "poolformerv2_s12", "mobilenetv3_small_100",
+)
+ENGINES = ("openvino", "onnxruntime")
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-12))
+
+
+def engine_float_layers(engine: str, path: Path, runner) -> list[str]:
+    modules = quant.source_modules(path.with_suffix(".onnx"))
+    if engine == "openvino":
+        precisions = quant.openvino_precisions(runner.compiled, modules)
+        return [n for n, (_, p) in precisions.items() if p not in ("i8", "u8")]
+    return [n for n, (_, p) in quant.onnxruntime_precisions(path, modules).items() if p != "int8"]
+
+
+@torch.no_grad()
+def measure(name: str, engine_name: str, out: Path) -> dict:
+    torch.manual_seed(0)
+    model = create_model(name)
+    size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    calib, images = torch.randn(16, *size), torch.randn(4, *size)
+    config = quant.QuantConfig.recipe("mse", "w8a8", target="vnni", engine=engine_name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # every float layer is recorded below
+        qmodel = quant.quantize(model, calib, config, progress=False)
+        path = quant.export(qmodel, out / name / f"{engine_name}.xml", engine=engine_name, example=images[:1])
+    engine = get_engine(engine_name, threads=2)
+    runner = engine.load_model_file(path) if engine_name == "openvino" else engine.load_onnx(path)
+    on_engine = np.concatenate([runner(images[i:i + 1].numpy()) for i in range(len(images))])
+    simulated, fp32 = qmodel(images).numpy(), model(images).numpy()
+    report = qmodel.quant_report
+    reasons = Counter(reason.split(":")[0].split(" (")[0] for reason in report.float_compute_layers.values())
+    return {"quantized": len(report.quantized), "float_compute": len(report.float_compute_layers),
+            "float_reasons": dict(reasons), "engine_float": engine_float_layers(engine_name, path, runner),
+            "engine_vs_sim": relative_error(on_engine, simulated), "sim_vs_fp32": relative_error(simulated, fp32)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(FAMILIES))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "ptq-families")
+    args = parser.parse_args()
+    rows = []
+    for name in args.models:
+        for engine_name in ENGINES:
+            start = time.perf_counter()
+            try:
+                row = {"model": name, "engine": engine_name, **measure(name, engine_name, args.out)}
+            except Exception as error:  # a row, not a crash: the table says which families fail and how
+                row = {"model": name, "engine": engine_name, "error": f"{type(error).__name__}: {error}"[:300]}
+                traceback.print_exc()
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            rows.append(row)
+            print({k: v for k, v in row.items() if k != "engine_float"}, flush=True)
+
+    host = host_info()
+    lines = ["# leanvit W8A8 on timm families (random weights; OpenVINO and ONNX Runtime recipes, target vnni)", "",
+             *host_lines(host), "",
+             "Engine vs sim: max |engine logit - simulated logit| / max |simulated logit| on 4 random images; sim vs "
+             "FP32 the same for the simulation against the float model. ⚠: the engine differs from the simulation "
+             "by more than the simulation differs from float.", "",
+             "| model | engine | quantized | float in sim (why) | float on engine | engine vs sim | sim vs FP32 |",
+             "|---|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['engine']} | **failed**: {r['error']} | | | | |")
+            continue
+        why = ", ".join(f"{n} {reason}" for reason, n in r["float_reasons"].items()) or "–"
+        flag = " ⚠" if r["engine_vs_sim"] > r["sim_vs_fp32"] else ""
+        lines.append(f"| {r['model']} | {r['engine']} | {r['quantized']} | {r['float_compute']}: {why} | "
+                     f"{len(r['engine_float'])} | {r['engine_vs_sim']:.4f}{flag} | {r['sim_vs_fp32']:.4f} |")
+    save_report(args.out, "ptq_families", {"host": host, "rows": rows}, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
