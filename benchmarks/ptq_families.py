@@ -9,8 +9,9 @@ OpenVINO recipe and with the ONNX Runtime recipe (``QuantConfig.recipe("mse", ta
 - how many layers are quantized, and which compute layers stay float and why (``QuantReport``);
 - which compute layers the engine runs in float (``openvino_precisions`` / ``onnxruntime_precisions``);
 - engine vs simulation: max |logit difference| / max |simulated logit|, next to simulation vs float (the
-  quantization error itself). An engine that differs from the simulation by more than the simulation differs
-  from float is not computing what was simulated: such rows are flagged.
+  quantization error itself). An engine that differs from the simulation by more than twice as much as the
+  simulation differs from float (random weights make both noisy) is not computing what was simulated: such rows
+  are flagged.
 
 It checks the plumbing, not accuracy: random weights say nothing about top-1 (``ptq.py`` measures that on
 trained checkpoints). A model that fails is a row with its error, not a crash. Writes ``ptq_families.json/.md``.
@@ -46,6 +47,9 @@ FAMILIES = (
     "repvit_m0_9", "convnext_atto", "mambaout_femto", "poolformerv2_s12", "mobilenetv3_small_100",
 )
 ENGINES = ("openvino", "onnxruntime")
+#: an engine off the simulation by more than this many times the quantization error is flagged (XCiT's quantized
+#: positional encoding on OpenVINO, before leanvit kept it float: 16x)
+SUSPECT = 2.0
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -101,11 +105,17 @@ def main() -> None:
             print({k: v for k, v in row.items() if k != "engine_float"}, flush=True)
 
     host = host_info()
+    save_report(args.out, "ptq_families", {"host": host, "rows": rows}, markdown(rows, host))
+    print(markdown(rows, host))
+
+
+def markdown(rows: list[dict], host: dict) -> str:
     lines = ["# leanvit W8A8 on timm families (random weights; OpenVINO and ONNX Runtime recipes, target vnni)", "",
              *host_lines(host), "",
              "Engine vs sim: max |engine logit - simulated logit| / max |simulated logit| on 4 random images; sim vs "
              "FP32 the same for the simulation against the float model. ⚠: the engine differs from the simulation "
-             "by more than the simulation differs from float.", "",
+             f"by more than {SUSPECT}× the simulation's own error (random weights make both noisy: on a plain DeiT the "
+             "two are alike).", "",
              "| model | engine | quantized | float in sim (why) | float on engine | engine vs sim | sim vs FP32 |",
              "|---|---|---:|---|---:|---:|---:|"]
     for r in rows:
@@ -113,11 +123,10 @@ def main() -> None:
             lines.append(f"| {r['model']} | {r['engine']} | **failed**: {r['error']} | | | | |")
             continue
         why = ", ".join(f"{n} {reason}" for reason, n in r["float_reasons"].items()) or "–"
-        flag = " ⚠" if r["engine_vs_sim"] > r["sim_vs_fp32"] else ""
+        flag = " ⚠" if r["engine_vs_sim"] > SUSPECT * r["sim_vs_fp32"] else ""
         lines.append(f"| {r['model']} | {r['engine']} | {r['quantized']} | {r['float_compute']}: {why} | "
                      f"{len(r['engine_float'])} | {r['engine_vs_sim']:.4f}{flag} | {r['sim_vs_fp32']:.4f} |")
-    save_report(args.out, "ptq_families", {"host": host, "rows": rows}, "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
