@@ -9,7 +9,7 @@ import torch.nn as nn
 from timm.layers import Attention
 
 import leanvit.compress.tokens as tokens
-from leanvit.compress.quant.attention import _QuantMatmuls
+from leanvit.compress.quant.attention import QuantMatmuls
 from leanvit.compress.quant import (
     FakeQuantizer, Log2Quantizer, QScheme, QuantAttention, QuantConfig, RangeObserver, ShiftUniformLog2Quantizer,
     TwinUniformQuantizer, check_deployable, export, onnx_int8_summary, openvino_precisions, quantize, quantizers,
@@ -158,22 +158,26 @@ def test_efficientmod_attention_quantized_in_the_model(tmp_path):
     assert agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
 
 
-HYBRID_ATTENTION = {  # tiny EfficientFormer / V2: their attention with learned position biases (and talking heads)
+MODEL_ATTENTION = {  # tiny models whose attention is their own class: learned position biases, talking heads, windows
     "efficientformer_l1": (dict(depths=(1, 1, 1, 2), embed_dims=(8, 16, 24, 32), num_vit=1), 224,
                            {"QuantEfficientFormerAttention": 1}),
     "efficientformerv2_s0": (dict(img_size=64, depths=(1, 1, 2, 2), embed_dims=(8, 16, 24, 32), num_vit=2), 64,
                              {"QuantAttention2d": 4, "QuantAttention2dDownsample": 1}),
+    "tiny_vit_5m_224": (dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
+                             window_sizes=(2, 2, 2, 2)), 64, {"QuantTinyVitAttention": 3}),
+    "swin_tiny_patch4_window7_224": (dict(img_size=64, embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=4), 64,
+                                     {"QuantWindowAttention": 4}),  # shifted windows, with their mask, in blocks 1
 }
 
 
-@pytest.mark.parametrize("name", HYBRID_ATTENTION)
-def test_efficientformer_attention_quantized_and_int8_on_the_engines(name, tmp_path):
+@pytest.mark.parametrize("name", MODEL_ATTENTION)
+def test_model_attention_quantized_and_int8_on_the_engines(name, tmp_path):
     import timm
-    kwargs, size, expected = HYBRID_ATTENTION[name]
+    kwargs, size, expected = MODEL_ATTENTION[name]
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, **kwargs).eval()
     qmodel = quantize(model, torch.randn(16, 3, size, size), DEPLOY, progress=False)
-    swapped = [type(m).__name__ for m in qmodel.modules() if isinstance(m, _QuantMatmuls)]
+    swapped = [type(m).__name__ for m in qmodel.modules() if isinstance(m, QuantMatmuls)]
     assert {k: swapped.count(k) for k in set(swapped)} == expected
     assert not any("attention matmuls in float" in r for r in qmodel.quant_report.float_layers.values())
     x = torch.randn(4, 3, size, size)
@@ -189,7 +193,7 @@ def test_efficientformer_attention_quantized_and_int8_on_the_engines(name, tmp_p
     assert matmuls and set(matmuls) <= {"u8", "i8"}, matmuls  # talking heads' signed mix included
     agreement = check_agreement(qmodel, ov, inputs)
     assert agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
-    restored = qmodel.get_submodule(next(n for n, m in qmodel.named_modules() if isinstance(m, _QuantMatmuls)))
+    restored = qmodel.get_submodule(next(n for n, m in qmodel.named_modules() if isinstance(m, QuantMatmuls)))
     assert type(restored.to_float()) in {type(m) for m in model.modules()}
 
 
@@ -299,11 +303,42 @@ def test_other_attention_classes_are_reported_in_float():
         qmodel = quantize(model, torch.randn(16, 3, 16, 16), DEPLOY, progress=False)
     report = qmodel.quant_report
     assert type(qmodel.blocks[0]) is QuantAttention and "blocks.0" in report.quantized
-    assert report.float_layers["blocks.1"] == "attention matmuls in float: OwnAttention"
-    assert report.float_layers["blocks.2"] == "attention matmuls in float: PatchedAttention"
+    assert report.float_layers["blocks.1"] == ("attention matmuls in float: 2 matrix products in OwnAttention, "
+                                               "which has no quantized counterpart")
+    assert report.float_layers["blocks.2"].startswith("attention matmuls in float: 2 matrix products in Patched")
     assert "MultiheadAttention" in report.float_layers["blocks.3.mha"]  # all of it in float, reported as before
     assert type(qmodel.blocks[2]) is PatchedAttention
 
+
+
+class GlobalMixer(nn.Module):
+    """Matrix products of activations in a class whose name says nothing about attention (CaiT's
+    ``TalkingHeadAttn``, EfficientViT's ``LiteMLA``, XCiT's ``XCA`` are such)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        gram = torch.bmm(x.transpose(1, 2), x) / x.shape[1]
+        return self.proj(torch.einsum("bnc,bcd->bnd", x, gram.softmax(-1)))
+
+
+def test_float_matmuls_are_found_whatever_the_class_is_called():
+    torch.manual_seed(0)
+    model = Tokens(GlobalMixer(16), Attention(16, num_heads=2)).eval()
+    with pytest.warns(UserWarning, match="1 compute layers stay in float:\n  blocks.0: attention matmuls in float"):
+        qmodel = quantize(model, torch.randn(16, 3, 16, 16), DEPLOY, progress=False)
+    assert qmodel.quant_report.float_layers["blocks.0"] == (
+        "attention matmuls in float: 2 matrix products in GlobalMixer, which has no quantized counterpart")
+    assert "blocks.0.proj" in qmodel.quant_report.quantized and "blocks.1" in qmodel.quant_report.quantized
+    # without attn_bits the attention timm can quantize stays float too: listed as a choice, not warned about
+    with pytest.warns(UserWarning) as caught:
+        report = quantize(model, torch.randn(16, 3, 16, 16), QuantConfig(), progress=False).quant_report
+    assert report.float_layers["blocks.1"].startswith("attention matmuls (Attention): float by design unless "
+                                                      "QuantConfig.attn_bits is set")
+    assert list(report.float_compute_layers) == ["blocks.0"]
+    assert [str(w.message).count("\n  ") for w in caught] == [1]
 
 class KeptForward(Attention):
     """A subclass keeping timm's forward (a renamed class)."""
@@ -374,7 +409,7 @@ def test_efficientformerv2_qk_quantized_where_the_convs_write_them(tmp_path):
     import timm
     from dataclasses import replace
 
-    kwargs, size, _ = HYBRID_ATTENTION["efficientformerv2_s0"]
+    kwargs, size, _ = MODEL_ATTENTION["efficientformerv2_s0"]
     torch.manual_seed(0)
     model = timm.create_model("efficientformerv2_s0", num_classes=10, **kwargs).eval()
     calib, x = torch.randn(16, 3, size, size), torch.randn(4, 3, size, size)

@@ -7,10 +7,11 @@ the softmax output with the quantizer chosen by name (``SOFTMAX_QUANTIZERS``). W
 pair in the exported graph, which OpenVINO and ONNX Runtime run as INT8 matmuls; ``"log2"``,
 ``"sulq"`` and ``"twin"`` keep more accuracy at 3-4 bits but have no engine kernel (simulation only).
 
-Swapped are timm's ``Attention`` (and EfficientMod's, which computes the same), EfficientFormer's and
-EfficientFormerV2's attention (:func:`_quantized_classes`: one subclass each, restating the float forward
-with the quantizers in place); any other attention (token-reduction patches, cross tokens) would lose its
-behaviour, so it keeps float matmuls and :func:`swap_attention` reports it.
+Swapped are timm's ``Attention`` (and EfficientMod's, which computes the same), EfficientFormer's,
+EfficientFormerV2's, TinyViT's and Swin's attention (:func:`_quantized_classes`: one subclass each, restating
+the float forward with the quantizers in place); any other attention (token-reduction patches, CaiT's talking
+heads, EfficientViT's linear attention) would lose its behaviour, so it keeps float matmuls, which
+:func:`.calibrate.quantize` reports.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import copy
 import torch
 import torch.nn as nn
 from timm.layers import Attention
-from timm.models import efficientformer, efficientformer_v2
+from timm.models import efficientformer, efficientformer_v2, swin_transformer, tiny_vit
 from timm.models.vision_transformer import maybe_add_mask, resolve_self_attn_mask
 
 from ...errors import LeanvitError
@@ -58,7 +59,7 @@ def _shell(cls: type[nn.Module], module: nn.Module, drop: tuple[str, ...] = ()) 
     return new
 
 
-class _QuantMatmuls:
+class QuantMatmuls:
     """Mixin: fake quantizers on the inputs of an attention's two matmuls, calibrated like layer inputs.
 
     A subclass also derives from the float attention class and restates its forward with the quantizers
@@ -129,7 +130,7 @@ class _QuantMatmuls:
                 f"attn@v: {self.softmax_quantizer.extra_repr()} x {self.v_quantizer.scheme}")
 
 
-class QuantAttention(_QuantMatmuls, Attention):
+class QuantAttention(QuantMatmuls, Attention):
     """timm ``Attention`` computed unfused, with quantized inputs to ``q @ kᵀ`` and ``softmax @ v``.
 
     q is quantized after the ``head_dim ** -0.5`` scaling and k after its transpose, so that in the
@@ -206,7 +207,7 @@ class QuantAttention(_QuantMatmuls, Attention):
         return self.proj_drop(self.proj(x))
 
 
-class QuantEfficientFormerAttention(_QuantMatmuls, efficientformer.Attention):
+class QuantEfficientFormerAttention(QuantMatmuls, efficientformer.Attention):
     """EfficientFormer's attention (learned position biases on the logits) with quantized matmul inputs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +220,38 @@ class QuantEfficientFormerAttention(_QuantMatmuls, efficientformer.Attention):
         return self.proj(x.reshape(B, N, self.val_attn_dim))
 
 
-class _QuantAttention2dHeads(_QuantMatmuls):
+
+class QuantTinyVitAttention(QuantMatmuls, tiny_vit.Attention):
+    """TinyViT's window attention (a LayerNorm first, learned position biases on the logits) with quantized
+    matmul inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(self.norm(x)).view(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        attn = self.q_quantizer(q * self.scale) @ self.k_quantizer(k.transpose(-2, -1))
+        attn = (attn + self.get_attention_biases(x.device)).softmax(dim=-1)
+        x = (self.softmax_quantizer(attn) @ self.v_quantizer(v)).transpose(1, 2)
+        return self.proj(x.reshape(B, N, self.out_dim))
+
+
+class QuantWindowAttention(QuantMatmuls, swin_transformer.WindowAttention):
+    """Swin's window attention (relative position biases, the shifted windows' mask) with quantized matmul inputs."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B_, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = self.q_quantizer(q * self.scale) @ self.k_quantizer(k.transpose(-2, -1))
+        attn = attn + self._get_rel_pos_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = (attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0))
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(self.softmax(attn))
+        x = (self.softmax_quantizer(attn) @ self.v_quantizer(v)).transpose(1, 2).reshape(B_, N, -1)
+        return self.proj_drop(self.proj(x))
+
+class _QuantAttention2dHeads(QuantMatmuls):
     """EfficientFormerV2's attentions: per-head q, k and v from 1x1 conv projections, v also through a local conv."""
 
     SHARED_QKV = ("q_proj_quantizer", "k_proj_quantizer")
@@ -298,36 +330,32 @@ class QuantAttention2dDownsample(_QuantAttention2dHeads, efficientformer_v2.Atte
         return self.proj(self.act(x))
 
 
-def _quantized_classes() -> dict[type[nn.Module], type[_QuantMatmuls]]:
+def _quantized_classes() -> dict[type[nn.Module], type[QuantMatmuls]]:
     """The float attention classes with a quantized counterpart, and that counterpart."""
     from ...models.efficientmod import Attention as EfficientModAttention
     return {Attention: QuantAttention, EfficientModAttention: QuantAttention,
             efficientformer.Attention: QuantEfficientFormerAttention,
             efficientformer_v2.Attention2d: QuantAttention2d,
-            efficientformer_v2.Attention2dDownsample: QuantAttention2dDownsample}
+            efficientformer_v2.Attention2dDownsample: QuantAttention2dDownsample,
+            tiny_vit.Attention: QuantTinyVitAttention, swin_transformer.WindowAttention: QuantWindowAttention}
 
 
-def _is_attention(module: nn.Module) -> bool:
-    return isinstance(module, (Attention, nn.MultiheadAttention)) or "attention" in type(module).__name__.lower()
+def quantized_counterpart(module: nn.Module) -> type[QuantMatmuls] | None:
+    """The class with quantized matmul inputs standing in for ``module``'s: for the classes in
+    :func:`_quantized_classes` and their subclasses that keep the float ``forward``, else None."""
+    if isinstance(module, QuantMatmuls):
+        return None
+    return next((q for f, q in _quantized_classes().items()
+                 if isinstance(module, f) and type(module).forward is f.forward), None)
 
 
-def swap_attention(model: nn.Module, bits: int, softmax: str = "uniform"
-                   ) -> tuple[dict[str, _QuantMatmuls], dict[str, str]]:
-    """Replace every attention of ``model`` with a quantized counterpart (in place) by that counterpart.
-
-    Swapped are instances of the classes in :func:`_quantized_classes` (subclasses too, unless they
-    override ``forward``). Returns the swapped modules and ``{name: reason}`` for the attention modules
-    left with float matmuls: any other module of an attention class (found by class name, innermost ones only).
-    """
-    swapped, others, classes = {}, [], _quantized_classes()
+def swap_attention(model: nn.Module, bits: int, softmax: str = "uniform") -> dict[str, QuantMatmuls]:
+    """Replace every attention of ``model`` that has a :func:`quantized_counterpart` with that counterpart
+    (in place); returns the swapped modules. Any other module computing matmuls keeps them in float:
+    :func:`.modules.float_matmuls` finds those."""
+    swapped = {}
     for name, module in list(model.named_modules()):
-        quant_cls = next((q for f, q in classes.items() if isinstance(module, f) and type(module).forward is f.forward),
-                         None)
-        if name and quant_cls is not None:
+        if name and (quant_cls := quantized_counterpart(module)) is not None:
             swapped[name] = quant_cls.from_float(module, bits, softmax)
             model.set_submodule(name, swapped[name])
-        elif _is_attention(module) and not isinstance(module, _QuantMatmuls):
-            others.append(name)
-    inner = [*others, *swapped]
-    innermost = [n for n in others if not any(o.startswith(f"{n}.") for o in inner)]
-    return swapped, {n: f"attention matmuls in float: {type(model.get_submodule(n)).__name__}" for n in innermost}
+    return swapped

@@ -8,8 +8,9 @@ residual adds stay in float (quantizing them costs accuracy and buys no speed on
 Runtime); the :class:`QuantReport` lists every layer left in float, and a warning names the compute
 layers among them, so nothing falls back to float silently. The attention matmuls (``q @ kᵀ``,
 ``softmax @ v``) stay in float unless ``QuantConfig.attn_bits`` is set: then timm's ``Attention``, EfficientMod's
-and EfficientFormer(V2)'s attention get quantized matmul inputs (:mod:`.attention`) and other attention classes
-are reported.
+and EfficientFormer(V2)'s attention get quantized matmul inputs (:mod:`.attention`). Every module left computing
+matrix products in float is found by recording the torch calls of one forward (:func:`.modules.float_matmuls`)
+and reported.
 """
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ import torch
 import torch.nn as nn
 
 from ...errors import LeanvitError, check_range
-from .attention import SOFTMAX_QUANTIZERS, swap_attention
-from .modules import QuantConv2d, fold_batchnorm, image_independent_layers, quantizable_type
+from .attention import SOFTMAX_QUANTIZERS, QuantMatmuls, quantized_counterpart, swap_attention
+from .modules import (
+    QuantConv2d, QuantLinear, float_matmuls, fold_batchnorm, image_independent_layers, quantizable_type,
+)
 from .quantizer import (
     RANGE_METHODS, FakeQuantizer, QScheme, Quantizer, RangeObserver, input_channel_weights, weight_range,
 )
@@ -219,7 +222,7 @@ class QuantReport:
     def float_compute_layers(self) -> dict[str, str]:
         """The float layers that do matrix products: each one is INT8 speed and scale left on the table."""
         return {k: v for k, v in self.float_layers.items()
-                if not v.startswith(("normalisation", "elementwise", "depthwise", "constant input"))}
+                if "float by design" not in v and not v.startswith("constant input")}
 
     def summary(self) -> str:
         per_channel = len(self.per_channel_inputs)
@@ -343,9 +346,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
                            f"(QuantConfig.skip={config.skip}).")
     attentions = {}
     if config.attn_bits is not None:
-        attentions, float_attention = swap_attention(qmodel, config.attn_bits, config.softmax_quantizer)
-        for name, reason in float_attention.items():
-            report.float_layers.setdefault(name, reason)  # nn.MultiheadAttention is listed already
+        attentions = swap_attention(qmodel, config.attn_bits, config.softmax_quantizer)
 
     # Ranges come from the float model's activations (PTQ4ViT's "parallel" calibration): the weight
     # quantizers are off and the input quantizers only observe, so every layer sees float inputs.
@@ -371,6 +372,14 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         else:  # e.g. token reduction computes attention from the module's layers, not its forward
             qmodel.set_submodule(name, attentions.pop(name).to_float())
             report.float_layers[name] = "attention matmuls in float: forward never called during calibration"
+    for name, count in float_matmuls(qmodel, example, (QuantLinear, QuantConv2d, QuantMatmuls)).items():
+        module = qmodel.get_submodule(name)
+        report.float_layers.setdefault(name, (  # nn.MultiheadAttention and bypassed attention are listed already
+            f"attention matmuls ({type(module).__name__}): float by design unless QuantConfig.attn_bits is set "
+            "(INT8 attention pays off on VNNI/AMX CPUs; the 'vnni' recipes set it)"
+            if quantized_counterpart(module) is not None else
+            f"attention matmuls in float: {count} matrix products in {type(module).__name__}, which has no "
+            "quantized counterpart"))
 
     ranged = set()
     if consumers and config.a_per_channel is not True:

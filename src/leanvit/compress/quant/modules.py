@@ -11,12 +11,14 @@ when the output is quantized too.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torch.overrides import TorchFunctionMode
 
 from .quantizer import FakeQuantizer, QScheme
 
@@ -82,7 +84,6 @@ def quantizable_type(layer: nn.Module) -> type[nn.Module] | None:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def image_independent_layers(model: nn.Module, first: torch.Tensor, second: torch.Tensor) -> set[str]:
     """The quantizable layers whose inputs are identical for the images ``first`` and ``second``.
 
@@ -108,6 +109,61 @@ def image_independent_layers(model: nn.Module, first: torch.Tensor, second: torc
             h.remove()
     return {name for name, (a, b) in inputs.items()
             if len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))}
+
+
+#: the torch functions that multiply two tensors as matrices, and how many matrix products each call computes
+MATMULS = {torch.matmul: 1, torch.Tensor.matmul: 1, torch.Tensor.__matmul__: 1, torch.Tensor.__rmatmul__: 1,
+           torch.bmm: 1, torch.Tensor.bmm: 1, torch.baddbmm: 1, torch.Tensor.baddbmm: 1, torch.einsum: 1,
+           F.scaled_dot_product_attention: 2}
+
+
+class _MatmulRecorder(TorchFunctionMode):
+    """Counts the calls of :data:`MATMULS` per innermost running module (``stack`` is kept by hooks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack: list[str] = []
+        self.counts: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in MATMULS and self.stack:
+            self.counts[self.stack[-1]] += MATMULS[func]
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def float_matmuls(model: nn.Module, example: torch.Tensor, quantized: tuple[type[nn.Module], ...]) -> dict[str, int]:
+    """``{module: count}`` of the matrix products computed in float outside the ``quantized`` module types.
+
+    The Linear and conv layers are swapped for quantized ones and the known attention classes for ones with
+    quantized matmul inputs; any other module multiplying tensors itself (Swin's window attention, CaiT's
+    talking heads, EfficientViT's linear attention) keeps float matmuls, which the engine then runs in float.
+    Found by running ``example`` and recording the torch calls (no class-name guessing), so none is missed.
+    """
+    recorder = _MatmulRecorder()
+    names = {m: n for n, m in model.named_modules()}
+
+    def push(module, _):
+        recorder.stack.append(names[module])
+
+    def pop(*_):
+        recorder.stack.pop()
+
+    hooks = [h for m in names for h in (m.register_forward_pre_hook(push), m.register_forward_hook(pop))]
+    try:
+        with recorder:
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    modules = dict(model.named_modules())
+    return {name: n for name, n in recorder.counts.items()
+            if not any(isinstance(modules[p], quantized) for p in _self_and_parents(name))}
+
+
+def _self_and_parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 def direct_consumers(
