@@ -8,8 +8,8 @@ pair in the exported graph, which OpenVINO and ONNX Runtime run as INT8 matmuls;
 ``"sulq"`` and ``"twin"`` keep more accuracy at 3-4 bits but have no engine kernel (simulation only).
 
 Swapped are timm's ``Attention`` (and EfficientMod's, which computes the same), EfficientFormer's,
-EfficientFormerV2's, TinyViT's and Swin's attention (:func:`_quantized_classes`: one subclass each, restating
-the float forward with the quantizers in place); any other attention (token-reduction patches, CaiT's talking
+EfficientFormerV2's, TinyViT's, Swin's and FcaFormer's attention (:func:`_quantized_classes`: one subclass
+each, restating the float forward with the quantizers in place); any other attention (token-reduction patches, CaiT's talking
 heads, EfficientViT's linear attention) would lose its behaviour, so it keeps float matmuls, which
 :func:`.calibrate.quantize` reports.
 """
@@ -24,6 +24,8 @@ from timm.models import efficientformer, efficientformer_v2, swin_transformer, t
 from timm.models.vision_transformer import maybe_add_mask, resolve_self_attn_mask
 
 from ...errors import LeanvitError
+from ...models.efficientmod import Attention as EfficientModAttention
+from ...models.fcaformer import ForwardCrossAttention
 from .quantizer import (
     FakeQuantizer, Log2Quantizer, QScheme, Quantizer, RangeObserver, ShiftUniformLog2Quantizer, TwinUniformQuantizer,
 )
@@ -251,6 +253,23 @@ class QuantWindowAttention(QuantMatmuls, swin_transformer.WindowAttention):
         x = (self.softmax_quantizer(attn) @ self.v_quantizer(v)).transpose(1, 2).reshape(B_, N, -1)
         return self.proj_drop(self.proj(x))
 
+
+class QuantForwardCrossAttention(QuantMatmuls, ForwardCrossAttention):
+    """FcaFormer's attention over a block's tokens and the stage's cross tokens, with quantized matmul inputs."""
+
+    def forward(self, x: torch.Tensor, cross: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        bias = self.attention_biases[:, self.attention_bias_idxs]
+        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        if cross is not None:
+            x = torch.cat((x, self.cross_norm(cross * self.cross_scale)), dim=1)
+            bias = torch.cat((bias, self.cross_bias[0].expand(-1, N, -1)), dim=-1)
+        k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        attn = self.q_quantizer(q * self.scale) @ self.k_quantizer(k.transpose(-2, -1)) + bias
+        x = self.softmax_quantizer(self.attn_drop(attn.softmax(dim=-1))) @ self.v_quantizer(v)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
 class _QuantAttention2dHeads(QuantMatmuls):
     """EfficientFormerV2's attentions: per-head q, k and v from 1x1 conv projections, v also through a local conv."""
 
@@ -332,8 +351,8 @@ class QuantAttention2dDownsample(_QuantAttention2dHeads, efficientformer_v2.Atte
 
 def _quantized_classes() -> dict[type[nn.Module], type[QuantMatmuls]]:
     """The float attention classes with a quantized counterpart, and that counterpart."""
-    from ...models.efficientmod import Attention as EfficientModAttention
     return {Attention: QuantAttention, EfficientModAttention: QuantAttention,
+            ForwardCrossAttention: QuantForwardCrossAttention,
             efficientformer.Attention: QuantEfficientFormerAttention,
             efficientformer_v2.Attention2d: QuantAttention2d,
             efficientformer_v2.Attention2dDownsample: QuantAttention2dDownsample,
