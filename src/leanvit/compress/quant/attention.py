@@ -9,9 +9,9 @@ pair in the exported graph, which OpenVINO and ONNX Runtime run as INT8 matmuls;
 
 Swapped are timm's ``Attention`` (and EfficientMod's, which computes the same), EfficientFormer's,
 EfficientFormerV2's, TinyViT's, Swin's and FcaFormer's attention (:func:`_quantized_classes`: one subclass
-each, restating the float forward with the quantizers in place); any other attention (token-reduction patches, CaiT's talking
-heads, EfficientViT's linear attention) would lose its behaviour, so it keeps float matmuls, which
-:func:`.calibrate.quantize` reports.
+each, restating the float forward with the quantizers in place); any other attention (token-reduction
+patches, CaiT's talking heads, EfficientViT's linear attention) would lose its behaviour, so it keeps float
+matmuls, which :func:`.calibrate.quantize` reports.
 """
 from __future__ import annotations
 
