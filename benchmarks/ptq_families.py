@@ -115,7 +115,9 @@ def markdown(rows: list[dict], host: dict) -> str:
              "Engine vs sim: max |engine logit - simulated logit| / max |simulated logit| on 4 random images; sim vs "
              "FP32 the same for the simulation against the float model. ⚠: the engine differs from the simulation "
              f"by more than {SUSPECT}× the simulation's own error (random weights make both noisy: on a plain DeiT the "
-             "two are alike).", "",
+             "two are alike). Float in sim counts layers (an attention module once, however many matrix products it "
+             "computes); float on engine counts the engine's compute nodes (each matmul, or OpenVINO's fused "
+             "attention Subgraph), named in ptq_families.json.", "",
              "| model | engine | quantized | float in sim (why) | float on engine | engine vs sim | sim vs FP32 |",
              "|---|---|---:|---|---:|---:|---:|"]
     for r in rows:

@@ -329,7 +329,7 @@ class GlobalMixer(nn.Module):
         return self.proj(torch.einsum("bnc,bcd->bnd", x, gram.softmax(-1)))
 
 
-def test_float_matmuls_are_found_whatever_the_class_is_called():
+def test_float_matmuls_are_found_whatever_the_class_is_called(tmp_path):
     torch.manual_seed(0)
     model = Tokens(GlobalMixer(16), Attention(16, num_heads=2)).eval()
     with pytest.warns(UserWarning, match="1 compute layers stay in float:\n  blocks.0: attention matmuls in float"):
@@ -339,11 +339,18 @@ def test_float_matmuls_are_found_whatever_the_class_is_called():
     assert "blocks.0.proj" in qmodel.quant_report.quantized and "blocks.1" in qmodel.quant_report.quantized
     # without attn_bits the attention timm can quantize stays float too: listed as a choice, not warned about
     with pytest.warns(UserWarning) as caught:
-        report = quantize(model, torch.randn(16, 3, 16, 16), QuantConfig(), progress=False).quant_report
+        qmodel = quantize(model, torch.randn(16, 3, 16, 16), QuantConfig(), progress=False)
+    report = qmodel.quant_report
     assert report.float_layers["blocks.1"].startswith("attention matmuls (Attention): float by design unless "
                                                       "QuantConfig.attn_bits is set")
     assert list(report.float_compute_layers) == ["blocks.0"]
     assert [str(w.message).count("\n  ") for w in caught] == [1]
+    # the engine's side sees both, named by module: bmm, einsum, and timm's fused attention, whose decomposed
+    # attn @ v OpenVINO fuses with the softmax into one Subgraph on AVX-512 CPUs
+    with pytest.warns(UserWarning, match="compute layers run in float on OpenVINO") as caught:
+        export(qmodel, tmp_path / "m.xml", engine="openvino")
+    in_float = {name.split(" (")[0] for name in str(caught[-1].message).split(": ", 1)[1].split(", ")}
+    assert in_float == {"blocks.0", "blocks.1"}
 
 class KeptForward(Attention):
     """A subclass keeping timm's forward (a renamed class)."""

@@ -337,3 +337,5 @@ def test_openvino_elementwise_subgraphs_are_not_taken_for_float_matmuls():
     assert fuses_a_matmul("node_matmul,node_matmul/DequantizationMultiply,node_softmax,node_fake_quantize_5,"
                           "node_matmul_1,")
     assert fuses_a_matmul("/blocks.0/attn/MatMul_1,/blocks.0/attn/Softmax")  # TorchScript exporter's names
+    assert fuses_a_matmul("Multiply_12919,Add_15940,Softmax_12922,node_scaled_dot_product_attention,node_transpose_1,")
+    assert not fuses_a_matmul("node_scaled_dot_product_attention/DequantizationMultiply")  # elementwise, split off

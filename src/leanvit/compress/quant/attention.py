@@ -259,12 +259,7 @@ class QuantForwardCrossAttention(QuantMatmuls, ForwardCrossAttention):
 
     def forward(self, x: torch.Tensor, cross: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
-        bias = self.attention_biases[:, self.attention_bias_idxs]
-        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        if cross is not None:
-            x = torch.cat((x, self.cross_norm(cross * self.cross_scale)), dim=1)
-            bias = torch.cat((bias, self.cross_bias[0].expand(-1, N, -1)), dim=-1)
-        k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v, bias = self.qkv_bias(x, cross)
         attn = self.q_quantizer(q * self.scale) @ self.k_quantizer(k.transpose(-2, -1)) + bias
         x = self.softmax_quantizer(self.attn_drop(attn.softmax(dim=-1))) @ self.v_quantizer(v)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))

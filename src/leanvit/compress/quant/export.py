@@ -228,6 +228,10 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
     return xml
 
 
+#: how the ONNX exporter names the nodes of torch's matrix products
+MATMUL_OPS = ("matmul", "bmm", "einsum", "scaled_dot_product_attention")
+
+
 def openvino_precisions(compiled, modules: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
     """``{layer: (layer type, runtime precision)}`` of the compute layers of a compiled OpenVINO model.
 
@@ -251,9 +255,10 @@ def openvino_precisions(compiled, modules: dict[str, str] | None = None) -> dict
 
 def fuses_a_matmul(original_names: str) -> bool:
     """Whether an OpenVINO ``Subgraph`` fused from the ops ``original_names`` (comma-separated) holds a matmul:
-    one of them is one, not just named after one, like the elementwise "node_MatMul_13/DequantizationMultiply"
-    the plugin splits off an INT8 FullyConnected (MambaOut's, EVA-02's MLPs)."""
-    return any("matmul" in name.rsplit("/", 1)[-1].lower() for name in original_names.split(","))
+    one of them is one (the exporter names a matrix product after its torch op, and the ``attn @ v`` of a
+    decomposed ``F.scaled_dot_product_attention`` after that), not just named after one, like the elementwise
+    "node_MatMul_13/DequantizationMultiply" the plugin splits off an INT8 FullyConnected (MambaOut's MLPs)."""
+    return any(op in name.rsplit("/", 1)[-1].lower() for name in original_names.split(",") for op in MATMUL_OPS)
 
 
 def onnxruntime_precisions(path: str | Path, modules: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
