@@ -7,8 +7,9 @@ in INT8: the inputs and weights of convolutions and matrix products. LayerNorm, 
 residual adds stay in float (quantizing them costs accuracy and buys no speed on OpenVINO / ONNX
 Runtime); the :class:`QuantReport` lists every layer left in float, and a warning names the compute
 layers among them, so nothing falls back to float silently. The attention matmuls (``q @ kᵀ``,
-``softmax @ v``) stay in float unless ``QuantConfig.attn_bits`` is set: then timm's ``Attention``, EfficientMod's
-and EfficientFormer(V2)'s attention get quantized matmul inputs (:mod:`.attention`). Every module left computing
+``softmax @ v``) stay in float unless ``QuantConfig.attn_bits`` is set: then the attention classes
+:mod:`.attention` knows (timm's ``Attention``, EfficientFormer(V2)'s, TinyViT's, Swin's, ...) get quantized
+matmul inputs. Every module left computing
 matrix products in float is found by recording the torch calls of one forward (:func:`.modules.float_matmuls`)
 and reported.
 """

@@ -136,7 +136,7 @@ def float_matmuls(model: nn.Module, example: torch.Tensor, quantized: tuple[type
     """``{module: count}`` of the matrix products computed in float outside the ``quantized`` module types.
 
     The Linear and conv layers are swapped for quantized ones and the known attention classes for ones with
-    quantized matmul inputs; any other module multiplying tensors itself (Swin's window attention, CaiT's
+    quantized matmul inputs; any other module multiplying tensors itself (XCiT's cross-covariance attention, CaiT's
     talking heads, EfficientViT's linear attention) keeps float matmuls, which the engine then runs in float.
     Found by running ``example`` and recording the torch calls (no class-name guessing), so none is missed.
     """
