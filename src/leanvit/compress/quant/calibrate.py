@@ -9,9 +9,8 @@ Runtime); the :class:`QuantReport` lists every layer left in float, and a warnin
 layers among them, so nothing falls back to float silently. The attention matmuls (``q @ kᵀ``,
 ``softmax @ v``) stay in float unless ``QuantConfig.attn_bits`` is set: then the attention classes
 :mod:`.attention` knows (timm's ``Attention``, EfficientFormer(V2)'s, TinyViT's, Swin's, ...) get quantized
-matmul inputs. Every module left computing
-matrix products in float is found by recording the torch calls of one forward (:func:`.modules.float_matmuls`)
-and reported.
+matmul inputs. Every module left computing matrix products in float is found by recording the torch calls of
+one forward (:func:`.modules.float_matmuls`) and reported.
 """
 from __future__ import annotations
 
