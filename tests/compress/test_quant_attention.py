@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Attention
 
 import leanvit.compress.tokens as tokens
@@ -167,6 +168,8 @@ MODEL_ATTENTION = {  # tiny models whose attention is their own class: learned p
                              window_sizes=(2, 2, 2, 2)), 64, {"QuantTinyVitAttention": 3}),
     "swin_tiny_patch4_window7_224": (dict(img_size=64, embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=4), 64,
                                      {"QuantWindowAttention": 4}),  # shifted windows, with their mask, in blocks 1
+    "pvt_v2_b0": (dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 24, 32), num_heads=(1, 1, 2, 2)), 64,
+                  {"QuantSdpaAttention": 4}),  # any class whose matmuls are one F.scaled_dot_product_attention
     "fcaformer_l1": (dict(img_size=64, embed_dims=(16, 24, 32, 48), depths=(1, 1, 4, 2), num_heads=(2, 3), cab_max_d=2,
                           ls_init_value=0.1), 64, {"QuantForwardCrossAttention": 6}),  # with and without cross tokens
 }
@@ -276,7 +279,7 @@ class OwnAttention(nn.Module):
 
 
 class PatchedAttention(Attention):
-    """A subclass with its own forward (as token-reduction patches write them)."""
+    """A subclass with its own forward, still one fused attention: swapped generically, forward kept."""
 
     def forward(self, x):
         return super().forward(x) * 1.0
@@ -310,9 +313,11 @@ def test_other_attention_classes_are_reported_in_float():
     assert type(qmodel.blocks[0]) is QuantAttention and "blocks.0" in report.quantized
     assert report.float_layers["blocks.1"] == ("attention matmuls in float: 2 matrix products in OwnAttention, "
                                                "which has no quantized counterpart")
-    assert report.float_layers["blocks.2"].startswith("attention matmuls in float: 2 matrix products in Patched")
     assert "MultiheadAttention" in report.float_layers["blocks.3.mha"]  # all of it in float, reported as before
-    assert type(qmodel.blocks[2]) is PatchedAttention
+    assert type(qmodel.blocks[2]).__name__ == "QuantSdpaPatchedAttention" and "blocks.2" in report.quantized
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), quantizers_disabled(qmodel):
+        assert torch.allclose(qmodel(x), model(x), atol=1e-6)
 
 
 
@@ -351,6 +356,41 @@ def test_float_matmuls_are_found_whatever_the_class_is_called(tmp_path):
         export(qmodel, tmp_path / "m.xml", engine="openvino")
     in_float = {name.split(" (")[0] for name in str(caught[-1].message).split(": ", 1)[1].split(", ")}
     assert in_float == {"blocks.0", "blocks.1"}
+
+class FusedAttention(nn.Module):
+    """An attention of its own making whose matmuls are one ``F.scaled_dot_product_attention``, masked."""
+
+    def __init__(self, dim, mask):
+        super().__init__()
+        self.qkv, self.proj, self.mask = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), mask
+        self.bias = nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, 2, C // 2).permute(2, 0, 3, 1, 4)
+        if self.mask == "causal":
+            x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias if self.mask == "bias" else self.bias > 0)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("mask", ["bias", "bool", "causal"])
+def test_any_fused_attention_gets_quantized_matmul_inputs(mask, tmp_path):
+    torch.manual_seed(0)
+    model = Tokens(FusedAttention(16, mask), FusedAttention(16, mask)).eval()
+    qmodel = quantize(model, torch.randn(16, 3, 16, 16), DEPLOY, progress=False)
+    assert [type(m).__name__ for m in qmodel.blocks] == ["QuantSdpaFusedAttention"] * 2
+    assert not qmodel.quant_report.float_compute_layers
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad(), quantizers_disabled(qmodel):  # the class's own forward, the call unfused
+        assert torch.allclose(qmodel(x), model(x), atol=1e-5)
+    path = export(qmodel, tmp_path / "m.onnx", engine="onnxruntime", example=x[:1])
+    assert onnx_int8_summary(path).int8 == 5 + 2 * 2
+    agreement = check_agreement(qmodel, get_engine("onnxruntime", threads=1).load_onnx(path), [x[:1], x[1:2]])
+    assert agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
+    assert type(qmodel.blocks[0].to_float()) is FusedAttention
+
 
 class KeptForward(Attention):
     """A subclass keeping timm's forward (a renamed class)."""

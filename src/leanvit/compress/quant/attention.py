@@ -9,23 +9,30 @@ pair in the exported graph, which OpenVINO and ONNX Runtime run as INT8 matmuls;
 
 Swapped are timm's ``Attention`` (and EfficientMod's, which computes the same), EfficientFormer's,
 EfficientFormerV2's, TinyViT's, Swin's and FcaFormer's attention (:func:`_quantized_classes`: one subclass
-each, restating the float forward with the quantizers in place); any other attention (token-reduction
-patches, CaiT's talking heads, EfficientViT's linear attention) would lose its behaviour, so it keeps float
-matmuls, which :func:`.calibrate.quantize` reports.
+each, restating the float forward with the quantizers in place), and any attention whose matrix products are
+one ``F.scaled_dot_product_attention`` call (:class:`QuantScaledDotProduct`: its forward unchanged, that call
+computed unfused on quantized inputs). Any other attention (token-reduction patches, CaiT's talking heads,
+EfficientViT's linear attention) would lose its behaviour, so it keeps float matmuls, which
+:func:`.calibrate.quantize` reports.
 """
 from __future__ import annotations
 
 import copy
+import functools
+from collections import Counter
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models import efficientformer, efficientformer_v2, swin_transformer, tiny_vit
 from timm.models.vision_transformer import maybe_add_mask, resolve_self_attn_mask
+from torch.overrides import TorchFunctionMode
 
 from ...errors import LeanvitError
 from ...models.efficientmod import Attention as EfficientModAttention
 from ...models.fcaformer import ForwardCrossAttention
+from .modules import MatmulCalls
 from .quantizer import (
     FakeQuantizer, Log2Quantizer, QScheme, Quantizer, RangeObserver, ShiftUniformLog2Quantizer, TwinUniformQuantizer,
 )
@@ -344,6 +351,56 @@ class QuantAttention2dDownsample(_QuantAttention2dHeads, efficientformer_v2.Atte
         return self.proj(self.act(x))
 
 
+class QuantScaledDotProduct(QuantMatmuls):
+    """Mixin for any attention whose matrix products are one ``F.scaled_dot_product_attention`` per call
+    (PVT-v2's, CoAtNet's and MaxViT's, EVA's and the rotary ViTs'): the class's own forward runs unchanged, with
+    that call computed unfused on quantized inputs, so no forward is restated and none can drift from timm's.
+    :func:`quantized_counterpart` makes one subclass per float class."""
+
+    def forward(self, *args, **kwargs):
+        with _UnfusedAttention(self):
+            return super().forward(*args, **kwargs)
+
+    def quantized_sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        """``F.scaled_dot_product_attention``'s result, from quantized ``q * scale``, ``kᵀ``, probabilities, v."""
+        if enable_gqa:
+            raise LeanvitError(f"{type(self).__name__}: grouped-query attention is not quantized; leave it float "
+                               "(QuantConfig.attn_bits=None).")
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        attn = self.q_quantizer(q * scale) @ self.k_quantizer(k.transpose(-2, -1))
+        if is_causal:
+            attn = attn.masked_fill(torch.ones(attn.shape[-2:], dtype=torch.bool, device=attn.device).triu(1),
+                                    float("-inf"))
+        if attn_mask is not None:
+            attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+        attn = F.dropout(attn.softmax(dim=-1), dropout_p) if dropout_p else attn.softmax(dim=-1)
+        return self.softmax_quantizer(attn) @ self.v_quantizer(v)
+
+
+class _UnfusedAttention(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` to ``attention.quantized_sdpa`` while active."""
+
+    def __init__(self, attention: QuantScaledDotProduct):
+        super().__init__()
+        self.attention = attention
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return self.attention.quantized_sdpa(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@functools.cache
+def _scaled_dot_product_counterpart(cls: type[nn.Module]) -> type[QuantScaledDotProduct]:
+    return type(f"QuantSdpa{cls.__name__}", (QuantScaledDotProduct, cls), {"__module__": __name__})
+
+
+def one_fused_attention(calls: MatmulCalls | None) -> bool:
+    """Whether a module's own matrix products (:func:`.modules.record_matmuls`) are one
+    ``F.scaled_dot_product_attention`` per call."""
+    return calls is not None and calls.functions == Counter({F.scaled_dot_product_attention: calls.runs})
+
+
 def _quantized_classes() -> dict[type[nn.Module], type[QuantMatmuls]]:
     """The float attention classes with a quantized counterpart, and that counterpart."""
     return {Attention: QuantAttention, EfficientModAttention: QuantAttention,
@@ -354,22 +411,28 @@ def _quantized_classes() -> dict[type[nn.Module], type[QuantMatmuls]]:
             tiny_vit.Attention: QuantTinyVitAttention, swin_transformer.WindowAttention: QuantWindowAttention}
 
 
-def quantized_counterpart(module: nn.Module) -> type[QuantMatmuls] | None:
+def quantized_counterpart(module: nn.Module, calls: MatmulCalls | None = None) -> type[QuantMatmuls] | None:
     """The class with quantized matmul inputs standing in for ``module``'s: for the classes in
-    :func:`_quantized_classes` and their subclasses that keep the float ``forward``, else None."""
+    :func:`_quantized_classes` and their subclasses that keep the float ``forward``; else, when the module's
+    recorded ``calls`` are one fused attention each (:func:`one_fused_attention`), a
+    :class:`QuantScaledDotProduct` subclass of its class; else None."""
     if isinstance(module, QuantMatmuls):
         return None
-    return next((q for f, q in _quantized_classes().items()
-                 if isinstance(module, f) and type(module).forward is f.forward), None)
+    known = next((q for f, q in _quantized_classes().items()
+                  if isinstance(module, f) and type(module).forward is f.forward), None)
+    if known is None and one_fused_attention(calls):
+        return _scaled_dot_product_counterpart(type(module))
+    return known
 
 
-def swap_attention(model: nn.Module, bits: int, softmax: str = "uniform") -> dict[str, QuantMatmuls]:
+def swap_attention(model: nn.Module, bits: int, softmax: str = "uniform",
+                   calls: dict[str, MatmulCalls] | None = None) -> dict[str, QuantMatmuls]:
     """Replace every attention of ``model`` that has a :func:`quantized_counterpart` with that counterpart
-    (in place); returns the swapped modules. Any other module computing matmuls keeps them in float:
-    :func:`.modules.float_matmuls` finds those."""
-    swapped = {}
+    (in place), given each module's recorded matmul ``calls``; returns the swapped modules. Any other module
+    computing matmuls keeps them in float: :func:`.modules.float_matmuls` finds those."""
+    swapped, calls = {}, calls or {}
     for name, module in list(model.named_modules()):
-        if name and (quant_cls := quantized_counterpart(module)) is not None:
+        if name and (quant_cls := quantized_counterpart(module, calls.get(name))) is not None:
             swapped[name] = quant_cls.from_float(module, bits, softmax)
             model.set_submodule(name, swapped[name])
     return swapped

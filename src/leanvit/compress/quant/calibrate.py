@@ -30,6 +30,7 @@ from ...errors import LeanvitError, check_range
 from .attention import SOFTMAX_QUANTIZERS, QuantMatmuls, quantized_counterpart, swap_attention
 from .modules import (
     QuantConv2d, QuantLinear, float_matmuls, fold_batchnorm, image_independent_layers, quantizable_type,
+    record_matmuls,
 )
 from .quantizer import (
     RANGE_METHODS, FakeQuantizer, QScheme, Quantizer, RangeObserver, input_channel_weights, weight_range,
@@ -338,6 +339,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     report = QuantReport(calib_images=sum(b.shape[0] for b in batches), input_size=tuple(batches[0].shape[1:]))
     report.folded_batchnorms = fold_batchnorm(qmodel, example)
     consumers = layernorm_consumers(qmodel, example) if config.reparam_layernorm else {}
+    matmul_calls = record_matmuls(qmodel, example)  # before any swap: what each module multiplies itself
     images = torch.cat([b[:2] for b in batches[:2]])
     constant = image_independent_layers(qmodel, images[:1], images[1:2]) if len(images) > 1 else set()
     layers = _swap_layers(qmodel, config, report, constant)
@@ -346,7 +348,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
                            f"(QuantConfig.skip={config.skip}).")
     attentions = {}
     if config.attn_bits is not None:
-        attentions = swap_attention(qmodel, config.attn_bits, config.softmax_quantizer)
+        attentions = swap_attention(qmodel, config.attn_bits, config.softmax_quantizer, matmul_calls)
 
     # Ranges come from the float model's activations (PTQ4ViT's "parallel" calibration): the weight
     # quantizers are off and the input quantizers only observe, so every layer sees float inputs.
@@ -372,14 +374,14 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         else:  # e.g. token reduction computes attention from the module's layers, not its forward
             qmodel.set_submodule(name, attentions.pop(name).to_float())
             report.float_layers[name] = "attention matmuls in float: forward never called during calibration"
-    for name, count in float_matmuls(qmodel, example, (QuantLinear, QuantConv2d, QuantMatmuls)).items():
+    for name, calls in float_matmuls(qmodel, example, (QuantLinear, QuantConv2d, QuantMatmuls)).items():
         module = qmodel.get_submodule(name)
         report.float_layers.setdefault(name, (  # nn.MultiheadAttention and bypassed attention are listed already
             f"attention matmuls ({type(module).__name__}): float by design unless QuantConfig.attn_bits is set "
             "(INT8 attention pays off on VNNI/AMX CPUs; the 'vnni' recipes set it)"
-            if quantized_counterpart(module) is not None else
-            f"attention matmuls in float: {count} matrix products in {type(module).__name__}, which has no "
-            "quantized counterpart"))
+            if quantized_counterpart(module, matmul_calls.get(name)) is not None else
+            f"attention matmuls in float: {calls.products} matrix products in {type(module).__name__}, which has "
+            "no quantized counterpart"))
 
     ranged = set()
     if consumers and config.a_per_channel is not True:

@@ -12,6 +12,7 @@ when the output is quantized too.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -117,34 +118,42 @@ MATMULS = {torch.matmul: 1, torch.Tensor.matmul: 1, torch.Tensor.__matmul__: 1, 
            F.scaled_dot_product_attention: 2}
 
 
+@dataclass
+class MatmulCalls:
+    """What one module computed itself in a forward: how often it ran, and its calls of each :data:`MATMULS`."""
+
+    runs: int = 0
+    functions: Counter = field(default_factory=Counter)
+
+    @property
+    def products(self) -> int:
+        return sum(MATMULS[f] * n for f, n in self.functions.items())
+
+
 class _MatmulRecorder(TorchFunctionMode):
     """Counts the calls of :data:`MATMULS` per innermost running module (``stack`` is kept by hooks)."""
 
     def __init__(self):
         super().__init__()
         self.stack: list[str] = []
-        self.counts: Counter[str] = Counter()
+        self.calls: dict[str, MatmulCalls] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in MATMULS and self.stack:
-            self.counts[self.stack[-1]] += MATMULS[func]
+            self.calls[self.stack[-1]].functions[func] += 1
         return func(*args, **(kwargs or {}))
 
 
 @torch.no_grad()
-def float_matmuls(model: nn.Module, example: torch.Tensor, quantized: tuple[type[nn.Module], ...]) -> dict[str, int]:
-    """``{module: count}`` of the matrix products computed in float outside the ``quantized`` module types.
-
-    The Linear and conv layers are swapped for quantized ones and the known attention classes for ones with
-    quantized matmul inputs; any other module multiplying tensors itself (XCiT's cross-covariance attention, CaiT's
-    talking heads, EfficientViT's linear attention) keeps float matmuls, which the engine then runs in float.
-    Found by running ``example`` and recording the torch calls (no class-name guessing), so none is missed.
-    """
+def record_matmuls(model: nn.Module, example: torch.Tensor) -> dict[str, MatmulCalls]:
+    """``{module: MatmulCalls}`` of the modules that multiply tensors as matrices themselves, in a forward of
+    ``example``: found by recording the torch calls (no class-name guessing), so none is missed."""
     recorder = _MatmulRecorder()
     names = {m: n for n, m in model.named_modules()}
 
     def push(module, _):
         recorder.stack.append(names[module])
+        recorder.calls.setdefault(names[module], MatmulCalls()).runs += 1
 
     def pop(*_):
         recorder.stack.pop()
@@ -156,8 +165,19 @@ def float_matmuls(model: nn.Module, example: torch.Tensor, quantized: tuple[type
     finally:
         for h in hooks:
             h.remove()
+    return {name: calls for name, calls in recorder.calls.items() if calls.functions}
+
+
+def float_matmuls(model: nn.Module, example: torch.Tensor,
+                  quantized: tuple[type[nn.Module], ...]) -> dict[str, MatmulCalls]:
+    """:func:`record_matmuls` outside the ``quantized`` module types: the matrix products computed in float.
+
+    The Linear and conv layers are swapped for quantized ones and the known attention classes for ones with
+    quantized matmul inputs; any other module multiplying tensors itself (XCiT's cross-covariance attention, CaiT's
+    talking heads, EfficientViT's linear attention) keeps float matmuls, which the engine then runs in float.
+    """
     modules = dict(model.named_modules())
-    return {name: n for name, n in recorder.counts.items()
+    return {name: calls for name, calls in record_matmuls(model, example).items()
             if not any(isinstance(modules[p], quantized) for p in _self_and_parents(name))}
 
 
