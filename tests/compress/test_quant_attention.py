@@ -375,6 +375,25 @@ class FusedAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
+class NestedFusedAttention(FusedAttention):
+    """One fused attention of its own around a module with float matmuls: neither may take the other's."""
+
+    def __init__(self, dim):
+        super().__init__(dim, "bias")
+        self.inner = OwnAttention(dim)
+
+    def forward(self, x):
+        return super().forward(self.inner(x))
+
+
+def test_fused_attention_around_other_matmuls_stays_float():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="compute layers stay in float"):
+        qmodel = quantize(Tokens(NestedFusedAttention(16)).eval(), torch.randn(16, 3, 16, 16), DEPLOY, progress=False)
+    assert type(qmodel.blocks[0]) is NestedFusedAttention
+    assert set(qmodel.quant_report.float_compute_layers) == {"blocks.0", "blocks.0.inner"}
+
+
 @pytest.mark.parametrize("mask", ["bias", "bool", "causal"])
 def test_any_fused_attention_gets_quantized_matmul_inputs(mask, tmp_path):
     torch.manual_seed(0)

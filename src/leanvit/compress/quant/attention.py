@@ -395,6 +395,12 @@ def _scaled_dot_product_counterpart(cls: type[nn.Module]) -> type[QuantScaledDot
     return type(f"QuantSdpa{cls.__name__}", (QuantScaledDotProduct, cls), {"__module__": __name__})
 
 
+def own_calls(calls: dict[str, MatmulCalls], name: str) -> MatmulCalls | None:
+    """Module ``name``'s recorded matmul calls, or None when one of its submodules multiplies matrices too
+    (while ``name`` computes its fused attention quantized, a submodule's would be routed there as well)."""
+    return None if any(n.startswith(f"{name}.") for n in calls) else calls.get(name)
+
+
 def one_fused_attention(calls: MatmulCalls | None) -> bool:
     """Whether a module's own matrix products (:func:`.modules.record_matmuls`) are one
     ``F.scaled_dot_product_attention`` per call."""
@@ -432,7 +438,7 @@ def swap_attention(model: nn.Module, bits: int, softmax: str = "uniform",
     computing matmuls keeps them in float: :func:`.modules.float_matmuls` finds those."""
     swapped, calls = {}, calls or {}
     for name, module in list(model.named_modules()):
-        if name and (quant_cls := quantized_counterpart(module, calls.get(name))) is not None:
+        if name and (quant_cls := quantized_counterpart(module, own_calls(calls, name))) is not None:
             swapped[name] = quant_cls.from_float(module, bits, softmax)
             model.set_submodule(name, swapped[name])
     return swapped

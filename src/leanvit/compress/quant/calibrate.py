@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ...errors import LeanvitError, check_range
-from .attention import SOFTMAX_QUANTIZERS, QuantMatmuls, quantized_counterpart, swap_attention
+from .attention import SOFTMAX_QUANTIZERS, QuantMatmuls, own_calls, quantized_counterpart, swap_attention
 from .modules import (
     QuantConv2d, QuantLinear, float_matmuls, fold_batchnorm, image_independent_layers, quantizable_type,
     record_matmuls,
@@ -379,7 +379,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         report.float_layers.setdefault(name, (  # nn.MultiheadAttention and bypassed attention are listed already
             f"attention matmuls ({type(module).__name__}): float by design unless QuantConfig.attn_bits is set "
             "(INT8 attention pays off on VNNI/AMX CPUs; the 'vnni' recipes set it)"
-            if quantized_counterpart(module, matmul_calls.get(name)) is not None else
+            if quantized_counterpart(module, own_calls(matmul_calls, name)) is not None else
             f"attention matmuls in float: {calls.products} matrix products in {type(module).__name__}, which has "
             "no quantized counterpart"))
 
