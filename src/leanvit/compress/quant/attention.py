@@ -8,7 +8,7 @@ pair in the exported graph, which OpenVINO and ONNX Runtime run as INT8 matmuls;
 ``"sulq"`` and ``"twin"`` keep more accuracy at 3-4 bits but have no engine kernel (simulation only).
 
 Swapped are timm's ``Attention`` (and EfficientMod's, which computes the same), EfficientFormer's,
-EfficientFormerV2's, TinyViT's, Swin's and FcaFormer's attention (:func:`_quantized_classes`: one subclass
+EfficientFormerV2's, LeViT's, TinyViT's, Swin's and FcaFormer's attention (:func:`_quantized_classes`: one subclass
 each, restating the float forward with the quantizers in place), and any attention whose matrix products are
 one ``F.scaled_dot_product_attention`` call (:class:`QuantScaledDotProduct`: its forward unchanged, that call
 computed unfused on quantized inputs). Any other attention (token-reduction patches, CaiT's talking heads,
@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
-from timm.models import efficientformer, efficientformer_v2, swin_transformer, tiny_vit
+from timm.models import efficientformer, efficientformer_v2, levit, swin_transformer, tiny_vit
 from timm.models.vision_transformer import maybe_add_mask, resolve_self_attn_mask
 from torch.overrides import TorchFunctionMode
 
@@ -351,6 +351,55 @@ class QuantAttention2dDownsample(_QuantAttention2dHeads, efficientformer_v2.Atte
         return self.proj(self.act(x))
 
 
+class _QuantLevitHeads(QuantMatmuls):
+    """LeViT's attentions: learned position biases, per-head q, k, v from LinearNorm (or, ``use_conv``, ConvNorm)
+    projections. The scale moves onto q and the transposes before the quantizers, so that each DequantizeLinear
+    feeds its MatMul directly."""
+
+    def _attend(self, q, k, v, x: torch.Tensor) -> torch.Tensor:
+        """q, k, v as the float forward splits them; returns the heads' outputs before ``proj``."""
+        bias = self.get_attention_biases(x.device)
+        if self.use_conv:  # q, k, v: (B, heads, dim, HW); attention (B, heads, HW_q, HW)
+            attn = self.q_quantizer(q.transpose(-2, -1) * self.scale) @ self.k_quantizer(k) + bias
+            # v @ attnᵀ as (attn @ vᵀ)ᵀ: OpenVINO's INT8 matmul takes unsigned values on the left only
+            probs = self.softmax_quantizer(attn.softmax(dim=-1))
+            return (probs @ self.v_quantizer(v.transpose(-2, -1))).transpose(-2, -1)
+        attn = self.q_quantizer(q * self.scale) @ self.k_quantizer(k) + bias  # q (B, heads, N_q, d), k (.., d, N)
+        return (self.softmax_quantizer(attn.softmax(dim=-1)) @ self.v_quantizer(v)).transpose(1, 2)
+
+
+class QuantLevitAttention(_QuantLevitHeads, levit.Attention):
+    """LeViT's attention with quantized matmul inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_conv:
+            B, C, H, W = x.shape
+            q, k, v = self.qkv(x).view(B, self.num_heads, -1, H * W).split(
+                [self.key_dim, self.key_dim, self.val_dim], dim=2)
+            return self.proj(self._attend(q, k, v, x).reshape(B, -1, H, W))
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        x = self._attend(q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3), x)
+        return self.proj(x.reshape(B, N, self.val_attn_dim))
+
+
+class QuantLevitAttentionDownsample(_QuantLevitHeads, levit.AttentionDownsample):
+    """LeViT's downsampling attention (queries from a subsampled grid) with quantized matmul inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_conv:
+            B, C, H, W = x.shape
+            HH, WW = (H - 1) // self.stride + 1, (W - 1) // self.stride + 1
+            k, v = self.kv(x).view(B, self.num_heads, -1, H * W).split([self.key_dim, self.val_dim], dim=2)
+            q = self.q(x).view(B, self.num_heads, self.key_dim, -1)
+            return self.proj(self._attend(q, k, v, x).reshape(B, self.val_attn_dim, HH, WW))
+        B, N, C = x.shape
+        k, v = self.kv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
+        q = self.q(x).view(B, -1, self.num_heads, self.key_dim).permute(0, 2, 1, 3)
+        x = self._attend(q, k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3), x)
+        return self.proj(x.reshape(B, -1, self.val_attn_dim))
+
+
 class QuantScaledDotProduct(QuantMatmuls):
     """Mixin for any attention whose matrix products are one ``F.scaled_dot_product_attention`` per call
     (PVT-v2's, CoAtNet's and MaxViT's, EVA's and the rotary ViTs'): the class's own forward runs unchanged, with
@@ -411,6 +460,7 @@ def _quantized_classes() -> dict[type[nn.Module], type[QuantMatmuls]]:
     """The float attention classes with a quantized counterpart, and that counterpart."""
     return {Attention: QuantAttention, EfficientModAttention: QuantAttention,
             ForwardCrossAttention: QuantForwardCrossAttention,
+            levit.Attention: QuantLevitAttention, levit.AttentionDownsample: QuantLevitAttentionDownsample,
             efficientformer.Attention: QuantEfficientFormerAttention,
             efficientformer_v2.Attention2d: QuantAttention2d,
             efficientformer_v2.Attention2dDownsample: QuantAttention2dDownsample,
