@@ -175,7 +175,7 @@ MODEL_ATTENTION = {  # tiny models whose attention is their own class: learned p
     "pvt_v2_b0": (dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 24, 32), num_heads=(1, 1, 2, 2)), 64,
                   {"QuantSdpaAttention": 4}),  # any class whose matmuls are one F.scaled_dot_product_attention
     "fcaformer_l1": (dict(img_size=64, embed_dims=(16, 24, 32, 48), depths=(1, 1, 4, 2), num_heads=(2, 3), cab_max_d=2,
-                          ls_init_value=0.1), 64, {"QuantForwardCrossAttention": 6}),  # with and without cross tokens
+                          ls_init_value=0.1), 64, {"QuantSdpaForwardCrossAttention": 6}),  # with and without cross tokens
 }
 
 

@@ -85,8 +85,7 @@ class ForwardCrossAttention(nn.Module):
             self.cross_norm = norm_layer(dim)
             self.cross_bias = nn.Parameter(torch.zeros(1, num_heads, 1, num_cross))
 
-    def qkv_bias(self, x: torch.Tensor, cross: Optional[torch.Tensor] = None):
-        """Queries of the block's tokens, keys and values of those and the cross tokens, and the logit bias."""
+    def forward(self, x: torch.Tensor, cross: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, C = x.shape
         # (heads, N, N + num_cross), broadcast over the batch; a 4-D (1, heads, ...) mask derived from
         # parameters trips the ONNX exporter's attention decomposition (torch 2.15, grad mode on)
@@ -96,11 +95,7 @@ class ForwardCrossAttention(nn.Module):
             x = torch.cat((x, self.cross_norm(cross * self.cross_scale)), dim=1)
             bias = torch.cat((bias, self.cross_bias[0].expand(-1, N, -1)), dim=-1)
         k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return q, k, v, bias
 
-    def forward(self, x: torch.Tensor, cross: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v, bias = self.qkv_bias(x, cross)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)

@@ -8,10 +8,10 @@ pair in the exported graph, which OpenVINO and ONNX Runtime run as INT8 matmuls;
 ``"sulq"`` and ``"twin"`` keep more accuracy at 3-4 bits but have no engine kernel (simulation only).
 
 Swapped are timm's ``Attention`` (and EfficientMod's, which computes the same), EfficientFormer's,
-EfficientFormerV2's, LeViT's, TinyViT's, Swin's and FcaFormer's attention (:func:`_quantized_classes`: one subclass
-each, restating the float forward with the quantizers in place), and any attention whose matrix products are
-one ``F.scaled_dot_product_attention`` call (:class:`QuantScaledDotProduct`: its forward unchanged, that call
-computed unfused on quantized inputs). Any other attention (token-reduction patches, CaiT's talking heads,
+EfficientFormerV2's, LeViT's, TinyViT's and Swin's attention (:func:`_quantized_classes`: one subclass each,
+restating the float forward with the quantizers in place), and any attention whose matrix products are one
+``F.scaled_dot_product_attention`` call (:class:`QuantScaledDotProduct`: its forward unchanged, that call
+computed unfused on quantized inputs; FcaFormer's cross attention, PVT-v2's, MaxViT's, ...). Any other attention (token-reduction patches, CaiT's talking heads,
 EfficientViT's linear attention) would lose its behaviour, so it keeps float matmuls, which
 :func:`.calibrate.quantize` reports.
 """
@@ -31,7 +31,6 @@ from torch.overrides import TorchFunctionMode
 
 from ...errors import LeanvitError
 from ...models.efficientmod import Attention as EfficientModAttention
-from ...models.fcaformer import ForwardCrossAttention
 from .modules import MatmulCalls
 from .quantizer import (
     FakeQuantizer, Log2Quantizer, QScheme, Quantizer, RangeObserver, ShiftUniformLog2Quantizer, TwinUniformQuantizer,
@@ -261,17 +260,6 @@ class QuantWindowAttention(QuantMatmuls, swin_transformer.WindowAttention):
         return self.proj_drop(self.proj(x))
 
 
-class QuantForwardCrossAttention(QuantMatmuls, ForwardCrossAttention):
-    """FcaFormer's attention over a block's tokens and the stage's cross tokens, with quantized matmul inputs."""
-
-    def forward(self, x: torch.Tensor, cross: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v, bias = self.qkv_bias(x, cross)
-        attn = self.q_quantizer(q * self.scale) @ self.k_quantizer(k.transpose(-2, -1)) + bias
-        x = self.softmax_quantizer(self.attn_drop(attn.softmax(dim=-1))) @ self.v_quantizer(v)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
-
-
 class _QuantAttention2dHeads(QuantMatmuls):
     """EfficientFormerV2's attentions: per-head q, k and v from 1x1 conv projections, v also through a local conv."""
 
@@ -402,7 +390,7 @@ class QuantLevitAttentionDownsample(_QuantLevitHeads, levit.AttentionDownsample)
 
 class QuantScaledDotProduct(QuantMatmuls):
     """Mixin for any attention whose matrix products are one ``F.scaled_dot_product_attention`` per call
-    (PVT-v2's, CoAtNet's and MaxViT's, EVA's and the rotary ViTs'): the class's own forward runs unchanged, with
+    (FcaFormer's, PVT-v2's, CoAtNet's and MaxViT's, EVA's and the rotary ViTs'): the class's own forward runs unchanged, with
     that call computed unfused on quantized inputs, so no forward is restated and none can drift from timm's.
     :func:`quantized_counterpart` makes one subclass per float class."""
 
@@ -459,7 +447,6 @@ def one_fused_attention(calls: MatmulCalls | None) -> bool:
 def _quantized_classes() -> dict[type[nn.Module], type[QuantMatmuls]]:
     """The float attention classes with a quantized counterpart, and that counterpart."""
     return {Attention: QuantAttention, EfficientModAttention: QuantAttention,
-            ForwardCrossAttention: QuantForwardCrossAttention,
             levit.Attention: QuantLevitAttention, levit.AttentionDownsample: QuantLevitAttentionDownsample,
             efficientformer.Attention: QuantEfficientFormerAttention,
             efficientformer_v2.Attention2d: QuantAttention2d,
