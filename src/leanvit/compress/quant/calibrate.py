@@ -374,7 +374,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         else:  # e.g. token reduction computes attention from the module's layers, not its forward
             qmodel.set_submodule(name, attentions.pop(name).to_float())
             report.float_layers[name] = "attention matmuls in float: forward never called during calibration"
-    for name, calls in float_matmuls(qmodel, example, (QuantLinear, QuantConv2d, QuantMatmuls)).items():
+    for name, calls in float_matmuls(qmodel, matmul_calls, (QuantLinear, QuantConv2d, QuantMatmuls)).items():
         module = qmodel.get_submodule(name)
         report.float_layers.setdefault(name, (  # nn.MultiheadAttention and bypassed attention are listed already
             f"attention matmuls ({type(module).__name__}): float by design unless QuantConfig.attn_bits is set "

@@ -168,17 +168,19 @@ def record_matmuls(model: nn.Module, example: torch.Tensor) -> dict[str, MatmulC
     return {name: calls for name, calls in recorder.calls.items() if calls.functions}
 
 
-def float_matmuls(model: nn.Module, example: torch.Tensor,
+def float_matmuls(model: nn.Module, calls: dict[str, MatmulCalls],
                   quantized: tuple[type[nn.Module], ...]) -> dict[str, MatmulCalls]:
-    """:func:`record_matmuls` outside the ``quantized`` module types: the matrix products computed in float.
+    """The recorded ``calls`` (:func:`record_matmuls`) of modules outside the ``quantized`` types in ``model``:
+    the matrix products computed in float.
 
     The Linear and conv layers are swapped for quantized ones and the known attention classes for ones with
-    quantized matmul inputs; any other module multiplying tensors itself (XCiT's cross-covariance attention, CaiT's
-    talking heads, EfficientViT's linear attention) keeps float matmuls, which the engine then runs in float.
+    quantized matmul inputs (names unchanged, so calls recorded before the swaps still apply); any other module
+    multiplying tensors itself (XCiT's cross-covariance attention, CaiT's talking heads, EfficientViT's linear
+    attention) keeps float matmuls, which the engine then runs in float.
     """
     modules = dict(model.named_modules())
-    return {name: calls for name, calls in record_matmuls(model, example).items()
-            if not any(isinstance(modules[p], quantized) for p in _self_and_parents(name))}
+    return {name: c for name, c in calls.items()
+            if not any(isinstance(modules.get(p), quantized) for p in _self_and_parents(name))}
 
 
 def _self_and_parents(name: str) -> list[str]:
