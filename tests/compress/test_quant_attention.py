@@ -176,6 +176,14 @@ MODEL_ATTENTION = {  # tiny models whose attention is their own class: learned p
                   {"QuantSdpaAttention": 4}),  # any class whose matmuls are one F.scaled_dot_product_attention
     "fcaformer_l1": (dict(img_size=64, embed_dims=(16, 24, 32, 48), depths=(1, 1, 4, 2), num_heads=(2, 3), cab_max_d=2,
                           ls_init_value=0.1), 64, {"QuantSdpaForwardCrossAttention": 6}),  # with and without cross tokens
+    # any class whose matmuls are plain products: talking heads (signed probabilities), per-head cascades with
+    # v @ attnᵀ (computed transposed, the probabilities on the left), linear attention (ReLU'd q, k unsigned)
+    "cait_xxs24_224": (dict(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, depth_token_only=1), 32,
+                       {"QuantMatmulTalkingHeadAttn": 2, "QuantSdpaClassAttn": 1}),
+    "efficientvit_m0": (dict(img_size=64, embed_dim=(16, 24, 32), depth=(1, 1, 1), num_heads=(2, 2, 2),
+                             window_size=(4, 4, 4), kernels=(5, 5, 5)), 64, {"QuantMatmulCascadedGroupAttention": 3}),
+    "efficientvit_b0": (dict(widths=(8, 16, 24, 32, 48), depths=(1, 1, 1, 1, 1), head_dim=8, head_widths=(64, 80)), 64,
+                        {"QuantMatmulLiteMLA": 2}),
 }
 
 
@@ -194,10 +202,10 @@ def test_model_attention_quantized_and_int8_on_the_engines(name, tmp_path):
     x = torch.randn(4, 3, size, size)
     with torch.no_grad(), quantizers_disabled(qmodel):
         assert torch.allclose(qmodel(x), model(x), atol=1e-5)  # the restated forwards are the float ones
-    attentions = sum(expected.values())
+    matmuls = sum(len(m.QUANTIZERS) // 2 for m in qmodel.modules() if isinstance(m, QuantMatmuls))  # 2 inputs each
     onnx_path = export(qmodel, tmp_path / f"{name}.onnx", engine="onnxruntime", example=x[:1])
     layers = sum(1 for m in qmodel.modules() if hasattr(m, "weight_quantizer"))
-    assert onnx_int8_summary(onnx_path).int8 == layers + 2 * attentions
+    assert onnx_int8_summary(onnx_path).int8 == layers + matmuls
     inputs = [torch.randn(1, 3, size, size) for _ in range(2)]
     xml = export(qmodel, tmp_path / f"{name}.xml", engine="openvino", example=x[:1])  # (FcaFormer's ORT file
     ov = get_engine("openvino", threads=1).load_model_file(xml)  # trips OpenVINO's MatMulTransformation)
@@ -282,6 +290,14 @@ class OwnAttention(nn.Module):
         return self.proj((q @ k.transpose(-2, -1)).softmax(-1) @ v)
 
 
+class EinsumAttention(OwnAttention):
+    """Products written as ``einsum`` equations, which have no quantized counterpart."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(torch.einsum("bnm,bmc->bnc", torch.einsum("bnc,bmc->bnm", q, k).softmax(-1), v))
+
+
 class PatchedAttention(Attention):
     """A subclass with its own forward, still one fused attention: swapped generically, forward kept."""
 
@@ -309,13 +325,13 @@ class SelfAttentionMHA(nn.Module):
 
 def test_other_attention_classes_are_reported_in_float():
     torch.manual_seed(0)
-    model = Tokens(Attention(16, num_heads=2), OwnAttention(16), PatchedAttention(16, num_heads=2),
+    model = Tokens(Attention(16, num_heads=2), EinsumAttention(16), PatchedAttention(16, num_heads=2),
                    SelfAttentionMHA(16)).eval()
     with pytest.warns(UserWarning, match="compute layers stay in float"):
         qmodel = quantize(model, torch.randn(16, 3, 16, 16), DEPLOY, progress=False)
     report = qmodel.quant_report
     assert type(qmodel.blocks[0]) is QuantAttention and "blocks.0" in report.quantized
-    assert report.float_layers["blocks.1"] == ("attention matmuls in float: 2 matrix products in OwnAttention, "
+    assert report.float_layers["blocks.1"] == ("attention matmuls in float: 2 matrix products in EinsumAttention, "
                                                "which has no quantized counterpart")
     assert "MultiheadAttention" in report.float_layers["blocks.3.mha"]  # all of it in float, reported as before
     assert type(qmodel.blocks[2]).__name__ == "QuantSdpaPatchedAttention" and "blocks.2" in report.quantized
@@ -380,7 +396,7 @@ class FusedAttention(nn.Module):
 
 
 class NestedFusedAttention(FusedAttention):
-    """One fused attention of its own around a module with float matmuls: neither may take the other's."""
+    """One fused attention of its own around a module with matmuls: neither may take the other's."""
 
     def __init__(self, dim):
         super().__init__(dim, "bias")
@@ -390,12 +406,25 @@ class NestedFusedAttention(FusedAttention):
         return super().forward(self.inner(x))
 
 
-def test_fused_attention_around_other_matmuls_stays_float():
+class NestedProducts(OwnAttention):
+    """Plain products of its own around a fused attention: the same, the other way round."""
+
+    def __init__(self, dim):
+        super().__init__(dim)
+        self.inner = FusedAttention(dim, "bias")
+
+    def forward(self, x):
+        return super().forward(self.inner(x))
+
+
+def test_attention_around_other_matmuls_stays_float():
     torch.manual_seed(0)
+    model = Tokens(NestedFusedAttention(16), NestedProducts(16)).eval()
     with pytest.warns(UserWarning, match="compute layers stay in float"):
-        qmodel = quantize(Tokens(NestedFusedAttention(16)).eval(), torch.randn(16, 3, 16, 16), DEPLOY, progress=False)
-    assert type(qmodel.blocks[0]) is NestedFusedAttention
-    assert set(qmodel.quant_report.float_compute_layers) == {"blocks.0", "blocks.0.inner"}
+        qmodel = quantize(model, torch.randn(16, 3, 16, 16), DEPLOY, progress=False)
+    assert [type(m) for m in qmodel.blocks] == [NestedFusedAttention, NestedProducts]
+    assert [type(m.inner).__name__ for m in qmodel.blocks] == ["QuantMatmulOwnAttention", "QuantSdpaFusedAttention"]
+    assert set(qmodel.quant_report.float_compute_layers) == {"blocks.0", "blocks.1"}
 
 
 @pytest.mark.parametrize("mask", ["bias", "bool", "causal"])
@@ -413,6 +442,64 @@ def test_any_fused_attention_gets_quantized_matmul_inputs(mask, tmp_path):
     agreement = check_agreement(qmodel, get_engine("onnxruntime", threads=1).load_onnx(path), [x[:1], x[1:2]])
     assert agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
     assert type(qmodel.blocks[0].to_float()) is FusedAttention
+
+
+class CascadedHeads(nn.Module):
+    """Plain products in every arrangement the engines care about, a fixed number per call: q @ kᵀ; v @ attnᵀ
+    (probabilities on the right: computed transposed); ReLU'd kᵀ @ v (unsigned on the left); ``__rmatmul__``."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        heads = (v.transpose(-2, -1) @ attn.transpose(-2, -1)).transpose(-2, -1)
+        linear = q.relu() @ torch.matmul(k.relu().transpose(-2, -1), v) / x.shape[1]
+        return self.proj(torch.cat([heads, torch.Tensor.__rmatmul__(linear.transpose(-2, -1), heads)], -1))
+
+
+class ChunkedAttention(OwnAttention):
+    """Attention within chunks of 4 tokens: as many products as the input has chunks."""
+
+    def forward(self, x):
+        return torch.cat([super(ChunkedAttention, self).forward(c) for c in x.split(4, dim=1)], 1)
+
+
+def test_any_plain_matmuls_get_quantized_inputs_in_engine_friendly_order(tmp_path):
+    torch.manual_seed(0)
+    model = Tokens(CascadedHeads(16), CascadedHeads(16)).eval()
+    qmodel = quantize(model, torch.randn(16, 3, 16, 16), DEPLOY, progress=False)
+    assert [type(m).__name__ for m in qmodel.blocks] == ["QuantMatmulCascadedHeads"] * 2
+    assert not qmodel.quant_report.float_compute_layers
+    assert qmodel.quant_report.quantized["blocks.0"] == "; ".join([
+        "matmul 0: a int8 sym per-tensor x b int8 sym per-tensor",
+        "matmul 1: (bT @ aT)T, a int8 sym per-tensor x b uint8 asym per-tensor",
+        "matmul 2: a uint8 asym per-tensor x b int8 sym per-tensor",
+        "matmul 3: a uint8 asym per-tensor x b int8 sym per-tensor",
+        "matmul 4: a int8 sym per-tensor x b int8 sym per-tensor"])
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad(), quantizers_disabled(qmodel):  # the class's own forward
+        assert torch.allclose(qmodel(x), model(x), atol=1e-5)
+    path = export(qmodel, tmp_path / "m.onnx", engine="onnxruntime", example=x[:1])
+    assert onnx_int8_summary(path).int8 == 5 + 2 * 5
+    xml = export(qmodel, tmp_path / "m.xml", engine="openvino", example=x[:1])
+    ov = get_engine("openvino", threads=1).load_model_file(xml)
+    matmuls = [p for kind, p in openvino_precisions(ov.compiled).values() if kind in ("MatMul", "Subgraph")]
+    # 10 products, or 8 nodes where OpenVINO fuses q @ kᵀ, the softmax and the transposed product into a Subgraph
+    assert len(matmuls) in (8, 10) and set(matmuls) <= {"u8", "i8"}, matmuls
+    agreement = check_agreement(qmodel, ov, [x[:1], x[1:2]])
+    assert agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
+    assert type(qmodel.blocks[0].to_float()) is CascadedHeads and not hasattr(qmodel.blocks[0].to_float(), "transposed")
+
+
+def test_plain_matmuls_beyond_those_recorded_are_refused():
+    torch.manual_seed(0)
+    qmodel = quantize(Tokens(ChunkedAttention(16)).eval(), torch.randn(16, 3, 16, 16), DEPLOY, progress=False)
+    assert qmodel.blocks[0].PRODUCTS == 2 * 4  # 16 tokens
+    with pytest.raises(LeanvitError, match="more than the 8 matrix products recorded before quantization"):
+        qmodel(torch.randn(1, 3, 24, 24))
 
 
 class KeptForward(Attention):

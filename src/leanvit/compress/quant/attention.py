@@ -9,11 +9,13 @@ pair in the exported graph, which OpenVINO and ONNX Runtime run as INT8 matmuls;
 
 Swapped are timm's ``Attention`` (and EfficientMod's, which computes the same), EfficientFormer's,
 EfficientFormerV2's, LeViT's, TinyViT's and Swin's attention (:func:`_quantized_classes`: one subclass each,
-restating the float forward with the quantizers in place), and any attention whose matrix products are one
+restating the float forward with the quantizers in place); any attention whose matrix products are one
 ``F.scaled_dot_product_attention`` call (:class:`QuantScaledDotProduct`: its forward unchanged, that call
-computed unfused on quantized inputs; FcaFormer's cross attention, PVT-v2's, MaxViT's, ...). Any other attention (token-reduction patches, CaiT's talking heads,
-EfficientViT's linear attention) would lose its behaviour, so it keeps float matmuls, which
-:func:`.calibrate.quantize` reports.
+computed unfused on quantized inputs; FcaFormer's cross attention, PVT-v2's, MaxViT's, ...); and any whose
+matrix products are plain ``@`` / ``torch.matmul`` / ``bmm`` calls, the same number per call
+(:class:`QuantMatrixProducts`: its forward unchanged, each product reading its own quantizers; CaiT's talking
+heads, XCiT's, EfficientViT's, ...). Any other module multiplying matrices (``einsum``, a fused attention
+around another one) keeps float matmuls, which :func:`.calibrate.quantize` reports.
 """
 from __future__ import annotations
 
@@ -395,7 +397,7 @@ class QuantScaledDotProduct(QuantMatmuls):
     :func:`quantized_counterpart` makes one subclass per float class."""
 
     def forward(self, *args, **kwargs):
-        with _UnfusedAttention(self):
+        with _Routed({F.scaled_dot_product_attention: self.quantized_sdpa}):
             return super().forward(*args, **kwargs)
 
     def quantized_sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -414,22 +416,102 @@ class QuantScaledDotProduct(QuantMatmuls):
         return self.softmax_quantizer(attn) @ self.v_quantizer(v)
 
 
-class _UnfusedAttention(TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention`` to ``attention.quantized_sdpa`` while active."""
+class QuantMatrixProducts(QuantMatmuls):
+    """Mixin for any attention whose matrix products are plain products of two tensors (``@``, ``torch.matmul``,
+    ``bmm``; :data:`PLAIN_MATMULS`), the same number in every call: CaiT's talking heads, XCiT's and EdgeNeXt's
+    cross-covariance attention, ConViT's gated positional attention, CrossViT's, EfficientViT's linear and cascaded
+    group attentions, Swin-V2's cosine attention. Its forward runs unchanged and the ``i``-th product of a call
+    reads the ``i``-th pair of quantizers (``matmul{i}_a_quantizer`` on the left operand, ``_b_`` on the right).
 
-    def __init__(self, attention: QuantScaledDotProduct):
+    Which operands are non-negative (probabilities, ReLU'd features) is learned in calibration: such an operand
+    is quantized unsigned with zero point 0 when it is on the left. On the right it would have to be signed, a
+    bit lost (OpenVINO's INT8 matmul takes unsigned values on the left only), so when the left one is signed,
+    ``a @ b`` is computed as ``(bᵀ @ aᵀ)ᵀ`` (``transposed``; EfficientViT's ``v @ attnᵀ``).
+    All quantizers are uniform: which operand is a softmax output is not known, so ``softmax`` does not apply.
+    :func:`quantized_counterpart` makes one subclass per float class and number of products (``PRODUCTS``).
+    """
+
+    PRODUCTS = 0
+
+    @classmethod
+    def from_float(cls, attn: nn.Module, bits: int = 8, softmax: str = "uniform") -> nn.Module:
+        q = _shell(cls, attn)
+        q._float_cls, q._added = type(attn), ("transposed",)
+        for name in cls.QUANTIZERS:
+            setattr(q, name, FakeQuantizer(QScheme(bits, symmetric=True), axis=-1, channels=1))
+        q.transposed = [False] * cls.PRODUCTS  # set by calibrate
+        return q
+
+    def _operands(self, i: int) -> tuple[FakeQuantizer, FakeQuantizer]:
+        return getattr(self, f"matmul{i}_a_quantizer"), getattr(self, f"matmul{i}_b_quantizer")
+
+    def calibrate(self, method: str, percentile: float) -> None:
+        """Choose each product's operand order and signedness from the observed ranges, then fit the ranges."""
+        for i in range(self.PRODUCTS):
+            a, b = self._operands(i)
+            a_signed, b_signed = (bool(q.observer.lo.min() < 0) for q in (a, b))
+            self.transposed[i] = a_signed and not b_signed
+            left, left_signed = (b, False) if self.transposed[i] else (a, a_signed)
+            left.scheme = QScheme(left.scheme.bits, symmetric=left_signed)
+        super().calibrate(method, percentile)
+
+    def describe(self) -> str:
+        def product(i):
+            a, b = self._operands(i)
+            text = f"a {a.scheme} x b {b.scheme}"
+            return f"(bT @ aT)T, {text}" if self.transposed[i] else text
+        return "; ".join(f"matmul {i}: {product(i)}" for i in range(self.PRODUCTS))
+
+    def forward(self, *args, **kwargs):
+        calls = iter(range(self.PRODUCTS))
+
+        def product(a, b):
+            i = next(calls, None)
+            if i is None:
+                raise LeanvitError(f"{type(self).__name__} computed more than the {self.PRODUCTS} matrix products "
+                                   "recorded before quantization (its forward depends on its input); leave its "
+                                   "attention float (QuantConfig.attn_bits=None).")
+            return self.quantized_product(i, a, b)
+
+        routes = {func: product for func in PLAIN_MATMULS}
+        routes[torch.Tensor.__rmatmul__] = lambda b, a: product(a, b)
+        with _Routed(routes):
+            return super().forward(*args, **kwargs)
+
+    def quantized_product(self, i: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a @ b`` from quantized operands, the ``i``-th product of the call."""
+        a_quantizer, b_quantizer = self._operands(i)
+        if self.transposed[i]:
+            return (b_quantizer(b.transpose(-2, -1)) @ a_quantizer(a.transpose(-2, -1))).transpose(-2, -1)
+        return a_quantizer(a) @ b_quantizer(b)
+
+
+#: the torch functions computing a plain product of two tensors, which :class:`QuantMatrixProducts` quantizes
+PLAIN_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.bmm,
+                 torch.Tensor.bmm)
+
+
+class _Routed(TorchFunctionMode):
+    """Calls ``routes[func]`` in place of each routed torch function while active."""
+
+    def __init__(self, routes: dict):
         super().__init__()
-        self.attention = attention
+        self.routes = routes
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            return self.attention.quantized_sdpa(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+        return self.routes.get(func, func)(*args, **(kwargs or {}))
 
 
 @functools.cache
 def _scaled_dot_product_counterpart(cls: type[nn.Module]) -> type[QuantScaledDotProduct]:
     return type(f"QuantSdpa{cls.__name__}", (QuantScaledDotProduct, cls), {"__module__": __name__})
+
+
+@functools.cache
+def _matrix_products_counterpart(cls: type[nn.Module], products: int) -> type[QuantMatrixProducts]:
+    quantizers = tuple(f"matmul{i}_{side}_quantizer" for i in range(products) for side in "ab")
+    return type(f"QuantMatmul{cls.__name__}", (QuantMatrixProducts, cls),
+                {"__module__": __name__, "PRODUCTS": products, "QUANTIZERS": quantizers})
 
 
 def own_calls(calls: dict[str, MatmulCalls], name: str) -> MatmulCalls | None:
@@ -442,6 +524,15 @@ def one_fused_attention(calls: MatmulCalls | None) -> bool:
     """Whether a module's own matrix products (:func:`.modules.record_matmuls`) are one
     ``F.scaled_dot_product_attention`` per call."""
     return calls is not None and calls.functions == Counter({F.scaled_dot_product_attention: calls.runs})
+
+
+def plain_products(calls: MatmulCalls | None) -> int:
+    """How many plain matrix products (:data:`PLAIN_MATMULS`) a module computes per call, when those are all its
+    own matrix products and their number is the same in every call; else 0."""
+    if calls is None or not calls.functions or any(f not in PLAIN_MATMULS for f in calls.functions):
+        return 0
+    total = sum(calls.functions.values())
+    return total // calls.runs if total % calls.runs == 0 else 0
 
 
 def _quantized_classes() -> dict[type[nn.Module], type[QuantMatmuls]]:
@@ -465,6 +556,8 @@ def quantized_counterpart(module: nn.Module, calls: MatmulCalls | None = None) -
                   if isinstance(module, f) and type(module).forward is f.forward), None)
     if known is None and one_fused_attention(calls):
         return _scaled_dot_product_counterpart(type(module))
+    if known is None and (products := plain_products(calls)):
+        return _matrix_products_counterpart(type(module), products)
     return known
 
 

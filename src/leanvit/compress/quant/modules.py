@@ -173,10 +173,10 @@ def float_matmuls(model: nn.Module, calls: dict[str, MatmulCalls],
     """The recorded ``calls`` (:func:`record_matmuls`) of modules outside the ``quantized`` types in ``model``:
     the matrix products computed in float.
 
-    The Linear and conv layers are swapped for quantized ones and the known attention classes for ones with
-    quantized matmul inputs (names unchanged, so calls recorded before the swaps still apply); any other module
-    multiplying tensors itself (XCiT's cross-covariance attention, CaiT's talking heads, EfficientViT's linear
-    attention) keeps float matmuls, which the engine then runs in float.
+    The Linear and conv layers are swapped for quantized ones and the attentions for ones with quantized matmul
+    inputs (names unchanged, so calls recorded before the swaps still apply); any other module multiplying
+    tensors itself (with ``einsum``, or around a submodule that does too) keeps float matmuls, which the engine
+    then runs in float.
     """
     modules = dict(model.named_modules())
     return {name: c for name, c in calls.items()
