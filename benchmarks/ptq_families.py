@@ -40,7 +40,7 @@ FAMILIES = (
     "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_small_patch16_rope_224", "eva02_tiny_patch14_224",
     "cait_xxs24_224", "xcit_nano_12_p16_224", "convit_tiny", "crossvit_tiny_240", "vit_tiny_r_s16_p8_224",
     # hierarchical and hybrid
-    "swin_tiny_patch4_window7_224", "pvt_v2_b0", "levit_128s", "tiny_vit_5m_224", "coatnet_nano_rw_224",
+    "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "pvt_v2_b0", "levit_128s", "tiny_vit_5m_224", "coatnet_nano_rw_224",
     "maxvit_nano_rw_256", "efficientformer_l1", "efficientformerv2_s0", "efficientvit_b0", "efficientvit_m0",
     "fastvit_t8", "mobilevit_xxs", "mobilevitv2_050", "edgenext_xx_small", "mobilevig_ti", "efficientmod_xxs",
     # convolutional and MetaFormer references

@@ -184,6 +184,10 @@ MODEL_ATTENTION = {  # tiny models whose attention is their own class: learned p
                              window_size=(4, 4, 4), kernels=(5, 5, 5)), 64, {"QuantMatmulCascadedGroupAttention": 3}),
     "efficientvit_b0": (dict(widths=(8, 16, 24, 32, 48), depths=(1, 1, 1, 1, 1), head_dim=8, head_widths=(64, 80)), 64,
                         {"QuantMatmulLiteMLA": 2}),
+    # qkv by F.linear on the Linear's weight, outside the layer's forward (with a bias of their own)
+    "eva02_tiny_patch14_224": (dict(img_size=28, embed_dim=32, depth=2, num_heads=2), 28, {"QuantSdpaEvaAttention": 2}),
+    "swinv2_tiny_window8_256": (dict(img_size=64, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4), 64,
+                                {"QuantMatmulWindowAttention": 4}),  # cosine attention, shifted windows
 }
 
 
@@ -198,7 +202,8 @@ def test_model_attention_quantized_and_int8_on_the_engines(name, tmp_path):
     qmodel = quantize(model, torch.randn(16, 3, size, size), DEPLOY, progress=False)
     swapped = [type(m).__name__ for m in qmodel.modules() if isinstance(m, QuantMatmuls)]
     assert {k: swapped.count(k) for k in set(swapped)} == expected
-    assert not any("attention matmuls in float" in r for r in qmodel.quant_report.float_layers.values())
+    assert not any("attention matmuls in float" in r or "never called" in r
+                   for r in qmodel.quant_report.float_layers.values())
     x = torch.randn(4, 3, size, size)
     with torch.no_grad(), quantizers_disabled(qmodel):
         assert torch.allclose(qmodel(x), model(x), atol=1e-5)  # the restated forwards are the float ones

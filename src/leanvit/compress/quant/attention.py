@@ -390,15 +390,49 @@ class QuantLevitAttentionDownsample(_QuantLevitHeads, levit.AttentionDownsample)
         return self.proj(x.reshape(B, -1, self.val_attn_dim))
 
 
-class QuantScaledDotProduct(QuantMatmuls):
-    """Mixin for any attention whose matrix products are one ``F.scaled_dot_product_attention`` per call
-    (FcaFormer's, PVT-v2's, CoAtNet's and MaxViT's, EVA's and the rotary ViTs'): the class's own forward runs unchanged, with
-    that call computed unfused on quantized inputs, so no forward is restated and none can drift from timm's.
-    :func:`quantized_counterpart` makes one subclass per float class."""
+class _KeptForward(QuantMatmuls):
+    """Base of the counterparts that run the float class's own forward with some torch calls routed to quantized
+    versions (``routes``), so that no forward is restated and none can drift from timm's.
+
+    Also routed: ``F.linear`` on the weight of a child Linear layer, which the forward calls itself rather than
+    the layer (EVA's and Swin-V2's qkv, adding a bias of their own): the layer's quantizers apply there, so the
+    layer is calibrated and quantized like any other instead of left float as never called.
+    """
+
+    #: child Linear layers (names relative to this module) whose weight the forward passes to ``F.linear``
+    borrowed_linears: tuple[str, ...] = ()
+
+    def borrow_linears(self, names: tuple[str, ...]) -> None:
+        """Route ``F.linear`` on these child layers' weights to their quantizers (:attr:`borrowed_linears`)."""
+        self.borrowed_linears, self._added = tuple(names), self._added + ("borrowed_linears",)
+
+    def routes(self) -> dict:
+        """``{torch function: replacement}`` for one call of the forward."""
+        raise NotImplementedError
 
     def forward(self, *args, **kwargs):
-        with _Routed({F.scaled_dot_product_attention: self.quantized_sdpa}):
+        routes = self.routes()
+        layers = {id(layer.weight): layer for layer in map(self.get_submodule, self.borrowed_linears)
+                  if hasattr(layer, "input_quantizer")}  # (left float, e.g. by QuantConfig.skip: not routed)
+        if layers:
+            def linear(input, weight, bias=None):
+                layer = layers.get(id(weight))
+                if layer is None:
+                    return F.linear(input, weight, bias)
+                return F.linear(layer.input_quantizer(input), layer.weight_quantizer(weight), bias)
+            routes[F.linear] = linear
+        with _Routed(routes):
             return super().forward(*args, **kwargs)
+
+
+class QuantScaledDotProduct(_KeptForward):
+    """Mixin for any attention whose matrix products are one ``F.scaled_dot_product_attention`` per call
+    (FcaFormer's, PVT-v2's, CoAtNet's and MaxViT's, EVA's and the rotary ViTs'): the class's own forward runs
+    unchanged, with that call computed unfused on quantized inputs. :func:`quantized_counterpart` makes one
+    subclass per float class."""
+
+    def routes(self) -> dict:
+        return {F.scaled_dot_product_attention: self.quantized_sdpa}
 
     def quantized_sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         """``F.scaled_dot_product_attention``'s result, from quantized ``q * scale``, ``kᵀ``, probabilities, v."""
@@ -416,7 +450,7 @@ class QuantScaledDotProduct(QuantMatmuls):
         return self.softmax_quantizer(attn) @ self.v_quantizer(v)
 
 
-class QuantMatrixProducts(QuantMatmuls):
+class QuantMatrixProducts(_KeptForward):
     """Mixin for any attention whose matrix products are plain products of two tensors (``@``, ``torch.matmul``,
     ``bmm``; :data:`PLAIN_MATMULS`), the same number in every call: CaiT's talking heads, XCiT's and EdgeNeXt's
     cross-covariance attention, ConViT's gated positional attention, CrossViT's, EfficientViT's linear and cascaded
@@ -462,7 +496,7 @@ class QuantMatrixProducts(QuantMatmuls):
             return f"(bT @ aT)T, {text}" if self.transposed[i] else text
         return "; ".join(f"matmul {i}: {product(i)}" for i in range(self.PRODUCTS))
 
-    def forward(self, *args, **kwargs):
+    def routes(self) -> dict:
         calls = iter(range(self.PRODUCTS))
 
         def product(a, b):
@@ -475,8 +509,7 @@ class QuantMatrixProducts(QuantMatmuls):
 
         routes = {func: product for func in PLAIN_MATMULS}
         routes[torch.Tensor.__rmatmul__] = lambda b, a: product(a, b)
-        with _Routed(routes):
-            return super().forward(*args, **kwargs)
+        return routes
 
     def quantized_product(self, i: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``a @ b`` from quantized operands, the ``i``-th product of the call."""
@@ -568,7 +601,10 @@ def swap_attention(model: nn.Module, bits: int, softmax: str = "uniform",
     computing matmuls keeps them in float: :func:`.modules.float_matmuls` finds those."""
     swapped, calls = {}, calls or {}
     for name, module in list(model.named_modules()):
-        if name and (quant_cls := quantized_counterpart(module, own_calls(calls, name))) is not None:
+        if name and (quant_cls := quantized_counterpart(module, own := own_calls(calls, name))) is not None:
             swapped[name] = quant_cls.from_float(module, bits, softmax)
+            if own is not None and own.linears and isinstance(swapped[name], _KeptForward):
+                swapped[name].borrow_linears(tuple(sorted(n.removeprefix(f"{name}.") for n in own.linears
+                                                          if n.startswith(f"{name}."))))
             model.set_submodule(name, swapped[name])
     return swapped

@@ -124,6 +124,9 @@ class MatmulCalls:
 
     runs: int = 0
     functions: Counter = field(default_factory=Counter)
+    #: the ``nn.Linear`` layers (by name) whose weight the module passes to ``F.linear`` itself, outside the layer's
+    #: forward (EVA's and Swin-V2's qkv, with a bias of their own)
+    linears: set[str] = field(default_factory=set)
 
     @property
     def products(self) -> int:
@@ -131,25 +134,32 @@ class MatmulCalls:
 
 
 class _MatmulRecorder(TorchFunctionMode):
-    """Counts the calls of :data:`MATMULS` per innermost running module (``stack`` is kept by hooks)."""
+    """Counts the calls of :data:`MATMULS` per innermost running module (``stack`` is kept by hooks), and notes
+    the ``F.linear`` calls on a Linear layer's weight made outside that layer (``linears``: weight id -> name)."""
 
-    def __init__(self):
+    def __init__(self, linears: dict[int, str]):
         super().__init__()
         self.stack: list[str] = []
         self.calls: dict[str, MatmulCalls] = {}
+        self.linears = linears
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func in MATMULS and self.stack:
             self.calls[self.stack[-1]].functions[func] += 1
-        return func(*args, **(kwargs or {}))
+        elif func is F.linear and self.stack:
+            layer = self.linears.get(id(args[1] if len(args) > 1 else kwargs.get("weight")))
+            if layer is not None and layer != self.stack[-1]:
+                self.calls[self.stack[-1]].linears.add(layer)
+        return func(*args, **kwargs)
 
 
 @torch.no_grad()
 def record_matmuls(model: nn.Module, example: torch.Tensor) -> dict[str, MatmulCalls]:
     """``{module: MatmulCalls}`` of the modules that multiply tensors as matrices themselves, in a forward of
     ``example``: found by recording the torch calls (no class-name guessing), so none is missed."""
-    recorder = _MatmulRecorder()
     names = {m: n for n, m in model.named_modules()}
+    recorder = _MatmulRecorder({id(m.weight): n for m, n in names.items() if isinstance(m, nn.Linear)})
 
     def push(module, _):
         recorder.stack.append(names[module])
