@@ -161,13 +161,13 @@ def test_efficientmod_attention_quantized_in_the_model(tmp_path):
 
 MODEL_ATTENTION = {  # tiny models whose attention is their own class: learned position biases, talking heads, windows
     "efficientformer_l1": (dict(depths=(1, 1, 1, 2), embed_dims=(8, 16, 24, 32), num_vit=1), 224,
-                           {"QuantEfficientFormerAttention": 1}),
+                           {"QuantMatmulAttention": 1}),
     "efficientformerv2_s0": (dict(img_size=64, depths=(1, 1, 2, 2), embed_dims=(8, 16, 24, 32), num_vit=2), 64,
                              {"QuantAttention2d": 4, "QuantAttention2dDownsample": 1}),
     "tiny_vit_5m_224": (dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
-                             window_sizes=(2, 2, 2, 2)), 64, {"QuantTinyVitAttention": 3}),
+                             window_sizes=(2, 2, 2, 2)), 64, {"QuantSdpaAttention": 3}),
     "swin_tiny_patch4_window7_224": (dict(img_size=64, embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=4), 64,
-                                     {"QuantWindowAttention": 4}),  # shifted windows, with their mask, in blocks 1
+                                     {"QuantMatmulWindowAttention": 4}),  # shifted windows, with their mask, in blocks 1
     "levit_128s": (dict(img_size=64, embed_dim=(16, 24, 32), key_dim=8, num_heads=(1, 2, 2), depth=(1, 1, 1)), 64,
                    {"QuantLevitAttention": 3, "QuantLevitAttentionDownsample": 2}),
     "levit_conv_128s": (dict(img_size=64, embed_dim=(16, 24, 32), key_dim=8, num_heads=(1, 2, 2), depth=(1, 1, 1)),

@@ -7,14 +7,14 @@ the softmax output with the quantizer chosen by name (``SOFTMAX_QUANTIZERS``). W
 pair in the exported graph, which OpenVINO and ONNX Runtime run as INT8 matmuls; ``"log2"``,
 ``"sulq"`` and ``"twin"`` keep more accuracy at 3-4 bits but have no engine kernel (simulation only).
 
-Swapped are timm's ``Attention`` (and EfficientMod's, which computes the same), EfficientFormer's,
-EfficientFormerV2's, LeViT's, TinyViT's and Swin's attention (:func:`_quantized_classes`: one subclass each,
-restating the float forward with the quantizers in place); any attention whose matrix products are one
-``F.scaled_dot_product_attention`` call (:class:`QuantScaledDotProduct`: its forward unchanged, that call
-computed unfused on quantized inputs; FcaFormer's cross attention, PVT-v2's, MaxViT's, ...); and any whose
-matrix products are plain ``@`` / ``torch.matmul`` / ``bmm`` calls, the same number per call
-(:class:`QuantMatrixProducts`: its forward unchanged, each product reading its own quantizers; CaiT's talking
-heads, XCiT's, EfficientViT's, ...). Any other module multiplying matrices (``einsum``, a fused attention
+Swapped are timm's ``Attention`` (and EfficientMod's, which computes the same), EfficientFormerV2's and LeViT's
+attention (:func:`_quantized_classes`: one subclass each, restating the float forward with the quantizers in
+place, for what a generic counterpart does not do: sharing the qkv quantizer, the scale moved onto q);
+any attention whose matrix products are one ``F.scaled_dot_product_attention`` call
+(:class:`QuantScaledDotProduct`: its forward unchanged, that call computed unfused on quantized inputs; TinyViT's,
+FcaFormer's cross attention, PVT-v2's, MaxViT's, ...); and any whose matrix products are plain ``@`` /
+``torch.matmul`` / ``bmm`` calls, the same number per call (:class:`QuantMatrixProducts`: its forward unchanged,
+each product reading its own quantizers; EfficientFormer's, Swin's, CaiT's talking heads, XCiT's, EfficientViT's). Any other module multiplying matrices (``einsum``, a fused attention
 around another one) keeps float matmuls, which :func:`.calibrate.quantize` reports.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
-from timm.models import efficientformer, efficientformer_v2, levit, swin_transformer, tiny_vit
+from timm.models import efficientformer_v2, levit
 from timm.models.vision_transformer import maybe_add_mask, resolve_self_attn_mask
 from torch.overrides import TorchFunctionMode
 
@@ -214,51 +214,6 @@ class QuantAttention(QuantMatmuls, Attention):
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate
-        return self.proj_drop(self.proj(x))
-
-
-class QuantEfficientFormerAttention(QuantMatmuls, efficientformer.Attention):
-    """EfficientFormer's attention (learned position biases on the logits) with quantized matmul inputs."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
-        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
-        attn = (self.q_quantizer(q) @ self.k_quantizer(k.transpose(-2, -1))) * self.scale
-        attn = (attn + self.get_attention_biases(x.device)).softmax(dim=-1)
-        x = (self.softmax_quantizer(attn) @ self.v_quantizer(v)).transpose(1, 2)
-        return self.proj(x.reshape(B, N, self.val_attn_dim))
-
-
-
-class QuantTinyVitAttention(QuantMatmuls, tiny_vit.Attention):
-    """TinyViT's window attention (a LayerNorm first, learned position biases on the logits) with quantized
-    matmul inputs."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        qkv = self.qkv(self.norm(x)).view(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
-        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
-        attn = self.q_quantizer(q * self.scale) @ self.k_quantizer(k.transpose(-2, -1))
-        attn = (attn + self.get_attention_biases(x.device)).softmax(dim=-1)
-        x = (self.softmax_quantizer(attn) @ self.v_quantizer(v)).transpose(1, 2)
-        return self.proj(x.reshape(B, N, self.out_dim))
-
-
-class QuantWindowAttention(QuantMatmuls, swin_transformer.WindowAttention):
-    """Swin's window attention (relative position biases, the shifted windows' mask) with quantized matmul inputs."""
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B_, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = self.q_quantizer(q * self.scale) @ self.k_quantizer(k.transpose(-2, -1))
-        attn = attn + self._get_rel_pos_bias()
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = (attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0))
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(self.softmax(attn))
-        x = (self.softmax_quantizer(attn) @ self.v_quantizer(v)).transpose(1, 2).reshape(B_, N, -1)
         return self.proj_drop(self.proj(x))
 
 
@@ -572,10 +527,8 @@ def _quantized_classes() -> dict[type[nn.Module], type[QuantMatmuls]]:
     """The float attention classes with a quantized counterpart, and that counterpart."""
     return {Attention: QuantAttention, EfficientModAttention: QuantAttention,
             levit.Attention: QuantLevitAttention, levit.AttentionDownsample: QuantLevitAttentionDownsample,
-            efficientformer.Attention: QuantEfficientFormerAttention,
             efficientformer_v2.Attention2d: QuantAttention2d,
-            efficientformer_v2.Attention2dDownsample: QuantAttention2dDownsample,
-            tiny_vit.Attention: QuantTinyVitAttention, swin_transformer.WindowAttention: QuantWindowAttention}
+            efficientformer_v2.Attention2dDownsample: QuantAttention2dDownsample}
 
 
 def quantized_counterpart(module: nn.Module, calls: MatmulCalls | None = None) -> type[QuantMatmuls] | None:
