@@ -73,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--reconstruct-iters", type=positive_int, help="steps per block (default 500)")
     p.add_argument("--attn-bits", type=positive_int,
                    help="also quantize the attention matmuls' inputs (q, k, softmax, v) to this many bits")
+    p.add_argument("--attn-max-error", type=float, metavar="E",
+                   help="with 8-bit attention: keep float the attentions whose output quantized matmul inputs change "
+                        "by more than E (relative RMS; default 0.1; a negative value keeps every one quantized)")
     p.add_argument("--softmax", choices=SOFTMAX_QUANTIZERS,
                    help="softmax-output quantizer with --attn-bits: uniform (deployable), or log2, sulq, twin "
                         "(simulation only; better at 3-4 bits)")
@@ -116,9 +119,11 @@ def run(args: argparse.Namespace) -> int:
         "hessian_search": args.hessian or None, "quantize_depthwise": args.quantize_depthwise or None,
     }
     target = quant.resolve_target(args.target)
+    if args.attn_max_error is not None:  # (negative: None, every attention quantized)
+        given["attn_max_error"] = args.attn_max_error if args.attn_max_error >= 0 else None
     config = quant.QuantConfig.recipe(args.recipe, args.bits, target=target, engine=args.engine,
                                       skip=tuple(args.skip), layer_bits=tuple(args.layer_bits),
-                                      **{k: v for k, v in given.items() if v is not None})
+                                      **{k: v for k, v in given.items() if v is not None or k == "attn_max_error"})
     if args.out:
         quant.check_config_deployable(config)
     torch.set_num_threads(args.threads)

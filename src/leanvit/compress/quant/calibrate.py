@@ -87,6 +87,11 @@ class QuantConfig:
     #: bits of the inputs of timm ``Attention``'s matmuls (q, k, softmax output, v; per tensor);
     #: None keeps those matmuls in float
     attn_bits: int | None = None
+    #: with 8-bit ``attn_bits``: an attention whose quantized matmul inputs alone change its output by more than
+    #: this (relative RMS, on calibration images) keeps float matmuls, reported: INT8 is not worth that error
+    #: (EfficientViT-B's linear attention, 23-31 %: one column of its k·v products, the ones-padding's sum, dwarfs
+    #: the rest; timm's Attention, Swin's, CaiT's: 1-3 % at random init). None keeps every attention quantized.
+    attn_max_error: float | None = 0.1
     #: "uniform" (uint, what the engines run), or "log2", "sulq", "twin" (more accurate at 3-4 bits, simulation only)
     softmax_quantizer: str = "uniform"
     #: with ``attn_bits``: quantize q, k and v where their projections write them, on their own grids: a
@@ -372,8 +377,14 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
             attention.calibrate(config.a_method, config.percentile)
             report.quantized[name] = attention.describe()
         else:  # e.g. token reduction computes attention from the module's layers, not its forward
-            qmodel.set_submodule(name, attentions.pop(name).to_float())
-            report.float_layers[name] = "attention matmuls in float: forward never called during calibration"
+            _attention_to_float(qmodel, name, attentions, layers, report,
+                                "attention matmuls in float: forward never called during calibration")
+    if config.attn_max_error is not None and config.attn_bits == 8 and attentions:
+        for name, error in attention_errors(qmodel, attentions, batches[0][:4]).items():
+            if error > config.attn_max_error:
+                _attention_to_float(qmodel, name, attentions, layers, report, (
+                    f"attention matmuls in float: quantizing their inputs changes its output by {error:.0%} "
+                    f"(relative RMS on calibration images; QuantConfig.attn_max_error={config.attn_max_error})"))
     for name, calls in float_matmuls(qmodel, matmul_calls, (QuantLinear, QuantConv2d, QuantMatmuls)).items():
         module = qmodel.get_submodule(name)
         report.float_layers.setdefault(name, (  # nn.MultiheadAttention and bypassed attention are listed already
@@ -424,6 +435,50 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         warnings.warn(f"{len(report.float_compute_layers)} compute layers stay in float:\n{listed}", stacklevel=2)
     qmodel.quant_report = report
     return qmodel
+
+
+@torch.no_grad()
+def attention_errors(qmodel: nn.Module, attentions: dict[str, QuantMatmuls], images: torch.Tensor) -> dict[str, float]:
+    """Each attention's output error from its own matmul quantizers alone: relative RMS against its float output,
+    both computed on the inputs it receives in the float model on ``images``."""
+    inputs = {}
+
+    def keep(name):
+        return lambda _, args, kwargs: inputs.setdefault(name, (args, kwargs))
+
+    hooks = [a.register_forward_pre_hook(keep(n), with_kwargs=True) for n, a in attentions.items()]
+    try:
+        with quantizers_disabled(qmodel):
+            qmodel(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    errors = {}
+    for name, (args, kwargs) in inputs.items():
+        attention = attentions[name]
+        with quantizers_disabled(qmodel):
+            reference = attention(*args, **kwargs)
+            own = [getattr(attention, q) for q in attention.QUANTIZERS]
+            for quantizer in own:
+                quantizer.enabled = True
+            error = attention(*args, **kwargs) - reference
+        errors[name] = float(error.pow(2).mean().sqrt() / reference.pow(2).mean().sqrt().clamp(min=1e-12))
+    return errors
+
+
+def _attention_to_float(qmodel: nn.Module, name: str, attentions: dict[str, QuantMatmuls],
+                        layers: dict[str, nn.Module], report: QuantReport, reason: str) -> None:
+    """Put attention ``name`` back in float, with the layers whose weights its forward uses itself (no longer
+    routed to their quantizers: they would run float while reported quantized)."""
+    attention = attentions.pop(name)
+    for child in getattr(attention, "borrowed_linears", ()):
+        layer = f"{name}.{child}"
+        if layer not in layers:  # (already float: never called)
+            continue
+        attention.set_submodule(child, layers.pop(layer).to_float())
+        report.float_layers[layer] = "never called (its weights are used by the float attention's own F.linear)"
+    qmodel.set_submodule(name, attention.to_float())
+    report.float_layers[name] = reason
 
 
 def _quantize_conv_outputs(qmodel: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor],
