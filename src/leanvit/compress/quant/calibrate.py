@@ -7,10 +7,11 @@ in INT8: the inputs and weights of convolutions and matrix products. LayerNorm, 
 residual adds stay in float (quantizing them costs accuracy and buys no speed on OpenVINO / ONNX
 Runtime); the :class:`QuantReport` lists every layer left in float, and a warning names the compute
 layers among them, so nothing falls back to float silently. The attention matmuls (``q @ kᵀ``,
-``softmax @ v``) stay in float unless ``QuantConfig.attn_bits`` is set: then the attention classes
-:mod:`.attention` knows (timm's ``Attention``, EfficientFormer(V2)'s, TinyViT's, Swin's, ...) get quantized
-matmul inputs. Every module left computing matrix products in float is found by recording the torch calls of
-one forward (:func:`.modules.float_matmuls`) and reported.
+``softmax @ v``) stay in float unless ``QuantConfig.attn_bits`` is set: then every attention :mod:`.attention`
+can compute unfused without changing it (its own counterparts, any single fused attention, any fixed set of
+plain matrix products) gets quantized matmul inputs, unless that costs it more than ``attn_max_error``. Every
+module left computing matrix products in float is found by recording the torch calls of one forward
+(:func:`.modules.float_matmuls`) and reported.
 """
 from __future__ import annotations
 
