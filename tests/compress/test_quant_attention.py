@@ -170,9 +170,9 @@ MODEL_ATTENTION = {  # tiny models whose attention is their own class: learned p
     "swin_tiny_patch4_window7_224": (dict(img_size=64, embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=4), 64,
                                      {"QuantMatmulWindowAttention": 4}),  # shifted windows, with their mask, in blocks 1
     "levit_128s": (dict(img_size=64, embed_dim=(16, 24, 32), key_dim=8, num_heads=(1, 2, 2), depth=(1, 1, 1)), 64,
-                   {"QuantLevitAttention": 3, "QuantLevitAttentionDownsample": 2}),
+                   {"QuantMatmulAttention": 3, "QuantMatmulAttentionDownsample": 2}),
     "levit_conv_128s": (dict(img_size=64, embed_dim=(16, 24, 32), key_dim=8, num_heads=(1, 2, 2), depth=(1, 1, 1)),
-                        64, {"QuantLevitAttention": 3, "QuantLevitAttentionDownsample": 2}),  # NCHW, conv projections
+                        64, {"QuantMatmulAttention": 3, "QuantMatmulAttentionDownsample": 2}),  # NCHW: v @ attnᵀ
     "pvt_v2_b0": (dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 24, 32), num_heads=(1, 1, 2, 2)), 64,
                   {"QuantSdpaAttention": 4}),  # any class whose matmuls are one F.scaled_dot_product_attention
     "fcaformer_l1": (dict(img_size=64, embed_dims=(16, 24, 32, 48), depths=(1, 1, 4, 2), num_heads=(2, 3), cab_max_d=2,

@@ -7,14 +7,15 @@ the softmax output with the quantizer chosen by name (``SOFTMAX_QUANTIZERS``). W
 pair in the exported graph, which OpenVINO and ONNX Runtime run as INT8 matmuls; ``"log2"``,
 ``"sulq"`` and ``"twin"`` keep more accuracy at 3-4 bits but have no engine kernel (simulation only).
 
-Swapped are timm's ``Attention`` (and EfficientMod's, which computes the same), EfficientFormerV2's and LeViT's
-attention (:func:`_quantized_classes`: one subclass each, restating the float forward with the quantizers in
-place, for what a generic counterpart does not do: sharing the qkv quantizer, the scale moved onto q);
+Swapped are timm's ``Attention`` (and EfficientMod's, which computes the same) and EfficientFormerV2's attention
+(:func:`_quantized_classes`: one subclass each, restating the float forward with the quantizers in place, for
+what a generic counterpart does not do: sharing the qkv quantizer, signed talking-head probabilities);
 any attention whose matrix products are one ``F.scaled_dot_product_attention`` call
 (:class:`QuantScaledDotProduct`: its forward unchanged, that call computed unfused on quantized inputs; TinyViT's,
 FcaFormer's cross attention, PVT-v2's, MaxViT's, ...); and any whose matrix products are plain ``@`` /
 ``torch.matmul`` / ``bmm`` calls, the same number per call (:class:`QuantMatrixProducts`: its forward unchanged,
-each product reading its own quantizers; EfficientFormer's, Swin's, CaiT's talking heads, XCiT's, EfficientViT's). Any other module multiplying matrices (``einsum``, a fused attention
+each product reading its own quantizers; EfficientFormer's, LeViT's, Swin's, CaiT's talking heads, XCiT's,
+EfficientViT's). Any other module multiplying matrices (``einsum``, a fused attention
 around another one) keeps float matmuls, which :func:`.calibrate.quantize` reports.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
-from timm.models import efficientformer_v2, levit
+from timm.models import efficientformer_v2
 from timm.models.vision_transformer import maybe_add_mask, resolve_self_attn_mask
 from torch.overrides import TorchFunctionMode
 
@@ -296,55 +297,6 @@ class QuantAttention2dDownsample(_QuantAttention2dHeads, efficientformer_v2.Atte
         return self.proj(self.act(x))
 
 
-class _QuantLevitHeads(QuantMatmuls):
-    """LeViT's attentions: learned position biases, per-head q, k, v from LinearNorm (or, ``use_conv``, ConvNorm)
-    projections. The scale moves onto q and the transposes before the quantizers, so that each DequantizeLinear
-    feeds its MatMul directly."""
-
-    def _attend(self, q, k, v, x: torch.Tensor) -> torch.Tensor:
-        """q, k, v as the float forward splits them; returns the heads' outputs before ``proj``."""
-        bias = self.get_attention_biases(x.device)
-        if self.use_conv:  # q, k, v: (B, heads, dim, HW); attention (B, heads, HW_q, HW)
-            attn = self.q_quantizer(q.transpose(-2, -1) * self.scale) @ self.k_quantizer(k) + bias
-            # v @ attnᵀ as (attn @ vᵀ)ᵀ: OpenVINO's INT8 matmul takes unsigned values on the left only
-            probs = self.softmax_quantizer(attn.softmax(dim=-1))
-            return (probs @ self.v_quantizer(v.transpose(-2, -1))).transpose(-2, -1)
-        attn = self.q_quantizer(q * self.scale) @ self.k_quantizer(k) + bias  # q (B, heads, N_q, d), k (.., d, N)
-        return (self.softmax_quantizer(attn.softmax(dim=-1)) @ self.v_quantizer(v)).transpose(1, 2)
-
-
-class QuantLevitAttention(_QuantLevitHeads, levit.Attention):
-    """LeViT's attention with quantized matmul inputs."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_conv:
-            B, C, H, W = x.shape
-            q, k, v = self.qkv(x).view(B, self.num_heads, -1, H * W).split(
-                [self.key_dim, self.key_dim, self.val_dim], dim=2)
-            return self.proj(self._attend(q, k, v, x).reshape(B, -1, H, W))
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
-        x = self._attend(q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3), x)
-        return self.proj(x.reshape(B, N, self.val_attn_dim))
-
-
-class QuantLevitAttentionDownsample(_QuantLevitHeads, levit.AttentionDownsample):
-    """LeViT's downsampling attention (queries from a subsampled grid) with quantized matmul inputs."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_conv:
-            B, C, H, W = x.shape
-            HH, WW = (H - 1) // self.stride + 1, (W - 1) // self.stride + 1
-            k, v = self.kv(x).view(B, self.num_heads, -1, H * W).split([self.key_dim, self.val_dim], dim=2)
-            q = self.q(x).view(B, self.num_heads, self.key_dim, -1)
-            return self.proj(self._attend(q, k, v, x).reshape(B, self.val_attn_dim, HH, WW))
-        B, N, C = x.shape
-        k, v = self.kv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
-        q = self.q(x).view(B, -1, self.num_heads, self.key_dim).permute(0, 2, 1, 3)
-        x = self._attend(q, k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3), x)
-        return self.proj(x.reshape(B, -1, self.val_attn_dim))
-
-
 class _KeptForward(QuantMatmuls):
     """Base of the counterparts that run the float class's own forward with some torch calls routed to quantized
     versions (``routes``), so that no forward is restated and none can drift from timm's.
@@ -470,7 +422,8 @@ class QuantMatrixProducts(_KeptForward):
         """``a @ b`` from quantized operands, the ``i``-th product of the call."""
         a_quantizer, b_quantizer = self._operands(i)
         if self.transposed[i]:
-            return (b_quantizer(b.transpose(-2, -1)) @ a_quantizer(a.transpose(-2, -1))).transpose(-2, -1)
+            # contiguous, as a @ b would be: the forward may view() it
+            return (b_quantizer(b.transpose(-2, -1)) @ a_quantizer(a.transpose(-2, -1))).transpose(-2, -1).contiguous()
         return a_quantizer(a) @ b_quantizer(b)
 
 
@@ -526,7 +479,6 @@ def plain_products(calls: MatmulCalls | None) -> int:
 def _quantized_classes() -> dict[type[nn.Module], type[QuantMatmuls]]:
     """The float attention classes with a quantized counterpart, and that counterpart."""
     return {Attention: QuantAttention, EfficientModAttention: QuantAttention,
-            levit.Attention: QuantLevitAttention, levit.AttentionDownsample: QuantLevitAttentionDownsample,
             efficientformer_v2.Attention2d: QuantAttention2d,
             efficientformer_v2.Attention2dDownsample: QuantAttention2dDownsample}
 
