@@ -14,7 +14,8 @@ optional bias correction and optional BRECQ/AdaRound block reconstruction (all b
 CNN-to-transformer bridges only). ``allocate_bits`` gives per-layer bit-widths under an average-bit
 budget from logit-error or Hessian-trace sensitivity (mixed precision, simulation).
 ``QuantConfig(attn_bits=8)`` also quantizes the inputs of the attention matmuls (q, k, softmax, v, or each
-product's two operands): uniform ones export; the log2 / shift-uniform-log2 / twin-uniform softmax quantizers simulate 3-4 bits.
+product's two operands): uniform ones export; the log2 / shift-uniform-log2 / twin-uniform softmax quantizers
+simulate 3-4 bits.
 ``QuantConfig.recipe("mse", "w8a8", target="auto")`` picks those INT8 ops for the CPU at hand (``TARGETS``).
 """
 from __future__ import annotations

@@ -85,8 +85,8 @@ class QuantConfig:
     reconstruct: str | None = None
     reconstruct_iters: int = 500  #: optimiser steps per reconstructed block or layer, one calibration batch each
     reconstruct_act_scales: bool = False  #: also learn the blocks' input step sizes (LSQ) while reconstructing
-    #: bits of the inputs of timm ``Attention``'s matmuls (q, k, softmax output, v; per tensor);
-    #: None keeps those matmuls in float
+    #: bits of the inputs of the attention matmuls (q, k, softmax output, v, or each product's two operands; per
+    #: tensor); None keeps those matmuls in float
     attn_bits: int | None = None
     #: with 8-bit ``attn_bits``: an attention whose quantized matmul inputs alone change its output by more than
     #: this (relative RMS, on calibration images) keeps float matmuls, reported: INT8 is not worth that error
@@ -462,8 +462,10 @@ def attention_errors(qmodel: nn.Module, attentions: dict[str, QuantMatmuls], ima
             own = [getattr(attention, q) for q in attention.QUANTIZERS]
             for quantizer in own:
                 quantizer.enabled = True
-            error = attention(*args, **kwargs) - reference
-        errors[name] = float(error.pow(2).mean().sqrt() / reference.pow(2).mean().sqrt().clamp(min=1e-12))
+            output = attention(*args, **kwargs)
+        if isinstance(output, torch.Tensor):  # (an attention returning more than a tensor is not measured)
+            rms = reference.pow(2).mean().sqrt().clamp(min=1e-12)
+            errors[name] = float((output - reference).pow(2).mean().sqrt() / rms)
     return errors
 
 
