@@ -1,6 +1,6 @@
 """Does leanvit's W8A8 PTQ work on any timm ViT or hybrid? One row per architecture family, on both engines.
 
-    python benchmarks/ptq_families.py [--models deit_tiny_patch16_224 xcit_nano_12_p16_224 ...] [--out DIR]
+    python benchmarks/ptq_families.py [--models deit_tiny_patch16_224 xcit_nano_12_p16_224 ...] [--out DIR] [--update]
 
 For each model (random weights, 16 random calibration images at its own input size): ``quantize`` with the
 OpenVINO recipe and with the ONNX Runtime recipe (``QuantConfig.recipe("mse", target="vnni", engine=...)``),
@@ -14,11 +14,15 @@ OpenVINO recipe and with the ONNX Runtime recipe (``QuantConfig.recipe("mse", ta
   are flagged.
 
 It checks the plumbing, not accuracy: random weights say nothing about top-1 (``ptq.py`` measures that on
-trained checkpoints). A model that fails is a row with its error, not a crash. Writes ``ptq_families.json/.md``.
+trained checkpoints). A model that fails is a row with its error, not a crash. Writes ``ptq_families.json/.md``;
+``--update`` re-measures the given models and replaces only their rows in the existing report (each row records
+the leanvit commit it was measured at).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import time
 import traceback
 import warnings
@@ -90,7 +94,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(FAMILIES))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "ptq-families")
+    parser.add_argument("--update", action="store_true",
+                        help="replace the given models' rows in the existing report, keep the others")
     args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or None
     rows = []
     for name in args.models:
         for engine_name in ENGINES:
@@ -101,10 +109,15 @@ def main() -> None:
                 row = {"model": name, "engine": engine_name, "error": f"{type(error).__name__}: {error}"[:300]}
                 traceback.print_exc()
             row["seconds"] = round(time.perf_counter() - start, 1)
+            row["commit"] = commit
             rows.append(row)
             print({k: v for k, v in row.items() if k != "engine_float"}, flush=True)
 
     host = host_info()
+    if args.update:
+        new = {(r["model"], r["engine"]): r for r in rows}
+        old = json.loads((args.out / "ptq_families.json").read_text())["rows"]
+        rows = [new.pop((r["model"], r["engine"]), r) for r in old] + list(new.values())
     save_report(args.out, "ptq_families", {"host": host, "rows": rows}, markdown(rows, host))
     print(markdown(rows, host))
 

@@ -481,6 +481,7 @@ def _attention_to_float(qmodel: nn.Module, name: str, attentions: dict[str, Quan
         attention.set_submodule(child, layers.pop(layer).to_float())
         report.float_layers[layer] = "never called (its weights are used by the float attention's own F.linear)"
     qmodel.set_submodule(name, attention.to_float())
+    report.quantized.pop(name, None)
     report.float_layers[name] = reason
 
 
