@@ -249,6 +249,22 @@ def test_attention_that_int8_would_spoil_stays_float_and_is_reported(tmp_path):
     assert "blocks.0.attn.qkv" not in report.quantized and "blocks.0.attn.proj" in report.quantized
 
 
+def test_a_layer_reached_through_f_linear_gets_every_calibration_step():
+    import timm
+    kwargs, size, _ = MODEL_ATTENTION["eva02_tiny_patch14_224"]
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", num_classes=10, **kwargs).eval()
+    assert model.blocks[0].attn.qkv.bias is None  # EVA adds its own q/v biases in F.linear
+    qmodel = quantize(model, torch.randn(16, 3, size, size), replace(DEPLOY, w_bits=4, bias_correction=True),
+                      progress=False)
+    qkv = qmodel.blocks[0].attn.qkv
+    assert qkv.bias is not None and qkv.bias.abs().sum() > 0  # bias correction's hook saw the layer
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad(), quantizers_disabled(qmodel):
+        qkv.bias.zero_()
+        assert torch.allclose(qmodel(x), model(x), atol=1e-5)  # the attention's own bias still added once
+
+
 @pytest.fixture(scope="module")
 def calib():
     torch.manual_seed(1)

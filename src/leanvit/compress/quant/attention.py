@@ -301,9 +301,10 @@ class _KeptForward(QuantMatmuls):
     """Base of the counterparts that run the float class's own forward with some torch calls routed to quantized
     versions (``routes``), so that no forward is restated and none can drift from timm's.
 
-    Also routed: ``F.linear`` on the weight of a child Linear layer, which the forward calls itself rather than
-    the layer (EVA's and Swin-V2's qkv, adding a bias of their own): the layer's quantizers apply there, so the
-    layer is calibrated and quantized like any other instead of left float as never called.
+    Also routed: ``F.linear`` on the weight of a bias-free child Linear layer, which the forward calls itself
+    rather than the layer, to add a bias of its own (EVA's and Swin-V2's qkv): the layer is called instead and
+    that bias added, so the layer is calibrated, quantized and reached by every hook (bias correction, Hessian
+    search) like any other instead of left float as never called.
     """
 
     #: child Linear layers (names relative to this module) whose weight the forward passes to ``F.linear``
@@ -326,7 +327,8 @@ class _KeptForward(QuantMatmuls):
                 layer = layers.get(id(weight))
                 if layer is None:
                     return F.linear(input, weight, bias)
-                return F.linear(layer.input_quantizer(input), layer.weight_quantizer(weight), bias)
+                out = layer(input)  # (this mode is off inside its handler: the layer's own F.linear is not routed)
+                return out if bias is None else out + bias
             routes[F.linear] = linear
         with _Routed(routes):
             return super().forward(*args, **kwargs)

@@ -124,8 +124,8 @@ class MatmulCalls:
 
     runs: int = 0
     functions: Counter = field(default_factory=Counter)
-    #: the ``nn.Linear`` layers (by name) whose weight the module passes to ``F.linear`` itself, outside the layer's
-    #: forward (EVA's and Swin-V2's qkv, with a bias of their own)
+    #: the bias-free ``nn.Linear`` layers (by name) whose weight the module passes to ``F.linear`` itself, outside
+    #: the layer's forward (EVA's and Swin-V2's qkv, with a bias of their own)
     linears: set[str] = field(default_factory=set)
 
     @property
@@ -159,7 +159,8 @@ def record_matmuls(model: nn.Module, example: torch.Tensor) -> dict[str, MatmulC
     """``{module: MatmulCalls}`` of the modules that multiply tensors as matrices themselves, in a forward of
     ``example``: found by recording the torch calls (no class-name guessing), so none is missed."""
     names = {m: n for n, m in model.named_modules()}
-    recorder = _MatmulRecorder({id(m.weight): n for m, n in names.items() if isinstance(m, nn.Linear)})
+    recorder = _MatmulRecorder({id(m.weight): n for m, n in names.items()
+                                if isinstance(m, nn.Linear) and m.bias is None})
 
     def push(module, _):
         recorder.stack.append(names[module])
