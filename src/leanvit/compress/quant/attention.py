@@ -423,7 +423,7 @@ class QuantMatrixProducts(_KeptForward):
     def quantized_product(self, i: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``a @ b`` from quantized operands, the ``i``-th product of the call."""
         a_quantizer, b_quantizer = self._operands(i)
-        if self.transposed[i]:
+        if self.transposed[i] and a.ndim >= 2 and b.ndim >= 2:  # (a vector has no transpose: b stays right)
             # contiguous, as a @ b would be: the forward may view() it
             return (b_quantizer(b.transpose(-2, -1)) @ a_quantizer(a.transpose(-2, -1))).transpose(-2, -1).contiguous()
         return a_quantizer(a) @ b_quantizer(b)
