@@ -36,6 +36,14 @@ def test_a_vnni_target_runs_the_attention_matmuls_in_int8_too(capsys):
     assert set(layers["generic"]) < set(layers["vnni"])
 
 
+def test_attention_error_bound_from_the_command_line(capsys):
+    for bound, quantized in (("0", False), ("-1", True)):  # 0: any error is too much; negative: no bound
+        assert main(["quantize", *TINY, "--target", "vnni", "--attn-max-error", bound, "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert ("blocks.0.attn" in result["layers"]) is quantized
+        assert ("blocks.0.attn" in result["float_layers"]) is not quantized
+
+
 def test_mixed_precision_from_the_command_line(capsys):
     assert main(["quantize", *TINY, "--bits", "w4a4", "--avg-bits", "6", "--json"]) == 0
     layers = json.loads(capsys.readouterr().out)["layers"]

@@ -119,11 +119,11 @@ def run(args: argparse.Namespace) -> int:
         "hessian_search": args.hessian or None, "quantize_depthwise": args.quantize_depthwise or None,
     }
     target = quant.resolve_target(args.target)
-    if args.attn_max_error is not None:  # (negative: None, every attention quantized)
-        given["attn_max_error"] = args.attn_max_error if args.attn_max_error >= 0 else None
     config = quant.QuantConfig.recipe(args.recipe, args.bits, target=target, engine=args.engine,
                                       skip=tuple(args.skip), layer_bits=tuple(args.layer_bits),
-                                      **{k: v for k, v in given.items() if v is not None or k == "attn_max_error"})
+                                      **{k: v for k, v in given.items() if v is not None})
+    if args.attn_max_error is not None:  # (negative: None, every attention quantized)
+        config = dataclasses.replace(config, attn_max_error=args.attn_max_error if args.attn_max_error >= 0 else None)
     if args.out:
         quant.check_config_deployable(config)
     torch.set_num_threads(args.threads)

@@ -89,17 +89,23 @@ class QuantMatmuls:
         for name, value in added.items():
             setattr(q, name, value)
         q._float_cls, q._added = type(attn), tuple(added)
-        signed = QScheme(bits, symmetric=True)
-        q.q_quantizer = FakeQuantizer(signed, axis=-1, channels=1)
-        q.k_quantizer = FakeQuantizer(signed, axis=-1, channels=1)
-        q.softmax_quantizer = cls._probs_quantizer(softmax, bits)
-        q.v_quantizer = FakeQuantizer(signed, axis=-1, channels=1)
+        for name, quantizer in cls._matmul_quantizers(bits, softmax).items():
+            setattr(q, name, quantizer)
         return q
 
     @classmethod
     def _missing_attributes(cls, attn: nn.Module) -> dict:
         """Attributes the forward reads that ``attn``'s class does not have."""
         return {}
+
+    @classmethod
+    def _matmul_quantizers(cls, bits: int, softmax: str) -> dict[str, Quantizer]:
+        """``{name: quantizer}`` for :attr:`QUANTIZERS`: signed q, k and v, the probabilities' by ``softmax``."""
+        signed = QScheme(bits, symmetric=True)
+        return {"q_quantizer": FakeQuantizer(signed, axis=-1, channels=1),
+                "k_quantizer": FakeQuantizer(signed, axis=-1, channels=1),
+                "softmax_quantizer": cls._probs_quantizer(softmax, bits),
+                "v_quantizer": FakeQuantizer(signed, axis=-1, channels=1)}
 
     @classmethod
     def _probs_quantizer(cls, softmax: str, bits: int) -> Quantizer:
@@ -320,8 +326,8 @@ class _KeptForward(QuantMatmuls):
 
     def forward(self, *args, **kwargs):
         routes = self.routes()
-        layers = {id(layer.weight): layer for layer in map(self.get_submodule, self.borrowed_linears)
-                  if hasattr(layer, "input_quantizer")}  # (left float, e.g. by QuantConfig.skip: not routed)
+        # looked up per call: export swaps layers' weight tensors (a layer left float computes the same routed)
+        layers = {id(layer.weight): layer for layer in map(self.get_submodule, self.borrowed_linears)}
         if layers:
             def linear(input, weight, bias=None):
                 layer = layers.get(id(weight))
@@ -359,6 +365,11 @@ class QuantScaledDotProduct(_KeptForward):
         return self.softmax_quantizer(attn) @ self.v_quantizer(v)
 
 
+#: the torch functions computing a plain product of two tensors, which :class:`QuantMatrixProducts` quantizes
+PLAIN_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.bmm,
+                 torch.Tensor.bmm)
+
+
 class QuantMatrixProducts(_KeptForward):
     """Mixin for any attention whose matrix products are plain products of two tensors (``@``, ``torch.matmul``,
     ``bmm``; :data:`PLAIN_MATMULS`), the same number in every call: CaiT's talking heads, XCiT's and EdgeNeXt's
@@ -377,13 +388,12 @@ class QuantMatrixProducts(_KeptForward):
     PRODUCTS = 0
 
     @classmethod
-    def from_float(cls, attn: nn.Module, bits: int = 8, softmax: str = "uniform") -> nn.Module:
-        q = _shell(cls, attn)
-        q._float_cls, q._added = type(attn), ("transposed",)
-        for name in cls.QUANTIZERS:
-            setattr(q, name, FakeQuantizer(QScheme(bits, symmetric=True), axis=-1, channels=1))
-        q.transposed = [False] * cls.PRODUCTS  # set by calibrate
-        return q
+    def _missing_attributes(cls, attn: nn.Module) -> dict:
+        return {"transposed": [False] * cls.PRODUCTS}  # set by calibrate
+
+    @classmethod
+    def _matmul_quantizers(cls, bits: int, softmax: str) -> dict[str, Quantizer]:
+        return {name: FakeQuantizer(QScheme(bits, symmetric=True), axis=-1, channels=1) for name in cls.QUANTIZERS}
 
     def _operands(self, i: int) -> tuple[FakeQuantizer, FakeQuantizer]:
         return getattr(self, f"matmul{i}_a_quantizer"), getattr(self, f"matmul{i}_b_quantizer")
@@ -427,11 +437,6 @@ class QuantMatrixProducts(_KeptForward):
             # contiguous, as a @ b would be: the forward may view() it
             return (b_quantizer(b.transpose(-2, -1)) @ a_quantizer(a.transpose(-2, -1))).transpose(-2, -1).contiguous()
         return a_quantizer(a) @ b_quantizer(b)
-
-
-#: the torch functions computing a plain product of two tensors, which :class:`QuantMatrixProducts` quantizes
-PLAIN_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.bmm,
-                 torch.Tensor.bmm)
 
 
 class _Routed(TorchFunctionMode):
@@ -489,7 +494,8 @@ def quantized_counterpart(module: nn.Module, calls: MatmulCalls | None = None) -
     """The class with quantized matmul inputs standing in for ``module``'s: for the classes in
     :func:`_quantized_classes` and their subclasses that keep the float ``forward``; else, when the module's
     recorded ``calls`` are one fused attention each (:func:`one_fused_attention`), a
-    :class:`QuantScaledDotProduct` subclass of its class; else None."""
+    :class:`QuantScaledDotProduct` subclass of its class; else, when they are a fixed number of plain products
+    (:func:`plain_products`), a :class:`QuantMatrixProducts` subclass; else None."""
     if isinstance(module, QuantMatmuls):
         return None
     known = next((q for f, q in _quantized_classes().items()

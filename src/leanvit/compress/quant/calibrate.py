@@ -448,24 +448,25 @@ def attention_errors(qmodel: nn.Module, attentions: dict[str, QuantMatmuls], ima
         return lambda _, args, kwargs: inputs.setdefault(name, (args, kwargs))
 
     hooks = [a.register_forward_pre_hook(keep(n), with_kwargs=True) for n, a in attentions.items()]
-    try:
-        with quantizers_disabled(qmodel):
-            qmodel(images)
-    finally:
-        for h in hooks:
-            h.remove()
     errors = {}
-    for name, (args, kwargs) in inputs.items():
-        attention = attentions[name]
-        with quantizers_disabled(qmodel):
+    with quantizers_disabled(qmodel):
+        try:
+            qmodel(images)
+        finally:
+            for h in hooks:
+                h.remove()
+        for name, (args, kwargs) in inputs.items():
+            attention = attentions[name]
             reference = attention(*args, **kwargs)
             own = [getattr(attention, q) for q in attention.QUANTIZERS]
             for quantizer in own:
                 quantizer.enabled = True
             output = attention(*args, **kwargs)
-        if isinstance(output, torch.Tensor):  # (an attention returning more than a tensor is not measured)
-            rms = reference.pow(2).mean().sqrt().clamp(min=1e-12)
-            errors[name] = float((output - reference).pow(2).mean().sqrt() / rms)
+            for quantizer in own:
+                quantizer.enabled = False
+            if isinstance(output, torch.Tensor):  # (an attention returning more than a tensor is not measured)
+                rms = reference.pow(2).mean().sqrt().clamp(min=1e-12)
+                errors[name] = float((output - reference).pow(2).mean().sqrt() / rms)
     return errors
 
 
