@@ -16,6 +16,7 @@ Writes ``activation_cost.json`` and ``activation_cost.md``.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -29,7 +30,8 @@ from leanvit.deploy import export_onnx, get_engine
 from leanvit.models.registry import create_model
 from manifest import latency_parser, save_report
 
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "hardswish": nn.Hardswish, "silu": nn.SiLU}
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"), "relu": nn.ReLU,
+               "hardswish": nn.Hardswish, "silu": nn.SiLU}
 
 
 def main() -> None:

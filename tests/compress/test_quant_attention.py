@@ -523,7 +523,7 @@ def test_any_plain_matmuls_get_quantized_inputs_in_engine_friendly_order(tmp_pat
     assert not qmodel.quant_report.float_compute_layers
     assert qmodel.quant_report.quantized["blocks.0"] == "; ".join([
         "matmul 0: a int8 sym per-tensor x b int8 sym per-tensor",
-        "matmul 1: (bT @ aT)T, a int8 sym per-tensor x b uint8 asym per-tensor",
+        "matmul 1: (bT @ aT)T, a int8 sym per-tensor x b softmax uint8 asym per-tensor",
         "matmul 2: a uint8 asym per-tensor x b int8 sym per-tensor",
         "matmul 3: a uint8 asym per-tensor x b int8 sym per-tensor",
         "matmul 4: a int8 sym per-tensor x b int8 sym per-tensor"])
@@ -540,6 +540,38 @@ def test_any_plain_matmuls_get_quantized_inputs_in_engine_friendly_order(tmp_pat
     agreement = check_agreement(qmodel, ov, [x[:1], x[1:2]])
     assert agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
     assert type(qmodel.blocks[0].to_float()) is CascadedHeads and not hasattr(qmodel.blocks[0].to_float(), "transposed")
+
+
+class TalkingHeads(OwnAttention):
+    """Probabilities mixed across heads after the softmax (CaiT's): signed, no softmax output."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj(torch.stack([attn, attn.flip(0)]).diff(dim=0)[0] @ v)
+
+
+@pytest.mark.parametrize("kind", ["log2", "twin"])
+def test_plain_matmuls_give_softmax_outputs_the_softmax_quantizer(kind):
+    torch.manual_seed(0)
+    model = Tokens(CascadedHeads(16), TalkingHeads(16)).eval()
+    with pytest.warns(UserWarning, match=rf"softmax_quantizer='{kind}' applies to no matmul operand of 1 attentions "
+                                         r"\(none is a softmax output.*\): blocks.1$"):
+        qmodel = quantize(model, torch.randn(16, 3, 16, 16), replace(DEPLOY, attn_bits=4, softmax_quantizer=kind),
+                          progress=False)
+    cascaded, talking = qmodel.blocks
+    assert cascaded.softmax_fed == ["", "b", "", "", ""] and talking.softmax_fed == ["", ""]
+    special = {n: type(q).__name__ for n, q in quantizers(qmodel).items() if not isinstance(q, FakeQuantizer)}
+    assert special == {"blocks.0.matmul1_b_quantizer": {"log2": "Log2Quantizer", "twin": "TwinUniformQuantizer"}[kind]}
+    assert "matmul 1: (bT @ aT)T, a int4 sym per-tensor x b softmax " in qmodel.quant_report.quantized["blocks.0"]
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        uniform = quantize(model, torch.randn(16, 3, 16, 16), replace(DEPLOY, attn_bits=4), progress=False)
+        assert not torch.equal(qmodel(x), uniform(x))  # the probabilities' quantizer is another one
+        with quantizers_disabled(qmodel):
+            assert torch.allclose(qmodel(x), model(x), atol=1e-5)
+    with pytest.raises(LeanvitError, match=r"simulation only: blocks\.0\. "):
+        check_deployable(qmodel)
 
 
 def test_plain_matmuls_beyond_those_recorded_are_refused():

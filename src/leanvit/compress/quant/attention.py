@@ -88,7 +88,7 @@ class QuantMatmuls:
         added = cls._missing_attributes(attn)
         for name, value in added.items():
             setattr(q, name, value)
-        q._float_cls, q._added = type(attn), tuple(added)
+        q._float_cls, q._added, q._softmax = type(attn), tuple(added), softmax
         for name, quantizer in cls._matmul_quantizers(bits, softmax).items():
             setattr(q, name, quantizer)
         return q
@@ -115,6 +115,11 @@ class QuantMatmuls:
     def to_float(self) -> nn.Module:
         """The float module this one was made from (same class, same layers and parameters)."""
         return _shell(self._float_cls, self, drop=self.QUANTIZERS + self.SHARED_QKV + self._added)
+
+    def quantizes_softmax(self) -> bool:
+        """Whether the probabilities get the softmax quantizer chosen in :meth:`from_float` (a restated
+        forward knows them; :class:`QuantMatrixProducts` learns in calibration which operands they are)."""
+        return True
 
     def share_qkv_quantizer(self) -> bool:
         """Quantize q, k and v where their projections write them rather than just before the matmuls;
@@ -365,6 +370,8 @@ class QuantScaledDotProduct(_KeptForward):
         return self.softmax_quantizer(attn) @ self.v_quantizer(v)
 
 
+#: the torch functions computing a softmax, whose outputs :class:`QuantMatrixProducts` gives the softmax quantizer
+SOFTMAX_FUNCTIONS = (torch.softmax, torch.Tensor.softmax, F.softmax, torch.special.softmax)
 #: the torch functions computing a plain product of two tensors, which :class:`QuantMatrixProducts` quantizes
 PLAIN_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.bmm,
                  torch.Tensor.bmm)
@@ -381,7 +388,9 @@ class QuantMatrixProducts(_KeptForward):
     is quantized unsigned with zero point 0 when it is on the left. On the right it would have to be signed, a
     bit lost (OpenVINO's INT8 matmul takes unsigned values on the left only), so when the left one is signed,
     ``a @ b`` is computed as ``(bᵀ @ aᵀ)ᵀ`` (``transposed``; EfficientViT's ``v @ attnᵀ``).
-    All quantizers are uniform: which operand is a softmax output is not known, so ``softmax`` does not apply.
+    Also learned in calibration: which operands are a softmax's output, or a view of it (``softmax_fed``); those
+    get the softmax quantizer named in :meth:`from_float`, the others stay uniform (talking heads' mixed
+    probabilities, ConViT's gated sum of two softmaxes, linear attention's features are no softmax output).
     :func:`quantized_counterpart` makes one subclass per float class and number of products (``PRODUCTS``).
     """
 
@@ -389,7 +398,8 @@ class QuantMatrixProducts(_KeptForward):
 
     @classmethod
     def _missing_attributes(cls, attn: nn.Module) -> dict:
-        return {"transposed": [False] * cls.PRODUCTS}  # set by calibrate
+        # set by calibrate: per product, whether computed transposed, and which operands ("a", "b") are softmax outputs
+        return {"transposed": [False] * cls.PRODUCTS, "softmax_fed": [""] * cls.PRODUCTS}
 
     @classmethod
     def _matmul_quantizers(cls, bits: int, softmax: str) -> dict[str, Quantizer]:
@@ -398,25 +408,45 @@ class QuantMatrixProducts(_KeptForward):
     def _operands(self, i: int) -> tuple[FakeQuantizer, FakeQuantizer]:
         return getattr(self, f"matmul{i}_a_quantizer"), getattr(self, f"matmul{i}_b_quantizer")
 
+    def observe(self) -> None:
+        super().observe()
+        self._observed_calls, self._softmax_seen = 0, [Counter() for _ in range(self.PRODUCTS)]
+
     def calibrate(self, method: str, percentile: float) -> None:
-        """Choose each product's operand order and signedness from the observed ranges, then fit the ranges."""
+        """Choose each product's operand order and signedness from the observed ranges and give the operands that
+        were a softmax output in every call the softmax quantizer, then fit the ranges."""
         for i in range(self.PRODUCTS):
             a, b = self._operands(i)
             a_signed, b_signed = (bool(q.observer.lo.min() < 0) for q in (a, b))
             self.transposed[i] = a_signed and not b_signed
             left, left_signed = (b, False) if self.transposed[i] else (a, a_signed)
             left.scheme = QScheme(left.scheme.bits, symmetric=left_signed)
+            self.softmax_fed[i] = "".join(s for s in "ab" if self._softmax_seen[i][s] == self._observed_calls)
+            for side in self.softmax_fed[i] if self._softmax != "uniform" else "":
+                name = f"matmul{i}_{side}_quantizer"
+                observed = getattr(self, name)
+                setattr(self, name, softmax_quantizer(self._softmax, observed.scheme.bits))
+                getattr(self, name).observer = observed.observer
+        del self._observed_calls, self._softmax_seen
         super().calibrate(method, percentile)
 
+    def quantizes_softmax(self) -> bool:
+        return any(self.softmax_fed)
+
     def describe(self) -> str:
+        def operand(i, side):
+            quantizer = getattr(self, f"matmul{i}_{side}_quantizer")
+            return f"{side} {'softmax ' if side in self.softmax_fed[i] else ''}{quantizer.extra_repr()}"
+
         def product(i):
-            a, b = self._operands(i)
-            text = f"a {a.scheme} x b {b.scheme}"
+            text = f"{operand(i, 'a')} x {operand(i, 'b')}"
             return f"(bT @ aT)T, {text}" if self.transposed[i] else text
         return "; ".join(f"matmul {i}: {product(i)}" for i in range(self.PRODUCTS))
 
     def routes(self) -> dict:
         calls = iter(range(self.PRODUCTS))
+        observing = hasattr(self, "_softmax_seen")
+        softmax_outputs = []  # (held for the call: their storage cannot be reused by an operand)
 
         def product(a, b):
             i = next(calls, None)
@@ -424,10 +454,23 @@ class QuantMatrixProducts(_KeptForward):
                 raise LeanvitError(f"{type(self).__name__} computed more than the {self.PRODUCTS} matrix products "
                                    "recorded before quantization (its forward depends on its input); leave its "
                                    "attention float (QuantConfig.attn_bits=None).")
+            if observing:
+                storages = {o.untyped_storage().data_ptr() for o in softmax_outputs}
+                self._softmax_seen[i].update(s for s, t in zip("ab", (a, b))
+                                             if t.untyped_storage().data_ptr() in storages)
             return self.quantized_product(i, a, b)
+
+        def softmax(func):
+            def run(*args, **kwargs):
+                softmax_outputs.append(out := func(*args, **kwargs))
+                return out
+            return run
 
         routes = {func: product for func in PLAIN_MATMULS}
         routes[torch.Tensor.__rmatmul__] = lambda b, a: product(a, b)
+        if observing:
+            self._observed_calls += 1
+            routes.update({func: softmax(func) for func in SOFTMAX_FUNCTIONS})
         return routes
 
     def quantized_product(self, i: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,8 @@ class QuantConfig:
     #: (EfficientViT-B's linear attention, 23-31 %: one column of its k·v products, the ones-padding's sum, dwarfs
     #: the rest; timm's Attention, Swin's, CaiT's: 1-3 % at random init). None keeps every attention quantized.
     attn_max_error: float | None = 0.1
-    #: "uniform" (uint, what the engines run), or "log2", "sulq", "twin" (more accurate at 3-4 bits, simulation only)
+    #: "uniform" (uint, what the engines run), or "log2", "sulq", "twin" (more accurate at 3-4 bits, simulation only),
+    #: for the attention probabilities (of plain products: the operands that are a softmax output; warned where none is)
     softmax_quantizer: str = "uniform"
     #: with ``attn_bits``: quantize q, k and v where their projections write them, on their own grids: a
     #: timm-style attention's qkv output once (``QuantAttention.share_qkv_quantizer``), EfficientFormerV2's
@@ -386,6 +387,11 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
                 _attention_to_float(qmodel, name, attentions, layers, report, (
                     f"attention matmuls in float: quantizing their inputs changes its output by {error:.0%} "
                     f"(relative RMS on calibration images; QuantConfig.attn_max_error={config.attn_max_error})"))
+    if config.softmax_quantizer != "uniform" and (uniform := [n for n, a in attentions.items()
+                                                           if not a.quantizes_softmax()]):
+        warnings.warn(f"softmax_quantizer={config.softmax_quantizer!r} applies to no matmul operand of "
+                      f"{len(uniform)} attentions (none is a softmax output; they keep uniform quantizers): "
+                      f"{', '.join(uniform)}", stacklevel=2)
     for name, calls in float_matmuls(qmodel, matmul_calls, (QuantLinear, QuantConv2d, QuantMatmuls)).items():
         module = qmodel.get_submodule(name)
         report.float_layers.setdefault(name, (  # nn.MultiheadAttention and bypassed attention are listed already
