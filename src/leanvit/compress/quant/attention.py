@@ -422,13 +422,23 @@ class QuantMatrixProducts(_KeptForward):
             left, left_signed = (b, False) if self.transposed[i] else (a, a_signed)
             left.scheme = QScheme(left.scheme.bits, symmetric=left_signed)
             self.softmax_fed[i] = "".join(s for s in "ab" if self._softmax_seen[i][s] == self._observed_calls)
-            for side in self.softmax_fed[i] if self._softmax != "uniform" else "":
-                name = f"matmul{i}_{side}_quantizer"
-                observed = getattr(self, name)
-                setattr(self, name, softmax_quantizer(self._softmax, observed.scheme.bits))
-                getattr(self, name).observer = observed.observer
+            if self._softmax != "uniform":
+                for side in self.softmax_fed[i]:
+                    self._use_softmax_quantizer(i, side)
         del self._observed_calls, self._softmax_seen
         super().calibrate(method, percentile)
+
+    def _use_softmax_quantizer(self, i: int, side: str) -> None:
+        """The named softmax quantizer in place of operand ``side`` of product ``i``, with its observations."""
+        name = f"matmul{i}_{side}_quantizer"
+        quantizer = softmax_quantizer(self._softmax, getattr(self, name).scheme.bits)
+        quantizer.observer = getattr(self, name).observer
+        setattr(self, name, quantizer)
+
+    def _note_softmax_operands(self, i: int, operands: tuple[torch.Tensor, ...], outputs: list[torch.Tensor]) -> None:
+        """While observing: count which of product ``i``'s operands share storage with a softmax output."""
+        storages = {o.untyped_storage().data_ptr() for o in outputs}
+        self._softmax_seen[i].update(s for s, t in zip("ab", operands) if t.untyped_storage().data_ptr() in storages)
 
     def quantizes_softmax(self) -> bool:
         return any(self.softmax_fed)
@@ -455,9 +465,7 @@ class QuantMatrixProducts(_KeptForward):
                                    "recorded before quantization (its forward depends on its input); leave its "
                                    "attention float (QuantConfig.attn_bits=None).")
             if observing:
-                storages = {o.untyped_storage().data_ptr() for o in softmax_outputs}
-                self._softmax_seen[i].update(s for s, t in zip("ab", (a, b))
-                                             if t.untyped_storage().data_ptr() in storages)
+                self._note_softmax_operands(i, (a, b), softmax_outputs)
             return self.quantized_product(i, a, b)
 
         def softmax(func):
