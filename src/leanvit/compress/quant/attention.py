@@ -7,9 +7,10 @@ the softmax output with the quantizer chosen by name (``SOFTMAX_QUANTIZERS``). W
 pair in the exported graph, which OpenVINO and ONNX Runtime run as INT8 matmuls; ``"log2"``,
 ``"sulq"`` and ``"twin"`` keep more accuracy at 3-4 bits but have no engine kernel (simulation only).
 
-Swapped are timm's ``Attention`` (and EfficientMod's, which computes the same) and EfficientFormerV2's attention
-(:func:`_quantized_classes`: one subclass each, restating the float forward with the quantizers in place, for
-what a generic counterpart does not do: sharing the qkv quantizer, signed talking-head probabilities);
+Swapped are timm's ``Attention`` (and EfficientMod's, which computes the same), EfficientFormerV2's attention and
+EfficientViT-B's linear attention (:func:`_quantized_classes`: one subclass each, restating the float computation
+with the quantizers in place, for what a generic counterpart does not do: sharing the qkv quantizer, signed
+talking-head probabilities, the ones column padded onto v computed apart);
 any attention whose matrix products are one ``F.scaled_dot_product_attention`` call
 (:class:`QuantScaledDotProduct`: its forward unchanged, that call computed unfused on quantized inputs; TinyViT's,
 FcaFormer's cross attention, PVT-v2's, MaxViT's, ...); and any whose matrix products are plain ``@`` /
@@ -28,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
-from timm.models import efficientformer_v2
+from timm.models import efficientformer_v2, efficientvit_mit
 from timm.models.vision_transformer import maybe_add_mask, resolve_self_attn_mask
 from torch.overrides import TorchFunctionMode
 
@@ -308,6 +309,44 @@ class QuantAttention2dDownsample(_QuantAttention2dHeads, efficientformer_v2.Atte
         return self.proj(self.act(x))
 
 
+class QuantLiteMLA(QuantMatmuls, efficientvit_mit.LiteMLA):
+    """EfficientViT-B's linear attention with quantized inputs to ``kᵀ @ v`` and ``q @ (kᵀv)``.
+
+    The float forward pads v with a column of ones so that one product also yields the normaliser ``q · Σk``;
+    that column dwarfs the others (v's values are far below 1; its sum over tokens is far above the rest of
+    ``kᵀv``), so one per-tensor step per operand left the output 23-31 % off, and the engines do not run the
+    per-column alternative (ONNX Runtime 1.32 refuses a per-column zero point on a 4-D right input; OpenVINO 2026.4
+    runs it away from the simulation). Here the padded column is computed apart, in float: ``Σk`` as a sum over
+    tokens and ``q · Σk`` as an element-wise product and sum (a matrix-vector product), so the two matmuls see
+    only the unpadded values. Same function; the ReLU'd q and k are unsigned, on the left.
+    """
+
+    QUANTIZERS = ("q_quantizer", "k_quantizer", "v_quantizer", "kv_quantizer")
+
+    @classmethod
+    def _matmul_quantizers(cls, bits: int, softmax: str) -> dict[str, Quantizer]:
+        unsigned, signed = QScheme(bits, symmetric=False), QScheme(bits, symmetric=True)
+        return {"q_quantizer": FakeQuantizer(unsigned, axis=-1, channels=1),
+                "k_quantizer": FakeQuantizer(unsigned, axis=-1, channels=1),
+                "v_quantizer": FakeQuantizer(signed, axis=-1, channels=1),
+                "kv_quantizer": FakeQuantizer(signed, axis=-1, channels=1)}
+
+    def quantizes_softmax(self) -> bool:
+        return False  # (no softmax)
+
+    def describe(self) -> str:
+        return (f"kT@v: {self.k_quantizer.scheme} x {self.v_quantizer.scheme}; "
+                f"q@kv: {self.q_quantizer.scheme} x {self.kv_quantizer.scheme}; padded column in float")
+
+    def _attn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        dtype = v.dtype
+        q, k, v = q.float(), k.float(), v[..., :-1].float()  # (v as the forward padded it)
+        kv = self.k_quantizer(k.transpose(-1, -2)) @ self.v_quantizer(v)
+        out = self.q_quantizer(q) @ self.kv_quantizer(kv)
+        normaliser = (q * k.sum(dim=-2, keepdim=True)).sum(dim=-1, keepdim=True)  # q @ Σk, the padded column
+        return (out / (normaliser + self.eps)).to(dtype)
+
+
 class _KeptForward(QuantMatmuls):
     """Base of the counterparts that run the float class's own forward with some torch calls routed to quantized
     versions (``routes``), so that no forward is restated and none can drift from timm's.
@@ -538,7 +577,8 @@ def _quantized_classes() -> dict[type[nn.Module], type[QuantMatmuls]]:
     """The float attention classes with a quantized counterpart, and that counterpart."""
     return {Attention: QuantAttention, EfficientModAttention: QuantAttention,
             efficientformer_v2.Attention2d: QuantAttention2d,
-            efficientformer_v2.Attention2dDownsample: QuantAttention2dDownsample}
+            efficientformer_v2.Attention2dDownsample: QuantAttention2dDownsample,
+            efficientvit_mit.LiteMLA: QuantLiteMLA}
 
 
 def quantized_counterpart(module: nn.Module, calls: MatmulCalls | None = None) -> type[QuantMatmuls] | None:
