@@ -90,9 +90,8 @@ class QuantConfig:
     attn_bits: int | None = None
     #: with 8-bit ``attn_bits``: an attention whose quantized matmul inputs alone change its output by more than
     #: this (relative RMS, on calibration images) keeps float matmuls, reported: INT8 is not worth that error
-    #: (EfficientViT-B's linear attention, 23-31 %: the ones column padded onto v, and the keys' sum it makes in
-    #: kᵀv, dwarf the other columns of the right operands; timm's Attention, Swin's, CaiT's: 1-3 % at random init).
-    #: None keeps every attention quantized.
+    #: (EfficientViT-B's linear attention with the padded column inside its products: 23-31 %; restated without
+    #: it, 4-8 %; timm's Attention, Swin's, CaiT's: 1-3 % at random init). None keeps every attention quantized.
     attn_max_error: float | None = 0.1
     #: "uniform" (uint, what the engines run), or "log2", "sulq", "twin" (more accurate at 3-4 bits, simulation only),
     #: for the attention probabilities (of plain products: the operands that are a softmax output; warned where none is)
