@@ -273,6 +273,22 @@ def test_linear_attention_computes_its_padded_column_apart(monkeypatch):
     assert all(a < p / 3 for a, p in zip(apart, padded)), (apart, padded)
 
 
+@pytest.mark.parametrize("kernel", [nn.ReLU, nn.SiLU])
+def test_linear_attention_q_and_k_signed_only_when_the_kernel_function_is(kernel):
+    from timm.models.efficientvit_mit import LiteMLA
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), LiteMLA(16, 16, dim=8, kernel_func=kernel)).eval()
+    qmodel = quantize(model, torch.randn(16, 3, 8, 8), replace(DEPLOY, attn_max_error=None), progress=False)
+    attention = qmodel[1]
+    assert type(attention).__name__ == "QuantLiteMLA"
+    signed = [q.scheme.symmetric for q in (attention.q_quantizer, attention.k_quantizer)]
+    assert signed == [kernel is nn.SiLU] * 2, qmodel.quant_report.quantized["1"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        with quantizers_disabled(qmodel):  # (the normaliser, summed in another order, can be small: relative bound)
+            assert (qmodel(x) - model(x)).abs().max() < 1e-4 * model(x).abs().max()
+
+
 def test_a_layer_reached_through_f_linear_gets_every_calibration_step():
     import timm
     kwargs, size, _ = MODEL_ATTENTION["eva02_tiny_patch14_224"]

@@ -318,7 +318,8 @@ class QuantLiteMLA(QuantMatmuls, efficientvit_mit.LiteMLA):
     per-column alternative (ONNX Runtime 1.32 refuses a per-column zero point on a 4-D right input; OpenVINO 2026.4
     runs it away from the simulation). Here the padded column is computed apart, in float: ``Σk`` as a sum over
     tokens and ``q · Σk`` as an element-wise product and sum (a matrix-vector product), so the two matmuls see
-    only the unpadded values. Same function; the ReLU'd q and k are unsigned, on the left.
+    only the unpadded values. Same function; q and k are unsigned, on the left, when the kernel function keeps them
+    non-negative (the default ReLU), else signed.
     """
 
     QUANTIZERS = ("q_quantizer", "k_quantizer", "v_quantizer", "kv_quantizer")
@@ -333,6 +334,12 @@ class QuantLiteMLA(QuantMatmuls, efficientvit_mit.LiteMLA):
 
     def quantizes_softmax(self) -> bool:
         return False  # (no softmax)
+
+    def calibrate(self, method: str, percentile: float) -> None:
+        for quantizer in (self.q_quantizer, self.k_quantizer):  # unsigned after ReLU, not after every kernel_func
+            if quantizer.observer.lo.min() < 0:
+                quantizer.scheme = QScheme(quantizer.scheme.bits, symmetric=True)
+        super().calibrate(method, percentile)
 
     def describe(self) -> str:
         return (f"kT@v: {self.k_quantizer.scheme} x {self.v_quantizer.scheme}; "
