@@ -337,8 +337,7 @@ class QuantLiteMLA(QuantMatmuls, efficientvit_mit.LiteMLA):
 
     def calibrate(self, method: str, percentile: float) -> None:
         for quantizer in (self.q_quantizer, self.k_quantizer):  # unsigned after ReLU, not after every kernel_func
-            if quantizer.observer.lo.min() < 0:
-                quantizer.scheme = QScheme(quantizer.scheme.bits, symmetric=True)
+            _sign_as_observed(quantizer)
         super().calibrate(method, percentile)
 
     def describe(self) -> str:
@@ -441,6 +440,8 @@ class QuantMatrixProducts(_KeptForward):
     """
 
     PRODUCTS = 0
+    #: while observing: per product, how many calls had each operand ("a", "b") share storage with a softmax output
+    _softmax_seen: list[Counter] | None = None
 
     @classmethod
     def _missing_attributes(cls, attn: nn.Module) -> dict:
@@ -456,22 +457,21 @@ class QuantMatrixProducts(_KeptForward):
 
     def observe(self) -> None:
         super().observe()
-        self._observed_calls, self._softmax_seen = 0, [Counter() for _ in range(self.PRODUCTS)]
+        self._softmax_seen = [Counter() for _ in range(self.PRODUCTS)]
 
     def calibrate(self, method: str, percentile: float) -> None:
         """Choose each product's operand order and signedness from the observed ranges and give the operands that
         were a softmax output in every call the softmax quantizer, then fit the ranges."""
         for i in range(self.PRODUCTS):
             a, b = self._operands(i)
-            a_signed, b_signed = (bool(q.observer.lo.min() < 0) for q in (a, b))
-            self.transposed[i] = a_signed and not b_signed
-            left, left_signed = (b, False) if self.transposed[i] else (a, a_signed)
-            left.scheme = QScheme(left.scheme.bits, symmetric=left_signed)
-            self.softmax_fed[i] = "".join(s for s in "ab" if self._softmax_seen[i][s] == self._observed_calls)
+            self.transposed[i] = _observed_negative(a) and not _observed_negative(b)
+            _sign_as_observed(b if self.transposed[i] else a)  # the left one
+            calls = a.observer.batches  # (one update per call)
+            self.softmax_fed[i] = "".join(s for s in "ab" if self._softmax_seen[i][s] == calls)
             if self._softmax != "uniform":
                 for side in self.softmax_fed[i]:
                     self._use_softmax_quantizer(i, side)
-        del self._observed_calls, self._softmax_seen
+        self._softmax_seen = None
         super().calibrate(method, percentile)
 
     def _use_softmax_quantizer(self, i: int, side: str) -> None:
@@ -501,7 +501,7 @@ class QuantMatrixProducts(_KeptForward):
 
     def routes(self) -> dict:
         calls = iter(range(self.PRODUCTS))
-        observing = hasattr(self, "_softmax_seen")
+        observing = self._softmax_seen is not None
         softmax_outputs = []  # (held for the call: their storage cannot be reused by an operand)
 
         def product(a, b):
@@ -523,7 +523,6 @@ class QuantMatrixProducts(_KeptForward):
         routes = {func: product for func in PLAIN_MATMULS}
         routes[torch.Tensor.__rmatmul__] = lambda b, a: product(a, b)
         if observing:
-            self._observed_calls += 1
             routes.update({func: softmax(func) for func in SOFTMAX_FUNCTIONS})
         return routes
 
@@ -534,6 +533,15 @@ class QuantMatrixProducts(_KeptForward):
             # contiguous, as a @ b would be: the forward may view() it
             return (b_quantizer(b.transpose(-2, -1)) @ a_quantizer(a.transpose(-2, -1))).transpose(-2, -1).contiguous()
         return a_quantizer(a) @ b_quantizer(b)
+
+
+def _observed_negative(quantizer: FakeQuantizer) -> bool:
+    return bool(quantizer.observer.lo.min() < 0)
+
+
+def _sign_as_observed(quantizer: FakeQuantizer) -> None:
+    """A signed (symmetric) scheme where the calibration data had negative values, else unsigned (zero point 0)."""
+    quantizer.scheme = QScheme(quantizer.scheme.bits, symmetric=_observed_negative(quantizer))
 
 
 class _Routed(TorchFunctionMode):
