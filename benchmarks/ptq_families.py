@@ -1,6 +1,7 @@
 """Does leanvit's W8A8 PTQ work on any timm ViT or hybrid? One row per architecture family, on both engines.
 
     python benchmarks/ptq_families.py [--models deit_tiny_patch16_224 xcit_nano_12_p16_224 ...] [--out DIR] [--update]
+                                      [--latency]
 
 For each model (random weights, 16 random calibration images at its own input size): ``quantize`` with the
 OpenVINO recipe and with the ONNX Runtime recipe (``QuantConfig.recipe("mse", target="vnni", engine=...)``),
@@ -12,6 +13,11 @@ OpenVINO recipe and with the ONNX Runtime recipe (``QuantConfig.recipe("mse", ta
   quantization error itself). An engine that differs from the simulation by more than twice as much as the
   simulation differs from float (random weights make both noisy) is not computing what was simulated: such rows
   are flagged.
+
+``--latency`` also times, on each engine (batch 1, 2 threads, alternating rounds so that drift hits all alike), the
+float model, leanvit's INT8 model and NNCF's (``nncf.quantize`` on the same FP32 ONNX file and calibration images,
+``ModelType.TRANSFORMER`` where the model has attention, as in ``ptq.py``): whether INT8 is faster than float on this
+CPU, family by family, and how leanvit's compares with the anchor's. Run nothing else meanwhile.
 
 It checks the plumbing, not accuracy: random weights say nothing about top-1 (``ptq.py`` measures that on
 trained checkpoints). A model that fails is a row with its error, not a crash. Writes ``ptq_families.json/.md``;
@@ -34,10 +40,12 @@ import torch
 
 from leanvit.bench import host_info
 from leanvit.bench.report import host_lines
+from leanvit.bench.timing import TimingBudget, time_alternating
 from leanvit.compress import quant
-from leanvit.deploy import get_engine
+from leanvit.deploy import export_onnx, get_engine
 from leanvit.models.registry import create_model
 from manifest import save_report
+from ptq import nncf_kwargs, nncf_onnx_runner, nncf_openvino
 
 FAMILIES = (
     # plain and modified ViTs
@@ -68,8 +76,32 @@ def engine_float_layers(engine: str, path: Path, runner) -> list[str]:
     return [n for n, (_, p) in quant.onnxruntime_precisions(path, modules).items() if p != "int8"]
 
 
+def latency(model: torch.nn.Module, calib: torch.Tensor, runner, engine, engine_name: str, out: Path) -> dict:
+    """Median ms of the float model, leanvit's INT8 ``runner`` and NNCF's INT8 model on ``engine``, timed
+    side by side; NNCF's failure is recorded, not fatal."""
+    x = calib[:1]
+    fp_onnx = export_onnx(model, x, out / "fp32.onnx")
+    load = engine.load_model_file if engine_name == "openvino" else engine.load_onnx
+    runners, row = {"fp32": load(fp_onnx), "leanvit": runner}, {}
+    calib_set = torch.utils.data.TensorDataset(calib)  # nncf_* read batch[0] of each batch-1 item
+    try:
+        if engine_name == "openvino":
+            runners["nncf"] = load(nncf_openvino(fp_onnx, calib_set, out / "nncf_int8.xml", nncf_kwargs(model)))
+        else:
+            nncf = nncf_onnx_runner(fp_onnx, calib_set, out / "nncf_int8.onnx", engine, nncf_kwargs(model))
+            if isinstance(nncf, str):
+                raise RuntimeError(nncf)
+            runners["nncf"] = nncf
+    except Exception as error:  # the anchor failing on a family is a finding, not a crash
+        row["nncf_error"] = f"{type(error).__name__}: {error}"[:300]
+    x_np = x.numpy()
+    timings = time_alternating({kind: (lambda r=r: r(x_np)) for kind, r in runners.items()},
+                               TimingBudget(budget_s=4.0), rounds=8)
+    return {**row, **{f"{kind}_ms": round(t.median, 3) for kind, t in timings.items()}}
+
+
 @torch.no_grad()
-def measure(name: str, engine_name: str, out: Path) -> dict:
+def measure(name: str, engine_name: str, out: Path, timed: bool = False) -> dict:
     torch.manual_seed(0)
     model = create_model(name)
     size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
@@ -85,9 +117,12 @@ def measure(name: str, engine_name: str, out: Path) -> dict:
     simulated, fp32 = qmodel(images).numpy(), model(images).numpy()
     report = qmodel.quant_report
     reasons = Counter(reason.split(":")[0].split(" (")[0] for reason in report.float_compute_layers.values())
-    return {"quantized": len(report.quantized), "float_compute": len(report.float_compute_layers),
-            "float_reasons": dict(reasons), "engine_float": engine_float_layers(engine_name, path, runner),
-            "engine_vs_sim": relative_error(on_engine, simulated), "sim_vs_fp32": relative_error(simulated, fp32)}
+    row = {"quantized": len(report.quantized), "float_compute": len(report.float_compute_layers),
+           "float_reasons": dict(reasons), "engine_float": engine_float_layers(engine_name, path, runner),
+           "engine_vs_sim": relative_error(on_engine, simulated), "sim_vs_fp32": relative_error(simulated, fp32)}
+    if timed:
+        row["latency"] = latency(model, calib, runner, engine, engine_name, out / name / engine_name)
+    return row
 
 
 def main() -> None:
@@ -96,6 +131,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "ptq-families")
     parser.add_argument("--update", action="store_true",
                         help="replace the given models' rows in the existing report, keep the others")
+    parser.add_argument("--latency", action="store_true",
+                        help="also time FP32, leanvit INT8 and NNCF INT8 on each engine (batch 1, 2 threads)")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or None
@@ -104,7 +141,7 @@ def main() -> None:
         for engine_name in ENGINES:
             start = time.perf_counter()
             try:
-                row = {"model": name, "engine": engine_name, **measure(name, engine_name, args.out)}
+                row = {"model": name, "engine": engine_name, **measure(name, engine_name, args.out, args.latency)}
             except Exception as error:  # a row, not a crash: the table says which families fail and how
                 row = {"model": name, "engine": engine_name, "error": f"{type(error).__name__}: {error}"[:300]}
                 traceback.print_exc()
@@ -141,6 +178,20 @@ def markdown(rows: list[dict], host: dict) -> str:
         flag = " ⚠" if r["engine_vs_sim"] > SUSPECT * r["sim_vs_fp32"] else ""
         lines.append(f"| {r['model']} | {r['engine']} | {r['quantized']} | {r['float_compute']}: {why} | "
                      f"{len(r['engine_float'])} | {r['engine_vs_sim']:.4f}{flag} | {r['sim_vs_fp32']:.4f} |")
+    timed = [r for r in rows if "latency" in r]
+    if timed:
+        lines += ["", "Latency (`--latency`): median ms at batch 1, 2 threads, the float model, leanvit's INT8 model and "
+                  "NNCF's timed in alternating rounds on the engine (random weights; NNCF on the same FP32 ONNX file "
+                  "and calibration images). ↓: leanvit's INT8 model slower than float.", "",
+                  "| model | engine | FP32 ms | leanvit INT8 ms | FP32 / leanvit | NNCF INT8 ms | leanvit / NNCF |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in timed:
+            t = r["latency"]
+            speedup = t["fp32_ms"] / t["leanvit_ms"]
+            nncf = (f"{t['nncf_ms']:.2f} | {t['leanvit_ms'] / t['nncf_ms']:.2f}" if "nncf_ms" in t
+                    else f"failed: {t.get('nncf_error', '?')[:80]} | –")
+            lines.append(f"| {r['model']} | {r['engine']} | {t['fp32_ms']:.2f} | {t['leanvit_ms']:.2f} | "
+                         f"{speedup:.2f}{' ↓' if speedup < 1 else ''} | {nncf} |")
     return "\n".join(lines)
 
 
