@@ -225,6 +225,18 @@ def test_recipes_keep_the_first_and_last_layers_at_8_bits(tiny_vit):
         QuantConfig.recipe("best", "w8a8")
 
 
+def test_depthwise_convs_with_a_channel_multiplier_stay_float():
+    """No engine has an INT8 kernel for a depthwise conv writing several channels per input channel (FastViT's
+    downsampling): it stays float and is said to, even where depthwise convs are quantized; plain ones are."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, groups=8),
+                          nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 4, 1)).eval()
+    report = quantize(model, torch.randn(16, 3, 12, 12), QuantConfig.recipe("mse", "w8a8", target="vnni"),
+                      progress=False).quant_report
+    assert "2" not in report.quantized and "4" in report.quantized
+    assert report.float_layers["2"].startswith("depthwise convolution with a channel multiplier (2 outputs per")
+    assert "float by design" in report.float_layers["2"] and "2" not in report.float_compute_layers
+
+
 def test_recipes_keep_deployable_bit_widths_whole():
     """W7A8 (exact INT8 on CPUs without VNNI) and W8A8 keep every layer at their width: no 8-bit ends."""
     assert QuantConfig.recipe("mse", "w7a8").edge_bits is None and QuantConfig.recipe("hybrid", "w8a8").edge_bits is None

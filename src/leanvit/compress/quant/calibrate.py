@@ -70,7 +70,8 @@ class QuantConfig:
     layer_bits: tuple[tuple[str, str], ...] = ()
     #: depthwise convolutions stay in float by default: without VNNI the CPU engines' INT8 depthwise kernels
     #: are no faster than their float ones (see :data:`TARGETS`, ``recipe(target="vnni")`` turns them on) and
-    #: a few weights per channel make them the most rounding-sensitive convs
+    #: a few weights per channel make them the most rounding-sensitive convs. One with a channel multiplier
+    #: (several outputs per input channel) stays float either way: no engine has an INT8 kernel for it
     quantize_depthwise: bool = False
     #: also quantize each convolution's output (uint8, per tensor) and snap conv and Linear biases to the int32
     #: grid: ONNX Runtime runs a QDQ convolution as its INT8 QLinearConv only then (else in float), and a
@@ -297,6 +298,26 @@ def is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
 
 
+def depthwise_float_reason(module: nn.Module, config: QuantConfig) -> str | None:
+    """Why ``module``, a depthwise conv, stays float under ``config``; None if it is quantized or not depthwise.
+
+    One with a channel multiplier (several outputs per input channel: FastViT's and MobileOne's downsampling
+    convs) stays float whatever ``quantize_depthwise`` says: neither engine has an INT8 depthwise kernel for it,
+    and their generic INT8 convolutions run it slower than float (one conv, AMD EPYC with VNNI, batch 1, 2
+    threads: OpenVINO 1.3-1.4x, ONNX Runtime 9x; ``benchmarks/ptq_families.py --latency``, FastViT-T8).
+    """
+    if not is_depthwise(module):
+        return None
+    if module.out_channels > module.in_channels:
+        return (f"depthwise convolution with a channel multiplier ({module.out_channels // module.in_channels} "
+                "outputs per input channel): float by design, no engine has an INT8 kernel for it (their generic "
+                "INT8 convolution runs it slower than float)")
+    if not config.quantize_depthwise:
+        return ("depthwise convolution: float by design, the CPU engines' INT8 depthwise kernels are no faster "
+                "(QuantConfig.quantize_depthwise=True to quantize)")
+    return None
+
+
 def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, constant: set[str]) -> dict[str, nn.Module]:
     inside_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                   for c, _ in m.named_modules() if c}
@@ -306,7 +327,7 @@ def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, con
     if config.edge_bits:
         candidates = [n for n, m in model.named_modules() if quantizable_type(m) is not None and n not in inside_mha
                       and n not in constant
-                      and (config.quantize_depthwise or not is_depthwise(m))
+                      and depthwise_float_reason(m, config) is None
                       and not any(fnmatch.fnmatchcase(n, p) for p in config.skip)]
         if candidates:
             edges = tuple((n, config.edge_bits) for n in dict.fromkeys((candidates[0], candidates[-1])))
@@ -317,9 +338,8 @@ def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, con
         skipped = any(fnmatch.fnmatchcase(name, p) for p in config.skip)
         if name in constant:
             continue
-        if quant_type is not None and is_depthwise(module) and not config.quantize_depthwise:
-            report.float_layers[name] = ("depthwise convolution: float by design, the CPU engines' INT8 depthwise "
-                                         "kernels are no faster (QuantConfig.quantize_depthwise=True to quantize)")
+        if quant_type is not None and (depthwise := depthwise_float_reason(module, config)) is not None:
+            report.float_layers[name] = depthwise
         elif quant_type is not None and name not in inside_mha and not skipped:
             swapped[name] = quant_type.from_float(module, *config.schemes(name))
             model.set_submodule(name, swapped[name])
