@@ -339,3 +339,50 @@ def test_openvino_elementwise_subgraphs_are_not_taken_for_float_matmuls():
     assert fuses_a_matmul("/blocks.0/attn/MatMul_1,/blocks.0/attn/Softmax")  # TorchScript exporter's names
     assert fuses_a_matmul("Multiply_12919,Add_15940,Softmax_12922,node_scaled_dot_product_attention,node_transpose_1,")
     assert not fuses_a_matmul("node_scaled_dot_product_attention/DequantizationMultiply")  # elementwise, split off
+
+
+class _TransposedMlp(torch.nn.Module):
+    """PVT-v2's MLP: a Linear on tokens, its output transposed to feed a depthwise conv, then back to tokens;
+    with ``residual`` the Linear's output is also added to the result (read elsewhere than through the view)."""
+
+    def __init__(self, dim=16, hidden=32, residual=False):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, dim, 1)
+        self.fc1, self.fc2 = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+        self.dwconv = torch.nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.residual = residual
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        h = self.fc1(self.stem(x).flatten(2).transpose(1, 2))
+        y = self.dwconv(h.transpose(1, 2).view(B, -1, H, W)).flatten(2).transpose(1, 2)
+        return self.fc2(torch.nn.functional.gelu(y + h if self.residual else y))
+
+
+def test_inputs_read_through_a_transpose_are_quantized_where_they_are_written(tmp_path):
+    """``producer_quantizers`` (the OpenVINO recipe): a layer reading another's output through a transpose gets
+    it quantized by the writer on its own grid, so OpenVINO's transpose moves int8; the simulation is unchanged.
+    Not where the output is also read elsewhere (the model would change)."""
+    torch.manual_seed(0)
+    calib, x = torch.randn(16, 3, 6, 6), torch.randn(1, 3, 6, 6)
+    config = QuantConfig.recipe("mse", "w8a8", target="vnni", engine="openvino")
+    assert config.producer_quantizers and not QuantConfig.recipe("mse", engine="onnxruntime").producer_quantizers
+    for residual in (False, True):
+        model = _TransposedMlp(residual=residual).eval()
+        q = quantize(model, calib, config, progress=False)
+        plain = quantize(model, calib, replace(config, producer_quantizers=False), progress=False)
+        with torch.no_grad():
+            assert torch.equal(q(x), plain(x))
+        assert (q.fc1.output_quantizer is None) == residual and q.dwconv.output_quantizer is None
+        assert ("outputs on dwconv's input grid" in q.quant_report.quantized["fc1"]) != residual
+    model = _TransposedMlp().eval()
+    xmls = {flag: export(quantize(model, calib, replace(config, producer_quantizers=flag), progress=False),
+                         tmp_path / f"mlp_{flag}.xml", engine="openvino", example=x) for flag in (False, True)}
+    compiled = {flag: get_engine("openvino", threads=1).load_model_file(xml) for flag, xml in xmls.items()}
+
+    def transposes(runner):  # the runtime precision of each Transpose OpenVINO kept as its own node
+        return [op.get_rt_info()["outputPrecisions"].astype(str) for op in runner.compiled.get_runtime_model()
+                .get_ordered_ops() if op.get_rt_info()["layerType"].astype(str) == "Transpose"]
+
+    assert "f32" in transposes(compiled[False]) and "f32" not in transposes(compiled[True])
+    np.testing.assert_allclose(compiled[True](x.numpy()), compiled[False](x.numpy()), atol=1e-5)

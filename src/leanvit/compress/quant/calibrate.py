@@ -102,6 +102,11 @@ class QuantConfig:
     #: q and k conv outputs. OpenVINO fuses those quantizers into the INT8 projections (DeiT-tiny ~10 %
     #: faster at 224x224); ONNX Runtime runs DeiT's ~15 % slower (``benchmarks/recipe_ab.py``). ``recipe(engine="openvino")`` turns it on.
     share_qkv_quantizer: bool = False
+    #: quantize a layer's input where another quantized layer writes it, when only reshapes and transposes (views)
+    #: lie between them: the same integers, but OpenVINO fuses the quantizer into the writing layer, whose output is
+    #: then int8, and the transposes move int8 or fold into its layout reorders (PVT-v2-B0's Linear -> transpose ->
+    #: depthwise conv: its INT8 model ~25 % faster). ``recipe(engine="openvino")`` turns it on.
+    producer_quantizers: bool = False
     #: bit-widths of the first and the last quantized layer (stem or patch embedding, classifier), e.g.
     #: "w8a8" in a W4A4 model as RepQ-ViT and PTQ4ViT do; None: like every other layer. ``layer_bits`` wins.
     edge_bits: str | None = None
@@ -159,7 +164,8 @@ class QuantConfig:
 
         if engine not in ENGINES:
             raise LeanvitError(f"Unknown engine '{engine}'; quantization recipes are for {' or '.join(ENGINES)}.")
-        overrides = {"share_qkv_quantizer": engine == "openvino", **overrides}
+        overrides = {"share_qkv_quantizer": engine == "openvino", "producer_quantizers": engine == "openvino",
+                     **overrides}
         if engine == "onnxruntime" and a_bits == 8:
             overrides = {"quantize_conv_outputs": True, **overrides}
         if resolve_target(target) == "vnni" and a_bits == 8 and w_bits >= 7:
@@ -457,6 +463,8 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
             report.quantized[name] = attention.describe()
     if config.quantize_conv_outputs:  # after every step that changes weights or biases
         _quantize_conv_outputs(qmodel, layers, batches, config, report)
+    if config.producer_quantizers:  # last: it copies the consumers' final quantizers
+        _quantize_at_producers(qmodel, layers, batches[0][:1], report)
     if report.float_compute_layers:
         listed = "\n".join(f"  {n}: {r}" for n, r in report.float_compute_layers.items())
         warnings.warn(f"{len(report.float_compute_layers)} compute layers stay in float:\n{listed}", stacklevel=2)
@@ -535,6 +543,48 @@ def _quantize_conv_outputs(qmodel: nn.Module, layers: dict[str, nn.Module], batc
         observer, quantizer.observer = quantizer.observer, None
         quantizer.set_range(*observer.range(quantizer.scheme, config.a_method, percentile=config.percentile))
         report.quantized[name] += f"; outputs {quantizer.scheme}, int32 bias"
+
+
+def _quantize_at_producers(qmodel: nn.Module, layers: dict[str, nn.Module], image: torch.Tensor,
+                           report: QuantReport) -> None:
+    """Give a quantized layer whose output reaches exactly one other quantized layer's per-tensor input through
+    views only (a reshape, a transpose: the same storage) that input quantizer as its output quantizer.
+
+    Why: OpenVINO fuses a quantizer that directly follows a conv or fully-connected layer into it, which then
+    writes int8; a transpose in between keeps it apart, and the transpose then moves f32 through a generic kernel
+    (PVT-v2's MLP transposes its Linear's output to feed a depthwise conv). Quantized at the producer, the same
+    integers cross the transpose as int8, which OpenVINO folds into its layout reorder. The consumer's quantizer
+    stays (a no-op re-quantization on the same grid). Views are found by storage in one forward; a producer whose
+    output is also read elsewhere would change the model's output, so each is kept only if the output is unchanged.
+    """
+    outputs: dict[str, list[torch.Tensor]] = {}
+    inputs: dict[str, list[torch.Tensor]] = {}
+    hooks = [layer.register_forward_hook(lambda _, __, out, n=name: outputs.setdefault(n, []).append(out))
+             for name, layer in layers.items()]
+    hooks += [layer.register_forward_pre_hook(lambda _, args, n=name: inputs.setdefault(n, []).append(args[0]))
+              for name, layer in layers.items()]
+    try:
+        reference = qmodel(image)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    written_by = {out.untyped_storage().data_ptr(): name for name, outs in outputs.items() if len(outs) == 1
+                  for out in outs}
+    readers: dict[str, list[str]] = {}
+    for name, ins in inputs.items():
+        producer = written_by.get(ins[0].untyped_storage().data_ptr()) if len(ins) == 1 else None
+        out = outputs[producer][0] if producer is not None else None
+        if out is not None and producer != name and (ins[0].shape, ins[0].stride()) != (out.shape, out.stride()):
+            readers.setdefault(producer, []).append(name)
+    for producer, (consumer, *others) in readers.items():
+        layer, quantizer = layers[producer], layers[consumer].input_quantizer
+        if others or quantizer.scheme.per_channel or getattr(layer, "output_quantizer", None) is not None:
+            continue
+        layer.output_quantizer = copy.deepcopy(quantizer)
+        if torch.equal(qmodel(image), reference):
+            report.quantized[producer] += f"; outputs on {consumer}'s input grid (it reads them reshaped)"
+        else:  # the output is read elsewhere too
+            layer.output_quantizer = None
 
 
 def _best_scheme(observer: RangeObserver, layer: nn.Module, config: QuantConfig) -> QScheme:

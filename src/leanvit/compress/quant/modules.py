@@ -7,7 +7,8 @@ look-ups in timm code and ``isinstance`` checks all still work; they add an ``in
 Runtime consume: each layer reads int8/uint8 activations and int8 weights and writes float, which
 the next layer re-quantizes. A convolution may also quantize its output (``output_quantizer``,
 ``QuantConfig.quantize_conv_outputs``): ONNX Runtime only runs a QDQ convolution as its INT8 QLinearConv
-when the output is quantized too.
+when the output is quantized too. Either layer quantizes its output when the next layer reads it through a
+reshape or transpose (``QuantConfig.producer_quantizers``), so that OpenVINO moves it as int8.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class QuantLinear(nn.Linear):
         q.weight, q.bias = layer.weight, layer.bias
         q.input_quantizer = FakeQuantizer(act, axis=-1, channels=layer.in_features)
         q.weight_quantizer = FakeQuantizer(weight, axis=0, channels=layer.out_features)
+        q.output_quantizer = None  # a FakeQuantizer when the next layer reads its output reshaped
         return q
 
     def to_float(self) -> nn.Linear:
@@ -39,7 +41,8 @@ class QuantLinear(nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        y = F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return y if self.output_quantizer is None else self.output_quantizer(y)
 
 
 class QuantConv2d(nn.Conv2d):
@@ -51,7 +54,7 @@ class QuantConv2d(nn.Conv2d):
         q.weight, q.bias = layer.weight, layer.bias
         q.input_quantizer = FakeQuantizer(act, axis=1, channels=layer.in_channels)
         q.weight_quantizer = FakeQuantizer(weight, axis=0, channels=layer.out_channels)
-        q.output_quantizer = None  # a FakeQuantizer when the engine needs quantized conv outputs
+        q.output_quantizer = None  # a FakeQuantizer when the engine needs quantized conv outputs, or see QuantLinear
         return q
 
     def to_float(self) -> nn.Conv2d:
