@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 
 from ...errors import LeanvitError, check_range
 from .attention import SOFTMAX_QUANTIZERS, QuantMatmuls, own_calls, quantized_counterpart, swap_attention
@@ -105,7 +106,7 @@ class QuantConfig:
     #: quantize a layer's input where another quantized layer writes it, when only reshapes and transposes (views)
     #: lie between them: the same integers, but OpenVINO fuses the quantizer into the writing layer, whose output is
     #: then int8, and the transposes move int8 or fold into its layout reorders (PVT-v2-B0's Linear -> transpose ->
-    #: depthwise conv: its INT8 model ~25 % faster). ``recipe(engine="openvino")`` turns it on.
+    #: depthwise conv: its INT8 model 13-24 % faster in two paired timings). ``recipe(engine="openvino")`` turns it on.
     producer_quantizers: bool = False
     #: bit-widths of the first and the last quantized layer (stem or patch embedding, classifier), e.g.
     #: "w8a8" in a W4A4 model as RepQ-ViT and PTQ4ViT do; None: like every other layer. ``layer_bits`` wins.
@@ -307,8 +308,7 @@ def is_depthwise(module: nn.Module) -> bool:
 def depthwise_float_reason(module: nn.Module, config: QuantConfig) -> str | None:
     """Why ``module``, a depthwise conv, stays float under ``config``; None if it is quantized or not depthwise.
 
-    One with a channel multiplier (several outputs per input channel: FastViT's and MobileOne's downsampling
-    convs) stays float whatever ``quantize_depthwise`` says: neither engine has an INT8 depthwise kernel for it,
+    One with a channel multiplier (several outputs per input channel: FastViT's downsampling convs) stays float whatever ``quantize_depthwise`` says: neither engine has an INT8 depthwise kernel for it,
     and their generic INT8 convolutions run it slower than float (one conv, AMD EPYC with VNNI, batch 1, 2
     threads: OpenVINO 1.3-1.4x, ONNX Runtime 9x; ``benchmarks/ptq_families.py --latency``, FastViT-T8).
     """
@@ -581,10 +581,18 @@ def _quantize_at_producers(qmodel: nn.Module, layers: dict[str, nn.Module], imag
         if others or quantizer.scheme.per_channel or getattr(layer, "output_quantizer", None) is not None:
             continue
         layer.output_quantizer = copy.deepcopy(quantizer)
-        if torch.equal(qmodel(image), reference):
+        if _equal_outputs(qmodel(image), reference):
             report.quantized[producer] += f"; outputs on {consumer}'s input grid (it reads them reshaped)"
         else:  # the output is read elsewhere too
             layer.output_quantizer = None
+
+
+def _equal_outputs(a, b) -> bool:
+    """Whether two model outputs (a tensor, or a tuple / dict of them) are bit-identical."""
+    leaves_a, spec_a = tree_flatten(a)
+    leaves_b, spec_b = tree_flatten(b)
+    return spec_a == spec_b and all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+                                    for x, y in zip(leaves_a, leaves_b))
 
 
 def _best_scheme(observer: RangeObserver, layer: nn.Module, config: QuantConfig) -> QScheme:
