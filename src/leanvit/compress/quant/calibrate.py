@@ -571,14 +571,14 @@ def _quantize_at_producers(qmodel: nn.Module, layers: dict[str, nn.Module], imag
     written_by = {out.untyped_storage().data_ptr(): name for name, outs in outputs.items() if len(outs) == 1
                   for out in outs}
     readers: dict[str, list[str]] = {}
-    for name, ins in inputs.items():
-        producer = written_by.get(ins[0].untyped_storage().data_ptr()) if len(ins) == 1 else None
-        out = outputs[producer][0] if producer is not None else None
-        if out is not None and producer != name and (ins[0].shape, ins[0].stride()) != (out.shape, out.stride()):
+    for name, (x, *more) in inputs.items():
+        producer = None if more else written_by.get(x.untyped_storage().data_ptr())
+        out = outputs[producer][0] if producer not in (None, name) else None
+        if out is not None and (x.shape, x.stride()) != (out.shape, out.stride()):  # a view, not the tensor itself
             readers.setdefault(producer, []).append(name)
     for producer, (consumer, *others) in readers.items():
         layer, quantizer = layers[producer], layers[consumer].input_quantizer
-        if others or quantizer.scheme.per_channel or getattr(layer, "output_quantizer", None) is not None:
+        if others or quantizer.scheme.per_channel or layer.output_quantizer is not None:
             continue
         layer.output_quantizer = copy.deepcopy(quantizer)
         if _equal_outputs(qmodel(image), reference):
