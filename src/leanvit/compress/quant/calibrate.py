@@ -106,7 +106,7 @@ class QuantConfig:
     #: quantize a layer's input where another quantized layer writes it, when only reshapes and transposes (views)
     #: lie between them: the same integers, but OpenVINO fuses the quantizer into the writing layer, whose output is
     #: then int8, and the transposes move int8 or fold into its layout reorders (PVT-v2-B0's Linear -> transpose ->
-    #: depthwise conv: its INT8 model 13-24 % faster in two paired timings). ``recipe(engine="openvino")`` turns it on.
+    #: depthwise conv: its INT8 model 1.38x faster, ``benchmarks/results/recipe-ab-producers-epyc/``). ``recipe(engine="openvino")`` turns it on.
     producer_quantizers: bool = False
     #: bit-widths of the first and the last quantized layer (stem or patch embedding, classifier), e.g.
     #: "w8a8" in a W4A4 model as RepQ-ViT and PTQ4ViT do; None: like every other layer. ``layer_bits`` wins.
