@@ -39,7 +39,7 @@ def main() -> None:
                 warnings.simplefilter("ignore")
                 path = export_onnx(model, x, args.out / name / f"opset{opset}.onnx", opset=opset)
             for engine_name, engine in engines.items():
-                runner = engine.load_onnx(path) if engine_name == "onnxruntime" else engine.load_model_file(path)
+                runner = engine.load_model_file(path)
                 fns[(engine_name, opset)] = (lambda r=runner, a=x.numpy(): r(a))
         timings = time_alternating(fns, TimingBudget(budget_s=args.budget_s * len(fns)), rounds=args.rounds)
         row = {"model": name, **{f"{e}_op{o}_ms": round(t.median, 3) for (e, o), t in timings.items()}}

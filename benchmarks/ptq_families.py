@@ -76,23 +76,17 @@ def engine_float_layers(engine: str, path: Path, runner) -> list[str]:
     return [n for n, (_, p) in quant.onnxruntime_precisions(path, modules).items() if p != "int8"]
 
 
-def load_file(engine, engine_name: str, path: Path):
-    """``path`` (an ONNX file, or OpenVINO IR) compiled on ``engine``."""
-    return engine.load_model_file(path) if engine_name == "openvino" else engine.load_onnx(path)
-
-
 def latency(model: torch.nn.Module, calib: torch.Tensor, runner, engine, engine_name: str, out: Path) -> dict:
     """Median ms of the float model, leanvit's INT8 ``runner`` and NNCF's INT8 model on ``engine``, timed
     side by side; NNCF's failure is recorded, not fatal."""
     x = calib[:1]
     fp_onnx = export_onnx(model, x, out / "fp32.onnx")
-    runners, row = {"fp32": load_file(engine, engine_name, fp_onnx), "leanvit": runner}, {}
+    runners, row = {"fp32": engine.load_model_file(fp_onnx), "leanvit": runner}, {}
     calib_set = torch.utils.data.TensorDataset(calib)  # nncf_* read batch[0] of each batch-1 item
     x_np = x.numpy()
     try:
         if engine_name == "openvino":
-            nncf = load_file(engine, engine_name,
-                             nncf_openvino(fp_onnx, calib_set, out / "nncf_int8.xml", nncf_kwargs(model)))
+            nncf = engine.load_model_file(nncf_openvino(fp_onnx, calib_set, out / "nncf_int8.xml", nncf_kwargs(model)))
         else:
             nncf = nncf_onnx_runner(fp_onnx, calib_set, out / "nncf_int8.onnx", engine, nncf_kwargs(model))
             if isinstance(nncf, str):
@@ -118,7 +112,7 @@ def measure(name: str, engine_name: str, out: Path, timed: bool = False) -> dict
         qmodel = quant.quantize(model, calib, config, progress=False)
         path = quant.export(qmodel, out / name / f"{engine_name}.xml", engine=engine_name, example=images[:1])
     engine = get_engine(engine_name, threads=2)
-    runner = load_file(engine, engine_name, path)
+    runner = engine.load_model_file(path)
     on_engine = np.concatenate([runner(images[i:i + 1].numpy()) for i in range(len(images))])
     simulated, fp32 = qmodel(images).numpy(), model(images).numpy()
     report = qmodel.quant_report

@@ -48,21 +48,21 @@ def main() -> None:
     engine = get_engine(args.engine, threads=args.threads, precision="f32")
     calib = torch.randn(16, 3, 224, 224)
     x = calib[:1]
-    suffix, load = (".xml", engine.load_model_file) if args.engine == "openvino" else (".onnx", engine.load_onnx)
+    suffix = ".xml" if args.engine == "openvino" else ".onnx"
     rows = []
     for name in args.models:
         model = create_model(name).eval()
         folder = args.out / name
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # float layers are listed in ptq.py's reports
-            runners = {"fp32": load(export_onnx(model, x, folder / "fp32.onnx"))}
+            runners = {"fp32": engine.load_model_file(export_onnx(model, x, folder / "fp32.onnx"))}
             outputs = {}
             for label, config in (("A", base), ("B", changed)):
                 qmodel = quant.quantize(model, calib, config, progress=False)
                 with torch.no_grad():
                     outputs[label] = qmodel(calib)
                 path = quant.export(qmodel, folder / f"int8_{label}{suffix}", engine=args.engine, example=x)
-                runners[label] = load(path)
+                runners[label] = engine.load_model_file(path)
         fns = {key: (lambda r=runner, a=x.numpy(): r(a)) for key, runner in runners.items()}
         timings = time_alternating(fns, TimingBudget(budget_s=args.budget_s * len(fns)), rounds=args.rounds)
         ms = {key: t.median for key, t in timings.items()}

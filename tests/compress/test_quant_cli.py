@@ -22,6 +22,30 @@ def test_quantize_exports_and_reports(tmp_path, capsys):
     assert json.loads((out / "report.json").read_text())["exported"] == result["exported"]
     for key in ("top1", "sim_top1", "engine_top1"):
         assert 0.0 <= result[key] <= 100.0
+    latency = result["latency"]  # the INT8 model timed against the float one on the same engine
+    assert latency["engine"] == "onnxruntime" and latency["threads"] == 1 and latency["batch"] == 1
+    assert latency["float_ms"] > 0 and latency["quantized_ms"] > 0
+    assert latency["ratio"] == pytest.approx(latency["float_ms"] / latency["quantized_ms"], rel=1e-2)
+
+
+def test_an_int8_model_slower_than_float_is_a_warning(tmp_path, monkeypatch, capsys):
+    """Whether INT8 pays is the engine's and the CPU's call: when it does not, the user is told, with what to try."""
+    from leanvit.bench import speedup
+
+    timed = []
+
+    def slower(model, runner, engine, example):
+        timed.append(engine.name)
+        return speedup.Speedup(engine.name, 1, 1, float_ms=1.0, quantized_ms=2.0, rounds=6)
+
+    monkeypatch.setattr(speedup, "measure_speedup", slower)
+    argv = ["quantize", *TINY, "--engine", "onnxruntime", "--out", str(tmp_path / "q")]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "runs the INT8 model slower than the float one (2.00 against 1.00 ms" in err and "--engine openvino" in err
+    assert "latency  onnxruntime INT8 2.00 ms, float 1.00 ms: 0.50x" in out
+    assert main([*argv, "--no-latency", "--json"]) == 0
+    assert "latency" not in json.loads(capsys.readouterr().out) and timed == ["onnxruntime"]
 
 
 def test_a_vnni_target_runs_the_attention_matmuls_in_int8_too(capsys):

@@ -23,7 +23,7 @@ def check_engines(tmp_path):
         assert not [w for w in record if "TorchScript exporter" in str(w.message)]
         batches = [torch.randn(1, 3, size, size), torch.randn(3, 3, size, size)]
         for engine in (get_engine("onnxruntime", threads=1), get_engine("openvino", threads=1)):
-            runner = engine.load_model_file(path) if engine.name == "openvino" else engine.load_onnx(path)
+            runner = engine.load_model_file(path)
             agreement = check_agreement(model, runner, batches)
             assert agreement.max_abs_err <= 1e-3 and agreement.top1_agreement == 1.0, (engine.name, agreement)
 

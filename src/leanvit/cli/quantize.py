@@ -91,6 +91,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="engine the model is for (default openvino); onnxruntime also quantizes convolution outputs, "
                         "which its INT8 QLinearConv needs")
     p.add_argument("--out", type=Path, help="folder to write the INT8 model and report.json to")
+    p.add_argument("--no-latency", action="store_true",
+                   help="with --out: skip timing the INT8 model against the float model on the engine (~10 s)")
     p.add_argument("--eval", metavar="DATA", help="dataset to measure top-1 on (any layout `leanvit eval` reads)")
     p.add_argument("--eval-images", type=positive_int, help="evaluate on this many images (class-balanced)")
     p.add_argument("--batch-size", type=positive_int, default=32)
@@ -98,6 +100,15 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
     return p
+
+
+#: what to try when the INT8 model is slower than the float one on the engine it was exported for
+_SLOWER_HINTS = {
+    "onnxruntime": "ONNX Runtime runs the activations between INT8 convolutions in float, with a dequantize and a "
+                   "quantize pass around each; try --engine openvino, or --skip the convolutions",
+    "openvino": "on a CPU without VNNI its INT8 kernels gain little; check --target (auto picks this CPU's), and "
+                "keep slow layers float with --skip",
+}
 
 
 def _layer_bits(text: str) -> tuple[str, str]:
@@ -166,7 +177,16 @@ def run(args: argparse.Namespace) -> int:
         from ..deploy import get_engine
 
         engine = get_engine(args.engine, threads=args.threads)
-        runner = engine.load_model_file(path) if args.engine == "openvino" else engine.load_onnx(path)
+        runner = engine.load_model_file(path)
+        if not args.no_latency:
+            from ..bench.speedup import measure_speedup
+
+            speedup = measure_speedup(model, runner, engine, torch.randn_like(example))
+            result["latency"] = speedup.to_dict()
+            if speedup.ratio < 1:
+                print(f"leanvit quantize: warning: on this CPU {args.engine} runs the INT8 model slower than the "
+                      f"float one ({speedup.quantized_ms:.2f} against {speedup.float_ms:.2f} ms, batch 1, "
+                      f"{args.threads} threads): {_SLOWER_HINTS[args.engine]}", file=sys.stderr)
 
     if args.eval:
         dataset = open_dataset(args.eval, transform=transform)
@@ -194,6 +214,11 @@ def run(args: argparse.Namespace) -> int:
           f"{report.summary()}")
     if args.out:
         print(f"wrote    {result['exported']}  (and report.json)")
+    if "latency" in result:
+        speedup = result["latency"]
+        print(f"latency  {args.engine} INT8 {speedup['quantized_ms']:.2f} ms, float {speedup['float_ms']:.2f} ms: "
+              f"{speedup['ratio']:.2f}x  (medians, batch 1, {args.threads} threads, {speedup['rounds']} alternating "
+              "rounds; --no-latency skips)")
     if args.eval:
         line = f"top-1    float {result['top1']:.2f} %  simulated {result['sim_top1']:.2f} %"
         if "engine_top1" in result:

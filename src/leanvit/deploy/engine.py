@@ -54,6 +54,11 @@ class Engine(ABC):
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir: str | Path | None = None) -> Runner:
         """Put ``model`` on this engine for inputs shaped like ``example`` (exporting as needed)."""
 
+    def load_model_file(self, path, *, info: dict | None = None) -> Runner:
+        """Run a model file written elsewhere (an INT8 model from a quantizer, say), in a format this engine reads."""
+        raise LeanvitError(f"engine '{self.name}' loads models only through load(model, example); "
+                           f"run {Path(path).name} on onnxruntime or openvino.")
+
 
 _ENGINES: dict[str, type[Engine]] = {}
 

@@ -76,5 +76,9 @@ class OnnxRuntimeEngine(Engine):
             facts["disabled_optimizers"] = disabled
         return OrtRunner(session, self.precision, {**facts, **(info or {})})
 
+    def load_model_file(self, path, *, info: dict | None = None) -> OrtRunner:
+        """An ONNX file: :meth:`load_onnx`."""
+        return self.load_onnx(path, info=info)
+
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
         return self.load_onnx(cached_onnx(model, example, cache_dir=cache_dir))
