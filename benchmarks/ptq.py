@@ -13,8 +13,8 @@ outputs (``QuantConfig.recipe(engine="onnxruntime")``), without which its QDQ co
 Accuracy is top-1 of each engine running its file at batch 1, plus the simulation's top-1 and its top-1
 agreement with each engine, and McNemar's paired test of leanvit's INT8 against NNCF's on OpenVINO; latency is
 batch 1 with ``--threads`` threads, the six files timed in alternating rounds
-(``leanvit.bench.time_alternating``) so that the machine's drift hits them alike; ``--profile`` adds OpenVINO's
-per-op timings. Which compute nodes each engine runs in INT8 is read from the engine (OpenVINO's runtime
+(``leanvit.bench.time_alternating``) so that the machine's drift hits them alike; ``--profile`` adds each
+engine's own per-op timings. Which compute nodes each engine runs in INT8 is read from the engine (OpenVINO's runtime
 precisions, the graph ONNX Runtime executes after its fusions; those left in float are listed by layer). Writes
 ``ptq.json``, ``ptq.md`` and ``ptq.png``.
 """
@@ -84,6 +84,25 @@ def op_profile(engine, path: Path, x: np.ndarray, runs: int = 50) -> dict[str, f
             if node.status == node.Status.EXECUTED:
                 key = f"{node.node_type} ({node.exec_type.rsplit('_', 1)[-1].lower()})"
                 totals[key] = totals.get(key, 0.0) + node.real_time.total_seconds() * 1e3 / runs
+    return {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+
+
+def ort_op_profile(ort, path: Path, x: np.ndarray, runs: int = 50, warmup: int = 10) -> dict[str, float]:
+    """ONNX Runtime's own per-kernel timings summed by op type and input element type (ms per inference, mean
+    over ``runs`` after ``warmup``): which ops an INT8 model runs in float, what its quantize / dequantize cost."""
+    runner = ort.load_onnx(path, profile=True)
+    for _ in range(warmup + runs):
+        runner(x)
+    trace = Path(runner.session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    totals: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= starts[warmup]:
+            inputs = event["args"].get("input_type_shape") or [{"-": None}]
+            key = f"{event['args']['op_name']} ({next(iter(inputs[0]))})"
+            totals[key] = totals.get(key, 0.0) + event["dur"] / 1e3 / runs
     return {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v >= 0.01}
 
 
@@ -180,6 +199,9 @@ def bench_model(entry: dict, args) -> dict:
     if args.profile:
         row["op_ms"] = {kind: op_profile(engine, path, x.numpy())
                         for kind, path in (("fp32", fp_onnx), ("leanvit", xml), ("nncf", nncf_xml))}
+        ort_files = [("fp32", fp_onnx), ("leanvit", lean_onnx)]
+        ort_files += [("nncf", out / "nncf_int8.onnx")] if nncf_ort is not None else []
+        row["ort_op_ms"] = {kind: ort_op_profile(ort, path, x.numpy()) for kind, path in ort_files}
     return row
 
 
@@ -259,14 +281,18 @@ def render_markdown(rows: list[dict], args, host: dict) -> str:
         lines.append(f"- {r['model']}: " + (", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) or "none"))
     lines += ["", "Compute nodes ONNX Runtime runs in float in leanvit's ORT model:", ""]
     lines += [f"- {r['model']}: {', '.join(r.get('leanvit_ort_float_nodes', [])) or 'none'}" for r in rows]
+    profiles = (("op_ms", "OpenVINO time per op type and execution precision", "op (precision)"),
+                ("ort_op_ms", "ONNX Runtime time per op type and input element type", "op (input type)"))
     for r in rows:
-        if "op_ms" not in r:
-            continue
-        kinds = list(r["op_ms"])
-        ops = list(dict.fromkeys(op for kind in kinds for op in r["op_ms"][kind]))
-        lines += ["", f"## {r['model']}: OpenVINO time per op type and execution precision (ms per inference)", "",
-                  "| op (precision) | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-        lines += [f"| {op} | " + " | ".join(f"{r['op_ms'][k].get(op, 0):.2f}" for k in kinds) + " |" for op in ops]
+        for key, title, column in profiles:
+            if key not in r:
+                continue
+            kinds = list(r[key])
+            ops = list(dict.fromkeys(op for kind in kinds for op in r[key][kind]))
+            lines += ["", f"## {r['model']}: {title} (ms per inference)", "",
+                      f"| {column} | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+            lines += [f"| {op} | " + " | ".join(f"{r[key][k].get(op, 0):.2f}" for k in kinds) + " |" for op in ops]
+            lines.append("| total | " + " | ".join(f"{sum(r[key][k].values()):.2f}" for k in kinds) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -313,7 +339,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=6.0, help="timing budget per model and engine file (s)")
     p.add_argument("--rounds", type=int, default=6, help="FP32, leanvit and NNCF alternate in this many rounds")
     p.add_argument("--profile", action="store_true",
-                   help="also OpenVINO's per-op timings of the three models: where the INT8 time goes")
+                   help="also OpenVINO's and ONNX Runtime's per-op timings of the models: where the INT8 time goes")
     p.add_argument("--quant-kwargs", type=json.loads, default={},
                    help="other QuantConfig fields for leanvit's model (JSON), e.g. '{\"quantize_depthwise\": true}'")
     p.add_argument("--out", type=Path, default=HERE / "results" / "ptq")

@@ -1,4 +1,6 @@
 """Every CPU engine's round trip on tiny models: export, load, run, agree with eager."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -52,6 +54,24 @@ def test_dynamic_batch_export_runs_any_batch(tiny_cnn, tmp_path):
     runner = get_engine("onnxruntime", threads=1).load_onnx(path)
     x = torch.randn(5, 3, 64, 64)
     np.testing.assert_allclose(runner(x.numpy()), tiny_cnn(x).detach().numpy(), atol=1e-4)
+
+
+def test_onnxruntime_profiles_each_kernel_on_request(tiny_cnn, tmp_path):
+    """``profile=True``: the session records every kernel's time (what ``benchmarks/ptq.py --profile`` sums)."""
+    import json
+    import tempfile
+
+    path = export_onnx(tiny_cnn, torch.randn(1, 3, 64, 64), tmp_path / "m.onnx")
+    engine = get_engine("onnxruntime", threads=1)
+    assert not engine.load_onnx(path).session.get_session_options().enable_profiling
+    runner = engine.load_onnx(path, profile=True)
+    runner(torch.randn(1, 3, 64, 64).numpy())
+    trace_file = Path(runner.session.end_profiling())
+    assert trace_file.parent == Path(tempfile.gettempdir())  # not the working directory
+    trace = json.loads(trace_file.read_text())
+    trace_file.unlink()
+    ops = {event["args"]["op_name"] for event in trace if event.get("cat") == "Node"}
+    assert "Conv" in ops or "FusedConv" in ops, ops
 
 
 def test_divergence_is_detected(tiny_vit):

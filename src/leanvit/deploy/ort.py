@@ -1,6 +1,9 @@
 """ONNX Runtime: the CPU execution provider, or CUDA / TensorRT providers when present."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -52,11 +55,12 @@ class OnnxRuntimeEngine(Engine):
             )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
-    def load_onnx(self, path, *, info: dict | None = None, optimized_path=None) -> OrtRunner:
+    def load_onnx(self, path, *, info: dict | None = None, optimized_path=None, profile: bool = False) -> OrtRunner:
         """Open an ONNX file directly (a QDQ model from leanvit's quantizer, for instance).
 
         ``optimized_path``: also write the graph ONNX Runtime runs after its fusions there (which nodes
-        became INT8 kernels: :func:`leanvit.compress.quant.onnxruntime_precisions`)."""
+        became INT8 kernels: :func:`leanvit.compress.quant.onnxruntime_precisions`). ``profile``: record
+        every kernel's time (``runner.session.end_profiling()`` writes them, as Chrome trace JSON)."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -67,6 +71,9 @@ class OnnxRuntimeEngine(Engine):
         opts.log_severity_level = 3
         if optimized_path is not None:
             opts.optimized_model_filepath = str(optimized_path)
+        if profile:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / "leanvit_ort_profile")
         model = onnx_facts(path)
         disabled = list(QDQ_DISABLED_OPTIMIZERS) if model["qdq"] else []
         session = ort.InferenceSession(str(path), opts, providers=self.providers(), disabled_optimizers=disabled)
