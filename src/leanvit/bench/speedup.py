@@ -47,7 +47,7 @@ def measure_speedup(model: nn.Module, quantized: Runner, engine: Engine, example
     x = example.numpy()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on the float model are not the user's concern here
-        reference = engine.load_model_file(export_onnx(model.eval(), example, Path(tmp) / "float.onnx"))
+        reference = engine.load_model_file(export_onnx(model, example, Path(tmp) / "float.onnx"))
     timings = time_alternating({"float": lambda: reference(x), "quantized": lambda: quantized(x)},
                                TimingBudget(warmup_s=0.2, budget_s=budget_s), rounds=rounds)
     return Speedup(engine.name, engine.threads, example.shape[0], round(timings["float"].median, 3),

@@ -4,8 +4,8 @@ Calibrates on ``--calib-images`` class-balanced images of ``--calib`` (its train
 one), prints which layers stay in float and why, and with ``--out`` writes the deployable INT8 model
 (OpenVINO IR converted from a QDQ ONNX, or the QDQ ONNX alone for ONNX Runtime) plus
 ``report.json``, and times it against the float model on that engine, warning where INT8 is the slower
-of the two on this CPU (``--no-latency`` skips it). ``--eval DATA`` adds the top-1 of the float model, the simulation and, when exported,
-the engine running the INT8 file.
+of the two on this CPU (``--no-latency`` skips it). ``--eval DATA`` adds the top-1 of the float model,
+the simulation and, when exported, the engine running the INT8 file.
 """
 from __future__ import annotations
 
