@@ -51,6 +51,7 @@ def load(entry: dict, model_kwargs: dict):
     if entry.get("path"):
         model, meta = model_from_checkpoint(entry["model"], entry["path"], **model_kwargs)
     else:
+        torch.manual_seed(0)  # random weights: the same model in every run, so that runs compare
         model, meta = create_model(entry["model"], **model_kwargs), {}
     img_size = model_kwargs.get("img_size") if isinstance(model_kwargs.get("img_size"), int) else None
     return model.eval(), resolve_data_config(model, img_size=img_size, saved=meta.get("data_config"))
