@@ -32,7 +32,7 @@ import torch
 
 from leanvit.bench import host_info
 from leanvit.bench.report import host_lines
-from leanvit.bench.timing import TimingBudget, time_alternating
+from leanvit.bench.timing import TimingBudget, round_ratios, time_alternating
 from leanvit.checkpoint import model_from_checkpoint
 from leanvit.compress import quant
 from leanvit.data import (
@@ -196,6 +196,10 @@ def bench_model(entry: dict, args) -> dict:
     timings = time_alternating({kind: (lambda r=runner: r(x_np)) for kind, runner in runners}, budget,
                                rounds=args.rounds)
     row.update({f"{kind}_ms": round(t.median, 3) for kind, t in timings.items()})
+    # the same ratios round by round: how far the shared machine's state moved them in this run
+    pairs = {"fp32_over_leanvit": ("fp32", "leanvit"), "leanvit_over_nncf": ("leanvit", "nncf")}
+    row["round_ratios"] = {name: [round(float(v), 3) for v in round_ratios(timings[a], timings[b])]
+                           for name, (a, b) in pairs.items()}
     row["nncf_int8_layers"] = sum(p in ("i8", "u8") for _, p in quant.openvino_precisions(anchor.compiled).values())
     if args.profile:
         row["op_ms"] = {kind: op_profile(engine, path, x.numpy())
@@ -274,6 +278,12 @@ def render_markdown(rows: list[dict], args, host: dict) -> str:
             + f" | {r['ort_fp32_ms']:.2f} | {r['ort_leanvit_ms']:.2f} | "
             + (f"{nncf_ms:.2f} | {r['ort_leanvit_ms'] / nncf_ms:.2f}" if nncf_ms else "– | –")
             + f" | {r['ort_fp32_ms'] / r['ort_leanvit_ms']:.2f} |")
+    lines += ["", "OpenVINO ratios round by round (each round times the models back to back; min / median / max over "
+              f"the {args.rounds} rounds):", ""]
+    lines += [f"- {r['model']}: " + "; ".join(
+        f"{label} {min(v):.2f} / {float(np.median(v)):.2f} / {max(v):.2f}"
+        for label, v in (("FP32 / leanvit", r["round_ratios"]["fp32_over_leanvit"]),
+                         ("leanvit / NNCF", r["round_ratios"]["leanvit_over_nncf"]))) for r in rows if "round_ratios" in r]
     lines += ["", "The McNemar column counts the test images only one of the two INT8 models classifies right; p is "
               "the exact two-sided chance of a split at least that lopsided between equally accurate models.",
               "", "Layers leanvit leaves in float (reasons in ptq.json):", ""]

@@ -1,8 +1,11 @@
 import time
 
 import numpy as np
+import pytest
 
-from leanvit.bench.timing import Timing, TimingBudget, peak_rss_mb, reset_peak_rss, time_alternating, time_calls
+from leanvit.bench.timing import (
+    Timing, TimingBudget, peak_rss_mb, reset_peak_rss, round_ratios, time_alternating, time_calls,
+)
 
 
 def test_statistics():
@@ -38,3 +41,24 @@ def test_alternating_rounds_interleave_the_functions_and_pool_their_samples():
     timings = time_alternating({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, budget, rounds=3)
     assert calls == ["a", "a", "b", "b"] * 3  # each round: a's share, then b's
     assert timings["a"].n == timings["b"].n == 6
+    assert len(timings["a"].round_medians_ms) == 3
+
+
+def test_round_ratios_pair_the_two_timings_round_by_round():
+    """Each round's ratio compares two medians taken back to back, whatever the machine did between rounds."""
+    calls = []
+
+    def call(name, ms):  # "a" takes twice "b"'s time; both twice as long in every second ("busy") round
+        if name == "a" and calls[-1:] == ["b"] or not calls:
+            calls.append("round")
+        calls.append(name)
+        time.sleep(ms * (2 if calls.count("round") % 2 == 0 else 1) / 1000)
+
+    budget = TimingBudget(warmup_s=0, warmup_iters=0, budget_s=0, min_iters=12)
+    timings = time_alternating({"a": lambda: call("a", 2), "b": lambda: call("b", 1)}, budget, rounds=4)
+    ratios = round_ratios(timings["a"], timings["b"])
+    assert ratios.shape == (4,) and np.all((ratios > 1.5) & (ratios < 2.6)), ratios
+    a_rounds = timings["a"].round_medians_ms
+    assert a_rounds[1] > 1.5 * a_rounds[0] and a_rounds[3] > 1.5 * a_rounds[2]  # the busy rounds
+    with pytest.raises(ValueError):
+        round_ratios(timings["a"], Timing(np.ones(3)))

@@ -26,6 +26,8 @@ class TimingBudget:
 @dataclass
 class Timing:
     samples_ms: np.ndarray
+    #: from :func:`time_alternating`: the median of each round's samples, in round order
+    round_medians_ms: tuple[float, ...] = ()
 
     @property
     def n(self) -> int:
@@ -91,7 +93,20 @@ def time_alternating(fns: dict[str, Callable[[], object]], budget: TimingBudget 
     for _ in range(rounds):
         for name, fn in fns.items():
             samples[name].append(time_calls(fn, per_round).samples_ms)
-    return {name: Timing(np.concatenate(parts)) for name, parts in samples.items()}
+    return {name: Timing(np.concatenate(parts), tuple(float(np.median(part)) for part in parts))
+            for name, parts in samples.items()}
+
+
+def round_ratios(a: Timing, b: Timing) -> np.ndarray:
+    """``a``'s latency over ``b``'s within each alternating round.
+
+    A shared machine switches between states (a busy neighbour slows every model, INT8 ones more than f32): on the
+    2-core AMD EPYC efficientformerv2_s0's f32 / INT8 ratio ranged 1.31-2.11 over the 12 rounds of one run
+    (median 1.64; pooled medians 1.82, ``benchmarks/results/ptq-smoke-epyc-s26b/``). Within one round both models
+    saw the same state, so the spread of these ratios shows how far the machine moved a run's figure."""
+    if not a.round_medians_ms or len(a.round_medians_ms) != len(b.round_medians_ms):
+        raise ValueError("round_ratios needs two timings from the same time_alternating call")
+    return np.asarray(a.round_medians_ms) / np.asarray(b.round_medians_ms)
 
 
 _STATUS = Path("/proc/self/status")
