@@ -24,3 +24,4 @@ def test_the_float_model_runs_on_the_engine_and_the_slower_side_is_named(engine_
     assert speedup.quantized_ms >= 3.0 > speedup.float_ms > 0
     assert speedup.ratio == pytest.approx(speedup.float_ms / speedup.quantized_ms) and speedup.ratio < 1
     assert speedup.to_dict()["ratio"] == round(speedup.ratio, 3)
+    assert len(speedup.round_ratios) == 2 and all(0 < r < 1 for r in speedup.round_ratios)

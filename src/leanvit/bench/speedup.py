@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..deploy import export_onnx
 from ..deploy.engine import Engine, Runner
-from .timing import TimingBudget, time_alternating
+from .timing import TimingBudget, round_ratios, time_alternating
 
 
 @dataclass
@@ -30,6 +30,8 @@ class Speedup:
     float_ms: float
     quantized_ms: float
     rounds: int
+    #: float / quantized within each round (both timed back to back): how far the machine's load moved the ratio
+    round_ratios: tuple[float, ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -50,5 +52,6 @@ def measure_speedup(model: nn.Module, quantized: Runner, engine: Engine, example
         reference = engine.load_model_file(export_onnx(model, example, Path(tmp) / "float.onnx"))
     timings = time_alternating({"float": lambda: reference(x), "quantized": lambda: quantized(x)},
                                TimingBudget(warmup_s=0.2, budget_s=budget_s), rounds=rounds)
+    per_round = round_ratios(timings["float"], timings["quantized"])
     return Speedup(engine.name, engine.threads, example.shape[0], round(timings["float"].median, 3),
-                   round(timings["quantized"].median, 3), rounds)
+                   round(timings["quantized"].median, 3), rounds, tuple(round(float(r), 3) for r in per_round))
