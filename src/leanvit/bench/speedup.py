@@ -12,6 +12,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -22,7 +23,8 @@ from .timing import TimingBudget, round_ratios, time_alternating
 
 @dataclass
 class Speedup:
-    """Median latencies (ms) of a float model and its quantized counterpart, timed in alternating rounds."""
+    """Median latencies (ms) of a float model and its quantized counterpart, timed in alternating rounds, and
+    the speed-up measured round by round."""
 
     engine: str
     threads: int
@@ -35,8 +37,10 @@ class Speedup:
 
     @property
     def ratio(self) -> float:
-        """How many times faster the quantized model is (below 1: slower)."""
-        return self.float_ms / self.quantized_ms
+        """How many times faster the quantized model is (below 1: slower): the median of the per-round ratios,
+        which pair timings taken back to back (the pooled medians' ratio can land between two load states of a
+        shared machine, even outside every round's range), else ``float_ms / quantized_ms``."""
+        return float(np.median(self.round_ratios)) if self.round_ratios else self.float_ms / self.quantized_ms
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ratio": round(self.ratio, 3)}

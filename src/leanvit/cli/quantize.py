@@ -217,10 +217,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote    {result['exported']}  (and report.json)")
     if "latency" in result:
         speedup, spread = result["latency"], result["latency"]["round_ratios"]
-        spread = f"{min(spread):.2f}-{max(spread):.2f}x across " if spread else ""
-        print(f"latency  {args.engine} INT8 {speedup['quantized_ms']:.2f} ms, float {speedup['float_ms']:.2f} ms: "
-              f"{speedup['ratio']:.2f}x  (medians, batch 1, {args.threads} threads; {spread}{speedup['rounds']} "
-              "alternating rounds; --no-latency skips)")
+        spread = f"{min(spread):.2f}-{max(spread):.2f}x in " if spread else ""
+        print(f"latency  {args.engine} INT8 {speedup['quantized_ms']:.2f} ms, float {speedup['float_ms']:.2f} ms "
+              f"(medians, batch 1, {args.threads} threads): INT8 {speedup['ratio']:.2f}x as fast, median of "
+              f"{spread}{speedup['rounds']} alternating rounds  (--no-latency skips)")
     if args.eval:
         line = f"top-1    float {result['top1']:.2f} %  simulated {result['sim_top1']:.2f} %"
         if "engine_top1" in result:
