@@ -85,6 +85,11 @@ def op_profile(engine, path: Path, x: np.ndarray, runs: int = 50) -> dict[str, f
             if node.status == node.Status.EXECUTED:
                 key = f"{node.node_type} ({node.exec_type.rsplit('_', 1)[-1].lower()})"
                 totals[key] = totals.get(key, 0.0) + node.real_time.total_seconds() * 1e3 / runs
+    return _largest_first(totals)
+
+
+def _largest_first(totals: dict[str, float]) -> dict[str, float]:
+    """Per-op milliseconds, largest first, rounded, without the ones under 0.01 ms."""
     return {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v >= 0.01}
 
 
@@ -104,7 +109,7 @@ def ort_op_profile(ort, path: Path, x: np.ndarray, runs: int = 50, warmup: int =
             inputs = event["args"].get("input_type_shape") or [{"-": None}]
             key = f"{event['args']['op_name']} ({next(iter(inputs[0]))})"
             totals[key] = totals.get(key, 0.0) + event["dur"] / 1e3 / runs
-    return {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+    return _largest_first(totals)
 
 
 def has_attention(model: torch.nn.Module) -> bool:
@@ -280,10 +285,9 @@ def render_markdown(rows: list[dict], args, host: dict) -> str:
             + f" | {r['ort_fp32_ms'] / r['ort_leanvit_ms']:.2f} |")
     lines += ["", "OpenVINO ratios round by round (each round times the models back to back; min / median / max over "
               f"the {args.rounds} rounds):", ""]
-    lines += [f"- {r['model']}: " + "; ".join(
-        f"{label} {min(v):.2f} / {float(np.median(v)):.2f} / {max(v):.2f}"
-        for label, v in (("FP32 / leanvit", r["round_ratios"]["fp32_over_leanvit"]),
-                         ("leanvit / NNCF", r["round_ratios"]["leanvit_over_nncf"]))) for r in rows if "round_ratios" in r]
+    for r in (r for r in rows if "round_ratios" in r):  # (rows of runs before the per-round record have none)
+        fp32_over, over_nncf = r["round_ratios"]["fp32_over_leanvit"], r["round_ratios"]["leanvit_over_nncf"]
+        lines.append(f"- {r['model']}: FP32 / leanvit {_spread(fp32_over)}; leanvit / NNCF {_spread(over_nncf)}")
     lines += ["", "The McNemar column counts the test images only one of the two INT8 models classifies right; p is "
               "the exact two-sided chance of a split at least that lopsided between equally accurate models.",
               "", "Layers leanvit leaves in float (reasons in ptq.json):", ""]
@@ -305,6 +309,10 @@ def render_markdown(rows: list[dict], args, host: dict) -> str:
             lines += [f"| {op} | " + " | ".join(f"{r[key][k].get(op, 0):.2f}" for k in kinds) + " |" for op in ops]
             lines.append("| total | " + " | ".join(f"{sum(r[key][k].values()):.2f}" for k in kinds) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.2f} / {float(np.median(values)):.2f} / {max(values):.2f}"
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -106,7 +106,8 @@ class QuantConfig:
     #: quantize a layer's input where another quantized layer writes it, when only reshapes and transposes (views)
     #: lie between them: the same integers, but OpenVINO fuses the quantizer into the writing layer, whose output is
     #: then int8, and the transposes move int8 or fold into its layout reorders (PVT-v2-B0's Linear -> transpose ->
-    #: depthwise conv: its INT8 model 1.38x faster, ``benchmarks/results/recipe-ab-producers-epyc/``). ``recipe(engine="openvino")`` turns it on.
+    #: depthwise conv: its INT8 model 1.38x faster, ``benchmarks/results/recipe-ab-producers-epyc/``).
+    #: ``recipe(engine="openvino")`` turns it on.
     producer_quantizers: bool = False
     #: bit-widths of the first and the last quantized layer (stem or patch embedding, classifier), e.g.
     #: "w8a8" in a W4A4 model as RepQ-ViT and PTQ4ViT do; None: like every other layer. ``layer_bits`` wins.
@@ -308,8 +309,9 @@ def is_depthwise(module: nn.Module) -> bool:
 def depthwise_float_reason(module: nn.Module, config: QuantConfig) -> str | None:
     """Why ``module``, a depthwise conv, stays float under ``config``; None if it is quantized or not depthwise.
 
-    One with a channel multiplier (several outputs per input channel: FastViT's downsampling convs) stays float whatever ``quantize_depthwise`` says: neither engine has an INT8 depthwise kernel for it,
-    and their generic INT8 convolutions run it slower than float (one conv, AMD EPYC with VNNI, batch 1, 2
+    One with a channel multiplier (several outputs per input channel: FastViT's downsampling convs) stays float
+    whatever ``quantize_depthwise`` says: neither engine has an INT8 depthwise kernel for it, and their generic
+    INT8 convolutions run it slower than float (one conv, AMD EPYC with VNNI, batch 1, 2
     threads: OpenVINO 1.3-1.4x, ONNX Runtime 9x; ``benchmarks/ptq_families.py --latency``, FastViT-T8).
     """
     if not is_depthwise(module):
