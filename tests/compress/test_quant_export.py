@@ -367,6 +367,7 @@ def test_inputs_read_through_a_transpose_are_quantized_where_they_are_written(tm
     calib, x = torch.randn(16, 3, 6, 6), torch.randn(1, 3, 6, 6)
     config = QuantConfig.recipe("mse", "w8a8", target="vnni", engine="openvino")
     assert config.producer_quantizers and not QuantConfig.recipe("mse", engine="onnxruntime").producer_quantizers
+    config = replace(config, quantize_transposed_conv_outputs=False)  # (the dwconv's output: the next test)
     for residual in (False, True):
         model = _TransposedMlp(residual=residual).eval()
         q = quantize(model, calib, config, progress=False)
@@ -386,3 +387,72 @@ def test_inputs_read_through_a_transpose_are_quantized_where_they_are_written(tm
 
     assert "f32" in transposes(compiled[False]) and "f32" not in transposes(compiled[True])
     np.testing.assert_allclose(compiled[True](x.numpy()), compiled[False](x.numpy()), atol=1e-5)
+
+
+class _PvtBlock(torch.nn.Module):
+    """A patch embedding (conv, flattened into tokens) and a pre-norm residual PVT-v2 MLP (Linear, transposed
+    into a depthwise conv, back to tokens for a GELU)."""
+
+    def __init__(self, dim=16, hidden=32):
+        super().__init__()
+        from timm.models.pvt_v2 import MlpWithDepthwiseConv
+
+        self.proj, self.norm = torch.nn.Conv2d(3, dim, 1), torch.nn.LayerNorm(dim)
+        self.mlp = MlpWithDepthwiseConv(dim, hidden)
+
+    def forward(self, x):
+        tokens = self.proj(x).flatten(2).transpose(1, 2)
+        return tokens + self.mlp(self.norm(tokens), x.shape[2:])
+
+
+def test_conv_outputs_a_float_op_reads_transposed_are_quantized(tmp_path):
+    """``quantize_transposed_conv_outputs`` (the OpenVINO recipe at 8 bits): a conv output that a float op reads
+    transposed (the patch embedding's, by the residual add and the LayerNorm; the MLP's depthwise conv's, by the
+    GELU) is quantized where the conv writes it, so OpenVINO moves it as int8: no f32 transpose or reorder left."""
+    torch.manual_seed(0)
+    calib, x = torch.randn(16, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    config = QuantConfig.recipe("mse", "w8a8", target="vnni", engine="openvino")
+    assert config.quantize_transposed_conv_outputs
+    assert not QuantConfig.recipe("mse", "w8a8", engine="onnxruntime").quantize_transposed_conv_outputs
+    assert not QuantConfig.recipe("mse", "w6a6", engine="openvino").quantize_transposed_conv_outputs
+    model = _PvtBlock().eval()
+    qmodels = {flag: quantize(model, calib, replace(config, quantize_transposed_conv_outputs=flag), progress=False)
+               for flag in (False, True)}
+    for name in ("proj", "mlp.dwconv"):
+        assert qmodels[True].get_submodule(name).output_quantizer is not None
+        assert qmodels[False].get_submodule(name).output_quantizer is None
+        assert "(a float op reads them transposed)" in qmodels[True].quant_report.quantized[name]
+    runners = {flag: get_engine("openvino", threads=1).load_model_file(
+        export(q, tmp_path / f"block_{flag}.xml", engine="openvino", example=x)) for flag, q in qmodels.items()}
+
+    def f32_moves(runner):  # the Transpose / Reorder nodes OpenVINO runs on f32 data
+        return [op.get_friendly_name() for op in runner.compiled.get_runtime_model().get_ordered_ops()
+                if op.get_rt_info()["layerType"].astype(str) in ("Transpose", "Reorder")
+                and op.get_rt_info()["outputPrecisions"].astype(str) == "f32"]
+
+    assert f32_moves(runners[False]) and not f32_moves(runners[True]), f32_moves(runners[True])
+    with torch.no_grad():
+        np.testing.assert_allclose(runners[True](x.numpy()), qmodels[True](x).numpy(), atol=1e-4)
+
+
+def test_transposed_reads_name_the_layers_a_non_view_op_reads_transposed():
+    """Found in one forward by storage: a view op only passes the output on; a contiguous read and a quantizer's
+    read do not count."""
+    from leanvit.compress.quant.modules import transposed_reads
+    from leanvit.compress.quant.quantizer import FakeQuantizer, QScheme
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain, self.tokens, self.quantized = (torch.nn.Conv2d(3, 4, 1) for _ in range(3))
+            self.quantizer = FakeQuantizer(QScheme(8), axis=-1, channels=4)
+
+        def forward(self, x):
+            a = torch.nn.functional.gelu(self.plain(x))  # read as written
+            b = torch.nn.functional.gelu(self.tokens(x).flatten(2).transpose(1, 2))  # read transposed
+            c = self.quantizer(self.quantized(x).flatten(2).transpose(1, 2))  # read transposed by a quantizer
+            return a.sum() + b.sum() + c.sum()
+
+    net = Net().eval()
+    layers = {n: getattr(net, n) for n in ("plain", "tokens", "quantized")}
+    assert transposed_reads(net, layers, torch.randn(1, 3, 4, 4)) == {"tokens"}

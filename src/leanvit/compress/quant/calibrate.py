@@ -32,7 +32,7 @@ from ...errors import LeanvitError, check_range
 from .attention import SOFTMAX_QUANTIZERS, QuantMatmuls, own_calls, quantized_counterpart, swap_attention
 from .modules import (
     QuantConv2d, QuantLinear, float_matmuls, fold_batchnorm, image_independent_layers, quantizable_type,
-    record_matmuls,
+    record_matmuls, transposed_reads,
 )
 from .quantizer import (
     RANGE_METHODS, FakeQuantizer, QScheme, Quantizer, RangeObserver, input_channel_weights, weight_range,
@@ -109,6 +109,12 @@ class QuantConfig:
     #: depthwise conv: its INT8 model 1.38x faster, ``benchmarks/results/recipe-ab-producers-epyc/``).
     #: ``recipe(engine="openvino")`` turns it on.
     producer_quantizers: bool = False
+    #: also quantize a convolution's output (uint8, per tensor) where a float op reads it transposed: PVT-v2's MLP
+    #: flattens its depthwise conv's output into tokens for a GELU, a patch embedding's into the token sequence.
+    #: OpenVINO fuses the quantizer into the conv and reorders int8 instead of f32 (PVT-v2-B0's INT8 model
+    #: ~1.4x faster, ``benchmarks/results/recipe-ab-transposed-epyc/``); one more rounding step, so only
+    #: ``recipe(engine="openvino")`` at 8-bit activations turns it on
+    quantize_transposed_conv_outputs: bool = False
     #: bit-widths of the first and the last quantized layer (stem or patch embedding, classifier), e.g.
     #: "w8a8" in a W4A4 model as RepQ-ViT and PTQ4ViT do; None: like every other layer. ``layer_bits`` wins.
     edge_bits: str | None = None
@@ -170,6 +176,8 @@ class QuantConfig:
                      **overrides}
         if engine == "onnxruntime" and a_bits == 8:
             overrides = {"quantize_conv_outputs": True, **overrides}
+        if engine == "openvino" and a_bits == 8:
+            overrides = {"quantize_transposed_conv_outputs": True, **overrides}
         if resolve_target(target) == "vnni" and a_bits == 8 and w_bits >= 7:
             overrides = {"quantize_depthwise": True, "attn_bits": 8, **overrides}
         # 8-bit ends help low-bit models; a W7A8 model (exact INT8 on CPUs without VNNI) keeps 7-bit weights throughout
@@ -464,9 +472,15 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         if config.share_qkv_quantizer and attention.share_qkv_quantizer():
             report.quantized[name] = attention.describe()
     if config.quantize_conv_outputs:  # after every step that changes weights or biases
-        _quantize_conv_outputs(qmodel, layers, batches, config, report)
-    if config.producer_quantizers:  # last: it copies the consumers' final quantizers
+        _snap_biases(layers)
+        _quantize_outputs(qmodel, {n: m for n, m in layers.items() if isinstance(m, QuantConv2d)}, batches, config,
+                          report, ", int32 bias")
+    if config.producer_quantizers:  # it copies the consumers' final quantizers
         _quantize_at_producers(qmodel, layers, batches[0][:1], report)
+    if config.quantize_transposed_conv_outputs:  # last: only outputs no other step quantized
+        convs = {n: m for n, m in layers.items() if isinstance(m, QuantConv2d) and m.output_quantizer is None}
+        _quantize_outputs(qmodel, {n: convs[n] for n in transposed_reads(qmodel, convs, batches[0][:1])}, batches,
+                          config, report, " (a float op reads them transposed)")
     if report.float_compute_layers:
         listed = "\n".join(f"  {n}: {r}" for n, r in report.float_compute_layers.items())
         warnings.warn(f"{len(report.float_compute_layers)} compute layers stay in float:\n{listed}", stacklevel=2)
@@ -522,29 +536,33 @@ def _attention_to_float(qmodel: nn.Module, name: str, attentions: dict[str, Quan
     report.float_layers[name] = reason
 
 
-def _quantize_conv_outputs(qmodel: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor],
-                           config: QuantConfig, report: QuantReport) -> None:
-    """Give each quantized convolution an output quantizer, ranged on the quantized model's own outputs, and snap
-    conv and Linear biases to the int32 grid of input scale x weight scale: the QDQ forms of ONNX Runtime's
-    QLinearConv (DequantizeLinear on input, weight and int32 bias, QuantizeLinear on the output) and QGemm (the
-    same, float output), simulated exactly."""
+def _snap_biases(layers: dict[str, nn.Module]) -> None:
+    """Snap conv and Linear biases to the int32 grid of input scale x weight scale: the int32 bias of ONNX
+    Runtime's QLinearConv and QGemm (DequantizeLinear on input, weight and bias), simulated exactly."""
     for layer in layers.values():
         if layer.bias is not None and not layer.input_quantizer.scheme.per_channel:  # (per channel: no int32 grid)
             step = layer.input_quantizer.scale * layer.weight_quantizer.scale
             layer.bias.copy_(torch.round(layer.bias / step) * step)
-    convs = {name: layer for name, layer in layers.items() if isinstance(layer, QuantConv2d)}
+
+
+def _quantize_outputs(qmodel: nn.Module, convs: dict[str, QuantConv2d], batches: list[torch.Tensor],
+                      config: QuantConfig, report: QuantReport, why: str) -> None:
+    """Give each of ``convs`` an output quantizer (asymmetric, per tensor, at the input bits), ranged on the
+    quantized model's own outputs over the calibration batches, and add ``why`` to the report."""
     for layer in convs.values():
         quantizer = FakeQuantizer(QScheme(layer.input_quantizer.scheme.bits, symmetric=False), axis=1,
                                   channels=layer.out_channels)
         quantizer.observer = RangeObserver(axis=1)
         layer.output_quantizer = quantizer
+    if not convs:
+        return
     for batch in batches:
         qmodel(batch)
     for name, layer in convs.items():
         quantizer = layer.output_quantizer
         observer, quantizer.observer = quantizer.observer, None
         quantizer.set_range(*observer.range(quantizer.scheme, config.a_method, percentile=config.percentile))
-        report.quantized[name] += f"; outputs {quantizer.scheme}, int32 bias"
+        report.quantized[name] += f"; outputs {quantizer.scheme}{why}"
 
 
 def _quantize_at_producers(qmodel: nn.Module, layers: dict[str, nn.Module], image: torch.Tensor,

@@ -21,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
-from .quantizer import FakeQuantizer, QScheme
+from .quantizer import FakeQuantizer, QScheme, Quantizer
 
 
 class QuantLinear(nn.Linear):
@@ -200,6 +201,65 @@ def float_matmuls(model: nn.Module, calls: dict[str, MatmulCalls],
 def _self_and_parents(name: str) -> list[str]:
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+class _TransposedReads(TorchFunctionMode):
+    """Notes the layers (``outputs``: output storage -> name) whose output a torch call reads as a transposed,
+    non-contiguous view, outside any quantizer (``quantizing`` counts the running ones) and without returning a
+    view of it itself (a view op only passes it on to the real reader)."""
+
+    def __init__(self, outputs: dict[int, str]):
+        super().__init__()
+        self.outputs = outputs
+        self.quantizing = 0
+        self.found: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if self.quantizing:
+            return result
+        shared = {t.untyped_storage().data_ptr() for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor) and t.dim() > 1 and not t.is_contiguous():
+                ptr = t.untyped_storage().data_ptr()
+                if ptr in self.outputs and ptr not in shared:
+                    self.found.add(self.outputs[ptr])
+        return result
+
+
+@torch.no_grad()
+def transposed_reads(model: nn.Module, layers: dict[str, nn.Module], example: torch.Tensor) -> set[str]:
+    """The ``layers`` whose output some operation outside a quantizer reads transposed (PVT-v2's depthwise conv
+    output, flattened and transposed into tokens for a GELU; a patch embedding's), in one forward of ``example``.
+
+    Why: OpenVINO lays a conv's output out channels-last; a float reader of a transposed view makes it reorder
+    the whole f32 tensor (PVT-v2-B0's first depthwise conv: 0.3 ms, more than the conv), while a quantized
+    output crosses as int8."""
+    recorder = _TransposedReads({})
+    keep_alive = []  # outputs stay alive during the pass, so that no other tensor reuses their storage
+
+    def written(name):
+        def hook(_, __, out):
+            recorder.outputs[out.untyped_storage().data_ptr()] = name
+            keep_alive.append(out)
+        return hook
+
+    def enter(*_):
+        recorder.quantizing += 1
+
+    def leave(*_):
+        recorder.quantizing -= 1
+
+    hooks = [layer.register_forward_hook(written(name)) for name, layer in layers.items()]
+    hooks += [h for m in model.modules() if isinstance(m, Quantizer)
+              for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with recorder:
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return recorder.found
 
 
 def direct_consumers(
