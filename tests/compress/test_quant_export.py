@@ -436,23 +436,27 @@ def test_conv_outputs_a_float_op_reads_transposed_are_quantized(tmp_path):
 
 
 def test_transposed_reads_name_the_layers_a_non_view_op_reads_transposed():
-    """Found in one forward by storage: a view op only passes the output on; a contiguous read and a quantizer's
-    read do not count."""
+    """Found in one forward by storage: a view op only passes the output on; a read as written, a quantizer's read
+    and a read as NHWC (OpenVINO's own layout for a conv's output) do not count."""
     from leanvit.compress.quant.modules import transposed_reads
     from leanvit.compress.quant.quantizer import FakeQuantizer, QScheme
 
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.plain, self.tokens, self.quantized = (torch.nn.Conv2d(3, 4, 1) for _ in range(3))
+            convs = (torch.nn.Conv2d(3, 4, 1) for _ in range(5))
+            self.plain, self.tokens, self.quantized, self.last, self.nhwc = convs
             self.quantizer = FakeQuantizer(QScheme(8), axis=-1, channels=4)
 
         def forward(self, x):
             a = torch.nn.functional.gelu(self.plain(x))  # read as written
             b = torch.nn.functional.gelu(self.tokens(x).flatten(2).transpose(1, 2))  # read transposed
             c = self.quantizer(self.quantized(x).flatten(2).transpose(1, 2))  # read transposed by a quantizer
-            return a.sum() + b.sum() + c.sum()
+            channels_last = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+            d = torch.nn.functional.gelu(self.last(channels_last).flatten(2).transpose(1, 2))  # channels-last: tokens
+            e = torch.nn.functional.gelu(self.nhwc(x).permute(0, 2, 3, 1))  # read as NHWC
+            return a.sum() + b.sum() + c.sum() + d.sum() + e.sum()
 
     net = Net().eval()
-    layers = {n: getattr(net, n) for n in ("plain", "tokens", "quantized")}
-    assert transposed_reads(net, layers, torch.randn(1, 3, 4, 4)) == {"tokens"}
+    layers = {n: getattr(net, n) for n in ("plain", "tokens", "quantized", "last", "nhwc")}
+    assert transposed_reads(net, layers, torch.randn(1, 3, 4, 4)) == {"tokens", "last"}

@@ -204,13 +204,14 @@ def _self_and_parents(name: str) -> list[str]:
 
 
 class _TransposedReads(TorchFunctionMode):
-    """Notes the layers (``outputs``: output storage -> name) whose output a torch call reads as a transposed,
-    non-contiguous view, outside any quantizer (``quantizing`` counts the running ones) and without returning a
-    view of it itself (a view op only passes it on to the real reader)."""
+    """Notes the layers (``outputs``: output storage -> name and output) whose output a torch call reads permuted
+    (through a view that is contiguous where the output is not, or the other way round: PVT-v2's tokens from a
+    conv's NCHW output) other than to NHWC, outside any quantizer (``quantizing`` counts the running ones), and
+    without returning a view of it (a view op passes it on)."""
 
-    def __init__(self, outputs: dict[int, str]):
+    def __init__(self):
         super().__init__()
-        self.outputs = outputs
+        self.outputs: dict[int, tuple[str, torch.Tensor]] = {}
         self.quantizing = 0
         self.found: set[str] = set()
 
@@ -220,28 +221,39 @@ class _TransposedReads(TorchFunctionMode):
             return result
         shared = {t.untyped_storage().data_ptr() for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten((args, kwargs))[0]:
-            if isinstance(t, torch.Tensor) and t.dim() > 1 and not t.is_contiguous():
-                ptr = t.untyped_storage().data_ptr()
-                if ptr in self.outputs and ptr not in shared:
-                    self.found.add(self.outputs[ptr])
+            if not isinstance(t, torch.Tensor) or t.dim() < 2:
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            name, out = self.outputs.get(ptr, (None, None))
+            if (name is not None and ptr not in shared and t.is_contiguous() != out.is_contiguous()
+                    and not _is_nhwc_view(t, out)):
+                self.found.add(name)
         return result
+
+
+def _is_nhwc_view(t: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether ``t`` is the NCHW ``out`` permuted to NHWC: OpenVINO's own layout for a conv's output, which a
+    reader takes as it is (an int8 transpose there would run through its generic kernel: MambaOut-femto's INT8
+    model 9 % slower with those outputs quantized, ``benchmarks/results/recipe-ab-transposed-epyc/``)."""
+    if out.dim() != 4:
+        return False
+    nhwc = out.permute(0, 2, 3, 1)
+    return (t.shape, t.stride(), t.storage_offset()) == (nhwc.shape, nhwc.stride(), nhwc.storage_offset())
 
 
 @torch.no_grad()
 def transposed_reads(model: nn.Module, layers: dict[str, nn.Module], example: torch.Tensor) -> set[str]:
-    """The ``layers`` whose output some operation outside a quantizer reads transposed (PVT-v2's depthwise conv
+    """The ``layers`` whose output some operation outside a quantizer reads permuted (PVT-v2's depthwise conv
     output, flattened and transposed into tokens for a GELU; a patch embedding's), in one forward of ``example``.
 
     Why: OpenVINO lays a conv's output out channels-last; a float reader of a transposed view makes it reorder
     the whole f32 tensor (PVT-v2-B0's first depthwise conv: 0.3 ms, more than the conv), while a quantized
     output crosses as int8."""
-    recorder = _TransposedReads({})
-    keep_alive = []  # outputs stay alive during the pass, so that no other tensor reuses their storage
+    recorder = _TransposedReads()
 
     def written(name):
         def hook(_, __, out):
-            recorder.outputs[out.untyped_storage().data_ptr()] = name
-            keep_alive.append(out)
+            recorder.outputs[out.untyped_storage().data_ptr()] = (name, out)  # (kept alive: no reuse of storage)
         return hook
 
     def enter(*_):
