@@ -8,7 +8,8 @@ Runtime consume: each layer reads int8/uint8 activations and int8 weights and wr
 the next layer re-quantizes. A convolution may also quantize its output (``output_quantizer``,
 ``QuantConfig.quantize_conv_outputs``): ONNX Runtime only runs a QDQ convolution as its INT8 QLinearConv
 when the output is quantized too. Either layer quantizes its output when the next layer reads it through a
-reshape or transpose (``QuantConfig.producer_quantizers``), so that OpenVINO moves it as int8.
+reshape or transpose (``QuantConfig.producer_quantizers``), and a convolution when a float op reads it permuted
+(``QuantConfig.quantize_transposed_conv_outputs``, :func:`transposed_reads`), so that OpenVINO moves it as int8.
 """
 from __future__ import annotations
 
@@ -173,14 +174,20 @@ def record_matmuls(model: nn.Module, example: torch.Tensor) -> dict[str, MatmulC
     def pop(*_):
         recorder.stack.pop()
 
-    hooks = [h for m in names for h in (m.register_forward_pre_hook(push), m.register_forward_hook(pop))]
+    _forward_recorded(model, example, recorder,
+                      [h for m in names for h in (m.register_forward_pre_hook(push), m.register_forward_hook(pop))])
+    return {name: calls for name, calls in recorder.calls.items() if calls.functions}
+
+
+def _forward_recorded(model: nn.Module, example: torch.Tensor, recorder: TorchFunctionMode,
+                      hooks: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """One forward of ``example`` under ``recorder``; the recorder's ``hooks`` are removed whatever happens."""
     try:
         with recorder:
             model(example)
     finally:
         for h in hooks:
             h.remove()
-    return {name: calls for name, calls in recorder.calls.items() if calls.functions}
 
 
 def float_matmuls(model: nn.Module, calls: dict[str, MatmulCalls],
@@ -265,12 +272,7 @@ def transposed_reads(model: nn.Module, layers: dict[str, nn.Module], example: to
     hooks = [layer.register_forward_hook(written(name)) for name, layer in layers.items()]
     hooks += [h for m in model.modules() if isinstance(m, Quantizer)
               for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    try:
-        with recorder:
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_recorded(model, example, recorder, hooks)
     return recorder.found
 
 
