@@ -203,7 +203,7 @@ def bench_model(entry: dict, args) -> dict:
     row.update({f"{kind}_ms": round(t.median, 3) for kind, t in timings.items()})
     # the same ratios round by round: how far the shared machine's state moved them in this run
     pairs = {"fp32_over_leanvit": ("fp32", "leanvit"), "leanvit_over_nncf": ("leanvit", "nncf")}
-    row["round_ratios"] = {name: [round(float(v), 3) for v in round_ratios(timings[a], timings[b])]
+    row["round_ratios"] = {name: np.round(round_ratios(timings[a], timings[b]), 3).tolist()
                            for name, (a, b) in pairs.items()}
     row["nncf_int8_layers"] = sum(p in ("i8", "u8") for _, p in quant.openvino_precisions(anchor.compiled).values())
     if args.profile:

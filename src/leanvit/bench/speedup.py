@@ -56,6 +56,6 @@ def measure_speedup(model: nn.Module, quantized: Runner, engine: Engine, example
         reference = engine.load_model_file(export_onnx(model, example, Path(tmp) / "float.onnx"))
     timings = time_alternating({"float": lambda: reference(x), "quantized": lambda: quantized(x)},
                                TimingBudget(warmup_s=0.2, budget_s=budget_s), rounds=rounds)
-    per_round = round_ratios(timings["float"], timings["quantized"])
+    per_round = np.round(round_ratios(timings["float"], timings["quantized"]), 3)
     return Speedup(engine.name, engine.threads, example.shape[0], round(timings["float"].median, 3),
-                   round(timings["quantized"].median, 3), rounds, tuple(round(float(r), 3) for r in per_round))
+                   round(timings["quantized"].median, 3), rounds, tuple(per_round.tolist()))

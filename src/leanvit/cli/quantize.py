@@ -216,8 +216,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"wrote    {result['exported']}  (and report.json)")
     if "latency" in result:
-        speedup, spread = result["latency"], result["latency"]["round_ratios"]
-        spread = f"{min(spread):.2f}-{max(spread):.2f}x in " if spread else ""
+        speedup = result["latency"]
+        rounds = speedup["round_ratios"]
+        spread = f"{min(rounds):.2f}-{max(rounds):.2f}x in " if rounds else ""
         print(f"latency  {args.engine} INT8 {speedup['quantized_ms']:.2f} ms, float {speedup['float_ms']:.2f} ms "
               f"(medians, batch 1, {args.threads} threads): INT8 {speedup['ratio']:.2f}x as fast, median of "
               f"{spread}{speedup['rounds']} alternating rounds  (--no-latency skips)")

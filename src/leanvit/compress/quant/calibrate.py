@@ -549,13 +549,13 @@ def _quantize_outputs(qmodel: nn.Module, convs: dict[str, QuantConv2d], batches:
                       config: QuantConfig, report: QuantReport, why: str) -> None:
     """Give each of ``convs`` an output quantizer (asymmetric, per tensor, at the input bits), ranged on the
     quantized model's own outputs over the calibration batches, and add ``why`` to the report."""
+    if not convs:
+        return
     for layer in convs.values():
         quantizer = FakeQuantizer(QScheme(layer.input_quantizer.scheme.bits, symmetric=False), axis=1,
                                   channels=layer.out_channels)
         quantizer.observer = RangeObserver(axis=1)
         layer.output_quantizer = quantizer
-    if not convs:
-        return
     for batch in batches:
         qmodel(batch)
     for name, layer in convs.items():

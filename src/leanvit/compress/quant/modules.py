@@ -226,16 +226,20 @@ class _TransposedReads(TorchFunctionMode):
         result = func(*args, **(kwargs or {}))
         if self.quantizing:
             return result
-        shared = {t.untyped_storage().data_ptr() for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten((args, kwargs))[0]:
             if not isinstance(t, torch.Tensor) or t.dim() < 2:
                 continue
             ptr = t.untyped_storage().data_ptr()
             name, out = self.outputs.get(ptr, (None, None))
-            if (name is not None and ptr not in shared and t.is_contiguous() != out.is_contiguous()
-                    and not _is_nhwc_view(t, out)):
+            if (name is not None and t.is_contiguous() != out.is_contiguous() and not _is_nhwc_view(t, out)
+                    and not _shares_storage(result, ptr)):
                 self.found.add(name)
         return result
+
+
+def _shares_storage(result, ptr: int) -> bool:
+    """Whether a torch call's ``result`` (a tensor or a structure of them) is a view on the storage at ``ptr``."""
+    return any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr for t in tree_flatten(result)[0])
 
 
 def _is_nhwc_view(t: torch.Tensor, out: torch.Tensor) -> bool:
