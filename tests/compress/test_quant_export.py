@@ -390,24 +390,25 @@ def test_inputs_read_through_a_transpose_are_quantized_where_they_are_written(tm
 
 
 class _PvtBlock(torch.nn.Module):
-    """A patch embedding (conv, flattened into tokens) and a pre-norm residual PVT-v2 MLP (Linear, transposed
-    into a depthwise conv, back to tokens for a GELU)."""
+    """A patch embedding (conv, flattened into tokens, plus a position embedding) and a pre-norm residual PVT-v2
+    MLP (Linear, transposed into a depthwise conv, back to tokens for a GELU)."""
 
-    def __init__(self, dim=16, hidden=32):
+    def __init__(self, dim=16, hidden=32, tokens=64):
         super().__init__()
         from timm.models.pvt_v2 import MlpWithDepthwiseConv
 
         self.proj, self.norm = torch.nn.Conv2d(3, dim, 1), torch.nn.LayerNorm(dim)
+        self.pos = torch.nn.Parameter(0.02 * torch.randn(1, tokens, dim))
         self.mlp = MlpWithDepthwiseConv(dim, hidden)
 
     def forward(self, x):
-        tokens = self.proj(x).flatten(2).transpose(1, 2)
+        tokens = self.proj(x).flatten(2).transpose(1, 2) + self.pos
         return tokens + self.mlp(self.norm(tokens), x.shape[2:])
 
 
 def test_conv_outputs_a_float_op_reads_transposed_are_quantized(tmp_path):
     """``quantize_transposed_conv_outputs`` (the OpenVINO recipe at 8 bits): a conv output that a float op reads
-    transposed (the patch embedding's, by the residual add and the LayerNorm; the MLP's depthwise conv's, by the
+    transposed (the patch embedding's, by the position embedding's add; the MLP's depthwise conv's, by the
     GELU) is quantized where the conv writes it, so OpenVINO moves it as int8: no f32 transpose or reorder left."""
     torch.manual_seed(0)
     calib, x = torch.randn(16, 3, 8, 8), torch.randn(1, 3, 8, 8)
@@ -460,3 +461,27 @@ def test_transposed_reads_name_the_layers_a_non_view_op_reads_transposed():
     net = Net().eval()
     layers = {n: getattr(net, n) for n in ("plain", "tokens", "quantized", "last", "nhwc")}
     assert transposed_reads(net, layers, torch.randn(1, 3, 4, 4)) == {"tokens", "last"}
+
+
+def test_transposed_reads_leave_out_outputs_a_normalization_reads():
+    """OpenVINO would move their dequantization past its MVN, normalizing int8 values with the float epsilon
+    (the engine off the simulation): a layer norm reading a copy made by a transpose + contiguous, a group norm
+    reading a view, both vetoing an output another op reads transposed."""
+    from leanvit.compress.quant.modules import transposed_reads
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens, self.normed, self.grouped = (torch.nn.Conv2d(3, 4, 1) for _ in range(3))
+
+        def forward(self, x):
+            a = torch.nn.functional.gelu(self.tokens(x).flatten(2).transpose(1, 2))
+            b = self.normed(x).flatten(2).transpose(1, 2)
+            b = torch.nn.functional.gelu(b) + torch.nn.functional.layer_norm(b.contiguous(), (4,))
+            c = self.grouped(x)
+            c = torch.nn.functional.gelu(c.flatten(2).transpose(1, 2)).sum() + torch.nn.functional.group_norm(c, 1)
+            return a.sum() + b.sum() + c.sum()
+
+    net = Net().eval()
+    layers = {n: getattr(net, n) for n in ("tokens", "normed", "grouped")}
+    assert transposed_reads(net, layers, torch.randn(1, 3, 4, 4)) == {"tokens"}

@@ -210,17 +210,28 @@ def _self_and_parents(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
+#: torch calls that only move values (a copy when the input is not contiguous): what they return still holds a
+#: layer's output as far as a normalization reading it is concerned
+_MOVES = frozenset({"reshape", "view", "flatten", "unflatten", "permute", "transpose", "contiguous", "squeeze",
+                    "unsqueeze", "reshape_as", "view_as"})
+#: the normalizations OpenVINO runs as MVN (or RMS), which it lets read int8 (see :func:`transposed_reads`)
+_NORMS = frozenset({"layer_norm", "group_norm", "rms_norm"})
+
+
 class _TransposedReads(TorchFunctionMode):
     """Notes the layers (``outputs``: output storage -> name and output) whose output a torch call reads permuted
     (through a view that is contiguous where the output is not, or the other way round: PVT-v2's tokens from a
     conv's NCHW output) other than to NHWC, outside any quantizer (``quantizing`` counts the running ones), and
-    without returning a view of it (a view op passes it on)."""
+    without returning a view of it (a view op passes it on); and, in ``normalized``, those a normalization reads,
+    through views or copies made by :data:`_MOVES` (``moved``: storage -> name)."""
 
     def __init__(self):
         super().__init__()
         self.outputs: dict[int, tuple[str, torch.Tensor]] = {}
+        self.moved: dict[int, str] = {}
         self.quantizing = 0
         self.found: set[str] = set()
+        self.normalized: set[str] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
@@ -234,6 +245,14 @@ class _TransposedReads(TorchFunctionMode):
             if (name is not None and t.is_contiguous() != out.is_contiguous() and not _is_nhwc_view(t, out)
                     and not _shares_storage(result, ptr)):
                 self.found.add(name)
+            name = name or self.moved.get(ptr)
+            if name is None:
+                continue
+            called = getattr(func, "__name__", "")
+            if called in _NORMS:
+                self.normalized.add(name)
+            elif called in _MOVES and isinstance(result, torch.Tensor):
+                self.moved.setdefault(result.untyped_storage().data_ptr(), name)
         return result
 
 
@@ -259,7 +278,12 @@ def transposed_reads(model: nn.Module, layers: dict[str, nn.Module], example: to
 
     Why: OpenVINO lays a conv's output out channels-last; a float reader of a transposed view makes it reorder
     the whole f32 tensor (PVT-v2-B0's first depthwise conv: 0.3 ms, more than the conv), while a quantized
-    output crosses as int8."""
+    output crosses as int8.
+
+    Not a layer whose output a normalization reads (through views or copies): OpenVINO would move the
+    dequantization past it and normalize the int8 values with the float epsilon, so the engine departs from the
+    simulation wherever the variance is near epsilon (TinyViT-5M's last stage at random init: 0.086 of the logit
+    range against 0.023 without that output quantized, ``benchmarks/results/ptq-families/``)."""
     recorder = _TransposedReads()
 
     def written(name):
@@ -277,7 +301,7 @@ def transposed_reads(model: nn.Module, layers: dict[str, nn.Module], example: to
     hooks += [h for m in model.modules() if isinstance(m, Quantizer)
               for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     _forward_recorded(model, example, recorder, hooks)
-    return recorder.found
+    return recorder.found - recorder.normalized
 
 
 def direct_consumers(
