@@ -110,9 +110,10 @@ class QuantConfig:
     #: ``recipe(engine="openvino")`` turns it on.
     producer_quantizers: bool = False
     #: also quantize a convolution's output (uint8, per tensor) where a float op reads it permuted other than to
-    #: NHWC: PVT-v2's MLP flattens its depthwise conv's output into tokens for a GELU, a ViT its patch embedding's.
-    #: OpenVINO fuses the quantizer into the conv and moves int8 instead of reordering f32 (PVT-v2-B0's INT8 model
-    #: 1.30x faster paired, ``benchmarks/results/recipe-ab-transposed-epyc/``); one more rounding step, so only
+    #: NHWC and no normalization reads it (:func:`transposed_reads` says why): PVT-v2's MLP flattens its depthwise
+    #: conv's output into tokens for a GELU, a ViT its patch embedding's. OpenVINO fuses the quantizer into the
+    #: conv and moves int8 instead of reordering f32 (PVT-v2-B0's INT8 model 1.36x faster paired,
+    #: ``benchmarks/results/recipe-ab-transposed-norm-epyc/``); one more rounding step, so only
     #: ``recipe(engine="openvino")`` at 8-bit activations turns it on
     quantize_transposed_conv_outputs: bool = False
     #: bit-widths of the first and the last quantized layer (stem or patch embedding, classifier), e.g.
