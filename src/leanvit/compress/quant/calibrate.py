@@ -30,9 +30,10 @@ from torch.utils._pytree import tree_flatten
 
 from ...errors import LeanvitError, check_range
 from .attention import SOFTMAX_QUANTIZERS, QuantMatmuls, own_calls, quantized_counterpart, swap_attention
+from .concat import concat_counterpart, nhwc_concats
 from .modules import (
-    QuantConv2d, QuantLinear, float_matmuls, fold_batchnorm, image_independent_layers, quantizable_type,
-    record_matmuls, transposed_reads,
+    QuantConv2d, QuantLinear, float_matmuls, fold_batchnorm, image_independent_layers, is_depthwise,
+    quantizable_type, record_matmuls, transposed_reads,
 )
 from .quantizer import (
     RANGE_METHODS, FakeQuantizer, QScheme, Quantizer, RangeObserver, input_channel_weights, weight_range,
@@ -116,6 +117,13 @@ class QuantConfig:
     #: ``benchmarks/results/recipe-ab-transposed-norm-epyc/``); one more rounding step, so only
     #: ``recipe(engine="openvino")`` at 8-bit activations turns it on
     quantize_transposed_conv_outputs: bool = False
+    #: quantize the inputs of a concatenation that reads a depthwise conv's output as NHWC (MambaOut's gated
+    #: block), all on one grid, and keep that conv float: OpenVINO then folds the permute into its f32 -> int8
+    #: conversion and concatenates int8, where otherwise it runs the permute through its generic kernel and the
+    #: rest of the block in a transposed layout (:mod:`.concat` says more; MambaOut-femto's INT8 model 1.2x faster
+    #: paired, ``benchmarks/results/recipe-ab-nhwc-concat-epyc/``). ``recipe(engine="openvino")`` at 8-bit
+    #: activations turns it on
+    int8_nhwc_concats: bool = False
     #: bit-widths of the first and the last quantized layer (stem or patch embedding, classifier), e.g.
     #: "w8a8" in a W4A4 model as RepQ-ViT and PTQ4ViT do; None: like every other layer. ``layer_bits`` wins.
     edge_bits: str | None = None
@@ -178,7 +186,7 @@ class QuantConfig:
         if engine == "onnxruntime" and a_bits == 8:
             overrides = {"quantize_conv_outputs": True, **overrides}
         if engine == "openvino" and a_bits == 8:
-            overrides = {"quantize_transposed_conv_outputs": True, **overrides}
+            overrides = {"quantize_transposed_conv_outputs": True, "int8_nhwc_concats": True, **overrides}
         if resolve_target(target) == "vnni" and a_bits == 8 and w_bits >= 7:
             overrides = {"quantize_depthwise": True, "attn_bits": 8, **overrides}
         # 8-bit ends help low-bit models; a W7A8 model (exact INT8 on CPUs without VNNI) keeps 7-bit weights throughout
@@ -241,6 +249,7 @@ class QuantReport:
     folded_batchnorms: list[str] = field(default_factory=list)
     reparameterised: list[str] = field(default_factory=list)  #: LayerNorms whose consumers got RepQ-ViT scales
     reconstructed: dict[str, str] = field(default_factory=dict)  #: block or layer -> outcome of its reconstruction
+    int8_concats: dict[str, str] = field(default_factory=dict)  #: module -> what its concatenations quantize
     calib_images: int = 0
     input_size: tuple[int, ...] = ()  #: (C, H, W) of the calibration images: the export's default input
 
@@ -261,6 +270,7 @@ class QuantReport:
             lines.append("  weights: " + ", ".join(f"{n} layers at {b} bits" for b, n in sorted(weight_bits.items())))
         lines += [f"  float {name}: {reason}" for name, reason in self.float_layers.items()]
         lines += [f"  reconstructed {name}: {outcome}" for name, outcome in self.reconstructed.items()]
+        lines += [f"  int8 concatenation in {name}: {what}" for name, what in self.int8_concats.items()]
         return "\n".join(lines)
 
 
@@ -311,10 +321,6 @@ def _float_reason(name: str, module: nn.Module, config: QuantConfig, inside_mha:
     return None  # holds no computation of its own (or only embeddings added to the tokens)
 
 
-def is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
-
-
 def depthwise_float_reason(module: nn.Module, config: QuantConfig) -> str | None:
     """Why ``module``, a depthwise conv, stays float under ``config``; None if it is quantized or not depthwise.
 
@@ -335,12 +341,15 @@ def depthwise_float_reason(module: nn.Module, config: QuantConfig) -> str | None
     return None
 
 
-def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, constant: set[str]) -> dict[str, nn.Module]:
+def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, constant: set[str],
+                 kept_float: dict[str, str]) -> dict[str, nn.Module]:
     inside_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                   for c, _ in m.named_modules() if c}
     for name in constant:
         report.float_layers[name] = ("constant input (the same for every image, e.g. a positional encoding or a "
                                      "class token): float, quantizing it would only add error")
+    report.float_layers.update(kept_float)
+    constant = constant | set(kept_float)
     if config.edge_bits:
         candidates = [n for n, m in model.named_modules() if quantizable_type(m) is not None and n not in inside_mha
                       and n not in constant
@@ -386,7 +395,15 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     matmul_calls = record_matmuls(qmodel, example)  # before any swap: what each module multiplies itself
     images = torch.cat([b[:2] for b in batches[:2]])
     constant = image_independent_layers(qmodel, images[:1], images[1:2]) if len(images) > 1 else set()
-    layers = _swap_layers(qmodel, config, report, constant)
+    concats = {n: convs for n, convs in nhwc_concats(qmodel, example).items()  # (not an attention's: one routing)
+               if n not in matmul_calls} if config.int8_nhwc_concats and config.a_bits == 8 else {}
+    kept_float = {conv: f"depthwise convolution whose output {module} concatenates as NHWC: float by design, so "
+                  "OpenVINO folds that permute into its int8 conversion (QuantConfig.int8_nhwc_concats)"
+                  for module, convs in concats.items() for conv in convs}
+    layers = _swap_layers(qmodel, config, report, constant, kept_float)
+    for name in concats:
+        concats[name] = concat_counterpart(type(module := qmodel.get_submodule(name))).from_float(module, config.a_bits)
+        qmodel.set_submodule(name, concats[name])
     if not layers:
         raise LeanvitError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer left to quantize "
                            f"(QuantConfig.skip={config.skip}).")
@@ -400,6 +417,8 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         layer.input_quantizer.observer = RangeObserver(axis=layer.input_quantizer.axis)
     for attention in attentions.values():
         attention.observe()
+    for concat in concats.values():
+        concat.observe()
     try:
         with quantizers_disabled(qmodel):
             for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress, file=sys.stderr):
@@ -411,6 +430,9 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     for name in [n for n, o in observers.items() if o.batches == 0]:
         qmodel.set_submodule(name, layers.pop(name).to_float())
         report.float_layers[name] = "never called during calibration (its weights are used outside its forward)"
+    for name, concat in concats.items():
+        concat.calibrate(config.a_method, config.percentile)
+        report.int8_concats[name] = concat.describe()
     for name, attention in list(attentions.items()):
         if attention.calibrated():
             attention.calibrate(config.a_method, config.percentile)

@@ -27,8 +27,8 @@ import torch.nn as nn
 from ...deploy.export import DEFAULT_OPSET
 from ...deploy.ov import openvino_core
 from ...errors import LeanvitError
-from .calibrate import is_depthwise, parse_bits, quantizers
-from .modules import QuantConv2d
+from .calibrate import parse_bits, quantizers
+from .modules import QuantConv2d, is_depthwise
 from .quantizer import FakeQuantizer
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")

@@ -90,6 +90,10 @@ def quantizable_type(layer: nn.Module) -> type[nn.Module] | None:
 
 
 @torch.no_grad()
+def is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
 def image_independent_layers(model: nn.Module, first: torch.Tensor, second: torch.Tensor) -> set[str]:
     """The quantizable layers whose inputs are identical for the images ``first`` and ``second``.
 

@@ -1,0 +1,84 @@
+"""Concatenations of a depthwise conv's NHWC output (MambaOut's gated block) quantized on one grid, the conv float."""
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import torch
+from timm.models.mambaout import GatedConvBlock
+
+from leanvit.compress.quant import QuantConfig, export, quantize
+from leanvit.compress.quant.concat import nhwc_concats
+from leanvit.deploy import get_engine
+
+torch.set_num_threads(1)
+
+
+class _Concatenating(torch.nn.Module):
+    """Concatenates ``x`` with its conv's output, both NHWC or both NCHW; ``twice`` the result with ``x`` too."""
+
+    def __init__(self, depthwise=True, nhwc=True, twice=False):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4 if depthwise else 1)
+        self.nhwc, self.twice = nhwc, twice
+
+    def forward(self, x):  # x: NHWC
+        c = self.conv(x.permute(0, 3, 1, 2))
+        out = torch.cat((x, c.permute(0, 2, 3, 1)), dim=-1) if self.nhwc else torch.cat((x.permute(0, 3, 1, 2), c), 1)
+        return torch.cat((out, x), dim=-1) if self.twice else out
+
+
+def test_nhwc_concats_name_the_modules_every_concatenation_of_which_reads_a_depthwise_output_as_nhwc():
+    """Found in one forward by storage, per module: not a dense conv's output, not one concatenated as NCHW, not in
+    a module with another concatenation too (all its calls are routed)."""
+    net = torch.nn.ModuleDict({"gated": GatedConvBlock(4, conv_ratio=1.0), "plain": _Concatenating(),
+                               "dense": _Concatenating(depthwise=False), "nchw": _Concatenating(nhwc=False),
+                               "twice": _Concatenating(twice=True)}).eval()
+    net.forward = lambda x: [m(x) for m in net.values()]
+    assert nhwc_concats(net, torch.randn(1, 5, 5, 4)) == {"gated": ("gated.conv",), "plain": ("plain.conv",)}
+
+
+class _TinyMambaOut(torch.nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, dim, 3, stride=2, padding=1)
+        self.block = GatedConvBlock(dim)
+        self.head = torch.nn.Linear(dim, 10)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+def test_int8_nhwc_concats_run_the_concatenation_int8_and_fold_the_permute_on_openvino(tmp_path):
+    """``int8_nhwc_concats`` (the OpenVINO recipe at 8 bits): the gated block's concatenation reads one quantizer
+    for both inputs and its depthwise conv stays float, named in the report; OpenVINO then concatenates uint8 and
+    runs no Transpose for the conv's output (with the option off, it concatenates f32 after a Transpose), and
+    computes what was simulated."""
+    torch.manual_seed(0)
+    calib, x = torch.randn(16, 3, 16, 16), torch.randn(1, 3, 16, 16)
+    config = QuantConfig.recipe("mse", "w8a8", target="vnni", engine="openvino")
+    assert config.int8_nhwc_concats
+    assert not QuantConfig.recipe("mse", "w8a8", engine="onnxruntime").int8_nhwc_concats
+    model = _TinyMambaOut().eval()
+    qmodels = {flag: quantize(model, calib, replace(config, int8_nhwc_concats=flag), progress=False)
+               for flag in (False, True)}
+    report = qmodels[True].quant_report
+    assert list(report.int8_concats) == ["block"] and "one grid" in report.int8_concats["block"]
+    assert "int8_nhwc_concats" in report.float_layers["block.conv"] and "block.conv" not in report.quantized
+    assert not qmodels[False].quant_report.int8_concats and "block.conv" in qmodels[False].quant_report.quantized
+    assert "int8 concatenation in block" in report.summary()
+
+    def nodes(flag):  # (layer type, output precision) of what OpenVINO runs
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path = export(qmodels[flag], tmp_path / f"model_{flag}.xml", engine="openvino", example=x)
+        assert flag == any("run in float on OpenVINO: block.conv" in str(w.message) for w in caught)  # named
+        runner = get_engine("openvino", threads=1).load_model_file(path)
+        ops = runner.compiled.get_runtime_model().get_ordered_ops()
+        return runner, [tuple(op.get_rt_info()[k].astype(str) for k in ("layerType", "outputPrecisions"))
+                        for op in ops]
+
+    (_, off), (runner, on) = nodes(False), nodes(True)
+    assert ("Concatenation", "f32") in off and ("Concatenation", "u8") in on, on
+    assert sum(t == "Transpose" for t, _ in on) < sum(t == "Transpose" for t, _ in off)
+    with torch.no_grad():
+        np.testing.assert_allclose(runner(x.numpy()), qmodels[True](x).numpy(), atol=1e-4)
