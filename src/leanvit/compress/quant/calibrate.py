@@ -120,7 +120,7 @@ class QuantConfig:
     #: quantize the inputs of a concatenation that reads a depthwise conv's output as NHWC (MambaOut's gated
     #: block), all on one grid, and keep that conv float: OpenVINO then folds the permute into its f32 -> int8
     #: conversion and concatenates int8, where otherwise it runs the permute through its generic kernel and the
-    #: rest of the block in a transposed layout (:mod:`.concat` says more; MambaOut-femto's INT8 model 1.2x faster
+    #: rest of the block in a transposed layout (:mod:`.concat` says more; MambaOut-femto's INT8 model 1.24x faster
     #: paired, ``benchmarks/results/recipe-ab-nhwc-concat-epyc/``). ``recipe(engine="openvino")`` at 8-bit
     #: activations turns it on
     int8_nhwc_concats: bool = False

@@ -5,9 +5,10 @@ concatenates it with the rest: ``cat((i, conv(c).permute(0, 2, 3, 1)), -1)``. Op
 out channels-last already, yet runs that permute through its generic Transpose kernel and then the concat and
 everything after it in a transposed layout, with reorders before the next fully-connected layer. When the
 concat's inputs are quantized on one grid and the conv writes float, OpenVINO folds the permute into the reorder
-converting the conv's f32 output to int8 and runs the concat in int8, in the plain layout (MambaOut-femto:
-that graph as fast as NNCF's, which quantizes there for its gating multiply; with the conv INT8, writing int8
-itself, the generic Transpose stays). So :func:`nhwc_concats` finds the modules whose own ``torch.cat`` calls
+converting the conv's f32 output to int8 and runs the concat in int8, in the plain layout (MambaOut-femto's
+INT8 model 1.24x faster paired, ``benchmarks/results/recipe-ab-nhwc-concat-epyc/``, and then 0.94x the latency
+of NNCF's, which quantizes there for its gating multiply; with the conv INT8, writing int8 itself, the generic
+Transpose stays). So :func:`nhwc_concats` finds the modules whose own ``torch.cat`` calls
 read such a conv output, :class:`QuantConcat` gives those calls one shared input quantizer, and ``quantize``
 keeps the convs float (named in its report).
 """
