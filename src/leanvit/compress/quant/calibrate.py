@@ -431,8 +431,11 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         qmodel.set_submodule(name, layers.pop(name).to_float())
         report.float_layers[name] = "never called during calibration (its weights are used outside its forward)"
     for name, concat in concats.items():
-        concat.calibrate(config.a_method, config.percentile)
-        report.int8_concats[name] = concat.describe()
+        if concat.calibrated():
+            concat.calibrate(config.a_method, config.percentile)
+            report.int8_concats[name] = concat.describe()
+        else:  # its forward never ran: its convs stay float all the same, named
+            qmodel.set_submodule(name, concat.to_float())
     for name, attention in list(attentions.items()):
         if attention.calibrated():
             attention.calibrate(config.a_method, config.percentile)

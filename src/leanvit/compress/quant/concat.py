@@ -87,6 +87,8 @@ class QuantConcat:
     :func:`concat_counterpart` makes one subclass per float class; :meth:`from_float` one from a float instance,
     sharing its layers and parameters."""
 
+    _observer: RangeObserver | None = None  #: while calibrating: every concatenated value
+
     @classmethod
     def from_float(cls, module: nn.Module, bits: int = 8) -> nn.Module:
         q = _shell(cls, module)
@@ -101,6 +103,10 @@ class QuantConcat:
         """Start calibration: the concatenated tensors' values are recorded (as one channel: they differ in width)."""
         self._observer = RangeObserver(axis=-1)
 
+    def calibrated(self) -> bool:
+        """Whether the module concatenated anything while observing."""
+        return self._observer is not None and self._observer.batches > 0
+
     def calibrate(self, method: str, percentile: float) -> None:
         """End calibration: fit the shared quantizer to every input observed."""
         observer, self._observer = self._observer, None
@@ -110,11 +116,11 @@ class QuantConcat:
         return f"concatenated inputs {self.concat_quantizer.scheme} on one grid"
 
     def forward(self, *args, **kwargs):
-        def concat(tensors, dim=0, *, out=None):
-            if getattr(self, "_observer", None) is not None:
+        def concat(tensors, dim=0, *, axis=None, out=None):  # (torch.concatenate names its dim "axis")
+            if self._observer is not None:
                 for t in tensors:
                     self._observer.update(t.reshape(-1, 1))
-            return torch.cat([self.concat_quantizer(t) for t in tensors], dim)
+            return torch.cat([self.concat_quantizer(t) for t in tensors], dim if axis is None else axis, out=out)
         with _Routed(dict.fromkeys(CONCATS, concat)):
             return super().forward(*args, **kwargs)
 
