@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
               "quantized_layers": len(report.quantized), "layers": report.quantized,
               "float_layers": report.float_layers,
               "reparameterised": report.reparameterised, "reconstructed": report.reconstructed,
-              "folded_batchnorms": len(report.folded_batchnorms)}
+              "int8_concats": report.int8_concats, "folded_batchnorms": len(report.folded_batchnorms)}
 
     runner = None
     if args.out:
