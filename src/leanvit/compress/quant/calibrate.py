@@ -270,7 +270,10 @@ class QuantReport:
             lines.append("  weights: " + ", ".join(f"{n} layers at {b} bits" for b, n in sorted(weight_bits.items())))
         lines += [f"  float {name}: {reason}" for name, reason in self.float_layers.items()]
         lines += [f"  reconstructed {name}: {outcome}" for name, outcome in self.reconstructed.items()]
-        lines += [f"  int8 concatenation in {name}: {what}" for name, what in self.int8_concats.items()]
+        by_what: dict[str, list[str]] = {}
+        for name, what in self.int8_concats.items():
+            by_what.setdefault(what, []).append(name)
+        lines += [f"  int8 concatenation in {', '.join(names)}: {what}" for what, names in by_what.items()]
         return "\n".join(lines)
 
 
