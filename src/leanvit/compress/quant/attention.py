@@ -31,11 +31,10 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models import efficientformer_v2, efficientvit_mit
 from timm.models.vision_transformer import maybe_add_mask, resolve_self_attn_mask
-from torch.overrides import TorchFunctionMode
 
 from ...errors import LeanvitError
 from ...models.efficientmod import Attention as EfficientModAttention
-from .modules import MatmulCalls
+from .modules import MatmulCalls, Routed, shell
 from .quantizer import (
     FakeQuantizer, Log2Quantizer, QScheme, Quantizer, RangeObserver, ShiftUniformLog2Quantizer, TwinUniformQuantizer,
 )
@@ -54,23 +53,6 @@ def softmax_quantizer(kind: str, bits: int) -> Quantizer:
     return _NON_UNIFORM[kind](bits)
 
 
-def _shell(cls: type[nn.Module], module: nn.Module, drop: tuple[str, ...] = ()) -> nn.Module:
-    """A ``cls`` instance sharing ``module``'s attributes, parameters, buffers and submodules (except
-    those named in ``drop``), so that ``state_dict`` keys and weights stay those of ``module``."""
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    new.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("_") and k not in drop})
-    for name, child in module.named_children():
-        if name not in drop:
-            new.add_module(name, child)
-    for name, param in module.named_parameters(recurse=False):
-        new.register_parameter(name, param)
-    for name, buffer in module.named_buffers(recurse=False):
-        if name not in drop:
-            new.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
-    return new
-
-
 class QuantMatmuls:
     """Mixin: fake quantizers on the inputs of an attention's two matmuls, calibrated like layer inputs.
 
@@ -85,7 +67,7 @@ class QuantMatmuls:
     @classmethod
     def from_float(cls, attn: nn.Module, bits: int = 8, softmax: str = "uniform") -> nn.Module:
         """``attn`` with ``bits``-bit inputs to both matmuls; shares its layers and parameters."""
-        q = _shell(cls, attn)
+        q = shell(cls, attn)
         added = cls._missing_attributes(attn)
         for name, value in added.items():
             setattr(q, name, value)
@@ -115,7 +97,7 @@ class QuantMatmuls:
 
     def to_float(self) -> nn.Module:
         """The float module this one was made from (same class, same layers and parameters)."""
-        return _shell(self._float_cls, self, drop=self.QUANTIZERS + self.SHARED_QKV + self._added)
+        return shell(self._float_cls, self, drop=self.QUANTIZERS + self.SHARED_QKV + self._added)
 
     def quantizes_softmax(self) -> bool:
         """Whether the probabilities get the softmax quantizer chosen in :meth:`from_float` (a restated
@@ -386,7 +368,7 @@ class _KeptForward(QuantMatmuls):
                 out = layer(input)  # (this mode is off inside its handler: the layer's own F.linear is not routed)
                 return out if bias is None else out + bias
             routes[F.linear] = linear
-        with _Routed(routes):
+        with Routed(routes):
             return super().forward(*args, **kwargs)
 
 
@@ -542,17 +524,6 @@ def _observed_negative(quantizer: FakeQuantizer) -> bool:
 def _sign_as_observed(quantizer: FakeQuantizer) -> None:
     """A signed (symmetric) scheme where the calibration data had negative values, else unsigned (zero point 0)."""
     quantizer.scheme = QScheme(quantizer.scheme.bits, symmetric=_observed_negative(quantizer))
-
-
-class _Routed(TorchFunctionMode):
-    """Calls ``routes[func]`` in place of each routed torch function while active."""
-
-    def __init__(self, routes: dict):
-        super().__init__()
-        self.routes = routes
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return self.routes.get(func, func)(*args, **(kwargs or {}))
 
 
 @functools.cache

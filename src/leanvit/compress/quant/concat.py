@@ -21,8 +21,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from .attention import _Routed, _shell
-from .modules import _forward_recorded, _is_nhwc_view, is_depthwise
+from .modules import Routed, _forward_recorded, _is_nhwc_view, is_depthwise, shell
 from .quantizer import FakeQuantizer, QScheme, RangeObserver
 
 #: the torch functions concatenating tensors
@@ -91,13 +90,13 @@ class QuantConcat:
 
     @classmethod
     def from_float(cls, module: nn.Module, bits: int = 8) -> nn.Module:
-        q = _shell(cls, module)
+        q = shell(cls, module)
         q._float_cls = type(module)
         q.concat_quantizer = FakeQuantizer(QScheme(bits, symmetric=False), axis=-1, channels=1)
         return q
 
     def to_float(self) -> nn.Module:
-        return _shell(self._float_cls, self, drop=("concat_quantizer",))
+        return shell(self._float_cls, self, drop=("concat_quantizer",))
 
     def observe(self) -> None:
         """Start calibration: the concatenated tensors' values are recorded (as one channel: they differ in width)."""
@@ -121,7 +120,7 @@ class QuantConcat:
                 for t in tensors:
                     self._observer.update(t.reshape(-1, 1))
             return torch.cat([self.concat_quantizer(t) for t in tensors], dim if axis is None else axis, out=out)
-        with _Routed(dict.fromkeys(CONCATS, concat)):
+        with Routed(dict.fromkeys(CONCATS, concat)):
             return super().forward(*args, **kwargs)
 
 

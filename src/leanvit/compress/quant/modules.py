@@ -163,6 +163,34 @@ class _MatmulRecorder(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def shell(cls: type[nn.Module], module: nn.Module, drop: tuple[str, ...] = ()) -> nn.Module:
+    """A ``cls`` instance sharing ``module``'s attributes, parameters, buffers and submodules (except
+    those named in ``drop``), so that ``state_dict`` keys and weights stay those of ``module``."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("_") and k not in drop})
+    for name, child in module.named_children():
+        if name not in drop:
+            new.add_module(name, child)
+    for name, param in module.named_parameters(recurse=False):
+        new.register_parameter(name, param)
+    for name, buffer in module.named_buffers(recurse=False):
+        if name not in drop:
+            new.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
+    return new
+
+
+class Routed(TorchFunctionMode):
+    """Calls ``routes[func]`` in place of each routed torch function while active."""
+
+    def __init__(self, routes: dict):
+        super().__init__()
+        self.routes = routes
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.routes.get(func, func)(*args, **(kwargs or {}))
+
+
 @torch.no_grad()
 def record_matmuls(model: nn.Module, example: torch.Tensor) -> dict[str, MatmulCalls]:
     """``{module: MatmulCalls}`` of the modules that multiply tensors as matrices themselves, in a forward of
