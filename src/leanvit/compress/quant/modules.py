@@ -10,6 +10,9 @@ the next layer re-quantizes. A convolution may also quantize its output (``outpu
 when the output is quantized too. Either layer quantizes its output when the next layer reads it through a
 reshape or transpose (``QuantConfig.producer_quantizers``), and a convolution when a float op reads it permuted
 (``QuantConfig.quantize_transposed_conv_outputs``, :func:`transposed_reads`), so that OpenVINO moves it as int8.
+Also here: the recorders of what a forward computes (:func:`record_matmuls`, :func:`transposed_reads`) and what the
+quantized counterparts of attention (:mod:`.attention`) and of concatenations (:mod:`.concat`) share, a float
+module's :func:`shell` of another class and the :class:`Routed` torch calls of its forward.
 """
 from __future__ import annotations
 
