@@ -117,6 +117,31 @@ def test_quantized_conv_outputs_make_onnxruntime_run_int8_convs(tiny_cnn, tmp_pa
     assert len(float_biases(export(qcnn, tmp_path / "off_grid.onnx", engine="onnxruntime"))) == 1
 
 
+
+class _SharedConv(torch.nn.Module):
+    """One conv called twice in a forward, as CoaT's stages share their conv position encoding."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.shared = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        torch.nn.init.normal_(self.shared.bias, std=0.1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return (x + self.shared(x + self.shared(x))).mean((2, 3))
+
+
+def test_a_layer_called_twice_exports_one_int32_bias_per_call_for_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    qmodel = quantize(_SharedConv().eval(), torch.randn(16, 3, 8, 8),
+                      QuantConfig.recipe("mse", "w7a8", engine="onnxruntime", quantize_depthwise=True), progress=False)
+    path = export(qmodel, tmp_path / "shared.onnx", engine="onnxruntime")
+    assert Counter(op for op, _ in onnxruntime_precisions(path).values())["QLinearConv"] == 3
+    runner = get_engine("onnxruntime", threads=1).load_onnx(path)
+    with torch.no_grad():
+        np.testing.assert_allclose(runner(x.numpy()), qmodel(x).numpy(), atol=0.2 * float(qmodel(x).abs().max()))
+
 def test_onnxruntime_recipe_runs_the_classifier_as_qgemm(tiny_vit, tmp_path, tests_in):
     # ONNX Runtime fuses a QDQ Gemm into QGemm only with an explicit weight zero point and an int32 bias
     vit = copy.deepcopy(tiny_vit)

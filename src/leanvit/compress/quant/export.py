@@ -363,6 +363,7 @@ def _quantize_biases(graph) -> None:
     consts = _constants(graph)
     producer = {out: node for node in graph.node for out in node.output}
     consumers = _consumers(graph)
+    taken = {init.name for init in graph.initializer}
     for index in reversed(range(len(graph.node))):  # inserting before a node keeps the earlier indices valid
         node = graph.node[index]
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in consts:
@@ -385,6 +386,9 @@ def _quantize_biases(graph) -> None:
         if not np.allclose(bias / step, np.rint(bias / step), rtol=1e-6, atol=1e-3):
             continue  # a bias off that grid (not snapped by the quantizer) would change the result as int32
         name = f"{node.input[2]}_int32"
+        if name in taken:  # a layer called more than once (CoaT's shared conv position encoding): one int32 bias each
+            name = f"{name}_{index}"
+        taken.add(name)
         graph.initializer.extend([numpy_helper.from_array(np.rint(bias / step).astype(np.int32), name),
                                   numpy_helper.from_array(step, f"{name}_scale")])
         graph.node.insert(index, helper.make_node("DequantizeLinear", [name, f"{name}_scale"], [f"{name}_dq"],
