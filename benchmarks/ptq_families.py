@@ -104,6 +104,9 @@ def latency(model: torch.nn.Module, calib: torch.Tensor, runner, engine, engine_
 def measure(name: str, engine_name: str, out: Path, timed: bool = False) -> dict:
     torch.manual_seed(0)
     model = create_model(name)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, torch.nn.Linear) and not head.weight.any():  # timm zero-initialises some heads (MLP-Mixer,
+        torch.nn.init.trunc_normal_(head.weight, std=0.02)           # Hiera): all-zero logits would compare nothing
     size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
     calib, images = torch.randn(16, *size), torch.randn(4, *size)
     config = quant.QuantConfig.recipe("mse", "w8a8", target="vnni", engine=engine_name)
