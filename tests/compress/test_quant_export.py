@@ -142,6 +142,35 @@ def test_a_layer_called_twice_exports_one_int32_bias_per_call_for_onnxruntime(tm
     with torch.no_grad():
         np.testing.assert_allclose(runner(x.numpy()), qmodel(x).numpy(), atol=0.2 * float(qmodel(x).abs().max()))
 
+
+class _StarReluMlp(torch.nn.Module):
+    """A patch embedding and a bias-free Linear before MetaFormer's StarReLU (``s * relu(x) ** 2 + b``), as in
+    CAFormer's attention stages."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.models.metaformer import StarReLU
+
+        self.embed, self.fc1 = torch.nn.Conv2d(3, 16, 4, 4), torch.nn.Linear(16, 32, bias=False)
+        self.act, self.fc2 = StarReLU(), torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        tokens = torch.nn.functional.layer_norm(self.embed(x).flatten(2).transpose(1, 2), (16,))
+        return self.fc2(self.act(self.fc1(tokens))).mean(1)
+
+
+def test_a_bias_free_linear_before_a_relu_runs_int8_on_onnxruntime(tmp_path):
+    """ONNX Runtime ran such a MatMul in float; the export gives it a bias of zeros, which it fuses."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16)
+    qmodel = quantize(_StarReluMlp().eval(), torch.randn(16, 3, 16, 16),
+                      QuantConfig.recipe("mse", "w7a8", engine="onnxruntime"), progress=False)
+    path = export(qmodel, tmp_path / "star.onnx", engine="onnxruntime")
+    assert onnxruntime_precisions(path, source_modules(path))["fc1 (node_linear)"] == ("MatMulIntegerToFloat", "int8")
+    runner = get_engine("onnxruntime", threads=1).load_onnx(path)
+    with torch.no_grad():
+        np.testing.assert_allclose(runner(x.numpy()), qmodel(x).numpy(), atol=1e-5)
+
 def test_onnxruntime_recipe_runs_the_classifier_as_qgemm(tiny_vit, tmp_path, tests_in):
     # ONNX Runtime fuses a QDQ Gemm into QGemm only with an explicit weight zero point and an int32 bias
     vit = copy.deepcopy(tiny_vit)

@@ -175,6 +175,8 @@ def export_quantized(qmodel: nn.Module, path: str | Path, example: torch.Tensor 
     model = onnx.load(str(path))
     _fold_weight_quantizers(model.graph)
     _quantize_biases(model.graph)
+    if engine == "onnxruntime":
+        _zero_bias_before_relu(model.graph)
     onnx.save(model, str(path))
     summary = _int8_summary(model.graph)
     report = getattr(qmodel, "quant_report", None)
@@ -395,6 +397,32 @@ def _quantize_biases(graph) -> None:
                                                   name=f"{node.name or node.output[0]}_bias_dq", axis=0))
         node.input[2] = f"{name}_dq"
 
+
+def _zero_bias_before_relu(graph) -> None:
+    """Give a QDQ MatMul with no bias an Add of zeros when a ReLU that no quantizer absorbs reads it (a bias-free
+    Linear before CAFormer's StarReLU, ``s * relu(x) ** 2 + b``): ONNX Runtime otherwise runs that MatMul in float,
+    and with the Add fuses both into its INT8 MatMulIntegerToFloat (the zeros become its bias)."""
+    from onnx import helper, numpy_helper
+
+    consts = _constants(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers = _consumers(graph)
+    for index in reversed(range(len(graph.node))):
+        node = graph.node[index]
+        if node.op_type != "MatMul":
+            continue
+        dq_x, dq_w = (producer.get(name) for name in node.input)
+        readers = consumers.get(node.output[0], [])
+        if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear" and dq_w.input[0] in consts
+                and len(readers) == 1 and readers[0].op_type == "Relu"
+                and any(c.op_type != "QuantizeLinear" for c in consumers.get(readers[0].output[0], []))):
+            continue
+        columns = consts[dq_w.input[0]].dims[-1]
+        zeros, biased = f"{node.output[0]}_zero_bias", f"{node.output[0]}_biased"
+        graph.initializer.append(numpy_helper.from_array(np.zeros(columns, np.float32), zeros))
+        graph.node.insert(index + 1, helper.make_node("Add", [node.output[0], zeros], [biased],
+                                                      name=f"{node.name or node.output[0]}_zero_bias"))
+        readers[0].input[list(readers[0].input).index(node.output[0])] = biased
 
 def _fold_weight_quantizers(graph) -> None:
     """Replace ``QuantizeLinear(constant weight)`` by its int8 result, and fold a following Transpose."""
