@@ -99,9 +99,12 @@ def test_research_methods_from_the_command_line(capsys):
     (["--a-granularity", "channel", "--out", "OUT"], "only a depthwise conv's can be per channel"),
     (["--calib-images", "4"], "4 images"),
     (["--layer-bits", "head=w8"], "w8"),
+    (["--out", "FILE", "--calib", "NOWHERE"], "is a file; give a folder"),
 ])
 def test_bad_input_is_a_one_line_error(argv, message, tmp_path, capsys):
-    argv = [{"OUT": str(tmp_path / "q"), "NOWHERE": str(tmp_path / "none")}.get(a, a) for a in argv]
+    (tmp_path / "file").write_text("")
+    argv = [{"OUT": str(tmp_path / "q"), "NOWHERE": str(tmp_path / "none"), "FILE": str(tmp_path / "file")}.get(a, a)
+            for a in argv]
     assert main(["quantize", *TINY, *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

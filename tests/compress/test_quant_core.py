@@ -134,6 +134,30 @@ def test_skipped_layers_stay_float_with_a_warning(tiny_vit, calib):
     assert "QuantConfig.skip" in qmodel.quant_report.float_layers["head"]
 
 
+def test_skip_names_a_layer_or_a_module_holding_layers_and_patterns_matching_nothing_are_warned(tiny_vit, calib):
+    with pytest.warns(UserWarning, match="blocks.1.mlp.fc1"):
+        qmodel = quantize(tiny_vit, calib, QuantConfig(skip="blocks.1"), progress=False)  # one pattern, not 8 chars
+    assert type(qmodel.blocks[1].mlp.fc1) is nn.Linear and type(qmodel.blocks[0].mlp.fc1) is not nn.Linear
+    assert qmodel.quant_report.float_layers["blocks.1.attn.qkv"] == "kept float by QuantConfig.skip ('blocks.1')"
+    with pytest.warns(UserWarning, match=r"No layer matches the pattern\(s\) 'Head', 'stage.\*'"):
+        qmodel = quantize(tiny_vit, calib, QuantConfig(skip=("Head",), layer_bits=(("stage.*", "w4a4"),)),
+                          progress=False)
+    assert type(qmodel.head) is not nn.Linear
+    assert not qmodel.training and not any(m.training for m in qmodel.modules())
+    with pytest.raises(LeanvitError, match="pairs"):
+        QuantConfig(layer_bits=("head", "w8a8"))
+
+
+def test_identical_first_calibration_images_do_not_make_every_layer_constant(tiny_vit):
+    torch.manual_seed(0)
+    images = torch.randn(16, 3, 32, 32)
+    images[1] = images[0]
+    qmodel = quantize(tiny_vit, images, QuantConfig(), progress=False)
+    assert not any("constant input" in why for why in qmodel.quant_report.float_layers.values())
+    with pytest.raises(LeanvitError, match="the same image"):
+        quantize(tiny_vit, images[:1].expand(16, -1, -1, -1).clone(), QuantConfig(), progress=False)
+
+
 def test_layer_bits_override_the_default_first_match_first(tiny_vit, calib):
     config = QuantConfig.from_bits("w4a4", layer_bits=(("head", "w8a8"), ("patch_embed.*", "w8a6"), ("*", "w6a6")))
     qmodel = quantize(tiny_vit, calib, config, progress=False)

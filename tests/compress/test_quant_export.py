@@ -171,6 +171,26 @@ def test_a_bias_free_linear_before_a_relu_runs_int8_on_onnxruntime(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(runner(x.numpy()), qmodel(x).numpy(), atol=1e-5)
 
+class _EinsumMixer(torch.nn.Module):
+    """A Linear, then a token mixing by einsum (no INT8 wrapper: float on every engine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = self.fc(x.flatten(2).transpose(1, 2))
+        return torch.einsum("bnc,bmc->bnm", x, x)
+
+
+def test_a_float_einsum_is_named_on_onnxruntime_and_a_dotted_name_keeps_its_tail(tmp_path):
+    qmodel = quantize(_EinsumMixer().eval(), torch.randn(16, 16, 4, 4), QuantConfig.recipe("mse", "w7a8"),
+                      progress=False)
+    with pytest.warns(UserWarning, match=r"1 compute layers run in float on ONNX Runtime: .*einsum"):
+        path = export(qmodel, tmp_path / "mixer.w7a8", engine="onnxruntime")
+    assert path == tmp_path / "mixer.w7a8.onnx" and path.exists()
+
+
 def test_onnxruntime_recipe_runs_the_classifier_as_qgemm(tiny_vit, tmp_path, tests_in):
     # ONNX Runtime fuses a QDQ Gemm into QGemm only with an explicit weight zero point and an int32 bias
     vit = copy.deepcopy(tiny_vit)

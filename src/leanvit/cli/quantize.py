@@ -87,7 +87,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--layer-bits", action="append", type=_layer_bits, default=[], metavar="PATTERN=BITS",
                    help="bit-widths for layers matching a glob (repeatable, first match wins), e.g. head=w8a8")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
-                   help="keep layers whose name matches this glob in float (repeatable), e.g. --skip head")
+                   help="keep in float the layers whose name, or a containing module's, matches this glob "
+                        "(repeatable), e.g. --skip head")
     p.add_argument("--engine", choices=("openvino", "onnxruntime"), default="openvino",
                    help="engine the model is for (default openvino); onnxruntime also quantizes convolution outputs, "
                         "which its INT8 QLinearConv needs")
@@ -138,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, attn_max_error=args.attn_max_error if args.attn_max_error >= 0 else None)
     if args.out:
         quant.check_config_deployable(config)
+        if args.out.exists() and not args.out.is_dir():
+            raise LeanvitError(f"--out {args.out} is a file; give a folder to write the INT8 model and report.json to.")
     torch.set_num_threads(args.threads)
     if args.checkpoint:
         model, meta = model_from_checkpoint(args.model, args.checkpoint, **args.model_kwargs)
@@ -171,7 +174,10 @@ def run(args: argparse.Namespace) -> int:
 
     runner = None
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LeanvitError(f"Cannot create the --out folder {args.out}: {e.strerror}. Give a writable folder.")
         example = torch.zeros(1, *data_config["input_size"])
         path = quant.export(qmodel, args.out / "model", engine=args.engine, example=example, dynamic_batch=False)
         result["exported"] = str(path)

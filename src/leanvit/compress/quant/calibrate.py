@@ -131,6 +131,11 @@ class QuantConfig:
     batch_size: int = 32  #: batch size when ``calib_data`` is one tensor
 
     def __post_init__(self):
+        if isinstance(self.skip, str):  # one pattern, not its characters
+            object.__setattr__(self, "skip", (self.skip,))
+        for entry in self.layer_bits:
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+                raise LeanvitError(f"layer_bits takes (pattern, bits) pairs such as ('head', 'w8a8'), got {entry!r}.")
         for what, method in (("w_method", self.w_method), ("a_method", self.a_method)):
             if method not in RANGE_METHODS:
                 raise LeanvitError(f"{what} '{method}' is not a range method; use one of {', '.join(RANGE_METHODS)}.")
@@ -140,6 +145,7 @@ class QuantConfig:
         for bits in (f"w{self.w_bits}a{self.a_bits}", *(b for _, b in self.layer_bits), *filter(None, [self.edge_bits])):
             parse_bits(bits)
         check_range("min_images", self.min_images, 1, 1_000_000)
+        check_range("batch_size", self.batch_size, 1, 1_000_000)
         if self.attn_bits is not None:
             check_range("attn_bits", self.attn_bits, 2, 8)
         if self.reconstruct not in (None, "blocks", "bridge"):
@@ -205,7 +211,7 @@ class QuantConfig:
     def schemes(self, layer: str) -> tuple[QScheme, QScheme]:
         """The weight and input schemes of the layer named ``layer``."""
         w_bits, a_bits = next((parse_bits(bits) for pattern, bits in self.layer_bits
-                               if fnmatch.fnmatchcase(layer, pattern)), (self.w_bits, self.a_bits))
+                               if matches(layer, pattern)), (self.w_bits, self.a_bits))
         return (QScheme(w_bits, symmetric=True, per_channel=self.w_per_channel),
                 QScheme(a_bits, symmetric=self.a_symmetric is True, per_channel=self.a_per_channel is True))
 
@@ -314,7 +320,7 @@ def _float_reason(name: str, module: nn.Module, config: QuantConfig, inside_mha:
         return f"normalisation ({type(module).__name__}): float by design, no INT8 kernel and accuracy-sensitive"
     params = dict(module.named_parameters(recurse=False))
     if quantizable_type(module) is not None:
-        pattern = next(p for p in config.skip if fnmatch.fnmatchcase(name, p))
+        pattern = next(p for p in config.skip if matches(name, p))
         return f"kept float by QuantConfig.skip ('{pattern}')"
     if any(n.endswith("weight") and p.ndim >= 2 for n, p in params.items()) and not isinstance(module, nn.Embedding):
         own_forward = isinstance(module, (nn.Linear, nn.Conv2d))
@@ -344,6 +350,12 @@ def depthwise_float_reason(module: nn.Module, config: QuantConfig) -> str | None
     return None
 
 
+def matches(layer: str, pattern: str) -> bool:
+    """Whether the glob ``pattern`` names the layer ``layer`` or a module containing it (``stages.3``)."""
+    parts = layer.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
+
+
 def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, constant: set[str],
                  kept_float: dict[str, str]) -> dict[str, nn.Module]:
     inside_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
@@ -357,14 +369,20 @@ def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, con
         candidates = [n for n, m in model.named_modules() if quantizable_type(m) is not None and n not in inside_mha
                       and n not in constant
                       and depthwise_float_reason(m, config) is None
-                      and not any(fnmatch.fnmatchcase(n, p) for p in config.skip)]
+                      and not any(matches(n, p) for p in config.skip)]
         if candidates:
             edges = tuple((n, config.edge_bits) for n in dict.fromkeys((candidates[0], candidates[-1])))
             config = replace(config, layer_bits=(*config.layer_bits, *edges))
+    layer_names = [n for n, m in model.named_modules() if quantizable_type(m) is not None]
+    unmatched = [p for p in (*config.skip, *(p for p, _ in config.layer_bits))
+                 if not any(matches(n, p) for n in layer_names)]
+    if unmatched:
+        warnings.warn(f"No layer matches the pattern(s) {', '.join(map(repr, unmatched))} (names are "
+                      f"case-sensitive, e.g. {', '.join(layer_names[:3])}); they change nothing.", stacklevel=3)
     swapped = {}
     for name, module in list(model.named_modules()):
         quant_type = quantizable_type(module)
-        skipped = any(fnmatch.fnmatchcase(name, p) for p in config.skip)
+        skipped = any(matches(name, p) for p in config.skip)
         if name in constant:
             continue
         if quant_type is not None and (depthwise := depthwise_float_reason(module, config)) is not None:
@@ -396,8 +414,12 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     report.folded_batchnorms = fold_batchnorm(qmodel, example)
     consumers = layernorm_consumers(qmodel, example) if config.reparam_layernorm else {}
     matmul_calls = record_matmuls(qmodel, example)  # before any swap: what each module multiplies itself
-    images = torch.cat([b[:2] for b in batches[:2]])
-    constant = image_independent_layers(qmodel, images[:1], images[1:2]) if len(images) > 1 else set()
+    first = batches[0][:1]  # and an image that differs from it (the first two may be copies)
+    other = next((b[i:i + 1] for b in batches for i in range(len(b))
+                  if b.shape[1:] == first.shape[1:] and not torch.equal(b[i:i + 1], first)), None)
+    if other is None:
+        raise LeanvitError("Every calibration image is the same image: calibration needs distinct images.")
+    constant = image_independent_layers(qmodel, first, other)
     concats = {n: convs for n, convs in nhwc_concats(qmodel, example).items()  # (not an attention's: one routing)
                if n not in matmul_calls} if config.int8_nhwc_concats and config.a_bits == 8 else {}
     kept_float = {conv: f"depthwise convolution whose output {module} concatenates as NHWC: float by design, so "
@@ -514,7 +536,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         listed = "\n".join(f"  {n}: {r}" for n, r in report.float_compute_layers.items())
         warnings.warn(f"{len(report.float_compute_layers)} compute layers stay in float:\n{listed}", stacklevel=2)
     qmodel.quant_report = report
-    return qmodel
+    return qmodel.eval()  # (the quantized modules swapped in were created in training mode)
 
 
 @torch.no_grad()

@@ -36,7 +36,8 @@ OV_COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMu
 #: ONNX Runtime's CPU nodes after its graph fusions: the integer kernels, and the float compute ops
 ORT_INT8_OPS = ("QLinearConv", "NhwcQLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger",
                 "MatMulInteger", "DynamicQuantizeMatMul")
-ORT_FLOAT_OPS = ("Conv", "FusedConv", "NhwcFusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm")
+ORT_FLOAT_OPS = ("Conv", "FusedConv", "NhwcFusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "Einsum",
+                 "ConvTranspose")
 #: why a QDQ convolution stays float on ONNX Runtime, for the warnings
 ORT_CONV_NOTE = ("ONNX Runtime fuses a QDQ Conv into its INT8 QLinearConv only when the conv's output is quantized "
                  "too: quantize with QuantConfig(quantize_conv_outputs=True), or QuantConfig.recipe(..., "
@@ -188,6 +189,11 @@ def export_quantized(qmodel: nn.Module, path: str | Path, example: torch.Tensor 
     return path
 
 
+def _with_suffix(path: Path, suffix: str) -> Path:
+    """``path`` ending in ``suffix``: a model file's suffix swapped, any other dotted tail kept (``deit.w8a8``)."""
+    return path.with_suffix(suffix) if path.suffix.lower() in (".onnx", ".xml") else path.with_name(path.name + suffix)
+
+
 def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", example: torch.Tensor | None = None, *,
            dynamic_batch: bool = False) -> Path:
     """Deployable INT8 model for ``engine``: QDQ ONNX (``onnxruntime``) or OpenVINO IR (``.xml`` + ``.bin``).
@@ -198,8 +204,11 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
     if engine not in ENGINES:
         raise LeanvitError(f"Cannot export a quantized model for engine '{engine}'; "
                            f"choose one of {', '.join(ENGINES)}.")
+    from ...deploy import get_engine
+
+    get_engine(engine)  # not installed: say how to install it before writing anything
     path = Path(path)
-    onnx_path = export_quantized(qmodel, path.with_suffix(".onnx"), example, dynamic_batch=dynamic_batch,
+    onnx_path = export_quantized(qmodel, _with_suffix(path, ".onnx"), example, dynamic_batch=dynamic_batch,
                                  engine=engine)
     modules = source_modules(onnx_path)
     if engine == "onnxruntime":
@@ -213,7 +222,7 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
         return onnx_path
     import openvino as ov
 
-    xml = path.with_suffix(".xml")
+    xml = _with_suffix(path, ".xml")
     ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
     compiled = openvino_core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     precisions = openvino_precisions(compiled, modules)

@@ -63,8 +63,10 @@ def layer_sensitivity(model: nn.Module, calib_data, config: QuantConfig, *, meth
     ``Tr(H) / n * ||Q(W) - W||^2`` (``"hessian"``, ``samples`` Hutchinson draws)."""
     if method not in SENSITIVITY_METHODS:
         raise LeanvitError(f"Unknown sensitivity method '{method}'; use one of {', '.join(SENSITIVITY_METHODS)}.")
-    # reconstruction writes quantized values into the weights, so the float function would be lost
-    qmodel = quantize(model, calib_data, replace(config, reconstruct=None), progress=False)
+    # reconstruction writes quantized values into the weights and bias correction / snapping change the biases,
+    # so the float function every layer is scored against would be lost
+    qmodel = quantize(model, calib_data, replace(config, reconstruct=None, bias_correction=False,
+                                                 quantize_conv_outputs=False), progress=False)
     images = torch.cat(calibration_batches(calib_data, config.min_images, config.batch_size))[:max_images]
     images = images.to(next(model.parameters(), images).device)
     layers = {name: qmodel.get_submodule(name) for name in qmodel.quant_report.quantized
