@@ -11,6 +11,7 @@ from leanvit.compress.quant import (
     QScheme, QuantConfig, QuantConv2d, QuantLinear, RangeObserver, choose_range, fake_quantize, fold_batchnorm,
     qparams, quantize,
 )
+from leanvit.compress.quant.quantizer import input_channel_weights
 from leanvit.errors import LeanvitError
 
 torch.set_num_threads(1)
@@ -285,3 +286,10 @@ def test_the_target_cpu_decides_which_ops_run_int8():
         "mse", "w8a8", target=resolve_target("auto"))
     with pytest.raises(LeanvitError, match="generic, vnni, auto"):
         QuantConfig.recipe("mse", "w8a8", target="arm")
+
+
+def test_input_channel_weights_of_a_grouped_conv_are_each_channels_own():
+    conv = nn.Conv2d(4, 2, 1, groups=2, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, 0.0, 0.0, 3.0]).view(2, 2, 1, 1))
+    assert input_channel_weights(conv).tolist() == [1.0, 0.0, 0.0, 9.0]

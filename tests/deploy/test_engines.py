@@ -152,3 +152,13 @@ print("alive")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "alive" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_a_missing_or_wrong_model_file_is_a_clear_error(engine, tmp_path):
+    with pytest.raises(LeanvitError, match="No model file at"):
+        get_engine(engine).load_model_file(tmp_path / "missing.onnx")
+    if engine == "onnxruntime":
+        (tmp_path / "model.xml").write_text("<net/>")
+        with pytest.raises(LeanvitError, match="use the .onnx file next to it"):
+            get_engine(engine).load_model_file(tmp_path / "model.xml")

@@ -60,6 +60,14 @@ class Engine(ABC):
                            f"run {Path(path).name} on onnxruntime or openvino.")
 
 
+def existing_model_file(path) -> Path:
+    """``path`` as a Path, or a clear error when there is no such file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LeanvitError(f"No model file at {path}: give the path of an exported .onnx or .xml file.")
+    return path
+
+
 _ENGINES: dict[str, type[Engine]] = {}
 
 

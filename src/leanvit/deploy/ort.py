@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import EngineUnavailableError
-from .engine import Engine, Runner, register_engine
+from ..errors import EngineUnavailableError, LeanvitError
+from .engine import Engine, Runner, existing_model_file, register_engine
 from .export import cached_onnx
 
 #: Graph fusions turned off for QDQ models. ONNX Runtime's MatMul + Add -> Gemm fusion runs before its QDQ
@@ -85,6 +85,10 @@ class OnnxRuntimeEngine(Engine):
 
     def load_model_file(self, path, *, info: dict | None = None) -> OrtRunner:
         """An ONNX file: :meth:`load_onnx`."""
+        path = existing_model_file(path)
+        if path.suffix.lower() != ".onnx":
+            raise LeanvitError(f"ONNX Runtime runs ONNX files, not {path.name}: use the .onnx file next to it, "
+                               "or the openvino engine.")
         return self.load_onnx(path, info=info)
 
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LeanvitError
-from .engine import Engine, Runner, register_engine
+from .engine import Engine, Runner, existing_model_file, register_engine
 from .export import cached_onnx, cached_openvino_ir
 
 _OV_PRECISION = {"f32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -70,7 +70,7 @@ class OpenVinoEngine(Engine):
             raise LeanvitError(
                 "OpenVINO bf16 needs a CPU with AVX-512 BF16 or AMX; this one has neither. Use f32."
             )
-        compiled = openvino_core().compile_model(str(path), "CPU", self.compile_config())
+        compiled = openvino_core().compile_model(str(existing_model_file(path)), "CPU", self.compile_config())
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")
         used = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         facts = {

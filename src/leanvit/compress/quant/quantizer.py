@@ -194,8 +194,8 @@ def input_channel_weights(layer: nn.Module) -> torch.Tensor:
     """
     weight = layer.weight.detach().float()
     if isinstance(layer, nn.Conv2d) and layer.groups > 1:  # each input channel feeds its own group's outputs
-        return weight.pow(2).sum((1, 2, 3)).reshape(layer.groups, -1).sum(1).repeat_interleave(
-            layer.in_channels // layer.groups)
+        per_pair = weight.pow(2).sum((2, 3))  # (out, in / groups): output channel by its group's input channel
+        return per_pair.reshape(layer.groups, -1, per_pair.shape[1]).sum(1).flatten()
     return weight.pow(2).transpose(0, 1).flatten(1).sum(1)
 
 
