@@ -293,3 +293,24 @@ def test_input_channel_weights_of_a_grouped_conv_are_each_channels_own():
     with torch.no_grad():
         conv.weight.copy_(torch.tensor([1.0, 0.0, 0.0, 3.0]).view(2, 2, 1, 1))
     assert input_channel_weights(conv).tolist() == [1.0, 0.0, 0.0, 9.0]
+
+
+class _TwoOutputs(nn.Module):
+    """A conv + BatchNorm whose model returns a tuple (a detector's, a multi-head model's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x)).mean((2, 3))
+        return self.head(x), x
+
+
+def test_a_model_returning_a_tuple_folds_its_batchnorms_and_quantizes():
+    torch.manual_seed(0)
+    model = _TwoOutputs().eval()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    qmodel = quantize(model, torch.randn(16, 3, 8, 8), QuantConfig(), progress=False)
+    assert qmodel.quant_report.folded_batchnorms == ["bn"]
+    assert isinstance(qmodel(torch.randn(2, 3, 8, 8)), tuple)
