@@ -433,6 +433,7 @@ def _zero_bias_before_relu(graph) -> None:
                                                       name=f"{node.name or node.output[0]}_zero_bias"))
         readers[0].input[list(readers[0].input).index(node.output[0])] = biased
 
+
 def _fold_weight_quantizers(graph) -> None:
     """Replace ``QuantizeLinear(constant weight)`` by its int8 result, and fold a following Transpose."""
     from onnx import helper, numpy_helper

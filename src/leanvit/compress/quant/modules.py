@@ -408,24 +408,22 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[str]:
         model.set_submodule(bn_name, nn.Sequential(*tail) if tail else nn.Identity())
         folded.append(bn_name)
     if folded:
-        err = max_abs_diff(model(example), reference)
-        if err > 1e-3 * max(1.0, max_abs_diff(reference, None)):
+        err = output_error(model(example), reference)
+        if err > 1e-3:
             raise RuntimeError(
-                f"Folding BatchNorm into convolutions changed the model output (max abs err {err:.3g}): a conv "
+                f"Folding BatchNorm into convolutions changed the model output (by {err:.3g} of its range): a conv "
                 f"output feeds more than its BatchNorm. Folded: {', '.join(folded)}. Please report this model."
             )
     return folded
 
 
-def max_abs_diff(a, b) -> float:
-    """Largest absolute difference between two model outputs (a tensor, or a tuple / dict of them); with ``b``
-    None, the largest absolute value of ``a``."""
-    leaves_a, spec_a = tree_flatten(a)
-    if b is None:
-        leaves_b = [torch.zeros(())] * len(leaves_a)
-    else:
-        leaves_b, spec_b = tree_flatten(b)
-        if spec_a != spec_b:
-            raise ValueError("the two outputs have different structures")
-    return max((float((x - y).abs().max()) for x, y in zip(leaves_a, leaves_b) if isinstance(x, torch.Tensor)),
-               default=0.0)
+def output_error(after, reference) -> float:
+    """How far a model output moved: the largest absolute difference from ``reference`` over the largest absolute
+    reference value (at least 1). Outputs are a tensor, or a tuple / dict of them; 1e-3 is float rounding."""
+    leaves, spec = tree_flatten(after)
+    leaves_ref, spec_ref = tree_flatten(reference)
+    if spec != spec_ref:
+        raise ValueError("the two outputs have different structures")
+    pairs = [(a, r) for a, r in zip(leaves, leaves_ref) if isinstance(a, torch.Tensor)]
+    diff = max((float((a - r).abs().max()) for a, r in pairs), default=0.0)
+    return diff / max([1.0, *(float(r.abs().max()) for _, r in pairs)])
