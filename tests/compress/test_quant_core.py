@@ -222,6 +222,45 @@ def test_batchnorm_folding_keeps_the_function(tiny_cnn):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
+class ConvReadTwice(nn.Module):
+    """conv1's output feeds its BatchNorm and a residual add: folding that BN would change the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        y = self.bn1(y) + y
+        y = self.bn2(self.conv2(y))
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_conv_output_read_elsewhere_keeps_its_batchnorm_and_the_rest_fold():
+    def make():
+        model = ConvReadTwice().eval()
+        for m in model.modules():  # not the identity, so folding bn1 would show
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+        return model
+
+    model, x = make(), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    with pytest.warns(UserWarning, match=r"bn1 \(after conv1\)"):
+        folded = fold_batchnorm(model, x)
+    assert folded == ["bn2"]
+    assert isinstance(model.bn1, nn.BatchNorm2d) and isinstance(model.bn2, nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
+    with pytest.warns(UserWarning, match="not folded"):  # this used to raise
+        qmodel = quantize(make(), torch.randn(16, 3, 16, 16), progress=False)
+    assert qmodel.quant_report.folded_batchnorms == ["bn2"]
+
+
 def test_quantized_wrappers_keep_state_dict_keys(tiny_cnn):
     conv = next(m for m in tiny_cnn.modules() if isinstance(m, nn.Conv2d) and m.groups > 1)
     q = QuantConv2d.from_float(conv, QScheme(8, True, True), QScheme(8, False))
@@ -234,8 +273,11 @@ def test_quantized_wrappers_keep_state_dict_keys(tiny_cnn):
 
 def test_recipes_keep_the_first_and_last_layers_at_8_bits(tiny_vit):
     calib = torch.randn(16, 3, 32, 32)
-    config = QuantConfig.recipe("hybrid", "w4a4", reconstruct_iters=5, attn_bits=4)
+    config = QuantConfig.recipe("hybrid", "w4a4", reconstruct_iters=5)
     assert config.hessian_search and config.reconstruct == "blocks" and config.softmax_quantizer == "twin"
+    assert config.attn_bits == 4  # the twin softmax quantizer has attention matmuls to act on
+    with pytest.raises(LeanvitError, match="attn_bits=None keeps the attention matmuls in float"):
+        QuantConfig.recipe("hybrid", "w4a4", attn_bits=None)
     assert (config.a_symmetric, config.a_per_channel) == ("auto", "auto")
     assert QuantConfig.recipe("hybrid", "w8a8").a_per_channel is False
     with pytest.raises(LeanvitError, match="a_per_channel must be True, False or 'auto'"):
@@ -280,7 +322,8 @@ def test_the_target_cpu_decides_which_ops_run_int8():
     for_ort = QuantConfig.recipe("mse", target="vnni", engine="onnxruntime")
     assert vnni.share_qkv_quantizer and not for_ort.share_qkv_quantizer
     assert QuantConfig.recipe("mse", "w8a8", target="vnni", attn_bits=None).attn_bits is None  # overrides win
-    assert QuantConfig.recipe("mse", "w4a4", target="vnni").attn_bits is None  # simulation only: no CPU to suit
+    # low-bit models are simulation only: no CPU to suit, attention matmuls at the activation bits on any target
+    assert QuantConfig.recipe("mse", "w4a4", target="vnni").attn_bits == QuantConfig.recipe("mse", "w4a4").attn_bits == 4
     assert resolve_target("auto") == ("generic" if int8_saturates() else "vnni")
     assert QuantConfig.recipe("mse", "w8a8", target="auto") == QuantConfig.recipe(
         "mse", "w8a8", target=resolve_target("auto"))

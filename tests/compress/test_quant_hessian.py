@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from leanvit.compress.quant import QuantConfig, allocate_bits, layer_sensitivity, quantize
+from leanvit.compress.quant import QuantConfig, QuantLinear, allocate_bits, layer_sensitivity, quantize
 from leanvit.compress.quant.calibrate import quantizers_disabled
 from leanvit.compress.quant.mixed import hessian_traces
 from leanvit.errors import LeanvitError
@@ -147,3 +147,24 @@ def test_per_channel_input_rows_are_quantized_as_the_layer_quantizes_its_input(l
     quantizer.set_range(torch.linspace(-1, -0.1, 4), torch.linspace(0.5, 9, 4))
     expected = _input_rows(layer, quantizer(x))
     assert torch.allclose(_quantized_rows(_input_rows(layer, x), quantizer), expected, atol=1e-6)
+
+
+def test_a_range_no_candidate_beats_keeps_its_scale_and_zero_point(monkeypatch):
+    """Where the search keeps the starting ratio, the calibrated ranges stay bit for bit, though the sampled inputs
+    span less than the calibration data did (their min-max used to set the zero point)."""
+    import leanvit.compress.quant.hessian as hessian
+    from leanvit.compress.quant.quantizer import QScheme
+
+    layer = QuantLinear.from_float(nn.Linear(6, 4), QScheme(4, True, True), QScheme(4, symmetric=False))
+    layer.weight_quantizer.set_range(-layer.weight.detach().abs().amax(1), layer.weight.detach().abs().amax(1))
+    layer.input_quantizer.set_range(torch.tensor(-3.0), torch.tensor(5.0))
+    before = [q.clone() for q in (*layer.weight_quantizer.state_dict().values(), *layer.input_quantizer.state_dict().values())]
+    x = torch.rand(32, 1, 6) * 2 - 0.5  # sampled rows (N, groups, K): [-0.5, 1.5], another zero point than [-3, 5] has
+    monkeypatch.setattr(hessian, "_ratio_search", lambda error, start: start)
+    hessian._search_layer(layer, x, torch.ones(32, 4), rounds=2, search_input=True)
+    after = [*layer.weight_quantizer.state_dict().values(), *layer.input_quantizer.state_dict().values()]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    monkeypatch.undo()  # and where a candidate wins, the input's zero point stays: the scale shrinks around it
+    zero_point = layer.input_quantizer.zero_point.clone()
+    hessian._search_layer(layer, x, torch.ones(32, 4), rounds=2, search_input=True)
+    assert layer.input_quantizer.scale < before[-2] and torch.equal(layer.input_quantizer.zero_point, zero_point)

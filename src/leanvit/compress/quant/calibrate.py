@@ -157,6 +157,9 @@ class QuantConfig:
         if self.softmax_quantizer not in SOFTMAX_QUANTIZERS:
             raise LeanvitError(f"softmax_quantizer '{self.softmax_quantizer}' is not a softmax quantizer; use one of "
                                f"{', '.join(SOFTMAX_QUANTIZERS)} ('uniform' is the one that exports).")
+        if self.softmax_quantizer != "uniform" and self.attn_bits is None:
+            raise LeanvitError(f"softmax_quantizer={self.softmax_quantizer!r} quantizes the attention probabilities, "
+                               "but attn_bits=None keeps the attention matmuls in float: set attn_bits (--attn-bits).")
 
     @classmethod
     def from_bits(cls, bits: str, **kwargs) -> QuantConfig:
@@ -167,7 +170,8 @@ class QuantConfig:
     @classmethod
     def recipe(cls, name: str, bits: str = "w8a8", target: str = "generic", engine: str = "openvino",
                **overrides) -> QuantConfig:
-        """A named recipe at ``bits`` (fields in ``overrides`` win); below W7A8, first and last layers at 8 bits.
+        """A named recipe at ``bits`` (fields in ``overrides`` win); below W7A8, first and last layers at 8 bits;
+        below 8-bit activations, the attention matmuls' inputs at the activation bits (``attn_bits``).
 
         - ``"minmax"``: the textbook baseline, min-max ranges, no reparameterisation;
         - ``"mse"``: the deployable default (MSE-searched ranges, RepQ-ViT LayerNorm reparameterisation);
@@ -195,6 +199,8 @@ class QuantConfig:
             overrides = {"quantize_transposed_conv_outputs": True, "int8_nhwc_concats": True, **overrides}
         if resolve_target(target) == "vnni" and a_bits == 8 and w_bits >= 7:
             overrides = {"quantize_depthwise": True, "attn_bits": 8, **overrides}
+        if a_bits < 8:  # low-bit (simulation) recipes quantize the attention matmuls' inputs too, as the papers do
+            overrides = {"attn_bits": a_bits, **overrides}
         # 8-bit ends help low-bit models; a W7A8 model (exact INT8 on CPUs without VNNI) keeps 7-bit weights throughout
         edges = "w8a8" if w_bits < 7 or a_bits < 8 else None
         recipes = {

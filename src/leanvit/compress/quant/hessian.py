@@ -13,7 +13,7 @@ Then, per layer: the weight's ranges (per output channel: output channel ``c`` d
 weight row ``c``, so the objective separates and each row's ratio is searched independently) and
 the input's per-tensor range are searched in turn for a couple of rounds, starting from the
 ranges calibration already set (MSE by default). Every candidate is a ratio of the min-max range
-(of a weight row, or of the sampled inputs), as in :func:`~leanvit.compress.quant.quantizer.choose_range`, and the starting ratio is kept unless
+(of a weight row; of the input's calibrated range, widened to take in the sampled inputs), as in :func:`~leanvit.compress.quant.quantizer.choose_range`, and the starting ratio is kept unless
 a candidate beats it, so the search never worsens the objective. Memory stays bounded: each layer
 keeps ``rows`` output positions (with the inputs they read) out of ``images`` calibration images,
 drawn where the gradient is.
@@ -157,7 +157,13 @@ def _search_layer(layer: nn.Module, x: torch.Tensor, grad_sq: torch.Tensor, roun
     target = _matmul(x, weight)
     per_row = weight.flatten(1) if wq.scheme.per_channel else weight.reshape(1, -1)
     w_lo, w_hi = per_row.amin(1), per_row.amax(1)
-    x_lo, x_hi = x.min().view(1), x.max().view(1)
+    widen = 1.0
+    if search_input:
+        # the input's candidates are ratios of its calibrated range widened to the sampled extremes: ratio 1 / widen
+        # is that range itself, zero point included (ratios of the sampled min-max would move the zero point)
+        x_lo, x_hi = (float(bound) for bound in iq.grid_range())
+        widen = max(1.0, float(x.max()) / x_hi if x_hi > 0 else 1.0, float(x.min()) / x_lo if x_lo < 0 else 1.0)
+        x_lo, x_hi = (torch.tensor([bound * widen], device=x.device) for bound in (x_lo, x_hi))
 
     def quantized(tensor, lo, hi, ratio, scheme, shape, axis):
         scale, zero = qparams(lo * ratio, hi * ratio, scheme)
@@ -174,9 +180,8 @@ def _search_layer(layer: nn.Module, x: torch.Tensor, grad_sq: torch.Tensor, roun
         return cost(quantized(x, x_lo, x_hi, ratio, iq.scheme, (), 0), w_hat).sum().view(1)
 
     # the ratio at which the min-max range gives the current scale: qparams is linear in the range
-    w_ratio = wq.scale.reshape(-1) / qparams(w_lo, w_hi, wq.scheme)[0]
-    if search_input:
-        x_ratio = iq.scale.reshape(1) / qparams(x_lo, x_hi, iq.scheme)[0]
+    w_start = w_ratio = wq.scale.reshape(-1) / qparams(w_lo, w_hi, wq.scheme)[0]
+    x_start = x_ratio = torch.tensor([1 / widen], device=x.device)
     x_hat = _quantized_rows(x, iq)
     for _ in range(rounds):
         w_ratio = _ratio_search(weight_cost, w_ratio)
@@ -184,9 +189,20 @@ def _search_layer(layer: nn.Module, x: torch.Tensor, grad_sq: torch.Tensor, roun
         if search_input:
             x_ratio = _ratio_search(input_cost, x_ratio)
             x_hat = quantized(x, x_lo, x_hi, x_ratio, iq.scheme, (), 0)
-    wq.set_range(w_lo * w_ratio, w_hi * w_ratio)
+    _set_range_where_searched(wq, w_lo, w_hi, w_ratio, w_start)
     if search_input:
-        iq.set_range(x_lo * x_ratio, x_hi * x_ratio)
+        _set_range_where_searched(iq, x_lo, x_hi, x_ratio, x_start)
+
+
+def _set_range_where_searched(quantizer, lo: torch.Tensor, hi: torch.Tensor, ratio: torch.Tensor,
+                              start: torch.Tensor) -> None:
+    """The ranges ``ratio * (lo, hi)`` on the rows whose ratio the search moved; the others keep their scale and
+    zero point bit for bit (recomputing them from the start ratio could round differently)."""
+    scale, zero_point = qparams(lo * ratio, hi * ratio, quantizer.scheme)
+    moved = ratio != start
+    shape = quantizer.scale.shape
+    quantizer.scale.copy_(torch.where(moved, scale, quantizer.scale.reshape(-1)).reshape(shape))
+    quantizer.zero_point.copy_(torch.where(moved, zero_point, quantizer.zero_point.reshape(-1)).reshape(shape))
 
 
 def hessian_search(qmodel: nn.Module, batches: list[torch.Tensor], *, fixed_inputs: set[str] = frozenset(),

@@ -16,6 +16,7 @@ module's :func:`shell` of another class and the :class:`Routed` torch calls of i
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -385,7 +386,9 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[str]:
     The engines fold BN into the preceding conv anyway; folding it *before* quantization makes the
     quantized weights the ones the engine runs, so their scales are the simulation's. The pairs are
     found by running ``example`` with hooks (a BN whose input tensor is a conv's output), which works
-    for any module structure; the model's output is checked to be unchanged afterwards.
+    for any module structure. A conv whose output is also read by something else (a residual add, say)
+    cannot be folded: the model's output is checked after folding, and if it moved, the pairs are folded
+    one at a time and each one that moves it is undone and named in a warning (that BatchNorm stays).
     Returns the names of the folded BatchNorms.
     """
     consumers, reference = direct_consumers(
@@ -393,28 +396,40 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[str]:
         is_producer=lambda m: type(m) is nn.Conv2d or type(m) is QuantConv2d,
         is_consumer=lambda m: isinstance(m, nn.BatchNorm2d) and m.track_running_stats and not m.training,
     )
-    modules = dict(model.named_modules())
-    folded = []
-    for conv_name, bns in consumers.items():
-        if len(bns) > 1:  # a conv output shared by two BNs cannot be folded into both
-            continue
-        bn_name = bns[0]
-        conv, bn = modules[conv_name], modules[bn_name]
-        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
-                                            bn.weight, bn.bias)
-        conv.weight, conv.bias = weight, bias
-        # timm's BatchNormAct2d applies its dropout and activation after the normalisation: keep those.
-        tail = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
-        model.set_submodule(bn_name, nn.Sequential(*tail) if tail else nn.Identity())
-        folded.append(bn_name)
-    if folded:
-        err = output_error(model(example), reference)
-        if err > 1e-3:
-            raise RuntimeError(
-                f"Folding BatchNorm into convolutions changed the model output (by {err:.3g} of its range): a conv "
-                f"output feeds more than its BatchNorm. Folded: {', '.join(folded)}. Please report this model."
-            )
+    # a conv output shared by two BNs cannot be folded into both
+    pairs = [(conv, bns[0]) for conv, bns in consumers.items() if len(bns) == 1]
+    undo = [_fold_pair(model, conv, bn) for conv, bn in pairs]
+    if not pairs or output_error(model(example), reference) <= 1e-3:
+        return [bn for _, bn in pairs]
+    for restore in reversed(undo):
+        restore()
+    folded, kept = [], []
+    for conv, bn in pairs:
+        restore = _fold_pair(model, conv, bn)
+        if output_error(model(example), reference) <= 1e-3:
+            folded.append(bn)
+        else:
+            restore()
+            kept.append(f"{bn} (after {conv})")
+    warnings.warn(f"{len(kept)} BatchNorm(s) not folded: their convolution's output is also read elsewhere, so "
+                  f"folding would change the model. They stay as BatchNorm: {', '.join(kept)}", stacklevel=3)
     return folded
+
+
+def _fold_pair(model: nn.Module, conv_name: str, bn_name: str) -> Callable[[], None]:
+    """Fold BatchNorm ``bn_name`` into convolution ``conv_name``; returns the function that undoes it."""
+    conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+    saved = conv.weight, conv.bias
+    conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                                  bn.weight, bn.bias)
+    # timm's BatchNormAct2d applies its dropout and activation after the normalisation: keep those.
+    tail = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+    model.set_submodule(bn_name, nn.Sequential(*tail) if tail else nn.Identity())
+
+    def restore():
+        conv.weight, conv.bias = saved
+        model.set_submodule(bn_name, bn)
+    return restore
 
 
 def output_error(after, reference) -> float:

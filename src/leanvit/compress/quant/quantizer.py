@@ -256,6 +256,12 @@ class FakeQuantizer(Quantizer):
         self.scale.copy_(scale.reshape(shape))
         self.zero_point.copy_(zero_point.reshape(shape))
 
+    def grid_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lo, hi)``: the range the grid spans (``set_range`` of it, or of it times any ratio, keeps the zero point)."""
+        if self.scheme.symmetric:
+            return -self.scheme.qmax * self.scale, self.scheme.qmax * self.scale
+        return (self.scheme.qmin - self.zero_point) * self.scale, (self.scheme.qmax - self.zero_point) * self.scale
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize(x, self.scale, self.zero_point, self.scheme, self.axis)
 
