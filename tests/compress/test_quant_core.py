@@ -292,6 +292,27 @@ def test_recipes_keep_the_first_and_last_layers_at_8_bits(tiny_vit):
         QuantConfig.recipe("best", "w8a8")
 
 
+class TwoHeads(nn.Module):
+    """A distilled classifier: two heads, the distillation one registered last, as timm's DeiT and EfficientFormer."""
+    pretrained_cfg = {"classifier": ("head", "head_dist")}
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.body = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head, self.head_dist = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.body(torch.relu(self.stem(x))).mean((2, 3))
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+def test_both_heads_of_a_distilled_model_are_edges():
+    layers = quantize(TwoHeads().eval(), torch.randn(16, 3, 8, 8), QuantConfig.recipe("mse", "w4a4"),
+                      progress=False).quant_report.quantized
+    assert [n for n, text in layers.items() if text.startswith("weights int8")] == ["stem", "head", "head_dist"]
+    assert layers["body"].startswith("weights int4")
+
+
 def test_depthwise_convs_with_a_channel_multiplier_stay_float():
     """No engine has an INT8 kernel for a depthwise conv writing several channels per input channel (FastViT's
     downsampling): it stays float and is said to, even where depthwise convs are quantized; plain ones are."""

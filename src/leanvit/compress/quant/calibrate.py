@@ -124,7 +124,8 @@ class QuantConfig:
     #: paired, ``benchmarks/results/recipe-ab-nhwc-concat-epyc/``). ``recipe(engine="openvino")`` at 8-bit
     #: activations turns it on
     int8_nhwc_concats: bool = False
-    #: bit-widths of the first and the last quantized layer (stem or patch embedding, classifier), e.g.
+    #: bit-widths of the first and the last quantized layer (stem or patch embedding, classifier: every head that
+    #: timm's ``pretrained_cfg["classifier"]`` names, as a distilled model's two), e.g.
     #: "w8a8" in a W4A4 model as RepQ-ViT and PTQ4ViT do; None: like every other layer. ``layer_bits`` wins.
     edge_bits: str | None = None
     min_images: int = 16  #: fewer calibration images than this is an error
@@ -362,6 +363,15 @@ def matches(layer: str, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
 
 
+def edge_layers(model: nn.Module, candidates: list[str]) -> list[str]:
+    """The first of the quantizable layers ``candidates`` and the classifier(s): those timm's ``pretrained_cfg``
+    names (both heads of a distilled model, which registration order alone would split), else the last one."""
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    classifier = (classifier,) if isinstance(classifier, str) else classifier
+    heads = [n for n in candidates if any(matches(n, c) for c in classifier)]
+    return list(dict.fromkeys([candidates[0], *(heads or candidates[-1:])]))
+
+
 def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, constant: set[str],
                  kept_float: dict[str, str]) -> dict[str, nn.Module]:
     inside_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
@@ -377,8 +387,8 @@ def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, con
                       and depthwise_float_reason(m, config) is None
                       and not any(matches(n, p) for p in config.skip)]
         if candidates:
-            edges = tuple((n, config.edge_bits) for n in dict.fromkeys((candidates[0], candidates[-1])))
-            config = replace(config, layer_bits=(*config.layer_bits, *edges))
+            config = replace(config, layer_bits=(*config.layer_bits,
+                                                 *((n, config.edge_bits) for n in edge_layers(model, candidates))))
     layer_names = [n for n, m in model.named_modules() if quantizable_type(m) is not None]
     unmatched = [p for p in (*config.skip, *(p for p, _ in config.layer_bits))
                  if not any(matches(n, p) for n in layer_names)]
