@@ -94,6 +94,8 @@ def test_empty_or_small_calibration_set_is_an_error(tiny_vit):
         quantize(tiny_vit, torch.randn(4, 3, 32, 32), progress=False)
     with pytest.raises(LeanvitError, match=r"\(B, C, H, W\)"):
         quantize(tiny_vit, [torch.randn(16, 32)], progress=False)
+    with pytest.raises(LeanvitError, match="2 sizes \\(3x32x32, 3x48x48\\)"):
+        quantize(tiny_vit, [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 48, 48)], progress=False)
 
 
 @pytest.fixture(scope="module")

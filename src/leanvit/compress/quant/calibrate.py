@@ -291,7 +291,7 @@ class QuantReport:
 
 
 def calibration_batches(calib_data, min_images: int, batch_size: int = 32) -> list[torch.Tensor]:
-    """The calibration images as a list of ``(B, C, H, W)`` float batches.
+    """The calibration images as a list of ``(B, C, H, W)`` float batches, all of one image size.
 
     Accepts one tensor, or an iterable of tensors or of ``(images, labels)`` pairs (a DataLoader);
     ``None`` batches (all images corrupt, from leanvit's loaders) are skipped.
@@ -308,6 +308,10 @@ def calibration_batches(calib_data, min_images: int, batch_size: int = 32) -> li
             raise LeanvitError(f"Calibration batches must be (B, C, H, W) image tensors or (images, labels) pairs; "
                                f"got {type(batch).__name__} {tuple(getattr(batch, 'shape', ()))}.")
         batches.append(batch.float())
+    sizes = list(dict.fromkeys("x".join(map(str, b.shape[1:])) for b in batches))
+    if len(sizes) > 1:
+        raise LeanvitError(f"The calibration images have {len(sizes)} sizes ({', '.join(sizes[:4])}): calibrate at the "
+                           "one input size the model is deployed at (resize or crop them all to it).")
     n = sum(b.shape[0] for b in batches)
     if n == 0:
         raise LeanvitError("The calibration set is empty. Pass a few hundred representative images "
@@ -431,8 +435,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     consumers = layernorm_consumers(qmodel, example) if config.reparam_layernorm else {}
     matmul_calls = record_matmuls(qmodel, example)  # before any swap: what each module multiplies itself
     first = batches[0][:1]  # and an image that differs from it (the first two may be copies)
-    other = next((b[i:i + 1] for b in batches for i in range(len(b))
-                  if b.shape[1:] == first.shape[1:] and not torch.equal(b[i:i + 1], first)), None)
+    other = next((b[i:i + 1] for b in batches for i in range(len(b)) if not torch.equal(b[i:i + 1], first)), None)
     if other is None:
         raise LeanvitError("Every calibration image is the same image: calibration needs distinct images.")
     constant = image_independent_layers(qmodel, first, other)
