@@ -375,6 +375,31 @@ def test_dynamic_batch_export(qvit, tmp_path):
     assert agreement.n == 5 and agreement.top1_agreement == 1.0
 
 
+class _LinearCalledTwice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.head = torch.nn.Conv2d(3, 8, 4, 4), torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.fc(torch.relu(self.fc(tokens))).mean(1))
+
+
+def test_dynamic_batch_export_of_a_linear_called_twice(tmp_path):
+    """The TorchScript exporter transposes the Linear's weight once per call: both Transposes fold into the int8
+    weight (an error before: "the exporter lost some quantizers")."""
+    torch.manual_seed(0)
+    qmodel = quantize(_LinearCalledTwice().eval(), torch.randn(16, 3, 8, 8), progress=False)
+    with pytest.warns(UserWarning, match="TorchScript"):
+        path = export_quantized(qmodel, tmp_path / "twice.onnx", dynamic_batch=True)
+    assert onnx_int8_summary(path).int8 == 4  # the conv, fc twice, the head
+    assert not [n for n in onnx.load(str(path)).graph.node if n.op_type == "Transpose" and "fc" in n.name]
+    x = torch.randn(3, 3, 8, 8)
+    runner = get_engine("onnxruntime", threads=1).load_onnx(path)
+    with torch.no_grad():  # (loose: a CPU without VNNI saturates 8-bit weights' products)
+        np.testing.assert_allclose(runner(x.numpy()), qmodel(x).numpy(), atol=0.05 * float(qmodel(x).abs().max()))
+
+
 class _FourierPositions(torch.nn.Module):
     """Tokens plus a projection of a fixed grid of Fourier features (XCiT's positional encoding)."""
 

@@ -457,13 +457,18 @@ def _fold_weight_quantizers(graph) -> None:
         (dq,) = consumers[q.output[0]]
         dq_axis = axis
         users = consumers.get(dq.output[0], [])
-        if len(users) == 1 and users[0].op_type == "Transpose" and ints.ndim == 2:
-            transpose = users[0]
-            perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), [1, 0])
+        perms = {tuple(next((a.ints for a in user.attribute if a.name == "perm"), (1, 0))) for user in users
+                 if user.op_type == "Transpose"}
+        # one Transpose, or one per call of a layer called several times (the same perm): fold it into the weight
+        if users and ints.ndim == 2 and all(user.op_type == "Transpose" for user in users) and len(perms) == 1:
+            (perm,) = perms
             ints = ints.transpose(perm)
             dq_axis = perm.index(axis % 2)
-            dq.output[0] = transpose.output[0]
-            removed.add(id(transpose))
+            transposed = {user.output[0] for user in users}
+            removed.update(id(user) for user in users)
+            users = [node for name in transposed for node in consumers.get(name, [])]
+            for node in users:
+                node.input[:] = [dq.output[0] if name in transposed else name for name in node.input]
         name = f"{q.input[0]}_quantized"
         graph.initializer.append(numpy_helper.from_array(ints, name))
         dq.input[0] = name
@@ -471,7 +476,7 @@ def _fold_weight_quantizers(graph) -> None:
             # Symmetric. The exporter shares one all-zero constant between layers of equal width, and OpenVINO
             # then fails to recognise the weights' dequantization (f32 FC): no zero point at all, except before
             # a Gemm, which ONNX Runtime fuses into its INT8 QGemm only with a named one (a constant of its own).
-            if any(user.op_type == "Gemm" for user in consumers.get(dq.output[0], [])):
+            if any(user.op_type == "Gemm" for user in users):
                 dq.input[2] = f"{name}_zero_point"
                 graph.initializer.append(numpy_helper.from_array(np.zeros(scale.size if per_axis else (), np.int8),
                                                                  dq.input[2]))
