@@ -458,6 +458,27 @@ class _TransposedMlp(torch.nn.Module):
         return self.fc2(torch.nn.functional.gelu(y + h if self.residual else y))
 
 
+def test_a_float_attention_subgraph_is_named_after_its_matmuls_module():
+    """OpenVINO names a fused Subgraph after its last op; when that is the next layer's input quantizer, the
+    module named must still be the attention whose matmuls it runs."""
+    from types import SimpleNamespace
+
+    from leanvit.compress.quant.export import openvino_precisions
+
+    class Any(str):  # an ov.OVAny as rt_info holds it
+        def astype(self, _):
+            return str(self)
+
+    fused = "node_matmul_4,node_softmax_2,node_matmul_5,node_fake_quantize_per_tensor_affine_9"
+    op = SimpleNamespace(get_friendly_name=lambda: "node_fake_quantize_per_tensor_affine_9", get_rt_info=lambda: {
+        "layerType": Any("Subgraph"), "originalLayersNames": Any(fused), "runtimePrecision": Any("FP32")})
+    compiled = SimpleNamespace(get_runtime_model=lambda: SimpleNamespace(get_ordered_ops=lambda: [op]))
+    modules = {"node_matmul_4": "blocks.0.attn", "node_matmul_5": "blocks.0.attn",
+               "node_fake_quantize_per_tensor_affine_9": "blocks.0.attn.proj.input_quantizer"}
+    assert openvino_precisions(compiled, modules) == {
+        "blocks.0.attn (node_fake_quantize_per_tensor_affine_9)": ("Subgraph", "fp32")}
+
+
 def test_inputs_read_through_a_transpose_are_quantized_where_they_are_written(tmp_path):
     """``producer_quantizers`` (the OpenVINO recipe): a layer reading another's output through a transpose gets
     it quantized by the writer on its own grid, so OpenVINO's transpose moves int8; the simulation is unchanged.

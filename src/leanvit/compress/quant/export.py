@@ -259,7 +259,10 @@ def openvino_precisions(compiled, modules: dict[str, str] | None = None) -> dict
         fused = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
         if layer_type in OV_COMPUTE_LAYERS or (layer_type == "Subgraph" and fuses_a_matmul(fused)):
             name = op.get_friendly_name()  # e.g. "node_conv2d_3/WithoutBiases" for the ONNX node "node_conv2d_3"
-            label = _label(name, (name, name.split("/")[0], *fused.split(",")), modules or {})
+            # a Subgraph is named after its last op, which may be the next layer's input quantizer: its matmuls
+            # say which module it computes
+            matmuls = [f for f in fused.split(",") if fuses_a_matmul(f)] if layer_type == "Subgraph" else []
+            label = _label(name, (*matmuls, name, name.split("/")[0], *fused.split(",")), modules or {})
             found[label] = (layer_type, info["runtimePrecision"].astype(str).lower())
     return found
 
