@@ -100,6 +100,10 @@ def test_research_methods_from_the_command_line(capsys):
     (["--calib-images", "4"], "4 images"),
     (["--layer-bits", "head=w8"], "w8"),
     (["--out", "FILE", "--calib", "NOWHERE"], "is a file; give a folder"),
+    (["--attn-bits", "4", "--out", "OUT", "--calib", "NOWHERE"], "attn_bits=4 (--attn-bits 4)"),
+    (["--a-granularity", "auto", "--quantize-depthwise", "--engine", "onnxruntime", "--out", "OUT", "--calib",
+      "NOWHERE"], "(--a-granularity tensor)"),
+    (["--img-size", "48"], "does not run on 3x48x48 inputs"),  # built for 32x32: the fix, not timm's assertion
 ])
 def test_bad_input_is_a_one_line_error(argv, message, tmp_path, capsys):
     (tmp_path / "file").write_text("")
@@ -108,3 +112,36 @@ def test_bad_input_is_a_one_line_error(argv, message, tmp_path, capsys):
     assert main(["quantize", *TINY, *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_an_eval_set_of_other_classes_is_refused_before_calibrating(tmp_path, capsys):
+    import timm
+
+    from leanvit.checkpoint import save_weights
+
+    kwargs = json.loads(TINY[2])
+    path = save_weights(tmp_path / "m.safetensors", timm.create_model(TINY[0], **kwargs).state_dict(),
+                        {"model": TINY[0], "model_kwargs": kwargs, "classes": [f"c{i}" for i in range(10)]})
+    out = tmp_path / "q"
+    assert main(["quantize", *TINY, "--checkpoint", str(path), "--eval", "cifar10-test500", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "trained on the classes" in err and "calibrated in" not in err and not out.exists()
+
+
+def test_eval_leaves_out_the_calibration_images_and_corrupt_ones_are_replaced(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"c{c}" / f"{i}.png")
+        (tmp_path / f"c{c}" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    argv = [a if a != "cifar10-test500" else str(tmp_path) for a in TINY]
+    assert main(["quantize", *argv, "--eval", str(tmp_path), "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["calib_images"] == 16 and result["eval_images"] == 30 - 16  # the broken ones are skipped there too
+    assert "16 of the --eval images are calibration images" in captured.err
+    assert "could not be decoded (named above); others were drawn instead: calibrating on 16" in captured.err

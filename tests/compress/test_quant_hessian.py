@@ -158,11 +158,12 @@ def test_a_range_no_candidate_beats_keeps_its_scale_and_zero_point(monkeypatch):
     layer = QuantLinear.from_float(nn.Linear(6, 4), QScheme(4, True, True), QScheme(4, symmetric=False))
     layer.weight_quantizer.set_range(-layer.weight.detach().abs().amax(1), layer.weight.detach().abs().amax(1))
     layer.input_quantizer.set_range(torch.tensor(-3.0), torch.tensor(5.0))
-    before = [q.clone() for q in (*layer.weight_quantizer.state_dict().values(), *layer.input_quantizer.state_dict().values())]
+    quantizers = (layer.weight_quantizer, layer.input_quantizer)
+    before = [t.clone() for q in quantizers for t in q.state_dict().values()]
     x = torch.rand(32, 1, 6) * 2 - 0.5  # sampled rows (N, groups, K): [-0.5, 1.5], another zero point than [-3, 5] has
     monkeypatch.setattr(hessian, "_ratio_search", lambda error, start: start)
     hessian._search_layer(layer, x, torch.ones(32, 4), rounds=2, search_input=True)
-    after = [*layer.weight_quantizer.state_dict().values(), *layer.input_quantizer.state_dict().values()]
+    after = [t for q in quantizers for t in q.state_dict().values()]
     assert all(torch.equal(a, b) for a, b in zip(after, before))
     monkeypatch.undo()  # and where a candidate wins, the input's zero point stays: the scale shrinks around it
     zero_point = layer.input_quantizer.zero_point.clone()

@@ -112,6 +112,12 @@ def test_assign_bits_moves_the_cheapest_layers_per_weight_first_until_the_budget
     assert assign_bits(scores, sizes, 4.0, low="w4a8") == (("c", "w4a8"), ("a", "w4a8"), ("b", "w4a8"), ("*", "w8a8"))
     with pytest.raises(LeanvitError, match="between 4 and 8"):
         assign_bits(scores, sizes, 3.5)
+    # a: pinned at 8 bits (layer_bits): it counts towards the average, and only b and c can move
+    sizes["a"] = 200
+    assert assign_bits({"b": 10.0, "c": 0.5}, sizes, 6.0, pinned={"a": 8}) == (
+        ("c", "w4a4"), ("b", "w4a4"), ("*", "w8a8"))  # (200 * 8 + 300 * 4) / 500 = 5.6
+    with pytest.raises(LeanvitError, match="keep the average at 5.60"):
+        assign_bits({"b": 10.0, "c": 0.5}, sizes, 5.0, pinned={"a": 8})
 
 
 @torch.no_grad()
@@ -123,6 +129,10 @@ def test_mixed_precision_meets_the_budget_and_beats_the_opposite_choice(tiny_vit
     bits = allocate_bits(tiny_vit, calib, 6.0, low="w4a4", high="w8a8")
     chosen = quantize(tiny_vit, calib, QuantConfig(layer_bits=bits), progress=False)
     assert 4.0 < average_weight_bits(chosen) <= 6.0
+    pins = (("head", "w8a8"), ("blocks.1.mlp.*", "w8a8"))  # set by the user: kept, and within the budget
+    pinned = allocate_bits(tiny_vit, calib, 6.0, low="w4a4", high="w8a8", config=QuantConfig(layer_bits=pins))
+    both = quantize(tiny_vit, calib, QuantConfig(layer_bits=(*pins, *pinned)), progress=False)
+    assert 4.0 < average_weight_bits(both) <= 6.0 and not {"head", "blocks.1.mlp.fc1"} & {n for n, _ in pinned}
     low = sum(layer_bits == "w4a4" for _, layer_bits in bits)
     assert f"{low} layers at 4 bits" in chosen.quant_report.summary()
     # the opposite: the layers that hurt most per weight go to 4 bits first, until the same budget

@@ -165,3 +165,34 @@ def test_bundled_subset_matches_the_archive():
             ref = Image.open(tar.extractfile(members[ds.names[i]])).convert("RGB")
             assert np.array_equal(np.asarray(ds[i][0]), np.asarray(ref))
             assert ds.classes[ds.targets[i]] == ds.names[i].split("/")[1]
+
+
+def test_calibration_images_replace_the_ones_that_do_not_decode(tmp_path):
+    from leanvit.data import calibration_images, calibration_subset
+
+    _write_images(tmp_path, [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(5)])
+    for c in ("cat", "dog"):
+        (tmp_path / c / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    ds = open_dataset(tmp_path, transform=lambda im: torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+    broken = {i for i, (path, _) in enumerate(ds.samples) if path.endswith("broken.png")}
+    seed = next(s for s in range(100) if broken <= set(calibration_subset(ds, 6, seed=s).indices))
+    with pytest.warns(CorruptImageWarning):  # the seed's draw of 6 holds both broken images
+        found = calibration_images(ds, 6, batch_size=4, seed=seed)
+    assert (len(found.indices), found.skipped) == (6, 2) and [b.shape[0] for b in found.batches] == [4, 2]
+    assert not any(ds.samples[i][0].endswith("broken.png") for i in found.indices)
+    with pytest.warns(CorruptImageWarning):  # more wanted than decode: what there is, the rest counted
+        found = calibration_images(ds, 12)
+    assert (len(found.indices), found.skipped) == (10, 2)
+
+
+def test_sample_keys_name_the_images_so_two_openings_compare(tmp_path):
+    from torch.utils.data import Subset
+
+    from leanvit.data import sample_keys
+
+    _write_images(tmp_path, ["cat/a.png", "dog/b.png"])
+    first, second = open_dataset(tmp_path), open_dataset(str(tmp_path) + "/../" + tmp_path.name)
+    assert sample_keys(first) == sample_keys(second) and len(set(sample_keys(first))) == 2
+    assert sample_keys(Subset(first, [1])) == sample_keys(first)[1:]
+    assert sample_keys(bundled_cifar10())[0] != sample_keys(bundled_cifar10())[1]
+    assert sample_keys(DecodedDataset(first.__class__(tmp_path, transform=lambda im: torch.zeros(1)))) is None

@@ -13,6 +13,8 @@ import json
 import sys
 from typing import Any, Sequence
 
+import torch
+
 from ..data import resolve_data_config
 from ..errors import LeanvitError
 
@@ -62,6 +64,21 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def check_input_size(model, data_config: dict, name: str) -> None:
+    """Run one blank image of the pre-processing's size through ``model``: a model built for another size (fixed
+    position embeddings) fails here, with the fix, not deep inside the command's work."""
+    size = tuple(data_config["input_size"])
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *size))
+    except (AssertionError, RuntimeError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LeanvitError(
+            f"{name} does not run on {'x'.join(map(str, size))} inputs ({reason}). A model built for one input size "
+            f"takes another when built for it: add --model-kwargs '{{\"img_size\": {size[-1]}}}' (timm resizes its "
+            "position embeddings), or drop --img-size.") from None
 
 
 def input_data_config(model, meta: dict, args: argparse.Namespace) -> dict:

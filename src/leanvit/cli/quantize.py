@@ -17,15 +17,16 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 
 from ..checkpoint import model_from_checkpoint
 from ..data import (
-    build_transform, calibration_subset, dataset_classes, make_loader, open_dataset,
+    build_transform, calibration_images, calibration_subset, dataset_classes, make_loader, open_dataset, sample_keys,
 )
 from ..errors import LeanvitError
 from ..evaluate import evaluate
 from ..models.registry import create_model
-from . import input_data_config, positive_int, print_json
+from . import check_input_size, input_data_config, positive_int, print_json
 from .train import json_object
 
 
@@ -120,6 +121,24 @@ def _layer_bits(text: str) -> tuple[str, str]:
     return pattern, bits
 
 
+def _without_calibration_images(evalset, calibset, calib_indices: list[int], args: argparse.Namespace):
+    """``evalset`` less the calibration images it holds (``--eval`` and ``--calib`` on the same split): a model
+    scored on the images it was calibrated on would look better than it is."""
+    eval_keys, calib_keys = sample_keys(evalset), sample_keys(calibset)
+    if eval_keys is None or calib_keys is None:
+        return evalset
+    used = {calib_keys[i] for i in calib_indices}
+    kept = [i for i, key in enumerate(eval_keys) if key not in used]
+    if len(kept) == len(eval_keys):
+        return evalset
+    if not kept:
+        raise LeanvitError(f"Every image of --eval {args.eval} is a calibration image: evaluate on other images "
+                           "(a test split) than those --calib draws from.")
+    print(f"leanvit quantize: note: {len(eval_keys) - len(kept)} of the --eval images are calibration images; "
+          f"they are left out of the evaluation ({len(kept)} remain)", file=sys.stderr)
+    return Subset(evalset, kept)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..compress import quant
 
@@ -138,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if args.attn_max_error is not None:  # (negative: None, every attention quantized)
         config = dataclasses.replace(config, attn_max_error=args.attn_max_error if args.attn_max_error >= 0 else None)
     if args.out:
-        quant.check_config_deployable(config)
+        quant.check_config_deployable(config, args.engine)
         if args.out.exists() and not args.out.is_dir():
             raise LeanvitError(f"--out {args.out} is a file; give a folder to write the INT8 model and report.json to.")
     torch.set_num_threads(args.threads)
@@ -149,15 +168,29 @@ def run(args: argparse.Namespace) -> int:
         print("leanvit quantize: warning: no --checkpoint, quantizing random weights", file=sys.stderr)
     model.eval()
     data_config = input_data_config(model, meta, args)
+    check_input_size(model, data_config, args.model)
     transform = build_transform(data_config)
-    calib = open_dataset(args.calib, train=True, transform=transform)
-    if len(calib) < config.min_images:
-        raise LeanvitError(f"{args.calib} has {len(calib)} images; calibration needs at least {config.min_images}.")
-    calib = calibration_subset(calib, min(args.calib_images, len(calib)))
+    calibset = open_dataset(args.calib, train=True, transform=transform)
+    if len(calibset) < config.min_images:
+        raise LeanvitError(f"{args.calib} has {len(calibset)} images; calibration needs at least {config.min_images}.")
+    evalset = None
+    if args.eval:  # checked before the minutes of calibration
+        evalset = open_dataset(args.eval, transform=transform)
+        if meta.get("classes") and meta["classes"] != dataset_classes(evalset):
+            raise LeanvitError(f"The checkpoint was trained on the classes {meta['classes']}, not those of "
+                               f"{args.eval}. Evaluate it on data with the same classes.")
 
     started = time.perf_counter()
-    # decoded once, used by every pass (None: a batch whose images were all corrupt)
-    calib = [batch[0] for batch in make_loader(calib, args.batch_size) if batch is not None]
+    # decoded once, used by every pass
+    calib = calibration_images(calibset, args.calib_images, args.batch_size)
+    if calib.skipped:
+        short = len(calib.indices) < min(args.calib_images, len(calibset))
+        print(f"leanvit quantize: warning: {calib.skipped} calibration images could not be decoded (named above); "
+              f"{'no others were left' if short else 'others were drawn instead'}: calibrating on "
+              f"{len(calib.indices)}", file=sys.stderr)
+    if evalset is not None:
+        evalset = _without_calibration_images(evalset, calibset, calib.indices, args)
+    calib = calib.batches
     if args.avg_bits is not None:
         mixed = quant.allocate_bits(model, calib, args.avg_bits, low=args.bits, high="w8a8", config=config,
                                     method=args.sensitivity)
@@ -195,21 +228,18 @@ def run(args: argparse.Namespace) -> int:
                       f"float one ({speedup.quantized_ms:.2f} against {speedup.float_ms:.2f} ms, batch 1, "
                       f"{args.threads} threads): {_SLOWER_HINTS[args.engine]}", file=sys.stderr)
 
-    if args.eval:
-        dataset = open_dataset(args.eval, transform=transform)
-        classes = dataset_classes(dataset)
-        if meta.get("classes") and meta["classes"] != classes:
-            raise LeanvitError(f"The checkpoint was trained on the classes {meta['classes']}, not those of "
-                               f"{args.eval}. Evaluate it on data with the same classes.")
+    if evalset is not None:
+        dataset, classes = evalset, dataset_classes(evalset)
         if args.eval_images and args.eval_images < len(dataset):
             dataset = calibration_subset(dataset, args.eval_images)
         loader = make_loader(dataset, args.batch_size)
         result["eval_data"] = str(args.eval)
-        result["top1"] = evaluate(model, loader, classes=classes, device="cpu", progress=False).top1
+        scored = evaluate(model, loader, classes=classes, device="cpu", progress=False)
+        result["top1"] = scored.top1
         result["sim_top1"] = evaluate(qmodel, loader, classes=classes, device="cpu", progress=False).top1
         if runner is not None:  # the exported file has a batch of 1, the deployment case
             result["engine_top1"] = evaluate(runner, make_loader(dataset, 1), classes=classes, progress=False).top1
-        result["eval_images"] = len(dataset)
+        result["eval_images"] = scored.images  # those that decoded
 
     if args.out:
         (args.out / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -12,7 +12,8 @@ import time
 
 from ..checkpoint import model_from_checkpoint
 from ..data import (
-    build_transform, calibration_subset, dataset_classes, make_loader, open_dataset, resolve_data_config,
+    build_transform, calibration_images, calibration_subset, dataset_classes, make_loader, open_dataset,
+    resolve_data_config,
 )
 from ..errors import LeanvitError
 from ..evaluate import evaluate
@@ -82,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "diffrate":
         calib = None
         if args.calib:
-            images = _subset(open_dataset(args.calib, train=True, transform=transform), args.calib_images)
-            calib = [b for b in make_loader(images, args.batch_size) if b is not None]
+            calibset = open_dataset(args.calib, train=True, transform=transform)
+            calib = calibration_images(calibset, args.calib_images, args.batch_size)
+            calib = list(zip(calib.batches, calib.labels))
         method = tokens.DiffRate(target_macs=args.target_gmacs * 1e9, calib=calib, steps=args.steps)
 
     input_size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)

@@ -7,16 +7,16 @@ interpolation from the model's ``pretrained_cfg`` through timm.
 """
 from __future__ import annotations
 
-from .calibration import calibration_subset
+from .calibration import CalibrationImages, calibration_images, calibration_subset
 from .datasets import (
     BUNDLED_CIFAR10, CorruptImageWarning, LabelFileDataset, bundled_cifar10, collate_skipping_corrupt,
-    dataset_classes, open_dataset,
+    dataset_classes, open_dataset, sample_keys,
 )
 from .loader import DecodedDataset, make_loader
 from .transforms import DATA_CONFIG_KEYS, build_transform, resolve_data_config
 
 __all__ = [
-    "BUNDLED_CIFAR10", "CorruptImageWarning", "DATA_CONFIG_KEYS", "DecodedDataset", "LabelFileDataset", "build_transform",
-    "bundled_cifar10", "calibration_subset", "collate_skipping_corrupt", "dataset_classes", "make_loader",
-    "open_dataset", "resolve_data_config",
+    "BUNDLED_CIFAR10", "CalibrationImages", "CorruptImageWarning", "DATA_CONFIG_KEYS", "DecodedDataset",
+    "LabelFileDataset", "build_transform", "bundled_cifar10", "calibration_images", "calibration_subset",
+    "collate_skipping_corrupt", "dataset_classes", "make_loader", "open_dataset", "resolve_data_config", "sample_keys",
 ]

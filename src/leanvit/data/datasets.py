@@ -246,3 +246,19 @@ def dataset_classes(dataset: Dataset) -> list[str]:
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset
     return list(dataset.classes)
+
+
+def sample_keys(dataset: Dataset) -> list | None:
+    """One key per sample naming the image it reads (its file, or its place in CIFAR-10's pickles or the shipped
+    subset), so that two datasets opened on the same data can be checked for shared images; None for a dataset
+    whose images have no such name (decoded tensors, a custom dataset)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        keys = sample_keys(dataset.dataset)
+        return None if keys is None else [keys[i] for i in dataset.indices]
+    if isinstance(dataset, (ImageFolderDataset, LabelFileDataset)):
+        return [str(Path(path).resolve()) for path, _ in dataset.samples]
+    if isinstance(dataset, CIFAR10):
+        return [(str(Path(dataset.root).resolve()), dataset.train, i) for i in range(len(dataset))]
+    if isinstance(dataset, PackedJpegDataset):
+        return [(BUNDLED_CIFAR10, name) for name in dataset.names]
+    return None

@@ -50,22 +50,32 @@ def deployable_bits(bits: int, weights: bool) -> bool:
     return bits == 8 or (weights and bits == 7)
 
 
-def check_config_deployable(config) -> None:
-    """Refuse, from ``config`` alone, what :func:`check_deployable` would refuse of the model it quantizes: before
-    calibrating (minutes with reconstruction or the Hessian search), not after."""
+def check_config_deployable(config, engine: str | None = None) -> None:
+    """Refuse, from ``config`` alone, what :func:`check_deployable` would refuse of the model it quantizes for
+    ``engine`` (None: either): before calibrating (minutes with reconstruction or the Hessian search), not after.
+    Each message names the ``QuantConfig`` field and the ``leanvit quantize`` flag that set it."""
     widths = {b: parse_bits(b) for b in (f"w{config.w_bits}a{config.a_bits}", *(b for _, b in config.layer_bits))}
     low = sorted(b for b, (w, a) in widths.items() if not (deployable_bits(w, True) and deployable_bits(a, False)))
     if low:
         raise LeanvitError(f"{', '.join(low)}: layers quantized below 8 bits (7 for weights) have no kernels on "
                            "OpenVINO or ONNX Runtime; such bit-widths are simulation only. Measure them in "
-                           "simulation (leanvit quantize: drop --out, add --eval DATA), or export W8A8.")
+                           "simulation (QuantConfig without export; leanvit quantize: drop --out, add --eval DATA), "
+                           "or export W8A8.")
+    if config.attn_bits is not None and not deployable_bits(config.attn_bits, False):
+        raise LeanvitError(f"attn_bits={config.attn_bits} (--attn-bits {config.attn_bits}): attention matmuls below 8 "
+                           "bits have no engine kernels, they are simulation only. Export with attn_bits=8 or None "
+                           "(--attn-bits 8, or no --attn-bits).")
     if config.attn_bits and config.softmax_quantizer != "uniform":
         raise LeanvitError(f"The {config.softmax_quantizer} softmax quantizer is simulation only (no engine kernel): "
                            "export with softmax_quantizer='uniform' (--softmax uniform).")
     if config.a_per_channel is True:
         raise LeanvitError("a_per_channel=True (--a-granularity channel) quantizes every layer's inputs per channel, "
                            "but INT8 kernels need one input scale per tensor (only a depthwise conv's can be per "
-                           "channel): export with a_per_channel='auto' or False.")
+                           "channel): export with a_per_channel='auto' or False (--a-granularity auto or tensor).")
+    if engine == "onnxruntime" and config.a_per_channel == "auto" and config.quantize_depthwise:
+        raise LeanvitError("a_per_channel='auto' (--a-granularity auto) may quantize depthwise convs' inputs per "
+                           "channel, which ONNX Runtime's QLinearConv cannot run (OpenVINO can): export for ONNX "
+                           "Runtime with a_per_channel=False (--a-granularity tensor).")
 
 
 def check_deployable(qmodel: nn.Module, engine: str | None = None) -> None:

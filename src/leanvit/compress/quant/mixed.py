@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...errors import LeanvitError, check_range
-from .calibrate import QuantConfig, calibration_batches, parse_bits, quantize, quantizers_disabled
+from .calibrate import QuantConfig, calibration_batches, matches, parse_bits, quantize, quantizers_disabled
 from .hessian import pseudo_label_loss
 
 SENSITIVITY_METHODS = ("logit", "hessian")
@@ -92,7 +92,8 @@ def layer_sensitivity(model: nn.Module, calib_data, config: QuantConfig, *, meth
 def allocate_bits(model: nn.Module, calib_data, budget: float, *, low: str = "w4a4", high: str = "w8a8",
                   config: QuantConfig = QuantConfig(), method: str = "logit") -> tuple[tuple[str, str], ...]:
     """``layer_bits`` for :class:`QuantConfig` giving an average weight bit-width of at most ``budget``,
-    ranked by :func:`layer_sensitivity` with ``method``.
+    ranked by :func:`layer_sensitivity` with ``method``. Layers that ``config.layer_bits`` already sets keep
+    those widths and count towards the average: put the result after them (``(*config.layer_bits, *bits)``).
 
     >>> bits = allocate_bits(model, calib, 6.0)          # W4A4 where it hurts least, W8A8 elsewhere
     >>> qmodel = quantize(model, calib, QuantConfig(layer_bits=bits))
@@ -100,25 +101,36 @@ def allocate_bits(model: nn.Module, calib_data, budget: float, *, low: str = "w4
     _check_budget(budget, low, high)
     sensitivity = layer_sensitivity(model, calib_data, replace(config, layer_bits=(("*", low),)), method=method)
     sizes = {name: model.get_submodule(name).weight.numel() for name in sensitivity}
-    return assign_bits(sensitivity, sizes, budget, low=low, high=high)
+    pinned = {name: parse_bits(bits)[0] for name in sensitivity
+              if (bits := next((b for p, b in config.layer_bits if matches(name, p)), None)) is not None}
+    return assign_bits({n: s for n, s in sensitivity.items() if n not in pinned}, sizes, budget, low=low,
+                       high=high, pinned=pinned)
 
 
 def assign_bits(scores: dict[str, float], sizes: dict[str, int], budget: float, *, low: str = "w4a4",
-                high: str = "w8a8") -> tuple[tuple[str, str], ...]:
+                high: str = "w8a8", pinned: dict[str, int] | None = None) -> tuple[tuple[str, str], ...]:
     """``layer_bits`` moving layers to ``low`` cheapest first (smallest ``scores[layer] / sizes[layer]``,
     ``sizes`` the weight counts) until the average weight bit-width is at most ``budget``; ``high`` elsewhere.
+    ``pinned``: weight bits of layers whose width is set already (they have a size, no score); they count
+    towards the average, and a budget they put out of reach is an error.
 
     The greedy half of :func:`allocate_bits`, for a sensitivity measured some other way (or none: random
     scores give the control an allocation must beat).
     """
     (low_w, _), (high_w, _) = _check_budget(budget, low, high)
-    total = sum(sizes.values())
-    average, chosen = float(high_w), []
+    pinned = pinned or {}
+    total = sum(sizes[n] for n in (*scores, *pinned))
+    average = (sum(sizes[n] * bits for n, bits in pinned.items()) + high_w * sum(sizes[n] for n in scores)) / total
+    chosen = []
     for name in sorted(scores, key=lambda n: scores[n] / sizes[n]):
         if average <= budget:
             break
         chosen.append(name)
         average -= sizes[name] * (high_w - low_w) / total
+    if average > budget + 1e-9:
+        raise LeanvitError(f"An average of {budget} weight bits cannot be reached: the {len(pinned)} layers whose "
+                           f"bits are set already (layer_bits, --layer-bits) keep the average at {average:.2f} with "
+                           f"every other layer at {low}. Raise the budget or set fewer layers.")
     return (*((name, low) for name in chosen), ("*", high))
 
 

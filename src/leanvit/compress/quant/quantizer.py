@@ -257,7 +257,7 @@ class FakeQuantizer(Quantizer):
         self.zero_point.copy_(zero_point.reshape(shape))
 
     def grid_range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(lo, hi)``: the range the grid spans (``set_range`` of it, or of it times any ratio, keeps the zero point)."""
+        """``(lo, hi)``: the range the grid spans (``set_range`` of it times any ratio keeps the zero point)."""
         if self.scheme.symmetric:
             return -self.scheme.qmax * self.scale, self.scheme.qmax * self.scale
         return (self.scheme.qmin - self.zero_point) * self.scale, (self.scheme.qmax - self.zero_point) * self.scale
