@@ -385,15 +385,14 @@ def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, con
                                      "class token): float, quantizing it would only add error")
     report.float_layers.update(kept_float)
     constant = constant | set(kept_float)
+    layers = {n: m for n, m in model.named_modules() if quantizable_type(m) is not None}
     if config.edge_bits:
-        candidates = [n for n, m in model.named_modules() if quantizable_type(m) is not None and n not in inside_mha
-                      and n not in constant
-                      and depthwise_float_reason(m, config) is None
-                      and not any(matches(n, p) for p in config.skip)]
+        candidates = [n for n, m in layers.items() if n not in inside_mha and n not in constant
+                      and depthwise_float_reason(m, config) is None and not any(matches(n, p) for p in config.skip)]
         if candidates:
             config = replace(config, layer_bits=(*config.layer_bits,
                                                  *((n, config.edge_bits) for n in edge_layers(model, candidates))))
-    layer_names = [n for n, m in model.named_modules() if quantizable_type(m) is not None]
+    layer_names = list(layers)
     unmatched = [p for p in (*config.skip, *(p for p, _ in config.layer_bits))
                  if not any(matches(n, p) for n in layer_names)]
     if unmatched:

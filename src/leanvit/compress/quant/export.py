@@ -377,6 +377,19 @@ def _consumers(graph) -> dict[str, list]:
     return consumers
 
 
+def _qdq_nodes(graph, op_types: tuple[str, ...]):
+    """``(index, node, input's DequantizeLinear, weight's DequantizeLinear)`` for each ``op_types`` node whose two
+    first inputs are dequantized, last node first: inserting a node next to the one yielded keeps the indices
+    still to come valid."""
+    producer = {out: node for node in graph.node for out in node.output}
+    for index in reversed(range(len(graph.node))):
+        node = graph.node[index]
+        if node.op_type in op_types and len(node.input) >= 2:
+            dq_x, dq_w = (producer.get(name) for name in node.input[:2])
+            if dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear":
+                yield index, node, dq_x, dq_w
+
+
 def _quantize_biases(graph) -> None:
     """Store the bias of each QDQ Conv whose output is quantized, and of each QDQ Gemm, as int32 behind a
     DequantizeLinear (scale: input scale x weight scale, per output channel): the forms ONNX Runtime fuses into
@@ -384,17 +397,11 @@ def _quantize_biases(graph) -> None:
     are rewritten: exactly what was simulated."""
     from onnx import helper, numpy_helper
 
-    consts = _constants(graph)
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers = _consumers(graph)
+    consts, consumers = _constants(graph), _consumers(graph)
     taken = {init.name for init in graph.initializer}
-    for index in reversed(range(len(graph.node))):  # inserting before a node keeps the earlier indices valid
-        node = graph.node[index]
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in consts:
-            continue
-        dq_x, dq_w = (producer.get(name) for name in node.input[:2])
-        if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"
-                and dq_x.input[1] in consts and dq_w.input[1] in consts):
+    for index, node, dq_x, dq_w in _qdq_nodes(graph, ("Conv", "Gemm")):
+        if not (len(node.input) > 2 and node.input[2] in consts and dq_x.input[1] in consts
+                and dq_w.input[1] in consts):
             continue
         if node.op_type == "Conv" and [c.op_type for c in consumers.get(node.output[0], [])] != ["QuantizeLinear"]:
             continue  # QLinearConv needs a quantized output; QGemm may write float
@@ -426,17 +433,10 @@ def _zero_bias_before_relu(graph) -> None:
     and with the Add fuses both into its INT8 MatMulIntegerToFloat (the zeros become its bias)."""
     from onnx import helper, numpy_helper
 
-    consts = _constants(graph)
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers = _consumers(graph)
-    for index in reversed(range(len(graph.node))):
-        node = graph.node[index]
-        if node.op_type != "MatMul":
-            continue
-        dq_x, dq_w = (producer.get(name) for name in node.input)
+    consts, consumers = _constants(graph), _consumers(graph)
+    for index, node, _, dq_w in _qdq_nodes(graph, ("MatMul",)):
         readers = consumers.get(node.output[0], [])
-        if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear" and dq_w.input[0] in consts
-                and len(readers) == 1 and readers[0].op_type == "Relu"
+        if not (dq_w.input[0] in consts and len(readers) == 1 and readers[0].op_type == "Relu"
                 and any(c.op_type != "QuantizeLinear" for c in consumers.get(readers[0].output[0], []))):
             continue
         columns = consts[dq_w.input[0]].dims[-1]
