@@ -162,10 +162,24 @@ def test_a_range_no_candidate_beats_keeps_its_scale_and_zero_point(monkeypatch):
     before = [t.clone() for q in quantizers for t in q.state_dict().values()]
     x = torch.rand(32, 1, 6) * 2 - 0.5  # sampled rows (N, groups, K): [-0.5, 1.5], another zero point than [-3, 5] has
     monkeypatch.setattr(hessian, "_ratio_search", lambda error, start: start)
+    monkeypatch.setattr(hessian, "_input_range_search", lambda error, current, families: current)
     hessian._search_layer(layer, x, torch.ones(32, 4), rounds=2, search_input=True)
     after = [t for q in quantizers for t in q.state_dict().values()]
     assert all(torch.equal(a, b) for a, b in zip(after, before))
-    monkeypatch.undo()  # and where a candidate wins, the input's zero point stays: the scale shrinks around it
-    zero_point = layer.input_quantizer.zero_point.clone()
+    monkeypatch.undo()  # and where candidates win, the range moves to the sampled inputs
     hessian._search_layer(layer, x, torch.ones(32, 4), rounds=2, search_input=True)
-    assert layer.input_quantizer.scale < before[-2] and torch.equal(layer.input_quantizer.zero_point, zero_point)
+    assert layer.input_quantizer.scale < before[-2]
+
+
+def test_the_input_range_search_keeps_the_current_range_unless_a_family_beats_it():
+    from leanvit.compress.quant.hessian import _input_range_families, _input_range_search
+
+    x = torch.rand(64) * 2 - 0.5  # [-0.5, 1.5]
+    current = (torch.tensor([-3.0]), torch.tensor([5.0]))
+    families = _input_range_families(x, *current)
+    (lo, hi, start), sampled = families
+    assert torch.allclose(lo * start, current[0]) and torch.allclose(hi * start, current[1])  # ratio 1/widen: itself
+    assert torch.equal(sampled[0], x.min().reshape(1)) and torch.equal(sampled[1], x.max().reshape(1))
+    assert _input_range_search(lambda lo, hi: torch.zeros(1), current, families) is current  # nothing beats it
+    wide = _input_range_search(lambda lo, hi: (hi - lo - 1.0).abs().view(1), current, families)
+    assert float(wide[1] - wide[0]) == pytest.approx(1.0, abs=0.2)  # a better range is found and returned

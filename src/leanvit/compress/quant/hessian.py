@@ -158,13 +158,6 @@ def _search_layer(layer: nn.Module, x: torch.Tensor, grad_sq: torch.Tensor, roun
     target = _matmul(x, weight)
     per_row = weight.flatten(1) if wq.scheme.per_channel else weight.reshape(1, -1)
     w_lo, w_hi = per_row.amin(1), per_row.amax(1)
-    widen = 1.0
-    if search_input:
-        # the input's candidates are ratios of its calibrated range widened to the sampled extremes: ratio 1 / widen
-        # is that range itself, zero point included (ratios of the sampled min-max would move the zero point)
-        x_lo, x_hi = (float(bound) for bound in iq.grid_range())
-        widen = max(1.0, float(x.max()) / x_hi if x_hi > 0 else 1.0, float(x.min()) / x_lo if x_lo < 0 else 1.0)
-        x_lo, x_hi = (torch.tensor([bound * widen], device=x.device) for bound in (x_lo, x_hi))
 
     def quantized(tensor, lo, hi, ratio, scheme, shape, axis):
         scale, zero = qparams(lo * ratio, hi * ratio, scheme)
@@ -177,22 +170,44 @@ def _search_layer(layer: nn.Module, x: torch.Tensor, grad_sq: torch.Tensor, roun
         err = cost(x_hat, quantized(weight, w_lo, w_hi, ratio, wq.scheme, wq.scale.shape, 0))
         return err if wq.scheme.per_channel else err.sum().view(1)
 
-    def input_cost(ratio):
-        return cost(quantized(x, x_lo, x_hi, ratio, iq.scheme, (), 0), w_hat).sum().view(1)
+    def input_cost(lo, hi):
+        return cost(quantized(x, lo, hi, 1.0, iq.scheme, (), 0), w_hat).sum().view(1)
 
     # the ratio at which the min-max range gives the current scale: qparams is linear in the range
     w_start = w_ratio = wq.scale.reshape(-1) / qparams(w_lo, w_hi, wq.scheme)[0]
-    x_start = x_ratio = torch.tensor([1 / widen], device=x.device)
+    if search_input:
+        x_start = x_range = tuple(bound.reshape(1) for bound in iq.grid_range())
+        families = _input_range_families(x, *x_start)
     x_hat = _quantized_rows(x, iq)
     for _ in range(rounds):
         w_ratio = _ratio_search(weight_cost, w_ratio)
         w_hat = quantized(weight, w_lo, w_hi, w_ratio, wq.scheme, wq.scale.shape, 0)
         if search_input:
-            x_ratio = _ratio_search(input_cost, x_ratio)
-            x_hat = quantized(x, x_lo, x_hi, x_ratio, iq.scheme, (), 0)
+            x_range = _input_range_search(input_cost, x_range, families)
+            x_hat = quantized(x, *x_range, 1.0, iq.scheme, (), 0)
     _set_range_where_searched(wq, w_lo, w_hi, w_ratio, w_start)
-    if search_input:
-        _set_range_where_searched(iq, x_lo, x_hi, x_ratio, x_start)
+    if search_input and x_range is not x_start:  # a range no candidate beat keeps its scale and zero point
+        iq.set_range(*x_range)
+
+
+def _input_range_families(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> list[tuple]:
+    """The input range's candidates, as ``(lo, hi, start ratio)`` families whose ratios are searched: the calibrated
+    range ``(lo, hi)`` widened to take in the sampled inputs (its ratios keep the zero point; ratio ``1 / widen`` is
+    the range itself), and the sampled inputs' min-max (its ratios move the zero point to their asymmetry)."""
+    widen = max(1.0, float(x.max() / hi) if hi > 0 else 1.0, float(x.min() / lo) if lo < 0 else 1.0)
+    ones = torch.ones(1, device=x.device)
+    return [(lo * widen, hi * widen, ones / widen), (x.min().reshape(1), x.max().reshape(1), ones)]
+
+
+def _input_range_search(error, current: tuple, families: list[tuple]) -> tuple:
+    """The ``(lo, hi)`` minimising ``error(lo, hi)``: ``current`` (the very object) unless a candidate of a family
+    beats it, each family searched by :func:`_ratio_search` from its start ratio."""
+    best, best_err = current, error(*current)
+    for lo, hi, start in families:
+        ratio = _ratio_search(lambda r: error(lo * r, hi * r), start)
+        if (err := error(lo * ratio, hi * ratio)) < best_err:
+            best, best_err = (lo * ratio, hi * ratio), err
+    return best
 
 
 def _set_range_where_searched(quantizer, lo: torch.Tensor, hi: torch.Tensor, ratio: torch.Tensor,
