@@ -13,9 +13,10 @@ Then, per layer: the weight's ranges (per output channel: output channel ``c`` d
 weight row ``c``, so the objective separates and each row's ratio is searched independently) and
 the input's per-tensor range are searched in turn for a couple of rounds, starting from the
 ranges calibration already set (MSE by default). Every candidate is a ratio of the min-max range
-(of a weight row; of the input's calibrated range, widened to take in the sampled inputs, so its zero point
-stays), as in :func:`~leanvit.compress.quant.quantizer.choose_range`, and the starting ratio is kept unless
-a candidate beats it, so the search never worsens the objective. Memory stays bounded: each layer
+(of a weight row; for the input, of its calibrated range widened to take in the sampled inputs, which keeps its
+zero point, and of the sampled inputs' min-max, which moves it), as in
+:func:`~leanvit.compress.quant.quantizer.choose_range`, and the starting range is kept unless a candidate beats
+it, so the search never worsens the objective. Memory stays bounded: each layer
 keeps ``rows`` output positions (with the inputs they read) out of ``images`` calibration images,
 drawn where the gradient is.
 """
