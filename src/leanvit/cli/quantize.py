@@ -121,7 +121,7 @@ def _layer_bits(text: str) -> tuple[str, str]:
     return pattern, bits
 
 
-def _without_calibration_images(evalset, calibset, calib_indices: list[int], args: argparse.Namespace):
+def _without_calibration_images(evalset, calibset, calib_indices: list[int], eval_source: str):
     """``evalset`` less the calibration images it holds (``--eval`` and ``--calib`` on the same split): a model
     scored on the images it was calibrated on would look better than it is."""
     eval_keys, calib_keys = sample_keys(evalset), sample_keys(calibset)
@@ -132,7 +132,7 @@ def _without_calibration_images(evalset, calibset, calib_indices: list[int], arg
     if len(kept) == len(eval_keys):
         return evalset
     if not kept:
-        raise LeanvitError(f"Every image of --eval {args.eval} is a calibration image: evaluate on other images "
+        raise LeanvitError(f"Every image of --eval {eval_source} is a calibration image: evaluate on other images "
                            "(a test split) than those --calib draws from.")
     print(f"leanvit quantize: note: {len(eval_keys) - len(kept)} of the --eval images are calibration images; "
           f"they are left out of the evaluation ({len(kept)} remain)", file=sys.stderr)
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
               f"{'no others were left' if short else 'others were drawn instead'}: calibrating on "
               f"{len(calib.indices)}", file=sys.stderr)
     if evalset is not None:
-        evalset = _without_calibration_images(evalset, calibset, calib.indices, args)
+        evalset = _without_calibration_images(evalset, calibset, calib.indices, args.eval)
     calib = calib.batches
     if args.avg_bits is not None:
         mixed = quant.allocate_bits(model, calib, args.avg_bits, low=args.bits, high="w8a8", config=config,

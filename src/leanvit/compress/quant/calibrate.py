@@ -215,10 +215,13 @@ class QuantConfig:
             raise LeanvitError(f"Unknown quantization recipe '{name}'; use one of {', '.join(recipes)}.")
         return cls.from_bits(bits, **{"edge_bits": edges, **recipes[name], **overrides})
 
+    def layer_bits_for(self, layer: str) -> tuple[int, int] | None:
+        """The (weight, activation) bits ``layer_bits`` gives the layer named ``layer`` (first match), or None."""
+        return next((parse_bits(bits) for pattern, bits in self.layer_bits if matches(layer, pattern)), None)
+
     def schemes(self, layer: str) -> tuple[QScheme, QScheme]:
         """The weight and input schemes of the layer named ``layer``."""
-        w_bits, a_bits = next((parse_bits(bits) for pattern, bits in self.layer_bits
-                               if matches(layer, pattern)), (self.w_bits, self.a_bits))
+        w_bits, a_bits = self.layer_bits_for(layer) or (self.w_bits, self.a_bits)
         return (QScheme(w_bits, symmetric=True, per_channel=self.w_per_channel),
                 QScheme(a_bits, symmetric=self.a_symmetric is True, per_channel=self.a_per_channel is True))
 
@@ -392,12 +395,11 @@ def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, con
         if candidates:
             config = replace(config, layer_bits=(*config.layer_bits,
                                                  *((n, config.edge_bits) for n in edge_layers(model, candidates))))
-    layer_names = list(layers)
     unmatched = [p for p in (*config.skip, *(p for p, _ in config.layer_bits))
-                 if not any(matches(n, p) for n in layer_names)]
+                 if not any(matches(n, p) for n in layers)]
     if unmatched:
         warnings.warn(f"No layer matches the pattern(s) {', '.join(map(repr, unmatched))} (names are "
-                      f"case-sensitive, e.g. {', '.join(layer_names[:3])}); they change nothing.", stacklevel=3)
+                      f"case-sensitive, e.g. {', '.join(list(layers)[:3])}); they change nothing.", stacklevel=3)
     swapped = {}
     for name, module in list(model.named_modules()):
         quant_type = quantizable_type(module)

@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...errors import LeanvitError, check_range
-from .calibrate import QuantConfig, calibration_batches, matches, parse_bits, quantize, quantizers_disabled
+from .calibrate import QuantConfig, calibration_batches, parse_bits, quantize, quantizers_disabled
 from .hessian import pseudo_label_loss
 
 SENSITIVITY_METHODS = ("logit", "hessian")
@@ -101,8 +101,7 @@ def allocate_bits(model: nn.Module, calib_data, budget: float, *, low: str = "w4
     _check_budget(budget, low, high)
     sensitivity = layer_sensitivity(model, calib_data, replace(config, layer_bits=(("*", low),)), method=method)
     sizes = {name: model.get_submodule(name).weight.numel() for name in sensitivity}
-    pinned = {name: parse_bits(bits)[0] for name in sensitivity
-              if (bits := next((b for p, b in config.layer_bits if matches(name, p)), None)) is not None}
+    pinned = {name: bits[0] for name in sensitivity if (bits := config.layer_bits_for(name)) is not None}
     return assign_bits({n: s for n, s in sensitivity.items() if n not in pinned}, sizes, budget, low=low,
                        high=high, pinned=pinned)
 
