@@ -116,6 +116,27 @@ def test_a_block_beats_round_to_nearest_on_held_out_inputs():
     assert (learned[0](x) - target).pow(2).mean() < 0.9 * (nearest[0](x) - target).pow(2).mean()
 
 
+@torch.no_grad()
+def test_a_batchnormed_conv_is_fitted_to_its_folded_output():
+    """quantize folds each BatchNorm into its conv; a conv reconstructed on its own must then match conv + BN
+    (what it now computes in float), not the bare conv's output, which the float model's conv alone gives."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    for bn in (model[1], model[4]):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.05, 0.5)
+        bn.weight.uniform_(0.2, 0.6), bn.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    calib, x = torch.randn(64, 3, 8, 8), torch.randn(64, 3, 8, 8)
+    config = QuantConfig(w_bits=4, batch_size=32)
+    nearest = quantize(model, calib, config, progress=False)
+    learned = quantize(model, calib, replace(config, reconstruct="blocks", reconstruct_iters=200), progress=False)
+    assert "learned)" in learned.quant_report.reconstructed["0"]
+    target = model[1](model[0](x))  # conv + BN in float
+    assert (learned[0](x) - target).pow(2).mean() < (nearest[0](x) - target).pow(2).mean()
+
+
 def test_bridge_mode_reconstructs_only_the_bridge(hybrid, rtn, calib):
     bridge = quantize(hybrid, calib, QuantConfig(**W4, reconstruct="bridge", reconstruct_iters=50), progress=False)
     assert list(bridge.quant_report.reconstructed) == ["down", "stage2.0"]

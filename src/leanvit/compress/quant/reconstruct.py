@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from ...errors import LeanvitError, check_range
 from .calibrate import quantizers_disabled
-from .modules import QuantConv2d, QuantLinear
+from .modules import QuantConv2d, QuantLinear, fold_batchnorm
 from .quantizer import FakeQuantizer
 
 MODES = ("blocks", "bridge")
@@ -301,7 +301,12 @@ def reconstruct(qmodel: nn.Module, float_model: nn.Module, batches: list[torch.T
             return {}
     else:
         names = _call_order(qmodel, example)[1]
+    # the targets are the function qmodel computes in float: its BatchNorms are folded into their convs
+    # (quantize does so first), so a conv reconstructed alone must match the conv + BN output, not the bare conv's
     reference = copy.deepcopy(float_model).eval()
+    with warnings.catch_warnings():  # (quantize has named the BatchNorms it could not fold)
+        warnings.simplefilter("ignore")
+        fold_batchnorm(reference, example)
     generator = torch.Generator().manual_seed(seed)
     done = {}
     for name in tqdm(names, desc="reconstructing", unit="unit", disable=not progress, file=sys.stderr):
