@@ -1,5 +1,6 @@
 """RepQ-ViT LayerNorm reparameterisation and bias correction, checked against what they promise."""
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -145,6 +146,20 @@ def test_mixed_precision_meets_the_budget_and_beats_the_opposite_choice(tiny_vit
     x = torch.randn(16, 3, 32, 32)
     ref = tiny_vit(x)
     assert (chosen(x) - ref).pow(2).mean() < 0.5 * (opposite(x) - ref).pow(2).mean()
+
+
+def test_mixed_precision_keeps_the_recipes_8_bit_edges(tiny_vit, calib):
+    """A W4A4 recipe puts the patch embedding and the head at 8 bits; the allocation's closing ("*", high) must
+    not take them back to whatever the budget needs (the CLI's --bits w4a4 --avg-bits N)."""
+    from leanvit.compress.quant import allocate_bits, average_weight_bits
+
+    config = QuantConfig.recipe("mse", "w4a4")
+    bits = allocate_bits(tiny_vit, calib, 4.2, low="w4a4", high="w8a8", config=config)
+    qmodel = quantize(tiny_vit, calib, replace(config, layer_bits=(*config.layer_bits, *bits)), progress=False)
+    weight_bits = qmodel.quant_report.weight_bits
+    assert qmodel.quant_report.edge_layers == ["patch_embed.proj", "head"]
+    assert weight_bits["patch_embed.proj"] == weight_bits["head"] == 8
+    assert 4.0 < average_weight_bits(qmodel) <= 4.2
 
 
 class _NormActHead(torch.nn.Module):

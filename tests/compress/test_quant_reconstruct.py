@@ -164,5 +164,7 @@ def test_reconstructed_model_exports_and_onnxruntime_matches(hybrid, calib, tmp_
 def test_bad_reconstruction_settings_are_errors():
     with pytest.raises(LeanvitError, match="reconstruct must be"):
         QuantConfig(reconstruct="all")
+    with pytest.raises(LeanvitError, match="reconstruct=None turns reconstruction off"):
+        QuantConfig(reconstruct_act_scales=True)
     with pytest.raises(LeanvitError, match="reconstruct_iters"):
         QuantConfig(reconstruct="blocks", reconstruct_iters=0)

@@ -152,6 +152,9 @@ class QuantConfig:
         if self.reconstruct not in (None, "blocks", "bridge"):
             raise LeanvitError(f"reconstruct must be None, 'blocks' or 'bridge', got {self.reconstruct!r}.")
         check_range("reconstruct_iters", self.reconstruct_iters, 1, 1_000_000)
+        if self.reconstruct_act_scales and not self.reconstruct:
+            raise LeanvitError("reconstruct_act_scales=True learns the input step sizes during block reconstruction, "
+                               "but reconstruct=None turns reconstruction off: set reconstruct='blocks' or 'bridge'.")
         if self.hessian_search and self.a_per_channel is True:
             raise LeanvitError("hessian_search searches per-tensor input ranges; a_per_channel=True (simulation "
                                "only) has none. Turn one of them off.")
@@ -263,6 +266,7 @@ class QuantReport:
     per_channel_inputs: list[str] = field(default_factory=list)  #: layers whose inputs are quantized per channel
     float_layers: dict[str, str] = field(default_factory=dict)  #: layer -> reason it stays in float
     folded_batchnorms: list[str] = field(default_factory=list)
+    edge_layers: list[str] = field(default_factory=list)  #: first layer and classifier(s), at ``edge_bits``
     reparameterised: list[str] = field(default_factory=list)  #: LayerNorms whose consumers got RepQ-ViT scales
     reconstructed: dict[str, str] = field(default_factory=dict)  #: block or layer -> outcome of its reconstruction
     int8_concats: dict[str, str] = field(default_factory=dict)  #: module -> what its concatenations quantize
@@ -393,8 +397,8 @@ def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, con
         candidates = [n for n, m in layers.items() if n not in inside_mha and n not in constant
                       and depthwise_float_reason(m, config) is None and not any(matches(n, p) for p in config.skip)]
         if candidates:
-            config = replace(config, layer_bits=(*config.layer_bits,
-                                                 *((n, config.edge_bits) for n in edge_layers(model, candidates))))
+            report.edge_layers = edge_layers(model, candidates)
+            config = replace(config, layer_bits=(*config.layer_bits, *((n, config.edge_bits) for n in report.edge_layers)))
     unmatched = [p for p in (*config.skip, *(p for p, _ in config.layer_bits))
                  if not any(matches(n, p) for n in layers)]
     if unmatched:

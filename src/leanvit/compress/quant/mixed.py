@@ -32,10 +32,11 @@ from .calibrate import QuantConfig, calibration_batches, parse_bits, quantize, q
 from .hessian import pseudo_label_loss
 
 SENSITIVITY_METHODS = ("logit", "hessian")
+SENSITIVITY_IMAGES, HUTCHINSON_SAMPLES = 64, 16  #: calibration images each layer is scored on; Hessian draws
 
 
-def hessian_traces(model: nn.Module, images: torch.Tensor, weights: dict[str, torch.Tensor], *, samples: int = 16,
-                   seed: int = 0) -> dict[str, float]:
+def hessian_traces(model: nn.Module, images: torch.Tensor, weights: dict[str, torch.Tensor], *,
+                   samples: int = HUTCHINSON_SAMPLES, seed: int = 0) -> dict[str, float]:
     """``{name: Tr(H) / n}`` of the pseudo-label cross entropy (mean over ``images``) w.r.t. each of
     ``weights`` (parameters of ``model``), by Hutchinson's estimator with ``samples`` draws.
 
@@ -57,18 +58,28 @@ def hessian_traces(model: nn.Module, images: torch.Tensor, weights: dict[str, to
 
 
 def layer_sensitivity(model: nn.Module, calib_data, config: QuantConfig, *, method: str = "logit",
-                      max_images: int = 64, samples: int = 16) -> dict[str, float]:
+                      max_images: int = SENSITIVITY_IMAGES, samples: int = HUTCHINSON_SAMPLES) -> dict[str, float]:
     """``{layer: sensitivity}`` of every layer quantized under ``config`` (see the module docstring):
     the mean squared logit error with only that layer quantized (``"logit"``), or HAWQ's
     ``Tr(H) / n * ||Q(W) - W||^2`` (``"hessian"``, ``samples`` Hutchinson draws)."""
+    return _sensitivity(_scoring_copy(model, calib_data, config, method), calib_data, config, method, max_images,
+                        samples)
+
+
+def _scoring_copy(model: nn.Module, calib_data, config: QuantConfig, method: str) -> nn.Module:
+    """``model`` quantized under ``config`` for scoring its layers one by one."""
     if method not in SENSITIVITY_METHODS:
         raise LeanvitError(f"Unknown sensitivity method '{method}'; use one of {', '.join(SENSITIVITY_METHODS)}.")
     # reconstruction writes quantized values into the weights and bias correction / snapping change the biases,
     # so the float function every layer is scored against would be lost
-    qmodel = quantize(model, calib_data, replace(config, reconstruct=None, bias_correction=False,
-                                                 quantize_conv_outputs=False), progress=False)
+    return quantize(model, calib_data, replace(config, reconstruct=None, reconstruct_act_scales=False,
+                                               bias_correction=False, quantize_conv_outputs=False), progress=False)
+
+
+def _sensitivity(qmodel: nn.Module, calib_data, config: QuantConfig, method: str, max_images: int,
+                 samples: int) -> dict[str, float]:
     images = torch.cat(calibration_batches(calib_data, config.min_images, config.batch_size))[:max_images]
-    images = images.to(next(model.parameters(), images).device)
+    images = images.to(next(qmodel.parameters(), images).device)
     layers = {name: qmodel.get_submodule(name) for name in qmodel.quant_report.quantized
               if hasattr(qmodel.get_submodule(name), "weight_quantizer")}
     if method == "hessian":
@@ -93,17 +104,25 @@ def allocate_bits(model: nn.Module, calib_data, budget: float, *, low: str = "w4
                   config: QuantConfig = QuantConfig(), method: str = "logit") -> tuple[tuple[str, str], ...]:
     """``layer_bits`` for :class:`QuantConfig` giving an average weight bit-width of at most ``budget``,
     ranked by :func:`layer_sensitivity` with ``method``. Layers that ``config.layer_bits`` already sets keep
-    those widths and count towards the average: put the result after them (``(*config.layer_bits, *bits)``).
+    those widths, and ``config.edge_bits`` layers theirs (listed in the result, whose ``("*", high)`` would
+    otherwise take them); both count towards the average: put the result after ``config.layer_bits``
+    (``(*config.layer_bits, *bits)``).
 
     >>> bits = allocate_bits(model, calib, 6.0)          # W4A4 where it hurts least, W8A8 elsewhere
     >>> qmodel = quantize(model, calib, QuantConfig(layer_bits=bits))
     """
     _check_budget(budget, low, high)
-    sensitivity = layer_sensitivity(model, calib_data, replace(config, layer_bits=(("*", low),)), method=method)
+    scoring = replace(config, layer_bits=(("*", low),))
+    qmodel = _scoring_copy(model, calib_data, scoring, method)
+    sensitivity = _sensitivity(qmodel, calib_data, scoring, method, SENSITIVITY_IMAGES, HUTCHINSON_SAMPLES)
     sizes = {name: model.get_submodule(name).weight.numel() for name in sensitivity}
     pinned = {name: bits[0] for name in sensitivity if (bits := config.layer_bits_for(name)) is not None}
-    return assign_bits({n: s for n, s in sensitivity.items() if n not in pinned}, sizes, budget, low=low,
+    edges = [name for name in qmodel.quant_report.edge_layers if name in sensitivity and name not in pinned]
+    if edges:
+        pinned.update(dict.fromkeys(edges, parse_bits(config.edge_bits)[0]))
+    bits = assign_bits({n: s for n, s in sensitivity.items() if n not in pinned}, sizes, budget, low=low,
                        high=high, pinned=pinned)
+    return (*bits[:-1], *((name, config.edge_bits) for name in edges), bits[-1])
 
 
 def assign_bits(scores: dict[str, float], sizes: dict[str, int], budget: float, *, low: str = "w4a4",
