@@ -381,3 +381,20 @@ def test_a_model_returning_a_tuple_folds_its_batchnorms_and_quantizes():
     qmodel = quantize(model, torch.randn(16, 3, 8, 8), QuantConfig(), progress=False)
     assert qmodel.quant_report.folded_batchnorms == ["bn"]
     assert isinstance(qmodel(torch.randn(2, 3, 8, 8)), tuple)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_model_on_the_gpu_quantizes_there(tiny_vit, tiny_cnn):
+    """Every quantizer a recipe adds (inputs, attention operands, per-channel inputs, conv outputs) lives on the
+    model's device, so the quantized model runs there; at 8 bits it computes what the CPU's copy does."""
+    for model, size in ((tiny_vit, 32), (tiny_cnn, 16)):
+        calib = torch.randn(32, 3, size, size)
+        for config in (QuantConfig.recipe("hybrid", "w4a4", reconstruct_iters=5),
+                       QuantConfig.recipe("mse", "w8a8", engine="onnxruntime"), QuantConfig.recipe("mse", "w8a8")):
+            gpu = quantize(copy.deepcopy(model).cuda(), calib, config, progress=False)
+            assert {t.device.type for t in (*gpu.parameters(), *gpu.buffers())} == {"cuda"}
+            with torch.no_grad():
+                out = gpu(calib[:4].cuda()).cpu()
+                if config.a_bits == 8:
+                    ref = quantize(model, calib, config, progress=False)(calib[:4])
+                    assert (out - ref).abs().max() < 0.05 * ref.abs().max()

@@ -459,6 +459,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     attentions = {}
     if config.attn_bits is not None:
         attentions = swap_attention(qmodel, config.attn_bits, config.softmax_quantizer, matmul_calls)
+    qmodel.to(device)  # the quantizers are created on the CPU; here and after each step that adds some
 
     # Ranges come from the float model's activations (PTQ4ViT's "parallel" calibration): the weight
     # quantizers are off and the input quantizers only observe, so every layer sees float inputs.
@@ -530,6 +531,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         report.weight_bits[name] = layer.weight_quantizer.scheme.bits
         if layer.input_quantizer.scheme.per_channel:
             report.per_channel_inputs.append(name)
+    qmodel.to(device)
     if config.hessian_search:
         from .hessian import hessian_search
 
@@ -546,6 +548,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     for name, attention in attentions.items():  # after every step that may change the attention's quantizers
         if config.share_qkv_quantizer and attention.share_qkv_quantizer():
             report.quantized[name] = attention.describe()
+    qmodel.to(device)
     if config.quantize_conv_outputs:  # after every step that changes weights or biases
         _snap_biases(layers)
         _quantize_outputs(qmodel, {n: m for n, m in layers.items() if isinstance(m, QuantConv2d)}, batches, config,
@@ -630,7 +633,7 @@ def _quantize_outputs(qmodel: nn.Module, convs: dict[str, QuantConv2d], batches:
         quantizer = FakeQuantizer(QScheme(layer.input_quantizer.scheme.bits, symmetric=False), axis=1,
                                   channels=layer.out_channels)
         quantizer.observer = RangeObserver(axis=1)
-        layer.output_quantizer = quantizer
+        layer.output_quantizer = quantizer.to(batches[0].device)
     for batch in batches:
         qmodel(batch)
     for name, layer in convs.items():
