@@ -137,6 +137,16 @@ def test_skipped_layers_stay_float_with_a_warning(tiny_vit, calib):
     assert "QuantConfig.skip" in qmodel.quant_report.float_layers["head"]
 
 
+def test_a_skipped_attention_keeps_its_matmuls_float_and_says_so(tiny_vit, calib):
+    from leanvit.compress.quant.attention import QuantMatmuls
+
+    with pytest.warns(UserWarning, match="blocks.1.attn"):
+        qmodel = quantize(tiny_vit, calib, QuantConfig(attn_bits=8, skip=("blocks.1.attn",)), progress=False)
+    assert type(qmodel.blocks[1].attn.qkv) is nn.Linear and not isinstance(qmodel.blocks[1].attn, QuantMatmuls)
+    assert isinstance(qmodel.blocks[0].attn, QuantMatmuls) and "blocks.1.attn" not in qmodel.quant_report.quantized
+    assert "kept float by QuantConfig.skip ('blocks.1.attn')" in qmodel.quant_report.float_layers["blocks.1.attn"]
+
+
 def test_skip_names_a_layer_or_a_module_holding_layers_and_patterns_matching_nothing_are_warned(tiny_vit, calib):
     with pytest.warns(UserWarning, match="blocks.1.mlp.fc1"):
         qmodel = quantize(tiny_vit, calib, QuantConfig(skip="blocks.1"), progress=False)  # one pattern, not 8 chars

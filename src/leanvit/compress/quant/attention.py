@@ -585,13 +585,14 @@ def quantized_counterpart(module: nn.Module, calls: MatmulCalls | None = None) -
 
 
 def swap_attention(model: nn.Module, bits: int, softmax: str = "uniform",
-                   calls: dict[str, MatmulCalls] | None = None) -> dict[str, QuantMatmuls]:
+                   calls: dict[str, MatmulCalls] | None = None, skip: set[str] = frozenset()) -> dict[str, QuantMatmuls]:
     """Replace every attention of ``model`` that has a :func:`quantized_counterpart` with that counterpart
-    (in place), given each module's recorded matmul ``calls``; returns the swapped modules. Any other module
-    computing matmuls keeps them in float: :func:`.modules.float_matmuls` finds those."""
+    (in place), given each module's recorded matmul ``calls``; returns the swapped modules. Attentions named in
+    ``skip`` and any other module computing matmuls keep them in float: :func:`.modules.float_matmuls` finds
+    those."""
     swapped, calls = {}, calls or {}
     for name, module in list(model.named_modules()):
-        if name and (quant_cls := quantized_counterpart(module, own := own_calls(calls, name))) is not None:
+        if name and name not in skip and (quant_cls := quantized_counterpart(module, own := own_calls(calls, name))) is not None:
             swapped[name] = quant_cls.from_float(module, bits, softmax)
             if own is not None and own.linears and isinstance(swapped[name], _KeptForward):
                 swapped[name].borrow_linears(tuple(sorted(n.removeprefix(f"{name}.") for n in own.linears

@@ -458,7 +458,8 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
                            f"(QuantConfig.skip={config.skip}).")
     attentions = {}
     if config.attn_bits is not None:
-        attentions = swap_attention(qmodel, config.attn_bits, config.softmax_quantizer, matmul_calls)
+        skipped = {n for n, _ in qmodel.named_modules() if any(matches(n, p) for p in config.skip)}
+        attentions = swap_attention(qmodel, config.attn_bits, config.softmax_quantizer, matmul_calls, skipped)
     qmodel.to(device)  # the quantizers are created on the CPU; here and after each step that adds some
 
     # Ranges come from the float model's activations (PTQ4ViT's "parallel" calibration): the weight
@@ -506,6 +507,9 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
                       f"{', '.join(uniform)}", stacklevel=2)
     for name, calls in float_matmuls(qmodel, matmul_calls, (QuantLinear, QuantConv2d, QuantMatmuls)).items():
         module = qmodel.get_submodule(name)
+        if (pattern := next((p for p in config.skip if matches(name, p)), None)) is not None:
+            report.float_layers.setdefault(name, f"attention matmuls ({type(module).__name__}): kept float by "
+                                                 f"QuantConfig.skip ('{pattern}')")
         report.float_layers.setdefault(name, (  # nn.MultiheadAttention and bypassed attention are listed already
             f"attention matmuls ({type(module).__name__}): float by design unless QuantConfig.attn_bits is set "
             "(INT8 attention pays off on VNNI/AMX CPUs; the 'vnni' recipes set it)"
