@@ -96,6 +96,19 @@ def test_empty_or_small_calibration_set_is_an_error(tiny_vit):
         quantize(tiny_vit, [torch.randn(16, 32)], progress=False)
     with pytest.raises(LeanvitError, match="2 sizes \\(3x32x32, 3x48x48\\)"):
         quantize(tiny_vit, [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 48, 48)], progress=False)
+    with pytest.raises(LeanvitError, match="torch.uint8 pixels, not the model's float input"):
+        quantize(tiny_vit, torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), progress=False)
+
+
+def test_a_dataset_of_samples_is_batched():
+    """What the empty-set error suggests, a dataset such as ``calibration_subset(dataset, 256)``, works as is."""
+    from torch.utils.data import TensorDataset
+
+    from leanvit.compress.quant import calibration_batches
+
+    images = torch.randn(20, 3, 8, 8)
+    batches = calibration_batches(TensorDataset(images, torch.zeros(20, dtype=torch.long)), 16, batch_size=8)
+    assert [b.shape[0] for b in batches] == [8, 8, 4] and torch.equal(torch.cat(batches), images)
 
 
 @pytest.fixture(scope="module")

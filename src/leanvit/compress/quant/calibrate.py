@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
+from torch.utils.data import Dataset, IterableDataset
 
 from ...errors import LeanvitError, check_range
 from .attention import SOFTMAX_QUANTIZERS, QuantMatmuls, own_calls, quantized_counterpart, swap_attention
@@ -300,11 +301,17 @@ class QuantReport:
 def calibration_batches(calib_data, min_images: int, batch_size: int = 32) -> list[torch.Tensor]:
     """The calibration images as a list of ``(B, C, H, W)`` float batches, all of one image size.
 
-    Accepts one tensor, or an iterable of tensors or of ``(images, labels)`` pairs (a DataLoader);
-    ``None`` batches (all images corrupt, from leanvit's loaders) are skipped.
+    Accepts one tensor, an iterable of tensors or of ``(images, labels)`` pairs (a DataLoader), or a
+    dataset of ``(image, label)`` samples (batched here); ``None`` batches (all images corrupt, from
+    leanvit's loaders) are skipped. The images must be the model's float input (normalised): integer
+    pixels are an error.
     """
     if isinstance(calib_data, torch.Tensor):
         calib_data = calib_data.split(batch_size)
+    elif isinstance(calib_data, Dataset) and not isinstance(calib_data, IterableDataset):
+        from ...data import make_loader
+
+        calib_data = make_loader(calib_data, batch_size)
     batches = []
     for batch in calib_data:
         if isinstance(batch, (tuple, list)):
@@ -314,6 +321,10 @@ def calibration_batches(calib_data, min_images: int, batch_size: int = 32) -> li
         if not isinstance(batch, torch.Tensor) or batch.ndim != 4:
             raise LeanvitError(f"Calibration batches must be (B, C, H, W) image tensors or (images, labels) pairs; "
                                f"got {type(batch).__name__} {tuple(getattr(batch, 'shape', ()))}.")
+        if not batch.is_floating_point():
+            raise LeanvitError(f"The calibration images are {batch.dtype} pixels, not the model's float input: "
+                               "transform them as for inference (leanvit.data.build_transform(data_config), or "
+                               "scale to [0, 1] and normalise with the model's mean and std).")
         batches.append(batch.float())
     sizes = list(dict.fromkeys("x".join(map(str, b.shape[1:])) for b in batches))
     if len(sizes) > 1:
