@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import struct
 import sys
 from pathlib import Path
 
@@ -76,7 +78,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             with safe_open(str(path), framework="pt") as f:
                 return {_strip_prefixes(k): f.get_tensor(k) for k in f.keys()}, _leanvit_metadata(f)
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
+    except pickle.UnpicklingError as e:  # a pickled model object, or not a pickle at all
+        raise LeanvitError(f"Cannot read checkpoint {path} as a state dict ({str(e).splitlines()[0]}). A file from "
+                           "torch.save(model) holds the model object: save model.state_dict() instead (or "
+                           "safetensors); any other file is not a weights file.") from None
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, struct.error) as e:
         raise _unreadable(path, e) from None
     for key in _WRAPPERS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

@@ -39,6 +39,16 @@ class EvalResult:
         return asdict(self)
 
 
+def check_class_outputs(logits: torch.Tensor, classes: int) -> None:
+    """A clear error unless ``logits`` is ``(batch, classes)``: a model made for other data."""
+    if logits.ndim != 2 or logits.shape[1] != classes:
+        raise LeanvitError(
+            f"The model gives {tuple(logits.shape[1:])} outputs per image but the data has {classes} "
+            "classes. Load a checkpoint trained on these classes (or create the model with "
+            f"num_classes={classes})."
+        )
+
+
 def evaluate(model: nn.Module | Callable[[np.ndarray], np.ndarray], loader: DataLoader, *,
              classes: Sequence[str] | None = None, device: str | torch.device | None = None,
              progress: bool = True, top_confusions: int = 10) -> EvalResult:
@@ -71,12 +81,7 @@ def evaluate(model: nn.Module | Callable[[np.ndarray], np.ndarray], loader: Data
                 continue
             x, y = batch
             logits = predict(x)
-            if logits.ndim != 2 or logits.shape[1] != n:
-                raise LeanvitError(
-                    f"The model gives {tuple(logits.shape[1:])} outputs per image but the data has {n} "
-                    "classes. Load a checkpoint trained on these classes (or create the model with "
-                    f"num_classes={n})."
-                )
+            check_class_outputs(logits, n)
             topk = logits.topk(min(5, n), dim=1).indices
             confusion += torch.bincount(y * n + topk[:, 0], minlength=n * n)
             top5_hits += int((topk == y[:, None]).any(dim=1).sum())

@@ -20,6 +20,7 @@ def test_quantize_exports_and_reports(tmp_path, capsys):
     assert {"blocks.0.norm1", "norm"} <= set(result["float_layers"])
     assert (out / "model.onnx").is_file()
     assert json.loads((out / "report.json").read_text())["exported"] == result["exported"]
+    assert result["engine"] == "onnxruntime" and isinstance(result["engine_float_layers"], dict)
     for key in ("top1", "sim_top1", "engine_top1"):
         assert 0.0 <= result[key] <= 100.0
     latency = result["latency"]  # the INT8 model timed against the float one on the same engine
@@ -74,8 +75,10 @@ def test_attention_error_bound_from_the_command_line(capsys):
 
 def test_mixed_precision_from_the_command_line(capsys):
     assert main(["quantize", *TINY, "--bits", "w4a4", "--avg-bits", "6", "--json"]) == 0
-    layers = json.loads(capsys.readouterr().out)["layers"]
+    result = json.loads(capsys.readouterr().out)
+    layers = result["layers"]
     assert {"int4 sym", "int8 sym"} <= {scheme.split(" per-")[0].removeprefix("weights ") for scheme in layers.values()}
+    assert 4 < result["avg_weight_bits"] <= 6  # what --bits w4a4 alone would not say
 
 
 def test_research_methods_from_the_command_line(capsys):
@@ -126,6 +129,24 @@ def test_an_eval_set_of_other_classes_is_refused_before_calibrating(tmp_path, ca
     assert main(["quantize", *TINY, "--checkpoint", str(path), "--eval", "cifar10-test500", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "trained on the classes" in err and "calibrated in" not in err and not out.exists()
+
+
+def test_a_model_with_other_classes_than_the_eval_set_is_refused_before_calibrating(tmp_path, capsys):
+    out = tmp_path / "q"
+    argv = [TINY[0], TINY[1], TINY[2].replace('"num_classes": 10', '"num_classes": 7'), *TINY[3:]]
+    assert main(["quantize", *argv, "--eval", "cifar10-test500", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "(7,) outputs per image but the data has 10 classes" in err and "calibrated in" not in err
+    assert not out.exists()
+
+
+def test_flags_without_effect_and_a_short_calibration_set_are_warned(capsys):
+    assert main(["quantize", *TINY, "--calib-images", "600", "--eval-images", "5", "--reconstruct-iters", "3",
+                 "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "--eval-images has no effect without --eval" in err
+    assert "--reconstruct-iters has no effect without --reconstruct" in err
+    assert "holds 500 images, fewer than --calib-images 600" in err
 
 
 def test_eval_leaves_out_the_calibration_images_and_corrupt_ones_are_replaced(tmp_path, capsys):

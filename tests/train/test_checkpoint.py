@@ -84,6 +84,13 @@ def test_unreadable_and_missing_files(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(LeanvitError, match="no state dict"):
         read_checkpoint(tmp_path / "list.pth")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pth")  # the model object, not its state dict
+    with pytest.raises(LeanvitError, match=r"save model.state_dict\(\) instead"):
+        read_checkpoint(tmp_path / "model.pth")
+    for i, junk in enumerate((b"not a checkpoint", b"\x80\x02junk", b"PK\x03\x04junk", b"")):
+        (tmp_path / f"junk{i}.pth").write_bytes(junk)
+        with pytest.raises(LeanvitError, match="Cannot read checkpoint"):
+            read_checkpoint(tmp_path / f"junk{i}.pth")
 
 
 def test_shipped_checkpoints_load_by_name_in_half_precision(tmp_path, monkeypatch):

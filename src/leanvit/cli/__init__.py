@@ -66,13 +66,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-def check_input_size(model, data_config: dict, name: str) -> None:
-    """Run one blank image of the pre-processing's size through ``model``: a model built for another size (fixed
-    position embeddings) fails here, with the fix, not deep inside the command's work."""
+def check_input_size(model, data_config: dict, name: str) -> torch.Tensor:
+    """Run one blank image of the pre-processing's size through ``model`` and return its output: a model built for
+    another size (fixed position embeddings) fails here, with the fix, not deep inside the command's work."""
     size = tuple(data_config["input_size"])
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *size))
+            return model(torch.zeros(1, *size))
     except (AssertionError, RuntimeError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LeanvitError(

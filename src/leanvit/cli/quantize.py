@@ -24,7 +24,7 @@ from ..data import (
     build_transform, calibration_images, calibration_subset, dataset_classes, make_loader, open_dataset, sample_keys,
 )
 from ..errors import LeanvitError
-from ..evaluate import evaluate
+from ..evaluate import check_class_outputs, evaluate
 from ..models.registry import create_model
 from . import check_input_size, input_data_config, positive_int, print_json
 from .train import json_object
@@ -61,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="activations: uint8 asymmetric, int8 symmetric, or per layer by held-out error")
     p.add_argument("--a-granularity", choices=("tensor", "channel", "auto"),
                    help="activation ranges: per tensor, per channel (simulation only), or per channel on the "
-                        "depthwise convs where that lowers the held-out error (OpenVINO runs those INT8)")
+                        "depthwise convs where that lowers the held-out error (OpenVINO runs those INT8 where a "
+                        "conv writes their input, in float after a transpose: --out's warning names them)")
     p.add_argument("--no-reparam", action="store_true",
                    help="no RepQ-ViT reparameterisation of post-LayerNorm ranges (on by default where it helps)")
     p.add_argument("--bias-correction", action="store_true", help="remove each layer's mean output error")
@@ -121,6 +122,21 @@ def _layer_bits(text: str) -> tuple[str, str]:
     return pattern, bits
 
 
+def _warn_unused_flags(args: argparse.Namespace, config) -> None:
+    """Name the flags this run ignores: each takes effect only together with another."""
+    unused = [(flag, needs) for flag, given, needs in (
+        ("--sensitivity hessian", args.sensitivity != "logit" and args.avg_bits is None, "--avg-bits"),
+        ("--reconstruct-iters", args.reconstruct_iters is not None and not config.reconstruct,
+         "--reconstruct (or --recipe hybrid)"),
+        ("--eval-images", args.eval_images is not None and not args.eval, "--eval"),
+        ("--no-latency", args.no_latency and not args.out, "--out"),
+        ("--attn-max-error", args.attn_max_error is not None and config.attn_bits is None,
+         "--attn-bits (or --target vnni)"),
+    ) if given]
+    for flag, needs in unused:
+        print(f"leanvit quantize: warning: {flag} has no effect without {needs}", file=sys.stderr)
+
+
 def _without_calibration_images(evalset, calibset, calib_indices: list[int], eval_source: str):
     """``evalset`` less the calibration images it holds (``--eval`` and ``--calib`` on the same split): a model
     scored on the images it was calibrated on would look better than it is."""
@@ -156,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
                                       **{k: v for k, v in given.items() if v is not None})
     if args.attn_max_error is not None:  # (negative: None, every attention quantized)
         config = dataclasses.replace(config, attn_max_error=args.attn_max_error if args.attn_max_error >= 0 else None)
+    _warn_unused_flags(args, config)
     if args.out:
         quant.check_config_deployable(config, args.engine)
         if args.out.exists() and not args.out.is_dir():
@@ -168,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         print("leanvit quantize: warning: no --checkpoint, quantizing random weights", file=sys.stderr)
     model.eval()
     data_config = input_data_config(model, meta, args)
-    check_input_size(model, data_config, args.model)
+    output = check_input_size(model, data_config, args.model)
     transform = build_transform(data_config)
     calibset = open_dataset(args.calib, train=True, transform=transform)
     if len(calibset) < config.min_images:
@@ -179,7 +196,14 @@ def run(args: argparse.Namespace) -> int:
         if meta.get("classes") and meta["classes"] != dataset_classes(evalset):
             raise LeanvitError(f"The checkpoint was trained on the classes {meta['classes']}, not those of "
                                f"{args.eval}. Evaluate it on data with the same classes.")
+        check_class_outputs(output, len(dataset_classes(evalset)))
 
+    if args.out:  # once the inputs are checked, before the minutes of calibration
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LeanvitError(f"Cannot create the --out folder {args.out}: {e.strerror}. Give a writable folder.")
+        (args.out / "report.json").unlink(missing_ok=True)  # an earlier run's would describe another model
     started = time.perf_counter()
     # decoded once, used by every pass
     calib = calibration_images(calibset, args.calib_images, args.batch_size)
@@ -188,6 +212,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"leanvit quantize: warning: {calib.skipped} calibration images could not be decoded (named above); "
               f"{'no others were left' if short else 'others were drawn instead'}: calibrating on "
               f"{len(calib.indices)}", file=sys.stderr)
+    elif len(calib.indices) < args.calib_images:
+        print(f"leanvit quantize: warning: {args.calib} holds {len(calib.indices)} images, fewer than --calib-images "
+              f"{args.calib_images}: calibrating on all of them", file=sys.stderr)
     if evalset is not None:
         evalset = _without_calibration_images(evalset, calibset, calib.indices, args.eval)
     calib = calib.batches
@@ -206,14 +233,12 @@ def run(args: argparse.Namespace) -> int:
               "int8_concats": report.int8_concats, "folded_batchnorms": len(report.folded_batchnorms)}
 
     runner = None
+    if args.avg_bits is not None:
+        result["avg_weight_bits"] = round(quant.average_weight_bits(qmodel), 3)
     if args.out:
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise LeanvitError(f"Cannot create the --out folder {args.out}: {e.strerror}. Give a writable folder.")
         example = torch.zeros(1, *data_config["input_size"])
         path = quant.export(qmodel, args.out / "model", engine=args.engine, example=example, dynamic_batch=False)
-        result["exported"] = str(path)
+        result.update(exported=str(path), engine=args.engine, engine_float_layers=report.engine_float_layers)
         from ..deploy import get_engine
 
         engine = get_engine(args.engine, threads=args.threads)

@@ -271,6 +271,8 @@ class QuantReport:
     reparameterised: list[str] = field(default_factory=list)  #: LayerNorms whose consumers got RepQ-ViT scales
     reconstructed: dict[str, str] = field(default_factory=dict)  #: block or layer -> outcome of its reconstruction
     int8_concats: dict[str, str] = field(default_factory=dict)  #: module -> what its concatenations quantize
+    #: compute layer -> "layer type, runtime precision" of those the engine runs in float (set by ``export``)
+    engine_float_layers: dict[str, str] = field(default_factory=dict)
     calib_images: int = 0
     input_size: tuple[int, ...] = ()  #: (C, H, W) of the calibration images: the export's default input
 

@@ -224,6 +224,7 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
     if engine == "onnxruntime":
         precisions = onnxruntime_precisions(onnx_path, modules)
         in_float = [name for name, (_, precision) in precisions.items() if precision != "int8"]
+        _record_float_layers(qmodel, precisions, in_float)
         if in_float:
             unfused = any(isinstance(m, QuantConv2d) and m.output_quantizer is None for m in qmodel.modules())
             note = f" ({ORT_CONV_NOTE})" if unfused else ""
@@ -237,6 +238,7 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
     compiled = openvino_core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     precisions = openvino_precisions(compiled, modules)
     in_float = [name for name, (_, precision) in precisions.items() if precision not in ("i8", "u8")]
+    _record_float_layers(qmodel, precisions, in_float)
     if in_float:
         layers = dict(qmodel.named_modules())
         per_channel = [n for n in (name.split(" (")[0] for name in in_float)
@@ -247,6 +249,12 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
         warnings.warn(f"{len(in_float)} compute layers run in float on OpenVINO: {', '.join(in_float)}{note}",
                       stacklevel=2)
     return xml
+
+
+def _record_float_layers(qmodel: nn.Module, precisions: dict[str, tuple[str, str]], in_float: list[str]) -> None:
+    """Keep on ``qmodel.quant_report`` which compute layers the engine runs in float (``report.json`` lists them)."""
+    if (report := getattr(qmodel, "quant_report", None)) is not None:
+        report.engine_float_layers = {name: ", ".join(precisions[name]) for name in in_float}
 
 
 #: how the ONNX exporter names the nodes of torch's matrix products
