@@ -72,6 +72,7 @@ def test_int8_nhwc_concats_run_the_concatenation_int8_and_fold_the_permute_on_op
             warnings.simplefilter("always")
             path = export(qmodels[flag], tmp_path / f"model_{flag}.xml", engine="openvino", example=x)
         assert flag == any("run in float on OpenVINO: block.conv" in str(w.message) for w in caught)  # named
+        assert flag == any(n.startswith("block.conv") for n in qmodels[flag].quant_report.engine_float_layers)
         runner = get_engine("openvino", threads=1).load_model_file(path)
         ops = runner.compiled.get_runtime_model().get_ordered_ops()
         return runner, [tuple(op.get_rt_info()[k].astype(str) for k in ("layerType", "outputPrecisions"))

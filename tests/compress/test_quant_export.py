@@ -189,6 +189,8 @@ def test_a_float_einsum_is_named_on_onnxruntime_and_a_dotted_name_keeps_its_tail
     with pytest.warns(UserWarning, match=r"1 compute layers run in float on ONNX Runtime: .*einsum"):
         path = export(qmodel, tmp_path / "mixer.w7a8", engine="onnxruntime")
     assert path == tmp_path / "mixer.w7a8.onnx" and path.exists()
+    [(name, what)] = qmodel.quant_report.engine_float_layers.items()  # kept for report.json
+    assert "einsum" in name + what and "float" in what
 
 
 def test_onnxruntime_recipe_runs_the_classifier_as_qgemm(tiny_vit, tmp_path, tests_in):
