@@ -140,6 +140,21 @@ def test_a_model_with_other_classes_than_the_eval_set_is_refused_before_calibrat
     assert not out.exists()
 
 
+def test_a_flat_folder_of_images_calibrates(tmp_path, capsys):
+    """Calibration needs no labels: a folder of images is enough (an --eval set still needs them)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    argv = [*TINY[:4], str(tmp_path), *TINY[5:], "--json"]
+    assert main(["quantize", *argv]) == 0
+    assert json.loads(capsys.readouterr().out)["calib_images"] == 16
+    assert main(["quantize", *argv, "--eval", str(tmp_path)]) == 2
+    assert "no class folders" in capsys.readouterr().err
+
+
 def test_flags_without_effect_and_a_short_calibration_set_are_warned(capsys):
     assert main(["quantize", *TINY, "--calib-images", "600", "--eval-images", "5", "--reconstruct-iters", "3",
                  "--json"]) == 0

@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=positive_int,
                    help="input resolution (default: the checkpoint's, the img_size model kwarg, or the model's)")
     p.add_argument("--calib", required=True, metavar="DATA",
-                   help="calibration images: any layout `leanvit eval` reads (its training split if it has one)")
+                   help="calibration images: any layout `leanvit eval` reads (its training split if it has one), "
+                        "or a folder of images without labels")
     p.add_argument("--calib-images", type=positive_int, default=256, help="images used (default 256)")
     p.add_argument("--bits", default="w8a8",
                    help="weight/activation bits: w8a8 (default), w7a8 (exact on CPUs without VNNI); "
@@ -98,6 +99,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true",
                    help="with --out: skip timing the INT8 model against the float model on the engine (~10 s)")
     p.add_argument("--eval", metavar="DATA", help="dataset to measure top-1 on (any layout `leanvit eval` reads)")
+    p.add_argument("--labels", help="label file for a flat folder of --eval images (as `leanvit eval --labels`)")
     p.add_argument("--eval-images", type=positive_int, help="evaluate on this many images (class-balanced)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for PyTorch and the engine")
@@ -129,6 +131,7 @@ def _warn_unused_flags(args: argparse.Namespace, config) -> None:
         ("--reconstruct-iters", args.reconstruct_iters is not None and not config.reconstruct,
          "--reconstruct (or --recipe hybrid)"),
         ("--eval-images", args.eval_images is not None and not args.eval, "--eval"),
+        ("--labels", args.labels is not None and not args.eval, "--eval"),
         ("--no-latency", args.no_latency and not args.out, "--out"),
         ("--attn-max-error", args.attn_max_error is not None and config.attn_bits is None,
          "--attn-bits (or --target vnni)"),
@@ -187,12 +190,12 @@ def run(args: argparse.Namespace) -> int:
     data_config = input_data_config(model, meta, args)
     output = check_input_size(model, data_config, args.model)
     transform = build_transform(data_config)
-    calibset = open_dataset(args.calib, train=True, transform=transform)
+    calibset = open_dataset(args.calib, train=True, transform=transform, unlabelled=True)
     if len(calibset) < config.min_images:
         raise LeanvitError(f"{args.calib} has {len(calibset)} images; calibration needs at least {config.min_images}.")
     evalset = None
     if args.eval:  # checked before the minutes of calibration
-        evalset = open_dataset(args.eval, transform=transform)
+        evalset = open_dataset(args.eval, transform=transform, labels=args.labels)
         if meta.get("classes") and meta["classes"] != dataset_classes(evalset):
             raise LeanvitError(f"The checkpoint was trained on the classes {meta['classes']}, not those of "
                                f"{args.eval}. Evaluate it on data with the same classes.")

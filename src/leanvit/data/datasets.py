@@ -132,6 +132,27 @@ class LabelFileDataset(Dataset):
         return (self.transform(image) if self.transform else image), target
 
 
+class UnlabelledImages(Dataset):
+    """A flat folder of images without labels: calibration needs none. One class, so the class-balanced draws
+    of :func:`calibration_subset` are plain random ones."""
+
+    classes = ["unlabelled"]
+
+    def __init__(self, root: Path, transform: Callable | None = None):
+        self.transform = transform
+        self.samples = [(path, 0) for path in sorted(_images_in(root))]
+        self.targets = [0] * len(self.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        image = _load_rgb(self.samples[index][0])
+        if image is None:
+            return None
+        return (self.transform(image) if self.transform else image), 0
+
+
 class PackedJpegDataset(Dataset):
     """JPEG files packed into one ``.npz`` (bytes, offsets, labels): the shipped test subset.
 
@@ -162,14 +183,16 @@ def bundled_cifar10(transform: Callable | None = None) -> PackedJpegDataset:
 
 
 def open_dataset(source: str | Path, *, train: bool = False, transform: Callable | None = None,
-                 labels: str | Path | None = None, classes: Sequence[str] | None = None) -> Dataset:
+                 labels: str | Path | None = None, classes: Sequence[str] | None = None,
+                 unlabelled: bool = False) -> Dataset:
     """Open ``source`` in whichever supported layout it has.
 
     - ``"cifar10-test500"``: the subset shipped with leanvit;
     - a folder holding ``cifar-10-batches-py`` (CIFAR-10's python pickles), train or test split;
     - a folder with ``train/`` and ``val/`` (or ``test/``) sub-folders: the split ``train`` picks;
     - an ImageFolder tree ``root/<class>/<image>``;
-    - a flat folder of images with ``labels``, a label file (see :class:`LabelFileDataset`).
+    - a flat folder of images with ``labels``, a label file (see :class:`LabelFileDataset`), or, where the
+      labels are not needed (``unlabelled=True``: calibration), without (:class:`UnlabelledImages`).
     """
     if str(source) == BUNDLED_CIFAR10:
         return bundled_cifar10(transform)
@@ -196,6 +219,8 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
     if any(d.is_dir() and any(_images_in(d, recursive=True)) for d in root.iterdir()):
         return ImageFolderDataset(root, transform)
     flat = list(_images_in(root))
+    if flat and unlabelled:
+        return UnlabelledImages(root, transform)
     if flat:
         raise LeanvitError(
             f"{root} holds {len(flat)} images but no class folders. Pass a label file (--labels FILE, "
@@ -255,7 +280,7 @@ def sample_keys(dataset: Dataset) -> list | None:
     if isinstance(dataset, torch.utils.data.Subset):
         keys = sample_keys(dataset.dataset)
         return None if keys is None else [keys[i] for i in dataset.indices]
-    if isinstance(dataset, (ImageFolderDataset, LabelFileDataset)):
+    if isinstance(dataset, (ImageFolderDataset, LabelFileDataset, UnlabelledImages)):
         return [str(Path(path).resolve()) for path, _ in dataset.samples]
     if isinstance(dataset, CIFAR10):
         return [(str(Path(dataset.root).resolve()), dataset.train, i) for i in range(len(dataset))]
