@@ -7,6 +7,8 @@ traceback. Any other exception is a bug in leanvit and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import sys
+import warnings
 from typing import Iterable
 
 
@@ -40,3 +42,12 @@ def check_range(what: str, value: int | float, lo: int | float, hi: int | float)
 
 class InputSizeError(LeanvitError, ValueError):
     """An input whose resolution a fixed-resolution model cannot take."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside leanvit and torch, whatever the depth: the line
+    the user wrote, not a leanvit helper or the frame torch's ``no_grad`` decorator adds."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("leanvit", "torch"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -96,6 +96,10 @@ def test_empty_or_small_calibration_set_is_an_error(tiny_vit):
         quantize(tiny_vit, [torch.randn(16, 32)], progress=False)
     with pytest.raises(LeanvitError, match="2 sizes \\(3x32x32, 3x48x48\\)"):
         quantize(tiny_vit, [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 48, 48)], progress=False)
+    with pytest.raises(LeanvitError, match="does not run on the calibration images \\(3x48x48: "):
+        quantize(tiny_vit, torch.randn(16, 3, 48, 48), progress=False)  # built for 32x32
+    with pytest.raises(LeanvitError, match="does not run on the calibration images \\(1x32x32: "):
+        quantize(tiny_vit, torch.randn(16, 1, 32, 32), progress=False)
     with pytest.raises(LeanvitError, match="torch.uint8 pixels, not the model's float input"):
         quantize(tiny_vit, torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), progress=False)
 
@@ -148,6 +152,12 @@ def test_skipped_layers_stay_float_with_a_warning(tiny_vit, calib):
         qmodel = quantize(tiny_vit, calib, QuantConfig(skip=("head",)), progress=False)
     assert type(qmodel.head) is nn.Linear
     assert "QuantConfig.skip" in qmodel.quant_report.float_layers["head"]
+
+
+def test_warnings_point_at_the_callers_line_not_at_leanvit_or_torch(tiny_vit, calib):
+    with pytest.warns(UserWarning, match="head") as caught:
+        quantize(tiny_vit, calib, QuantConfig(skip=("head",)), progress=False)
+    assert {w.filename for w in caught} == {__file__}
 
 
 def test_a_skipped_attention_keeps_its_matmuls_float_and_says_so(tiny_vit, calib):

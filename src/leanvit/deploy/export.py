@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import LeanvitError
+from ..errors import LeanvitError, warn
 
 #: 20: GELU exports as ONNX's own Gelu op, which ONNX Runtime runs as one kernel; at 18 the exporter writes it as
 #: five element-wise ops (Div, Erf, Add, Mul, Mul) that ONNX Runtime does not fuse (efficientformerv2_s0 at 224x224,
@@ -73,10 +73,9 @@ def export_onnx(
         try:
             _export_dynamo(model, example, path, opset, dynamic_batch)
         except Exception as e:  # noqa: BLE001 - any exporter failure: retry with the other exporter
-            warnings.warn(
+            warn(
                 f"torch.export-based ONNX export failed for {type(model).__name__} "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); using the TorchScript exporter.",
-                stacklevel=2,
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); using the TorchScript exporter."
             )
             _export_torchscript(model, example, path, opset, dynamic_batch)
     finally:

@@ -19,7 +19,6 @@ import copy
 import fnmatch
 import re
 import sys
-import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -29,7 +28,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.data import Dataset, IterableDataset
 
-from ...errors import LeanvitError, check_range
+from ...errors import LeanvitError, check_range, warn
 from .attention import SOFTMAX_QUANTIZERS, QuantMatmuls, own_calls, quantized_counterpart, swap_attention
 from .concat import concat_counterpart, nhwc_concats
 from .modules import (
@@ -415,8 +414,8 @@ def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, con
     unmatched = [p for p in (*config.skip, *(p for p, _ in config.layer_bits))
                  if not any(matches(n, p) for n in layers)]
     if unmatched:
-        warnings.warn(f"No layer matches the pattern(s) {', '.join(map(repr, unmatched))} (names are "
-                      f"case-sensitive, e.g. {', '.join(list(layers)[:3])}); they change nothing.", stacklevel=3)
+        warn(f"No layer matches the pattern(s) {', '.join(map(repr, unmatched))} (names are "
+                      f"case-sensitive, e.g. {', '.join(list(layers)[:3])}); they change nothing.")
     swapped = {}
     for name, module in list(model.named_modules()):
         quant_type = quantizable_type(module)
@@ -449,6 +448,13 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     qmodel = copy.deepcopy(model).eval()
     example = batches[0][:2]
     report = QuantReport(calib_images=sum(b.shape[0] for b in batches), input_size=tuple(batches[0].shape[1:]))
+    try:  # the float model on the user's images, before any step that runs it
+        qmodel(example)
+    except (AssertionError, RuntimeError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LeanvitError(f"{type(model).__name__} does not run on the calibration images "
+                           f"({'x'.join(map(str, report.input_size))}: {reason}). Calibrate on images of the size "
+                           "and channels it takes, pre-processed as for inference.") from None
     report.folded_batchnorms = fold_batchnorm(qmodel, example)
     consumers = layernorm_consumers(qmodel, example) if config.reparam_layernorm else {}
     matmul_calls = record_matmuls(qmodel, example)  # before any swap: what each module multiplies itself
@@ -515,9 +521,9 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
                     f"(relative RMS on calibration images; QuantConfig.attn_max_error={config.attn_max_error})"))
     if config.softmax_quantizer != "uniform" and (uniform := [n for n, a in attentions.items()
                                                            if not a.quantizes_softmax()]):
-        warnings.warn(f"softmax_quantizer={config.softmax_quantizer!r} applies to no matmul operand of "
+        warn(f"softmax_quantizer={config.softmax_quantizer!r} applies to no matmul operand of "
                       f"{len(uniform)} attentions (none is a softmax output; they keep uniform quantizers): "
-                      f"{', '.join(uniform)}", stacklevel=2)
+                      f"{', '.join(uniform)}")
     for name, calls in float_matmuls(qmodel, matmul_calls, (QuantLinear, QuantConv2d, QuantMatmuls)).items():
         module = qmodel.get_submodule(name)
         if (pattern := next((p for p in config.skip if matches(name, p)), None)) is not None:
@@ -578,7 +584,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
                           config, report, " (a float op reads them transposed)")
     if report.float_compute_layers:
         listed = "\n".join(f"  {n}: {r}" for n, r in report.float_compute_layers.items())
-        warnings.warn(f"{len(report.float_compute_layers)} compute layers stay in float:\n{listed}", stacklevel=2)
+        warn(f"{len(report.float_compute_layers)} compute layers stay in float:\n{listed}")
     qmodel.quant_report = report
     return qmodel.eval()  # (the quantized modules swapped in were created in training mode)
 

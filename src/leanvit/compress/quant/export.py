@@ -15,7 +15,6 @@ graph ONNX Runtime executes after its fusions) are reported by name.
 from __future__ import annotations
 
 import platform
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch.nn as nn
 
 from ...deploy.export import DEFAULT_OPSET
 from ...deploy.ov import openvino_core
-from ...errors import LeanvitError
+from ...errors import LeanvitError, warn
 from .calibrate import parse_bits, quantizers
 from .modules import QuantConv2d, is_depthwise
 from .quantizer import FakeQuantizer
@@ -175,11 +174,10 @@ def export_quantized(qmodel: nn.Module, path: str | Path, example: torch.Tensor 
     check_deployable(qmodel, engine)
     if int8_saturates() and any(n.endswith("weight_quantizer") and q.scheme.bits == 8
                                 for n, q in quantizers(qmodel).items()):
-        warnings.warn(
+        warn(
             "This CPU has no VNNI/AMX: its INT8 kernels add pairs of u8 x s8 products in 16 bits, which saturate "
             "with 8-bit weights, so the engine's results can differ from the simulation's. Quantize with "
-            "7-bit weights (QuantConfig.from_bits('w7a8'), stored as int8) to run exactly what was simulated.",
-            stacklevel=2)
+            "7-bit weights (QuantConfig.from_bits('w7a8'), stored as int8) to run exactly what was simulated.")
     path = Path(path)
     with _int8_weights(qmodel):
         export_onnx(qmodel, _example(qmodel, example, dynamic_batch), path, opset=opset, dynamic_batch=dynamic_batch)
@@ -228,8 +226,7 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
         if in_float:
             unfused = any(isinstance(m, QuantConv2d) and m.output_quantizer is None for m in qmodel.modules())
             note = f" ({ORT_CONV_NOTE})" if unfused else ""
-            warnings.warn(f"{len(in_float)} compute layers run in float on ONNX Runtime: {', '.join(in_float)}{note}",
-                          stacklevel=2)
+            warn(f"{len(in_float)} compute layers run in float on ONNX Runtime: {', '.join(in_float)}{note}")
         return onnx_path
     import openvino as ov
 
@@ -246,8 +243,7 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
         note = (f" ({', '.join(per_channel)} quantize their inputs per channel, which OpenVINO runs in INT8 when a "
                 "conv writes them but not after a transpose: QuantConfig(a_per_channel=False) keeps them INT8)"
                 if per_channel else "")
-        warnings.warn(f"{len(in_float)} compute layers run in float on OpenVINO: {', '.join(in_float)}{note}",
-                      stacklevel=2)
+        warn(f"{len(in_float)} compute layers run in float on OpenVINO: {', '.join(in_float)}{note}")
     return xml
 
 

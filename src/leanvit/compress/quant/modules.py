@@ -16,7 +16,6 @@ module's :func:`shell` of another class and the :class:`Routed` torch calls of i
 """
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,6 +27,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from ...errors import warn
 from .quantizer import FakeQuantizer, QScheme, Quantizer
 
 
@@ -411,8 +411,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[str]:
         else:
             restore()
             kept.append(f"{bn} (after {conv})")
-    warnings.warn(f"{len(kept)} BatchNorm(s) not folded: their convolution's output is also read elsewhere, so "
-                  f"folding would change the model. They stay as BatchNorm: {', '.join(kept)}", stacklevel=3)
+    warn(f"{len(kept)} BatchNorm(s) not folded: their convolution's output is also read elsewhere, so "
+                  f"folding would change the model. They stay as BatchNorm: {', '.join(kept)}")
     return folded
 
 

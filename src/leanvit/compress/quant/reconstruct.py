@@ -33,7 +33,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ...errors import LeanvitError, check_range
+from ...errors import LeanvitError, check_range, warn
 from .calibrate import quantizers_disabled
 from .modules import QuantConv2d, QuantLinear, fold_batchnorm
 from .quantizer import FakeQuantizer
@@ -295,9 +295,9 @@ def reconstruct(qmodel: nn.Module, float_model: nn.Module, batches: list[torch.T
     if mode == "bridge":
         names = find_bridges(qmodel, example)
         if not names:
-            warnings.warn(f"reconstruct='bridge': {type(qmodel).__name__} has no convolutional block followed by a "
+            warn(f"reconstruct='bridge': {type(qmodel).__name__} has no convolutional block followed by a "
                           f"transformer block, so there is no bridge and nothing was reconstructed. Use "
-                          f"reconstruct='blocks' to reconstruct every block.", stacklevel=2)
+                          f"reconstruct='blocks' to reconstruct every block.")
             return {}
     else:
         names = _call_order(qmodel, example)[1]
