@@ -97,8 +97,10 @@ def test_research_methods_from_the_command_line(capsys):
     (["--bits", "int8"], "w8a8"),
     (["--bits", "w4a4", "--out", "OUT"], "below 8 bits"),
     # refused before the data is read and calibrated on, not after: here there is none to read
-    (["--bits", "w6a6", "--hessian", "--out", "OUT", "--calib", "NOWHERE"], "w6a6: layers quantized below 8 bits"),
-    (["--layer-bits", "blocks.*=w8a4", "--out", "OUT", "--calib", "NOWHERE"], "w8a4: layers quantized below 8 bits"),
+    (["--bits", "w6a6", "--hessian", "--out", "OUT", "--calib", "NOWHERE"],
+     "w6a6 in w_bits/a_bits (--bits w6a6): layers quantized below 8 bits"),
+    (["--layer-bits", "blocks.*=w8a4", "--out", "OUT", "--calib", "NOWHERE"],
+     "w8a4 in layer_bits (--layer-bits PATTERN=w8a4): layers quantized below 8 bits"),
     (["--a-granularity", "channel", "--out", "OUT"], "only a depthwise conv's can be per channel"),
     (["--calib-images", "4"], "4 images"),
     (["--layer-bits", "head=w8"], "w8"),

@@ -56,8 +56,11 @@ def check_config_deployable(config, engine: str | None = None) -> None:
     widths = {b: parse_bits(b) for b in (f"w{config.w_bits}a{config.a_bits}", *(b for _, b in config.layer_bits))}
     low = sorted(b for b, (w, a) in widths.items() if not (deployable_bits(w, True) and deployable_bits(a, False)))
     if low:
-        raise LeanvitError(f"{', '.join(low)}: layers quantized below 8 bits (7 for weights) have no kernels on "
-                           "OpenVINO or ONNX Runtime; such bit-widths are simulation only. Measure them in "
+        where = [f"w_bits/a_bits (--bits {b})" if b == f"w{config.w_bits}a{config.a_bits}" else
+                 f"layer_bits (--layer-bits PATTERN={b})" for b in low]
+        raise LeanvitError(f"{', '.join(low)} in {', '.join(where)}: layers quantized below 8 bits (7 for weights) "
+                           "have no kernels on OpenVINO or ONNX Runtime; such bit-widths are simulation only. "
+                           "Measure them in "
                            "simulation (QuantConfig without export; leanvit quantize: drop --out, add --eval DATA), "
                            "or export W8A8.")
     if config.attn_bits is not None and not deployable_bits(config.attn_bits, False):
