@@ -118,8 +118,7 @@ def allocate_bits(model: nn.Module, calib_data, budget: float, *, low: str = "w4
     sizes = {name: model.get_submodule(name).weight.numel() for name in sensitivity}
     pinned = {name: bits[0] for name in sensitivity if (bits := config.layer_bits_for(name)) is not None}
     edges = [name for name in qmodel.quant_report.edge_layers if name in sensitivity and name not in pinned]
-    if edges:
-        pinned.update(dict.fromkeys(edges, parse_bits(config.edge_bits)[0]))
+    pinned.update({name: parse_bits(config.edge_bits)[0] for name in edges})
     bits = assign_bits({n: s for n, s in sensitivity.items() if n not in pinned}, sizes, budget, low=low,
                        high=high, pinned=pinned)
     return (*bits[:-1], *((name, config.edge_bits) for name in edges), bits[-1])
