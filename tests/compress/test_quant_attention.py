@@ -442,6 +442,22 @@ class GlobalMixer(nn.Module):
         return self.proj(torch.einsum("bnc,bcd->bnd", x, gram.softmax(-1)))
 
 
+class _RootEinsum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 8)
+
+    def forward(self, x):
+        x = self.fc(x.flatten(2).transpose(1, 2))
+        return torch.einsum("bnc,bmc->bnm", x, x).mean((1, 2))
+
+
+def test_matmuls_in_the_models_own_forward_are_named_so():
+    with pytest.warns(UserWarning, match=r"\(the model's own forward\): attention matmuls in float"):
+        qmodel = quantize(_RootEinsum().eval(), torch.randn(16, 3, 4, 4), DEPLOY, progress=False)
+    assert "float (the model's own forward): attention matmuls in float" in qmodel.quant_report.summary()
+
+
 def test_float_matmuls_are_found_whatever_the_class_is_called(tmp_path):
     torch.manual_seed(0)
     model = Tokens(GlobalMixer(16), Attention(16, num_heads=2)).eval()

@@ -257,6 +257,9 @@ def parse_bits(bits: str) -> tuple[int, int]:
     return w_bits, a_bits
 
 
+ROOT = "(the model's own forward)"  #: how reports name the root module, whose name is ""
+
+
 @dataclass
 class QuantReport:
     """Which layers run quantized, which stay in float and why."""
@@ -290,7 +293,7 @@ class QuantReport:
         weight_bits = Counter(self.weight_bits.values())
         if len(weight_bits) > 1:  # mixed precision: how the layers split
             lines.append("  weights: " + ", ".join(f"{n} layers at {b} bits" for b, n in sorted(weight_bits.items())))
-        lines += [f"  float {name}: {reason}" for name, reason in self.float_layers.items()]
+        lines += [f"  float {name or ROOT}: {reason}" for name, reason in self.float_layers.items()]
         lines += [f"  reconstructed {name}: {outcome}" for name, outcome in self.reconstructed.items()]
         by_what: dict[str, list[str]] = {}
         for name, what in self.int8_concats.items():
@@ -583,7 +586,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         _quantize_outputs(qmodel, {n: convs[n] for n in transposed_reads(qmodel, convs, batches[0][:1])}, batches,
                           config, report, " (a float op reads them transposed)")
     if report.float_compute_layers:
-        listed = "\n".join(f"  {n}: {r}" for n, r in report.float_compute_layers.items())
+        listed = "\n".join(f"  {n or ROOT}: {r}" for n, r in report.float_compute_layers.items())
         warn(f"{len(report.float_compute_layers)} compute layers stay in float:\n{listed}")
     qmodel.quant_report = report
     return qmodel.eval()  # (the quantized modules swapped in were created in training mode)
