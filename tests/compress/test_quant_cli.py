@@ -31,6 +31,23 @@ def test_quantize_exports_and_reports(tmp_path, capsys):
     assert latency["ratio"] == pytest.approx((rounds[2] + rounds[3]) / 2, abs=1e-3)
 
 
+def test_the_openvino_model_is_compiled_once(tmp_path, monkeypatch, capsys):
+    """export's INT8 check reads the model the command compiles to run, rather than compiling it again."""
+    import sys
+
+    export = sys.modules["leanvit.compress.quant.export"]  # (the package's `export` is the function)
+
+    def no_second_compile():
+        raise AssertionError("export compiled the IR for its check")
+
+    monkeypatch.setattr(export, "openvino_core", no_second_compile)
+    out = tmp_path / "q"
+    assert main(["quantize", *TINY, "--out", str(out), "--no-latency", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["engine"] == "openvino" and result["exported"].endswith("model.xml")
+    assert isinstance(result["engine_float_layers"], dict)
+
+
 def test_an_int8_model_slower_than_float_is_a_warning(tmp_path, monkeypatch, capsys):
     """Whether INT8 pays is the engine's and the CPU's call: when it does not, the user is told, with what to try."""
     from leanvit.bench import speedup

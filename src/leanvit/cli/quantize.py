@@ -240,12 +240,14 @@ def run(args: argparse.Namespace) -> int:
         result["avg_weight_bits"] = round(quant.average_weight_bits(qmodel), 3)
     if args.out:
         example = torch.zeros(1, *data_config["input_size"])
-        path = quant.export(qmodel, args.out / "model", engine=args.engine, example=example, dynamic_batch=False)
-        result.update(exported=str(path), engine=args.engine, engine_float_layers=report.engine_float_layers)
+        path = quant.export(qmodel, args.out / "model", engine=args.engine, example=example, dynamic_batch=False,
+                            check=False)
         from ..deploy import get_engine
 
         engine = get_engine(args.engine, threads=args.threads)
         runner = engine.load_model_file(path)
+        in_float = quant.check_engine_precisions(qmodel, path, args.engine, compiled=getattr(runner, "compiled", None))
+        result.update(exported=str(path), engine=args.engine, engine_float_layers=in_float)
         if not args.no_latency:
             from ..bench.speedup import measure_speedup
 

@@ -42,6 +42,7 @@ ORT_CONV_NOTE = ("ONNX Runtime fuses a QDQ Conv into its INT8 QLinearConv only w
                  "too: quantize with QuantConfig(quantize_conv_outputs=True), or QuantConfig.recipe(..., "
                  "engine='onnxruntime')")
 ENGINES = ("openvino", "onnxruntime")
+ENGINE_NAMES = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
 
 
 def deployable_bits(bits: int, weights: bool) -> bool:
@@ -206,11 +207,12 @@ def _with_suffix(path: Path, suffix: str) -> Path:
 
 
 def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", example: torch.Tensor | None = None, *,
-           dynamic_batch: bool = False) -> Path:
+           dynamic_batch: bool = False, check: bool = True) -> Path:
     """Deployable INT8 model for ``engine``: QDQ ONNX (``onnxruntime``) or OpenVINO IR (``.xml`` + ``.bin``).
 
-    The OpenVINO IR is converted from the QDQ ONNX (kept next to it) and compiled once to check which
-    compute layers run in INT8; those that do not are named in a warning.
+    The OpenVINO IR is converted from the QDQ ONNX (kept next to it). ``check``: run
+    :func:`check_engine_precisions` on it (OpenVINO: compiles it once); ``False`` leaves that to the caller,
+    who may have compiled it anyway.
     """
     if engine not in ENGINES:
         raise LeanvitError(f"Cannot export a quantized model for engine '{engine}'; "
@@ -219,41 +221,46 @@ def export(qmodel: nn.Module, path: str | Path, engine: str = "openvino", exampl
 
     get_engine(engine)  # not installed: say how to install it before writing anything
     path = Path(path)
-    onnx_path = export_quantized(qmodel, _with_suffix(path, ".onnx"), example, dynamic_batch=dynamic_batch,
-                                 engine=engine)
+    out = onnx_path = export_quantized(qmodel, _with_suffix(path, ".onnx"), example, dynamic_batch=dynamic_batch,
+                                       engine=engine)
+    if engine == "openvino":
+        import openvino as ov
+
+        out = _with_suffix(path, ".xml")
+        ov.save_model(ov.convert_model(str(onnx_path)), str(out), compress_to_fp16=False)
+    if check:
+        check_engine_precisions(qmodel, out, engine)
+    return out
+
+
+def check_engine_precisions(qmodel: nn.Module, path: str | Path, engine: str, compiled=None) -> dict[str, str]:
+    """The compute layers of ``qmodel``'s export ``path`` (from :func:`export`) that ``engine`` runs in float:
+    named in a warning, kept in ``qmodel.quant_report.engine_float_layers`` and returned (layer -> "type,
+    precision"). ``compiled``: the OpenVINO model compiled already, rather than compiling it again."""
+    onnx_path = _with_suffix(Path(path), ".onnx")
     modules = source_modules(onnx_path)
     if engine == "onnxruntime":
         precisions = onnxruntime_precisions(onnx_path, modules)
         in_float = [name for name, (_, precision) in precisions.items() if precision != "int8"]
-        _record_float_layers(qmodel, precisions, in_float)
-        if in_float:
-            unfused = any(isinstance(m, QuantConv2d) and m.output_quantizer is None for m in qmodel.modules())
-            note = f" ({ORT_CONV_NOTE})" if unfused else ""
-            warn(f"{len(in_float)} compute layers run in float on ONNX Runtime: {', '.join(in_float)}{note}")
-        return onnx_path
-    import openvino as ov
-
-    xml = _with_suffix(path, ".xml")
-    ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
-    compiled = openvino_core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    precisions = openvino_precisions(compiled, modules)
-    in_float = [name for name, (_, precision) in precisions.items() if precision not in ("i8", "u8")]
-    _record_float_layers(qmodel, precisions, in_float)
-    if in_float:
+        unfused = any(isinstance(m, QuantConv2d) and m.output_quantizer is None for m in qmodel.modules())
+        note = f" ({ORT_CONV_NOTE})" if unfused else ""
+    else:
+        if compiled is None:
+            compiled = openvino_core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        precisions = openvino_precisions(compiled, modules)
+        in_float = [name for name, (_, precision) in precisions.items() if precision not in ("i8", "u8")]
         layers = dict(qmodel.named_modules())
         per_channel = [n for n in (name.split(" (")[0] for name in in_float)
                        if (q := getattr(layers.get(n), "input_quantizer", None)) is not None and q.scheme.per_channel]
         note = (f" ({', '.join(per_channel)} quantize their inputs per channel, which OpenVINO runs in INT8 when a "
                 "conv writes them but not after a transpose: QuantConfig(a_per_channel=False) keeps them INT8)"
                 if per_channel else "")
-        warn(f"{len(in_float)} compute layers run in float on OpenVINO: {', '.join(in_float)}{note}")
-    return xml
-
-
-def _record_float_layers(qmodel: nn.Module, precisions: dict[str, tuple[str, str]], in_float: list[str]) -> None:
-    """Keep on ``qmodel.quant_report`` which compute layers the engine runs in float (``report.json`` lists them)."""
+    found = {name: ", ".join(precisions[name]) for name in in_float}
     if (report := getattr(qmodel, "quant_report", None)) is not None:
-        report.engine_float_layers = {name: ", ".join(precisions[name]) for name in in_float}
+        report.engine_float_layers = found
+    if in_float:
+        warn(f"{len(in_float)} compute layers run in float on {ENGINE_NAMES[engine]}: {', '.join(in_float)}{note}")
+    return found
 
 
 #: how the ONNX exporter names the nodes of torch's matrix products
