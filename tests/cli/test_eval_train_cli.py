@@ -87,6 +87,22 @@ def test_bad_data(tmp_path, capsys, layout, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--img-size", "48"], "does not run on 3x48x48 inputs"),  # built for 32x32: the fix, not timm's assertion
+    (["--crop-pct", "0"], "must be in (0, 1]"),
+    (["--model-kwargs", '{"img_size": 32, "no_such_kwarg": 1}'], "cannot be built with the model kwargs"),
+    (["--out", "/proc/no/such/dir/x.json"], "Cannot write --out"),
+])
+def test_bad_eval_arguments_are_one_line_errors_before_the_work(extra, message, capsys):
+    args = ["eval", MODEL, "--model-kwargs", json.dumps(KWARGS), "--no-progress", "--workers", "0", *extra]
+    try:
+        rc = main(args)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
 def test_train_rejects_bad_model_kwargs(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", MODEL, "--data", "cifar10-test500", "--model-kwargs", "[32]"])

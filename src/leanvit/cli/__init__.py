@@ -66,6 +66,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def crop_fraction(text: str) -> float:
+    """argparse type for ``--crop-pct``: the fraction of the resized image kept, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.875, got '{text}'") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (the fraction of the image kept), got {value}")
+    return value
+
+
 def check_input_size(model, data_config: dict, name: str) -> torch.Tensor:
     """Run one blank image of the pre-processing's size through ``model`` and return its output: a model built for
     another size (fixed position embeddings) fails here, with the fix, not deep inside the command's work."""

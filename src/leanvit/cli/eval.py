@@ -15,7 +15,7 @@ from ..data import (
 from ..errors import LeanvitError
 from ..evaluate import evaluate
 from ..models.registry import create_model
-from . import input_data_config, positive_int, print_json
+from . import check_input_size, crop_fraction, input_data_config, positive_int, print_json
 from .train import json_object
 
 
@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="kwargs for timm.create_model, e.g. '{\"num_classes\": 10}'")
     p.add_argument("--img-size", type=positive_int,
                    help="input resolution (default: the checkpoint's, the img_size model kwarg, or the model's)")
-    p.add_argument("--crop-pct", type=float, help="centre-crop fraction (default: checkpoint's or model's)")
+    p.add_argument("--crop-pct", type=crop_fraction,
+                   help="centre-crop fraction, in (0, 1] (default: checkpoint's or model's)")
     p.add_argument("--engine", default="eager",
                    help="inference engine: eager (PyTorch), compile, onnxruntime, openvino (default eager)")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the engine's default)")
@@ -61,6 +62,12 @@ def run(args: argparse.Namespace) -> int:
             print("leanvit eval: warning: no --checkpoint or --pretrained, evaluating random weights",
                   file=sys.stderr)
     data_config = input_data_config(model, meta, args)
+    check_input_size(model, data_config, args.model)
+    if args.out:  # before the evaluation, not after it
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LeanvitError(f"Cannot write --out {args.out}: {e.strerror}. Give a writable path.") from None
     dataset = open_dataset(args.data, transform=build_transform(data_config), labels=args.labels)
     classes = dataset_classes(dataset)
     if meta.get("classes") and meta["classes"] != classes:

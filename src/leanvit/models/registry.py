@@ -8,7 +8,7 @@ from __future__ import annotations
 import timm
 import torch.nn as nn
 
-from ..errors import UnknownModelError, close_matches
+from ..errors import LeanvitError, UnknownModelError, close_matches
 
 
 def resolve_model_name(name: str) -> str:
@@ -38,5 +38,16 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
     facts = find_facts(name)
     if facts is not None and "." not in name:
         name = facts.model_id  # the tag whose head matches the published model (e.g. 1k classes)
-    model = timm.create_model(resolve_model_name(name), pretrained=pretrained, **kwargs)
+    name = resolve_model_name(name)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # a model kwarg it does not take, or of the wrong type
+        raise LeanvitError(f"{name} cannot be built with the model kwargs {kwargs} ({e}). Pass only arguments its "
+                           "timm constructor takes, with their types (e.g. '{\"num_classes\": 10}').") from None
+    except OSError as e:  # huggingface_hub's offline / not-cached errors are OSErrors
+        if not pretrained:
+            raise
+        raise LeanvitError(f"{name}'s pretrained weights are not in the local cache and could not be downloaded "
+                           f"({type(e).__name__}). Connect once to cache them, or drop --pretrained and pass "
+                           "--checkpoint FILE.") from None
     return model.eval()
