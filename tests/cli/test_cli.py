@@ -97,3 +97,18 @@ def test_bench_token_variants_beside_the_model(capsys, tmp_path):
     assert [r["variant"] for r in rows] == ["", "evit:0.5"]
     assert rows[1]["macs"] < rows[0]["macs"] and rows[1]["top1_agreement"] == 1.0
     assert "Token reduction against the unreduced model" in (tmp_path / "report.md").read_text()
+
+
+def test_a_token_variant_that_does_not_apply_to_one_model_is_recorded_not_fatal(capsys, tmp_path):
+    code, out, err = run_cli(
+        capsys, "bench", "resnet18", "deit_tiny_patch16_224", "--img-size", "32", "--engines", "eager",
+        "--tokens", "evit:0.5", "--threads", "1", "--budget", "0.05", "--warmup", "0.01", "--out", str(tmp_path),
+        "--json", "--no-progress",
+    )
+    assert code == 0, err
+    rows = {(r["model"], r["variant"]): r for r in json.loads(out)}
+    assert "token reduction does not apply" in rows["resnet18", "evit:0.5"]["skipped"]
+    assert not any(r["error"] for r in rows.values()) and rows["deit_tiny_patch16_224", "evit:0.5"]["macs"]
+    report = (tmp_path / "report.md").read_text()
+    assert "- resnet18 + evit:0.5 on eager (f32): token reduction does not apply" in report
+    assert "in the 3 configurations that ran" in report

@@ -90,6 +90,11 @@ class BenchRow:
     paper_speed: str | None = None
     engine_info: dict = field(default_factory=dict)
     error: str | None = None
+    skipped: str | None = None  #: why this configuration was not run (a token variant the model cannot take)
+
+    @property
+    def ran(self) -> bool:
+        return self.error is None and self.skipped is None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,17 +123,26 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
         checks = [torch.randn(cfg.batch, chans, size, size, generator=gen)
                   for _ in range(max(1, math.ceil(cfg.n_check / cfg.batch)))]
         for variant in ("", *cfg.tokens):
+            label = f"{name}{' + ' + variant if variant else ''}"
+            inapplicable = None
             if variant:
-                token_apply(model, from_spec(variant))  # replaces the previous variant's patch
-            macs = count_macs(model, (chans, size, size))
+                try:
+                    token_apply(model, from_spec(variant))  # replaces the previous variant's patch
+                except LeanvitError as e:  # (not a plain ViT, r too large): the other models' rows still count
+                    inapplicable = f"token reduction does not apply: {e}"
+                    tqdm.write(f"!! {label}: {inapplicable}", file=sys.stderr)
+            macs = None if inapplicable else count_macs(model, (chans, size, size))
             for engine_name in cfg.engines:
                 for precision in cfg.precisions:
-                    label = f"{name}{' + ' + variant if variant else ''}"
                     bar.set_description(f"{label}: {engine_name} {precision}")
                     row = BenchRow(model=name, engine=engine_name, variant=variant, precision=precision,
                                    batch=cfg.batch, threads=cfg.threads, img_size=size, params=params, macs=macs,
                                    published_top1=facts.top1 if facts else None,
-                                   paper_speed=facts.speed if facts else None)
+                                   paper_speed=facts.speed if facts else None, skipped=inapplicable)
+                    if inapplicable:
+                        rows.append(row)
+                        bar.update()
+                        continue
                     try:
                         _measure(row, model, x, checks, cfg)
                     except LeanvitError:
