@@ -28,6 +28,13 @@ def test_models_table(capsys):
     assert code == 0 and "deit_small_patch16_224" in out and "efficientformer" not in out
 
 
+def test_models_family_ignores_hyphens_and_an_unknown_one_is_an_error(capsys):
+    code, out, _ = run_cli(capsys, "models", "--family", "nextvit")
+    assert code == 0 and "nextvit_small" in out
+    code, _, err = run_cli(capsys, "models", "--family", "EfficientFormr")
+    assert code == 2 and "No family 'EfficientFormr'" in err and "did you mean EfficientFormer" in err
+
+
 def test_profile_json(capsys):
     code, out, _ = run_cli(capsys, "profile", "mobilenetv2_100", "--json")
     prof = json.loads(out)

@@ -259,7 +259,8 @@ def test_from_spec():
     assert tokens.from_spec("tome:0,2,2,1") == tokens.ToMe(r=(0, 2, 2, 1))
 
 
-@pytest.mark.parametrize("spec,match", [("evt:0.7", "evit"), ("tome:8.5", "expected R"), ("tome:1x", "RxK"), ("tome:1,a", "per block"), ("evit", "Use evit")])
+@pytest.mark.parametrize("spec,match", [("evt:0.7", "evit"), ("tome:8.5", "expected R"), ("tome:1x", "RxK"), ("tome:1,a", "per block"),
+                                       ("evit", "has no value: write evit:VALUE, e.g. evit:0.7")])
 def test_bad_spec(spec, match):
     with pytest.raises(LeanvitError, match=match):
         tokens.from_spec(spec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..catalog import CATALOG
+from ..errors import LeanvitError, close_matches
 from . import print_json
 
 
@@ -15,8 +16,18 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _family_key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
 def run(args: argparse.Namespace) -> int:
-    rows = [f for f in CATALOG.values() if not args.family or f.family.lower() == args.family.lower()]
+    rows = [f for f in CATALOG.values() if not args.family or _family_key(f.family) == _family_key(args.family)]
+    if not rows:
+        families = sorted({f.family for f in CATALOG.values()})
+        hint = close_matches(args.family, families)
+        raise LeanvitError(f"No family '{args.family}' in the catalog" + (f" (did you mean {', '.join(hint)}?)"
+                                                                          if hint else "")
+                           + f". Families: {', '.join(families)}.")
     if args.json:
         print_json([f.to_dict() for f in rows])
         return 0

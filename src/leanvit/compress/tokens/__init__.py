@@ -44,7 +44,10 @@ def from_spec(spec: str, **options: Any) -> TokenMethod:
     """
     name, sep, value = spec.partition(":")
     name = name.strip().lower()
-    if name not in METHODS or not sep:
+    if name in METHODS and not sep:
+        raise LeanvitError(f"Token spec '{spec}' has no value: write {name}:VALUE, e.g. "
+                           f"{ {'evit': 'evit:0.7', 'tome': 'tome:8', 'diffrate': 'diffrate:2.9'}[name] }.")
+    if name not in METHODS:
         hint = close_matches(name, METHODS)
         raise LeanvitError(
             f"Unknown token spec '{spec}'"
