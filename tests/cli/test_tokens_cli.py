@@ -53,6 +53,11 @@ def test_diffrate_searches_on_calibration_images(capsys):
     (["--method", "evit", "--keep-rate", "1.5"], r"keep_rate must be in \(0, 1\]"),
     (["--method", "diffrate"], "needs --target-gmacs"),
     (["--method", "diffrate", "--target-gmacs", "0.2"], "calib"),
+    (["--method", "evit", "--keep-rate", "0"], r"keep_rate must be in \(0, 1\]"),  # not the default 0.7
+    (["--method", "tome", "--keep-rate", "0.3"], "--keep-rate is an evit option; it has no effect with --method tome"),
+    (["--method", "tome", "--calib", "NOWHERE"], "--calib is a diffrate option"),
+    (["--method", "evit", "--r", "4"], "--r is a tome option"),
+    (["--method", "tome", "--eval-images", "5"], "--eval-images has no effect without --eval"),
 ])
 def test_user_errors(capsys, argv, match):
     code, _, err = run_cli(capsys, "tokens", *TINY, *argv)

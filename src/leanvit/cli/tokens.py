@@ -27,17 +27,17 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("tokens", help="reduce a ViT's tokens (EViT, ToMe, DiffRate): MACs and accuracy")
     p.add_argument("model", help="a plain ViT: timm name such as deit_small_patch16_224")
     p.add_argument("--method", required=True, choices=("evit", "tome", "diffrate"))
-    p.add_argument("--keep-rate", type=float, default=0.7, help="EViT: fraction of tokens kept (default 0.7)")
-    p.add_argument("--layers", type=_index_list, default=(3, 6, 9),
+    p.add_argument("--keep-rate", type=float, help="EViT: fraction of tokens kept (default 0.7)")
+    p.add_argument("--layers", type=_index_list,
                    help="EViT: 0-based blocks that drop tokens (default 3,6,9)")
     p.add_argument("--no-fuse", action="store_true", help="EViT: drop tokens instead of fusing them into one")
-    p.add_argument("--r", default="8",
+    p.add_argument("--r",
                    help="ToMe: tokens merged per block (default 8); 1x6 = 1 in the first six blocks; "
                         "0,2,2,1 = one count per block")
     p.add_argument("--target-gmacs", type=float, help="DiffRate: target GMACs (required for diffrate)")
     p.add_argument("--calib", metavar="DATA", help="DiffRate: dataset whose training split the rates are searched on")
-    p.add_argument("--calib-images", type=positive_int, default=256, help="DiffRate: images used (default 256)")
-    p.add_argument("--steps", type=positive_int, default=300, help="DiffRate: search steps (default 300)")
+    p.add_argument("--calib-images", type=positive_int, help="DiffRate: images used (default 256)")
+    p.add_argument("--steps", type=positive_int, help="DiffRate: search steps (default 300)")
     p.add_argument("--checkpoint", help="weights: a `leanvit train` folder or .safetensors, or a timm/official .pth")
     p.add_argument("--model-kwargs", type=json_object, default={}, metavar="JSON",
                    help="kwargs for timm.create_model, e.g. '{\"num_classes\": 10}'")
@@ -60,9 +60,35 @@ def _subset(dataset, n: int | None):
     return dataset if n is None or n >= len(dataset) else calibration_subset(dataset, n)
 
 
+#: each method's own flags (dest, flag) and their defaults
+_METHOD_FLAGS = {
+    "evit": {("keep_rate", "--keep-rate"): 0.7, ("layers", "--layers"): (3, 6, 9), ("no_fuse", "--no-fuse"): False},
+    "tome": {("r", "--r"): "8"},
+    "diffrate": {("target_gmacs", "--target-gmacs"): None, ("calib", "--calib"): None,
+                 ("calib_images", "--calib-images"): 256, ("steps", "--steps"): 300},
+}
+
+
+def _method_flags(args: argparse.Namespace) -> None:
+    """Refuse another method's flags (they would be ignored) and fill in this method's defaults."""
+    for method, flags in _METHOD_FLAGS.items():
+        for (dest, flag), default in flags.items():
+            value = getattr(args, dest)
+            given = value is not None and value is not False  # (not `in`: 0 == False)
+            if method != args.method and given:
+                article = "an" if method == "evit" else "a"
+                raise LeanvitError(f"{flag} is {article} {method} option; it has no effect with --method "
+                                   f"{args.method}. Drop it, or use --method {method}.")
+            if not given:
+                setattr(args, dest, default)
+    if args.eval_images is not None and not args.eval:
+        raise LeanvitError("--eval-images has no effect without --eval DATA.")
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import tokens
 
+    _method_flags(args)
     if args.method == "evit":
         method = tokens.EViT(keep_rate=args.keep_rate, fuse=not args.no_fuse, layers=args.layers)
     elif args.method == "tome":
