@@ -162,3 +162,14 @@ def test_a_missing_or_wrong_model_file_is_a_clear_error(engine, tmp_path):
         (tmp_path / "model.xml").write_text("<net/>")
         with pytest.raises(LeanvitError, match="use the .onnx file next to it"):
             get_engine(engine).load_model_file(tmp_path / "model.xml")
+
+
+def test_a_device_an_engine_cannot_use_is_an_error_and_bench_runs_cpu_engines_on_the_cpu():
+    from leanvit.deploy import engine_device
+
+    with pytest.raises(LeanvitError, match="engine 'openvino' runs on cpu, not 'cuda'; engines for cuda: "):
+        get_engine("openvino", device="cuda")
+    assert engine_device("openvino", "cuda") == "cpu" and engine_device("onnxruntime", "cuda") == "cuda"
+    if not torch.cuda.is_available():
+        with pytest.raises(LeanvitError, match="PyTorch sees no CUDA GPU here"):
+            get_engine("eager", device="cuda")

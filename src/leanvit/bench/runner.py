@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..catalog import find_facts
 from ..compress.tokens import apply as token_apply
 from ..compress.tokens import from_spec
-from ..deploy import check_agreement, get_engine
+from ..deploy import check_agreement, engine_device, get_engine
 from ..errors import LeanvitError, check_range
 from ..models.registry import resolve_model_name
 from ..profile import count_macs, count_params, create_model_at
@@ -60,7 +60,7 @@ class BenchConfig:
             from_spec(spec)
         for e in self.engines:
             for p in self.precisions:
-                get_engine(e, threads=self.threads, precision=p, device=self.device)
+                get_engine(e, threads=self.threads, precision=p, device=engine_device(e, self.device))
 
 
 @dataclass
@@ -165,11 +165,12 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
 
 
 def _measure(row: BenchRow, model, x, checks, cfg: BenchConfig) -> None:
-    engine = get_engine(row.engine, threads=cfg.threads, precision=row.precision, device=cfg.device)
+    device = engine_device(row.engine, cfg.device)  # (--device cuda: CPU-only engines run on the CPU, recorded)
+    engine = get_engine(row.engine, threads=cfg.threads, precision=row.precision, device=device)
     reset_peak_rss()
     runner = engine.load(model, x, cache_dir=cfg.cache_dir)
     row.precision = runner.precision  # what the engine actually runs, not what was asked
-    row.engine_info = dict(runner.info)
+    row.engine_info = {"device": device, **runner.info}
     agreement = check_agreement(model, runner, checks)
     row.max_abs_err, row.top1_agreement = agreement.max_abs_err, agreement.top1_agreement
     row.diverges = agreement.diverges(row.precision)

@@ -13,6 +13,7 @@ from .engine import (
     Runner,
     available_engines,
     check_agreement,
+    engine_device,
     engine_names,
     get_engine,
 )
@@ -20,5 +21,5 @@ from .export import cached_onnx, cached_openvino_ir, export_onnx
 
 __all__ = [
     "Agreement", "Engine", "Runner", "available_engines", "cached_onnx", "cached_openvino_ir",
-    "check_agreement", "engine_names", "export_onnx", "get_engine",
+    "check_agreement", "engine_device", "engine_names", "export_onnx", "get_engine",
 ]

@@ -37,6 +37,8 @@ class Engine(ABC):
     #: the pip package that provides this engine, named in the error when it is missing
     package: str
     precisions: tuple[str, ...] = ("f32",)
+    #: device types this engine runs on ("cpu" is every engine's default, taken as "wherever it runs")
+    devices: tuple[str, ...] = ("cpu",)
 
     def __init__(self, threads: int = 1, precision: str = "f32", device: str = "cpu"):
         check_range("threads", threads, 1, 1024)
@@ -44,6 +46,14 @@ class Engine(ABC):
             raise LeanvitError(
                 f"engine '{self.name}' runs precisions {', '.join(self.precisions)}; got '{precision}'."
             )
+        kind = device.split(":")[0]
+        if device != "cpu" and kind not in self.devices:
+            able = [n for n, cls in _ENGINES.items() if kind in cls.devices]
+            raise LeanvitError(f"engine '{self.name}' runs on {', '.join(self.devices)}, not '{device}'"
+                               + (f"; engines for {kind}: {', '.join(able)}." if able else "."))
+        if kind == "cuda" and self.package == "torch" and not torch.cuda.is_available():
+            raise EngineUnavailableError(f"--device {device}: PyTorch sees no CUDA GPU here (torch "
+                                         f"{torch.__version__}). Run on the CPU (--device cpu) or on a GPU machine.")
         self.threads, self.precision, self.device = threads, precision, device
 
     @classmethod
@@ -78,6 +88,12 @@ def register_engine(cls: type[Engine]) -> type[Engine]:
 
 def engine_names() -> list[str]:
     return list(_ENGINES)
+
+
+def engine_device(name: str, device: str) -> str:
+    """``device`` where engine ``name`` runs on it, else "cpu": a CPU-only engine in a run asked for a GPU."""
+    cls = _ENGINES.get(name)
+    return device if cls is None or device.split(":")[0] in cls.devices else "cpu"
 
 
 def available_engines() -> list[str]:

@@ -40,6 +40,7 @@ class OrtRunner(Runner):
 @register_engine
 class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
+    devices = ("cpu", "cuda")
     package = "onnxruntime"
 
     def providers(self) -> list:

@@ -29,6 +29,7 @@ class TorchRunner(Runner):
 @register_engine
 class EagerEngine(Engine):
     name = "eager"
+    devices = ("cpu", "cuda")
     package = "torch"
     precisions = ("f32", "bf16")
 
@@ -43,6 +44,7 @@ class CompileEngine(Engine):
     """``torch.compile`` with Inductor; compiled on load (first call) so timing excludes it."""
 
     name = "compile"
+    devices = ("cpu", "cuda")
     package = "torch"
     precisions = ("f32", "bf16")
 

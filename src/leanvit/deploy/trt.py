@@ -46,6 +46,7 @@ class TensorRTRunner(Runner):
 @register_engine
 class TensorRTEngine(Engine):
     name = "tensorrt"
+    devices = ("cuda",)
     package = "tensorrt"
     precisions = ("f32", "fp16")
 
