@@ -66,15 +66,20 @@ def positive_int(text: str) -> int:
     return value
 
 
-def crop_fraction(text: str) -> float:
-    """argparse type for ``--crop-pct``: the fraction of the resized image kept, in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.875, got '{text}'") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (the fraction of the image kept), got {value}")
-    return value
+def number_in(lo: float, hi: float, unit: str):
+    """argparse type for a number in ``(lo, hi]``: a clear message instead of a traceback or a silent default."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {unit}, got '{text}'") from None
+        if not lo < value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in ({lo:g}, {hi:g}] ({unit}), got {value}")
+        return value
+    return parse
+
+
+crop_fraction = number_in(0, 1, "the fraction of the image kept, such as 0.875")  #: ``--crop-pct``
 
 
 def check_input_size(model, data_config: dict, name: str) -> torch.Tensor:

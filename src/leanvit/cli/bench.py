@@ -6,7 +6,7 @@ import sys
 
 from ..bench import DEFAULT_ENGINES, DEFAULT_MODELS, BenchConfig, TimingBudget, host_info, run_bench, write_results
 from ..bench.runner import default_threads
-from . import positive_int, print_json
+from . import number_in, positive_int, print_json
 
 
 def _names(values: list[str] | None) -> list[str]:
@@ -14,14 +14,7 @@ def _names(values: list[str] | None) -> list[str]:
     return [v for item in values or [] for v in item.split(",") if v]
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got '{text}'") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"must be in (0, 3600] seconds, got {value}")
-    return value
+_seconds = number_in(0, 3600, "seconds")
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
