@@ -51,9 +51,6 @@ class Engine(ABC):
             able = [n for n, cls in _ENGINES.items() if kind in cls.devices]
             raise LeanvitError(f"engine '{self.name}' runs on {', '.join(self.devices)}, not '{device}'"
                                + (f"; engines for {kind}: {', '.join(able)}." if able else "."))
-        if kind == "cuda" and self.package == "torch" and not torch.cuda.is_available():
-            raise EngineUnavailableError(f"--device {device}: PyTorch sees no CUDA GPU here (torch "
-                                         f"{torch.__version__}). Run on the CPU (--device cpu) or on a GPU machine.")
         self.threads, self.precision, self.device = threads, precision, device
 
     @classmethod

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import EngineUnavailableError
 from .engine import Engine, Runner, register_engine
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,6 +34,12 @@ class EagerEngine(Engine):
     package = "torch"
     precisions = ("f32", "bf16")
 
+    def __init__(self, threads: int = 1, precision: str = "f32", device: str = "cpu"):
+        super().__init__(threads, precision, device)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineUnavailableError(f"--device {device}: PyTorch sees no CUDA GPU here (torch "
+                                         f"{torch.__version__}). Run on the CPU (--device cpu) or on a GPU machine.")
+
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
         torch.set_num_threads(self.threads)
         model = model.eval().to(self.device)
@@ -40,13 +47,10 @@ class EagerEngine(Engine):
 
 
 @register_engine
-class CompileEngine(Engine):
+class CompileEngine(EagerEngine):
     """``torch.compile`` with Inductor; compiled on load (first call) so timing excludes it."""
 
     name = "compile"
-    devices = ("cpu", "cuda")
-    package = "torch"
-    precisions = ("f32", "bf16")
 
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
         torch.set_num_threads(self.threads)
