@@ -222,6 +222,10 @@ class QuantConfig:
         """The (weight, activation) bits ``layer_bits`` gives the layer named ``layer`` (first match), or None."""
         return next((parse_bits(bits) for pattern, bits in self.layer_bits if matches(layer, pattern)), None)
 
+    def skip_pattern(self, name: str) -> str | None:
+        """The first ``skip`` pattern naming module ``name`` (or a module holding it), or None."""
+        return next((p for p in self.skip if matches(name, p)), None)
+
     def schemes(self, layer: str) -> tuple[QScheme, QScheme]:
         """The weight and input schemes of the layer named ``layer``."""
         w_bits, a_bits = self.layer_bits_for(layer) or (self.w_bits, self.a_bits)
@@ -353,7 +357,7 @@ def _float_reason(name: str, module: nn.Module, config: QuantConfig, inside_mha:
         return f"normalisation ({type(module).__name__}): float by design, no INT8 kernel and accuracy-sensitive"
     params = dict(module.named_parameters(recurse=False))
     if quantizable_type(module) is not None:
-        pattern = next(p for p in config.skip if matches(name, p))
+        pattern = config.skip_pattern(name)
         return f"kept float by QuantConfig.skip ('{pattern}')"
     if any(n.endswith("weight") and p.ndim >= 2 for n, p in params.items()) and not isinstance(module, nn.Embedding):
         own_forward = isinstance(module, (nn.Linear, nn.Conv2d))
@@ -410,19 +414,20 @@ def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, con
     layers = {n: m for n, m in model.named_modules() if quantizable_type(m) is not None}
     if config.edge_bits:
         candidates = [n for n, m in layers.items() if n not in inside_mha and n not in constant
-                      and depthwise_float_reason(m, config) is None and not any(matches(n, p) for p in config.skip)]
+                      and depthwise_float_reason(m, config) is None and config.skip_pattern(n) is None]
         if candidates:
             report.edge_layers = edge_layers(model, candidates)
-            config = replace(config, layer_bits=(*config.layer_bits, *((n, config.edge_bits) for n in report.edge_layers)))
+            edges = tuple((n, config.edge_bits) for n in report.edge_layers)
+            config = replace(config, layer_bits=(*config.layer_bits, *edges))
     unmatched = [p for p in (*config.skip, *(p for p, _ in config.layer_bits))
                  if not any(matches(n, p) for n in layers)]
     if unmatched:
         warn(f"No layer matches the pattern(s) {', '.join(map(repr, unmatched))} (names are "
-                      f"case-sensitive, e.g. {', '.join(list(layers)[:3])}); they change nothing.")
+             f"case-sensitive, e.g. {', '.join(list(layers)[:3])}); they change nothing.")
     swapped = {}
     for name, module in list(model.named_modules()):
         quant_type = quantizable_type(module)
-        skipped = any(matches(name, p) for p in config.skip)
+        skipped = config.skip_pattern(name) is not None
         if name in constant:
             continue
         if quant_type is not None and (depthwise := depthwise_float_reason(module, config)) is not None:
@@ -478,10 +483,10 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     if not layers:
         raise LeanvitError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer left to quantize "
                            f"(QuantConfig.skip={config.skip}).")
+    skipped = {n: p for n, _ in qmodel.named_modules() if (p := config.skip_pattern(n)) is not None}
     attentions = {}
     if config.attn_bits is not None:
-        skipped = {n for n, _ in qmodel.named_modules() if any(matches(n, p) for p in config.skip)}
-        attentions = swap_attention(qmodel, config.attn_bits, config.softmax_quantizer, matmul_calls, skipped)
+        attentions = swap_attention(qmodel, config.attn_bits, config.softmax_quantizer, matmul_calls, set(skipped))
     qmodel.to(device)  # the quantizers are created on the CPU; here and after each step that adds some
 
     # Ranges come from the float model's activations (PTQ4ViT's "parallel" calibration): the weight
@@ -525,13 +530,13 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     if config.softmax_quantizer != "uniform" and (uniform := [n for n, a in attentions.items()
                                                            if not a.quantizes_softmax()]):
         warn(f"softmax_quantizer={config.softmax_quantizer!r} applies to no matmul operand of "
-                      f"{len(uniform)} attentions (none is a softmax output; they keep uniform quantizers): "
-                      f"{', '.join(uniform)}")
+             f"{len(uniform)} attentions (none is a softmax output; they keep uniform quantizers): "
+             f"{', '.join(uniform)}")
     for name, calls in float_matmuls(qmodel, matmul_calls, (QuantLinear, QuantConv2d, QuantMatmuls)).items():
         module = qmodel.get_submodule(name)
-        if (pattern := next((p for p in config.skip if matches(name, p)), None)) is not None:
+        if name in skipped:
             report.float_layers.setdefault(name, f"attention matmuls ({type(module).__name__}): kept float by "
-                                                 f"QuantConfig.skip ('{pattern}')")
+                                                 f"QuantConfig.skip ('{skipped[name]}')")
         report.float_layers.setdefault(name, (  # nn.MultiheadAttention and bypassed attention are listed already
             f"attention matmuls ({type(module).__name__}): float by design unless QuantConfig.attn_bits is set "
             "(INT8 attention pays off on VNNI/AMX CPUs; the 'vnni' recipes set it)"

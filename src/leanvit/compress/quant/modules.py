@@ -412,7 +412,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[str]:
             restore()
             kept.append(f"{bn} (after {conv})")
     warn(f"{len(kept)} BatchNorm(s) not folded: their convolution's output is also read elsewhere, so "
-                  f"folding would change the model. They stay as BatchNorm: {', '.join(kept)}")
+         f"folding would change the model. They stay as BatchNorm: {', '.join(kept)}")
     return folded
 
 

@@ -296,8 +296,8 @@ def reconstruct(qmodel: nn.Module, float_model: nn.Module, batches: list[torch.T
         names = find_bridges(qmodel, example)
         if not names:
             warn(f"reconstruct='bridge': {type(qmodel).__name__} has no convolutional block followed by a "
-                          f"transformer block, so there is no bridge and nothing was reconstructed. Use "
-                          f"reconstruct='blocks' to reconstruct every block.")
+                 f"transformer block, so there is no bridge and nothing was reconstructed. Use "
+                 f"reconstruct='blocks' to reconstruct every block.")
             return {}
     else:
         names = _call_order(qmodel, example)[1]
