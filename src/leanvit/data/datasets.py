@@ -69,7 +69,24 @@ class ImageFolderDataset(ImageFolder):
         return (self.transform(image) if self.transform else image), target
 
 
-class LabelFileDataset(Dataset):
+class _ImageFiles(Dataset):
+    """``samples``, a list of ``(image path, target)``, read on demand; ``None`` for an image that does not decode."""
+
+    samples: list
+    transform: Callable | None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        image = _load_rgb(path)
+        if image is None:
+            return None
+        return (self.transform(image) if self.transform else image), target
+
+
+class LabelFileDataset(_ImageFiles):
     """A flat folder of images and a file mapping each one to its class (ImageNet's val layout).
 
     The label file has one ``filename label`` line per image (comma or whitespace separated; an
@@ -121,18 +138,8 @@ class LabelFileDataset(Dataset):
         self.samples = [(images[n], index[named[n]]) for n in sorted(named)]
         self.targets = [t for _, t in self.samples]
 
-    def __len__(self) -> int:
-        return len(self.samples)
 
-    def __getitem__(self, index: int):
-        path, target = self.samples[index]
-        image = _load_rgb(path)
-        if image is None:
-            return None
-        return (self.transform(image) if self.transform else image), target
-
-
-class UnlabelledImages(Dataset):
+class UnlabelledImages(_ImageFiles):
     """A flat folder of images without labels: calibration needs none. One class, so the class-balanced draws
     of :func:`calibration_subset` are plain random ones."""
 
@@ -142,15 +149,6 @@ class UnlabelledImages(Dataset):
         self.transform = transform
         self.samples = [(path, 0) for path in sorted(_images_in(root))]
         self.targets = [0] * len(self.samples)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        image = _load_rgb(self.samples[index][0])
-        if image is None:
-            return None
-        return (self.transform(image) if self.transform else image), 0
 
 
 class PackedJpegDataset(Dataset):
