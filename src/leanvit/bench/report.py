@@ -65,7 +65,7 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        label = _label(r)
+        label = r.label
         if not r.ran:
             lines.append(f"| {label} | {r.engine} | {r.precision} | **{'failed' if r.error else 'skipped'}** "
                          "| | | | | | | | | | | |")
@@ -87,7 +87,7 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
     lines += ["", "## Correctness", ""]
     if bad:
         lines += ["**Engines that diverge from eager (⚠):**", ""]
-        lines += [f"- {_label(r)} on {r.engine} ({r.precision}): top-1 agreement {r.top1_agreement:.1%}, "
+        lines += [f"- {r.label} on {r.engine} ({r.precision}): top-1 agreement {r.top1_agreement:.1%}, "
                   f"max abs err {r.max_abs_err:.3g}" for r in bad]
     elif checked:
         lines.append(f"Every engine agrees with eager in the {checked} configurations that ran (f32: 100 % top-1 "
@@ -97,20 +97,16 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
         lines.append("No configuration ran, so none was checked against eager: see the failures below.")
     if failed:
         lines += ["", "## Failed configurations", ""]
-        lines += [f"- {_label(r)} on {r.engine} ({r.precision}): `{r.error}`" for r in failed]
+        lines += [f"- {r.label} on {r.engine} ({r.precision}): `{r.error}`" for r in failed]
     if skipped:
         lines += ["", "## Skipped configurations", ""]
-        lines += [f"- {_label(r)} on {r.engine} ({r.precision}): {r.skipped}" for r in skipped]
+        lines += [f"- {r.label} on {r.engine} ({r.precision}): {r.skipped}" for r in skipped]
     paper = sorted({(r.model, r.paper_speed) for r in rows if r.paper_speed})
     if paper:
         lines += ["", "## Papers' own speed figures (their hardware, not this host)", ""]
         lines += [f"- {m}: {s}" for m, s in paper]
     lines += ["", "![latency vs published top-1](pareto.png)", ""]
     return "\n".join(lines)
-
-
-def _label(row: BenchRow) -> str:
-    return f"{row.model} + {row.variant}" if row.variant else row.model
 
 
 def _token_section(rows: Sequence[BenchRow]) -> list[str]:

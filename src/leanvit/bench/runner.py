@@ -93,6 +93,11 @@ class BenchRow:
     skipped: str | None = None  #: why this configuration was not run (a token variant the model cannot take)
 
     @property
+    def label(self) -> str:
+        """The model, with its token-reduction variant if any."""
+        return f"{self.model} + {self.variant}" if self.variant else self.model
+
+    @property
     def ran(self) -> bool:
         return self.error is None and self.skipped is None
 

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{'model':40} {'engine':12} {'prec':5} {'median ms':>10} {'p90':>8} {'img/s':>8}  agree")
         for r in rows:
-            label = f"{r.model} + {r.variant}" if r.variant else r.model
+            label = r.label
             if not r.ran:
                 print(f"{label:40} {r.engine:12} {r.precision:5} {'FAILED' if r.error else 'skipped':>10}  "
                       f"{(r.error or r.skipped)[:60]}")
