@@ -1,5 +1,6 @@
 """The console script: JSON outputs, the bench files, and user errors without tracebacks."""
 import json
+import os
 import subprocess
 import sys
 
@@ -92,6 +93,16 @@ def test_console_script_and_module_entry_points():
     assert json.loads(out.stdout)
     missing = subprocess.run([sys.executable, "-m", "leanvit", "profile", "no_such_model"], capture_output=True, text=True)
     assert missing.returncode == 2 and "Unknown model" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_reader_that_leaves_early_is_not_a_traceback():
+    """`leanvit models --json | head`: the pipe closes before the output is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "wb") as stdout:
+        done = subprocess.run([sys.executable, "-m", "leanvit", "models", "--json"], stdout=stdout,
+                              stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 141 and done.stderr == ""
 
 
 def test_bench_token_variants_beside_the_model(capsys, tmp_path):
