@@ -324,8 +324,9 @@ def search_rates(model: VisionTransformer, calib: Any, cfg: DiffRate) -> tuple[t
         least += c.ffn(n)
     if not least < cfg.target_macs < full:
         raise LeanvitError(
-            f"DiffRate target_macs={cfg.target_macs:.4g} is outside what this model can reach: between "
-            f"{least / 1e9:.3f} G and its unreduced {full / 1e9:.3f} G MACs (target_macs is in MACs, e.g. 2.9e9)."
+            f"DiffRate's target of {cfg.target_macs / 1e9:.4g} GMACs (target_macs={cfg.target_macs:.4g}) is outside "
+            f"what this model can reach: give one between {least / 1e9:.3f} and its unreduced {full / 1e9:.3f} GMACs "
+            f"(--target-gmacs in GMACs, e.g. 2.9; target_macs in MACs, e.g. 2.9e9)."
         )
 
     was_training = model.training
