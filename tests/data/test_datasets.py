@@ -156,6 +156,12 @@ def test_bundled_subset_is_balanced_and_decodes():
     assert image.size == (32, 32) and target == 9 and ds.names[499].startswith("test/truck/")
 
 
+def test_a_label_file_for_the_bundled_subset_is_an_error_not_ignored(tmp_path):
+    (tmp_path / "labels.txt").write_text("a.jpg 0\n")
+    with pytest.raises(LeanvitError, match="has its own labels.*flat folder"):
+        open_dataset(BUNDLED_CIFAR10, labels=tmp_path / "labels.txt")
+
+
 @pytest.mark.skipif(not SHARED_CIFAR.is_file(), reason="../shared/data/cifar10-jpeg.tar.gz is not present")
 def test_bundled_subset_matches_the_archive():
     ds = bundled_cifar10()

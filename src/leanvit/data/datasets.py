@@ -193,6 +193,9 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
       labels are not needed (``unlabelled=True``: calibration), without (:class:`UnlabelledImages`).
     """
     if str(source) == BUNDLED_CIFAR10:
+        if labels is not None:
+            raise LeanvitError(f"'{BUNDLED_CIFAR10}' has its own labels; a label file (--labels) is for a flat "
+                               "folder of images: drop it, or pass that folder.")
         return bundled_cifar10(transform)
     root = Path(source).expanduser()
     if not root.exists():
