@@ -107,3 +107,11 @@ def test_train_rejects_bad_model_kwargs(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", MODEL, "--data", "cifar10-test500", "--model-kwargs", "[32]"])
     assert exit_.value.code == 2 and "expected a JSON object" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("crop", ["0", "1.5"])
+def test_train_rejects_a_crop_fraction_outside_0_1(crop, capsys, tmp_path):
+    rc = main(["train", MODEL, "--data", "cifar10-test500", "--model-kwargs", json.dumps(KWARGS), "--crop-pct", crop,
+               "--output", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--crop-pct must be in (0, 1]" in err and not any(tmp_path.iterdir())

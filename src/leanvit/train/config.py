@@ -101,6 +101,8 @@ class TrainConfig:
             check_range(f"--{name.replace('_', '-')}", getattr(self, name), lo, hi)
         for name in ("label_smoothing", "reprob", "distill_alpha", "crop_scale"):
             check_range(f"--{name.replace('_', '-')}", getattr(self, name), 0.0, 1.0)
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:  # as `leanvit eval --crop-pct`
+            raise LeanvitError(f"--crop-pct must be in (0, 1] (a fraction of the resized image), got {self.crop_pct}.")
         if self.distill not in DISTILL_MODES:
             raise LeanvitError(f"--distill must be one of {', '.join(DISTILL_MODES)}, got '{self.distill}'.")
         for name in ("keep_rate_start_epoch", "keep_rate_shrink_epochs"):
