@@ -70,7 +70,8 @@ def test_bench_writes_every_file(capsys, tmp_path):
         (["bench", "deit_tiny_patch16_244"], "deit_tiny_patch16_224"),
         (["bench", "mobilenetv2_100", "--engines", "onnxrt"], "onnxruntime"),
         (["bench", "mobilenetv2_100", "--batch", "100000"], "--batch"),
-        (["profile", "mobilenetv2_100", "--img-size", "8"], "--img-size"),
+        (["profile", "mobilenetv2_100", "--img-size", "8"], "--img-size must be between 16 and 4096"),
+        (["bench", "mobilenetv2_100", "--img-size", "8"], "--img-size must be between 16 and 4096"),  # the same range
         (["profile", "efficientformer_l1", "--img-size", "160"], "224x224"),
     ],
 )

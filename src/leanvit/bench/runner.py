@@ -17,7 +17,7 @@ from ..compress.tokens import from_spec
 from ..deploy import check_agreement, engine_device, get_engine
 from ..errors import LeanvitError, check_range
 from ..models.registry import resolve_model_name
-from ..profile import count_macs, count_params, create_model_at
+from ..profile import check_img_size, count_macs, count_params, create_model_at
 from .timing import TimingBudget, peak_rss_mb, reset_peak_rss, time_calls
 
 DEFAULT_MODELS = (
@@ -51,7 +51,7 @@ class BenchConfig:
         check_range("--batch", self.batch, 1, 4096)
         check_range("--threads", self.threads, 1, 1024)
         if self.img_size is not None:
-            check_range("--img-size", self.img_size, 32, 2048)
+            check_img_size(self.img_size)
         if not self.models:
             raise LeanvitError("no models to benchmark.")
         for m in self.models:
