@@ -135,8 +135,8 @@ def plot_pareto(rows: Sequence[BenchRow], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # published top-1 describes the model as built, not a token-reduced variant of it
-    pts = [r for r in rows if r.latency_ms_median and r.published_top1 is not None and not r.variant]
+    # rows carry a published top-1 only where it describes them (runner.published_top1)
+    pts = [r for r in rows if r.latency_ms_median and r.published_top1 is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     markers = "osD^v<>p*h"
     for i, engine in enumerate(sorted({(r.engine, r.precision) for r in pts})):

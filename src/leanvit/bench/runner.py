@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..catalog import find_facts
+from ..catalog import ModelFacts, find_facts
 from ..compress.tokens import apply as token_apply
 from ..compress.tokens import from_spec
 from ..deploy import check_agreement, engine_device, get_engine
@@ -142,7 +142,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
                     bar.set_description(f"{label}: {engine_name} {precision}")
                     row = BenchRow(model=name, engine=engine_name, variant=variant, precision=precision,
                                    batch=cfg.batch, threads=cfg.threads, img_size=size, params=params, macs=macs,
-                                   published_top1=facts.top1 if facts else None,
+                                   published_top1=published_top1(facts, size, variant),
                                    paper_speed=facts.speed if facts else None, skipped=inapplicable)
                     if inapplicable:
                         rows.append(row)
@@ -167,6 +167,12 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
         del model
     bar.close()
     return rows
+
+
+def published_top1(facts: ModelFacts | None, img_size: int, variant: str) -> float | None:
+    """The paper's top-1 where it describes the row: the model as published, at its published resolution (not a
+    token-reduced variant, nor the model at another ``--img-size``)."""
+    return facts.top1 if facts and not variant and img_size == facts.img_size else None
 
 
 def _measure(row: BenchRow, model, x, checks, cfg: BenchConfig) -> None:
