@@ -200,3 +200,18 @@ def test_eval_leaves_out_the_calibration_images_and_corrupt_ones_are_replaced(tm
     assert result["calib_images"] == 16 and result["eval_images"] == 30 - 16  # the broken ones are skipped there too
     assert "16 of the --eval images are calibration images" in captured.err
     assert "could not be decoded (named above); others were drawn instead: calibrating on 16" in captured.err
+
+
+def test_eval_leaves_out_calibration_images_stored_in_another_layout(tmp_path, capsys):
+    """The shipped subset's JPEGs unpacked into a flat folder and calibrated on: the same images, other names."""
+    from leanvit.data import bundled_cifar10
+
+    bundled = bundled_cifar10()
+    for i in range(0, 500, 25):
+        start, end = bundled._offsets[i], bundled._offsets[i + 1]
+        (tmp_path / f"img{i}.jpg").write_bytes(bundled._bytes[start:end].tobytes())
+    argv = [a if a != "cifar10-test500" else str(tmp_path) for a in TINY]
+    assert main(["quantize", *argv, "--eval", "cifar10-test500", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["eval_images"] == 500 - 16
+    assert "16 of the --eval images are calibration images" in captured.err

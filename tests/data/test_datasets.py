@@ -145,7 +145,12 @@ def test_cifar10_python_pickles(tmp_path, monkeypatch):
     assert len(test) == 4 and test.classes == classes and test.targets == batches["test_batch"]["labels"]
     expected = batches["test_batch"]["data"][2].reshape(3, 32, 32).transpose(1, 2, 0)
     assert np.array_equal(np.asarray(test[2][0]), expected)
-    assert len(open_dataset(root, train=True)) == 20
+    train = open_dataset(root, train=True)
+    assert len(train) == 20
+    from leanvit.data import shared_images
+
+    assert shared_images(test, open_dataset(tmp_path, train=False)) == [0, 1, 2, 3]  # the same pixels, compared
+    assert shared_images(test, train) == []
 
 
 def test_bundled_subset_is_balanced_and_decodes():
@@ -191,14 +196,32 @@ def test_calibration_images_replace_the_ones_that_do_not_decode(tmp_path):
     assert (len(found.indices), found.skipped) == (10, 2)
 
 
-def test_sample_keys_name_the_images_so_two_openings_compare(tmp_path):
+def test_shared_images_finds_the_same_image_under_any_path_name_or_layout(tmp_path):
+    import shutil
+
     from torch.utils.data import Subset
 
-    from leanvit.data import sample_keys
+    from leanvit.data import shared_images
 
-    _write_images(tmp_path, ["cat/a.png", "dog/b.png"])
-    first, second = open_dataset(tmp_path), open_dataset(str(tmp_path) + "/../" + tmp_path.name)
-    assert sample_keys(first) == sample_keys(second) and len(set(sample_keys(first))) == 2
-    assert sample_keys(Subset(first, [1])) == sample_keys(first)[1:]
-    assert sample_keys(bundled_cifar10())[0] != sample_keys(bundled_cifar10())[1]
-    assert sample_keys(DecodedDataset(first.__class__(tmp_path, transform=lambda im: torch.zeros(1)))) is None
+    _write_images(tmp_path / "tree", ["cat/a.png", "dog/b.png", "dog/c.png"])
+    first = open_dataset(tmp_path / "tree")
+    second = open_dataset(str(tmp_path / "tree") + "/../tree")  # the same files by another path
+    assert shared_images(second, Subset(first, [2])) == [2]
+    flat = tmp_path / "flat"  # the same images copied, renamed, into a flat folder of another layout
+    flat.mkdir()
+    shutil.copy(tmp_path / "tree" / "dog" / "c.png", flat / "x.png")
+    shutil.copy(tmp_path / "tree" / "cat" / "a.png", flat / "y.png")
+    assert shared_images(first, open_dataset(flat, unlabelled=True)) == [0, 2]
+    assert shared_images(Subset(first, [1, 2]), open_dataset(flat, unlabelled=True)) == [1]
+    _write_images(tmp_path / "other", ["cat/a.png"], seed=1)  # same name, other pixels
+    assert shared_images(first, open_dataset(tmp_path / "other")) == []
+    # the shipped subset's JPEGs unpacked into a folder are the same images
+    bundled = bundled_cifar10()
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    for i in (3, 7):
+        start, end = bundled._offsets[i], bundled._offsets[i + 1]
+        (unpacked / f"{i}.jpg").write_bytes(bundled._bytes[start:end].tobytes())
+    assert shared_images(bundled, open_dataset(unpacked, unlabelled=True)) == [3, 7]
+    assert shared_images(DecodedDataset(first.__class__(tmp_path / "tree", transform=lambda im: torch.zeros(1))),
+                         first) is None

@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 
 from ..checkpoint import model_from_checkpoint
 from ..data import (
-    build_transform, calibration_images, calibration_subset, dataset_classes, make_loader, open_dataset, sample_keys,
+    build_transform, calibration_images, calibration_subset, dataset_classes, make_loader, open_dataset, shared_images,
 )
 from ..errors import LeanvitError
 from ..evaluate import check_class_outputs, evaluate
@@ -141,19 +141,20 @@ def _warn_unused_flags(args: argparse.Namespace, config) -> None:
 
 
 def _without_calibration_images(evalset, calibset, calib_indices: list[int], eval_source: str):
-    """``evalset`` less the calibration images it holds (``--eval`` and ``--calib`` on the same split): a model
-    scored on the images it was calibrated on would look better than it is."""
-    eval_keys, calib_keys = sample_keys(evalset), sample_keys(calibset)
-    if eval_keys is None or calib_keys is None:
+    """``evalset`` less the calibration images it holds (``--eval`` and ``--calib`` on the same split, or the same
+    images in two layouts): a model scored on the images it was calibrated on would look better than it is."""
+    shared = shared_images(evalset, Subset(calibset, calib_indices))
+    if shared is None:
+        print(f"leanvit quantize: note: --eval {eval_source} is not stored as image files, so it was not checked for "
+              "calibration images", file=sys.stderr)
         return evalset
-    used = {calib_keys[i] for i in calib_indices}
-    kept = [i for i, key in enumerate(eval_keys) if key not in used]
-    if len(kept) == len(eval_keys):
+    if not shared:
         return evalset
-    if not kept:
+    if len(shared) == len(evalset):
         raise LeanvitError(f"Every image of --eval {eval_source} is a calibration image: evaluate on other images "
                            "(a test split) than those --calib draws from.")
-    print(f"leanvit quantize: note: {len(eval_keys) - len(kept)} of the --eval images are calibration images; "
+    kept = sorted(set(range(len(evalset))) - set(shared))
+    print(f"leanvit quantize: note: {len(shared)} of the --eval images are calibration images; "
           f"they are left out of the evaluation ({len(kept)} remain)", file=sys.stderr)
     return Subset(evalset, kept)
 

@@ -11,6 +11,7 @@ computed over fewer images than the folder holds.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from importlib import resources
@@ -274,17 +275,37 @@ def dataset_classes(dataset: Dataset) -> list[str]:
     return list(dataset.classes)
 
 
-def sample_keys(dataset: Dataset) -> list | None:
-    """One key per sample naming the image it reads (its file, or its place in CIFAR-10's pickles or the shipped
-    subset), so that two datasets opened on the same data can be checked for shared images; None for a dataset
-    whose images have no such name (decoded tensors, a custom dataset)."""
+def stored_images(dataset: Dataset) -> tuple[list[int], Callable[[int], bytes]] | None:
+    """Each sample's image as stored (its file's bytes, the shipped subset's JPEG bytes, CIFAR-10's pixel row): their
+    sizes, and a reader of one; None for a dataset whose images are not stored as such (decoded tensors, a custom
+    dataset). What :func:`shared_images` compares."""
     if isinstance(dataset, torch.utils.data.Subset):
-        keys = sample_keys(dataset.dataset)
-        return None if keys is None else [keys[i] for i in dataset.indices]
+        inner = stored_images(dataset.dataset)
+        if inner is None:
+            return None
+        sizes, read = inner
+        return [sizes[i] for i in dataset.indices], lambda i: read(dataset.indices[i])
     if isinstance(dataset, (ImageFolderDataset, LabelFileDataset, UnlabelledImages)):
-        return [str(Path(path).resolve()) for path, _ in dataset.samples]
+        paths = [Path(path) for path, _ in dataset.samples]
+        return [p.stat().st_size for p in paths], lambda i: paths[i].read_bytes()
     if isinstance(dataset, CIFAR10):
-        return [(str(Path(dataset.root).resolve()), dataset.train, i) for i in range(len(dataset))]
+        return [dataset.data[0].nbytes] * len(dataset), lambda i: dataset.data[i].tobytes()
     if isinstance(dataset, PackedJpegDataset):
-        return [(BUNDLED_CIFAR10, name) for name in dataset.names]
+        offsets = dataset._offsets
+        return np.diff(offsets).tolist(), lambda i: dataset._bytes[offsets[i]:offsets[i + 1]].tobytes()
     return None
+
+
+def shared_images(dataset: Dataset, others: Dataset) -> list[int] | None:
+    """The indices of ``dataset``'s samples whose stored image is byte for byte one of ``others``' (a calibration
+    draw): the same file under another path or name, a copy, the shipped subset's JPEGs unpacked into a folder.
+    Only same-sized images are read, so a large ``dataset`` costs one ``stat`` per file. None where either's images
+    are not stored as files or bytes. (CIFAR-10's pickled pixels and their JPEG re-encodings differ in bytes, so
+    those two layouts of one image do not compare.)"""
+    mine, theirs = stored_images(dataset), stored_images(others)
+    if mine is None or theirs is None:
+        return None
+    (sizes, read), (their_sizes, their_read) = mine, theirs
+    digests = {hashlib.sha1(their_read(i)).digest() for i in range(len(their_sizes))}
+    wanted = set(their_sizes)
+    return [i for i, size in enumerate(sizes) if size in wanted and hashlib.sha1(read(i)).digest() in digests]
