@@ -119,7 +119,8 @@ def test_research_methods_from_the_command_line(capsys):
     (["--layer-bits", "blocks.*=w8a4", "--out", "OUT", "--calib", "NOWHERE"],
      "w8a4 in layer_bits (--layer-bits PATTERN=w8a4): layers quantized below 8 bits"),
     (["--a-granularity", "channel", "--out", "OUT"], "only a depthwise conv's can be per channel"),
-    (["--calib-images", "4"], "4 images"),
+    # the CLI's own fix (QuantConfig(min_images=...), which the API's message suggests, is no flag)
+    (["--calib-images", "4"], "--calib-images 4 is too few for stable activation ranges: give at least 16"),
     (["--layer-bits", "head=w8"], "w8"),
     (["--out", "FILE", "--calib", "NOWHERE"], "is a file; give a folder"),
     (["--attn-bits", "4", "--out", "OUT", "--calib", "NOWHERE"], "attn_bits=4 (--attn-bits 4)"),
@@ -215,3 +216,14 @@ def test_eval_leaves_out_calibration_images_stored_in_another_layout(tmp_path, c
     captured = capsys.readouterr()
     assert json.loads(captured.out)["eval_images"] == 500 - 16
     assert "16 of the --eval images are calibration images" in captured.err
+
+
+def test_a_calibration_folder_with_too_few_images_is_refused_with_the_fix(tmp_path, capsys):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i, i, i)).save(tmp_path / f"{i}.png")
+    argv = [a if a != "cifar10-test500" else str(tmp_path) for a in TINY]
+    assert main(["quantize", *argv]) == 2
+    assert "has 3 images; calibration needs at least 16 (256 is a good choice): pass a folder with more" in \
+        capsys.readouterr().err

@@ -192,8 +192,12 @@ def run(args: argparse.Namespace) -> int:
     output = check_input_size(model, data_config, args.model)
     transform = build_transform(data_config)
     calibset = open_dataset(args.calib, train=True, transform=transform, unlabelled=True)
+    if args.calib_images < config.min_images:
+        raise LeanvitError(f"--calib-images {args.calib_images} is too few for stable activation ranges: give at least "
+                           f"{config.min_images} (256 is a good choice).")
     if len(calibset) < config.min_images:
-        raise LeanvitError(f"{args.calib} has {len(calibset)} images; calibration needs at least {config.min_images}.")
+        raise LeanvitError(f"{args.calib} has {len(calibset)} images; calibration needs at least {config.min_images} "
+                           "(256 is a good choice): pass a folder with more.")
     evalset = None
     if args.eval:  # checked before the minutes of calibration
         evalset = open_dataset(args.eval, transform=transform, labels=args.labels)
