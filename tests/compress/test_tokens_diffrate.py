@@ -67,3 +67,12 @@ def test_published_rates():
     assert rates.prune[:4] == (197, 196, 190, 168) and rates.merge[-1] == 3
     with pytest.raises(LeanvitError, match="published no rates"):
         tokens.DiffRate.published("deit_small_patch16_224", 3.0)
+
+
+def test_a_target_between_published_ones_is_not_rounded_onto_one():
+    with pytest.raises(LeanvitError, match="published no rates"):
+        tokens.DiffRate.published("deit_small_patch16_224", 2.86)  # 2.9's counts give 2.909 G, above the target
+    model = timm.create_model("deit_small_patch16_224")
+    assert tokens.DiffRate(target_macs=2.9e9).resolve(model).prune[:4] == (197, 196, 190, 168)
+    with pytest.raises(LeanvitError, match=r"at 2.86 GMACs \(published at 224x224: 2.3, 2.5, 2.7, 2.9, 3.1\).*calib"):
+        tokens.DiffRate(target_macs=2.86e9).resolve(model)

@@ -74,6 +74,13 @@ PUBLISHED_RATES: dict[tuple[str, float], tuple[tuple[int, ...], tuple[int, ...]]
 }
 
 
+def _published_key(arch: str, gmacs: float) -> tuple[str, float] | None:
+    """The ``PUBLISHED_RATES`` key of ``arch`` at exactly ``gmacs`` (the table's targets have one decimal): a
+    target between two of them is not rounded onto either, whose counts would miss it."""
+    tenth = round(float(gmacs), 1)
+    return (arch.split(".")[0], tenth) if math.isclose(tenth, gmacs, abs_tol=1e-6) else None
+
+
 @dataclass(frozen=True)
 class DiffRate(TokenMethod):
     """DiffRate prune + merge with per-block kept-token counts.
@@ -119,7 +126,7 @@ class DiffRate(TokenMethod):
     @classmethod
     def published(cls, arch: str, gmacs: float) -> DiffRate:
         """The counts DiffRate published for ``arch`` (a timm DeiT name) at ``gmacs``."""
-        key = (arch.split(".")[0], round(float(gmacs), 1))
+        key = _published_key(arch, gmacs)
         if key not in PUBLISHED_RATES:
             known = ", ".join(f"{a}@{g}" for a, g in PUBLISHED_RATES)
             raise LeanvitError(f"DiffRate published no rates for {arch} at {gmacs} GMACs. Published: {known}.")
@@ -133,12 +140,14 @@ class DiffRate(TokenMethod):
             prune, merge = search_rates(model, self.calib, self)
             return replace(self, prune=prune, merge=merge, calib=None)
         arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-        key = (arch, round(self.target_macs / 1e9, 1))
+        key = _published_key(arch, self.target_macs / 1e9)
         if key in PUBLISHED_RATES and model_tokens(model) == PUBLISHED_RATES[key][0][0]:
             return replace(DiffRate.published(*key), target_macs=self.target_macs)
+        known = [f"{g:g}" for a, g in PUBLISHED_RATES if a == arch.split(".")[0]]
         raise LeanvitError(
-            f"DiffRate has no published rates for {arch} at {self.target_macs / 1e9:g} GMACs; give "
-            "calibration images (calib=..., or --calib DIR on the command line) to search them."
+            f"DiffRate has no published rates for {arch} at {self.target_macs / 1e9:g} GMACs"
+            + (f" (published at 224x224: {', '.join(known)})" if known else "")
+            + "; give calibration images (calib=..., or --calib DIR on the command line) to search them."
         )
 
     def reducers(self, depth: int, num_prefix: int):
