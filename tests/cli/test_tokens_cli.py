@@ -47,6 +47,16 @@ def test_diffrate_searches_on_calibration_images(capsys):
     assert report["reduced_macs"] < report["macs"]
 
 
+def test_diffrate_calibration_labels_that_are_not_the_models_classes_are_not_used(capsys):
+    """A 5-class head and CIFAR-10's labels (or ImageNet's head and CIFAR-10's 0-9 read as ImageNet classes)."""
+    five = ["deit_tiny_patch16_224", "--model-kwargs", '{"num_classes": 5, "img_size": 32, "patch_size": 8}']
+    code, out, err = run_cli(capsys, "tokens", *five, "--method", "diffrate", "--target-gmacs", "0.05",
+                             "--calib", "cifar10-test500", "--calib-images", "16", "--steps", "2", "--json")
+    assert code == 0, err
+    assert "are not the model's 5 classes; the search matches the unreduced model's own top-1" in err
+    assert json.loads(out)["reduced_macs"] < json.loads(out)["macs"]
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--method", "tome", "--r", "9"], "ToMe r=9 is too large"),
     (["--method", "tome", "--r", "1x"], "RxK"),

@@ -60,6 +60,12 @@ def _subset(dataset, n: int | None):
     return dataset if n is None or n >= len(dataset) else calibration_subset(dataset, n)
 
 
+def _labels_fit(model, meta: dict, dataset) -> bool:
+    """Whether ``dataset``'s labels index ``model``'s outputs: as many classes, and the checkpoint's if it names them."""
+    classes = dataset_classes(dataset)
+    return model.num_classes == len(classes) and meta.get("classes", classes) == classes
+
+
 #: each method's own flags (dest, flag) and their defaults
 _METHOD_FLAGS = {
     "evit": {("keep_rate", "--keep-rate"): 0.7, ("layers", "--layers"): (3, 6, 9), ("no_fuse", "--no-fuse"): False},
@@ -109,9 +115,15 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "diffrate":
         calib = None
         if args.calib:
-            calibset = open_dataset(args.calib, train=True, transform=transform)
+            calibset = open_dataset(args.calib, train=True, transform=transform, unlabelled=True)
             calib = calibration_images(calibset, args.calib_images, args.batch_size)
-            calib = list(zip(calib.batches, calib.labels))
+            if _labels_fit(model, meta, calibset):
+                calib = list(zip(calib.batches, calib.labels))
+            else:  # DiffRate's own fallback: the unreduced model's top-1 is the target
+                print(f"leanvit tokens: note: the labels of {args.calib} are not the model's "
+                      f"{model.num_classes} classes; the search matches the unreduced model's own top-1 instead",
+                      file=sys.stderr)
+                calib = calib.batches
         method = tokens.DiffRate(target_macs=args.target_gmacs * 1e9, calib=calib, steps=args.steps)
 
     input_size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
