@@ -250,6 +250,18 @@ def test_keep_rate_warmup_drives_the_applied_evit(vit):
     assert tokens.token_counts(model) == target
 
 
+def test_tome_schedule_with_the_papers_inflection():
+    """Official ToMe's r=(16, -1): a decreasing schedule, about 16 per block on average."""
+    assert tokens.ToMe(r=16, inflect=-1).schedule(12) == [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]
+    assert tokens.ToMe(r=16, inflect=1).schedule(12)[::11] == [0, 32]
+    assert tokens.ToMe(r=8).schedule(3) == [8, 8, 8] and tokens.ToMe(r=(2, 1, 1)).schedule(4) == [2, 1, 1, 0]
+    for ported in [(16, -1), (8, 0), (16, -0.5)]:  # official (r, inflection) tuples: not silently two blocks' counts
+        with pytest.raises(LeanvitError, match=rf"ambiguous.*ToMe\(r={ported[0]}, inflect={ported[1]}\)"):
+            tokens.ToMe(r=ported)
+    with pytest.raises(LeanvitError, match="inflect must be in"):
+        tokens.ToMe(r=8, inflect=2)
+
+
 def test_from_spec():
     assert tokens.from_spec("evit:0.7") == tokens.EViT(keep_rate=0.7)
     assert tokens.from_spec("ToMe:8") == tokens.ToMe(r=8)

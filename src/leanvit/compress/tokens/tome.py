@@ -26,13 +26,17 @@ class ToMe(TokenMethod):
     """Token merging.
 
     Args:
-        r: tokens merged away in every block, or one count per block (a shorter list is padded
-            with zeros, as ``tome.utils.parse_r`` does).
+        r: tokens merged away in every block, or one count per block (a shorter tuple is padded
+            with zeros, as ``tome.utils.parse_r`` does with a list).
         prop_attn: proportional attention. ToMe recommends it for off-the-shelf models.
+        inflect: with an int ``r``, the paper's linear schedule (official ``r=(r, inflect)``): from
+            ``r * (1 - inflect)`` in the first block to ``r * (1 + inflect)`` in the last, about ``r`` on average;
+            -1 merges the most early on, 0 (default) the same ``r`` in every block.
     """
 
     r: int | tuple[int, ...] = 8
     prop_attn: bool = True
+    inflect: float = 0.0
 
     metric = "keys"
 
@@ -41,15 +45,27 @@ class ToMe(TokenMethod):
         return self.prop_attn
 
     def __post_init__(self) -> None:
-        r = (self.r,) if isinstance(self.r, int) else tuple(int(v) for v in self.r)
+        given = self.r if isinstance(self.r, int) else tuple(self.r)
+        if not isinstance(given, int) and len(given) == 2 and (isinstance(given[1], float) or given[1] in (-1, 0, 1)):
+            raise LeanvitError(  # official ToMe's (r, inflection) tuple would silently mean two blocks' counts here
+                f"ToMe r={given} is ambiguous: here a tuple gives one count per block, where official ToMe's "
+                f"(r, inflection) is a schedule. Write ToMe(r={given[0]}, inflect={given[1]}) for that, or give "
+                "every block's count.")
+        r = (given,) if isinstance(given, int) else tuple(int(v) for v in given)
         if any(v < 0 for v in r):
             raise LeanvitError(f"ToMe r must be >= 0, got {self.r}.")
+        if not -1 <= self.inflect <= 1 or (self.inflect and not isinstance(self.r, int)):
+            raise LeanvitError(f"ToMe inflect must be in [-1, 1] and given with an int r, got "
+                               f"r={self.r}, inflect={self.inflect}.")
         object.__setattr__(self, "r", self.r if isinstance(self.r, int) else r)
 
     def schedule(self, depth: int) -> list[int]:
         """``r`` for each of ``depth`` blocks."""
         if isinstance(self.r, int):
-            return [self.r] * depth
+            # tome.utils.parse_r's linear schedule (the same r in every block when inflect is 0)
+            first = int(self.r * (1.0 - self.inflect))
+            step = (2 * self.r - 2 * first) / max(depth - 1, 1)
+            return [int(first + step * i) for i in range(depth)]
         if len(self.r) > depth:
             raise LeanvitError(f"ToMe got {len(self.r)} per-block r values for a {depth}-block model.")
         return list(self.r) + [0] * (depth - len(self.r))
