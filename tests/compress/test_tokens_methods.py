@@ -319,3 +319,12 @@ def test_grad_checkpointing_is_refused(vit, images):
     model.set_grad_checkpointing(True)
     with pytest.raises(LeanvitError, match="checkpointing"):
         model(images)
+
+
+def test_a_pruned_model_is_unreduced_and_may_checkpoint(vit, images):
+    """timm's prune_intermediate_layers keeps the original blocks: the refusal above must not outlive the reduction."""
+    model = reduced(vit, tokens.ToMe(r=2))
+    model.prune_intermediate_layers(indices=2, prune_head=False)
+    assert tokens.applied(model) is None
+    model.set_grad_checkpointing(True)
+    assert model(images).shape == (3, 10)

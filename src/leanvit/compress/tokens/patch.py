@@ -7,7 +7,10 @@ DiffRate) or the keys (ToMe), and for merging methods a log-size bias on the att
 ``model.blocks`` with :class:`ReducingBlocks`, an ``nn.Sequential`` over the *same* block modules, so
 ``state_dict`` keys and checkpoints are unchanged. Its forward passes the token sizes from block to
 block. :func:`remove` puts the original ``nn.Sequential`` back. Reduction applies to ``forward`` and
-``forward_features``; ``forward_intermediates`` (spatial feature maps) runs the original blocks.
+``forward_features``. What timm runs block by block runs the original blocks, unreduced:
+``forward_intermediates`` (spatial feature maps need every token) and ``forward_features(x, attn_mask=...)``
+(a mask over every token); ``prune_intermediate_layers`` keeps the original blocks, so the pruned model is
+unreduced (:func:`applied` then returns None).
 
 Every token count is a Python integer derived from the input's token count, never from data, so a
 reduced model is top-k, gather and scatter-add with fixed shapes, and it exports to ONNX and
@@ -161,7 +164,7 @@ def model_tokens(model: VisionTransformer) -> int:
 
 
 def _refuse_grad_checkpointing(model: nn.Module, args) -> None:
-    if getattr(model, "grad_checkpointing", False):
+    if getattr(model, "grad_checkpointing", False) and isinstance(model.blocks, ReducingBlocks):
         raise LeanvitError(
             "Gradient checkpointing runs the blocks one by one and would skip the token reduction; "
             "call model.set_grad_checkpointing(False) while leanvit.tokens is applied."
