@@ -121,6 +121,40 @@ def test_teacher_for_other_classes_is_refused(tmp_path):
         fit(_config(tmp_path, "kd", teacher="deit_tiny_patch16_224", teacher_checkpoint=str(path)))
 
 
+def test_a_teacher_trained_on_these_classes_in_another_order_is_refused(tmp_path):
+    import timm
+
+    from leanvit.data import bundled_cifar10
+
+    kwargs = {**TINY, "num_classes": 10}
+    path = tmp_path / "reversed.safetensors"
+    save_weights(path, timm.create_model("deit_tiny_patch16_224", **kwargs).state_dict(),
+                 {"model": "deit_tiny_patch16_224", "model_kwargs": kwargs, "classes": bundled_cifar10().classes[::-1]})
+    with pytest.raises(LeanvitError, match="was trained on the classes \\['truck'.*not those of cifar10-test500"):
+        fit(_config(tmp_path, "kd", teacher="deit_tiny_patch16_224", teacher_checkpoint=str(path)))
+
+
+@pytest.mark.parametrize("classes, kept", [("same", True), ("reversed", False), ("unnamed", True)])
+def test_init_checkpoint_keeps_a_classifier_trained_on_these_classes(tmp_path, classes, kept, capsys):
+    """The next resolution step of one run starts from its trained head; other classes' head is re-initialised."""
+    import timm
+
+    from leanvit.data import bundled_cifar10
+
+    names = bundled_cifar10().classes
+    meta = {"model": "deit_tiny_distilled_patch16_224", "model_kwargs": {**TINY, "num_classes": 10},
+            **({"classes": names if classes == "same" else names[::-1]} if classes != "unnamed" else {})}
+    torch.manual_seed(123)
+    init = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, **TINY).state_dict()
+    save_weights(tmp_path / "init.safetensors", init, meta)
+    tiny_lr = dict(lr=1e-12, warmup_lr=1e-12, min_lr=1e-12, weight_decay=0.0)
+    fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1, init_checkpoint=str(tmp_path / "init.safetensors"),
+                **tiny_lr))
+    head = read_checkpoint(tmp_path / "run" / "model.safetensors")[0]["head.weight"]
+    assert torch.allclose(head, init["head.weight"], atol=1e-6) is kept
+    assert ("the classifier too" if kept else "classifier re-initialised") in capsys.readouterr().err
+
+
 def _teacher(tmp_path, num_classes=10):
     import timm
 

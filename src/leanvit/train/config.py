@@ -35,7 +35,8 @@ class TrainConfig:
     crop_pct: float | None = field(default=None, **_help("evaluation crop fraction (default: the model's)"))
     pretrained: bool = field(default=False, **_help("start from timm's pretrained weights (downloads)"))
     init_checkpoint: str | None = field(default=None, **_help(
-        "start from these weights; the classifier is re-initialised if its size differs"))
+        "start from these weights; the classifier is re-initialised if its size differs or it was trained on "
+        "other classes"))
     epochs: int = field(default=300, **_help("training epochs"))
     batch_size: int = field(default=256, **_help("global batch, split evenly over the processes"))
     lr: float = field(default=2.5e-4, **_help("peak learning rate (DeiT: 5e-4 x batch / 512)"))

@@ -28,8 +28,8 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..checkpoint import (WEIGHTS_FILE, checkpoint_file, checkpoint_sha256, load_weights, model_from_checkpoint,
-                          save_weights)
+from ..checkpoint import (WEIGHTS_FILE, CheckpointMismatchError, checkpoint_file, checkpoint_sha256, load_weights,
+                          model_from_checkpoint, read_metadata, save_weights)
 from ..compress.tokens import EViT, from_spec, keep_rate_warmup
 from ..compress.tokens import apply as token_apply
 from ..data import build_transform, dataset_classes, make_loader, open_dataset, resolve_data_config
@@ -82,7 +82,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
                            f"has {len(classes)} classes.")
     model = create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
     if cfg.init_checkpoint:
-        load_weights(model, cfg.init_checkpoint, ignore_classifier=True)
+        _load_init(model, cfg.init_checkpoint, classes, announce=main)
     if cfg.tokens:
         token_apply(model, from_spec(cfg.tokens))  # no new parameters: the weights stay a plain ViT's
     data_config = resolve_data_config(model, img_size=cfg.img_size, crop_pct=cfg.crop_pct)
@@ -93,7 +93,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
 
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=layout)
-    teacher = _teacher(cfg, len(classes), data_config, device)
+    teacher = _teacher(cfg, classes, data_config, device)
     if teacher is not None:
         teacher.to(memory_format=layout)
     if teacher is not None and hasattr(model, "set_distilled_training"):
@@ -198,6 +198,24 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     return TrainResult(output=output, steps=steps_log, epochs=epochs_log)
 
 
+def _load_init(model: nn.Module, path: str, classes: list[str], announce: bool) -> None:
+    """``--init-checkpoint``: all its weights, the classifier too where it fits and was trained on these classes (the
+    next resolution step of one run); re-initialised where not (fine-tuning on other classes)."""
+    saved = read_metadata(path).get("classes")
+    keep = saved is None or saved == classes
+    try:
+        load_weights(model, path, ignore_classifier=not keep)
+    except CheckpointMismatchError:
+        if not keep:
+            raise
+        keep = False
+        load_weights(model, path, ignore_classifier=True)
+    if announce:
+        why = "its size differs" if saved is None or len(saved) != len(classes) else "it was trained on other classes"
+        print(f"--init-checkpoint {path}: " + ("every weight loaded, the classifier too" if keep else
+                                               f"classifier re-initialised ({why})"), file=sys.stderr)
+
+
 def _keep_rate_schedule(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
     """EViT's keep-rate warm-up hook (``hook(step)``), or None when there is nothing to schedule."""
     if not cfg.tokens or not (cfg.keep_rate_start_epoch or cfg.keep_rate_shrink_epochs):
@@ -264,18 +282,22 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _teacher(cfg: TrainConfig, num_classes: int, data_config: dict, device: torch.device) -> nn.Module | None:
+def _teacher(cfg: TrainConfig, classes: list[str], data_config: dict, device: torch.device) -> nn.Module | None:
     """The frozen teacher, fed in its own pre-processing (its checkpoint's data config, else timm's at
     the student's resolution)."""
     if not cfg.teacher:
         return None
     if cfg.teacher_checkpoint:
+        saved = read_metadata(cfg.teacher_checkpoint).get("classes")
+        if saved is not None and saved != classes:  # as many classes in another order would teach wrong labels
+            raise LeanvitError(f"The --teacher-checkpoint {cfg.teacher_checkpoint} was trained on the classes {saved}, "
+                               f"not those of {cfg.data} ({classes}): give a teacher trained on these classes.")
         teacher, meta = model_from_checkpoint(cfg.teacher, cfg.teacher_checkpoint)
     else:
         teacher, meta = create_model(cfg.teacher, pretrained=True), {}
-    if teacher.num_classes != num_classes:
+    if teacher.num_classes != len(classes):
         raise LeanvitError(f"The teacher {cfg.teacher} has {teacher.num_classes} classes but {cfg.data} has "
-                           f"{num_classes}: give a --teacher-checkpoint trained on these classes.")
+                           f"{len(classes)}: give a --teacher-checkpoint trained on these classes.")
     # a checkpoint without leanvit's metadata says nothing of its resolution: keep the student's
     teacher_config = meta.get("data_config") or resolve_data_config(teacher, img_size=data_config["input_size"][-1])
     return AdaptedTeacher(teacher.eval().requires_grad_(False), data_config, teacher_config).to(device)
