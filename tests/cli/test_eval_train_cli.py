@@ -115,3 +115,20 @@ def test_train_rejects_a_crop_fraction_outside_0_1(crop, capsys, tmp_path):
                "--output", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "--crop-pct must be in (0, 1]" in err and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--distill-tau", "0", "--distill-tau must be above 0"),  # NaN losses and weights, reported as success
+    ("--clip-grad", "-1", "--clip-grad must be 0 or more"),  # would scale the gradient by a negative factor
+    ("--ema-decay", "1.5", "--ema-decay must be in [0, 1)"),
+    ("--max-steps-per-epoch", "0", "--max-steps-per-epoch must be at least 1"),
+    ("--lr", "-1", "--lr must be above 0"),
+    ("--warmup-epochs", "-2", "--warmup-epochs must be 0 or more"),
+    ("--img-size", "0", "--img-size must be between 16 and 4096"),
+    ("--randaug", "garbage", "--randaug 'garbage' is not a timm augmentation policy"),
+])
+def test_train_refuses_numbers_that_would_corrupt_the_run(flag, value, message, capsys, tmp_path):
+    rc = main(["train", MODEL, "--data", "cifar10-test500", "--model-kwargs", json.dumps(KWARGS), flag, value,
+               "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err and not (tmp_path / "run").exists()

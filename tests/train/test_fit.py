@@ -59,6 +59,35 @@ def test_resume_refuses_other_settings_and_overwriting(tmp_path):
         fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=1, lr=2e-3, resume=True))
 
 
+def test_resume_below_the_epochs_done_is_refused_and_data_by_another_path_is_the_same(tmp_path, monkeypatch, capsys):
+    from leanvit.data import bundled_cifar10
+
+    data = tmp_path / "data"  # a folder named by a relative path first, then by its absolute one
+    for i in range(16):
+        (data / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        bundled_cifar10()[i][0].save(data / f"c{i % 2}" / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    fit(_config(tmp_path, "run", data="data", epochs=2, max_steps_per_epoch=1))
+    with pytest.raises(LeanvitError, match="has trained 2 epochs, more than --epochs 1: pass --epochs 2 or more"):
+        fit(_config(tmp_path, "run", data=str(data), epochs=1, max_steps_per_epoch=1, resume=True))
+    fit(_config(tmp_path, "run", data=str(data), epochs=2, max_steps_per_epoch=1, resume=True))
+    assert "has trained all its 2 epochs; nothing left to train" in capsys.readouterr().err
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_ran_at(tmp_path):
+    result = fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=3, warmup_epochs=1, warmup_lr=1e-6))
+    assert result.steps[0]["lr"] == pytest.approx(1e-6)  # the first step runs at the warm-up's start
+
+
+def test_mixup_needs_an_even_batch_and_the_output_is_checked_first(tmp_path):
+    with pytest.raises(LeanvitError, match=r"batch per process \(1\) must be even.*--mixup 0 --cutmix 0"):
+        fit(_config(tmp_path, "run", batch_size=1))
+    fit(_config(tmp_path, "run", batch_size=1, mixup=0, cutmix=0, epochs=1, max_steps_per_epoch=1))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(LeanvitError, match="Cannot create --output .*afile/out"):
+        fit(_config(tmp_path, "afile/out"))
+
+
 def test_resume_records_the_settings_it_changed(tmp_path):
     """A resume that extends the schedule is kept in the run's state, so its card can say so."""
     fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..errors import LeanvitError, check_range
+from ..profile import check_img_size
 from .distill import DISTILL_MODES
 
 
@@ -104,6 +105,23 @@ class TrainConfig:
             check_range(f"--{name.replace('_', '-')}", getattr(self, name), 0.0, 1.0)
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:  # as `leanvit eval --crop-pct`
             raise LeanvitError(f"--crop-pct must be in (0, 1] (a fraction of the resized image), got {self.crop_pct}.")
+        for name, value in (("lr", self.lr), ("distill_tau", self.distill_tau)):  # 0 stalls or divides by zero
+            if not value > 0:
+                raise LeanvitError(f"--{name.replace('_', '-')} must be above 0, got {value}.")
+        # a negative clipping norm would turn the gradient round (0: no clipping)
+        for name in ("min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "mixup", "cutmix", "clip_grad"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise LeanvitError(f"--{name.replace('_', '-')} must be 0 or more, got {value}.")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise LeanvitError(f"--ema-decay must be in [0, 1), e.g. 0.9998 (0 or none: no EMA), got {self.ema_decay}.")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise LeanvitError(f"--max-steps-per-epoch must be at least 1 (omit it for whole epochs), got "
+                               f"{self.max_steps_per_epoch}.")
+        if self.img_size is not None:
+            check_img_size(self.img_size)
+        if self.randaug is not None:
+            _check_randaug(self.randaug)
         if self.distill not in DISTILL_MODES:
             raise LeanvitError(f"--distill must be one of {', '.join(DISTILL_MODES)}, got '{self.distill}'.")
         for name in ("keep_rate_start_epoch", "keep_rate_shrink_epochs"):
@@ -117,3 +135,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_randaug(policy: str) -> None:
+    """A policy timm's ``create_transform`` can build, refused here rather than by an assertion mid-setup."""
+    from timm.data.auto_augment import auto_augment_transform, augment_and_mix_transform, rand_augment_transform
+
+    build = {"rand": rand_augment_transform, "augmix": augment_and_mix_transform}.get(policy.split("-")[0],
+                                                                                      auto_augment_transform)
+    try:
+        build(policy, {})
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        raise LeanvitError(f"--randaug '{policy}' is not a timm augmentation policy ({type(e).__name__}: {e}); e.g. "
+                           "'rand-m9-mstd0.5-inc1' (RandAugment), 'augmix-m5-w4-d2', 'v0' (AutoAugment), or 'none'.") \
+            from None

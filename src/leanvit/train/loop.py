@@ -69,9 +69,18 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     device = _device()
     if cfg.batch_size % world:
         raise LeanvitError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes.")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size // world % 2:
+        raise LeanvitError(f"Mixup and CutMix pair the images of a batch: the batch per process "
+                           f"({cfg.batch_size // world}) must be even. Change --batch-size, or pass --mixup 0 "
+                           "--cutmix 0.")
     output = Path(cfg.output).expanduser()
     main = rank == 0
     show = cfg.progress and main
+    if main:  # before any training, not when the first epoch is saved
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LeanvitError(f"Cannot create --output {output}: {e.strerror}. Give a writable folder.") from None
 
     train_set = open_dataset(cfg.data, train=True)
     classes = dataset_classes(train_set)
@@ -133,8 +142,12 @@ def _fit(cfg: TrainConfig) -> TrainResult:
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         start_epoch, step, epochs_log = state["epoch"] + 1, state["step"], state["epochs"]
+        if start_epoch > cfg.epochs:
+            raise LeanvitError(f"The run in {output} has trained {start_epoch} epochs, more than --epochs "
+                               f"{cfg.epochs}: pass --epochs {start_epoch} or more to resume it.")
         if main:
-            print(f"resumed from {last} (epoch {start_epoch} of {cfg.epochs})", file=sys.stderr)
+            print(f"resumed from {last} (epoch {start_epoch} of {cfg.epochs})" if start_epoch < cfg.epochs else
+                  f"{last}: the run has trained all its {cfg.epochs} epochs; nothing left to train", file=sys.stderr)
     if world > 1:
         _check_ranks_agree(start_epoch, device)
 
@@ -157,6 +170,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
                 keep_rate(step)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = loss_fn(x, net(x), y)
+            lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler sets the next one's below)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.clip_grad:
@@ -171,8 +185,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
             loss = loss.detach().float()
             if world > 1:
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            steps_log.append({"epoch": epoch, "step": step, "loss": loss.item(),
-                              "lr": optimizer.param_groups[0]["lr"]})
+            steps_log.append({"epoch": epoch, "step": step, "loss": loss.item(), "lr": lr})
             bar.set_postfix(loss=f"{loss.item():.4f}")
             bar.update()
         bar.close()
@@ -357,7 +370,8 @@ def _resume_changes(saved: dict, cfg: TrainConfig, epoch: int) -> list[dict]:
     """Refuse a resume that changes what the run computes; return the allowed changes it makes (e.g. a
     longer schedule) as ``[{"epoch", "changes": {field: [old, new]}}]``, bookkeeping left out, so the
     run's card can say that it is not one uninterrupted command."""
-    changed = {k: [saved.get(k), v] for k, v in cfg.to_dict().items() if saved.get(k) != v}
+    changed = {k: [saved.get(k), v] for k, v in cfg.to_dict().items()
+               if saved.get(k) != v and not (k in _PATHS and _same_path(saved.get(k), v))}
     refused = sorted(k for k in changed if k not in TrainConfig.RESUMABLE_CHANGES)
     if refused:
         raise LeanvitError(
@@ -367,3 +381,14 @@ def _resume_changes(saved: dict, cfg: TrainConfig, epoch: int) -> list[dict]:
         )
     kept = {k: v for k, v in changed.items() if k not in TrainConfig.BOOKKEEPING}
     return [{"epoch": epoch, "changes": kept}] if kept else []
+
+
+#: Settings naming files or folders: a resume may name them by another path (another working directory).
+_PATHS = ("data", "val_data", "val_labels", "init_checkpoint", "teacher_checkpoint")
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a == b
+    first, second = Path(a).expanduser(), Path(b).expanduser()
+    return first.exists() and second.exists() and first.resolve() == second.resolve()
