@@ -48,6 +48,6 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
         if not pretrained:
             raise
         raise LeanvitError(f"{name}'s pretrained weights are not in the local cache and could not be downloaded "
-                           f"({type(e).__name__}). Connect once to cache them, or drop --pretrained and pass "
-                           "--checkpoint FILE.") from None
+                           f"({type(e).__name__}). Connect once to cache them, or load weights from a file instead "
+                           "(--checkpoint FILE; a teacher: --teacher-checkpoint FILE).") from None
     return model.eval()

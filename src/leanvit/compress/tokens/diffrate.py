@@ -147,7 +147,8 @@ class DiffRate(TokenMethod):
         raise LeanvitError(
             f"DiffRate has no published rates for {arch} at {self.target_macs / 1e9:g} GMACs"
             + (f" (published at 224x224: {', '.join(known)})" if known else "")
-            + "; give calibration images (calib=..., or --calib DIR on the command line) to search them."
+            + "; give calibration images (calib=..., or `leanvit tokens --method diffrate --calib DIR`) to search "
+            "them, or use a published target."
         )
 
     def reducers(self, depth: int, num_prefix: int):
