@@ -63,6 +63,11 @@ class BenchConfig:
                 get_engine(e, threads=self.threads, precision=p, device=engine_device(e, self.device))
 
 
+def row_label(model: str, variant: str) -> str:
+    """The model, with its token-reduction variant if any: how the progress bar, the table and the report name a row."""
+    return f"{model} + {variant}" if variant else model
+
+
 @dataclass
 class BenchRow:
     model: str
@@ -94,8 +99,7 @@ class BenchRow:
 
     @property
     def label(self) -> str:
-        """The model, with its token-reduction variant if any."""
-        return f"{self.model} + {self.variant}" if self.variant else self.model
+        return row_label(self.model, self.variant)
 
     @property
     def ran(self) -> bool:
@@ -128,7 +132,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
         checks = [torch.randn(cfg.batch, chans, size, size, generator=gen)
                   for _ in range(max(1, math.ceil(cfg.n_check / cfg.batch)))]
         for variant in ("", *cfg.tokens):
-            label = f"{name}{' + ' + variant if variant else ''}"
+            label = row_label(name, variant)
             inapplicable = None
             if variant:
                 try:

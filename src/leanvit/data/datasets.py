@@ -302,8 +302,9 @@ def shared_images(dataset: Dataset, others: Dataset) -> list[int] | None:
     Only same-sized images are read, so a large ``dataset`` costs one ``stat`` per file. None where either's images
     are not stored as files or bytes. (CIFAR-10's pickled pixels and their JPEG re-encodings differ in bytes, so
     those two layouts of one image do not compare.)"""
-    mine, theirs = stored_images(dataset), stored_images(others)
-    if mine is None or theirs is None:
+    theirs = stored_images(others)  # the small side first: no stat of every file when it cannot be compared
+    mine = stored_images(dataset) if theirs is not None else None
+    if mine is None:
         return None
     (sizes, read), (their_sizes, their_read) = mine, theirs
     digests = {hashlib.sha1(their_read(i)).digest() for i in range(len(their_sizes))}
