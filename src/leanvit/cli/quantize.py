@@ -177,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
     if args.attn_max_error is not None:  # (negative: None, every attention quantized)
         config = dataclasses.replace(config, attn_max_error=args.attn_max_error if args.attn_max_error >= 0 else None)
     _warn_unused_flags(args, config)
+    if args.calib_images < config.min_images:
+        raise LeanvitError(f"--calib-images {args.calib_images} is too few for stable activation ranges: give at least "
+                           f"{config.min_images} (256 is a good choice).")
     if args.out:
         quant.check_config_deployable(config, args.engine)
         if args.out.exists() and not args.out.is_dir():
@@ -192,9 +195,6 @@ def run(args: argparse.Namespace) -> int:
     output = check_input_size(model, data_config, args.model)
     transform = build_transform(data_config)
     calibset = open_dataset(args.calib, train=True, transform=transform, unlabelled=True)
-    if args.calib_images < config.min_images:
-        raise LeanvitError(f"--calib-images {args.calib_images} is too few for stable activation ranges: give at least "
-                           f"{config.min_images} (256 is a good choice).")
     if len(calibset) < config.min_images:
         raise LeanvitError(f"{args.calib} has {len(calibset)} images; calibration needs at least {config.min_images} "
                            "(256 is a good choice): pass a folder with more.")

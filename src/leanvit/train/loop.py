@@ -301,13 +301,13 @@ def _teacher(cfg: TrainConfig, classes: list[str], data_config: dict, device: to
     if not cfg.teacher:
         return None
     if cfg.teacher_checkpoint:
-        saved = read_metadata(cfg.teacher_checkpoint).get("classes")
-        if saved is not None and saved != classes:  # as many classes in another order would teach wrong labels
-            raise LeanvitError(f"The --teacher-checkpoint {cfg.teacher_checkpoint} was trained on the classes {saved}, "
-                               f"not those of {cfg.data} ({classes}): give a teacher trained on these classes.")
         teacher, meta = model_from_checkpoint(cfg.teacher, cfg.teacher_checkpoint)
     else:
         teacher, meta = create_model(cfg.teacher, pretrained=True), {}
+    if meta.get("classes", classes) != classes:  # as many classes in another order would teach wrong labels
+        raise LeanvitError(f"The --teacher-checkpoint {cfg.teacher_checkpoint} was trained on the classes "
+                           f"{meta['classes']}, not those of {cfg.data} ({classes}): give a teacher trained on these "
+                           "classes.")
     if teacher.num_classes != len(classes):
         raise LeanvitError(f"The teacher {cfg.teacher} has {teacher.num_classes} classes but {cfg.data} has "
                            f"{len(classes)}: give a --teacher-checkpoint trained on these classes.")
