@@ -37,8 +37,9 @@ TOLERANCE = 0.1  # points: what benchmarks/eval_checkpoints.py allows between th
 def training_command(config: dict) -> str:
     """The ``leanvit train`` command line that gives ``config`` (only the flags that differ from the defaults)."""
     parts = ["leanvit train", config["model"]]
+    config = {**TrainConfig.EARLIER_VALUES, **config}  # a field newer than the run: it ran with its earlier value,
     for f in fields(TrainConfig):
-        if f.name == "model" or f.name not in config:  # a field newer than the run: it ran with the default
+        if f.name == "model" or f.name not in config:  # or with the default
             continue
         value, flag = config.get(f.name), "--" + f.name.replace("_", "-")
         default = f.default_factory() if callable(f.default_factory) else f.default

@@ -72,6 +72,41 @@ def test_resume_below_the_epochs_done_is_refused_and_data_by_another_path_is_the
         fit(_config(tmp_path, "run", data=str(data), epochs=1, max_steps_per_epoch=1, resume=True))
     fit(_config(tmp_path, "run", data=str(data), epochs=2, max_steps_per_epoch=1, resume=True))
     assert "has trained all its 2 epochs; nothing left to train" in capsys.readouterr().err
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the saved "data" is relative to where the run started
+    fit(_config(tmp_path, "run", data="../data", epochs=3, max_steps_per_epoch=1, resume=True))
+    assert "resumed from" in capsys.readouterr().err
+
+
+def test_a_run_from_before_remode_resumes_with_the_fill_it_had(tmp_path):
+    """Runs recorded before ``remode`` existed erased with zeros (timm's default): resuming one with DeiT's per-pixel
+    noise, today's default, would change what it computes."""
+    fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1))
+    state_file = tmp_path / "run" / "epoch-0000" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["config"].pop("remode") == "pixel"
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(LeanvitError, match="remode: 'const' -> 'pixel'"):
+        fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=1, resume=True))
+    fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=1, remode="const", resume=True))
+
+
+def test_random_erasing_fills_as_remode_says():
+    from leanvit.data import build_transform
+
+    config = {"input_size": [3, 32, 32], "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0,
+              "interpolation": "bicubic"}
+    for mode in ("pixel", "const"):
+        erasing = build_transform(config, train=True, re_prob=0.25, re_mode=mode).transforms[-1]
+        assert type(erasing).__name__ == "RandomErasing" and erasing.mode == mode
+    assert TrainConfig(model="m", data="d").remode == "pixel"  # DeiT's recipe
+    with pytest.raises(LeanvitError, match="--remode must be one of pixel, rand, const, got 'zeros'"):
+        TrainConfig(model="m", data="d", remode="zeros")
+
+
+def test_data_at_a_size_the_model_was_not_built_for_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(LeanvitError, match=r"does not run on 3x48x48 inputs .*--model-kwargs '\{\"img_size\": 48\}'"):
+        fit(_config(tmp_path, "run", img_size=48))
 
 
 def test_the_logged_learning_rate_is_the_one_each_step_ran_at(tmp_path):
@@ -148,6 +183,18 @@ def test_teacher_for_other_classes_is_refused(tmp_path):
     _, path = _teacher(tmp_path, num_classes=3)
     with pytest.raises(LeanvitError, match="teacher deit_tiny_patch16_224 has 3 classes"):
         fit(_config(tmp_path, "kd", teacher="deit_tiny_patch16_224", teacher_checkpoint=str(path)))
+
+
+def test_a_pretrained_teacher_for_other_classes_is_refused_before_its_download(tmp_path, monkeypatch):
+    create = loop.create_model
+
+    def offline(name, *, pretrained=False, **kwargs):
+        assert not pretrained, "the teacher's weights were fetched before its classes were checked"
+        return create(name, **kwargs)
+
+    monkeypatch.setattr(loop, "create_model", offline)
+    with pytest.raises(LeanvitError, match="teacher resnet18 has 1000 classes but cifar10-test500 has 10"):
+        fit(_config(tmp_path, "kd", teacher="resnet18"))
 
 
 def test_a_teacher_trained_on_these_classes_in_another_order_is_refused(tmp_path):

@@ -14,8 +14,6 @@ import os
 import sys
 from typing import Any, Sequence
 
-import torch
-
 from ..data import resolve_data_config
 from ..errors import LeanvitError
 
@@ -85,21 +83,6 @@ def number_in(lo: float, hi: float, unit: str):
 
 
 crop_fraction = number_in(0, 1, "the fraction of the image kept, such as 0.875")  #: ``--crop-pct``
-
-
-def check_input_size(model, data_config: dict, name: str) -> torch.Tensor:
-    """Run one blank image of the pre-processing's size through ``model`` and return its output: a model built for
-    another size (fixed position embeddings) fails here, with the fix, not deep inside the command's work."""
-    size = tuple(data_config["input_size"])
-    try:
-        with torch.no_grad():
-            return model(torch.zeros(1, *size))
-    except (AssertionError, RuntimeError, ValueError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LeanvitError(
-            f"{name} does not run on {'x'.join(map(str, size))} inputs ({reason}). A model built for one input size "
-            f"takes another when built for it: add --model-kwargs '{{\"img_size\": {size[-1]}}}' (timm resizes its "
-            "position embeddings), or drop --img-size.") from None
 
 
 def input_data_config(model, meta: dict, args: argparse.Namespace) -> dict:

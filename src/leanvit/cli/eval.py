@@ -10,12 +10,12 @@ import torch
 
 from ..checkpoint import model_from_checkpoint
 from ..data import (
-    BUNDLED_CIFAR10, build_transform, dataset_classes, make_loader, open_dataset,
+    BUNDLED_CIFAR10, build_transform, check_input_size, dataset_classes, make_loader, open_dataset,
 )
 from ..errors import LeanvitError
 from ..evaluate import evaluate
 from ..models.registry import create_model
-from . import check_input_size, crop_fraction, input_data_config, positive_int, print_json
+from . import crop_fraction, input_data_config, positive_int, print_json
 from .train import json_object
 
 

@@ -21,12 +21,13 @@ from torch.utils.data import Subset
 
 from ..checkpoint import model_from_checkpoint
 from ..data import (
-    build_transform, calibration_images, calibration_subset, dataset_classes, make_loader, open_dataset, shared_images,
+    build_transform, calibration_images, calibration_subset, check_input_size, dataset_classes, make_loader, open_dataset,
+    shared_images,
 )
 from ..errors import LeanvitError
 from ..evaluate import check_class_outputs, evaluate
 from ..models.registry import create_model
-from . import check_input_size, input_data_config, positive_int, print_json
+from . import input_data_config, positive_int, print_json
 from .train import json_object
 
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.nn as nn
 from timm.data import create_transform, resolve_model_data_config
+
+from ..errors import LeanvitError
 
 #: The keys of a timm data config that define evaluation pre-processing.
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -31,16 +34,33 @@ def resolve_data_config(model: nn.Module, *, img_size: int | None = None, crop_p
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
 
 
+def check_input_size(model: nn.Module, data_config: dict, name: str) -> torch.Tensor:
+    """Run one blank image of the pre-processing's size through ``model`` and return its output: a model built for
+    another size (fixed position embeddings) fails here, with the fix, not deep inside the command's work."""
+    size = tuple(data_config["input_size"])
+    try:
+        with torch.no_grad():
+            return model(torch.zeros(1, *size))
+    except (AssertionError, RuntimeError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LeanvitError(
+            f"{name} does not run on {'x'.join(map(str, size))} inputs ({reason}). A model built for one input size "
+            f"takes another when built for it: add --model-kwargs '{{\"img_size\": {size[-1]}}}' (timm resizes its "
+            "position embeddings), or drop --img-size.") from None
+
+
 def build_transform(data_config: dict, *, train: bool = False, auto_augment: str | None = None,
-                    re_prob: float = 0.0, no_aug: bool = False, crop_scale: float = 0.08) -> Callable:
+                    re_prob: float = 0.0, re_mode: str = "pixel", no_aug: bool = False,
+                    crop_scale: float = 0.08) -> Callable:
     """timm's eval transform, or its training one: random resized crop and flip, RandAugment
-    (``auto_augment``, e.g. ``"rand-m9-mstd0.5-inc1"``) and random erasing (``re_prob``), or with
-    ``no_aug`` only resizing and cropping. ``crop_scale`` is the random crop's smallest area fraction."""
+    (``auto_augment``, e.g. ``"rand-m9-mstd0.5-inc1"``) and random erasing (``re_prob``; ``re_mode`` fills the
+    box: ``"pixel"`` noise as DeiT, ``"rand"``, ``"const"``), or with ``no_aug`` only resizing and cropping.
+    ``crop_scale`` is the random crop's smallest area fraction."""
     config = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()}
     if not train:
         return create_transform(**config, is_training=False)
     transform = create_transform(**config, is_training=True, no_aug=no_aug, auto_augment=auto_augment,
-                                 re_prob=re_prob, scale=(crop_scale, 1.0))
+                                 re_prob=re_prob, re_mode=re_mode, scale=(crop_scale, 1.0))
     for step in transform.transforms:
         for op in getattr(step, "ops", ()):  # RandAugment's operations
             if op.name.startswith("Posterize"):

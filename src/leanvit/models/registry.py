@@ -33,12 +33,7 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
     ``pretrained=False`` is the default because leanvit's main jobs must run offline; pass
     ``pretrained=True`` (or a ``checkpoint_path``) when weights are at hand.
     """
-    from ..catalog import find_facts
-
-    facts = find_facts(name)
-    if facts is not None and "." not in name:
-        name = facts.model_id  # the tag whose head matches the published model (e.g. 1k classes)
-    name = resolve_model_name(name)
+    name = _timm_name(name)
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:  # a model kwarg it does not take, or of the wrong type
@@ -51,3 +46,21 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
                            f"({type(e).__name__}). Connect once to cache them, or load weights from a file instead "
                            "(--checkpoint FILE; a teacher: --teacher-checkpoint FILE).") from None
     return model.eval()
+
+
+def pretrained_num_classes(name: str) -> int | None:
+    """How many classes the pretrained weights ``create_model(name, pretrained=True)`` loads were trained on
+    (None where timm does not say), known before anything is downloaded."""
+    cfg = timm.models.get_pretrained_cfg(_timm_name(name))
+    return getattr(cfg, "num_classes", None)
+
+
+def _timm_name(name: str) -> str:
+    """``name`` resolved (see :func:`resolve_model_name`); a catalog model without a tag gets the tag of the published
+    weights (e.g. those with 1k classes)."""
+    from ..catalog import find_facts
+
+    facts = find_facts(name)
+    if facts is not None and "." not in name:
+        name = facts.model_id
+    return resolve_model_name(name)

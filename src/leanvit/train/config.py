@@ -2,7 +2,7 @@
 
 Defaults are DeiT's ImageNet recipe (AdamW, lr 5e-4 per 512 images, weight decay 0.05, 5
 warm-up epochs, cosine, label smoothing 0.1, mixup 0.8, cutmix 1.0, RandAugment m9, random
-erasing 0.25, distillation alpha 0.5, tau 1), scaled to a global batch of 256.
+erasing 0.25 with per-pixel noise, distillation alpha 0.5, tau 1), scaled to a global batch of 256.
 """
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, field
 from ..errors import LeanvitError, check_range
 from ..profile import check_img_size
 from .distill import DISTILL_MODES
+
+#: timm's random erasing fills.
+RE_MODES = ("pixel", "rand", "const")
 
 
 def _help(text: str) -> dict:
@@ -51,6 +54,9 @@ class TrainConfig:
     randaug: str | None = field(default="rand-m9-mstd0.5-inc1", **_help(
         "timm auto-augment policy ('none': off)"))
     reprob: float = field(default=0.25, **_help("random erasing probability"))
+    remode: str = field(default="pixel", **_help(
+        "random erasing fill: pixel (per-pixel normal noise, DeiT's), rand (one random colour per box) or const "
+        "(zeros)"))
     crop_scale: float = field(default=0.08, **_help(
         "smallest area fraction of the random resized crop (ImageNet: 0.08; short runs on small "
         "images learn faster with ~0.35)"))
@@ -91,6 +97,9 @@ class TrainConfig:
     #: Of those, the ones that say where and how a run was carried out, not what it trained: a resume
     #: that changes any other one is recorded in the run's state (``changes``) for its model card.
     BOOKKEEPING = ("output", "resume", "workers", "progress")
+    #: Fields added after runs were recorded, with the value those runs had (where it is not the default): a run's
+    #: saved config that lacks one ran with this value.
+    EARLIER_VALUES = {"remode": "const"}
 
     def __post_init__(self) -> None:
         if self.randaug in ("", "none"):
@@ -122,6 +131,8 @@ class TrainConfig:
             check_img_size(self.img_size)
         if self.randaug is not None:
             _check_randaug(self.randaug)
+        if self.remode not in RE_MODES:
+            raise LeanvitError(f"--remode must be one of {', '.join(RE_MODES)}, got '{self.remode}'.")
         if self.distill not in DISTILL_MODES:
             raise LeanvitError(f"--distill must be one of {', '.join(DISTILL_MODES)}, got '{self.distill}'.")
         for name in ("keep_rate_start_epoch", "keep_rate_shrink_epochs"):

@@ -32,10 +32,10 @@ from ..checkpoint import (WEIGHTS_FILE, CheckpointMismatchError, checkpoint_file
                           model_from_checkpoint, read_metadata, save_weights)
 from ..compress.tokens import EViT, from_spec, keep_rate_warmup
 from ..compress.tokens import apply as token_apply
-from ..data import build_transform, dataset_classes, make_loader, open_dataset, resolve_data_config
+from ..data import build_transform, check_input_size, dataset_classes, make_loader, open_dataset, resolve_data_config
 from ..errors import LeanvitError
 from ..evaluate import evaluate
-from ..models.registry import create_model
+from ..models.registry import create_model, pretrained_num_classes
 from .config import TrainConfig
 from .distill import AdaptedTeacher, DistillationLoss
 from .state import EMA_FILE, latest_checkpoint, load_training_state, read_state, save_training_state
@@ -95,8 +95,9 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     if cfg.tokens:
         token_apply(model, from_spec(cfg.tokens))  # no new parameters: the weights stay a plain ViT's
     data_config = resolve_data_config(model, img_size=cfg.img_size, crop_pct=cfg.crop_pct)
+    check_input_size(model, data_config, cfg.model)  # a ViT built for 224 fed 32x32 data: the fix, not an assertion
     train_set.transform = build_transform(data_config, train=True, auto_augment=cfg.randaug, re_prob=cfg.reprob,
-                                          no_aug=cfg.no_aug, crop_scale=cfg.crop_scale)
+                                          re_mode=cfg.remode, no_aug=cfg.no_aug, crop_scale=cfg.crop_scale)
     metadata = {"model": cfg.model, "model_kwargs": kwargs, "data_config": data_config, "classes": classes,
                 **({"tokens": cfg.tokens} if cfg.tokens else {})}
 
@@ -128,7 +129,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     val_loader = _val_loader(cfg, data_config, classes) if main and cfg.val_data else None
 
-    start_epoch, step, steps_log, epochs_log, changes = 0, 0, [], [], []
+    start_epoch, step, steps_log, epochs_log, changes, cwd = 0, 0, [], [], [], os.getcwd()
     inputs = _weights_read(cfg)
     last = latest_checkpoint(output)
     if last is not None and not cfg.resume:
@@ -136,7 +137,8 @@ def _fit(cfg: TrainConfig) -> TrainResult:
                            "or choose another --output.")
     if last is not None:
         state = read_state(last)
-        changes = state.get("changes", []) + _resume_changes(state["config"], cfg, state["epoch"] + 1)
+        cwd = state.get("cwd", cwd)  # relative paths in the saved config are relative to the start's folder
+        changes = state.get("changes", []) + _resume_changes(state["config"], cfg, state["epoch"] + 1, cwd)
         inputs = _same_weights_read(state.get("inputs"), inputs)
         load_training_state(last, state, model=model, optimizer=optimizer, ema=ema)
         if state["scaler"]:
@@ -199,7 +201,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
             save_training_state(output, epoch, model=model, metadata=metadata, optimizer=optimizer, ema=ema,
                                 state={"step": step, "config": cfg.to_dict(), "scaler": scaler.state_dict(),
                                        "epochs": epochs_log, "changes": changes,
-                                       "inputs": inputs})
+                                       "inputs": inputs, "cwd": cwd})
             print(json.dumps(summary), file=sys.stderr)
         if world > 1:
             dist.barrier()
@@ -303,17 +305,22 @@ def _teacher(cfg: TrainConfig, classes: list[str], data_config: dict, device: to
     if cfg.teacher_checkpoint:
         teacher, meta = model_from_checkpoint(cfg.teacher, cfg.teacher_checkpoint)
     else:
+        _check_teacher_classes(cfg, pretrained_num_classes(cfg.teacher), classes)  # before the download
         teacher, meta = create_model(cfg.teacher, pretrained=True), {}
     if meta.get("classes", classes) != classes:  # as many classes in another order would teach wrong labels
         raise LeanvitError(f"The --teacher-checkpoint {cfg.teacher_checkpoint} was trained on the classes "
                            f"{meta['classes']}, not those of {cfg.data} ({classes}): give a teacher trained on these "
                            "classes.")
-    if teacher.num_classes != len(classes):
-        raise LeanvitError(f"The teacher {cfg.teacher} has {teacher.num_classes} classes but {cfg.data} has "
-                           f"{len(classes)}: give a --teacher-checkpoint trained on these classes.")
+    _check_teacher_classes(cfg, teacher.num_classes, classes)
     # a checkpoint without leanvit's metadata says nothing of its resolution: keep the student's
     teacher_config = meta.get("data_config") or resolve_data_config(teacher, img_size=data_config["input_size"][-1])
     return AdaptedTeacher(teacher.eval().requires_grad_(False), data_config, teacher_config).to(device)
+
+
+def _check_teacher_classes(cfg: TrainConfig, num_classes: int | None, classes: list[str]) -> None:
+    if num_classes is not None and num_classes != len(classes):
+        raise LeanvitError(f"The teacher {cfg.teacher} has {num_classes} classes but {cfg.data} has "
+                           f"{len(classes)}: give a --teacher-checkpoint trained on these classes.")
 
 
 def _val_loader(cfg: TrainConfig, data_config: dict, classes: list[str]):
@@ -366,12 +373,14 @@ def _same_weights_read(saved: dict | None, now: dict) -> dict:
     return saved
 
 
-def _resume_changes(saved: dict, cfg: TrainConfig, epoch: int) -> list[dict]:
+def _resume_changes(saved: dict, cfg: TrainConfig, epoch: int, start_cwd: str) -> list[dict]:
     """Refuse a resume that changes what the run computes; return the allowed changes it makes (e.g. a
     longer schedule) as ``[{"epoch", "changes": {field: [old, new]}}]``, bookkeeping left out, so the
-    run's card can say that it is not one uninterrupted command."""
+    run's card can say that it is not one uninterrupted command. The saved config's relative paths are relative
+    to ``start_cwd``; a field it lacks (newer than the run) had its earlier value."""
+    saved = {**TrainConfig.EARLIER_VALUES, **saved}
     changed = {k: [saved.get(k), v] for k, v in cfg.to_dict().items()
-               if saved.get(k) != v and not (k in _PATHS and _same_path(saved.get(k), v))}
+               if saved.get(k) != v and not (k in _PATHS and _same_path(saved.get(k), v, start_cwd))}
     refused = sorted(k for k in changed if k not in TrainConfig.RESUMABLE_CHANGES)
     if refused:
         raise LeanvitError(
@@ -387,8 +396,9 @@ def _resume_changes(saved: dict, cfg: TrainConfig, epoch: int) -> list[dict]:
 _PATHS = ("data", "val_data", "val_labels", "init_checkpoint", "teacher_checkpoint")
 
 
-def _same_path(a: str | None, b: str | None) -> bool:
-    if a is None or b is None:
-        return a == b
-    first, second = Path(a).expanduser(), Path(b).expanduser()
+def _same_path(saved: str | None, now: str | None, start_cwd: str) -> bool:
+    """Whether ``saved`` (relative to ``start_cwd``) and ``now`` (relative to this folder) name one existing file."""
+    if saved is None or now is None:
+        return saved == now
+    first, second = Path(start_cwd) / Path(saved).expanduser(), Path(now).expanduser()
     return first.exists() and second.exists() and first.resolve() == second.resolve()
