@@ -6,12 +6,14 @@ shares no code with the batched, static-shape implementation under test.
 """
 import copy
 import math
+import warnings
 
 import pytest
 import timm
 import torch
 
 import leanvit.tokens as tokens
+from leanvit.compress.tokens.patch import model_tokens
 from leanvit.errors import LeanvitError
 from leanvit.profile import count_macs
 
@@ -319,6 +321,21 @@ def test_grad_checkpointing_is_refused(vit, images):
     model.set_grad_checkpointing(True)
     with pytest.raises(LeanvitError, match="checkpointing"):
         model(images)
+
+
+def test_a_masked_forward_warns_that_it_runs_unreduced(vit, images):
+    """timm runs a forward with attn_mask / is_causal block by block, over the original blocks."""
+    model = reduced(vit, tokens.ToMe(r=2))
+    n = model_tokens(model)
+    with pytest.warns(UserWarning, match=r"ran without its token reduction \(ToMe"):
+        masked = model(images, attn_mask=torch.zeros(n, n))
+    with pytest.warns(UserWarning, match="without its token reduction"):
+        model(images, None, True)
+    torch.testing.assert_close(masked, tokens.remove(copy.deepcopy(model))(images))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(images)  # the reduced path: no warning
+        tokens.remove(model)(images, attn_mask=torch.zeros(n, n))  # nothing to skip once removed
 
 
 def test_a_pruned_model_is_unreduced_and_may_checkpoint(vit, images):

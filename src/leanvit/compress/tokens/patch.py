@@ -8,9 +8,10 @@ DiffRate) or the keys (ToMe), and for merging methods a log-size bias on the att
 ``state_dict`` keys and checkpoints are unchanged. Its forward passes the token sizes from block to
 block. :func:`remove` puts the original ``nn.Sequential`` back. Reduction applies to ``forward`` and
 ``forward_features``. What timm runs block by block runs the original blocks, unreduced:
-``forward_intermediates`` (spatial feature maps need every token) and ``forward_features(x, attn_mask=...)``
-(a mask over every token); ``prune_intermediate_layers`` keeps the original blocks, so the pruned model is
-unreduced (:func:`applied` then returns None).
+``forward_intermediates`` (spatial feature maps need every token) and a forward with ``attn_mask`` or
+``is_causal`` (a mask over every token: ``model(x, attn_mask=...)`` warns that it runs unreduced; a direct
+``forward_features(x, attn_mask=...)`` call cannot be seen and does not); ``prune_intermediate_layers`` keeps the
+original blocks, so the pruned model is unreduced (:func:`applied` then returns None).
 
 Every token count is a Python integer derived from the input's token count, never from data, so a
 reduced model is top-k, gather and scatter-add with fixed shapes, and it exports to ONNX and
@@ -18,6 +19,7 @@ OpenVINO as such.
 """
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from typing import Callable, Optional
 
@@ -163,12 +165,20 @@ def model_tokens(model: VisionTransformer) -> int:
     return model.patch_embed.num_patches + model.num_prefix_tokens
 
 
-def _refuse_grad_checkpointing(model: nn.Module, args) -> None:
-    if getattr(model, "grad_checkpointing", False) and isinstance(model.blocks, ReducingBlocks):
+def _check_reduced_call(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Before a reduced model's forward: the calls timm runs block by block would skip the reduction."""
+    if not isinstance(model.blocks, ReducingBlocks):
+        return  # pruned (prune_intermediate_layers): the original blocks, unreduced by design
+    if getattr(model, "grad_checkpointing", False):
         raise LeanvitError(
             "Gradient checkpointing runs the blocks one by one and would skip the token reduction; "
             "call model.set_grad_checkpointing(False) while leanvit.tokens is applied."
         )
+    masked = kwargs.get("attn_mask", args[1] if len(args) > 1 else None) is not None
+    if masked or kwargs.get("is_causal", args[2] if len(args) > 2 else False):
+        warnings.warn(f"{type(model).__name__} ran without its token reduction ({model.blocks.method!r}): an "
+                      "attention mask or causal attention covers every token, so timm runs the original blocks. "
+                      "Call it without attn_mask / is_causal for the reduced model.", stacklevel=3)
 
 
 def apply(model: nn.Module, method: TokenMethod) -> nn.Module:
@@ -185,7 +195,7 @@ def apply(model: nn.Module, method: TokenMethod) -> nn.Module:
     method = method.resolve(model)
     method.token_counts(model_tokens(model), model.num_prefix_tokens, len(model.blocks))  # validates
     model.blocks = ReducingBlocks(model.blocks, method, model.num_prefix_tokens)
-    model.register_forward_pre_hook(_refuse_grad_checkpointing)
+    model.register_forward_pre_hook(_check_reduced_call, with_kwargs=True)
     return model
 
 
@@ -195,8 +205,9 @@ def remove(model: nn.Module) -> nn.Module:
     if isinstance(blocks, ReducingBlocks):
         model.blocks = blocks.original
         # found by identity, not by handle, so that a deep-copied model removes its own hook
-        for key in [k for k, h in model._forward_pre_hooks.items() if h is _refuse_grad_checkpointing]:
+        for key in [k for k, h in model._forward_pre_hooks.items() if h is _check_reduced_call]:
             del model._forward_pre_hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
     return model
 
 
