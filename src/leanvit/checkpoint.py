@@ -8,9 +8,11 @@ the model family's ``checkpoint_filter_fn`` for the official key names).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import pickle
+import re
 import struct
 import sys
 from pathlib import Path
@@ -74,15 +76,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """
     path = checkpoint_file(path)
     try:
-        if path.suffix == ".safetensors":
+        if _is_safetensors(path):
             with safe_open(str(path), framework="pt") as f:
                 return {_strip_prefixes(k): f.get_tensor(k) for k in f.keys()}, _leanvit_metadata(f)
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # a pickled model object, or not a pickle at all
-        raise LeanvitError(f"Cannot read checkpoint {path} as a state dict ({str(e).splitlines()[0]}). A file from "
-                           "torch.save(model) holds the model object: save model.state_dict() instead (or "
-                           "safetensors); any other file is not a weights file.") from None
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, struct.error) as e:
+        # timm's train.py and the official repos (DeiT's) save their argparse options beside the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a pickled model object or other code, or not a pickle at all
+        raise _not_a_state_dict(path, e) from None
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, struct.error) as e:
         raise _unreadable(path, e) from None
     for key in _WRAPPERS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -96,7 +98,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 def read_metadata(path: str | Path) -> dict:
     """leanvit's metadata in the checkpoint ``path`` names, read from the file's header alone (no tensors)."""
     path = checkpoint_file(path)
-    if path.suffix != ".safetensors":
+    if not _is_safetensors(path):
         return {}  # a pickled state dict carries no leanvit metadata
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -105,12 +107,40 @@ def read_metadata(path: str | Path) -> dict:
         raise _unreadable(path, e) from None
 
 
+def _is_safetensors(path: Path) -> bool:
+    """By content, whatever the file is called: safetensors starts with its JSON header's length, then the header."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 2 <= struct.unpack("<Q", head[:8])[0] < path.stat().st_size
+
+
+def _not_a_state_dict(path: Path, error: pickle.UnpicklingError) -> LeanvitError:
+    """torch's weights-only refusal, said in one line: which object the file holds, and what to do."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found is None:
+        return _unreadable(path, error)
+    what = found.group(1)
+    module = what.startswith("torch.nn.") or ".models." in what or what.startswith("timm.")
+    fix = ("A file from torch.save(model) holds the model object: save model.state_dict() instead (or safetensors)."
+           if module else "Save only the state dict (a dict of tensors), or convert it to safetensors.")
+    return LeanvitError(f"Cannot read checkpoint {path} as a state dict: it holds a Python object ({what}) that "
+                        f"loading would have to run code for, which leanvit does not do. {fix}")
+
+
 def _leanvit_metadata(f) -> dict:
     return json.loads((f.metadata() or {}).get("leanvit", "{}"))
 
 
 def _unreadable(path: Path, error: Exception) -> LeanvitError:
-    return LeanvitError(f"Cannot read checkpoint {path}: {error}. Is it a complete weights file?")
+    if isinstance(error, pickle.UnpicklingError):  # torch's text is about weights_only, not about this file
+        reason = "not a pickle torch can read"
+    else:
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or ['no detail'])[0]}"
+    return LeanvitError(f"Cannot read checkpoint {path} ({reason}). Is it a complete weights file (safetensors, or a "
+                        "state dict saved with torch.save)?")
 
 
 def load_weights(model: nn.Module, path: str | Path, *, ignore_classifier: bool = False) -> dict:

@@ -42,6 +42,32 @@ def test_pth_with_wrapper_and_ddp_prefix(tmp_path):
     torch.testing.assert_close(other.head.weight, model.head.weight)
 
 
+def test_training_scripts_checkpoints_with_their_options_load(tmp_path):
+    """timm's train.py and DeiT's main.py save their argparse options beside the weights; a safetensors file is
+    recognised by its content whatever its name."""
+    import argparse
+
+    model = _vit()
+    options = argparse.Namespace(lr=5e-4, model="deit_tiny_patch16_224", aa=None, input_size=(3, 224, 224))
+    torch.save({"epoch": 3, "state_dict": model.state_dict(), "args": options, "metric": 71.2}, tmp_path / "t.pth.tar")
+    torch.save({"model": model.state_dict(), "args": options}, tmp_path / "deit.pth")
+    save_weights(tmp_path / "weights.bin", model.state_dict(), {"model": "deit_tiny_patch16_224"})
+    for name in ("t.pth.tar", "deit.pth", "weights.bin"):
+        assert read_checkpoint(tmp_path / name)[0].keys() == model.state_dict().keys()
+    assert read_metadata(tmp_path / "weights.bin") == {"model": "deit_tiny_patch16_224"}
+
+
+def test_unreadable_files_say_what_they_hold(tmp_path):
+    torch.save(_vit(), tmp_path / "model.pth")
+    with pytest.raises(LeanvitError, match=r"holds a Python object \(timm.models.vision_transformer.VisionTransformer"
+                                           r"\).*save model.state_dict\(\) instead"):
+        read_checkpoint(tmp_path / "model.pth")
+    for i, junk in enumerate((b"", b"hello world, not weights", bytes(range(256)))):
+        (tmp_path / f"{i}.pth").write_bytes(junk)
+        with pytest.raises(LeanvitError, match=r"Cannot read checkpoint .*\(.+\)\. Is it a complete weights file"):
+            read_checkpoint(tmp_path / f"{i}.pth")
+
+
 def test_another_architecture_names_the_keys(tmp_path):
     save_weights(tmp_path / "r.safetensors", timm.create_model("resnet10t", num_classes=10).state_dict(),
                  {"model": "resnet10t"})
