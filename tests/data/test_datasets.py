@@ -44,6 +44,24 @@ def test_split_folders_pick_train_or_val(tmp_path):
     assert len(open_dataset(tmp_path, train=False)) == 2
 
 
+def test_every_evaluation_split_name_is_a_split_not_a_class(tmp_path):
+    for name in ("valid", "validation"):
+        _write_images(tmp_path / name, ["train/a/1.png", "train/b/2.png", f"{name}/a/4.png"])
+        assert len(open_dataset(tmp_path / name)) == 1
+    _write_images(tmp_path / "only", ["train/a/1.png", "train/b/2.png"])
+    with pytest.raises(LeanvitError, match=r"split folder\(s\) train but no val / valid / validation / test split "
+                                           r"for evaluation. Pass the split folder itself \(e.g. .*only/train\)"):
+        open_dataset(tmp_path / "only")
+
+
+def test_hidden_and_system_folders_are_not_classes_and_gifs_are_images(tmp_path):
+    _write_images(tmp_path, ["cat/a.png", "dog/b.png", "dog/c.gif", "__MACOSX/cat/._a.png", "cat/._a.png",
+                             "@eaDir/x/d.png", "dog/.thumb.png"])
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    ds = open_dataset(tmp_path)
+    assert ds.classes == ["cat", "dog"] and [Path(p).name for p, _ in ds.samples] == ["a.png", "b.png", "c.gif"]
+
+
 def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "cat").mkdir()
     with pytest.raises(LeanvitError, match="No images found"):
@@ -102,6 +120,17 @@ def test_label_file_with_names_ints_and_imagenet_csv(tmp_path):
     ints.write_text("x1.JPEG,4\nx2.JPEG,0\nx3.JPEG,2\n")
     ds = open_dataset(tmp_path / "val", labels=ints, classes=[f"c{i}" for i in range(6)])
     assert ds.targets == [4, 0, 2] and len(ds.classes) == 6
+
+
+def test_label_csv_with_more_columns_and_a_byte_order_mark(tmp_path):
+    _write_images(tmp_path / "val", ["x1.png", "x2.png", "x3.png"])
+    labels = tmp_path / "labels.csv"  # a spreadsheet's export: BOM, header, a third column, quoted names
+    labels.write_bytes("\ufefffilename,label,synset\nx1.png,2,n02\n\"x2.png\",10,n10\nx3.png,2,n02\n".encode("utf-8"))
+    ds = open_dataset(tmp_path / "val", labels=labels)
+    assert ds.classes == [str(i) for i in range(11)] and ds.targets == [2, 10, 2]
+    labels.write_bytes("x1.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(LeanvitError, match="is not UTF-8 text .*Save it as UTF-8"):
+        open_dataset(tmp_path / "val", labels=labels)
 
 
 @pytest.mark.parametrize("content, problem", [

@@ -11,6 +11,7 @@ computed over fewer images than the folder holds.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import warnings
@@ -31,6 +32,18 @@ from ..errors import LeanvitError
 BUNDLED_CIFAR10 = "cifar10-test500"
 _BUNDLED_FILE = "cifar10_test500.npz"
 _HEADER_NAMES = {"imageid", "image", "filename", "file", "path", "name"}
+#: torchvision's image types and the other photo formats Pillow decodes: a folder's GIFs are images too.
+IMAGE_EXTENSIONS = tuple(sorted({*IMG_EXTENSIONS, ".gif", ".jfif", ".jpe", ".avif", ".apng", ".jp2", ".pnm", ".pbm",
+                                 ".qoi", ".tga"}))
+#: Sub-folder names of a dataset's splits: an evaluation reads the first of these that exists.
+EVAL_SPLITS, TRAIN_SPLITS = ("val", "valid", "validation", "test"), ("train",)
+
+
+def _hidden(name: str) -> bool:
+    """Files and folders that operating systems and tools leave in a dataset, never classes or images: dot files
+    (``.ipynb_checkpoints``, macOS's ``._*`` resource forks), macOS's ``__MACOSX`` from zip files, Synology's
+    ``@eaDir``."""
+    return name.startswith((".", "__MACOSX", "@eaDir"))
 
 
 class CorruptImageWarning(UserWarning):
@@ -54,13 +67,19 @@ def collate_skipping_corrupt(batch: Sequence) -> list | None:
 
 
 class ImageFolderDataset(ImageFolder):
-    """torchvision's ``root/<class>/<image>`` layout, skipping undecodable files."""
+    """torchvision's ``root/<class>/<image>`` layout, skipping undecodable and hidden files (:func:`_hidden`)."""
 
     def __init__(self, root: Path, transform: Callable | None = None):
         try:
-            super().__init__(str(root), transform=transform, loader=_load_rgb)
+            super().__init__(str(root), transform=transform, loader=_load_rgb, is_valid_file=_is_image)
         except FileNotFoundError as e:  # a class folder without a single image
             raise LeanvitError(f"{e}. Remove the empty class folders under {root} or add images.") from None
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(p.name for p in Path(directory).iterdir() if p.is_dir() and not _hidden(p.name))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}")
+        return classes, {c: i for i, c in enumerate(classes)}
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
@@ -102,7 +121,7 @@ class LabelFileDataset(_ImageFiles):
         self.root, self.transform = root, transform
         images = {p.name: p for p in _images_in(root)}
         if not images:
-            raise LeanvitError(f"No images ({', '.join(IMG_EXTENSIONS)}) in {root}.")
+            raise LeanvitError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {root}.")
         rows = _read_label_file(Path(label_file), images)
         by_stem = {Path(n).stem: n for n in images}
         named, missing = {}, []
@@ -188,7 +207,8 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
 
     - ``"cifar10-test500"``: the subset shipped with leanvit;
     - a folder holding ``cifar-10-batches-py`` (CIFAR-10's python pickles), train or test split;
-    - a folder with ``train/`` and ``val/`` (or ``test/``) sub-folders: the split ``train`` picks;
+    - a folder with ``train/`` and ``val/`` (or ``valid/``, ``validation/``, ``test/``) sub-folders: the split
+      ``train`` picks;
     - an ImageFolder tree ``root/<class>/<image>``;
     - a flat folder of images with ``labels``, a label file (see :class:`LabelFileDataset`), or, where the
       labels are not needed (``unlabelled=True``: calibration), without (:class:`UnlabelledImages`).
@@ -214,11 +234,15 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
         except RuntimeError as e:  # torchvision's checksum test failed
             raise LeanvitError(f"{pickles} is incomplete or corrupt (torchvision: {e}). Download and "
                                "extract CIFAR-10's python version again.") from None
-    for split in (["train"] if train else ["val", "test"]):
-        if (root / split).is_dir():
-            root = root / split
-            break
-    if any(d.is_dir() and any(_images_in(d, recursive=True)) for d in root.iterdir()):
+    wanted = TRAIN_SPLITS if train else EVAL_SPLITS
+    split = next((root / name for name in wanted if (root / name).is_dir()), None)
+    folders = {d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name)}
+    if split is None and folders and folders <= {*TRAIN_SPLITS, *EVAL_SPLITS}:  # not classes: splits
+        raise LeanvitError(f"{root} holds the split folder(s) {', '.join(sorted(folders))} but no "
+                           f"{' / '.join(wanted)} split for {'training' if train else 'evaluation'}. Pass the "
+                           "split folder itself (e.g. " + str(root / sorted(folders)[0]) + ").")
+    root = split or root
+    if any(d.is_dir() and not _hidden(d.name) and any(_images_in(d, recursive=True)) for d in root.iterdir()):
         return ImageFolderDataset(root, transform)
     flat = list(_images_in(root))
     if flat and unlabelled:
@@ -232,21 +256,36 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
     raise LeanvitError(
         f"No images found under {root}. Expected class folders (root/<class>/<image>), "
         f"a flat folder with a label file, or CIFAR-10's cifar-10-batches-py; image types: "
-        f"{', '.join(IMG_EXTENSIONS)}."
+        f"{', '.join(IMAGE_EXTENSIONS)}."
     )
 
 
 def _images_in(folder: Path, recursive: bool = False):
     files = folder.rglob("*") if recursive else folder.iterdir()
-    return (p for p in files if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    return (p for p in files if _is_image(p))
+
+
+def _is_image(path: str | Path) -> bool:
+    path = Path(path)
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(path.name) and path.is_file()
 
 
 def _read_label_file(path: Path, images: dict) -> list[tuple[str, str]]:
     if not path.is_file():
         raise LeanvitError(f"Label file {path} does not exist.")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        fields = line.replace(",", " ", 1).split()
+    try:  # utf-8-sig: the byte-order mark spreadsheet programs write is not part of the first name
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise LeanvitError(f"Label file {path} is not UTF-8 text ({e.reason} at byte {e.start}). Save it as "
+                           "UTF-8.") from None
+    rows, loc = [], lines and lines[0].replace(" ", "").lower().startswith("imageid,predictionstring")
+    for number, line in enumerate(lines, 1):
+        # a comma-separated row's label is its second field (CSV quoting honoured), or with ImageNet's
+        # LOC_val_solution.csv that field's first word (the synset before the boxes); otherwise whitespace separates
+        fields = [f.strip() for f in next(csv.reader([line]))] if "," in line else line.split()
+        if loc and len(fields) > 1:
+            fields[1] = (fields[1].split() or [""])[0]
+        fields = [f for f in fields if f]
         if not fields:
             continue
         if len(fields) < 2:
