@@ -9,6 +9,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import group_parameters
 
 from leanvit.catalog import CATALOG, get_facts
 from leanvit.deploy import check_agreement, export_onnx, get_engine
@@ -407,6 +408,33 @@ def test_no_weight_decay_lists_ssm_parameters_and_position_embedding():
         f'stages.3.mamba_blocks.{i}.mamba.{n}' for i in range(2) for n in ('A_log', 'D', 'direction_Bs')
     }
     assert skip == expected
+
+
+def test_fine_groups_follow_execution_order_one_per_block():
+    """Layer-wise LR decay ranks parameters by these groups: each block gets its own, in the order
+    the blocks run (the Mamba blocks after the stage's FFN blocks, the position embedding with the
+    first Mamba block it feeds, each downsample with its stage's first block, as timm does)."""
+    model = tiny()
+    group_of = {}
+    for gid, names in group_parameters(model, model.group_matcher(), reverse=False).items():
+        group_of.update(dict.fromkeys(names, gid))
+    execution = ['stem'] + [
+        f'stages.{i}.{kind}.{j}'
+        for i, stage in enumerate(model.stages)
+        for kind in ('blocks', 'mamba_blocks') if getattr(stage, kind) is not None
+        for j in range(len(getattr(stage, kind)))
+    ]
+    groups = []
+    for prefix in execution:
+        ids = {g for n, g in group_of.items() if n.startswith(prefix + '.')}
+        assert len(ids) == 1, (prefix, ids)
+        groups.append(ids.pop())
+    assert groups == sorted(set(groups)), list(zip(execution, groups))  # strictly increasing
+    assert group_of['norm.weight'] == groups[-1]  # timm's MATCH_PREV_GROUP: with the last block
+    assert group_of['stages.3.pos_embed'] == groups[execution.index('stages.3.mamba_blocks.0')]
+    for i in (1, 2, 3):
+        assert group_of[f'stages.{i}.downsample.conv.conv.weight'] == groups[execution.index(f'stages.{i}.blocks.0')]
+    assert set(group_parameters(model, model.group_matcher(coarse=True))) == set(range(len(model.stages) + 2))
 
 
 def test_wrong_input_size_names_the_expected_one():

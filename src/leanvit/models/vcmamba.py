@@ -324,16 +324,25 @@ class VCMamba(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^stages\.(\d+)\.pos_embed', None),
-                (r'^stages\.(\d+)\.mamba_blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
+        if coarse:
+            return dict(stem=r'^stem', blocks=r'^stages\.(\d+)')
+        fine = [
+            (r'^stages\.(\d+)\.downsample', (0,)),  # with the stage's first block, as in timm
+            (r'^stages\.(\d+)\.blocks\.(\d+)\.', None),
+        ]
+        # A stage's Mamba blocks run after its FFN blocks, so they take the ordinals that follow
+        # theirs (a regex cannot add the offset, hence one entry per block); the position
+        # embedding is added just before the first Mamba block and joins its group.
+        for i, stage in enumerate(self.stages):
+            if stage.mamba_blocks is not None:
+                first = len(stage.blocks)
+                fine.append((rf'^stages\.{i}\.pos_embed$', (i, first)))
+                fine += [
+                    (rf'^stages\.{i}\.mamba_blocks\.{j}\.', (i, first + j))
+                    for j in range(len(stage.mamba_blocks))
+                ]
+        fine.append((r'^norm', (99999,)))
+        return dict(stem=r'^stem', blocks=fine)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
