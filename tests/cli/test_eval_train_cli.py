@@ -92,6 +92,8 @@ def test_bad_data(tmp_path, capsys, layout, message):
     (["--crop-pct", "0"], "must be in (0, 1]"),
     (["--model-kwargs", '{"img_size": 32, "no_such_kwarg": 1}'], "cannot be built with the model kwargs"),
     (["--out", "/proc/no/such/dir/x.json"], "Cannot write --out"),
+    (["--out", "/proc"], "--out /proc is a folder; give the file to write the JSON result to, e.g. /proc/eval.json"),
+    (["--workers", "-1"], "--workers: must be 0 or more, got -1"),
 ])
 def test_bad_eval_arguments_are_one_line_errors_before_the_work(extra, message, capsys):
     args = ["eval", MODEL, "--model-kwargs", json.dumps(KWARGS), "--no-progress", "--workers", "0", *extra]
@@ -101,6 +103,33 @@ def test_bad_eval_arguments_are_one_line_errors_before_the_work(extra, message, 
         rc = e.code
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_a_label_file_indexes_the_checkpoints_or_the_models_classes(trained, capsys, tmp_path):
+    """Labels covering some classes (a subset of a validation split) keep the model's class order: indices and names
+    index the checkpoint's classes, synsets an ImageNet model's, indices a plain model's outputs."""
+    from leanvit.data import bundled_cifar10
+
+    data, subset = tmp_path / "flat", bundled_cifar10()
+    data.mkdir()
+    first = subset.targets.index
+    picks = [first(1), first(2), first(2) + 1]  # three images of classes 1 and 2 only
+    for i in picks:
+        subset[i][0].save(data / f"{i}.png")
+    cases = {"ints": [str(subset[i][1]) for i in picks], "names": [subset.classes[subset[i][1]] for i in picks],
+             "synsets": ["n01443537", "n01484850", "n01484850"]}
+    for name, labels in cases.items():
+        (tmp_path / name).write_text("".join(f"{i}.png {label}\n" for i, label in zip(picks, labels)))
+    common = ["--data", str(data), "--json", "--no-progress", "--workers", "0"]
+    for name in ("ints", "names"):
+        assert main(["eval", MODEL, "--checkpoint", str(trained), "--labels", str(tmp_path / name), *common]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert sorted(report["per_class"]) == [subset.classes[1], subset.classes[2]] and report["images"] == 3
+    for name, outputs, classes in (("ints", 1000, ["n01443537", "n01484850"]), ("synsets", 1000, ["n01443537", "n01484850"]),
+                                   ("ints", 10, ["1", "2"])):
+        kwargs = json.dumps({**KWARGS, "num_classes": outputs})
+        assert main(["eval", MODEL, "--model-kwargs", kwargs, "--labels", str(tmp_path / name), *common]) == 0
+        assert sorted(json.loads(capsys.readouterr().out)["per_class"]) == classes
 
 
 def test_train_rejects_bad_model_kwargs(capsys):

@@ -69,6 +69,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def count(text: str) -> int:
+    """argparse type for counts that may be 0 (data loader processes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def number_in(lo: float, hi: float, unit: str):
     """argparse type for a number in ``(lo, hi]``: a clear message instead of a traceback or a silent default."""
     def parse(text: str) -> float:
@@ -90,6 +101,8 @@ def input_data_config(model, meta: dict, args: argparse.Namespace) -> dict:
     ``img_size`` model kwarg) and ``--crop-pct`` where the command has one, over the checkpoint's
     saved data config, else over the model's timm config."""
     kwarg = args.model_kwargs.get("img_size")
+    if isinstance(kwarg, (list, tuple)) and len(set(kwarg)) == 1:  # a square size given as [96, 96]
+        kwarg = kwarg[0]
     img_size = args.img_size or (kwarg if isinstance(kwarg, int) else None)
     return resolve_data_config(model, img_size=img_size, crop_pct=getattr(args, "crop_pct", None),
                                saved=meta.get("data_config"))

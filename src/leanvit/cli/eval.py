@@ -15,7 +15,7 @@ from ..data import (
 from ..errors import LeanvitError
 from ..evaluate import evaluate
 from ..models.registry import create_model
-from . import crop_fraction, input_data_config, positive_int, print_json
+from . import count, crop_fraction, input_data_config, positive_int, print_json
 from .train import json_object
 
 
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="inference engine: eager (PyTorch), compile, onnxruntime, openvino (default eager)")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the engine's default)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
-    p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
+    p.add_argument("--workers", type=count, default=2, help="data loading processes (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", type=Path, help="also write the JSON result to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -64,11 +64,15 @@ def run(args: argparse.Namespace) -> int:
     data_config = input_data_config(model, meta, args)
     check_input_size(model, data_config, args.model)
     if args.out:  # before the evaluation, not after it
+        if args.out.is_dir():
+            raise LeanvitError(f"--out {args.out} is a folder; give the file to write the JSON result to, e.g. "
+                               f"{args.out / 'eval.json'}.")
         try:
             args.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise LeanvitError(f"Cannot write --out {args.out}: {e.strerror}. Give a writable path.") from None
-    dataset = open_dataset(args.data, transform=build_transform(data_config), labels=args.labels)
+    dataset = open_dataset(args.data, transform=build_transform(data_config), labels=args.labels,
+                           **(_label_classes(model, meta) if args.labels else {}))
     classes = dataset_classes(dataset)
     if meta.get("classes") and meta["classes"] != classes:
         raise LeanvitError(f"The checkpoint was trained on the classes {meta['classes']} but {args.data} has "
@@ -103,3 +107,16 @@ def run(args: argparse.Namespace) -> int:
     print("most confused (true -> predicted): "
           + ", ".join(f"{c['true']} -> {c['predicted']} ({c['count']})" for c in result.most_confused[:5]))
     return 0
+
+
+def _label_classes(model, meta: dict) -> dict:
+    """What a label file's labels index, so that one covering some of the classes keeps the model's order: the
+    checkpoint's class names, else an ImageNet model's synsets (timm's order), else the model's outputs."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    if meta.get("classes"):
+        return {"classes": meta["classes"]}
+    subset = infer_imagenet_subset(model)
+    if subset is not None:
+        return {"classes": ImageNetInfo(subset).label_names()}
+    return {"num_classes": getattr(model, "num_classes", None) or None}

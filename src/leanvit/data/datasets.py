@@ -112,12 +112,13 @@ class LabelFileDataset(_ImageFiles):
     The label file has one ``filename label`` line per image (comma or whitespace separated; an
     optional header line is skipped). ``label`` is a class index or a class name; names are
     indexed in sorted order (the ImageNet synset order timm's heads use) unless ``classes`` is
-    given. ImageNet's ``LOC_val_solution.csv`` works as is: the image id has no extension and the
-    first word of its ``PredictionString`` is the synset.
+    given. Indices index ``classes``, else ``num_classes`` classes (a model's outputs: a subset's labels may not
+    reach the last one), else as many as the largest label. ImageNet's ``LOC_val_solution.csv`` works as is: the
+    image id has no extension and the first word of its ``PredictionString`` is the synset.
     """
 
     def __init__(self, root: Path, label_file: Path, transform: Callable | None = None,
-                 classes: Sequence[str] | None = None):
+                 classes: Sequence[str] | None = None, num_classes: int | None = None):
         self.root, self.transform = root, transform
         images = {p.name: p for p in _images_in(root)}
         if not images:
@@ -144,7 +145,7 @@ class LabelFileDataset(_ImageFiles):
             )
         labels = list(named.values())
         if all(label.isdigit() for label in labels):
-            self.classes = list(classes) if classes else [str(i) for i in range(max(map(int, labels)) + 1)]
+            self.classes = list(classes) if classes else [str(i) for i in range(num_classes or max(map(int, labels)) + 1)]
             index = {str(i): i for i in range(len(self.classes))}
         else:
             self.classes = list(classes) if classes else sorted(set(labels))
@@ -202,7 +203,7 @@ def bundled_cifar10(transform: Callable | None = None) -> PackedJpegDataset:
 
 def open_dataset(source: str | Path, *, train: bool = False, transform: Callable | None = None,
                  labels: str | Path | None = None, classes: Sequence[str] | None = None,
-                 unlabelled: bool = False) -> Dataset:
+                 num_classes: int | None = None, unlabelled: bool = False) -> Dataset:
     """Open ``source`` in whichever supported layout it has.
 
     - ``"cifar10-test500"``: the subset shipped with leanvit;
@@ -226,7 +227,7 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
                 if ".tar" in root.suffixes or root.suffix in {".tgz", ".zip"} else "")
         raise LeanvitError(f"Data path {root} is a file; expected a folder.{hint}")
     if labels is not None:
-        return LabelFileDataset(root, Path(labels), transform, classes)
+        return LabelFileDataset(root, Path(labels), transform, classes, num_classes)
     pickles = root if root.name == "cifar-10-batches-py" else root / "cifar-10-batches-py"
     if pickles.is_dir():
         try:
