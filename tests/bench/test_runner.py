@@ -1,6 +1,11 @@
-"""What a bench row claims beside its measurements."""
+"""What a bench row claims beside its measurements, and which failures a bench survives."""
+import pytest
+
+from leanvit.bench import BenchConfig, TimingBudget, run_bench
 from leanvit.bench.runner import published_top1
 from leanvit.catalog import find_facts
+from leanvit.errors import InputSizeError, LeanvitError
+from leanvit.profile import create_model_at
 
 
 def test_published_top1_only_where_it_describes_the_row():
@@ -9,3 +14,43 @@ def test_published_top1_only_where_it_describes_the_row():
     assert published_top1(facts, 32, "") is None  # the model at another --img-size
     assert published_top1(facts, facts.img_size, "evit:0.7") is None  # a token-reduced variant
     assert published_top1(None, 224, "") is None  # a model the catalog does not know
+
+
+def tiny_bench(**kwargs) -> BenchConfig:
+    """A bench that takes seconds: tiny models at 32x32, a few timed calls, one thread."""
+    settings = dict(models=["mobilenetv2_050"], engines=["eager"], img_size=32, threads=1, n_check=2,
+                    budget=TimingBudget(warmup_s=0, warmup_iters=1, budget_s=0, min_iters=2))
+    return BenchConfig(**{**settings, **kwargs})
+
+
+def test_a_model_that_cannot_be_built_is_a_failed_row_and_the_others_still_count(monkeypatch):
+    """It aborted the run, throwing away the rows already measured (no report written)."""
+    from leanvit.bench import runner
+
+    def create(name, img_size, **kwargs):
+        if name == "resnet10t":
+            raise InputSizeError(f"{name} does not run at {img_size}x{img_size}; it takes 224x224 inputs (test).")
+        return create_model_at(name, img_size, **kwargs)
+
+    monkeypatch.setattr(runner, "create_model_at", create)
+    rows = run_bench(tiny_bench(models=["mobilenetv2_050", "resnet10t"], precisions=["f32", "bf16"]), progress=False)
+    assert [(r.model, r.precision, r.ran) for r in rows] == [
+        ("mobilenetv2_050", "f32", True), ("mobilenetv2_050", "bf16", True),
+        ("resnet10t", "f32", False), ("resnet10t", "bf16", False)]
+    assert "does not run at 32x32" in rows[-1].error and rows[-1].img_size == 32
+
+
+def test_an_engine_that_refuses_a_configuration_is_a_failed_row(monkeypatch):
+    from leanvit.deploy import ov
+
+    monkeypatch.setattr(ov, "cpu_supports_bf16", lambda: False)
+    rows = run_bench(tiny_bench(engines=["eager", "openvino"], precisions=["bf16"]), progress=False)
+    assert [r.engine for r in rows] == ["eager", "openvino"] and rows[0].ran
+    assert "OpenVINO bf16 needs a CPU with AVX-512 BF16 or AMX" in rows[1].error
+
+
+def test_whole_run_errors_stay_fatal_and_up_front():
+    with pytest.raises(LeanvitError, match="Unknown engine"):
+        run_bench(tiny_bench(engines=["eager", "onnxrt"]), progress=False)
+    with pytest.raises(LeanvitError, match="Unknown model"):
+        run_bench(tiny_bench(models=["mobilenetv2_050", "no_such_model"]), progress=False)

@@ -173,3 +173,18 @@ def test_a_device_an_engine_cannot_use_is_an_error_and_bench_runs_cpu_engines_on
     if not torch.cuda.is_available():
         with pytest.raises(LeanvitError, match="PyTorch sees no CUDA GPU here"):
             get_engine("eager", device="cuda")
+
+
+@pytest.mark.parametrize("engine", ["eager", "compile"])
+def test_a_torch_engine_on_another_device_leaves_the_given_model_where_it_is(engine, tiny_cnn, monkeypatch):
+    """``--device cuda`` moved the bench's one model in place: eager's reference then got CPU inputs on a GPU
+    model and the next engine exported the moved model. "meta" stands in for the GPU (no data, no kernels)."""
+    from leanvit.deploy import pytorch
+
+    monkeypatch.setattr(pytorch.EagerEngine, "devices", ("cpu", "cuda", "meta"))
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)
+    monkeypatch.setattr(pytorch.TorchRunner, "__call__", lambda self, x: None)  # nothing to run on "meta"
+    runner = get_engine(engine, threads=1, device="meta").load(tiny_cnn, torch.randn(1, 3, 32, 32))
+    assert {p.device.type for p in tiny_cnn.parameters()} == {"cpu"}
+    assert {p.device.type for p in runner.fn.parameters()} == {"meta"}
+    assert get_engine(engine, threads=1).load(tiny_cnn, torch.randn(1, 3, 32, 32)).fn is tiny_cnn  # no copy needed

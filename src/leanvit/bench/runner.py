@@ -8,6 +8,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+import timm
 import torch
 from tqdm.auto import tqdm
 
@@ -112,7 +113,9 @@ class BenchRow:
 def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
     """Benchmark every model x engine x precision of ``cfg``; one row each, failures included.
 
-    A configuration that fails is recorded with its ``error`` and reported, not dropped.
+    A configuration that fails is recorded with its ``error`` and reported, not dropped: a model that cannot be
+    built at ``img_size``, an engine that cannot load it (OpenVINO bf16 on a CPU without BF16) or crashes. Only
+    errors about the whole run (a bad setting, an unknown model or engine) stop it, up front in ``validate``.
     """
     cfg.validate()
     torch.manual_seed(cfg.seed)
@@ -122,7 +125,18 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
     bar = tqdm(total=total, desc="bench", unit="run", disable=not progress, file=sys.stderr)
     for name in cfg.models:
         bar.set_description(f"{name}: create")
-        model = create_model_at(name, cfg.img_size, pretrained=cfg.pretrained)
+        try:
+            model = create_model_at(name, cfg.img_size, pretrained=cfg.pretrained)
+        except LeanvitError as e:  # (cannot run at --img-size, weights not cached): the other models still run
+            error = str(e).splitlines()[0][:500]
+            tqdm.write(f"!! {name} FAILED: {error}", file=sys.stderr)
+            for variant in ("", *cfg.tokens):
+                for engine_name in cfg.engines:
+                    rows += [BenchRow(model=name, engine=engine_name, variant=variant, precision=p, batch=cfg.batch,
+                                      threads=cfg.threads, img_size=cfg.img_size or _native_size(name), error=error)
+                             for p in cfg.precisions]
+            bar.update(len(cfg.engines) * len(cfg.precisions) * (1 + len(cfg.tokens)))
+            continue
         chans, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))
         size = cfg.img_size or h
         params = count_params(model)
@@ -154,8 +168,9 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
                         continue
                     try:
                         _measure(row, model, x, checks, cfg)
-                    except LeanvitError:
-                        raise
+                    except LeanvitError as e:  # this configuration's own problem, said in one line: no traceback
+                        row.error = str(e).splitlines()[0][:500]
+                        tqdm.write(f"!! {label} on {engine_name} ({precision}) FAILED: {row.error}", file=sys.stderr)
                     except Exception as e:  # noqa: BLE001 - one engine failing must not hide the others
                         row.error = f"{type(e).__name__}: {e}".splitlines()[0][:500]
                         tqdm.write(f"!! {label} on {engine_name} ({precision}) FAILED: {row.error}", file=sys.stderr)
@@ -171,6 +186,11 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
         del model
     bar.close()
     return rows
+
+
+def _native_size(name: str) -> int:
+    """The input resolution timm's pretrained config gives ``name``, without building the model."""
+    return (timm.models.get_pretrained_cfg_value(name, "input_size") or (3, 224, 224))[-1]
 
 
 def published_top1(facts: ModelFacts | None, img_size: int, variant: str) -> float | None:

@@ -137,13 +137,17 @@ class Agreement:
 
 @torch.inference_mode()
 def check_agreement(model: nn.Module, runner: Runner, inputs: list[torch.Tensor]) -> Agreement:
-    """Run eager and ``runner`` on the same ``inputs`` and compare logits."""
+    """Run eager and ``runner`` on the same ``inputs`` and compare logits.
+
+    Eager runs wherever ``model`` is (the inputs go to it), the runner gets them as NumPy arrays.
+    """
     if not inputs:
         raise LeanvitError("check_agreement needs at least one input batch.")
     model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
     errs, agree, n, scale = [], 0, 0, 0.0
     for x in inputs:
-        ref = model(x).float().numpy()
+        ref = model(x.to(device)).float().cpu().numpy()
         out = np.asarray(runner(x.numpy()), dtype=np.float32).reshape(ref.shape)
         errs.append(float(np.abs(out - ref).max()))
         scale = max(scale, float(np.abs(ref).max()))

@@ -2,6 +2,9 @@
 and ``torch.compile`` (Inductor)."""
 from __future__ import annotations
 
+import copy
+import itertools
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -27,6 +30,19 @@ class TorchRunner(Runner):
         return out.float().cpu().numpy()
 
 
+def on_device(model: nn.Module, device: str) -> nn.Module:
+    """``model`` if it is already on ``device``, else a copy moved there.
+
+    Never moved in place: the caller's model stays where it is, the eager reference every engine is checked
+    against and the model the next engine exports (``--device cuda`` moved the bench's one model to the GPU).
+    """
+    want = torch.device(device)
+    have = next(itertools.chain(model.parameters(), model.buffers()), None)
+    if have is None or (have.device.type == want.type and want.index in (None, have.device.index)):
+        return model
+    return copy.deepcopy(model).to(want)
+
+
 @register_engine
 class EagerEngine(Engine):
     name = "eager"
@@ -42,7 +58,7 @@ class EagerEngine(Engine):
 
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
         torch.set_num_threads(self.threads)
-        model = model.eval().to(self.device)
+        model = on_device(model.eval(), self.device)
         return TorchRunner(model, self.device, self.precision, {"torch": torch.__version__})
 
 
@@ -54,7 +70,7 @@ class CompileEngine(EagerEngine):
 
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
         torch.set_num_threads(self.threads)
-        model = model.eval().to(self.device)
+        model = on_device(model.eval(), self.device)
         compiled = torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=False)
         runner = TorchRunner(compiled, self.device, self.precision, {"torch": torch.__version__, "mode": "max-autotune-no-cudagraphs"})
         runner(example.numpy())  # trigger compilation now, not inside the timed loop
