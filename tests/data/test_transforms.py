@@ -59,3 +59,21 @@ def test_training_crop_scale_bounds_the_random_crop_area():
     crop = build_transform(cfg, train=True, crop_scale=0.35).transforms[0]
     assert crop.scale == (0.35, 1.0)
     assert build_transform(cfg, train=True).transforms[0].scale == (0.08, 1.0)  # timm's ImageNet default
+
+
+def test_evaluation_uses_the_test_time_size_as_timms_validate_does():
+    """A model trained at one size and scored by timm at another (pretrained_cfg's test_input_size, test_crop_pct):
+    ``leanvit eval`` uses the test-time pair unless --use-train-size."""
+    import argparse
+
+    from leanvit.cli import input_data_config
+
+    model = timm.create_model("resnet10t", pretrained=False)  # trained at 176, scored at 224 with crop 0.95
+    cfg = model.pretrained_cfg
+    assert resolve_data_config(model)["input_size"] == list(cfg["input_size"])
+    test = resolve_data_config(model, use_test_size=True)
+    assert test["input_size"] == list(cfg["test_input_size"]) != list(cfg["input_size"])
+    assert test["crop_pct"] == cfg.get("test_crop_pct", cfg["crop_pct"])
+    args = argparse.Namespace(model_kwargs={}, img_size=None, crop_pct=None)
+    assert input_data_config(model, {}, args) == test
+    assert input_data_config(model, {}, argparse.Namespace(**vars(args), use_train_size=True))["input_size"] == [3, 176, 176]

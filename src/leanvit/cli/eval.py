@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="input resolution (default: the checkpoint's, the img_size model kwarg, or the model's)")
     p.add_argument("--crop-pct", type=crop_fraction,
                    help="centre-crop fraction, in (0, 1] (default: checkpoint's or model's)")
+    p.add_argument("--use-train-size", action="store_true",
+                   help="without a leanvit checkpoint: the model's training input size and crop, not its test-time "
+                        "ones (the default where its pretrained_cfg has them, as timm's validate.py)")
     p.add_argument("--engine", default="eager",
                    help="inference engine: eager (PyTorch), compile, onnxruntime, openvino (default eager)")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the engine's default)")

@@ -18,10 +18,12 @@ DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "c
 
 
 def resolve_data_config(model: nn.Module, *, img_size: int | None = None, crop_pct: float | None = None,
-                        saved: dict | None = None) -> dict:
+                        saved: dict | None = None, use_test_size: bool = False) -> dict:
     """The evaluation data config of ``model``: the one ``saved`` with its checkpoint when there is
-    one, else timm's from its ``pretrained_cfg``. ``img_size`` and ``crop_pct`` override either and
-    keep the rest, so a checkpoint evaluated at another resolution keeps its own crop and statistics."""
+    one, else timm's from its ``pretrained_cfg`` (with ``use_test_size``, its ``test_input_size`` and
+    ``test_crop_pct`` where it has them, as timm's ``validate.py`` scores its published top-1). ``img_size``
+    and ``crop_pct`` override either and keep the rest, so a checkpoint evaluated at another resolution keeps
+    its own crop and statistics."""
     if saved:
         config = dict(saved)
         if img_size is not None:
@@ -30,7 +32,7 @@ def resolve_data_config(model: nn.Module, *, img_size: int | None = None, crop_p
             config["crop_pct"] = crop_pct
         return config
     args = {k: v for k, v in {"img_size": img_size, "crop_pct": crop_pct}.items() if v is not None}
-    config = resolve_model_data_config(model, args=args)
+    config = resolve_model_data_config(model, args=args, use_test_size=use_test_size)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
 
 
