@@ -2,7 +2,7 @@ import pytest
 import timm
 import torch.nn as nn
 
-from leanvit.profile import count_macs, count_params, profile_model
+from leanvit.profile import count_macs, count_params, create_model_at, profile_model
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2_050", "deit_tiny_patch16_224", "efficientformerv2_s0"])
@@ -42,3 +42,9 @@ def test_count_macs_restores_training_mode():
     model = nn.Linear(4, 2).train()
     count_macs(model, (4,))
     assert model.training
+
+
+def test_distilled_deit_is_built_for_another_img_size():
+    """Its constructor takes ``*args, **kwargs``, so a signature check never passed it ``img_size``: no size but 224."""
+    model = create_model_at("deit_tiny_distilled_patch16_224", 32)
+    assert model.pos_embed.shape[1] == 2 * 2 + 2  # a 2x2 patch grid, class and distillation tokens

@@ -7,7 +7,6 @@ softmax are not counted, which is the convention of fvcore and of the papers' ow
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, dataclass
 
 import torch
@@ -15,7 +14,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .catalog import find_facts
-from .errors import InputSizeError, check_range
+from .errors import InputSizeError, LeanvitError, check_range
 from .models.registry import create_model
 
 MAC_CONVENTION = (
@@ -77,14 +76,18 @@ def create_model_at(name: str, img_size: int | None = None, **kwargs) -> nn.Modu
     """``name`` built for ``img_size`` inputs, or an :class:`InputSizeError` if it cannot run there.
 
     Transformers get their position tables sized by timm's ``img_size`` argument, convolutional
-    models take any size as they are; one trial forward pass proves the result runs.
+    models take any size as they are; one trial forward pass proves the result runs. Whether a model takes
+    ``img_size`` is learnt by building it so, not from its signature, which a subclass taking ``**kwargs``
+    hides (DeiT distilled: ``VisionTransformerDistilled(*args, **kwargs)``).
     """
     model = create_model(name, **kwargs)
     chans, _, native = model.pretrained_cfg.get("input_size", (3, 224, 224))
     if img_size is None or img_size == native:
         return model
-    if "img_size" in inspect.signature(type(model).__init__).parameters:
+    try:
         model = create_model(name, img_size=img_size, **kwargs)
+    except (TypeError, LeanvitError):  # no img_size argument (create_model says so as a LeanvitError): as built
+        pass
     try:
         with torch.no_grad():
             model(torch.zeros(1, chans, img_size, img_size))

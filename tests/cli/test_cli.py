@@ -131,3 +131,15 @@ def test_a_token_variant_that_does_not_apply_to_one_model_is_recorded_not_fatal(
     report = (tmp_path / "report.md").read_text()
     assert "- resnet18 + evit:0.5 on eager (f32): token reduction does not apply" in report
     assert "in the 3 configurations that ran" in report
+
+
+def test_bench_out_that_is_a_file_fails_before_measuring(capsys, tmp_path, monkeypatch):
+    """It crashed with a traceback when writing the results, after every measurement."""
+    import leanvit.cli.bench
+
+    monkeypatch.setattr(leanvit.cli.bench, "run_bench", lambda *a, **k: pytest.fail("measured before checking --out"))
+    (tmp_path / "results").write_text("not a directory")
+    code, _, err = run_cli(capsys, "bench", "mobilenetv2_050", "--engines", "eager", "--out", str(tmp_path / "results"))
+    assert code == 2 and "--out" in err and "is a file, not a directory" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "bench", "mobilenetv2_050", "--out", str(tmp_path / "results" / "sub"))
+    assert code == 2 and "cannot create the results directory" in err
