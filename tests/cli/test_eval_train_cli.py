@@ -94,6 +94,8 @@ def test_bad_data(tmp_path, capsys, layout, message):
     (["--out", "/proc/no/such/dir/x.json"], "Cannot write --out"),
     (["--out", "/proc"], "--out /proc is a folder; give the file to write the JSON result to, e.g. /proc/eval.json"),
     (["--workers", "-1"], "--workers: must be 0 or more, got -1"),
+    (["--model-kwargs", json.dumps({**KWARGS, "in_chans": 1})], "It takes 1-channel images and the pre-processing "
+                                                                "gives 3 (RGB)"),  # not "add img_size"
 ])
 def test_bad_eval_arguments_are_one_line_errors_before_the_work(extra, message, capsys):
     args = ["eval", MODEL, "--model-kwargs", json.dumps(KWARGS), "--no-progress", "--workers", "0", *extra]

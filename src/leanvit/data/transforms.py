@@ -45,10 +45,14 @@ def check_input_size(model: nn.Module, data_config: dict, name: str) -> torch.Te
             return model(torch.zeros(1, *size))
     except (AssertionError, RuntimeError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LeanvitError(
-            f"{name} does not run on {'x'.join(map(str, size))} inputs ({reason}). A model built for one input size "
-            f"takes another when built for it: add --model-kwargs '{{\"img_size\": {size[-1]}}}' (timm resizes its "
-            "position embeddings), or drop --img-size.") from None
+        channels = getattr(model, "in_chans", size[0])
+        if channels != size[0]:  # the images are RGB whatever the size: no img_size fixes this
+            fix = (f"It takes {channels}-channel images and the pre-processing gives {size[0]} (RGB): use a model "
+                   f"built for {size[0]} channels (drop the in_chans model kwarg).")
+        else:
+            fix = (f"A model built for one input size takes another when built for it: add --model-kwargs "
+                   f"'{{\"img_size\": {size[-1]}}}' (timm resizes its position embeddings), or drop --img-size.")
+        raise LeanvitError(f"{name} does not run on {'x'.join(map(str, size))} inputs ({reason}). {fix}") from None
 
 
 def build_transform(data_config: dict, *, train: bool = False, auto_augment: str | None = None,
