@@ -12,5 +12,5 @@ def test_pretrained_weights_offline_name_the_file_flags(monkeypatch):
 
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(LeanvitError, match=r"not in the local cache.*--checkpoint FILE; a teacher: "
-                                           r"--teacher-checkpoint FILE"):
+                                           r"--teacher-checkpoint FILE; bench times random weights: drop --pretrained"):
         create_model("resnet18", pretrained=True)

@@ -43,8 +43,9 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
         if not pretrained:
             raise
         raise LeanvitError(f"{name}'s pretrained weights are not in the local cache and could not be downloaded "
-                           f"({type(e).__name__}). Connect once to cache them, or load weights from a file instead "
-                           "(--checkpoint FILE; a teacher: --teacher-checkpoint FILE).") from None
+                           f"({type(e).__name__}). Connect once to cache them, or load weights from a file where the command "
+                           "reads one (eval, quantize, tokens: --checkpoint FILE; a teacher: --teacher-checkpoint FILE; "
+                           "bench times random weights: drop --pretrained).") from None
     return model.eval()
 
 
