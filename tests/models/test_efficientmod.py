@@ -252,6 +252,16 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(compiled(x), model(x))
 
 
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning')
+def test_torchscript_matches_eager():
+    """timm's test_model_forward_torchscript: the model scripts, and the scripted one agrees."""
+    model = _tiny()
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
 @slow
 @pytest.mark.parametrize('name', VARIANTS)
 def test_torch_compile_inductor(name):

@@ -453,6 +453,17 @@ def test_torch_compile_captures_the_whole_graph():
         torch.testing.assert_close(compiled(x), model(x))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torchscript_matches_eager():
+    """timm's test_model_forward_torchscript: blocks without cross tokens script too (their LSF
+    parameters are None), and the scripted model agrees with eager."""
+    model = _tiny()
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_every_variant_compiles_with_inductor(name):

@@ -36,7 +36,10 @@ def _to_nchw(x: torch.Tensor) -> torch.Tensor:
     cannot keep the batch dimension dynamic through a conv whose input has channels-last strides
     (it fixes it to 1)."""
     x = x.permute(0, 3, 1, 2)
-    return x.contiguous() if torch.compiler.is_exporting() else x
+    if not torch.jit.is_scripting():  # a static branch: TorchScript cannot compile is_exporting
+        if torch.compiler.is_exporting():
+            return x.contiguous()
+    return x
 
 
 class Stem(nn.Module):

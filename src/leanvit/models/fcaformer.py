@@ -30,6 +30,7 @@ from timm.layers import (
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.convnext import ConvNeXtBlock
 from timm.models.tiny_vit import ConvNorm, NormMlp, PatchEmbed, PatchMerging
@@ -84,6 +85,8 @@ class ForwardCrossAttention(nn.Module):
             self.cross_scale = nn.Parameter(torch.ones(1, num_cross, 1))
             self.cross_norm = norm_layer(dim)
             self.cross_bias = nn.Parameter(torch.zeros(1, num_heads, 1, num_cross))
+        else:  # a stage's first block has no cross tokens (None, not absent: TorchScript needs them)
+            self.cross_scale = self.cross_norm = self.cross_bias = None
 
     def forward(self, x: torch.Tensor, cross: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, C = x.shape
@@ -91,10 +94,11 @@ class ForwardCrossAttention(nn.Module):
         # parameters trips the ONNX exporter's attention decomposition (torch 2.15, grad mode on)
         bias = self.attention_biases[:, self.attention_bias_idxs]
         q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        if cross is not None:
-            x = torch.cat((x, self.cross_norm(cross * self.cross_scale)), dim=1)
-            bias = torch.cat((bias, self.cross_bias[0].expand(-1, N, -1)), dim=-1)
-        k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        cross_scale, cross_bias = self.cross_scale, self.cross_bias
+        if cross is not None and self.cross_norm is not None and cross_scale is not None and cross_bias is not None:
+            x = torch.cat((x, self.cross_norm(cross * cross_scale)), dim=1)
+            bias = torch.cat((bias, cross_bias[0].expand(-1, N, -1)), dim=-1)
+        k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
@@ -221,6 +225,20 @@ class FcaStage(nn.Module):
         return x.transpose(1, 2).reshape(B, C, H, W)
 
 
+# FX tracing keeps this one call (it cannot trace the comparison), so the traced model still
+# checks its input; a public name, as FX only wraps functions without a leading underscore.
+@register_notrace_function
+def check_img_size(x: torch.Tensor, img_size: Tuple[int, int]) -> None:
+    h, w = img_size
+    if x.shape[-2] != h or x.shape[-1] != w:
+        raise InputSizeError(
+            f"FcaFormer takes {h}x{w} inputs, got {x.shape[-2]}x{x.shape[-1]}: its attention biases "
+            f"and cross-token counts are learnt for one token grid. Resize and center-crop images to "
+            f"{h}x{w} (timm.data.create_transform(**timm.data.resolve_model_data_config(model)) does), "
+            f"or create the model with img_size=({x.shape[-2]}, {x.shape[-1]}) and train it at that size."
+        )
+
+
 class FcaFormer(nn.Module):
     """FcaFormer: ``len(depths) - len(num_heads)`` ConvNeXt stages, then one FcaStage per head count.
 
@@ -314,16 +332,6 @@ class FcaFormer(nn.Module):
         self.head.reset(num_classes, pool_type=global_pool, reset_other=reset_other, in_features=self.num_features)
         self.head_hidden_size = self.head.num_features
 
-    def _check_input_size(self, x: torch.Tensor) -> None:
-        if tuple(x.shape[-2:]) != self.img_size:
-            h, w = self.img_size
-            raise InputSizeError(
-                f"FcaFormer takes {h}x{w} inputs, got {x.shape[-2]}x{x.shape[-1]}: its attention biases "
-                f"and cross-token counts are learnt for one token grid. Resize and center-crop images to "
-                f"{h}x{w} (timm.data.create_transform(**timm.data.resolve_model_data_config(model)) does), "
-                f"or create the model with img_size=({x.shape[-2]}, {x.shape[-1]}) and train it at that size."
-            )
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -339,7 +347,7 @@ class FcaFormer(nn.Module):
         per-stage norm, so ``norm`` changes nothing.
         """
         assert output_fmt == "NCHW", "Output format must be NCHW."
-        self._check_input_size(x)
+        check_img_size(x, self.img_size)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[:max_index + 1] if stop_early else self.stages
 
@@ -371,9 +379,9 @@ class FcaFormer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_size(x)
+        check_img_size(x, self.img_size)
         x = self.patch_embed(x)
-        if self.grad_checkpointing:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.stages, x)
         return self.stages(x)
 
