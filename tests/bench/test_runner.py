@@ -2,7 +2,7 @@
 import pytest
 
 from leanvit.bench import BenchConfig, TimingBudget, run_bench
-from leanvit.bench.runner import published_top1
+from leanvit.bench.runner import default_threads, published_top1
 from leanvit.catalog import find_facts
 from leanvit.errors import InputSizeError, LeanvitError
 from leanvit.profile import create_model_at
@@ -54,3 +54,15 @@ def test_whole_run_errors_stay_fatal_and_up_front():
         run_bench(tiny_bench(engines=["eager", "onnxrt"]), progress=False)
     with pytest.raises(LeanvitError, match="Unknown model"):
         run_bench(tiny_bench(models=["mobilenetv2_050", "no_such_model"]), progress=False)
+
+
+def test_more_threads_than_cpus_warns_and_rows_record_what_the_engines_report():
+    """``--threads 8`` on 2 CPUs: OpenVINO silently ran 2, the others 8, and every row said 8."""
+    asked = default_threads() + 1
+    with pytest.warns(UserWarning, match=f"--threads {asked} is more than the {default_threads()} CPUs"):
+        rows = run_bench(tiny_bench(engines=["eager", "onnxruntime", "openvino"], threads=asked), progress=False)
+    eager, ort, ov = rows
+    assert all(r.threads == asked for r in rows)  # asked for
+    assert eager.threads_used == asked  # torch runs what it is told
+    assert ort.threads_used is None  # ONNX Runtime does not say
+    assert ov.threads_used == ov.engine_info["threads"] <= asked  # OpenVINO's read-back

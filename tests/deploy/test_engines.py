@@ -188,3 +188,27 @@ def test_a_torch_engine_on_another_device_leaves_the_given_model_where_it_is(eng
     assert {p.device.type for p in tiny_cnn.parameters()} == {"cpu"}
     assert {p.device.type for p in runner.fn.parameters()} == {"meta"}
     assert get_engine(engine, threads=1).load(tiny_cnn, torch.randn(1, 3, 32, 32)).fn is tiny_cnn  # no copy needed
+
+
+def test_reduced_precision_is_judged_by_its_error_not_by_flips_its_rounding_explains():
+    """Logits whose top two classes are 1e-3 apart (random weights): rounding that swaps them flips every top-1,
+    which a 90 % top-1 rule called divergence; f32 stays strict, and a wrong function still diverges in bf16."""
+    x = torch.randn(8, 10)
+    x[:, 0], x[:, 1] = 5.0, 5.001  # eager's top-1: class 1, by a hair
+
+    class Rounded:
+        precision, info = "bf16", {}
+
+        def __call__(self, x):
+            out = x.copy()
+            out[:, 0] += 0.002  # 0.04 % of the largest logit: now class 0 wins
+            return out
+
+    class Wrong(Rounded):
+        def __call__(self, x):
+            return -x
+
+    rounded = check_agreement(torch.nn.Identity(), Rounded(), [x])
+    assert rounded.top1_agreement == 0.0
+    assert not rounded.diverges("bf16") and rounded.diverges("f32")
+    assert check_agreement(torch.nn.Identity(), Wrong(), [x]).diverges("bf16")

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import LeanvitError
-from .runner import BenchConfig, BenchRow
+from ..deploy.engine import REDUCED_PRECISION_RTOL
+from .runner import BenchConfig, BenchRow, checked_images
 
 _CSV_FIELDS = [f for f in BenchRow.__dataclass_fields__ if f != "engine_info"]
 
@@ -41,13 +42,23 @@ def write_results(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, out_di
         writer = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(r.to_dict() for r in rows)
-    plot_pareto(rows, paths["png"], title=f"batch {cfg.batch}, {cfg.threads} threads, {host.get('cpu', '')}")
+    title = f"{input_sizes(rows)}, batch {cfg.batch}, {cfg.threads} threads, {cfg.device}, {host.get('cpu', '')}"
+    plot_pareto(rows, paths["png"], title=title)
     paths["md"].write_text(render_markdown(rows, cfg, host, doc["created"]))
     return paths
 
 
 def _fmt(v, spec: str = ".2f", none: str = "–") -> str:
     return none if v is None else format(v, spec)
+
+
+def input_sizes(rows: Sequence[BenchRow]) -> str:
+    """The input resolution of the run ("224x224"), or each model's where they differ (no --img-size)."""
+    per_model = {r.model: r.img_size for r in rows}
+    sizes = set(per_model.values())
+    if len(sizes) == 1:
+        return "{0}x{0}".format(*sizes)
+    return ", ".join(f"{m} {s}x{s}" for m, s in per_model.items())
 
 
 def host_lines(host: dict) -> list[str]:
@@ -65,15 +76,19 @@ def host_lines(host: dict) -> list[str]:
 def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, created: str) -> str:
     eager = {(r.model, r.variant, r.batch): r.latency_ms_median for r in rows
              if r.engine == "eager" and r.precision == "f32" and r.ran}
+    on_cpu = sorted({r.engine for r in rows if cfg.device != "cpu" and r.engine_info.get("device") == "cpu"})
+    capped = sorted({f"{r.engine} {r.threads_used}" for r in rows if r.threads_used not in (None, r.threads)})
     lines = [
         "# leanvit bench report", "",
         f"Created {created}. Every row was measured in this one run, one configuration after another.", "",
         "## Host", "", *host_lines(host), "",
         "## Settings", "",
-        f"- batch {cfg.batch}, threads {cfg.threads}, weights: {'pretrained' if cfg.pretrained else 'random init (latency does not depend on weight values)'}",
+        f"- input: {input_sizes(rows)}; batch {cfg.batch}, threads {cfg.threads}, weights: {'pretrained' if cfg.pretrained else 'random init (latency does not depend on weight values)'}",
+        f"- device: {cfg.device}" + (f" (CPU-only engines on the CPU: {', '.join(on_cpu)})" if on_cpu else ""),
+        *([f"- threads as the engine reports them, where not as asked: {', '.join(capped)}"] if capped else []),
         f"- protocol: warm-up ≥ {cfg.budget.warmup_s} s and ≥ {cfg.budget.warmup_iters} calls, then single calls timed "
         f"for {cfg.budget.budget_s} s (≥ {cfg.budget.min_iters}, ≤ {cfg.budget.max_iters} calls); statistics over calls",
-        f"- correctness: each engine's logits against PyTorch eager on {cfg.n_check} random images",
+        f"- correctness: each engine's logits against PyTorch eager on {checked_images(cfg)} random images",
         "- peak RSS: process-wide resident-set high-water mark, reset before each engine loads (includes the Python process)",
         "",
         "## Results", "",
@@ -107,8 +122,9 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
                   f"max abs err {r.max_abs_err:.3g}" for r in bad]
     elif checked:
         lines.append(f"Every engine agrees with eager in the {checked} configurations that ran (f32: 100 % top-1 "
-                     "agreement, max abs error ≤ 1e-3 relative)" + ("; the failed ones are listed below." if failed
-                                                                      else "."))
+                     "agreement, max abs error ≤ 1e-3 relative; bf16/fp16: max abs error ≤ "
+                     f"{REDUCED_PRECISION_RTOL * 100:g} % of the largest logit)"
+                     + ("; the failed ones are listed below." if failed else "."))
     else:
         lines.append("No configuration ran, so none was checked against eager: see the failures below.")
     if failed:

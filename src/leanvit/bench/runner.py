@@ -16,7 +16,7 @@ from ..catalog import ModelFacts, find_facts
 from ..compress.tokens import apply as token_apply
 from ..compress.tokens import from_spec
 from ..deploy import check_agreement, engine_device, get_engine
-from ..errors import LeanvitError, check_range
+from ..errors import LeanvitError, check_range, warn
 from ..models.registry import resolve_model_name
 from ..profile import check_img_size, count_macs, count_params, create_model_at
 from .timing import TimingBudget, peak_rss_mb, reset_peak_rss, time_calls
@@ -64,6 +64,11 @@ class BenchConfig:
                 get_engine(e, threads=self.threads, precision=p, device=engine_device(e, self.device))
 
 
+def checked_images(cfg: BenchConfig) -> int:
+    """How many random images each engine is checked against eager on: ``n_check`` in whole batches."""
+    return max(1, math.ceil(cfg.n_check / cfg.batch)) * cfg.batch
+
+
 def row_label(model: str, variant: str) -> str:
     """The model, with its token-reduction variant if any: how the progress bar, the table and the report name a row."""
     return f"{model} + {variant}" if variant else model
@@ -75,7 +80,7 @@ class BenchRow:
     engine: str
     precision: str
     batch: int
-    threads: int
+    threads: int  #: the thread count asked for (--threads)
     img_size: int
     variant: str = ""  #: token-reduction spec applied to the model ("" for the model as built)
     latency_ms_median: float | None = None
@@ -84,6 +89,9 @@ class BenchRow:
     latency_ms_iqr: float | None = None
     latency_ms_mean: float | None = None
     latency_ms_min: float | None = None
+    #: the thread count the engine reports it runs with, where it reports one (OpenVINO caps it at the usable
+    #: CPUs, eager reads torch's back); None where it does not say (ONNX Runtime)
+    threads_used: int | None = None
     iterations: int = 0
     throughput: float | None = None  #: images per second at the median latency
     params: int | None = None
@@ -118,6 +126,10 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
     errors about the whole run (a bad setting, an unknown model or engine) stop it, up front in ``validate``.
     """
     cfg.validate()
+    if cfg.threads > default_threads():
+        warn(f"--threads {cfg.threads} is more than the {default_threads()} CPUs this process may use: engines "
+             "that take the count as given oversubscribe the cores, OpenVINO caps it (each row's threads_used "
+             f"says what an engine reports). Use --threads {default_threads()} or fewer for comparable rows.")
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     total = len(cfg.models) * (1 + len(cfg.tokens)) * len(cfg.engines) * len(cfg.precisions)
@@ -144,7 +156,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
         gen = torch.Generator().manual_seed(cfg.seed)
         x = torch.randn(cfg.batch, chans, size, size, generator=gen)
         checks = [torch.randn(cfg.batch, chans, size, size, generator=gen)
-                  for _ in range(max(1, math.ceil(cfg.n_check / cfg.batch)))]
+                  for _ in range(checked_images(cfg) // cfg.batch)]
         for variant in ("", *cfg.tokens):
             label = row_label(name, variant)
             inapplicable = None
@@ -206,6 +218,7 @@ def _measure(row: BenchRow, model, x, checks, cfg: BenchConfig) -> None:
     runner = engine.load(model, x, cache_dir=cfg.cache_dir)
     row.precision = runner.precision  # what the engine actually runs, not what was asked
     row.engine_info = {"device": device, **runner.info}
+    row.threads_used = runner.info.get("threads")
     agreement = check_agreement(model, runner, checks)
     row.max_abs_err, row.top1_agreement = agreement.max_abs_err, agreement.top1_agreement
     row.diverges = agreement.diverges(row.precision)

@@ -115,6 +115,12 @@ def get_engine(name: str, threads: int = 1, precision: str = "f32", device: str 
     return cls(threads=threads, precision=precision, device=device)
 
 
+#: The largest error a bf16/fp16 engine may have, as a fraction of the largest eager logit: bf16 rounding gave
+#: 0.5-4 % with random weights (mobilenetv2_050 3.9 %, deit_tiny 1.2 %, eager and OpenVINO alike); a wrong
+#: function is off by about the logits themselves.
+REDUCED_PRECISION_RTOL = 0.1
+
+
 @dataclass
 class Agreement:
     """How far an engine's logits are from PyTorch eager's on the same inputs."""
@@ -127,12 +133,15 @@ class Agreement:
     def diverges(self, precision: str = "f32") -> bool:
         """True when the engine is not computing the same function as eager.
 
-        f32 must agree on every top-1 and stay within 1e-3 relative error; reduced precisions
-        are allowed their rounding but must still agree on 90 % of top-1 predictions.
+        f32 must agree on every top-1 and stay within 1e-3 relative error. Reduced precisions are judged by their
+        error alone, at most :data:`REDUCED_PRECISION_RTOL` of the largest eager logit: a top-1 flip is no evidence
+        there, as a flip needs a top1-top2 margin under twice the error (the rounding explains every flip it
+        allows), and random weights' margins are far below bf16's rounding (efficientformerv2_s0, OpenVINO bf16:
+        7 of 8 top-1 agreed at 0.5 % relative error, flagged by a 90 % top-1 rule).
         """
         if precision in ("f32", "fp32"):
             return self.top1_agreement < 1.0 or self.max_abs_err > 1e-3 * max(1.0, self.ref_scale)
-        return self.top1_agreement < 0.9
+        return self.max_abs_err > REDUCED_PRECISION_RTOL * self.ref_scale
 
 
 @torch.inference_mode()

@@ -59,7 +59,8 @@ class EagerEngine(Engine):
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
         torch.set_num_threads(self.threads)
         model = on_device(model.eval(), self.device)
-        return TorchRunner(model, self.device, self.precision, {"torch": torch.__version__})
+        return TorchRunner(model, self.device, self.precision,
+                           {"torch": torch.__version__, "threads": torch.get_num_threads()})
 
 
 @register_engine
@@ -72,6 +73,7 @@ class CompileEngine(EagerEngine):
         torch.set_num_threads(self.threads)
         model = on_device(model.eval(), self.device)
         compiled = torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=False)
-        runner = TorchRunner(compiled, self.device, self.precision, {"torch": torch.__version__, "mode": "max-autotune-no-cudagraphs"})
+        runner = TorchRunner(compiled, self.device, self.precision, {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                                                     "mode": "max-autotune-no-cudagraphs"})
         runner(example.numpy())  # trigger compilation now, not inside the timed loop
         return runner

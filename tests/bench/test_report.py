@@ -1,0 +1,35 @@
+"""What report.md and the plot say about the run beside the rows."""
+from leanvit.bench import BenchConfig, BenchRow
+from leanvit.bench import report
+
+
+def measured(engine: str, **kwargs) -> BenchRow:
+    row = BenchRow(model="deit_tiny_patch16_224", engine=engine, precision="f32", batch=3, threads=4, img_size=32,
+                   latency_ms_median=1.0, latency_ms_p90=1.1, latency_ms_p99=1.2, latency_ms_iqr=0.1, throughput=3000.0,
+                   max_abs_err=1e-6, top1_agreement=1.0, engine_info={"device": "cuda"})
+    for k, v in kwargs.items():
+        setattr(row, k, v)
+    return row
+
+
+HOST = {"cpu": "Test CPU", "usable_cpus": 2, "logical_cpus": 2}
+
+
+def test_report_states_input_size_device_threads_used_and_images_checked(tmp_path, monkeypatch):
+    """It named none of the input size, the device, OpenVINO's capped threads; "8 random images" were 9 at batch 3."""
+    cfg = BenchConfig(models=["deit_tiny_patch16_224"], engines=["eager", "openvino"], batch=3, threads=4, img_size=32,
+                      device="cuda", n_check=8)
+    rows = [measured("eager", threads_used=4), measured("openvino", threads_used=2, engine_info={"device": "cpu"})]
+    titles = []
+    monkeypatch.setattr(report, "plot_pareto", lambda rows, path, title="": titles.append(title))
+    text = report.write_results(rows, cfg, HOST, tmp_path)["md"].read_text()
+    assert "- input: 32x32; batch 3, threads 4" in text
+    assert "- device: cuda (CPU-only engines on the CPU: openvino)" in text
+    assert "- threads as the engine reports them, where not as asked: openvino 2" in text
+    assert "on 9 random images" in text
+    assert titles == ["32x32, batch 3, 4 threads, cuda, Test CPU"]
+
+
+def test_input_sizes_per_model_where_they_differ():
+    rows = [measured("eager"), measured("eager", model="resnet50", img_size=224)]
+    assert report.input_sizes(rows) == "deit_tiny_patch16_224 32x32, resnet50 224x224"
