@@ -212,3 +212,28 @@ def test_reduced_precision_is_judged_by_its_error_not_by_flips_its_rounding_expl
     assert rounded.top1_agreement == 0.0
     assert not rounded.diverges("bf16") and rounded.diverges("f32")
     assert check_agreement(torch.nn.Identity(), Wrong(), [x]).diverges("bf16")
+
+
+def test_exports_are_keyed_by_the_converters_versions(tiny_cnn, tmp_path, monkeypatch):
+    """An IR converted by one OpenVINO was reused by the next; the ONNX graph is onnxscript's as much as torch's."""
+    import importlib.metadata
+
+    from leanvit.deploy import export
+
+    onnx_path = cached_onnx(tiny_cnn, torch.randn(1, 3, 32, 32), cache_dir=tmp_path)
+    assert f"-osc{importlib.metadata.version('onnxscript')}-" in onnx_path.parent.name
+    xml = export.cached_openvino_ir(onnx_path)
+    assert xml.name == f"model-ov{importlib.metadata.version('openvino')}.xml" and xml.with_suffix(".bin").is_file()
+    real = export._version
+    monkeypatch.setattr(export, "_version", lambda package: "0.0.1" if package == "openvino" else real(package))
+    assert export.cached_openvino_ir(onnx_path).name == "model-ov0.0.1.xml"
+
+
+def test_tensorrt_plans_are_named_by_precision_tensorrt_version_and_gpu():
+    """Plans were keyed by precision alone, so another TensorRT or GPU got a plan it cannot run (no tensorrt needed)."""
+    from leanvit.deploy.trt import plan_name
+
+    name = plan_name("fp16", "10.3.0", "NVIDIA H100 80GB HBM3", (9, 0))
+    assert name == "model-fp16-trt10.3.0-NVIDIA_H100_80GB_HBM3-sm90.plan"
+    assert len({name, plan_name("fp16", "10.4.0", "NVIDIA H100 80GB HBM3", (9, 0)),
+                plan_name("fp16", "10.3.0", "NVIDIA L4", (8, 9)), plan_name("f32", "10.3.0", "NVIDIA H100 80GB HBM3", (9, 0))}) == 4

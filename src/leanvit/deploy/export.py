@@ -2,12 +2,14 @@
 
 Exports are the slow part of getting a model onto an engine (seconds to a minute), so each one is
 stored under a key made of everything that changes the graph: model class, a fingerprint of the
-weights, input shape, dynamic batch, opset and the torch version. A model whose weights changed
-never reuses a stale export.
+weights, input shape, dynamic batch, opset and the torch and onnxscript versions; an OpenVINO IR is
+named by the OpenVINO version that converted it. A model whose weights changed never reuses a stale
+export.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import warnings
 from pathlib import Path
@@ -45,7 +47,15 @@ def export_key(model: nn.Module, example: torch.Tensor, *, dynamic_batch: bool, 
     shape = "x".join(str(s) for s in example.shape)
     dyn = "dyn" if dynamic_batch else "static"
     torch_v = torch.__version__.split("+")[0]
-    return f"{arch}-{shape}-{dyn}-op{opset}-pt{torch_v}-{model_fingerprint(model)}"
+    osc = _version("onnxscript")  # the torch.export-based exporter writes its graph with onnxscript
+    return f"{arch}-{shape}-{dyn}-op{opset}-pt{torch_v}" + (f"-osc{osc}" if osc else "") + f"-{model_fingerprint(model)}"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def export_onnx(
@@ -123,13 +133,16 @@ def cached_onnx(
 
 
 def cached_openvino_ir(onnx_path: Path) -> Path:
-    """The OpenVINO IR (``model.xml`` + ``.bin``, weights kept in f32) next to ``onnx_path``."""
+    """The OpenVINO IR (``model-ov<version>.xml`` + ``.bin``, weights kept in f32) next to ``onnx_path``.
+
+    Named by the OpenVINO version that converted it: another version's converter can write another graph.
+    """
     import openvino as ov
 
-    xml = onnx_path.with_name("model.xml")
+    xml = onnx_path.with_name(f"model-ov{_version('openvino')}.xml")
     if not xml.exists():
         ov_model = ov.convert_model(str(onnx_path))
-        tmp = onnx_path.with_name("model.tmp.xml")
+        tmp = xml.with_suffix(".tmp.xml")
         ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
         tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
         tmp.replace(xml)

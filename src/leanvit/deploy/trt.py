@@ -1,9 +1,12 @@
 """TensorRT on an NVIDIA GPU, built from the cached ONNX export.
 
 Buffers are CUDA tensors owned by PyTorch, so no pycuda is needed. Engines are built for the
-example's exact shape and serialised next to the ONNX file, keyed by precision.
+example's exact shape and serialised next to the ONNX file, named by precision, TensorRT version and
+GPU (:func:`plan_name`): a plan runs only on the TensorRT and the GPU that built it.
 """
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import torch
@@ -16,6 +19,13 @@ from .export import cached_onnx
 #: The ONNX opset TensorRT reads its export at: opset 20's ``Gelu`` op (the default export's, for ONNX Runtime) is
 #: not in every TensorRT ONNX parser; at 18 GELU is plain element-wise ops, which TensorRT fuses itself.
 TENSORRT_OPSET = 18
+
+
+def plan_name(precision: str, trt_version: str, gpu: str, capability: tuple[int, int]) -> str:
+    """The file name of a serialised engine: TensorRT refuses (or misruns) a plan from another TensorRT
+    version or GPU, so these are in the name beside the precision."""
+    gpu_slug = re.sub(r"[^A-Za-z0-9.]+", "_", gpu).strip("_")
+    return f"model-{precision}-trt{trt_version}-{gpu_slug}-sm{capability[0]}{capability[1]}.plan"
 
 
 class TensorRTRunner(Runner):
@@ -56,22 +66,32 @@ class TensorRTEngine(Engine):
         if not torch.cuda.is_available():
             raise EngineUnavailableError("TensorRT needs an NVIDIA GPU with CUDA; none is visible here.")
         onnx_path = cached_onnx(model, example, cache_dir=cache_dir, opset=TENSORRT_OPSET)
-        plan = onnx_path.with_name(f"model-{self.precision}.plan")
+        gpu = torch.cuda.get_device_name()
+        plan = onnx_path.with_name(plan_name(self.precision, trt.__version__, gpu, torch.cuda.get_device_capability()))
         logger = trt.Logger(trt.Logger.WARNING)
-        if not plan.exists():
-            builder = trt.Builder(logger)
-            network = builder.create_network(0)
-            parser = trt.OnnxParser(network, logger)
-            if not parser.parse_from_file(str(onnx_path)):
-                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-                raise LeanvitError(f"TensorRT cannot parse {onnx_path}: {errors}")
-            config = builder.create_builder_config()
-            if self.precision == "fp16":
-                config.set_flag(trt.BuilderFlag.FP16)
-            serialized = builder.build_serialized_network(network, config)
-            if serialized is None:
-                raise LeanvitError(f"TensorRT failed to build an engine from {onnx_path}; see its log above.")
-            plan.write_bytes(bytes(serialized))
-        engine = trt.Runtime(logger).deserialize_cuda_engine(plan.read_bytes())
-        info = {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(), "plan": str(plan)}
+        engine = None
+        if plan.exists():
+            engine = trt.Runtime(logger).deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:  # no plan, or one this TensorRT cannot read (a truncated file): build it
+            plan.write_bytes(self._build(trt, logger, onnx_path))
+            engine = trt.Runtime(logger).deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:
+            raise LeanvitError(f"TensorRT cannot load the engine it just built ({plan}); see its log above. "
+                               "Delete the file and run again, or use --engines onnxruntime.")
+        info = {"tensorrt": trt.__version__, "gpu": gpu, "plan": str(plan)}
         return TensorRTRunner(engine, self.precision, info)
+
+    def _build(self, trt, logger, onnx_path) -> bytes:
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise LeanvitError(f"TensorRT cannot parse {onnx_path}: {errors}")
+        config = builder.create_builder_config()
+        if self.precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise LeanvitError(f"TensorRT failed to build an engine from {onnx_path}; see its log above.")
+        return bytes(serialized)
