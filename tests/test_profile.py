@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import timm
 import torch.nn as nn
@@ -48,3 +50,18 @@ def test_distilled_deit_is_built_for_another_img_size():
     """Its constructor takes ``*args, **kwargs``, so a signature check never passed it ``img_size``: no size but 224."""
     model = create_model_at("deit_tiny_distilled_patch16_224", 32)
     assert model.pos_embed.shape[1] == 2 * 2 + 2  # a 2x2 patch grid, class and distillation tokens
+
+
+def test_a_size_that_is_not_a_multiple_of_the_patch_size_warns():
+    """deit_tiny at 40x40 computes as at 32x32 (its 16-pixel patches drop the rest), silently."""
+    with pytest.warns(UserWarning, match="drops the last 8 pixel rows and columns: it computes as at 32x32"):
+        create_model_at("deit_tiny_patch16_224", 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_model_at("deit_tiny_patch16_224", 48)
+        create_model_at("mobilenetv2_050", 40)  # no patch_embed.patch_size: takes any size
+
+
+def test_params_are_compared_with_the_published_figure_only_at_its_size():
+    prof = profile_model("deit_tiny_patch16_224", img_size=160)  # the position table is smaller there
+    assert prof.published_params is None and prof.params_diff_pct is None

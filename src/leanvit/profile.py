@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .catalog import find_facts
-from .errors import InputSizeError, LeanvitError, check_range
+from .errors import InputSizeError, LeanvitError, check_range, warn
 from .models.registry import create_model
 
 MAC_CONVENTION = (
@@ -96,13 +96,21 @@ def create_model_at(name: str, img_size: int | None = None, **kwargs) -> nn.Modu
         raise InputSizeError(
             f"{name} does not run at {img_size}x{img_size}; it takes {native}x{native} inputs ({reason})."
         ) from None
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    if isinstance(patch, int) and img_size % patch:  # the patch convolution drops the rest: numbers of a smaller size
+        kept = img_size - img_size % patch
+        warn(f"{name} cuts {img_size}x{img_size} inputs into {patch}x{patch} patches and drops the last "
+             f"{img_size % patch} pixel rows and columns: it computes as at {kept}x{kept}. Use --img-size {kept} or "
+             f"{kept + patch}.")
     return model
 
 
 def profile_model(name: str, img_size: int | None = None, model: nn.Module | None = None) -> Profile:
     """Count parameters and MACs of ``name`` and compare with the catalog's published numbers.
 
-    The published MACs are compared only at the resolution they were reported at.
+    The published parameters and MACs are compared only at the resolution they were reported at (position
+    tables, and so parameters, grow with it).
     """
     if img_size is not None:
         check_img_size(img_size)
@@ -112,8 +120,9 @@ def profile_model(name: str, img_size: int | None = None, model: nn.Module | Non
     params = count_params(model)
     macs = count_macs(model, (cfg_size[0], img_size, img_size))
     facts = find_facts(name)
-    pub_params = round(facts.params_m * 1e6) if facts else None
-    pub_macs = round(facts.gmacs * 1e9) if facts and facts.img_size == img_size else None
+    published = facts if facts and facts.img_size == img_size else None
+    pub_params = round(published.params_m * 1e6) if published else None
+    pub_macs = round(published.gmacs * 1e9) if published else None
     return Profile(
         model=name, img_size=img_size, params=params, macs=macs,
         published_params=pub_params, published_macs=pub_macs,
