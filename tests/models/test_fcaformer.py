@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models._features_fx import FeatureGraphNet
 
 from leanvit.catalog import CATALOG, get_facts
 import leanvit.models.fcaformer as fca
@@ -371,6 +372,19 @@ def test_forward_intermediates():
         assert [t.shape[1] for t in last_two] == [32, 48]
         early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
         torch.testing.assert_close(early[0], inter[1])
+
+
+def test_fx_feature_extraction_keeps_the_size_check():
+    """timm's FX feature extractor (features_only=True, feature_cls='fx') traces the model; the
+    input size check is a leaf call of the graph, so the traced model still refuses other sizes."""
+    model = _tiny()
+    fx_features = FeatureGraphNet(model, out_indices=(0, 1, 2, 3))
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        for ours, ref in zip(fx_features(x), model.forward_intermediates(x, intermediates_only=True)):
+            torch.testing.assert_close(ours, ref)
+        with pytest.raises(InputSizeError, match="96x64"):
+            fx_features(torch.randn(1, 3, 64, 64))
 
 
 def test_prune_intermediate_layers():

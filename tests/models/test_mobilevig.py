@@ -12,6 +12,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models._features_fx import FeatureGraphNet
 
 from leanvit.catalog import CATALOG, get_facts
 import leanvit.models.mobilevig as mvig
@@ -220,6 +221,20 @@ def test_forward_intermediates_and_prune():
         assert model.prune_intermediate_layers([1, 2]) == [1, 2]
         assert len(model.stages) == 3 and model.num_features == TINY['embed_dims'][2]
         assert torch.equal(model(x), inter[2])  # head and pooling are gone
+
+
+def test_fx_feature_extraction():
+    """timm's FX feature extractor (features_only=True, feature_cls='fx') traces the model; the
+    graph conv is a leaf, so the traced model still adapts its neighbours to the input size."""
+    model = _tiny()
+    fx_features = FeatureGraphNet(model, out_indices=(0, 1, 2, 3))
+    with torch.no_grad():
+        for size in ((96, 64), (64, 128)):
+            x = torch.randn(1, 3, *size)
+            for ours, ref in zip(fx_features(x), model.forward_intermediates(x, intermediates_only=True)):
+                torch.testing.assert_close(ours, ref)
+    assert timm.create_model('mobilevig_ti', features_only=True, feature_cls='fx', **TINY).feature_info.channels() \
+        == list(TINY['embed_dims'])
 
 
 def test_head_reset_and_pre_logits():

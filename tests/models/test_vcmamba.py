@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import group_parameters
+from timm.models._features_fx import FeatureGraphNet
 
 from leanvit.catalog import CATALOG, get_facts
 from leanvit.deploy import check_agreement, export_onnx, get_engine
@@ -387,6 +388,30 @@ def test_forward_intermediates_and_prune():
         assert model.prune_intermediate_layers([0, 1]) == [0, 1]
         assert len(model.stages) == 2 and model.num_features == 16
         torch.testing.assert_close(model.forward_intermediates(x, intermediates_only=True)[1], intermediates[1])
+
+
+@pytest.mark.filterwarnings('ignore:NOTE. The nodes obtained by tracing:UserWarning')  # drop path in training
+def test_fx_feature_extraction_keeps_the_size_check():
+    """timm's FX feature extractor (features_only=True, feature_cls='fx') traces the model (the
+    Mamba mixer is a leaf); the size check is a leaf call, so the traced model still refuses other sizes."""
+    model = randomize_(tiny())
+    fx_features = FeatureGraphNet(model, out_indices=(0, 1, 2, 3))
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        for ours, ref in zip(fx_features(x), model.forward_intermediates(x, intermediates_only=True)):
+            torch.testing.assert_close(ours, ref)
+        with pytest.raises(InputSizeError, match='96x96'):
+            fx_features(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning')
+def test_torchscript_matches_eager():
+    """timm's test_model_forward_torchscript: the model (scan included) scripts and agrees."""
+    model = randomize_(tiny())
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
 
 
 def test_reset_classifier_gives_pooled_features():

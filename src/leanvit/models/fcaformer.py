@@ -225,10 +225,11 @@ class FcaStage(nn.Module):
         return x.transpose(1, 2).reshape(B, C, H, W)
 
 
-# FX tracing keeps this one call (it cannot trace the comparison), so the traced model still
-# checks its input; a public name, as FX only wraps functions without a leading underscore.
+# FX tracing keeps this one call (it cannot trace the comparison) and, since the input passes
+# through it, feature extractors do not prune it: the traced model still checks its input.
+# A public name, as FX only wraps functions without a leading underscore.
 @register_notrace_function
-def check_img_size(x: torch.Tensor, img_size: Tuple[int, int]) -> None:
+def check_img_size(x: torch.Tensor, img_size: Tuple[int, int]) -> torch.Tensor:
     h, w = img_size
     if x.shape[-2] != h or x.shape[-1] != w:
         raise InputSizeError(
@@ -237,6 +238,7 @@ def check_img_size(x: torch.Tensor, img_size: Tuple[int, int]) -> None:
             f"{h}x{w} (timm.data.create_transform(**timm.data.resolve_model_data_config(model)) does), "
             f"or create the model with img_size=({x.shape[-2]}, {x.shape[-1]}) and train it at that size."
         )
+    return x
 
 
 class FcaFormer(nn.Module):
@@ -347,7 +349,7 @@ class FcaFormer(nn.Module):
         per-stage norm, so ``norm`` changes nothing.
         """
         assert output_fmt == "NCHW", "Output format must be NCHW."
-        check_img_size(x, self.img_size)
+        x = check_img_size(x, self.img_size)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[:max_index + 1] if stop_early else self.stages
 
@@ -379,7 +381,7 @@ class FcaFormer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_img_size(x, self.img_size)
+        x = check_img_size(x, self.img_size)
         x = self.patch_embed(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.stages, x)

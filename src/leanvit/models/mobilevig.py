@@ -22,6 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ConvNormAct, DropPath, LayerScale2d, calculate_drop_path_rates, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_module
 
 from ..errors import LeanvitError
 
@@ -54,6 +55,7 @@ class InvertedResidual(nn.Module):
         return x + self.drop_path(self.ls(self.fc2(self.mid(self.fc1(x)))))
 
 
+@register_notrace_module  # FX: a leaf, as the number of neighbours follows the map size
 class SparseGraphConv(nn.Module):
     """Max-relative graph convolution over SVGA's fixed graph.
 

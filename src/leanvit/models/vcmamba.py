@@ -31,6 +31,7 @@ from timm.layers import (
 )
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function, register_notrace_module
 from timm.models.efficientformer_v2 import ConvMlpWithNorm, Downsample, EfficientFormerV2Block, Stem4
 
 from ..errors import InputSizeError, LeanvitError
@@ -59,6 +60,7 @@ def snake_scan_orders(height: int, width: int) -> Tuple[torch.Tensor, torch.Tens
     return orders, F.pad(moves, (1, 0))
 
 
+@register_notrace_module  # FX: a leaf, as the scan's reduction loops over the sequence length
 class PlainMamba2d(nn.Module):
     """PlainMamba's multi-directional selective SSM on a fixed token grid, in VCMamba's conv form.
 
@@ -212,12 +214,33 @@ class VCMambaStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        checkpoint = self.grad_checkpointing and not torch.jit.is_scripting()
-        x = checkpoint_seq(self.blocks, x) if checkpoint else self.blocks(x)
+        # (the is_scripting check inline in each condition, where TorchScript sees it)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
         if self.mamba_blocks is not None:
             x = self.pos_drop(x + self.pos_embed)
-            x = checkpoint_seq(self.mamba_blocks, x) if checkpoint else self.mamba_blocks(x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(self.mamba_blocks, x)
+            else:
+                x = self.mamba_blocks(x)
         return x
+
+
+# FX tracing keeps this one call (it cannot trace the comparison) and, since the input passes
+# through it, feature extractors do not prune it: the traced model still checks its input.
+# A public name, as FX only wraps functions without a leading underscore.
+@register_notrace_function
+def check_img_size(x: torch.Tensor, img_size: Tuple[int, int]) -> torch.Tensor:
+    h, w = img_size
+    if x.shape[-2] != h or x.shape[-1] != w:
+        raise InputSizeError(
+            f"VCMamba takes {h}x{w} inputs only (its position embedding and scan orders are built "
+            f"for that size), got {x.shape[-2]}x{x.shape[-1]}. Resize the input to {h}x{w}, or "
+            f"create the model with img_size={x.shape[-2]} (or ({x.shape[-2]}, {x.shape[-1]}))."
+        )
+    return x
 
 
 class VCMamba(nn.Module):
@@ -370,15 +393,6 @@ class VCMamba(nn.Module):
         """In training mode, return (head, dist head) logits separately for a distillation loss."""
         self.distilled_training = enable
 
-    def _check_input_size(self, x: torch.Tensor):
-        if tuple(x.shape[-2:]) != self.img_size:
-            h, w = self.img_size
-            raise InputSizeError(
-                f"VCMamba takes {h}x{w} inputs only (its position embedding and scan orders are built "
-                f"for that size), got {x.shape[-2]}x{x.shape[-1]}. Resize the input to {h}x{w}, or "
-                f"create the model with img_size={x.shape[-2]} (or ({x.shape[-2]}, {x.shape[-1]}))."
-            )
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -399,7 +413,7 @@ class VCMamba(nn.Module):
             intermediates_only: Return only the intermediates.
         """
         assert output_fmt == 'NCHW', 'Output format must be NCHW.'
-        self._check_input_size(x)
+        x = check_img_size(x, self.img_size)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
@@ -437,7 +451,7 @@ class VCMamba(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_size(x)
+        x = check_img_size(x, self.img_size)
         return self.norm(self.stages(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):

@@ -10,6 +10,8 @@ On CUDA tensors, ``mamba_ssm``'s fused kernel is used when it is installed; it i
 """
 from __future__ import annotations
 
+from typing import List, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -29,18 +31,24 @@ def linear_recurrence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     log2(L) levels of element-wise work. ``a`` may broadcast against ``b``, which lets several
     recurrences share one decay tensor without materialising copies of it.
     """
-    length = b.shape[-1]
-    if length == 1:
-        return b
-    # (concatenation rather than F.pad throughout: pad fills its whole output before copying)
-    if length % 2:  # append the identity step (a=1, b=0); trimmed off below
-        a = torch.cat((a, torch.ones_like(a[..., :1])), dim=-1)
-        b = torch.cat((b, torch.zeros_like(b[..., :1])), dim=-1)
-    a_even, a_odd = a[..., 0::2], a[..., 1::2]
-    b_even, b_odd = b[..., 0::2], b[..., 1::2]
-    h_odd = linear_recurrence(a_odd * a_even, a_odd * b_even + b_odd)
-    h_before = torch.cat((torch.zeros_like(h_odd[..., :1]), h_odd[..., :-1]), dim=-1)  # h[2i - 1]
-    return torch.stack((b_even + a_even * h_before, h_odd), dim=-1).flatten(-2)[..., :length]
+    # (a loop over the levels rather than recursion, which TorchScript cannot compile)
+    levels: List[Tuple[torch.Tensor, torch.Tensor, int]] = []  # per level: even steps and length
+    while b.shape[-1] > 1:
+        length = b.shape[-1]
+        # (concatenation rather than F.pad throughout: pad fills its whole output before copying)
+        if length % 2:  # append the identity step (a=1, b=0); trimmed off on the way back
+            a = torch.cat((a, torch.ones_like(a[..., :1])), dim=-1)
+            b = torch.cat((b, torch.zeros_like(b[..., :1])), dim=-1)
+        a_even, a_odd = a[..., 0::2], a[..., 1::2]
+        b_even, b_odd = b[..., 0::2], b[..., 1::2]
+        levels.append((a_even, b_even, length))
+        a, b = a_odd * a_even, a_odd * b_even + b_odd  # the half-length recurrence over pairs
+    h = b  # h at the odd positions of the level above
+    for i in range(len(levels) - 1, -1, -1):
+        a_even, b_even, length = levels[i]
+        h_before = torch.cat((torch.zeros_like(h[..., :1]), h[..., :-1]), dim=-1)  # h[2i - 1]
+        h = torch.stack((b_even + a_even * h_before, h), dim=-1).flatten(-2)[..., :length]
+    return h
 
 
 def selective_scan(
@@ -65,8 +73,9 @@ def selective_scan(
     only in ``u`` and ``B`` (e.g. several scan orders over one ``delta``) share their decays.
     Computes in float32 and returns ``u``'s dtype and the broadcast shape (..., dim, L).
     """
-    if _fused_selective_scan is not None and u.is_cuda:
-        return _fused(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if not torch.jit.is_scripting():  # a static branch: TorchScript cannot compile the kernel's global
+        if _fused_selective_scan is not None and u.is_cuda:
+            return _fused(u, delta, A, B, C, D, delta_bias, delta_softplus)
     dtype = u.dtype
     u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
     if delta_bias is not None:
