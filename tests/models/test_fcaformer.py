@@ -424,6 +424,17 @@ def test_no_weight_decay_names_the_learnt_biases_and_scales():
     assert not any(n.endswith(("q.weight", "kv.weight")) for n in names)
 
 
+def test_device_and_dtype_reach_every_parameter_and_buffer():
+    """timm's device= / dtype= model kwargs, as the other families and timm's own models take."""
+    model = timm.create_model("fcaformer_l1", device="meta", **TINY)
+    assert {t.device.type for t in itertools.chain(model.parameters(), model.buffers())} == {"meta"}
+    model = timm.create_model("fcaformer_l1", dtype=torch.float64, **TINY).eval()
+    assert {t.dtype for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()} \
+        == {torch.float64}
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 64, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_wrong_input_size_names_the_expected_one():
     model = _tiny()
     with pytest.raises(InputSizeError, match="96x64") as err:

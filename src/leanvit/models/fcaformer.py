@@ -62,29 +62,32 @@ class ForwardCrossAttention(nn.Module):
             attn_drop: float = 0.,
             proj_drop: float = 0.,
             norm_layer=nn.LayerNorm,
+            device=None,
+            dtype=None,
     ):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
 
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
         h, w = resolution
-        self.attention_biases = nn.Parameter(torch.zeros(num_heads, h * w))
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, h * w, **dd))
         pos = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)
         rel = (pos[:, :, None] - pos[:, None, :]).abs()
-        self.register_buffer("attention_bias_idxs", rel[0] * w + rel[1], persistent=False)
+        self.register_buffer("attention_bias_idxs", (rel[0] * w + rel[1]).to(device), persistent=False)
 
         if num_cross:
-            self.cross_scale = nn.Parameter(torch.ones(1, num_cross, 1))
-            self.cross_norm = norm_layer(dim)
-            self.cross_bias = nn.Parameter(torch.zeros(1, num_heads, 1, num_cross))
+            self.cross_scale = nn.Parameter(torch.ones(1, num_cross, 1, **dd))
+            self.cross_norm = norm_layer(dim, **dd)
+            self.cross_bias = nn.Parameter(torch.zeros(1, num_heads, 1, num_cross, **dd))
         else:  # a stage's first block has no cross tokens (None, not absent: TorchScript needs them)
             self.cross_scale = self.cross_norm = self.cross_bias = None
 
@@ -134,24 +137,28 @@ class FcaBlock(nn.Module):
             ls_init_value: float = 1e-6,
             act_layer=nn.GELU,
             norm_layer=nn.LayerNorm,
+            device=None,
+            dtype=None,
     ):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.resolution = resolution
-        self.norm1 = norm_layer(dim)
+        self.norm1 = norm_layer(dim, **dd)
         self.attn = ForwardCrossAttention(
             dim, num_heads, resolution, num_cross, qkv_bias=qkv_bias,
-            attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
+            attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, **dd,
         )
-        self.ls1 = LayerScale(dim, ls_init_value)
+        self.ls1 = LayerScale(dim, ls_init_value, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
         self.token_merge = nn.Conv2d(
-            dim, dim, kernel_size=7, stride=4, padding=3, groups=dim, bias=False) if merge_tokens else None
-        self.local_conv = ConvNorm(dim, dim, ks=3, stride=1, pad=1, groups=dim)
+            dim, dim, kernel_size=7, stride=4, padding=3, groups=dim, bias=False, **dd) if merge_tokens else None
+        self.local_conv = ConvNorm(dim, dim, ks=3, stride=1, pad=1, groups=dim, **dd)
 
-        self.norm2 = norm_layer(dim)
-        self.mlp = NormMlp(dim, int(dim * mlp_ratio), norm_layer=norm_layer, act_layer=act_layer, drop=proj_drop)
-        self.ls2 = LayerScale(dim, ls_init_value)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = NormMlp(
+            dim, int(dim * mlp_ratio), norm_layer=norm_layer, act_layer=act_layer, drop=proj_drop, **dd)
+        self.ls2 = LayerScale(dim, ls_init_value, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(
@@ -171,11 +178,13 @@ class ConvStage(nn.Module):
 
     def __init__(
             self, in_dim: int, dim: int, depth: int, downsample: bool, drop_path: List[float], ls_init_value: float,
+            device=None, dtype=None,
     ):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.downsample = PatchMerging(in_dim, dim, act_layer=nn.GELU) if downsample else nn.Identity()
+        self.downsample = PatchMerging(in_dim, dim, act_layer=nn.GELU, **dd) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
-            ConvNeXtBlock(dim, ls_init_value=ls_init_value, drop_path=drop_path[i]) for i in range(depth)])
+            ConvNeXtBlock(dim, ls_init_value=ls_init_value, drop_path=drop_path[i], **dd) for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.downsample(x))
@@ -197,11 +206,14 @@ class FcaStage(nn.Module):
             resolution: Tuple[int, int],
             cab_max_d: int,
             drop_path: List[float],
+            device=None,
+            dtype=None,
             **block_kwargs,
     ):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.cab_max_d = cab_max_d
-        self.downsample = PatchMerging(in_dim, dim, act_layer=nn.GELU)
+        self.downsample = PatchMerging(in_dim, dim, act_layer=nn.GELU, **dd)
         merged_per_block = math.ceil(resolution[0] / 4) * math.ceil(resolution[1] / 4)
         self.blocks = nn.ModuleList([
             FcaBlock(
@@ -210,6 +222,7 @@ class FcaStage(nn.Module):
                 merge_tokens=i < depth - 1,
                 drop_path=drop_path[i],
                 **block_kwargs,
+                **dd,
             )
             for i in range(depth)])
 
@@ -265,14 +278,17 @@ class FcaFormer(nn.Module):
             proj_drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            device=None,
+            dtype=None,
     ):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.img_size = to_2tuple(img_size)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(in_chans, embed_dims[0], act_layer=nn.GELU)
+        self.patch_embed = PatchEmbed(in_chans, embed_dims[0], act_layer=nn.GELU, **dd)
         # per-block rates rising linearly over the whole network, split by stage
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         num_conv = len(depths) - len(num_heads)
@@ -282,14 +298,14 @@ class FcaFormer(nn.Module):
             in_dim = embed_dims[max(i - 1, 0)]
             stride = self.patch_embed.stride * 2 ** i
             if i < num_conv:
-                stage = ConvStage(in_dim, dim, depth, i > 0, dpr[i], ls_init_value)
+                stage = ConvStage(in_dim, dim, depth, i > 0, dpr[i], ls_init_value, **dd)
             else:
                 # stride-2 3x3 convs with padding 1 give ceil(size / 2) at every step
                 grid = tuple(math.ceil(s / stride) for s in self.img_size)
                 stage = FcaStage(
                     in_dim, dim, depth, num_heads[i - num_conv], grid, cab_max_d, dpr[i],
                     mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate, ls_init_value=ls_init_value,
+                    attn_drop=attn_drop_rate, ls_init_value=ls_init_value, **dd,
                 )
             self.stages.append(stage)
             self.feature_info.append(dict(num_chs=dim, reduction=stride, module=f"stages.{i}"))
@@ -297,7 +313,7 @@ class FcaFormer(nn.Module):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.head = NormMlpClassifierHead(
             self.num_features, num_classes, pool_type=global_pool,
-            norm_layer=partial(LayerNorm2d, eps=1e-5), drop_rate=drop_rate,
+            norm_layer=partial(LayerNorm2d, eps=1e-5), drop_rate=drop_rate, **dd,
         )
         self.apply(self._init_weights)
 
