@@ -66,3 +66,24 @@ def test_more_threads_than_cpus_warns_and_rows_record_what_the_engines_report():
     assert eager.threads_used == asked  # torch runs what it is told
     assert ort.threads_used is None  # ONNX Runtime does not say
     assert ov.threads_used == ov.engine_info["threads"] <= asked  # OpenVINO's read-back
+
+
+def test_peak_memory_is_the_running_engines_not_its_export(monkeypatch):
+    """The high-water mark was reset before the engine loaded, so a row's peak held the exporter's (cache miss)."""
+    from leanvit.bench import runner
+    from leanvit.deploy.pytorch import EagerEngine
+
+    load = EagerEngine.load
+
+    def exporting_load(self, model, example, **kwargs):
+        spike = bytearray(400 * 2**20)  # 400 MiB resident while "exporting", freed before timing
+        spike[::4096] = b"x" * len(spike[::4096])
+        del spike
+        return load(self, model, example, **kwargs)
+
+    if not runner.reset_peak_rss():
+        pytest.skip("this OS cannot reset the peak-RSS counter")
+    before = runner.peak_rss_mb()
+    monkeypatch.setattr(EagerEngine, "load", exporting_load)
+    row, = run_bench(tiny_bench(), progress=False)
+    assert row.peak_rss_mb < before + 300

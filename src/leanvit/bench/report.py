@@ -89,7 +89,8 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
         f"- protocol: warm-up ≥ {cfg.budget.warmup_s} s and ≥ {cfg.budget.warmup_iters} calls, then single calls timed "
         f"for {cfg.budget.budget_s} s (≥ {cfg.budget.min_iters}, ≤ {cfg.budget.max_iters} calls); statistics over calls",
         f"- correctness: each engine's logits against PyTorch eager on {checked_images(cfg)} random images",
-        "- peak RSS: process-wide resident-set high-water mark, reset before each engine loads (includes the Python process)",
+        "- peak RSS: process-wide resident-set high-water mark while the loaded engine is timed (includes the Python "
+        "process and the model it holds; not the export or the agreement check)",
         "",
         "## Results", "",
         "| model | engine | precision | median ms | p90 | p99 | IQR | vs eager | img/s | params M | GMACs | published top-1 | max abs err | top-1 agree | peak RSS MiB |",

@@ -214,7 +214,6 @@ def published_top1(facts: ModelFacts | None, img_size: int, variant: str) -> flo
 def _measure(row: BenchRow, model, x, checks, cfg: BenchConfig) -> None:
     device = engine_device(row.engine, cfg.device)  # (--device cuda: CPU-only engines run on the CPU, recorded)
     engine = get_engine(row.engine, threads=cfg.threads, precision=row.precision, device=device)
-    reset_peak_rss()
     runner = engine.load(model, x, cache_dir=cfg.cache_dir)
     row.precision = runner.precision  # what the engine actually runs, not what was asked
     row.engine_info = {"device": device, **runner.info}
@@ -223,6 +222,7 @@ def _measure(row: BenchRow, model, x, checks, cfg: BenchConfig) -> None:
     row.max_abs_err, row.top1_agreement = agreement.max_abs_err, agreement.top1_agreement
     row.diverges = agreement.diverges(row.precision)
     x_np = x.numpy()
+    reset_peak_rss()  # the running engine's peak: not the exporter's on a cache miss, nor the eager reference's
     timing = time_calls(lambda: runner(x_np), cfg.budget)
     row.peak_rss_mb = peak_rss_mb()
     row.latency_ms_median, row.latency_ms_p90, row.latency_ms_p99 = timing.median, timing.p90, timing.p99
