@@ -185,7 +185,9 @@ def test_official_checkpoint_loads_through_timm(tmp_path):
     sd = official_state_dict(**TINY_OFFICIAL)
     live = official_state_dict(seed=1, **TINY_OFFICIAL)
     path = tmp_path / 'MobileViG_tiny.pth.tar'
-    torch.save({'state_dict': live, 'state_dict_ema': sd, 'epoch': 299}, path)  # as the official main.py
+    # as the official main.py; timm's file loader takes the EMA before checkpoint_filter_fn sees the
+    # checkpoint (leanvit.checkpoint.load_weights and the filter itself take 'state_dict', the evaluated one)
+    torch.save({'state_dict': live, 'state_dict_ema': sd, 'epoch': 299}, path)
     model = timm.create_model(
         'mobilevig_ti', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10), **TINY).eval()
     direct = timm.create_model('mobilevig_ti', **TINY).eval()
@@ -196,6 +198,18 @@ def test_official_checkpoint_loads_through_timm(tmp_path):
         assert torch.equal(out, direct(x))
     assert ref.abs().max() > 1  # a live signal, not a network that has collapsed to its biases
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_filter_prefers_the_evaluated_weights_to_the_ema():
+    """The official main.py saves both; its --eval, which gave the published top-1, loads 'state_dict'."""
+    sd, ema = official_state_dict(**TINY_OFFICIAL), official_state_dict(seed=1, **TINY_OFFICIAL)
+    model = timm.create_model('mobilevig_ti', **TINY)
+    expected = mvig.checkpoint_filter_fn(sd, model)
+    for checkpoint in ({'state_dict': sd, 'state_dict_ema': ema, 'epoch': 299}, {'model': sd, 'model_ema': ema}):
+        mapped = mvig.checkpoint_filter_fn(checkpoint, model)
+        assert all(torch.equal(mapped[k], v) for k, v in expected.items())
+    mapped = mvig.checkpoint_filter_fn({'state_dict_ema': ema}, model)  # the EMA alone still loads
+    assert torch.equal(mapped['head.weight'], mvig.checkpoint_filter_fn(ema, model)['head.weight'])
 
 
 # --- timm's API ----------------------------------------------------------------------------------

@@ -285,6 +285,18 @@ def test_checkpoint_filter_unwraps_and_renames(wrapper):
         assert torch.equal(mapped[k], v), k
 
 
+def test_checkpoint_filter_prefers_the_evaluated_weights_to_the_ema():
+    """The official main.py saves both; its --eval, which gave the published top-1, loads 'model'."""
+    model = randomize_(tiny())
+    official = official_state_dict(model)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in official.items()}
+    for checkpoint in ({'model': official, 'model_ema': ema, 'epoch': 299}, {'state_dict': official, 'state_dict_ema': ema}):
+        mapped = checkpoint_filter_fn(checkpoint, tiny())
+        assert all(torch.equal(mapped[k], v) for k, v in model.state_dict().items())
+    mapped = checkpoint_filter_fn({'model_ema': ema}, tiny())  # the EMA alone still loads
+    assert torch.equal(mapped['norm.weight'], model.norm.weight + 1)
+
+
 # --- export and compile -------------------------------------------------------------------------
 
 def _export_checked(model: nn.Module, example: torch.Tensor, path) -> None:

@@ -394,12 +394,14 @@ def _check_global_pool(global_pool: str) -> None:
 def checkpoint_filter_fn(state_dict: dict, model: MobileViG) -> dict:
     """Map an official SLDGroup/MobileViG checkpoint onto this implementation.
 
-    The official trainer saves ``{'state_dict', 'state_dict_ema', ...}`` (EMA weights are preferred,
-    as timm does); ``local_backbone`` is one flat list of blocks and downsamples, the last of which
-    leads into the global stage, and ``backbone.i`` is (Grapher, FFN) pairs. Layer scales are stored
-    as (C, 1, 1) and the classifiers as 1x1 convs.
+    The official trainer saves ``{'state_dict', 'state_dict_ema', ...}``. The live weights come
+    first, unlike timm's EMA-first default: the official evaluation (``main.py --resume ... --eval``)
+    loads ``state_dict``, so that is what the published top-1 measures. ``local_backbone`` is one
+    flat list of blocks and downsamples, the last of which leads into the global stage, and
+    ``backbone.i`` is (Grapher, FFN) pairs. Layer scales are stored as (C, 1, 1) and the
+    classifiers as 1x1 convs.
     """
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+    for key in ('state_dict', 'model', 'state_dict_ema', 'model_ema'):  # evaluated weights first
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
             break

@@ -480,12 +480,14 @@ def checkpoint_filter_fn(state_dict: dict, model: VCMamba) -> dict:
     """Map an official Wertyuui345/VCMamba checkpoint onto this implementation.
 
     The official trainer (DeiT's) saves ``{'model', 'model_ema', ...}``; other wrappers are
-    unwrapped too, EMA weights first as timm does. The official ``network`` is one flat list:
+    unwrapped too. The live weights come first, unlike timm's EMA-first default: the official
+    evaluation (``main.py --resume ... --eval``) loads ``model``, so that is what the published
+    top-1 measures. The official ``network`` is one flat list:
     stage ``s`` at index ``2s``, its downsample at ``2s - 1``; the last stage lists its FFN blocks,
     then its Mamba blocks, and its position embedding sits at the top as ``pos_embed``. Layer
     scales are stored as (C, 1, 1).
     """
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+    for key in ('model', 'state_dict', 'model_ema', 'state_dict_ema'):  # evaluated weights first
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
             break
