@@ -58,26 +58,22 @@ def print_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts (batch, threads, ...): a clear message instead of a traceback."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def whole_number(minimum: int):
+    """argparse type for a count of at least ``minimum``: a clear message instead of a traceback."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {'at least 1' if minimum == 1 else f'{minimum} or more'}, "
+                                             f"got {value}")
+        return value
+    return parse
 
 
-def count(text: str) -> int:
-    """argparse type for counts that may be 0 (data loader processes)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+positive_int = whole_number(1)  #: batch, threads, ...
+count = whole_number(0)  #: data loader processes
 
 
 def number_in(lo: float, hi: float, unit: str):
