@@ -8,8 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import LeanvitError
 from ..deploy.engine import REDUCED_PRECISION_RTOL
+from ..errors import LeanvitError
 from .runner import BenchConfig, BenchRow, checked_images
 
 _CSV_FIELDS = [f for f in BenchRow.__dataclass_fields__ if f != "engine_info"]

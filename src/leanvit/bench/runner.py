@@ -180,13 +180,12 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
                         continue
                     try:
                         _measure(row, model, x, checks, cfg)
-                    except LeanvitError as e:  # this configuration's own problem, said in one line: no traceback
-                        row.error = str(e).splitlines()[0][:500]
-                        tqdm.write(f"!! {label} on {engine_name} ({precision}) FAILED: {row.error}", file=sys.stderr)
                     except Exception as e:  # noqa: BLE001 - one engine failing must not hide the others
-                        row.error = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+                        known = isinstance(e, LeanvitError)  # this configuration's own problem: no traceback
+                        row.error = (str(e) if known else f"{type(e).__name__}: {e}").splitlines()[0][:500]
                         tqdm.write(f"!! {label} on {engine_name} ({precision}) FAILED: {row.error}", file=sys.stderr)
-                        traceback.print_exc(file=sys.stderr)
+                        if not known:
+                            traceback.print_exc(file=sys.stderr)
                     if row.diverges:
                         tqdm.write(
                             f"!! {label} on {engine_name} ({row.precision}) DIVERGES from eager: "

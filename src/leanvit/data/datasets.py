@@ -71,7 +71,7 @@ class ImageFolderDataset(ImageFolder):
 
     def __init__(self, root: Path, transform: Callable | None = None):
         try:
-            super().__init__(str(root), transform=transform, loader=_load_rgb, is_valid_file=_is_image)
+            super().__init__(str(root), transform=transform, loader=_load_rgb, is_valid_file=_image_name)
         except FileNotFoundError as e:  # a class folder without a single image
             raise LeanvitError(f"{e}. Remove the empty class folders under {root} or add images.") from None
 
@@ -263,12 +263,13 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
 
 def _images_in(folder: Path, recursive: bool = False):
     files = folder.rglob("*") if recursive else folder.iterdir()
-    return (p for p in files if _is_image(p))
+    return (p for p in files if _image_name(p) and p.is_file())
 
 
-def _is_image(path: str | Path) -> bool:
+def _image_name(path: str | Path) -> bool:
+    """By name alone (torchvision's folder walk lists files only: no stat per image)."""
     path = Path(path)
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(path.name) and path.is_file()
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(path.name)
 
 
 def _read_label_file(path: Path, images: dict) -> list[tuple[str, str]]:
