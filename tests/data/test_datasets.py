@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from leanvit.data import (
-    BUNDLED_CIFAR10, CorruptImageWarning, DecodedDataset, bundled_cifar10, make_loader, open_dataset,
+    BUNDLED_CIFAR10, CorruptImageWarning, DecodedDataset, IgnoredFilesWarning, bundled_cifar10, make_loader, open_dataset,
 )
 from leanvit.errors import LeanvitError
 
@@ -60,6 +60,21 @@ def test_hidden_and_system_folders_are_not_classes_and_gifs_are_images(tmp_path)
     (tmp_path / ".ipynb_checkpoints").mkdir()
     ds = open_dataset(tmp_path)
     assert ds.classes == ["cat", "dog"] and [Path(p).name for p, _ in ds.samples] == ["a.png", "b.png", "c.gif"]
+
+
+def test_files_that_are_not_read_are_named_by_type(tmp_path):
+    _write_images(tmp_path / "tree", ["cat/a.png", "dog/b.png", "dog/c.psd", "cat/d.psd", "cat/._e.ico"])
+    (tmp_path / "tree" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.warns(IgnoredFilesWarning, match=r"3 file\(s\) not read, not an image type by name \(\.psd 2, "
+                                                 r"\.txt 1\)\. Image types: .*\.png"):
+        assert len(open_dataset(tmp_path / "tree")) == 2
+
+    _write_images(tmp_path / "flat", ["x1.png", "x2.ico"])  # the label file beside the images is not counted
+    (tmp_path / "flat" / "labels.txt").write_text("x1.png 0\n")
+    with pytest.warns(IgnoredFilesWarning, match=r"1 file\(s\) not read, not an image type by name \(\.ico 1\)"):
+        open_dataset(tmp_path / "flat", labels=tmp_path / "flat" / "labels.txt")
+    with pytest.warns(IgnoredFilesWarning, match=r"\(\.ico 1, \.txt 1\)"):
+        assert len(open_dataset(tmp_path / "flat", unlabelled=True)) == 1
 
 
 def test_empty_folder_is_an_error(tmp_path):

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from .calibration import CalibrationImages, calibration_images, calibration_subset
 from .datasets import (
-    BUNDLED_CIFAR10, CorruptImageWarning, LabelFileDataset, bundled_cifar10, collate_skipping_corrupt,
-    dataset_classes, open_dataset, shared_images,
+    BUNDLED_CIFAR10, CorruptImageWarning, IgnoredFilesWarning, LabelFileDataset, bundled_cifar10,
+    collate_skipping_corrupt, dataset_classes, open_dataset, shared_images,
 )
 from .loader import DecodedDataset, make_loader
 from .transforms import DATA_CONFIG_KEYS, build_transform, check_input_size, resolve_data_config
 
 __all__ = [
     "BUNDLED_CIFAR10", "CalibrationImages", "CorruptImageWarning", "DATA_CONFIG_KEYS", "DecodedDataset",
-    "LabelFileDataset", "build_transform", "bundled_cifar10", "calibration_images", "calibration_subset", "check_input_size",
-    "collate_skipping_corrupt", "dataset_classes", "make_loader", "open_dataset", "resolve_data_config", "shared_images",
+    "IgnoredFilesWarning", "LabelFileDataset", "build_transform", "bundled_cifar10", "calibration_images",
+    "calibration_subset", "check_input_size", "collate_skipping_corrupt", "dataset_classes", "make_loader",
+    "open_dataset", "resolve_data_config", "shared_images",
 ]

@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import warnings
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
@@ -50,6 +51,33 @@ class CorruptImageWarning(UserWarning):
     """An image file that could not be decoded and was skipped."""
 
 
+class IgnoredFilesWarning(UserWarning):
+    """Files in a dataset folder that are not read: not an image type by name (:data:`IMAGE_EXTENSIONS`)."""
+
+
+class _FileFilter:
+    """The image-file test of a folder walk (:func:`_image_name`) that also counts what it passes over, by type, so
+    that a folder's .psd or .ico images are not dropped without a word. Hidden and system files are not counted."""
+
+    def __init__(self):
+        self.ignored = Counter()
+
+    def __call__(self, path: str | Path) -> bool:
+        if _image_name(path):
+            return True
+        name = Path(path).name
+        if not _hidden(name):
+            self.ignored[Path(name).suffix.lower() or "(no extension)"] += 1
+        return False
+
+    def warn(self, root: Path) -> None:
+        if self.ignored:
+            kinds = ", ".join(f"{suffix} {n}" for suffix, n in sorted(self.ignored.items(), key=lambda kv: -kv[1]))
+            warnings.warn(f"{root}: {sum(self.ignored.values())} file(s) not read, not an image type by name "
+                          f"({kinds}). Image types: {', '.join(IMAGE_EXTENSIONS)}; convert the others (e.g. to PNG) "
+                          "to use them.", IgnoredFilesWarning, stacklevel=3)
+
+
 def _load_rgb(path: str | Path) -> Image.Image | None:
     """The image as RGB, or ``None`` (with a warning) when the file cannot be decoded."""
     try:
@@ -70,10 +98,12 @@ class ImageFolderDataset(ImageFolder):
     """torchvision's ``root/<class>/<image>`` layout, skipping undecodable and hidden files (:func:`_hidden`)."""
 
     def __init__(self, root: Path, transform: Callable | None = None):
+        is_image = _FileFilter()
         try:
-            super().__init__(str(root), transform=transform, loader=_load_rgb, is_valid_file=_image_name)
+            super().__init__(str(root), transform=transform, loader=_load_rgb, is_valid_file=is_image)
         except FileNotFoundError as e:  # a class folder without a single image
             raise LeanvitError(f"{e}. Remove the empty class folders under {root} or add images.") from None
+        is_image.warn(root)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = sorted(p.name for p in Path(directory).iterdir() if p.is_dir() and not _hidden(p.name))
@@ -120,7 +150,7 @@ class LabelFileDataset(_ImageFiles):
     def __init__(self, root: Path, label_file: Path, transform: Callable | None = None,
                  classes: Sequence[str] | None = None, num_classes: int | None = None):
         self.root, self.transform = root, transform
-        images = {p.name: p for p in _images_in(root)}
+        images = {p.name: p for p in _flat_images(root, Path(label_file))}
         if not images:
             raise LeanvitError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {root}.")
         rows = _read_label_file(Path(label_file), images)
@@ -145,7 +175,8 @@ class LabelFileDataset(_ImageFiles):
             )
         labels = list(named.values())
         if all(label.isdigit() for label in labels):
-            self.classes = list(classes) if classes else [str(i) for i in range(num_classes or max(map(int, labels)) + 1)]
+            count = num_classes or max(map(int, labels)) + 1
+            self.classes = list(classes) if classes else [str(i) for i in range(count)]
             index = {str(i): i for i in range(len(self.classes))}
         else:
             self.classes = list(classes) if classes else sorted(set(labels))
@@ -168,7 +199,7 @@ class UnlabelledImages(_ImageFiles):
 
     def __init__(self, root: Path, transform: Callable | None = None):
         self.transform = transform
-        self.samples = [(path, 0) for path in sorted(_images_in(root))]
+        self.samples = [(path, 0) for path in sorted(_flat_images(root))]
         self.targets = [0] * len(self.samples)
 
 
@@ -264,6 +295,15 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
 def _images_in(folder: Path, recursive: bool = False):
     files = folder.rglob("*") if recursive else folder.iterdir()
     return (p for p in files if _image_name(p) and p.is_file())
+
+
+def _flat_images(folder: Path, label_file: Path | None = None) -> list[Path]:
+    """The image files in ``folder`` (not below), warning of the other files (but the label file), which are not
+    read."""
+    is_image, label_file = _FileFilter(), label_file and label_file.resolve()
+    images = [p for p in folder.iterdir() if p.is_file() and (is_image(p) if p.resolve() != label_file else False)]
+    is_image.warn(folder)
+    return images
 
 
 def _image_name(path: str | Path) -> bool:
