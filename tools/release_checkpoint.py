@@ -141,7 +141,7 @@ def earlier_stages(config: dict) -> tuple[list[str], float]:
     return lines, seconds
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="the --output folder of a finished leanvit train run")
     ap.add_argument("--name", required=True, help="checkpoint name, e.g. deit_tiny-cifar10")
@@ -156,8 +156,26 @@ def main() -> int:
     ap.add_argument("--weights", choices=("ema", "final"), default="ema",
                     help="ship the EMA weights (default, when the run kept an EMA) or the final weights, "
                          "e.g. when a slow EMA still lags at the end of a short schedule (say why in --notes)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    try:
+        return release(args)
+    except LeanvitError as e:  # a wrong --data, an unreadable run: one line, and the shipped files are as they were
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        staged(args.name).unlink(missing_ok=True)  # moved into place on success; a failure's leftover
 
+
+def staged(name: str) -> Path:
+    """Where the weights are written and evaluated before they replace the shipped file (not ``*.safetensors``:
+    never listed as a shipped checkpoint)."""
+    return SHIPPED_DIR / f".{name}.safetensors.tmp"
+
+
+def release(args: argparse.Namespace) -> int:
+    """Check the data, evaluate the weights as they will be shipped, and only then replace the shipped file, its
+    card and its manifest entry, so that a failure leaves the previous release (weights and the top-1 its card and
+    the manifest claim) as it was."""
     last = latest_checkpoint(args.run)
     use_ema = args.weights == "ema" and (args.run / EMA_FILE).is_file()
     weights = args.run / (EMA_FILE if use_ema else WEIGHTS_FILE)
@@ -172,29 +190,28 @@ def main() -> int:
         return 2
 
     tensors, meta = read_checkpoint(weights)
-    half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    SHIPPED_DIR.mkdir(parents=True, exist_ok=True)
-    path = SHIPPED_DIR / f"{args.name}.safetensors"
-    record = {k: state[k] for k in ("config", "epochs", "step", "changes", "inputs") if k in state}
-    save_weights(path, half, {**meta, "source": f"{weights.name} of {config['epochs']} epochs, stored as float16",
-                              "run": record})
-    size = path.stat().st_size
-    if size > MAX_BYTES:
-        path.unlink()
-        print(f"error: {path.name} would be {size / 2**20:.1f} MB, over the 20 MB limit.", file=sys.stderr)
-        return 2
-
-    model, meta = model_from_checkpoint(config["model"], path)
     dataset = open_dataset(args.data, transform=build_transform(meta["data_config"]))
     if len(dataset) != FULL_TEST_SPLIT:
         print(f"error: {args.data} has {len(dataset)} images, not the full {FULL_TEST_SPLIT}-image test split.",
               file=sys.stderr)
         return 2
+    half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    SHIPPED_DIR.mkdir(parents=True, exist_ok=True)
+    path, draft = SHIPPED_DIR / f"{args.name}.safetensors", staged(args.name)
+    record = {k: state[k] for k in ("config", "epochs", "step", "changes", "inputs") if k in state}
+    save_weights(draft, half, {**meta, "source": f"{weights.name} of {config['epochs']} epochs, stored as float16",
+                               "run": record})
+    size = draft.stat().st_size
+    if size > MAX_BYTES:
+        print(f"error: {path.name} would be {size / 2**20:.1f} MB, over the 20 MB limit.", file=sys.stderr)
+        return 2
+
+    model, meta = model_from_checkpoint(config["model"], draft)
     result = evaluate(model, make_loader(dataset, args.batch_size))
 
     seconds, hardware = training_time(log)
     untimed = sum("seconds" not in e for e in log)
-    sha = checkpoint_sha256(path)
+    sha = checkpoint_sha256(draft)
     input_size = meta["data_config"]["input_size"]
     stage, stage_seconds = earlier_stages(config)
     card = "\n".join([
@@ -236,6 +253,7 @@ def main() -> int:
         *(f"| {e['epoch']} | {e['loss']:.4f} | {e.get('top1', float('nan')):.1f} | "
           f"{e.get('ema_top1', float('nan')):.1f} | {e.get('seconds', float('nan')):.0f} |" for e in log), "",
     ])
+    os.replace(draft, path)  # evaluated: it replaces the shipped file, and the card and manifest follow
     path.with_suffix(".md").write_text(portable(card, args.run.parent))
 
     entries = [e for e in json.loads(MANIFEST.read_text()) if e.get("name") != args.name]

@@ -1,0 +1,96 @@
+"""The scripts under ``tools/``: what they refuse to write over the project's shipped files."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from leanvit.checkpoint import model_from_checkpoint, save_weights
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+TINY = dict(img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2, num_classes=10)
+
+
+def _tool(name: str):
+    """``tools/<name>.py`` as a module (a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def release(tmp_path, monkeypatch):
+    """``release_checkpoint`` writing to ``tmp_path`` (an earlier release of ``tiny`` already there), and a
+    finished one-epoch run of a tiny DeiT to release."""
+    from leanvit.data import resolve_data_config
+    from leanvit.train import TrainConfig
+    from leanvit.train.state import STATE_FILE
+
+    tool = _tool("release_checkpoint")
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(tool, "SHIPPED_DIR", shipped)
+    monkeypatch.setattr(tool, "MANIFEST", tmp_path / "checkpoints.json")
+    (shipped / "tiny.safetensors").write_bytes(b"earlier weights")
+    (shipped / "tiny.md").write_text("earlier card: 70.00 %")
+    tool.MANIFEST.write_text(json.dumps([{"name": "tiny", "model": "deit_tiny_patch16_224", "top1": 70.0}]))
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", **TINY)
+    run = tmp_path / "runs" / "tiny"
+    (run / "epoch-0001").mkdir(parents=True)
+    save_weights(run / "model.safetensors", model.state_dict(),
+                 {"model": "deit_tiny_patch16_224", "model_kwargs": TINY,
+                  "data_config": resolve_data_config(model, img_size=32)})
+    config = TrainConfig(model="deit_tiny_patch16_224", data="/data/train", epochs=1, batch_size=8).to_dict()
+    (run / "epoch-0001" / STATE_FILE).write_text(json.dumps(
+        {"epoch": 1, "step": 4, "config": config, "epochs": [{"epoch": 0, "loss": 2.3, "seconds": 1.0}]}))
+    tool.run, tool.shipped = run, shipped
+    return tool
+
+
+def _untouched(release) -> bool:
+    shipped = release.shipped
+    return (sorted(p.name for p in shipped.iterdir()) == ["tiny.md", "tiny.safetensors"]  # no staged file left
+            and (shipped / "tiny.safetensors").read_bytes() == b"earlier weights"
+            and (shipped / "tiny.md").read_text() == "earlier card: 70.00 %"
+            and json.loads(release.MANIFEST.read_text())[0]["top1"] == 70.0)
+
+
+@pytest.mark.parametrize("data", ["/nonexistent/cifar10/test", "cifar10-test500"])
+def test_release_with_wrong_data_is_one_error_and_keeps_the_shipped_release(release, data, capsys):
+    """A missing folder, or the 500-image subset instead of the full test split: refused before anything shipped
+    is written, so the weights, their card and the manifest's top-1 still agree."""
+    assert release.main([str(release.run), "--name", "tiny", "--data", data]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert _untouched(release)
+
+
+def test_release_replaces_the_shipped_weights_only_after_evaluating_them(release, monkeypatch, capsys):
+    monkeypatch.setattr(release, "FULL_TEST_SPLIT", 500)  # the bundled subset stands in for the full split
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(release, "evaluate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            release.main([str(release.run), "--name", "tiny", "--data", "cifar10-test500", "--batch-size", "100"])
+    assert _untouched(release)
+
+    assert release.main([str(release.run), "--name", "tiny", "--data", "cifar10-test500", "--batch-size", "100"]) == 0
+    shipped = release.shipped
+    assert sorted(p.name for p in shipped.iterdir()) == ["tiny.md", "tiny.safetensors"]
+    model, meta = model_from_checkpoint("deit_tiny_patch16_224", shipped / "tiny.safetensors")
+    assert meta["run"]["step"] == 4 and next(model.parameters()).dtype == torch.float32
+    (entry,) = json.loads(release.MANIFEST.read_text())
+    assert entry["name"] == "tiny" and entry["top1"] != 70.0
+    assert f"**{entry['top1']:.2f} %**" in (shipped / "tiny.md").read_text()
