@@ -230,6 +230,49 @@ def test_conv_subclass_with_its_own_forward_stays_float_and_is_named():
     assert type(qmodel[0]) is Conv2dSame and list(qmodel.quant_report.quantized) == ["2"]
 
 
+class _Kernel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return F.linear(x, self.kernel)
+
+
+class _Product(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return x @ self.proj
+
+
+class _OwnWeights(nn.Module):
+    """Compute layers whose weights are not named ``weight``: an LSTM, an ``F.linear`` on ``kernel``, a
+    ``tokens @ proj`` product."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.lstm, self.head = nn.Conv2d(3, 8, 4, 4), nn.LSTM(8, 8, batch_first=True), nn.Linear(8, 4)
+        self.linear, self.product = _Kernel(), _Product()
+
+    def forward(self, x):
+        tokens = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(self.product(self.linear(self.lstm(tokens)[0])).mean(1))
+
+
+def test_compute_layers_are_named_whatever_their_weights_are_called():
+    with pytest.warns(UserWarning, match=r"2 compute layers stay in float:\n  lstm: no quantized wrapper for LSTM\n  "
+                                         r"linear: no quantized wrapper for _Kernel$"):
+        report = quantize(_OwnWeights().eval(), torch.randn(16, 3, 8, 8), progress=False).quant_report
+    assert set(report.float_compute_layers) == {"lstm", "linear"}
+    assert report.float_layers["product"].startswith("attention matmuls (_Product): float by design unless")
+    report = quantize(_OwnWeights().eval(), torch.randn(16, 3, 8, 8), QuantConfig(attn_bits=8, attn_max_error=None),
+                      progress=False).quant_report  # the product quantized: listed once, as quantized
+    assert "product" in report.quantized and "product" not in report.float_layers
+
+
 def test_layers_that_cannot_be_calibrated_are_named():
     with pytest.warns(UserWarning) as caught:
         qmodel = quantize(DirectWeights().eval(), torch.randn(16, 3, 8, 8), progress=False)

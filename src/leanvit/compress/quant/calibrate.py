@@ -349,20 +349,29 @@ def calibration_batches(calib_data, min_images: int, batch_size: int = 32) -> li
     return batches
 
 
-def _float_reason(name: str, module: nn.Module, config: QuantConfig, inside_mha: set[str]) -> str | None:
-    """Why ``module`` stays in float, or None if it is quantized or holds no computation of its own."""
+def _float_reason(name: str, module: nn.Module, config: QuantConfig, inside_mha: set[str],
+                  multiplies: set[str]) -> str | None:
+    """Why ``module`` stays in float, or None if it is quantized, holds no computation of its own, or is one of the
+    modules that ``multiplies`` matrices itself (recorded: the attention step quantizes or reports those)."""
     if name in inside_mha:
         return "inside nn.MultiheadAttention, which uses its weights directly: no INT8 wrapper"
     if isinstance(module, NORM_TYPES):
         return f"normalisation ({type(module).__name__}): float by design, no INT8 kernel and accuracy-sensitive"
-    params = dict(module.named_parameters(recurse=False))
     if quantizable_type(module) is not None:
         pattern = config.skip_pattern(name)
         return f"kept float by QuantConfig.skip ('{pattern}')"
-    if any(n.endswith("weight") and p.ndim >= 2 for n, p in params.items()) and not isinstance(module, nn.Embedding):
+    params, leaf = dict(module.named_parameters(recurse=False)), not any(True for _ in module.children())
+    weights = any(n.endswith("weight") and p.ndim >= 2 for n, p in params.items())
+    if weights and not isinstance(module, nn.Embedding):
         own_forward = isinstance(module, (nn.Linear, nn.Conv2d))
         return f"no quantized wrapper for {type(module).__name__}" + (" (its own forward)" if own_forward else "")
-    if params and not any(True for _ in module.children()):
+    if name in multiplies:
+        return None
+    # a leaf's weight matrix or kernel under another name (an LSTM's weight_ih_l0): two dimensions or more of size
+    # > 1, where a per-channel scale (LayerScale2d's (C, 1, 1) gamma) has one
+    if leaf and any(sum(d > 1 for d in p.shape) >= 2 for p in params.values()):
+        return f"no quantized wrapper for {type(module).__name__}"
+    if params and leaf:
         return f"elementwise ({type(module).__name__}): float by design"
     return None  # holds no computation of its own (or only embeddings added to the tokens)
 
@@ -403,7 +412,7 @@ def edge_layers(model: nn.Module, candidates: list[str]) -> list[str]:
 
 
 def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, constant: set[str],
-                 kept_float: dict[str, str]) -> dict[str, nn.Module]:
+                 kept_float: dict[str, str], multiplies: set[str]) -> dict[str, nn.Module]:
     inside_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                   for c, _ in m.named_modules() if c}
     for name in constant:
@@ -435,7 +444,7 @@ def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, con
         elif quant_type is not None and name not in inside_mha and not skipped:
             swapped[name] = quant_type.from_float(module, *config.schemes(name))
             model.set_submodule(name, swapped[name])
-        elif (reason := _float_reason(name, module, config, inside_mha)) is not None:
+        elif (reason := _float_reason(name, module, config, inside_mha, multiplies)) is not None:
             report.float_layers[name] = reason
     return swapped
 
@@ -476,7 +485,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     kept_float = {conv: f"depthwise convolution whose output {module} concatenates as NHWC: float by design, so "
                   "OpenVINO folds that permute into its int8 conversion (QuantConfig.int8_nhwc_concats)"
                   for module, convs in concats.items() for conv in convs}
-    layers = _swap_layers(qmodel, config, report, constant, kept_float)
+    layers = _swap_layers(qmodel, config, report, constant, kept_float, set(matmul_calls))
     for name in concats:
         concats[name] = concat_counterpart(type(module := qmodel.get_submodule(name))).from_float(module, config.a_bits)
         qmodel.set_submodule(name, concats[name])
@@ -487,6 +496,8 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     attentions = {}
     if config.attn_bits is not None:
         attentions = swap_attention(qmodel, config.attn_bits, config.softmax_quantizer, matmul_calls, set(skipped))
+        for name in attentions:  # its matrix products quantized: not a float layer, whatever its own weights said
+            report.float_layers.pop(name, None)
     qmodel.to(device)  # the quantizers are created on the CPU; here and after each step that adds some
 
     # Ranges come from the float model's activations (PTQ4ViT's "parallel" calibration): the weight
