@@ -123,6 +123,7 @@ def test_research_methods_from_the_command_line(capsys):
     (["--calib-images", "4"], "--calib-images 4 is too few for stable activation ranges: give at least 16"),
     (["--layer-bits", "head=w8"], "w8"),
     (["--out", "FILE", "--calib", "NOWHERE"], "is a file; give a folder"),
+    (["--out", "/proc"], "--out /proc: cannot write the INT8 model and report.json there"),  # before calibrating
     (["--attn-bits", "4", "--out", "OUT", "--calib", "NOWHERE"], "attn_bits=4 (--attn-bits 4)"),
     (["--a-granularity", "auto", "--quantize-depthwise", "--engine", "onnxruntime", "--out", "OUT", "--calib",
       "NOWHERE"], "(--a-granularity tensor)"),

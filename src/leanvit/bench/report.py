@@ -9,25 +9,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ..deploy.engine import REDUCED_PRECISION_RTOL
-from ..errors import LeanvitError
 from .runner import BenchConfig, BenchRow, checked_images
 
 _CSV_FIELDS = [f for f in BenchRow.__dataclass_fields__ if f != "engine_info"]
-
-
-def prepare_out_dir(out_dir: str | Path) -> Path:
-    """Create ``out_dir`` (``--out``) before anything is measured, so a path that cannot hold the results fails
-    in a second, not with a traceback after the whole bench."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise LeanvitError(f"--out {out} is a file, not a directory: give a directory for the results "
-                           "(it is created if missing).")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LeanvitError(f"--out {out}: cannot create the results directory ({e.strerror}); "
-                           "give a directory you can write to.") from None
-    return out
 
 
 def write_results(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, out_dir: str | Path) -> dict[str, Path]:

@@ -12,6 +12,8 @@ import importlib
 import json
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Sequence
 
 from ..data import resolve_data_config
@@ -56,6 +58,24 @@ def print_json(obj: Any) -> None:
     """Machine-readable output: one JSON document on stdout."""
     json.dump(obj, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+
+
+def prepare_out_dir(out: str | Path, holds: str) -> Path:
+    """Create ``--out``, the directory for what the command writes (``holds``), and check a file can be written
+    there, before the command's work: a path that cannot hold it fails in a second, not with a traceback after
+    minutes of measuring or calibrating."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LeanvitError(f"--out {out} is a file, not a directory: give a directory for {holds} (it is created if "
+                           "missing).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # an existing read-only directory (or /proc) passes mkdir
+            pass
+    except OSError as e:
+        raise LeanvitError(f"--out {out}: cannot write {holds} there ({e.strerror}); give a directory you can write "
+                           "to.") from None
+    return out
 
 
 def whole_number(minimum: int):

@@ -5,9 +5,8 @@ import argparse
 import sys
 
 from ..bench import DEFAULT_ENGINES, DEFAULT_MODELS, BenchConfig, TimingBudget, host_info, run_bench, write_results
-from ..bench.report import prepare_out_dir
 from ..bench.runner import default_threads
-from . import number_in, positive_int, print_json
+from . import number_in, positive_int, prepare_out_dir, print_json
 
 
 def _names(values: list[str] | None) -> list[str]:
@@ -54,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         pretrained=args.pretrained, device=args.device, cache_dir=args.cache_dir, tokens=_names(args.tokens),
     )
     cfg.validate()  # a typo in a name fails before --out is created
-    prepare_out_dir(args.out)
+    prepare_out_dir(args.out, "the results")
     rows = run_bench(cfg, progress=not args.no_progress)
     paths = write_results(rows, cfg, host_info(), args.out)
     if args.json:
