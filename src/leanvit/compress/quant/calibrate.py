@@ -47,9 +47,11 @@ NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.mo
 class QuantConfig:
     """What to quantize and how.
 
-    Defaults are the deployable W8A8 recipe: int8 symmetric per-output-channel weights, uint8
-    asymmetric per-tensor activations, both ranges chosen by MSE search. ``skip`` holds glob patterns
-    of layer names kept in float (e.g. ``("head",)``).
+    Defaults are a deployable W8A8 scheme for any engine and CPU: int8 symmetric per-output-channel weights,
+    uint8 asymmetric per-tensor activations, both ranges chosen by MSE search. :meth:`recipe` (what ``leanvit
+    quantize`` uses) adds the choices that pay off on one engine and CPU: for OpenVINO, the int8 producers,
+    transposed conv outputs and concatenations below; on a VNNI CPU, depthwise convs and attention matmuls.
+    ``skip`` holds glob patterns of layer names kept in float (e.g. ``("head",)``).
     """
 
     w_bits: int = 8
