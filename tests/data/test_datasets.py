@@ -107,6 +107,19 @@ def test_corrupt_image_is_skipped_with_a_warning(tmp_path):
     assert len(ds) == 3 and images.shape[0] == 2 and targets.tolist() == [0, 1]
 
 
+def test_16_bit_and_float_grayscale_images_are_scaled_to_8_bits_not_clipped_white(tmp_path):
+    levels = np.arange(64).reshape(8, 8)
+    (tmp_path / "x").mkdir()
+    Image.fromarray((levels * 1040).astype(np.uint16)).save(tmp_path / "x" / "a16.png")  # mode I;16
+    Image.fromarray((levels / 63).astype(np.float32)).save(tmp_path / "x" / "f.tif")  # mode F, in [0, 1]
+    Image.fromarray(levels.astype(np.uint8) * 4).save(tmp_path / "x" / "g8.png")
+    ds = open_dataset(tmp_path, unlabelled=True)
+    by_name = {Path(path).name: np.asarray(ds[i][0]) for i, (path, _) in enumerate(ds.samples)}
+    np.testing.assert_array_equal(by_name["a16.png"][..., 0], np.rint(levels * 1040 * 255 / 65535))
+    np.testing.assert_array_equal(by_name["f.tif"][..., 2], np.rint(levels / 63 * 255))
+    np.testing.assert_array_equal(by_name["g8.png"][..., 1], levels * 4)
+
+
 def test_decoded_dataset_holds_the_transformed_images_once(tmp_path):
     pixels = _write_images(tmp_path, ["cat/a.png", "cat/c.png", "dog/b.png"])
     (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")

@@ -82,10 +82,22 @@ def _load_rgb(path: str | Path) -> Image.Image | None:
     """The image as RGB, or ``None`` (with a warning) when the file cannot be decoded."""
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            return _to_rgb(Image.open(f))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         warnings.warn(f"skipping corrupt image {path}: {e}", CorruptImageWarning, stacklevel=2)
         return None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB. Pillow's ``convert`` clips 16-bit grayscale (a medical or scientific PNG, mode
+    ``I;16`` / ``I``) at 255, so nearly every pixel turns white; those are scaled to 8 bits first, and float images
+    (mode ``F``) from [0, 1] where that is their range."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535 if image.mode.startswith("I;16") or (image.mode == "I" and pixels.max() > 255) else (
+            1.0 if image.mode == "F" and pixels.max() <= 1.0 else 255)
+        image = Image.fromarray(np.clip(np.rint(pixels * (255 / top)), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def collate_skipping_corrupt(batch: Sequence) -> list | None:
