@@ -360,6 +360,14 @@ def test_bit_widths_without_engine_kernels_are_refused(tiny_vit, tmp_path):
         export(w4a4, tmp_path / "m.onnx", engine="tensorrt")
 
 
+def test_an_export_example_of_another_size_or_rank_is_refused(qvit, tmp_path):
+    """It was timm's assertion or an unpacking error from inside the exporter; calibrated at 32x32."""
+    for example, shape in ((torch.zeros(1, 3, 64, 64), "1x3x64x64"), (torch.zeros(3, 32, 32), "3x32x32")):
+        with pytest.raises(LeanvitError, match=f"The export example is {shape}; pass example=torch.zeros"
+                                               r"\(1, 3, 32, 32\), one image of the calibration size"):
+            export(qvit, tmp_path / "m.onnx", engine="onnxruntime", example=example)
+
+
 @pytest.mark.skipif(not int8_saturates(), reason="this CPU has VNNI/AMX: 8-bit weights are exact")
 def test_8bit_weights_on_a_cpu_without_vnni_warn(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 2)).eval()

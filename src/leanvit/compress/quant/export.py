@@ -154,11 +154,18 @@ def _int8_weights(qmodel: nn.Module):
 
 def _example(qmodel: nn.Module, example: torch.Tensor | None, dynamic_batch: bool) -> torch.Tensor:
     """The export input; a batch of 2 for a dynamic batch, since ``torch.export`` specialises a size-1 dim."""
+    report = getattr(qmodel, "quant_report", None)
+    size = tuple(report.input_size) if report is not None and report.input_size else None
     if example is None:
-        report = getattr(qmodel, "quant_report", None)
-        if report is None or not report.input_size:
+        if size is None:
             raise LeanvitError("Pass example=torch.zeros(1, C, H, W): the model carries no calibration input size.")
-        example = torch.zeros(1, *report.input_size)
+        example = torch.zeros(1, *size)
+    if not isinstance(example, torch.Tensor) or example.ndim != 4 or (size and tuple(example.shape[1:]) != size):
+        shape = "x".join(map(str, getattr(example, "shape", ()))) or type(example).__name__
+        wanted = f"torch.zeros(1, {', '.join(map(str, size))})" if size else "torch.zeros(1, C, H, W)"
+        raise LeanvitError(f"The export example is {shape}; pass example={wanted}" + (
+            ", one image of the calibration size: the activation ranges were chosen at that size (or leave "
+            "example out)" if size else "") + ".")
     return example[:1].expand(2, *example.shape[1:]).contiguous() if dynamic_batch else example
 
 
