@@ -124,6 +124,9 @@ def test_research_methods_from_the_command_line(capsys):
     (["--layer-bits", "head=w8"], "w8"),
     (["--out", "FILE", "--calib", "NOWHERE"], "is a file; give a folder"),
     (["--out", "/proc"], "--out /proc: cannot write the INT8 model and report.json there"),  # before calibrating
+    # refused before the model is built and the images decoded, naming the flag that sets the low bit-width
+    (["--avg-bits", "6", "--calib", "NOWHERE"], "--avg-bits 6.0 with --bits w8a8: Mixed precision moves layers"),
+    (["--bits", "w4a4", "--avg-bits", "3", "--calib", "NOWHERE"], "choose a budget between 4 and 8"),
     (["--attn-bits", "4", "--out", "OUT", "--calib", "NOWHERE"], "attn_bits=4 (--attn-bits 4)"),
     (["--a-granularity", "auto", "--quantize-depthwise", "--engine", "onnxruntime", "--out", "OUT", "--calib",
       "NOWHERE"], "(--a-granularity tensor)"),
@@ -202,6 +205,30 @@ def test_eval_leaves_out_the_calibration_images_and_corrupt_ones_are_replaced(tm
     assert result["calib_images"] == 16 and result["eval_images"] == 30 - 16  # the broken ones are skipped there too
     assert "16 of the --eval images are calibration images" in captured.err
     assert "could not be decoded (named above); others were drawn instead: calibrating on 16" in captured.err
+
+
+def test_a_nan_attention_error_bound_is_refused(capsys):
+    """NaN compared false with every error, which turned the bound off."""
+    with pytest.raises(SystemExit):
+        main(["quantize", *TINY, "--attn-bits", "8", "--attn-max-error", "nan"])
+    assert "argument --attn-max-error: must be in" in capsys.readouterr().err
+
+
+def test_too_few_decodable_calibration_images_name_the_cli_fix(tmp_path, capsys):
+    """The API's message suggested QuantConfig(min_images=...), which no flag sets."""
+    import numpy as np
+    from PIL import Image
+
+    for i in range(20):
+        path = tmp_path / f"{i}.png"
+        if i < 10:
+            Image.fromarray(np.full((32, 32, 3), i, np.uint8)).save(path)
+        else:
+            path.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    argv = [a if a != "cifar10-test500" else str(tmp_path) for a in TINY]
+    assert main(["quantize", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Only 10 images of" in err and "at least 16" in err and "QuantConfig" not in err
 
 
 def test_eval_leaves_out_calibration_images_stored_in_another_layout(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Quantizer primitives, range choice, calibration and the float-layer report, against independent references."""
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -85,6 +86,13 @@ def test_config_parses_bits_and_rejects_bad_values():
             QuantConfig.from_bits(bad)
     with pytest.raises(LeanvitError, match="range method"):
         QuantConfig(a_method="kl")
+    # accepted before: a truthy string for True, a string of bits, a NaN that turned the attention-error bound off
+    for bad, message in (({"w_per_channel": "no"}, "w_per_channel must be True or False, got 'no'"),
+                         ({"w_bits": "8"}, "w_bits must be a whole number, got '8'"),
+                         ({"attn_bits": 8.0}, "attn_bits must be a whole number of bits or None"),
+                         ({"attn_max_error": float("nan")}, "attn_max_error must be a finite relative error")):
+        with pytest.raises(LeanvitError, match=re.escape(message)):
+            QuantConfig(**bad)
 
 
 def test_empty_or_small_calibration_set_is_an_error(tiny_vit):
@@ -102,6 +110,22 @@ def test_empty_or_small_calibration_set_is_an_error(tiny_vit):
         quantize(tiny_vit, torch.randn(16, 1, 32, 32), progress=False)
     with pytest.raises(LeanvitError, match="torch.uint8 pixels, not the model's float input"):
         quantize(tiny_vit, torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), progress=False)
+    with pytest.raises(LeanvitError, match="Calibration batch 0 holds NaN or infinite values"):
+        quantize(tiny_vit, torch.full((16, 3, 32, 32), float("nan")), progress=False)
+    from torch.utils.data import Dataset
+
+    class TwoSizes(Dataset):  # a dataset without a resizing transform: its loader cannot stack a batch
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return torch.zeros(3, 32, 32 if i % 2 else 48), 0
+
+    with pytest.raises(LeanvitError, match="The calibration images have several sizes: calibrate at the one input"):
+        quantize(tiny_vit, TwoSizes(), progress=False)
+    qmodel = quantize(tiny_vit, torch.randn(16, 3, 32, 32), progress=False)
+    with pytest.raises(LeanvitError, match="quantized already .*: pass the float model"):
+        quantize(qmodel, torch.randn(16, 3, 32, 32), progress=False)
 
 
 def test_a_dataset_of_samples_is_batched():

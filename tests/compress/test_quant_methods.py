@@ -119,6 +119,10 @@ def test_assign_bits_moves_the_cheapest_layers_per_weight_first_until_the_budget
         ("c", "w4a4"), ("b", "w4a4"), ("*", "w8a8"))  # (200 * 8 + 300 * 4) / 500 = 5.6
     with pytest.raises(LeanvitError, match="keep the average at 5.60"):
         assign_bits({"b": 10.0, "c": 0.5}, sizes, 5.0, pinned={"a": 8})
+    with pytest.raises(LeanvitError, match="no layers"):  # was a ZeroDivisionError
+        assign_bits({}, {}, 6.0)
+    with pytest.raises(LeanvitError, match="down to w8a8, which has as many weight bits or more"):  # low, high swapped
+        assign_bits(scores, sizes, 6.0, low="w8a8", high="w4a4")
 
 
 @torch.no_grad()

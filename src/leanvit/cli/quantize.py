@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from ..data import (
 from ..errors import LeanvitError
 from ..evaluate import check_class_outputs, evaluate
 from ..models.registry import create_model
-from . import input_data_config, positive_int, print_json
+from . import input_data_config, number_in, positive_int, prepare_out_dir, print_json
 from .train import json_object
 
 
@@ -78,7 +79,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--reconstruct-iters", type=positive_int, help="steps per block (default 500)")
     p.add_argument("--attn-bits", type=positive_int,
                    help="also quantize the attention matmuls' inputs (q, k, softmax, v) to this many bits")
-    p.add_argument("--attn-max-error", type=float, metavar="E",
+    p.add_argument("--attn-max-error", type=number_in(-math.inf, math.inf, "a relative error such as 0.1"),
+                   metavar="E",
                    help="with 8-bit attention: keep float the attentions whose output quantized matmul inputs change "
                         "by more than E (relative RMS; default 0.1; a negative value keeps every one quantized)")
     p.add_argument("--softmax", choices=SOFTMAX_QUANTIZERS,
@@ -181,6 +183,12 @@ def run(args: argparse.Namespace) -> int:
     if args.calib_images < config.min_images:
         raise LeanvitError(f"--calib-images {args.calib_images} is too few for stable activation ranges: give at least "
                            f"{config.min_images} (256 is a good choice).")
+    if args.avg_bits is not None:  # before the model is loaded and the images decoded
+        try:
+            quant.check_budget(args.avg_bits, args.bits, "w8a8")
+        except LeanvitError as e:
+            raise LeanvitError(f"--avg-bits {args.avg_bits} with --bits {args.bits}: {e} (--bits sets the low "
+                               "bit-width, w8a8 the high one; e.g. --bits w4a4 --avg-bits 6).") from None
     if args.out:
         quant.check_config_deployable(config, args.engine)
         if args.out.exists() and not args.out.is_dir():
@@ -208,10 +216,7 @@ def run(args: argparse.Namespace) -> int:
         check_class_outputs(output, len(dataset_classes(evalset)))
 
     if args.out:  # once the inputs are checked, before the minutes of calibration
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise LeanvitError(f"Cannot create the --out folder {args.out}: {e.strerror}. Give a writable folder.")
+        prepare_out_dir(args.out, "the INT8 model and report.json")
         (args.out / "report.json").unlink(missing_ok=True)  # an earlier run's would describe another model
     started = time.perf_counter()
     # decoded once, used by every pass
@@ -224,6 +229,9 @@ def run(args: argparse.Namespace) -> int:
     elif len(calib.indices) < args.calib_images:
         print(f"leanvit quantize: warning: {args.calib} holds {len(calib.indices)} images, fewer than --calib-images "
               f"{args.calib_images}: calibrating on all of them", file=sys.stderr)
+    if len(calib.indices) < config.min_images:  # (QuantConfig.min_images, the API's way round it, is no flag)
+        raise LeanvitError(f"Only {len(calib.indices)} images of {args.calib} could be decoded; calibration needs at "
+                           f"least {config.min_images} (256 is a good choice): pass a folder with more.")
     if evalset is not None:
         evalset = _without_calibration_images(evalset, calibset, calib.indices, args.eval)
     calib = calib.batches

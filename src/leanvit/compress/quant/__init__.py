@@ -26,11 +26,11 @@ from .calibrate import (
     quantizers_disabled, resolve_target,
 )
 from .export import (
-    check_config_deployable, check_deployable, check_engine_precisions, export, export_quantized, onnx_int8_summary, onnxruntime_precisions,
-    openvino_precisions, source_modules,
+    check_config_deployable, check_deployable, check_engine_precisions, export, export_quantized, onnx_int8_summary,
+    onnxruntime_precisions, openvino_precisions, source_modules,
 )
 from .hessian import hessian_search
-from .mixed import allocate_bits, assign_bits, average_weight_bits, layer_sensitivity
+from .mixed import allocate_bits, assign_bits, average_weight_bits, check_budget, layer_sensitivity
 from .modules import QuantConv2d, QuantLinear, fold_batchnorm
 from .quantizer import (
     FakeQuantizer, Log2Quantizer, QScheme, Quantizer, RangeObserver, ShiftUniformLog2Quantizer, TwinUniformQuantizer,
@@ -44,7 +44,7 @@ __all__ = [
     "QuantReport", "Quantizer", "RangeObserver", "SOFTMAX_QUANTIZERS", "ShiftUniformLog2Quantizer", "TARGETS",
     "TwinUniformQuantizer",
     "allocate_bits", "assign_bits", "average_weight_bits", "calibration_batches", "check_config_deployable",
-    "check_deployable", "check_engine_precisions", "choose_range",
+    "check_budget", "check_deployable", "check_engine_precisions", "choose_range",
     "correct_bias", "export", "export_quantized", "fake_quantize", "find_bridges", "find_units", "fold_batchnorm",
     "hessian_search", "layer_sensitivity", "layernorm_consumers", "onnx_int8_summary", "onnxruntime_precisions",
     "openvino_precisions", "source_modules",

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import re
 import sys
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -150,6 +151,8 @@ class QuantConfig:
         check_range("min_images", self.min_images, 1, 1_000_000)
         check_range("batch_size", self.batch_size, 1, 1_000_000)
         if self.attn_bits is not None:
+            if isinstance(self.attn_bits, bool) or not isinstance(self.attn_bits, int):
+                raise LeanvitError(f"attn_bits must be a whole number of bits or None, got {self.attn_bits!r}.")
             check_range("attn_bits", self.attn_bits, 2, 8)
         if self.reconstruct not in (None, "blocks", "bridge"):
             raise LeanvitError(f"reconstruct must be None, 'blocks' or 'bridge', got {self.reconstruct!r}.")
@@ -163,6 +166,16 @@ class QuantConfig:
         if self.softmax_quantizer not in SOFTMAX_QUANTIZERS:
             raise LeanvitError(f"softmax_quantizer '{self.softmax_quantizer}' is not a softmax quantizer; use one of "
                                f"{', '.join(SOFTMAX_QUANTIZERS)} ('uniform' is the one that exports).")
+        for f in fields(self):  # a truthy string such as 'no' would pass for True, '8' for 8 bits
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise LeanvitError(f"{f.name} must be True or False, got {value!r}.")
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise LeanvitError(f"{f.name} must be a whole number, got {value!r}.")
+        if self.attn_max_error is not None and not (isinstance(self.attn_max_error, (int, float))
+                                                    and math.isfinite(self.attn_max_error)):
+            raise LeanvitError(f"attn_max_error must be a finite relative error (e.g. 0.1) or None (every attention "
+                               f"quantized), got {self.attn_max_error!r}.")
         if self.softmax_quantizer != "uniform" and self.attn_bits is None:
             raise LeanvitError(f"softmax_quantizer={self.softmax_quantizer!r} quantizes the attention probabilities, "
                                "but attn_bits=None keeps the attention matmuls in float: set attn_bits (--attn-bits).")
@@ -322,24 +335,32 @@ def calibration_batches(calib_data, min_images: int, batch_size: int = 32) -> li
         from ...data import make_loader
 
         calib_data = make_loader(calib_data, batch_size)
-    batches = []
-    for batch in calib_data:
-        if isinstance(batch, (tuple, list)):
-            batch = batch[0]
-        if batch is None:
-            continue
-        if not isinstance(batch, torch.Tensor) or batch.ndim != 4:
-            raise LeanvitError(f"Calibration batches must be (B, C, H, W) image tensors or (images, labels) pairs; "
-                               f"got {type(batch).__name__} {tuple(getattr(batch, 'shape', ()))}.")
-        if not batch.is_floating_point():
-            raise LeanvitError(f"The calibration images are {batch.dtype} pixels, not the model's float input: "
-                               "transform them as for inference (leanvit.data.build_transform(data_config), or "
-                               "scale to [0, 1] and normalise with the model's mean and std).")
-        batches.append(batch.float())
+    batches, resize = [], "calibrate at the one input size the model is deployed at (resize or crop them all to it)"
+    try:
+        for batch in calib_data:
+            if isinstance(batch, (tuple, list)):
+                batch = batch[0]
+            if batch is None:
+                continue
+            if not isinstance(batch, torch.Tensor) or batch.ndim != 4:
+                raise LeanvitError(f"Calibration batches must be (B, C, H, W) image tensors or (images, labels) "
+                                   f"pairs; got {type(batch).__name__} {tuple(getattr(batch, 'shape', ()))}.")
+            if not batch.is_floating_point():
+                raise LeanvitError(f"The calibration images are {batch.dtype} pixels, not the model's float input: "
+                                   "transform them as for inference (leanvit.data.build_transform(data_config), or "
+                                   "scale to [0, 1] and normalise with the model's mean and std).")
+            if not torch.isfinite(batch).all():
+                raise LeanvitError(f"Calibration batch {len(batches)} holds NaN or infinite values: activation ranges "
+                                   "need finite images (check the pre-processing, e.g. a std of 0).")
+            batches.append(batch.float())
+    except RuntimeError as e:  # a dataset's images of several sizes, which its loader cannot stack into a batch
+        if "equal size" not in str(e):
+            raise
+        raise LeanvitError(f"The calibration images have several sizes: {resize}, e.g. with "
+                           "leanvit.data.build_transform(data_config) as the dataset's transform.") from None
     sizes = list(dict.fromkeys("x".join(map(str, b.shape[1:])) for b in batches))
     if len(sizes) > 1:
-        raise LeanvitError(f"The calibration images have {len(sizes)} sizes ({', '.join(sizes[:4])}): calibrate at the "
-                           "one input size the model is deployed at (resize or crop them all to it).")
+        raise LeanvitError(f"The calibration images have {len(sizes)} sizes ({', '.join(sizes[:4])}): {resize}.")
     n = sum(b.shape[0] for b in batches)
     if n == 0:
         raise LeanvitError("The calibration set is empty. Pass a few hundred representative images "
@@ -462,6 +483,9 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     """
     from tqdm.auto import tqdm
 
+    if hasattr(model, "quant_report") or any(isinstance(m, Quantizer) for m in model.modules()):
+        raise LeanvitError(f"This {type(model).__name__} is quantized already (it holds quantizers): pass the float "
+                           "model to quantize().")
     device = next(model.parameters(), torch.empty(0)).device
     batches = [b.to(device) for b in calibration_batches(calib_data, config.min_images, config.batch_size)]
     qmodel = copy.deepcopy(model).eval()

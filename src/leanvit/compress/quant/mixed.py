@@ -111,7 +111,7 @@ def allocate_bits(model: nn.Module, calib_data, budget: float, *, low: str = "w4
     >>> bits = allocate_bits(model, calib, 6.0)          # W4A4 where it hurts least, W8A8 elsewhere
     >>> qmodel = quantize(model, calib, QuantConfig(layer_bits=bits))
     """
-    _check_budget(budget, low, high)
+    check_budget(budget, low, high)
     scoring = replace(config, layer_bits=(("*", low),))
     qmodel = _scoring_copy(model, calib_data, scoring, method)
     sensitivity = _sensitivity(qmodel, calib_data, scoring, method, SENSITIVITY_IMAGES, HUTCHINSON_SAMPLES)
@@ -134,8 +134,10 @@ def assign_bits(scores: dict[str, float], sizes: dict[str, int], budget: float, 
     The greedy half of :func:`allocate_bits`, for a sensitivity measured some other way (or none: random
     scores give the control an allocation must beat).
     """
-    (low_w, _), (high_w, _) = _check_budget(budget, low, high)
+    (low_w, _), (high_w, _) = check_budget(budget, low, high)
     pinned = pinned or {}
+    if not scores and not pinned:
+        raise LeanvitError("assign_bits got no layers: scores (and pinned) name the layers to give bit-widths to.")
     total = sum(sizes[n] for n in (*scores, *pinned))
     average = (sum(sizes[n] * bits for n, bits in pinned.items()) + high_w * sum(sizes[n] for n in scores)) / total
     chosen = []
@@ -151,9 +153,12 @@ def assign_bits(scores: dict[str, float], sizes: dict[str, int], budget: float, 
     return (*((name, low) for name in chosen), ("*", high))
 
 
-def _check_budget(budget: float, low: str, high: str) -> tuple[tuple[int, int], tuple[int, int]]:
+def check_budget(budget: float, low: str, high: str) -> tuple[tuple[int, int], tuple[int, int]]:
     """The parsed ``low`` and ``high`` bit-widths; an error unless ``budget`` lies between their weight bits."""
     (low_w, low_a), (high_w, high_a) = parse_bits(low), parse_bits(high)
+    if low_w >= high_w:
+        raise LeanvitError(f"Mixed precision moves layers from {high} down to {low}, which has as many weight bits "
+                           f"or more: pass a low bit-width below {high} (e.g. low='w4a4'; leanvit quantize: --bits).")
     if not low_w <= budget <= high_w:
         raise LeanvitError(f"An average of {budget} weight bits cannot be reached with {low} and {high}: "
                            f"choose a budget between {low_w} and {high_w}.")
