@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import sys
 import warnings
-from typing import Iterable
+from typing import Callable, Iterable
 
 
 class LeanvitError(Exception):
@@ -24,14 +24,30 @@ class EngineUnavailableError(LeanvitError):
     """An inference engine whose package is not installed or whose device is absent."""
 
 
-def close_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
-    """The candidates closest to ``name``: difflib's ratio, then substring hits, best first."""
-    candidates = list(candidates)
-    found = difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
-    if len(found) < n:
-        key = name.lower().replace("-", "_")
-        found += [c for c in candidates if key in c and c not in found][: n - len(found)]
-    return found
+def _name_key(name: str) -> str:
+    return name.lower().replace("-", "_")
+
+
+def close_matches(name: str, candidates: Iterable[str], n: int = 5,
+                  key: Callable[[str], str] = _name_key) -> list[str]:
+    """The candidates closest to ``name``, compared by ``key`` (case-insensitive by default): those it begins, then
+    those containing it, then difflib's, each group closest first. Prefix and substring hits rank first because
+    difflib fills its ``n`` with look-alikes (``deit_tiny``: ``rdnet_tiny``) before the name the user was typing."""
+    keyed: dict[str, list[str]] = {}
+    for c in candidates:
+        keyed.setdefault(key(c), []).append(c)
+    k = key(name)
+
+    def closest(keys: Iterable[str]) -> list[str]:
+        return sorted(keys, key=lambda c: -difflib.SequenceMatcher(None, k, c).ratio())
+
+    hits = [c for c in keyed if k and k in c]
+    ranked = closest(c for c in hits if c.startswith(k)) + closest(c for c in hits if not c.startswith(k))
+    ranked += difflib.get_close_matches(k, keyed, n=n, cutoff=0.6)
+    found: list[str] = []
+    for c in dict.fromkeys(ranked):
+        found += [o for o in keyed[c] if o not in found]
+    return found[:n]
 
 
 def check_range(what: str, value: int | float, lo: int | float, hi: int | float) -> None:

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [f for f in CATALOG.values() if not args.family or _family_key(f.family) == _family_key(args.family)]
     if not rows:
         families = sorted({f.family for f in CATALOG.values()})
-        hint = close_matches(args.family, families)
+        hint = close_matches(args.family, families, key=_family_key)  # `vit`: TinyViT, Next-ViT
         raise LeanvitError(f"No family '{args.family}' in the catalog" + (f" (did you mean {', '.join(hint)}?)"
                                                                           if hint else "")
                            + f". Families: {', '.join(families)}.")
