@@ -2,8 +2,8 @@
 import pytest
 import timm
 
-from leanvit.errors import LeanvitError
-from leanvit.models.registry import create_model
+from leanvit.errors import LeanvitError, UnknownModelError
+from leanvit.models.registry import create_model, resolve_model_name
 
 
 def test_pretrained_weights_offline_name_the_file_flags(monkeypatch):
@@ -14,3 +14,15 @@ def test_pretrained_weights_offline_name_the_file_flags(monkeypatch):
     with pytest.raises(LeanvitError, match=r"not in the local cache.*--checkpoint FILE; a teacher: "
                                            r"--teacher-checkpoint FILE; bench times random weights: drop --pretrained"):
         create_model("resnet18", pretrained=True)
+
+
+def test_an_unknown_pretrained_tag_names_the_valid_ones():
+    """timm's own error is a RuntimeError from inside create_model (a traceback in the CLI)."""
+    with pytest.raises(UnknownModelError, match=r"Unknown pretrained tag 'bogus' for deit_tiny_patch16_224\. "
+                                                r"Its tags: deit_tiny_patch16_224\.fb_in1k\.$"):
+        resolve_model_name("deit_tiny_patch16_224.bogus")
+    with pytest.raises(UnknownModelError, match="It has none: use 'mobilevig_ti'"):
+        resolve_model_name("mobilevig_ti.in1k")
+    # registered tags without downloadable weights build too
+    assert resolve_model_name("vit_large_patch14_224.untrained") == "vit_large_patch14_224.untrained"
+    assert resolve_model_name("deit_tiny_patch16_224.fb_in1k") == "deit_tiny_patch16_224.fb_in1k"

@@ -6,6 +6,7 @@ One place turns a user's model name into a timm model, so every command gives th
 from __future__ import annotations
 
 import timm
+from timm.models import get_arch_pretrained_cfgs
 import torch.nn as nn
 
 from ..errors import LeanvitError, UnknownModelError, close_matches
@@ -14,17 +15,25 @@ from ..errors import LeanvitError, UnknownModelError, close_matches
 def resolve_model_name(name: str) -> str:
     """Return ``name`` if timm knows it (leanvit's families included), else raise with hints.
 
-    A pretrained tag (``efficientformer_l1.snap_dist_in1k``) is accepted and kept.
+    A pretrained tag (``efficientformer_l1.snap_dist_in1k``) is accepted and kept if timm registers it for the
+    architecture (weights or not: ``.untrained`` builds too); a wrong one is named here with the valid ones, not in
+    timm's ``RuntimeError`` from inside ``create_model``.
     """
-    arch = name.split(".", 1)[0]
-    if timm.is_model(arch):
-        return name
-    hints = close_matches(arch, timm.list_models())
-    hint = f" Did you mean: {', '.join(hints)}?" if hints else ""
-    raise UnknownModelError(
-        f"Unknown model '{name}'.{hint} `leanvit models` lists the catalog; "
-        "any timm model name works too."
-    )
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        hints = close_matches(arch, timm.list_models())
+        hint = f" Did you mean: {', '.join(hints)}?" if hints else ""
+        raise UnknownModelError(
+            f"Unknown model '{name}'.{hint} `leanvit models` lists the catalog; "
+            "any timm model name works too."
+        )
+    tags = [t.partition(".")[2] for t in get_arch_pretrained_cfgs(arch)]
+    if tag and tag not in tags:
+        valid = [t for t in tags if t]
+        known = (f"Its tags: {', '.join(f'{arch}.{t}' for t in valid)}" if valid
+                 else f"It has none: use '{arch}'")
+        raise UnknownModelError(f"Unknown pretrained tag '{tag}' for {arch}. {known}.")
+    return name
 
 
 def create_model(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
