@@ -1,8 +1,8 @@
 import pytest
 import timm
 
-from leanvit.catalog import CATALOG, get_facts
-from leanvit.errors import UnknownModelError
+from leanvit.catalog import CATALOG, find_facts, get_facts
+from leanvit.errors import LeanvitError, UnknownModelError
 
 FOUNDATION = [
     "efficientformer_l1", "efficientformer_l3", "efficientformer_l7",
@@ -35,3 +35,12 @@ def test_tag_is_kept_out_of_the_lookup():
 def test_unknown_name_suggests_close_ones():
     with pytest.raises(UnknownModelError, match="efficientformer_l1"):
         get_facts("efficientformer_l2")
+
+
+def test_a_tag_with_another_head_has_no_published_facts():
+    """tiny_vit_5m_224.dist_in22k has 21,841 classes (12.1 M parameters): the published 5.4 M are the 1k model's."""
+    assert find_facts("tiny_vit_5m_224.dist_in22k") is None
+    assert find_facts("tiny_vit_5m_224.in1k").name == find_facts("tiny_vit_5m_224").name == "tiny_vit_5m_224"
+    assert find_facts("deit_tiny_patch16_224", num_classes=10) is None
+    with pytest.raises(LeanvitError, match="published figure is for the 1000-class head .*this one has 21841"):
+        get_facts("tiny_vit_5m_224.dist_in22k")

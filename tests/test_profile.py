@@ -2,8 +2,10 @@ import warnings
 
 import pytest
 import timm
+import torch
 import torch.nn as nn
 
+from leanvit.errors import InputSizeError
 from leanvit.profile import count_macs, count_params, create_model_at, profile_model
 
 
@@ -65,3 +67,48 @@ def test_a_size_that_is_not_a_multiple_of_the_patch_size_warns():
 def test_params_are_compared_with_the_published_figure_only_at_its_size():
     prof = profile_model("deit_tiny_patch16_224", img_size=160)  # the position table is smaller there
     assert prof.published_params is None and prof.params_diff_pct is None
+
+
+class _ClassToken(nn.Module):
+    """CaiT's pattern: a parameter expanded in ``forward`` (a view made under ``no_grad``) fed to a submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
+        self.head = nn.Linear(4, 3)
+        self.head.bias.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.cls_token.expand(x.shape[0], -1, -1))
+
+
+def test_count_macs_of_a_parameter_view_made_under_no_grad_and_the_grad_flags_are_restored():
+    """FlopCounterMode's module tracker asserted on it ('Expected gradient function to be set': cait_xxs24_224)."""
+    model = _ClassToken()
+    assert count_macs(model, (4,)) == 4 * 3
+    assert [p.requires_grad for p in model.parameters()] == [True, True, False]
+
+
+def test_a_classifier_other_than_the_published_models_is_not_compared():
+    """The published 5.72 M parameters are those of the 1000-class head, not of a 10-class one."""
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=10, depth=1)  # depth 1: fast, the head decides
+    prof = profile_model("deit_tiny_patch16_224", model=model)
+    assert prof.published_params is None and prof.params_diff_pct is None and prof.macs_diff_pct is None
+    assert "published figure is for the 1000-class head" in prof.not_compared and "has 10" in prof.not_compared
+    small = timm.create_model("deit_tiny_patch16_224", img_size=32, depth=1)
+    assert profile_model("deit_tiny_patch16_224", 32, model=small).not_compared == "the published figure is at 224x224"
+
+
+def test_a_size_the_constructor_rejects_is_an_input_size_error():
+    """XCiT asserts the patch size divides the image size when it is built, before any forward pass."""
+    with pytest.raises(InputSizeError, match=r"xcit_nano_12_p16_224 does not run at 100x100 \(.*patch_size.*\); "
+                                             r"its native size is 224x224\.$"):
+        create_model_at("xcit_nano_12_p16_224", 100)
+
+
+def test_a_size_the_forward_rejects_does_not_claim_only_the_native_size_runs():
+    """efficientformerv2_s0 fails at 100x100 but runs at 192 and 256: the native size is not the only one."""
+    with pytest.raises(InputSizeError) as e:
+        create_model_at("efficientformerv2_s0", 100)
+    assert str(e.value).startswith("efficientformerv2_s0 does not run at 100x100 (")
+    assert str(e.value).endswith("; its native size is 224x224.") and "takes" not in str(e.value)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .errors import UnknownModelError, close_matches
+from timm.models import get_arch_pretrained_cfgs
+
+from .errors import LeanvitError, UnknownModelError, close_matches
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class ModelFacts:
     provider: str = "timm"  #: "timm" or "leanvit" (leanvit's own model file)
     tag: str | None = None  #: timm pretrained tag whose head matches the published model
     note: str | None = None  #: how the published figure was counted, where that differs from ours
+    num_classes: int = 1000  #: classes of the published model's head (ImageNet-1k)
 
     @property
     def model_id(self) -> str:
@@ -105,15 +108,34 @@ CATALOG: dict[str, ModelFacts] = {f.name: f for f in [
 
 
 def get_facts(name: str) -> ModelFacts:
-    """The published facts for ``name`` (a pretrained tag such as ``.snap_dist_in1k`` is ignored)."""
+    """The published facts for ``name``; a pretrained tag (``.snap_dist_in1k``) is ignored if its head is the
+    published model's, else a :class:`LeanvitError` says the figures are another model's."""
     arch = name.split(".", 1)[0]
     if arch in CATALOG:
+        mismatch = head_mismatch(CATALOG[arch], name)
+        if mismatch:
+            raise LeanvitError(f"No published facts for '{name}': {mismatch}.")
         return CATALOG[arch]
     hints = close_matches(arch, CATALOG)
     hint = f" Did you mean: {', '.join(hints)}?" if hints else ""
     raise UnknownModelError(f"'{name}' is not in leanvit's catalog.{hint} See `leanvit models`.")
 
 
-def find_facts(name: str) -> ModelFacts | None:
-    """Like :func:`get_facts` but ``None`` for models outside the catalog (any timm model)."""
-    return CATALOG.get(name.split(".", 1)[0])
+def find_facts(name: str, num_classes: int | None = None) -> ModelFacts | None:
+    """Like :func:`get_facts` but ``None`` for models outside the catalog (any timm model) and for a variant whose
+    head is not the published model's (see :func:`head_mismatch`): its parameters and top-1 are another model's."""
+    facts = CATALOG.get(name.split(".", 1)[0])
+    return facts if facts is not None and not head_mismatch(facts, name, num_classes) else None
+
+
+def head_mismatch(facts: ModelFacts, name: str, num_classes: int | None = None) -> str | None:
+    """Why ``facts`` do not describe ``name`` (None where they do): its classifier has another class count,
+    ``num_classes`` where given (the built model's), else that of ``name``'s pretrained tag
+    (``tiny_vit_5m_224.dist_in22k``: 21,841 classes, 12.1 M parameters against the 1k model's 5.4 M)."""
+    if num_classes is None and "." in name:
+        cfg = get_arch_pretrained_cfgs(facts.name).get(name.rstrip("."))
+        num_classes = getattr(cfg, "num_classes", None)
+    if num_classes is None or num_classes == facts.num_classes:
+        return None
+    return (f"the published figure is for the {facts.num_classes}-class head ({facts.model_id}); "
+            f"this one has {num_classes}")

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .catalog import find_facts
+from .catalog import CATALOG, head_mismatch
 from .errors import InputSizeError, LeanvitError, check_range, warn
 from .models.registry import create_model
 
@@ -30,15 +30,25 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one eval-mode forward pass at ``input_size`` (C, H, W)."""
+    """Multiply-accumulates of one eval-mode forward pass at ``input_size`` (C, H, W).
+
+    Parameters count with ``requires_grad`` off (restored after): the counter's module tracker hooks every module
+    input that requires grad, and a view of a parameter made under ``no_grad`` (CaiT's ``cls_token.expand``)
+    requires grad with no gradient function, which it asserts on.
+    """
     was_training = model.training
+    grads = [p for p in model.parameters() if p.requires_grad]
     model.eval()
     x = torch.zeros(1, *input_size)
     try:
+        for p in grads:
+            p.requires_grad_(False)
         with FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)
+        for p in grads:
+            p.requires_grad_(True)
     return counter.get_total_flops() // 2
 
 
@@ -54,6 +64,7 @@ class Profile:
     macs_diff_pct: float | None = None
     mac_convention: str = MAC_CONVENTION
     published_note: str | None = None  #: how the published figures were counted, where it differs
+    not_compared: str | None = None  #: why the published figures are not compared, where they are not
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,18 +95,23 @@ def create_model_at(name: str, img_size: int | None = None, **kwargs) -> nn.Modu
     chans, _, native = model.pretrained_cfg.get("input_size", (3, 224, 224))
     if img_size is None or img_size == native:
         return model
+
+    def cannot_run(e: Exception) -> InputSizeError:  # it may take other sizes than its native one: not said
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        return InputSizeError(f"{name} does not run at {img_size}x{img_size} ({reason}); "
+                              f"its native size is {native}x{native}.")
+
     try:
         model = create_model(name, img_size=img_size, **kwargs)
     except (TypeError, LeanvitError):  # no img_size argument (create_model says so as a LeanvitError): as built
         pass
+    except (AssertionError, ValueError) as e:  # the constructor rejects the size (XCiT: patch size must divide it)
+        raise cannot_run(e) from None
     try:
         with torch.no_grad():
             model(torch.zeros(1, chans, img_size, img_size))
     except (RuntimeError, ValueError, AssertionError) as e:
-        reason = str(e).splitlines()[0][:160]
-        raise InputSizeError(
-            f"{name} does not run at {img_size}x{img_size}; it takes {native}x{native} inputs ({reason})."
-        ) from None
+        raise cannot_run(e) from None
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     patch = patch[0] if isinstance(patch, (tuple, list)) else patch
     if isinstance(patch, int) and img_size % patch:  # the patch convolution drops the rest: numbers of a smaller size
@@ -110,7 +126,8 @@ def profile_model(name: str, img_size: int | None = None, model: nn.Module | Non
     """Count parameters and MACs of ``name`` and compare with the catalog's published numbers.
 
     The published parameters and MACs are compared only at the resolution they were reported at (position
-    tables, and so parameters, grow with it).
+    tables, and so parameters, grow with it) and for the published model's head (a 21k-class head is 7 M more
+    parameters); ``not_compared`` says why where they are not.
     """
     if img_size is not None:
         check_img_size(img_size)
@@ -119,13 +136,21 @@ def profile_model(name: str, img_size: int | None = None, model: nn.Module | Non
     img_size = img_size or cfg_size[-1]
     params = count_params(model)
     macs = count_macs(model, (cfg_size[0], img_size, img_size))
-    facts = find_facts(name)
-    published = facts if facts and facts.img_size == img_size else None
+    facts = CATALOG.get(name.split(".", 1)[0])
+    not_compared = facts and (head_mismatch(facts, name, _num_classes(model)) or (
+        f"the published figure is at {facts.img_size}x{facts.img_size}" if facts.img_size != img_size else None))
+    published = facts if facts and not not_compared else None
     pub_params = round(published.params_m * 1e6) if published else None
     pub_macs = round(published.gmacs * 1e9) if published else None
     return Profile(
         model=name, img_size=img_size, params=params, macs=macs,
         published_params=pub_params, published_macs=pub_macs,
         params_diff_pct=_diff_pct(params, pub_params), macs_diff_pct=_diff_pct(macs, pub_macs),
-        published_note=facts.note if facts else None,
+        published_note=facts.note if published else None, not_compared=not_compared,
     )
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    """The class count of ``model``'s classifier (timm's ``num_classes``), None where it does not say."""
+    n = getattr(model, "num_classes", None)
+    return n if isinstance(n, int) else None

@@ -31,4 +31,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"        {prof.mac_convention}")
     if prof.published_note:
         print(f"note    published figures: {prof.published_note}")
+    if prof.not_compared:
+        print(f"note    not compared with the published figures: {prof.not_compared}")
     return 0
