@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "below override the recipe")
     p.add_argument("--w-method", choices=RANGE_METHODS, help="weight range choice")
     p.add_argument("--a-method", choices=RANGE_METHODS, help="activation range choice")
+    p.add_argument("--percentile", type=number_in(50, 100, "a percentile such as 99.99"), metavar="P",
+                   help="with --w-method / --a-method percentile: the percentile of the values the range keeps "
+                        "(default 99.99)")
     p.add_argument("--a-scheme", choices=("asym", "sym", "auto"),
                    help="activations: uint8 asymmetric, int8 symmetric, or per layer by held-out error")
     p.add_argument("--a-granularity", choices=("tensor", "channel", "auto"),
@@ -133,6 +136,8 @@ def _warn_unused_flags(args: argparse.Namespace, config) -> None:
         ("--sensitivity hessian", args.sensitivity != "logit" and args.avg_bits is None, "--avg-bits"),
         ("--reconstruct-iters", args.reconstruct_iters is not None and not config.reconstruct,
          "--reconstruct (or --recipe hybrid)"),
+        ("--percentile", args.percentile is not None and "percentile" not in (config.w_method, config.a_method),
+         "--w-method percentile or --a-method percentile"),
         ("--eval-images", args.eval_images is not None and not args.eval, "--eval"),
         ("--labels", args.labels is not None and not args.eval, "--eval"),
         ("--no-latency", args.no_latency and not args.out, "--out"),
@@ -172,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         "reconstruct_iters": args.reconstruct_iters, "attn_bits": args.attn_bits, "softmax_quantizer": args.softmax,
         "reparam_layernorm": False if args.no_reparam else None, "bias_correction": args.bias_correction or None,
         "hessian_search": args.hessian or None, "quantize_depthwise": args.quantize_depthwise or None,
+        "percentile": args.percentile,
     }
     target = quant.resolve_target(args.target)
     config = quant.QuantConfig.recipe(args.recipe, args.bits, target=target, engine=args.engine,
