@@ -40,8 +40,9 @@ from leanvit.data import (
 )
 from leanvit.deploy import export_onnx, get_engine
 from leanvit.deploy.ov import openvino_core
+from leanvit.errors import LeanvitError
 from leanvit.evaluate import compare_paired
-from leanvit.models.registry import create_model
+from leanvit.models.registry import create_model, resolve_model_name
 from manifest import read_manifest, save_report
 
 HERE = Path(__file__).resolve().parent
@@ -127,7 +128,7 @@ def bench_model(entry: dict, args) -> dict:
         evalset = calibration_subset(evalset, args.eval_images, seed=1)
     evalset = DecodedDataset(evalset)  # scored by FP32, the simulation, and each engine model
     eval_one = make_loader(evalset, 1)
-    out = args.out / entry["model"]
+    out = args.out / entry.get("name", entry["model"])  # per checkpoint: one model may have several
     out.mkdir(parents=True, exist_ok=True)
     x = torch.zeros(1, *data_config["input_size"])
     budget = TimingBudget(budget_s=args.budget_s)
@@ -190,7 +191,7 @@ def bench_model(entry: dict, args) -> dict:
     row["leanvit_vs_nncf"] = {"leanvit_only": paired.a_only, "nncf_only": paired.b_only, "mcnemar_p": paired.p_value}
     nncf_ort = nncf_onnx_runner(fp_onnx, calib, out / "nncf_int8.onnx", ort, kwargs)
     if isinstance(nncf_ort, str):  # NNCF's ONNX backend failed: say so, keep the rest of the row
-        print(f"NNCF (ONNX backend) failed on {entry['model']}: {nncf_ort}", file=sys.stderr)
+        print(f"NNCF (ONNX backend) failed on {entry.get('name', entry['model'])}: {nncf_ort}", file=sys.stderr)
         row["nncf_ort_error"], nncf_ort = nncf_ort, None
     else:
         nncf_ort_preds, _ = predictions(lambda b: nncf_ort(b.numpy()), eval_one)
@@ -250,6 +251,11 @@ def nncf_onnx_runner(fp_onnx: Path, calib, path: Path, ort, kwargs: dict):
     return ort.load_onnx(path)
 
 
+def label(row: dict) -> str:
+    """What names a row: its checkpoint (a model such as efficientmod_xxs has several), else its model."""
+    return row.get("checkpoint") or row["model"]
+
+
 def render_markdown(rows: list[dict], args, host: dict) -> str:
     lines = [f"# PTQ: FP32 vs leanvit {args.bits} ({args.recipe} recipe, {args.target} target) vs NNCF (OpenVINO, "
              f"batch 1, {args.threads} threads)", "",
@@ -261,7 +267,7 @@ def render_markdown(rows: list[dict], args, host: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['eval_images']} | {r['fp32_top1']:.2f} | {r['leanvit_sim_top1']:.2f} | "
+            f"| {label(r)} | {r['eval_images']} | {r['fp32_top1']:.2f} | {r['leanvit_sim_top1']:.2f} | "
             f"{r['leanvit_top1']:.2f} | {r['sim_engine_agreement']:.1f} | {r['nncf_top1']:.2f} | "
             f"{r['leanvit_vs_nncf']['leanvit_only']} / {r['leanvit_vs_nncf']['nncf_only']} "
             f"({r['leanvit_vs_nncf']['mcnemar_p']:.2f}) | {r['fp32_ms']:.2f} | "
@@ -276,7 +282,7 @@ def render_markdown(rows: list[dict], args, host: dict) -> str:
     for r in rows:
         nncf_ms = r.get("ort_nncf_ms")
         lines.append(
-            f"| {r['model']} | {r['leanvit_ort_sim_top1']:.2f} | {r['leanvit_ort_top1']:.2f} | "
+            f"| {label(r)} | {r['leanvit_ort_sim_top1']:.2f} | {r['leanvit_ort_top1']:.2f} | "
             f"{r['sim_ort_agreement']:.1f} | "
             f"{r['leanvit_ort_precisions'].get('int8', 0)} / {r['leanvit_ort_precisions'].get('float', 0)} | "
             + (f"{r['nncf_ort_top1']:.2f}" if "nncf_ort_top1" in r else "failed (ptq.json)")
@@ -287,15 +293,15 @@ def render_markdown(rows: list[dict], args, host: dict) -> str:
               f"the {args.rounds} rounds):", ""]
     for r in (r for r in rows if "round_ratios" in r):  # (rows of runs before the per-round record have none)
         fp32_over, over_nncf = r["round_ratios"]["fp32_over_leanvit"], r["round_ratios"]["leanvit_over_nncf"]
-        lines.append(f"- {r['model']}: FP32 / leanvit {_spread(fp32_over)}; leanvit / NNCF {_spread(over_nncf)}")
+        lines.append(f"- {label(r)}: FP32 / leanvit {_spread(fp32_over)}; leanvit / NNCF {_spread(over_nncf)}")
     lines += ["", "The McNemar column counts the test images only one of the two INT8 models classifies right; p is "
               "the exact two-sided chance of a split at least that lopsided between equally accurate models.",
               "", "Layers leanvit leaves in float (reasons in ptq.json):", ""]
     for r in rows:
         kinds = Counter(reason.split(":")[0] for reason in r["leanvit_float_layers"].values())
-        lines.append(f"- {r['model']}: " + (", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) or "none"))
+        lines.append(f"- {label(r)}: " + (", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) or "none"))
     lines += ["", "Compute nodes ONNX Runtime runs in float in leanvit's ORT model:", ""]
-    lines += [f"- {r['model']}: {', '.join(r.get('leanvit_ort_float_nodes', [])) or 'none'}" for r in rows]
+    lines += [f"- {label(r)}: {', '.join(r.get('leanvit_ort_float_nodes', [])) or 'none'}" for r in rows]
     profiles = (("op_ms", "OpenVINO time per op type and execution precision", "op (precision)"),
                 ("ort_op_ms", "ONNX Runtime time per op type and input element type", "op (input type)"))
     for r in rows:
@@ -304,7 +310,7 @@ def render_markdown(rows: list[dict], args, host: dict) -> str:
                 continue
             kinds = list(r[key])
             ops = list(dict.fromkeys(op for kind in kinds for op in r[key][kind]))
-            lines += ["", f"## {r['model']}: {title} (ms per inference)", "",
+            lines += ["", f"## {label(r)}: {title} (ms per inference)", "",
                       f"| {column} | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
             lines += [f"| {op} | " + " | ".join(f"{r[key][k].get(op, 0):.2f}" for k in kinds) + " |" for op in ops]
             lines.append("| total | " + " | ".join(f"{sum(r[key][k].values()):.2f}" for k in kinds) + " |")
@@ -329,7 +335,7 @@ def plot(rows: list[dict], path: Path) -> None:
             if points:
                 ax.scatter(*zip(*points), marker=marker, label=kind)
         for r in rows:
-            ax.annotate(r["model"], (r[f"{prefix}fp32_ms"], r["fp32_top1"]), fontsize=7)
+            ax.annotate(label(r), (r[f"{prefix}fp32_ms"], r["fp32_top1"]), fontsize=7)
         ax.set_xlabel(f"{engine} latency, batch 1 (ms)")
         ax.legend()
     axes[0].set_ylabel("top-1 (%)")
@@ -375,11 +381,17 @@ def main(argv=None) -> int:
         entries = [{"model": m} for m in args.models]
         if not entries:
             p.error("give --manifest or --models")
+        try:  # a typo: one line before anything is exported, not a traceback after the models before it
+            for m in args.models:
+                resolve_model_name(m)
+        except LeanvitError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*VNNI.*")  # the bits are the user's choice here
     rows = []
     for entry in entries:
-        print(f"== {entry['model']}", file=sys.stderr)
+        print(f"== {entry.get('name', entry['model'])}", file=sys.stderr)
         rows.append(bench_model(entry, args))
         print(json.dumps(rows[-1]), file=sys.stderr)
     host = host_info()
