@@ -192,7 +192,8 @@ def test_percentile_sets_the_range_methods_percentile(capsys):
     assert main(["quantize", *TINY, "--a-method", "percentile", "--percentile", "99.5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["percentile"] == 99.5
     assert main(["quantize", *TINY, "--percentile", "99.5", "--json"]) == 0  # the default methods are mse
-    assert "--percentile has no effect without --w-method percentile or --a-method percentile" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--percentile has no effect without --w-method percentile or --a-method percentile" in err
 
 
 def test_eval_leaves_out_the_calibration_images_and_corrupt_ones_are_replaced(tmp_path, capsys):
