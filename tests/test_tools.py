@@ -94,3 +94,46 @@ def test_release_replaces_the_shipped_weights_only_after_evaluating_them(release
     (entry,) = json.loads(release.MANIFEST.read_text())
     assert entry["name"] == "tiny" and entry["top1"] != 70.0
     assert f"**{entry['top1']:.2f} %**" in (shipped / "tiny.md").read_text()
+
+
+def _archive(path: Path, classes: dict[str, int], top: str = "") -> Path:
+    """A tar.gz of ``test/<class>/<i>.jpg`` (``count`` stand-in files per class), under ``top`` if given."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, count in classes.items():
+            for i in range(count):
+                data = f"{name} {i}".encode()
+                info = tarfile.TarInfo(f"{top}test/{name}/{i:04d}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@pytest.mark.parametrize("classes", [dict.fromkeys(CIFAR10[:2], 60), {**dict.fromkeys(CIFAR10, 60), "cat": 49},
+                                     dict.fromkeys(CIFAR10 + ("extra",), 60)], ids=["2 classes", "49 cats", "11"])
+def test_cifar10_subset_refuses_an_archive_without_the_whole_test_split(tmp_path, classes, capsys):
+    """The default output is the shipped asset: a partial split is an error and writes nothing."""
+    build = _tool("build_cifar10_subset")
+    out = tmp_path / "subset.npz"
+    assert build.main([str(_archive(tmp_path / "a.tar.gz", classes)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and not out.exists()
+    assert build.main([str(tmp_path / "missing.tar.gz"), "--out", str(out)]) == 2 and not out.exists()
+
+
+def test_cifar10_subset_reads_the_split_under_one_top_folder_as_at_the_top(tmp_path):
+    """``cifar10/test/...`` (an archive of the extracted folder) packs the very same asset as ``test/...``."""
+    import numpy as np
+
+    build = _tool("build_cifar10_subset")
+    counts = dict(zip(CIFAR10, range(50, 60)))
+    for top in ("", "cifar10/"):
+        out = tmp_path / f"subset-{top.strip('/') or 'top'}.npz"
+        assert build.main([str(_archive(tmp_path / "a.tar.gz", counts, top)), "--out", str(out)]) == 0
+    top, nested = np.load(tmp_path / "subset-top.npz"), np.load(tmp_path / "subset-cifar10.npz")
+    assert len(top["labels"]) == 500 and list(top["classes"]) == list(CIFAR10)
+    assert top["names"][0].startswith("test/airplane/")
+    for key in ("jpeg", "offsets", "labels", "names", "classes"):
+        assert np.array_equal(top[key], nested[key])
