@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import time
 import traceback
 import warnings
@@ -128,7 +129,21 @@ def measure(name: str, engine_name: str, out: Path, timed: bool = False) -> dict
     return row
 
 
-def main() -> None:
+def earlier_rows(out: Path) -> list[dict]:
+    """The rows of the report in ``out`` that ``--update`` keeps, read before anything is measured (a report that
+    cannot be read fails then, not after the run); none where there is no report yet."""
+    path = out / "ptq_families.json"
+    if not path.is_file():
+        print(f"{path} does not exist yet: --update writes the measured rows alone.", file=sys.stderr)
+        return []
+    try:
+        return json.loads(path.read_text())["rows"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path} is not a ptq_families report ({type(e).__name__}: {e}); move it away "
+                         "or drop --update.") from None
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(FAMILIES))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "ptq-families")
@@ -136,7 +151,8 @@ def main() -> None:
                         help="replace the given models' rows in the existing report, keep the others")
     parser.add_argument("--latency", action="store_true",
                         help="also time FP32, leanvit INT8 and NNCF INT8 on each engine (batch 1, 2 threads)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    old = earlier_rows(args.out) if args.update else []
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or None
     rows = []
@@ -153,13 +169,16 @@ def main() -> None:
             rows.append(row)
             print({k: v for k, v in row.items() if k != "engine_float"}, flush=True)
 
+    failed = all("error" in r for r in rows)  # nothing measured: the run failed, whatever the report keeps
     host = host_info()
     if args.update:
         new = {(r["model"], r["engine"]): r for r in rows}
-        old = json.loads((args.out / "ptq_families.json").read_text())["rows"]
         rows = [new.pop((r["model"], r["engine"]), r) for r in old] + list(new.values())
     save_report(args.out, "ptq_families", {"host": host, "rows": rows}, markdown(rows, host))
     print(markdown(rows, host))
+    if failed:
+        print("error: every model failed on every engine (the rows say why).", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _shorten(text: str, width: int = 110) -> str:
@@ -204,4 +223,4 @@ def markdown(rows: list[dict], host: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -71,3 +71,44 @@ def test_ptq_unknown_model_is_one_error_line(script, tmp_path, capsys):
     assert ptq.main(["--models", "deit_tinny_patch16_224", "deit_tiny_patch16_224", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: Unknown model 'deit_tinny_patch16_224'") and err.count("\n") == 1
+
+
+def _measured(name, engine_name, out, timed=False):
+    """A stand-in for ``ptq_families.measure``: a row without quantizing anything."""
+    return {"quantized": 3, "float_compute": 0, "float_reasons": {}, "engine_float": [], "engine_vs_sim": 0.01,
+            "sim_vs_fp32": 0.02}
+
+
+def test_ptq_families_update_without_an_earlier_report_keeps_the_run(script, tmp_path, monkeypatch):
+    """``--update`` where no report exists yet writes the measured rows (it crashed after measuring them all);
+    with one, it replaces the measured models' rows and keeps the others."""
+    families = script("ptq_families")
+    monkeypatch.setattr(families, "measure", _measured)
+    assert families.main(["--models", "deit_tiny_patch16_224", "--out", str(tmp_path), "--update"]) == 0
+    rows = json.loads((tmp_path / "ptq_families.json").read_text())["rows"]
+    assert [(r["model"], r["engine"]) for r in rows] == [("deit_tiny_patch16_224", e) for e in families.ENGINES]
+
+    rows[0]["quantized"] = 1  # the earlier measurement, replaced by the update
+    rows.append({**rows[1], "model": "convnext_atto"})  # another model's row, kept
+    (tmp_path / "ptq_families.json").write_text(json.dumps({"rows": rows}))
+    assert families.main(["--models", "deit_tiny_patch16_224", "--out", str(tmp_path), "--update"]) == 0
+    rows = json.loads((tmp_path / "ptq_families.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["deit_tiny_patch16_224"] * 2 + ["convnext_atto"]
+    assert rows[0]["quantized"] == 3
+
+
+def test_ptq_families_fails_when_every_row_failed(script, tmp_path, monkeypatch, capsys):
+    """Failed rows are the report's findings, but a run where nothing could be measured does not exit 0."""
+    families = script("ptq_families")
+
+    def broken(name, engine_name, out, timed=False):
+        raise RuntimeError("engine missing")
+
+    monkeypatch.setattr(families, "measure", broken)
+    assert families.main(["--models", "deit_tiny_patch16_224", "--out", str(tmp_path)]) == 1
+    assert "every model failed" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "ptq_families.json").read_text())["rows"]
+    assert all(r["error"] == "RuntimeError: engine missing" for r in rows)
+    monkeypatch.setattr(families, "measure", lambda name, *a, **k: broken(name) if name == "convnext_atto"
+                        else _measured(name, *a, **k))
+    assert families.main(["--models", "deit_tiny_patch16_224", "convnext_atto", "--out", str(tmp_path)]) == 0
