@@ -112,3 +112,17 @@ def test_ptq_families_fails_when_every_row_failed(script, tmp_path, monkeypatch,
     monkeypatch.setattr(families, "measure", lambda name, *a, **k: broken(name) if name == "convnext_atto"
                         else _measured(name, *a, **k))
     assert families.main(["--models", "deit_tiny_patch16_224", "convnext_atto", "--out", str(tmp_path)]) == 0
+
+
+def test_documented_tokens_commands_run_and_write_the_folder_they_document(script, monkeypatch):
+    """Each ``python benchmarks/tokens.py ...`` command in benchmarks/README.md parses (``--out`` is required), writes
+    to the results folder its entry links, and names the engines that folder's run used."""
+    tokens = script("tokens")
+    readme = (BENCHMARKS / "README.md").read_text()
+    entries = re.findall(r"^- \[`[^`]+`\]\((results/[^)]+?)/?\) — `(python benchmarks/tokens\.py[^`]*)`", readme, re.M)
+    assert len(entries) >= 2
+    for folder, command in entries:
+        monkeypatch.setattr("sys.argv", shlex.split(command)[1:])
+        args = tokens.parse_args()
+        assert args.out == Path("benchmarks") / folder
+        assert args.engines == json.loads((BENCHMARKS / folder / "tokens.json").read_text())["engines"]
