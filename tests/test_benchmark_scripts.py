@@ -119,7 +119,8 @@ def test_documented_tokens_commands_run_and_write_the_folder_they_document(scrip
     to the results folder its entry links, and names the engines that folder's run used."""
     tokens = script("tokens")
     readme = (BENCHMARKS / "README.md").read_text()
-    entries = re.findall(r"^- \[`[^`]+`\]\((results/[^)]+?)/?\) — `(python benchmarks/tokens\.py[^`]*)`", readme, re.M)
+    entry = r"^- \[`[^`]+`\]\((results/[^)]+?)/?\) — `(python benchmarks/tokens\.py[^`]*)`"  # (folder, command)
+    entries = re.findall(entry, readme, re.M)
     assert len(entries) >= 2
     for folder, command in entries:
         monkeypatch.setattr("sys.argv", shlex.split(command)[1:])
