@@ -607,6 +607,22 @@ class TalkingHeads(OwnAttention):
         return self.proj(torch.stack([attn, attn.flip(0)]).diff(dim=0)[0] @ v)
 
 
+def test_efficientformerv2_talking_heads_keep_uniform_probabilities_and_say_so():
+    """Its probabilities are mixed across heads after the softmax (signed): the softmax quantizer asked for applies
+    to its 4 Attention2d blocks' products nowhere, and the warning names them (it named none)."""
+    import timm
+
+    torch.manual_seed(0)
+    kwargs, size, _ = MODEL_ATTENTION["efficientformerv2_s0"]
+    model = timm.create_model("efficientformerv2_s0", num_classes=4, **kwargs).eval()
+    with pytest.warns(UserWarning, match=r"softmax_quantizer='sulq' applies to no matmul operand of 4 attentions "
+                                         r".*: stages\.2\.blocks"):
+        qmodel = quantize(model, torch.randn(16, 3, size, size), replace(DEPLOY, attn_bits=4, softmax_quantizer="sulq"),
+                          progress=False)
+    assert {type(m).__name__ for m in qmodel.modules() if hasattr(m, "softmax_quantizer")} == {
+        "QuantAttention2d", "QuantAttention2dDownsample"}
+
+
 @pytest.mark.parametrize("kind", ["log2", "twin"])
 def test_plain_matmuls_give_softmax_outputs_the_softmax_quantizer(kind):
     torch.manual_seed(0)

@@ -62,6 +62,39 @@ def test_onnx_carries_the_simulation_scales_and_int8_weights(qvit, vit_onnx):
                    and inits[n.input[0]].ndim > 1 for n in graph.node)  # no float weight left to quantize at run time
 
 
+def test_int8_weights_are_the_simulations_integers_at_rounding_ties(tmp_path):
+    """x * (1 / scale), as torch's fake quantization computes it, and x / scale round apart at some values next to a
+    .5 tie (3 of 11.8 M trained-like weights): the export folds the weights the simulation's way."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 256)).eval()
+    qmodel = quantize(model, torch.randn(16, 3, 2, 2), QuantConfig(), progress=False)  # 8-bit weights, folded
+    layer = qmodel[1]
+    scale = layer.weight_quantizer.scale.numpy().astype(np.float32)
+    ties = []  # per output channel: a value one float32 step from a tie where the two formulas disagree
+    for channel, s in enumerate(scale):
+        for k in range(-120, 120):
+            x = np.float32((k + 0.5) * float(s))
+            for x in (x, np.nextafter(x, np.float32(1)), np.nextafter(x, np.float32(-1))):
+                if np.rint(x / s) != np.rint(x * (np.float32(1) / s)):
+                    ties.append((channel, x))
+                    break
+            else:
+                continue
+            break
+    assert len(ties) > 20
+    with torch.no_grad():
+        for channel, x in ties:
+            layer.weight[channel, 0] = float(x)
+    with warnings.catch_warnings():  # (without VNNI: the 8-bit weights' saturation warning)
+        warnings.simplefilter("ignore")
+        path = export(qmodel, tmp_path / "m.onnx", engine="onnxruntime")
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    ints = next(v for v in inits.values() if v.dtype == np.int8 and v.size == 12 * 256)
+    ints = ints.T if ints.shape != (256, 12) else ints
+    simulated = torch.round(layer.weight_quantizer(layer.weight) / layer.weight_quantizer.scale[:, None])
+    np.testing.assert_array_equal(ints, simulated.detach().numpy())
+
+
 def test_onnxruntime_runs_the_simulation(qvit, vit_onnx, tests_in):
     runner = get_engine("onnxruntime", threads=1).load_onnx(vit_onnx)
     agreement = check_agreement(qvit, runner, tests_in)

@@ -265,6 +265,9 @@ class QuantAttention2d(_QuantAttention2dHeads, efficientformer_v2.Attention2d):
     def _probs_quantizer(cls, softmax: str, bits: int) -> Quantizer:
         return FakeQuantizer(QScheme(bits, symmetric=True), axis=-1, channels=1)
 
+    def quantizes_softmax(self) -> bool:  # signed mixtures of probabilities: never the softmax quantizer asked for
+        return False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride_conv is not None:
             x = self.stride_conv(x)
