@@ -279,9 +279,10 @@ class Log2Quantizer(Quantizer):
     """Power-of-two levels for values in ``[0, 1]``: ``2^-q`` with ``q = clamp(round(-log2 x), 0, 2^b - 1)``.
 
     Post-softmax values crowd near 0, where power-of-two levels are dense (FQ-ViT, Lin et al., IJCAI
-    2022; RepQ-ViT, Li et al., ICCV 2023). The last code stands for 0 rather than ``2^-(2^b - 1)``,
-    so masked keys stay exactly 0 and everything too small for the other codes becomes 0 within
-    ``b`` bits (FQ-ViT and RepQ-ViT zero such values with a mask, one level more than ``b`` bits hold).
+    2022; RepQ-ViT's log-sqrt(2) quantizer, with a calibrated scale and half-power levels, is another, not this one).
+    The last code stands for 0 rather than ``2^-(2^b - 1)``, so masked keys stay exactly 0 and everything too small
+    for the other codes becomes 0 within ``b`` bits (FQ-ViT zeroes such values with a mask, one level more than
+    ``b`` bits hold).
     Nothing to calibrate: the levels are fixed by the ``[0, 1]`` range.
     """
 
