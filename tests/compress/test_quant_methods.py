@@ -119,6 +119,12 @@ def test_assign_bits_moves_the_cheapest_layers_per_weight_first_until_the_budget
         ("c", "w4a4"), ("b", "w4a4"), ("*", "w8a8"))  # (200 * 8 + 300 * 4) / 500 = 5.6
     with pytest.raises(LeanvitError, match="keep the average at 5.60"):
         assign_bits({"b": 10.0, "c": 0.5}, sizes, 5.0, pinned={"a": 8})
+    # equal layers (a ViT's 12 qkv): an exactly reachable budget moves exactly enough (7 and 10 moved before: the
+    # running average drifted below the budget by float error)
+    equal = {f"qkv{i}": 1.0 + i for i in range(12)}
+    for budget, moved in ((6.0, 6), (5.0, 9)):
+        assert len(assign_bits(equal, dict.fromkeys(equal, 100), budget)) - 1 == moved
+    assert len(assign_bits({c: 1.0 for c in "abcde"}, dict.fromkeys("abcde", 10), 5.6)) - 1 == 3
     with pytest.raises(LeanvitError, match="no layers"):  # was a ZeroDivisionError
         assign_bits({}, {}, 6.0)
     with pytest.raises(LeanvitError, match="down to w8a8, which has as many weight bits or more"):  # low, high swapped

@@ -79,7 +79,7 @@ def _collect(qmodel: nn.Module, layers: dict[str, nn.Module], batches: list[torc
     later in-place op on that tensor (an inplace ReLU) does not change what is recorded.
     """
     found: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
-    used = 0
+    used, images = 0, min(images, sum(len(b) for b in batches))  # fewer images than asked: their rows all the same
     for batch in batches:
         batch = batch[: images - used]
         if len(batch) == 0:

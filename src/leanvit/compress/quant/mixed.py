@@ -139,14 +139,17 @@ def assign_bits(scores: dict[str, float], sizes: dict[str, int], budget: float, 
     if not scores and not pinned:
         raise LeanvitError("assign_bits got no layers: scores (and pinned) name the layers to give bit-widths to.")
     total = sum(sizes[n] for n in (*scores, *pinned))
-    average = (sum(sizes[n] * bits for n, bits in pinned.items()) + high_w * sum(sizes[n] for n in scores)) / total
+    # the weight bits in all, a whole number: subtracting fractions of the average drifted below an exactly reachable
+    # budget (12 equal layers at 6 bits: 7 moved, not 6)
+    bits = sum(sizes[n] * b for n, b in pinned.items()) + high_w * sum(sizes[n] for n in scores)
     chosen = []
     for name in sorted(scores, key=lambda n: scores[n] / sizes[n]):
-        if average <= budget:
+        if bits <= budget * total:
             break
         chosen.append(name)
-        average -= sizes[name] * (high_w - low_w) / total
-    if average > budget + 1e-9:
+        bits -= sizes[name] * (high_w - low_w)
+    average = bits / total
+    if bits > budget * total:
         raise LeanvitError(f"An average of {budget} weight bits cannot be reached: the {len(pinned)} layers whose "
                            f"bits are set already (layer_bits, --layer-bits) keep the average at {average:.2f} with "
                            f"every other layer at {low}. Raise the budget or set fewer layers.")
