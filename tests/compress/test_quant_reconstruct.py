@@ -168,3 +168,21 @@ def test_bad_reconstruction_settings_are_errors():
         QuantConfig(reconstruct_act_scales=True)
     with pytest.raises(LeanvitError, match="reconstruct_iters"):
         QuantConfig(reconstruct="blocks", reconstruct_iters=0)
+
+
+def test_the_reconstruction_loss_sums_over_channels_of_nhwc_maps_too():
+    """Swin's blocks write (B, H, W, C): the loss summed over H there, scaling it H / C against the rounding
+    regulariser that BRECQ balances with a per-channel sum."""
+    from leanvit.compress.quant.reconstruct import _out_channels, _reconstruction_error
+
+    torch.manual_seed(0)
+    nhwc, target = torch.randn(2, 3, 5, 8), torch.zeros(2, 3, 5, 8)
+    expected = nhwc.pow(2).sum(-1).mean()
+    torch.testing.assert_close(_reconstruction_error(nhwc, [target], "unit", channels=8), expected)
+    nchw = nhwc.permute(0, 3, 1, 2)  # a conv block's output, channels at dim 1
+    torch.testing.assert_close(_reconstruction_error(nchw, [target.permute(0, 3, 1, 2)], "unit", channels=8), expected)
+    tokens = nhwc.flatten(1, 2)
+    torch.testing.assert_close(_reconstruction_error(tokens, [tokens * 0], "unit", channels=8), expected)
+    block = quantize(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).eval(), torch.randn(16, 3, 5, 8),
+                     QuantConfig(), progress=False)  # on NHWC maps
+    assert _out_channels(block) == 8

@@ -174,10 +174,19 @@ def _tensors(output, unit: str) -> list[torch.Tensor]:
     return found
 
 
-def _reconstruction_error(output, target: list[torch.Tensor], unit: str) -> torch.Tensor:
-    """Squared error summed over channels (dim 1 of feature maps, the last dim of tokens) and averaged
-    over positions, BRECQ's reconstruction loss."""
-    return sum((o - t).pow(2).sum(1 if o.ndim == 4 else -1).mean() for o, t in zip(_tensors(output, unit), target))
+def _reconstruction_error(output, target: list[torch.Tensor], unit: str, channels: int | None = None) -> torch.Tensor:
+    """Squared error summed over channels and averaged over positions, BRECQ's reconstruction loss (the balance
+    its rounding regulariser's weight assumes). Channels are the last dim of tokens and of an NHWC map (a map whose
+    last dim, not dim 1, is the ``channels`` the unit's last layer writes: Swin's blocks), else dim 1."""
+    def channel_dim(o: torch.Tensor) -> int:
+        return -1 if o.ndim != 4 or (o.shape[-1] == channels and o.shape[1] != channels) else 1
+    return sum((o - t).pow(2).sum(channel_dim(o)).mean() for o, t in zip(_tensors(output, unit), target))
+
+
+def _out_channels(unit: nn.Module) -> int | None:
+    """The channels the last quantized layer of ``unit`` writes (its output's, unless something follows it)."""
+    last = next((m for m in reversed(list(unit.modules())) if isinstance(m, QUANT_LAYERS)), None)
+    return getattr(last, "out_features", None) or getattr(last, "out_channels", None)
 
 
 class _Stop(Exception):
@@ -219,7 +228,7 @@ def _capture(qmodel: nn.Module, reference: nn.Module, name: str, batches: list[t
 
 @torch.no_grad()
 def _mean_error(unit: nn.Module, calls: list[tuple], name: str) -> float:
-    return sum(float(_reconstruction_error(unit(*args, **kwargs), target, name))
+    return sum(float(_reconstruction_error(unit(*args, **kwargs), target, name, _out_channels(unit)))
                for args, kwargs, target in calls) / len(calls)
 
 
@@ -235,7 +244,7 @@ def _reconstruct_unit(unit: nn.Module, name: str, calls: list[tuple], iters: int
                       generator: torch.Generator) -> str:
     """Learn the rounding (and optionally the input steps) of ``unit``'s layers; returns what happened."""
     layers = [m for m in unit.modules() if isinstance(m, QUANT_LAYERS)]
-    before = _mean_error(unit, calls, name)
+    before, channels = _mean_error(unit, calls, name), _out_channels(unit)
     saved = [(m.weight.detach().clone(), m.weight_quantizer, m.input_quantizer, m.input_quantizer.scale.clone())
              for m in layers]
     rounders = [AdaRound(m.weight_quantizer, m.weight) for m in layers]
@@ -253,7 +262,7 @@ def _reconstruct_unit(unit: nn.Module, name: str, calls: list[tuple], iters: int
         for step in range(iters):
             args, kwargs, target = calls[int(torch.randint(len(calls), (), generator=generator))]
             with torch.enable_grad():
-                loss = _reconstruction_error(unit(*args, **kwargs), target, name)
+                loss = _reconstruction_error(unit(*args, **kwargs), target, name, channels)
                 if (beta := _beta(step, iters)) is not None:
                     loss = loss + REG_WEIGHT * sum(r.regulariser(beta) for r in rounders)
                 grads = torch.autograd.grad(loss, params)
