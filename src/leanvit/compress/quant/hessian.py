@@ -18,7 +18,8 @@ zero point, and of the sampled inputs' min-max, which moves it), as in
 :func:`~leanvit.compress.quant.quantizer.choose_range`, and the starting range is kept unless a candidate beats
 it, so the search never worsens the objective. Memory stays bounded: each layer
 keeps ``rows`` output positions (with the inputs they read) out of ``images`` calibration images,
-drawn where the gradient is.
+drawn where the gradient is. Only Linear and conv layers are searched: the attention matmuls' input quantizers
+(``attn_bits``) keep their calibrated ranges, where PTQ4ViT searches those too.
 """
 from __future__ import annotations
 
