@@ -72,7 +72,7 @@ class _FileFilter:
 
     def warn(self, root: Path) -> None:
         if self.ignored:
-            kinds = ", ".join(f"{suffix} {n}" for suffix, n in sorted(self.ignored.items(), key=lambda kv: -kv[1]))
+            kinds = ", ".join(f"{suffix} {n}" for suffix, n in self.ignored.most_common())
             warnings.warn(f"{root}: {sum(self.ignored.values())} file(s) not read, not an image type by name "
                           f"({kinds}). Image types: {', '.join(IMAGE_EXTENSIONS)}; convert the others (e.g. to PNG) "
                           "to use them.", IgnoredFilesWarning, stacklevel=3)
@@ -288,9 +288,9 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
     root = split or root
     if any(d.is_dir() and not _hidden(d.name) and any(_images_in(d, recursive=True)) for d in root.iterdir()):
         return ImageFolderDataset(root, transform)
-    flat = list(_images_in(root))
-    if flat and unlabelled:
+    if unlabelled and any(_images_in(root)):  # (the dataset lists them: not here as well)
         return UnlabelledImages(root, transform)
+    flat = list(_images_in(root))
     if flat:
         raise LeanvitError(
             f"{root} holds {len(flat)} images but no class folders. Pass a label file (--labels FILE, "
@@ -313,7 +313,11 @@ def _flat_images(folder: Path, label_file: Path | None = None) -> list[Path]:
     """The image files in ``folder`` (not below), warning of the other files (but the label file), which are not
     read."""
     is_image, label_file = _FileFilter(), label_file and label_file.resolve()
-    images = [p for p in folder.iterdir() if p.is_file() and (is_image(p) if p.resolve() != label_file else False)]
+
+    def the_label_file(p: Path) -> bool:  # resolved only for a file of its name, not for every image
+        return bool(label_file) and p.name == label_file.name and p.resolve() == label_file
+
+    images = [p for p in folder.iterdir() if p.is_file() and not the_label_file(p) and is_image(p)]
     is_image.warn(folder)
     return images
 

@@ -27,11 +27,10 @@ def resolve_model_name(name: str) -> str:
             f"Unknown model '{name}'.{hint} `leanvit models` lists the catalog; "
             "any timm model name works too."
         )
-    tags = [t.partition(".")[2] for t in get_arch_pretrained_cfgs(arch)]
-    if tag and tag not in tags:
+    tags = [t.partition(".")[2] for t in get_arch_pretrained_cfgs(arch)] if tag else []  # (read for a tag only)
+    if tag not in (*tags, ""):
         valid = [t for t in tags if t]
-        known = (f"Its tags: {', '.join(f'{arch}.{t}' for t in valid)}" if valid
-                 else f"It has none: use '{arch}'")
+        known = f"Its tags: {', '.join(f'{arch}.{t}' for t in valid)}" if valid else f"It has none: use '{arch}'"
         raise UnknownModelError(f"Unknown pretrained tag '{tag}' for {arch}. {known}.")
     return name
 

@@ -227,8 +227,8 @@ def _capture(qmodel: nn.Module, reference: nn.Module, name: str, batches: list[t
 
 
 @torch.no_grad()
-def _mean_error(unit: nn.Module, calls: list[tuple], name: str) -> float:
-    return sum(float(_reconstruction_error(unit(*args, **kwargs), target, name, _out_channels(unit)))
+def _mean_error(unit: nn.Module, calls: list[tuple], name: str, channels: int | None) -> float:
+    return sum(float(_reconstruction_error(unit(*args, **kwargs), target, name, channels))
                for args, kwargs, target in calls) / len(calls)
 
 
@@ -244,7 +244,8 @@ def _reconstruct_unit(unit: nn.Module, name: str, calls: list[tuple], iters: int
                       generator: torch.Generator) -> str:
     """Learn the rounding (and optionally the input steps) of ``unit``'s layers; returns what happened."""
     layers = [m for m in unit.modules() if isinstance(m, QUANT_LAYERS)]
-    before, channels = _mean_error(unit, calls, name), _out_channels(unit)
+    channels = _out_channels(unit)
+    before = _mean_error(unit, calls, name, channels)
     saved = [(m.weight.detach().clone(), m.weight_quantizer, m.input_quantizer, m.input_quantizer.scale.clone())
              for m in layers]
     rounders = [AdaRound(m.weight_quantizer, m.weight) for m in layers]
@@ -277,7 +278,7 @@ def _reconstruct_unit(unit: nn.Module, name: str, calls: list[tuple], iters: int
             m.weight.copy_(rounder.hard())
         for m, learned in zip(layers, steps):
             m.input_quantizer.scale.copy_(learned.log_scale.exp())
-        after = _mean_error(unit, calls, name)
+        after = _mean_error(unit, calls, name, channels)
         if after < before:
             return f"output error {before:.4g} -> {after:.4g} (round-to-nearest -> learned)"
         for m, (weight, _, input_q, scale) in zip(layers, saved):
