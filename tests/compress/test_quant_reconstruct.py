@@ -83,6 +83,46 @@ def test_a_plain_vit_has_no_bridge_and_says_so(tiny_vit):
     assert find_units(qmodel) == ["blocks.0", "blocks.1"]
 
 
+class ConvAttention(nn.Module):
+    """Named like attention, but a grouped convolution (Next-ViT's multi-head convolutional attention)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.group_conv = nn.Conv2d(c, c, 3, padding=1, groups=2)
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x + self.proj(self.group_conv(x))
+
+
+class Mixer(nn.Module):
+    """Attention on feature maps under another name (EfficientViT-B's LiteMLA); ``linear=True``: no product of
+    two activations, tokens weighed by a softmax and summed (MobileViT-v2's linear attention)."""
+
+    def __init__(self, c, linear=False):
+        super().__init__()
+        self.qkv, self.proj, self.linear = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1), linear
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).flatten(2).chunk(3, dim=1)  # (B, C, N) each
+        if self.linear:
+            context = (k * q[:, :1].softmax(-1)).sum(-1, keepdim=True)
+            mixed = v * context
+        else:
+            mixed = v @ (k.transpose(1, 2) @ q).softmax(1)
+        return x + self.proj(mixed.reshape(x.shape))
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_a_bridge_is_found_by_what_the_blocks_compute_not_their_names(linear, calib):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Sequential(ConvAttention(8), ConvAttention(8)),
+                          nn.Conv2d(8, 16, 2, stride=2), nn.Sequential(Mixer(16, linear), Mixer(16, linear)),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    qmodel = quantize(model, calib, QuantConfig(**W4), progress=False)
+    assert find_bridges(qmodel, calib[:2]) == ["2", "3.0"]
+
+
 def test_adaround_weights_lie_on_the_grid_and_beat_round_to_nearest(hybrid, rtn, reconstructed):
     report = reconstructed.quant_report.reconstructed
     assert list(report) == ["stem", "stage1.0", "stage1.1", "down", "stage2.0", "stage2.1", "head"]  # call order

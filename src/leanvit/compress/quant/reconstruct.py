@@ -22,7 +22,9 @@ containers that hold at least two quantized layers, at the deepest such level (a
 by one. ``mode="bridge"`` follows Q-HyViT (Lee et al., 2023), which finds the blocks where a
 hybrid turns from convolutions to attention the hardest to quantize: only the first transformer
 unit after a convolutional one is reconstructed, together with the quantized layers that run
-between the two (a downsampling or embedding layer).
+between the two (a downsampling or embedding layer). A unit is a transformer one if it mixes tokens
+as attention does (a product of two activations, or a softmax: found from its torch calls, not from
+class names) or outputs tokens; a convolutional one if it outputs feature maps.
 """
 from __future__ import annotations
 
@@ -32,10 +34,12 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ...errors import LeanvitError, check_range, warn
 from .calibrate import quantizers_disabled
-from .modules import QuantConv2d, QuantLinear, fold_batchnorm
+from .modules import MATMULS, QuantConv2d, QuantLinear, _forward_recorded, fold_batchnorm
 from .quantizer import FakeQuantizer
 
 MODES = ("blocks", "bridge")
@@ -141,9 +145,50 @@ def _call_order(qmodel: nn.Module, example: torch.Tensor) -> tuple[list[str], li
     return units, order, outputs
 
 
-def _kind(module: nn.Module, output) -> str | None:
-    """``"transformer"`` (attention inside, or token tensors out), ``"conv"`` (feature maps out) or None."""
-    if any(isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower() for m in module.modules()):
+#: the torch calls by which attention mixes tokens by their content: products of two activations, and the softmax
+#: (linear attentions such as MobileViT-v2's weigh tokens by a softmax, then sum them elementwise)
+MIXING = {*MATMULS, F.softmax, torch.softmax, torch.Tensor.softmax}
+
+
+class _MixingRecorder(TorchFunctionMode):
+    """Notes the running unit (``running``, kept by hooks) whenever a :data:`MIXING` call is made on activations:
+    a call on a parameter (``x @ self.weight``) is a layer, not attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.running: list[str] = []
+        self.mixing: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in MIXING and self.running and not any(isinstance(a, nn.Parameter) for a in args):
+            self.mixing.add(self.running[-1])
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def _mixing_units(qmodel: nn.Module, units: list[str], example: torch.Tensor) -> set[str]:
+    """The ``units`` that mix tokens as attention does, found from the torch calls they make, whatever their
+    classes are called (EfficientViT-B's ``LiteMLA``, EdgeNeXt's ``CrossCovarianceAttn``; and Next-ViT's
+    ``ConvAttention`` is a grouped convolution)."""
+    recorder = _MixingRecorder()
+
+    def push(module, _):
+        recorder.running.append(names[module])
+
+    def pop(*_):
+        recorder.running.pop()
+
+    names = {qmodel.get_submodule(name): name for name in units}
+    with quantizers_disabled(qmodel):
+        _forward_recorded(qmodel, example, recorder, [h for m in names for h in (
+            m.register_forward_pre_hook(push), m.register_forward_hook(pop))])
+    return recorder.mixing
+
+
+def _kind(module: nn.Module, output, mixes_tokens: bool) -> str | None:
+    """``"transformer"`` (mixes tokens as attention does, see :func:`_mixing_units`; or token tensors out),
+    ``"conv"`` (feature maps out) or None."""
+    if mixes_tokens or any(isinstance(m, nn.MultiheadAttention) for m in module.modules()):  # (its fused fast path)
         return "transformer"
     ndim = output.ndim if isinstance(output, torch.Tensor) else None
     return {3: "transformer", 4: "conv"}.get(ndim)
@@ -153,12 +198,13 @@ def find_bridges(qmodel: nn.Module, example: torch.Tensor) -> list[str]:
     """Q-HyViT's bridge: each transformer unit that directly follows a convolutional one, preceded by
     the quantized layers that run between the two; in call order. Empty for a plain ViT or CNN."""
     units, order, outputs = _call_order(qmodel, example)
+    mixing = _mixing_units(qmodel, units, example)
     bridges, between, previous = [], [], None
     for name in order:
         if name not in units:
             between.append(name)
             continue
-        kind = _kind(qmodel.get_submodule(name), outputs[name])
+        kind = _kind(qmodel.get_submodule(name), outputs[name], name in mixing)
         if kind == "transformer" and previous == "conv":
             bridges += [*between, name]
         between, previous = [], kind
