@@ -183,3 +183,17 @@ def test_the_input_range_search_keeps_the_current_range_unless_a_family_beats_it
     assert _input_range_search(lambda lo, hi: torch.zeros(1), current, families) is current  # nothing beats it
     wide = _input_range_search(lambda lo, hi: (hi - lo - 1.0).abs().view(1), current, families)
     assert float(wide[1] - wide[0]) == pytest.approx(1.0, abs=0.2)  # a better range is found and returned
+
+
+@pytest.mark.parametrize("images", [16, 256])
+def test_fewer_calibration_images_than_asked_still_give_the_rows_asked(images):
+    """With 16 images and ``images=256`` each batch's share of the rows is of the 16 it has, not of 256."""
+    from leanvit.compress.quant.hessian import _collect
+
+    torch.manual_seed(0)
+    model = ClsTokens().eval()
+    calib = torch.randn(16, 16, 16, 16)
+    qmodel = quantize(model, calib, QuantConfig(w_bits=4, a_bits=4, batch_size=8), progress=False)
+    layers = {"fc": qmodel.fc, "head": qmodel.head}
+    samples = _collect(qmodel, layers, list(calib.split(8)), images, 64, torch.Generator().manual_seed(0))
+    assert {name: len(x) for name, (x, _) in samples.items()} == {"fc": 64, "head": 64}
