@@ -282,3 +282,12 @@ def test_shared_images_finds_the_same_image_under_any_path_name_or_layout(tmp_pa
     assert shared_images(bundled, open_dataset(unpacked, unlabelled=True)) == [3, 7]
     assert shared_images(DecodedDataset(first.__class__(tmp_path / "tree", transform=lambda im: torch.zeros(1))),
                          first) is None
+
+
+def test_images_in_linked_sub_folders_of_a_class_are_found_as_torchvision_finds_them(tmp_path):
+    _write_images(tmp_path / "store", ["a/1.png", "a/2.png", "b/3.png"])
+    for name, target in (("cat", "a"), ("dog", "b")):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "part1").symlink_to(tmp_path / "store" / target, target_is_directory=True)
+    ds = open_dataset(tmp_path / "data")
+    assert ds.classes == ["cat", "dog"] and ds.targets == [0, 0, 1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import warnings
 from collections import Counter
 from importlib import resources
@@ -305,8 +306,13 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
 
 
 def _images_in(folder: Path, recursive: bool = False):
-    files = folder.rglob("*") if recursive else folder.iterdir()
-    return (p for p in files if _image_name(p) and p.is_file())
+    """The image files in ``folder``, or also below it (``recursive``), by name. The walk follows folder links as
+    torchvision's does (``Path.rglob`` does not), so a class whose images sit in a linked sub-folder is found."""
+    if not recursive:
+        yield from (p for p in folder.iterdir() if _image_name(p) and p.is_file())
+        return
+    for top, _, names in os.walk(folder, followlinks=True):
+        yield from (p for p in map(Path(top).joinpath, names) if _image_name(p) and p.is_file())
 
 
 def _flat_images(folder: Path, label_file: Path | None = None) -> list[Path]:
