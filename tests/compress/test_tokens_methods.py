@@ -240,16 +240,30 @@ def test_reduced_model_trains(vit, images):
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
-def test_keep_rate_warmup_drives_the_applied_evit(vit):
-    model = reduced(vit, tokens.EViT(keep_rate=0.5, layers=(1, 4)))
+def test_keep_rate_warmup_drives_the_applied_evit(vit, images):
+    model = reduced(vit, tokens.EViT(keep_rate=0.5, layers=(1, 4))).train()
     target = tokens.token_counts(model)
     hook = tokens.keep_rate_warmup(model, steps_per_epoch=10, start_epoch=1, shrink_epochs=2)
     assert hook(0) == 1.0 and hook(10) == 1.0
-    assert tokens.token_counts(model) == [64 + vit.num_prefix_tokens] * DEPTH
+    torch.testing.assert_close(model(images), vit(images))  # keep rate 1: nothing dropped
     assert hook(20) == pytest.approx(0.75)  # half-way down the cosine
-    assert tokens.applied(model).keep_rate == pytest.approx(0.75)
+    torch.testing.assert_close(model(images), reduced(vit, tokens.EViT(keep_rate=0.75, layers=(1, 4)))(images))
     assert hook(30) == 0.5 and hook(1000) == 0.5
-    assert tokens.token_counts(model) == target
+    assert model.blocks.train_method is None and tokens.token_counts(model) == target
+
+
+def test_keep_rate_warmup_leaves_evaluation_at_the_target(vit, images):
+    """Official EViT passes the scheduled rate to the training forward only; eval runs at the model's keep rate."""
+    method = tokens.EViT(keep_rate=0.5, layers=(1, 4))
+    model, at_target = reduced(vit, method), reduced(vit, method).eval()
+    hook = tokens.keep_rate_warmup(model, steps_per_epoch=10, start_epoch=1, shrink_epochs=2)
+    for step in (5, 20):  # before the cosine (keep rate 1) and half-way down it (0.75)
+        hook(step)
+        assert model.train()(images).shape == (3, 10)
+        torch.testing.assert_close(model.eval()(images), at_target(images))
+        assert tokens.applied(model) == method and tokens.token_counts(model) == tokens.token_counts(at_target)
+    hook(5)
+    torch.testing.assert_close(model.train()(images), vit(images))  # training mode: the warm-up's keep rate 1
 
 
 def test_tome_schedule_with_the_papers_inflection():

@@ -12,8 +12,9 @@ reduced model exports to ONNX / OpenVINO with static shapes.
 
 Fine-tuning with the reduction on (the hook ``leanvit train`` uses): apply the method to the model
 before building the optimizer, then, for EViT, ``hook = keep_rate_warmup(model, steps_per_epoch=N,
-start_epoch=S, shrink_epochs=E)`` and ``hook(global_step)`` before every forward pass. The keep rate
-is 1 for S epochs, then follows a cosine down to the applied keep rate over E epochs. The official
+start_epoch=S, shrink_epochs=E)`` and ``hook(global_step)`` before every forward pass. In training
+mode the keep rate is 1 for S epochs, then follows a cosine down to the applied keep rate over E
+epochs; in eval mode it is the applied keep rate throughout, as in official EViT. The official
 recipe is S=10, E=100 of 300 epochs, so scale both for a short fine-tune. ToMe and DiffRate need no
 schedule. The saved weights are a plain ViT's: re-apply the method after loading them.
 """

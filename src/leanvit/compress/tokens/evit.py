@@ -108,8 +108,9 @@ def keep_rate_warmup(
     """Training hook: ``hook(step)`` sets the keep rate of the EViT applied to ``model`` for that step.
 
     ``leanvit train`` calls ``hook(global_step)`` before each forward pass and may log the keep rate
-    it returns. The target is the keep rate ``model`` was patched with; evaluation after training
-    uses it, as does any step past the warm-up.
+    it returns. The scheduled rate applies in training mode only, as in official EViT (which passes it
+    to the training forward): in eval mode ``model`` uses the keep rate it was patched with, the
+    target, during the warm-up as after it. :func:`applied` and :func:`token_counts` report the target.
     """
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, ReducingBlocks) or not isinstance(blocks.method, EViT):
@@ -124,8 +125,8 @@ def keep_rate_warmup(
     def hook(step: int) -> float:
         rate = keep_rate_at(step, steps_per_epoch, target.keep_rate,
                             start_epoch=start_epoch, shrink_epochs=shrink_epochs)
-        if rate != blocks.method.keep_rate:
-            blocks.set_method(replace(target, keep_rate=rate))
+        if rate != (blocks.train_method or target).keep_rate:
+            blocks.set_train_method(None if rate == target.keep_rate else replace(target, keep_rate=rate))
         return rate
 
     return hook

@@ -117,9 +117,19 @@ class ReducingBlocks(nn.Sequential):
         self.set_method(method)
 
     def set_method(self, method: TokenMethod) -> None:
-        """Switch to ``method`` (same model); EViT's keep-rate schedule calls this every step."""
+        """Switch to ``method`` (same model), for training and evaluation; clears any :meth:`set_train_method`."""
         self.method = method
         self.__dict__["_reducers"] = method.reducers(len(self), self.num_prefix)
+        self.set_train_method(None)
+
+    def set_train_method(self, method: TokenMethod | None) -> None:
+        """Use ``method`` in training mode only; evaluation keeps :attr:`method` (None: ``method`` in both).
+
+        EViT's keep-rate warm-up calls this every step, as official EViT passes the scheduled rate to
+        the training forward only: an evaluation during or right after the warm-up runs at the target.
+        """
+        self.__dict__["train_method"] = method
+        self.__dict__["_train_reducers"] = None if method is None else method.reducers(len(self), self.num_prefix)
 
     def __getitem__(self, idx):
         """Blocks of the original model: timm slices ``blocks`` (``forward_intermediates``,
@@ -127,13 +137,17 @@ class ReducingBlocks(nn.Sequential):
         return self.original[idx]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        method, reducers = self.method, self._reducers
+        if self.training and self.train_method is not None:
+            method, reducers = self.train_method, self._train_reducers
         size = None
-        for blk, reduce in zip(self, self._reducers):
-            x, size = block_forward(blk, x, size, reduce, self.method)
+        for blk, reduce in zip(self, reducers):
+            x, size = block_forward(blk, x, size, reduce, method)
         return x
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}"
+        train = f", train_method={self.train_method!r}" if self.train_method is not None else ""
+        return f"method={self.method!r}{train}"
 
 
 def check_plain_vit(model: nn.Module) -> VisionTransformer:
