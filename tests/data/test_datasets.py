@@ -291,3 +291,20 @@ def test_images_in_linked_sub_folders_of_a_class_are_found_as_torchvision_finds_
         (tmp_path / "data" / name / "part1").symlink_to(tmp_path / "store" / target, target_is_directory=True)
     ds = open_dataset(tmp_path / "data")
     assert ds.classes == ["cat", "dog"] and ds.targets == [0, 0, 1]
+
+
+def test_hidden_and_system_folders_inside_a_class_are_not_read_and_are_counted(tmp_path):
+    root = tmp_path / ".cache" / "data"  # a hidden folder above the root hides nothing
+    _write_images(root, ["cat/a.png", "cat/@eaDir/a.png/SYNOPHOTO_THUMB_S.jpg", "cat/__MACOSX/y.jpg",
+                         "cat/__MACOSX/._a.png", "dog/b.png", "dog/sub/.thumbnails/b.png", "dog/sub/c.png",
+                         "dog/@eaDir/b.png/SYNOPHOTO_THUMB_S.jpg"])
+    (root / "dog" / "@eaDir" / "b.png" / "SYNOINDEX_MEDIA_INFO").write_text("metadata")
+    with pytest.warns(IgnoredFilesWarning, match=r"data: 4 image file\(s\) not read, inside hidden or system folders "
+                                                 r"\(@eaDir 2, __MACOSX 1, \.thumbnails 1\), .*; move real images out") as caught:
+        ds = open_dataset(root / ".." / "data", train=True)
+    assert len(caught) == 1 and ds.classes == ["cat", "dog"]  # (the metadata file is not counted as a .psd would be)
+    assert sorted(str(Path(p).relative_to(root / ".." / "data")) for p, _ in ds.samples) == [
+        "cat/a.png", "dog/b.png", "dog/sub/c.png"]
+    _write_images(tmp_path / "thumbs", ["cat/@eaDir/x.jpg/SYNOPHOTO_THUMB_S.jpg", "dog/__MACOSX/y.png"])
+    with pytest.raises(LeanvitError, match="No images found under"):  # (not 2 classes of thumbnails)
+        open_dataset(tmp_path / "thumbs")

@@ -53,22 +53,29 @@ class CorruptImageWarning(UserWarning):
 
 
 class IgnoredFilesWarning(UserWarning):
-    """Files in a dataset folder that are not read: not an image type by name (:data:`IMAGE_EXTENSIONS`)."""
+    """Files in a dataset folder that are not read: not an image type by name (:data:`IMAGE_EXTENSIONS`), or images
+    inside a hidden or system folder (:func:`_hidden`)."""
 
 
 class _FileFilter:
-    """The image-file test of a folder walk (:func:`_image_name`) that also counts what it passes over, by type, so
-    that a folder's .psd or .ico images are not dropped without a word. Hidden and system files are not counted."""
+    """The image-file test of a walk of ``root`` (:func:`_image_name`) that also counts what it passes over, so that
+    a folder's .psd or .ico images are not dropped without a word: other files by type, and the images inside a
+    hidden or system folder anywhere below ``root`` (Synology's ``@eaDir`` thumbnails in every folder, ``__MACOSX``),
+    which are not read, by that folder's name. Hidden and system files themselves are not counted."""
 
-    def __init__(self):
-        self.ignored = Counter()
+    def __init__(self, root: Path):
+        self.depth = len(Path(root).expanduser().parts)
+        self.ignored, self.in_hidden = Counter(), Counter()
 
     def __call__(self, path: str | Path) -> bool:
+        path = Path(path)
+        folder = next((part for part in path.parts[self.depth:-1] if _hidden(part)), None)
         if _image_name(path):
-            return True
-        name = Path(path).name
-        if not _hidden(name):
-            self.ignored[Path(name).suffix.lower() or "(no extension)"] += 1
+            if folder is None:
+                return True
+            self.in_hidden[folder] += 1
+        elif folder is None and not _hidden(path.name):
+            self.ignored[path.suffix.lower() or "(no extension)"] += 1
         return False
 
     def warn(self, root: Path) -> None:
@@ -77,6 +84,11 @@ class _FileFilter:
             warnings.warn(f"{root}: {sum(self.ignored.values())} file(s) not read, not an image type by name "
                           f"({kinds}). Image types: {', '.join(IMAGE_EXTENSIONS)}; convert the others (e.g. to PNG) "
                           "to use them.", IgnoredFilesWarning, stacklevel=3)
+        if self.in_hidden:
+            kinds = ", ".join(f"{folder} {n}" for folder, n in self.in_hidden.most_common())
+            warnings.warn(f"{root}: {sum(self.in_hidden.values())} image file(s) not read, inside hidden or system "
+                          f"folders ({kinds}), where tools keep thumbnails and metadata; move real images out of such "
+                          "folders to use them.", IgnoredFilesWarning, stacklevel=3)
 
 
 def _load_rgb(path: str | Path) -> Image.Image | None:
@@ -111,7 +123,7 @@ class ImageFolderDataset(ImageFolder):
     """torchvision's ``root/<class>/<image>`` layout, skipping undecodable and hidden files (:func:`_hidden`)."""
 
     def __init__(self, root: Path, transform: Callable | None = None):
-        is_image = _FileFilter()
+        is_image = _FileFilter(root)
         try:
             super().__init__(str(root), transform=transform, loader=_load_rgb, is_valid_file=is_image)
         except FileNotFoundError as e:  # a class folder without a single image
@@ -306,19 +318,21 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
 
 
 def _images_in(folder: Path, recursive: bool = False):
-    """The image files in ``folder``, or also below it (``recursive``), by name. The walk follows folder links as
-    torchvision's does (``Path.rglob`` does not), so a class whose images sit in a linked sub-folder is found."""
+    """The image files in ``folder``, or also below it (``recursive``: not inside hidden or system folders), by name.
+    The walk follows folder links as torchvision's does (``Path.rglob`` does not), so a class whose images sit in a
+    linked sub-folder is found."""
     if not recursive:
         yield from (p for p in folder.iterdir() if _image_name(p) and p.is_file())
         return
-    for top, _, names in os.walk(folder, followlinks=True):
+    for top, folders, names in os.walk(folder, followlinks=True):
+        folders[:] = [name for name in folders if not _hidden(name)]
         yield from (p for p in map(Path(top).joinpath, names) if _image_name(p) and p.is_file())
 
 
 def _flat_images(folder: Path, label_file: Path | None = None) -> list[Path]:
     """The image files in ``folder`` (not below), warning of the other files (but the label file), which are not
     read."""
-    is_image, label_file = _FileFilter(), label_file and label_file.resolve()
+    is_image, label_file = _FileFilter(folder), label_file and label_file.resolve()
 
     def the_label_file(p: Path) -> bool:  # resolved only for a file of its name, not for every image
         return bool(label_file) and p.name == label_file.name and p.resolve() == label_file
