@@ -75,6 +75,15 @@ def test_user_errors(capsys, argv, match):
     assert "leanvit tokens: error:" in err and re.search(match, err)
 
 
+@pytest.mark.parametrize("flag", [["--steps", "5"], ["--calib-images", "8"], ["--steps", "300"]])
+def test_diffrate_search_options_need_calib(capsys, flag):
+    """Without --calib DiffRate takes the published rates (here DeiT-S at 2.9 G) and runs no search: refused, not ignored."""
+    code, out, err = run_cli(capsys, "tokens", "deit_small_patch16_224", "--method", "diffrate",
+                             "--target-gmacs", "2.9", *flag)
+    assert code == 2 and not out
+    assert f"leanvit tokens: error: {flag[0]} sets DiffRate's search, which needs --calib DATA" in err
+
+
 def test_not_a_vit(capsys):
     code, _, err = run_cli(capsys, "tokens", "resnet10t", "--method", "evit")
     assert code == 2 and "plain ViTs" in err

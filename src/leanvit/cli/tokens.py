@@ -75,8 +75,17 @@ _METHOD_FLAGS = {
 }
 
 
+#: DiffRate flags that only its rate search reads: without --calib the published rates are used
+_SEARCH_FLAGS = (("calib_images", "--calib-images"), ("steps", "--steps"))
+
+
 def _method_flags(args: argparse.Namespace) -> None:
     """Refuse another method's flags (they would be ignored) and fill in this method's defaults."""
+    if args.method == "diffrate" and args.calib is None:
+        for dest, flag in _SEARCH_FLAGS:
+            if getattr(args, dest) is not None:
+                raise LeanvitError(f"{flag} sets DiffRate's search, which needs --calib DATA; drop it or add "
+                                   "--calib DATA (without it the published rates are used).")
     for method, flags in _METHOD_FLAGS.items():
         for (dest, flag), default in flags.items():
             value = getattr(args, dest)
