@@ -308,3 +308,15 @@ def test_hidden_and_system_folders_inside_a_class_are_not_read_and_are_counted(t
     _write_images(tmp_path / "thumbs", ["cat/@eaDir/x.jpg/SYNOPHOTO_THUMB_S.jpg", "dog/__MACOSX/y.png"])
     with pytest.raises(LeanvitError, match="No images found under"):  # (not 2 classes of thumbnails)
         open_dataset(tmp_path / "thumbs")
+
+
+def test_a_class_named_like_a_split_is_a_class_for_training_and_evaluation_alike(tmp_path):
+    names = ["bicycle/1.png", "train/2.png", "train/3.png", "test/4.png", "train/@eaDir/2.png/THUMB.jpg"]
+    _write_images(tmp_path / "c100", names)  # CIFAR-100 has a class 'train'
+    for train in (True, False):
+        with pytest.warns(IgnoredFilesWarning, match=r"\(@eaDir 1\)"):
+            ds = open_dataset(tmp_path / "c100", train=train)
+        assert ds.classes == ["bicycle", "test", "train"] and ds.targets == [0, 1, 2, 2]
+    # splits beside a stray folder are still splits when they hold class folders
+    _write_images(tmp_path / "splits", ["train/a/1.png", "train/b/2.png", "val/a/3.png", "notes/x.png"])
+    assert len(open_dataset(tmp_path / "splits", train=True)) == 2 and len(open_dataset(tmp_path / "splits")) == 1

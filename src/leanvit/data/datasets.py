@@ -265,7 +265,8 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
     - ``"cifar10-test500"``: the subset shipped with leanvit;
     - a folder holding ``cifar-10-batches-py`` (CIFAR-10's python pickles), train or test split;
     - a folder with ``train/`` and ``val/`` (or ``valid/``, ``validation/``, ``test/``) sub-folders: the split
-      ``train`` picks;
+      ``train`` picks. Those are splits when every sub-folder is one, or when one holds class folders; otherwise they
+      are classes of the same name (CIFAR-100 has a class ``train``), whether or not ``train``;
     - an ImageFolder tree ``root/<class>/<image>``;
     - a flat folder of images with ``labels``, a label file (see :class:`LabelFileDataset`), or, where the
       labels are not needed (``unlabelled=True``: calibration), without (:class:`UnlabelledImages`).
@@ -291,15 +292,18 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
         except RuntimeError as e:  # torchvision's checksum test failed
             raise LeanvitError(f"{pickles} is incomplete or corrupt (torchvision: {e}). Download and "
                                "extract CIFAR-10's python version again.") from None
-    wanted = TRAIN_SPLITS if train else EVAL_SPLITS
-    split = next((root / name for name in wanted if (root / name).is_dir()), None)
     folders = {d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name)}
-    if split is None and folders and folders <= {*TRAIN_SPLITS, *EVAL_SPLITS}:  # not classes: splits
-        raise LeanvitError(f"{root} holds the split folder(s) {', '.join(sorted(folders))} but no "
-                           f"{' / '.join(wanted)} split for {'training' if train else 'evaluation'}. Pass the "
-                           "split folder itself (e.g. " + str(root / sorted(folders)[0]) + ").")
-    root = split or root
-    if any(d.is_dir() and not _hidden(d.name) and any(_images_in(d, recursive=True)) for d in root.iterdir()):
+    splits = sorted(folders & {*TRAIN_SPLITS, *EVAL_SPLITS})
+    # a class may have a split's name (CIFAR-100's 'train'): split folders only when all are, or one holds classes
+    if splits and (folders == set(splits) or any(_holds_class_folders(root / name) for name in splits)):
+        wanted = TRAIN_SPLITS if train else EVAL_SPLITS
+        split = next((name for name in wanted if name in folders), None)
+        if split is None:
+            raise LeanvitError(f"{root} holds the split folder(s) {', '.join(splits)} but no {' / '.join(wanted)} "
+                               f"split for {'training' if train else 'evaluation'}. Pass the split folder itself "
+                               f"(e.g. {root / splits[0]}).")
+        root = root / split
+    if _holds_class_folders(root):
         return ImageFolderDataset(root, transform)
     if unlabelled and any(_images_in(root)):  # (the dataset lists them: not here as well)
         return UnlabelledImages(root, transform)
@@ -315,6 +319,11 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
         f"a flat folder with a label file, or CIFAR-10's cifar-10-batches-py; image types: "
         f"{', '.join(IMAGE_EXTENSIONS)}."
     )
+
+
+def _holds_class_folders(folder: Path) -> bool:
+    """Whether ``folder`` has a sub-folder (not a hidden or system one) with an image in it or below it."""
+    return any(d.is_dir() and not _hidden(d.name) and any(_images_in(d, recursive=True)) for d in folder.iterdir())
 
 
 def _images_in(folder: Path, recursive: bool = False):
