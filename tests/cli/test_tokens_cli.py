@@ -38,6 +38,15 @@ def test_tome_per_block_schedule(capsys):
     assert json.loads(out)["tokens_per_block"] == [17, 15, 13, 12, 12, 12, 12, 12, 12, 12, 12, 12]
 
 
+@pytest.mark.parametrize("r,counts", [("1x2", [16, 15] + [15] * 10), ("2,1", [15, 14] + [14] * 10),
+                                      ("2,0", [15] * 12)])
+def test_tome_two_block_specs(capsys, r, counts):
+    """RxK and comma lists are per-block counts, even with two entries (not official ToMe's (r, inflection))."""
+    code, out, err = run_cli(capsys, "tokens", *TINY, "--method", "tome", "--r", r, "--json")
+    assert code == 0, err
+    assert json.loads(out)["tokens_per_block"] == counts
+
+
 def test_diffrate_searches_on_calibration_images(capsys):
     code, out, _ = run_cli(capsys, "tokens", *TINY, "--method", "diffrate", "--target-gmacs", "0.05",
                            "--calib", "cifar10-test500", "--calib-images", "16", "--steps", "2", "--json")

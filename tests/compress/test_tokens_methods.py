@@ -278,6 +278,18 @@ def test_tome_schedule_with_the_papers_inflection():
         tokens.ToMe(r=8, inflect=2)
 
 
+@pytest.mark.parametrize("spec,counts", [("1x2", (1, 1)), ("2,1", (2, 1)), ("2,0", (2, 0)), ("0,1", (0, 1))])
+def test_parsed_two_block_specs_are_per_block_counts(vit, spec, counts):
+    """Only a 2-tuple written straight into ToMe(r=...) can be a ported official (r, inflection)."""
+    method = tokens.from_spec(f"tome:{spec}")
+    assert method == tokens.ToMe(r=tokens.parse_r(spec)) and method.schedule(4) == [*counts, 0, 0]
+    assert method.r == counts and repr(method).startswith(f"ToMe(r={counts}")
+    n = 64 + vit.num_prefix_tokens
+    assert tokens.token_counts(reduced(vit, method)) == [n - counts[0], n - sum(counts)] + [n - sum(counts)] * 4
+    with pytest.raises(LeanvitError, match=rf"ambiguous.*ToMe\(r=\({counts[0]}, {counts[1]}, 0\)\) for two blocks"):
+        tokens.ToMe(r=counts)
+
+
 def test_from_spec():
     assert tokens.from_spec("evit:0.7") == tokens.EViT(keep_rate=0.7)
     assert tokens.from_spec("ToMe:8") == tokens.ToMe(r=8)

@@ -46,18 +46,20 @@ class ToMe(TokenMethod):
 
     def __post_init__(self) -> None:
         given = self.r if isinstance(self.r, int) else tuple(self.r)
-        if not isinstance(given, int) and len(given) == 2 and (isinstance(given[1], float) or given[1] in (-1, 0, 1)):
+        if (not isinstance(given, int) and not isinstance(self.r, PerBlock) and len(given) == 2
+                and (isinstance(given[1], float) or given[1] in (-1, 0, 1))):
             raise LeanvitError(  # official ToMe's (r, inflection) tuple would silently mean two blocks' counts here
                 f"ToMe r={given} is ambiguous: here a tuple gives one count per block, where official ToMe's "
-                f"(r, inflection) is a schedule. Write ToMe(r={given[0]}, inflect={given[1]}) for that, or give "
-                "every block's count.")
+                f"(r, inflection) is a schedule. Write ToMe(r={given[0]}, inflect={given[1]}) for that, or "
+                + (f"ToMe(r=({given[0]}, {given[1]}, 0)) for two blocks' counts." if isinstance(given[1], int)
+                   else "give every block's count."))
         r = (given,) if isinstance(given, int) else tuple(int(v) for v in given)
         if any(v < 0 for v in r):
             raise LeanvitError(f"ToMe r must be >= 0, got {self.r}.")
         if not -1 <= self.inflect <= 1 or (self.inflect and not isinstance(self.r, int)):
             raise LeanvitError(f"ToMe inflect must be in [-1, 1] and given with an int r, got "
                                f"r={self.r}, inflect={self.inflect}.")
-        object.__setattr__(self, "r", self.r if isinstance(self.r, int) else r)
+        object.__setattr__(self, "r", self.r if isinstance(self.r, int) else PerBlock(r))
 
     def schedule(self, depth: int) -> list[int]:
         """``r`` for each of ``depth`` blocks."""
@@ -91,16 +93,24 @@ class ToMe(TokenMethod):
         return r
 
 
+class PerBlock(tuple):
+    """A tuple of ToMe ``r`` values known to be one count per block (from :func:`parse_r`, or already
+    checked by :class:`ToMe`), so a 2-tuple is not taken for official ToMe's ``(r, inflection)``."""
+
+    __slots__ = ()
+
+
 def parse_r(text: str) -> int | tuple[int, ...]:
     """ToMe's ``r`` from text: ``"8"`` (every block), ``"1x6"`` (1 in each of the first six blocks)
     or ``"0,2,2,1"`` (one count per block, the rest 0). Models with few tokens need a per-block
-    schedule: merging in the first block, before its keys are informative, costs the most accuracy."""
+    schedule: merging in the first block, before its keys are informative, costs the most accuracy.
+    A tuple returned is a :class:`PerBlock`: ``ToMe`` takes even ``"2,1"`` as two blocks' counts."""
     text = text.strip()
     try:
         if "," in text:
-            return tuple(int(v) for v in text.split(","))
+            return PerBlock(int(v) for v in text.split(","))
         r, sep, blocks = text.partition("x")
-        return (int(r),) * int(blocks) if sep else int(r)
+        return PerBlock((int(r),) * int(blocks)) if sep else int(r)
     except ValueError:
         raise LeanvitError(f"ToMe r '{text}': expected R (e.g. 8), RxK (R in the first K blocks, e.g. 1x6) "
                            "or one count per block (e.g. 0,2,2,1).") from None
