@@ -128,11 +128,66 @@ def test_resume_records_the_settings_it_changed(tmp_path):
     fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1))
     fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=1, workers=1, resume=True))
     state = json.loads((tmp_path / "run" / "epoch-0001" / "state.json").read_text())
-    assert state["changes"] == [{"epoch": 1, "changes": {"epochs": [1, 2]}}]  # workers is bookkeeping
-    fit(_config(tmp_path, "run", epochs=3, max_steps_per_epoch=1, resume=True))
+    # workers is recorded: each loader process seeds its own augmentation, so their number changes the draws
+    assert state["changes"] == [{"epoch": 1, "changes": {"epochs": [1, 2], "workers": [0, 1]}}]
+    fit(_config(tmp_path, "run", epochs=3, max_steps_per_epoch=1, workers=1, resume=True))
     state = json.loads((tmp_path / "run" / "epoch-0002" / "state.json").read_text())
-    assert state["changes"] == [{"epoch": 1, "changes": {"epochs": [1, 2]}},
+    assert state["changes"] == [{"epoch": 1, "changes": {"epochs": [1, 2], "workers": [0, 1]}},
                                 {"epoch": 2, "changes": {"epochs": [2, 3]}}]
+
+
+@pytest.mark.parametrize("name", ["lr", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "mixup", "cutmix",
+                                  "clip_grad", "distill_tau", "label_smoothing", "crop_pct", "ema_decay"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_options_that_are_not_finite_numbers_are_refused(name, value):
+    """--lr inf trained on NaN and reported success; --warmup-epochs inf failed with an OverflowError."""
+    with pytest.raises(LeanvitError, match=f"--{name.replace('_', '-')} must be a finite number, got {value}"):
+        TrainConfig(model="m", data="d", **{name: value})
+
+
+def test_a_diverging_run_stops_before_its_checkpoint(tmp_path, monkeypatch):
+    """A NaN loss stops the run with the epoch and step, instead of saving NaN weights and exiting 0."""
+    objective, calls = loop._objective, []
+
+    def nan_at_the_second_step(*args):
+        mixup, loss_fn = objective(*args)
+        return mixup, lambda *a: loss_fn(*a) * (float("nan") if calls.append(1) or len(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(loop, "_objective", nan_at_the_second_step)
+    with pytest.raises(LeanvitError, match=r"The loss is nan at epoch 0, step 2: training diverged, and no checkpoint "
+                                           r"of this epoch is written\. Lower --lr \(it is 0.001\) or pass --clip-grad"):
+        fit(_config(tmp_path, "run", epochs=1))
+    assert not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize("given, message", [
+    (dict(distill="soft"), "--distill needs --teacher, the model to distil from"),
+    (dict(distill_alpha=0.9, distill_tau=4.0), "--distill-alpha, --distill-tau need --teacher"),
+    (dict(keep_rate_shrink_epochs=100), "--keep-rate-start-epoch / --keep-rate-shrink-epochs .* need --tokens evit"),
+    (dict(keep_rate_start_epoch=10), "need --tokens evit:KEEP"),
+    (dict(val_labels="labels.txt"), "--val-labels needs --val-data"),
+])
+def test_options_without_the_one_they_act_with_are_refused(given, message):
+    """They would be silently ignored (as --teacher-checkpoint without --teacher already is refused)."""
+    with pytest.raises(LeanvitError, match=message):
+        TrainConfig(model="m", data="d", **given)
+    TrainConfig(model="m", data="d", teacher="t", tokens="evit:0.7", val_data="v", **given)
+
+
+@pytest.mark.parametrize("teacher, size", [("test_vit3", 160), ("test_vit", 32)])
+def test_a_teacher_without_metadata_runs_at_the_students_size_or_its_own(tmp_path, teacher, size):
+    """A plain timm checkpoint says nothing of its input size: a teacher that runs at the student's 32x32 is fed
+    that; a fixed-size one (test_vit3: 160x160 only) gets the batches resized to its own size, not an assertion."""
+    import timm
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model(teacher).state_dict(), tmp_path / "t.pth")  # no leanvit metadata, 1000 classes
+    cfg = TrainConfig(model="m", data="d", teacher=teacher, teacher_checkpoint=str(tmp_path / "t.pth"))
+    student = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
+               "crop_pct": 1.0}
+    adapted = loop._teacher(cfg, [str(i) for i in range(1000)], student, torch.device("cpu"))
+    assert adapted.size == (size, size)
+    assert adapted(torch.zeros(2, 3, 32, 32)).shape == (2, 1000)
 
 
 def test_distillation_from_a_checkpointed_teacher(tmp_path, monkeypatch):

@@ -6,7 +6,8 @@ erasing 0.25 with per-pixel noise, distillation alpha 0.5, tau 1), scaled to a g
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import LeanvitError, check_range
 from ..profile import check_img_size
@@ -91,17 +92,22 @@ class TrainConfig:
         "continue from the last checkpoint in --output (a fresh start if there is none)"))
     progress: bool = field(default=True, **_help("show progress bars"))
 
-    #: Fields a resumed run may change without changing what it computes (epochs extends it).
+    #: Fields a resumed run may change and stay one run (epochs extends it; a change to any other field is refused).
     RESUMABLE_CHANGES = ("output", "resume", "workers", "progress", "epochs", "val_data", "val_labels",
                          "channels_last", "compile")
     #: Of those, the ones that say where and how a run was carried out, not what it trained: a resume
-    #: that changes any other one is recorded in the run's state (``changes``) for its model card.
-    BOOKKEEPING = ("output", "resume", "workers", "progress")
+    #: that changes any other one is recorded in the run's state (``changes``) for its model card. ``workers``
+    #: is recorded: each loader process seeds its own augmentation, so their number changes the random draws.
+    BOOKKEEPING = ("output", "resume", "progress")
     #: Fields added after runs were recorded, with the value those runs had (where it is not the default): a run's
     #: saved config that lacks one ran with this value.
     EARLIER_VALUES = {"remode": "const"}
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # inf passes the range checks below and trains on NaN
+            value = getattr(self, f.name)
+            if "float" in f.type and isinstance(value, (int, float)) and not math.isfinite(value):
+                raise LeanvitError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}.")
         if self.randaug in ("", "none"):
             self.randaug = None
         if not isinstance(self.model_kwargs, dict):
@@ -143,6 +149,17 @@ class TrainConfig:
             from_spec(self.tokens)  # a bad spec fails here, before any data is read
         if self.teacher_checkpoint and not self.teacher:
             raise LeanvitError("--teacher-checkpoint needs --teacher, the teacher's model name.")
+        # options that only act with another one: given without it, they would be silently ignored
+        given = [f.name for f in fields(self) if f.name in ("distill", "distill_alpha", "distill_tau")
+                 and getattr(self, f.name) != f.default]
+        if given and not self.teacher:
+            raise LeanvitError(f"{', '.join('--' + n.replace('_', '-') for n in given)} "
+                               f"{'needs' if len(given) == 1 else 'need'} --teacher, the model to distil from.")
+        if (self.keep_rate_start_epoch or self.keep_rate_shrink_epochs) and not self.tokens:
+            raise LeanvitError("--keep-rate-start-epoch / --keep-rate-shrink-epochs schedule EViT's keep rate and need "
+                               "--tokens evit:KEEP.")
+        if self.val_labels and not self.val_data:
+            raise LeanvitError("--val-labels needs --val-data, the flat folder of validation images it labels.")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,7 +3,8 @@
 Reproducibility is by construction rather than by saving random states: every epoch re-seeds
 Python, NumPy and torch from ``(seed, epoch, rank)`` and the sampler orders the data from
 ``(seed, epoch)``, so a run resumed from an epoch checkpoint repeats exactly what the
-uninterrupted run would have done. Under DDP, ranks draw disjoint slices of the same global
+uninterrupted run would have done, given the same ``--workers`` (each loader process seeds its own
+augmentation, so a resume that changes their number is recorded as a change). Under DDP, ranks draw disjoint slices of the same global
 order, so N processes with batch B/N see the same global batches as one process with batch B.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -187,6 +189,11 @@ def _fit(cfg: TrainConfig) -> TrainResult:
             loss = loss.detach().float()
             if world > 1:
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            if not torch.isfinite(loss):  # every rank sees the reduced loss, so all stop; before any checkpoint
+                bar.close()
+                raise LeanvitError(f"The loss is {loss.item()} at epoch {epoch}, step {i + 1}: training diverged, "
+                                   f"and no checkpoint of this epoch is written. Lower --lr (it is {cfg.lr}) or "
+                                   "pass --clip-grad (e.g. 1.0).")
             steps_log.append({"epoch": epoch, "step": step, "loss": loss.item(), "lr": lr})
             bar.set_postfix(loss=f"{loss.item():.4f}")
             bar.update()
@@ -299,7 +306,7 @@ def _seed_everything(seed: int) -> None:
 
 def _teacher(cfg: TrainConfig, classes: list[str], data_config: dict, device: torch.device) -> nn.Module | None:
     """The frozen teacher, fed in its own pre-processing (its checkpoint's data config, else timm's at
-    the student's resolution)."""
+    the student's resolution where the teacher runs at it, else at the teacher's own)."""
     if not cfg.teacher:
         return None
     if cfg.teacher_checkpoint:
@@ -312,9 +319,26 @@ def _teacher(cfg: TrainConfig, classes: list[str], data_config: dict, device: to
                            f"{meta['classes']}, not those of {cfg.data} ({classes}): give a teacher trained on these "
                            "classes.")
     _check_teacher_classes(cfg, teacher.num_classes, classes)
-    # a checkpoint without leanvit's metadata says nothing of its resolution: keep the student's
-    teacher_config = meta.get("data_config") or resolve_data_config(teacher, img_size=data_config["input_size"][-1])
-    return AdaptedTeacher(teacher.eval().requires_grad_(False), data_config, teacher_config).to(device)
+    teacher.eval().requires_grad_(False)
+    teacher_config = meta.get("data_config") or _teacher_data_config(cfg, teacher, data_config)
+    return AdaptedTeacher(teacher, data_config, teacher_config).to(device)
+
+
+def _teacher_data_config(cfg: TrainConfig, teacher: nn.Module, data_config: dict) -> dict:
+    """A teacher without leanvit's metadata says nothing of its resolution: the student's where the teacher runs at
+    it, else the teacher's own (a fixed-size ViT), to which :class:`AdaptedTeacher` resizes the batches."""
+    size = data_config["input_size"][-1]
+    for config in (resolve_data_config(teacher, img_size=size), resolve_data_config(teacher)):
+        try:
+            check_input_size(teacher, config, cfg.teacher)
+            return config
+        except LeanvitError as e:
+            error = e
+    reason = re.search(r"inputs \((.*?)\)\. ", str(error))
+    own = config["input_size"][-1]
+    raise LeanvitError(f"The teacher {cfg.teacher} runs neither at the student's {size}x{size} inputs nor at its own "
+                       f"{own}x{own} ({reason.group(1) if reason else error}). Give a --teacher-checkpoint that "
+                       "leanvit train saved, whose metadata records the teacher's model kwargs and input size.") from None
 
 
 def _check_teacher_classes(cfg: TrainConfig, num_classes: int | None, classes: list[str]) -> None:
