@@ -55,7 +55,14 @@ def checkpoint_file(path: str | Path) -> Path:
     if not path.exists() and str(path) in shipped_checkpoints():
         path = shipped_checkpoints()[str(path)]
     if path.is_dir():
-        path = path / WEIGHTS_FILE
+        folder, path = path, path / WEIGHTS_FILE
+        if not path.is_file():
+            from .train.state import latest_checkpoint  # here: leanvit.train imports this module
+
+            last = latest_checkpoint(folder)
+            if last is not None:
+                raise LeanvitError(f"Checkpoint {path} does not exist: the run in {folder} has not finished. Pass "
+                                   f"{last} for its last epoch's weights, or finish it with leanvit train --resume.")
     if not path.is_file():
         shipped = ", ".join(shipped_checkpoints()) or "none yet"
         raise LeanvitError(f"Checkpoint {path} does not exist (the shipped checkpoints, usable by name: {shipped}).")
@@ -220,7 +227,8 @@ def _arch(model: nn.Module) -> str:
 
 
 def _strip_prefixes(key: str) -> str:
-    for prefix in _PREFIXES:
-        if key.startswith(prefix):
-            key = key[len(prefix):]
+    """``key`` without the wrappers' prefixes, in any order and number (``torch.compile(DDP(model))`` writes
+    ``_orig_mod.module.``, ``DDP(torch.compile(model))`` ``module._orig_mod.``)."""
+    while prefix := next((p for p in _PREFIXES if key.startswith(p)), None):
+        key = key[len(prefix):]
     return key

@@ -42,6 +42,43 @@ def test_pth_with_wrapper_and_ddp_prefix(tmp_path):
     torch.testing.assert_close(other.head.weight, model.head.weight)
 
 
+@pytest.mark.parametrize("prefix", ["module._orig_mod.", "_orig_mod.module."])
+def test_compiled_and_ddp_wrapped_prefixes_in_either_order(tmp_path, prefix):
+    """DDP(torch.compile(model)) writes module._orig_mod., torch.compile(DDP(model)) _orig_mod.module."""
+    model = _vit()
+    torch.save({f"{prefix}{k}": v for k, v in model.state_dict().items()}, tmp_path / "c.pth")
+    other = _vit()
+    torch.nn.init.zeros_(other.head.weight)
+    load_weights(other, tmp_path / "c.pth")
+    torch.testing.assert_close(other.head.weight, model.head.weight)
+
+
+def test_an_unfinished_run_folder_names_its_last_epoch(tmp_path):
+    """An interrupted run has only epoch-NNNN/ checkpoints: the error names the one to pass."""
+    (tmp_path / "run" / "epoch-0001").mkdir(parents=True)
+    save_weights(tmp_path / "run" / "epoch-0001" / "model.safetensors", _vit().state_dict())
+    (tmp_path / "run" / "epoch-0001" / "state.json").write_text("{}")
+    with pytest.raises(LeanvitError, match=r"the run in .*run has not finished\. Pass .*run/epoch-0001 for its last "
+                                           r"epoch's weights, or finish it with leanvit train --resume"):
+        read_checkpoint(tmp_path / "run")
+    read_checkpoint(tmp_path / "run" / "epoch-0001")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LeanvitError, match=r"empty/model.safetensors does not exist \(the shipped checkpoints"):
+        read_checkpoint(tmp_path / "empty")
+
+
+def test_epoch_checkpoints_past_9999_are_found(tmp_path):
+    """--epochs goes to 100000: epoch-10000 is newer than epoch-9999 (a resume would otherwise start afresh)."""
+    from leanvit.train.state import latest_checkpoint
+
+    for name in ("epoch-0999", "epoch-9999", "epoch-10000"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) == tmp_path / "epoch-10000"
+    (tmp_path / "epoch-10001").mkdir()  # no state.json: an incomplete folder is not a checkpoint
+    assert latest_checkpoint(tmp_path) == tmp_path / "epoch-10000"
+
+
 def test_training_scripts_checkpoints_with_their_options_load(tmp_path):
     """timm's train.py and DeiT's main.py save their argparse options beside the weights; a safetensors file is
     recognised by its content whatever its name."""

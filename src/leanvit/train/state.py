@@ -22,7 +22,7 @@ from ..checkpoint import WEIGHTS_FILE, read_checkpoint, save_weights
 STATE_FILE = "state.json"
 EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
-_EPOCH_DIR = re.compile(r"epoch-(\d{4})$")
+_EPOCH_DIR = re.compile(r"epoch-(\d{4,})$")  # epoch-NNNN, with more digits from epoch 10000 on
 
 
 def save_training_state(output: Path, epoch: int, *, model: torch.nn.Module, metadata: dict,
@@ -50,8 +50,9 @@ def save_training_state(output: Path, epoch: int, *, model: torch.nn.Module, met
 
 def latest_checkpoint(output: Path) -> Path | None:
     """The newest complete epoch checkpoint under ``output``, if any."""
-    done = sorted(p for p in output.glob("epoch-*") if _EPOCH_DIR.search(p.name) and (p / STATE_FILE).is_file())
-    return done[-1] if done else None
+    done = [(int(m.group(1)), p) for p in output.glob("epoch-*")
+            if (m := _EPOCH_DIR.fullmatch(p.name)) and (p / STATE_FILE).is_file()]
+    return max(done)[1] if done else None  # by number: epoch-10000 sorts before epoch-9999 by name
 
 
 def read_state(folder: Path) -> dict:
