@@ -6,7 +6,9 @@ shares no code with the batched, static-shape implementation under test.
 """
 import copy
 import math
+import re
 import warnings
+from dataclasses import replace
 
 import pytest
 import timm
@@ -320,6 +322,28 @@ def test_r_too_large_names_the_largest_valid_r(vit):
         tokens.apply(model, tokens.ToMe(r=12))
     assert tokens.applied(model) is None
     tokens.apply(model, tokens.ToMe(r=largest))
+
+
+@pytest.mark.parametrize("method,match", [
+    # 17 tokens, 6 blocks. r=6, inflect=-1 schedules 12 9 7 4 2 0; r=3 schedules 6 4 3 2 1 0 (the 2 is too many at
+    # block 3's 4 tokens) and r=2 schedules 4 3 2 1 0 0, which fits: the user's r, then the block's count, then r=2
+    (tokens.ToMe(r=6, inflect=-1), r"^ToMe r=6, inflect=-1 is too large: it schedules r=12 for block 0, which has "
+                                   r"17 tokens \(1 protected\) and can merge at most 8\. The largest r every "
+                                   r"block can take here with inflect=-1 is 2\."),
+    (tokens.ToMe(r=3, inflect=-1), r"^ToMe r=3, inflect=-1 is too large: it schedules r=2 for block 3, which has "
+                                   r"4 tokens \(1 protected\) and can merge at most 1\. The largest r every "
+                                   r"block can take here with inflect=-1 is 2\."),
+    (tokens.ToMe(r=(0, 9, 2)), r"^ToMe r=\(0, 9, 2\) is too large: it schedules r=9 for block 1, which has 17 "
+                               r"tokens \(1 protected\) and can merge at most 8\. Lower that block's count\.$"),
+    (tokens.ToMe(r=5), r"^ToMe r=5 is too large: block 2 has 7 tokens \(1 protected\) and can merge at most 3\. "
+                       r"The largest r every block can take here is 2\."),
+])
+def test_r_too_large_names_the_users_r_and_the_blocks_count(method, match):
+    with pytest.raises(LeanvitError, match=match):
+        method.token_counts(17, 1, 6)
+    largest = re.search(r"can take here.* is (\d+)", match)
+    if largest:  # the hint is an r of the user's own form that fits
+        replace(method, r=int(largest[1])).token_counts(17, 1, 6)
 
 
 def test_not_a_plain_vit():

@@ -12,7 +12,7 @@ cannot merge ``r`` (at most half of its unprotected tokens); here that is an err
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -73,24 +73,53 @@ class ToMe(TokenMethod):
         return list(self.r) + [0] * (depth - len(self.r))
 
     def reducers(self, depth: int, num_prefix: int):
-        return [partial(_tome_reduce, r=r, num_prefix=num_prefix) if r else None for r in self.schedule(depth)]
+        return [partial(_tome_reduce, r=r, num_prefix=num_prefix, block=i, method=self) if r else None
+                for i, r in enumerate(self.schedule(depth))]
 
     def token_counts(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:
         counts, n = [], num_tokens
         for i, r in enumerate(self.schedule(depth)):
             if r > (n - num_prefix) // 2:
-                raise _too_large(r, n, num_prefix, i, self._max_constant_r(num_tokens, num_prefix, depth))
+                raise self._too_large(i, r, n, num_prefix, self._largest_r(num_tokens, num_prefix, depth))
             n -= r
             counts.append(n)
         return counts
 
-    @staticmethod
-    def _max_constant_r(num_tokens: int, num_prefix: int, depth: int) -> int:
-        """The largest constant ``r`` that every block can merge (each merges at most half)."""
-        r = (num_tokens - num_prefix) // 2
-        while r > 0 and any(r > (num_tokens - i * r - num_prefix) // 2 for i in range(depth)):
-            r -= 1
-        return r
+    def _largest_r(self, num_tokens: int, num_prefix: int, depth: int) -> int | None:
+        """For an int ``r``: the largest smaller ``r`` whose schedule (same ``inflect``) every block can
+        merge (each merges at most half), 0 if none; None for per-block counts."""
+        if not isinstance(self.r, int):
+            return None
+        for r in range(self.r - 1, 0, -1):
+            n = num_tokens
+            for count in replace(self, r=r).schedule(depth):
+                if count > (n - num_prefix) // 2:
+                    break
+                n -= count
+            else:
+                return r
+        return 0
+
+    def _too_large(self, block: int, r: int, n: int, num_prefix: int, largest: int | None = None,
+                   runtime: bool = False) -> LeanvitError:
+        """The error for ``block``, scheduled to merge ``r`` of its ``n`` tokens: the user's own ``r``
+        first, then the block's count where a schedule made it, and the largest ``r`` of the same form."""
+        given = f"r={self.r}" if isinstance(self.r, int) else f"r={tuple(self.r)}"
+        scheduled = not isinstance(self.r, int) or self.inflect
+        if isinstance(self.r, int) and self.inflect:
+            given += f", inflect={self.inflect:g}"
+        verb = "gets" if runtime else "has"  # at run time: an input of another size than the model's
+        at = f"it schedules r={r} for block {block}, which {verb}" if scheduled else f"block {block} {verb}"
+        hint = ""
+        if largest is not None:
+            form = f" with inflect={self.inflect:g}" if self.inflect else ""
+            hint = (f" The largest r every block can take here{form} is {largest}." if largest
+                    else f" No r > 0 fits every block here{form}.")
+        fix = "Lower r or give one r per block." if isinstance(self.r, int) else "Lower that block's count."
+        return LeanvitError(
+            f"ToMe {given} is too large{' for this input' if runtime else ''}: {at} {n} tokens ({num_prefix} protected) "
+            f"and can merge at most {(n - num_prefix) // 2}.{hint} {fix}"
+        )
 
 
 class PerBlock(tuple):
@@ -116,19 +145,10 @@ def parse_r(text: str) -> int | tuple[int, ...]:
                            "or one count per block (e.g. 0,2,2,1).") from None
 
 
-def _too_large(r: int, n: int, num_prefix: int, block: int | None, max_r: int | None = None) -> LeanvitError:
-    where = f"block {block} has" if block is not None else "a block gets"
-    hint = f" The largest r every block can take here is {max_r}." if max_r is not None else ""
-    return LeanvitError(
-        f"ToMe r={r} is too large: {where} {n} tokens ({num_prefix} protected) and can merge at most "
-        f"{(n - num_prefix) // 2}.{hint} Lower r or give one r per block."
-    )
-
-
-def _tome_reduce(x, size, keys, *, r: int, num_prefix: int):
+def _tome_reduce(x, size, keys, *, r: int, num_prefix: int, block: int, method: ToMe):
     B, N, C = x.shape
     if r > (N - num_prefix) // 2:  # an input larger or smaller than the one validated at apply()
-        raise _too_large(r, N, num_prefix, None)
+        raise method._too_large(block, r, N, num_prefix, runtime=True)
     metric = keys.detach()
     metric = metric / metric.norm(dim=-1, keepdim=True)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # (B, |A|, |B|)
