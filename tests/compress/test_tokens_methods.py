@@ -10,6 +10,7 @@ import re
 import warnings
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -344,6 +345,32 @@ def test_r_too_large_names_the_users_r_and_the_blocks_count(method, match):
     largest = re.search(r"can take here.* is (\d+)", match)
     if largest:  # the hint is an r of the user's own form that fits
         replace(method, r=int(largest[1])).token_counts(17, 1, 6)
+
+
+def test_any_integer_type_is_taken(vit):
+    """A sweep's numpy integers (or a 0-d tensor) are ints; the method equals the one built from Python ints."""
+    assert tokens.ToMe(r=np.int64(2)) == tokens.ToMe(r=2) and tokens.ToMe(r=torch.tensor(2)).r == 2
+    assert tokens.ToMe(r=np.int32(4), inflect=np.float64(-1)) == tokens.ToMe(r=4, inflect=-1)
+    assert tokens.ToMe(r=np.array([0, 2, 1])) == tokens.ToMe(r=(0, 2, 1))
+    assert tokens.EViT(layers=np.array([4, 1]), keep_rate=np.float32(0.5)) == tokens.EViT(keep_rate=0.5, layers=(1, 4))
+    n = 64 + vit.num_prefix_tokens
+    assert tokens.token_counts(reduced(vit, tokens.ToMe(r=np.int64(2)))) == [n - 2 * (i + 1) for i in range(DEPTH)]
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: tokens.ToMe(r=8.0), r"^ToMe r must be an int or a sequence of ints \(one per block\), e\.g\. 8 or "
+                                 r"\(0, 2, 2, 1\), got 8\.0\.$"),
+    (lambda: tokens.ToMe(r="8"), r"ToMe r must be an int or a sequence of ints.*got '8'"),
+    (lambda: tokens.ToMe(r=None), r"ToMe r must be an int or a sequence of ints.*got None"),
+    (lambda: tokens.ToMe(r=(1.5, 2, 0)), r"ToMe r must be an int or a sequence of ints.*got \(1\.5, 2, 0\)"),
+    (lambda: tokens.ToMe(r=8, inflect="-1"), r"ToMe inflect must be in \[-1, 1\].*inflect='-1'"),
+    (lambda: tokens.EViT(layers=3), r"^EViT layers must be a sequence of block indices, e\.g\. \(3, 6, 9\), got 3\.$"),
+    (lambda: tokens.EViT(layers=(3.0, 6)), r"EViT layers must be a sequence of block indices.*got \(3\.0, 6\)"),
+    (lambda: tokens.EViT(keep_rate="0.5"), r"EViT keep_rate must be in \(0, 1\], got '0\.5'"),
+])
+def test_arguments_of_the_wrong_type_are_named(make, match):
+    with pytest.raises(LeanvitError, match=match):
+        make()
 
 
 def test_not_a_plain_vit():

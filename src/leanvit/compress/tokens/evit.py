@@ -13,6 +13,8 @@ follows a cosine down to the target (:func:`keep_rate_at`, :func:`keep_rate_warm
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
@@ -41,9 +43,16 @@ class EViT(TokenMethod):
     proportional = False
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.keep_rate <= 1.0:
-            raise LeanvitError(f"EViT keep_rate must be in (0, 1], got {self.keep_rate}.")
-        object.__setattr__(self, "layers", tuple(sorted(set(int(i) for i in self.layers))))
+        if not isinstance(self.keep_rate, numbers.Real) or not 0.0 < self.keep_rate <= 1.0:
+            raise LeanvitError(f"EViT keep_rate must be in (0, 1], got {self.keep_rate!r}.")
+        if type(self.keep_rate) not in (int, float):  # numpy's: a plain float in the repr
+            object.__setattr__(self, "keep_rate", float(self.keep_rate))
+        try:  # any integer type (numpy, a 0-d tensor), not a float or a string of digits
+            layers = tuple(sorted(set(operator.index(i) for i in self.layers)))
+        except TypeError:
+            raise LeanvitError(f"EViT layers must be a sequence of block indices, e.g. (3, 6, 9), "
+                               f"got {self.layers!r}.") from None
+        object.__setattr__(self, "layers", layers)
 
     def _check_layers(self, depth: int) -> None:
         bad = [i for i in self.layers if not 0 <= i < depth]

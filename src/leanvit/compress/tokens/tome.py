@@ -12,6 +12,8 @@ cannot merge ``r`` (at most half of its unprotected tokens); here that is an err
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -45,21 +47,32 @@ class ToMe(TokenMethod):
         return self.prop_attn
 
     def __post_init__(self) -> None:
-        given = self.r if isinstance(self.r, int) else tuple(self.r)
-        if (not isinstance(given, int) and not isinstance(self.r, PerBlock) and len(given) == 2
+        given = _index(self.r)  # any integer type (numpy, a 0-d tensor) as a Python int
+        if not isinstance(given, int):
+            try:
+                given = tuple(_index(v) for v in self.r)
+            except TypeError:
+                given = None
+        if (isinstance(given, tuple) and not isinstance(self.r, PerBlock) and len(given) == 2
                 and (isinstance(given[1], float) or given[1] in (-1, 0, 1))):
             raise LeanvitError(  # official ToMe's (r, inflection) tuple would silently mean two blocks' counts here
                 f"ToMe r={given} is ambiguous: here a tuple gives one count per block, where official ToMe's "
                 f"(r, inflection) is a schedule. Write ToMe(r={given[0]}, inflect={given[1]}) for that, or "
                 + (f"ToMe(r=({given[0]}, {given[1]}, 0)) for two blocks' counts." if isinstance(given[1], int)
                    else "give every block's count."))
-        r = (given,) if isinstance(given, int) else tuple(int(v) for v in given)
+        if given is None or (isinstance(given, tuple) and not all(isinstance(v, int) for v in given)):
+            raise LeanvitError(f"ToMe r must be an int or a sequence of ints (one per block), e.g. 8 or "
+                               f"(0, 2, 2, 1), got {self.r!r}.")
+        r = (given,) if isinstance(given, int) else given
         if any(v < 0 for v in r):
             raise LeanvitError(f"ToMe r must be >= 0, got {self.r}.")
-        if not -1 <= self.inflect <= 1 or (self.inflect and not isinstance(self.r, int)):
+        if (not isinstance(self.inflect, numbers.Real) or not -1 <= self.inflect <= 1
+                or (self.inflect and not isinstance(given, int))):
             raise LeanvitError(f"ToMe inflect must be in [-1, 1] and given with an int r, got "
-                               f"r={self.r}, inflect={self.inflect}.")
-        object.__setattr__(self, "r", self.r if isinstance(self.r, int) else PerBlock(r))
+                               f"r={self.r}, inflect={self.inflect!r}.")
+        object.__setattr__(self, "r", given if isinstance(given, int) else PerBlock(r))
+        if type(self.inflect) not in (int, float):  # numpy's: a plain float in the repr
+            object.__setattr__(self, "inflect", float(self.inflect))
 
     def schedule(self, depth: int) -> list[int]:
         """``r`` for each of ``depth`` blocks."""
@@ -120,6 +133,14 @@ class ToMe(TokenMethod):
             f"ToMe {given} is too large{' for this input' if runtime else ''}: {at} {n} tokens ({num_prefix} protected) "
             f"and can merge at most {(n - num_prefix) // 2}.{hint} {fix}"
         )
+
+
+def _index(v):
+    """``v`` as a Python int if it is of any integer type (numpy, a 0-d tensor), else ``v`` itself."""
+    try:
+        return operator.index(v)
+    except TypeError:
+        return v
 
 
 class PerBlock(tuple):
