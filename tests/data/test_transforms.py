@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import timm
+import torch
 from PIL import Image
 
 from leanvit.data import build_transform, resolve_data_config
@@ -77,3 +78,15 @@ def test_evaluation_uses_the_test_time_size_as_timms_validate_does():
     args = argparse.Namespace(model_kwargs={}, img_size=None, crop_pct=None)
     assert input_data_config(model, {}, args) == test
     assert input_data_config(model, {}, argparse.Namespace(**vars(args), use_train_size=True))["input_size"] == [3, 176, 176]
+
+
+def test_the_input_size_check_leaves_batchnorm_statistics_and_the_mode_alone():
+    from leanvit.data import check_input_size
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(8), torch.nn.BatchNorm1d(8)).train()
+    model(torch.randn(2, 3, 8, 8))  # materialise the lazy layer
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = check_input_size(model, {"input_size": (3, 8, 8)}, "toy")  # BatchNorm1d on one image: fine in eval
+    assert out.shape == (1, 8) and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -38,11 +38,14 @@ def resolve_data_config(model: nn.Module, *, img_size: int | None = None, crop_p
 
 def check_input_size(model: nn.Module, data_config: dict, name: str) -> torch.Tensor:
     """Run one blank image of the pre-processing's size through ``model`` and return its output: a model built for
-    another size (fixed position embeddings) fails here, with the fix, not deep inside the command's work."""
+    another size (fixed position embeddings) fails here, with the fix, not deep inside the command's work. The
+    model runs in eval mode, its own mode restored after: a blank image must not move BatchNorm's running
+    statistics (nor trip BatchNorm1d on a batch of one)."""
     size = tuple(data_config["input_size"])
+    was_training = model.training
     try:
         with torch.no_grad():
-            return model(torch.zeros(1, *size))
+            return model.eval()(torch.zeros(1, *size))
     except (AssertionError, RuntimeError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         channels = getattr(model, "in_chans", size[0])
@@ -53,6 +56,8 @@ def check_input_size(model: nn.Module, data_config: dict, name: str) -> torch.Te
             fix = (f"A model built for one input size takes another when built for it: add --model-kwargs "
                    f"'{{\"img_size\": {size[-1]}}}' (timm resizes its position embeddings), or drop --img-size.")
         raise LeanvitError(f"{name} does not run on {'x'.join(map(str, size))} inputs ({reason}). {fix}") from None
+    finally:
+        model.train(was_training)
 
 
 def build_transform(data_config: dict, *, train: bool = False, auto_augment: str | None = None,
