@@ -1,5 +1,6 @@
 """DiffRate's differentiable rate search on a tiny ViT: deterministic, driven by the MAC target."""
 import copy
+import warnings
 
 import pytest
 import timm
@@ -76,3 +77,25 @@ def test_a_target_between_published_ones_is_not_rounded_onto_one():
     assert tokens.DiffRate(target_macs=2.9e9).resolve(model).prune[:4] == (197, 196, 190, 168)
     with pytest.raises(LeanvitError, match=r"at 2.86 GMACs \(published at 224x224: 2.3, 2.5, 2.7, 2.9, 3.1\).*calib"):
         tokens.DiffRate(target_macs=2.86e9).resolve(model)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.8])
+def test_the_search_reaches_its_target_whatever_the_model_size(vit, calib, fraction):
+    """The MAC term is relative to the model's MACs: on this 0.005-GMAC ViT the official absolute one
+    (5 (GMACs - target)^2) is ~10^5 times weaker than cross entropy, and the counts barely moved."""
+    full = count_macs(vit, (3, 32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no miss reported
+        model = search(vit, calib, fraction * full, steps=60, lr=0.1, min_lr=0.01)
+    assert count_macs(model, (3, 32, 32)) == pytest.approx(fraction * full, abs=0.02 * full)
+
+
+def test_a_missed_target_is_reported(vit, calib):
+    full = count_macs(vit, (3, 32, 32))
+    with pytest.warns(UserWarning, match=r"reached .* GMACs for a target of .*Raise macs_weight \(now 0\)"):
+        search(vit, calib, 0.5 * full, macs_weight=0.0)
+
+
+def test_search_options_without_a_search_are_refused(vit):
+    with pytest.raises(LeanvitError, match=r"DiffRate\(steps=5\) sets the rate search.*--calib DATA"):
+        tokens.apply(copy.deepcopy(vit), tokens.DiffRate(target_macs=0.6e9, steps=5))
