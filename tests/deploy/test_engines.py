@@ -132,6 +132,51 @@ def test_export_key_sees_token_reduction(tiny_vit, tmp_path):
     assert cached_onnx(reduced, x, cache_dir=tmp_path) != cached_onnx(tiny_vit, x, cache_dir=tmp_path)
 
 
+def test_export_key_sees_settings_that_change_forward():
+    """timm ViT's ``global_pool`` is a plain attribute, in neither the repr nor the weights: a token-pooling and an
+    average-pooling model with the same weights shared one key, and the second was run on the first one's export."""
+    import timm
+
+    from leanvit.deploy.export import export_key
+
+    def vit(**kwargs):
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10,
+                                 fc_norm=False, **kwargs).eval()
+
+    token, avg = vit(global_pool="token"), vit(global_pool="avg")
+    assert repr(token) == repr(avg) and all(torch.equal(a, b) for a, b in
+                                            zip(token.state_dict().values(), avg.state_dict().values()))
+    x = torch.randn(1, 3, 32, 32)
+    assert export_key(token, x, dynamic_batch=False, opset=20) != export_key(avg, x, dynamic_batch=False, opset=20)
+
+    from leanvit.deploy.export import module_settings
+
+    settings = {(name, attr): text for name, attr, text in module_settings(avg)}
+    assert settings["", "global_pool"] == "'avg'" and settings["patch_embed", "img_size"] == "(32, 32)"
+    assert settings["patch_embed", "output_fmt"].endswith("Format.NCHW")  # an enum, by name
+    assert not any(attr.startswith("_") or attr == "training" for _, attr, _ in module_settings(avg))
+
+
+def test_export_key_is_the_same_in_a_fresh_process():
+    """The key names an export on disk for later runs: nothing in it (an id, an address) may change per process."""
+    import subprocess
+    import sys
+
+    script = """
+import timm, torch, leanvit
+from leanvit.deploy.export import export_key
+torch.manual_seed(0)
+model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10).eval()
+print(export_key(model, torch.zeros(1, 3, 32, 32), dynamic_batch=False, opset=20))
+"""
+    here = {}
+    exec(script, {"print": lambda key: here.setdefault("key", key)})
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == here["key"]
+
+
 def test_openvino_models_freed_in_any_order_leave_signals_deliverable(tmp_path):
     """OpenVINO's CPU plugin swaps the thread's signal stack when a Core's plugin is made and destroyed: with a
     Core per model, freeing models in creation order left a freed signal stack behind, and the next signal with

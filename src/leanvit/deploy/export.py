@@ -1,13 +1,16 @@
-"""Export to ONNX and OpenVINO IR, cached on disk by model, weights and input shape.
+"""Export to ONNX and OpenVINO IR, cached on disk by model, settings, weights and input shape.
 
 Exports are the slow part of getting a model onto an engine (seconds to a minute), so each one is
-stored under a key made of everything that changes the graph: model class, a fingerprint of the
-weights, input shape, dynamic batch, opset and the torch and onnxscript versions; an OpenVINO IR is
-named by the OpenVINO version that converted it. A model whose weights changed never reuses a stale
-export.
+stored under a key of: the model's architecture; a fingerprint of its structure (its repr), of every
+module's plain settings (:func:`module_settings`, such as a ViT's ``global_pool``) and of its weights;
+the input shape, dynamic batch, opset and the torch and onnxscript versions. An OpenVINO IR is named by
+the OpenVINO version that converted it. A model whose weights or settings changed never reuses a stale
+export; state held in any other form (a dict, an object, a method patched in without a repr of its own)
+is not in the key.
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import importlib.metadata
 import os
@@ -30,11 +33,45 @@ def cache_root() -> Path:
     return Path(os.environ.get("LEANVIT_CACHE", Path.home() / ".cache" / "leanvit"))
 
 
+def _setting(v) -> str | None:
+    """``v`` written out where it is a plain setting (a number, string, bool, None or enum, or a tuple/list of
+    them), else None. Enums by class and member name: their repr is the same in every process."""
+    if isinstance(v, enum.Enum):
+        return f"{type(v).__module__}.{type(v).__qualname__}.{v.name}"
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return repr(v)
+    if isinstance(v, (tuple, list)):
+        items = [_setting(i) for i in v]
+        if None not in items:
+            return ("[{}]" if isinstance(v, list) else "({})").format(", ".join(items))
+    return None
+
+
+def module_settings(model: nn.Module) -> list[tuple[str, str, str]]:
+    """Every module's plain settings, ``(module name, attribute, value)`` in module order, attributes sorted.
+
+    Settings kept as plain attributes change ``forward`` without showing in the repr or the weights (timm ViT's
+    ``global_pool``, ``num_prefix_tokens``); ``_``-prefixed attributes and ``training`` are left out.
+    """
+    out = []
+    for name, module in model.named_modules():
+        for attr, v in sorted(vars(module).items()):
+            if attr.startswith("_") or attr == "training":
+                continue
+            text = _setting(v)
+            if text is not None:
+                out.append((name, attr, text))
+    return out
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """A short hash of the model's structure (its repr, which names patched-in methods such as token
-    reduction), parameter/buffer names, shapes and values."""
+    reduction), every module's plain settings (:func:`module_settings`) and its parameter/buffer names,
+    shapes and values. No ids or addresses: the same model gives the same fingerprint in every process."""
     h = hashlib.blake2b(digest_size=8)
     h.update(repr(model).encode())
+    for name, attr, text in module_settings(model):
+        h.update(f"{name}.{attr}={text}\n".encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
