@@ -87,3 +87,25 @@ def test_peak_memory_is_the_running_engines_not_its_export(monkeypatch):
     monkeypatch.setattr(EagerEngine, "load", exporting_load)
     row, = run_bench(tiny_bench(), progress=False)
     assert row.peak_rss_mb < before + 300
+
+
+def test_a_gpu_only_engine_in_a_cpu_run_is_recorded_and_reported_on_its_gpu(monkeypatch, tmp_path):
+    """TensorRT in a bench on the default ``--device cpu`` ran on the GPU while its row and the report said "cpu".
+    A stand-in GPU-only engine (it runs eager on the CPU: there is no GPU here) takes its place."""
+    from leanvit.bench import report
+    from leanvit.deploy import engine
+    from leanvit.deploy.pytorch import EagerEngine
+
+    class GpuOnly(engine.Engine):
+        name, package, devices = "gpu_only", "torch", ("cuda",)
+
+        def load(self, model, example, **kwargs):
+            return EagerEngine(threads=self.threads).load(model, example)
+
+    monkeypatch.setitem(engine._ENGINES, "gpu_only", GpuOnly)
+    cfg = tiny_bench(engines=["eager", "gpu_only"])
+    rows = run_bench(cfg, progress=False)
+    assert [r.engine_info["device"] for r in rows] == ["cpu", "cuda"]
+    monkeypatch.setattr(report, "plot_pareto", lambda *args, **kwargs: None)
+    text = report.write_results(rows, cfg, {}, tmp_path)["md"].read_text()
+    assert "- device: cpu (GPU-only engines on the GPU: gpu_only)" in text

@@ -220,6 +220,20 @@ def test_a_device_an_engine_cannot_use_is_an_error_and_bench_runs_cpu_engines_on
             get_engine("eager", device="cuda")
 
 
+def test_a_gpu_only_engine_in_a_cpu_run_is_recorded_on_its_gpu():
+    """TensorRT (GPU only) in a bench on the default ``--device cpu`` ran on the GPU while its row said "cpu": the
+    engine took "cpu" as given and engine_device turned every device it cannot use into "cpu". No tensorrt needed:
+    it is imported only when a model is loaded."""
+    from leanvit.deploy import engine_device
+    from leanvit.deploy.trt import TensorRTEngine
+
+    assert TensorRTEngine.devices == ("cuda",)
+    assert engine_device("tensorrt", "cpu") == "cuda" and engine_device("tensorrt", "cuda:1") == "cuda:1"
+    assert TensorRTEngine(threads=1).device == TensorRTEngine(threads=1, device="cpu").device == "cuda"
+    assert TensorRTEngine(threads=1, device="cuda:1").device == "cuda:1"
+    assert engine_device("openvino", "cpu") == "cpu" and get_engine("openvino").device == "cpu"  # as before
+
+
 @pytest.mark.parametrize("engine", ["eager", "compile"])
 def test_a_torch_engine_on_another_device_leaves_the_given_model_where_it_is(engine, tiny_cnn, monkeypatch):
     """``--device cuda`` moved the bench's one model in place: eager's reference then got CPU inputs on a GPU

@@ -61,6 +61,7 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
     eager = {(r.model, r.variant, r.batch): r.latency_ms_median for r in rows
              if r.engine == "eager" and r.precision == "f32" and r.ran}
     on_cpu = sorted({r.engine for r in rows if cfg.device != "cpu" and r.engine_info.get("device") == "cpu"})
+    on_gpu = sorted({r.engine for r in rows if cfg.device == "cpu" and r.engine_info.get("device", "cpu") != "cpu"})
     capped = sorted({f"{r.engine} {r.threads_used}" for r in rows if r.threads_used not in (None, r.threads)})
     lines = [
         "# leanvit bench report", "",
@@ -68,7 +69,8 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
         "## Host", "", *host_lines(host), "",
         "## Settings", "",
         f"- input: {input_sizes(rows)}; batch {cfg.batch}, threads {cfg.threads}, weights: {'pretrained' if cfg.pretrained else 'random init (latency does not depend on weight values)'}",
-        f"- device: {cfg.device}" + (f" (CPU-only engines on the CPU: {', '.join(on_cpu)})" if on_cpu else ""),
+        f"- device: {cfg.device}" + (f" (CPU-only engines on the CPU: {', '.join(on_cpu)})" if on_cpu else "")
+        + (f" (GPU-only engines on the GPU: {', '.join(on_gpu)})" if on_gpu else ""),
         *([f"- threads as the engine reports them, where not as asked: {', '.join(capped)}"] if capped else []),
         f"- protocol: warm-up ≥ {cfg.budget.warmup_s} s and ≥ {cfg.budget.warmup_iters} calls, then single calls timed "
         f"for {cfg.budget.budget_s} s (≥ {cfg.budget.min_iters}, ≤ {cfg.budget.max_iters} calls); statistics over calls",

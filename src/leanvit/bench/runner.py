@@ -211,11 +211,12 @@ def published_top1(facts: ModelFacts | None, img_size: int, variant: str) -> flo
 
 
 def _measure(row: BenchRow, model, x, checks, cfg: BenchConfig) -> None:
-    device = engine_device(row.engine, cfg.device)  # (--device cuda: CPU-only engines run on the CPU, recorded)
+    # --device cuda: CPU-only engines run on the CPU; --device cpu: GPU-only ones (TensorRT) on the GPU; recorded
+    device = engine_device(row.engine, cfg.device)
     engine = get_engine(row.engine, threads=cfg.threads, precision=row.precision, device=device)
     runner = engine.load(model, x, cache_dir=cfg.cache_dir)
     row.precision = runner.precision  # what the engine actually runs, not what was asked
-    row.engine_info = {"device": device, **runner.info}
+    row.engine_info = {"device": engine.device, **runner.info}
     row.threads_used = runner.info.get("threads")
     agreement = check_agreement(model, runner, checks)
     row.max_abs_err, row.top1_agreement = agreement.max_abs_err, agreement.top1_agreement

@@ -37,7 +37,8 @@ class Engine(ABC):
     #: the pip package that provides this engine, named in the error when it is missing
     package: str
     precisions: tuple[str, ...] = ("f32",)
-    #: device types this engine runs on ("cpu" is every engine's default, taken as "wherever it runs")
+    #: device types this engine runs on; "cpu", every engine's default, is taken as "wherever it runs": a GPU-only
+    #: engine given it records its own device (``self.device``), the first of these
     devices: tuple[str, ...] = ("cpu",)
 
     def __init__(self, threads: int = 1, precision: str = "f32", device: str = "cpu"):
@@ -51,6 +52,8 @@ class Engine(ABC):
             able = [n for n, cls in _ENGINES.items() if kind in cls.devices]
             raise LeanvitError(f"engine '{self.name}' runs on {', '.join(self.devices)}, not '{device}'"
                                + (f"; engines for {kind}: {', '.join(able)}." if able else "."))
+        if device == "cpu" and "cpu" not in self.devices:
+            device = self.devices[0]  # (TensorRT: the default device is where it runs, the GPU)
         self.threads, self.precision, self.device = threads, precision, device
 
     @classmethod
@@ -88,9 +91,12 @@ def engine_names() -> list[str]:
 
 
 def engine_device(name: str, device: str) -> str:
-    """``device`` where engine ``name`` runs on it, else "cpu": a CPU-only engine in a run asked for a GPU."""
+    """``device`` where engine ``name`` runs on it, else the engine's own device: "cpu" for a CPU-only engine in a
+    run asked for a GPU, the GPU ("cuda") for a GPU-only engine (TensorRT) in a run on the CPU."""
     cls = _ENGINES.get(name)
-    return device if cls is None or device.split(":")[0] in cls.devices else "cpu"
+    if cls is None or device.split(":")[0] in cls.devices:
+        return device
+    return "cpu" if "cpu" in cls.devices else cls.devices[0]
 
 
 def available_engines() -> list[str]:
