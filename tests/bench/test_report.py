@@ -33,3 +33,17 @@ def test_report_states_input_size_device_threads_used_and_images_checked(tmp_pat
 def test_input_sizes_per_model_where_they_differ():
     rows = [measured("eager"), measured("eager", model="resnet50", img_size=224)]
     assert report.input_sizes(rows) == "deit_tiny_patch16_224 32x32, resnet50 224x224"
+
+
+def test_report_gives_each_rows_memory_growth_beside_the_process_peak(tmp_path, monkeypatch):
+    """The process peak holds what the export and earlier rows left resident; the growth over the row's baseline is
+    the engine's own. A failed row keeps the table's column count."""
+    cfg = BenchConfig(models=["deit_tiny_patch16_224"], engines=["eager", "openvino"], img_size=32)
+    rows = [measured("eager", peak_rss_mb=900.4, rss_baseline_mb=880.2, peak_rss_above_baseline_mb=20.2),
+            measured("openvino", error="boom")]
+    monkeypatch.setattr(report, "plot_pareto", lambda *args, **kwargs: None)
+    text = report.write_results(rows, cfg, HOST, tmp_path)["md"].read_text()
+    header, rule, eager, failed = [line for line in text.splitlines() if line.startswith("|")][:4]
+    assert header.endswith("| RSS growth MiB | peak RSS MiB |") and eager.endswith("| 20 | 900 |")
+    assert header.count("|") == rule.count("|") == eager.count("|") == failed.count("|")
+    assert "*RSS growth* is the resident-set high-water mark while the loaded engine is timed minus that baseline" in text

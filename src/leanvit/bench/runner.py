@@ -19,7 +19,7 @@ from ..deploy import check_agreement, engine_device, get_engine
 from ..errors import LeanvitError, check_range, warn
 from ..models.registry import resolve_model_name
 from ..profile import check_img_size, count_macs, count_params, create_model_at
-from .timing import TimingBudget, peak_rss_mb, reset_peak_rss, time_calls
+from .timing import TimingBudget, peak_rss_mb, reset_peak_rss, rss_mb, time_calls
 
 DEFAULT_MODELS = (
     "efficientformer_l1", "efficientformerv2_s0", "tiny_vit_5m_224", "deit_tiny_patch16_224", "mobilenetv2_100",
@@ -99,7 +99,12 @@ class BenchRow:
     max_abs_err: float | None = None
     top1_agreement: float | None = None
     diverges: bool = False
+    #: memory, in MiB, while the loaded engine is timed (freed memory handed back to the OS first):
+    #: the process-wide resident-set high-water mark, which holds the model, the loaded engine and whatever the export
+    #: and earlier rows left resident
     peak_rss_mb: float | None = None
+    rss_baseline_mb: float | None = None  #: the resident set just before timing, the engine loaded
+    peak_rss_above_baseline_mb: float | None = None  #: peak_rss_mb - rss_baseline_mb: what running the engine adds
     published_top1: float | None = None
     paper_speed: str | None = None
     engine_info: dict = field(default_factory=dict)
@@ -222,9 +227,14 @@ def _measure(row: BenchRow, model, x, checks, cfg: BenchConfig) -> None:
     row.max_abs_err, row.top1_agreement = agreement.max_abs_err, agreement.top1_agreement
     row.diverges = agreement.diverges(row.precision)
     x_np = x.numpy()
-    reset_peak_rss()  # the running engine's peak: not the exporter's on a cache miss, nor the eager reference's
+    # the running engine's peak, not the exporter's nor the eager reference's; what they left resident is in the
+    # baseline (the reset takes the counter to the resident set, not to zero), so the growth over it is the engine's
+    if reset_peak_rss():
+        row.rss_baseline_mb = rss_mb()
     timing = time_calls(lambda: runner(x_np), cfg.budget)
     row.peak_rss_mb = peak_rss_mb()
+    if row.rss_baseline_mb is not None and row.peak_rss_mb is not None:
+        row.peak_rss_above_baseline_mb = row.peak_rss_mb - row.rss_baseline_mb
     row.latency_ms_median, row.latency_ms_p90, row.latency_ms_p99 = timing.median, timing.p90, timing.p99
     row.latency_ms_iqr, row.latency_ms_mean, row.latency_ms_min = timing.iqr, timing.mean, timing.min
     row.iterations = timing.n
