@@ -57,7 +57,12 @@ def check_range(what: str, value: int | float, lo: int | float, hi: int | float)
 
 
 class InputSizeError(LeanvitError, ValueError):
-    """An input whose resolution a fixed-resolution model cannot take."""
+    """An input whose resolution a fixed-resolution model cannot take; ``reason``, where known, is the model's own
+    complaint (for a caller that words the fix itself)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:

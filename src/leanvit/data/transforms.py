@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.data import create_transform, resolve_model_data_config
 
-from ..errors import LeanvitError
+from ..errors import InputSizeError
 
 #: The keys of a timm data config that define evaluation pre-processing.
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -55,7 +55,8 @@ def check_input_size(model: nn.Module, data_config: dict, name: str) -> torch.Te
         else:
             fix = (f"A model built for one input size takes another when built for it: add --model-kwargs "
                    f"'{{\"img_size\": {size[-1]}}}' (timm resizes its position embeddings), or drop --img-size.")
-        raise LeanvitError(f"{name} does not run on {'x'.join(map(str, size))} inputs ({reason}). {fix}") from None
+        raise InputSizeError(f"{name} does not run on {'x'.join(map(str, size))} inputs ({reason}). {fix}",
+                             reason) from None
     finally:
         model.train(was_training)
 

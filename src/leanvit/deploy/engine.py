@@ -52,9 +52,17 @@ class Engine(ABC):
             able = [n for n, cls in _ENGINES.items() if kind in cls.devices]
             raise LeanvitError(f"engine '{self.name}' runs on {', '.join(self.devices)}, not '{device}'"
                                + (f"; engines for {kind}: {', '.join(able)}." if able else "."))
-        if device == "cpu" and "cpu" not in self.devices:
-            device = self.devices[0]  # (TensorRT: the default device is where it runs, the GPU)
+        if device == "cpu":
+            device = self.device_for(device)  # (TensorRT: the default device is where it runs, the GPU)
         self.threads, self.precision, self.device = threads, precision, device
+
+    @classmethod
+    def device_for(cls, device: str) -> str:
+        """``device`` where this engine runs on it, else its own: "cpu" for a CPU-only engine asked for a GPU, the
+        GPU ("cuda") for a GPU-only engine (TensorRT) asked for the CPU."""
+        if device.split(":")[0] in cls.devices:
+            return device
+        return "cpu" if "cpu" in cls.devices else cls.devices[0]
 
     @classmethod
     def is_available(cls) -> bool:
@@ -91,12 +99,10 @@ def engine_names() -> list[str]:
 
 
 def engine_device(name: str, device: str) -> str:
-    """``device`` where engine ``name`` runs on it, else the engine's own device: "cpu" for a CPU-only engine in a
-    run asked for a GPU, the GPU ("cuda") for a GPU-only engine (TensorRT) in a run on the CPU."""
+    """Where engine ``name`` runs when ``device`` is asked (:meth:`Engine.device_for`); ``device`` for a name
+    leanvit does not know."""
     cls = _ENGINES.get(name)
-    if cls is None or device.split(":")[0] in cls.devices:
-        return device
-    return "cpu" if "cpu" in cls.devices else cls.devices[0]
+    return device if cls is None else cls.device_for(device)
 
 
 def available_engines() -> list[str]:

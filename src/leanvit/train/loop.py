@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from ..checkpoint import (WEIGHTS_FILE, CheckpointMismatchError, checkpoint_file
 from ..compress.tokens import EViT, from_spec, keep_rate_warmup
 from ..compress.tokens import apply as token_apply
 from ..data import build_transform, check_input_size, dataset_classes, make_loader, open_dataset, resolve_data_config
-from ..errors import LeanvitError
+from ..errors import InputSizeError, LeanvitError
 from ..evaluate import evaluate
 from ..models.registry import create_model, pretrained_num_classes
 from .config import TrainConfig
@@ -332,13 +331,12 @@ def _teacher_data_config(cfg: TrainConfig, teacher: nn.Module, data_config: dict
         try:
             check_input_size(teacher, config, cfg.teacher)
             return config
-        except LeanvitError as e:
-            error = e
-    reason = re.search(r"inputs \((.*?)\)\. ", str(error))
+        except InputSizeError as e:
+            reason = e.reason
     own = config["input_size"][-1]
     raise LeanvitError(f"The teacher {cfg.teacher} runs neither at the student's {size}x{size} inputs nor at its own "
-                       f"{own}x{own} ({reason.group(1) if reason else error}). Give a --teacher-checkpoint that "
-                       "leanvit train saved, whose metadata records the teacher's model kwargs and input size.") from None
+                       f"{own}x{own} ({reason}). Give a --teacher-checkpoint that leanvit train saved, whose metadata "
+                       "records the teacher's model kwargs and input size.")
 
 
 def _check_teacher_classes(cfg: TrainConfig, num_classes: int | None, classes: list[str]) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from .modules import Routed, _forward_recorded, _is_nhwc_view, is_depthwise, shell
+from .modules import Routed, _is_nhwc_view, forward_recorded, is_depthwise, shell
 from .quantizer import FakeQuantizer, QScheme, RangeObserver
 
 #: the torch functions concatenating tensors
@@ -72,7 +72,7 @@ def nhwc_concats(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[str
         if is_depthwise(module):
             recorder.outputs[out.untyped_storage().data_ptr()] = (names[module], out)  # (kept alive: no reuse)
 
-    _forward_recorded(model, example, recorder,
+    forward_recorded(model, example, recorder,
                       [h for m in names for h in (m.register_forward_pre_hook(push), m.register_forward_hook(pop))])
 
     def own(name):  # no submodule concatenates too: its calls would be routed with the module's

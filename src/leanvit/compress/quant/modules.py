@@ -210,12 +210,12 @@ def record_matmuls(model: nn.Module, example: torch.Tensor) -> dict[str, MatmulC
     def pop(*_):
         recorder.stack.pop()
 
-    _forward_recorded(model, example, recorder,
+    forward_recorded(model, example, recorder,
                       [h for m in names for h in (m.register_forward_pre_hook(push), m.register_forward_hook(pop))])
     return {name: calls for name, calls in recorder.calls.items() if calls.functions}
 
 
-def _forward_recorded(model: nn.Module, example: torch.Tensor, recorder: TorchFunctionMode,
+def forward_recorded(model: nn.Module, example: torch.Tensor, recorder: TorchFunctionMode,
                       hooks: list[torch.utils.hooks.RemovableHandle]) -> None:
     """One forward of ``example`` under ``recorder``; the recorder's ``hooks`` are removed whatever happens."""
     try:
@@ -336,7 +336,7 @@ def transposed_reads(model: nn.Module, layers: dict[str, nn.Module], example: to
     hooks = [layer.register_forward_hook(written(name)) for name, layer in layers.items()]
     hooks += [h for m in model.modules() if isinstance(m, Quantizer)
               for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    _forward_recorded(model, example, recorder, hooks)
+    forward_recorded(model, example, recorder, hooks)
     return recorder.found - recorder.normalized
 
 

@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from ...errors import LeanvitError, check_range, warn
 from .calibrate import quantizers_disabled
-from .modules import MATMULS, QuantConv2d, QuantLinear, _forward_recorded, fold_batchnorm
+from .modules import MATMULS, QuantConv2d, QuantLinear, fold_batchnorm, forward_recorded
 from .quantizer import FakeQuantizer
 
 MODES = ("blocks", "bridge")
@@ -180,7 +180,7 @@ def _mixing_units(qmodel: nn.Module, units: list[str], example: torch.Tensor) ->
 
     names = {qmodel.get_submodule(name): name for name in units}
     with quantizers_disabled(qmodel):
-        _forward_recorded(qmodel, example, recorder, [h for m in names for h in (
+        forward_recorded(qmodel, example, recorder, [h for m in names for h in (
             m.register_forward_pre_hook(push), m.register_forward_hook(pop))])
     return recorder.mixing
 

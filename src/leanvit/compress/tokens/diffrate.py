@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -275,6 +276,16 @@ class _BlockCost:
         return n * self.mlp
 
 
+def _counted_macs(costs: list[_BlockCost], fixed: float, n0: int, kept: list[int]) -> float:
+    """The MACs of the model whose blocks see ``n0`` tokens first and keep ``kept[i]`` after block ``i``'s attention
+    (``fixed``: the MACs outside the blocks)."""
+    macs, n = fixed, n0
+    for cost, k in zip(costs, kept):
+        macs += cost.attention(n) + cost.ffn(k)
+        n = k
+    return macs
+
+
 def _token_probability(probs: torch.Tensor, candidates: torch.Tensor, n: int, num_prefix: int) -> torch.Tensor:
     """P(token position t is kept) under the count distribution ``probs`` over ``candidates``."""
     pos = torch.arange(n, device=probs.device, dtype=probs.dtype).unsqueeze(1)
@@ -351,11 +362,7 @@ def search_rates(model: VisionTransformer, calib: Any, cfg: DiffRate) -> tuple[t
     costs = [_BlockCost(b) for b in blocks]
     full = count_macs(model, (model.patch_embed.proj.in_channels, *model.patch_embed.img_size))
     fixed = full - sum(c.attention(n0) + c.ffn(n0) for c in costs)
-    least, n = fixed, n0
-    for i, c in enumerate(costs):
-        least += c.attention(n)
-        n = n0 if i == 0 else prefix + int(candidates.min())
-        least += c.ffn(n)
+    least = _counted_macs(costs, fixed, n0, [n0] + [prefix + int(candidates.min())] * (depth - 1))
     if not least < cfg.target_macs < full:
         raise LeanvitError(
             f"DiffRate's target of {cfg.target_macs / 1e9:.4g} GMACs (target_macs={cfg.target_macs:.4g}) is outside "
@@ -390,11 +397,7 @@ def search_rates(model: VisionTransformer, calib: Any, cfg: DiffRate) -> tuple[t
         model.train(was_training)
     prune = (n0,) + tuple(p for p, _ in kept)
     merge = (n0,) + tuple(m for _, m in kept)
-    reached, n = fixed, n0
-    for c, p, m in zip(costs, prune, merge):
-        reached += c.attention(n)
-        n = min(n, p, m)
-        reached += c.ffn(n)
+    reached = _counted_macs(costs, fixed, n0, list(accumulate(map(min, prune, merge), min)))
     if abs(reached - cfg.target_macs) > MISS_TOLERANCE * full:
         warn(f"DiffRate's search reached {reached / 1e9:.4g} GMACs for a target of {cfg.target_macs / 1e9:.4g} "
              f"(unreduced {full / 1e9:.4g}): more than {MISS_TOLERANCE:.0%} of the model's MACs off. Raise "

@@ -90,12 +90,12 @@ class ToMe(TokenMethod):
                 for i, r in enumerate(self.schedule(depth))]
 
     def token_counts(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:
-        counts, n = [], num_tokens
-        for i, r in enumerate(self.schedule(depth)):
-            if r > (n - num_prefix) // 2:
-                raise self._too_large(i, r, n, num_prefix, self._largest_r(num_tokens, num_prefix, depth))
-            n -= r
-            counts.append(n)
+        schedule = self.schedule(depth)
+        counts = _merged_counts(schedule, num_tokens, num_prefix)
+        if len(counts) < depth:  # block len(counts) cannot merge its r
+            block = len(counts)
+            raise self._too_large(block, schedule[block], counts[-1] if counts else num_tokens, num_prefix,
+                                  self._largest_r(num_tokens, num_prefix, depth))
         return counts
 
     def _largest_r(self, num_tokens: int, num_prefix: int, depth: int) -> int | None:
@@ -103,15 +103,8 @@ class ToMe(TokenMethod):
         merge (each merges at most half), 0 if none; None for per-block counts."""
         if not isinstance(self.r, int):
             return None
-        for r in range(self.r - 1, 0, -1):
-            n = num_tokens
-            for count in replace(self, r=r).schedule(depth):
-                if count > (n - num_prefix) // 2:
-                    break
-                n -= count
-            else:
-                return r
-        return 0
+        return next((r for r in range(self.r - 1, 0, -1)
+                     if len(_merged_counts(replace(self, r=r).schedule(depth), num_tokens, num_prefix)) == depth), 0)
 
     def _too_large(self, block: int, r: int, n: int, num_prefix: int, largest: int | None = None,
                    runtime: bool = False) -> LeanvitError:
@@ -133,6 +126,18 @@ class ToMe(TokenMethod):
             f"ToMe {given} is too large{' for this input' if runtime else ''}: {at} {n} tokens ({num_prefix} protected) "
             f"and can merge at most {(n - num_prefix) // 2}.{hint} {fix}"
         )
+
+
+def _merged_counts(schedule: list[int], num_tokens: int, num_prefix: int) -> list[int]:
+    """The tokens left after each block merging ``schedule[i]``, up to the first block that cannot merge its
+    count (at most half of its unprotected tokens): shorter than ``schedule`` then."""
+    counts, n = [], num_tokens
+    for r in schedule:
+        if r > (n - num_prefix) // 2:
+            break
+        n -= r
+        counts.append(n)
+    return counts
 
 
 def _index(v):
