@@ -6,6 +6,7 @@ Outputs are compared with weights randomised away from init (``random_weights.ra
 """
 from __future__ import annotations
 
+import argparse
 
 import pytest
 import timm
@@ -182,12 +183,13 @@ def test_official_keys_and_shapes_map_onto_ours(name):
 
 
 def test_official_checkpoint_loads_through_timm(tmp_path):
+    """The evaluated 'state_dict' loads through timm's file source too, whose own loader would take the EMA."""
     sd = official_state_dict(**TINY_OFFICIAL)
-    live = official_state_dict(seed=1, **TINY_OFFICIAL)
+    ema = official_state_dict(seed=1, **TINY_OFFICIAL)
     path = tmp_path / 'MobileViG_tiny.pth.tar'
-    # as the official main.py; timm's file loader takes the EMA before checkpoint_filter_fn sees the
-    # checkpoint (leanvit.checkpoint.load_weights and the filter itself take 'state_dict', the evaluated one)
-    torch.save({'state_dict': live, 'state_dict_ema': sd, 'epoch': 299}, path)
+    # as the official main.py saves it (the released files have both: its detection backbone reads the EMA)
+    torch.save({'state_dict': sd, 'state_dict_ema': ema, 'epoch': 299, 'args': argparse.Namespace(model='mobilevig_ti')},
+               path)
     model = timm.create_model(
         'mobilevig_ti', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10), **TINY).eval()
     direct = timm.create_model('mobilevig_ti', **TINY).eval()

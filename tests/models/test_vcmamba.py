@@ -274,6 +274,21 @@ def test_official_checkpoint_loads_through_timm(tmp_path):
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+def test_official_checkpoint_file_loads_the_evaluated_weights_as_the_hub_does(tmp_path):
+    """timm's file loader takes 'model_ema' before the filter sees the file; the hub source passes the whole
+    checkpoint, and the filter takes 'model'. Both sources must load the same weights of one file."""
+    model = randomize_(tiny())
+    official = official_state_dict(model)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in official.items()}
+    path = tmp_path / 'VCMamba-S.pth'
+    torch.save({'model': official, 'model_ema': ema, 'epoch': 299}, path)  # the official main.py's layout
+    via_file = timm.create_model('vcmamba_s', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **TINY)
+    via_dict = timm.create_model(
+        'vcmamba_s', pretrained=True, pretrained_cfg_overlay=dict(state_dict=torch.load(path)), **TINY)
+    for loaded in (via_file, via_dict):
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize('wrapper', ['model', 'state_dict', 'state_dict_ema', 'model_ema', None])
 def test_checkpoint_filter_unwraps_and_renames(wrapper):
     model = randomize_(tiny())

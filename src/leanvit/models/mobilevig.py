@@ -25,6 +25,7 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_module
 
 from ..errors import LeanvitError
+from ._pretrained import whole_file_filter
 
 __all__ = ['MobileViG']
 
@@ -449,7 +450,8 @@ def _create_mobilevig(variant: str, pretrained: bool = False, **kwargs) -> Mobil
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     return build_model_with_cfg(
         MobileViG, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        # a file goes to the filter whole: timm's file loader would hand it the EMA, not 'state_dict'
+        pretrained_filter_fn=whole_file_filter(checkpoint_filter_fn, pretrained, kwargs),
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
     )

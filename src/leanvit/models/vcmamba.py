@@ -35,6 +35,7 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 from timm.models.efficientformer_v2 import ConvMlpWithNorm, Downsample, EfficientFormerV2Block, Stem4
 
 from ..errors import InputSizeError, LeanvitError
+from ._pretrained import whole_file_filter
 from .layers import selective_scan
 
 __all__ = ['VCMamba', 'snake_scan_orders']
@@ -535,7 +536,8 @@ def _create_vcmamba(variant: str, pretrained: bool = False, **kwargs) -> VCMamba
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     return build_model_with_cfg(
         VCMamba, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        # a file goes to the filter whole, as the hub's does: timm's file loader would hand it the EMA, not 'model'
+        pretrained_filter_fn=whole_file_filter(checkpoint_filter_fn, pretrained, kwargs),
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
     )
