@@ -26,3 +26,12 @@ def test_an_unknown_pretrained_tag_names_the_valid_ones():
     # registered tags without downloadable weights build too
     assert resolve_model_name("vit_large_patch14_224.untrained") == "vit_large_patch14_224.untrained"
     assert resolve_model_name("deit_tiny_patch16_224.fb_in1k") == "deit_tiny_patch16_224.fb_in1k"
+
+
+def test_pretrained_without_registered_weights_names_the_file_flags():
+    """timm's 'No pretrained weights exist' RuntimeError was a traceback from `leanvit eval MODEL --pretrained`."""
+    with pytest.raises(LeanvitError, match=r"mobilevig_ti has no pretrained weights registered with timm.*"
+                                           r"--checkpoint FILE.*drop --pretrained"):
+        create_model("mobilevig_ti", pretrained=True)
+    with pytest.raises(LeanvitError, match=r"Baidu pan"):  # the cfg's notes say where the official weights are
+        create_model("fcaformer_l2", pretrained=True)

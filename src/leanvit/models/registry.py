@@ -47,6 +47,15 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
     except TypeError as e:  # a model kwarg it does not take, or of the wrong type
         raise LeanvitError(f"{name} cannot be built with the model kwargs {kwargs} ({e}). Pass only arguments its "
                            "timm constructor takes, with their types (e.g. '{\"num_classes\": 10}').") from None
+    except RuntimeError as e:  # timm's own error for a model with no weight source (e.g. mobilevig_ti)
+        if not (pretrained and str(e).startswith("No pretrained weights exist")):
+            raise
+        notes = " ".join(getattr(timm.models.get_pretrained_cfg(name), "notes", None) or ())
+        raise LeanvitError(f"{name} has no pretrained weights registered with timm, so there is nothing to download. "
+                           "Load weights from a file where the command reads one (eval, quantize, tokens: --checkpoint "
+                           "FILE; a teacher: --teacher-checkpoint FILE; in Python: pretrained_cfg_overlay=dict(file=PATH)), "
+                           f"or drop --pretrained (bench times random weights the same).{' ' + notes if notes else ''}"
+                           ) from None
     except OSError as e:  # huggingface_hub's offline / not-cached errors are OSErrors
         if not pretrained:
             raise
