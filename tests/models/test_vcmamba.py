@@ -289,6 +289,14 @@ def test_official_checkpoint_file_loads_the_evaluated_weights_as_the_hub_does(tm
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize('name', [f.name for f in CATALOG.values() if f.family == 'VCMamba'])
+def test_eval_crop_is_the_official_evaluations(name):
+    """The README's top-1 comes from main.py --resume W --eval, whose val transform resizes to
+    input_size / --eval-crop-ratio (default 0.875, not changed by any script) and center-crops."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert (cfg.crop_pct, cfg.crop_mode, cfg.interpolation) == (0.875, 'center', 'bicubic')
+
+
 @pytest.mark.parametrize('wrapper', ['model', 'state_dict', 'state_dict_ema', 'model_ema', None])
 def test_checkpoint_filter_unwraps_and_renames(wrapper):
     model = randomize_(tiny())

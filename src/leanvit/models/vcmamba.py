@@ -550,7 +550,9 @@ VARIANTS = ('vcmamba_s', 'vcmamba_m', 'vcmamba_b')
 def _cfg(**kwargs) -> dict:
     return {
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'fixed_input_size': True,
-        'crop_pct': 0.9, 'interpolation': 'bicubic',
+        # the published top-1 is main.py --eval's: --eval-crop-ratio 0.875 (the model file's own
+        # default_cfg says 0.9, which main.py never reads)
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stem.conv1.conv', 'classifier': ('head', 'head_dist'),
         'origin_url': 'https://github.com/Wertyuui345/VCMamba',
