@@ -435,6 +435,22 @@ def test_device_and_dtype_reach_every_parameter_and_buffer():
         assert model(torch.randn(1, 3, 96, 64, dtype=torch.float64)).dtype == torch.float64
 
 
+def test_meta_device_model_materialises_with_its_position_index():
+    """A model built on the meta device, materialised with to_empty and loaded: the relative position index is
+    not in the state dict, so timm's reinit_non_persistent_buffers must be able to recompute it."""
+    from timm.models._manipulate import reinit_non_persistent_buffers
+
+    reference = _tiny()
+    model = timm.create_model("fcaformer_l1", device="meta", **TINY).to_empty(device="cpu")
+    for buffer in model.buffers():
+        buffer.fill_(-1)  # whatever the uninitialised memory held
+    model.load_state_dict(reference.state_dict())
+    reinit_non_persistent_buffers(model)
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference(x), rtol=0, atol=0)
+
+
 def test_wrong_input_size_names_the_expected_one():
     model = _tiny()
     with pytest.raises(InputSizeError, match="96x64") as err:

@@ -78,11 +78,11 @@ class ForwardCrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-        h, w = resolution
+        h, w = self.resolution = tuple(resolution)
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, h * w, **dd))
-        pos = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)
-        rel = (pos[:, :, None] - pos[:, None, :]).abs()
-        self.register_buffer("attention_bias_idxs", (rel[0] * w + rel[1]).to(device), persistent=False)
+        self.register_buffer(
+            "attention_bias_idxs", torch.empty(h * w, h * w, device=device, dtype=torch.long), persistent=False)
+        self.init_non_persistent_buffers()
 
         if num_cross:
             self.cross_scale = nn.Parameter(torch.ones(1, num_cross, 1, **dd))
@@ -90,6 +90,14 @@ class ForwardCrossAttention(nn.Module):
             self.cross_bias = nn.Parameter(torch.zeros(1, num_heads, 1, num_cross, **dd))
         else:  # a stage's first block has no cross tokens (None, not absent: TorchScript needs them)
             self.cross_scale = self.cross_norm = self.cross_bias = None
+
+    def init_non_persistent_buffers(self) -> None:
+        """Compute the relative position index, which the state dict does not hold: at construction, and after
+        a meta-device model is materialised (timm's ``reinit_non_persistent_buffers``)."""
+        h, w = self.resolution
+        pos = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)
+        rel = (pos[:, :, None] - pos[:, None, :]).abs()
+        self.attention_bias_idxs.copy_(rel[0] * w + rel[1])
 
     def forward(self, x: torch.Tensor, cross: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, C = x.shape

@@ -101,15 +101,26 @@ class PlainMamba2d(nn.Module):
         self.norm = nn.LayerNorm(d_inner, **dd)
         self.out_proj = ConvNormAct(d_inner, dim, 1, bias=True, apply_act=False, **dd)
 
-        orders, directions = snake_scan_orders(*grid_size)
+        self.grid_size = tuple(grid_size)
+        num_scans, length = 4, self.grid_size[0] * self.grid_size[1]
+        index = {'device': device, 'dtype': torch.long}
+        self.register_buffer('scan_order', torch.empty(num_scans * length, **index), persistent=False)
+        self.register_buffer('scan_inverse', torch.empty(num_scans * length, **index), persistent=False)
+        self.register_buffer('scan_direction', torch.empty(num_scans, length, **index), persistent=False)
+        self.init_non_persistent_buffers()
+        trunc_normal_(self.direction_Bs, std=.02)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Compute the scan orders, which the state dict does not hold: at construction, and after a
+        meta-device model is materialised (timm's ``reinit_non_persistent_buffers``)."""
+        orders, directions = snake_scan_orders(*self.grid_size)
         num_scans, length = orders.shape
         # Flat gather indices: all four orders in one index_select, and back (scan k's output
         # sits at k * L + step once the scans are laid side by side).
         inverse = orders.argsort(dim=1) + length * torch.arange(num_scans)[:, None]
-        self.register_buffer('scan_order', orders.flatten().to(device), persistent=False)
-        self.register_buffer('scan_inverse', inverse.flatten().to(device), persistent=False)
-        self.register_buffer('scan_direction', directions.to(device), persistent=False)
-        trunc_normal_(self.direction_Bs, std=.02)
+        self.scan_order.copy_(orders.flatten())
+        self.scan_inverse.copy_(inverse.flatten())
+        self.scan_direction.copy_(directions)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
