@@ -18,8 +18,13 @@ zero point, and of the sampled inputs' min-max, which moves it), as in
 :func:`~leanvit.compress.quant.quantizer.choose_range`, and the starting range is kept unless a candidate beats
 it, so the search never worsens the objective. Memory stays bounded: each layer
 keeps ``rows`` output positions (with the inputs they read) out of ``images`` calibration images,
-drawn where the gradient is. Only Linear and conv layers are searched: the attention matmuls' input quantizers
-(``attn_bits``) keep their calibrated ranges, where PTQ4ViT searches those too.
+drawn where the gradient is.
+
+The attention matmuls' input quantizers (``attn_bits``) are searched the same way, as PTQ4ViT does: for each
+product ``A @ B`` whose operands come straight from two quantizers, the cost is the gradient-weighted error of its
+output rows, and the two per-tensor ranges are searched in turn (a non-uniform softmax quantizer keeps its fit and
+is applied as it is). Their candidates keep the zero point (ratios of the calibrated range): an unsigned operand
+stays on a grid starting at 0, the form the engines' INT8 matmuls take.
 """
 from __future__ import annotations
 
@@ -28,11 +33,13 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ...errors import LeanvitError
+from .attention import PLAIN_MATMULS, QuantMatmuls
 from .calibrate import quantizers_disabled
 from .modules import QuantConv2d, QuantLinear
-from .quantizer import fake_quantize, qparams
+from .quantizer import FakeQuantizer, fake_quantize, qparams
 
 
 def pseudo_label_loss(logits, what: str) -> torch.Tensor:
@@ -223,17 +230,157 @@ def _set_range_where_searched(quantizer, lo: torch.Tensor, hi: torch.Tensor, rat
     quantizer.zero_point.copy_(torch.where(moved, zero_point, quantizer.zero_point.reshape(-1)).reshape(shape))
 
 
+class _ProductRecorder(TorchFunctionMode):
+    """Calls ``record(a_name, b_name, a, b, out)`` for each plain matrix product whose operands are, as tensor
+    objects, the outputs of two tagged quantizers (``tags``: id -> (name, tensor); a disabled quantizer returns its
+    input itself, so the operand of ``q_quantizer(q) @ ...`` is the tagged tensor)."""
+
+    def __init__(self, tags: dict[int, tuple[str, torch.Tensor]], record):
+        super().__init__()
+        self.tags, self.record = tags, record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in PLAIN_MATMULS and len(args) == 2 and not kwargs:
+            a, b = (args[1], args[0]) if func is torch.Tensor.__rmatmul__ else args
+            tag_a, tag_b = self.tags.get(id(a)), self.tags.get(id(b))
+            if (tag_a and tag_b and tag_a[1] is a and tag_b[1] is b and a.ndim >= 2 and b.ndim >= 2
+                    and out.requires_grad):
+                self.record(tag_a[0], tag_b[0], a, b, out)
+        return out
+
+
+def _matmul_quantizers(qmodel: nn.Module) -> dict[str, nn.Module]:
+    """``{name: quantizer}`` of every attention matmul input quantizer of ``qmodel``."""
+    return {f"{name}.{q}": getattr(module, q) for name, module in qmodel.named_modules()
+            if isinstance(module, QuantMatmuls) for q in module.QUANTIZERS}
+
+
+def _collect_products(qmodel: nn.Module, matmul_quantizers: dict[str, nn.Module], batches: list[torch.Tensor],
+                      images: int, rows: int, generator: torch.Generator) -> dict[tuple[str, str], tuple]:
+    """``{(a quantizer, b quantizer): (a rows (R, K), their groups (R,), b (G, K, N), weighted squared gradients
+    (R, N))}`` for the products :class:`_ProductRecorder` finds, output rows sampled as :func:`_collect` samples
+    positions. ``B`` is kept whole per group (a batch element and head): every output row reads all of it."""
+    found: dict[tuple[str, str], list] = {}
+    shapes: dict[tuple[str, str], tuple] = {}  # each product's (K,) and (K, N), from its first call
+    used, images = 0, min(images, sum(len(b) for b in batches))
+    for batch in batches:
+        batch = batch[: images - used]
+        if len(batch) == 0:
+            break
+        used += len(batch)
+        keep = -(-rows * len(batch) // images)
+        tags: dict[int, tuple[str, torch.Tensor]] = {}
+
+        def tag(name):
+            def hook(quantizer, args, out):
+                tags[id(out)] = (name, out)
+            return hook
+
+        def record(a_name, b_name, a, b, out):
+            batch_shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+            a = a.detach().expand(*batch_shape, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+            b = b.detach().expand(*batch_shape, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+            versions = a._version, b._version
+            pairs = found.setdefault((a_name, b_name), [])
+            if shapes.setdefault((a_name, b_name), (a.shape[2:], b.shape[1:])) != (a.shape[2:], b.shape[1:]):
+                return  # a call at another size (a module run on two resolutions): the first size's rows serve
+
+            def sample(grad):
+                if (a._version, b._version) != versions:
+                    raise RuntimeError(f"hessian_search: an operand of {a_name} @ {b_name} was modified in place "
+                                       f"after the product read it. Please report this model.")
+                grad_sq = grad.reshape(-1, grad.shape[-1]).pow(2)
+                energy = grad_sq.sum(1)
+                if not energy.any():
+                    return
+                p = energy / energy.sum()
+                index = torch.multinomial(p.cpu(), keep, replacement=True, generator=generator).to(p.device)
+                weight = 1 / (keep * p[index])
+                offset = sum(len(b_) for _, _, b_, _ in pairs)
+                group = index // a.shape[1]
+                pairs.append((a.reshape(-1, a.shape[-1])[index], group + offset, b, grad_sq[index] * weight[:, None]))
+
+            out.register_hook(sample)
+
+        handles = [q.register_forward_hook(tag(n)) for n, q in matmul_quantizers.items()]
+        try:
+            with torch.enable_grad(), quantizers_disabled(qmodel), _ProductRecorder(tags, record):
+                images_in = batch.detach().clone().requires_grad_()
+                torch.autograd.grad(pseudo_label_loss(qmodel(images_in), "hessian_search"), images_in)
+        finally:
+            for h in handles:
+                h.remove()
+    return {key: tuple(torch.cat(parts) for parts in zip(*pairs)) for key, pairs in found.items() if pairs}
+
+
+def _product_rows(a_rows: torch.Tensor, groups: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows ``a_rows[r] @ b[groups[r]]``, ``(R, N)``."""
+    return torch.bmm(a_rows.unsqueeze(1), b[groups]).squeeze(1)
+
+
+def _per_tensor(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, quantizer: FakeQuantizer) -> torch.Tensor:
+    """``x`` quantized on the per-tensor grid of ``quantizer``'s scheme spanning ``(lo, hi)``."""
+    scale, zero = qparams(lo, hi, quantizer.scheme)
+    return fake_quantize(x, scale.reshape(()), zero.reshape(()), quantizer.scheme)
+
+
+def _searchable(quantizer: nn.Module) -> bool:
+    """A per-tensor uniform quantizer (a log2 or twin-uniform softmax quantizer keeps its own fit)."""
+    return isinstance(quantizer, FakeQuantizer) and quantizer.scale.numel() == 1
+
+
+@torch.no_grad()
+def _search_product(a_quantizer: nn.Module, b_quantizer: nn.Module, a_rows: torch.Tensor, groups: torch.Tensor,
+                    b: torch.Tensor, grad_sq: torch.Tensor, rounds: int, fixed: set[int] = frozenset()
+                    ) -> list[nn.Module]:
+    """Alternate the per-tensor ranges of a product's two operand quantizers (except those whose id is in
+    ``fixed``); returns the ones searched."""
+    used, groups = groups.unique(return_inverse=True)  # only the groups a sampled row reads
+    b = b[used]
+    target = _product_rows(a_rows, groups, b)
+    a_hat, b_hat = a_quantizer.quantize(a_rows), b_quantizer.quantize(b)
+
+    def a_cost(lo, hi):
+        return (grad_sq * (_product_rows(_per_tensor(a_rows, lo, hi, a_quantizer), groups, b_hat) - target).pow(2)
+                ).sum().view(1)
+
+    def b_cost(lo, hi):
+        return (grad_sq * (_product_rows(a_hat, groups, _per_tensor(b, lo, hi, b_quantizer)) - target).pow(2)
+                ).sum().view(1)
+
+    searched = []
+    for quantizer, x, cost in ((a_quantizer, a_rows, a_cost), (b_quantizer, b, b_cost)):
+        if _searchable(quantizer) and id(quantizer) not in fixed and all(quantizer is not s[0] for s in searched):
+            start = tuple(bound.reshape(1) for bound in quantizer.grid_range())
+            searched.append((quantizer, x, cost, start, _input_range_families(x, *start)[:1]))  # zero point kept
+    ranges = {id(q): start for q, _, _, start, _ in searched}
+    for _ in range(rounds):
+        for quantizer, x, cost, start, families in searched:
+            current = ranges[id(quantizer)] = _input_range_search(cost, ranges[id(quantizer)], families)
+            x_hat = quantizer.quantize(x) if current is start else _per_tensor(x, *current, quantizer)
+            if quantizer is a_quantizer:
+                a_hat = x_hat
+            else:
+                b_hat = x_hat
+    for quantizer, _, _, start, _ in searched:
+        if ranges[id(quantizer)] is not start:  # a range no candidate beat keeps its scale and zero point
+            quantizer.set_range(*ranges[id(quantizer)])
+    return [q for q, *_ in searched]
+
+
 def hessian_search(qmodel: nn.Module, batches: list[torch.Tensor], *, fixed_inputs: set[str] = frozenset(),
-                   images: int = 32, rows: int = 512, rounds: int = 2, seed: int = 0, progress: bool = True
-                   ) -> list[str]:
-    """Refine the calibrated ranges of every quantized layer of ``qmodel`` by PTQ4ViT's Hessian-guided search.
+                   images: int = 32, rows: int = 512, rounds: int = 2, seed: int = 0, products: bool = True,
+                   progress: bool = True) -> list[str]:
+    """Refine the calibrated ranges of every quantized layer of ``qmodel`` by PTQ4ViT's Hessian-guided search,
+    and (``products``) those of its attention matmuls' inputs.
 
     ``fixed_inputs`` names layers whose input range must stay (RepQ-ViT's reparameterised ones,
     which share one scale derived from per-channel ranges); their weight ranges are still searched.
     Inputs quantized per channel (``QuantConfig.a_per_channel``) keep their ranges too: the search
     scales one per-tensor range.
-    Returns the names of the layers searched; a layer whose output never reached the loss (no
-    gradient) keeps its ranges and is left out.
+    Returns the names of the layers searched and of the matmul input quantizers searched; a layer or
+    product whose output never reached the loss (no gradient) keeps its ranges and is left out.
     """
     from tqdm.auto import tqdm
 
@@ -241,6 +388,21 @@ def hessian_search(qmodel: nn.Module, batches: list[torch.Tensor], *, fixed_inpu
     fixed_inputs = set(fixed_inputs) | {n for n, m in layers.items() if m.input_quantizer.scheme.per_channel}
     generator = torch.Generator().manual_seed(seed)
     samples = _collect(qmodel, layers, batches, images, rows, generator)
-    for name in tqdm(samples, desc="hessian search", unit="layer", disable=not progress, file=sys.stderr):
-        _search_layer(layers[name], *samples[name], rounds, search_input=name not in fixed_inputs)
-    return list(samples)
+    found = {}
+    if products and (matmul_quantizers := _matmul_quantizers(qmodel)):
+        found = _collect_products(qmodel, matmul_quantizers, batches, images, rows, generator)
+    searched = list(samples)
+    with tqdm(total=len(samples) + len(found), desc="hessian search", unit="layer", disable=not progress,
+              file=sys.stderr) as bar:
+        for name in samples:
+            _search_layer(layers[name], *samples[name], rounds, search_input=name not in fixed_inputs)
+            bar.update()
+        done: set[int] = set()  # a quantizer feeding several products is searched on the first
+        for (a_name, b_name), sample in found.items():
+            a, b = matmul_quantizers[a_name], matmul_quantizers[b_name]
+            fixed = {id(q) for q in (a, b) if id(q) in done}
+            for quantizer in _search_product(a, b, *sample, rounds, fixed=fixed):
+                done.add(id(quantizer))
+                searched.append(a_name if quantizer is a else b_name)
+            bar.update()
+    return searched
