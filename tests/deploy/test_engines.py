@@ -296,3 +296,19 @@ def test_tensorrt_plans_are_named_by_precision_tensorrt_version_and_gpu():
     assert name == "model-fp16-trt10.3.0-NVIDIA_H100_80GB_HBM3-sm90.plan"
     assert len({name, plan_name("fp16", "10.4.0", "NVIDIA H100 80GB HBM3", (9, 0)),
                 plan_name("fp16", "10.3.0", "NVIDIA L4", (8, 9)), plan_name("f32", "10.3.0", "NVIDIA H100 80GB HBM3", (9, 0))}) == 4
+
+
+def test_tensorrt_takes_the_gpu_index_it_is_given(monkeypatch):
+    """``--device cuda:1`` built and ran TensorRT on the current GPU (cuda:0) while the row said cuda:1: the index
+    was dropped. It is now resolved and checked against the visible GPUs (no GPU needed: CUDA's queries stubbed)."""
+    from leanvit.deploy.trt import cuda_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(EngineUnavailableError, match="needs an NVIDIA GPU"):
+        cuda_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert cuda_device("cuda") == torch.device("cuda", 0) and cuda_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(LeanvitError, match=r"cuda:2, but 2 GPUs are visible \(cuda:0 to cuda:1\)"):
+        cuda_device("cuda:2")
