@@ -188,12 +188,12 @@ def test_official_checkpoint_loads_through_pretrained(tmp_path, wrapper):
     other = _tiny_official(seed=1)
     if wrapper == "model":  # the official (ConvNeXt-style) trainer's save_model
         ckpt = {"model": official, "optimizer": {}, "epoch": 299, "args": argparse.Namespace(model="fcaformer_l1")}
-    elif wrapper == "model_ema":  # ... run with --model_ema true, as all four recipes are: load the EMA
-        ckpt = {"model": other, "model_ema": official, "epoch": 299}
+    elif wrapper == "model_ema":  # ... run with --model_ema true, as all four recipes are: 'model' is evaluated
+        ckpt = {"model": official, "model_ema": other, "epoch": 299}
     elif wrapper == "state_dict":  # timm-style trainers
         ckpt = {"state_dict": official, "epoch": 299}
     else:
-        ckpt = {"state_dict": other, "state_dict_ema": official, "epoch": 299}
+        ckpt = {"state_dict": official, "state_dict_ema": other, "epoch": 299}
     path = tmp_path / "checkpoint-best.pth"
     torch.save(ckpt, path)
 
@@ -206,6 +206,39 @@ def test_official_checkpoint_loads_through_pretrained(tmp_path, wrapper):
         out = loaded.eval()(x)
         torch.testing.assert_close(out, direct.eval()(x), rtol=0, atol=0)
     assert out.abs().max() > 1e-2  # the random official weights are really in use
+
+
+def test_official_checkpoint_every_route_loads_the_evaluated_weights(tmp_path):
+    """The official evaluation (main.py --eval true --resume FILE) loads 'model' into the network it
+    evaluates, not the 'model_ema' that all four recipes (--model_ema true) save beside it: timm's file and
+    hub sources, the filter, load_weights and the CLI's --checkpoint (model_from_checkpoint) must all load
+    'model' (timm's file loader would take the EMA)."""
+    from leanvit.checkpoint import load_weights, model_from_checkpoint
+
+    live, ema = _tiny_official(), _tiny_official(seed=1)
+    ckpt = {"model": live, "optimizer": {}, "epoch": "best", "scaler": {"scale": 65536.0},
+            "args": argparse.Namespace(model="fcaformer_l1"), "model_ema": ema}  # the official save_model
+    path = tmp_path / "checkpoint-best.pth"
+    torch.save(ckpt, path)
+    expected = fca.checkpoint_filter_fn(live, _tiny())
+    assert any(not torch.equal(v, fca.checkpoint_filter_fn(ema, _tiny())[k]) for k, v in expected.items())
+
+    overlay = dict(num_classes=TINY["num_classes"])
+    whole = torch.load(path, weights_only=False)
+    routes = {
+        "timm file": timm.create_model(
+            "fcaformer_l1", pretrained=True, pretrained_cfg_overlay=dict(overlay, file=str(path)), **TINY),
+        "timm hub (whole checkpoint)": timm.create_model(
+            "fcaformer_l1", pretrained=True, pretrained_cfg_overlay=dict(overlay, state_dict=whole), **TINY),
+        "model_from_checkpoint (--checkpoint)": model_from_checkpoint("fcaformer_l1", path, **TINY)[0],
+    }
+    routes["load_weights"] = timm.create_model("fcaformer_l1", **TINY)
+    load_weights(routes["load_weights"], path)
+    routes["checkpoint_filter_fn"] = timm.create_model("fcaformer_l1", **TINY)
+    routes["checkpoint_filter_fn"].load_state_dict(fca.checkpoint_filter_fn(ckpt, routes["checkpoint_filter_fn"]))
+    for route, model in routes.items():
+        loaded = model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in expected.items()), f"{route} did not load 'model'"
 
 
 @torch.no_grad()

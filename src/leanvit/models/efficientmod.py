@@ -26,6 +26,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ..errors import LeanvitError
+from ._pretrained import whole_file_filter
 
 __all__ = ['EfficientMod']
 
@@ -450,11 +451,13 @@ def _check_global_pool(global_pool: str) -> None:
 def checkpoint_filter_fn(state_dict: dict, model: EfficientMod) -> dict:
     """Map an official ma-xu/EfficientMod checkpoint onto this implementation.
 
-    The official trainer (timm's ``CheckpointSaver``) saves ``{'state_dict', 'state_dict_ema', ...}``;
-    EMA weights are preferred, as timm does. Officially each stage (``layers.s``) ends with the
-    downsample into the next one, here each stage starts with it.
+    The official trainer (its ``CheckpointSaver._save``) saves ``{'state_dict', 'state_dict_ema', ...}``.
+    The live weights come first, unlike timm's EMA-first default: the official evaluation
+    (``validate.py --checkpoint ...``, ``--use-ema`` off) loads ``state_dict``, so that is what the
+    published top-1 measures. Officially each stage (``layers.s``) ends with the downsample into the
+    next one, here each stage starts with it.
     """
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+    for key in ('state_dict', 'model', 'state_dict_ema', 'model_ema'):  # evaluated weights first
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
             break
@@ -483,7 +486,8 @@ def _create_efficientmod(variant: str, pretrained: bool = False, **kwargs) -> Ef
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     return build_model_with_cfg(
         EfficientMod, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        # a file goes to the filter whole: timm's file loader would hand it the EMA, not 'state_dict'
+        pretrained_filter_fn=whole_file_filter(checkpoint_filter_fn, pretrained, kwargs),
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
     )

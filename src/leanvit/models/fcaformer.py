@@ -36,6 +36,7 @@ from timm.models.convnext import ConvNeXtBlock
 from timm.models.tiny_vit import ConvNorm, NormMlp, PatchEmbed, PatchMerging
 
 from ..errors import InputSizeError
+from ._pretrained import whole_file_filter
 
 __all__ = ["FcaFormer"]
 
@@ -454,10 +455,12 @@ def _official_to_ours(key: str) -> str:
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     """Map an official FcaFormer checkpoint (hkzhang-git/FcaFormer) onto this implementation.
 
-    Takes the bare state dict or a trainer's wrapper (the EMA weights first, as timm's loader does,
-    since the official recipe evaluates them); a state dict already in our names passes through.
+    Takes the bare state dict or a trainer's wrapper; the official (ConvNeXt-style) trainer saves
+    ``{'model', 'model_ema', ...}``. The live weights come first, unlike timm's EMA-first default: the
+    official evaluation (``main.py --eval true --resume ...``) loads ``model``, so that is what the
+    published top-1 measures. A state dict already in our names passes through.
     """
-    for wrapper in ("state_dict_ema", "model_ema", "state_dict", "model"):
+    for wrapper in ("model", "state_dict", "model_ema", "state_dict_ema"):  # evaluated weights first
         if isinstance(state_dict.get(wrapper), dict):
             state_dict = state_dict[wrapper]
             break
@@ -480,7 +483,8 @@ def _create_fcaformer(variant: str, pretrained: bool = False, **kwargs) -> FcaFo
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(
         FcaFormer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        # a file goes to the filter whole: timm's file loader would hand it the EMA, not 'model'
+        pretrained_filter_fn=whole_file_filter(checkpoint_filter_fn, pretrained, kwargs),
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )
