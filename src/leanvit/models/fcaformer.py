@@ -257,7 +257,8 @@ def check_img_size(x: torch.Tensor, img_size: Tuple[int, int]) -> torch.Tensor:
         raise InputSizeError(
             f"FcaFormer takes {h}x{w} inputs, got {x.shape[-2]}x{x.shape[-1]}: its attention biases "
             f"and cross-token counts are learnt for one token grid. Resize and center-crop images to "
-            f"{h}x{w} (timm.data.create_transform(**timm.data.resolve_model_data_config(model)) does), "
+            f"{h}x{w} (timm.data.create_transform(input_size=(3, {h}, {w})) does; the pretrained cfg "
+            f"keeps the variant's default input_size whatever img_size the model was created with), "
             f"or create the model with img_size=({x.shape[-2]}, {x.shape[-1]}) and train it at that size."
         )
     return x
