@@ -244,7 +244,8 @@ class _ProductRecorder(TorchFunctionMode):
         if func in PLAIN_MATMULS and len(args) == 2 and not kwargs:
             a, b = (args[1], args[0]) if func is torch.Tensor.__rmatmul__ else args
             tag_a, tag_b = self.tags.get(id(a)), self.tags.get(id(b))
-            if (tag_a and tag_b and tag_a[1] is a and tag_b[1] is b and a.ndim >= 2 and b.ndim >= 2
+            # (``x @ x``: one tensor through both quantizers carries one tag, so the pair is unknown: not searched)
+            if (tag_a and tag_b and tag_a[1] is a and tag_b[1] is b and a is not b and a.ndim >= 2 and b.ndim >= 2
                     and out.requires_grad):
                 self.record(tag_a[0], tag_b[0], a, b, out)
         return out
@@ -339,11 +340,12 @@ def _search_product(a_quantizer: nn.Module, b_quantizer: nn.Module, a_rows: torc
     used, groups = groups.unique(return_inverse=True)  # only the groups a sampled row reads
     b = b[used]
     target = _product_rows(a_rows, groups, b)
-    a_hat, b_hat = a_quantizer.quantize(a_rows), b_quantizer.quantize(b)
+    a_hat = a_quantizer.quantize(a_rows)
+    b_rows = b_quantizer.quantize(b)[groups]  # (R, K, N): gathered once per b range, not per a candidate
 
     def a_cost(lo, hi):
-        return (grad_sq * (_product_rows(_per_tensor(a_rows, lo, hi, a_quantizer), groups, b_hat) - target).pow(2)
-                ).sum().view(1)
+        a_candidate = _per_tensor(a_rows, lo, hi, a_quantizer)
+        return (grad_sq * (torch.bmm(a_candidate.unsqueeze(1), b_rows).squeeze(1) - target).pow(2)).sum().view(1)
 
     def b_cost(lo, hi):
         return (grad_sq * (_product_rows(a_hat, groups, _per_tensor(b, lo, hi, b_quantizer)) - target).pow(2)
@@ -362,7 +364,7 @@ def _search_product(a_quantizer: nn.Module, b_quantizer: nn.Module, a_rows: torc
             if quantizer is a_quantizer:
                 a_hat = x_hat
             else:
-                b_hat = x_hat
+                b_rows = x_hat[groups]
     for quantizer, _, _, start, _ in searched:
         if ranges[id(quantizer)] is not start:  # a range no candidate beat keeps its scale and zero point
             quantizer.set_range(*ranges[id(quantizer)])
