@@ -174,12 +174,10 @@ def test_official_checkpoint_loads_through_timm(tmp_path):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_official_checkpoint_every_route_loads_the_evaluated_weights(tmp_path):
+def test_official_checkpoint_every_route_loads_the_evaluated_weights(tmp_path, check_every_route_loads):
     """The official validate.py (``--checkpoint``, ``--use-ema`` off) evaluates 'state_dict', not the
     'state_dict_ema' saved beside it: timm's file and hub sources, the filter, load_weights and the CLI's
     --checkpoint (model_from_checkpoint) must all load 'state_dict' (timm's file loader would take the EMA)."""
-    from leanvit.checkpoint import load_weights, model_from_checkpoint
-
     live, ema = official_state_dict(**TINY_OFFICIAL), official_state_dict(seed=1, **TINY_OFFICIAL)
     ckpt = {'epoch': 299, 'arch': 'efficientMod_xxs', 'state_dict': live, 'optimizer': {}, 'version': 2,
             'args': argparse.Namespace(model='efficientMod_xxs'), 'state_dict_ema': ema, 'metric': 77.1}
@@ -188,22 +186,7 @@ def test_official_checkpoint_every_route_loads_the_evaluated_weights(tmp_path):
     expected = emod.checkpoint_filter_fn(live, _tiny())
     assert any(not torch.equal(v, emod.checkpoint_filter_fn(ema, _tiny())[k]) for k, v in expected.items())
 
-    overlay = dict(num_classes=TINY['num_classes'])
-    whole = torch.load(path, weights_only=False)
-    routes = {
-        'timm file': timm.create_model(
-            'efficientmod_xxs', pretrained=True, pretrained_cfg_overlay=dict(overlay, file=str(path)), **TINY),
-        'timm hub (whole checkpoint)': timm.create_model(
-            'efficientmod_xxs', pretrained=True, pretrained_cfg_overlay=dict(overlay, state_dict=whole), **TINY),
-        'model_from_checkpoint (--checkpoint)': model_from_checkpoint('efficientmod_xxs', path, **TINY)[0],
-    }
-    routes['load_weights'] = timm.create_model('efficientmod_xxs', **TINY)
-    load_weights(routes['load_weights'], path)
-    routes['checkpoint_filter_fn'] = timm.create_model('efficientmod_xxs', **TINY)
-    routes['checkpoint_filter_fn'].load_state_dict(emod.checkpoint_filter_fn(ckpt, routes['checkpoint_filter_fn']))
-    for route, model in routes.items():
-        loaded = model.state_dict()
-        assert all(torch.equal(loaded[k], v) for k, v in expected.items()), f'{route} did not load state_dict'
+    check_every_route_loads('efficientmod_xxs', path, emod.checkpoint_filter_fn, expected, 'state_dict', **TINY)
 
 
 # --- timm's API ----------------------------------------------------------------------------------

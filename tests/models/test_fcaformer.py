@@ -208,13 +208,11 @@ def test_official_checkpoint_loads_through_pretrained(tmp_path, wrapper):
     assert out.abs().max() > 1e-2  # the random official weights are really in use
 
 
-def test_official_checkpoint_every_route_loads_the_evaluated_weights(tmp_path):
+def test_official_checkpoint_every_route_loads_the_evaluated_weights(tmp_path, check_every_route_loads):
     """The official evaluation (main.py --eval true --resume FILE) loads 'model' into the network it
     evaluates, not the 'model_ema' that all four recipes (--model_ema true) save beside it: timm's file and
     hub sources, the filter, load_weights and the CLI's --checkpoint (model_from_checkpoint) must all load
     'model' (timm's file loader would take the EMA)."""
-    from leanvit.checkpoint import load_weights, model_from_checkpoint
-
     live, ema = _tiny_official(), _tiny_official(seed=1)
     ckpt = {"model": live, "optimizer": {}, "epoch": "best", "scaler": {"scale": 65536.0},
             "args": argparse.Namespace(model="fcaformer_l1"), "model_ema": ema}  # the official save_model
@@ -223,22 +221,7 @@ def test_official_checkpoint_every_route_loads_the_evaluated_weights(tmp_path):
     expected = fca.checkpoint_filter_fn(live, _tiny())
     assert any(not torch.equal(v, fca.checkpoint_filter_fn(ema, _tiny())[k]) for k, v in expected.items())
 
-    overlay = dict(num_classes=TINY["num_classes"])
-    whole = torch.load(path, weights_only=False)
-    routes = {
-        "timm file": timm.create_model(
-            "fcaformer_l1", pretrained=True, pretrained_cfg_overlay=dict(overlay, file=str(path)), **TINY),
-        "timm hub (whole checkpoint)": timm.create_model(
-            "fcaformer_l1", pretrained=True, pretrained_cfg_overlay=dict(overlay, state_dict=whole), **TINY),
-        "model_from_checkpoint (--checkpoint)": model_from_checkpoint("fcaformer_l1", path, **TINY)[0],
-    }
-    routes["load_weights"] = timm.create_model("fcaformer_l1", **TINY)
-    load_weights(routes["load_weights"], path)
-    routes["checkpoint_filter_fn"] = timm.create_model("fcaformer_l1", **TINY)
-    routes["checkpoint_filter_fn"].load_state_dict(fca.checkpoint_filter_fn(ckpt, routes["checkpoint_filter_fn"]))
-    for route, model in routes.items():
-        loaded = model.state_dict()
-        assert all(torch.equal(loaded[k], v) for k, v in expected.items()), f"{route} did not load 'model'"
+    check_every_route_loads("fcaformer_l1", path, fca.checkpoint_filter_fn, expected, "model", **TINY)
 
 
 @torch.no_grad()
@@ -468,20 +451,9 @@ def test_device_and_dtype_reach_every_parameter_and_buffer():
         assert model(torch.randn(1, 3, 96, 64, dtype=torch.float64)).dtype == torch.float64
 
 
-def test_meta_device_model_materialises_with_its_position_index():
-    """A model built on the meta device, materialised with to_empty and loaded: the relative position index is
-    not in the state dict, so timm's reinit_non_persistent_buffers must be able to recompute it."""
-    from timm.models._manipulate import reinit_non_persistent_buffers
-
-    reference = _tiny()
-    model = timm.create_model("fcaformer_l1", device="meta", **TINY).to_empty(device="cpu")
-    for buffer in model.buffers():
-        buffer.fill_(-1)  # whatever the uninitialised memory held
-    model.load_state_dict(reference.state_dict())
-    reinit_non_persistent_buffers(model)
-    x = torch.randn(1, 3, 96, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(model.eval()(x), reference(x), rtol=0, atol=0)
+def test_meta_device_model_materialises_with_its_position_index(check_meta_materialises):
+    """The relative position index is not in the state dict: timm's reinit_non_persistent_buffers recomputes it."""
+    check_meta_materialises("fcaformer_l1", _tiny(), (1, 3, 96, 64), **TINY)
 
 
 def test_wrong_input_size_names_the_expected_one():

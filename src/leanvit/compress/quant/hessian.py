@@ -76,6 +76,18 @@ def _matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ngk,gok->ngo", rows, weight.reshape(groups, weight.shape[0] // groups, -1)).flatten(1)
 
 
+def _draw_rows(grad_sq: torch.Tensor, keep: int, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``keep`` rows of ``grad_sq`` (rows, channels) drawn with probability proportional to their energy, and those
+    rows weighted by its inverse (an unbiased estimate of the full sum); None when no row has a gradient."""
+    energy = grad_sq.sum(1)
+    if not energy.any():
+        return None
+    p = energy / energy.sum()
+    index = torch.multinomial(p.cpu(), keep, replacement=True, generator=generator).to(p.device)
+    return index, grad_sq[index] / (keep * p[index])[:, None]
+
+
 def _collect(qmodel: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor], images: int,
              rows: int, generator: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{layer: (input rows, weighted squared output gradients)}`` at sampled output positions.
@@ -106,13 +118,9 @@ def _collect(qmodel: nn.Module, layers: dict[str, nn.Module], batches: list[torc
                         raise RuntimeError(f"hessian_search: the input of {name} was modified in place after the "
                                            f"layer read it. Please report this model.")
                     grad_sq = _output_rows(layer, grad).pow(2)
-                    energy = grad_sq.sum(1)
-                    if not energy.any():
-                        return
-                    p = energy / energy.sum()
-                    index = torch.multinomial(p.cpu(), keep, replacement=True, generator=generator).to(p.device)
-                    weight = 1 / (keep * p[index])
-                    found[name].append((_input_rows(layer, x)[index], grad_sq[index] * weight[:, None]))
+                    if (drawn := _draw_rows(grad_sq, keep, generator)) is not None:
+                        index, weighted = drawn
+                        found[name].append((_input_rows(layer, x)[index], weighted))
 
                 out.register_hook(sample)
             return record
@@ -291,16 +299,11 @@ def _collect_products(qmodel: nn.Module, matmul_quantizers: dict[str, nn.Module]
                 if (a._version, b._version) != versions:
                     raise RuntimeError(f"hessian_search: an operand of {a_name} @ {b_name} was modified in place "
                                        f"after the product read it. Please report this model.")
-                grad_sq = grad.reshape(-1, grad.shape[-1]).pow(2)
-                energy = grad_sq.sum(1)
-                if not energy.any():
-                    return
-                p = energy / energy.sum()
-                index = torch.multinomial(p.cpu(), keep, replacement=True, generator=generator).to(p.device)
-                weight = 1 / (keep * p[index])
-                offset = sum(len(b_) for _, _, b_, _ in pairs)
-                group = index // a.shape[1]
-                pairs.append((a.reshape(-1, a.shape[-1])[index], group + offset, b, grad_sq[index] * weight[:, None]))
+                drawn = _draw_rows(grad.reshape(-1, grad.shape[-1]).pow(2), keep, generator)
+                if drawn is not None:
+                    index, weighted = drawn
+                    offset = sum(len(b_) for _, _, b_, _ in pairs)
+                    pairs.append((a.reshape(-1, a.shape[-1])[index], index // a.shape[1] + offset, b, weighted))
 
             out.register_hook(sample)
 
