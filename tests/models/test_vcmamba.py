@@ -509,3 +509,13 @@ def test_wrong_input_size_names_the_expected_one():
     with pytest.raises(InputSizeError, match='96x96'):
         model.forward_intermediates(torch.randn(1, 3, 96, 128))
     assert timm.create_model('vcmamba_s').pretrained_cfg['fixed_input_size']
+
+
+def test_official_checkpoint_loads_without_the_distillation_head():
+    """distillation=False has no head_dist: the official file's dist_head weights are dropped, not an error."""
+    model = randomize_(tiny())
+    official = official_state_dict(model)
+    plain = timm.create_model('vcmamba_s', distillation=False, **TINY)
+    plain.load_state_dict(checkpoint_filter_fn({'model': official}, plain))
+    plain.load_state_dict(checkpoint_filter_fn(model.state_dict(), plain))  # this implementation's names too
+    assert torch.equal(plain.head.weight, model.head.weight)

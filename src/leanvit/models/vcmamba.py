@@ -504,7 +504,7 @@ def checkpoint_filter_fn(state_dict: dict, model: VCMamba) -> dict:
             state_dict = state_dict[key]
             break
     if 'stem.conv1.conv.weight' in state_dict:
-        return state_dict  # already in this implementation's names
+        return _drop_absent_dist_head(state_dict, model)  # already in this implementation's names
 
     last = len(model.stages) - 1
     num_conv = [len(s.blocks) for s in model.stages]
@@ -540,7 +540,15 @@ def checkpoint_filter_fn(state_dict: dict, model: VCMamba) -> dict:
         if k.endswith('.ls2.gamma'):
             v = v.flatten()
         out[k] = v
-    return out
+    return _drop_absent_dist_head(out, model)
+
+
+def _drop_absent_dist_head(state_dict: dict, model: VCMamba) -> dict:
+    """Without the distillation head (``distillation=False``), the official checkpoints' ``head_dist`` weights
+    have nowhere to go: dropped, so the rest of the model loads (the class head alone is then the output)."""
+    if getattr(model, 'head_dist', None) is not None:
+        return state_dict
+    return {k: v for k, v in state_dict.items() if not k.startswith('head_dist.')}
 
 
 def _create_vcmamba(variant: str, pretrained: bool = False, **kwargs) -> VCMamba:
