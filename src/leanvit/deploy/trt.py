@@ -61,7 +61,7 @@ class TensorRTRunner(Runner):
 
         inp = next(n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         out = next(n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream):  # (which also makes the stream's GPU the current device)
             self.buffers[inp].copy_(torch.from_numpy(x), non_blocking=True)
             self.context.execute_async_v3(self.stream.cuda_stream)
             result = self.buffers[out].cpu()

@@ -15,6 +15,14 @@ import torch.nn as nn
 from timm.models import clean_state_dict
 
 FilterFn = Callable[[dict, nn.Module], dict]
+#: where trainers put the weights: the live ones (what the official evaluations load) before the EMA
+WEIGHT_KEYS = ('state_dict', 'model', 'state_dict_ema', 'model_ema')
+
+
+def evaluated_weights(checkpoint: dict) -> dict:
+    """The weights a trainer's ``checkpoint`` holds under the first of :data:`WEIGHT_KEYS` it has; a bare state
+    dict as it is."""
+    return next((checkpoint[k] for k in WEIGHT_KEYS if isinstance(checkpoint.get(k), dict)), checkpoint)
 
 
 def read_checkpoint_file(path) -> dict:

@@ -26,7 +26,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ..errors import LeanvitError
-from ._pretrained import whole_file_filter
+from ._pretrained import evaluated_weights, whole_file_filter
 
 __all__ = ['EfficientMod']
 
@@ -457,10 +457,7 @@ def checkpoint_filter_fn(state_dict: dict, model: EfficientMod) -> dict:
     published top-1 measures. Officially each stage (``layers.s``) ends with the downsample into the
     next one, here each stage starts with it.
     """
-    for key in ('state_dict', 'model', 'state_dict_ema', 'model_ema'):  # evaluated weights first
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
+    state_dict = evaluated_weights(state_dict)  # the live weights before the EMA
     if 'stem.conv.weight' in state_dict:
         return state_dict  # already in this implementation's names
 

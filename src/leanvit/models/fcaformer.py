@@ -36,7 +36,7 @@ from timm.models.convnext import ConvNeXtBlock
 from timm.models.tiny_vit import ConvNorm, NormMlp, PatchEmbed, PatchMerging
 
 from ..errors import InputSizeError
-from ._pretrained import whole_file_filter
+from ._pretrained import evaluated_weights, whole_file_filter
 
 __all__ = ["FcaFormer"]
 
@@ -461,10 +461,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     official evaluation (``main.py --eval true --resume ...``) loads ``model``, so that is what the
     published top-1 measures. A state dict already in our names passes through.
     """
-    for wrapper in ("model", "state_dict", "model_ema", "state_dict_ema"):  # evaluated weights first
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
+    state_dict = evaluated_weights(state_dict)  # the live weights before the EMA
     if "patch_embed.conv1.conv.weight" in state_dict:
         return state_dict
     out = {}

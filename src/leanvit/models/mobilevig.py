@@ -25,7 +25,7 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_module
 
 from ..errors import LeanvitError
-from ._pretrained import whole_file_filter
+from ._pretrained import evaluated_weights, whole_file_filter
 
 __all__ = ['MobileViG']
 
@@ -402,10 +402,7 @@ def checkpoint_filter_fn(state_dict: dict, model: MobileViG) -> dict:
     ``backbone.i`` is (Grapher, FFN) pairs. Layer scales are stored as (C, 1, 1) and the
     classifiers as 1x1 convs.
     """
-    for key in ('state_dict', 'model', 'state_dict_ema', 'model_ema'):  # evaluated weights first
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
+    state_dict = evaluated_weights(state_dict)  # the live weights before the EMA
     if 'stem.conv1.conv.weight' in state_dict:
         return state_dict  # already in this implementation's names
 

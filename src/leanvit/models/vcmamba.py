@@ -35,7 +35,7 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 from timm.models.efficientformer_v2 import ConvMlpWithNorm, Downsample, EfficientFormerV2Block, Stem4
 
 from ..errors import InputSizeError, LeanvitError
-from ._pretrained import whole_file_filter
+from ._pretrained import evaluated_weights, whole_file_filter
 from .layers import selective_scan
 
 __all__ = ['VCMamba', 'snake_scan_orders']
@@ -499,10 +499,7 @@ def checkpoint_filter_fn(state_dict: dict, model: VCMamba) -> dict:
     then its Mamba blocks, and its position embedding sits at the top as ``pos_embed``. Layer
     scales are stored as (C, 1, 1).
     """
-    for key in ('model', 'state_dict', 'model_ema', 'state_dict_ema'):  # evaluated weights first
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
+    state_dict = evaluated_weights(state_dict)  # the live weights before the EMA
     if 'stem.conv1.conv.weight' in state_dict:
         return _drop_absent_dist_head(state_dict, model)  # already in this implementation's names
 

@@ -28,6 +28,7 @@ stays on a grid starting at 0, the form the engines' INT8 matmuls take.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -88,6 +89,30 @@ def _draw_rows(grad_sq: torch.Tensor, keep: int, generator: torch.Generator
     return index, grad_sq[index] / (keep * p[index])[:, None]
 
 
+def _gradient_batches(batches: list[torch.Tensor], images: int, rows: int):
+    """``(batch, keep)`` over the first ``images`` calibration images: ``keep`` is the batch's share of the ``rows``
+    drawn (with fewer images than asked, their rows are all the same)."""
+    used, images = 0, min(images, sum(len(b) for b in batches))
+    for batch in batches:
+        batch = batch[: images - used]
+        if len(batch) == 0:
+            return
+        used += len(batch)
+        yield batch, -(-rows * len(batch) // images)
+
+
+def _float_backward(qmodel: nn.Module, batch: torch.Tensor, handles: list, mode=None) -> None:
+    """One forward and backward pass of ``qmodel``'s float function on ``batch`` under the pseudo-label loss, for
+    the hooks to record (``mode``: a torch function mode active meanwhile); the hooks' ``handles`` removed after."""
+    try:
+        with torch.enable_grad(), quantizers_disabled(qmodel), mode or contextlib.nullcontext():
+            images_in = batch.detach().clone().requires_grad_()
+            torch.autograd.grad(pseudo_label_loss(qmodel(images_in), "hessian_search"), images_in)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _collect(qmodel: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor], images: int,
              rows: int, generator: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{layer: (input rows, weighted squared output gradients)}`` at sampled output positions.
@@ -99,14 +124,7 @@ def _collect(qmodel: nn.Module, layers: dict[str, nn.Module], batches: list[torc
     later in-place op on that tensor (an inplace ReLU) does not change what is recorded.
     """
     found: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
-    used, images = 0, min(images, sum(len(b) for b in batches))  # fewer images than asked: their rows all the same
-    for batch in batches:
-        batch = batch[: images - used]
-        if len(batch) == 0:
-            break
-        used += len(batch)
-        keep = -(-rows * len(batch) // images)  # this batch's share of the rows
-
+    for batch, keep in _gradient_batches(batches, images, rows):
         def hook(name):
             def record(layer, args, out):
                 if not out.requires_grad:  # computed from constants only: no gradient will reach it
@@ -125,14 +143,7 @@ def _collect(qmodel: nn.Module, layers: dict[str, nn.Module], batches: list[torc
                 out.register_hook(sample)
             return record
 
-        handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-        try:
-            with torch.enable_grad(), quantizers_disabled(qmodel):
-                images_in = batch.detach().clone().requires_grad_()
-                torch.autograd.grad(pseudo_label_loss(qmodel(images_in), "hessian_search"), images_in)
-        finally:
-            for h in handles:
-                h.remove()
+        _float_backward(qmodel, batch, [layer.register_forward_hook(hook(name)) for name, layer in layers.items()])
     return {name: (torch.cat([x for x, _ in pairs]), torch.cat([g for _, g in pairs]))
             for name, pairs in found.items() if pairs}
 
@@ -272,13 +283,7 @@ def _collect_products(qmodel: nn.Module, matmul_quantizers: dict[str, nn.Module]
     positions. ``B`` is kept whole per group (a batch element and head): every output row reads all of it."""
     found: dict[tuple[str, str], list] = {}
     shapes: dict[tuple[str, str], tuple] = {}  # each product's (K,) and (K, N), from its first call
-    used, images = 0, min(images, sum(len(b) for b in batches))
-    for batch in batches:
-        batch = batch[: images - used]
-        if len(batch) == 0:
-            break
-        used += len(batch)
-        keep = -(-rows * len(batch) // images)
+    for batch, keep in _gradient_batches(batches, images, rows):
         tags: dict[int, tuple[str, torch.Tensor]] = {}
 
         def tag(name):
@@ -307,14 +312,8 @@ def _collect_products(qmodel: nn.Module, matmul_quantizers: dict[str, nn.Module]
 
             out.register_hook(sample)
 
-        handles = [q.register_forward_hook(tag(n)) for n, q in matmul_quantizers.items()]
-        try:
-            with torch.enable_grad(), quantizers_disabled(qmodel), _ProductRecorder(tags, record):
-                images_in = batch.detach().clone().requires_grad_()
-                torch.autograd.grad(pseudo_label_loss(qmodel(images_in), "hessian_search"), images_in)
-        finally:
-            for h in handles:
-                h.remove()
+        _float_backward(qmodel, batch, [q.register_forward_hook(tag(n)) for n, q in matmul_quantizers.items()],
+                        _ProductRecorder(tags, record))
     return {key: tuple(torch.cat(parts) for parts in zip(*pairs)) for key, pairs in found.items() if pairs}
 
 
@@ -336,10 +335,9 @@ def _searchable(quantizer: nn.Module) -> bool:
 
 @torch.no_grad()
 def _search_product(a_quantizer: nn.Module, b_quantizer: nn.Module, a_rows: torch.Tensor, groups: torch.Tensor,
-                    b: torch.Tensor, grad_sq: torch.Tensor, rounds: int, fixed: set[int] = frozenset()
-                    ) -> list[nn.Module]:
-    """Alternate the per-tensor ranges of a product's two operand quantizers (except those whose id is in
-    ``fixed``); returns the ones searched."""
+                    b: torch.Tensor, grad_sq: torch.Tensor, rounds: int, done: set[int]) -> list[nn.Module]:
+    """Alternate the per-tensor ranges of a product's two operand quantizers, except those whose id is in ``done``
+    (searched on an earlier product), and add the ids of the ones searched, which are returned."""
     used, groups = groups.unique(return_inverse=True)  # only the groups a sampled row reads
     b = b[used]
     target = _product_rows(a_rows, groups, b)
@@ -356,7 +354,8 @@ def _search_product(a_quantizer: nn.Module, b_quantizer: nn.Module, a_rows: torc
 
     searched = []
     for quantizer, x, cost in ((a_quantizer, a_rows, a_cost), (b_quantizer, b, b_cost)):
-        if _searchable(quantizer) and id(quantizer) not in fixed and all(quantizer is not s[0] for s in searched):
+        if _searchable(quantizer) and id(quantizer) not in done:
+            done.add(id(quantizer))
             start = tuple(bound.reshape(1) for bound in quantizer.grid_range())
             searched.append((quantizer, x, cost, start, _input_range_families(x, *start)[:1]))  # zero point kept
     ranges = {id(q): start for q, _, _, start, _ in searched}
@@ -405,9 +404,7 @@ def hessian_search(qmodel: nn.Module, batches: list[torch.Tensor], *, fixed_inpu
         done: set[int] = set()  # a quantizer feeding several products is searched on the first
         for (a_name, b_name), sample in found.items():
             a, b = matmul_quantizers[a_name], matmul_quantizers[b_name]
-            fixed = {id(q) for q in (a, b) if id(q) in done}
-            for quantizer in _search_product(a, b, *sample, rounds, fixed=fixed):
-                done.add(id(quantizer))
+            for quantizer in _search_product(a, b, *sample, rounds, done):
                 searched.append(a_name if quantizer is a else b_name)
             bar.update()
     return searched
