@@ -65,7 +65,12 @@ class InputSizeError(LeanvitError, ValueError):
         self.reason = reason
 
 
-def warn(message: str, category: type[Warning] = UserWarning) -> None:
+class LeanvitWarning(UserWarning):
+    """Something the user should know that does not stop the work (a layer left in float, a file not read): a
+    category of its own so that a script can filter leanvit's warnings, and the CLI can print them as its own."""
+
+
+def warn(message: str, category: type[Warning] = LeanvitWarning) -> None:
     """``warnings.warn`` attributed to the first caller outside leanvit and torch, whatever the depth: the line
     the user wrote, not a leanvit helper or the frame torch's ``no_grad`` decorator adds."""
     frame, level = sys._getframe(1), 2

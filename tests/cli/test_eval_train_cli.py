@@ -163,3 +163,25 @@ def test_train_refuses_numbers_that_would_corrupt_the_run(flag, value, message, 
                "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_warnings_print_as_the_commands_own(tmp_path, capsys):
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (32, 32), (40, 80, 120)).save(tmp_path / name / "0.png")
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    kwargs = json.dumps({**KWARGS, "num_classes": 2})
+    assert main(["eval", MODEL, "--data", str(tmp_path), "--model-kwargs", kwargs, "--no-progress",
+                 "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"leanvit eval: warning: {tmp_path}: 1 file(s) not read" in err
+    assert ".py:" not in err and "Warning:" not in err  # no source line, no category: the command's own words
+
+
+def test_another_librarys_warning_keeps_its_source(capsys):
+    from leanvit.cli import _warning_printer
+
+    _warning_printer("eval")("old API", FutureWarning, "/site-packages/lib/x.py", 12)
+    assert capsys.readouterr().err == "leanvit eval: warning (FutureWarning from /site-packages/lib/x.py:12): old API\n"

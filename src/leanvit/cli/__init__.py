@@ -3,7 +3,8 @@
 Each sub-command lives in its own module of this package and exposes
 ``register(subparsers) -> argparse.ArgumentParser``, setting ``func=run`` on its parser; ``run(args)``
 returns the exit status. User errors (:class:`leanvit.errors.LeanvitError`) are printed as one
-line without a traceback and exit with status 2, like argparse's own usage errors.
+line without a traceback and exit with status 2, like argparse's own usage errors; warnings are printed as the
+command's own (``leanvit eval: warning: ...``), with their source only when it is not leanvit.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,11 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_printer(command: str):
+    """``warnings.showwarning`` for the CLI: a user of a command has no use for the line of leanvit (or of their
+    console script) that warned, only for what it says; another library's warning keeps its category and source."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.partition(".")[0] == "leanvit":
+            where = ""
+        else:
+            where = f" ({category.__name__} from {filename}:{lineno})"
+        print(f"leanvit {command}: warning{where}: {message}", file=sys.stderr if file is None else file)
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(args.command)
+            return int(args.func(args) or 0)
     except LeanvitError as e:
         print(f"leanvit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ...errors import LeanvitError
+from ...errors import LeanvitError, LeanvitWarning
 
 #: ``reduce(x, size, metric) -> (x, size)``: one block's reduction, applied after its attention.
 #: ``x`` is (B, N, C); ``size`` (B, N, 1) counts the patches each token stands for, or is None
@@ -192,7 +192,7 @@ def _check_reduced_call(model: nn.Module, args: tuple, kwargs: dict) -> None:
     if masked or kwargs.get("is_causal", args[2] if len(args) > 2 else False):
         warnings.warn(f"{type(model).__name__} ran without its token reduction ({model.blocks.method!r}): an "
                       "attention mask or causal attention covers every token, so timm runs the original blocks. "
-                      "Call it without attn_mask / is_causal for the reduced model.", stacklevel=3)
+                      "Call it without attn_mask / is_causal for the reduced model.", LeanvitWarning, stacklevel=3)
 
 
 def apply(model: nn.Module, method: TokenMethod) -> nn.Module:
