@@ -320,3 +320,31 @@ def test_a_class_named_like_a_split_is_a_class_for_training_and_evaluation_alike
     # splits beside a stray folder are still splits when they hold class folders
     _write_images(tmp_path / "splits", ["train/a/1.png", "train/b/2.png", "val/a/3.png", "notes/x.png"])
     assert len(open_dataset(tmp_path / "splits", train=True)) == 2 and len(open_dataset(tmp_path / "splits")) == 1
+
+
+def test_a_class_named_like_a_split_whose_images_sit_in_sub_folders_is_not_read_as_a_split(tmp_path):
+    # ImageNet-style classes and a class 'val' holding only a sub-folder: as a split it would be one class 'crops'
+    _write_images(tmp_path / "inet", ["n01440764/a.png", "n01443537/b.png", "val/crops/c.png"])
+    for train in (True, False):
+        with pytest.raises(LeanvitError, match=r"inet reads two ways: val holds only sub-folders with images, .*; "
+                                               r"beside it, 2 other folder\(s\) with images \(n01440764, n01443537\) "
+                                               r"would be classes. If val is a split, pass it itself \(.*inet/val\); "
+                                               r"if it is a class, move its images \(at least one\) out of its "
+                                               r"sub-folders into .*inet/val\."):
+            open_dataset(tmp_path / "inet", train=train)
+    # a class with images of its own and a sub-folder is a class, as torchvision reads it, for training and evaluation
+    _write_images(tmp_path / "c100", ["bicycle/1.png", "test/2.png", "test/extra/3.png"])
+    for train in (True, False):
+        ds = open_dataset(tmp_path / "c100", train=train)
+        assert ds.classes == ["bicycle", "test"] and ds.targets == [0, 1, 1]
+    # two split-named folders of sub-folders are splits only when they share a class name
+    _write_images(tmp_path / "two", ["cat/1.png", "test/x/2.png", "train/y/3.png"])
+    with pytest.raises(LeanvitError, match=r"test, train hold only sub-folders with images, .* but share no class "
+                                           r"name as splits would; beside them, 1 other folder\(s\) with images \(cat\)"):
+        open_dataset(tmp_path / "two")
+    # one split beside folders without images, or beside a flat split (unlabelled test images), is still a split
+    _write_images(tmp_path / "kaggle", ["train/a/1.png", "train/b/2.png", "test/3.png"])
+    (tmp_path / "kaggle" / "meta").mkdir()
+    (tmp_path / "kaggle" / "meta" / "notes.txt").write_text("not images")
+    assert open_dataset(tmp_path / "kaggle", train=True).classes == ["a", "b"]
+    assert len(open_dataset(tmp_path / "kaggle", unlabelled=True)) == 1

@@ -265,8 +265,11 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
     - ``"cifar10-test500"``: the subset shipped with leanvit;
     - a folder holding ``cifar-10-batches-py`` (CIFAR-10's python pickles), train or test split;
     - a folder with ``train/`` and ``val/`` (or ``valid/``, ``validation/``, ``test/``) sub-folders: the split
-      ``train`` picks. Those are splits when every sub-folder is one, or when one holds class folders; otherwise they
-      are classes of the same name (CIFAR-100 has a class ``train``), whether or not ``train``;
+      ``train`` picks. Those are splits when every sub-folder is one. Otherwise they may be classes of the same name
+      (CIFAR-100 has a class ``train``; a class's images may sit in sub-folders of it): they are splits when one holds
+      class folders and no image of its own, as a split does, and either no other folder holds images or two such
+      share a class name; classes when none does. One such beside other folders with images reads both ways: an
+      error names them (pass the split folder itself);
     - an ImageFolder tree ``root/<class>/<image>``;
     - a flat folder of images with ``labels``, a label file (see :class:`LabelFileDataset`), or, where the
       labels are not needed (``unlabelled=True``: calibration), without (:class:`UnlabelledImages`).
@@ -294,8 +297,7 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
                                "extract CIFAR-10's python version again.") from None
     folders = {d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name)}
     splits = sorted(folders & {*TRAIN_SPLITS, *EVAL_SPLITS})
-    # a class may have a split's name (CIFAR-100's 'train'): split folders only when all are, or one holds classes
-    if splits and (folders == set(splits) or any(_holds_class_folders(root / name) for name in splits)):
+    if splits and _split_organised(root, folders, splits):
         wanted = TRAIN_SPLITS if train else EVAL_SPLITS
         split = next((name for name in wanted if name in folders), None)
         if split is None:
@@ -321,9 +323,43 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
     )
 
 
+def _split_organised(root: Path, folders: set[str], splits: list[str]) -> bool:
+    """Whether the split-named ``splits`` among ``root``'s sub-folders ``folders`` are splits, not classes of those
+    names (CIFAR-100 has a class 'train', and a class's images may sit in sub-folders of it, as torchvision reads
+    them). They are when every sub-folder is one. Otherwise a split holds class folders and no image of its own; when
+    one does, it is a split if no other folder holds images (no other class), or if two such share a class name, and
+    otherwise the root reads both ways: a LeanvitError names the folders and both fixes rather than guess."""
+    if folders == set(splits):
+        return True
+    split_like = [name for name in splits if not any(_images_in(root / name)) and _holds_class_folders(root / name)]
+    if not split_like:
+        return False
+    others = sorted(name for name in folders - set(splits) if any(_images_in(root / name, recursive=True)))
+    if not others:
+        return True
+    found = [set(_class_folders(root / name)) for name in split_like]
+    if len(set().union(*found)) < sum(map(len, found)):
+        return True
+    one, first = len(split_like) == 1, root / split_like[0]
+    raise LeanvitError(
+        f"{root} reads two ways: {', '.join(split_like)} {'holds' if one else 'hold'} only sub-folders with images, "
+        f"as a split holds its class folders{'' if one else ', but share no class name as splits would'}; beside "
+        f"{'it' if one else 'them'}, {_listing(others, 'other folder(s) with images')} would be classes. If "
+        + (f"{split_like[0]} is a split, pass it itself ({first}); if it is a class, move its images (at least one) "
+           f"out of its sub-folders into {first}." if one else
+           f"they are splits, pass the split folder itself (e.g. {first}); if classes, move each one's images (at "
+           f"least one) out of its sub-folders into it (e.g. into {first}).")
+    )
+
+
 def _holds_class_folders(folder: Path) -> bool:
     """Whether ``folder`` has a sub-folder (not a hidden or system one) with an image in it or below it."""
-    return any(d.is_dir() and not _hidden(d.name) and any(_images_in(d, recursive=True)) for d in folder.iterdir())
+    return any(_class_folders(folder))
+
+
+def _class_folders(folder: Path):
+    """The names of ``folder``'s sub-folders (not hidden or system ones) with an image in them or below them."""
+    return (d.name for d in folder.iterdir() if d.is_dir() and not _hidden(d.name) and any(_images_in(d, recursive=True)))
 
 
 def _images_in(folder: Path, recursive: bool = False):
