@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.datasets import CIFAR10, ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ..errors import LeanvitError
+from ..errors import LeanvitError, LeanvitWarning
 
 #: Name of the CIFAR-10 test subset shipped inside the package (see ``assets/README.md``).
 BUNDLED_CIFAR10 = "cifar10-test500"
@@ -48,11 +48,11 @@ def _hidden(name: str) -> bool:
     return name.startswith((".", "__MACOSX", "@eaDir"))
 
 
-class CorruptImageWarning(UserWarning):
+class CorruptImageWarning(LeanvitWarning):
     """An image file that could not be decoded and was skipped."""
 
 
-class IgnoredFilesWarning(UserWarning):
+class IgnoredFilesWarning(LeanvitWarning):
     """Files in a dataset folder that are not read: not an image type by name (:data:`IMAGE_EXTENSIONS`), or images
     inside a hidden or system folder (:func:`_hidden`)."""
 
