@@ -191,7 +191,10 @@ class MobileViG(nn.Module):
 
     The head pools first and then widens with a 1x1 conv (+ BN + GELU) to ``head_hidden_size``
     (timm's "efficient head", as in MobileNetV3), feeding a classifier and a distillation
-    classifier whose outputs are averaged unless distilled training is switched on.
+    classifier whose outputs are averaged unless distilled training is switched on. With
+    ``global_pool=''`` the head conv and the classifiers run at every position of the final map
+    (as MobileNetV3's head conv does), so the output is a (B, num_classes, H, W) logit map, or the
+    (B, head_hidden_size, H, W) map without a classifier.
     """
 
     def __init__(
@@ -375,7 +378,12 @@ class MobileViG(nn.Module):
             x = x.flatten(1)
         if pre_logits:
             return x
+        if not self.global_pool:
+            # unpooled: both classifiers score every position, giving (B, num_classes, H, W) logit maps
+            x = x.permute(0, 2, 3, 1)
         x, x_dist = self.head(x), self.head_dist(x)
+        if not self.global_pool:
+            x, x_dist = x.permute(0, 3, 1, 2), x_dist.permute(0, 3, 1, 2)
         if self.distilled_training and self.training and not torch.jit.is_scripting():
             return x, x_dist
         return (x + x_dist) / 2

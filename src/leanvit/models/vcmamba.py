@@ -259,7 +259,9 @@ class VCMamba(nn.Module):
     """VCMamba classifier: stem, four stages (Mamba blocks at the end of the last), LN, two heads.
 
     Like EfficientFormer, it has a distillation head: in eval the output is the average of the two
-    heads' logits; in training with ``set_distilled_training(True)`` both are returned.
+    heads' logits; in training with ``set_distilled_training(True)`` both are returned. With
+    ``global_pool=''`` the classifiers score every position of the normed final map: the output is
+    a (B, num_classes, H, W) logit map (as timm's ConvNeXt and TinyViT heads give unpooled).
     """
 
     def __init__(
@@ -472,9 +474,16 @@ class VCMamba(nn.Module):
         x = self.head_drop(x)
         if pre_logits:
             return x
+        unpooled = self.global_pool == ''
+        if unpooled:
+            # the classifiers score every position, giving (B, num_classes, H, W) logit maps
+            x = x.permute(0, 2, 3, 1)
         if self.head_dist is None:
-            return self.head(x)
+            x = self.head(x)
+            return x.permute(0, 3, 1, 2) if unpooled else x
         x, x_dist = self.head(x), self.head_dist(x)
+        if unpooled:
+            x, x_dist = x.permute(0, 3, 1, 2), x_dist.permute(0, 3, 1, 2)
         if self.distilled_training and self.training and not torch.jit.is_scripting():
             return x, x_dist
         return (x + x_dist) / 2
