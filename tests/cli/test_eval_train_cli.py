@@ -91,7 +91,9 @@ def test_bad_data(tmp_path, capsys, layout, message):
     (["--img-size", "48"], "does not run on 3x48x48 inputs"),  # built for 32x32: the fix, not timm's assertion
     (["--crop-pct", "0"], "must be in (0, 1]"),
     (["--model-kwargs", '{"img_size": 32, "no_such_kwarg": 1}'], "cannot be built with the model kwargs"),
-    (["--out", "/proc/no/such/dir/x.json"], "Cannot write --out"),
+    (["--out", "/proc/no/such/dir/x.json"], "--out /proc/no/such/dir/x.json: cannot write the JSON result there"),
+    (["--out", "/proc/eval.json"], "--out /proc/eval.json: cannot write the JSON result there"),  # mkdir passes
+    (["--out", "/etc/passwd/x.json"], "cannot write the JSON result there (/etc/passwd is a file)"),
     (["--out", "/proc"], "--out /proc is a folder; give the file to write the JSON result to, e.g. /proc/eval.json"),
     (["--workers", "-1"], "--workers: must be 0 or more, got -1"),
     (["--model-kwargs", json.dumps({**KWARGS, "in_chans": 1})], "It takes 1-channel images and the pre-processing "

@@ -12,6 +12,9 @@ TINY = ["deit_tiny_patch16_224", "--model-kwargs",
 
 def test_quantize_exports_and_reports(tmp_path, capsys):
     out = tmp_path / "q"
+    out.mkdir()
+    for name in ("model.xml", "model.bin"):  # an earlier OpenVINO export, which would now describe another model
+        (out / name).write_text("stale")
     assert main(["quantize", *TINY, "--bits", "w7a8", "--target", "generic", "--engine", "onnxruntime", "--out",
                  str(out), "--json", "--eval", "cifar10-test500", "--eval-images", "20"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -19,6 +22,7 @@ def test_quantize_exports_and_reports(tmp_path, capsys):
     assert result["calib_images"] == 16 and result["eval_images"] == 20
     assert {"blocks.0.norm1", "norm"} <= set(result["float_layers"])
     assert (out / "model.onnx").is_file()
+    assert not (out / "model.xml").exists() and not (out / "model.bin").exists()
     assert json.loads((out / "report.json").read_text())["exported"] == result["exported"]
     assert result["engine"] == "onnxruntime" and isinstance(result["engine_float_layers"], dict)
     for key in ("top1", "sim_top1", "engine_top1"):

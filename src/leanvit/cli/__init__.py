@@ -84,14 +84,31 @@ def prepare_out_dir(out: str | Path, holds: str) -> Path:
     if out.exists() and not out.is_dir():
         raise LeanvitError(f"--out {out} is a file, not a directory: give a directory for {holds} (it is created if "
                            "missing).")
+    _check_writable(out, out, holds, "a directory")
+    return out
+
+
+def prepare_out_file(out: str | Path, holds: str, example: str) -> Path:
+    """:func:`prepare_out_dir` for an ``--out`` that is one file (``example``: a file name to suggest)."""
+    out = Path(out)
+    if out.is_dir():
+        raise LeanvitError(f"--out {out} is a folder; give the file to write {holds} to, e.g. {out / example}.")
+    _check_writable(out.parent, out, holds, "a path")
+    return out
+
+
+def _check_writable(folder: Path, out: Path, holds: str, give: str) -> None:
+    """Create ``folder`` and write a temporary file there (an existing read-only directory, or /proc, passes
+    mkdir), or say why not."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):  # an existing read-only directory (or /proc) passes mkdir
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise LeanvitError(f"--out {out}: cannot write {holds} there ({e.strerror}); give a directory you can write "
-                           "to.") from None
-    return out
+        # mkdir's own "File exists" hides which part of the path is the file
+        in_a_file = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{in_a_file} is a file" if in_a_file is not None else e.strerror
+        raise LeanvitError(f"--out {out}: cannot write {holds} there ({why}); give {give} you can write to.") from None
 
 
 def whole_number(minimum: int):

@@ -15,7 +15,7 @@ from ..data import (
 from ..errors import LeanvitError
 from ..evaluate import evaluate
 from ..models.registry import create_model
-from . import count, crop_fraction, input_data_config, positive_int, print_json
+from . import count, crop_fraction, input_data_config, positive_int, prepare_out_file, print_json
 from .train import json_object
 
 
@@ -67,13 +67,7 @@ def run(args: argparse.Namespace) -> int:
     data_config = input_data_config(model, meta, args)
     check_input_size(model, data_config, args.model)
     if args.out:  # before the evaluation, not after it
-        if args.out.is_dir():
-            raise LeanvitError(f"--out {args.out} is a folder; give the file to write the JSON result to, e.g. "
-                               f"{args.out / 'eval.json'}.")
-        try:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise LeanvitError(f"Cannot write --out {args.out}: {e.strerror}. Give a writable path.") from None
+        prepare_out_file(args.out, "the JSON result", "eval.json")
     dataset = open_dataset(args.data, transform=build_transform(data_config), labels=args.labels,
                            **(_label_classes(model, meta) if args.labels else {}))
     classes = dataset_classes(dataset)

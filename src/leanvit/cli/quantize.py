@@ -108,7 +108,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--labels", help="label file for a flat folder of --eval images (as `leanvit eval --labels`)")
     p.add_argument("--eval-images", type=positive_int, help="evaluate on this many images (class-balanced)")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for PyTorch and the engine")
+    p.add_argument("--threads", type=positive_int, default=2,
+                   help="CPU threads for PyTorch and the engine (default 2, the setting the INT8 latency is compared at)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
     return p
@@ -223,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out:  # once the inputs are checked, before the minutes of calibration
         prepare_out_dir(args.out, "the INT8 model and report.json")
-        (args.out / "report.json").unlink(missing_ok=True)  # an earlier run's would describe another model
+        for name in ("report.json", "model.onnx", "model.xml", "model.bin"):  # an earlier run's would describe
+            (args.out / name).unlink(missing_ok=True)  # another model (an IR beside a new ONNX export, say)
     started = time.perf_counter()
     # decoded once, used by every pass
     calib = calibration_images(calibset, args.calib_images, args.batch_size)
