@@ -5,7 +5,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from leanvit.errors import InputSizeError
+from leanvit.data import check_input_size
+from leanvit.errors import InputSizeError, LeanvitWarning
 from leanvit.profile import count_macs, count_params, create_model_at, profile_model
 
 
@@ -62,6 +63,22 @@ def test_a_size_that_is_not_a_multiple_of_the_patch_size_warns():
         warnings.simplefilter("error")
         create_model_at("deit_tiny_patch16_224", 48)
         create_model_at("mobilenetv2_050", 40)  # no patch_embed.patch_size: takes any size
+
+
+def test_commands_that_run_images_warn_of_dropped_pixels_too():
+    """eval / quantize / train check the input size with check_input_size; they ran such a size silently."""
+    model = timm.create_model("deit_tiny_patch16_224", img_size=(44, 50), patch_size=8, depth=1, embed_dim=16,
+                              num_heads=2)
+    with pytest.warns(LeanvitWarning, match=r"cuts 44x50 inputs into 8x8 patches and drops the last 4 pixel rows and "
+                                            r"the last 2 pixel columns: it computes as at 40x48\. Use a size whose"):
+        check_input_size(model, {"input_size": (3, 44, 50)}, "deit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_input_size(timm.create_model("deit_tiny_patch16_224", img_size=(40, 48), patch_size=8, depth=1,
+                                           embed_dim=16, num_heads=2), {"input_size": (3, 40, 48)}, "deit")
+        padded = timm.create_model("deit_tiny_patch16_224", img_size=40, patch_size=8, depth=1, embed_dim=16,
+                                   num_heads=2, dynamic_img_size=True, dynamic_img_pad=True)
+        check_input_size(padded, {"input_size": (3, 44, 44)}, "deit")  # it pads to whole patches: nothing dropped
 
 
 def test_params_are_compared_with_the_published_figure_only_at_its_size():

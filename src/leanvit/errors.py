@@ -56,6 +56,15 @@ def check_range(what: str, value: int | float, lo: int | float, hi: int | float)
         raise LeanvitError(f"{what} must be between {lo} and {hi}, got {value}.")
 
 
+class ModelKwargsError(LeanvitError):
+    """Model kwargs that a model's constructor refuses; ``cause`` is its own exception (a ``TypeError`` for an
+    argument it does not take, an ``AssertionError`` or ``ValueError`` for a value it refuses)."""
+
+    def __init__(self, message: str, cause: Exception):
+        super().__init__(message)
+        self.cause = cause
+
+
 class InputSizeError(LeanvitError, ValueError):
     """An input whose resolution a fixed-resolution model cannot take; ``reason``, where known, is the model's own
     complaint (for a caller that words the fix itself)."""

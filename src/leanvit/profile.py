@@ -14,7 +14,8 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .catalog import CATALOG, head_mismatch
-from .errors import InputSizeError, LeanvitError, check_range, warn
+from .data.transforms import warn_partial_patches
+from .errors import InputSizeError, ModelKwargsError, check_range
 from .models.registry import create_model
 
 MAC_CONVENTION = (
@@ -103,22 +104,16 @@ def create_model_at(name: str, img_size: int | None = None, **kwargs) -> nn.Modu
 
     try:
         model = create_model(name, img_size=img_size, **kwargs)
-    except (TypeError, LeanvitError):  # no img_size argument (create_model says so as a LeanvitError): as built
-        pass
-    except (AssertionError, ValueError) as e:  # the constructor rejects the size (XCiT: patch size must divide it)
-        raise cannot_run(e) from None
+    except ModelKwargsError as e:
+        if not isinstance(e.cause, TypeError):  # the constructor rejects the size (XCiT: patch size must divide it)
+            raise cannot_run(e.cause) from None
+        # no img_size argument: as built
     try:
         with torch.no_grad():
             model(torch.zeros(1, chans, img_size, img_size))
     except (RuntimeError, ValueError, AssertionError) as e:
         raise cannot_run(e) from None
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
-    if isinstance(patch, int) and img_size % patch:  # the patch convolution drops the rest: numbers of a smaller size
-        kept = img_size - img_size % patch
-        warn(f"{name} cuts {img_size}x{img_size} inputs into {patch}x{patch} patches and drops the last "
-             f"{img_size % patch} pixel rows and columns: it computes as at {kept}x{kept}. Use --img-size {kept} or "
-             f"{kept + patch}.")
+    warn_partial_patches(model, name, img_size, img_size)  # numbers of a smaller size
     return model
 
 

@@ -2,7 +2,7 @@
 import pytest
 import timm
 
-from leanvit.errors import LeanvitError, UnknownModelError
+from leanvit.errors import InputSizeError, LeanvitError, UnknownModelError
 from leanvit.models.registry import create_model, resolve_model_name
 
 
@@ -35,3 +35,22 @@ def test_pretrained_without_registered_weights_names_the_file_flags():
         create_model("mobilevig_ti", pretrained=True)
     with pytest.raises(LeanvitError, match=r"Baidu pan"):  # the cfg's notes say where the official weights are
         create_model("fcaformer_l2", pretrained=True)
+
+
+@pytest.mark.parametrize("kwargs, why", [
+    ({"embed_dim": 100}, "AssertionError: dim should be divisible by num_heads"),  # timm's asserts
+    ({"img_size": 0}, "ValueError: Expected a positive image size"),
+])
+def test_a_model_kwarg_value_the_constructor_refuses_is_a_one_line_error(kwargs, why):
+    with pytest.raises(LeanvitError, match=rf"deit_tiny_patch16_224 cannot be built with the model kwargs .*\({why}"):
+        create_model("deit_tiny_patch16_224", **kwargs)
+
+
+def test_leanvits_own_errors_from_a_constructor_pass_unchanged(monkeypatch):
+    """An InputSizeError is a ValueError too: its own fix, not the kwargs wording."""
+    def refuses(name, pretrained=False, **kwargs):
+        raise InputSizeError("takes 224x224 inputs only: pass --img-size 224")
+
+    monkeypatch.setattr(timm, "create_model", refuses)
+    with pytest.raises(InputSizeError, match="^takes 224x224 inputs only: pass --img-size 224$"):
+        create_model("deit_tiny_patch16_224", img_size=100)

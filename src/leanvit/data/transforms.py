@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.data import create_transform, resolve_model_data_config
 
-from ..errors import InputSizeError
+from ..errors import InputSizeError, warn
 
 #: The keys of a timm data config that define evaluation pre-processing.
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -45,7 +45,9 @@ def check_input_size(model: nn.Module, data_config: dict, name: str) -> torch.Te
     was_training = model.training
     try:
         with torch.no_grad():
-            return model.eval()(torch.zeros(1, *size))
+            output = model.eval()(torch.zeros(1, *size))
+        warn_partial_patches(model, name, size[-2], size[-1])
+        return output
     except (AssertionError, RuntimeError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         channels = getattr(model, "in_chans", size[0])
@@ -59,6 +61,27 @@ def check_input_size(model: nn.Module, data_config: dict, name: str) -> torch.Te
                              reason) from None
     finally:
         model.train(was_training)
+
+
+def warn_partial_patches(model: nn.Module, name: str, height: int, width: int) -> None:
+    """Warn where ``model``'s patch embedding drops pixels of a ``height`` x ``width`` input: its convolution cuts
+    whole patches and leaves the rest out (unless it pads), so the model computes as at a smaller size, silently."""
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    if not all(isinstance(p, int) for p in patch) or getattr(embed, "dynamic_img_pad", False):
+        return
+    rows, cols = height % patch[0], width % patch[1]
+    if not rows and not cols:
+        return
+    kept = (height - rows, width - cols)
+    if height == width and patch[0] == patch[1]:  # a square size, as --img-size gives
+        dropped, fix = f"the last {rows} pixel rows and columns", f"--img-size {kept[0]} or {kept[0] + patch[0]}"
+    else:
+        dropped = " and ".join(f"the last {n} pixel {what}" for n, what in ((rows, "rows"), (cols, "columns")) if n)
+        fix = f"a size whose sides are multiples of {patch[0]} and {patch[1]}"
+    warn(f"{name} cuts {height}x{width} inputs into {patch[0]}x{patch[1]} patches and drops {dropped}: it computes "
+         f"as at {kept[0]}x{kept[1]}. Use {fix}.")
 
 
 def build_transform(data_config: dict, *, train: bool = False, auto_augment: str | None = None,

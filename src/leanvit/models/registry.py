@@ -9,7 +9,7 @@ import timm
 from timm.models import get_arch_pretrained_cfgs
 import torch.nn as nn
 
-from ..errors import LeanvitError, UnknownModelError, close_matches
+from ..errors import LeanvitError, ModelKwargsError, UnknownModelError, close_matches
 
 
 def resolve_model_name(name: str) -> str:
@@ -44,9 +44,17 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
     name = _timm_name(name)
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except LeanvitError:
+        raise
     except TypeError as e:  # a model kwarg it does not take, or of the wrong type
-        raise LeanvitError(f"{name} cannot be built with the model kwargs {kwargs} ({e}). Pass only arguments its "
-                           "timm constructor takes, with their types (e.g. '{\"num_classes\": 10}').") from None
+        raise ModelKwargsError(f"{name} cannot be built with the model kwargs {kwargs} ({e}). Pass only arguments "
+                               "its timm constructor takes, with their types (e.g. '{\"num_classes\": 10}').", e) from None
+    except (AssertionError, ValueError) as e:  # a value the constructor refuses (timm's are asserts)
+        if not kwargs:
+            raise
+        why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise ModelKwargsError(f"{name} cannot be built with the model kwargs {kwargs} ({why}). Change the value it "
+                               "complains about, or drop it for the model's default.", e) from None
     except RuntimeError as e:  # timm's own error for a model with no weight source (e.g. mobilevig_ti)
         if not (pretrained and str(e).startswith("No pretrained weights exist")):
             raise
