@@ -175,11 +175,29 @@ def test_label_file_that_disagrees_with_the_folder(tmp_path, content, problem):
     assert problem in str(err.value)
 
 
-def test_label_outside_given_classes(tmp_path):
+def test_label_outside_given_classes_names_the_fix_from_the_cli_and_python(tmp_path):
+    """The message said 'Pass the matching class list.', which no flag does."""
     _write_images(tmp_path / "val", ["x1.png"])
     (tmp_path / "labels.txt").write_text("x1.png n09\n")
-    with pytest.raises(LeanvitError, match="n09"):
+    with pytest.raises(LeanvitError, match="n09") as err:
         open_dataset(tmp_path / "val", labels=tmp_path / "labels.txt", classes=["n01", "n02"])
+    assert "Evaluate a checkpoint trained on these classes" in str(err.value)
+    assert "open_dataset(..., classes=[" in str(err.value)
+    (tmp_path / "labels.txt").write_text("x1.png 7\n")  # an index past a 5-class model's outputs
+    with pytest.raises(LeanvitError, match=r"1 label\(s\) \(7\) outside the 5 classes its indices index") as err:
+        open_dataset(tmp_path / "val", labels=tmp_path / "labels.txt", num_classes=5)
+    assert "--model-kwargs '{\"num_classes\": N}'" in str(err.value) and "num_classes=N" in str(err.value)
+
+
+def test_a_label_file_for_a_class_folder_tree_says_it_wants_a_flat_folder(tmp_path):
+    """It said 'No images (...) in <dir>.' of a folder full of images."""
+    _write_images(tmp_path / "tree", ["cat/a.png", "dog/b.png"])
+    (tmp_path / "labels.txt").write_text("a.png 0\nb.png 1\n")
+    with pytest.raises(LeanvitError, match="holds folders of images .* is for a flat folder of images. Drop it"):
+        open_dataset(tmp_path / "tree", labels=tmp_path / "labels.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LeanvitError, match="No images"):
+        open_dataset(tmp_path / "empty", labels=tmp_path / "labels.txt")
 
 
 def test_cifar10_python_pickles(tmp_path, monkeypatch):

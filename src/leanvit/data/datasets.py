@@ -177,6 +177,10 @@ class LabelFileDataset(_ImageFiles):
         self.root, self.transform = root, transform
         images = {p.name: p for p in _flat_images(root, Path(label_file))}
         if not images:
+            if _holds_class_folders(root):  # a class-folder tree, which labels its images itself
+                raise LeanvitError(f"{root} holds folders of images (class folders), no image of its own: a label "
+                                   "file (--labels, labels=) is for a flat folder of images. Drop it (class folders "
+                                   "give the labels), or pass the flat folder the label file belongs to.")
             raise LeanvitError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {root}.")
         rows = _read_label_file(Path(label_file), images)
         by_stem = {Path(n).stem: n for n in images}
@@ -208,10 +212,18 @@ class LabelFileDataset(_ImageFiles):
             index = {c: i for i, c in enumerate(self.classes)}
         unknown = sorted(set(labels) - set(index))
         if unknown:
-            raise LeanvitError(
-                f"Label file {label_file} uses {_listing(unknown, 'label(s)')} outside the "
-                f"{len(self.classes)} classes. Pass the matching class list."
-            )
+            if all(label.isdigit() for label in labels):
+                fix = ("its indices index (the model's outputs, or the checkpoint's classes). Evaluate a model with as "
+                       "many outputs as the file has classes (its checkpoint, or --model-kwargs "
+                       "'{\"num_classes\": N}'), or pass the label file made for this model; from Python, "
+                       "open_dataset(..., num_classes=N) or classes=[the class names, in the model's output order].")
+            else:
+                fix = ("given (the checkpoint's class names, or an ImageNet model's synsets). Evaluate a checkpoint "
+                       "trained on these classes (it names them), or write the labels as indices of the model's "
+                       "outputs; from Python, open_dataset(..., classes=[the class names, in the model's output "
+                       "order]).")
+            raise LeanvitError(f"Label file {label_file} uses {_listing(unknown, 'label(s)')} outside the "
+                               f"{len(self.classes)} classes {fix}")
         self.samples = [(images[n], index[named[n]]) for n in sorted(named)]
         self.targets = [t for _, t in self.samples]
 
