@@ -374,7 +374,7 @@ def test_a_per_channel_depthwise_input_openvino_runs_in_float_is_named_with_the_
     said = " ".join(str(w.message) for w in caught)
     if in_float:  # OpenVINO 2026.4 runs it in f32: the warning says which layer, why, and the fix
         assert in_float[0].startswith("1 (") and "1 quantize their inputs per channel" in said
-        assert "a_per_channel=False" in said
+        assert "a_per_channel=False" in said and "--a-granularity tensor" in said  # the CLI's fix as well
     else:
         assert "run in float" not in said
 

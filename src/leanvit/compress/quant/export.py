@@ -260,7 +260,8 @@ def check_engine_precisions(qmodel: nn.Module, path: str | Path, engine: str, co
         per_channel = [n for n in (name.split(" (")[0] for name in in_float)
                        if (q := getattr(layers.get(n), "input_quantizer", None)) is not None and q.scheme.per_channel]
         note = (f" ({', '.join(per_channel)} quantize their inputs per channel, which OpenVINO runs in INT8 when a "
-                "conv writes them but not after a transpose: QuantConfig(a_per_channel=False) keeps them INT8)"
+                "conv writes them but not after a transpose: leanvit quantize --a-granularity tensor, or "
+                "QuantConfig(a_per_channel=False) from Python, keeps them INT8)"
                 if per_channel else "")
     found = {name: ", ".join(precisions[name]) for name in in_float}
     if (report := getattr(qmodel, "quant_report", None)) is not None:
