@@ -66,6 +66,55 @@ def test_diffrate_calibration_labels_that_are_not_the_models_classes_are_not_use
     assert json.loads(out)["reduced_macs"] < json.loads(out)["macs"]
 
 
+def _image_tree(root, classes=10, per_class=3):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    return sorted(root.glob("*/*.png"))
+
+
+def test_diffrate_eval_leaves_out_the_calibration_images_as_quantize_does(tmp_path, capsys):
+    """--eval on the images DiffRate searched on scored the reduced model on them, silently."""
+    tree = tmp_path / "tree"
+    _image_tree(tree)
+    search = ["--method", "diffrate", "--target-gmacs", "0.05", "--steps", "1", "--eval", str(tree), "--json"]
+    code, out, err = run_cli(capsys, "tokens", *TINY, *search, "--calib", str(tree), "--calib-images", "16")
+    assert code == 0, err
+    assert json.loads(out)["eval_images"] == 30 - 16
+    assert "leanvit tokens: note: 16 of the --eval images are calibration images" in err
+    # the same images under other names (a flat copy of some), found by their bytes; and a short set is warned
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, path in enumerate(sorted(tree.glob("*/*.png"))[:12]):
+        (flat / f"img{i}.png").write_bytes(path.read_bytes())
+    code, out, err = run_cli(capsys, "tokens", *TINY, *search, "--calib", str(flat), "--calib-images", "1000")
+    assert code == 0, err
+    assert json.loads(out)["eval_images"] == 30 - 12
+    assert "leanvit tokens: warning: " in err and "holds 12 images, fewer than --calib-images 1000" in err
+    assert "12 of the --eval images are calibration images" in err
+    code, out, err = run_cli(capsys, "tokens", *TINY, *search, "--calib", str(tree), "--calib-images", "100")
+    assert code == 2 and "Every image of --eval" in err
+
+
+def test_diffrate_macs_weight_flag(capsys, monkeypatch):
+    """The search's missed-target warning says to raise macs_weight: the CLI sets it with --macs-weight."""
+    from leanvit.compress.tokens import diffrate
+
+    seen, search = [], diffrate.search_rates
+    monkeypatch.setattr(diffrate, "search_rates", lambda model, calib, cfg: seen.append(cfg.macs_weight)
+                        or search(model, calib, cfg))
+    code, _, err = run_cli(capsys, "tokens", *TINY, "--method", "diffrate", "--target-gmacs", "0.05",
+                           "--calib", "cifar10-test500", "--calib-images", "8", "--steps", "1",
+                           "--macs-weight", "250", "--json")
+    assert code == 0, err
+    assert seen == [250.0]
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--method", "tome", "--r", "9"], "ToMe r=9 is too large"),
     (["--method", "tome", "--r", "1x"], "RxK"),
@@ -84,7 +133,8 @@ def test_user_errors(capsys, argv, match):
     assert "leanvit tokens: error:" in err and re.search(match, err)
 
 
-@pytest.mark.parametrize("flag", [["--steps", "5"], ["--calib-images", "8"], ["--steps", "300"]])
+@pytest.mark.parametrize("flag", [["--steps", "5"], ["--calib-images", "8"], ["--steps", "300"],
+                                  ["--macs-weight", "50"]])
 def test_diffrate_search_options_need_calib(capsys, flag):
     """Without --calib DiffRate takes the published rates (here DeiT-S at 2.9 G) and runs no search: refused, not ignored."""
     code, out, err = run_cli(capsys, "tokens", "deit_small_patch16_224", "--method", "diffrate",

@@ -92,7 +92,8 @@ def test_the_search_reaches_its_target_whatever_the_model_size(vit, calib, fract
 
 def test_a_missed_target_is_reported(vit, calib):
     full = count_macs(vit, (3, 32, 32))
-    with pytest.warns(UserWarning, match=r"reached .* GMACs for a target of .*Raise macs_weight \(now 0\)"):
+    with pytest.warns(UserWarning, match=r"reached .* GMACs for a target of .*Raise macs_weight \(now 0; "
+                                         r"leanvit tokens: --macs-weight\)"):
         search(vit, calib, 0.5 * full, macs_weight=0.0)
 
 

@@ -15,11 +15,12 @@ from ..data import (
     build_transform, calibration_images, calibration_subset, dataset_classes, make_loader, open_dataset,
     resolve_data_config,
 )
+from ..data.calibration import calibration_shortfall, without_calibration_images
 from ..errors import LeanvitError
 from ..evaluate import evaluate
 from ..models.registry import create_model
 from ..profile import count_macs
-from . import positive_int, print_json
+from . import number_in, positive_int, print_json
 from .train import json_object
 
 
@@ -38,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="DATA", help="DiffRate: dataset whose training split the rates are searched on")
     p.add_argument("--calib-images", type=positive_int, help="DiffRate: images used (default 256)")
     p.add_argument("--steps", type=positive_int, help="DiffRate: search steps (default 300)")
+    p.add_argument("--macs-weight", type=number_in(0, 1e9, "a weight such as 100"),
+                   help="DiffRate: how much the search weighs the MAC target against accuracy (default 100)")
     p.add_argument("--checkpoint", help="weights: a `leanvit train` folder or .safetensors, or a timm/official .pth")
     p.add_argument("--model-kwargs", type=json_object, default={}, metavar="JSON",
                    help="kwargs for timm.create_model, e.g. '{\"num_classes\": 10}'")
@@ -71,12 +74,13 @@ _METHOD_FLAGS = {
     "evit": {("keep_rate", "--keep-rate"): 0.7, ("layers", "--layers"): (3, 6, 9), ("no_fuse", "--no-fuse"): False},
     "tome": {("r", "--r"): "8"},
     "diffrate": {("target_gmacs", "--target-gmacs"): None, ("calib", "--calib"): None,
-                 ("calib_images", "--calib-images"): 256, ("steps", "--steps"): 300},
+                 ("calib_images", "--calib-images"): 256, ("steps", "--steps"): 300,
+                 ("macs_weight", "--macs-weight"): 100.0},
 }
 
 
 #: DiffRate flags that only its rate search reads: without --calib the published rates are used
-_SEARCH_FLAGS = (("calib_images", "--calib-images"), ("steps", "--steps"))
+_SEARCH_FLAGS = (("calib_images", "--calib-images"), ("steps", "--steps"), ("macs_weight", "--macs-weight"))
 
 
 def _method_flags(args: argparse.Namespace) -> None:
@@ -121,11 +125,15 @@ def run(args: argparse.Namespace) -> int:
     # the size the model was built for (an img_size model kwarg wins over the checkpoint's), its saved crop and statistics
     data_config = resolve_data_config(model, img_size=model.patch_embed.img_size[0], saved=meta.get("data_config"))
     transform = build_transform(data_config)
+    calibset = None
     if args.method == "diffrate":
         calib = None
         if args.calib:
             calibset = open_dataset(args.calib, train=True, transform=transform, unlabelled=True)
             calib = calibration_images(calibset, args.calib_images, args.batch_size)
+            if shortfall := calibration_shortfall(calib, args.calib_images, args.calib):
+                print(f"leanvit tokens: warning: {shortfall}", file=sys.stderr)
+            calib_indices = calib.indices
             if _labels_fit(model, meta, calibset):
                 calib = list(zip(calib.batches, calib.labels))
             else:  # DiffRate's own fallback: the unreduced model's top-1 is the target
@@ -133,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
                       f"{model.num_classes} classes; the search matches the unreduced model's own top-1 instead",
                       file=sys.stderr)
                 calib = calib.batches
-        method = tokens.DiffRate(target_macs=args.target_gmacs * 1e9, calib=calib, steps=args.steps)
+        method = tokens.DiffRate(target_macs=args.target_gmacs * 1e9, calib=calib, steps=args.steps,
+                                 macs_weight=args.macs_weight)
 
     input_size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
     result = {"model": args.model, "checkpoint": args.checkpoint, "img_size": input_size[-1],
@@ -143,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
         if meta.get("classes") and meta["classes"] != dataset_classes(dataset):
             raise LeanvitError(f"The checkpoint was trained on the classes {meta['classes']}, not those of "
                                f"{args.eval}. Evaluate it on data with the same classes.")
+        if calibset is not None:  # scored on the images the rates were searched on, it would look better than it is
+            dataset, note = without_calibration_images(dataset, calibset, calib_indices, args.eval)
+            if note:
+                print(f"leanvit tokens: note: {note}", file=sys.stderr)
         loader = make_loader(_subset(dataset, args.eval_images), args.batch_size)
         before = evaluate(model, loader, classes=dataset_classes(dataset), device="cpu", progress=False)
 

@@ -1,4 +1,9 @@
-"""Calibration sets for post-training methods: N images, class-balanced, reproducible."""
+"""Calibration sets for post-training methods: N images, class-balanced, reproducible.
+
+:func:`calibration_shortfall` and :func:`without_calibration_images` are what the commands that calibrate
+(``leanvit quantize``, ``leanvit tokens --calib``) say and do about a short calibration set and an ``--eval`` set
+that holds calibration images: worded for the command line, which prints them as its own.
+"""
 from __future__ import annotations
 
 import random
@@ -9,6 +14,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from ..errors import LeanvitError, check_range
+from .datasets import shared_images
 
 
 def calibration_subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:
@@ -68,3 +74,37 @@ def calibration_images(dataset: Dataset, n: int, batch_size: int = 32, seed: int
         raise LeanvitError("No calibration image could be decoded; see the warnings above.")
     return CalibrationImages(list(torch.stack(images).split(batch_size)), list(torch.tensor(labels).split(batch_size)),
                              indices, len(tried) - len(indices))
+
+
+def calibration_shortfall(calib: CalibrationImages, requested: int, source) -> str | None:
+    """The warning for ``calib``, ``calibration_images`` of ``source`` (the ``--calib`` data) asked for ``requested``
+    images, where it holds fewer: some did not decode, or ``source`` has fewer. None where it holds them all."""
+    if calib.skipped:
+        short = len(calib.indices) < requested  # (the draw stops short only once every image was tried)
+        return (f"{calib.skipped} calibration images could not be decoded (named above); "
+                f"{'no others were left' if short else 'others were drawn instead'}: calibrating on "
+                f"{len(calib.indices)}")
+    if len(calib.indices) < requested:
+        return (f"{source} holds {len(calib.indices)} images, fewer than --calib-images {requested}: calibrating on "
+                "all of them")
+    return None
+
+
+def without_calibration_images(evalset: Dataset, calibset: Dataset, calib_indices: list[int],
+                               eval_source) -> tuple[Dataset, str | None]:
+    """``evalset`` less the calibration images it holds (``--eval`` and ``--calib`` on the same split, or the same
+    images in two layouts, found by their bytes: :func:`shared_images`), and a note saying what was left out or
+    not checked (None where nothing was): a model scored on the images it was calibrated on would look better than
+    it is. An ``evalset`` of calibration images alone is a :class:`LeanvitError`."""
+    shared = shared_images(evalset, Subset(calibset, calib_indices))
+    if shared is None:
+        return evalset, (f"--eval {eval_source} is not stored as image files, so it was not checked for calibration "
+                         "images")
+    if not shared:
+        return evalset, None
+    if len(shared) == len(evalset):
+        raise LeanvitError(f"Every image of --eval {eval_source} is a calibration image: evaluate on other images "
+                           "(a test split) than those --calib draws from.")
+    kept = sorted(set(range(len(evalset))) - set(shared))
+    return Subset(evalset, kept), (f"{len(shared)} of the --eval images are calibration images; they are left out "
+                                   f"of the evaluation ({len(kept)} remain)")

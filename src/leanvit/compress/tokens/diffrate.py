@@ -401,8 +401,8 @@ def search_rates(model: VisionTransformer, calib: Any, cfg: DiffRate) -> tuple[t
     if abs(reached - cfg.target_macs) > MISS_TOLERANCE * full:
         warn(f"DiffRate's search reached {reached / 1e9:.4g} GMACs for a target of {cfg.target_macs / 1e9:.4g} "
              f"(unreduced {full / 1e9:.4g}): more than {MISS_TOLERANCE:.0%} of the model's MACs off. Raise "
-             f"macs_weight (now {cfg.macs_weight:g}) to weigh the target more against accuracy, or steps (now "
-             f"{cfg.steps}; leanvit tokens: --steps).")
+             f"macs_weight (now {cfg.macs_weight:g}; leanvit tokens: --macs-weight) to weigh the target more against "
+             f"accuracy, or steps (now {cfg.steps}; leanvit tokens: --steps).")
     return prune, merge
 
 
