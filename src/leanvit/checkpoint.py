@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import pickle
 import re
 import struct
@@ -37,10 +38,16 @@ class CheckpointMismatchError(LeanvitError):
 
 
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
-    """Write ``state_dict`` as safetensors, ``metadata`` (JSON-able) stored inside the file."""
+    """Write ``state_dict`` as safetensors, ``metadata`` (JSON-able) stored inside the file.
+
+    The file gets the mode the umask gives any new file (safetensors writes 0600: other users, and the other nodes'
+    users of a shared run folder, could not read it)."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(tensors, str(path), metadata={"leanvit": json.dumps(metadata or {})})
+    umask = os.umask(0o022)  # the only way to read it: set it, then put it back
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
     return path
 
 

@@ -344,3 +344,20 @@ def test_compiled_training_step_matches_eager(tmp_path):
     assert [s["loss"] for s in compiled.steps] == pytest.approx([s["loss"] for s in eager.steps], rel=1e-4)
     a, b = read_checkpoint(tmp_path / "eager")[0], read_checkpoint(tmp_path / "compiled")[0]
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_the_files_of_a_run_get_the_umasks_mode(tmp_path, umask):
+    """safetensors writes 0600: the other users (of the other nodes) of a shared --output could not read them."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1))
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path / "run").as_posix(): oct(p.stat().st_mode & 0o777)
+             for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert modes == {name: oct(0o666 & ~umask) for name in (
+        "model.safetensors", "ema.safetensors", "epoch-0000/model.safetensors", "epoch-0000/ema.safetensors",
+        "epoch-0000/optimizer.safetensors", "epoch-0000/state.json")}

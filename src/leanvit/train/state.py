@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
 
 from ..checkpoint import WEIGHTS_FILE, read_checkpoint, save_weights
@@ -37,8 +37,8 @@ def save_training_state(output: Path, epoch: int, *, model: torch.nn.Module, met
     if ema is not None:
         save_weights(tmp / EMA_FILE, ema.module.state_dict(), metadata)
     opt = optimizer.state_dict()
-    save_file({f"{index}.{name}": value.contiguous() for index, slots in opt["state"].items()
-               for name, value in slots.items()}, str(tmp / OPTIMIZER_FILE))
+    save_weights(tmp / OPTIMIZER_FILE, {f"{index}.{name}": value for index, slots in opt["state"].items()
+                                        for name, value in slots.items()})
     (tmp / STATE_FILE).write_text(json.dumps({**state, "epoch": epoch, "param_groups": opt["param_groups"]},
                                              indent=1))
     tmp.rename(final)
