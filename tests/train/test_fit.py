@@ -361,3 +361,14 @@ def test_the_files_of_a_run_get_the_umasks_mode(tmp_path, umask):
     assert modes == {name: oct(0o666 & ~umask) for name in (
         "model.safetensors", "ema.safetensors", "epoch-0000/model.safetensors", "epoch-0000/ema.safetensors",
         "epoch-0000/optimizer.safetensors", "epoch-0000/state.json")}
+
+
+def test_a_one_step_run_logs_no_scheduler_notice(tmp_path, caplog, capsys):
+    """timm's 'Cosine annealing scheduler will have no effect ... t_initial = t_mul = eta_mul = 1' named settings
+    leanvit does not have, ahead of the run's own output or errors."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1))
+    assert "Cosine annealing" not in caplog.text + capsys.readouterr().err
+    assert logging.getLogger("timm.scheduler.cosine_lr").level == logging.NOTSET  # silenced for that call only

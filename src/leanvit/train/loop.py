@@ -10,6 +10,7 @@ order, so N processes with batch B/N see the same global batches as one process 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import sys
@@ -121,9 +122,15 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
     if steps == 0:
         raise LeanvitError(f"{cfg.data} has {len(train_set)} images, fewer than one batch of {cfg.batch_size}.")
-    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr,
-                                  warmup_t=round(cfg.warmup_epochs * steps), warmup_lr_init=cfg.warmup_lr,
-                                  t_in_epochs=False)
+    cosine_log = logging.getLogger(CosineLRScheduler.__module__)
+    level = cosine_log.level  # its "will have no effect ... t_initial = t_mul = eta_mul = 1" for a one-step run
+    cosine_log.setLevel(logging.ERROR)
+    try:
+        scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr,
+                                      warmup_t=round(cfg.warmup_epochs * steps), warmup_lr_init=cfg.warmup_lr,
+                                      t_in_epochs=False)
+    finally:
+        cosine_log.setLevel(level)
     keep_rate = _keep_rate_schedule(cfg, model, steps)
     mixup, loss_fn = _objective(cfg, len(classes), teacher)
     amp_dtype = _amp_dtype(cfg, device)
