@@ -110,7 +110,7 @@ def test_data_at_a_size_the_model_was_not_built_for_is_refused_with_the_fix(tmp_
 
 
 def test_the_logged_learning_rate_is_the_one_each_step_ran_at(tmp_path):
-    result = fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=3, warmup_epochs=1, warmup_lr=1e-6))
+    result = fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=3, warmup_epochs=0.5, warmup_lr=1e-6))
     assert result.steps[0]["lr"] == pytest.approx(1e-6)  # the first step runs at the warm-up's start
 
 
@@ -346,6 +346,60 @@ def test_compiled_training_step_matches_eager(tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
 
 
+def _default_warmup(tmp_path, name, **overrides) -> TrainConfig:
+    """_config's run with --warmup-epochs left at its default."""
+    config = _config(tmp_path, name, **overrides).to_dict()
+    del config["warmup_epochs"]
+    return TrainConfig(**config)
+
+
+def test_the_default_warmup_fits_a_short_run_and_a_resume_keeps_it(tmp_path, capsys):
+    """--epochs 2 with the default 5 warm-up epochs never reached --lr nor started the cosine decay, silently."""
+    cfg = _default_warmup(tmp_path, "short", ema_decay=None)  # 2 epochs of 3 steps
+    lrs = [s["lr"] for s in fit(cfg).steps]
+    assert ("warm-up: 0.2 epochs (the default 5 epochs, capped at a tenth of the 2-epoch run; --warmup-epochs sets it)"
+            in capsys.readouterr().err)
+    assert lrs[0] == pytest.approx(cfg.warmup_lr) and lrs[1] > 0.9 * cfg.lr  # one warm-up step, then the cosine
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 0.5 * cfg.lr
+    assert json.loads((tmp_path / "short" / "epoch-0001" / "state.json").read_text())["config"]["warmup_epochs"] == 0.2
+
+    # a longer schedule on resume keeps the warm-up the run started with (it is over), and says no more
+    fit(_default_warmup(tmp_path, "short", epochs=3, ema_decay=None, resume=True))
+    state = json.loads((tmp_path / "short" / "epoch-0002" / "state.json").read_text())
+    assert state["config"]["warmup_epochs"] == 0.2 and state["changes"] == [{"epoch": 2, "changes": {"epochs": [2, 3]}}]
+    assert "warm-up:" not in capsys.readouterr().err
+    with pytest.raises(LeanvitError, match=r"different settings \(warmup_epochs: 0.2 -> 0.5\)"):
+        fit(_config(tmp_path, "short", epochs=4, ema_decay=None, resume=True))
+
+
+def test_a_given_warmup_as_long_as_the_run_is_kept_and_warned_about(tmp_path):
+    from leanvit.errors import LeanvitWarning
+
+    with pytest.warns(LeanvitWarning, match=r"--warmup-epochs 2 is as long as the run \(--epochs 2\) or longer: the "
+                                            r"learning rate .* never reaches --lr 0.001, and the cosine decay never"):
+        lrs = [s["lr"] for s in fit(_config(tmp_path, "run", warmup_epochs=2, ema_decay=None)).steps]
+    assert lrs == sorted(lrs) and lrs[-1] < 0.9e-3  # the user's warm-up, not a shortened one
+
+
+def test_train_help_says_how_long_the_default_warmup_is(capsys):
+    from leanvit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "(default: 5, at most a tenth of --epochs" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_one_step_run_logs_no_scheduler_notice(tmp_path, caplog, capsys):
+    """timm's 'Cosine annealing scheduler will have no effect ... t_initial = t_mul = eta_mul = 1' named settings
+    leanvit does not have, ahead of the run's own output or errors."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1))
+    assert "Cosine annealing" not in caplog.text + capsys.readouterr().err
+    assert logging.getLogger("timm.scheduler.cosine_lr").level == logging.NOTSET  # silenced for that call only
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_the_files_of_a_run_get_the_umasks_mode(tmp_path, umask):
     """safetensors writes 0600: the other users (of the other nodes) of a shared --output could not read them."""
@@ -361,14 +415,3 @@ def test_the_files_of_a_run_get_the_umasks_mode(tmp_path, umask):
     assert modes == {name: oct(0o666 & ~umask) for name in (
         "model.safetensors", "ema.safetensors", "epoch-0000/model.safetensors", "epoch-0000/ema.safetensors",
         "epoch-0000/optimizer.safetensors", "epoch-0000/state.json")}
-
-
-def test_a_one_step_run_logs_no_scheduler_notice(tmp_path, caplog, capsys):
-    """timm's 'Cosine annealing scheduler will have no effect ... t_initial = t_mul = eta_mul = 1' named settings
-    leanvit does not have, ahead of the run's own output or errors."""
-    import logging
-
-    with caplog.at_level(logging.INFO):
-        fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1))
-    assert "Cosine annealing" not in caplog.text + capsys.readouterr().err
-    assert logging.getLogger("timm.scheduler.cosine_lr").level == logging.NOTSET  # silenced for that call only

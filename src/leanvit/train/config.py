@@ -15,6 +15,8 @@ from .distill import DISTILL_MODES
 
 #: timm's random erasing fills.
 RE_MODES = ("pixel", "rand", "const")
+#: ``--warmup-epochs``'s default (DeiT's), and the largest fraction of a shorter run it takes.
+DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_FRACTION = 5.0, 0.1
 
 
 def _help(text: str) -> dict:
@@ -46,7 +48,10 @@ class TrainConfig:
     batch_size: int = field(default=256, **_help("global batch, split evenly over the processes"))
     lr: float = field(default=2.5e-4, **_help("peak learning rate (DeiT: 5e-4 x batch / 512)"))
     min_lr: float = field(default=1e-5, **_help("cosine schedule's final learning rate"))
-    warmup_epochs: float = field(default=5.0, **_help("linear warm-up length, in epochs"))
+    warmup_epochs: float | None = field(default=None, **_help(
+        f"linear warm-up length, in epochs (default: {DEFAULT_WARMUP_EPOCHS:g}, at most a tenth of --epochs, "
+        "e.g. 0.2 for 2 epochs; a resumed run keeps the warm-up it started with). A warm-up as long as the run or "
+        "longer is warned about: the learning rate never reaches --lr and the cosine decay never starts"))
     warmup_lr: float = field(default=1e-6, **_help("learning rate at the first step"))
     weight_decay: float = field(default=0.05, **_help("AdamW weight decay (not on norms and biases)"))
     label_smoothing: float = field(default=0.1, **_help("label smoothing"))

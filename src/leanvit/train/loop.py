@@ -35,10 +35,10 @@ from ..checkpoint import (WEIGHTS_FILE, CheckpointMismatchError, checkpoint_file
 from ..compress.tokens import EViT, from_spec, keep_rate_warmup
 from ..compress.tokens import apply as token_apply
 from ..data import build_transform, check_input_size, dataset_classes, make_loader, open_dataset, resolve_data_config
-from ..errors import InputSizeError, LeanvitError
+from ..errors import InputSizeError, LeanvitError, warn
 from ..evaluate import evaluate
 from ..models.registry import create_model, pretrained_num_classes
-from .config import TrainConfig
+from .config import DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_FRACTION, TrainConfig
 from .distill import AdaptedTeacher, DistillationLoss
 from .state import EMA_FILE, latest_checkpoint, load_training_state, read_state, save_training_state
 
@@ -122,12 +122,15 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
     if steps == 0:
         raise LeanvitError(f"{cfg.data} has {len(train_set)} images, fewer than one batch of {cfg.batch_size}.")
+    last = latest_checkpoint(output)
+    state = read_state(last) if last is not None and cfg.resume else None
+    warmup = _warmup_epochs(cfg, state["config"] if state else None, announce=main)
     cosine_log = logging.getLogger(CosineLRScheduler.__module__)
     level = cosine_log.level  # its "will have no effect ... t_initial = t_mul = eta_mul = 1" for a one-step run
     cosine_log.setLevel(logging.ERROR)
     try:
         scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr,
-                                      warmup_t=round(cfg.warmup_epochs * steps), warmup_lr_init=cfg.warmup_lr,
+                                      warmup_t=round(warmup * steps), warmup_lr_init=cfg.warmup_lr,
                                       t_in_epochs=False)
     finally:
         cosine_log.setLevel(level)
@@ -139,14 +142,13 @@ def _fit(cfg: TrainConfig) -> TrainResult:
 
     start_epoch, step, steps_log, epochs_log, changes, cwd = 0, 0, [], [], [], os.getcwd()
     inputs = _weights_read(cfg)
-    last = latest_checkpoint(output)
+    config = {**cfg.to_dict(), "warmup_epochs": warmup}  # the warm-up it ran with, kept by a resume
     if last is not None and not cfg.resume:
         raise LeanvitError(f"{output} already holds a run ({last.name}). Pass --resume to continue it, "
                            "or choose another --output.")
-    if last is not None:
-        state = read_state(last)
+    if state is not None:
         cwd = state.get("cwd", cwd)  # relative paths in the saved config are relative to the start's folder
-        changes = state.get("changes", []) + _resume_changes(state["config"], cfg, state["epoch"] + 1, cwd)
+        changes = state.get("changes", []) + _resume_changes(state["config"], config, state["epoch"] + 1, cwd)
         inputs = _same_weights_read(state.get("inputs"), inputs)
         load_training_state(last, state, model=model, optimizer=optimizer, ema=ema)
         if state["scaler"]:
@@ -212,7 +214,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
             if val_loader is not None:
                 summary.update(_validate(model, ema, val_loader, device, show))
             save_training_state(output, epoch, model=model, metadata=metadata, optimizer=optimizer, ema=ema,
-                                state={"step": step, "config": cfg.to_dict(), "scaler": scaler.state_dict(),
+                                state={"step": step, "config": config, "scaler": scaler.state_dict(),
                                        "epochs": epochs_log, "changes": changes,
                                        "inputs": inputs, "cwd": cwd})
             print(json.dumps(summary), file=sys.stderr)
@@ -242,6 +244,31 @@ def _load_init(model: nn.Module, path: str, classes: list[str], announce: bool) 
         why = "its size differs" if saved is None or len(saved) != len(classes) else "it was trained on other classes"
         print(f"--init-checkpoint {path}: " + ("every weight loaded, the classifier too" if keep else
                                                f"classifier re-initialised ({why})"), file=sys.stderr)
+
+
+def _warmup_epochs(cfg: TrainConfig, started: dict | None, announce: bool) -> float:
+    """The warm-up's length in epochs: ``--warmup-epochs``, else the one the resumed run (``started``: its saved
+    config) ran with, else the default, capped at a fraction of a short run (said in the log). A given warm-up as
+    long as the run is kept, and warned about."""
+    if cfg.warmup_epochs is None and started is None:
+        warmup = min(DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_FRACTION * cfg.epochs)
+        if announce and warmup < DEFAULT_WARMUP_EPOCHS:
+            print(f"warm-up: {warmup:g} epochs (the default {DEFAULT_WARMUP_EPOCHS:g} epochs, capped at a tenth of "
+                  f"the {cfg.epochs}-epoch run; --warmup-epochs sets it)", file=sys.stderr)
+        return warmup
+    warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else started.get("warmup_epochs",
+                                                                                   DEFAULT_WARMUP_EPOCHS)
+    if announce and warmup >= cfg.epochs:
+        if cfg.warmup_epochs is not None:
+            given, fix = f"--warmup-epochs {warmup:g}", ("Pass a shorter --warmup-epochs, or leave it out for the "
+                                                         f"default ({DEFAULT_WARMUP_EPOCHS:g} epochs, at most a tenth "
+                                                         "of the run).")
+        else:
+            given, fix = f"The warm-up this run started with ({warmup:g} epochs)", "Pass a larger --epochs."
+        warn(f"{given} is as long as the run (--epochs {cfg.epochs}) or longer: the learning rate rises from "
+             f"--warmup-lr {cfg.warmup_lr:g} all run long, never reaches --lr {cfg.lr:g}, and the cosine decay never "
+             f"starts. {fix}")
+    return warmup
 
 
 def _keep_rate_schedule(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
@@ -402,13 +429,13 @@ def _same_weights_read(saved: dict | None, now: dict) -> dict:
     return saved
 
 
-def _resume_changes(saved: dict, cfg: TrainConfig, epoch: int, start_cwd: str) -> list[dict]:
-    """Refuse a resume that changes what the run computes; return the allowed changes it makes (e.g. a
-    longer schedule) as ``[{"epoch", "changes": {field: [old, new]}}]``, bookkeeping left out, so the
-    run's card can say that it is not one uninterrupted command. The saved config's relative paths are relative
-    to ``start_cwd``; a field it lacks (newer than the run) had its earlier value."""
+def _resume_changes(saved: dict, config: dict, epoch: int, start_cwd: str) -> list[dict]:
+    """Refuse a resume whose ``config`` (the fields of a :class:`TrainConfig`) changes what the run computes; return
+    the allowed changes it makes (e.g. a longer schedule) as ``[{"epoch", "changes": {field: [old, new]}}]``,
+    bookkeeping left out, so the run's card can say that it is not one uninterrupted command. The saved config's
+    relative paths are relative to ``start_cwd``; a field it lacks (newer than the run) had its earlier value."""
     saved = {**TrainConfig.EARLIER_VALUES, **saved}
-    changed = {k: [saved.get(k), v] for k, v in cfg.to_dict().items()
+    changed = {k: [saved.get(k), v] for k, v in config.items()
                if saved.get(k) != v and not (k in _PATHS and _same_path(saved.get(k), v, start_cwd))}
     refused = sorted(k for k in changed if k not in TrainConfig.RESUMABLE_CHANGES)
     if refused:
