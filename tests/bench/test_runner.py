@@ -111,3 +111,23 @@ def test_a_gpu_only_engine_in_a_cpu_run_is_recorded_and_reported_on_its_gpu(monk
     monkeypatch.setattr(report, "plot_pareto", lambda *args, **kwargs: None)
     text = report.write_results(rows, cfg, {}, tmp_path)["md"].read_text()
     assert "- device: cpu (GPU-only engines on the GPU: gpu_only)" in text
+
+
+def test_an_unwritable_export_cache_fails_the_run_up_front_in_one_line(tmp_path, capsys, monkeypatch):
+    """``--cache-dir /proc/cache`` (or under a file) printed a traceback per exporting row and exited 1."""
+    from leanvit.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    args = ["bench", "mobilenetv2_050", "--img-size", "32", "--engines", "eager", "onnxruntime", "--threads", "1",
+            "--no-progress", "--out", str(tmp_path / "out")]
+    assert main([*args, "--cache-dir", str(afile / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"leanvit bench: error: Cannot cache exports in {afile / 'x'} (Not a directory): point --cache-dir "
+                   "at a directory you can write to.\n")
+    assert not (tmp_path / "out").exists()  # before anything is measured or written
+    monkeypatch.setenv("LEANVIT_CACHE", str(afile))
+    with pytest.raises(LeanvitError, match="point LEANVIT_CACHE"):
+        run_bench(tiny_bench(engines=["onnxruntime"]), progress=False)
+    assert run_bench(tiny_bench(engines=["eager"]), progress=False)[0].ran  # eager exports nothing: no cache needed
+

@@ -312,3 +312,24 @@ def test_tensorrt_takes_the_gpu_index_it_is_given(monkeypatch):
     assert cuda_device("cuda") == torch.device("cuda", 0) and cuda_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(LeanvitError, match=r"cuda:2, but 2 GPUs are visible \(cuda:0 to cuda:1\)"):
         cuda_device("cuda:2")
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_an_unwritable_export_cache_is_one_clear_error(engine, tiny_cnn, tmp_path, monkeypatch):
+    """A cache under a file (or in /proc) raised the exporter's NotADirectoryError / FileNotFoundError: a traceback
+    from ``leanvit eval --engine openvino``, one per row in ``leanvit bench``."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(LeanvitError, match=rf"Cannot cache exports in {afile}/x \(Not a directory\): point "
+                                           "--cache-dir at a directory you can write to"):
+        get_engine(engine, threads=1).load(tiny_cnn, x, cache_dir=afile / "x")
+    with pytest.raises(LeanvitError, match=rf"{afile} \(a file, not a directory\)"):
+        cached_onnx(tiny_cnn, x, cache_dir=afile)
+    monkeypatch.setenv("LEANVIT_CACHE", str(afile / "x"))
+    with pytest.raises(LeanvitError, match=r"afile/x/exports \(Not a directory\): point LEANVIT_CACHE .* at a "
+                                           "directory you can write to"):
+        get_engine(engine, threads=1).load(tiny_cnn, x)
+    if Path("/proc/self").is_dir():  # a directory that cannot be created, whoever runs the tests (root included)
+        with pytest.raises(LeanvitError, match=r"Cannot cache exports in /proc/cache \("):
+            get_engine(engine, threads=1).load(tiny_cnn, x, cache_dir="/proc/cache")

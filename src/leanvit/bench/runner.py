@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..catalog import ModelFacts, find_facts
 from ..compress.tokens import apply as token_apply
 from ..compress.tokens import from_spec
-from ..deploy import check_agreement, engine_device, get_engine
+from ..deploy import check_agreement, engine_device, export_dir, get_engine
 from ..errors import LeanvitError, check_range, warn
 from ..models.registry import resolve_model_name
 from ..profile import check_img_size, count_macs, count_params, create_model_at
@@ -59,9 +59,13 @@ class BenchConfig:
             resolve_model_name(m)
         for spec in self.tokens:
             from_spec(spec)
+        exporting = False
         for e in self.engines:
             for p in self.precisions:
-                get_engine(e, threads=self.threads, precision=p, device=engine_device(e, self.device))
+                engine = get_engine(e, threads=self.threads, precision=p, device=engine_device(e, self.device))
+                exporting |= engine.exports
+        if exporting:
+            export_dir(self.cache_dir)  # a cache that cannot be written: one error now, not one per row
 
 
 def checked_images(cfg: BenchConfig) -> int:
@@ -128,7 +132,8 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
 
     A configuration that fails is recorded with its ``error`` and reported, not dropped: a model that cannot be
     built at ``img_size``, an engine that cannot load it (OpenVINO bf16 on a CPU without BF16) or crashes. Only
-    errors about the whole run (a bad setting, an unknown model or engine) stop it, up front in ``validate``.
+    errors about the whole run (a bad setting, an unknown model or engine, an export cache that cannot be written)
+    stop it, up front in ``validate``.
     """
     cfg.validate()
     if cfg.threads > default_threads():

@@ -17,9 +17,9 @@ from .engine import (
     engine_names,
     get_engine,
 )
-from .export import cached_onnx, cached_openvino_ir, export_onnx
+from .export import cached_onnx, cached_openvino_ir, export_dir, export_onnx
 
 __all__ = [
     "Agreement", "Engine", "Runner", "available_engines", "cached_onnx", "cached_openvino_ir",
-    "check_agreement", "engine_device", "engine_names", "export_onnx", "get_engine",
+    "check_agreement", "engine_device", "engine_names", "export_dir", "export_onnx", "get_engine",
 ]

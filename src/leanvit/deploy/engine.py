@@ -40,6 +40,8 @@ class Engine(ABC):
     #: device types this engine runs on; "cpu", every engine's default, is taken as "wherever it runs": a GPU-only
     #: engine given it records its own device (``self.device``), the first of these
     devices: tuple[str, ...] = ("cpu",)
+    #: whether :meth:`load` exports the model to a file (in the export cache, :func:`~leanvit.deploy.export_dir`)
+    exports: bool = False
 
     def __init__(self, threads: int = 1, precision: str = "f32", device: str = "cpu"):
         check_range("threads", threads, 1, 1024)

@@ -14,6 +14,7 @@ import enum
 import hashlib
 import importlib.metadata
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -31,6 +32,26 @@ DEFAULT_OPSET = 20
 def cache_root() -> Path:
     """``$LEANVIT_CACHE`` or ``~/.cache/leanvit``."""
     return Path(os.environ.get("LEANVIT_CACHE", Path.home() / ".cache" / "leanvit"))
+
+
+def export_dir(cache_dir: str | Path | None = None) -> Path:
+    """The directory exports are cached in: ``cache_dir``, else ``cache_root() / "exports"``; created, and checked
+    that a file can be written there, so a bad directory is one clear error (naming it, why, and the fix), not a
+    traceback from the exporter per model."""
+    path = Path(cache_dir) if cache_dir else cache_root() / "exports"
+    reason = "a file, not a directory" if path.exists() and not path.is_dir() else None
+    if reason is None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):  # an existing read-only directory (or /proc) passes mkdir
+                pass
+        except OSError as e:
+            reason = e.strerror or str(e)
+    if reason:
+        fix = ("point --cache-dir at a directory you can write to" if cache_dir else
+               "point LEANVIT_CACHE (or leanvit bench's --cache-dir) at a directory you can write to")
+        raise LeanvitError(f"Cannot cache exports in {path} ({reason}): {fix}.")
+    return path
 
 
 def _setting(v) -> str | None:
@@ -161,7 +182,7 @@ def cached_onnx(
 ) -> Path:
     """The ONNX export of ``model`` at ``example``'s shape, exporting only on a cache miss."""
     key = export_key(model, example, dynamic_batch=dynamic_batch, opset=opset)
-    path = Path(cache_dir or cache_root() / "exports") / key / "model.onnx"
+    path = export_dir(cache_dir) / key / "model.onnx"
     if not path.exists():
         tmp = path.with_suffix(".tmp.onnx")
         export_onnx(model, example, tmp, opset=opset, dynamic_batch=dynamic_batch)

@@ -42,6 +42,7 @@ class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
     devices = ("cpu", "cuda")
     package = "onnxruntime"
+    exports = True
 
     def providers(self) -> list:
         import onnxruntime as ort

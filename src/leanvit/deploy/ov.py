@@ -52,6 +52,7 @@ class OpenVinoEngine(Engine):
     name = "openvino"
     package = "openvino"
     precisions = ("f32", "bf16")
+    exports = True
 
     def compile_config(self) -> dict:
         """The CPU plugin settings; ``benchmarks/harness_check.py`` passes the same to benchmark_app."""

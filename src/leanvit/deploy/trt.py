@@ -75,6 +75,7 @@ class TensorRTEngine(Engine):
     devices = ("cuda",)
     package = "tensorrt"
     precisions = ("f32", "fp16")
+    exports = True
 
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
         import tensorrt as trt
