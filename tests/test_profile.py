@@ -70,7 +70,7 @@ def test_commands_that_run_images_warn_of_dropped_pixels_too():
     model = timm.create_model("deit_tiny_patch16_224", img_size=(44, 50), patch_size=8, depth=1, embed_dim=16,
                               num_heads=2)
     with pytest.warns(LeanvitWarning, match=r"cuts 44x50 inputs into 8x8 patches and drops the last 4 pixel rows and "
-                                            r"the last 2 pixel columns: it computes as at 40x48\. Use a size whose"):
+                                            r"the last 2 pixel columns: it computes as at 40x48\. Use inputs whose"):
         check_input_size(model, {"input_size": (3, 44, 50)}, "deit")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
 from ..checkpoint import model_from_checkpoint
 from ..data import (
-    build_transform, calibration_images, calibration_subset, check_input_size, dataset_classes, make_loader, open_dataset,
-    shared_images,
+    build_transform, calibration_images, calibration_shortfall, calibration_subset, check_input_size, dataset_classes,
+    make_loader, open_dataset, without_calibration_images,
 )
 from ..errors import LeanvitError
 from ..evaluate import check_class_outputs, evaluate
@@ -149,25 +148,6 @@ def _warn_unused_flags(args: argparse.Namespace, config) -> None:
         print(f"leanvit quantize: warning: {flag} has no effect without {needs}", file=sys.stderr)
 
 
-def _without_calibration_images(evalset, calibset, calib_indices: list[int], eval_source: str):
-    """``evalset`` less the calibration images it holds (``--eval`` and ``--calib`` on the same split, or the same
-    images in two layouts): a model scored on the images it was calibrated on would look better than it is."""
-    shared = shared_images(evalset, Subset(calibset, calib_indices))
-    if shared is None:
-        print(f"leanvit quantize: note: --eval {eval_source} is not stored as image files, so it was not checked for "
-              "calibration images", file=sys.stderr)
-        return evalset
-    if not shared:
-        return evalset
-    if len(shared) == len(evalset):
-        raise LeanvitError(f"Every image of --eval {eval_source} is a calibration image: evaluate on other images "
-                           "(a test split) than those --calib draws from.")
-    kept = sorted(set(range(len(evalset))) - set(shared))
-    print(f"leanvit quantize: note: {len(shared)} of the --eval images are calibration images; "
-          f"they are left out of the evaluation ({len(kept)} remain)", file=sys.stderr)
-    return Subset(evalset, kept)
-
-
 def run(args: argparse.Namespace) -> int:
     from ..compress import quant
 
@@ -229,19 +209,15 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     # decoded once, used by every pass
     calib = calibration_images(calibset, args.calib_images, args.batch_size)
-    if calib.skipped:
-        short = len(calib.indices) < min(args.calib_images, len(calibset))
-        print(f"leanvit quantize: warning: {calib.skipped} calibration images could not be decoded (named above); "
-              f"{'no others were left' if short else 'others were drawn instead'}: calibrating on "
-              f"{len(calib.indices)}", file=sys.stderr)
-    elif len(calib.indices) < args.calib_images:
-        print(f"leanvit quantize: warning: {args.calib} holds {len(calib.indices)} images, fewer than --calib-images "
-              f"{args.calib_images}: calibrating on all of them", file=sys.stderr)
+    if shortfall := calibration_shortfall(calib, args.calib_images, args.calib):
+        print(f"leanvit quantize: warning: {shortfall}", file=sys.stderr)
     if len(calib.indices) < config.min_images:  # (QuantConfig.min_images, the API's way round it, is no flag)
         raise LeanvitError(f"Only {len(calib.indices)} images of {args.calib} could be decoded; calibration needs at "
                            f"least {config.min_images} (256 is a good choice): pass a folder with more.")
     if evalset is not None:
-        evalset = _without_calibration_images(evalset, calibset, calib.indices, args.eval)
+        evalset, note = without_calibration_images(evalset, calibset, calib.indices, args.eval)
+        if note:
+            print(f"leanvit quantize: note: {note}", file=sys.stderr)
     calib = calib.batches
     if args.avg_bits is not None:
         mixed = quant.allocate_bits(model, calib, args.avg_bits, low=args.bits, high="w8a8", config=config,

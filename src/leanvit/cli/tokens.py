@@ -12,10 +12,9 @@ import time
 
 from ..checkpoint import model_from_checkpoint
 from ..data import (
-    build_transform, calibration_images, calibration_subset, dataset_classes, make_loader, open_dataset,
-    resolve_data_config,
+    build_transform, calibration_images, calibration_shortfall, calibration_subset, check_input_size, dataset_classes,
+    make_loader, open_dataset, resolve_data_config, without_calibration_images,
 )
-from ..data.calibration import calibration_shortfall, without_calibration_images
 from ..errors import LeanvitError
 from ..evaluate import evaluate
 from ..models.registry import create_model
@@ -124,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     tokens.check_plain_vit(model)
     # the size the model was built for (an img_size model kwarg wins over the checkpoint's), its saved crop and statistics
     data_config = resolve_data_config(model, img_size=model.patch_embed.img_size[0], saved=meta.get("data_config"))
+    check_input_size(model, data_config, args.model)  # (a size that is not a multiple of the patch size: warned)
     transform = build_transform(data_config)
     calibset = None
     if args.method == "diffrate":

@@ -7,7 +7,9 @@ interpolation from the model's ``pretrained_cfg`` through timm.
 """
 from __future__ import annotations
 
-from .calibration import CalibrationImages, calibration_images, calibration_subset
+from .calibration import (
+    CalibrationImages, calibration_images, calibration_shortfall, calibration_subset, without_calibration_images,
+)
 from .datasets import (
     BUNDLED_CIFAR10, CorruptImageWarning, IgnoredFilesWarning, LabelFileDataset, bundled_cifar10,
     collate_skipping_corrupt, dataset_classes, open_dataset, shared_images,
@@ -18,6 +20,6 @@ from .transforms import DATA_CONFIG_KEYS, build_transform, check_input_size, res
 __all__ = [
     "BUNDLED_CIFAR10", "CalibrationImages", "CorruptImageWarning", "DATA_CONFIG_KEYS", "DecodedDataset",
     "IgnoredFilesWarning", "LabelFileDataset", "build_transform", "bundled_cifar10", "calibration_images",
-    "calibration_subset", "check_input_size", "collate_skipping_corrupt", "dataset_classes", "make_loader",
-    "open_dataset", "resolve_data_config", "shared_images",
+    "calibration_shortfall", "calibration_subset", "check_input_size", "collate_skipping_corrupt", "dataset_classes",
+    "make_loader", "open_dataset", "resolve_data_config", "shared_images", "without_calibration_images",
 ]

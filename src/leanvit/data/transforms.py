@@ -76,10 +76,11 @@ def warn_partial_patches(model: nn.Module, name: str, height: int, width: int) -
         return
     kept = (height - rows, width - cols)
     if height == width and patch[0] == patch[1]:  # a square size, as --img-size gives
-        dropped, fix = f"the last {rows} pixel rows and columns", f"--img-size {kept[0]} or {kept[0] + patch[0]}"
+        dropped = f"the last {rows} pixel rows and columns"
+        fix = f"{kept[0]}x{kept[0]} or {kept[0] + patch[0]}x{kept[0] + patch[0]} inputs"
     else:
         dropped = " and ".join(f"the last {n} pixel {what}" for n, what in ((rows, "rows"), (cols, "columns")) if n)
-        fix = f"a size whose sides are multiples of {patch[0]} and {patch[1]}"
+        fix = f"inputs whose sides are multiples of {patch[0]} and {patch[1]}"
     warn(f"{name} cuts {height}x{width} inputs into {patch[0]}x{patch[1]} patches and drops {dropped}: it computes "
          f"as at {kept[0]}x{kept[1]}. Use {fix}.")
 
