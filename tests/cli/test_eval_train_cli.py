@@ -60,6 +60,13 @@ def test_eval_human_readable(trained, capsys):
     assert "top-1" in out and "images/s" in out and "500 images, 10 classes, 0 skipped" in out
 
 
+def test_use_train_size_with_a_leanvit_checkpoint_is_a_warning(trained, capsys):
+    """The checkpoint's saved pre-processing wins: the flag changed nothing, silently."""
+    assert main(["eval", MODEL, "--checkpoint", str(trained), "--use-train-size", "--no-progress", "--workers", "0",
+                 "--json"]) == 0
+    assert "--use-train-size has no effect with a leanvit checkpoint" in capsys.readouterr().err
+
+
 def test_checkpoint_of_another_architecture(tmp_path, capsys):
     import timm
 

@@ -65,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
             print("leanvit eval: warning: no --checkpoint or --pretrained, evaluating random weights",
                   file=sys.stderr)
     data_config = input_data_config(model, meta, args)
+    if args.use_train_size and meta.get("data_config"):
+        print("leanvit eval: warning: --use-train-size has no effect with a leanvit checkpoint: it carries the "
+              "pre-processing it was trained with (--img-size and --crop-pct override it)", file=sys.stderr)
     check_input_size(model, data_config, args.model)
     if args.out:  # before the evaluation, not after it
         prepare_out_file(args.out, "the JSON result", "eval.json")
