@@ -123,11 +123,56 @@ def test_an_unwritable_export_cache_fails_the_run_up_front_in_one_line(tmp_path,
             "--no-progress", "--out", str(tmp_path / "out")]
     assert main([*args, "--cache-dir", str(afile / "x")]) == 2
     err = capsys.readouterr().err
-    assert err == (f"leanvit bench: error: Cannot cache exports in {afile / 'x'} (Not a directory): point --cache-dir "
-                   "at a directory you can write to.\n")
+    assert "Traceback" not in err and "FAILED" not in err
+    assert (f"leanvit bench: error: Cannot cache exports in {afile / 'x'} (Not a directory): point --cache-dir at a "
+            "directory you can write to.") in err.splitlines()
     assert not (tmp_path / "out").exists()  # before anything is measured or written
     monkeypatch.setenv("LEANVIT_CACHE", str(afile))
     with pytest.raises(LeanvitError, match="point LEANVIT_CACHE"):
         run_bench(tiny_bench(engines=["onnxruntime"]), progress=False)
     assert run_bench(tiny_bench(engines=["eager"]), progress=False)[0].ran  # eager exports nothing: no cache needed
 
+
+def test_a_precision_an_engine_does_not_run_is_a_skipped_row_not_a_refused_run(tmp_path, capsys):
+    """``leanvit bench --precision f32 bf16`` on the default engines refused the whole run: ONNX Runtime runs only
+    f32. Every pair an engine runs is measured; the others are skipped rows, said once, in the report and the CSV."""
+    import csv
+
+    from leanvit.cli import main
+
+    args = ["bench", "mobilenetv2_050", "--img-size", "32", "--engines", "eager", "onnxruntime", "--threads", "1",
+            "--precision", "f32", "bf16", "--budget", "0.01", "--warmup", "0.01", "--no-progress",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert err.count("onnxruntime does not run bf16") == 1
+    assert "leanvit bench: warning: onnxruntime does not run bf16 (it runs f32): those rows are skipped." in err
+    table = [line.split()[:4] for line in out.splitlines()[1:]]
+    assert [line[1:3] for line in table] == [["eager", "f32"], ["eager", "bf16"], ["onnxruntime", "f32"],
+                                             ["onnxruntime", "bf16"]]
+    assert table[3][3] == "skipped" and all(line[3] not in ("skipped", "FAILED") for line in table[:3])
+    with (tmp_path / "out" / "results.csv").open() as f:
+        rows = [(r["engine"], r["precision"], r["skipped"], r["error"]) for r in csv.DictReader(f)]
+    assert rows[3] == ("onnxruntime", "bf16", "onnxruntime does not run bf16 (it runs f32)", "")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| mobilenetv2_050 | onnxruntime | bf16 | **skipped** |" in report
+    assert "- mobilenetv2_050 on onnxruntime (bf16): onnxruntime does not run bf16 (it runs f32)" in report
+    assert "in the 3 configurations that ran" in report and (tmp_path / "out" / "pareto.png").stat().st_size
+
+
+def test_a_precision_no_chosen_engine_runs_still_refuses_the_run(monkeypatch):
+    from leanvit.bench import runner
+
+    with pytest.raises(LeanvitError, match=r"--precision fp16: none of the engines eager, onnxruntime runs it \(they "
+                                           r"run f32, bf16\); engines for fp16: tensorrt\."):
+        run_bench(tiny_bench(engines=["eager", "onnxruntime"], precisions=["f32", "fp16"]), progress=False)
+    with pytest.raises(LeanvitError, match=r"--precision bf16: engine 'onnxruntime' does not run it \(it runs f32\)"):
+        run_bench(tiny_bench(engines=["onnxruntime"], precisions=["bf16"]), progress=False)
+
+    def create(name, img_size, **kwargs):  # a model that cannot be built: its unrunnable pairs stay skipped
+        raise InputSizeError("cannot build (test).")
+
+    monkeypatch.setattr(runner, "create_model_at", create)
+    with pytest.warns(UserWarning, match="onnxruntime does not run bf16"):
+        rows = run_bench(tiny_bench(engines=["eager", "onnxruntime"], precisions=["f32", "bf16"]), progress=False)
+    assert [(r.error is not None, r.skipped is not None) for r in rows] == [(True, False)] * 3 + [(False, True)]

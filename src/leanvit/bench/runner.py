@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..catalog import ModelFacts, find_facts
 from ..compress.tokens import apply as token_apply
 from ..compress.tokens import from_spec
-from ..deploy import check_agreement, engine_device, export_dir, get_engine
+from ..deploy import check_agreement, engine_device, engine_names, engine_precisions, export_dir, get_engine
 from ..errors import LeanvitError, check_range, warn
 from ..models.registry import resolve_model_name
 from ..profile import check_img_size, count_macs, count_params, create_model_at
@@ -60,12 +60,24 @@ class BenchConfig:
         for spec in self.tokens:
             from_spec(spec)
         exporting = False
-        for e in self.engines:
-            for p in self.precisions:
-                engine = get_engine(e, threads=self.threads, precision=p, device=engine_device(e, self.device))
-                exporting |= engine.exports
+        for e in self.engines:  # unknown, not installed, not on this device: the whole run's problem
+            exporting |= get_engine(e, threads=self.threads, device=engine_device(e, self.device)).exports
+        for p in self.precisions:  # a pair an engine cannot run is a skipped row (unrunnable_pairs), not an error
+            if not any(p in engine_precisions(e) for e in self.engines):
+                able = [n for n in engine_names() if p in engine_precisions(n)]
+                runs = ", ".join(dict.fromkeys(q for e in self.engines for q in engine_precisions(e)))
+                who = (f"engine '{self.engines[0]}' does not run it (it runs {runs})" if len(self.engines) == 1 else
+                       f"none of the engines {', '.join(self.engines)} runs it (they run {runs})")
+                raise LeanvitError(f"--precision {p}: {who}" + (f"; engines for {p}: {', '.join(able)}." if able else "."))
         if exporting:
             export_dir(self.cache_dir)  # a cache that cannot be written: one error now, not one per row
+
+
+def unrunnable_pairs(cfg: BenchConfig) -> dict[tuple[str, str], str]:
+    """The ``(engine, precision)`` pairs of ``cfg`` that the engine does not run, each with why: their rows are
+    skipped (``--precision f32 bf16`` runs bf16 where an engine can, and f32 everywhere)."""
+    return {(e, p): f"{e} does not run {p} (it runs {', '.join(engine_precisions(e))})"
+            for e in cfg.engines for p in cfg.precisions if p not in engine_precisions(e)}
 
 
 def checked_images(cfg: BenchConfig) -> int:
@@ -131,11 +143,15 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
     """Benchmark every model x engine x precision of ``cfg``; one row each, failures included.
 
     A configuration that fails is recorded with its ``error`` and reported, not dropped: a model that cannot be
-    built at ``img_size``, an engine that cannot load it (OpenVINO bf16 on a CPU without BF16) or crashes. Only
-    errors about the whole run (a bad setting, an unknown model or engine, an export cache that cannot be written)
-    stop it, up front in ``validate``.
+    built at ``img_size``, an engine that cannot load it (OpenVINO bf16 on a CPU without BF16) or crashes. A precision
+    an engine does not run at all (ONNX Runtime bf16) is a ``skipped`` row, said once in a warning. Only errors about
+    the whole run (a bad setting, an unknown model or engine, a precision none of the engines runs, an export cache
+    that cannot be written) stop it, up front in ``validate``.
     """
     cfg.validate()
+    unrunnable = unrunnable_pairs(cfg)
+    if unrunnable:
+        warn(f"{'; '.join(unrunnable.values())}: those rows are skipped.")
     if cfg.threads > default_threads():
         warn(f"--threads {cfg.threads} is more than the {default_threads()} CPUs this process may use: engines "
              "that take the count as given oversubscribe the cores, OpenVINO caps it (each row's threads_used "
@@ -155,7 +171,9 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
             for variant in ("", *cfg.tokens):
                 for engine_name in cfg.engines:
                     rows += [BenchRow(model=name, engine=engine_name, variant=variant, precision=p, batch=cfg.batch,
-                                      threads=cfg.threads, img_size=cfg.img_size or _native_size(name), error=error)
+                                      threads=cfg.threads, img_size=cfg.img_size or _native_size(name),
+                                      skipped=unrunnable.get((engine_name, p)),
+                                      error=None if (engine_name, p) in unrunnable else error)
                              for p in cfg.precisions]
             bar.update(len(cfg.engines) * len(cfg.precisions) * (1 + len(cfg.tokens)))
             continue
@@ -183,8 +201,9 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
                     row = BenchRow(model=name, engine=engine_name, variant=variant, precision=precision,
                                    batch=cfg.batch, threads=cfg.threads, img_size=size, params=params, macs=macs,
                                    published_top1=published_top1(facts, size, variant),
-                                   paper_speed=facts.speed if facts else None, skipped=inapplicable)
-                    if inapplicable:
+                                   paper_speed=facts.speed if facts else None,
+                                   skipped=inapplicable or unrunnable.get((engine_name, precision)))
+                    if row.skipped:
                         rows.append(row)
                         bar.update()
                         continue

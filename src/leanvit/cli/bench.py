@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("models", nargs="*", help=f"model names (default: {' '.join(DEFAULT_MODELS)})")
     p.add_argument("--engines", nargs="+", metavar="ENGINE", help=f"engines (default: {' '.join(DEFAULT_ENGINES)})")
-    p.add_argument("--precision", nargs="+", default=["f32"], metavar="P", help="precisions: f32, bf16, fp16 (default f32)")
+    p.add_argument("--precision", nargs="+", default=["f32"], metavar="P", help="precisions: f32, bf16, fp16 (default f32); "
+                   "an engine that does not run one skips it")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
     p.add_argument("--threads", type=positive_int, default=default_threads(), help="CPU threads per engine (default: all usable)")
     p.add_argument("--img-size", type=positive_int, help="input resolution (default: each model's own)")

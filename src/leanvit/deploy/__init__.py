@@ -15,11 +15,12 @@ from .engine import (
     check_agreement,
     engine_device,
     engine_names,
+    engine_precisions,
     get_engine,
 )
 from .export import cached_onnx, cached_openvino_ir, export_dir, export_onnx
 
 __all__ = [
     "Agreement", "Engine", "Runner", "available_engines", "cached_onnx", "cached_openvino_ir",
-    "check_agreement", "engine_device", "engine_names", "export_dir", "export_onnx", "get_engine",
+    "check_agreement", "engine_device", "engine_names", "engine_precisions", "export_dir", "export_onnx", "get_engine",
 ]

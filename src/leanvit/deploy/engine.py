@@ -107,6 +107,12 @@ def engine_device(name: str, device: str) -> str:
     return device if cls is None else cls.device_for(device)
 
 
+def engine_precisions(name: str) -> tuple[str, ...]:
+    """The precisions engine ``name`` runs; () for a name leanvit does not know."""
+    cls = _ENGINES.get(name)
+    return () if cls is None else cls.precisions
+
+
 def available_engines() -> list[str]:
     return [n for n, cls in _ENGINES.items() if cls.is_available()]
 
