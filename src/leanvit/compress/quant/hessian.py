@@ -23,8 +23,9 @@ drawn where the gradient is.
 The attention matmuls' input quantizers (``attn_bits``) are searched the same way, as PTQ4ViT does: for each
 product ``A @ B`` whose operands come straight from two quantizers, the cost is the gradient-weighted error of its
 output rows, and the two per-tensor ranges are searched in turn (a non-uniform softmax quantizer keeps its fit and
-is applied as it is). Their candidates keep the zero point (ratios of the calibrated range): an unsigned operand
-stays on a grid starting at 0, the form the engines' INT8 matmuls take.
+is applied as it is); a quantizer that several products read is searched on the sum of their errors. Their
+candidates keep the zero point (ratios of the calibrated range): an unsigned operand stays on a grid starting at 0,
+the form the engines' INT8 matmuls take.
 """
 from __future__ import annotations
 
@@ -149,22 +150,22 @@ def _collect(qmodel: nn.Module, layers: dict[str, nn.Module], batches: list[torc
 
 
 def _ratio_search(error, start: torch.Tensor) -> torch.Tensor:
-    """Ratios (one per row) minimising ``error(ratios) -> (rows,)``, never worse than ``start``.
+    """Ratios (one per row) minimising ``error(ratios) -> errors``, both ``(candidates, rows)``, never worse than
+    ``start``.
 
-    A grid of 20 ratios of the min-max range, then 21 around the best one, as ``choose_range`` does.
+    A grid of 20 ratios of the min-max range, then 21 around the best one, as ``choose_range`` does; each pass's
+    candidates go to ``error`` at once, for an error that weighs them together.
     """
-    best, best_err = start, error(start)
+    best, best_err = start, error(start[None])[0]
 
     def keep_better(ratios):
         nonlocal best, best_err
-        for ratio in ratios:
-            err = error(ratio)
+        for ratio, err in zip(ratios, error(ratios)):
             better = err < best_err
             best_err, best = torch.where(better, err, best_err), torch.where(better, ratio, best)
 
-    keep_better(r.expand_as(start) for r in torch.linspace(0.05, 1.0, 20, device=start.device))
-    centre = best
-    keep_better((centre + step).clamp(min=0.005) for step in torch.linspace(-0.05, 0.05, 21, device=start.device))
+    keep_better(torch.linspace(0.05, 1.0, 20, device=start.device)[:, None].expand(-1, len(start)))
+    keep_better((best + torch.linspace(-0.05, 0.05, 21, device=start.device)[:, None]).clamp(min=0.005))
     return best
 
 
@@ -199,7 +200,7 @@ def _search_layer(layer: nn.Module, x: torch.Tensor, grad_sq: torch.Tensor, roun
         return err if wq.scheme.per_channel else err.sum().view(1)
 
     def input_cost(lo, hi):
-        return cost(quantized(x, lo, hi, 1.0, iq.scheme, (), 0), w_hat).sum().view(1)
+        return torch.stack([cost(quantized(x, *one, 1.0, iq.scheme, (), 0), w_hat).sum() for one in zip(lo, hi)])
 
     # the ratio at which the min-max range gives the current scale: qparams is linear in the range
     w_start = w_ratio = wq.scale.reshape(-1) / qparams(w_lo, w_hi, wq.scheme)[0]
@@ -208,7 +209,7 @@ def _search_layer(layer: nn.Module, x: torch.Tensor, grad_sq: torch.Tensor, roun
         families = _input_range_families(x, *x_start)
     x_hat = _quantized_rows(x, iq)
     for _ in range(rounds):
-        w_ratio = _ratio_search(weight_cost, w_ratio)
+        w_ratio = _ratio_search(lambda ratios: torch.stack([weight_cost(r) for r in ratios]), w_ratio)
         w_hat = quantized(weight, w_lo, w_hi, w_ratio, wq.scheme, wq.scale.shape, 0)
         if search_input:
             x_range = _input_range_search(input_cost, x_range, families)
@@ -228,11 +229,12 @@ def _input_range_families(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -
 
 
 def _input_range_search(error, current: tuple, families: list[tuple]) -> tuple:
-    """The ``(lo, hi)`` minimising ``error(lo, hi)``: ``current`` (the very object) unless a candidate of a family
-    beats it, each family searched by :func:`_ratio_search` from its start ratio."""
+    """The ``(lo, hi)`` minimising ``error(lo, hi)`` (of candidate ranges, ``(candidates,)`` each, to their errors):
+    ``current`` (the very object) unless a candidate of a family beats it, each family searched by
+    :func:`_ratio_search` from its start ratio."""
     best, best_err = current, error(*current)
     for lo, hi, start in families:
-        ratio = _ratio_search(lambda r: error(lo * r, hi * r), start)
+        ratio = _ratio_search(lambda r: error(lo * r[:, 0], hi * r[:, 0])[:, None], start)
         if (err := error(lo * ratio, hi * ratio)) < best_err:
             best, best_err = (lo * ratio, hi * ratio), err
     return best
@@ -317,15 +319,70 @@ def _collect_products(qmodel: nn.Module, matmul_quantizers: dict[str, nn.Module]
     return {key: tuple(torch.cat(parts) for parts in zip(*pairs)) for key, pairs in found.items() if pairs}
 
 
-def _product_rows(a_rows: torch.Tensor, groups: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Rows ``a_rows[r] @ b[groups[r]]``, ``(R, N)``."""
-    return torch.bmm(a_rows.unsqueeze(1), b[groups]).squeeze(1)
+#: values of candidates the product search computes at once (operand copies and products): batches this size
+#: (4 MiB of float32) stay in the caches; larger ones measured slower
+_CANDIDATE_VALUES = 2**20
 
 
 def _per_tensor(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, quantizer: FakeQuantizer) -> torch.Tensor:
-    """``x`` quantized on the per-tensor grid of ``quantizer``'s scheme spanning ``(lo, hi)``."""
-    scale, zero = qparams(lo, hi, quantizer.scheme)
-    return fake_quantize(x, scale.reshape(()), zero.reshape(()), quantizer.scheme)
+    """``x`` quantized on the per-tensor grid of ``quantizer``'s scheme spanning each candidate range ``(lo[c],
+    hi[c])``, ``(candidates, *x.shape)``: :func:`fake_quantize`'s arithmetic bit for bit (its reciprocal scale,
+    rounding half to even, clamp and rescale) in whole-tensor operations, which run several times faster than
+    torch's fake-quantize kernels, one value at a time."""
+    scale, zero_point = qparams(lo, hi, quantizer.scheme)
+    scale, zero_point = (t.reshape(-1, *[1] * x.ndim) for t in (scale, zero_point.float()))
+    codes = (x * (1 / scale)).round_().add_(zero_point).clamp_(quantizer.scheme.qmin, quantizer.scheme.qmax)
+    return codes.sub_(zero_point).mul_(scale)
+
+
+class _Product:
+    """A product ``A @ B`` as sampled (:func:`_collect_products`): rows of ``A``, each reading its group's ``B``, with
+    their float values and weighted squared gradients, and the errors of candidate ranges of one operand's quantizer.
+
+    A row drawn more than once is kept once, its gradient weights summed (where the loss reads few rows, as a ViT's
+    last attention only the class token's, most draws repeat one). The rows are laid out by group, padded to the most
+    rows a group has, so that one batched matmul computes them all (gathering ``B`` for each row would copy it once
+    per row and candidate).
+    """
+
+    def __init__(self, a_quantizer: nn.Module, b_quantizer: nn.Module, a_rows: torch.Tensor, groups: torch.Tensor,
+                 b: torch.Tensor, grad_sq: torch.Tensor):
+        # (in float64, which holds every group number and every row value exactly; sorted by group)
+        rows, repeats = torch.cat([groups[:, None].double(), a_rows.double()], 1).unique(dim=0, return_inverse=True)
+        grad_sq = grad_sq.new_zeros(len(rows), grad_sq.shape[1]).index_add_(0, repeats, grad_sq)
+        used, groups = rows[:, 0].long().unique(return_inverse=True)  # only the groups a sampled row reads
+        counts = torch.bincount(groups)
+        slots = torch.arange(len(groups), device=groups.device) - (counts.cumsum(0) - counts)[groups]  # place in group
+        self.quantizers, self.grad_sq = (a_quantizer, b_quantizer), grad_sq
+        self.operands = (rows[:, 1:].to(a_rows.dtype), b[used])
+        self.groups, self.slots, self.padded = groups, slots, (len(counts), int(counts.max()))
+        self.target = self.rows(*self.operands)
+
+    def rows(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The rows ``(..., R, N)`` from ``a``'s rows ``(..., R, K)`` and ``b`` ``(..., G, K, N)``, one of them with
+        a leading candidate dimension."""
+        padded = a.new_zeros(*a.shape[:-2], *self.padded, a.shape[-1])
+        padded[..., self.groups, self.slots, :] = a
+        # a's candidates join the matmul's rows (a broadcast b would be copied once per candidate)
+        products = torch.einsum("...gmk,gkn->...gmn", padded, b) if b.ndim == 3 else padded @ b
+        return products[..., self.groups, self.slots, :]
+
+    def quantized(self, side: int) -> torch.Tensor:
+        """Operand ``side`` (0: a, 1: b) through its quantizer as it stands."""
+        return self.quantizers[side].quantize(self.operands[side])
+
+    def error(self, side: int, lo: torch.Tensor, hi: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """The gradient-weighted errors ``(candidates,)`` of the ranges ``(lo, hi)`` of operand ``side``, the other
+        operand ``other`` (quantized); the candidates a memory-bounded batch at a time."""
+        x, quantizer = self.operands[side], self.quantizers[side]
+        padded_rows = self.padded[0] * self.padded[1] * (self.operands[0].shape[-1] + self.target.shape[-1])
+        chunk = max(1, _CANDIDATE_VALUES // (x.numel() + padded_rows))  # a candidate's x, padded a rows and products
+        errors = []
+        for candidates in zip(lo.split(chunk), hi.split(chunk)):
+            x_hat = _per_tensor(x, *candidates, quantizer)
+            rows = self.rows(x_hat, other) if side == 0 else self.rows(other, x_hat)
+            errors.append((self.grad_sq * (rows - self.target).pow(2)).sum((-2, -1)))
+        return torch.cat(errors)
 
 
 def _searchable(quantizer: nn.Module) -> bool:
@@ -334,43 +391,26 @@ def _searchable(quantizer: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _search_product(a_quantizer: nn.Module, b_quantizer: nn.Module, a_rows: torch.Tensor, groups: torch.Tensor,
-                    b: torch.Tensor, grad_sq: torch.Tensor, rounds: int, done: set[int]) -> list[nn.Module]:
-    """Alternate the per-tensor ranges of a product's two operand quantizers, except those whose id is in ``done``
-    (searched on an earlier product), and add the ids of the ones searched, which are returned."""
-    used, groups = groups.unique(return_inverse=True)  # only the groups a sampled row reads
-    b = b[used]
-    target = _product_rows(a_rows, groups, b)
-    a_hat = a_quantizer.quantize(a_rows)
-    b_rows = b_quantizer.quantize(b)[groups]  # (R, K, N): gathered once per b range, not per a candidate
-
-    def a_cost(lo, hi):
-        a_candidate = _per_tensor(a_rows, lo, hi, a_quantizer)
-        return (grad_sq * (torch.bmm(a_candidate.unsqueeze(1), b_rows).squeeze(1) - target).pow(2)).sum().view(1)
-
-    def b_cost(lo, hi):
-        return (grad_sq * (_product_rows(a_hat, groups, _per_tensor(b, lo, hi, b_quantizer)) - target).pow(2)
-                ).sum().view(1)
-
-    searched = []
-    for quantizer, x, cost in ((a_quantizer, a_rows, a_cost), (b_quantizer, b, b_cost)):
-        if _searchable(quantizer) and id(quantizer) not in done:
-            done.add(id(quantizer))
-            start = tuple(bound.reshape(1) for bound in quantizer.grid_range())
-            searched.append((quantizer, x, cost, start, _input_range_families(x, *start)[:1]))  # zero point kept
-    ranges = {id(q): start for q, _, _, start, _ in searched}
+def _search_product(product: _Product, feeds: dict[nn.Module, list[tuple[_Product, int]]], rounds: int) -> list[int]:
+    """Alternate the per-tensor ranges of ``product``'s operand quantizers that ``feeds`` still holds (``{quantizer:
+    [(product, side), ...]}``, every product each one feeds), each on the summed errors of the products it feeds with
+    their other operands at their current ranges, and take them out of ``feeds``; returns the sides searched."""
+    searched = [(side, quantizer, feeds.pop(quantizer))
+                for side, quantizer in enumerate(product.quantizers) if quantizer in feeds]
+    ranges, families = {}, {}
+    for _, quantizer, fed in searched:
+        ranges[quantizer] = tuple(bound.reshape(1) for bound in quantizer.grid_range())
+        extremes = torch.stack([v for p, s in fed for v in p.operands[s].aminmax()])  # all the family reads
+        families[quantizer] = _input_range_families(extremes, *ranges[quantizer])[:1]  # zero point kept
     for _ in range(rounds):
-        for quantizer, x, cost, start, families in searched:
-            current = ranges[id(quantizer)] = _input_range_search(cost, ranges[id(quantizer)], families)
-            x_hat = quantizer.quantize(x) if current is start else _per_tensor(x, *current, quantizer)
-            if quantizer is a_quantizer:
-                a_hat = x_hat
-            else:
-                b_rows = x_hat[groups]
-    for quantizer, _, _, start, _ in searched:
-        if ranges[id(quantizer)] is not start:  # a range no candidate beat keeps its scale and zero point
-            quantizer.set_range(*ranges[id(quantizer)])
-    return [q for q, *_ in searched]
+        for _, quantizer, fed in searched:
+            others = [(p, s, p.quantized(1 - s)) for p, s in fed]  # once per search, not per candidate
+            best = _input_range_search(lambda lo, hi: sum(p.error(s, lo, hi, other) for p, s, other in others),
+                                       ranges[quantizer], families[quantizer])
+            if best is not ranges[quantizer]:  # a range no candidate beat keeps its scale and zero point
+                quantizer.set_range(*best)
+                ranges[quantizer] = best
+    return [side for side, *_ in searched]
 
 
 def hessian_search(qmodel: nn.Module, batches: list[torch.Tensor], *, fixed_inputs: set[str] = frozenset(),
@@ -401,10 +441,14 @@ def hessian_search(qmodel: nn.Module, batches: list[torch.Tensor], *, fixed_inpu
         for name in samples:
             _search_layer(layers[name], *samples[name], rounds, search_input=name not in fixed_inputs)
             bar.update()
-        done: set[int] = set()  # a quantizer feeding several products is searched on the first
-        for (a_name, b_name), sample in found.items():
-            a, b = matmul_quantizers[a_name], matmul_quantizers[b_name]
-            for quantizer in _search_product(a, b, *sample, rounds, done):
-                searched.append(a_name if quantizer is a else b_name)
+        feeds: dict[nn.Module, list[tuple[_Product, int]]] = {}
+        prepared = {}
+        for key in list(found):  # popped: of each sample's B, only the product's copy of the groups read stays
+            product = prepared[key] = _Product(*(matmul_quantizers[name] for name in key), *found.pop(key))
+            for side, quantizer in enumerate(product.quantizers):
+                if _searchable(quantizer):
+                    feeds.setdefault(quantizer, []).append((product, side))
+        for key, product in prepared.items():
+            searched += [key[side] for side in _search_product(product, feeds, rounds)]
             bar.update()
     return searched
