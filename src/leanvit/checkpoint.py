@@ -45,10 +45,22 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(tensors, str(path), metadata={"leanvit": json.dumps(metadata or {})})
-    umask = os.umask(0o022)  # the only way to read it: set it, then put it back
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
+    path.chmod(0o666 & ~_umask())
     return path
+
+
+def _umask() -> int:
+    """The process's umask, read from /proc where Linux gives it; elsewhere set and put back (the only other way,
+    though another thread creating a file in between would get the umask set for that instant)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def shipped_checkpoints() -> dict[str, Path]:

@@ -174,23 +174,44 @@ def test_train_refuses_numbers_that_would_corrupt_the_run(flag, value, message, 
     assert rc == 2 and message in err and "Traceback" not in err and not (tmp_path / "run").exists()
 
 
-def test_warnings_print_as_the_commands_own(tmp_path, capsys):
+def test_warnings_print_as_the_commands_own(tmp_path):
+    """A user of the command sees its words, not a line of leanvit or of the console script, nor the source line;
+    a caller recording warnings around main() (pytest.warns, catch_warnings) still gets them."""
+    import subprocess
+    import sys
+
     from PIL import Image
+
+    from leanvit.errors import LeanvitWarning
 
     for name in ("cat", "dog"):
         (tmp_path / name).mkdir()
         Image.new("RGB", (32, 32), (40, 80, 120)).save(tmp_path / name / "0.png")
     (tmp_path / "cat" / "notes.txt").write_text("not an image")
-    kwargs = json.dumps({**KWARGS, "num_classes": 2})
-    assert main(["eval", MODEL, "--data", str(tmp_path), "--model-kwargs", kwargs, "--no-progress",
-                 "--workers", "0"]) == 0
-    err = capsys.readouterr().err
-    assert f"leanvit eval: warning: {tmp_path}: 1 file(s) not read" in err
-    assert ".py:" not in err and "Warning:" not in err  # no source line, no category: the command's own words
+    argv = ["eval", MODEL, "--data", str(tmp_path), "--model-kwargs", json.dumps({**KWARGS, "num_classes": 2}),
+            "--no-progress", "--workers", "0"]
+    run = subprocess.run([sys.executable, "-m", "leanvit", *argv], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"leanvit eval: warning: {tmp_path}: 1 file(s) not read" in run.stderr
+    assert ".py:" not in run.stderr and "Warning:" not in run.stderr  # no source line, no category
+    with pytest.warns(LeanvitWarning, match=r"1 file\(s\) not read"):
+        assert main(argv) == 0
 
 
-def test_another_librarys_warning_keeps_its_source(capsys):
-    from leanvit.cli import _warning_printer
+def test_another_librarys_warning_keeps_its_source():
+    from leanvit.cli import _warning_format
 
-    _warning_printer("eval")("old API", FutureWarning, "/site-packages/lib/x.py", 12)
-    assert capsys.readouterr().err == "leanvit eval: warning (FutureWarning from /site-packages/lib/x.py:12): old API\n"
+    assert (_warning_format("eval")("old API", FutureWarning, "/site-packages/lib/x.py", 12)
+            == "leanvit eval: warning (FutureWarning from /site-packages/lib/x.py:12): old API\n")
+
+
+def test_eval_out_may_be_a_pipe(trained, capsys):
+    """`--out >(jq .)` passes /dev/fd/N, beside which no file can be created: it was refused by the write probe."""
+    import os
+
+    read, write = os.pipe()
+    with os.fdopen(read) as pipe:
+        with os.fdopen(write, "w"):  # (closed after the command: the reader then sees the end)
+            assert main(["eval", MODEL, "--checkpoint", str(trained), "--no-progress", "--workers", "0",
+                         "--out", f"/dev/fd/{write}"]) == 0
+        assert json.loads(pipe.read())["images"] == 500

@@ -366,3 +366,12 @@ def test_a_class_named_like_a_split_whose_images_sit_in_sub_folders_is_not_read_
     (tmp_path / "kaggle" / "meta" / "notes.txt").write_text("not images")
     assert open_dataset(tmp_path / "kaggle", train=True).classes == ["a", "b"]
     assert len(open_dataset(tmp_path / "kaggle", unlabelled=True)) == 1
+
+
+def test_splits_sharing_class_names_stay_splits_with_a_stray_image_beside_them(tmp_path):
+    """A preview image at val's top level, and a samples/ folder of images, made such a root an error."""
+    _write_images(tmp_path, ["train/cat/0.png", "train/dog/1.png", "val/cat/2.png", "val/dog/3.png", "val/preview.png",
+                             "samples/4.png"])
+    assert open_dataset(tmp_path, train=True).targets == [0, 1]
+    evalset = open_dataset(tmp_path)
+    assert evalset.classes == ["cat", "dog"] and evalset.root == str(tmp_path / "val")

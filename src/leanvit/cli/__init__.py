@@ -39,25 +39,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _warning_printer(command: str):
-    """``warnings.showwarning`` for the CLI: a user of a command has no use for the line of leanvit (or of their
-    console script) that warned, only for what it says; another library's warning keeps its category and source."""
-    def show(message, category, filename, lineno, file=None, line=None):
+def _warning_format(command: str):
+    """``warnings.formatwarning`` for the CLI: a user of a command has no use for the line of leanvit (or of their
+    console script) that warned, only for what it says; another library's warning keeps its category and source.
+    (Formatting, not showing: a caller recording warnings around :func:`main` still records them.)"""
+    def format(message, category, filename, lineno, line=None):
         if category.__module__.partition(".")[0] == "leanvit":
-            where = ""
-        else:
-            where = f" ({category.__name__} from {filename}:{lineno})"
-        print(f"leanvit {command}: warning{where}: {message}", file=sys.stderr if file is None else file)
-    return show
+            return f"leanvit {command}: warning: {message}\n"
+        return f"leanvit {command}: warning ({category.__name__} from {filename}:{lineno}): {message}\n"
+    return format
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _warning_printer(args.command)
+        formatwarning, warnings.formatwarning = warnings.formatwarning, _warning_format(args.command)
+        try:
             return int(args.func(args) or 0)
+        finally:
+            warnings.formatwarning = formatwarning
     except LeanvitError as e:
         print(f"leanvit {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -93,6 +94,11 @@ def prepare_out_file(out: str | Path, holds: str, example: str) -> Path:
     out = Path(out)
     if out.is_dir():
         raise LeanvitError(f"--out {out} is a folder; give the file to write {holds} to, e.g. {out / example}.")
+    if out.exists():  # (also /dev/stdout, a pipe's /dev/fd/N: no file can be created beside those)
+        if not os.access(out, os.W_OK):
+            raise LeanvitError(f"--out {out}: cannot write {holds} there (permission denied); give a path you can "
+                               "write to.")
+        return out
     _check_writable(out.parent, out, holds, "a path")
     return out
 

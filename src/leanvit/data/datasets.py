@@ -338,19 +338,21 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
 def _split_organised(root: Path, folders: set[str], splits: list[str]) -> bool:
     """Whether the split-named ``splits`` among ``root``'s sub-folders ``folders`` are splits, not classes of those
     names (CIFAR-100 has a class 'train', and a class's images may sit in sub-folders of it, as torchvision reads
-    them). They are when every sub-folder is one. Otherwise a split holds class folders and no image of its own; when
-    one does, it is a split if no other folder holds images (no other class), or if two such share a class name, and
-    otherwise the root reads both ways: a LeanvitError names the folders and both fixes rather than guess."""
+    them). They are when every sub-folder is one, or when two of them hold class folders sharing a name, as splits
+    do (a stray image beside those changes nothing). Otherwise a split holds class folders and no image of its own;
+    when one does, it is a split if no other folder holds images (no other class), and otherwise the root reads both
+    ways: a LeanvitError names the folders and both fixes rather than guess."""
     if folders == set(splits):
         return True
-    split_like = [name for name in splits if not any(_images_in(root / name)) and _holds_class_folders(root / name)]
+    holding = {name: set(_class_folders(root / name)) for name in splits}
+    found = [names for names in holding.values() if names]
+    if len(set().union(*found)) < sum(map(len, found)):
+        return True
+    split_like = [name for name in splits if holding[name] and not any(_images_in(root / name))]
     if not split_like:
         return False
     others = sorted(name for name in folders - set(splits) if any(_images_in(root / name, recursive=True)))
     if not others:
-        return True
-    found = [set(_class_folders(root / name)) for name in split_like]
-    if len(set().union(*found)) < sum(map(len, found)):
         return True
     one, first = len(split_like) == 1, root / split_like[0]
     raise LeanvitError(
