@@ -62,8 +62,9 @@ class BenchConfig:
         exporting = False
         for e in self.engines:  # unknown, not installed, not on this device: the whole run's problem
             exporting |= get_engine(e, threads=self.threads, device=engine_device(e, self.device)).exports
-        for p in self.precisions:  # a pair an engine cannot run is a skipped row (unrunnable_pairs), not an error
-            if not any(p in engine_precisions(e) for e in self.engines):
+        unrunnable = unrunnable_pairs(self)  # a pair an engine cannot run is a skipped row, not an error
+        for p in self.precisions:
+            if all((e, p) in unrunnable for e in self.engines):
                 able = [n for n in engine_names() if p in engine_precisions(n)]
                 runs = ", ".join(dict.fromkeys(q for e in self.engines for q in engine_precisions(e)))
                 who = (f"engine '{self.engines[0]}' does not run it (it runs {runs})" if len(self.engines) == 1 else

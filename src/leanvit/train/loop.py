@@ -123,7 +123,10 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     if steps == 0:
         raise LeanvitError(f"{cfg.data} has {len(train_set)} images, fewer than one batch of {cfg.batch_size}.")
     last = latest_checkpoint(output)
-    state = read_state(last) if last is not None and cfg.resume else None
+    if last is not None and not cfg.resume:
+        raise LeanvitError(f"{output} already holds a run ({last.name}). Pass --resume to continue it, "
+                           "or choose another --output.")
+    state = read_state(last) if last is not None else None
     warmup = _warmup_epochs(cfg, state["config"] if state else None, announce=main)
     cosine_log = logging.getLogger(CosineLRScheduler.__module__)
     level = cosine_log.level  # its "will have no effect ... t_initial = t_mul = eta_mul = 1" for a one-step run
@@ -143,9 +146,6 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     start_epoch, step, steps_log, epochs_log, changes, cwd = 0, 0, [], [], [], os.getcwd()
     inputs = _weights_read(cfg)
     config = {**cfg.to_dict(), "warmup_epochs": warmup}  # the warm-up it ran with, kept by a resume
-    if last is not None and not cfg.resume:
-        raise LeanvitError(f"{output} already holds a run ({last.name}). Pass --resume to continue it, "
-                           "or choose another --output.")
     if state is not None:
         cwd = state.get("cwd", cwd)  # relative paths in the saved config are relative to the start's folder
         changes = state.get("changes", []) + _resume_changes(state["config"], config, state["epoch"] + 1, cwd)
@@ -256,8 +256,7 @@ def _warmup_epochs(cfg: TrainConfig, started: dict | None, announce: bool) -> fl
             print(f"warm-up: {warmup:g} epochs (the default {DEFAULT_WARMUP_EPOCHS:g} epochs, capped at a tenth of "
                   f"the {cfg.epochs}-epoch run; --warmup-epochs sets it)", file=sys.stderr)
         return warmup
-    warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else started.get("warmup_epochs",
-                                                                                   DEFAULT_WARMUP_EPOCHS)
+    warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else started["warmup_epochs"]
     if announce and warmup >= cfg.epochs:
         if cfg.warmup_epochs is not None:
             given, fix = f"--warmup-epochs {warmup:g}", ("Pass a shorter --warmup-epochs, or leave it out for the "
