@@ -124,13 +124,30 @@ def test_an_unwritable_export_cache_fails_the_run_up_front_in_one_line(tmp_path,
     assert main([*args, "--cache-dir", str(afile / "x")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "FAILED" not in err
-    assert (f"leanvit bench: error: Cannot cache exports in {afile / 'x'} (Not a directory): point --cache-dir at a "
+    assert (f"leanvit bench: error: Cannot cache exports in {afile / 'x'} ({afile} is a file): point --cache-dir at a "
             "directory you can write to.") in err.splitlines()
     assert not (tmp_path / "out").exists()  # before anything is measured or written
     monkeypatch.setenv("LEANVIT_CACHE", str(afile))
     with pytest.raises(LeanvitError, match="point LEANVIT_CACHE"):
         run_bench(tiny_bench(engines=["onnxruntime"]), progress=False)
     assert run_bench(tiny_bench(engines=["eager"]), progress=False)[0].ran  # eager exports nothing: no cache needed
+
+
+def test_a_read_only_export_cache_is_a_warning_and_its_exports_run(tmp_path, monkeypatch):
+    """A read-only cache refused the whole run, though it may hold every export the run needs: its rows run, a
+    row it lacks fails with the reason, and one warning says so up front."""
+    from leanvit.deploy import export
+    from leanvit.bench import runner
+
+    monkeypatch.setenv("LEANVIT_CACHE", str(tmp_path))
+    assert run_bench(tiny_bench(engines=["onnxruntime"]), progress=False)[0].ran  # fills the cache
+    monkeypatch.setattr(export, "write_problem", lambda folder: "Read-only file system")  # (root writes anywhere)
+    monkeypatch.setattr(runner, "check_export_dir", export.check_export_dir)
+    with pytest.warns(UserWarning, match=r"\(Read-only file system\).*Exports already cached there are used"):
+        rows = run_bench(tiny_bench(engines=["onnxruntime"], batch=2), progress=False)
+    assert not rows[0].ran and "Read-only file system" in rows[0].error
+    with pytest.warns(UserWarning, match="Exports already cached there are used"):
+        assert run_bench(tiny_bench(engines=["onnxruntime"]), progress=False)[0].ran
 
 
 def test_a_precision_an_engine_does_not_run_is_a_skipped_row_not_a_refused_run(tmp_path, capsys):

@@ -321,15 +321,29 @@ def test_an_unwritable_export_cache_is_one_clear_error(engine, tiny_cnn, tmp_pat
     afile = tmp_path / "afile"
     afile.write_text("")
     x = torch.randn(1, 3, 32, 32)
-    with pytest.raises(LeanvitError, match=rf"Cannot cache exports in {afile}/x \(Not a directory\): point "
+    with pytest.raises(LeanvitError, match=rf"Cannot cache exports in {afile}/x \({afile} is a file\): point "
                                            "--cache-dir at a directory you can write to"):
         get_engine(engine, threads=1).load(tiny_cnn, x, cache_dir=afile / "x")
-    with pytest.raises(LeanvitError, match=rf"{afile} \(a file, not a directory\)"):
+    with pytest.raises(LeanvitError, match=rf"{afile} \({afile} is a file\)"):
         cached_onnx(tiny_cnn, x, cache_dir=afile)
     monkeypatch.setenv("LEANVIT_CACHE", str(afile / "x"))
-    with pytest.raises(LeanvitError, match=r"afile/x/exports \(Not a directory\): point LEANVIT_CACHE .* at a "
+    with pytest.raises(LeanvitError, match=r"afile/x/exports \(.*afile is a file\): point LEANVIT_CACHE .* at a "
                                            "directory you can write to"):
         get_engine(engine, threads=1).load(tiny_cnn, x)
     if Path("/proc/self").is_dir():  # a directory that cannot be created, whoever runs the tests (root included)
         with pytest.raises(LeanvitError, match=r"Cannot cache exports in /proc/cache \("):
             get_engine(engine, threads=1).load(tiny_cnn, x, cache_dir="/proc/cache")
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_a_read_only_export_cache_serves_what_it_holds(engine, tiny_cnn, tmp_path, monkeypatch):
+    """The cache was checked writable on every load, so a read-only cache holding every export (a shared mount)
+    was refused. Only a cache miss needs to write; it fails with the clear error."""
+    from leanvit.deploy import export
+
+    x = torch.randn(1, 3, 32, 32)
+    ran = get_engine(engine, threads=1).load(tiny_cnn, x, cache_dir=tmp_path)(x.numpy())
+    monkeypatch.setattr(export, "write_problem", lambda folder: "Read-only file system")  # (root writes anywhere)
+    assert np.allclose(get_engine(engine, threads=1).load(tiny_cnn, x, cache_dir=tmp_path)(x.numpy()), ran)
+    with pytest.raises(LeanvitError, match=r"Cannot cache .* \(Read-only file system\): point --cache-dir"):
+        get_engine(engine, threads=1).load(tiny_cnn, torch.randn(2, 3, 32, 32), cache_dir=tmp_path)

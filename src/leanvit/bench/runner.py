@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from ..catalog import ModelFacts, find_facts
 from ..compress.tokens import apply as token_apply
 from ..compress.tokens import from_spec
-from ..deploy import check_agreement, engine_device, engine_names, engine_precisions, export_dir, get_engine
+from ..deploy import (check_agreement, check_export_dir, engine_device, engine_names, engine_precisions, export_dir,
+                      get_engine)
 from ..errors import LeanvitError, check_range, warn
 from ..models.registry import resolve_model_name
 from ..profile import check_img_size, count_macs, count_params, create_model_at
@@ -70,8 +71,13 @@ class BenchConfig:
                 who = (f"engine '{self.engines[0]}' does not run it (it runs {runs})" if len(self.engines) == 1 else
                        f"none of the engines {', '.join(self.engines)} runs it (they run {runs})")
                 raise LeanvitError(f"--precision {p}: {who}" + (f"; engines for {p}: {', '.join(able)}." if able else "."))
-        if exporting:
-            export_dir(self.cache_dir)  # a cache that cannot be written: one error now, not one per row
+        if exporting:  # a cache that cannot be written: one error now, not one per row
+            try:
+                check_export_dir(self.cache_dir)
+            except LeanvitError as e:
+                if not export_dir(self.cache_dir).is_dir():
+                    raise
+                warn(f"{e} Exports already cached there are used; a row whose model is not among them fails.")
 
 
 def unrunnable_pairs(cfg: BenchConfig) -> dict[tuple[str, str], str]:

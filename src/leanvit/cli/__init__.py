@@ -13,13 +13,13 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..data import resolve_data_config
 from ..errors import LeanvitError
+from ..files import write_problem
 
 #: Sub-command modules, in the order ``leanvit --help`` lists them.
 COMMANDS = ("models", "profile", "bench", "eval", "train", "tokens", "quantize")
@@ -104,17 +104,9 @@ def prepare_out_file(out: str | Path, holds: str, example: str) -> Path:
 
 
 def _check_writable(folder: Path, out: Path, holds: str, give: str) -> None:
-    """Create ``folder`` and write a temporary file there (an existing read-only directory, or /proc, passes
-    mkdir), or say why not."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        # mkdir's own "File exists" hides which part of the path is the file
-        in_a_file = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-        why = f"{in_a_file} is a file" if in_a_file is not None else e.strerror
-        raise LeanvitError(f"--out {out}: cannot write {holds} there ({why}); give {give} you can write to.") from None
+    problem = write_problem(folder)
+    if problem:
+        raise LeanvitError(f"--out {out}: cannot write {holds} there ({problem}); give {give} you can write to.")
 
 
 def whole_number(minimum: int):

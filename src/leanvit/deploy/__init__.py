@@ -18,9 +18,9 @@ from .engine import (
     engine_precisions,
     get_engine,
 )
-from .export import cached_onnx, cached_openvino_ir, export_dir, export_onnx
+from .export import cached_onnx, cached_openvino_ir, check_export_dir, export_dir, export_onnx
 
 __all__ = [
-    "Agreement", "Engine", "Runner", "available_engines", "cached_onnx", "cached_openvino_ir",
-    "check_agreement", "engine_device", "engine_names", "engine_precisions", "export_dir", "export_onnx", "get_engine",
+    "Agreement", "Engine", "Runner", "available_engines", "cached_onnx", "cached_openvino_ir", "check_agreement",
+    "check_export_dir", "engine_device", "engine_names", "engine_precisions", "export_dir", "export_onnx", "get_engine",
 ]

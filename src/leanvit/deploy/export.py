@@ -14,7 +14,6 @@ import enum
 import hashlib
 import importlib.metadata
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LeanvitError, warn
+from ..files import write_problem
 
 #: 20: GELU exports as ONNX's own Gelu op, which ONNX Runtime runs as one kernel; at 18 the exporter writes it as
 #: five element-wise ops (Div, Erf, Add, Mul, Mul) that ONNX Runtime does not fuse (efficientformerv2_s0 at 224x224,
@@ -35,22 +35,20 @@ def cache_root() -> Path:
 
 
 def export_dir(cache_dir: str | Path | None = None) -> Path:
-    """The directory exports are cached in: ``cache_dir``, else ``cache_root() / "exports"``; created, and checked
-    that a file can be written there, so a bad directory is one clear error (naming it, why, and the fix), not a
-    traceback from the exporter per model."""
-    path = Path(cache_dir) if cache_dir else cache_root() / "exports"
-    reason = "a file, not a directory" if path.exists() and not path.is_dir() else None
-    if reason is None:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=path):  # an existing read-only directory (or /proc) passes mkdir
-                pass
-        except OSError as e:
-            reason = e.strerror or str(e)
-    if reason:
+    """The directory exports are cached in: ``cache_dir``, else ``cache_root() / "exports"``."""
+    return Path(cache_dir) if cache_dir else cache_root() / "exports"
+
+
+def check_export_dir(cache_dir: str | Path | None = None) -> Path:
+    """:func:`export_dir`, created and checked that an export can be written there: a bad directory is one clear
+    error (naming it, why, and the fix), not a traceback from the exporter. Asked on a cache miss only, so a
+    read-only cache that already holds the exports still serves them."""
+    path = export_dir(cache_dir)
+    problem = write_problem(path)
+    if problem:
         fix = ("point --cache-dir at a directory you can write to" if cache_dir else
                "point LEANVIT_CACHE (or leanvit bench's --cache-dir) at a directory you can write to")
-        raise LeanvitError(f"Cannot cache exports in {path} ({reason}): {fix}.")
+        raise LeanvitError(f"Cannot cache exports in {path} ({problem}): {fix}.")
     return path
 
 
@@ -184,6 +182,7 @@ def cached_onnx(
     key = export_key(model, example, dynamic_batch=dynamic_batch, opset=opset)
     path = export_dir(cache_dir) / key / "model.onnx"
     if not path.exists():
+        check_export_dir(cache_dir)
         tmp = path.with_suffix(".tmp.onnx")
         export_onnx(model, example, tmp, opset=opset, dynamic_batch=dynamic_batch)
         tmp.replace(path)  # atomic: an interrupted export never leaves a half file in the cache
@@ -199,6 +198,10 @@ def cached_openvino_ir(onnx_path: Path) -> Path:
 
     xml = onnx_path.with_name(f"model-ov{_version('openvino')}.xml")
     if not xml.exists():
+        problem = write_problem(xml.parent)
+        if problem:  # a read-only cache holding this model's ONNX export but not this OpenVINO version's IR
+            raise LeanvitError(f"Cannot cache the OpenVINO IR in {xml.parent} ({problem}): point --cache-dir (or "
+                               "LEANVIT_CACHE) at a directory you can write to.")
         ov_model = ov.convert_model(str(onnx_path))
         tmp = xml.with_suffix(".tmp.xml")
         ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
