@@ -4,6 +4,7 @@ import json
 import pytest
 
 from leanvit.cli import main
+from leanvit.errors import LeanvitWarning
 
 TINY = ["deit_tiny_patch16_224", "--model-kwargs",
         '{"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10}', "--calib", "cifar10-test500",
@@ -65,9 +66,10 @@ def test_an_int8_model_slower_than_float_is_a_warning(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(speedup, "measure_speedup", slower)
     argv = ["quantize", *TINY, "--engine", "onnxruntime", "--out", str(tmp_path / "q")]
-    assert main(argv) == 0
-    out, err = capsys.readouterr()
-    assert "runs the INT8 model slower than the float one (2.00 against 1.00 ms" in err and "--engine openvino" in err
+    with pytest.warns(LeanvitWarning, match=r"runs the INT8 model slower than the float one \(2.00 against 1.00 ms.*"
+                                            "--engine openvino"):
+        assert main(argv) == 0
+    out = capsys.readouterr().out
     assert ("latency  onnxruntime INT8 2.00 ms, float 1.00 ms (medians, batch 1, 1 threads): INT8 0.50x as fast, "
             "median of 0.45-0.55x in 6 alternating rounds") in out
     assert main([*argv, "--no-latency", "--json"]) == 0
@@ -183,21 +185,22 @@ def test_a_flat_folder_of_images_calibrates(tmp_path, capsys):
     assert "no class folders" in capsys.readouterr().err
 
 
-def test_flags_without_effect_and_a_short_calibration_set_are_warned(capsys):
-    assert main(["quantize", *TINY, "--calib-images", "600", "--eval-images", "5", "--reconstruct-iters", "3",
-                 "--json"]) == 0
-    err = capsys.readouterr().err
-    assert "--eval-images has no effect without --eval" in err
-    assert "--reconstruct-iters has no effect without --reconstruct" in err
-    assert "holds 500 images, fewer than --calib-images 600" in err
+def test_flags_without_effect_and_a_short_calibration_set_are_warned():
+    with pytest.warns(LeanvitWarning) as warned:
+        assert main(["quantize", *TINY, "--calib-images", "600", "--eval-images", "5", "--reconstruct-iters", "3",
+                     "--json"]) == 0
+    said = [str(w.message) for w in warned]
+    assert "--eval-images has no effect without --eval" in said
+    assert "--reconstruct-iters has no effect without --reconstruct (or --recipe hybrid)" in said
+    assert any("holds 500 images, fewer than --calib-images 600" in m for m in said)
 
 
 def test_percentile_sets_the_range_methods_percentile(capsys):
     assert main(["quantize", *TINY, "--a-method", "percentile", "--percentile", "99.5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["percentile"] == 99.5
-    assert main(["quantize", *TINY, "--percentile", "99.5", "--json"]) == 0  # the default methods are mse
-    err = capsys.readouterr().err
-    assert "--percentile has no effect without --w-method percentile or --a-method percentile" in err
+    with pytest.warns(LeanvitWarning, match="--percentile has no effect without --w-method percentile or "
+                                            "--a-method percentile"):
+        assert main(["quantize", *TINY, "--percentile", "99.5", "--json"]) == 0  # the default methods are mse
 
 
 def test_eval_leaves_out_the_calibration_images_and_corrupt_ones_are_replaced(tmp_path, capsys):
@@ -211,12 +214,13 @@ def test_eval_leaves_out_the_calibration_images_and_corrupt_ones_are_replaced(tm
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"c{c}" / f"{i}.png")
         (tmp_path / f"c{c}" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     argv = [a if a != "cifar10-test500" else str(tmp_path) for a in TINY]
-    assert main(["quantize", *argv, "--eval", str(tmp_path), "--json"]) == 0
+    with pytest.warns(LeanvitWarning, match="could not be decoded \\(named above\\); others were drawn instead: "
+                                            "calibrating on 16"):
+        assert main(["quantize", *argv, "--eval", str(tmp_path), "--json"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
     assert result["calib_images"] == 16 and result["eval_images"] == 30 - 16  # the broken ones are skipped there too
     assert "16 of the --eval images are calibration images" in captured.err
-    assert "could not be decoded (named above); others were drawn instead: calibrating on 16" in captured.err
 
 
 def test_a_nan_attention_error_bound_is_refused(capsys):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ from ..checkpoint import model_from_checkpoint
 from ..data import (
     BUNDLED_CIFAR10, build_transform, check_input_size, dataset_classes, make_loader, open_dataset,
 )
-from ..errors import LeanvitError
+from ..errors import LeanvitError, warn
 from ..evaluate import evaluate
 from ..models.registry import create_model
 from . import count, crop_fraction, input_data_config, positive_int, prepare_out_file, print_json
@@ -62,12 +61,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, meta = create_model(args.model, pretrained=args.pretrained, **args.model_kwargs), {}
         if not args.pretrained:
-            print("leanvit eval: warning: no --checkpoint or --pretrained, evaluating random weights",
-                  file=sys.stderr)
+            warn("no --checkpoint or --pretrained, evaluating random weights")
     data_config = input_data_config(model, meta, args)
     if args.use_train_size and meta.get("data_config"):
-        print("leanvit eval: warning: --use-train-size has no effect with a leanvit checkpoint: it carries the "
-              "pre-processing it was trained with (--img-size and --crop-pct override it)", file=sys.stderr)
+        warn("--use-train-size has no effect with a leanvit checkpoint: it carries the pre-processing it was "
+             "trained with (--img-size and --crop-pct override it)")
     check_input_size(model, data_config, args.model)
     if args.out:  # before the evaluation, not after it
         prepare_out_file(args.out, "the JSON result", "eval.json")

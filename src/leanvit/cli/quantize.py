@@ -24,7 +24,7 @@ from ..data import (
     build_transform, calibration_images, calibration_shortfall, calibration_subset, check_input_size, dataset_classes,
     make_loader, open_dataset, without_calibration_images,
 )
-from ..errors import LeanvitError
+from ..errors import LeanvitError, warn
 from ..evaluate import check_class_outputs, evaluate
 from ..models.registry import create_model
 from . import input_data_config, number_in, positive_int, prepare_out_dir, print_json
@@ -145,7 +145,7 @@ def _warn_unused_flags(args: argparse.Namespace, config) -> None:
          "--attn-bits (or --target vnni)"),
     ) if given]
     for flag, needs in unused:
-        print(f"leanvit quantize: warning: {flag} has no effect without {needs}", file=sys.stderr)
+        warn(f"{flag} has no effect without {needs}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         model, meta = model_from_checkpoint(args.model, args.checkpoint, **args.model_kwargs)
     else:
         model, meta = create_model(args.model, **args.model_kwargs), {}
-        print("leanvit quantize: warning: no --checkpoint, quantizing random weights", file=sys.stderr)
+        warn("no --checkpoint, quantizing random weights")
     model.eval()
     data_config = input_data_config(model, meta, args)
     output = check_input_size(model, data_config, args.model)
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     # decoded once, used by every pass
     calib = calibration_images(calibset, args.calib_images, args.batch_size)
     if shortfall := calibration_shortfall(calib, args.calib_images, args.calib):
-        print(f"leanvit quantize: warning: {shortfall}", file=sys.stderr)
+        warn(shortfall)
     if len(calib.indices) < config.min_images:  # (QuantConfig.min_images, the API's way round it, is no flag)
         raise LeanvitError(f"Only {len(calib.indices)} images of {args.calib} could be decoded; calibration needs at "
                            f"least {config.min_images} (256 is a good choice): pass a folder with more.")
@@ -252,9 +252,9 @@ def run(args: argparse.Namespace) -> int:
             speedup = measure_speedup(model, runner, engine, torch.randn_like(example))
             result["latency"] = speedup.to_dict()
             if speedup.ratio < 1:
-                print(f"leanvit quantize: warning: on this CPU {args.engine} runs the INT8 model slower than the "
-                      f"float one ({speedup.quantized_ms:.2f} against {speedup.float_ms:.2f} ms, batch 1, "
-                      f"{args.threads} threads): {_SLOWER_HINTS[args.engine]}", file=sys.stderr)
+                warn(f"on this CPU {args.engine} runs the INT8 model slower than the "
+                     f"float one ({speedup.quantized_ms:.2f} against {speedup.float_ms:.2f} ms, batch 1, "
+                     f"{args.threads} threads): {_SLOWER_HINTS[args.engine]}")
 
     if evalset is not None:
         dataset, classes = evalset, dataset_classes(evalset)

@@ -15,7 +15,7 @@ from ..data import (
     build_transform, calibration_images, calibration_shortfall, calibration_subset, check_input_size, dataset_classes,
     make_loader, open_dataset, resolve_data_config, without_calibration_images,
 )
-from ..errors import LeanvitError
+from ..errors import LeanvitError, warn
 from ..evaluate import evaluate
 from ..models.registry import create_model
 from ..profile import count_macs
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, meta = create_model(args.model, **args.model_kwargs), {}
         if args.eval:
-            print("leanvit tokens: warning: no --checkpoint, evaluating random weights", file=sys.stderr)
+            warn("no --checkpoint, evaluating random weights")
     tokens.check_plain_vit(model)
     # the size the model was built for (an img_size model kwarg wins over the checkpoint's), its saved crop and statistics
     data_config = resolve_data_config(model, img_size=model.patch_embed.img_size[0], saved=meta.get("data_config"))
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             calibset = open_dataset(args.calib, train=True, transform=transform, unlabelled=True)
             calib = calibration_images(calibset, args.calib_images, args.batch_size)
             if shortfall := calibration_shortfall(calib, args.calib_images, args.calib):
-                print(f"leanvit tokens: warning: {shortfall}", file=sys.stderr)
+                warn(shortfall)
             calib_indices = calib.indices
             if _labels_fit(model, meta, calibset):
                 calib = list(zip(calib.batches, calib.labels))
