@@ -24,12 +24,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import LeanvitError
+from .models._pretrained import WEIGHT_KEYS, evaluated_weights
 from .models.registry import create_model
 
 WEIGHTS_FILE = "model.safetensors"
 #: checkpoints trained by the project (``tools/release_checkpoint.py``), each with a model card beside it
 SHIPPED_DIR = Path(__file__).parent / "assets" / "checkpoints"
-_WRAPPERS = ("state_dict", "model", "module", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -112,12 +112,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise _not_a_state_dict(path, e) from None
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, struct.error) as e:
         raise _unreadable(path, e) from None
-    for key in _WRAPPERS:
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
+    if isinstance(obj, dict):
+        obj = evaluated_weights(obj)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise LeanvitError(f"{path} holds no state dict of tensors (looked under {', '.join(_WRAPPERS)}).")
+        raise LeanvitError(f"{path} holds no state dict of tensors (looked under {', '.join(WEIGHT_KEYS)}).")
     return {_strip_prefixes(k): v for k, v in obj.items()}, {}
 
 

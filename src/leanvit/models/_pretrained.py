@@ -16,7 +16,7 @@ from timm.models import clean_state_dict
 
 FilterFn = Callable[[dict, nn.Module], dict]
 #: where trainers put the weights: the live ones (what the official evaluations load) before the EMA
-WEIGHT_KEYS = ('state_dict', 'model', 'state_dict_ema', 'model_ema')
+WEIGHT_KEYS = ('state_dict', 'model', 'module', 'state_dict_ema', 'model_ema')
 
 
 def evaluated_weights(checkpoint: dict) -> dict:
