@@ -28,9 +28,10 @@ WORKER = textwrap.dedent("""
 
 
 def test_two_process_gloo_matches_one_process(tmp_path):
+    """Also: leanvit's warnings (here: 6x6 patches drop 2 pixels of 32) are printed by rank 0 alone, not per rank."""
     settings = dict(
         model="deit_tiny_patch16_224", data="cifar10-test500", batch_size=8, epochs=2, max_steps_per_epoch=3,
-        model_kwargs={"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2},
+        model_kwargs={"img_size": 32, "patch_size": 6, "depth": 1, "embed_dim": 16, "num_heads": 2},
         lr=3e-3, warmup_epochs=0, no_aug=True, mixup=0, cutmix=0, workers=0, progress=False,
     )
     script, out = tmp_path / "worker.py", tmp_path / "losses.json"
@@ -40,6 +41,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
            json.dumps({**settings, "output": str(tmp_path / "ddp")}), str(out)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("cuts 32x32 inputs into 6x6 patches") == 1, run.stderr[-3000:]
     ddp = json.loads(out.read_text())
 
     threads = torch.get_num_threads()

@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from ..checkpoint import (WEIGHTS_FILE, CheckpointMismatchError, checkpoint_file
 from ..compress.tokens import EViT, from_spec, keep_rate_warmup
 from ..compress.tokens import apply as token_apply
 from ..data import build_transform, check_input_size, dataset_classes, make_loader, open_dataset, resolve_data_config
-from ..errors import InputSizeError, LeanvitError, warn
+from ..errors import InputSizeError, LeanvitError, LeanvitWarning, warn
 from ..evaluate import evaluate
 from ..models.registry import create_model, pretrained_num_classes
 from .config import DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_FRACTION, TrainConfig
@@ -60,7 +61,10 @@ def fit(cfg: TrainConfig) -> TrainResult:
     """
     owns_group = _init_distributed()
     try:
-        return _fit(cfg)
+        with warnings.catch_warnings():
+            if dist.is_initialized() and dist.get_rank() != 0:  # each rank would say what rank 0 says, once per rank
+                warnings.simplefilter("ignore", LeanvitWarning)
+            return _fit(cfg)
     finally:
         if owns_group:
             dist.destroy_process_group()
