@@ -186,17 +186,34 @@ def test_the_input_range_search_keeps_the_current_range_unless_a_family_beats_it
 
 
 @pytest.mark.parametrize("images", [16, 256])
-def test_fewer_calibration_images_than_asked_still_give_the_rows_asked(images):
+def test_fewer_calibration_images_than_asked_still_give_the_rows_asked(images, monkeypatch):
     """With 16 images and ``images=256`` each batch's share of the rows is of the 16 it has, not of 256."""
-    from leanvit.compress.quant.hessian import _collect
+    from leanvit.compress.quant import hessian
 
     torch.manual_seed(0)
     model = ClsTokens().eval()
     calib = torch.randn(16, 16, 16, 16)
     qmodel = quantize(model, calib, QuantConfig(w_bits=4, a_bits=4, batch_size=8), progress=False)
     layers = {"fc": qmodel.fc, "head": qmodel.head}
-    samples = _collect(qmodel, layers, list(calib.split(8)), images, 64, torch.Generator().manual_seed(0))
-    assert {name: len(x) for name, (x, _) in samples.items()} == {"fc": 64, "head": 64}
+    draws, draw_rows = [], hessian._draw_rows
+    monkeypatch.setattr(hessian, "_draw_rows", lambda g, keep, gen: draws.append(keep) or draw_rows(g, keep, gen))
+    samples = hessian._collect(qmodel, layers, list(calib.split(8)), images, 64, torch.Generator().manual_seed(0))
+    assert set(samples) == {"fc", "head"} and draws == [32, 32] * 2  # two layers, two batches of 8 images each
+
+
+def test_a_row_drawn_several_times_is_one_row_with_its_weights_summed():
+    """Where the gradient reaches few rows most draws repeat them: each is kept once, so its error is computed once,
+    its weight that of one draw times the times it was drawn (the same estimate of the gradient-weighted sum)."""
+    from leanvit.compress.quant.hessian import _draw_rows
+
+    grad_sq = torch.zeros(100, 3)
+    grad_sq[[7, 42]] = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.5, 0.5]])
+    index, weighted = _draw_rows(grad_sq, 64, torch.Generator().manual_seed(0))
+    assert index.tolist() == [7, 42]
+    p = grad_sq.sum(1) / grad_sq.sum()
+    draws = weighted / (grad_sq[index] / (64 * p[index])[:, None])  # per row: how many of the 64 draws it took
+    torch.testing.assert_close(draws, draws[:, :1].round().expand(-1, 3))
+    assert draws[:, 0].round().sum() == 64 and (draws[:, 0] > 1).all()
 
 
 
