@@ -1,14 +1,18 @@
 """evaluate(): accuracies against a direct computation, engines' fixed batches, skipped images."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
 import torch
 from PIL import Image
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset, SubsetRandomSampler
 
-from leanvit.data import build_transform, make_loader, open_dataset, resolve_data_config
+from leanvit.data import (
+    DecodedDataset, build_transform, collate_skipping_corrupt, make_loader, open_dataset, resolve_data_config,
+)
 from leanvit.errors import LeanvitError
 from leanvit.evaluate import evaluate
 
@@ -84,6 +88,41 @@ def test_corrupt_images_are_counted_as_skipped(tmp_path, setup):
     with pytest.warns(UserWarning, match="truncated.png"):
         result = evaluate(two_class, make_loader(data, batch_size=2), progress=False)
     assert (result.images, result.skipped) == (2, 1)
+
+
+def test_skipped_counts_only_images_the_loader_asked_for(tmp_path, setup):
+    model, data = setup
+    subset = evaluate(model, DataLoader(data, batch_size=8, sampler=SubsetRandomSampler(range(20))), progress=False)
+    assert (subset.images, subset.skipped) == (20, 0)  # 80 images never asked for were not skipped
+    dropped = evaluate(model, DataLoader(data, batch_size=32, drop_last=True), progress=False)
+    assert (dropped.images, dropped.skipped) == (96, 0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / c / f"ok{i}.png")
+    (tmp_path / "b" / "truncated.png").write_bytes((tmp_path / "b" / "ok0.png").read_bytes()[:40])
+    two_class = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16,
+                                  num_heads=2, num_classes=2)
+    folder = open_dataset(tmp_path, transform=build_transform(resolve_data_config(two_class, img_size=32)))
+    corrupt = [Path(p).name for p, _ in folder.samples].index("truncated.png")
+    asked = [0, corrupt]  # one good image, one corrupt; the other 3 are never read
+    with pytest.warns(UserWarning, match="truncated.png"):
+        result = evaluate(two_class, DataLoader(folder, batch_size=2, sampler=asked,
+                                                collate_fn=collate_skipping_corrupt), progress=False)
+    assert (result.images, result.skipped) == (1, 1)
+    with pytest.warns(UserWarning, match="truncated.png"):
+        decoded = DecodedDataset(folder)  # drops the corrupt image once, before any loader
+    result = evaluate(two_class, make_loader(decoded, batch_size=2), progress=False)
+    assert (result.images, result.skipped) == (4, 1)
+
+
+def test_model_mode_is_restored_when_scoring_fails(setup):
+    _, data = setup
+    wide = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16,
+                             num_heads=2, num_classes=7).train()
+    with pytest.raises(LeanvitError, match="outputs per image"):
+        evaluate(wide, make_loader(data, batch_size=32), progress=False)
+    assert wide.training
 
 
 def test_paired_comparison_counts_disagreements_and_gives_mcnemars_exact_p():

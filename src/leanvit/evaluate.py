@@ -15,10 +15,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 from tqdm import tqdm
 
-from .data import dataset_classes
+from .data import DecodedDataset, dataset_classes
 from .errors import LeanvitError
 
 
@@ -49,13 +49,30 @@ def check_class_outputs(logits: torch.Tensor, classes: int) -> None:
         )
 
 
+def requested_images(loader: DataLoader) -> int | None:
+    """How many samples one pass of ``loader`` asks its dataset for: its sampler's, less a ``drop_last``
+    remainder. Not ``len(loader.dataset)``: a sampler over a subset, or a dropped last batch, reads fewer
+    images, and those were not skipped. ``None`` where the loader cannot tell (no ``BatchSampler``, or a
+    sampler without a length)."""
+    batches = loader.batch_sampler
+    if not isinstance(batches, BatchSampler):
+        return None
+    try:
+        n = len(batches.sampler)
+    except TypeError:
+        return None
+    return n - n % batches.batch_size if batches.drop_last else n
+
+
 def evaluate(model: nn.Module | Callable[[np.ndarray], np.ndarray], loader: DataLoader, *,
              classes: Sequence[str] | None = None, device: str | torch.device | None = None,
              progress: bool = True, top_confusions: int = 10) -> EvalResult:
     """Score ``model`` on every batch of ``loader`` (see :func:`leanvit.data.make_loader`).
 
     A module is run in eval mode on ``device`` (default: CUDA if present), where it stays; its
-    train/eval mode is restored afterwards.
+    train/eval mode is restored afterwards, also when scoring fails. ``skipped`` counts the images the
+    loader asked for that did not decode (dropped from their batch, :func:`collate_skipping_corrupt`), plus
+    those a :class:`leanvit.data.DecodedDataset` dropped when it was built.
     """
     classes = list(classes) if classes is not None else dataset_classes(loader.dataset)
     n = len(classes)
@@ -75,23 +92,29 @@ def evaluate(model: nn.Module | Callable[[np.ndarray], np.ndarray], loader: Data
     confusion = torch.zeros(n * n, dtype=torch.int64)
     top5_hits = images = 0
     start = time.perf_counter()
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
-            if batch is None:  # every image of the batch was corrupt
-                continue
-            x, y = batch
-            logits = predict(x)
-            check_class_outputs(logits, n)
-            topk = logits.topk(min(5, n), dim=1).indices
-            confusion += torch.bincount(y * n + topk[:, 0], minlength=n * n)
-            top5_hits += int((topk == y[:, None]).any(dim=1).sum())
-            images += len(y)
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
+                if batch is None:  # every image of the batch was corrupt
+                    continue
+                x, y = batch
+                logits = predict(x)
+                check_class_outputs(logits, n)
+                topk = logits.topk(min(5, n), dim=1).indices
+                confusion += torch.bincount(y * n + topk[:, 0], minlength=n * n)
+                top5_hits += int((topk == y[:, None]).any(dim=1).sum())
+                images += len(y)
+    finally:
+        if isinstance(model, nn.Module):
+            model.train(was_training)
     seconds = time.perf_counter() - start
-    if isinstance(model, nn.Module):
-        model.train(was_training)
     if images == 0:
         raise LeanvitError("No image of the dataset could be decoded; see the warnings above.")
 
+    requested = requested_images(loader)
+    skipped = max(requested - images, 0) if requested is not None else 0
+    if isinstance(loader.dataset, DecodedDataset):  # its corrupt images were dropped before any sampler
+        skipped += loader.dataset.skipped
     confusion = confusion.view(n, n)
     per_class_total = confusion.sum(1)
     correct = confusion.diag()
@@ -101,7 +124,7 @@ def evaluate(model: nn.Module | Callable[[np.ndarray], np.ndarray], loader: Data
         top1=round(100.0 * int(correct.sum()) / images, 4),
         top5=round(100.0 * top5_hits / images, 4),
         images=images,
-        skipped=len(loader.dataset) - images,
+        skipped=skipped,
         seconds=round(seconds, 3),
         images_per_s=round(images / seconds, 2),
         per_class={c: round(100.0 * int(correct[i]) / int(per_class_total[i]), 4)
