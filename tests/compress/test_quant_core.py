@@ -128,6 +128,14 @@ def test_empty_or_small_calibration_set_is_an_error(tiny_vit):
         quantize(qmodel, torch.randn(16, 3, 32, 32), progress=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_model_is_refused_up_front_with_the_fix(tiny_vit, dtype):
+    """Not blamed on the images (the float32 batches clash with half weights) but named, with model.float()."""
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(LeanvitError, match=f"VisionTransformer is in {name}; .*pass model.float\\(\\) to quantize"):
+        quantize(copy.deepcopy(tiny_vit).to(dtype), torch.randn(16, 3, 32, 32).to(dtype), progress=False)
+
+
 def test_a_dataset_of_samples_is_batched():
     """What the empty-set error suggests, a dataset such as ``calibration_subset(dataset, 256)``, works as is."""
     from torch.utils.data import TensorDataset

@@ -486,6 +486,11 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     if hasattr(model, "quant_report") or any(isinstance(m, Quantizer) for m in model.modules()):
         raise LeanvitError(f"This {type(model).__name__} is quantized already (it holds quantizers): pass the float "
                            "model to quantize().")
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                     if p.is_floating_point() and p.dtype != torch.float32})
+    if dtypes:  # calibration runs float32 batches, which a half model's layers refuse as mismatched inputs
+        raise LeanvitError(f"{type(model).__name__} is in {' and '.join(dtypes)}; quantization calibrates in float32: "
+                           "pass model.float() to quantize() (the quantized model simulates INT8 in float32).")
     device = next(model.parameters(), torch.empty(0)).device
     batches = [b.to(device) for b in calibration_batches(calib_data, config.min_images, config.batch_size)]
     qmodel = copy.deepcopy(model).eval()
