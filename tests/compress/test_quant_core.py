@@ -95,6 +95,26 @@ def test_config_parses_bits_and_rejects_bad_values():
             QuantConfig(**bad)
 
 
+def test_wrongly_typed_config_values_are_named_at_construction(tiny_vit):
+    """Each was an AttributeError from parse_bits, a misread 'w8.0a8', or a TypeError deep inside quantize()."""
+    for make, message in (
+            (lambda: QuantConfig(edge_bits=8), "edge_bits must be a bit-width string such as 'w8a8', got 8 (int)"),
+            (lambda: QuantConfig.from_bits(8), "bits must be a bit-width string such as 'w8a8', got 8 (int)"),
+            (lambda: QuantConfig.recipe("mse", 8), "bits must be a bit-width string such as 'w8a8', got 8 (int)"),
+            (lambda: QuantConfig(layer_bits=(("head", 8),)), "layer_bits' bits for 'head' must be a bit-width string"),
+            (lambda: QuantConfig(w_bits=8.0), "w_bits must be a whole number, got 8.0"),
+            (lambda: QuantConfig(skip=None), "skip must be a tuple of layer-name patterns such as ('head',)"),
+            (lambda: QuantConfig(percentile=None), "percentile must be a number between 50 and 100 (e.g. 99.99)"),
+            (lambda: QuantConfig(percentile=101), "percentile must be between 50.0 and 100.0, got 101")):
+        with pytest.raises(LeanvitError, match=re.escape(message)):
+            make()
+    listed = QuantConfig(skip=["head"], layer_bits=[["head", "w8a8"]])  # lists taken, as tuples: the config hashes
+    assert (listed.skip, listed.layer_bits) == (("head",), (("head", "w8a8"),)) and hash(listed)
+    for config in ("w8a8", {"w_bits": 8}):
+        with pytest.raises(LeanvitError, match=re.escape("takes a QuantConfig, got") + ".*QuantConfig.from_bits"):
+            quantize(tiny_vit, torch.randn(16, 3, 32, 32), config, progress=False)
+
+
 def test_empty_or_small_calibration_set_is_an_error(tiny_vit):
     with pytest.raises(LeanvitError, match="empty"):
         quantize(tiny_vit, [], progress=False)

@@ -135,19 +135,40 @@ class QuantConfig:
     batch_size: int = 32  #: batch size when ``calib_data`` is one tensor
 
     def __post_init__(self):
+        # types first: a wrong one would otherwise fail later as a TypeError inside quantize(), or be misread
+        for f in fields(self):  # a truthy string such as 'no' would pass for True, '8' for 8 bits
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise LeanvitError(f"{f.name} must be True or False, got {value!r}.")
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise LeanvitError(f"{f.name} must be a whole number, got {value!r}.")
         if isinstance(self.skip, str):  # one pattern, not its characters
             object.__setattr__(self, "skip", (self.skip,))
+        if not (isinstance(self.skip, (tuple, list)) and all(isinstance(p, str) for p in self.skip)):
+            raise LeanvitError(f"skip must be a tuple of layer-name patterns such as ('head',) (or () for none), got "
+                               f"{self.skip!r} ({type(self.skip).__name__}).")
+        object.__setattr__(self, "skip", tuple(self.skip))  # a list would make the frozen config unhashable
+        if not isinstance(self.layer_bits, (tuple, list)):
+            raise LeanvitError(f"layer_bits must be a tuple of (pattern, bits) pairs such as (('head', 'w8a8'),), got "
+                               f"{self.layer_bits!r} ({type(self.layer_bits).__name__}).")
         for entry in self.layer_bits:
-            if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
                 raise LeanvitError(f"layer_bits takes (pattern, bits) pairs such as ('head', 'w8a8'), got {entry!r}.")
+            parse_bits(entry[1], f"layer_bits' bits for {entry[0]!r}")
+        object.__setattr__(self, "layer_bits", tuple(tuple(entry) for entry in self.layer_bits))
+        if self.edge_bits is not None:
+            parse_bits(self.edge_bits, "edge_bits")
+        parse_bits(f"w{self.w_bits}a{self.a_bits}")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)):
+            raise LeanvitError(f"percentile must be a number between 50 and 100 (e.g. 99.99), got {self.percentile!r} "
+                               f"({type(self.percentile).__name__}).")
+        check_range("percentile", self.percentile, 50.0, 100.0)  # as choose_range will, but before calibration
         for what, method in (("w_method", self.w_method), ("a_method", self.a_method)):
             if method not in RANGE_METHODS:
                 raise LeanvitError(f"{what} '{method}' is not a range method; use one of {', '.join(RANGE_METHODS)}.")
         for what, value in (("a_symmetric", self.a_symmetric), ("a_per_channel", self.a_per_channel)):
             if value not in (True, False, "auto"):
                 raise LeanvitError(f"{what} must be True, False or 'auto', got {value!r}.")
-        for bits in (f"w{self.w_bits}a{self.a_bits}", *(b for _, b in self.layer_bits), *filter(None, [self.edge_bits])):
-            parse_bits(bits)
         check_range("min_images", self.min_images, 1, 1_000_000)
         check_range("batch_size", self.batch_size, 1, 1_000_000)
         if self.attn_bits is not None:
@@ -166,12 +187,6 @@ class QuantConfig:
         if self.softmax_quantizer not in SOFTMAX_QUANTIZERS:
             raise LeanvitError(f"softmax_quantizer '{self.softmax_quantizer}' is not a softmax quantizer; use one of "
                                f"{', '.join(SOFTMAX_QUANTIZERS)} ('uniform' is the one that exports).")
-        for f in fields(self):  # a truthy string such as 'no' would pass for True, '8' for 8 bits
-            value = getattr(self, f.name)
-            if f.type == "bool" and not isinstance(value, bool):
-                raise LeanvitError(f"{f.name} must be True or False, got {value!r}.")
-            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-                raise LeanvitError(f"{f.name} must be a whole number, got {value!r}.")
         if self.attn_max_error is not None and not (isinstance(self.attn_max_error, (int, float))
                                                     and math.isfinite(self.attn_max_error)):
             raise LeanvitError(f"attn_max_error must be a finite relative error (e.g. 0.1) or None (every attention "
@@ -265,8 +280,10 @@ def resolve_target(target: str) -> str:
     return "generic" if int8_saturates() else "vnni"
 
 
-def parse_bits(bits: str) -> tuple[int, int]:
-    """``"w4a8"`` -> ``(4, 8)``: weight and activation bit-widths."""
+def parse_bits(bits: str, what: str = "bits") -> tuple[int, int]:
+    """``"w4a8"`` -> ``(4, 8)``: weight and activation bit-widths; ``what`` names the argument in errors."""
+    if not isinstance(bits, str):
+        raise LeanvitError(f"{what} must be a bit-width string such as 'w8a8', got {bits!r} ({type(bits).__name__}).")
     match = re.fullmatch(r"w(\d+)a(\d+)", bits.strip().lower())
     if not match:
         raise LeanvitError(f"Bit-widths '{bits}' not understood: write them as w8a8, w6a6, w4a8 or w4a4.")
@@ -483,6 +500,9 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     """
     from tqdm.auto import tqdm
 
+    if not isinstance(config, QuantConfig):  # one way to say it: a bits string or dict would skip its checks
+        raise LeanvitError(f"quantize() takes a QuantConfig, got {config!r} ({type(config).__name__}): pass "
+                           "QuantConfig.from_bits('w8a8'), QuantConfig.recipe('mse', 'w8a8') or QuantConfig(...).")
     if hasattr(model, "quant_report") or any(isinstance(m, Quantizer) for m in model.modules()):
         raise LeanvitError(f"This {type(model).__name__} is quantized already (it holds quantizers): pass the float "
                            "model to quantize().")
