@@ -167,6 +167,21 @@ def test_a_dataset_of_samples_is_batched():
     assert [b.shape[0] for b in batches] == [8, 8, 4] and torch.equal(torch.cat(batches), images)
 
 
+def test_calibration_images_result_is_taken_as_its_batches(tiny_vit):
+    """calibration_images() returns a NamedTuple, whose fields (batches, labels, indices...) are no batches."""
+    from torch.utils.data import TensorDataset
+
+    from leanvit.compress.quant import calibration_batches
+    from leanvit.data import calibration_images
+
+    data = TensorDataset(torch.randn(20, 3, 32, 32), torch.arange(20) % 4)
+    data.targets = (torch.arange(20) % 4).tolist()
+    calib = calibration_images(data, 16, batch_size=8)
+    batches = calibration_batches(calib, 16)
+    assert len(batches) == 2 and torch.equal(torch.cat(batches), torch.cat(calib.batches))
+    assert quantize(tiny_vit, calib, progress=False).quant_report.calib_images == 16
+
+
 @pytest.fixture(scope="module")
 def calib():
     torch.manual_seed(1)

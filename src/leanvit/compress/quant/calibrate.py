@@ -341,16 +341,19 @@ class QuantReport:
 def calibration_batches(calib_data, min_images: int, batch_size: int = 32) -> list[torch.Tensor]:
     """The calibration images as a list of ``(B, C, H, W)`` float batches, all of one image size.
 
-    Accepts one tensor, an iterable of tensors or of ``(images, labels)`` pairs (a DataLoader), or a
-    dataset of ``(image, label)`` samples (batched here); ``None`` batches (all images corrupt, from
+    Accepts one tensor, an iterable of tensors or of ``(images, labels)`` pairs (a DataLoader), a
+    dataset of ``(image, label)`` samples (batched here), or :func:`leanvit.data.calibration_images`' result
+    (its ``batches``: calibration needs no labels); ``None`` batches (all images corrupt, from
     leanvit's loaders) are skipped. The images must be the model's float input (normalised): integer
     pixels are an error.
     """
+    from ...data import CalibrationImages, make_loader
+
+    if isinstance(calib_data, CalibrationImages):  # a NamedTuple: iterating it would give its fields
+        calib_data = calib_data.batches
     if isinstance(calib_data, torch.Tensor):
         calib_data = calib_data.split(batch_size)
     elif isinstance(calib_data, Dataset) and not isinstance(calib_data, IterableDataset):
-        from ...data import make_loader
-
         calib_data = make_loader(calib_data, batch_size)
     batches, resize = [], "calibrate at the one input size the model is deployed at (resize or crop them all to it)"
     try:
