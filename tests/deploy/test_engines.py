@@ -347,3 +347,51 @@ def test_a_read_only_export_cache_serves_what_it_holds(engine, tiny_cnn, tmp_pat
     assert np.allclose(get_engine(engine, threads=1).load(tiny_cnn, x, cache_dir=tmp_path)(x.numpy()), ran)
     with pytest.raises(LeanvitError, match=r"Cannot cache .* \(Read-only file system\): point --cache-dir"):
         get_engine(engine, threads=1).load(tiny_cnn, torch.randn(2, 3, 32, 32), cache_dir=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def quantized_vits(tiny_vit):
+    """``tiny_vit`` quantized W8A8, W7A8 and W4A8 (the last without engine kernels)."""
+    from leanvit.compress.quant import QuantConfig, quantize
+
+    torch.manual_seed(3)
+    calib = torch.randn(16, 3, 32, 32)
+    return {bits: quantize(tiny_vit, calib, QuantConfig.from_bits(bits, min_images=8), progress=False)
+            for bits in ("w8a8", "w7a8", "w4a8")}
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("bits", ["w8a8", "w7a8"])
+def test_a_quantized_model_loads_as_its_int8_export(engine, bits, quantized_vits, tmp_path):
+    """Engine.load of a quantized model ran the float exporter, which cannot write 7-bit weights (it raised
+    SymbolicValueError after printing its whole graph) and skipped the QDQ rewrites: it now loads, from the export
+    cache, the file leanvit.export writes, and computes what was simulated."""
+    import copy
+
+    import onnx
+
+    from leanvit.compress.quant import onnx_int8_summary
+
+    qmodel = quantized_vits[bits]
+    x = torch.randn(1, 3, 32, 32)
+    runner = get_engine(engine, threads=1).load(qmodel, x, cache_dir=tmp_path)
+    path = Path(runner.info["onnx"] if engine == "onnxruntime" else runner.info["model_file"]).with_name("model.onnx")
+    graph = onnx.load(str(path)).graph
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)  # int8 weights, as export writes
+    assert onnx_int8_summary(path).int8 == len(qmodel.quant_report.quantized)
+    agreement = check_agreement(qmodel, runner, [torch.randn(1, 3, 32, 32) for _ in range(4)])
+    assert agreement.top1_agreement == 1.0 and agreement.max_abs_err < 0.02 * agreement.ref_scale
+    # cached like a float export: reused as it is, and keyed by the quantizers' parameters
+    mtime = path.stat().st_mtime_ns
+    get_engine(engine, threads=1).load(qmodel, x, cache_dir=tmp_path)
+    assert path.stat().st_mtime_ns == mtime and len(list(tmp_path.iterdir())) == 1
+    rescaled = copy.deepcopy(qmodel)
+    rescaled.head.input_quantizer.scale.mul_(2)
+    get_engine(engine, threads=1).load(rescaled, x, cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_a_quantized_model_without_engine_kernels_is_refused_on_load(engine, quantized_vits, tmp_path):
+    with pytest.raises(LeanvitError, match="simulation-only"):
+        get_engine(engine, threads=1).load(quantized_vits["w4a8"], torch.randn(1, 3, 32, 32), cache_dir=tmp_path)

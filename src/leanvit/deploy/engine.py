@@ -72,7 +72,8 @@ class Engine(ABC):
 
     @abstractmethod
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir: str | Path | None = None) -> Runner:
-        """Put ``model`` on this engine for inputs shaped like ``example`` (exporting as needed)."""
+        """Put ``model`` on this engine for inputs shaped like ``example`` (exporting as needed; a quantized model as
+        the INT8 file :func:`leanvit.export` writes, :func:`engine_onnx`)."""
 
     def load_model_file(self, path, *, info: dict | None = None) -> Runner:
         """Run a model file written elsewhere (an INT8 model from a quantizer, say), in a format this engine reads."""
@@ -86,6 +87,23 @@ def existing_model_file(path) -> Path:
     if not path.is_file():
         raise LeanvitError(f"No model file at {path}: give the path of an exported .onnx or .xml file.")
     return path
+
+
+def engine_onnx(model: nn.Module, example: torch.Tensor, engine: str, *, cache_dir: str | Path | None = None) -> Path:
+    """The cached ONNX file ``engine`` runs for ``model`` at ``example``'s shape.
+
+    A float model gets :func:`~leanvit.deploy.export.cached_onnx`. A quantized one (holding leanvit's fake
+    quantizers) gets the INT8 QDQ export :func:`leanvit.export` writes for ``engine``: the float exporter cannot
+    write 7-bit weights, nor skip the rewrites and checks that make the engine run what was simulated.
+    """
+    from ..compress.quant.calibrate import quantizers  # (compress.quant imports deploy: imported when called)
+    from .export import cached_onnx
+
+    if quantizers(model):
+        from ..compress.quant.export import cached_export_quantized
+
+        return cached_export_quantized(model, example, engine, cache_dir=cache_dir)
+    return cached_onnx(model, example, cache_dir=cache_dir)
 
 
 _ENGINES: dict[str, type[Engine]] = {}

@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import EngineUnavailableError, LeanvitError
-from .engine import Engine, Runner, existing_model_file, register_engine
-from .export import cached_onnx
+from .engine import Engine, Runner, engine_onnx, existing_model_file, register_engine
 
 #: Graph fusions turned off for QDQ models. ONNX Runtime's MatMul + Add -> Gemm fusion runs before its QDQ
 #: fusions and turns every quantized Linear (DequantizeLinear -> MatMul -> Add) into a float Gemm, so a
@@ -94,4 +93,4 @@ class OnnxRuntimeEngine(Engine):
         return self.load_onnx(path, info=info)
 
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
-        return self.load_onnx(cached_onnx(model, example, cache_dir=cache_dir))
+        return self.load_onnx(engine_onnx(model, example, self.name, cache_dir=cache_dir))

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import LeanvitError
-from .engine import Engine, Runner, existing_model_file, register_engine
-from .export import cached_onnx, cached_openvino_ir
+from .engine import Engine, Runner, engine_onnx, existing_model_file, register_engine
+from .export import cached_openvino_ir
 
 _OV_PRECISION = {"f32": "f32", "bf16": "bf16", "fp16": "f16"}
 
@@ -85,4 +85,4 @@ class OpenVinoEngine(Engine):
         return OpenVinoRunner(compiled, precision, {**facts, **(info or {})})
 
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
-        return self.load_model_file(cached_openvino_ir(cached_onnx(model, example, cache_dir=cache_dir)))
+        return self.load_model_file(cached_openvino_ir(engine_onnx(model, example, self.name, cache_dir=cache_dir)))

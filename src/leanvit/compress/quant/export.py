@@ -178,10 +178,34 @@ def export_quantized(qmodel: nn.Module, path: str | Path, example: torch.Tensor 
     fake-quantize ops with a symbolic batch size. Every quantizer must have an INT8 kernel behind it on
     ``engine`` (None: on OpenVINO or ONNX Runtime, whichever runs the file; :func:`check_deployable`).
     """
-    import onnx
+    _check_exportable(qmodel, engine)
+    return _write_qdq(qmodel, Path(path), example, opset=opset, dynamic_batch=dynamic_batch, engine=engine)
 
-    from ...deploy.export import export_onnx
 
+def cached_export_quantized(qmodel: nn.Module, example: torch.Tensor, engine: str, *,
+                            cache_dir: str | Path | None = None, opset: int = DEFAULT_OPSET) -> Path:
+    """:func:`export_quantized` for ``engine`` at ``example``'s shape (static batch), kept in the export cache.
+
+    What ``Engine.load`` runs for a quantized model, so it gets the file :func:`export` writes (7-bit weights in
+    int8, every quantizer checked for a kernel), not the float exporter's failure, and reuses it as the float path
+    does. Keyed as a float export (:func:`~leanvit.deploy.export.export_key`: the quantizers' scales, zero points
+    and integer grids are buffers in the state dict) plus ``engine``, whose rewrites differ.
+    """
+    from ...deploy.export import check_export_dir, export_dir, export_key
+
+    _check_exportable(qmodel, engine)  # every load: a cache hit still refuses or warns as an export does
+    key = export_key(qmodel, example, dynamic_batch=False, opset=opset)
+    path = export_dir(cache_dir) / f"{key}-qdq-{engine}" / "model.onnx"
+    if not path.exists():
+        check_export_dir(cache_dir)
+        tmp = path.with_suffix(".tmp.onnx")
+        _write_qdq(qmodel, tmp, example, opset=opset, dynamic_batch=False, engine=engine)
+        tmp.replace(path)  # atomic: an interrupted export never leaves a half file in the cache
+    return path
+
+
+def _check_exportable(qmodel: nn.Module, engine: str | None) -> None:
+    """:func:`check_deployable`, and the warning about 8-bit weights on a CPU whose INT8 sums saturate."""
     check_deployable(qmodel, engine)
     if int8_saturates() and any(n.endswith("weight_quantizer") and q.scheme.bits == 8
                                 for n, q in quantizers(qmodel).items()):
@@ -189,7 +213,15 @@ def export_quantized(qmodel: nn.Module, path: str | Path, example: torch.Tensor 
             "This CPU has no VNNI/AMX: its INT8 kernels add pairs of u8 x s8 products in 16 bits, which saturate "
             "with 8-bit weights, so the engine's results can differ from the simulation's. Quantize with "
             "7-bit weights (QuantConfig.from_bits('w7a8'), stored as int8) to run exactly what was simulated.")
-    path = Path(path)
+
+
+def _write_qdq(qmodel: nn.Module, path: Path, example: torch.Tensor | None, *, opset: int, dynamic_batch: bool,
+               engine: str | None) -> Path:
+    """The export itself, once :func:`_check_exportable` passed: QDQ ONNX rewritten into the engines' forms."""
+    import onnx
+
+    from ...deploy.export import export_onnx
+
     with _int8_weights(qmodel):
         export_onnx(qmodel, _example(qmodel, example, dynamic_batch), path, opset=opset, dynamic_batch=dynamic_batch)
     model = onnx.load(str(path))
