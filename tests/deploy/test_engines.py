@@ -395,3 +395,29 @@ def test_a_quantized_model_loads_as_its_int8_export(engine, bits, quantized_vits
 def test_a_quantized_model_without_engine_kernels_is_refused_on_load(engine, quantized_vits, tmp_path):
     with pytest.raises(LeanvitError, match="simulation-only"):
         get_engine(engine, threads=1).load(quantized_vits["w4a8"], torch.randn(1, 3, 32, 32), cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("engine", ["eager", "compile"])
+def test_a_torch_runner_uses_its_thread_count_per_call_and_keeps_the_process_count(engine, monkeypatch):
+    """load() called torch.set_num_threads(threads) and kept it: the default threads=1 left every later PyTorch call
+    in the user's process on one thread. The runner now sets its count for each call and puts the process's back,
+    calling set_num_threads only where the counts differ (bench runs at the engine's count: nothing added)."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x.sum(1)
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)  # (compile: the first call is in load)
+    torch.set_num_threads(3)  # the user's count (conftest puts the test's own back)
+    runner = get_engine(engine, threads=2).load(Probe(), torch.randn(1, 3))
+    assert torch.get_num_threads() == 3
+    runner(np.zeros((1, 3), np.float32))
+    assert torch.get_num_threads() == 3 and set(seen) == {2} and runner.info["threads"] == 2
+    calls = []
+    set_num_threads = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), set_num_threads(n)))
+    set_num_threads(2)
+    runner(np.zeros((1, 3), np.float32))
+    assert calls == [] and seen[-1] == 2

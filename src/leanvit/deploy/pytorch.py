@@ -16,18 +16,32 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TorchRunner(Runner):
-    def __init__(self, fn, device: str, precision: str, info: dict):
-        self.fn, self.device, self.precision, self.info = fn, device, precision, info
+    """Runs ``fn`` on ``threads`` intra-op threads, the process's count put back after each call.
+
+    ``torch.set_num_threads`` is process-wide: set once at load, the engine's count (1 by default) stayed for every
+    later PyTorch call in the user's process. Set only where it differs, so a timed call pays one
+    ``torch.get_num_threads()`` when the process already runs that many (as bench sets it).
+    """
+
+    def __init__(self, fn, device: str, precision: str, info: dict, threads: int):
+        self.fn, self.device, self.precision, self.info, self.threads = fn, device, precision, info, threads
 
     @torch.inference_mode()
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(x).to(self.device)
-        if self.precision in _DTYPES:
-            with torch.autocast(self.device.split(":")[0], dtype=_DTYPES[self.precision]):
+        before = torch.get_num_threads()
+        if before != self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            t = torch.from_numpy(x).to(self.device)
+            if self.precision in _DTYPES:
+                with torch.autocast(self.device.split(":")[0], dtype=_DTYPES[self.precision]):
+                    out = self.fn(t)
+            else:
                 out = self.fn(t)
-        else:
-            out = self.fn(t)
-        return out.float().cpu().numpy()
+            return out.float().cpu().numpy()
+        finally:
+            if before != self.threads:
+                torch.set_num_threads(before)
 
 
 def on_device(model: nn.Module, device: str) -> nn.Module:
@@ -57,10 +71,9 @@ class EagerEngine(Engine):
                                          f"{torch.__version__}). Run on the CPU (--device cpu) or on a GPU machine.")
 
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
-        torch.set_num_threads(self.threads)
         model = on_device(model.eval(), self.device)
-        return TorchRunner(model, self.device, self.precision,
-                           {"torch": torch.__version__, "threads": torch.get_num_threads()})
+        return TorchRunner(model, self.device, self.precision, {"torch": torch.__version__, "threads": self.threads},
+                           self.threads)
 
 
 @register_engine
@@ -70,10 +83,9 @@ class CompileEngine(EagerEngine):
     name = "compile"
 
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
-        torch.set_num_threads(self.threads)
         model = on_device(model.eval(), self.device)
         compiled = torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=False)
-        runner = TorchRunner(compiled, self.device, self.precision, {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                                                     "mode": "max-autotune-no-cudagraphs"})
-        runner(example.numpy())  # trigger compilation now, not inside the timed loop
+        info = {"torch": torch.__version__, "threads": self.threads, "mode": "max-autotune-no-cudagraphs"}
+        runner = TorchRunner(compiled, self.device, self.precision, info, self.threads)
+        runner(example.numpy())  # trigger compilation now (at the runner's thread count), not inside the timed loop
         return runner
