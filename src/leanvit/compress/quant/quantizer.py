@@ -16,7 +16,7 @@ them: they are for simulating low-bit attention, while uniform uint8 is what dep
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -211,13 +211,41 @@ class Quantizer(nn.Module):
     While ``observer`` is set the quantizer only records its input; with ``enabled = False`` it is
     the identity, to compare with the float function of the same model. ``scheme`` gives the width
     of the integer codes, which decides whether an engine has a kernel for them.
+
+    The scheme's integer grid is kept in the state dict too (``qrange``, its ``[qmin, qmax]``), and loading a state
+    dict takes the saved grid: the same scale and zero point read on another grid (int8 for uint8, 4 bits for 8)
+    give other values, and a fresh model built with the same config can choose another grid where the choice
+    depends on the calibration data (``a_symmetric="auto"``).
     """
 
     def __init__(self, scheme: QScheme):
         super().__init__()
+        self.register_buffer("qrange", torch.tensor([scheme.qmin, scheme.qmax], dtype=torch.int32))
         self.scheme = scheme
         self.observer: RangeObserver | None = None
         self.enabled = True
+
+    @property
+    def scheme(self) -> QScheme:
+        return self._scheme
+
+    @scheme.setter
+    def scheme(self, scheme: QScheme) -> None:
+        self._scheme = scheme
+        self.qrange.copy_(torch.tensor([scheme.qmin, scheme.qmax]))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "qrange")
+        if saved is None:  # saved before the grid was kept: this quantizer's own grid, as then
+            state_dict[prefix + "qrange"] = self.qrange.clone()
+        elif saved.shape == (2,) and saved.tolist() != self.qrange.tolist():
+            qmin, qmax = saved.tolist()
+            scheme = replace(self.scheme, bits=(qmax - qmin).bit_length(), symmetric=qmin < 0)
+            if [scheme.qmin, scheme.qmax] != [qmin, qmax]:
+                raise LeanvitError(f"{prefix}qrange is [{qmin}, {qmax}], not the integer grid of a quantization "
+                                   "scheme (int<b> [-2^(b-1), 2^(b-1)-1] or uint<b> [0, 2^b-1]).")
+            self.scheme = scheme
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:

@@ -1,0 +1,39 @@
+"""A quantized model's state dict describes it whole: loaded into a model quantized afresh, it computes the same."""
+import pytest
+import torch
+
+from leanvit.compress.quant import QuantConfig, quantize
+from leanvit.compress.quant.quantizer import FakeQuantizer
+from leanvit.errors import LeanvitError
+
+
+def _input_grids(qmodel):
+    return {n: str(m.scheme) for n, m in qmodel.named_modules() if isinstance(m, FakeQuantizer)}
+
+
+@pytest.mark.parametrize("other", [dict(a_symmetric="auto"), dict(w_bits=4, a_bits=6)], ids=["auto-symmetry", "bits"])
+def test_a_state_dict_brings_its_integer_grids(tiny_vit, other):
+    """The scale and zero point were saved without their grid: where the fresh model chose another (uint8 for int8,
+    as ``a_symmetric="auto"`` does on other calibration images, or other bits) the load matched every key and the
+    model computed something else, silently."""
+    torch.manual_seed(0)
+    calib = torch.randn(16, 3, 32, 32)
+    saved = quantize(tiny_vit, calib, QuantConfig(a_symmetric=True, min_images=8), progress=False)
+    fresh = quantize(tiny_vit, calib.abs() + 0.5, QuantConfig(**other, min_images=8), progress=False)
+    assert _input_grids(fresh) != _input_grids(saved)
+    fresh.load_state_dict(saved.state_dict())
+    assert _input_grids(fresh) == _input_grids(saved)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), saved(x))
+
+
+def test_a_state_dict_saved_without_grids_still_loads(tiny_vit):
+    """State dicts saved before the grid was kept load as they did: each quantizer keeps its own grid."""
+    calib = torch.randn(16, 3, 32, 32)
+    qmodel = quantize(tiny_vit, calib, QuantConfig(min_images=8), progress=False)
+    old = {k: v for k, v in qmodel.state_dict().items() if not k.endswith("qrange")}
+    qmodel.load_state_dict(old)
+    bad = {**old, "head.input_quantizer.qrange": torch.tensor([0, 100], dtype=torch.int32)}
+    with pytest.raises(LeanvitError, match=r"head.input_quantizer.qrange is \[0, 100\], not the integer grid"):
+        qmodel.load_state_dict(bad)
