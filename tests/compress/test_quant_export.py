@@ -648,3 +648,30 @@ def test_transposed_reads_leave_out_outputs_a_normalization_reads():
     net = Net().eval()
     layers = {n: getattr(net, n) for n in ("tokens", "normed", "grouped")}
     assert transposed_reads(net, layers, torch.randn(1, 3, 4, 4)) == {"tokens"}
+
+
+def test_an_int32_bias_leaves_no_float_initializer_behind(tiny_vit, tmp_path, capfd):
+    """The float bias an int32 one replaced stayed in the file, and ONNX Runtime printed "Removing initializer
+    'head.bias'. It is not used by any node" on opening it: now it goes, with any other initializer left unread."""
+    import onnxruntime as ort
+
+    vit = copy.deepcopy(tiny_vit)
+    torch.nn.init.normal_(vit.head.bias, std=0.5)
+    torch.manual_seed(5)
+    qvit = quantize(vit, torch.randn(16, 3, 32, 32), QuantConfig.recipe("minmax", "w7a8", engine="onnxruntime"),
+                    progress=False)
+    for dynamic_batch in (False, True):  # (the torch.export and TorchScript exporters)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = export_quantized(qvit, tmp_path / f"vit{dynamic_batch}.onnx", dynamic_batch=dynamic_batch,
+                                    engine="onnxruntime")
+        graph = onnx.load(str(path)).graph
+        assert "head.bias_int32" in {t.name for t in graph.initializer}  # the rewrite happened
+        read = {name for node in graph.node for name in node.input}
+        assert [t.name for t in graph.initializer if t.name not in read] == []
+        assert [i.name for i in graph.input] == ["input"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 2  # warnings: where ONNX Runtime names each unused initializer
+        capfd.readouterr()
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        assert "Removing initializer" not in capfd.readouterr().err

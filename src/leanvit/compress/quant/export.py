@@ -479,6 +479,7 @@ def _quantize_biases(graph) -> None:
         graph.node.insert(index, helper.make_node("DequantizeLinear", [name, f"{name}_scale"], [f"{name}_dq"],
                                                   name=f"{node.name or node.output[0]}_bias_dq", axis=0))
         node.input[2] = f"{name}_dq"
+    _drop_unused(graph)  # the float biases replaced, unless another node reads them too
 
 
 def _zero_bias_before_relu(graph) -> None:
@@ -560,9 +561,38 @@ def _fold_weight_quantizers(graph) -> None:
     kept = [n for n in graph.node if id(n) not in removed]
     del graph.node[:]
     graph.node.extend(kept)
-    used = {name for n in graph.node for name in n.input}
-    for t in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(t)
+    _drop_unused(graph)
+
+
+def _drop_unused(graph) -> None:
+    """Remove the initializers no node reads any more (those a rewrite here replaced), with their graph input
+    entries, the constants and aliases (Constant, Identity) nothing reads, and the shapes of values no node writes:
+    dead weight in the file, and ONNX Runtime prints "Removing initializer ... It is not used by any node" for each
+    such initializer when it opens it."""
+    from onnx import AttributeProto
+
+    def read(g) -> set[str]:  # (a subgraph, If's or Loop's, can read the outer graph's values)
+        names = {o.name for o in g.output}
+        for node in g.node:
+            names.update(node.input)
+            for a in node.attribute:
+                for sub in ([a.g] if a.type == AttributeProto.GRAPH else a.graphs):
+                    names |= read(sub)
+        return names
+
+    while True:  # (an alias of an alias is dead once the first goes)
+        used = read(graph)
+        kept = [n for n in graph.node if n.op_type not in ("Constant", "Identity") or set(n.output) & used]
+        if len(kept) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(kept)
+    dead = {t.name for t in graph.initializer if t.name not in used}
+    for items in (graph.initializer, graph.input):
+        kept = [t for t in items if t.name not in dead]
+        if len(kept) < len(items):
+            del items[:]
+            items.extend(kept)
     produced = {name for n in graph.node for name in n.output}
     for v in [v for v in graph.value_info if v.name not in produced]:
         graph.value_info.remove(v)
