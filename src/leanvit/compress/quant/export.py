@@ -509,7 +509,7 @@ def _fold_weight_quantizers(graph) -> None:
     consts = _constants(graph)
     consumers = _consumers(graph)
 
-    removed = set()
+    removed, reshaped = set(), set()  # (reshaped: the dequantized weights now written transposed)
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
         if len(q.input) < 3 or not all(name in consts for name in q.input[:3]):
             continue
@@ -541,6 +541,7 @@ def _fold_weight_quantizers(graph) -> None:
             users = [node for name in transposed for node in consumers.get(name, [])]
             for node in users:
                 node.input[:] = [dq.output[0] if name in transposed else name for name in node.input]
+            reshaped.add(dq.output[0])
         name = f"{q.input[0]}_quantized"
         graph.initializer.append(numpy_helper.from_array(ints, name))
         dq.input[0] = name
@@ -561,6 +562,9 @@ def _fold_weight_quantizers(graph) -> None:
     kept = [n for n in graph.node if id(n) not in removed]
     del graph.node[:]
     graph.node.extend(kept)
+    # their recorded shapes are the untransposed ones: ONNX Runtime warned "Error merging shape info" for each
+    for v in [v for v in graph.value_info if v.name in reshaped]:
+        graph.value_info.remove(v)
     _drop_unused(graph)
 
 
