@@ -397,6 +397,17 @@ def test_a_quantized_model_without_engine_kernels_is_refused_on_load(engine, qua
         get_engine(engine, threads=1).load(quantized_vits["w4a8"], torch.randn(1, 3, 32, 32), cache_dir=tmp_path)
 
 
+def test_tensorrt_refuses_a_quantized_model_with_the_engines_that_run_it(quantized_vits, tmp_path):
+    """TensorRT exported a quantized model with the float exporter (7-bit weights fail there, W8A8 loses the QDQ
+    rewrites). It refuses it before needing a GPU (the engine is made without its availability checks here)."""
+    from leanvit.deploy.trt import TensorRTEngine
+
+    with pytest.raises(LeanvitError, match="TensorRT does not run leanvit's quantized models yet .* onnxruntime or "
+                                           "openvino"):
+        TensorRTEngine.__new__(TensorRTEngine).load(quantized_vits["w8a8"], torch.randn(1, 3, 32, 32),
+                                                    cache_dir=tmp_path)
+
+
 @pytest.mark.parametrize("engine", ["eager", "compile"])
 def test_a_torch_runner_uses_its_thread_count_per_call_and_keeps_the_process_count(engine, monkeypatch):
     """load() called torch.set_num_threads(threads) and kept it: the default threads=1 left every later PyTorch call

@@ -16,6 +16,7 @@ import importlib.metadata
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -180,11 +181,17 @@ def cached_onnx(
 ) -> Path:
     """The ONNX export of ``model`` at ``example``'s shape, exporting only on a cache miss."""
     key = export_key(model, example, dynamic_batch=dynamic_batch, opset=opset)
+    return cached_file(key, lambda path: export_onnx(model, example, path, opset=opset, dynamic_batch=dynamic_batch),
+                       cache_dir=cache_dir)
+
+
+def cached_file(key: str, write: Callable[[Path], object], *, cache_dir: str | Path | None = None) -> Path:
+    """``model.onnx`` in the export cache's folder ``key``, written by ``write(path)`` on a cache miss only."""
     path = export_dir(cache_dir) / key / "model.onnx"
     if not path.exists():
         check_export_dir(cache_dir)
         tmp = path.with_suffix(".tmp.onnx")
-        export_onnx(model, example, tmp, opset=opset, dynamic_batch=dynamic_batch)
+        write(tmp)
         tmp.replace(path)  # atomic: an interrupted export never leaves a half file in the cache
     return path
 

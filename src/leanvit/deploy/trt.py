@@ -78,6 +78,11 @@ class TensorRTEngine(Engine):
     exports = True
 
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
+        from ..compress.quant.calibrate import quantizers  # (compress.quant imports deploy: imported when called)
+
+        if quantizers(model):  # (the float exporter cannot write them: 7-bit weights, no QDQ rewrites)
+            raise LeanvitError("TensorRT does not run leanvit's quantized models yet (its INT8 path is untested "
+                               "here): run them on onnxruntime or openvino, or give TensorRT the float model.")
         import tensorrt as trt
 
         device = cuda_device(self.device)

@@ -191,17 +191,13 @@ def cached_export_quantized(qmodel: nn.Module, example: torch.Tensor, engine: st
     does. Keyed as a float export (:func:`~leanvit.deploy.export.export_key`: the quantizers' scales, zero points
     and integer grids are buffers in the state dict) plus ``engine``, whose rewrites differ.
     """
-    from ...deploy.export import check_export_dir, export_dir, export_key
+    from ...deploy.export import cached_file, export_key
 
     _check_exportable(qmodel, engine)  # every load: a cache hit still refuses or warns as an export does
     key = export_key(qmodel, example, dynamic_batch=False, opset=opset)
-    path = export_dir(cache_dir) / f"{key}-qdq-{engine}" / "model.onnx"
-    if not path.exists():
-        check_export_dir(cache_dir)
-        tmp = path.with_suffix(".tmp.onnx")
-        _write_qdq(qmodel, tmp, example, opset=opset, dynamic_batch=False, engine=engine)
-        tmp.replace(path)  # atomic: an interrupted export never leaves a half file in the cache
-    return path
+    return cached_file(f"{key}-qdq-{engine}", lambda path: _write_qdq(qmodel, path, example, opset=opset,
+                                                                      dynamic_batch=False, engine=engine),
+                       cache_dir=cache_dir)
 
 
 def _check_exportable(qmodel: nn.Module, engine: str | None) -> None:
