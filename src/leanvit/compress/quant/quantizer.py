@@ -234,6 +234,15 @@ class Quantizer(nn.Module):
         self._scheme = scheme
         self.qrange.copy_(torch.tensor([scheme.qmin, scheme.qmax]))
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``... but the float buffers (scales, steps) stay float32: torch's fake-quantize kernels
+        take no half scale, and the grid is the simulated engine's, not the model's compute precision."""
+        super()._apply(fn, recurse)
+        for name, buffer in self._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
+                self._buffers[name] = buffer.float()
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "qrange")
         if saved is None:  # saved before the grid was kept: this quantizer's own grid, as then

@@ -1,4 +1,4 @@
-"""A quantized model's state dict describes it whole: loaded into a model quantized afresh, it computes the same."""
+"""The quantizers as modules: their state dict describes them whole, and they follow a model's moves and casts."""
 import pytest
 import torch
 
@@ -37,3 +37,17 @@ def test_a_state_dict_saved_without_grids_still_loads(tiny_vit):
     bad = {**old, "head.input_quantizer.qrange": torch.tensor([0, 100], dtype=torch.int32)}
     with pytest.raises(LeanvitError, match=r"head.input_quantizer.qrange is \[0, 100\], not the integer grid"):
         qmodel.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_quantized_model_cast_to_half_runs(tiny_vit, dtype):
+    """``qmodel.half()`` cast the scales too, and torch's fake-quantize kernels take no half scale: a RuntimeError
+    ("Scale must be Float or BFloat16, found Half") on the first call. The scales stay float32."""
+    torch.manual_seed(0)
+    calib = torch.randn(16, 3, 32, 32)
+    qmodel = quantize(tiny_vit, calib, QuantConfig(min_images=8), progress=False)
+    with torch.no_grad():
+        ref = qmodel(calib[:4])
+        out = qmodel.to(dtype)(calib[:4].to(dtype))
+    assert out.dtype == dtype and qmodel.head.input_quantizer.scale.dtype == torch.float32
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
