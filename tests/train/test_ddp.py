@@ -60,3 +60,21 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     a, b = read_checkpoint(tmp_path / "ddp")[0], read_checkpoint(tmp_path / "single")[0]
     for key in init:  # the same updates, not just the same losses; Adam amplifies rounding a little
         assert (a[key] - b[key]).norm() <= 0.01 * (b[key] - init[key]).norm(), key
+
+
+def test_ranks_other_than_0_name_only_their_own_corrupt_images():
+    """Rank 0 says what every rank would (settings, data folder, model); the training images are split between the
+    ranks, so each names the corrupt ones of its share (all silenced on ranks > 0, they went unreported)."""
+    import warnings
+
+    from leanvit.data import CorruptImageWarning
+    from leanvit.errors import LeanvitWarning
+    from leanvit.train.loop import _warnings_of_rank
+
+    for rank, said in ((0, ["set-up", "corrupt"]), (1, ["corrupt"])):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with _warnings_of_rank(rank):
+                warnings.warn("set-up", LeanvitWarning)
+                warnings.warn("corrupt", CorruptImageWarning)
+        assert [str(w.message) for w in seen] == said

@@ -9,6 +9,7 @@ order, so N processes with batch B/N see the same global batches as one process 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +36,8 @@ from ..checkpoint import (WEIGHTS_FILE, CheckpointMismatchError, checkpoint_file
                           model_from_checkpoint, read_metadata, save_weights)
 from ..compress.tokens import EViT, from_spec, keep_rate_warmup
 from ..compress.tokens import apply as token_apply
-from ..data import build_transform, check_input_size, dataset_classes, make_loader, open_dataset, resolve_data_config
+from ..data import (CorruptImageWarning, build_transform, check_input_size, dataset_classes, make_loader, open_dataset,
+                    resolve_data_config)
 from ..errors import InputSizeError, LeanvitError, LeanvitWarning, warn
 from ..evaluate import evaluate
 from ..models.registry import create_model, pretrained_num_classes
@@ -61,13 +63,22 @@ def fit(cfg: TrainConfig) -> TrainResult:
     """
     owns_group = _init_distributed()
     try:
-        with warnings.catch_warnings():
-            if dist.is_initialized() and dist.get_rank() != 0:  # each rank would say what rank 0 says, once per rank
-                warnings.simplefilter("ignore", LeanvitWarning)
+        with _warnings_of_rank(dist.get_rank() if dist.is_initialized() else 0):
             return _fit(cfg)
     finally:
         if owns_group:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _warnings_of_rank(rank: int):
+    """leanvit's warnings from rank 0 alone: every rank has the same settings, data folder and model, and would say
+    what rank 0 says once per process. Corrupt images excepted: each rank reads its own share of them."""
+    with warnings.catch_warnings():
+        if rank != 0:
+            warnings.simplefilter("ignore", LeanvitWarning)
+            warnings.simplefilter("default", CorruptImageWarning)
+        yield
 
 
 def _fit(cfg: TrainConfig) -> TrainResult:

@@ -92,9 +92,8 @@ def _draw_rows(grad_sq: torch.Tensor, keep: int, generator: torch.Generator
         return None
     p = energy / energy.sum()
     index = torch.multinomial(p.cpu(), keep, replacement=True, generator=generator).to(p.device)
-    weighted = grad_sq[index] / (keep * p[index])[:, None]
-    index, repeats = index.unique(return_inverse=True)
-    return index, weighted.new_zeros(len(index), weighted.shape[1]).index_add_(0, repeats, weighted)
+    index, draws = index.unique(return_counts=True)  # (a product, not a sum: CUDA's index_add_ is not deterministic)
+    return index, grad_sq[index] * (draws / (keep * p[index]))[:, None]
 
 
 def _gradient_batches(batches: list[torch.Tensor], images: int, rows: int):
