@@ -405,6 +405,13 @@ def test_a_quantized_model_on_its_engine_is_judged_by_its_error_not_as_f32(tiny_
     assert agreement.max_abs_err > 1e-3 * agreement.ref_scale  # (what the f32 rule refused)
     assert check_agreement(qmodel, lambda a: np.zeros((len(a), 10), np.float32), x).diverges()
 
+    class FivePercentOff(torch.nn.Module):
+        def forward(self, images):
+            return qmodel(images) * 1.05
+
+    eager = check_agreement(qmodel, get_engine("eager", threads=1).load(FivePercentOff(), x[0]), x)
+    assert not eager.quantized and eager.diverges()  # eager runs the simulation itself: held to the f32 rule
+
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
 def test_a_quantized_model_without_engine_kernels_is_refused_on_load(engine, quantized_vits, tmp_path):

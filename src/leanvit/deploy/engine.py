@@ -72,8 +72,8 @@ class Engine(ABC):
 
     @abstractmethod
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir: str | Path | None = None) -> Runner:
-        """Put ``model`` on this engine for inputs shaped like ``example`` (exporting as needed; a quantized model as
-        the INT8 file :func:`leanvit.export` writes, :func:`engine_onnx`)."""
+        """Put ``model`` on this engine for inputs shaped like ``example`` (exporting as needed; an exporting engine
+        given a quantized model loads the INT8 file :func:`leanvit.export` writes, :func:`engine_onnx`)."""
 
     def load_model_file(self, path, *, info: dict | None = None) -> Runner:
         """Run a model file written elsewhere (an INT8 model from a quantizer, say), in a format this engine reads."""
@@ -96,14 +96,20 @@ def engine_onnx(model: nn.Module, example: torch.Tensor, engine: str, *, cache_d
     quantizers) gets the INT8 QDQ export :func:`leanvit.export` writes for ``engine``: the float exporter cannot
     write 7-bit weights, nor skip the rewrites and checks that make the engine run what was simulated.
     """
-    from ..compress.quant.calibrate import quantizers  # (compress.quant imports deploy: imported when called)
     from .export import cached_onnx
 
-    if quantizers(model):
+    if is_quantized(model):
         from ..compress.quant.export import cached_export_quantized
 
         return cached_export_quantized(model, example, engine, cache_dir=cache_dir)
     return cached_onnx(model, example, cache_dir=cache_dir)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` holds leanvit's fake quantizers (a :func:`leanvit.quantize` result)."""
+    from ..compress.quant.calibrate import quantizers  # (compress.quant imports deploy: imported when called)
+
+    return bool(quantizers(model))
 
 
 _ENGINES: dict[str, type[Engine]] = {}
@@ -167,7 +173,9 @@ class Agreement:
     top1_agreement: float  #: fraction of samples whose argmax matches eager's
     n: int
     ref_scale: float = field(default=1.0)  #: max |eager logit|, to read max_abs_err against
-    quantized: bool = False  #: eager was a quantized (fake-quant) model: the engine runs it in INT8
+    #: eager was a quantized (fake-quant) model and the engine runs its INT8 export (eager and compile engines run the
+    #: simulation itself, held to the rule of their precision)
+    quantized: bool = False
 
     def diverges(self, precision: str = "f32") -> bool:
         """True when the engine is not computing the same function as eager.
@@ -204,7 +212,7 @@ def check_agreement(model: nn.Module, runner: Runner, inputs: list[torch.Tensor]
         scale = max(scale, float(np.abs(ref).max()))
         agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
         n += ref.shape[0]
-    from ..compress.quant.calibrate import quantizers  # (compress.quant imports deploy: imported when called)
+    from .pytorch import TorchRunner
 
     return Agreement(max_abs_err=max(errs), top1_agreement=agree / n, n=n, ref_scale=scale,
-                     quantized=bool(quantizers(model)))
+                     quantized=is_quantized(model) and not isinstance(runner, TorchRunner))

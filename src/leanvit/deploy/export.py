@@ -205,10 +205,7 @@ def cached_openvino_ir(onnx_path: Path) -> Path:
 
     xml = onnx_path.with_name(f"model-ov{_version('openvino')}.xml")
     if not xml.exists():
-        problem = write_problem(xml.parent)
-        if problem:  # a read-only cache holding this model's ONNX export but not this OpenVINO version's IR
-            raise LeanvitError(f"Cannot cache the OpenVINO IR in {xml.parent} ({problem}): point --cache-dir (or "
-                               "LEANVIT_CACHE) at a directory you can write to.")
+        check_export_dir(xml.parent)  # a read-only cache holding the ONNX export but not this OpenVINO's IR
         ov_model = ov.convert_model(str(onnx_path))
         tmp = xml.with_suffix(".tmp.xml")
         ov.save_model(ov_model, str(tmp), compress_to_fp16=False)

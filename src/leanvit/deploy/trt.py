@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import EngineUnavailableError, LeanvitError
-from .engine import Engine, Runner, register_engine
+from .engine import Engine, Runner, is_quantized, register_engine
 from .export import cached_onnx
 
 #: The ONNX opset TensorRT reads its export at: opset 20's ``Gelu`` op (the default export's, for ONNX Runtime) is
@@ -78,9 +78,7 @@ class TensorRTEngine(Engine):
     exports = True
 
     def load(self, model: nn.Module, example: torch.Tensor, *, cache_dir=None) -> Runner:
-        from ..compress.quant.calibrate import quantizers  # (compress.quant imports deploy: imported when called)
-
-        if quantizers(model):  # (the float exporter cannot write them: 7-bit weights, no QDQ rewrites)
+        if is_quantized(model):  # (the float exporter cannot write them: 7-bit weights, no QDQ rewrites)
             raise LeanvitError("TensorRT does not run leanvit's quantized models yet (its INT8 path is untested "
                                "here): run them on onnxruntime or openvino, or give TensorRT the float model.")
         import tensorrt as trt
