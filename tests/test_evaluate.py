@@ -110,6 +110,10 @@ def test_skipped_counts_only_images_the_loader_asked_for(tmp_path, setup):
         result = evaluate(two_class, DataLoader(folder, batch_size=2, sampler=asked,
                                                 collate_fn=collate_skipping_corrupt), progress=False)
     assert (result.images, result.skipped) == (1, 1)
+    with pytest.warns(UserWarning, match="truncated.png"):  # a batch sampler without a length: the whole dataset
+        result = evaluate(two_class, DataLoader(folder, batch_sampler=[[0, 1], [2, 3, 4]],
+                                                collate_fn=collate_skipping_corrupt), progress=False)
+    assert (result.images, result.skipped) == (4, 1)
     with pytest.warns(UserWarning, match="truncated.png"):
         decoded = DecodedDataset(folder)  # drops the corrupt image once, before any loader
     result = evaluate(two_class, make_loader(decoded, batch_size=2), progress=False)

@@ -72,7 +72,9 @@ def evaluate(model: nn.Module | Callable[[np.ndarray], np.ndarray], loader: Data
     A module is run in eval mode on ``device`` (default: CUDA if present), where it stays; its
     train/eval mode is restored afterwards, also when scoring fails. ``skipped`` counts the images the
     loader asked for that did not decode (dropped from their batch, :func:`collate_skipping_corrupt`), plus
-    those a :class:`leanvit.data.DecodedDataset` dropped when it was built.
+    those a :class:`leanvit.data.DecodedDataset` dropped when it was built (all of them: which ones the sampler
+    would have asked for is unknown). A loader that cannot say how many it asks for (a batch sampler without a
+    length) is taken to ask for its whole dataset.
     """
     classes = list(classes) if classes is not None else dataset_classes(loader.dataset)
     n = len(classes)
@@ -112,7 +114,7 @@ def evaluate(model: nn.Module | Callable[[np.ndarray], np.ndarray], loader: Data
         raise LeanvitError("No image of the dataset could be decoded; see the warnings above.")
 
     requested = requested_images(loader)
-    skipped = max(requested - images, 0) if requested is not None else 0
+    skipped = max((requested if requested is not None else len(loader.dataset)) - images, 0)
     if isinstance(loader.dataset, DecodedDataset):  # its corrupt images were dropped before any sampler
         skipped += loader.dataset.skipped
     confusion = confusion.view(n, n)

@@ -31,9 +31,14 @@ def test_a_state_dict_brings_its_integer_grids(tiny_vit, other):
 def test_a_state_dict_saved_without_grids_still_loads(tiny_vit):
     """State dicts saved before the grid was kept load as they did: each quantizer keeps its own grid."""
     calib = torch.randn(16, 3, 32, 32)
-    qmodel = quantize(tiny_vit, calib, QuantConfig(min_images=8), progress=False)
-    old = {k: v for k, v in qmodel.state_dict().items() if not k.endswith("qrange")}
+    saved = quantize(tiny_vit, calib, QuantConfig(a_symmetric=True, min_images=8), progress=False)
+    qmodel = quantize(tiny_vit, calib, QuantConfig(a_symmetric=False, min_images=8), progress=False)
+    own = _input_grids(qmodel)
+    assert own != _input_grids(saved)
+    old = {k: v for k, v in saved.state_dict().items() if not k.endswith("qrange")}
     qmodel.load_state_dict(old)
+    assert _input_grids(qmodel) == own
+    assert all(torch.equal(t, qmodel.state_dict()[k]) for k, t in old.items())
     bad = {**old, "head.input_quantizer.qrange": torch.tensor([0, 100], dtype=torch.int32)}
     with pytest.raises(LeanvitError, match=r"head.input_quantizer.qrange is \[0, 100\], not the integer grid"):
         qmodel.load_state_dict(bad)
