@@ -54,3 +54,31 @@ def test_leanvits_own_errors_from_a_constructor_pass_unchanged(monkeypatch):
     monkeypatch.setattr(timm, "create_model", refuses)
     with pytest.raises(InputSizeError, match="^takes 224x224 inputs only: pass --img-size 224$"):
         create_model("deit_tiny_patch16_224", img_size=100)
+
+
+def test_pretrained_weights_are_read_from_the_cache_at_once_when_the_hub_is_unreachable(monkeypatch):
+    """With no network a download retried for most of a minute, printing each retry, before reading the cache (56 s
+    for weights not cached): while the Hub cannot be reached huggingface_hub runs in its offline mode."""
+    import huggingface_hub.constants as hub
+    import torch
+
+    from leanvit.models import registry
+
+    seen = []
+    monkeypatch.setattr(timm, "create_model", lambda name, **kwargs: seen.append(hub.HF_HUB_OFFLINE) or torch.nn.Linear(1, 1))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    for reachable in (False, True):
+        monkeypatch.setattr(registry, "_hub_reachable", lambda endpoint: reachable)
+        registry.create_model("deit_tiny_patch16_224", pretrained=True)
+        registry.create_model("deit_tiny_patch16_224")  # no weights: no probe
+    assert seen == [True, False, False, False] and hub.HF_HUB_OFFLINE is False
+
+
+def test_the_hub_probe(monkeypatch):
+    from leanvit.models.registry import _hub_reachable
+
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    assert not _hub_reachable("http://127.0.0.1:9")  # the discard port: nothing listens, refused at once
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert _hub_reachable("http://127.0.0.1:9")  # behind a proxy a direct connection proves nothing

@@ -5,6 +5,11 @@ One place turns a user's model name into a timm model, so every command gives th
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import urllib.parse
+
 import timm
 from timm.models import get_arch_pretrained_cfgs
 import torch.nn as nn
@@ -43,7 +48,8 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
     """
     name = _timm_name(name)
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        with _hub_offline_if_unreachable(pretrained):
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except LeanvitError:
         raise
     except TypeError as e:  # a model kwarg it does not take, or of the wrong type
@@ -72,6 +78,36 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
                            "reads one (eval, quantize, tokens: --checkpoint FILE; a teacher: --teacher-checkpoint FILE; "
                            "bench times random weights: drop --pretrained).") from None
     return model.eval()
+
+
+@contextlib.contextmanager
+def _hub_offline_if_unreachable(pretrained: bool):
+    """huggingface_hub's offline mode while the Hub cannot be reached. Without it a download with no network retries
+    for most of a minute, printing each retry, before it reads the cache; with it cached weights load at once and
+    weights not cached fail at once (the OSError :func:`create_model` explains)."""
+    import huggingface_hub.constants as hub
+
+    if not pretrained or hub.HF_HUB_OFFLINE or _hub_reachable(hub.ENDPOINT):
+        yield
+        return
+    hub.HF_HUB_OFFLINE = True  # (read at every call: ``constants.is_offline_mode()``)
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = False
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a connection to ``endpoint``'s host opens within ``timeout`` seconds; assumed so behind a proxy,
+    which a direct connection cannot judge."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def pretrained_num_classes(name: str) -> int | None:
