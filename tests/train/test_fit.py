@@ -76,6 +76,21 @@ def test_resume_below_the_epochs_done_is_refused_and_data_by_another_path_is_the
     monkeypatch.chdir(tmp_path / "elsewhere")  # the saved "data" is relative to where the run started
     fit(_config(tmp_path, "run", data="../data", epochs=3, max_steps_per_epoch=1, resume=True))
     assert "resumed from" in capsys.readouterr().err
+    other = tmp_path / "elsewhere" / "data"  # the words the run started with, from here: other images
+    for i in range(16, 32):
+        (other / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        bundled_cifar10()[i][0].save(other / f"c{i % 2}" / f"{i}.png")
+    with pytest.raises(LeanvitError, match=rf"data: 'data' \({tmp_path}/data\) -> 'data' \({other}\)"):
+        fit(_config(tmp_path, "run", data="data", epochs=4, max_steps_per_epoch=1, resume=True))
+
+
+def test_a_longer_resumed_run_steps_at_its_new_schedules_rate(tmp_path):
+    """The saved optimizer held the rate the old (1-epoch) schedule set last, its min_lr: the first step after a
+    resume with --epochs 2 ran at it, not at the 2-epoch schedule's rate for that step."""
+    fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=2, warmup_epochs=0))
+    extended = fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=2, warmup_epochs=0, resume=True))
+    whole = fit(_config(tmp_path, "whole", epochs=2, max_steps_per_epoch=2, warmup_epochs=0))
+    assert [s["lr"] for s in extended.steps] == [s["lr"] for s in whole.steps][2:]
 
 
 def test_a_run_from_before_remode_resumes_with_the_fill_it_had(tmp_path):

@@ -164,11 +164,17 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     if state is not None:
         cwd = state.get("cwd", cwd)  # relative paths in the saved config are relative to the start's folder
         changes = state.get("changes", []) + _resume_changes(state["config"], config, state["epoch"] + 1, cwd)
+        # the same files by other words (from another folder): the record keeps the words relative to ``cwd``
+        config.update({k: state["config"][k] for k in _PATHS
+                       if k in state["config"] and _same_path(state["config"][k], config[k], cwd)})
         inputs = _same_weights_read(state.get("inputs"), inputs)
         load_training_state(last, state, model=model, optimizer=optimizer, ema=ema)
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         start_epoch, step, epochs_log = state["epoch"] + 1, state["step"], state["epochs"]
+        # the saved optimizer holds the learning rate the old schedule set last; a longer --epochs changes the
+        # schedule, and the first step must run at the new one's rate, not the old one's last (often min_lr)
+        scheduler.step_update(step)
         if start_epoch > cfg.epochs:
             raise LeanvitError(f"The run in {output} has trained {start_epoch} epochs, more than --epochs "
                                f"{cfg.epochs}: pass --epochs {start_epoch} or more to resume it.")
@@ -450,16 +456,25 @@ def _resume_changes(saved: dict, config: dict, epoch: int, start_cwd: str) -> li
     relative paths are relative to ``start_cwd``; a field it lacks (newer than the run) had its earlier value."""
     saved = {**TrainConfig.EARLIER_VALUES, **saved}
     changed = {k: [saved.get(k), v] for k, v in config.items()
-               if saved.get(k) != v and not (k in _PATHS and _same_path(saved.get(k), v, start_cwd))}
+               if (not _same_path(saved.get(k), v, start_cwd) if k in _PATHS else saved.get(k) != v)}
     refused = sorted(k for k in changed if k not in TrainConfig.RESUMABLE_CHANGES)
     if refused:
         raise LeanvitError(
             "Cannot resume: the run in --output was started with different settings ("
-            + ", ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+            + ", ".join(f"{k}: {_shown(k, changed[k][0], start_cwd)} -> {_shown(k, changed[k][1], os.getcwd())}"
+                        for k in refused)
             + "). Use the original settings or another --output."
         )
     kept = {k: v for k, v in changed.items() if k not in TrainConfig.BOOKKEEPING}
     return [{"epoch": epoch, "changes": kept}] if kept else []
+
+
+def _shown(key: str, value, cwd: str) -> str:
+    """A setting's value for an error; a relative path also as where it leads from ``cwd`` (the same words from two
+    folders are two places)."""
+    if key in _PATHS and isinstance(value, str) and not Path(value).expanduser().is_absolute():
+        return f"{value!r} ({Path(cwd) / value})"
+    return repr(value)
 
 
 #: Settings naming files or folders: a resume may name them by another path (another working directory).
@@ -467,8 +482,12 @@ _PATHS = ("data", "val_data", "val_labels", "init_checkpoint", "teacher_checkpoi
 
 
 def _same_path(saved: str | None, now: str | None, start_cwd: str) -> bool:
-    """Whether ``saved`` (relative to ``start_cwd``) and ``now`` (relative to this folder) name one existing file."""
+    """Whether ``saved`` (relative to ``start_cwd``) and ``now`` (relative to this folder) name one file. The same
+    words may not: ``data="imgs"`` from another folder is other images. Where ``saved`` names nothing that exists
+    (a bundled dataset's name, or a folder since removed), the words are all there is to compare."""
     if saved is None or now is None:
         return saved == now
     first, second = Path(start_cwd) / Path(saved).expanduser(), Path(now).expanduser()
-    return first.exists() and second.exists() and first.resolve() == second.resolve()
+    if not first.exists():
+        return saved == now
+    return second.exists() and first.resolve() == second.resolve()
