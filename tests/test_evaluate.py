@@ -11,7 +11,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset, SubsetRandomSampler
 
 from leanvit.data import (
-    DecodedDataset, build_transform, collate_skipping_corrupt, make_loader, open_dataset, resolve_data_config,
+    DecodedDataset, build_transform, collate_skipping_corrupt, dataset_classes, make_loader, open_dataset,
+    resolve_data_config,
 )
 from leanvit.errors import LeanvitError
 from leanvit.evaluate import evaluate
@@ -147,3 +148,11 @@ def test_paired_comparison_counts_disagreements_and_gives_mcnemars_exact_p():
     assert compare_paired(a, a, labels).p_value == 1.0  # no disagreement: no evidence either way
     with pytest.raises(LeanvitError, match="one prediction per label"):
         compare_paired(a[:3], b, labels)
+
+
+def test_fewer_class_names_than_labels_is_an_error_naming_the_fix(setup):
+    """A classes list shorter than the dataset's labels failed with a tensor size error from the confusion matrix."""
+    model, data = setup
+    five = lambda images: np.zeros((len(images), 5), np.float32)  # noqa: E731  (an engine runner's signature)
+    with pytest.raises(LeanvitError, match=r"label \d, beyond the 5 classes given \(airplane, .*pass one name per"):
+        evaluate(five, DataLoader(data, batch_size=25), classes=dataset_classes(data)[:5], progress=False)

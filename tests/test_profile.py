@@ -129,3 +129,16 @@ def test_a_size_the_forward_rejects_does_not_claim_only_the_native_size_runs():
         create_model_at("efficientformerv2_s0", 100)
     assert str(e.value).startswith("efficientformerv2_s0 does not run at 100x100 (")
     assert str(e.value).endswith("; its native size is 224x224.") and "takes" not in str(e.value)
+
+
+def test_a_model_given_is_profiled_at_the_size_it_was_built_for():
+    """A ViT built with img_size=32 and given to profile_model was run at its pretrained_cfg's 224 (which timm leaves
+    as it was): an assertion from its patch embedding."""
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2)
+    profile = profile_model("deit_tiny_patch16_224", model=model)
+    assert profile.img_size == 32 and profile.macs == count_macs(model, (3, 32, 32))
+
+
+def test_macs_of_a_half_model():
+    """The counting input was float32 whatever the model: a bfloat16 model failed with a dtype error."""
+    assert count_macs(nn.Linear(4, 3).to(torch.bfloat16), (4,)) == 12

@@ -69,6 +69,8 @@ def evaluate(model: nn.Module | Callable[[np.ndarray], np.ndarray], loader: Data
              progress: bool = True, top_confusions: int = 10) -> EvalResult:
     """Score ``model`` on every batch of ``loader`` (see :func:`leanvit.data.make_loader`).
 
+    ``classes`` names the dataset's labels 0, 1, ... in order (default: the dataset's own class names).
+
     A module is run in eval mode on ``device`` (default: CUDA if present), where it stays; its
     train/eval mode is restored afterwards, also when scoring fails. ``skipped`` counts the images the
     loader asked for that did not decode (dropped from their batch, :func:`collate_skipping_corrupt`), plus
@@ -100,6 +102,10 @@ def evaluate(model: nn.Module | Callable[[np.ndarray], np.ndarray], loader: Data
                 if batch is None:  # every image of the batch was corrupt
                     continue
                 x, y = batch
+                if len(y) and int(y.max()) >= n:
+                    raise LeanvitError(f"The data has label {int(y.max())}, beyond the {n} classes given "
+                                       f"({', '.join(classes[:4])}{', ...' if n > 4 else ''}): pass one name per "
+                                       "label of the dataset, in its label order (or leave classes out for its own).")
                 logits = predict(x)
                 check_class_outputs(logits, n)
                 topk = logits.topk(min(5, n), dim=1).indices

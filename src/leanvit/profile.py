@@ -40,7 +40,9 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
     was_training = model.training
     grads = [p for p in model.parameters() if p.requires_grad]
     model.eval()
-    x = torch.zeros(1, *input_size)
+    weight = next(model.parameters(), None)  # the input in the model's dtype and on its device
+    x = torch.zeros(1, *input_size, **({"dtype": weight.dtype, "device": weight.device}
+                                       if weight is not None and weight.is_floating_point() else {}))
     try:
         for p in grads:
             p.requires_grad_(False)
@@ -118,7 +120,8 @@ def create_model_at(name: str, img_size: int | None = None, **kwargs) -> nn.Modu
 
 
 def profile_model(name: str, img_size: int | None = None, model: nn.Module | None = None) -> Profile:
-    """Count parameters and MACs of ``name`` and compare with the catalog's published numbers.
+    """Count parameters and MACs of ``name`` (or of ``model``, a model of that architecture already built: a ViT at
+    the size it was built for) and compare with the catalog's published numbers.
 
     The published parameters and MACs are compared only at the resolution they were reported at (position
     tables, and so parameters, grow with it) and for the published model's head (a 21k-class head is 7 M more
@@ -128,6 +131,9 @@ def profile_model(name: str, img_size: int | None = None, model: nn.Module | Non
         check_img_size(img_size)
     model = model if model is not None else create_model_at(name, img_size)
     cfg_size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)  # a ViT given as built for another size
+    if img_size is None and isinstance(built, (tuple, list)) and len(set(built)) == 1:
+        img_size = int(built[0])  # (timm leaves its pretrained_cfg's input_size as it was)
     img_size = img_size or cfg_size[-1]
     params = count_params(model)
     macs = count_macs(model, (cfg_size[0], img_size, img_size))
