@@ -207,7 +207,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
                     bar.set_description(f"{label}: {engine_name} {precision}")
                     row = BenchRow(model=name, engine=engine_name, variant=variant, precision=precision,
                                    batch=cfg.batch, threads=cfg.threads, img_size=size, params=params, macs=macs,
-                                   published_top1=published_top1(facts, size, variant),
+                                   published_top1=published_top1(facts, name, size, variant),
                                    paper_speed=facts.speed if facts else None,
                                    skipped=inapplicable or unrunnable.get((engine_name, precision)))
                     if row.skipped:
@@ -240,10 +240,11 @@ def _native_size(name: str) -> int:
     return (timm.models.get_pretrained_cfg_value(name, "input_size") or (3, 224, 224))[-1]
 
 
-def published_top1(facts: ModelFacts | None, img_size: int, variant: str) -> float | None:
-    """The paper's top-1 where it describes the row: the model as published, at its published resolution (not a
-    token-reduced variant, nor the model at another ``--img-size``)."""
-    return facts.top1 if facts and not variant and img_size == facts.img_size else None
+def published_top1(facts: ModelFacts | None, name: str, img_size: int, variant: str) -> float | None:
+    """The paper's top-1 where it describes the row: the model as published (its pretrained tag's training where
+    that has its own figure), at its published resolution (not a token-reduced variant, nor the model at another
+    ``--img-size``)."""
+    return facts.top1_for(name) if facts and not variant and img_size == facts.img_size else None
 
 
 def _measure(row: BenchRow, model, x, checks, cfg: BenchConfig) -> None:
