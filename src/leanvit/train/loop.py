@@ -163,10 +163,11 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     config = {**cfg.to_dict(), "warmup_epochs": warmup}  # the warm-up it ran with, kept by a resume
     if state is not None:
         cwd = state.get("cwd", cwd)  # relative paths in the saved config are relative to the start's folder
-        changes = state.get("changes", []) + _resume_changes(state["config"], config, state["epoch"] + 1, cwd)
+        resumed = _resume_changes(state["config"], config, state["epoch"] + 1, cwd)
+        changes = state.get("changes", []) + resumed
         # the same files by other words (from another folder): the record keeps the words relative to ``cwd``
-        config.update({k: state["config"][k] for k in _PATHS
-                       if k in state["config"] and _same_path(state["config"][k], config[k], cwd)})
+        moved = {k for change in resumed for k in change["changes"]}
+        config.update({k: state["config"][k] for k in _PATHS if k in state["config"] and k not in moved})
         inputs = _same_weights_read(state.get("inputs"), inputs)
         load_training_state(last, state, model=model, optimizer=optimizer, ema=ema)
         if state["scaler"]:
