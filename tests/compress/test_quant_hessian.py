@@ -401,3 +401,27 @@ def test_candidate_ranges_quantize_as_fake_quantize_does_bit_for_bit(symmetric):
     scales, zero_points = qparams(lo, hi, quantizer.scheme)
     expected = [fake_quantize(x, s, z, quantizer.scheme) for s, z in zip(scales, zero_points)]
     assert torch.equal(_per_tensor(x, lo, hi, quantizer), torch.stack(expected))
+
+
+def test_a_sampled_product_weighs_each_row_against_its_own_group_whatever_their_order():
+    """:class:`_Product`'s candidate errors are ``sum(g^2 (Q(a_r) Q(B_group(r)) - a_r B_group(r))^2)`` over its rows,
+    however the rows come ordered (it lays them out by group) and with groups no row reads left out."""
+    from leanvit.compress.quant.hessian import _Product
+    from leanvit.compress.quant.quantizer import FakeQuantizer, QScheme
+
+    torch.manual_seed(0)
+    a_rows, b = torch.randn(9, 5), torch.randn(4, 5, 3)  # 9 rows reading groups 0, 1 and 3 of 4
+    groups, grad_sq = torch.tensor([3, 0, 1, 3, 0, 3, 1, 0, 3]), torch.rand(9, 3)
+    quantizers = [FakeQuantizer(QScheme(4, symmetric=True), axis=-1, channels=1) for _ in range(2)]
+    for quantizer, t in zip(quantizers, (a_rows, b)):
+        quantizer.set_range(t.min(), t.max())
+    lo, hi = torch.tensor([-1.0, -2.5]), torch.tensor([1.0, 2.5])
+    product = _Product(*quantizers, a_rows, groups, b, grad_sq)
+    errors = product.error(0, lo, hi, product.quantized(1))
+    b_hat = quantizers[1].quantize(b)
+    for i, (l, h) in enumerate(zip(lo, hi)):
+        probe = FakeQuantizer(QScheme(4, symmetric=True), axis=-1, channels=1)
+        probe.set_range(l, h)
+        rows = torch.einsum("rk,rkn->rn", probe.quantize(a_rows), b_hat[groups])
+        expected = (grad_sq * (rows - torch.einsum("rk,rkn->rn", a_rows, b[groups])).pow(2)).sum()
+        torch.testing.assert_close(errors[i], expected)

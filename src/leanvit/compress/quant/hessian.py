@@ -345,22 +345,20 @@ class _Product:
     """A product ``A @ B`` as sampled (:func:`_collect_products`): rows of ``A``, each reading its group's ``B``, with
     their float values and weighted squared gradients, and the errors of candidate ranges of one operand's quantizer.
 
-    A row drawn more than once is kept once, its gradient weights summed (where the loss reads few rows, as a ViT's
-    last attention only the class token's, most draws repeat one). The rows are laid out by group, padded to the most
-    rows a group has, so that one batched matmul computes them all (gathering ``B`` for each row would copy it once
-    per row and candidate).
+    A row drawn more than once comes once, its weights summed (:func:`_draw_rows`). The rows are laid out by group,
+    padded to the most rows a group has, so that one batched matmul computes them all (gathering ``B`` for each row
+    would copy it once per row and candidate).
     """
 
     def __init__(self, a_quantizer: nn.Module, b_quantizer: nn.Module, a_rows: torch.Tensor, groups: torch.Tensor,
                  b: torch.Tensor, grad_sq: torch.Tensor):
-        # (in float64, which holds every group number and every row value exactly; sorted by group)
-        rows, repeats = torch.cat([groups[:, None].double(), a_rows.double()], 1).unique(dim=0, return_inverse=True)
-        grad_sq = grad_sq.new_zeros(len(rows), grad_sq.shape[1]).index_add_(0, repeats, grad_sq)
-        used, groups = rows[:, 0].long().unique(return_inverse=True)  # only the groups a sampled row reads
+        order = torch.argsort(groups, stable=True)  # by group (as collected already), each group's rows contiguous
+        a_rows, groups, grad_sq = a_rows[order], groups[order], grad_sq[order]
+        used, groups = groups.unique(return_inverse=True)  # only the groups a sampled row reads
         counts = torch.bincount(groups)
         slots = torch.arange(len(groups), device=groups.device) - (counts.cumsum(0) - counts)[groups]  # place in group
         self.quantizers, self.grad_sq = (a_quantizer, b_quantizer), grad_sq
-        self.operands = (rows[:, 1:].to(a_rows.dtype), b[used])
+        self.operands = (a_rows, b[used])
         self.groups, self.slots, self.padded = groups, slots, (len(counts), int(counts.max()))
         self.target = self.rows(*self.operands)
 
