@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .catalog import CATALOG, head_mismatch
-from .data.transforms import warn_partial_patches
+from .data.transforms import run_blank_image, warn_partial_patches
 from .errors import InputSizeError, ModelKwargsError, check_range
 from .models.registry import create_model
 
@@ -99,22 +99,20 @@ def create_model_at(name: str, img_size: int | None = None, **kwargs) -> nn.Modu
     if img_size is None or img_size == native:
         return model
 
-    def cannot_run(e: Exception) -> InputSizeError:  # it may take other sizes than its native one: not said
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        return InputSizeError(f"{name} does not run at {img_size}x{img_size} ({reason}); "
-                              f"its native size is {native}x{native}.")
+    def cannot_run(reason: str) -> InputSizeError:  # it may take other sizes than its native one: not said
+        return InputSizeError(f"{name} does not run at {img_size}x{img_size} ({reason[:160]}); "
+                              f"its native size is {native}x{native}.", reason)
 
     try:
         model = create_model(name, img_size=img_size, **kwargs)
     except ModelKwargsError as e:
         if not isinstance(e.cause, TypeError):  # the constructor rejects the size (XCiT: patch size must divide it)
-            raise cannot_run(e.cause) from None
+            raise cannot_run((str(e.cause).splitlines() or [type(e.cause).__name__])[0]) from None
         # no img_size argument: as built
     try:
-        with torch.no_grad():
-            model(torch.zeros(1, chans, img_size, img_size))
-    except (RuntimeError, ValueError, AssertionError) as e:
-        raise cannot_run(e) from None
+        run_blank_image(model, (chans, img_size, img_size))
+    except InputSizeError as e:
+        raise cannot_run(e.reason) from None
     warn_partial_patches(model, name, img_size, img_size)  # numbers of a smaller size
     return model
 

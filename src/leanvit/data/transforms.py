@@ -36,20 +36,29 @@ def resolve_data_config(model: nn.Module, *, img_size: int | None = None, crop_p
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
 
 
-def check_input_size(model: nn.Module, data_config: dict, name: str) -> torch.Tensor:
-    """Run one blank image of the pre-processing's size through ``model`` and return its output: a model built for
-    another size (fixed position embeddings) fails here, with the fix, not deep inside the command's work. The
-    model runs in eval mode, its own mode restored after: a blank image must not move BatchNorm's running
-    statistics (nor trip BatchNorm1d on a batch of one)."""
-    size = tuple(data_config["input_size"])
+def run_blank_image(model: nn.Module, size: tuple[int, int, int]) -> torch.Tensor:
+    """``model``'s output for one blank ``size`` (C, H, W) image, or an :class:`InputSizeError` whose ``reason`` is
+    the model's complaint: the one trial that tells whether a model runs at a size (fixed position embeddings and
+    attention biases fail). It runs in eval mode, the model's own mode restored after: a blank image must not move
+    BatchNorm's running statistics (nor trip BatchNorm1d on a batch of one)."""
     was_training = model.training
     try:
         with torch.no_grad():
-            output = model.eval()(torch.zeros(1, *size))
-        warn_partial_patches(model, name, size[-2], size[-1])
-        return output
+            return model.eval()(torch.zeros(1, *size))
     except (AssertionError, RuntimeError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputSizeError(f"the model does not run on {'x'.join(map(str, size))} inputs ({reason})", reason) from None
+    finally:
+        model.train(was_training)
+
+
+def check_input_size(model: nn.Module, data_config: dict, name: str) -> torch.Tensor:
+    """Run one blank image of the pre-processing's size through ``model`` (:func:`run_blank_image`) and return its
+    output: a model built for another size fails here, with the fix, not deep inside the command's work."""
+    size = tuple(data_config["input_size"])
+    try:
+        output = run_blank_image(model, size)
+    except InputSizeError as e:
         channels = getattr(model, "in_chans", size[0])
         if channels != size[0]:  # the images are RGB whatever the size: no img_size fixes this
             fix = (f"It takes {channels}-channel images and the pre-processing gives {size[0]} (RGB): use a model "
@@ -57,10 +66,10 @@ def check_input_size(model: nn.Module, data_config: dict, name: str) -> torch.Te
         else:
             fix = (f"A model built for one input size takes another when built for it: add --model-kwargs "
                    f"'{{\"img_size\": {size[-1]}}}' (timm resizes its position embeddings), or drop --img-size.")
-        raise InputSizeError(f"{name} does not run on {'x'.join(map(str, size))} inputs ({reason}). {fix}",
-                             reason) from None
-    finally:
-        model.train(was_training)
+        raise InputSizeError(f"{name} does not run on {'x'.join(map(str, size))} inputs ({e.reason}). {fix}",
+                             e.reason) from None
+    warn_partial_patches(model, name, size[-2], size[-1])
+    return output
 
 
 def warn_partial_patches(model: nn.Module, name: str, height: int, width: int) -> None:
