@@ -17,8 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..data import resolve_data_config
-from ..errors import LeanvitError
+from ..data import calibration_images, calibration_shortfall, resolve_data_config
+from ..errors import LeanvitError, warn
 from ..files import write_problem
 
 #: Sub-command modules, in the order ``leanvit --help`` lists them.
@@ -69,6 +69,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Python flushes stdout again at exit, which would raise once more: point it at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # what a shell reports for a command killed by SIGPIPE
+
+
+def note(command: str, text: str) -> None:
+    """A line the user should read that is neither a result nor a warning (what was left out, what a step fell back
+    to), on stderr so that ``--json`` output stays clean."""
+    print(f"leanvit {command}: note: {text}", file=sys.stderr)
+
+
+def decode_calibration(calibset, args: argparse.Namespace):
+    """``--calib-images`` images of ``calibset`` (the ``--calib`` data) decoded once, in batches of ``--batch-size``
+    (:func:`~leanvit.data.calibration_images`), warned about where fewer could be had."""
+    calib = calibration_images(calibset, args.calib_images, args.batch_size)
+    if shortfall := calibration_shortfall(calib, args.calib_images, args.calib):
+        warn(shortfall)
+    return calib
 
 
 def print_json(obj: Any) -> None:

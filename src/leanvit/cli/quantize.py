@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -21,13 +20,13 @@ import torch
 
 from ..checkpoint import model_from_checkpoint
 from ..data import (
-    build_transform, calibration_images, calibration_shortfall, calibration_subset, check_input_size, dataset_classes,
+    build_transform, calibration_subset, check_input_size, dataset_classes,
     make_loader, open_dataset, without_calibration_images,
 )
 from ..errors import LeanvitError, warn
 from ..evaluate import check_class_outputs, evaluate
 from ..models.registry import create_model
-from . import input_data_config, number_in, positive_int, prepare_out_dir, print_json
+from . import decode_calibration, input_data_config, note, number_in, positive_int, prepare_out_dir, print_json
 from .train import json_object
 
 
@@ -208,16 +207,14 @@ def run(args: argparse.Namespace) -> int:
             (args.out / name).unlink(missing_ok=True)  # another model (an IR beside a new ONNX export, say)
     started = time.perf_counter()
     # decoded once, used by every pass
-    calib = calibration_images(calibset, args.calib_images, args.batch_size)
-    if shortfall := calibration_shortfall(calib, args.calib_images, args.calib):
-        warn(shortfall)
+    calib = decode_calibration(calibset, args)
     if len(calib.indices) < config.min_images:  # (QuantConfig.min_images, the API's way round it, is no flag)
         raise LeanvitError(f"Only {len(calib.indices)} images of {args.calib} could be decoded; calibration needs at "
                            f"least {config.min_images} (256 is a good choice): pass a folder with more.")
     if evalset is not None:
-        evalset, note = without_calibration_images(evalset, calibset, calib.indices, args.eval)
-        if note:
-            print(f"leanvit quantize: note: {note}", file=sys.stderr)
+        evalset, left_out = without_calibration_images(evalset, calibset, calib.indices, args.eval)
+        if left_out:
+            note("quantize", left_out)
     calib = calib.batches
     if args.avg_bits is not None:
         mixed = quant.allocate_bits(model, calib, args.avg_bits, low=args.bits, high="w8a8", config=config,

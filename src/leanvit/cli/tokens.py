@@ -7,19 +7,18 @@ no fine-tuning; that is ``leanvit train``'s job.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from ..checkpoint import model_from_checkpoint
 from ..data import (
-    build_transform, calibration_images, calibration_shortfall, calibration_subset, check_input_size, dataset_classes,
+    build_transform, calibration_subset, check_input_size, dataset_classes,
     make_loader, open_dataset, resolve_data_config, without_calibration_images,
 )
 from ..errors import LeanvitError, warn
 from ..evaluate import evaluate
 from ..models.registry import create_model
 from ..profile import count_macs
-from . import number_in, positive_int, print_json
+from . import decode_calibration, note, number_in, positive_int, print_json
 from .train import json_object
 
 
@@ -130,16 +129,13 @@ def run(args: argparse.Namespace) -> int:
         calib = None
         if args.calib:
             calibset = open_dataset(args.calib, train=True, transform=transform, unlabelled=True)
-            calib = calibration_images(calibset, args.calib_images, args.batch_size)
-            if shortfall := calibration_shortfall(calib, args.calib_images, args.calib):
-                warn(shortfall)
+            calib = decode_calibration(calibset, args)
             calib_indices = calib.indices
             if _labels_fit(model, meta, calibset):
                 calib = list(zip(calib.batches, calib.labels))
             else:  # DiffRate's own fallback: the unreduced model's top-1 is the target
-                print(f"leanvit tokens: note: the labels of {args.calib} are not the model's "
-                      f"{model.num_classes} classes; the search matches the unreduced model's own top-1 instead",
-                      file=sys.stderr)
+                note("tokens", f"the labels of {args.calib} are not the model's {model.num_classes} classes; the "
+                     "search matches the unreduced model's own top-1 instead")
                 calib = calib.batches
         method = tokens.DiffRate(target_macs=args.target_gmacs * 1e9, calib=calib, steps=args.steps,
                                  macs_weight=args.macs_weight)
@@ -153,9 +149,9 @@ def run(args: argparse.Namespace) -> int:
             raise LeanvitError(f"The checkpoint was trained on the classes {meta['classes']}, not those of "
                                f"{args.eval}. Evaluate it on data with the same classes.")
         if calibset is not None:  # scored on the images the rates were searched on, it would look better than it is
-            dataset, note = without_calibration_images(dataset, calibset, calib_indices, args.eval)
-            if note:
-                print(f"leanvit tokens: note: {note}", file=sys.stderr)
+            dataset, left_out = without_calibration_images(dataset, calibset, calib_indices, args.eval)
+            if left_out:
+                note("tokens", left_out)
         loader = make_loader(_subset(dataset, args.eval_images), args.batch_size)
         before = evaluate(model, loader, classes=dataset_classes(dataset), device="cpu", progress=False)
 
