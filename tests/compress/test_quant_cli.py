@@ -185,6 +185,22 @@ def test_a_flat_folder_of_images_calibrates(tmp_path, capsys):
     assert "no class folders" in capsys.readouterr().err
 
 
+def test_a_label_file_of_some_classes_indexes_the_models_as_in_eval(tmp_path, capsys):
+    """``--eval DIR --labels F`` reads the label file as ``leanvit eval --labels`` does: labels of some classes
+    index the model's outputs (the file's own two classes used to be taken as all the model's: refused)."""
+    from leanvit.data import bundled_cifar10
+
+    subset, data = bundled_cifar10(), tmp_path / "flat"
+    data.mkdir()
+    picks = [subset.targets.index(3), subset.targets.index(7)]
+    for i in picks:
+        subset[i][0].save(data / f"{i}.png")
+    (tmp_path / "labels.txt").write_text("".join(f"{i}.png {subset.targets[i]}\n" for i in picks))
+    assert main(["quantize", *TINY, "--eval", str(data), "--labels", str(tmp_path / "labels.txt"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["eval_images"] == 2, report
+
+
 def test_flags_without_effect_and_a_short_calibration_set_are_warned():
     with pytest.warns(LeanvitWarning) as warned:
         assert main(["quantize", *TINY, "--calib-images", "600", "--eval-images", "5", "--reconstruct-iters", "3",

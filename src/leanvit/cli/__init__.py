@@ -86,6 +86,19 @@ def decode_calibration(calibset, args: argparse.Namespace):
     return calib
 
 
+def label_classes(model, meta: dict) -> dict:
+    """What a ``--labels`` file's labels index, so that one covering some of the classes keeps the model's order:
+    the checkpoint's class names, else an ImageNet model's synsets (timm's order), else the model's outputs."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    if meta.get("classes"):
+        return {"classes": meta["classes"]}
+    subset = infer_imagenet_subset(model)
+    if subset is not None:
+        return {"classes": ImageNetInfo(subset).label_names()}
+    return {"num_classes": getattr(model, "num_classes", None) or None}
+
+
 def print_json(obj: Any) -> None:
     """Machine-readable output: one JSON document on stdout."""
     json.dump(obj, sys.stdout, indent=2, default=str)

@@ -14,7 +14,7 @@ from ..data import (
 from ..errors import LeanvitError, warn
 from ..evaluate import evaluate
 from ..models.registry import create_model
-from . import count, crop_fraction, input_data_config, positive_int, prepare_out_file, print_json
+from . import count, crop_fraction, input_data_config, label_classes, positive_int, prepare_out_file, print_json
 from .train import json_object
 
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:  # before the evaluation, not after it
         prepare_out_file(args.out, "the JSON result", "eval.json")
     dataset = open_dataset(args.data, transform=build_transform(data_config), labels=args.labels,
-                           **(_label_classes(model, meta) if args.labels else {}))
+                           **(label_classes(model, meta) if args.labels else {}))
     classes = dataset_classes(dataset)
     if meta.get("classes") and meta["classes"] != classes:
         raise LeanvitError(f"The checkpoint was trained on the classes {meta['classes']} but {args.data} has "
@@ -105,16 +105,3 @@ def run(args: argparse.Namespace) -> int:
     print("most confused (true -> predicted): "
           + ", ".join(f"{c['true']} -> {c['predicted']} ({c['count']})" for c in result.most_confused[:5]))
     return 0
-
-
-def _label_classes(model, meta: dict) -> dict:
-    """What a label file's labels index, so that one covering some of the classes keeps the model's order: the
-    checkpoint's class names, else an ImageNet model's synsets (timm's order), else the model's outputs."""
-    from timm.data import ImageNetInfo, infer_imagenet_subset
-
-    if meta.get("classes"):
-        return {"classes": meta["classes"]}
-    subset = infer_imagenet_subset(model)
-    if subset is not None:
-        return {"classes": ImageNetInfo(subset).label_names()}
-    return {"num_classes": getattr(model, "num_classes", None) or None}

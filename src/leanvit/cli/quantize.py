@@ -26,7 +26,7 @@ from ..data import (
 from ..errors import LeanvitError, warn
 from ..evaluate import check_class_outputs, evaluate
 from ..models.registry import create_model
-from . import decode_calibration, input_data_config, note, number_in, positive_int, prepare_out_dir, print_json
+from . import decode_calibration, input_data_config, label_classes, note, number_in, positive_int, prepare_out_dir, print_json
 from .train import json_object
 
 
@@ -195,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
                            "(256 is a good choice): pass a folder with more.")
     evalset = None
     if args.eval:  # checked before the minutes of calibration
-        evalset = open_dataset(args.eval, transform=transform, labels=args.labels)
+        evalset = open_dataset(args.eval, transform=transform, labels=args.labels,
+                               **(label_classes(model, meta) if args.labels else {}))
         if meta.get("classes") and meta["classes"] != dataset_classes(evalset):
             raise LeanvitError(f"The checkpoint was trained on the classes {meta['classes']}, not those of "
                                f"{args.eval}. Evaluate it on data with the same classes.")
