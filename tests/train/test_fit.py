@@ -430,3 +430,19 @@ def test_the_files_of_a_run_get_the_umasks_mode(tmp_path, umask):
     assert modes == {name: oct(0o666 & ~umask) for name in (
         "model.safetensors", "ema.safetensors", "epoch-0000/model.safetensors", "epoch-0000/ema.safetensors",
         "epoch-0000/optimizer.safetensors", "epoch-0000/state.json")}
+
+
+@pytest.mark.parametrize("cpus, local_world_size, workers", [(2, None, 2), (64, None, 4), (8, "4", 2), (2, "4", 1)])
+def test_the_default_data_workers_are_this_process_share_of_the_cpus(cpus, local_world_size, workers, monkeypatch):
+    """4 loader processes on a 2-core machine only took turns (and torch warned); torchrun's processes split the
+    CPUs between them."""
+    import os
+
+    from leanvit.train import config
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    if local_world_size:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    else:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert config._default_workers() == workers

@@ -7,6 +7,7 @@ erasing 0.25 with per-pixel noise, distillation alpha 0.5, tau 1), scaled to a g
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import LeanvitError, check_range
@@ -17,6 +18,13 @@ from .distill import DISTILL_MODES
 RE_MODES = ("pixel", "rand", "const")
 #: ``--warmup-epochs``'s default (DeiT's), and the largest fraction of a shorter run it takes.
 DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_FRACTION = 5.0, 0.1
+
+
+def _default_workers() -> int:
+    """Up to 4 data loader processes per training process, no more than its share of the CPUs it may use (torchrun
+    starts ``LOCAL_WORLD_SIZE`` processes per machine): more only take turns, and torch warns about them."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
 def _help(text: str) -> dict:
@@ -91,7 +99,8 @@ class TrainConfig:
         "channels-last memory layout for the model and its inputs: faster convolutions with oneDNN on CPU "
         "and with tensor cores on GPU (same result, another layout)"))
     seed: int = field(default=0, **_help("seed of initialisation, data order and augmentation"))
-    workers: int = field(default=4, **_help("data loader processes per training process"))
+    workers: int = field(default=_default_workers(), **_help(
+        "data loader processes per training process: by default its share of this machine's CPUs, at most 4"))
     max_steps_per_epoch: int | None = field(default=None, **_help("cut epochs short (smoke tests)"))
     resume: bool = field(default=False, **_help(
         "continue from the last checkpoint in --output (a fresh start if there is none)"))
