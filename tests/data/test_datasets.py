@@ -107,6 +107,34 @@ def test_corrupt_image_is_skipped_with_a_warning(tmp_path):
     assert len(ds) == 3 and images.shape[0] == 2 and targets.tolist() == [0, 1]
 
 
+def test_an_image_whose_header_claims_a_huge_size_is_skipped_as_corrupt(tmp_path):
+    """Pillow refuses it with a DecompressionBombError, not an OSError, which crashed the evaluation."""
+    import io
+    import struct
+
+    _write_images(tmp_path, ["cat/a.png", "dog/b.png"])
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(gif, "GIF")
+    header = bytearray(gif.getvalue())
+    header[6:10] = struct.pack("<HH", 60000, 60000)  # the logical screen size, 3.6e9 pixels
+    (tmp_path / "cat" / "bomb.gif").write_bytes(bytes(header))
+    ds = open_dataset(tmp_path)
+    with pytest.warns(CorruptImageWarning, match=r"skipping corrupt image .*bomb.gif: .*exceeds limit"):
+        assert [ds[i] is None for i in range(len(ds))] == [False, True, False]
+
+
+def test_a_class_folder_of_non_image_files_names_the_folder_and_the_files(tmp_path):
+    """The error read 'Found no valid file for the classes b. . Remove ...', and came before the warning naming the
+    files that were not read, so that was never shown."""
+    _write_images(tmp_path, ["a/1.png"])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "readme.txt").write_text("not an image")
+    with pytest.warns(IgnoredFilesWarning, match=r"1 file\(s\) not read, not an image type by name \(\.txt 1\)"), \
+            pytest.raises(LeanvitError, match=r"has 1 class folder\(s\) without an image \(b\)\. Remove the empty class "
+                                              r"folders or add images to them\.$"):
+        open_dataset(tmp_path)
+
+
 def test_16_bit_and_float_grayscale_images_are_scaled_to_8_bits_not_clipped_white(tmp_path):
     levels = np.arange(64).reshape(8, 8)
     (tmp_path / "x").mkdir()

@@ -66,12 +66,14 @@ class _FileFilter:
     def __init__(self, root: Path):
         self.depth = len(Path(root).expanduser().parts)
         self.ignored, self.in_hidden = Counter(), Counter()
+        self.with_images = set()  # the folders right below root that hold an image passed (a class's)
 
     def __call__(self, path: str | Path) -> bool:
         path = Path(path)
         folder = next((part for part in path.parts[self.depth:-1] if _hidden(part)), None)
         if _image_name(path):
             if folder is None:
+                self.with_images.add(path.parts[self.depth])
                 return True
             self.in_hidden[folder] += 1
         elif folder is None and not _hidden(path.name):
@@ -92,11 +94,13 @@ class _FileFilter:
 
 
 def _load_rgb(path: str | Path) -> Image.Image | None:
-    """The image as RGB, or ``None`` (with a warning) when the file cannot be decoded."""
+    """The image as RGB, or ``None`` (with a warning) when the file cannot be decoded. That includes a header
+    claiming more pixels than Pillow's ``Image.MAX_IMAGE_PIXELS`` (its ``DecompressionBombError``, not an
+    ``OSError``), most often a corrupt one."""
     try:
         with open(path, "rb") as f:
             return _to_rgb(Image.open(f))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         warnings.warn(f"skipping corrupt image {path}: {e}", CorruptImageWarning, stacklevel=2)
         return None
 
@@ -126,8 +130,14 @@ class ImageFolderDataset(ImageFolder):
         is_image = _FileFilter(root)
         try:
             super().__init__(str(root), transform=transform, loader=_load_rgb, is_valid_file=is_image)
-        except FileNotFoundError as e:  # a class folder without a single image
-            raise LeanvitError(f"{e}. Remove the empty class folders under {root} or add images.") from None
+        except FileNotFoundError:  # a class folder without a single image
+            is_image.warn(root)  # (first: the files not read may be what that folder holds)
+            folders = {p.name for p in Path(root).iterdir() if p.is_dir() and not _hidden(p.name)}
+            if not folders:
+                raise LeanvitError(f"{root} has no class folder; expected root/<class>/<image>.") from None
+            empty = sorted(folders - is_image.with_images)
+            raise LeanvitError(f"{root} has {_listing(empty, 'class folder(s) without an image')}. Remove the empty "
+                               "class folders or add images to them.") from None
         is_image.warn(root)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
