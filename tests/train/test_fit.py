@@ -446,3 +446,11 @@ def test_the_default_data_workers_are_this_process_share_of_the_cpus(cpus, local
     else:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert config._default_workers() == workers
+
+
+def test_a_batch_of_one_through_a_pooled_batchnorm_is_an_error_with_the_fix(tmp_path):
+    """MobileViG's head normalises its pooled features with BatchNorm (as the official model): a training batch of
+    one image cannot be normalised there (torch's ValueError named neither the layer nor the fix)."""
+    with pytest.raises(LeanvitError, match="BatchNorm that sees one value per channel.*--batch-size 2 or more"):
+        fit(_config(tmp_path, "one", model="mobilevig_ti", model_kwargs={}, img_size=32, batch_size=1, mixup=0,
+                    cutmix=0, epochs=1, max_steps_per_epoch=1, ema_decay=0))

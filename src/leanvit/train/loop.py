@@ -203,7 +203,15 @@ def _fit(cfg: TrainConfig) -> TrainResult:
             if keep_rate is not None:
                 keep_rate(step)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = loss_fn(x, net(x), y)
+                try:
+                    logits = net(x)
+                except ValueError as e:  # torch's complaint names no layer nor fix
+                    if "more than 1 value per channel" not in str(e):
+                        raise
+                    raise LeanvitError(f"{cfg.model} has a BatchNorm that sees one value per channel (after pooling, "
+                                       f"as a classifier head's), which cannot normalise a training batch of "
+                                       f"{len(x)} image: use --batch-size 2 or more per process.") from None
+                loss = loss_fn(x, logits, y)
             lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler sets the next one's below)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
