@@ -330,6 +330,30 @@ def test_shared_images_finds_the_same_image_under_any_path_name_or_layout(tmp_pa
                          first) is None
 
 
+def test_a_file_that_cannot_be_stated_or_read_is_not_a_calibration_image(tmp_path, monkeypatch):
+    """A broken link in --eval, which the evaluation skips as corrupt, crashed the check for calibration images in it
+    (FileNotFoundError from a stat of every file)."""
+    import shutil
+
+    from leanvit.data import without_calibration_images
+
+    _write_images(tmp_path, ["cat/0.png", "cat/1.png", "dog/2.png"])
+    (tmp_path / "cat" / "link.png").symlink_to(tmp_path / "gone.png")
+    shutil.copy(tmp_path / "cat" / "0.png", tmp_path / "dog" / "copy.png")  # a calibration image's size and bytes
+
+    def read_bytes(path: Path, read=Path.read_bytes) -> bytes:  # as a file without read permission, even for root
+        if path.name == "copy.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    ds = open_dataset(tmp_path)
+    names = [Path(path).name for path, _ in ds.samples]
+    kept, note = without_calibration_images(ds, ds, [names.index("0.png")], tmp_path)
+    assert [names[i] for i in kept.indices] == ["1.png", "link.png", "2.png", "copy.png"]
+    assert note.startswith("1 of the --eval images are calibration images")
+
+
 def test_images_in_linked_sub_folders_of_a_class_are_found_as_torchvision_finds_them(tmp_path):
     _write_images(tmp_path / "store", ["a/1.png", "a/2.png", "b/3.png"])
     for name, target in (("cat", "a"), ("dog", "b")):

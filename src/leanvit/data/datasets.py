@@ -461,10 +461,11 @@ def dataset_classes(dataset: Dataset) -> list[str]:
     return list(dataset.classes)
 
 
-def stored_images(dataset: Dataset) -> tuple[list[int], Callable[[int], bytes]] | None:
+def stored_images(dataset: Dataset) -> tuple[list[int | None], Callable[[int], bytes | None]] | None:
     """Each sample's image as stored (its file's bytes, the shipped subset's JPEG bytes, CIFAR-10's pixel row): their
     sizes, and a reader of one; None for a dataset whose images are not stored as such (decoded tensors, a custom
-    dataset). What :func:`shared_images` compares."""
+    dataset). What :func:`shared_images` compares. A file that cannot be stat'ed or read (a broken link, which the
+    evaluation skips as corrupt) has the size and the bytes None."""
     if isinstance(dataset, torch.utils.data.Subset):
         inner = stored_images(dataset.dataset)
         if inner is None:
@@ -473,7 +474,7 @@ def stored_images(dataset: Dataset) -> tuple[list[int], Callable[[int], bytes]] 
         return [sizes[i] for i in dataset.indices], lambda i: read(dataset.indices[i])
     if isinstance(dataset, (ImageFolderDataset, LabelFileDataset, UnlabelledImages)):
         paths = [Path(path) for path, _ in dataset.samples]
-        return [p.stat().st_size for p in paths], lambda i: paths[i].read_bytes()
+        return [_file_size(p) for p in paths], lambda i: _file_bytes(paths[i])
     if isinstance(dataset, CIFAR10):
         return [dataset.data[0].nbytes] * len(dataset), lambda i: dataset.data[i].tobytes()
     if isinstance(dataset, PackedJpegDataset):
@@ -482,17 +483,36 @@ def stored_images(dataset: Dataset) -> tuple[list[int], Callable[[int], bytes]] 
     return None
 
 
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _file_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
 def shared_images(dataset: Dataset, others: Dataset) -> list[int] | None:
     """The indices of ``dataset``'s samples whose stored image is byte for byte one of ``others``' (a calibration
     draw): the same file under another path or name, a copy, the shipped subset's JPEGs unpacked into a folder.
     Only same-sized images are read, so a large ``dataset`` costs one ``stat`` per file. None where either's images
     are not stored as files or bytes. (CIFAR-10's pickled pixels and their JPEG re-encodings differ in bytes, so
-    those two layouts of one image do not compare.)"""
+    those two layouts of one image do not compare.) A file that cannot be stat'ed or read is no one's copy."""
     theirs = stored_images(others)  # the small side first: no stat of every file when it cannot be compared
     mine = stored_images(dataset) if theirs is not None else None
     if mine is None:
         return None
     (sizes, read), (their_sizes, their_read) = mine, theirs
-    digests = {hashlib.sha1(their_read(i)).digest() for i in range(len(their_sizes))}
-    wanted = set(their_sizes)
-    return [i for i, size in enumerate(sizes) if size in wanted and hashlib.sha1(read(i)).digest() in digests]
+
+    def digest(read: Callable[[int], bytes | None], i: int) -> bytes | None:
+        stored = read(i)
+        return None if stored is None else hashlib.sha1(stored).digest()
+
+    digests = {digest(their_read, i) for i in range(len(their_sizes))} - {None}
+    wanted = set(their_sizes) - {None}
+    return [i for i, size in enumerate(sizes) if size in wanted and digest(read, i) in digests]
