@@ -49,9 +49,29 @@ def test_every_evaluation_split_name_is_a_split_not_a_class(tmp_path):
         _write_images(tmp_path / name, ["train/a/1.png", "train/b/2.png", f"{name}/a/4.png"])
         assert len(open_dataset(tmp_path / name)) == 1
     _write_images(tmp_path / "only", ["train/a/1.png", "train/b/2.png"])
-    with pytest.raises(LeanvitError, match=r"split folder\(s\) train but no val / valid / validation / test split "
-                                           r"for evaluation. Pass the split folder itself \(e.g. .*only/train\)"):
+    with pytest.raises(LeanvitError, match=r"split folder\(s\) train but no val / valid / validation / test / testing "
+                                           r"split for evaluation. Pass the split folder itself \(e.g. .*only/train\)"):
         open_dataset(tmp_path / "only")
+
+
+@pytest.mark.parametrize("train_name, eval_name", [("Train", "Test"), ("Training", "Testing"), ("TRAIN", "Val")])
+def test_split_folders_are_splits_in_any_case_and_with_kaggles_names(tmp_path, train_name, eval_name):
+    """Train/ and Test/ (Kaggle's Training/ and Testing/) were two classes, each split's images mixed into both."""
+    _write_images(tmp_path, [f"{train_name}/cat/0.png", f"{train_name}/dog/1.png", f"{train_name}/dog/2.png",
+                             f"{eval_name}/cat/3.png", f"{eval_name}/dog/4.png"])
+    trainset, evalset = open_dataset(tmp_path, train=True), open_dataset(tmp_path)
+    assert trainset.classes == evalset.classes == ["cat", "dog"]
+    assert (trainset.targets, evalset.targets) == ([0, 1, 1], [0, 1])
+
+
+def test_a_split_spelled_in_two_cases_is_an_error_and_a_capitalised_class_stays_a_class(tmp_path):
+    _write_images(tmp_path / "twice", ["Train/cat/0.png", "train/cat/1.png", "val/cat/2.png"])
+    with pytest.raises(LeanvitError, match=r"holds the split folders Train and train, one name in 2 cases: pass the "
+                                           r"one to read itself \(e.g. .*twice/Train\), or merge them"):
+        open_dataset(tmp_path / "twice", train=True)
+    assert len(open_dataset(tmp_path / "twice")) == 1
+    _write_images(tmp_path / "classes", ["Bicycle/0.png", "Test/1.png", "Training/2.png"])
+    assert open_dataset(tmp_path / "classes", train=True).classes == ["Bicycle", "Test", "Training"]
 
 
 def test_hidden_and_system_folders_are_not_classes_and_gifs_are_images(tmp_path):

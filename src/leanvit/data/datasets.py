@@ -37,8 +37,9 @@ _HEADER_NAMES = {"imageid", "image", "filename", "file", "path", "name"}
 #: torchvision's image types and the other photo formats Pillow decodes: a folder's GIFs are images too.
 IMAGE_EXTENSIONS = tuple(sorted({*IMG_EXTENSIONS, ".gif", ".jfif", ".jpe", ".avif", ".apng", ".jp2", ".pnm", ".pbm",
                                  ".qoi", ".tga"}))
-#: Sub-folder names of a dataset's splits: an evaluation reads the first of these that exists.
-EVAL_SPLITS, TRAIN_SPLITS = ("val", "valid", "validation", "test"), ("train",)
+#: Sub-folder names of a dataset's splits, in any case (``Train``, Kaggle's ``Training`` / ``Testing``): an evaluation
+#: reads the first of these that exists, a training the first of its own.
+EVAL_SPLITS, TRAIN_SPLITS = ("val", "valid", "validation", "test", "testing"), ("train", "training")
 
 
 def _hidden(name: str) -> bool:
@@ -286,8 +287,8 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
 
     - ``"cifar10-test500"``: the subset shipped with leanvit;
     - a folder holding ``cifar-10-batches-py`` (CIFAR-10's python pickles), train or test split;
-    - a folder with ``train/`` and ``val/`` (or ``valid/``, ``validation/``, ``test/``) sub-folders: the split
-      ``train`` picks. Those are splits when every sub-folder is one. Otherwise they may be classes of the same name
+    - a folder with ``train/`` (or ``training/``) and ``val/`` (or ``valid/``, ``validation/``, ``test/``,
+      ``testing/``) sub-folders, in any case (``Train/``): the split ``train`` picks. Those are splits when every sub-folder is one. Otherwise they may be classes of the same name
       (CIFAR-100 has a class ``train``; a class's images may sit in sub-folders of it): they are splits when one holds
       class folders and no image of its own, as a split does, and either no other folder holds images or two such
       share a class name; classes when none does. One such beside other folders with images reads both ways: an
@@ -318,15 +319,18 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
             raise LeanvitError(f"{pickles} is incomplete or corrupt (torchvision: {e}). Download and "
                                "extract CIFAR-10's python version again.") from None
     folders = {d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name)}
-    splits = sorted(folders & {*TRAIN_SPLITS, *EVAL_SPLITS})
+    splits = sorted(name for name in folders if name.lower() in {*TRAIN_SPLITS, *EVAL_SPLITS})
     if splits and _split_organised(root, folders, splits):
         wanted = TRAIN_SPLITS if train else EVAL_SPLITS
-        split = next((name for name in wanted if name in folders), None)
+        split = next((named for name in wanted if (named := [folder for folder in splits if folder.lower() == name])), None)
         if split is None:
             raise LeanvitError(f"{root} holds the split folder(s) {', '.join(splits)} but no {' / '.join(wanted)} "
                                f"split for {'training' if train else 'evaluation'}. Pass the split folder itself "
                                f"(e.g. {root / splits[0]}).")
-        root = root / split
+        if len(split) > 1:
+            raise LeanvitError(f"{root} holds the split folders {' and '.join(split)}, one name in {len(split)} cases: "
+                               f"pass the one to read itself (e.g. {root / split[0]}), or merge them.")
+        root = root / split[0]
     if _holds_class_folders(root):
         return ImageFolderDataset(root, transform)
     if unlabelled and any(_images_in(root)):  # (the dataset lists them: not here as well)
