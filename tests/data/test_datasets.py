@@ -97,6 +97,24 @@ def test_files_that_are_not_read_are_named_by_type(tmp_path):
         assert len(open_dataset(tmp_path / "flat", unlabelled=True)) == 1
 
 
+def test_images_beside_the_class_folders_are_named_and_read_where_no_label_is_needed(tmp_path):
+    """They were dropped without a word, by calibration too (unlabelled: a folder of images with one sub-folder was
+    read as that sub-folder alone)."""
+    import warnings
+
+    pixels = _write_images(tmp_path, ["cat/a.png", "dog/b.png", "x.png", "y.jpg", ".thumb.png"])
+    with pytest.warns(IgnoredFilesWarning, match=r": 2 image file\(s\) \(x\.png, y\.jpg\) not read, directly in it "
+                                                 r"beside its class folders, so of no class; move them into their class "
+                                                 r"folders to use them\."):
+        ds = open_dataset(tmp_path)
+    assert ds.classes == ["cat", "dog"] and ds.targets == [0, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # read, so no warning
+        calib = open_dataset(tmp_path, train=True, unlabelled=True)
+    assert calib.classes == ["cat", "dog", "."] and calib.targets == [0, 1, 2, 2] and len(calib) == 4
+    assert np.array_equal(np.asarray(calib[3][0]), pixels["y.jpg"])
+
+
 def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "cat").mkdir()
     with pytest.raises(LeanvitError, match="No images found"):
@@ -445,5 +463,6 @@ def test_splits_sharing_class_names_stay_splits_with_a_stray_image_beside_them(t
     _write_images(tmp_path, ["train/cat/0.png", "train/dog/1.png", "val/cat/2.png", "val/dog/3.png", "val/preview.png",
                              "samples/4.png"])
     assert open_dataset(tmp_path, train=True).targets == [0, 1]
-    evalset = open_dataset(tmp_path)
+    with pytest.warns(IgnoredFilesWarning, match=r"val: 1 image file\(s\) \(preview\.png\) not read"):
+        evalset = open_dataset(tmp_path)
     assert evalset.classes == ["cat", "dog"] and evalset.root == str(tmp_path / "val")

@@ -125,9 +125,13 @@ def collate_skipping_corrupt(batch: Sequence) -> list | None:
 
 
 class ImageFolderDataset(ImageFolder):
-    """torchvision's ``root/<class>/<image>`` layout, skipping undecodable and hidden files (:func:`_hidden`)."""
+    """torchvision's ``root/<class>/<image>`` layout, skipping undecodable and hidden files (:func:`_hidden`).
 
-    def __init__(self, root: Path, transform: Callable | None = None):
+    Images in ``root`` itself, beside the class folders, have no class: they are left out with a warning, or, with
+    ``root_images`` (where labels are not used: calibration), read as the images of one more class, ``"."``.
+    """
+
+    def __init__(self, root: Path, transform: Callable | None = None, root_images: bool = False):
         is_image = _FileFilter(root)
         try:
             super().__init__(str(root), transform=transform, loader=_load_rgb, is_valid_file=is_image)
@@ -140,6 +144,16 @@ class ImageFolderDataset(ImageFolder):
             raise LeanvitError(f"{root} has {_listing(empty, 'class folder(s) without an image')}. Remove the empty "
                                "class folders or add images to them.") from None
         is_image.warn(root)
+        own = sorted(_images_in(Path(root)))
+        if own and root_images:
+            self.class_to_idx["."] = len(self.classes)
+            self.classes.append(".")
+            self.samples += [(str(path), self.class_to_idx["."]) for path in own]  # (self.imgs is the same list)
+            self.targets += [self.class_to_idx["."]] * len(own)
+        elif own:
+            warnings.warn(f"{root}: {_listing([path.name for path in own], 'image file(s)')} not read, directly in "
+                          "it beside its class folders, so of no class; move them into their class folders to use "
+                          "them.", IgnoredFilesWarning, stacklevel=2)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = sorted(p.name for p in Path(directory).iterdir() if p.is_dir() and not _hidden(p.name))
@@ -293,7 +307,8 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
       class folders and no image of its own, as a split does, and either no other folder holds images or two such
       share a class name; classes when none does. One such beside other folders with images reads both ways: an
       error names them (pass the split folder itself);
-    - an ImageFolder tree ``root/<class>/<image>``;
+    - an ImageFolder tree ``root/<class>/<image>`` (images beside the class folders are read only where the labels
+      are not needed, ``unlabelled=True``: see :class:`ImageFolderDataset`);
     - a flat folder of images with ``labels``, a label file (see :class:`LabelFileDataset`), or, where the
       labels are not needed (``unlabelled=True``: calibration), without (:class:`UnlabelledImages`).
     """
@@ -332,7 +347,7 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
                                f"pass the one to read itself (e.g. {root / split[0]}), or merge them.")
         root = root / split[0]
     if _holds_class_folders(root):
-        return ImageFolderDataset(root, transform)
+        return ImageFolderDataset(root, transform, root_images=unlabelled)
     if unlabelled and any(_images_in(root)):  # (the dataset lists them: not here as well)
         return UnlabelledImages(root, transform)
     flat = list(_images_in(root))
