@@ -104,8 +104,8 @@ def test_images_beside_the_class_folders_are_named_and_read_where_no_label_is_ne
 
     pixels = _write_images(tmp_path, ["cat/a.png", "dog/b.png", "x.png", "y.jpg", ".thumb.png"])
     with pytest.warns(IgnoredFilesWarning, match=r": 2 image file\(s\) \(x\.png, y\.jpg\) not read, directly in it "
-                                                 r"beside its class folders, so of no class; move them into their class "
-                                                 r"folders to use them\."):
+                                                 r"beside its class folders, so of no class; move them into their "
+                                                 r"class folders to use them\."):
         ds = open_dataset(tmp_path)
     assert ds.classes == ["cat", "dog"] and ds.targets == [0, 1]
     with warnings.catch_warnings():
@@ -168,8 +168,8 @@ def test_a_class_folder_of_non_image_files_names_the_folder_and_the_files(tmp_pa
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "readme.txt").write_text("not an image")
     with pytest.warns(IgnoredFilesWarning, match=r"1 file\(s\) not read, not an image type by name \(\.txt 1\)"), \
-            pytest.raises(LeanvitError, match=r"has 1 class folder\(s\) without an image \(b\)\. Remove the empty class "
-                                              r"folders or add images to them\.$"):
+            pytest.raises(LeanvitError, match=r"has 1 class folder\(s\) without an image \(b\)\. Remove the empty "
+                                              r"class folders or add images to them\.$"):
         open_dataset(tmp_path)
 
 

@@ -302,11 +302,11 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
     - ``"cifar10-test500"``: the subset shipped with leanvit;
     - a folder holding ``cifar-10-batches-py`` (CIFAR-10's python pickles), train or test split;
     - a folder with ``train/`` (or ``training/``) and ``val/`` (or ``valid/``, ``validation/``, ``test/``,
-      ``testing/``) sub-folders, in any case (``Train/``): the split ``train`` picks. Those are splits when every sub-folder is one. Otherwise they may be classes of the same name
-      (CIFAR-100 has a class ``train``; a class's images may sit in sub-folders of it): they are splits when one holds
-      class folders and no image of its own, as a split does, and either no other folder holds images or two such
-      share a class name; classes when none does. One such beside other folders with images reads both ways: an
-      error names them (pass the split folder itself);
+      ``testing/``) sub-folders, in any case (``Train/``): the split ``train`` picks. Those are splits when every
+      sub-folder is one. Otherwise they may be classes of the same name (CIFAR-100 has a class ``train``; a class's
+      images may sit in sub-folders of it): they are splits when one holds class folders and no image of its own, as
+      a split does, and either no other folder holds images or two such share a class name; classes when none does.
+      One such beside other folders with images reads both ways: an error names them (pass the split folder itself);
     - an ImageFolder tree ``root/<class>/<image>`` (images beside the class folders are read only where the labels
       are not needed, ``unlabelled=True``: see :class:`ImageFolderDataset`);
     - a flat folder of images with ``labels``, a label file (see :class:`LabelFileDataset`), or, where the
@@ -337,7 +337,7 @@ def open_dataset(source: str | Path, *, train: bool = False, transform: Callable
     splits = sorted(name for name in folders if name.lower() in {*TRAIN_SPLITS, *EVAL_SPLITS})
     if splits and _split_organised(root, folders, splits):
         wanted = TRAIN_SPLITS if train else EVAL_SPLITS
-        split = next((named for name in wanted if (named := [folder for folder in splits if folder.lower() == name])), None)
+        split = next((named for name in wanted if (named := [f for f in splits if f.lower() == name])), None)
         if split is None:
             raise LeanvitError(f"{root} holds the split folder(s) {', '.join(splits)} but no {' / '.join(wanted)} "
                                f"split for {'training' if train else 'evaluation'}. Pass the split folder itself "
