@@ -86,3 +86,34 @@ def test_round_ratios_pair_the_two_timings_round_by_round(monkeypatch):
     assert a_rounds == (2.0, 4.0, 2.0, 4.0)  # the busy rounds twice as long, their ratio unchanged
     with pytest.raises(ValueError):
         round_ratios(timings["a"], Timing(np.ones(3)))
+
+
+def test_every_round_weighs_alike_in_the_pooled_samples(monkeypatch):
+    """Rounds timed by the clock gave a function more calls where the machine ran it fast: "a" at 1 ms in quiet
+    rounds and 4 ms in busy ones pooled a median of 1 ms (four quiet calls to each busy one), "b" steady at 2 ms:
+    a / b 0.5 where the rounds say 0.5 and 2 by turns. Each function now makes as many calls in every round."""
+    from types import SimpleNamespace
+
+    from leanvit.bench import timing
+
+    now_ns, round_of = [0], {"a": -1}
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter_ns=lambda: now_ns[0],
+                                                        perf_counter=lambda: now_ns[0] / 1e9))
+    calls = []
+
+    def call(name):
+        calls.append(name)
+        busy = round_of["a"] % 2 == 1
+        now_ns[0] += int((4 if busy else 1) * 1e6) if name == "a" else int(2e6)
+
+    def a():
+        if calls[-1:] != ["a"]:
+            round_of["a"] += 1
+        call("a")
+
+    budget = TimingBudget(warmup_s=0, warmup_iters=0, budget_s=0.08, min_iters=4)
+    timings = time_alternating({"a": a, "b": lambda: call("b")}, budget, rounds=4)
+    n = timings["a"].n // 4
+    assert timings["a"].n == 4 * n and timings["b"].n % 4 == 0
+    assert timings["a"].round_medians_ms == (1.0, 4.0, 1.0, 4.0)
+    assert timings["a"].median == 2.5  # half its calls quiet, half busy (it was 1.0)

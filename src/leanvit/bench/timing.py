@@ -88,17 +88,26 @@ def time_calls(fn: Callable[[], object], budget: TimingBudget = TimingBudget()) 
 
 def time_alternating(fns: dict[str, Callable[[], object]], budget: TimingBudget = TimingBudget(),
                      rounds: int = 5) -> dict[str, Timing]:
-    """Time several functions in ``rounds`` alternating rounds, each round ``budget / rounds`` long.
+    """Time several functions in ``rounds`` alternating rounds: each function gets ``budget`` (its ``budget_s``
+    each, spread over the rounds), its share of every round timed back to back with the others'.
 
     On a shared, noisy machine the speed drifts over minutes; timing A, then B, then C in one block
     each would fold that drift into their ratios. Alternating short rounds exposes all of them to
-    the same drift, so ratios measured side by side hold. Samples of all rounds are pooled.
+    the same drift, so ratios measured side by side hold. Samples of all rounds are pooled, each function making
+    as many calls in every round as in its first (a round timed by the clock would give a function more calls
+    where the machine ran it fast, and its pooled median would lean towards its fast rounds, by another amount
+    for each function: ratios of such medians are biased).
     """
     per_round = replace(budget, budget_s=budget.budget_s / rounds, min_iters=max(1, budget.min_iters // rounds))
     samples: dict[str, list[np.ndarray]] = {name: [] for name in fns}
-    for _ in range(rounds):
+    for i in range(rounds):
         for name, fn in fns.items():
-            samples[name].append(time_calls(fn, per_round).samples_ms)
+            if i:  # the first round's count of calls, however fast the machine is now
+                calls = len(samples[name][0])
+                samples[name].append(time_calls(fn, replace(per_round, budget_s=0.0, min_iters=calls,
+                                                             max_iters=calls)).samples_ms)
+            else:
+                samples[name].append(time_calls(fn, per_round).samples_ms)
     return {name: Timing(np.concatenate(parts), tuple(float(np.median(part)) for part in parts))
             for name, parts in samples.items()}
 
