@@ -28,3 +28,20 @@ def test_the_float_model_runs_on_the_engine_and_the_slower_side_is_named(engine_
     assert speedup.to_dict()["ratio"] == round(speedup.ratio, 3)
     unpaired = Speedup("openvino", 1, 1, float_ms=1.0, quantized_ms=4.0, rounds=1)  # no rounds: the medians' ratio
     assert unpaired.ratio == 0.25
+
+
+def test_the_words_quote_the_ratio_that_was_tested_not_the_pooled_medians():
+    """The pooled medians can say INT8 is 2.4x as fast while the rounds, paired back to back, say 0.8x: the
+    summary and the slower verdict both use the median per-round ratio, with its range over the rounds."""
+    split = Speedup("openvino", 2, 1, float_ms=2.40, quantized_ms=1.00, rounds=5,
+                    round_ratios=(0.42, 0.6, 0.8, 0.9, 1.2))
+    assert split.slower
+    assert split.summary() == "0.80x as fast, the median of 0.42-1.20x in 5 alternating rounds"
+    faster = Speedup("openvino", 2, 1, float_ms=2.00, quantized_ms=1.00, rounds=6,
+                     round_ratios=(1.3, 1.4, 1.4, 1.4, 1.5, 1.6))
+    assert not faster.slower and faster.summary().startswith("1.40x as fast, the median of 1.30-1.60x in 6")
+    assert "2.00" not in faster.summary()  # 2.00 / 1.00 ms would read as 2x, not the 1.40x tested
+    even = Speedup("openvino", 2, 1, float_ms=1.0, quantized_ms=1.0, rounds=2, round_ratios=(0.995, 0.997))
+    assert even.summary().startswith("1.00x") and not even.slower  # not "slower" beside a printed 1.00x
+    unpaired = Speedup("openvino", 1, 1, float_ms=1.0, quantized_ms=4.0, rounds=1)  # the medians are what is tested
+    assert unpaired.slower and unpaired.summary() == "0.25x as fast, the medians 4.00 against 1.00 ms"

@@ -59,19 +59,23 @@ def test_an_int8_model_slower_than_float_is_a_warning(tmp_path, monkeypatch, cap
 
     timed = []
 
-    def slower(model, runner, engine, example):
+    def slower(model, runner, engine, example):  # the pooled medians (INT8 2.4x as fast) say the opposite
         timed.append(engine.name)
-        return speedup.Speedup(engine.name, 1, 1, float_ms=1.0, quantized_ms=2.0, rounds=6,
+        return speedup.Speedup(engine.name, 1, 1, float_ms=2.4, quantized_ms=1.0, rounds=6,
                                round_ratios=(0.45, 0.5, 0.55, 0.5, 0.5, 0.5))
 
     monkeypatch.setattr(speedup, "measure_speedup", slower)
     argv = ["quantize", *TINY, "--engine", "onnxruntime", "--out", str(tmp_path / "q")]
-    with pytest.warns(LeanvitWarning, match=r"runs the INT8 model slower than the float one \(2.00 against 1.00 ms.*"
-                                            "--engine openvino"):
+    with pytest.warns(LeanvitWarning) as caught:
         assert main(argv) == 0
+    warning, = [str(w.message) for w in caught if "slower" in str(w.message)]
+    assert ("runs the INT8 model slower than the float one (INT8 0.50x as fast, the median of 0.45-0.55x in 6 "
+            "alternating rounds; batch 1, 1 threads)") in warning and "--engine openvino" in warning
     out = capsys.readouterr().out
-    assert ("latency  onnxruntime INT8 2.00 ms, float 1.00 ms (medians, batch 1, 1 threads): INT8 0.50x as fast, "
-            "median of 0.45-0.55x in 6 alternating rounds") in out
+    assert ("latency  onnxruntime INT8 against float: 0.50x as fast, the median of 0.45-0.55x in 6 alternating "
+            "rounds (batch 1, 1 threads") in out
+    assert "2.40" not in warning + out  # the medians' ratio is not what was tested
+    assert json.loads((tmp_path / "q" / "report.json").read_text())["latency"]["float_ms"] == 2.4  # kept there
     assert main([*argv, "--no-latency", "--json"]) == 0
     assert "latency" not in json.loads(capsys.readouterr().out) and timed == ["onnxruntime"]
 

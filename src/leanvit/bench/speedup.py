@@ -42,6 +42,20 @@ class Speedup:
         shared machine, even outside every round's range), else ``float_ms / quantized_ms``."""
         return float(np.median(self.round_ratios)) if self.round_ratios else self.float_ms / self.quantized_ms
 
+    @property
+    def slower(self) -> bool:
+        """Whether the quantized model is slower, judged on the ratio as :meth:`summary` prints it (so a 0.996
+        that prints as 1.00x is not called slower)."""
+        return round(self.ratio, 2) < 1
+
+    def summary(self) -> str:
+        """The speed-up as tested, e.g. ``0.80x as fast, the median of 0.42-1.20x in 5 alternating rounds``.
+        Without the pooled medians: their ratio can disagree with the per-round one, even on which is faster."""
+        if not self.round_ratios:
+            return f"{self.ratio:.2f}x as fast, the medians {self.quantized_ms:.2f} against {self.float_ms:.2f} ms"
+        return (f"{self.ratio:.2f}x as fast, the median of {min(self.round_ratios):.2f}-"
+                f"{max(self.round_ratios):.2f}x in {len(self.round_ratios)} alternating rounds")
+
     def to_dict(self) -> dict:
         return {**asdict(self), "ratio": round(self.ratio, 3)}
 
