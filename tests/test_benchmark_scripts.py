@@ -127,3 +127,37 @@ def test_documented_tokens_commands_run_and_write_the_folder_they_document(scrip
         args = tokens.parse_args()
         assert args.out == Path("benchmarks") / folder
         assert args.engines == json.loads((BENCHMARKS / folder / "tokens.json").read_text())["engines"]
+
+
+@pytest.mark.parametrize("name", ["opset", "recipe_ab", "activation_cost"])
+def test_budget_s_is_each_files_budget_not_multiplied_by_the_files(name, script, tmp_path, monkeypatch):
+    """``--budget-s`` is documented as the timing budget per file, and time_alternating gives each function the whole
+    ``budget_s`` (spread over the rounds): the scripts pass it on as given (they multiplied it by the files)."""
+    module = script(name)
+    help_text = {a.dest: a.help for a in script("manifest").latency_parser("d", "o", 2, 1.0)._actions}["budget_s"]
+    assert "per file" in help_text
+
+    class Timed(Exception):
+        """Stops the benchmark at its first timing."""
+
+    def time_alternating(fns, budget, rounds):
+        raise Timed(len(fns), budget.budget_s, rounds)
+
+    class Engine:
+        def load_model_file(self, path):
+            return lambda x: x
+
+    monkeypatch.setattr(module, "create_model", lambda model, **kwargs: torch.nn.Identity())
+    monkeypatch.setattr(module, "export_onnx", lambda model, x, path, **kwargs: path)
+    monkeypatch.setattr(module, "get_engine", lambda *args, **kwargs: Engine())
+    monkeypatch.setattr(module, "time_alternating", time_alternating)
+    if hasattr(module, "quant"):
+        monkeypatch.setattr(module.quant, "quantize", lambda model, calib, config, progress: (lambda x: x))
+        monkeypatch.setattr(module.quant, "export", lambda qmodel, path, **kwargs: path)
+    extra = ["--change", "{}"] if name == "recipe_ab" else []
+    monkeypatch.setattr("sys.argv", [name, "--models", "deit_tiny_patch16_224", "--budget-s", "1.5", "--rounds", "3",
+                                     "--out", str(tmp_path), *extra])
+    with pytest.raises(Timed) as timed:
+        module.main()
+    files, budget_s, rounds = timed.value.args
+    assert files >= 3 and (budget_s, rounds) == (1.5, 3)
