@@ -39,6 +39,39 @@ def test_openvino_reports_the_precision_it_runs(tiny_vit, tmp_path):
     assert runner.info["threads"] == 1
 
 
+def test_openvino_copies_the_logits_once_and_they_do_not_alias_its_buffer(tiny_vit, tmp_path):
+    """OpenVINO's outputs are not copied into a dict first (``share_outputs``), the one copy returned is the
+    caller's (the next call does not change it), and every input gives what ``infer()``'s dispatcher gave."""
+    x = torch.randn(2, 3, 32, 32)
+    runner = get_engine("openvino", threads=1).load_model_file(
+        export_onnx(tiny_vit, x[:1], tmp_path / "m.onnx", dynamic_batch=True))
+    request, calls = runner.request, []
+
+    class Spy:
+        def infer(self, *args, **kwargs):
+            calls.append(kwargs)
+            return request.infer(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(request, name)
+
+    runner.request = Spy()
+    first = runner(x[:1].numpy())
+    kept = first.copy()
+    second = runner(x[1:].numpy())
+    np.testing.assert_array_equal(first, kept)  # not a view of the buffer the second call wrote
+    assert not np.array_equal(first, second) and not np.shares_memory(first, second)
+    assert calls and all(kwargs.get("share_outputs") for kwargs in calls)
+    runner.request = request
+    expected = runner.compiled.create_infer_request().infer({0: x.numpy()})[0]  # through the dispatcher, as before
+    read_only = x.numpy().copy()
+    read_only.flags.writeable = False
+    nhwc = np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)  # not C-contiguous
+    for given in (x.numpy(), x.numpy().astype(np.float64), read_only, nhwc):
+        np.testing.assert_array_equal(runner(given), expected)
+    np.testing.assert_array_equal(runner(x[:1].numpy()), kept)  # a batch of 1 after a batch of 2
+
+
 def test_export_is_cached_by_weights_and_shape(tiny_vit, tmp_path):
     x = torch.randn(1, 3, 32, 32)
     first = cached_onnx(tiny_vit, x, cache_dir=tmp_path)
