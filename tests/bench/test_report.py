@@ -47,3 +47,16 @@ def test_report_gives_each_rows_memory_growth_beside_the_process_peak(tmp_path, 
     assert header.endswith("| RSS growth MiB | peak RSS MiB |") and eager.endswith("| 20 | 900 |")
     assert header.count("|") == rule.count("|") == eager.count("|") == failed.count("|")
     assert "*RSS growth* is the resident-set high-water mark while the loaded engine is timed minus that baseline" in text
+
+
+def test_vs_eager_is_the_median_of_the_rounds_ratios(tmp_path, monkeypatch):
+    """Rows timed in the same alternating rounds are compared round by round: eager at 2, 8, 2 ms and the engine at
+    1, 2, 2 ms are 2x, 4x and 1x apart (median 2x), where their pooled medians (2 against 2) said 1x."""
+    cfg = BenchConfig(models=["deit_tiny_patch16_224"], engines=["eager", "openvino"], rounds=3)
+    eager = measured("eager", latency_ms_median=2.0, latency_ms_rounds=(2.0, 8.0, 2.0))
+    ov = measured("openvino", latency_ms_median=2.0, latency_ms_rounds=(1.0, 2.0, 2.0))
+    assert report.vs_row(eager, ov) == 2.0
+    assert report.vs_row(measured("eager", latency_ms_median=2.0), measured("openvino")) == 2.0  # no rounds: medians
+    monkeypatch.setattr(report, "plot_pareto", lambda rows, path, title="": None)
+    text = report.write_results([eager, ov], cfg, HOST, tmp_path)["md"].read_text()
+    assert "| 2.00× |" in text and "timed side by side, in 3 alternating rounds" in text

@@ -205,3 +205,55 @@ def test_a_precision_no_chosen_engine_runs_still_refuses_the_run(monkeypatch):
     with pytest.warns(UserWarning, match="onnxruntime does not run bf16"):
         rows = run_bench(tiny_bench(engines=["eager", "onnxruntime"], precisions=["f32", "bf16"]), progress=False)
     assert [(r.error is not None, r.skipped is not None) for r in rows] == [(True, False)] * 3 + [(False, True)]
+
+
+def test_a_models_engines_are_timed_side_by_side_in_alternating_rounds(monkeypatch):
+    """Each row was timed in its own block, one after another, so its "vs eager" ratio folded in how the machine
+    drifted between the blocks (the same eager row 92x apart in one run). A model's engines now share the rounds."""
+    from leanvit.bench import runner
+
+    calls, alternate = [], runner.time_alternating
+
+    def recording(fns, budget, rounds):
+        calls.append((list(fns), rounds))
+        return alternate(fns, budget, rounds)
+
+    monkeypatch.setattr(runner, "time_alternating", recording)
+    rows = run_bench(tiny_bench(models=["mobilenetv2_050", "resnet10t"], engines=["eager", "onnxruntime"],
+                                rounds=3), progress=False)
+    assert calls == [([0, 1], 3), ([2, 3], 3)]  # one alternation per model, its two engines' rows
+    assert all(r.ran and len(r.latency_ms_rounds) == 3 and r.iterations % 3 == 0 for r in rows)
+
+
+def test_an_engine_failing_while_timed_fails_its_row_and_the_others_are_timed(monkeypatch):
+    from leanvit.deploy.ort import OrtRunner
+
+    calls = []
+
+    def flaky(self, x):
+        calls.append(1)
+        if len(calls) > 6:  # past the agreement check (2 calls), the memory pass (2) and a few timed calls
+            raise RuntimeError("device lost (test)")
+        return original(self, x)
+
+    original = OrtRunner.__call__
+    monkeypatch.setattr(OrtRunner, "__call__", flaky)
+    eager, ort = run_bench(tiny_bench(engines=["eager", "onnxruntime"]), progress=False)
+    assert len(calls) > 6 and eager.ran and eager.latency_ms_median > 0 and eager.latency_ms_rounds
+    assert not ort.ran and "device lost (test)" in ort.error
+
+
+@pytest.mark.parametrize("field, values", [("engines", ["eager", "eager"]), ("precisions", ["f32", "f32"]),
+                                           ("models", ["resnet10t", "resnet10t"])])
+def test_a_configuration_listed_twice_is_refused(field, values):
+    """Two rows of one configuration, and "vs eager" taken from whichever eager row came last."""
+    with pytest.raises(LeanvitError, match="more than once"):
+        tiny_bench(**{field: values}).validate()
+
+
+def test_a_reduced_precision_row_gets_no_published_top1():
+    """The paper measured the f32 model: a bf16 row plotted at its top-1 claimed an accuracy no one measured."""
+    name = "deit_tiny_patch16_224"
+    facts = find_facts(name)
+    assert published_top1(facts, name, facts.img_size, "", "bf16") is None
+    assert published_top1(facts, name, facts.img_size, "", "f32") == facts.top1

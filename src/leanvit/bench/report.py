@@ -8,6 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from ..deploy.engine import REDUCED_PRECISION_RTOL
 from .runner import BenchConfig, BenchRow, checked_images
 
@@ -57,23 +59,36 @@ def host_lines(host: dict) -> list[str]:
     ]
 
 
+def vs_row(base: BenchRow, row: BenchRow) -> float | None:
+    """How many times faster ``row`` runs than ``base``: the median of their per-round ratios where they were timed
+    in the same alternating rounds (a ratio of pooled medians mixes the machine's states), else of their medians."""
+    if base.latency_ms_rounds and len(base.latency_ms_rounds) == len(row.latency_ms_rounds):
+        return float(np.median(np.asarray(base.latency_ms_rounds) / np.asarray(row.latency_ms_rounds)))
+    if base.latency_ms_median and row.latency_ms_median:
+        return base.latency_ms_median / row.latency_ms_median
+    return None
+
+
 def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, created: str) -> str:
-    eager = {(r.model, r.variant, r.batch): r.latency_ms_median for r in rows
-             if r.engine == "eager" and r.precision == "f32" and r.ran}
+    eager = {(r.model, r.variant, r.batch): r for r in rows if r.engine == "eager" and r.precision == "f32" and r.ran}
     on_cpu = sorted({r.engine for r in rows if cfg.device != "cpu" and r.engine_info.get("device") == "cpu"})
     on_gpu = sorted({r.engine for r in rows if cfg.device == "cpu" and r.engine_info.get("device", "cpu") != "cpu"})
     capped = sorted({f"{r.engine} {r.threads_used}" for r in rows if r.threads_used not in (None, r.threads)})
     lines = [
         "# leanvit bench report", "",
-        f"Created {created}. Every row was measured in this one run, one configuration after another.", "",
+        f"Created {created}. Every row was measured in this one run; each model's configurations were timed side by "
+        f"side, in {cfg.rounds} alternating rounds, so that the machine's drift reached them alike.", "",
         "## Host", "", *host_lines(host), "",
         "## Settings", "",
         f"- input: {input_sizes(rows)}; batch {cfg.batch}, threads {cfg.threads}, weights: {'pretrained' if cfg.pretrained else 'random init (latency does not depend on weight values)'}",
         f"- device: {cfg.device}" + (f" (CPU-only engines on the CPU: {', '.join(on_cpu)})" if on_cpu else "")
         + (f" (GPU-only engines on the GPU: {', '.join(on_gpu)})" if on_gpu else ""),
         *([f"- threads as the engine reports them, where not as asked: {', '.join(capped)}"] if capped else []),
-        f"- protocol: warm-up ≥ {cfg.budget.warmup_s} s and ≥ {cfg.budget.warmup_iters} calls, then single calls timed "
-        f"for {cfg.budget.budget_s} s (≥ {cfg.budget.min_iters}, ≤ {cfg.budget.max_iters} calls); statistics over calls",
+        f"- protocol: per configuration, warm-up ≥ {cfg.budget.warmup_s} s and ≥ {cfg.budget.warmup_iters} calls, then "
+        f"single calls timed for {cfg.budget.budget_s} s in all (≥ {cfg.budget.min_iters}, ≤ {cfg.budget.max_iters} "
+        f"calls), spread over {cfg.rounds} rounds that alternate the model's configurations (as many calls in each "
+        "round, a shorter warm-up before each); statistics over calls; *vs eager* is the median over the rounds of "
+        "eager's latency over the row's, both timed in that round",
         f"- correctness: each engine's logits against PyTorch eager on {checked_images(cfg)} random images",
         "- memory: before each engine is timed, Python's garbage is collected and freed memory handed back to the OS "
         "(glibc's malloc_trim, where the C library is glibc), and the resident set then is the row's baseline; "
@@ -93,7 +108,8 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
                          "| | | | | | | | | | | | |")
             continue
         base = eager.get((r.model, r.variant, r.batch))
-        ratio = f"{base / r.latency_ms_median:.2f}×" if base and r.latency_ms_median else "–"
+        speedup = vs_row(base, r) if base is not None else None
+        ratio = f"{speedup:.2f}×" if speedup else "–"
         flag = " ⚠" if r.diverges else ""
         lines.append(
             f"| {label} | {r.engine} | {r.precision} | {_fmt(r.latency_ms_median)} | {_fmt(r.latency_ms_p90)} | "
@@ -176,7 +192,7 @@ def plot_pareto(rows: Sequence[BenchRow], path: Path, title: str = "") -> None:
         if r.published_top1 > best:
             front.append(r)
             best = r.published_top1
-    if front:
+    if len(front) > 1:  # (one point is no front)
         ax.step([r.latency_ms_median for r in front], [r.published_top1 for r in front], where="post",
                 color="gray", lw=1, ls="--", label="Pareto front")
     if pts:

@@ -5,7 +5,8 @@ import math
 import os
 import sys
 import traceback
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 import timm
@@ -17,10 +18,11 @@ from ..compress.tokens import apply as token_apply
 from ..compress.tokens import from_spec
 from ..deploy import (check_agreement, check_export_dir, engine_device, engine_names, engine_precisions, export_dir,
                       get_engine)
+from ..deploy.engine import Runner
 from ..errors import LeanvitError, check_range, warn
 from ..models.registry import resolve_model_name
 from ..profile import check_img_size, count_macs, count_params, create_model_at
-from .timing import TimingBudget, peak_rss_mb, reset_peak_rss, rss_mb, time_calls
+from .timing import TimingBudget, peak_rss_mb, reset_peak_rss, rss_mb, time_alternating, time_calls
 
 DEFAULT_MODELS = (
     "efficientformer_l1", "efficientformerv2_s0", "tiny_vit_5m_224", "deit_tiny_patch16_224", "mobilenetv2_100",
@@ -40,7 +42,8 @@ class BenchConfig:
     batch: int = 1
     threads: int = field(default_factory=default_threads)
     img_size: int | None = None  #: None: each model's own pretrained_cfg input size
-    budget: TimingBudget = TimingBudget()
+    budget: TimingBudget = TimingBudget()  #: each configuration's, spread over ``rounds``
+    rounds: int = 5  #: alternating rounds in which a model's configurations are timed side by side
     n_check: int = 8  #: random images compared against eager per engine
     pretrained: bool = False  #: random weights need no network; latency does not depend on them
     device: str = "cpu"
@@ -52,6 +55,11 @@ class BenchConfig:
     def validate(self) -> None:
         check_range("--batch", self.batch, 1, 4096)
         check_range("--threads", self.threads, 1, 1024)
+        check_range("rounds", self.rounds, 1, 1000)
+        for flag, names in (("--engines", self.engines), ("models", self.models), ("--precision", self.precisions),
+                            ("--tokens", self.tokens)):
+            if twice := [n for n, k in Counter(names).items() if k > 1]:  # a row twice, its "vs eager" ambiguous
+                raise LeanvitError(f"{flag} lists {', '.join(twice)} more than once: give each once.")
         if self.img_size is not None:
             check_img_size(self.img_size)
         if not self.models:
@@ -116,6 +124,9 @@ class BenchRow:
     #: CPUs, eager reads torch's back); None where it does not say (ONNX Runtime)
     threads_used: int | None = None
     iterations: int = 0
+    #: the median of each alternating round, in round order: the configurations of one model were timed side by
+    #: side, so a ratio of two rows is best taken round by round (:func:`~leanvit.bench.timing.round_ratios`)
+    latency_ms_rounds: tuple[float, ...] = ()
     throughput: float | None = None  #: images per second at the median latency
     params: int | None = None
     macs: int | None = None  #: per image
@@ -202,34 +213,27 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
                     inapplicable = f"token reduction does not apply: {e}"
                     tqdm.write(f"!! {label}: {inapplicable}", file=sys.stderr)
             macs = None if inapplicable else count_macs(model, (chans, size, size))
+            loaded: dict[int, Runner] = {}  # row index -> its loaded engine, timed side by side below
             for engine_name in cfg.engines:
                 for precision in cfg.precisions:
-                    bar.set_description(f"{label}: {engine_name} {precision}")
+                    bar.set_description(f"{label}: load {engine_name} {precision}")
                     row = BenchRow(model=name, engine=engine_name, variant=variant, precision=precision,
                                    batch=cfg.batch, threads=cfg.threads, img_size=size, params=params, macs=macs,
-                                   published_top1=published_top1(facts, name, size, variant),
+                                   published_top1=published_top1(facts, name, size, variant, precision),
                                    paper_speed=facts.speed if facts else None,
                                    skipped=inapplicable or unrunnable.get((engine_name, precision)))
+                    rows.append(row)
                     if row.skipped:
-                        rows.append(row)
                         bar.update()
                         continue
                     try:
-                        _measure(row, model, x, checks, cfg)
+                        loaded[len(rows) - 1] = _load(row, model, x, checks, cfg)
                     except Exception as e:  # noqa: BLE001 - one engine failing must not hide the others
-                        known = isinstance(e, LeanvitError)  # this configuration's own problem: no traceback
-                        row.error = (str(e) if known else f"{type(e).__name__}: {e}").splitlines()[0][:500]
-                        tqdm.write(f"!! {label} on {engine_name} ({precision}) FAILED: {row.error}", file=sys.stderr)
-                        if not known:
-                            traceback.print_exc(file=sys.stderr)
-                    if row.diverges:
-                        tqdm.write(
-                            f"!! {label} on {engine_name} ({row.precision}) DIVERGES from eager: "
-                            f"top-1 agreement {row.top1_agreement:.1%}, max abs err {row.max_abs_err:.3g}",
-                            file=sys.stderr,
-                        )
-                    rows.append(row)
-                    bar.update()
+                        _failed(row, e)
+                        bar.update()
+            bar.set_description(f"{label}: timing {len(loaded)} side by side")
+            _time_side_by_side({i: (rows[i], runner) for i, runner in loaded.items()}, x.numpy(), cfg)
+            bar.update(len(loaded))
         del model
     bar.close()
     return rows
@@ -240,14 +244,27 @@ def _native_size(name: str) -> int:
     return (timm.models.get_pretrained_cfg_value(name, "input_size") or (3, 224, 224))[-1]
 
 
-def published_top1(facts: ModelFacts | None, name: str, img_size: int, variant: str) -> float | None:
+def published_top1(facts: ModelFacts | None, name: str, img_size: int, variant: str,
+                   precision: str = "f32") -> float | None:
     """The paper's top-1 where it describes the row: the model as published (its pretrained tag's training where
-    that has its own figure), at its published resolution (not a token-reduced variant, nor the model at another
-    ``--img-size``)."""
-    return facts.top1_for(name) if facts and not variant and img_size == facts.img_size else None
+    that has its own figure), in f32, at its published resolution (not a token-reduced variant, nor the model at
+    another ``--img-size``, nor in a reduced precision, whose accuracy no one measured)."""
+    if facts and not variant and img_size == facts.img_size and precision == "f32":
+        return facts.top1_for(name)
+    return None
 
 
-def _measure(row: BenchRow, model, x, checks, cfg: BenchConfig) -> None:
+def _failed(row: BenchRow, e: Exception) -> None:
+    """Record ``e`` as ``row``'s error, said at once (a traceback too where it is not a leanvit error)."""
+    known = isinstance(e, LeanvitError)  # this configuration's own problem: no traceback
+    row.error = (str(e) if known else f"{type(e).__name__}: {e}").splitlines()[0][:500]
+    tqdm.write(f"!! {row.label} on {row.engine} ({row.precision}) FAILED: {row.error}", file=sys.stderr)
+    if not known:
+        traceback.print_exc(file=sys.stderr)
+
+
+def _load(row: BenchRow, model, x, checks, cfg: BenchConfig) -> Runner:
+    """``row``'s engine with ``model`` loaded, checked against eager on ``checks`` (recorded in the row)."""
     # --device cuda: CPU-only engines run on the CPU; --device cpu: GPU-only ones (TensorRT) on the GPU; recorded
     device = engine_device(row.engine, cfg.device)
     engine = get_engine(row.engine, threads=cfg.threads, precision=row.precision, device=device)
@@ -258,16 +275,57 @@ def _measure(row: BenchRow, model, x, checks, cfg: BenchConfig) -> None:
     agreement = check_agreement(model, runner, checks)
     row.max_abs_err, row.top1_agreement = agreement.max_abs_err, agreement.top1_agreement
     row.diverges = agreement.diverges(row.precision)
-    x_np = x.numpy()
-    # the running engine's peak, not the exporter's nor the eager reference's; what they left resident is in the
-    # baseline (the reset takes the counter to the resident set, not to zero), so the growth over it is the engine's
-    if reset_peak_rss():
-        row.rss_baseline_mb = rss_mb()
-    timing = time_calls(lambda: runner(x_np), cfg.budget)
-    row.peak_rss_mb = peak_rss_mb()
-    if row.rss_baseline_mb is not None and row.peak_rss_mb is not None:
-        row.peak_rss_above_baseline_mb = row.peak_rss_mb - row.rss_baseline_mb
-    row.latency_ms_median, row.latency_ms_p90, row.latency_ms_p99 = timing.median, timing.p90, timing.p99
-    row.latency_ms_iqr, row.latency_ms_mean, row.latency_ms_min = timing.iqr, timing.mean, timing.min
-    row.iterations = timing.n
-    row.throughput = cfg.batch * 1000.0 / timing.median
+    if row.diverges:
+        tqdm.write(f"!! {row.label} on {row.engine} ({row.precision}) DIVERGES from eager: top-1 agreement "
+                   f"{row.top1_agreement:.1%}, max abs err {row.max_abs_err:.3g}", file=sys.stderr)
+    return runner
+
+
+class _CallFailed(Exception):
+    """A runner that raised while being timed, and which one."""
+
+    def __init__(self, key: int, error: Exception):
+        super().__init__(str(error))
+        self.key, self.error = key, error
+
+
+def _time_side_by_side(loaded: dict[int, tuple[BenchRow, Runner]], x_np, cfg: BenchConfig) -> None:
+    """Time the loaded engines of one model on ``x_np`` in ``cfg.rounds`` alternating rounds
+    (:func:`time_alternating`): a shared machine's drift over the minutes a model takes then reaches all its rows
+    alike, and their ratios hold. Each engine's memory is read first, on its own (its warm-up calls)."""
+    for key, (row, runner) in list(loaded.items()):
+        # the running engine's peak, not the exporter's nor the eager reference's; what they (and the other loaded
+        # engines) left resident is in the baseline, so the growth over it is what running this engine takes
+        if reset_peak_rss():
+            row.rss_baseline_mb = rss_mb()
+        try:
+            time_calls(lambda: runner(x_np), replace(cfg.budget, budget_s=0.0, min_iters=1, max_iters=1))
+        except Exception as e:  # noqa: BLE001 - one engine failing must not hide the others
+            _failed(row, e)
+            del loaded[key]
+            continue
+        row.peak_rss_mb = peak_rss_mb()
+        if row.rss_baseline_mb is not None and row.peak_rss_mb is not None:
+            row.peak_rss_above_baseline_mb = row.peak_rss_mb - row.rss_baseline_mb
+
+    def call(key: int, runner: Runner):
+        def timed():
+            try:
+                runner(x_np)
+            except Exception as e:  # noqa: BLE001 - whose call failed, so that the others are timed again
+                raise _CallFailed(key, e) from e
+        return timed
+
+    timings = {}
+    while loaded and not timings:
+        try:
+            timings = time_alternating({key: call(key, runner) for key, (_, runner) in loaded.items()}, cfg.budget,
+                                       rounds=cfg.rounds)
+        except _CallFailed as failure:  # that row fails; the others are timed again, without it
+            _failed(loaded.pop(failure.key)[0], failure.error)
+    for key, (row, _) in loaded.items():
+        timing = timings[key]
+        row.latency_ms_median, row.latency_ms_p90, row.latency_ms_p99 = timing.median, timing.p90, timing.p99
+        row.latency_ms_iqr, row.latency_ms_mean, row.latency_ms_min = timing.iqr, timing.mean, timing.min
+        row.iterations, row.latency_ms_rounds = timing.n, timing.round_medians_ms
+        row.throughput = cfg.batch * 1000.0 / timing.median

@@ -94,7 +94,8 @@ def time_alternating(fns: dict[str, Callable[[], object]], budget: TimingBudget 
     On a shared, noisy machine the speed drifts over minutes; timing A, then B, then C in one block
     each would fold that drift into their ratios. Alternating short rounds exposes all of them to
     the same drift, so ratios measured side by side hold. Samples of all rounds are pooled, each function making
-    as many calls in every round as in its first (a round timed by the clock would give a function more calls
+    as many calls in every round as in its first, warmed up for ``warmup_s`` before it and ``warmup_s / rounds``
+    before each later round (a round timed by the clock would give a function more calls
     where the machine ran it fast, and its pooled median would lean towards its fast rounds, by another amount
     for each function: ratios of such medians are biased).
     """
@@ -102,10 +103,11 @@ def time_alternating(fns: dict[str, Callable[[], object]], budget: TimingBudget 
     samples: dict[str, list[np.ndarray]] = {name: [] for name in fns}
     for i in range(rounds):
         for name, fn in fns.items():
-            if i:  # the first round's count of calls, however fast the machine is now
-                calls = len(samples[name][0])
-                samples[name].append(time_calls(fn, replace(per_round, budget_s=0.0, min_iters=calls,
-                                                             max_iters=calls)).samples_ms)
+            if i:  # the first round's count of calls, however fast the machine is now, after a shorter warm-up
+                calls = len(samples[name][0])  # (warm already: it only brings the caches back from the others)
+                samples[name].append(time_calls(fn, replace(per_round, warmup_s=budget.warmup_s / rounds,
+                                                             budget_s=0.0, min_iters=calls, max_iters=calls)
+                                                ).samples_ms)
             else:
                 samples[name].append(time_calls(fn, per_round).samples_ms)
     return {name: Timing(np.concatenate(parts), tuple(float(np.median(part)) for part in parts))

@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=positive_int, help="input resolution (default: each model's own)")
     p.add_argument("--budget", type=_seconds, default=2.0, help="seconds of timed calls per configuration (default 2)")
     p.add_argument("--warmup", type=_seconds, default=0.5, help="seconds of warm-up per configuration (default 0.5)")
+    p.add_argument("--rounds", type=positive_int, default=5,
+                   help="alternating rounds in which each model's configurations are timed side by side (default 5)")
     p.add_argument("--tokens", nargs="+", metavar="SPEC",
                    help="token-reduction variants measured beside each model: evit:KEEP, tome:R, diffrate:GMACS")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device for GPU-capable engines")
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         engines=_names(args.engines) or list(DEFAULT_ENGINES),
         precisions=_names(args.precision),
         batch=args.batch, threads=args.threads, img_size=args.img_size,
-        budget=TimingBudget(warmup_s=args.warmup, budget_s=args.budget),
+        budget=TimingBudget(warmup_s=args.warmup, budget_s=args.budget), rounds=args.rounds,
         pretrained=args.pretrained, device=args.device, cache_dir=args.cache_dir, tokens=_names(args.tokens),
     )
     cfg.validate()  # a typo in a name fails before --out is created
