@@ -185,15 +185,24 @@ def cached_onnx(
                        cache_dir=cache_dir)
 
 
+def _write_once(path: Path, write: Callable[[Path], object], check: Callable[[], object],
+                companions: tuple[str, ...] = ()) -> Path:
+    """``path``, written by ``write(tmp)`` where it is missing (after ``check()``, which raises where it cannot be)
+    and moved into place whole, the files of ``companions`` (suffixes: an IR's ``.bin``) written beside it moved
+    first: an interrupted export never leaves a half file in the cache."""
+    if not path.exists():
+        check()
+        tmp = path.with_suffix(".tmp" + path.suffix)
+        write(tmp)
+        for suffix in companions:
+            tmp.with_suffix(suffix).replace(path.with_suffix(suffix))
+        tmp.replace(path)
+    return path
+
+
 def cached_file(key: str, write: Callable[[Path], object], *, cache_dir: str | Path | None = None) -> Path:
     """``model.onnx`` in the export cache's folder ``key``, written by ``write(path)`` on a cache miss only."""
-    path = export_dir(cache_dir) / key / "model.onnx"
-    if not path.exists():
-        check_export_dir(cache_dir)
-        tmp = path.with_suffix(".tmp.onnx")
-        write(tmp)
-        tmp.replace(path)  # atomic: an interrupted export never leaves a half file in the cache
-    return path
+    return _write_once(export_dir(cache_dir) / key / "model.onnx", write, lambda: check_export_dir(cache_dir))
 
 
 def cached_openvino_ir(onnx_path: Path) -> Path:
@@ -204,11 +213,9 @@ def cached_openvino_ir(onnx_path: Path) -> Path:
     import openvino as ov
 
     xml = onnx_path.with_name(f"model-ov{_version('openvino')}.xml")
-    if not xml.exists():
-        check_export_dir(xml.parent)  # a read-only cache holding the ONNX export but not this OpenVINO's IR
-        ov_model = ov.convert_model(str(onnx_path))
-        tmp = xml.with_suffix(".tmp.xml")
-        ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
-        tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
-        tmp.replace(xml)
-    return xml
+
+    def write(tmp: Path) -> None:
+        ov.save_model(ov.convert_model(str(onnx_path)), str(tmp), compress_to_fp16=False)
+
+    # (checked: a read-only cache may hold the ONNX export but not this OpenVINO's IR)
+    return _write_once(xml, write, lambda: check_export_dir(xml.parent), companions=(".bin",))
