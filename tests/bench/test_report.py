@@ -60,3 +60,12 @@ def test_vs_eager_is_the_median_of_the_rounds_ratios(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "plot_pareto", lambda rows, path, title="": None)
     text = report.write_results([eager, ov], cfg, HOST, tmp_path)["md"].read_text()
     assert "| 2.00× |" in text and "timed side by side, in 3 alternating rounds" in text
+
+
+def test_the_report_names_the_cpus_identity_and_the_load():
+    """Two hosts both called "AMD EPYC" are told apart by family, model and stepping; a busy machine shows."""
+    lines = report.host_lines({**HOST, "cpu_id": {"vendor": "AuthenticAMD", "family": 26, "model": 2},
+                               "loadavg": [3.84, 2.1, 1.0]})
+    assert lines[0] == "- CPU: Test CPU (2 usable of 2 logical CPUs); vendor AuthenticAMD, family 26, model 2"
+    assert lines[1] == "- load average (1, 5, 15 min) when the host was recorded: 3.84, 2.1, 1.0"
+    assert report.host_lines(HOST)[0] == "- CPU: Test CPU (2 usable of 2 logical CPUs)"  # older results as before

@@ -50,8 +50,12 @@ def input_sizes(rows: Sequence[BenchRow]) -> str:
 def host_lines(host: dict) -> list[str]:
     """The markdown bullets that describe ``host`` (:func:`~leanvit.bench.host_info`) in every report."""
     versions = ", ".join(f"{k} {v}" for k, v in host.get("versions", {}).items())
+    cpu_id = ", ".join(f"{k} {v}" for k, v in host.get("cpu_id", {}).items())
     return [
-        f"- CPU: {host.get('cpu')} ({host.get('usable_cpus')} usable of {host.get('logical_cpus')} logical CPUs)",
+        f"- CPU: {host.get('cpu')} ({host.get('usable_cpus')} usable of {host.get('logical_cpus')} logical CPUs)"
+        + (f"; {cpu_id}" if cpu_id else ""),
+        *([f"- load average (1, 5, 15 min) when the host was recorded: {', '.join(map(str, host['loadavg']))}"]
+          if host.get("loadavg") else []),
         f"- CPU flags: {', '.join(host.get('cpu_flags', [])) or 'none of interest'}",
         *([f"- GPU: {host['gpu']}"] if host.get("gpu") else []),
         f"- OS: {host.get('os')}, Python {host.get('python')}",
