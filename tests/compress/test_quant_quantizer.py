@@ -56,3 +56,15 @@ def test_a_quantized_model_cast_to_half_runs(tiny_vit, dtype):
         out = qmodel.to(dtype)(calib[:4].to(dtype))
     assert out.dtype == dtype and qmodel.head.input_quantizer.scale.dtype == torch.float32
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_the_report_describes_the_grids_a_state_dict_brought(tiny_vit):
+    """The load takes the saved grids; the report, written when the model was quantized, still said int4 / uint6."""
+    torch.manual_seed(0)
+    calib = torch.randn(16, 3, 32, 32)
+    saved = quantize(tiny_vit, calib, QuantConfig(a_symmetric=True, min_images=8), progress=False)
+    fresh = quantize(tiny_vit, calib, QuantConfig(w_bits=4, a_bits=6, min_images=8), progress=False)
+    assert fresh.quant_report.quantized != saved.quant_report.quantized
+    fresh.load_state_dict(saved.state_dict())
+    assert fresh.quant_report.quantized == saved.quant_report.quantized
+    assert fresh.quant_report.weight_bits == saved.quant_report.weight_bits

@@ -659,7 +659,33 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         listed = "\n".join(f"  {n or ROOT}: {r}" for n, r in report.float_compute_layers.items())
         warn(f"{len(report.float_compute_layers)} compute layers stay in float:\n{listed}")
     qmodel.quant_report = report
+    qmodel.register_load_state_dict_post_hook(refresh_report)
     return qmodel.eval()  # (the quantized modules swapped in were created in training mode)
+
+
+_SCHEME_TEXT = r"u?int\d+ a?sym per-(?:channel|tensor)"  #: ``str(QScheme)``, as reports quote it
+
+
+def refresh_report(qmodel: nn.Module, incompatible_keys=None) -> None:
+    """Make ``qmodel.quant_report`` describe the grids its quantizers have now: a state dict loaded into it brings
+    its own (``qrange``: other bits, another symmetry), which the report, written when :func:`quantize` ran, would
+    otherwise still contradict. Run after every ``load_state_dict`` of ``qmodel`` (a post-hook)."""
+    report = getattr(qmodel, "quant_report", None)
+    if report is None:
+        return
+    for sections in (report.quantized, report.int8_concats):
+        for name, text in sections.items():
+            module = qmodel.get_submodule(name)
+            if hasattr(module, "describe"):  # attention, concatenation: described whole from their quantizers
+                sections[name] = module.describe()
+                continue
+            for what, attr in (("weights", "weight_quantizer"), ("inputs", "input_quantizer"),
+                               ("outputs", "output_quantizer")):
+                if (quantizer := getattr(module, attr, None)) is not None:
+                    text = re.sub(f"{what} {_SCHEME_TEXT}", f"{what} {quantizer.scheme}", text)
+            sections[name] = text
+    for name in report.weight_bits:
+        report.weight_bits[name] = qmodel.get_submodule(name).weight_quantizer.scheme.bits
 
 
 @torch.no_grad()
