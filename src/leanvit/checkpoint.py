@@ -179,19 +179,21 @@ def load_weights(model: nn.Module, path: str | Path, *, ignore_classifier: bool 
     return meta
 
 
-def model_from_checkpoint(name: str, path: str | Path, **kwargs) -> tuple[nn.Module, dict]:
+def model_from_checkpoint(name: str, path: str | Path, *, with_tokens: bool = True,
+                          **kwargs) -> tuple[nn.Module, dict]:
     """``name`` built with the kwargs the checkpoint was trained with, its weights loaded.
 
     A leanvit checkpoint records ``model_kwargs`` (``num_classes``, ``img_size``, ...); they are
     applied when it was saved from the same architecture, and ``kwargs`` override them. A model
-    trained with token reduction on (``leanvit train --tokens``) gets that reduction back.
+    trained with token reduction on (``leanvit train --tokens``) gets that reduction back, unless
+    ``with_tokens`` is False (its weights are a plain ViT's: ``leanvit tokens`` measures it unreduced first).
     """
     state, meta = read_checkpoint(path)
     saved = meta.get("model")
     same_arch = saved is not None and saved.split(".")[0] == name.split(".")[0]
     model = create_model(name, **{**(meta.get("model_kwargs", {}) if same_arch else {}), **kwargs})
     _load_state(model, state, meta, path, ignore_classifier=False)
-    if same_arch and meta.get("tokens"):
+    if same_arch and meta.get("tokens") and with_tokens:
         from .compress.tokens import apply, from_spec
 
         apply(model, from_spec(meta["tokens"]))

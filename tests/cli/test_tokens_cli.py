@@ -166,3 +166,26 @@ def test_img_size_kwarg_over_a_checkpoints_saved_config(tmp_path, capsys):
                            "--eval-images", "10", "--json")
     report = json.loads(out)
     assert code == 0 and report["img_size"] == 48 and report["eval_images"] == 10
+
+
+def test_a_checkpoint_trained_with_a_reduction_is_measured_unreduced_first(tmp_path, capsys):
+    """``leanvit train --tokens`` records its reduction, which loading re-applied: the "before" MACs were those of the
+    reduced model (a cut of 0 % for the same EViT, -56 % for ToMe), and a ToMe r too large at another size failed."""
+    import timm
+
+    from leanvit.checkpoint import save_weights
+    from leanvit.profile import count_macs
+
+    kwargs = {"num_classes": 10, "img_size": 64, "patch_size": 8, "depth": 12, "embed_dim": 16, "num_heads": 2}
+    model = timm.create_model("deit_tiny_patch16_224", **kwargs)
+    for recorded, argv in (("evit:0.5", ["--method", "evit", "--keep-rate", "0.5"]),
+                           ("tome:20", ["--model-kwargs", '{"img_size": 32}', "--method", "evit"])):
+        path = save_weights(tmp_path / "m.safetensors", model.state_dict(),
+                            {"model": "deit_tiny_patch16_224", "model_kwargs": kwargs, "tokens": recorded})
+        code, out, err = run_cli(capsys, "tokens", "deit_tiny_patch16_224", "--checkpoint", str(path), *argv, "--json")
+        assert code == 0, err
+        report = json.loads(out)
+        size = report["img_size"]
+        assert report["macs"] == count_macs(timm.create_model("deit_tiny_patch16_224", **{**kwargs, "img_size": size}),
+                                            (3, size, size))
+        assert report["reduced_macs"] < report["macs"] and f"trained with the reduction {recorded}" in err

@@ -114,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
         raise LeanvitError("--method diffrate needs --target-gmacs (e.g. 2.9).")
 
     if args.checkpoint:
-        model, meta = model_from_checkpoint(args.model, args.checkpoint, **args.model_kwargs)
+        # the "before" figures are the unreduced model's, not those of the reduction it was trained with
+        model, meta = model_from_checkpoint(args.model, args.checkpoint, with_tokens=False, **args.model_kwargs)
+        if meta.get("tokens"):
+            note("tokens", f"{args.checkpoint} was trained with the reduction {meta['tokens']}: measured unreduced "
+                           f"first, then with --method {args.method}")
     else:
         model, meta = create_model(args.model, **args.model_kwargs), {}
         if args.eval:
