@@ -14,7 +14,8 @@ Fine-tuning with the reduction on (the hook ``leanvit train`` uses): apply the m
 before building the optimizer, then, for EViT, ``hook = keep_rate_warmup(model, steps_per_epoch=N,
 start_epoch=S, shrink_epochs=E)`` and ``hook(global_step)`` before every forward pass. In training
 mode the keep rate is 1 for S epochs, then follows a cosine down to the applied keep rate over E
-epochs; in eval mode it is the applied keep rate throughout, as in official EViT. The official
+epochs; in eval mode it is the applied keep rate throughout (official EViT evaluates each epoch at
+that epoch's scheduled rate; leanvit's per-epoch top-1 is the target's, the model as it will run). The official
 recipe is S=10, E=100 of 300 epochs, so scale both for a short fine-tune. ToMe and DiffRate need no
 schedule. The saved weights are a plain ViT's: re-apply the method after loading them.
 """

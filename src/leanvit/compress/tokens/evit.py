@@ -117,9 +117,10 @@ def keep_rate_warmup(
     """Training hook: ``hook(step)`` sets the keep rate of the EViT applied to ``model`` for that step.
 
     ``leanvit train`` calls ``hook(global_step)`` before each forward pass and may log the keep rate
-    it returns. The scheduled rate applies in training mode only, as in official EViT (which passes it
-    to the training forward): in eval mode ``model`` uses the keep rate it was patched with, the
-    target, during the warm-up as after it. :func:`applied` and :func:`token_counts` report the target.
+    it returns. The scheduled rate applies in training mode only: in eval mode ``model`` uses the keep
+    rate it was patched with, the target, during the warm-up as after it, so each epoch's validation
+    scores the model as it will run (official EViT evaluates at the epoch's scheduled rate instead).
+    :func:`applied` and :func:`token_counts` report the target.
     """
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, ReducingBlocks) or not isinstance(blocks.method, EViT):

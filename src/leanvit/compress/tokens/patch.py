@@ -125,8 +125,8 @@ class ReducingBlocks(nn.Sequential):
     def set_train_method(self, method: TokenMethod | None) -> None:
         """Use ``method`` in training mode only; evaluation keeps :attr:`method` (None: ``method`` in both).
 
-        EViT's keep-rate warm-up calls this every step, as official EViT passes the scheduled rate to
-        the training forward only: an evaluation during or right after the warm-up runs at the target.
+        EViT's keep-rate warm-up calls this every step with the scheduled rate: an evaluation during the
+        warm-up runs at the target, the model as it will run (official EViT evaluates at the scheduled rate).
         """
         self.__dict__["train_method"] = method
         self.__dict__["_train_reducers"] = None if method is None else method.reducers(len(self), self.num_prefix)
