@@ -94,12 +94,13 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
         "round, a shorter warm-up before each); statistics over calls; *vs eager* is the median over the rounds of "
         "eager's latency over the row's, both timed in that round",
         f"- correctness: each engine's logits against PyTorch eager on {checked_images(cfg)} random images",
-        "- memory: before each engine is timed, Python's garbage is collected and freed memory handed back to the OS "
-        "(glibc's malloc_trim, where the C library is glibc), and the resident set then is the row's baseline; "
-        "*RSS growth* is the resident-set high-water mark while the loaded engine is timed minus that baseline: what "
-        "running it takes (activations, workspaces), not its loaded weights, the model or the export; *peak RSS* is "
-        "that high-water mark itself, process-wide: it also holds the Python process, the model, the loaded engine and "
-        "whatever the export and earlier rows left that could not be handed back, so it depends on what ran before",
+        "- memory: each model's engines are loaded together; before each one's warm-up calls, run on its own ahead of "
+        "the timed rounds, Python's garbage is collected and freed memory handed back to the OS (glibc's "
+        "malloc_trim, where the C library is glibc), and the resident set then is the row's baseline; *RSS growth* "
+        "is the resident-set high-water mark during those calls minus that baseline: what running the engine takes "
+        "(activations, workspaces), not its loaded weights, the model or the export; *peak RSS* is that high-water "
+        "mark itself, process-wide: it also holds the Python process, the model, all of its loaded engines and "
+        "whatever the exports and earlier rows left that could not be handed back, so it depends on what ran before",
         "",
         "## Results", "",
         "| model | engine | precision | median ms | p90 | p99 | IQR | vs eager | img/s | params M | GMACs | published top-1 | max abs err | top-1 agree | RSS growth MiB | peak RSS MiB |",

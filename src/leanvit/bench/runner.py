@@ -133,11 +133,11 @@ class BenchRow:
     max_abs_err: float | None = None
     top1_agreement: float | None = None
     diverges: bool = False
-    #: memory, in MiB, while the loaded engine is timed (freed memory handed back to the OS first):
-    #: the process-wide resident-set high-water mark, which holds the model, the loaded engine and whatever the export
-    #: and earlier rows left resident
+    #: memory, in MiB, during the engine's warm-up calls, run on their own (freed memory handed back to the OS
+    #: first): the process-wide resident-set high-water mark, which holds the model, all its loaded engines and
+    #: whatever the exports and earlier rows left resident
     peak_rss_mb: float | None = None
-    rss_baseline_mb: float | None = None  #: the resident set just before timing, the engine loaded
+    rss_baseline_mb: float | None = None  #: the resident set just before those calls, the model's engines loaded
     peak_rss_above_baseline_mb: float | None = None  #: peak_rss_mb - rss_baseline_mb: what running the engine adds
     published_top1: float | None = None
     paper_speed: str | None = None
