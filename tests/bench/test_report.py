@@ -46,7 +46,7 @@ def test_report_gives_each_rows_memory_growth_beside_the_process_peak(tmp_path, 
     header, rule, eager, failed = [line for line in text.splitlines() if line.startswith("|")][:4]
     assert header.endswith("| RSS growth MiB | peak RSS MiB |") and eager.endswith("| 20 | 900 |")
     assert header.count("|") == rule.count("|") == eager.count("|") == failed.count("|")
-    assert "*RSS growth* is the resident-set high-water mark while the loaded engine is timed minus that baseline" in text
+    assert "*RSS growth* is the resident-set high-water mark during those calls minus that baseline" in text
 
 
 def test_vs_eager_is_the_median_of_the_rounds_ratios(tmp_path, monkeypatch):
