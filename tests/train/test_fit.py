@@ -445,7 +445,7 @@ def test_the_default_data_workers_are_this_process_share_of_the_cpus(cpus, local
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
     else:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert config._default_workers() == workers
+    assert config.default_workers() == workers
 
 
 def test_a_batch_of_one_through_a_pooled_batchnorm_is_an_error_with_the_fix(tmp_path):
@@ -454,3 +454,24 @@ def test_a_batch_of_one_through_a_pooled_batchnorm_is_an_error_with_the_fix(tmp_
     with pytest.raises(LeanvitError, match="BatchNorm that sees one value per channel.*--batch-size 2 or more"):
         fit(_config(tmp_path, "one", model="mobilevig_ti", model_kwargs={}, img_size=32, batch_size=1, mixup=0,
                     cutmix=0, epochs=1, max_steps_per_epoch=1, ema_decay=0))
+
+
+def test_a_resume_without_workers_keeps_the_runs_own_on_another_machine(tmp_path, monkeypatch):
+    """The default is worked out from the machine: resumed where it differs (1 CPU for 2), a plain --resume recorded
+    a change of workers, so the same command was no longer one uninterrupted run. The run's own count is kept."""
+    import os
+
+    from leanvit.train import config as train_config
+
+    asked, make_loader = [], loop.make_loader
+    monkeypatch.setattr(loop, "make_loader",
+                        lambda *a, workers, **k: asked.append(workers) or make_loader(*a, workers=0, **k))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1, workers=None))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert train_config.default_workers() == 1
+    fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=1, workers=None, resume=True))
+    state = json.loads((tmp_path / "run" / "epoch-0001" / "state.json").read_text())
+    assert asked == [2, 2] and state["config"]["workers"] == 2
+    assert state["changes"] == [{"epoch": 1, "changes": {"epochs": [1, 2]}}]

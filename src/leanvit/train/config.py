@@ -20,11 +20,11 @@ RE_MODES = ("pixel", "rand", "const")
 DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_FRACTION = 5.0, 0.1
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
     """Up to 4 data loader processes per training process, no more than its share of the CPUs it may use (torchrun
     starts ``LOCAL_WORLD_SIZE`` processes per machine): more only take turns, and torch warns about them."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    return max(1, min(4, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))))
 
 
 def _help(text: str) -> dict:
@@ -99,8 +99,9 @@ class TrainConfig:
         "channels-last memory layout for the model and its inputs: faster convolutions with oneDNN on CPU "
         "and with tensor cores on GPU (same result, another layout)"))
     seed: int = field(default=0, **_help("seed of initialisation, data order and augmentation"))
-    workers: int = field(default=_default_workers(), **_help(
-        "data loader processes per training process: by default its share of this machine's CPUs, at most 4"))
+    workers: int | None = field(default=None, **_help(
+        "data loader processes per training process (default: the resumed run's, else this process's share of the "
+        "machine's CPUs, at most 4)"))
     max_steps_per_epoch: int | None = field(default=None, **_help("cut epochs short (smoke tests)"))
     resume: bool = field(default=False, **_help(
         "continue from the last checkpoint in --output (a fresh start if there is none)"))
@@ -129,7 +130,8 @@ class TrainConfig:
         if self.img_size is None and isinstance(self.model_kwargs.get("img_size"), int):
             self.img_size = self.model_kwargs["img_size"]  # a model built for 32x32 needs 32x32 data
         for name, lo, hi in (("epochs", 1, 100_000), ("batch_size", 1, 1 << 20), ("workers", 0, 256)):
-            check_range(f"--{name.replace('_', '-')}", getattr(self, name), lo, hi)
+            if getattr(self, name) is not None:
+                check_range(f"--{name.replace('_', '-')}", getattr(self, name), lo, hi)
         for name in ("label_smoothing", "reprob", "distill_alpha", "crop_scale"):
             check_range(f"--{name.replace('_', '-')}", getattr(self, name), 0.0, 1.0)
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:  # as `leanvit eval --crop-pct`

@@ -41,7 +41,7 @@ from ..data import (CorruptImageWarning, build_transform, check_input_size, data
 from ..errors import InputSizeError, LeanvitError, LeanvitWarning, warn
 from ..evaluate import evaluate
 from ..models.registry import create_model, pretrained_num_classes
-from .config import DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_FRACTION, TrainConfig
+from .config import DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_FRACTION, TrainConfig, default_workers
 from .distill import AdaptedTeacher, DistillationLoss
 from .state import EMA_FILE, latest_checkpoint, load_training_state, read_state, save_training_state
 
@@ -133,15 +133,18 @@ def _fit(cfg: TrainConfig) -> TrainResult:
         net = torch.compile(net)
         teacher = torch.compile(teacher) if teacher is not None else None
 
-    loader = make_loader(train_set, cfg.batch_size // world, train=True, seed=cfg.seed, workers=cfg.workers)
-    steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
-    if steps == 0:
-        raise LeanvitError(f"{cfg.data} has {len(train_set)} images, fewer than one batch of {cfg.batch_size}.")
     last = latest_checkpoint(output)
     if last is not None and not cfg.resume:
         raise LeanvitError(f"{output} already holds a run ({last.name}). Pass --resume to continue it, "
                            "or choose another --output.")
     state = read_state(last) if last is not None else None
+    # given, else the resumed run's (their number changes the augmentation draws), else this machine's share
+    workers = cfg.workers if cfg.workers is not None else (state or {}).get("config", {}).get("workers")
+    workers = default_workers() if workers is None else workers
+    loader = make_loader(train_set, cfg.batch_size // world, train=True, seed=cfg.seed, workers=workers)
+    steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
+    if steps == 0:
+        raise LeanvitError(f"{cfg.data} has {len(train_set)} images, fewer than one batch of {cfg.batch_size}.")
     warmup = _warmup_epochs(cfg, state["config"] if state else None, announce=main)
     cosine_log = logging.getLogger(CosineLRScheduler.__module__)
     level = cosine_log.level  # its "will have no effect ... t_initial = t_mul = eta_mul = 1" for a one-step run
@@ -156,11 +159,11 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     mixup, loss_fn = _objective(cfg, len(classes), teacher)
     amp_dtype = _amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    val_loader = _val_loader(cfg, data_config, classes) if main and cfg.val_data else None
+    val_loader = _val_loader(cfg, data_config, classes, workers) if main and cfg.val_data else None
 
     start_epoch, step, steps_log, epochs_log, changes, cwd = 0, 0, [], [], [], os.getcwd()
     inputs = _weights_read(cfg)
-    config = {**cfg.to_dict(), "warmup_epochs": warmup}  # the warm-up it ran with, kept by a resume
+    config = {**cfg.to_dict(), "warmup_epochs": warmup, "workers": workers}  # as it ran, kept by a resume
     if state is not None:
         cwd = state.get("cwd", cwd)  # relative paths in the saved config are relative to the start's folder
         resumed = _resume_changes(state["config"], config, state["epoch"] + 1, cwd)
@@ -408,12 +411,12 @@ def _check_teacher_classes(cfg: TrainConfig, num_classes: int | None, classes: l
                            f"{len(classes)}: give a --teacher-checkpoint trained on these classes.")
 
 
-def _val_loader(cfg: TrainConfig, data_config: dict, classes: list[str]):
+def _val_loader(cfg: TrainConfig, data_config: dict, classes: list[str], workers: int):
     val_set = open_dataset(cfg.val_data, train=False, transform=build_transform(data_config),
                            labels=cfg.val_labels, classes=classes if cfg.val_labels else None)
     if dataset_classes(val_set) != classes:
         raise LeanvitError(f"--val-data {cfg.val_data} has other classes than --data {cfg.data}.")
-    return make_loader(val_set, cfg.batch_size, workers=cfg.workers)
+    return make_loader(val_set, cfg.batch_size, workers=workers)
 
 
 def _validate(model, ema, loader, device, show: bool) -> dict:
