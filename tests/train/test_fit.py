@@ -451,7 +451,7 @@ def test_the_default_data_workers_are_this_process_share_of_the_cpus(cpus, local
 def test_a_batch_of_one_through_a_pooled_batchnorm_is_an_error_with_the_fix(tmp_path):
     """MobileViG's head normalises its pooled features with BatchNorm (as the official model): a training batch of
     one image cannot be normalised there (torch's ValueError named neither the layer nor the fix)."""
-    with pytest.raises(LeanvitError, match="BatchNorm that sees one value per channel.*--batch-size 2 or more"):
+    with pytest.raises(LeanvitError, match="BatchNorm that sees one value per channel.*--batch-size 2 or more.$"):
         fit(_config(tmp_path, "one", model="mobilevig_ti", model_kwargs={}, img_size=32, batch_size=1, mixup=0,
                     cutmix=0, epochs=1, max_steps_per_epoch=1, ema_decay=0))
 
@@ -475,3 +475,10 @@ def test_a_resume_without_workers_keeps_the_runs_own_on_another_machine(tmp_path
     state = json.loads((tmp_path / "run" / "epoch-0001" / "state.json").read_text())
     assert asked == [2, 2] and state["config"]["workers"] == 2
     assert state["changes"] == [{"epoch": 1, "changes": {"epochs": [1, 2]}}]
+
+
+def test_the_batch_of_one_fix_counts_the_processes_and_corrupt_images():
+    """--batch-size is the global batch: under torchrun with 2 processes "--batch-size 2 or more" was the size given."""
+    assert loop._batch_of_one_fix(1, 1) == "use --batch-size 2 or more"
+    assert loop._batch_of_one_fix(2, 2) == "use --batch-size 4 or more (2 per process, 2 processes)"
+    assert "could not be decoded" in loop._batch_of_one_fix(8, 2)

@@ -213,7 +213,7 @@ def _fit(cfg: TrainConfig) -> TrainResult:
                         raise
                     raise LeanvitError(f"{cfg.model} has a BatchNorm that sees one value per channel (after pooling, "
                                        f"as a classifier head's), which cannot normalise a training batch of "
-                                       f"{len(x)} image: use --batch-size 2 or more per process.") from None
+                                       f"{len(x)} image: {_batch_of_one_fix(cfg.batch_size, world)}.") from None
                 loss = loss_fn(x, logits, y)
             lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler sets the next one's below)
             optimizer.zero_grad(set_to_none=True)
@@ -409,6 +409,14 @@ def _check_teacher_classes(cfg: TrainConfig, num_classes: int | None, classes: l
     if num_classes is not None and num_classes != len(classes):
         raise LeanvitError(f"The teacher {cfg.teacher} has {num_classes} classes but {cfg.data} has "
                            f"{len(classes)}: give a --teacher-checkpoint trained on these classes.")
+
+
+def _batch_of_one_fix(batch_size: int, world: int) -> str:
+    """What to do about a training batch of one image: ``--batch-size`` is the global batch, split over ``world``
+    processes; a larger one left one image where the others failed to decode."""
+    if batch_size // world >= 2:
+        return "the other images of this batch could not be decoded (named above): remove them"
+    return f"use --batch-size {2 * world} or more" + (f" (2 per process, {world} processes)" if world > 1 else "")
 
 
 def _val_loader(cfg: TrainConfig, data_config: dict, classes: list[str], workers: int):
