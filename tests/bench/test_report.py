@@ -69,3 +69,10 @@ def test_the_report_names_the_cpus_identity_and_the_load():
     assert lines[0] == "- CPU: Test CPU (2 usable of 2 logical CPUs); vendor AuthenticAMD, family 26, model 2"
     assert lines[1] == "- load average (1, 5, 15 min) when the host was recorded: 3.84, 2.1, 1.0"
     assert report.host_lines(HOST)[0] == "- CPU: Test CPU (2 usable of 2 logical CPUs)"  # older results as before
+
+
+def test_one_round_is_reported_as_one_block_per_configuration(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "plot_pareto", lambda rows, path, title="": None)
+    cfg = BenchConfig(models=["deit_tiny_patch16_224"], engines=["eager"], rounds=1)
+    text = report.write_results([measured("eager")], cfg, HOST, tmp_path)["md"].read_text()
+    assert "each configuration was timed in one block" in text and "side by side" not in text

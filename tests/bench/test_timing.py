@@ -117,3 +117,11 @@ def test_every_round_weighs_alike_in_the_pooled_samples(monkeypatch):
     assert timings["a"].n == 4 * n and timings["b"].n % 4 == 0
     assert timings["a"].round_medians_ms == (1.0, 4.0, 1.0, 4.0)
     assert timings["a"].median == 2.5  # half its calls quiet, half busy (it was 1.0)
+
+
+def test_the_call_limits_hold_for_all_the_rounds_together():
+    """max_iters held per round (5 rounds of a fast function made 5x the stated calls), min_iters was floored."""
+    fast = time_alternating({"f": lambda: None}, TimingBudget(warmup_s=0, budget_s=60, max_iters=100), rounds=5)
+    assert fast["f"].n == 100
+    slow = time_alternating({"f": lambda: None}, TimingBudget(warmup_s=0, budget_s=0, min_iters=10), rounds=3)
+    assert slow["f"].n >= 10

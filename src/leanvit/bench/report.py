@@ -80,8 +80,10 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
     capped = sorted({f"{r.engine} {r.threads_used}" for r in rows if r.threads_used not in (None, r.threads)})
     lines = [
         "# leanvit bench report", "",
-        f"Created {created}. Every row was measured in this one run; each model's configurations were timed side by "
-        f"side, in {cfg.rounds} alternating rounds, so that the machine's drift reached them alike.", "",
+        f"Created {created}. Every row was measured in this one run; "
+        + (f"each model's configurations were timed side by side, in {cfg.rounds} alternating rounds, so that the "
+           "machine's drift reached them alike." if cfg.rounds > 1 else
+           "each configuration was timed in one block, one after another (--rounds 1)."), "",
         "## Host", "", *host_lines(host), "",
         "## Settings", "",
         f"- input: {input_sizes(rows)}; batch {cfg.batch}, threads {cfg.threads}, weights: {'pretrained' if cfg.pretrained else 'random init (latency does not depend on weight values)'}",
@@ -90,9 +92,10 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
         *([f"- threads as the engine reports them, where not as asked: {', '.join(capped)}"] if capped else []),
         f"- protocol: per configuration, warm-up ≥ {cfg.budget.warmup_s} s and ≥ {cfg.budget.warmup_iters} calls, then "
         f"single calls timed for {cfg.budget.budget_s} s in all (≥ {cfg.budget.min_iters}, ≤ {cfg.budget.max_iters} "
-        f"calls), spread over {cfg.rounds} rounds that alternate the model's configurations (as many calls in each "
-        "round, a shorter warm-up before each); statistics over calls; *vs eager* is the median over the rounds of "
-        "eager's latency over the row's, both timed in that round",
+        f"calls)" + (f", spread over {cfg.rounds} rounds that alternate the model's configurations (as many calls in "
+                     "each round, a shorter warm-up before each); statistics over calls; *vs eager* is the median over "
+                     "the rounds of eager's latency over the row's, both timed in that round" if cfg.rounds > 1 else
+                     "; statistics over calls; *vs eager* is eager's median latency over the row's"),
         f"- correctness: each engine's logits against PyTorch eager on {checked_images(cfg)} random images",
         "- memory: each model's engines are loaded together; before each one's warm-up calls, run on its own ahead of "
         "the timed rounds, Python's garbage is collected and freed memory handed back to the OS (glibc's "

@@ -55,7 +55,7 @@ class BenchConfig:
     def validate(self) -> None:
         check_range("--batch", self.batch, 1, 4096)
         check_range("--threads", self.threads, 1, 1024)
-        check_range("rounds", self.rounds, 1, 1000)
+        check_range("--rounds", self.rounds, 1, 1000)
         for flag, names in (("--engines", self.engines), ("models", self.models), ("--precision", self.precisions),
                             ("--tokens", self.tokens)):
             if twice := [n for n, k in Counter(names).items() if k > 1]:  # a row twice, its "vs eager" ambiguous

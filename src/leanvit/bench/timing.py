@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -99,7 +100,9 @@ def time_alternating(fns: dict[str, Callable[[], object]], budget: TimingBudget 
     where the machine ran it fast, and its pooled median would lean towards its fast rounds, by another amount
     for each function: ratios of such medians are biased).
     """
-    per_round = replace(budget, budget_s=budget.budget_s / rounds, min_iters=max(1, budget.min_iters // rounds))
+    per_round = replace(budget, budget_s=budget.budget_s / rounds,  # (the call limits hold for the whole timing)
+                        min_iters=max(1, math.ceil(budget.min_iters / rounds)),
+                        max_iters=max(1, budget.max_iters // rounds))
     samples: dict[str, list[np.ndarray]] = {name: [] for name in fns}
     for i in range(rounds):
         for name, fn in fns.items():
