@@ -1,7 +1,7 @@
 """What a bench row claims beside its measurements, and which failures a bench survives."""
 import pytest
 
-from leanvit.bench import BenchConfig, TimingBudget, run_bench
+from leanvit.bench import BenchConfig, TimingBudget, run_bench, time_alternating
 from leanvit.bench.runner import default_threads, published_top1
 from leanvit.catalog import find_facts
 from leanvit.errors import InputSizeError, LeanvitError, LeanvitWarning
@@ -257,3 +257,23 @@ def test_a_reduced_precision_row_gets_no_published_top1():
     facts = find_facts(name)
     assert published_top1(facts, name, facts.img_size, "", "bf16") is None
     assert published_top1(facts, name, facts.img_size, "", "f32") == facts.top1
+
+
+def test_token_variants_share_their_models_rounds_and_the_model_as_built_stays_unreduced(monkeypatch):
+    """Each variant was timed in its own block, and it patched the one model in place: its speed-up came from two
+    blocks' pooled medians. A model's variants are now timed in its rounds, each on its own copy."""
+    from leanvit.bench import runner
+    from leanvit.compress import tokens
+
+    loads, alternations, load = [], [], runner._load
+    monkeypatch.setattr(runner, "_load",
+                        lambda row, model, *a: loads.append((row.variant, model)) or load(row, model, *a))
+    monkeypatch.setattr(runner, "time_alternating", lambda fns, budget, rounds: alternations.append(
+        [(v, tokens.applied(m)) for v, m in loads]) or time_alternating(fns, budget, rounds))
+    rows = run_bench(tiny_bench(models=["deit_tiny_patch16_224"], tokens=["evit:0.5", "tome:1x1"], rounds=2),
+                     progress=False)
+    assert [r.variant for r in rows] == ["", "evit:0.5", "tome:1x1"]
+    assert all(len(r.latency_ms_rounds) == 2 for r in rows)
+    (timed,) = alternations  # one alternation, all three rows, the model as built still unreduced in it
+    assert [(v, type(m).__name__ if m else None) for v, m in timed] == [("", None), ("evit:0.5", "EViT"),
+                                                                      ("tome:1x1", "ToMe")]

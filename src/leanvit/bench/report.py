@@ -158,7 +158,8 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
 
 
 def _token_section(rows: Sequence[BenchRow]) -> list[str]:
-    """Each token-reduced variant against its unreduced model on the same engine and precision."""
+    """Each token-reduced variant against its unreduced model on the same engine and precision, timed in the same
+    alternating rounds: the latency cut and speed-up from the median of their per-round ratios (:func:`vs_row`)."""
     base = {(r.model, r.engine, r.precision, r.batch): r for r in rows if not r.variant and r.ran}
     pairs = [(r, base.get((r.model, r.engine, r.precision, r.batch))) for r in rows if r.variant and r.ran]
     pairs = [(r, b) for r, b in pairs if b is not None]
@@ -168,10 +169,10 @@ def _token_section(rows: Sequence[BenchRow]) -> list[str]:
              "| model | variant | engine | precision | GMACs | MACs cut | median ms | latency cut | speed-up |",
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r, b in pairs:
+        speedup = vs_row(b, r)
         lines.append(
             f"| {r.model} | {r.variant} | {r.engine} | {r.precision} | {r.macs / 1e9:.3f} | "
-            f"{1 - r.macs / b.macs:.1%} | {r.latency_ms_median:.2f} | {1 - r.latency_ms_median / b.latency_ms_median:.1%} | "
-            f"{b.latency_ms_median / r.latency_ms_median:.2f}× |"
+            f"{1 - r.macs / b.macs:.1%} | {r.latency_ms_median:.2f} | {1 - 1 / speedup:.1%} | {speedup:.2f}× |"
         )
     return lines
 

@@ -1,6 +1,7 @@
 """``leanvit bench``: every model on every engine, timed side by side and checked against eager."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -203,17 +204,18 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
         x = torch.randn(cfg.batch, chans, size, size, generator=gen)
         checks = [torch.randn(cfg.batch, chans, size, size, generator=gen)
                   for _ in range(checked_images(cfg) // cfg.batch)]
+        loaded: dict[int, Runner] = {}  # row index -> its loaded engine: all of the model's, timed side by side
         for variant in ("", *cfg.tokens):
             label = row_label(name, variant)
-            inapplicable = None
+            inapplicable, reduced = None, model
             if variant:
+                reduced = copy.deepcopy(model)  # its own copy: the rows of the model as built keep running it unreduced
                 try:
-                    token_apply(model, from_spec(variant))  # replaces the previous variant's patch
+                    token_apply(reduced, from_spec(variant))
                 except LeanvitError as e:  # (not a plain ViT, r too large): the other models' rows still count
                     inapplicable = f"token reduction does not apply: {e}"
                     tqdm.write(f"!! {label}: {inapplicable}", file=sys.stderr)
-            macs = None if inapplicable else count_macs(model, (chans, size, size))
-            loaded: dict[int, Runner] = {}  # row index -> its loaded engine, timed side by side below
+            macs = None if inapplicable else count_macs(reduced, (chans, size, size))
             for engine_name in cfg.engines:
                 for precision in cfg.precisions:
                     bar.set_description(f"{label}: load {engine_name} {precision}")
@@ -227,14 +229,14 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
                         bar.update()
                         continue
                     try:
-                        loaded[len(rows) - 1] = _load(row, model, x, checks, cfg)
+                        loaded[len(rows) - 1] = _load(row, reduced, x, checks, cfg)
                     except Exception as e:  # noqa: BLE001 - one engine failing must not hide the others
                         _failed(row, e)
                         bar.update()
-            bar.set_description(f"{label}: timing {len(loaded)} side by side")
-            _time_side_by_side({i: (rows[i], runner) for i, runner in loaded.items()}, x.numpy(), cfg)
-            bar.update(len(loaded))
-        del model
+        bar.set_description(f"{name}: timing {len(loaded)} side by side")
+        _time_side_by_side({i: (rows[i], runner) for i, runner in loaded.items()}, x.numpy(), cfg)
+        bar.update(len(loaded))
+        del loaded, model
     bar.close()
     return rows
 
