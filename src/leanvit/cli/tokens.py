@@ -135,11 +135,14 @@ def run(args: argparse.Namespace) -> int:
             calibset = open_dataset(args.calib, train=True, transform=transform, unlabelled=True)
             calib = decode_calibration(calibset, args)
             calib_indices = calib.indices
-            if _labels_fit(model, meta, calibset):
+            classless = "." in dataset_classes(calibset)  # images beside the class folders (read, of no class)
+            if _labels_fit(model, meta, calibset) and not classless:
                 calib = list(zip(calib.batches, calib.labels))
             else:  # DiffRate's own fallback: the unreduced model's top-1 is the target
-                note("tokens", f"the labels of {args.calib} are not the model's {model.num_classes} classes; the "
-                     "search matches the unreduced model's own top-1 instead")
+                why = (f"some images of {args.calib} lie beside its class folders, of no class (move them into "
+                       "their class folders to use the labels)" if classless else
+                       f"the labels of {args.calib} are not the model's {model.num_classes} classes")
+                note("tokens", f"{why}; the search matches the unreduced model's own top-1 instead")
                 calib = calib.batches
         method = tokens.DiffRate(target_macs=args.target_gmacs * 1e9, calib=calib, steps=args.steps,
                                  macs_weight=args.macs_weight)
