@@ -67,7 +67,8 @@ def test_the_report_names_the_cpus_identity_and_the_load():
     lines = report.host_lines({**HOST, "cpu_id": {"vendor": "AuthenticAMD", "family": 26, "model": 2},
                                "loadavg": [3.84, 2.1, 1.0]})
     assert lines[0] == "- CPU: Test CPU (2 usable of 2 logical CPUs); vendor AuthenticAMD, family 26, model 2"
-    assert lines[1] == "- load average (1, 5, 15 min) when the host was recorded: 3.84, 2.1, 1.0"
+    assert lines[1] == ("- load average (1, 5, 15 min) when the host was recorded (leanvit bench: before the run): "
+                        "3.84, 2.1, 1.0")
     assert report.host_lines(HOST)[0] == "- CPU: Test CPU (2 usable of 2 logical CPUs)"  # older results as before
 
 

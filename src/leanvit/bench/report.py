@@ -54,7 +54,8 @@ def host_lines(host: dict) -> list[str]:
     return [
         f"- CPU: {host.get('cpu')} ({host.get('usable_cpus')} usable of {host.get('logical_cpus')} logical CPUs)"
         + (f"; {cpu_id}" if cpu_id else ""),
-        *([f"- load average (1, 5, 15 min) when the host was recorded: {', '.join(map(str, host['loadavg']))}"]
+        *([f"- load average (1, 5, 15 min) when the host was recorded (leanvit bench: before the run): "
+           f"{', '.join(map(str, host['loadavg']))}"]
           if host.get("loadavg") else []),
         f"- CPU flags: {', '.join(host.get('cpu_flags', [])) or 'none of interest'}",
         *([f"- GPU: {host['gpu']}"] if host.get("gpu") else []),

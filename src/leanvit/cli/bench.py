@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     )
     cfg.validate()  # a typo in a name fails before --out is created
     prepare_out_dir(args.out, "the results")
+    host = host_info()  # before the run: its load average then says whether other work shares the machine
     rows = run_bench(cfg, progress=not args.no_progress)
-    paths = write_results(rows, cfg, host_info(), args.out)
+    paths = write_results(rows, cfg, host, args.out)
     if args.json:
         print_json([r.to_dict() for r in rows])
     else:
