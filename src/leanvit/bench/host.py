@@ -13,6 +13,11 @@ _FLAGS_OF_INTEREST = (
 _PACKAGES = ("leanvit", "torch", "timm", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "nncf", "numpy")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a container or ``taskset`` narrows), else all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 #: /proc/cpuinfo's keys that identify the CPU (x86, then Arm), as host_info's "cpu_id" names them
 _CPU_ID_KEYS = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "stepping": "stepping",
                 "microcode": "microcode", "CPU implementer": "implementer", "CPU variant": "variant",
@@ -64,7 +69,7 @@ def host_info() -> dict:
         "cpu_flags": [f for f in _FLAGS_OF_INTEREST if f in flags],
         "cpu_id": ident,  # (a key of its own: readers show "cpu" as the CPU's name)
         "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cpus": usable_cpus(),
         "versions": versions,
     }
     loadavg = _loadavg()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 import traceback
 from collections import Counter
@@ -23,6 +22,7 @@ from ..deploy.engine import Runner
 from ..errors import LeanvitError, check_range, warn
 from ..models.registry import resolve_model_name
 from ..profile import check_img_size, count_macs, count_params, create_model_at
+from .host import usable_cpus
 from .timing import TimingBudget, peak_rss_mb, reset_peak_rss, rss_mb, time_alternating, time_calls
 
 DEFAULT_MODELS = (
@@ -32,7 +32,8 @@ DEFAULT_ENGINES = ("eager", "onnxruntime", "openvino")
 
 
 def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """One thread per CPU this process may use (:func:`~leanvit.bench.host.usable_cpus`)."""
+    return usable_cpus()
 
 
 @dataclass

@@ -23,8 +23,9 @@ DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_FRACTION = 5.0, 0.1
 def default_workers() -> int:
     """Up to 4 data loader processes per training process, no more than its share of the CPUs it may use (torchrun
     starts ``LOCAL_WORLD_SIZE`` processes per machine): more only take turns, and torch warns about them."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))))
+    from ..bench.host import usable_cpus  # (not at import: the bench package loads the engines' modules)
+
+    return max(1, min(4, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))))
 
 
 def _help(text: str) -> dict:
