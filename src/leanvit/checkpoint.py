@@ -196,7 +196,7 @@ def model_from_checkpoint(name: str, path: str | Path, *, with_tokens: bool = Tr
     if same_arch and meta.get("tokens") and with_tokens:
         from .compress.tokens import apply, from_spec
 
-        apply(model, from_spec(meta["tokens"]))
+        apply(model, from_spec(meta["tokens"], **meta.get("tokens_options", {})))  # (ToMe trained without prop_attn)
     return model, meta
 
 

@@ -482,3 +482,18 @@ def test_the_batch_of_one_fix_counts_the_processes_and_corrupt_images():
     assert loop._batch_of_one_fix(1, 1) == "use --batch-size 2 or more"
     assert loop._batch_of_one_fix(2, 2) == "use --batch-size 4 or more (2 per process, 2 processes)"
     assert "could not be decoded" in loop._batch_of_one_fix(8, 2)
+
+
+def test_tome_trains_without_proportional_attention_when_asked_and_its_checkpoint_evaluates_so(tmp_path):
+    """Official ToMe trains with proportional attention off; the checkpoint records it, so that the model it loads
+    runs as it was trained (a reduction re-applied from "tome:1" alone would turn it back on)."""
+    from leanvit.compress import tokens
+
+    fit(_config(tmp_path, "tome", tokens="tome:1x1", tome_prop_attn=False, epochs=1, max_steps_per_epoch=1))
+    checkpoint = tmp_path / "tome" / "epoch-0000" / "model.safetensors"
+    assert read_metadata(checkpoint)["tokens_options"] == {"prop_attn": False}
+    model, _ = model_from_checkpoint("deit_tiny_distilled_patch16_224", checkpoint)
+    assert tokens.applied(model).prop_attn is False
+    assert TrainConfig(model="m", data="d", tokens="tome:1x1").token_method().prop_attn is True  # the default
+    with pytest.raises(LeanvitError, match="--no-tome-prop-attn acts on ToMe's attention and needs --tokens tome:R"):
+        TrainConfig(model="m", data="d", tokens="evit:0.5", tome_prop_attn=False)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
+from ..compress.tokens import ToMe, from_spec
 from ..errors import LeanvitError, check_range
 from ..profile import check_img_size
 from .distill import DISTILL_MODES
@@ -92,6 +93,10 @@ class TrainConfig:
     keep_rate_shrink_epochs: int = field(default=0, **_help(
         "EViT: epochs of cosine decay from 1 to the target keep rate (official: 100; 0: the target "
         "from the start, as EViT's fine-tuning does)"))
+    tome_prop_attn: bool = field(default=True, **_help(
+        "ToMe (--tokens tome:R): proportional attention while training, recorded with the checkpoint so that "
+        "evaluation runs as training did; official ToMe trains with it off (--no-tome-prop-attn) and keeps it for "
+        "models reduced off the shelf"))
     amp: bool = field(default=True, **_help("mixed precision on GPU (bf16, else fp16)"))
     compile: bool = field(default=False, **_help(
         "torch.compile (Inductor) the model's training step and the teacher: a few minutes of compiling per "
@@ -161,8 +166,6 @@ class TrainConfig:
         for name in ("keep_rate_start_epoch", "keep_rate_shrink_epochs"):
             check_range(f"--{name.replace('_', '-')}", getattr(self, name), 0, 100_000)
         if self.tokens is not None:
-            from ..compress.tokens import from_spec
-
             from_spec(self.tokens)  # a bad spec fails here, before any data is read
         if self.teacher_checkpoint and not self.teacher:
             raise LeanvitError("--teacher-checkpoint needs --teacher, the teacher's model name.")
@@ -175,8 +178,17 @@ class TrainConfig:
         if (self.keep_rate_start_epoch or self.keep_rate_shrink_epochs) and not self.tokens:
             raise LeanvitError("--keep-rate-start-epoch / --keep-rate-shrink-epochs schedule EViT's keep rate and need "
                                "--tokens evit:KEEP.")
+        if not self.tome_prop_attn and not isinstance(from_spec(self.tokens) if self.tokens else None, ToMe):
+            raise LeanvitError("--no-tome-prop-attn acts on ToMe's attention and needs --tokens tome:R.")
         if self.val_labels and not self.val_data:
             raise LeanvitError("--val-labels needs --val-data, the flat folder of validation images it labels.")
+
+    def token_method(self):
+        """The ``--tokens`` method as trained (None without one): ToMe with ``--[no-]tome-prop-attn``."""
+        if self.tokens is None:
+            return None
+        method = from_spec(self.tokens)
+        return replace(method, prop_attn=self.tome_prop_attn) if isinstance(method, ToMe) else method
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -110,13 +110,14 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     if cfg.init_checkpoint:
         _load_init(model, cfg.init_checkpoint, classes, announce=main)
     if cfg.tokens:
-        token_apply(model, from_spec(cfg.tokens))  # no new parameters: the weights stay a plain ViT's
+        token_apply(model, cfg.token_method())  # no new parameters: the weights stay a plain ViT's
     data_config = resolve_data_config(model, img_size=cfg.img_size, crop_pct=cfg.crop_pct)
     check_input_size(model, data_config, cfg.model)  # a ViT built for 224 fed 32x32 data: the fix, not an assertion
     train_set.transform = build_transform(data_config, train=True, auto_augment=cfg.randaug, re_prob=cfg.reprob,
                                           re_mode=cfg.remode, no_aug=cfg.no_aug, crop_scale=cfg.crop_scale)
     metadata = {"model": cfg.model, "model_kwargs": kwargs, "data_config": data_config, "classes": classes,
-                **({"tokens": cfg.tokens} if cfg.tokens else {})}
+                **({"tokens": cfg.tokens} if cfg.tokens else {}),
+                **({"tokens_options": {"prop_attn": False}} if not cfg.tome_prop_attn else {})}
 
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=layout)
