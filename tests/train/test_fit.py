@@ -497,3 +497,16 @@ def test_tome_trains_without_proportional_attention_when_asked_and_its_checkpoin
     assert TrainConfig(model="m", data="d", tokens="tome:1x1").token_method().prop_attn is True  # the default
     with pytest.raises(LeanvitError, match="--no-tome-prop-attn acts on ToMe's attention and needs --tokens tome:R"):
         TrainConfig(model="m", data="d", tokens="evit:0.5", tome_prop_attn=False)
+
+
+def test_a_run_recorded_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """A field added since a run was saved (``tome_prop_attn``) was read as None and refused the resume of every
+    older run; it takes the default, the behaviour those runs had (``EARLIER_VALUES`` where it is not)."""
+    fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1))
+    state_file = tmp_path / "run" / "epoch-0000" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["config"].pop("tome_prop_attn") is True
+    state_file.write_text(json.dumps(state))
+    fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=1, resume=True))
+    state = json.loads((tmp_path / "run" / "epoch-0001" / "state.json").read_text())
+    assert state["changes"] == [{"epoch": 1, "changes": {"epochs": [1, 2]}}]

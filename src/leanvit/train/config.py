@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from ..compress.tokens import ToMe, from_spec
 from ..errors import LeanvitError, check_range
@@ -123,6 +123,14 @@ class TrainConfig:
     #: Fields added after runs were recorded, with the value those runs had (where it is not the default): a run's
     #: saved config that lacks one ran with this value.
     EARLIER_VALUES = {"remode": "const"}
+
+    @classmethod
+    def as_run_before(cls, saved: dict) -> dict:
+        """A run's saved config with the fields it lacks (added since it was recorded) at the values it ran with:
+        :attr:`EARLIER_VALUES`' where the behaviour changed, else the field's default."""
+        defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+                    for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+        return {**defaults, **cls.EARLIER_VALUES, **saved}
 
     def __post_init__(self) -> None:
         for f in fields(self):  # inf passes the range checks below and trains on NaN

@@ -475,7 +475,7 @@ def _resume_changes(saved: dict, config: dict, epoch: int, start_cwd: str) -> li
     the allowed changes it makes (e.g. a longer schedule) as ``[{"epoch", "changes": {field: [old, new]}}]``,
     bookkeeping left out, so the run's card can say that it is not one uninterrupted command. The saved config's
     relative paths are relative to ``start_cwd``; a field it lacks (newer than the run) had its earlier value."""
-    saved = {**TrainConfig.EARLIER_VALUES, **saved}
+    saved = TrainConfig.as_run_before(saved)
     changed = {k: [saved.get(k), v] for k, v in config.items()
                if (not _same_path(saved.get(k), v, start_cwd) if k in _PATHS else saved.get(k) != v)}
     refused = sorted(k for k in changed if k not in TrainConfig.RESUMABLE_CHANGES)
