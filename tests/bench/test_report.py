@@ -77,3 +77,14 @@ def test_one_round_is_reported_as_one_block_per_configuration(tmp_path, monkeypa
     cfg = BenchConfig(models=["deit_tiny_patch16_224"], engines=["eager"], rounds=1)
     text = report.write_results([measured("eager")], cfg, HOST, tmp_path)["md"].read_text()
     assert "each configuration was timed in one block" in text and "side by side" not in text
+
+
+def test_each_row_says_how_many_calls_its_statistics_are_over(tmp_path, monkeypatch):
+    """A p99 of 10 calls is their slowest but one: the table gave no count."""
+    monkeypatch.setattr(report, "plot_pareto", lambda rows, path, title="": None)
+    cfg = BenchConfig(models=["deit_tiny_patch16_224"], engines=["eager", "openvino"])
+    rows = [measured("eager", iterations=250), measured("openvino", error="boom")]
+    text = report.write_results(rows, cfg, HOST, tmp_path)["md"].read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert "| calls |" in table[0] and "| 0.10 | 250 | 1.00× |" in table[1]
+    assert len({line.count("|") for line in table}) == 1  # a failed row keeps the column count

@@ -94,9 +94,11 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
         f"- protocol: per configuration, warm-up ≥ {cfg.budget.warmup_s} s and ≥ {cfg.budget.warmup_iters} calls, then "
         f"single calls timed for {cfg.budget.budget_s} s in all (≥ {cfg.budget.min_iters}, ≤ {cfg.budget.max_iters} "
         f"calls)" + (f", spread over {cfg.rounds} rounds that alternate the model's configurations (as many calls in "
-                     "each round, a shorter warm-up before each); statistics over calls; *vs eager* is the median over "
+                     "each round, a shorter warm-up before each); statistics over the *calls* timed (a p99 of fewer than 100 "
+                     "is near their slowest); *vs eager* is the median over "
                      "the rounds of eager's latency over the row's, both timed in that round" if cfg.rounds > 1 else
-                     "; statistics over calls; *vs eager* is eager's median latency over the row's"),
+                     "; statistics over the *calls* timed (a p99 of fewer than 100 is near their slowest); *vs eager* "
+                     "is eager's median latency over the row's"),
         f"- correctness: each engine's logits against PyTorch eager on {checked_images(cfg)} random images",
         "- memory: each model's engines are loaded together; before each one's warm-up calls, run on its own ahead of "
         "the timed rounds, Python's garbage is collected and freed memory handed back to the OS (glibc's "
@@ -107,14 +109,14 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
         "whatever the exports and earlier rows left that could not be handed back, so it depends on what ran before",
         "",
         "## Results", "",
-        "| model | engine | precision | median ms | p90 | p99 | IQR | vs eager | img/s | params M | GMACs | published top-1 | max abs err | top-1 agree | RSS growth MiB | peak RSS MiB |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | engine | precision | median ms | p90 | p99 | IQR | calls | vs eager | img/s | params M | GMACs | published top-1 | max abs err | top-1 agree | RSS growth MiB | peak RSS MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         label = r.label
         if not r.ran:
             lines.append(f"| {label} | {r.engine} | {r.precision} | **{'failed' if r.error else 'skipped'}** "
-                         "| | | | | | | | | | | | |")
+                         "| | | | | | | | | | | | | |")
             continue
         base = eager.get((r.model, r.variant, r.batch))
         speedup = vs_row(base, r) if base is not None else None
@@ -122,7 +124,7 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
         flag = " ⚠" if r.diverges else ""
         lines.append(
             f"| {label} | {r.engine} | {r.precision} | {_fmt(r.latency_ms_median)} | {_fmt(r.latency_ms_p90)} | "
-            f"{_fmt(r.latency_ms_p99)} | {_fmt(r.latency_ms_iqr)} | {ratio} | {_fmt(r.throughput, '.1f')} | "
+            f"{_fmt(r.latency_ms_p99)} | {_fmt(r.latency_ms_iqr)} | {r.iterations} | {ratio} | {_fmt(r.throughput, '.1f')} | "
             f"{_fmt(r.params and r.params / 1e6)} | {_fmt(r.macs and r.macs / 1e9, '.3f')} | {_fmt(r.published_top1, '.1f')} | "
             f"{_fmt(r.max_abs_err, '.2e')}{flag} | {_fmt(r.top1_agreement, '.0%')} | "
             f"{_fmt(r.peak_rss_above_baseline_mb, '.0f')} | {_fmt(r.peak_rss_mb, '.0f')} |"
