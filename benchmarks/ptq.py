@@ -389,12 +389,12 @@ def main(argv=None) -> int:
             return 2
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*VNNI.*")  # the bits are the user's choice here
+    host = host_info()  # before the run: its load average says whether other work shared the machine
     rows = []
     for entry in entries:
         print(f"== {entry.get('name', entry['model'])}", file=sys.stderr)
         rows.append(bench_model(entry, args))
         print(json.dumps(rows[-1]), file=sys.stderr)
-    host = host_info()
     report = {"host": host, "threads": args.threads, "bits": args.bits, "recipe": args.recipe,
               "calib": args.calib, "data": args.data, "rows": rows}
     markdown = render_markdown(rows, args, host)

@@ -65,10 +65,9 @@ def test_vs_eager_is_the_median_of_the_rounds_ratios(tmp_path, monkeypatch):
 def test_the_report_names_the_cpus_identity_and_the_load():
     """Two hosts both called "AMD EPYC" are told apart by family, model and stepping; a busy machine shows."""
     lines = report.host_lines({**HOST, "cpu_id": {"vendor": "AuthenticAMD", "family": 26, "model": 2},
-                               "loadavg": [3.84, 2.1, 1.0]})
+                               "loadavg": [3.84, 2.1, 1.0], "loadavg_at": "2026-11-25 14:00:00 UTC"})
     assert lines[0] == "- CPU: Test CPU (2 usable of 2 logical CPUs); vendor AuthenticAMD, family 26, model 2"
-    assert lines[1] == ("- load average (1, 5, 15 min) when the host was recorded (leanvit bench: before the run): "
-                        "3.84, 2.1, 1.0")
+    assert lines[1] == "- load average (1, 5, 15 min) at 2026-11-25 14:00:00 UTC: 3.84, 2.1, 1.0"
     assert report.host_lines(HOST)[0] == "- CPU: Test CPU (2 usable of 2 logical CPUs)"  # older results as before
 
 
@@ -88,3 +87,13 @@ def test_each_row_says_how_many_calls_its_statistics_are_over(tmp_path, monkeypa
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert "| calls |" in table[0] and "| 0.10 | 250 | 1.00× |" in table[1]
     assert len({line.count("|") for line in table}) == 1  # a failed row keeps the column count
+
+
+def test_a_token_variants_speed_up_is_the_median_of_the_rounds_ratios(tmp_path, monkeypatch):
+    """The variant shares its model's rounds: 2x, 4x and 1x faster round by round is 2x (pooled medians: 1x)."""
+    monkeypatch.setattr(report, "plot_pareto", lambda rows, path, title="": None)
+    cfg = BenchConfig(models=["deit_tiny_patch16_224"], engines=["eager"], tokens=["evit:0.7"], rounds=3)
+    base = measured("eager", latency_ms_median=2.0, latency_ms_rounds=(2.0, 8.0, 2.0), macs=1e9)
+    reduced = measured("eager", variant="evit:0.7", latency_ms_median=2.0, latency_ms_rounds=(1.0, 2.0, 2.0), macs=7e8)
+    text = report.write_results([base, reduced], cfg, HOST, tmp_path)["md"].read_text()
+    assert "| deit_tiny_patch16_224 | evit:0.7 | eager | f32 | 0.700 | 30.0% | 2.00 | 50.0% | 2.00× |" in text

@@ -274,6 +274,8 @@ def test_token_variants_share_their_models_rounds_and_the_model_as_built_stays_u
                      progress=False)
     assert [r.variant for r in rows] == ["", "evit:0.5", "tome:1x1"]
     assert all(len(r.latency_ms_rounds) == 2 for r in rows)
+    weights = {id(p) for _, model in loads for p in model.parameters()}
+    assert len(weights) == len(list(loads[0][1].parameters()))  # the copies share the weights (memory per variant)
     (timed,) = alternations  # one alternation, all three rows, the model as built still unreduced in it
     assert [(v, type(m).__name__ if m else None) for v, m in timed] == [("", None), ("evit:0.5", "EViT"),
                                                                       ("tome:1x1", "ToMe")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import time
 from pathlib import Path
 
 _FLAGS_OF_INTEREST = (
@@ -75,6 +76,7 @@ def host_info() -> dict:
     loadavg = _loadavg()
     if loadavg is not None:
         info["loadavg"] = loadavg
+        info["loadavg_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")  # (before or after the run: the caller's choice)
     try:
         import torch
 

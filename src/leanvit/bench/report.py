@@ -54,9 +54,8 @@ def host_lines(host: dict) -> list[str]:
     return [
         f"- CPU: {host.get('cpu')} ({host.get('usable_cpus')} usable of {host.get('logical_cpus')} logical CPUs)"
         + (f"; {cpu_id}" if cpu_id else ""),
-        *([f"- load average (1, 5, 15 min) when the host was recorded (leanvit bench: before the run): "
-           f"{', '.join(map(str, host['loadavg']))}"]
-          if host.get("loadavg") else []),
+        *([f"- load average (1, 5, 15 min) at {host.get('loadavg_at', 'the time the host was recorded')}: "
+           f"{', '.join(map(str, host['loadavg']))}"] if host.get("loadavg") else []),
         f"- CPU flags: {', '.join(host.get('cpu_flags', [])) or 'none of interest'}",
         *([f"- GPU: {host['gpu']}"] if host.get("gpu") else []),
         f"- OS: {host.get('os')}, Python {host.get('python')}",

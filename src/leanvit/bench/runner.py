@@ -210,7 +210,8 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
             label = row_label(name, variant)
             inapplicable, reduced = None, model
             if variant:
-                reduced = copy.deepcopy(model)  # its own copy: the rows of the model as built keep running it unreduced
+                # its own modules (the rows of the model as built keep running it unreduced), the same weights
+                reduced = copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())})
                 try:
                     token_apply(reduced, from_spec(variant))
                 except LeanvitError as e:  # (not a plain ViT, r too large): the other models' rows still count

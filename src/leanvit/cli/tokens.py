@@ -61,9 +61,8 @@ def _subset(dataset, n: int | None):
     return dataset if n is None or n >= len(dataset) else calibration_subset(dataset, n)
 
 
-def _labels_fit(model, meta: dict, dataset) -> bool:
-    """Whether ``dataset``'s labels index ``model``'s outputs: as many classes, and the checkpoint's if it names them."""
-    classes = dataset_classes(dataset)
+def _labels_fit(model, meta: dict, classes: list[str]) -> bool:
+    """Whether labels of ``classes`` index ``model``'s outputs: as many classes, and the checkpoint's if it names them."""
     return model.num_classes == len(classes) and meta.get("classes", classes) == classes
 
 
@@ -135,12 +134,12 @@ def run(args: argparse.Namespace) -> int:
             calibset = open_dataset(args.calib, train=True, transform=transform, unlabelled=True)
             calib = decode_calibration(calibset, args)
             calib_indices = calib.indices
-            classless = "." in dataset_classes(calibset)  # images beside the class folders (read, of no class)
-            if _labels_fit(model, meta, calibset) and not classless:
+            classes = [c for c in dataset_classes(calibset) if c != "."]  # ".": images beside the class folders
+            if _labels_fit(model, meta, classes) and len(classes) == len(dataset_classes(calibset)):
                 calib = list(zip(calib.batches, calib.labels))
             else:  # DiffRate's own fallback: the unreduced model's top-1 is the target
                 why = (f"some images of {args.calib} lie beside its class folders, of no class (move them into "
-                       "their class folders to use the labels)" if classless else
+                       "their class folders to use the labels)" if _labels_fit(model, meta, classes) else
                        f"the labels of {args.calib} are not the model's {model.num_classes} classes")
                 note("tokens", f"{why}; the search matches the unreduced model's own top-1 instead")
                 calib = calib.batches
