@@ -11,8 +11,9 @@ def test_pretrained_weights_offline_name_the_file_flags(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")  # what huggingface_hub raises offline
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(LeanvitError, match=r"not in the local cache.*--checkpoint FILE; a teacher: "
-                                           r"--teacher-checkpoint FILE; bench times random weights: drop --pretrained"):
+    with pytest.raises(LeanvitError, match=r"not in the local cache.*--checkpoint FILE; train: --init-checkpoint FILE; "
+                                           r"a teacher: --teacher-checkpoint FILE; bench times random weights: drop "
+                                           r"--pretrained"):
         create_model("resnet18", pretrained=True)
 
 
