@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -117,16 +117,18 @@ def time_alternating(fns: dict[str, Callable[[], object]], budget: TimingBudget 
             for name, parts in samples.items()}
 
 
-def round_ratios(a: Timing, b: Timing) -> np.ndarray:
-    """``a``'s latency over ``b``'s within each alternating round.
+def round_ratios(a: Timing | Sequence[float], b: Timing | Sequence[float]) -> np.ndarray:
+    """``a``'s latency over ``b``'s within each alternating round (each a :class:`Timing`, or its round medians as a
+    bench row keeps them).
 
     A shared machine switches between states (a busy neighbour slows every model, INT8 ones more than f32): on the
     2-core AMD EPYC efficientformerv2_s0's f32 / INT8 ratio ranged 1.31-2.11 over the 12 rounds of one run
     (median 1.64; pooled medians 1.82, ``benchmarks/results/ptq-smoke-epyc-s26b/``). Within one round both models
     saw the same state, so the spread of these ratios shows how far the machine moved a run's figure."""
-    if not a.round_medians_ms or len(a.round_medians_ms) != len(b.round_medians_ms):
+    a, b = (t.round_medians_ms if isinstance(t, Timing) else tuple(t) for t in (a, b))
+    if not a or len(a) != len(b):
         raise ValueError("round_ratios needs two timings from the same time_alternating call")
-    return np.asarray(a.round_medians_ms) / np.asarray(b.round_medians_ms)
+    return np.asarray(a) / np.asarray(b)
 
 
 _STATUS = Path("/proc/self/status")

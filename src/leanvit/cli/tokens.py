@@ -134,8 +134,9 @@ def run(args: argparse.Namespace) -> int:
             calibset = open_dataset(args.calib, train=True, transform=transform, unlabelled=True)
             calib = decode_calibration(calibset, args)
             calib_indices = calib.indices
-            classes = [c for c in dataset_classes(calibset) if c != "."]  # ".": images beside the class folders
-            if _labels_fit(model, meta, classes) and len(classes) == len(dataset_classes(calibset)):
+            listed = dataset_classes(calibset)
+            classes = [c for c in listed if c != "."]  # ".": images beside the class folders
+            if _labels_fit(model, meta, classes) and len(classes) == len(listed):
                 calib = list(zip(calib.batches, calib.labels))
             else:  # DiffRate's own fallback: the unreduced model's top-1 is the target
                 why = (f"some images of {args.calib} lie beside its class folders, of no class (move them into "

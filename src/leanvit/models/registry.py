@@ -66,8 +66,7 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
             raise
         notes = " ".join(getattr(timm.models.get_pretrained_cfg(name), "notes", None) or ())
         raise LeanvitError(f"{name} has no pretrained weights registered with timm, so there is nothing to download. "
-                           "Load weights from a file where the command reads one (eval, quantize, tokens: --checkpoint "
-                           "FILE; train: --init-checkpoint FILE; a teacher: --teacher-checkpoint FILE; in Python: "
+                           f"Load weights from a file where the command reads one ({_FILE_FLAGS}; in Python: "
                            "pretrained_cfg_overlay=dict(file=PATH)), "
                            f"or drop --pretrained (bench times random weights the same).{' ' + notes if notes else ''}"
                            ) from None
@@ -76,10 +75,13 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
             raise
         raise LeanvitError(f"{name}'s pretrained weights are not in the local cache and could not be downloaded "
                            f"({type(e).__name__}). Connect once to cache them, or load weights from a file where the command "
-                           "reads one (eval, quantize, tokens: --checkpoint FILE; train: --init-checkpoint FILE; a teacher: "
-                           "--teacher-checkpoint FILE; "
-                           "bench times random weights: drop --pretrained).") from None
+                           f"reads one ({_FILE_FLAGS}; bench times random weights: drop --pretrained).") from None
     return model.eval()
+
+
+#: where each command reads weights from a file instead of downloading them, for the errors that send users there
+_FILE_FLAGS = ("eval, quantize, tokens: --checkpoint FILE; train: --init-checkpoint FILE; a teacher: "
+               "--teacher-checkpoint FILE")
 
 
 @contextlib.contextmanager

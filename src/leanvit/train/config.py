@@ -173,8 +173,7 @@ class TrainConfig:
             raise LeanvitError(f"--distill must be one of {', '.join(DISTILL_MODES)}, got '{self.distill}'.")
         for name in ("keep_rate_start_epoch", "keep_rate_shrink_epochs"):
             check_range(f"--{name.replace('_', '-')}", getattr(self, name), 0, 100_000)
-        if self.tokens is not None:
-            from_spec(self.tokens)  # a bad spec fails here, before any data is read
+        method = from_spec(self.tokens) if self.tokens is not None else None  # a bad spec fails here, before any data
         if self.teacher_checkpoint and not self.teacher:
             raise LeanvitError("--teacher-checkpoint needs --teacher, the teacher's model name.")
         # options that only act with another one: given without it, they would be silently ignored
@@ -186,7 +185,7 @@ class TrainConfig:
         if (self.keep_rate_start_epoch or self.keep_rate_shrink_epochs) and not self.tokens:
             raise LeanvitError("--keep-rate-start-epoch / --keep-rate-shrink-epochs schedule EViT's keep rate and need "
                                "--tokens evit:KEEP.")
-        if not self.tome_prop_attn and not isinstance(from_spec(self.tokens) if self.tokens else None, ToMe):
+        if not self.tome_prop_attn and not isinstance(method, ToMe):
             raise LeanvitError("--no-tome-prop-attn acts on ToMe's attention and needs --tokens tome:R.")
         if self.val_labels and not self.val_data:
             raise LeanvitError("--val-labels needs --val-data, the flat folder of validation images it labels.")
