@@ -623,7 +623,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
             quantizer.scheme = scheme
             quantizer.set_range(*observers[name].range(quantizer.scheme, config.a_method,
                                                        percentile=config.percentile))
-        report.quantized[name] = f"weights {layer.weight_quantizer.scheme}; inputs {layer.input_quantizer.scheme}"
+        report.quantized[name] = layer.describe()
         report.weight_bits[name] = layer.weight_quantizer.scheme.bits
         if layer.input_quantizer.scheme.per_channel:
             report.per_channel_inputs.append(name)
@@ -663,9 +663,6 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     return qmodel.eval()  # (the quantized modules swapped in were created in training mode)
 
 
-_SCHEME_TEXT = r"u?int\d+ a?sym per-(?:channel|tensor)"  #: ``str(QScheme)``, as reports quote it
-
-
 def refresh_report(qmodel: nn.Module, incompatible_keys=None) -> None:
     """Make ``qmodel.quant_report`` describe the grids its quantizers have now: a state dict loaded into it brings
     its own (``qrange``: other bits, another symmetry), which the report, written when :func:`quantize` ran, would
@@ -674,16 +671,8 @@ def refresh_report(qmodel: nn.Module, incompatible_keys=None) -> None:
     if report is None:
         return
     for sections in (report.quantized, report.int8_concats):
-        for name, text in sections.items():
-            module = qmodel.get_submodule(name)
-            if hasattr(module, "describe"):  # attention, concatenation: described whole from their quantizers
-                sections[name] = module.describe()
-                continue
-            for what, attr in (("weights", "weight_quantizer"), ("inputs", "input_quantizer"),
-                               ("outputs", "output_quantizer")):
-                if (quantizer := getattr(module, attr, None)) is not None:
-                    text = re.sub(f"{what} {_SCHEME_TEXT}", f"{what} {quantizer.scheme}", text)
-            sections[name] = text
+        for name in sections:  # every module the report lists describes itself from its quantizers
+            sections[name] = qmodel.get_submodule(name).describe()
     for name in report.weight_bits:
         report.weight_bits[name] = qmodel.get_submodule(name).weight_quantizer.scheme.bits
 
@@ -762,7 +751,8 @@ def _quantize_outputs(qmodel: nn.Module, convs: dict[str, QuantConv2d], batches:
         quantizer = layer.output_quantizer
         observer, quantizer.observer = quantizer.observer, None
         quantizer.set_range(*observer.range(quantizer.scheme, config.a_method, percentile=config.percentile))
-        report.quantized[name] += f"; outputs {quantizer.scheme}{why}"
+        layer.output_note = why
+        report.quantized[name] = layer.describe()
 
 
 def _quantize_at_producers(qmodel: nn.Module, layers: dict[str, nn.Module], image: torch.Tensor,
@@ -802,7 +792,8 @@ def _quantize_at_producers(qmodel: nn.Module, layers: dict[str, nn.Module], imag
             continue
         layer.output_quantizer = copy.deepcopy(quantizer)
         if _equal_outputs(qmodel(image), reference):
-            report.quantized[producer] += f"; outputs on {consumer}'s input grid (it reads them reshaped)"
+            layer.output_note = f" on {consumer}'s input grid (it reads them reshaped)"
+            report.quantized[producer] = layer.describe()
         else:  # the output is read elsewhere too
             layer.output_quantizer = None
 

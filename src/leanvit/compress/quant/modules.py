@@ -31,7 +31,21 @@ from ...errors import warn
 from .quantizer import FakeQuantizer, QScheme, Quantizer
 
 
-class QuantLinear(nn.Linear):
+class _Described:
+    """The quant report's line of a quantized Linear or conv, read from its quantizers when asked, so that it stays
+    true after a state dict with other grids (bits, symmetry) is loaded."""
+
+    #: what the report says after an output quantizer's scheme: why the output is quantized, or on which grid
+    output_note: str = ""
+
+    def describe(self) -> str:
+        text = f"weights {self.weight_quantizer.scheme}; inputs {self.input_quantizer.scheme}"
+        if self.output_quantizer is not None:
+            text += f"; outputs {self.output_quantizer.scheme}{self.output_note}"
+        return text
+
+
+class QuantLinear(_Described, nn.Linear):
     @classmethod
     def from_float(cls, layer: nn.Linear, weight: QScheme, act: QScheme) -> QuantLinear:
         q = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
@@ -51,7 +65,7 @@ class QuantLinear(nn.Linear):
         return y if self.output_quantizer is None else self.output_quantizer(y)
 
 
-class QuantConv2d(nn.Conv2d):
+class QuantConv2d(_Described, nn.Conv2d):
     @classmethod
     def from_float(cls, layer: nn.Conv2d, weight: QScheme, act: QScheme) -> QuantConv2d:
         q = cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
