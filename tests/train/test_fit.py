@@ -335,9 +335,9 @@ def test_training_with_evit_follows_the_keep_rate_warmup(tmp_path, monkeypatch):
 
 
 def test_keep_rate_schedule_needs_evit(tmp_path):
-    with pytest.raises(LeanvitError, match="not EViT"):
-        fit(_config(tmp_path, "tome", model="deit_tiny_patch16_224", epochs=1, max_steps_per_epoch=1,
-                    tokens="tome:1", keep_rate_shrink_epochs=1))
+    """Refused when the options are read, before the model or any data."""
+    with pytest.raises(LeanvitError, match="need --tokens evit:KEEP, not tome:1"):
+        _config(tmp_path, "tome", model="deit_tiny_patch16_224", tokens="tome:1", keep_rate_shrink_epochs=1)
     with pytest.raises(LeanvitError, match="token spec"):
         _config(tmp_path, "bad", tokens="evit0.7")
 

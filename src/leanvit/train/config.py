@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
-from ..compress.tokens import ToMe, from_spec
+from ..compress.tokens import EViT, ToMe, from_spec
 from ..errors import LeanvitError, check_range
 from ..profile import check_img_size
 from .distill import DISTILL_MODES
@@ -182,9 +182,9 @@ class TrainConfig:
         if given and not self.teacher:
             raise LeanvitError(f"{', '.join('--' + n.replace('_', '-') for n in given)} "
                                f"{'needs' if len(given) == 1 else 'need'} --teacher, the model to distil from.")
-        if (self.keep_rate_start_epoch or self.keep_rate_shrink_epochs) and not self.tokens:
+        if (self.keep_rate_start_epoch or self.keep_rate_shrink_epochs) and not isinstance(method, EViT):
             raise LeanvitError("--keep-rate-start-epoch / --keep-rate-shrink-epochs schedule EViT's keep rate and need "
-                               "--tokens evit:KEEP.")
+                               "--tokens evit:KEEP" + (f", not {self.tokens}." if self.tokens else "."))
         if not self.tome_prop_attn and not isinstance(method, ToMe):
             raise LeanvitError("--no-tome-prop-attn acts on ToMe's attention and needs --tokens tome:R.")
         if self.val_labels and not self.val_data:

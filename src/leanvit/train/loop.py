@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from ..checkpoint import (WEIGHTS_FILE, CheckpointMismatchError, checkpoint_file, checkpoint_sha256, load_weights,
                           model_from_checkpoint, read_metadata, save_weights)
-from ..compress.tokens import EViT, from_spec, keep_rate_warmup
+from ..compress.tokens import keep_rate_warmup
 from ..compress.tokens import apply as token_apply
 from ..data import (CorruptImageWarning, build_transform, check_input_size, dataset_classes, make_loader, open_dataset,
                     resolve_data_config)
@@ -306,11 +306,8 @@ def _warmup_epochs(cfg: TrainConfig, started: dict | None, announce: bool) -> fl
 
 def _keep_rate_schedule(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
     """EViT's keep-rate warm-up hook (``hook(step)``), or None when there is nothing to schedule."""
-    if not cfg.tokens or not (cfg.keep_rate_start_epoch or cfg.keep_rate_shrink_epochs):
+    if not (cfg.keep_rate_start_epoch or cfg.keep_rate_shrink_epochs):  # (TrainConfig checked they go with EViT)
         return None
-    if not isinstance(from_spec(cfg.tokens), EViT):
-        raise LeanvitError("--keep-rate-start-epoch / --keep-rate-shrink-epochs schedule EViT's keep rate; "
-                           f"--tokens {cfg.tokens} is not EViT.")
     return keep_rate_warmup(model, steps_per_epoch=steps_per_epoch, start_epoch=cfg.keep_rate_start_epoch,
                             shrink_epochs=cfg.keep_rate_shrink_epochs)
 
