@@ -125,3 +125,8 @@ def test_the_call_limits_hold_for_all_the_rounds_together():
     assert fast["f"].n == 100
     slow = time_alternating({"f": lambda: None}, TimingBudget(warmup_s=0, budget_s=0, min_iters=10), rounds=3)
     assert slow["f"].n >= 10
+    exact = time_alternating({"f": lambda: None}, TimingBudget(warmup_s=0, budget_s=0, min_iters=10, max_iters=10),
+                             rounds=3)
+    assert exact["f"].n == 12  # min_iters wins: 4 calls a round (max_iters' 3 a round made 9)
+    with pytest.raises(ValueError, match="max_iters=2 is fewer calls than rounds=3"):
+        time_alternating({"f": lambda: None}, TimingBudget(warmup_s=0, max_iters=2), rounds=3)

@@ -100,9 +100,13 @@ def time_alternating(fns: dict[str, Callable[[], object]], budget: TimingBudget 
     where the machine ran it fast, and its pooled median would lean towards its fast rounds, by another amount
     for each function: ratios of such medians are biased).
     """
-    per_round = replace(budget, budget_s=budget.budget_s / rounds,  # (the call limits hold for the whole timing)
-                        min_iters=max(1, math.ceil(budget.min_iters / rounds)),
-                        max_iters=max(1, budget.max_iters // rounds))
+    if budget.max_iters < rounds:
+        raise ValueError(f"max_iters={budget.max_iters} is fewer calls than rounds={rounds}: every round times each "
+                         "function at least once")
+    # the call limits hold for the whole timing (min_iters rounded up to whole calls per round, winning over max_iters)
+    min_iters = max(1, math.ceil(budget.min_iters / rounds))
+    per_round = replace(budget, budget_s=budget.budget_s / rounds, min_iters=min_iters,
+                        max_iters=max(min_iters, budget.max_iters // rounds))
     samples: dict[str, list[np.ndarray]] = {name: [] for name in fns}
     for i in range(rounds):
         for name, fn in fns.items():
