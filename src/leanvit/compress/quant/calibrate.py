@@ -641,24 +641,25 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
                                            iters=config.reconstruct_iters, act_scales=config.reconstruct_act_scales,
                                            progress=progress)
 
-    for name, attention in attentions.items():  # after every step that may change the attention's quantizers
-        if config.share_qkv_quantizer and attention.share_qkv_quantizer():
-            report.quantized[name] = attention.describe()
+    if config.share_qkv_quantizer:  # after every step that may change the attention's quantizers
+        for attention in attentions.values():
+            attention.share_qkv_quantizer()
     qmodel.to(device)
     if config.quantize_conv_outputs:  # after every step that changes weights or biases
         _snap_biases(layers)
         _quantize_outputs(qmodel, {n: m for n, m in layers.items() if isinstance(m, QuantConv2d)}, batches, config,
-                          report, ", int32 bias")
+                          ", int32 bias")
     if config.producer_quantizers:  # it copies the consumers' final quantizers
-        _quantize_at_producers(qmodel, layers, batches[0][:1], report)
+        _quantize_at_producers(qmodel, layers, batches[0][:1])
     if config.quantize_transposed_conv_outputs:  # last: only outputs no other step quantized
         convs = {n: m for n, m in layers.items() if isinstance(m, QuantConv2d) and m.output_quantizer is None}
         _quantize_outputs(qmodel, {n: convs[n] for n in transposed_reads(qmodel, convs, batches[0][:1])}, batches,
-                          config, report, " (a float op reads them transposed)")
+                          config, " (a float op reads them transposed)")
     if report.float_compute_layers:
         listed = "\n".join(f"  {n or ROOT}: {r}" for n, r in report.float_compute_layers.items())
         warn(f"{len(report.float_compute_layers)} compute layers stay in float:\n{listed}")
     qmodel.quant_report = report
+    refresh_report(qmodel)  # each listed module's line, from its final quantizers
     qmodel.register_load_state_dict_post_hook(refresh_report)
     return qmodel.eval()  # (the quantized modules swapped in were created in training mode)
 
@@ -735,9 +736,9 @@ def _snap_biases(layers: dict[str, nn.Module]) -> None:
 
 
 def _quantize_outputs(qmodel: nn.Module, convs: dict[str, QuantConv2d], batches: list[torch.Tensor],
-                      config: QuantConfig, report: QuantReport, why: str) -> None:
+                      config: QuantConfig, why: str) -> None:
     """Give each of ``convs`` an output quantizer (asymmetric, per tensor, at the input bits), ranged on the
-    quantized model's own outputs over the calibration batches, and add ``why`` to the report."""
+    quantized model's own outputs over the calibration batches; ``why`` is the report's note on it."""
     if not convs:
         return
     for layer in convs.values():
@@ -752,11 +753,9 @@ def _quantize_outputs(qmodel: nn.Module, convs: dict[str, QuantConv2d], batches:
         observer, quantizer.observer = quantizer.observer, None
         quantizer.set_range(*observer.range(quantizer.scheme, config.a_method, percentile=config.percentile))
         layer.output_note = why
-        report.quantized[name] = layer.describe()
 
 
-def _quantize_at_producers(qmodel: nn.Module, layers: dict[str, nn.Module], image: torch.Tensor,
-                           report: QuantReport) -> None:
+def _quantize_at_producers(qmodel: nn.Module, layers: dict[str, nn.Module], image: torch.Tensor) -> None:
     """Give a quantized layer whose output reaches exactly one other quantized layer's per-tensor input through
     views only (a reshape, a transpose: the same storage) that input quantizer as its output quantizer.
 
@@ -793,7 +792,6 @@ def _quantize_at_producers(qmodel: nn.Module, layers: dict[str, nn.Module], imag
         layer.output_quantizer = copy.deepcopy(quantizer)
         if _equal_outputs(qmodel(image), reference):
             layer.output_note = f" on {consumer}'s input grid (it reads them reshaped)"
-            report.quantized[producer] = layer.describe()
         else:  # the output is read elsewhere too
             layer.output_quantizer = None
 
