@@ -97,3 +97,41 @@ def test_a_token_variants_speed_up_is_the_median_of_the_rounds_ratios(tmp_path, 
     reduced = measured("eager", variant="evit:0.7", latency_ms_median=2.0, latency_ms_rounds=(1.0, 2.0, 2.0), macs=7e8)
     text = report.write_results([base, reduced], cfg, HOST, tmp_path)["md"].read_text()
     assert "| deit_tiny_patch16_224 | evit:0.7 | eager | f32 | 0.700 | 30.0% | 2.00 | 50.0% | 2.00× |" in text
+
+
+def _vs_eager_column(text: str) -> list[str]:
+    """The results table's "vs eager" cells, in row order."""
+    header, _rule, *rows = text.split("## Results")[1].strip().split("\n\n")[0].splitlines()
+    column = [cell.strip() for cell in header.split("|")].index("vs eager")
+    return [[cell.strip() for cell in row.split("|")][column] for row in rows]
+
+
+def test_vs_eager_is_against_the_f32_eager_row_whatever_the_rows_precision(tmp_path, monkeypatch):
+    """With --precision f32 bf16 the eager bf16 row is a configuration like any other, not the baseline: both it and
+    the OpenVINO f32 row are 2x eager f32 (the bf16 row as baseline would make OpenVINO's 1x)."""
+    monkeypatch.setattr(report, "plot_pareto", lambda rows, path, title="": None)
+    cfg = BenchConfig(models=["deit_tiny_patch16_224"], engines=["eager", "openvino"], precisions=["f32", "bf16"],
+                      rounds=3)
+    rows = [measured("eager", latency_ms_median=2.0, latency_ms_rounds=(2.0, 2.0, 2.0)),
+            measured("eager", precision="bf16", latency_ms_median=1.0, latency_ms_rounds=(1.0, 1.0, 1.0)),
+            measured("openvino", latency_ms_median=1.0, latency_ms_rounds=(1.0, 1.0, 1.0))]
+    text = report.write_results(rows, cfg, HOST, tmp_path)["md"].read_text()
+    assert _vs_eager_column(text) == ["1.00×", "2.00×", "2.00×"]
+
+
+def test_a_token_variants_rows_are_compared_with_that_variants_eager_row(tmp_path, monkeypatch):
+    """'vs eager' of OpenVINO running the reduced model is against eager running the reduced model (2x), not the
+    unreduced one (4x: the engine's speed-up and the token reduction's folded together); the token section's
+    latency cut is 1 - 1/speed-up (75 % at 4x, where 1/speed-up would say 25 %)."""
+    monkeypatch.setattr(report, "plot_pareto", lambda rows, path, title="": None)
+    cfg = BenchConfig(models=["deit_tiny_patch16_224"], engines=["eager", "openvino"], tokens=["evit:0.7"], rounds=3)
+    rows = [measured("eager", latency_ms_median=4.0, latency_ms_rounds=(4.0, 4.0, 4.0), macs=1e9),
+            measured("eager", variant="evit:0.7", latency_ms_median=2.0, latency_ms_rounds=(2.0, 2.0, 2.0), macs=7e8),
+            measured("openvino", variant="evit:0.7", latency_ms_median=1.0, latency_ms_rounds=(1.0, 1.0, 1.0),
+                     macs=7e8)]
+    text = report.write_results(rows, cfg, HOST, tmp_path)["md"].read_text()
+    assert _vs_eager_column(text) == ["1.00×", "1.00×", "2.00×"]
+    base = measured("eager", latency_ms_median=4.0, latency_ms_rounds=(4.0, 4.0, 4.0), macs=1e9)
+    reduced = measured("eager", variant="evit:0.7", latency_ms_median=1.0, latency_ms_rounds=(1.0, 1.0, 1.0), macs=7e8)
+    text = report.write_results([base, reduced], cfg, HOST, tmp_path)["md"].read_text()
+    assert "| 1.00 | 75.0% | 4.00× |" in text

@@ -279,3 +279,21 @@ def test_token_variants_share_their_models_rounds_and_the_model_as_built_stays_u
     (timed,) = alternations  # one alternation, all three rows, the model as built still unreduced in it
     assert [(v, type(m).__name__ if m else None) for v, m in timed] == [("", None), ("evit:0.5", "EViT"),
                                                                       ("tome:1x1", "ToMe")]
+
+
+def test_a_rows_statistics_are_its_timings(monkeypatch):
+    """Each figure of a row from its timed calls: median, p90 and p99 in their places, throughput in images (the
+    batch's) per second, the rounds' medians kept for the report's per-round ratios."""
+    import numpy as np
+
+    from leanvit.bench import runner
+    from leanvit.bench.timing import Timing
+
+    samples = np.arange(1.0, 101.0)  # 1..100 ms: p90 90.1, p99 99.01
+    monkeypatch.setattr(runner, "time_alternating", lambda fns, budget, rounds: {
+        key: Timing(samples, (10.0, 20.0)) for key in fns})
+    [row] = run_bench(tiny_bench(batch=2, rounds=2), progress=False)
+    assert (row.latency_ms_median, row.latency_ms_p90, row.latency_ms_p99) == pytest.approx((50.5, 90.1, 99.01))
+    assert (row.latency_ms_min, row.latency_ms_mean, row.iterations) == (1.0, 50.5, 100)
+    assert row.throughput == pytest.approx(2 * 1000 / 50.5)
+    assert row.latency_ms_rounds == (10.0, 20.0)

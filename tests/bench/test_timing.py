@@ -130,3 +130,25 @@ def test_the_call_limits_hold_for_all_the_rounds_together():
     assert exact["f"].n == 12  # min_iters wins: 4 calls a round (max_iters' 3 a round made 9)
     with pytest.raises(ValueError, match="max_iters=2 is fewer calls than rounds=3"):
         time_alternating({"f": lambda: None}, TimingBudget(warmup_s=0, max_iters=2), rounds=3)
+
+
+def test_a_rounds_figure_is_its_median_and_each_round_warms_up_first(monkeypatch):
+    """A round of 1, 1 and 10 ms calls is a 1 ms round (its mean, 4 ms, would let one slow call move a round's
+    ratio); each round after the first warms up again (here ``warmup_iters`` calls: the caches it finds were the
+    other functions')."""
+    from types import SimpleNamespace
+
+    from leanvit.bench import timing
+
+    now_ns, calls = [0], []
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter_ns=lambda: now_ns[0],
+                                                        perf_counter=lambda: now_ns[0] / 1e9))
+
+    def call():
+        calls.append(1)
+        now_ns[0] += int((10 if len(calls) % 5 == 0 else 1) * 1e6)  # per round: 2 warm-up calls, then 1, 1, 10 ms
+
+    budget = TimingBudget(warmup_s=0, warmup_iters=2, budget_s=0, min_iters=9)
+    timing_ = time_alternating({"f": call}, budget, rounds=3)["f"]
+    assert len(calls) == 3 * (2 + 3)
+    assert timing_.round_medians_ms == (1.0, 1.0, 1.0)
