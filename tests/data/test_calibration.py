@@ -40,3 +40,12 @@ def test_small_class_leaves_its_share_to_the_others():
 def test_size_out_of_range():
     with pytest.raises(LeanvitError, match="calibration size"):
         calibration_subset(_dataset([3, 3]), 7)
+
+
+def test_the_draw_is_random_within_a_class_and_over_the_classes():
+    """Which images of a class, and which classes when there are fewer images than classes, change with the seed:
+    not a class's last images, not the classes in sorted order, every time."""
+    one_class = [calibration_subset(_dataset([100]), 10, seed=seed).indices for seed in (0, 1)]
+    assert one_class[0] != one_class[1] and one_class[0] != list(range(90, 100))
+    classes = {frozenset(_counts(calibration_subset(_dataset([5] * 10), 4, seed=seed))) for seed in range(10)}
+    assert len(classes) > 1  # (in sorted order: always classes 0-3)

@@ -43,6 +43,21 @@ def test_eval_transform_normalises_with_the_models_mean_and_std():
     np.testing.assert_allclose(x.mean(dim=(1, 2)).numpy(), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("interpolation, crop_pct, resized", [("bicubic", 0.8, 40), ("bilinear", 1.0, 32)])
+def test_eval_transform_resizes_by_the_crop_fraction_with_the_configs_filter(interpolation, crop_pct, resized):
+    """timm's validation pre-processing: the shorter side resized to size / crop_pct with the config's filter, then
+    the centre cropped (a 50x50 image to 40x40 bicubic then 32x32 at crop_pct 0.8)."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 50, 3), dtype=np.uint8))
+    cfg = {"input_size": (3, 32, 32), "interpolation": interpolation, "mean": (0.0, 0.0, 0.0),
+           "std": (1.0, 1.0, 1.0), "crop_pct": crop_pct, "crop_mode": "center"}
+    filters = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+    margin = (resized - 32) // 2
+    expected = image.resize((resized, resized), filters[interpolation]).crop(
+        (margin, margin, margin + 32, margin + 32))
+    x = build_transform(cfg)(image)
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), np.asarray(expected) / 255, atol=1e-6)
+
+
 def test_randaugment_posterize_at_full_strength_keeps_one_bit():
     cfg = resolve_data_config(timm.create_model("vit_tiny_patch16_224", depth=1), img_size=16)
     transform = build_transform(cfg, train=True, auto_augment="rand-m10-mstd0-inc1")
