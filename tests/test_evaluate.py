@@ -156,3 +156,26 @@ def test_fewer_class_names_than_labels_is_an_error_naming_the_fix(setup):
     five = lambda images: np.zeros((len(images), 5), np.float32)  # noqa: E731  (an engine runner's signature)
     with pytest.raises(LeanvitError, match=r"label \d, beyond the 5 classes given \(airplane, .*pass one name per"):
         evaluate(five, DataLoader(data, batch_size=25), classes=dataset_classes(data)[:5], progress=False)
+
+
+def test_a_module_in_training_mode_is_scored_in_eval_mode_and_left_in_training_mode(setup):
+    """Called mid-training (--val-data), the model is in training mode: scored so, dropout would drop and BatchNorm
+    normalise with each batch's statistics (and update its running ones). It is scored as deployed, and handed back
+    in the mode it came in."""
+    import torch.nn as nn
+
+    _, data = setup
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10), nn.BatchNorm1d(10), nn.Dropout(0.5))
+    with torch.no_grad():
+        model[2].running_mean.normal_()
+        model[2].running_var.uniform_(0.5, 2.0)
+    y, pred, top5 = _reference(model.eval(), data)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = evaluate(model.train(), make_loader(data, batch_size=32), progress=False)
+    assert result.top1 == pytest.approx(100 * np.mean(pred == y))
+    assert result.top5 == pytest.approx(100 * np.mean(top5))
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running statistics untouched
+    evaluate(model.eval(), make_loader(data, batch_size=32), progress=False)
+    assert not any(m.training for m in model.modules())  # and a model in eval mode stays so

@@ -70,3 +70,19 @@ def test_teacher_sees_its_own_resolution_and_normalisation():
     x = torch.randn(2, 3, 4, 4)
     AdaptedTeacher(recorder, student, {**student, "interpolation": "bicubic"})(x)
     assert recorder.seen is x  # same pre-processing: untouched
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_teacher_inputs_are_resized_with_the_teachers_interpolation(interpolation):
+    """A teacher trained on bicubic resizes (timm's ViTs, DeiT) should see bicubic ones: bilinear is softer."""
+    import torch.nn.functional as F
+
+    from leanvit.train.distill import AdaptedTeacher
+
+    student = {"input_size": [3, 4, 4], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    teacher = {"input_size": [3, 8, 8], "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "interpolation": interpolation}
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    recorder = _Recording()
+    AdaptedTeacher(recorder, student, teacher)(x)
+    torch.testing.assert_close(recorder.seen, F.interpolate(x * 0.25 + 0.5, size=(8, 8), mode=interpolation,
+                                                            align_corners=False))

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -510,3 +512,107 @@ def test_a_run_recorded_before_a_setting_existed_resumes_at_its_default(tmp_path
     fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=1, resume=True))
     state = json.loads((tmp_path / "run" / "epoch-0001" / "state.json").read_text())
     assert state["changes"] == [{"epoch": 1, "changes": {"epochs": [1, 2]}}]
+
+
+def _float_weights(path) -> dict:
+    return {k: v for k, v in read_checkpoint(path)[0].items() if v.is_floating_point()}
+
+
+def test_the_ema_averages_the_weights_of_each_step_at_the_given_decay(tmp_path):
+    """The EMA is what ema.safetensors ships (and what --val-data scores as ema_top1): never updated, it was the
+    initial weights; at decay 1 - d, it followed the last step instead of averaging. timm's EMA starts with a copy
+    (its update at step 1 has decay 0), then mixes each step in with weight 1 - decay."""
+    short = dict(epochs=1, warmup_epochs=0, mixup=0, cutmix=0, ema_decay=0.9)
+    one = fit(_config(tmp_path, "one", max_steps_per_epoch=1, **short))
+    two = fit(_config(tmp_path, "two", max_steps_per_epoch=2, **short))
+    assert one.steps[0] == two.steps[0]  # the 2-step run's first step is the 1-step run's
+    first, second = (_float_weights(tmp_path / name / "model.safetensors") for name in ("one", "two"))
+    ema_one, ema_two = (_float_weights(tmp_path / name / "ema.safetensors") for name in ("one", "two"))
+    assert ema_one.keys() == first.keys() == ema_two.keys() == second.keys()
+    for k in first:
+        torch.testing.assert_close(ema_one[k], first[k])
+        assert not torch.equal(first[k], second[k])  # the second step moved every weight
+        torch.testing.assert_close(ema_two[k], 0.9 * first[k] + 0.1 * second[k])
+
+
+class _AskedFor(torch.utils.data.Dataset):
+    """The first 16 images of ``inner`` (two batches of 8: an epoch asks for each once, and no more), recording each
+    index asked for with a draw of Python's, NumPy's and torch's generators at that moment."""
+
+    def __init__(self, inner):
+        self.inner, self.classes, self.asked = inner, inner.classes, []
+
+    transform = property(lambda self: self.inner.transform, lambda self, t: setattr(self.inner, "transform", t))
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        self.asked.append((i, (random.random(), float(np.random.random()), torch.rand(()).item())))
+        return self.inner[i]
+
+
+def test_each_epoch_shuffles_the_data_and_draws_its_augmentations_anew(tmp_path, monkeypatch):
+    """Every epoch must see the data in a new random order (the sampler's shuffle, ``set_epoch``) and draw new
+    augmentations (the re-seed from the epoch): one fixed order, or the same crops and flips every epoch, trains on
+    fewer distinct batches, and nothing else notices."""
+    datasets, open_dataset = [], loop.open_dataset
+    monkeypatch.setattr(loop, "open_dataset", lambda *a, **k: datasets.append(_AskedFor(open_dataset(*a, **k)))
+                        or datasets[-1])
+    fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=None, mixup=0, cutmix=0, ema_decay=None))
+    asked = datasets[0].asked
+    assert len(asked) == 32
+    first, second = [i for i, _ in asked[:16]], [i for i, _ in asked[16:]]
+    assert sorted(first) == sorted(second) == list(range(16))
+    assert first != sorted(first)  # shuffled
+    assert second != first  # and anew each epoch
+    draws = asked[0][1], asked[16][1]  # the first image's of each epoch
+    assert all(a != b for a, b in zip(*draws))  # Python's, NumPy's and torch's generators: all re-seeded per epoch
+
+
+def test_clip_grad_clips_the_gradient_norm_of_each_step(tmp_path, monkeypatch):
+    """--clip-grad is the fix the divergence error suggests: the optimizer must step on the clipped gradients."""
+    norms, create = [], loop.create_optimizer_v2
+
+    def recording(*args, **kwargs):
+        optimizer = create(*args, **kwargs)
+        optimizer.register_step_pre_hook(lambda opt, a, k: norms.append(torch.linalg.vector_norm(torch.stack(
+            [p.grad.norm() for group in opt.param_groups for p in group["params"] if p.grad is not None])).item()))
+        return optimizer
+
+    monkeypatch.setattr(loop, "create_optimizer_v2", recording)
+    fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=2, mixup=0, cutmix=0, ema_decay=None, clip_grad=1e-3))
+    assert norms == pytest.approx([1e-3, 1e-3], rel=1e-3)  # unclipped, they are far larger (about 1)
+
+
+def test_objective_passes_mixup_cutmix_and_label_smoothing_as_given():
+    """Mixup and CutMix draw from --mixup and --cutmix (not the other way round) and smooth the mixed labels with
+    --label-smoothing; without them, the loss is label-smoothed cross-entropy (DeiT's recipe: 0.1)."""
+    import torch.nn.functional as F
+
+    mixup, loss = loop._objective(TrainConfig(model="m", data="d", mixup=0.3, cutmix=0.7, label_smoothing=0.1), 10,
+                                  None)
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.label_smoothing) == (0.3, 0.7, 0.1)
+
+    def mixed(**options):  # a black image and a white one, mixed with each other
+        mixup, _ = loop._objective(TrainConfig(model="m", data="d", label_smoothing=0.1, **options), 10, None)
+        np.random.seed(0)  # Mixup draws its mode and lambda from NumPy
+        return mixup(torch.stack([torch.zeros(3, 16, 16), torch.ones(3, 16, 16)]), torch.tensor([0, 1]))
+
+    x, target = mixed(mixup=0.8, cutmix=0)
+    assert all(len(image.unique()) == 1 and 0 < image.unique() < 1 for image in x)  # blended throughout
+    torch.testing.assert_close(target[:, 2:], torch.full((2, 8), 0.1 / 10))  # each label smoothed, then mixed
+    torch.testing.assert_close(target.sum(1), torch.ones(2))
+    x, _ = mixed(mixup=0, cutmix=1.0)
+    assert set(x.unique().tolist()) == {0.0, 1.0}  # a patch pasted, nothing blended
+
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(4, 10, generator=g), torch.tensor([0, 3, 9, 3])
+    for smoothing in (0.1, 0.0):
+        mixup, loss = loop._objective(TrainConfig(model="m", data="d", mixup=0, cutmix=0, label_smoothing=smoothing),
+                                      10, None)
+        assert mixup is None
+        torch.testing.assert_close(loss(None, logits, y), F.cross_entropy(logits, y, label_smoothing=smoothing))
+    soft = torch.softmax(torch.randn(4, 10, generator=g), 1)
+    _, loss = loop._objective(TrainConfig(model="m", data="d"), 10, None)
+    torch.testing.assert_close(loss(None, logits, soft), -(soft * logits.log_softmax(1)).sum(1).mean())
