@@ -39,6 +39,9 @@ def test_deit_tiny_matches_published_and_reports_difference():
     prof = profile_model("deit_tiny_patch16_224")
     assert prof.published_params == 5_720_000
     assert abs(prof.params_diff_pct) < 0.5 and abs(prof.macs_diff_pct) < 2
+    for measured, published, diff in ((prof.params, prof.published_params, prof.params_diff_pct),
+                                      (prof.macs, prof.published_macs, prof.macs_diff_pct)):
+        assert diff == round(100 * (measured - published) / published, 2)  # above the paper: positive
     # at another resolution the published MACs no longer apply
     assert profile_model("deit_tiny_patch16_224", img_size=160).published_macs is None
 

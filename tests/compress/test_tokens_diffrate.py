@@ -100,3 +100,13 @@ def test_a_missed_target_is_reported(vit, calib):
 def test_search_options_without_a_search_are_refused(vit):
     with pytest.raises(LeanvitError, match=r"DiffRate\(steps=5\) sets the rate search.*--calib DATA"):
         tokens.apply(copy.deepcopy(vit), tokens.DiffRate(target_macs=0.6e9, steps=5))
+
+
+def test_the_searched_counts_are_the_expected_counts_rounded_up(vit, calib):
+    """The search trains on the expected kept count under its softmax (candidates 64, 61, ..., 1 at granularity 3:
+    32.5 patch tokens while the logits stay uniform, lr 0) and keeps its ceiling, 33, plus the class token."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the target is not what this checks)
+        method = tokens.applied(search(vit, calib, count_macs(vit, (3, 32, 32)) / 2, steps=1, lr=0.0, min_lr=0.0,
+                                       granularity=3))
+    assert method.prune[1:] == method.merge[1:] == (34,) * 3

@@ -85,12 +85,12 @@ def evit_reference(model, image, keep_rate, layers, fuse):
     return _head(model, x)
 
 
-def tome_reference(model, image, schedule):
+def tome_reference(model, image, schedule, prop_attn=True):
     p = model.num_prefix_tokens
     x = _embed(model, image)
     size = torch.ones(len(x))
     for blk, r in zip(model.blocks, schedule):
-        h, _, k = _attention(blk.attn, blk.norm1(x), size)
+        h, _, k = _attention(blk.attn, blk.norm1(x), size if prop_attn else None)
         x = x + h
         if r:
             x, size = _tome_merge(x, size, k, r, p)
@@ -165,6 +165,27 @@ def test_tome_matches_reference(vit, images, r):
     schedule = [r] * DEPTH if isinstance(r, int) else list(r) + [0] * (DEPTH - len(r))
     ref = torch.stack([tome_reference(vit, img, schedule) for img in images])
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_tome_without_proportional_attention_matches_reference(vit, images):
+    """``prop_attn=False`` (train's --no-tome-prop-attn, official ToMe's training): merged tokens weigh as one in
+    attention, no log-size bias, and the logits differ from the default's."""
+    out = reduced(vit, tokens.ToMe(r=5, prop_attn=False))(images)
+    ref = torch.stack([tome_reference(vit, img, [5] * DEPTH, prop_attn=False) for img in images])
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(out, reduced(vit, tokens.ToMe(r=5))(images), atol=1e-3)
+
+
+def test_diffrate_merges_add_sizes_weighted_by_their_similarity_clamped_at_zero():
+    """A merged token adds its size times its similarity to the destination, never less than nothing: an
+    anti-parallel token (similarity -1) would shrink its destination's size, and with it its weight in attention."""
+    from leanvit.compress.tokens.diffrate import _merge_tail
+
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [0.0, 2.0]]])
+    merged, size = _merge_tail(x, None, torch.tensor([[-1.0, 0.5]]), torch.tensor([[1, 1]]), kept=2)
+    assert size.flatten().tolist() == [1.0, 1.5]
+    torch.testing.assert_close(merged, torch.tensor([[[1.0, 0.0], [0.0, 2 / 3]]]))
 
 
 @torch.no_grad()
