@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from .data import DecodedDataset, dataset_classes
 from .errors import LeanvitError
+from .modes import eval_mode
 
 
 @dataclass
@@ -82,8 +84,7 @@ def evaluate(model: nn.Module | Callable[[np.ndarray], np.ndarray], loader: Data
     n = len(classes)
     if isinstance(model, nn.Module):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        was_training = model.training
-        model.eval().to(device)
+        model.to(device)
 
         def predict(x: torch.Tensor) -> torch.Tensor:
             return model(x.to(device, non_blocking=True)).float().cpu()
@@ -96,25 +97,21 @@ def evaluate(model: nn.Module | Callable[[np.ndarray], np.ndarray], loader: Data
     confusion = torch.zeros(n * n, dtype=torch.int64)
     top5_hits = images = 0
     start = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
-                if batch is None:  # every image of the batch was corrupt
-                    continue
-                x, y = batch
-                if len(y) and int(y.max()) >= n:
-                    raise LeanvitError(f"The data has label {int(y.max())}, beyond the {n} classes given "
-                                       f"({', '.join(classes[:4])}{', ...' if n > 4 else ''}): pass one name per "
-                                       "label of the dataset, in its label order (or leave classes out for its own).")
-                logits = predict(x)
-                check_class_outputs(logits, n)
-                topk = logits.topk(min(5, n), dim=1).indices
-                confusion += torch.bincount(y * n + topk[:, 0], minlength=n * n)
-                top5_hits += int((topk == y[:, None]).any(dim=1).sum())
-                images += len(y)
-    finally:
-        if isinstance(model, nn.Module):
-            model.train(was_training)
+    with torch.inference_mode(), (eval_mode(model) if isinstance(model, nn.Module) else nullcontext()):
+        for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
+            if batch is None:  # every image of the batch was corrupt
+                continue
+            x, y = batch
+            if len(y) and int(y.max()) >= n:
+                raise LeanvitError(f"The data has label {int(y.max())}, beyond the {n} classes given "
+                                   f"({', '.join(classes[:4])}{', ...' if n > 4 else ''}): pass one name per "
+                                   "label of the dataset, in its label order (or leave classes out for its own).")
+            logits = predict(x)
+            check_class_outputs(logits, n)
+            topk = logits.topk(min(5, n), dim=1).indices
+            confusion += torch.bincount(y * n + topk[:, 0], minlength=n * n)
+            top5_hits += int((topk == y[:, None]).any(dim=1).sum())
+            images += len(y)
     seconds = time.perf_counter() - start
     if images == 0:
         raise LeanvitError("No image of the dataset could be decoded; see the warnings above.")

@@ -17,6 +17,7 @@ from .catalog import CATALOG, head_mismatch
 from .data.transforms import run_blank_image, warn_partial_patches
 from .errors import InputSizeError, ModelKwargsError, check_range
 from .models.registry import create_model
+from .modes import eval_mode, frozen
 
 MAC_CONVENTION = (
     "MACs = torch.utils.flop_counter FLOPs / 2 (linear, conv, bmm, attention matmuls); "
@@ -37,21 +38,11 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
     input that requires grad, and a view of a parameter made under ``no_grad`` (CaiT's ``cls_token.expand``)
     requires grad with no gradient function, which it asserts on.
     """
-    was_training = model.training
-    grads = [p for p in model.parameters() if p.requires_grad]
-    model.eval()
     weight = next(model.parameters(), None)  # the input in the model's dtype and on its device
     x = torch.zeros(1, *input_size, **({"dtype": weight.dtype, "device": weight.device}
                                        if weight is not None and weight.is_floating_point() else {}))
-    try:
-        for p in grads:
-            p.requires_grad_(False)
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
-        for p in grads:
-            p.requires_grad_(True)
+    with eval_mode(model), frozen(model), FlopCounterMode(display=False) as counter:
+        model(x)
     return counter.get_total_flops() // 2
 
 

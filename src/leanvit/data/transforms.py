@@ -12,6 +12,7 @@ import torch.nn as nn
 from timm.data import create_transform, resolve_model_data_config
 
 from ..errors import InputSizeError, warn
+from ..modes import eval_mode
 
 #: The keys of a timm data config that define evaluation pre-processing.
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -41,15 +42,12 @@ def run_blank_image(model: nn.Module, size: tuple[int, int, int]) -> torch.Tenso
     the model's complaint: the one trial that tells whether a model runs at a size (fixed position embeddings and
     attention biases fail). It runs in eval mode, the model's own mode restored after: a blank image must not move
     BatchNorm's running statistics (nor trip BatchNorm1d on a batch of one)."""
-    was_training = model.training
     try:
-        with torch.no_grad():
-            return model.eval()(torch.zeros(1, *size))
+        with torch.no_grad(), eval_mode(model):
+            return model(torch.zeros(1, *size))
     except (AssertionError, RuntimeError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise InputSizeError(f"the model does not run on {'x'.join(map(str, size))} inputs ({reason})", reason) from None
-    finally:
-        model.train(was_training)
 
 
 def check_input_size(model: nn.Module, data_config: dict, name: str) -> torch.Tensor:

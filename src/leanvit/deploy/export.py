@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..errors import LeanvitError, warn
 from ..files import write_problem
+from ..modes import eval_mode
 
 #: 20: GELU exports as ONNX's own Gelu op, which ONNX Runtime runs as one kernel; at 18 the exporter writes it as
 #: five element-wise ops (Div, Erf, Add, Mul, Mul) that ONNX Runtime does not fuse (efficientformerv2_s0 at 224x224,
@@ -134,9 +135,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     if dynamic_batch and example.shape[0] == 1:
         example = example.expand(2, *example.shape[1:]).contiguous()  # torch.export specialises size-1 dims
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         try:
             _export_dynamo(model, example, path, opset, dynamic_batch)
         except Exception as e:  # noqa: BLE001 - any exporter failure: retry with the other exporter
@@ -145,8 +144,6 @@ def export_onnx(
                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); using the TorchScript exporter."
             )
             _export_torchscript(model, example, path, opset, dynamic_batch)
-    finally:
-        model.train(was_training)
     return path
 
 

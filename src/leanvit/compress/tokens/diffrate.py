@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from ...errors import LeanvitError, warn
+from ...modes import eval_mode, frozen
 from .patch import TokenMethod, gather_tokens, model_tokens
 
 #: Kept-token counts published with DiffRate (``compression_rate.json``), searched on ImageNet for
@@ -370,12 +371,7 @@ def search_rates(model: VisionTransformer, calib: Any, cfg: DiffRate) -> tuple[t
             f"(--target-gmacs in GMACs, e.g. 2.9; target_macs in MACs, e.g. 2.9e9)."
         )
 
-    was_training = model.training
-    model.eval()
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
+    with eval_mode(model), frozen(model):
         batches = _calibration_batches(model, calib, cfg.batch_size)
         # Block 0 is never reduced (the official search gives it a single candidate: keep all).
         logits = nn.Parameter(torch.zeros(depth - 1, 2, len(candidates)))
@@ -391,10 +387,6 @@ def search_rates(model: VisionTransformer, calib: Any, cfg: DiffRate) -> tuple[t
             sched.step()
         with torch.no_grad():
             kept = (torch.ceil(logits.softmax(dim=-1) @ candidates) + prefix).int().tolist()
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-        model.train(was_training)
     prune = (n0,) + tuple(p for p, _ in kept)
     merge = (n0,) + tuple(m for _, m in kept)
     reached = _counted_macs(costs, fixed, n0, list(accumulate(map(min, prune, merge), min)))
