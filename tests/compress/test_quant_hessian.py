@@ -425,3 +425,71 @@ def test_a_sampled_product_weighs_each_row_against_its_own_group_whatever_their_
         rows = torch.einsum("rk,rkn->rn", probe.quantize(a_rows), b_hat[groups])
         expected = (grad_sq * (rows - torch.einsum("rk,rkn->rn", a_rows, b[groups])).pow(2)).sum()
         torch.testing.assert_close(errors[i], expected)
+
+
+class TwoBranches(nn.Module):
+    """Two layers with the very same weights reading the same input, one's output amplified 10x on its way to the
+    head: the loss is 100x as curved in its weights, though their quantization errors are identical."""
+
+    def __init__(self):
+        super().__init__()
+        self.loud, self.quiet = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.quiet.load_state_dict(self.loud.state_dict())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.head(10 * self.loud(x) + self.quiet(x))
+
+
+def test_hessian_sensitivity_weighs_the_weight_error_by_the_hessian_trace():
+    """HAWQ's ``Tr(H) / n * ||Q(W) - W||^2``: two layers quantized alike differ by how the loss curves in their
+    weights, which the quantization error alone does not see."""
+    torch.manual_seed(0)
+    model = TwoBranches().eval()
+    calib = torch.randn(32, 1, 4, 4)
+    config = QuantConfig(w_bits=4, a_bits=8)
+    sensitivity = layer_sensitivity(model, calib, config, method="hessian")
+    qmodel = quantize(model, calib, config, progress=False)
+    with torch.no_grad():
+        errors = {n: float((m.weight_quantizer(m.weight) - m.weight).pow(2).sum())
+                  for n, m in (("loud", qmodel.loud), ("quiet", qmodel.quiet))}
+    assert errors["loud"] == errors["quiet"] > 0
+    assert sensitivity["loud"] > 30 * sensitivity["quiet"]
+    traces = hessian_traces(model, calib, {n: model.get_submodule(n).weight for n in sensitivity})  # its draws
+    for name in ("loud", "quiet"):
+        assert sensitivity[name] == pytest.approx(traces[name] * errors[name], rel=1e-4)
+
+
+def test_the_layer_search_weighs_each_output_channel_by_its_squared_gradient():
+    """The gradient weighs output channels too, not only positions: where the loss reads one channel through a gain
+    of 100 (squared gradient 1e4, the others 1), the input range must serve the small feature that channel alone
+    reads, clipping the large ones the other channels read. A plain output MSE keeps the wide range, on whose
+    steps the small feature rounds away: its gradient-weighted error is 3.5x the weighted search's."""
+    from leanvit.compress.quant.hessian import _matmul, _quantized_rows, _search_layer
+    from leanvit.compress.quant.quantizer import QScheme
+
+    def searched(grad_sq):
+        torch.manual_seed(0)
+        linear = nn.Linear(16, 32)
+        with torch.no_grad():
+            linear.weight[:, 0] = 0.0  # no other channel reads feature 0,
+            linear.weight[0] = F.one_hot(torch.tensor(0), 16)  # and channel 0 reads it alone
+        layer = QuantLinear.from_float(linear, QScheme(4, True, True), QScheme(4, symmetric=False))
+        layer.weight_quantizer.set_range(-layer.weight.detach().abs().amax(1), layer.weight.detach().abs().amax(1))
+        x = torch.randn(256, 1, 16)  # sampled rows (N, groups, K)
+        x[:, :, 0] *= 0.05  # feature 0 is 20x smaller than the rest
+        layer.input_quantizer.set_range(x.min(), x.max())
+        _search_layer(layer, x, grad_sq, rounds=2, search_input=True)
+        with torch.no_grad():
+            err = _matmul(_quantized_rows(x, layer.input_quantizer), layer.weight_quantizer(layer.weight)) - _matmul(
+                x, layer.weight)
+        return layer, float((gain * err.pow(2)).sum()), float(err.pow(2).sum())
+
+    gain = torch.ones(256, 32)
+    gain[:, 0] = 1e4
+    weighted, weighted_err, weighted_plain_err = searched(gain)
+    plain, plain_weighted_err, plain_err = searched(torch.ones(256, 32))
+    assert weighted_err < 0.5 * plain_weighted_err
+    assert weighted_plain_err > 10 * plain_err  # a different objective: the plain output MSE is what it gives up
+    assert weighted.input_quantizer.scale < 0.3 * plain.input_quantizer.scale

@@ -226,3 +226,72 @@ def test_the_reconstruction_loss_sums_over_channels_of_nhwc_maps_too():
     block = quantize(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).eval(), torch.randn(16, 3, 5, 8),
                      QuantConfig(), progress=False)  # on NHWC maps
     assert _out_channels(block) == 8
+
+
+def test_the_rounding_regulariser_waits_for_the_warm_up_then_anneals_beta_from_20_to_2():
+    """AdaRound's schedule (BRECQ's LinearTempDecay): no regulariser for the first 20 % of the iterations, so the
+    rounding first fits the output; then its temperature falls linearly from 20, which pushes only the ``h(V)``
+    already near 0 or 1, to 2, which pushes every one of them there. Held at 20, many weights would still be
+    undecided when they are frozen to the hard rounding, which the soft one then no longer resembles."""
+    from leanvit.compress.quant.reconstruct import _beta
+
+    iters = 1000
+    betas = [_beta(step, iters) for step in range(iters)]
+    assert betas[:200] == [None] * 200  # the warm-up
+    assert betas[200] == 20.0
+    assert betas[600] == pytest.approx(11.0)  # half way through the decay: half way from 20 to 2
+    assert betas[-1] == pytest.approx(2.0, abs=0.05)
+    decay = betas[200:]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert [_beta(step, 10) for step in (0, 1, 2)] == [None, None, 20.0]  # a short run warms up 20 % as well
+
+
+def test_a_learned_rounding_worse_than_round_to_nearest_is_undone(monkeypatch):
+    """Reconstruction must never leave a unit worse than round-to-nearest on the calibration data: a learned
+    rounding (here forced: every weight frozen one grid step below its floor) that loses is rolled back, its
+    weights and learned input steps both, and the report says round-to-nearest was kept."""
+    from leanvit.compress.quant.reconstruct import AdaRound
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvBlock(8), ConvBlock(8)).eval()
+    calib = torch.randn(32, 8, 8, 8)
+    config = QuantConfig(w_bits=4, batch_size=16)
+    nearest = quantize(model, calib, config, progress=False)
+    monkeypatch.setattr(AdaRound, "hard", lambda self: self._dequantize(torch.full_like(self.floor, -1.0)))
+    kept = quantize(model, calib, replace(config, reconstruct="blocks", reconstruct_iters=10,
+                                          reconstruct_act_scales=True), progress=False)
+    report = kept.quant_report.reconstructed
+    assert list(report) == ["0", "1"]
+    assert all(outcome.startswith("kept round-to-nearest") for outcome in report.values()), report
+    assert "reconstructed 0: kept round-to-nearest" in kept.quant_report.summary()
+    for (name, layer), plain in zip(layers(kept).items(), layers(nearest).values()):
+        assert torch.equal(layer.weight, plain.weight), name
+        assert torch.equal(layer.input_quantizer.scale, plain.input_quantizer.scale), name
+    x = torch.randn(8, 8, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(kept(x), nearest(x))
+
+
+def test_learned_input_steps_are_kept_with_the_learned_rounding():
+    """``reconstruct_act_scales`` learns the layers' input step sizes (LSQ) together with the rounding; a unit that
+    keeps its learned rounding keeps those steps too (the rounding was learned for them), and the error the report
+    gives is the one the final model has."""
+    import re
+
+    from leanvit.compress.quant.reconstruct import _reconstruction_error
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvBlock(8), ConvBlock(8)).eval()
+    calib = torch.randn(32, 8, 8, 8)
+    config = QuantConfig(w_bits=4, a_bits=4, batch_size=16, reconstruct="blocks", reconstruct_iters=100)
+    fixed = quantize(model, calib, config, progress=False)
+    learned = quantize(model, calib, replace(config, reconstruct_act_scales=True), progress=False)
+    report = learned.quant_report.reconstructed
+    assert "learned)" in report["0"], report
+    for name in ("0.conv1", "0.conv2"):  # the calibrated steps, which fixed keeps, moved
+        assert not torch.equal(layers(learned)[name].input_quantizer.scale, layers(fixed)[name].input_quantizer.scale)
+    # the first block reads the images themselves: its reported error recomputed from the final model
+    after = float(re.search(r"-> (\S+) \(", report["0"]).group(1))
+    with torch.no_grad():
+        errors = [float(_reconstruction_error(learned[0](batch), [model[0](batch)], "0", 8)) for batch in calib.split(16)]
+    assert sum(errors) / len(errors) == pytest.approx(after, rel=1e-3)
