@@ -351,6 +351,31 @@ def test_uniform_attention_exports_as_int8_matmuls(qvit, tmp_path):
     assert agreement.top1_agreement == 1.0 and agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
 
 
+def test_the_attention_probabilities_are_unsigned_and_the_engines_read_them_so(qvit, tmp_path):
+    """Probabilities lie in [0, 1]: uint8 with zero point 0 spends every code on them (int8 would waste half).
+    The ONNX the engines run reads them through a uint8 DequantizeLinear."""
+    import onnx
+
+    for attn in (m for m in qvit.modules() if isinstance(m, QuantAttention)):
+        quantizer = attn.softmax_quantizer
+        assert quantizer.scheme == QScheme(8, symmetric=False) and int(quantizer.zero_point) == 0
+    graph = onnx.load(export(qvit, tmp_path / "vit.onnx", engine="onnxruntime")).graph
+    softmax_outputs = {node.output[0] for node in graph.node if node.op_type == "Softmax"}
+    zero_point_types = {i.name: i.data_type for i in graph.initializer}
+    types = [zero_point_types[node.input[2]] for node in graph.node
+             if node.op_type == "QuantizeLinear" and node.input[0] in softmax_outputs]
+    assert types == [onnx.TensorProto.UINT8] * 2  # one per block
+
+
+def test_twin_uniforms_fine_grid_reaches_the_end_of_its_region():
+    """PTQ4ViT's R1 = [0, 2^(b-1) d1): a value just below its end takes the fine grid's top code, one past it the
+    coarse grid."""
+    q = TwinUniformQuantizer(4)
+    q.fine_step.fill_(q.coarse_step / 8)
+    fine, coarse = q.fine_step.item(), q.coarse_step
+    assert q(torch.tensor([7.4 * fine, 8.4 * fine])).tolist() == pytest.approx([7 * fine, coarse])
+
+
 @pytest.mark.parametrize("kind", ["log2", "sulq", "twin"])
 def test_non_uniform_softmax_quantizers_are_simulation_only(tiny_vit, calib, kind):
     qmodel = quantize(tiny_vit, calib, QuantConfig(attn_bits=8, softmax_quantizer=kind), progress=False)

@@ -11,8 +11,8 @@ import torch
 from onnx import numpy_helper
 
 from leanvit.compress.quant import (
-    QuantConfig, QuantConv2d, QuantLinear, export, export_quantized, onnx_int8_summary, onnxruntime_precisions,
-    openvino_precisions, quantize, source_modules,
+    QuantConfig, QuantConv2d, QuantLinear, check_config_deployable, export, export_quantized, onnx_int8_summary,
+    onnxruntime_precisions, openvino_precisions, quantize, source_modules,
 )
 from leanvit.compress.quant.export import OnnxInt8Summary, fuses_a_matmul, int8_saturates
 from leanvit.deploy import check_agreement, get_engine
@@ -384,13 +384,29 @@ def test_bit_widths_without_engine_kernels_are_refused(tiny_vit, tmp_path):
     w4a4 = quantize(tiny_vit, calib, QuantConfig.from_bits("w4a4"), progress=False)
     with pytest.raises(LeanvitError, match="below 8 bits.*blocks.0.attn.qkv"):
         export(w4a4, tmp_path / "m.xml", engine="openvino")
+    w8a7 = quantize(tiny_vit, calib, QuantConfig.from_bits("w8a7"), progress=False)  # 7 bits: weights only
+    with pytest.raises(LeanvitError, match="below 8 bits"):
+        export(w8a7, tmp_path / "m.xml", engine="openvino")
+    with pytest.raises(LeanvitError, match="below 8 bits"):
+        check_config_deployable(QuantConfig.from_bits("w8a7"))
+    check_config_deployable(QuantConfig.from_bits("w7a8"))
     per_channel = quantize(tiny_vit, calib, QuantConfig(a_per_channel=True), progress=False)
-    with pytest.raises(LeanvitError, match="per channel"):
-        export(per_channel, tmp_path / "m.onnx", engine="onnxruntime")
+    for engine in ("onnxruntime", "openvino", None):  # a Linear's per-channel inputs: no engine's INT8 kernel
+        with pytest.raises(LeanvitError, match=r"only a depthwise conv's can be per channel"):
+            export_quantized(per_channel, tmp_path / "m.onnx", engine=engine)
     with pytest.raises(LeanvitError, match="no quantizers"):
         export(tiny_vit, tmp_path / "m.onnx", engine="onnxruntime")
     with pytest.raises(LeanvitError, match="engine 'tensorrt'"):
         export(w4a4, tmp_path / "m.onnx", engine="tensorrt")
+
+
+def test_an_export_that_loses_a_quantized_layer_is_an_error(qvit, tmp_path):
+    """The graph's INT8 compute nodes are counted against the layers the report says are quantized: one fewer in
+    the graph (here, one more in the report) is a float layer the exporter dropped, not a model to ship."""
+    lost = copy.deepcopy(qvit)
+    lost.quant_report.quantized["blocks.9.mlp.fc9"] = "weights int8 sym per-channel; inputs uint8 asym per-tensor"
+    with pytest.raises(RuntimeError, match="lost some quantizers"):
+        export_quantized(lost, tmp_path / "m.onnx")
 
 
 def test_an_export_example_of_another_size_or_rank_is_refused(qvit, tmp_path):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from leanvit.compress.quant import QuantConfig, quantize
-from leanvit.compress.quant.quantizer import FakeQuantizer
+from leanvit.compress.quant.quantizer import FakeQuantizer, QScheme, RangeObserver, fake_quantize, qparams
 from leanvit.errors import LeanvitError
 
 
@@ -68,3 +68,39 @@ def test_the_report_describes_the_grids_a_state_dict_brought(tiny_vit):
     fresh.load_state_dict(saved.state_dict())
     assert fresh.quant_report.quantized == saved.quant_report.quantized
     assert fresh.quant_report.weight_bits == saved.quant_report.weight_bits
+
+
+def test_the_integer_grids_are_the_full_signed_and_unsigned_ranges():
+    """int8 is -128..127 (the exporter's int8, and twice the levels' reach at 4 bits: -8..7), uint8 0..255."""
+    assert [(QScheme(b).qmin, QScheme(b).qmax) for b in (4, 6, 8)] == [(-8, 7), (-32, 31), (-128, 127)]
+    assert [(QScheme(b, symmetric=False).qmin, QScheme(b, symmetric=False).qmax) for b in (4, 8)] == [(0, 15), (0, 255)]
+
+
+def test_an_asymmetric_zero_point_is_the_nearest_integer_to_minus_lo_over_scale():
+    """So both ends of the calibrated range land within half a step (a floored zero point clips the top by up to one
+    step): [-1.1, 3] at 8 bits has -lo / scale = 68.4, zero point 68."""
+    lo = torch.tensor([-1.1, -0.3, -2.0, -0.01]).repeat(8) * torch.rand(32, generator=torch.Generator().manual_seed(0))
+    hi = torch.full_like(lo, 3.0)
+    for bits in (4, 8):
+        scheme = QScheme(bits, symmetric=False)
+        scale, zero = qparams(lo, hi, scheme)
+        assert torch.equal(zero, torch.round(-lo / scale).to(torch.int32))
+        ends = torch.stack([lo, hi], dim=1)
+        error = fake_quantize(ends, scale, zero, scheme, axis=0) - ends
+        assert error.abs().le(scale[:, None] / 2 + 1e-6).all()
+    assert qparams(torch.tensor(-1.1), torch.tensor(3.0), QScheme(8, symmetric=False))[1] == 68
+
+
+def test_the_held_out_error_weighs_each_input_channel_by_its_consumers_weights():
+    """The symmetry / granularity choice minimises the consuming layer's output error: channel weights [1, 0] score
+    channel 0's held-out error alone."""
+    observer = RangeObserver(axis=-1)
+    generator = torch.Generator().manual_seed(0)
+    observer.update(torch.cat([torch.rand(512, 1, generator=generator), 50 * torch.randn(512, 1, generator=generator)], 1))
+    scheme = QScheme(4, symmetric=False, per_channel=True)
+    both = observer.held_out_error(scheme, "minmax", torch.tensor([1.0, 1.0]))
+    first, second = (observer.held_out_error(scheme, "minmax", torch.tensor(w)) for w in ([1.0, 0.0], [0.0, 1.0]))
+    assert first + second == pytest.approx(both) and second > 100 * first
+    fit, held = observer.rows[0::2, 0], observer.rows[1::2, 0]
+    scale, zero = qparams(fit.min(), fit.max(), scheme)
+    assert first == pytest.approx(float((fake_quantize(held, scale, zero, scheme) - held).pow(2).mean()))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from leanvit.deploy import available_engines, cached_onnx, check_agreement, export_onnx, get_engine
+from leanvit.deploy.engine import Agreement
 from leanvit.deploy.export import DEFAULT_OPSET
 from leanvit.errors import EngineUnavailableError, LeanvitError
 
@@ -37,6 +38,41 @@ def test_openvino_reports_the_precision_it_runs(tiny_vit, tmp_path):
     runner = get_engine("openvino", threads=1, precision="f32").load(tiny_vit, torch.randn(1, 3, 32, 32), cache_dir=tmp_path)
     assert runner.info["inference_precision"] == "f32"
     assert runner.info["threads"] == 1
+
+
+def test_openvino_runners_precision_is_the_one_the_compiled_model_uses(tiny_cnn, tmp_path, monkeypatch):
+    """The runner (and a bench row) says what OpenVINO runs, read back from the compiled model, not what was
+    asked: here a compiled model that reports bf16 for an f32 request."""
+    from leanvit.deploy import ov
+
+    class ReportsBf16:
+        def __init__(self, compiled):
+            self.compiled = compiled
+
+        def get_property(self, key):
+            return "bf16" if key == "INFERENCE_PRECISION_HINT" else self.compiled.get_property(key)
+
+        def __getattr__(self, name):  # everything else the real compiled model's
+            return getattr(self.compiled, name)
+
+    real = ov.openvino_core()
+
+    class Core:
+        def compile_model(self, *args):
+            return ReportsBf16(real.compile_model(*args))
+
+    path = export_onnx(tiny_cnn, torch.randn(1, 3, 32, 32), tmp_path / "cnn.onnx")
+    monkeypatch.setattr(ov, "openvino_core", Core)
+    runner = get_engine("openvino", threads=1, precision="f32").load_model_file(path)
+    assert runner.precision == "bf16" and runner.info["inference_precision"] == "bf16"
+
+
+def test_onnxruntime_runs_the_threads_it_is_given(tiny_cnn, tmp_path):
+    """Latency is measured at a thread count: ONNX Runtime's default would take every core."""
+    path = export_onnx(tiny_cnn, torch.randn(1, 3, 32, 32), tmp_path / "cnn.onnx")
+    runner = get_engine("onnxruntime", threads=2).load_onnx(path)
+    options = runner.session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
 
 
 def test_openvino_copies_the_logits_once_and_they_do_not_alias_its_buffer(tiny_vit, tmp_path):
@@ -116,6 +152,10 @@ def test_divergence_is_detected(tiny_vit):
 
     agreement = check_agreement(tiny_vit, Wrong(), [torch.randn(4, 3, 32, 32)])
     assert agreement.diverges("f32") and agreement.top1_agreement < 1.0
+    # f32 within 1e-3 of the logits' scale, every top-1 the same
+    assert Agreement(5e-3, 1.0, 8, ref_scale=1.0).diverges("f32")
+    assert not Agreement(5e-4, 1.0, 8, ref_scale=1.0).diverges("f32")
+    assert not Agreement(5e-3, 1.0, 8, ref_scale=10.0).diverges("f32")
 
 
 def test_missing_engine_names_the_package(monkeypatch):
