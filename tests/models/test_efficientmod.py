@@ -298,3 +298,91 @@ def test_onnx_ort_openvino_smallest(check_engines):
 def test_onnx_ort_openvino_all(name, check_engines):
     torch.manual_seed(0)
     check_engines(randomize(timm.create_model(name).eval()), 224)
+
+
+# --- the official evaluation and from-scratch training setup -------------------------------------
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_eval_preprocessing_is_the_official_evaluations(name):
+    """The README's top-1 comes from validate.py --checkpoint W (timm==0.6.13): --crop-pct and --interpolation
+    default to None / '' and the official models register no default_cfg, so timm 0.6.13's resolve_data_config
+    gives its defaults: crop_pct DEFAULT_CROP_PCT 0.875, 'bicubic', IMAGENET_DEFAULT_MEAN / STD, centre crop."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert (cfg.crop_pct, cfg.crop_mode, cfg.interpolation, tuple(cfg.mean), tuple(cfg.std)) == (
+        0.875, 'center', 'bicubic', (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _drop_prob(m) -> float:
+    return m.drop_prob if isinstance(m, timm.layers.DropPath) else 0.  # a rate of 0 builds an Identity
+
+
+def test_drop_path_rates_rise_linearly_over_every_block_of_the_network():
+    """Official EfficientMod.__init__: dpr = linspace(0, drop_path_rate, sum(depths) + sum(attention_depth)),
+    sliced per stage in execution order (a stage's modulation blocks, then its attention blocks)."""
+    model = timm.create_model('efficientmod_xxs', drop_path_rate=0.3, **TINY)
+    n_blocks = sum(TINY_OFFICIAL['depths']) + sum(TINY_OFFICIAL['attn'])
+    rates = []
+    for stage in model.stages:
+        for block in stage.blocks:
+            if isinstance(block, emod.AttentionBlock):
+                assert _drop_prob(block.drop_path1) == _drop_prob(block.drop_path2)
+                rates.append(_drop_prob(block.drop_path1))
+            else:
+                rates.append(_drop_prob(block.drop_path))
+    assert rates == pytest.approx(torch.linspace(0, 0.3, n_blocks).tolist())
+
+
+def test_fresh_layer_scales_are_the_officials():
+    """Official efficientMod_* use use_layerscale=True, layerscale_value=1e-4 (gamma_1 of every modulation
+    block); the attention blocks get init_values=None: no layer scale."""
+    model = timm.create_model('efficientmod_xxs', **TINY)
+    blocks = [b for stage in model.stages for b in stage.blocks]
+    modulation = [b for b in blocks if isinstance(b, emod.EfficientModBlock)]
+    assert len(modulation) == sum(TINY_OFFICIAL['depths'])
+    for block in modulation:
+        torch.testing.assert_close(block.ls.gamma, torch.full_like(block.ls.gamma, 1e-4), rtol=1e-6, atol=0)
+    attention = [b for b in blocks if isinstance(b, emod.AttentionBlock)]
+    assert len(attention) == sum(TINY_OFFICIAL['attn'])
+    assert not [n for b in attention for n, _ in b.named_parameters() if 'gamma' in n]
+
+
+def test_layer_norms_have_the_officials_eps():
+    """Official norm_layer=nn.LayerNorm (eps 1e-5) everywhere: stem, blocks, attention blocks, downsamples, final."""
+    model = timm.create_model('efficientmod_xxs', **TINY)
+    norms = {n: m.eps for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert 'stem.norm' in norms and 'norm' in norms and 'stages.3.blocks.2.norm1' in norms
+    assert len(norms) == 1 + sum(TINY['depths']) + 2 * sum(TINY['attn_depths']) + 3 + 1
+    assert set(norms.values()) == {1e-5}, norms
+
+
+def test_forward_intermediates_unnormed_unless_asked():
+    """norm=False: the last stage's map as it comes out; the final output is normed as forward_features."""
+    model = _tiny()
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x, norm=False)
+        raw = model.stages(model.stem(x))
+    assert not torch.allclose(raw, model.norm(raw))
+    assert torch.equal(inter[-1], raw.permute(0, 3, 1, 2)) and torch.equal(final, model.norm(raw))
+
+
+def test_prune_norm_drops_the_final_norm_and_keeps_the_head():
+    model = _tiny()
+    x = torch.randn(1, 3, 96, 64)
+    assert model.prune_intermediate_layers(4, prune_norm=True, prune_head=False) == [0, 1, 2, 3]
+    assert isinstance(model.norm, torch.nn.Identity) and len(model.stages) == 4
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), model.stages(model.stem(x)))
+        assert model(x).shape == (1, TINY['num_classes'])
+
+
+def test_official_checkpoint_saved_from_ddp_loads_through_timm(tmp_path):
+    """A checkpoint saved from the DDP-wrapped model ('module.' keys under 'state_dict') loads the same weights."""
+    sd = official_state_dict(**TINY_OFFICIAL)
+    path = tmp_path / 'ddp.pth.tar'
+    torch.save({'state_dict': {'module.' + k: v for k, v in sd.items()}, 'epoch': 1}, path)
+    model = timm.create_model(
+        'efficientmod_xxs', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10), **TINY)
+    expected = emod.checkpoint_filter_fn(sd, model)
+    assert expected.keys() == model.state_dict().keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())

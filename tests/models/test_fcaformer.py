@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import re
 import warnings
 
 import pytest
@@ -551,3 +552,65 @@ def test_every_variant_exports_to_onnxruntime_and_openvino(tmp_path, name, dynam
     example = torch.randn(2 if dynamic_batch else 1, 3, 224, 224)
     batches = (1, 2) if dynamic_batch else (1, 1)
     _check_onnx_engines(model, example, batches, tmp_path / f"{name}.onnx", dynamic_batch)
+
+
+# --- the official evaluation and from-scratch training setup ----------------------------------
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_eval_preprocessing_is_the_official_evaluations(name):
+    """The official main.py --eval true builds its val transform in datasets.py build_transform: --crop_pct None
+    -> 224 / 256, Resize(int(224 / crop_pct), BICUBIC), CenterCrop(224), and --imagenet_default_mean_and_std
+    (default True) -> timm's IMAGENET_DEFAULT_MEAN / STD; no recipe script changes any of them."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert (cfg.crop_pct, cfg.crop_mode, cfg.interpolation, tuple(cfg.mean), tuple(cfg.std)) == (
+        224 / 256, "center", "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_an_image_size_not_a_multiple_of_32_runs():
+    """Stride-2 3x3 convs with padding 1 give ceil(size / 2): 100x76 -> 7x5 then 4x3 tokens."""
+    model = _tiny(img_size=(100, 76))
+    assert model.stages[2].blocks[0].attn.resolution == (7, 5) and model.stages[3].blocks[0].attn.resolution == (4, 3)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 100, 76)).shape == (1, TINY["num_classes"])
+
+
+def _drop_prob(m) -> float:
+    return m.drop_prob if isinstance(m, timm.layers.DropPath) else 0.0  # a rate of 0 builds an Identity
+
+
+def test_drop_path_rates_rise_linearly_over_every_block_of_the_network():
+    """Official FcaFormer.__init__: dpr = linspace(0, drop_path_rate, sum(depths)), sliced per stage; an
+    FcaBlock's attention and MLP residuals share its rate."""
+    model = timm.create_model("fcaformer_l1", drop_path_rate=0.3, **TINY)
+    rates = []
+    for stage in model.stages:
+        for block in stage.blocks:
+            if isinstance(block, fca.FcaBlock):
+                assert _drop_prob(block.drop_path1) == _drop_prob(block.drop_path2)
+                rates.append(_drop_prob(block.drop_path1))
+            else:
+                rates.append(_drop_prob(block.drop_path))
+    assert rates == pytest.approx(torch.linspace(0, 0.3, sum(TINY["depths"])).tolist())
+
+
+def test_fresh_layer_scales_are_the_officials():
+    """Official layer_scale_init_value 1e-6 (hard-coded for every layer, and main.py's default): CxBlock's gamma,
+    FcaBlock's gamma_1 and gamma_2."""
+    model = timm.create_model("fcaformer_l1", **TINY)
+    gammas = {n: p for n, p in model.named_parameters() if n.endswith("gamma")}
+    assert len(gammas) == sum(TINY["depths"][:2]) + 2 * sum(TINY["depths"][2:])
+    for name, gamma in gammas.items():
+        torch.testing.assert_close(gamma, torch.full_like(gamma, 1e-6), rtol=1e-6, atol=0, msg=name)
+
+
+def test_norms_have_the_officials_eps():
+    """Official: CxBlock's channels-last LayerNorm(eps=1e-6); FcaBlock's norm1 / s_norm / norm2 / mlp.norm and
+    norm_head are nn.LayerNorm (1e-5); every Conv2d_BN's BatchNorm2d is 1e-5."""
+    model = timm.create_model("fcaformer_l1", **TINY)
+    norms = {n: m.eps for n, m in model.named_modules()
+             if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d, timm.layers.LayerNorm2d))}
+    expected = {n: 1e-6 if re.fullmatch(r"stages\.[01]\.blocks\.\d+\.norm", n) else 1e-5 for n in norms}
+    assert "head.norm" in norms and "stages.2.blocks.1.attn.cross_norm" in norms and "stages.2.blocks.0.mlp.norm" in norms
+    assert sum(v == 1e-6 for v in expected.values()) == sum(TINY["depths"][:2])
+    assert norms == expected

@@ -331,3 +331,63 @@ def test_onnx_ort_openvino_smallest(check_engines):
 def test_onnx_ort_openvino_all(name, check_engines):
     torch.manual_seed(0)
     check_engines(randomize(timm.create_model(name).eval()), 224)
+
+
+# --- the official evaluation and from-scratch training setup -------------------------------------
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_eval_preprocessing_is_the_official_evaluations(name):
+    """The official main.py --eval builds its val transform in util/datasets.py build_transform:
+    Resize(int(224 / args.crop_pct), interpolation=3 (bicubic)), CenterCrop(224), Normalize with timm's
+    IMAGENET_DEFAULT_MEAN / STD; --crop_pct defaults to 0.9 (main.py), as models/mobilevig.py's _cfg has it."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert (cfg.crop_pct, cfg.crop_mode, cfg.interpolation, tuple(cfg.mean), tuple(cfg.std)) == (
+        0.9, 'center', 'bicubic', (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _drop_prob(m: nn.Module) -> float:
+    return m.drop_prob if isinstance(m, timm.layers.DropPath) else 0.  # a rate of 0 builds an Identity
+
+
+def test_drop_path_rates_rise_linearly_over_every_block_of_the_network():
+    """Official MobileViG.__init__: dpr = linspace(0, drop_path, sum(local_blocks) + sum(global_blocks)),
+    one rate per block in execution order; a global block's Grapher and FFN share theirs."""
+    model = timm.create_model('mobilevig_ti', drop_path_rate=0.3, **TINY)
+    n_blocks = sum(TINY_OFFICIAL['local_blocks']) + TINY_OFFICIAL['global_blocks']
+    rates = []
+    for stage in model.stages:
+        for block in stage.blocks:
+            if isinstance(block, mvig.SvgaBlock):
+                assert _drop_prob(block.grapher.drop_path) == _drop_prob(block.ffn.drop_path)
+                rates.append(_drop_prob(block.grapher.drop_path))
+            else:
+                rates.append(_drop_prob(block.drop_path))
+    assert rates == pytest.approx(torch.linspace(0, 0.3, n_blocks).tolist())
+
+
+def test_fresh_layer_scales_are_the_officials():
+    """Official InvertedResidual: layer_scale_2 = 1e-5 * ones; the global (Grapher + FFN) blocks have none."""
+    model = timm.create_model('mobilevig_ti', **TINY)
+    local = [b for stage in model.stages[:-1] for b in stage.blocks]
+    assert len(local) == sum(TINY_OFFICIAL['local_blocks'])
+    for block in local:
+        torch.testing.assert_close(block.ls.gamma, torch.full_like(block.ls.gamma, 1e-5), rtol=1e-6, atol=0)
+    assert not [n for n, _ in model.stages[-1].named_parameters() if 'gamma' in n]
+
+
+def test_fresh_convs_are_kaiming_normal_as_the_officials():
+    """Official model_init: kaiming_normal_ (fan_in, gain sqrt(2): std sqrt(2 / fan_in)) on every conv, zero bias
+    (the heads are 1x1 convs there, Linear here). Not timm's usual trunc_normal(std=.02)."""
+    torch.manual_seed(0)
+    model = timm.create_model('mobilevig_ti', **TINY)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    normalised = []
+    for m in layers:
+        fan_in = m.weight[0].numel()
+        normalised.append((m.weight / (2 / fan_in) ** 0.5).flatten())
+        assert m.bias is None or not m.bias.any()
+        if m.weight.numel() >= 500:  # enough draws for the layer's own std to be within 15 %
+            assert 0.85 < m.weight.std().item() / (2 / fan_in) ** 0.5 < 1.15
+    pooled = torch.cat(normalised)
+    assert pooled.numel() > 10_000 and abs(pooled.std().item() - 1) < 0.03 and abs(pooled.mean().item()) < 0.03
+    assert pooled.abs().max() > 3  # a normal, not truncated at 2 std

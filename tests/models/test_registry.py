@@ -83,3 +83,10 @@ def test_the_hub_probe(monkeypatch):
     assert not _hub_reachable("http://127.0.0.1:9")  # the discard port: nothing listens, refused at once
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
     assert _hub_reachable("http://127.0.0.1:9")  # behind a proxy a direct connection proves nothing
+
+
+def test_a_catalog_name_gets_its_published_tag():
+    """A bare catalog name builds the published configuration: tiny_vit_5m_224's default tag would be a 21,841-class
+    head; the catalog's tag is dist_in22k_ft_in1k (1,000 classes, the published 5.4 M / 79.1 %)."""
+    model = create_model("tiny_vit_5m_224")
+    assert model.num_classes == 1000 and model.pretrained_cfg["tag"] == "dist_in22k_ft_in1k"

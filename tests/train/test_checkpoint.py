@@ -293,3 +293,24 @@ def test_each_shipped_checkpoint_classifies_the_bundled_test_subset(entry):
     top1 = evaluate(model, make_loader(dataset, 100), progress=False).top1
     p = entry["top1"] / 100
     assert abs(top1 - entry["top1"]) <= 300 * (p * (1 - p) / len(dataset)) ** 0.5
+
+
+def test_the_callers_kwargs_override_the_saved_model_kwargs(tmp_path):
+    """model_kwargs rebuild the saved architecture; what the caller passes wins (a fine-tune's drop_path_rate)."""
+    tiny = {**TINY, "depth": 2}
+    model = _vit(depth=2)
+    save_weights(tmp_path / "a.safetensors", model.state_dict(),
+                 {"model": "deit_tiny_patch16_224", "model_kwargs": {**tiny, "drop_path_rate": 0.0}})
+    rebuilt, _ = model_from_checkpoint("deit_tiny_patch16_224", tmp_path / "a.safetensors", drop_path_rate=0.1)
+    assert rebuilt.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
+    torch.testing.assert_close(rebuilt.head.weight, model.head.weight, rtol=0, atol=0)
+
+
+def test_another_architectures_model_kwargs_are_not_applied(tmp_path):
+    """A checkpoint of another architecture still reaches the error naming it, not a kwargs error from its
+    model_kwargs (resnet's stem_width means nothing to a ViT)."""
+    resnet = timm.create_model("resnet10t", num_classes=10)
+    save_weights(tmp_path / "r.safetensors", resnet.state_dict(),
+                 {"model": "resnet10t", "model_kwargs": {"num_classes": 10, "stem_width": 24}})
+    with pytest.raises(CheckpointMismatchError, match="It was saved from 'resnet10t'"):
+        model_from_checkpoint("deit_tiny_patch16_224", tmp_path / "r.safetensors", **TINY)
