@@ -1,7 +1,10 @@
 """VCMamba: the scan against a sequential reference, the official scan orders and checkpoint names,
-the published sizes, export to ONNX Runtime / OpenVINO, torch.compile and timm's model API."""
+official checkpoints against a from-the-keys reference of the official forward, the official init,
+drop-path schedule and eval preprocessing, the published sizes, export to ONNX Runtime / OpenVINO,
+torch.compile and timm's model API."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -18,6 +21,7 @@ from leanvit.errors import InputSizeError
 from leanvit.models.layers import linear_recurrence, selective_scan
 from leanvit.models.vcmamba import PlainMamba2d, VCMambaBlock, checkpoint_filter_fn, snake_scan_orders
 from leanvit.profile import count_macs, count_params
+from random_weights import random_like
 
 #: A tiny VCMamba with every part of the real one: a 3x3 token grid (odd, so the scan pads at
 #: several levels of its reduction), two FFN blocks then two Mamba blocks in the last stage.
@@ -252,26 +256,348 @@ def official_state_dict(model: nn.Module) -> dict:
     return {k: v.clone() for k, v in sd.items()}
 
 
+# The official model written down independently of ours, from Wertyuui345/VCMamba at f8795a0:
+# model/mambacnn.py (EfficientFormer, FFN, Mlp, Embedding, stem) and model/plain_mamba_layer.py
+# (PlainMambaLayer, PlainMamba2D).
+
+#: official constructor arguments (EfficientFormer_width / EfficientFormer_depth, vit_num), independent of ours
+OFFICIAL = {
+    'vcmamba_s': dict(widths=(32, 64, 144, 288), layers=(4, 4, 12, 8), vit_num=4),  # 'S2', 'S2'
+    'vcmamba_m': dict(widths=(48, 96, 224, 448), layers=(4, 4, 12, 6), vit_num=4),  # 'l1', 'l3'
+    'vcmamba_b': dict(widths=(64, 128, 320, 512), layers=(4, 4, 12, 6), vit_num=4),  # 'l3', 'l3'
+}
+#: TINY in the official constructor's terms
+TINY_OFFICIAL = dict(widths=(16, 16, 32, 48), layers=(1, 1, 1, 4), vit_num=2)
+
+
+def official_grid(img_size: int) -> int:
+    """The token grid the official network produces: the stem's two and the three Embeddings' 3x3
+    stride-2 pad-1 convs, by torch.nn.Conv2d's output-size formula. At 224 it is the official
+    ``num_patches = resolution // 2 ** (sum(downsamples) + 1)`` = 7 (mambacnn.py line 409)."""
+    for _ in range(5):
+        img_size = math.floor((img_size + 2 * 1 - 3) / 2) + 1
+    return img_size
+
+
+def official_shapes(widths, layers, vit_num, grid=7, num_classes=1000, d_state=16, expand=2):
+    """Every (key, shape) of an official state dict, following the official module tree."""
+    shapes = {}
+
+    def conv(p, cin, cout, k=1, groups=1, bias=True):
+        shapes[f'{p}.weight'] = (cout, cin // groups, k, k)
+        if bias:
+            shapes[f'{p}.bias'] = (cout,)
+
+    def bn(p, c):
+        shapes.update({f'{p}.{n}': (c,) for n in ('weight', 'bias', 'running_mean', 'running_var')})
+        shapes[f'{p}.num_batches_tracked'] = ()
+
+    def mlp(p, c):  # Mlp(mid_conv=True)
+        conv(f'{p}.fc1', c, 4 * c), conv(f'{p}.fc2', 4 * c, c), conv(f'{p}.mid', 4 * c, 4 * c, 3, groups=4 * c)
+        bn(f'{p}.mid_norm', 4 * c), bn(f'{p}.norm1', 4 * c), bn(f'{p}.norm2', c)
+
+    conv('patch_embed.0', 3, widths[0] // 2, 3), bn('patch_embed.1', widths[0] // 2)
+    conv('patch_embed.3', widths[0] // 2, widths[0], 3), bn('patch_embed.4', widths[0])
+    for i, (c, n) in enumerate(zip(widths, layers)):
+        for j in range(n):
+            p = f'network.{2 * i}.{j}'
+            if i == 3 and n - j <= vit_num:  # PlainMambaLayer
+                e, rank = expand * c, math.ceil(c / 16)
+                bn(f'{p}.norm', c), bn(f'{p}.norm2', c)
+                conv(f'{p}.mamba.in_conv.0', c, e), bn(f'{p}.mamba.in_conv.1', e)
+                conv(f'{p}.mamba.conv2d', e, e, 7, groups=e)
+                shapes[f'{p}.mamba.x_proj.weight'] = (rank + 2 * d_state, e)
+                shapes[f'{p}.mamba.dt_proj.weight'], shapes[f'{p}.mamba.dt_proj.bias'] = (e, rank), (e,)
+                shapes[f'{p}.mamba.A_log'], shapes[f'{p}.mamba.D'] = (e, d_state), (e,)
+                shapes[f'{p}.mamba.norm.weight'] = shapes[f'{p}.mamba.norm.bias'] = (e,)
+                conv(f'{p}.mamba.out_conv.1', e, c), bn(f'{p}.mamba.out_conv.2', c)
+                shapes[f'{p}.mamba.direction_Bs'] = (5, d_state)
+            else:  # FFN
+                shapes[f'{p}.layer_scale_2'] = (c, 1, 1)
+            mlp(f'{p}.mlp', c)
+        if i < 3:
+            conv(f'network.{2 * i + 1}.proj', c, widths[i + 1], 3), bn(f'network.{2 * i + 1}.norm', widths[i + 1])
+    shapes['pos_embed'] = (1, widths[3], grid, grid)
+    shapes['norm.weight'] = shapes['norm.bias'] = (widths[3],)
+    for head in ('head', 'dist_head'):
+        shapes[f'{head}.weight'], shapes[f'{head}.bias'] = (num_classes, widths[3]), (num_classes,)
+    return shapes
+
+
+def random_official_state_dict(seed=0, **cfg) -> dict:
+    """Random official weights (``random_weights.random_like``: BN statistics, norm scales and layer scales
+    away from init); A_log near its S4D-real value so the four scans decay at different rates."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, shape in official_shapes(**cfg).items():
+        if k.endswith('num_batches_tracked'):
+            sd[k] = torch.tensor(0)
+        elif k.endswith('A_log'):
+            sd[k] = torch.log(torch.arange(1., shape[1] + 1)).repeat(shape[0], 1) + 0.2 * torch.randn(shape, generator=g)
+        else:
+            sd[k] = random_like(k, shape, g)
+    return sd
+
+
+def official_permute_orders(H: int, W: int):
+    """PlainMamba2D.get_permute_order (plain_mamba_layer.py lines 148-297), loop for loop: the four
+    snake orders, their inverses and the move into each token ([start, right, left, up, down])."""
+
+    def by_rows(i, j, j_d, di, vertical):  # o1 (down the rows) and o2 (up the rows)
+        o, d = [], []
+        while 0 <= i < H:
+            o.append(i * W + j)
+            if j_d == 'right' and j < W - 1:
+                j, move = j + 1, 1
+            elif j_d == 'left' and j > 0:
+                j, move = j - 1, 2
+            else:
+                i, move, j_d = i + di, vertical, 'left' if j_d == 'right' else 'right'
+            d.append(move)
+        return o, [0] + d[:-1]
+
+    def by_cols(i, j, i_d, dj, horizontal):  # o3 (rightwards over the columns) and o4 (leftwards)
+        o, d = [], []
+        while 0 <= j < W:
+            o.append(i * W + j)
+            if i_d == 'down' and i < H - 1:
+                i, move = i + 1, 4
+            elif i_d == 'up' and i > 0:
+                i, move = i - 1, 3
+            else:
+                j, move, i_d = j + dj, horizontal, 'up' if i_d == 'down' else 'down'
+            d.append(move)
+        return o, [0] + d[:-1]
+
+    scans = [
+        by_rows(0, 0, 'right', 1, 4),
+        by_rows(H - 1, W - 1, 'left', -1, 3) if H % 2 == 1 else by_rows(H - 1, 0, 'right', -1, 3),
+        by_cols(0, 0, 'down', 1, 1),
+        by_cols(H - 1, W - 1, 'up', -1, 2) if W % 2 == 1 else by_cols(0, W - 1, 'down', -1, 2),
+    ]
+    orders = [o for o, _ in scans]
+    inverses = [[o.index(idx) for idx in range(H * W)] for o in orders]
+    return orders, inverses, [d for _, d in scans]
+
+
+def official_forward(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """The official VCMamba eval forward (EfficientFormer.forward with if_abs_pos_embed=True and the
+    distillation head), functionally and in float64, straight from the official key names."""
+    sd = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+    x = x.double()
+
+    def conv(x, p, stride=1, groups=1):
+        w = sd[f'{p}.weight']
+        return F.conv2d(x, w, sd.get(f'{p}.bias'), stride, w.shape[-1] // 2, 1, groups)
+
+    def bn(x, p):  # nn.BatchNorm2d's default eps
+        return F.batch_norm(x, sd[f'{p}.running_mean'], sd[f'{p}.running_var'], sd[f'{p}.weight'], sd[f'{p}.bias'],
+                            False, 0., 1e-5)
+
+    def mlp(x, p):  # Mlp(mid_conv=True, act_layer=nn.GELU): fc1, norm1, act, mid, mid_norm, act, fc2, norm2
+        h = F.gelu(bn(conv(x, f'{p}.fc1'), f'{p}.norm1'))
+        h = F.gelu(bn(conv(h, f'{p}.mid', groups=h.shape[1]), f'{p}.mid_norm'))
+        return bn(conv(h, f'{p}.fc2'), f'{p}.norm2')
+
+    def plain_mamba_2d(x, p):  # PlainMamba2D.forward (no stride conv, no layer scale)
+        batch, _, H, W = x.shape
+        x = bn(conv(x, f'{p}.in_conv.0'), f'{p}.in_conv.1')
+        E = x.shape[1]
+        x_conv = F.silu(conv(x, f'{p}.conv2d', groups=E)).flatten(2).transpose(1, 2)  # (B, L, E)
+        A, D = -torch.exp(sd[f'{p}.A_log']), sd[f'{p}.D']
+        N, rank = A.shape[1], sd[f'{p}.dt_proj.weight'].shape[1]
+        dt, B, C = torch.split(F.linear(x_conv, sd[f'{p}.x_proj.weight']), [rank, N, N], dim=-1)
+        dt = F.linear(dt, sd[f'{p}.dt_proj.weight'], sd[f'{p}.dt_proj.bias']).permute(0, 2, 1)  # (B, E, L)
+        B, C = B.permute(0, 2, 1), C.permute(0, 2, 1)  # (B, N, L), in raster order for every scan
+        y = 0
+        for o, inv_o, d in zip(*official_permute_orders(H, W)):
+            dB = sd[f'{p}.direction_Bs'][list(d)].t()  # (N, L)
+            y_o = sequential_scan(x_conv[:, o, :].permute(0, 2, 1), dt, A, B + dB, C, D,
+                                  delta_bias=sd[f'{p}.dt_proj.bias'], delta_softplus=True)
+            y = y + y_o.permute(0, 2, 1)[:, inv_o, :]
+        out = F.layer_norm(y, (E,), sd[f'{p}.norm.weight'], sd[f'{p}.norm.bias'], 1e-5)
+        out = out.transpose(1, 2).unflatten(2, (H, W))
+        return bn(conv(F.relu(out), f'{p}.out_conv.1'), f'{p}.out_conv.2')  # out_conv: ReLU, conv, BN
+
+    x = F.relu(bn(conv(x, 'patch_embed.0', 2), 'patch_embed.1'))
+    x = F.relu(bn(conv(x, 'patch_embed.3', 2), 'patch_embed.4'))
+    idx = 0
+    while True:
+        j, mamba_started = 0, False
+        while f'network.{idx}.{j}.mlp.fc1.weight' in sd:
+            p = f'network.{idx}.{j}'
+            if f'{p}.mamba.A_log' in sd:  # PlainMambaLayer; the position embedding before the first one
+                if not mamba_started:
+                    x, mamba_started = x + sd['pos_embed'], True
+                x = x + plain_mamba_2d(bn(x, f'{p}.norm'), f'{p}.mamba')
+                x = x + mlp(bn(x, f'{p}.norm2'), f'{p}.mlp')
+            else:  # FFN: layer-scaled MLP, no norm before it
+                x = x + sd[f'{p}.layer_scale_2'] * mlp(x, f'{p}.mlp')
+            j += 1
+        if f'network.{idx + 1}.proj.weight' not in sd:
+            break
+        x = bn(conv(x, f'network.{idx + 1}.proj', 2), f'network.{idx + 1}.norm')  # Embedding
+        idx += 2
+    tokens = x.flatten(2).transpose(1, 2)
+    tokens = F.layer_norm(tokens, (tokens.shape[-1],), sd['norm.weight'], sd['norm.bias'], 1e-5)  # nn.LayerNorm
+    pooled = tokens.mean(-2)
+    out = (F.linear(pooled, sd['head.weight'], sd['head.bias'])
+           + F.linear(pooled, sd['dist_head.weight'], sd['dist_head.bias'])) / 2
+    return out.float()
+
+
+def test_official_permute_orders_port_matches_the_hand_worked_orders():
+    """The port of the official loops gives the orders worked out by hand (test above)."""
+    orders, inverses, directions = official_permute_orders(2, 3)
+    assert orders == [[0, 1, 2, 5, 4, 3], [3, 4, 5, 2, 1, 0], [0, 3, 4, 1, 2, 5], [5, 2, 1, 4, 3, 0]]
+    assert directions == [[0, 1, 1, 4, 2, 2], [0, 1, 1, 3, 2, 2], [0, 4, 1, 3, 1, 4], [0, 3, 2, 4, 2, 3]]
+    assert all([o[i] for i in inv] == list(range(6)) for o, inv in zip(orders, inverses))
+
+
+@pytest.mark.parametrize('name', [f.name for f in CATALOG.values() if f.family == 'VCMamba'])
+def test_official_keys_and_shapes_map_onto_ours(name):
+    model = timm.create_model(name)
+    official = {k: torch.empty(s) for k, s in official_shapes(**OFFICIAL[name]).items()}
+    mapped = checkpoint_filter_fn({'model': official}, model)
+    ours = model.state_dict()
+    assert sorted(mapped) == sorted(ours)
+    assert all(mapped[k].shape == ours[k].shape for k in ours)
+
+
 def test_official_checkpoint_loads_through_timm(tmp_path):
-    torch.manual_seed(0)
-    model = randomize_(timm.create_model('vcmamba_s', img_size=64)).eval()
-    official = official_state_dict(model)
-    assert len(official) == len(model.state_dict())
-    # names the spec lists for VCMamba-S (depths 4, 4, 12, 8; the last 4 blocks Mamba)
+    """Random official weights, saved as the official main.py saves them, load through timm's file source
+    and compute what the official forward (written from the official code, above) computes."""
+    # names the official constructor gives VCMamba-S (depths 4, 4, 12, 8; the last 4 blocks Mamba)
+    names = official_shapes(**OFFICIAL['vcmamba_s'])
     for key in ['patch_embed.4.running_var', 'network.5.proj.weight', 'network.6.3.layer_scale_2',
                 'network.6.4.norm.weight', 'network.6.7.norm2.weight', 'network.6.4.mamba.in_conv.1.weight',
                 'network.6.7.mamba.out_conv.2.running_mean', 'network.6.5.mamba.direction_Bs',
                 'network.4.11.mlp.mid_norm.bias', 'pos_embed', 'norm.weight', 'dist_head.bias']:
-        assert key in official, key
+        assert key in names, key
 
+    sd = random_official_state_dict(**OFFICIAL['vcmamba_s'], grid=official_grid(64))
+    ema = random_official_state_dict(seed=1, **OFFICIAL['vcmamba_s'], grid=official_grid(64))
     path = tmp_path / 'VCMamba-S.pth'
-    torch.save({'model': official, 'epoch': 299}, path)  # the layout of the official main.py
-    loaded = timm.create_model(
+    torch.save({'model': sd, 'model_ema': ema, 'epoch': 299}, path)  # the layout of the official main.py
+    model = timm.create_model(
         'vcmamba_s', img_size=64, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
     ).eval()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+        out, ref = model(x), official_forward(sd, x)
+    assert ref.abs().max() > 1 and (ref[0] - ref[1]).abs().max() > 0.2  # a live signal that depends on the image
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('img_size', [96, 100])  # 3x3 and 4x4 token grids (100 is no multiple of 32)
+def test_tiny_official_weights_compute_the_official_forward(img_size):
+    """Two FFN blocks then two Mamba blocks in the last stage; odd and even grids (the snake scans' ends)."""
+    sd = random_official_state_dict(**TINY_OFFICIAL, grid=official_grid(img_size), num_classes=100)
+    model = timm.create_model('vcmamba_s', **{**TINY, 'img_size': img_size, 'num_classes': 100}).eval()
+    model.load_state_dict(checkpoint_filter_fn({'model': sd}, model))
+    x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out, ref = model(x), official_forward(sd, x)
+    assert ref.abs().max() > 1 and (ref[0] - ref[1]).abs().max() > 0.2
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_image_size_not_a_multiple_of_32_runs():
+    """At 100x100 the stride-2 convs give 50, 25, 13, 7, 4: the position embedding and the scans are 4x4.
+    (The official constructors fix resolution=224; their num_patches = resolution // 32 would be 3 here and
+    not fit the 4x4 map, so other sizes are this implementation's extension, checked against the official
+    forward at 100 above.)"""
+    model = timm.create_model('vcmamba_s', img_size=100).eval()
+    assert model.stages[-1].pos_embed.shape == (1, 288, official_grid(100), official_grid(100)) == (1, 288, 4, 4)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 100, 100)).shape == (1, 1000)
+    assert timm.create_model('vcmamba_s').stages[-1].pos_embed.shape == (1, 288, 7, 7)  # the official 224 // 32
+
+
+# --- what the outputs cannot show: the official init, norms, drop-path schedule, preprocessing ---
+
+def test_norm_eps_are_the_officials():
+    """Every norm is a default nn.BatchNorm2d / nn.LayerNorm in the official code: eps 1e-5 (the final
+    norm, mambacnn.py line 452 with norm_layer=nn.LayerNorm; PlainMamba2D.norm, plain_mamba_layer.py line 134)."""
+    model = tiny()
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm))]
+    assert len([m for m in norms if isinstance(m, nn.LayerNorm)]) == 3  # the final norm and two mixers'
+    assert all(m.eps == 1e-5 for m in norms), {type(m).__name__: m.eps for m in norms if m.eps != 1e-5}
+    assert model.norm.eps == 1e-5
+
+
+def test_init_values_are_the_officials():
+    """The values the official constructors set (and that EfficientFormer.cls_init_weights leaves):
+    FFN layer scales 1e-5 (layer_scale_init_value, mambacnn.py lines 280, 377); S4D-real A = -(1..N) and
+    D = 1 (plain_mamba_layer.py lines 121-131); every Linear, dt_proj included, truncated normal std 0.02
+    with a zero bias (cls_init_weights, mambacnn.py lines 462, 477-481, overrides PlainMamba2D's dt init:
+    it does not check _no_reinit); the position embedding and direction_Bs truncated normal std 0.02;
+    norms at identity."""
+    torch.manual_seed(0)
+    model = timm.create_model('vcmamba_s')
+    stage = model.stages[-1]
+    for block in [b for s in model.stages for b in s.blocks]:
+        assert torch.equal(block.ls2.gamma, torch.full_like(block.ls2.gamma, 1e-5))
+    assert len(stage.mamba_blocks) == 4
+    for block in stage.mamba_blocks:
+        mamba = block.mamba
+        assert torch.equal(mamba.A_log, torch.log(torch.arange(1., 17.)).repeat(576, 1))
+        assert torch.equal(mamba.D, torch.ones(576))
+        assert torch.equal(mamba.dt_proj.bias, torch.zeros(576))
+        for w in (mamba.dt_proj.weight, mamba.x_proj.weight):
+            assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
+        assert mamba.direction_Bs.shape == (5, 16) and 0.01 < mamba.direction_Bs.std().item() < 0.03
+        assert torch.equal(mamba.norm.weight, torch.ones(576)) and torch.equal(mamba.norm.bias, torch.zeros(576))
+    assert abs(stage.pos_embed.std().item() - 0.02) < 0.001 and abs(stage.pos_embed.mean().item()) < 0.001
+    for head in (model.head, model.head_dist):
+        assert abs(head.weight.std().item() - 0.02) < 0.001 and torch.equal(head.bias, torch.zeros(1000))
+    assert torch.equal(model.norm.weight, torch.ones(288)) and torch.equal(model.norm.bias, torch.zeros(288))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
+
+
+def official_drop_path_rates(drop_path_rate: float, layers) -> list:
+    """meta_blocks (mambacnn.py lines 335-337): rate * (block_idx + sum(layers[:index])) / (sum(layers) - 1),
+    one rate per block in execution order, the Mamba blocks' (both branches) included."""
+    return [drop_path_rate * (j + sum(layers[:i])) / (sum(layers) - 1) for i in range(len(layers)) for j in range(layers[i])]
+
+
+def _drop_rates(module) -> float:
+    return getattr(module, 'drop_prob', 0.)  # nn.Identity where the rate is 0
+
+
+@pytest.mark.parametrize('name, kwargs', [
+    ('vcmamba_s', {}),  # the official VCMamba-S recipe: --drop-path 0.2 (model/scripts/vcmamba-eff-s-multi.sh)
+    ('vcmamba_s', dict(TINY, drop_path_rate=0.3)),
+])
+def test_drop_path_rates_follow_the_official_rule(name, kwargs):
+    model = timm.create_model(name, **kwargs)
+    layers = kwargs.get('depths', OFFICIAL[name]['layers'])
+    rate = kwargs.get('drop_path_rate', 0.2)
+    rates = []
+    for stage in model.stages:
+        for block in stage.blocks:
+            assert block.drop_path1 is None
+            rates.append(_drop_rates(block.drop_path2))
+        for block in stage.mamba_blocks or []:
+            assert _drop_rates(block.drop_path1) == _drop_rates(block.drop_path2)
+            rates.append(_drop_rates(block.drop_path1))
+    assert rates == pytest.approx(official_drop_path_rates(rate, layers), abs=1e-6)
+
+
+@pytest.mark.parametrize('name', [f.name for f in CATALOG.values() if f.family == 'VCMamba'])
+def test_eval_preprocessing_is_the_officials(name):
+    """main.py --eval's val transform (model/datasets.py build_transform): Resize(int(224 / 0.875) = 256,
+    bicubic), CenterCrop(224), ToTensor, Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)."""
+    cfg = timm.data.resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg(name).to_dict())
+    assert cfg['mean'] == pytest.approx((0.485, 0.456, 0.406)) and cfg['std'] == pytest.approx((0.229, 0.224, 0.225))
+    assert cfg['input_size'] == (3, 224, 224)
+    resize, crop, _, normalize = timm.data.create_transform(**cfg).transforms
+    assert resize.size == 256 and resize.interpolation.value == 'bicubic'
+    assert tuple(crop.size) == (224, 224)
+    assert normalize.mean.tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert normalize.std.tolist() == pytest.approx([0.229, 0.224, 0.225])
 
 
 def test_official_checkpoint_file_loads_the_evaluated_weights_as_the_hub_does(tmp_path):
