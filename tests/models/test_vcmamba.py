@@ -555,6 +555,19 @@ def test_init_values_are_the_officials():
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
+    # the MLPs' 1x1 convs truncated normal std 0.02, zero bias, before their depthwise mid conv exists (Mlp,
+    # mambacnn.py lines 230, 240-244; plain_mamba_layer.py 410, 420-424): mid keeps PyTorch's default; the stem
+    # LeCun normal (std sqrt(1 / fan_in)), zero bias (segm_init_weights, lines 97-106, applied at 465)
+    mlps = [b.mlp for s in model.stages for b in s.blocks] + [b.mlp for b in stage.mamba_blocks]
+    for mlp in mlps:
+        for conv in (mlp.fc1.conv, mlp.fc2.conv):
+            assert abs(conv.weight.std().item() - 0.02) < 0.002
+            assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
+        assert mlp.mid.conv.bias.abs().sum() > 0
+    for conv in (model.stem.conv1.conv, model.stem.conv2.conv):
+        fan_in = conv.weight[0].numel()
+        assert abs(conv.weight.std().item() / fan_in ** -0.5 - 1) < 0.15
+        assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
 
 
 def official_drop_path_rates(drop_path_rate: float, layers) -> list:

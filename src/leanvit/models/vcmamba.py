@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    ConvNormAct, DropPath, LayerNorm2d, calculate_drop_path_rates, get_device_dtype, to_2tuple, trunc_normal_,
+    ConvNormAct, DropPath, LayerNorm2d, calculate_drop_path_rates, get_device_dtype, lecun_normal_, to_2tuple,
+    trunc_normal_,
 )
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -345,6 +346,7 @@ class VCMamba(nn.Module):
         self.distilled_training = False
 
         self.apply(self._init_weights)
+        self._init_convs()
 
     @staticmethod
     def _init_weights(m: nn.Module):
@@ -353,6 +355,18 @@ class VCMamba(nn.Module):
             trunc_normal_(m.weight, std=.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+    def _init_convs(self) -> None:
+        """The official convs' own inits, for training from scratch: each MLP's 1x1 convs truncated-normal (std
+        .02, zero bias: its ``Mlp`` applies that before it creates the depthwise ``mid`` conv, which keeps PyTorch's
+        default), the stem's convs LeCun-normal with a zero bias (``segm_init_weights``); the others PyTorch's."""
+        for mlp in (m for m in self.modules() if isinstance(m, ConvMlpWithNorm)):
+            for conv in (mlp.fc1.conv, mlp.fc2.conv):
+                trunc_normal_(conv.weight, std=.02)
+                nn.init.zeros_(conv.bias)
+        for conv in (self.stem.conv1.conv, self.stem.conv2.conv):
+            lecun_normal_(conv.weight)
+            nn.init.zeros_(conv.bias)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
