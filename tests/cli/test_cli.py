@@ -147,3 +147,36 @@ def test_bench_out_that_is_a_file_fails_before_measuring(capsys, tmp_path, monke
     if Path("/proc").is_dir():  # exists, but takes no files: found before measuring too
         code, _, err = run_cli(capsys, "bench", "mobilenetv2_050", "--engines", "eager", "--out", "/proc")
         assert code == 2 and "--out /proc: cannot write the results there" in err
+
+
+def test_bench_exits_1_when_a_configuration_failed(capsys, tmp_path, monkeypatch):
+    """A script running `leanvit bench` learns from the status that a row holds an error, not numbers."""
+    import leanvit.cli.bench
+    from leanvit.bench.runner import BenchRow
+
+    failed = BenchRow("mobilenetv2_050", "onnxruntime", "f32", 1, 1, 64, error="RuntimeError: export failed")
+    monkeypatch.setattr(leanvit.cli.bench, "run_bench", lambda cfg, progress: [failed])
+    monkeypatch.setattr(leanvit.cli.bench, "write_results", lambda rows, cfg, host, out: {})
+    code, out, err = run_cli(capsys, "bench", "mobilenetv2_050", "--engines", "onnxruntime", "--threads", "1",
+                             "--out", str(tmp_path / "bench"), "--no-progress")
+    assert code == 1 and "FAILED" in out and "export failed" in out
+
+
+def test_a_misspelt_bench_model_creates_no_out_folder(capsys, tmp_path):
+    """The name is checked before --out is made: a typo leaves no empty results folder behind."""
+    out = tmp_path / "bench"
+    code, _, err = run_cli(capsys, "bench", "deit_tiny_patch16_244", "--out", str(out))
+    assert code == 2 and "deit_tiny_patch16_224" in err
+    assert not out.exists()
+
+
+def test_an_interrupted_command_exits_130(capsys, monkeypatch):
+    """Ctrl-C is the shell's 128 + SIGINT, one line and no traceback: a script can tell it from a failure (1)."""
+    import leanvit.cli.models
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(leanvit.cli.models, "run", interrupted)
+    code, _, err = run_cli(capsys, "models")
+    assert code == 130 and err == "interrupted\n"

@@ -215,3 +215,61 @@ def test_eval_out_may_be_a_pipe(trained, capsys):
             assert main(["eval", MODEL, "--checkpoint", str(trained), "--no-progress", "--workers", "0",
                          "--out", f"/dev/fd/{write}"]) == 0
         assert json.loads(pipe.read())["images"] == 500
+
+
+def test_eval_on_an_engine_runs_the_engine_at_threads(trained, capsys, monkeypatch):
+    """`--engine onnxruntime --threads 2` scores the engine's runner, built with those threads (and PyTorch's own
+    count set too): a run on eager would still report the engine it was asked for."""
+    import leanvit.deploy
+
+    real_get_engine, engines, batches, torch_threads = leanvit.deploy.get_engine, [], [], []
+
+    def get_engine(name, **kwargs):
+        engine = real_get_engine(name, **kwargs)
+        engines.append((name, engine.threads))
+        load = engine.load
+
+        def counting_load(model, example, **kw):
+            runner = load(model, example, **kw)
+            return lambda x: batches.append(len(x)) or runner(x)
+
+        engine.load = counting_load
+        return engine
+
+    set_num_threads = torch.set_num_threads
+    monkeypatch.setattr(leanvit.deploy, "get_engine", get_engine)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: torch_threads.append(n) or set_num_threads(n))
+    assert main(["eval", MODEL, "--checkpoint", str(trained), "--engine", "onnxruntime", "--threads", "2",
+                 "--batch-size", "100", "--json", "--no-progress", "--workers", "0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert engines == [("onnxruntime", 2)] and 2 in torch_threads
+    assert batches == [100] * 5 and report["engine"] == "onnxruntime" and report["images"] == 500
+
+
+def test_eval_refuses_a_checkpoint_trained_on_other_classes(tmp_path, capsys):
+    """Its outputs index the classes it was trained on: scored against other labels, the top-1 would mean nothing."""
+    import timm
+
+    kwargs = {**KWARGS, "num_classes": 10}
+    path = save_weights(tmp_path / "m.safetensors", timm.create_model(MODEL, **kwargs).state_dict(),
+                        {"model": MODEL, "model_kwargs": kwargs, "classes": [f"c{i}" for i in range(10)]})
+    assert main(["eval", MODEL, "--checkpoint", str(path), "--img-size", "32", "--no-progress", "--workers", "0"]) == 2
+    captured = capsys.readouterr()
+    assert "trained on the classes ['c0', 'c1'" in captured.err and "same classes" in captured.err
+    assert "top-1" not in captured.out
+
+
+def test_eval_lists_the_lowest_per_class_top1_lowest_first(trained, capsys, monkeypatch):
+    """The ten worst classes, worst first: the line a user reads to see where the model fails."""
+    import dataclasses
+
+    import leanvit.cli.eval
+
+    accuracies = {f"class{i}": float(v) for i, v in enumerate([50, 10, 90, 30, 70, 0, 100, 20, 60, 40, 80, 5])}
+    real = leanvit.cli.eval.evaluate
+    monkeypatch.setattr(leanvit.cli.eval, "evaluate",
+                        lambda *a, **k: dataclasses.replace(real(*a, **k), per_class=accuracies))
+    assert main(["eval", MODEL, "--checkpoint", str(trained), "--no-progress", "--workers", "0"]) == 0
+    line, = [s for s in capsys.readouterr().out.splitlines() if s.startswith("lowest per-class top-1: ")]
+    assert line == ("lowest per-class top-1: class5 0.0, class11 5.0, class1 10.0, class7 20.0, class3 30.0, "
+                    "class9 40.0, class0 50.0, class8 60.0, class4 70.0, class10 80.0")

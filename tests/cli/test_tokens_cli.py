@@ -204,3 +204,36 @@ def test_diffrate_calibration_images_of_no_class_are_said_so(classes, said, tmp_
                              str(tmp_path / "calib"), "--calib-images", "16", "--steps", "2", "--json")
     assert code == 0, err
     assert said in err and err.count("note:") == 1
+
+
+def test_the_top1_before_is_the_unreduced_models(capsys, monkeypatch):
+    """The report's top1 is the model as built and reduced_top1 the model with the reduction: each evaluation is
+    marked here by whether the model it scored was reduced, and the report must quote each under its own name."""
+    import dataclasses
+
+    import leanvit.cli.tokens
+    from leanvit import tokens
+
+    real, scored = leanvit.cli.tokens.evaluate, []
+
+    def evaluate(model, loader, **kwargs):
+        reduced = tokens.applied(model) is not None
+        scored.append(reduced)
+        return dataclasses.replace(real(model, loader, **kwargs), top1=25.0 if reduced else 75.0)
+
+    monkeypatch.setattr(leanvit.cli.tokens, "evaluate", evaluate)
+    code, out, err = run_cli(capsys, "tokens", *TINY, "--method", "evit", "--keep-rate", "0.5",
+                             "--eval", "cifar10-test500", "--eval-images", "10", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert scored == [False, True]
+    assert report["top1"] == 75.0 and report["reduced_top1"] == 25.0 and report["eval_images"] == 10
+
+
+def test_evit_no_fuse_drops_the_inattentive_tokens(capsys):
+    """Without fusing, the dropped tokens leave no fused token behind: one token fewer after each reducing block."""
+    code, out, err = run_cli(capsys, "tokens", *TINY, "--method", "evit", "--keep-rate", "0.5", "--no-fuse", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["tokens_per_block"] == [17, 17, 17, 1 + 8, 9, 9, 1 + 4, 5, 5, 1 + 2, 3, 3]
+    assert "fuse=False" in report["method"]

@@ -208,9 +208,11 @@ def test_a_label_file_of_some_classes_indexes_the_models_as_in_eval(tmp_path, ca
 def test_flags_without_effect_and_a_short_calibration_set_are_warned():
     with pytest.warns(LeanvitWarning) as warned:
         assert main(["quantize", *TINY, "--calib-images", "600", "--eval-images", "5", "--reconstruct-iters", "3",
-                     "--json"]) == 0
+                     "--no-latency", "--labels", "labels.txt", "--json"]) == 0
     said = [str(w.message) for w in warned]
     assert "--eval-images has no effect without --eval" in said
+    assert "--labels has no effect without --eval" in said
+    assert "--no-latency has no effect without --out" in said
     assert "--reconstruct-iters has no effect without --reconstruct (or --recipe hybrid)" in said
     assert any("holds 500 images, fewer than --calib-images 600" in m for m in said)
 
@@ -291,3 +293,75 @@ def test_a_calibration_folder_with_too_few_images_is_refused_with_the_fix(tmp_pa
     assert main(["quantize", *argv]) == 2
     assert "has 3 images; calibration needs at least 16 (256 is a good choice): pass a folder with more" in \
         capsys.readouterr().err
+
+
+def test_defaults_calibrate_256_images_with_the_mse_recipe_at_2_threads():
+    """The documented defaults: the INT8 latency is compared at 2 threads, and 256 images give stable ranges."""
+    from leanvit.cli import build_parser
+
+    args = build_parser().parse_args(["quantize", "deit_tiny_patch16_224", "--calib", "cifar10-test500"])
+    assert (args.threads, args.calib_images, args.recipe) == (2, 256, "mse")
+    assert (args.bits, args.engine, args.target) == ("w8a8", "openvino", "auto")
+
+
+def test_each_top1_scores_its_own_model_and_the_engine_runs_at_threads(tmp_path, monkeypatch, capsys):
+    """top1 is the float model's, sim_top1 the simulation's, engine_top1 the engine running the INT8 file, loaded with
+    --threads; report.json holds what --json prints, the top-1s included."""
+    import leanvit.cli.quantize
+    import leanvit.deploy
+    from torch import nn
+
+    from leanvit.deploy.engine import is_quantized
+
+    real_evaluate, real_get_engine, scored, engines = leanvit.cli.quantize.evaluate, leanvit.deploy.get_engine, [], []
+
+    def evaluate(predictor, loader, **kwargs):
+        scored.append("runner" if not isinstance(predictor, nn.Module) else
+                      "quantized" if is_quantized(predictor) else "float")
+        return real_evaluate(predictor, loader, **kwargs)
+
+    def get_engine(name, **kwargs):  # (export and its precision check get engines of their own, never run)
+        engine = real_get_engine(name, **kwargs)
+        load_model_file = engine.load_model_file
+        engine.load_model_file = lambda path, **kw: (engines.append((name, engine.threads))
+                                                     or load_model_file(path, **kw))
+        return engine
+
+    monkeypatch.setattr(leanvit.cli.quantize, "evaluate", evaluate)
+    monkeypatch.setattr(leanvit.deploy, "get_engine", get_engine)
+    out = tmp_path / "q"
+    assert main(["quantize", *TINY, "--threads", "2", "--target", "generic", "--engine", "onnxruntime", "--out",
+                 str(out), "--no-latency", "--eval", "cifar10-test500", "--eval-images", "10", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert scored == ["float", "quantized", "runner"] and engines == [("onnxruntime", 2)]
+    assert {"top1", "sim_top1", "engine_top1"} <= set(result)
+    assert json.loads((out / "report.json").read_text()) == result
+
+
+def test_activation_scheme_and_granularity_flags_override_the_recipe(capsys):
+    """--a-scheme sym and --a-granularity tensor replace the hybrid recipe's per-layer choices ("auto")."""
+    assert main(["quantize", *TINY, "--recipe", "hybrid", "--bits", "w6a6", "--reconstruct-iters", "2",
+                 "--a-scheme", "sym", "--a-granularity", "tensor", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["config"]["a_symmetric"] is True and result["config"]["a_per_channel"] is False
+    inputs = [scheme.split("inputs ")[1] for scheme in result["layers"].values() if "inputs " in scheme]
+    assert len(inputs) == 6 and all(s.startswith(("int6 sym per-tensor", "int8 sym per-tensor")) for s in inputs)
+
+
+def test_an_interrupted_run_leaves_no_earlier_model_in_out(tmp_path, monkeypatch, capsys):
+    """The files of an earlier run into --out are removed before calibrating: a run stopped there (Ctrl-C, a failure)
+    leaves no model beside which nothing says it is another one's (an earlier ONNX Runtime model.onnx included)."""
+    import sys
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys.modules["leanvit.compress.quant"], "quantize", interrupted)
+    out = tmp_path / "q"
+    out.mkdir()
+    earlier = ("report.json", "model.onnx", "model.xml", "model.bin")
+    for name in earlier:
+        (out / name).write_text("an earlier run's")
+    (out / "notes.txt").write_text("the user's")
+    assert main(["quantize", *TINY, "--out", str(out)]) == 130
+    assert not any((out / name).exists() for name in earlier) and (out / "notes.txt").is_file()
