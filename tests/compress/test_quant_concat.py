@@ -3,6 +3,7 @@ import warnings
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from timm.models.mambaout import GatedConvBlock
 
@@ -83,3 +84,33 @@ def test_int8_nhwc_concats_run_the_concatenation_int8_and_fold_the_permute_on_op
     assert sum(t == "Transpose" for t, _ in on) < sum(t == "Transpose" for t, _ in off)
     with torch.no_grad():
         np.testing.assert_allclose(runner(x.numpy()), qmodels[True](x).numpy(), atol=1e-4)
+
+
+class _Concatenate(_Concatenating):
+    """``torch.concatenate``, which names its dim ``axis``, of ``x`` and its conv's 5x larger output."""
+
+    def forward(self, x):
+        return torch.concatenate((x, 5 * self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)), axis=-1)
+
+
+def test_the_shared_grid_covers_every_input_and_keeps_the_concatenation_axis():
+    """The one quantizer is ranged on all the concatenated values (ranged on the first input only, it clipped the
+    conv's larger outputs), and the concatenation keeps the axis it was asked for under either name."""
+    from leanvit.compress.quant.concat import concat_counterpart
+
+    torch.manual_seed(0)
+    module = _Concatenate().eval()
+    quantized = concat_counterpart(_Concatenate).from_float(module)
+    calib = torch.randn(8, 5, 5, 4)
+    quantized.observe()
+    with torch.no_grad():
+        quantized(calib)
+        quantized.calibrate("minmax", 99.99)
+        reference = module(calib)
+        quantizer = quantized.concat_quantizer
+        top = float(quantizer.scale * (quantizer.scheme.qmax - quantizer.zero_point))
+        assert abs(top - float(reference.max())) <= float(quantizer.scale)  # (the zero point rounded)
+        assert float(reference[..., 4:].max()) > 2 * float(calib.max())  # the conv's output sets the range
+        out = quantized(calib)
+    assert out.shape == reference.shape == (8, 5, 5, 8)
+    assert (out - reference).abs().max() <= float(quantizer.scale) / 2 + 1e-5

@@ -44,6 +44,14 @@ def test_split_folders_pick_train_or_val(tmp_path):
     assert len(open_dataset(tmp_path, train=False)) == 2
 
 
+def test_evaluation_reads_val_where_there_is_a_test_split_too(tmp_path):
+    """The split names' order is a preference: val before test (a held-out test split stays unread), training
+    before the rest."""
+    _write_images(tmp_path, ["train/a/1.png", "training/a/2.png", "training/a/3.png", "val/a/4.png",
+                             "test/a/5.png", "test/a/6.png"])
+    assert len(open_dataset(tmp_path)) == 1 and len(open_dataset(tmp_path, train=True)) == 1
+
+
 def test_every_evaluation_split_name_is_a_split_not_a_class(tmp_path):
     for name in ("valid", "validation"):
         _write_images(tmp_path / name, ["train/a/1.png", "train/b/2.png", f"{name}/a/4.png"])

@@ -205,6 +205,25 @@ def test_export_key_sees_token_reduction(tiny_vit, tmp_path):
     assert cached_onnx(reduced, x, cache_dir=tmp_path) != cached_onnx(tiny_vit, x, cache_dir=tmp_path)
 
 
+def test_the_export_cache_keeps_one_file_per_opset_and_batch_mode(tmp_path):
+    """TensorRT exports at opset 18 through the same cache as ONNX Runtime and OpenVINO at 20, and a dynamic-batch
+    export is another graph: each gets its own file, written as asked."""
+    import onnx
+
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    files = {(opset, dynamic): cached_onnx(model, x, cache_dir=tmp_path, opset=opset, dynamic_batch=dynamic)
+             for opset in (18, 20) for dynamic in (False, True)}
+    assert len(set(files.values())) == 4
+    for (opset, dynamic), path in files.items():
+        graph = onnx.load(path)
+        assert graph.opset_import[0].version == opset
+        assert bool(graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param) == dynamic
+    runner = get_engine("onnxruntime", threads=1).load_onnx(files[20, True])
+    assert runner(torch.randn(5, 3, 32, 32).numpy()).shape == (5, 10)
+
+
 def test_export_key_sees_settings_that_change_forward():
     """timm ViT's ``global_pool`` is a plain attribute, in neither the repr nor the weights: a token-pooling and an
     average-pooling model with the same weights shared one key, and the second was run on the first one's export."""
