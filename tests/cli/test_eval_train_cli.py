@@ -253,10 +253,22 @@ def test_eval_refuses_a_checkpoint_trained_on_other_classes(tmp_path, capsys):
     kwargs = {**KWARGS, "num_classes": 10}
     path = save_weights(tmp_path / "m.safetensors", timm.create_model(MODEL, **kwargs).state_dict(),
                         {"model": MODEL, "model_kwargs": kwargs, "classes": [f"c{i}" for i in range(10)]})
-    assert main(["eval", MODEL, "--checkpoint", str(path), "--img-size", "32", "--no-progress", "--workers", "0"]) == 2
+    assert main(["eval", MODEL, "--checkpoint", str(path), "--no-progress", "--workers", "0"]) == 2
     captured = capsys.readouterr()
     assert "trained on the classes ['c0', 'c1'" in captured.err and "same classes" in captured.err
     assert "top-1" not in captured.out
+
+
+def test_a_checkpoint_without_a_data_config_is_evaluated_at_its_recorded_img_size(tmp_path, capsys):
+    """Its model is built with the recorded ``img_size`` (32): the images were resized to timm's 224 for it, and the
+    run stopped on "does not run on 3x224x224 inputs"."""
+    import timm
+
+    kwargs = {**KWARGS, "num_classes": 10}
+    path = save_weights(tmp_path / "m.safetensors", timm.create_model(MODEL, **kwargs).state_dict(),
+                        {"model": MODEL, "model_kwargs": kwargs})
+    assert main(["eval", MODEL, "--checkpoint", str(path), "--json", "--no-progress", "--workers", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["data_config"]["input_size"] == [3, 32, 32]
 
 
 def test_eval_lists_the_lowest_per_class_top1_lowest_first(trained, capsys, monkeypatch):
