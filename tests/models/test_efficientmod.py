@@ -18,6 +18,7 @@ from leanvit.catalog import CATALOG, get_facts
 import leanvit.models.efficientmod as emod
 from leanvit.errors import LeanvitError
 from leanvit.profile import count_macs, count_params
+from drop_path import drop_prob
 from random_weights import randomize, random_like
 
 VARIANTS = [f.name for f in CATALOG.values() if f.family == 'EfficientMod']
@@ -312,10 +313,6 @@ def test_eval_preprocessing_is_the_official_evaluations(name):
         0.875, 'center', 'bicubic', (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def _drop_prob(m) -> float:
-    return m.drop_prob if isinstance(m, timm.layers.DropPath) else 0.  # a rate of 0 builds an Identity
-
-
 def test_drop_path_rates_rise_linearly_over_every_block_of_the_network():
     """Official EfficientMod.__init__: dpr = linspace(0, drop_path_rate, sum(depths) + sum(attention_depth)),
     sliced per stage in execution order (a stage's modulation blocks, then its attention blocks)."""
@@ -325,10 +322,10 @@ def test_drop_path_rates_rise_linearly_over_every_block_of_the_network():
     for stage in model.stages:
         for block in stage.blocks:
             if isinstance(block, emod.AttentionBlock):
-                assert _drop_prob(block.drop_path1) == _drop_prob(block.drop_path2)
-                rates.append(_drop_prob(block.drop_path1))
+                assert drop_prob(block.drop_path1) == drop_prob(block.drop_path2)
+                rates.append(drop_prob(block.drop_path1))
             else:
-                rates.append(_drop_prob(block.drop_path))
+                rates.append(drop_prob(block.drop_path))
     assert rates == pytest.approx(torch.linspace(0, 0.3, n_blocks).tolist())
 
 

@@ -23,6 +23,8 @@ import leanvit.models.fcaformer as fca
 from leanvit.errors import InputSizeError, LeanvitError
 from leanvit.profile import count_macs, count_params
 
+from drop_path import drop_prob
+
 VARIANTS = [f.name for f in CATALOG.values() if f.family == 'FcaFormer']
 
 #: a few-block FcaFormer with a non-square grid (6x4 then 3x2 tokens) and cab_max_d=2 < depth - 1,
@@ -575,10 +577,6 @@ def test_an_image_size_not_a_multiple_of_32_runs():
         assert model(torch.randn(1, 3, 100, 76)).shape == (1, TINY["num_classes"])
 
 
-def _drop_prob(m) -> float:
-    return m.drop_prob if isinstance(m, timm.layers.DropPath) else 0.0  # a rate of 0 builds an Identity
-
-
 def test_drop_path_rates_rise_linearly_over_every_block_of_the_network():
     """Official FcaFormer.__init__: dpr = linspace(0, drop_path_rate, sum(depths)), sliced per stage; an
     FcaBlock's attention and MLP residuals share its rate."""
@@ -587,10 +585,10 @@ def test_drop_path_rates_rise_linearly_over_every_block_of_the_network():
     for stage in model.stages:
         for block in stage.blocks:
             if isinstance(block, fca.FcaBlock):
-                assert _drop_prob(block.drop_path1) == _drop_prob(block.drop_path2)
-                rates.append(_drop_prob(block.drop_path1))
+                assert drop_prob(block.drop_path1) == drop_prob(block.drop_path2)
+                rates.append(drop_prob(block.drop_path1))
             else:
-                rates.append(_drop_prob(block.drop_path))
+                rates.append(drop_prob(block.drop_path))
     assert rates == pytest.approx(torch.linspace(0, 0.3, sum(TINY["depths"])).tolist())
 
 

@@ -19,6 +19,7 @@ from leanvit.catalog import CATALOG, get_facts
 import leanvit.models.mobilevig as mvig
 from leanvit.errors import LeanvitError
 from leanvit.profile import count_macs, count_params
+from drop_path import drop_prob
 from random_weights import randomize, random_like
 
 VARIANTS = [f.name for f in CATALOG.values() if f.family == 'MobileViG']
@@ -345,10 +346,6 @@ def test_eval_preprocessing_is_the_official_evaluations(name):
         0.9, 'center', 'bicubic', (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def _drop_prob(m: nn.Module) -> float:
-    return m.drop_prob if isinstance(m, timm.layers.DropPath) else 0.  # a rate of 0 builds an Identity
-
-
 def test_drop_path_rates_rise_linearly_over_every_block_of_the_network():
     """Official MobileViG.__init__: dpr = linspace(0, drop_path, sum(local_blocks) + sum(global_blocks)),
     one rate per block in execution order; a global block's Grapher and FFN share theirs."""
@@ -358,10 +355,10 @@ def test_drop_path_rates_rise_linearly_over_every_block_of_the_network():
     for stage in model.stages:
         for block in stage.blocks:
             if isinstance(block, mvig.SvgaBlock):
-                assert _drop_prob(block.grapher.drop_path) == _drop_prob(block.ffn.drop_path)
-                rates.append(_drop_prob(block.grapher.drop_path))
+                assert drop_prob(block.grapher.drop_path) == drop_prob(block.ffn.drop_path)
+                rates.append(drop_prob(block.grapher.drop_path))
             else:
-                rates.append(_drop_prob(block.drop_path))
+                rates.append(drop_prob(block.drop_path))
     assert rates == pytest.approx(torch.linspace(0, 0.3, n_blocks).tolist())
 
 

@@ -21,6 +21,7 @@ from leanvit.errors import InputSizeError
 from leanvit.models.layers import linear_recurrence, selective_scan
 from leanvit.models.vcmamba import PlainMamba2d, VCMambaBlock, checkpoint_filter_fn, snake_scan_orders
 from leanvit.profile import count_macs, count_params
+from drop_path import drop_prob
 from random_weights import random_like
 
 #: A tiny VCMamba with every part of the real one: a 3x3 token grid (odd, so the scan pads at
@@ -576,10 +577,6 @@ def official_drop_path_rates(drop_path_rate: float, layers) -> list:
     return [drop_path_rate * (j + sum(layers[:i])) / (sum(layers) - 1) for i in range(len(layers)) for j in range(layers[i])]
 
 
-def _drop_rates(module) -> float:
-    return getattr(module, 'drop_prob', 0.)  # nn.Identity where the rate is 0
-
-
 @pytest.mark.parametrize('name, kwargs', [
     ('vcmamba_s', {}),  # the official VCMamba-S recipe: --drop-path 0.2 (model/scripts/vcmamba-eff-s-multi.sh)
     ('vcmamba_s', dict(TINY, drop_path_rate=0.3)),
@@ -592,10 +589,10 @@ def test_drop_path_rates_follow_the_official_rule(name, kwargs):
     for stage in model.stages:
         for block in stage.blocks:
             assert block.drop_path1 is None
-            rates.append(_drop_rates(block.drop_path2))
+            rates.append(drop_prob(block.drop_path2))
         for block in stage.mamba_blocks or []:
-            assert _drop_rates(block.drop_path1) == _drop_rates(block.drop_path2)
-            rates.append(_drop_rates(block.drop_path1))
+            assert drop_prob(block.drop_path1) == drop_prob(block.drop_path2)
+            rates.append(drop_prob(block.drop_path1))
     assert rates == pytest.approx(official_drop_path_rates(rate, layers), abs=1e-6)
 
 
