@@ -21,3 +21,17 @@ def test_a_key_compares_names_as_it_normalises_them():
     families = ["Next-ViT", "TinyViT", "MobileViG", "MobileNetV2", "DeiT"]
     assert close_matches("vit", families) == ["TinyViT", "Next-ViT"]
     assert close_matches("nextvit", families, key=lambda f: f.lower().replace("-", "")) == ["Next-ViT"]
+
+
+def test_a_range_check_takes_both_of_its_bounds():
+    """``[lo, hi]``, both ends in: --percentile 100 or a calibration set of the whole dataset are valid."""
+    import pytest
+
+    from leanvit.errors import LeanvitError, check_range
+
+    for value in (0, 5, 0.0, 1.0):
+        check_range("x", value, 0, 5 if isinstance(value, int) else 1.0)
+    with pytest.raises(LeanvitError, match=r"x must be between 0.0 and 1.0, got 1.01\."):
+        check_range("x", 1.01, 0.0, 1.0)
+    with pytest.raises(LeanvitError, match=r"between 0 and 5, got -1"):
+        check_range("x", -1, 0, 5)

@@ -137,3 +137,21 @@ def test_cifar10_subset_reads_the_split_under_one_top_folder_as_at_the_top(tmp_p
     assert top["names"][0].startswith("test/airplane/")
     for key in ("jpeg", "offsets", "labels", "names", "classes"):
         assert np.array_equal(top[key], nested[key])
+
+
+@pytest.mark.parametrize("weights", ["ema", "final"])
+def test_release_ships_the_ema_weights_unless_final_is_asked(release, monkeypatch, weights):
+    """A run's EMA (``--weights ema``, the default, as the model cards' figures are) or its final weights, in half
+    precision."""
+    from leanvit.checkpoint import read_checkpoint
+    from leanvit.train.state import EMA_FILE
+
+    monkeypatch.setattr(release, "FULL_TEST_SPLIT", 500)
+    final, meta = read_checkpoint(release.run / "model.safetensors")
+    save_weights(release.run / EMA_FILE, {k: v + 1 if v.is_floating_point() else v for k, v in final.items()}, meta)
+    args = [str(release.run), "--name", "tiny", "--data", "cifar10-test500", "--batch-size", "100"]
+    assert release.main(args + ([] if weights == "ema" else ["--weights", "final"])) == 0
+    shipped, _ = read_checkpoint(release.shipped / "tiny.safetensors")
+    source, _ = read_checkpoint(release.run / (EMA_FILE if weights == "ema" else "model.safetensors"))
+    assert shipped.keys() == source.keys()
+    assert all(torch.equal(shipped[k], v.half() if v.is_floating_point() else v) for k, v in source.items())

@@ -61,3 +61,12 @@ def test_missing_facts_are_left_out(fake_host, monkeypatch):
     assert "loadavg" not in fake_host("")
     monkeypatch.delattr(host.os, "getloadavg")  # Windows
     assert "loadavg" not in fake_host("")
+
+
+def test_the_cpu_is_described_by_its_first_core(fake_host):
+    """Where cores differ (Arm's big.LITTLE; here a made-up pair), the facts are CPU 0's, not the last one read."""
+    first = _EPYC.format(n=0, family=23, model=49, stepping=0, microcode="0x1").replace("avx2 fma avx512f", "avx2")
+    second = _EPYC.format(n=1, family=26, model=2, stepping=1, microcode="0x2")
+    facts = fake_host(first + "\n" + second)
+    assert (facts["cpu_id"]["family"], facts["cpu_id"]["model"]) == (23, 49)
+    assert facts["cpu_flags"] == ["avx2"]

@@ -67,12 +67,60 @@ def test_openvino_runners_precision_is_the_one_the_compiled_model_uses(tiny_cnn,
     assert runner.precision == "bf16" and runner.info["inference_precision"] == "bf16"
 
 
-def test_onnxruntime_runs_the_threads_it_is_given(tiny_cnn, tmp_path):
-    """Latency is measured at a thread count: ONNX Runtime's default would take every core."""
+def test_eager_runs_in_eval_mode_and_bf16_under_autocast():
+    """The eager reference every engine is checked against runs the model in eval mode (a model handed over in
+    training mode ran its dropout), and ``--precision bf16`` runs it under bf16 autocast (without it, a row labelled
+    bf16 timed f32); the logits come back float32."""
+    nn = torch.nn
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop, self.seen = nn.Dropout(0.5), []
+
+        def forward(self, x):
+            self.seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return self.drop(x)
+
+    x = torch.randn(2, 8)
+    model = Probe().train()
+    runner = get_engine("eager", threads=1).load(model, x)
+    np.testing.assert_array_equal(runner(x.numpy()), x.numpy())
+    assert model.seen[-1][0] is False
+    bf16 = get_engine("eager", threads=1, precision="bf16").load(model, x)
+    assert bf16(x.numpy()).dtype == np.float32 and model.seen[-1] == (True, torch.bfloat16)
+
+
+def test_onnxruntime_on_cuda_puts_the_cuda_provider_first(monkeypatch):
+    """Listed second, every node would run on the CPU provider; without onnxruntime-gpu the error says so."""
+    import onnxruntime
+
+    from leanvit.deploy.ort import OnnxRuntimeEngine
+
+    engine = OnnxRuntimeEngine.__new__(OnnxRuntimeEngine)
+    engine.device = "cuda"
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CPUExecutionProvider", "CUDAExecutionProvider"])
+    assert engine.providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(EngineUnavailableError, match="pip install onnxruntime-gpu"):
+        engine.providers()
+
+
+def test_onnxruntime_runs_the_threads_it_is_given(tiny_cnn, tmp_path, monkeypatch):
+    """Latency is measured at a thread count (ONNX Runtime's default would take every core), one operator at a time
+    on those threads, with every graph optimisation on."""
+    import onnxruntime
+
+    given, session = [], onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda path, opts, **kw: given.append(opts) or session(
+        path, opts, **kw))
     path = export_onnx(tiny_cnn, torch.randn(1, 3, 32, 32), tmp_path / "cnn.onnx")
-    runner = get_engine("onnxruntime", threads=2).load_onnx(path)
-    options = runner.session.get_session_options()
+    get_engine("onnxruntime", threads=2).load_onnx(path)
+    [options] = given
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
+    assert options.execution_mode == onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    assert options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
 
 
 def test_openvino_copies_the_logits_once_and_they_do_not_alias_its_buffer(tiny_vit, tmp_path):

@@ -115,6 +115,16 @@ def test_selective_scan_gradients_match_sequential():
         torch.testing.assert_close(got, want.float(), rtol=1e-3, atol=1e-3 * want.abs().max().item())
 
 
+def test_selective_scan_computes_bf16_inputs_in_float32_and_returns_bf16():
+    """Mixed precision (bench's eager bf16, autocast training) hands the scan bf16 tensors: a bf16 recurrence over 49
+    steps drifts, so it computes in float32 and gives back the input's dtype."""
+    u, delta, A, B, C, D, _ = (t.bfloat16().float() for t in realistic_inputs(1, 6, 4, 49))
+    expected = selective_scan(u, delta, A, B, C, D, delta_softplus=True)
+    y = selective_scan(u.bfloat16(), delta.bfloat16(), A, B.bfloat16(), C.bfloat16(), D, delta_softplus=True)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.bfloat16().float(), rtol=0, atol=0)
+
+
 def test_selective_scan_broadcasts_shared_decays():
     """Four scans sharing delta and C in one call equal four separate scans."""
     u, delta, A, B, C, D, dt_bias = realistic_inputs(2, 8, 4, 49)
