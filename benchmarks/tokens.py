@@ -33,7 +33,7 @@ import torch
 
 import leanvit.tokens as tokens
 from leanvit.bench import TimingBudget, host_info, time_alternating
-from leanvit.bench.runner import default_threads
+from leanvit.bench.host import usable_cpus
 from leanvit.checkpoint import model_from_checkpoint
 from leanvit.data import (
     DecodedDataset, build_transform, calibration_subset, make_loader, open_dataset, resolve_data_config,
@@ -90,7 +90,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    threads = args.threads or default_threads()
+    threads = args.threads or usable_cpus()
     torch.set_num_threads(threads)
     if args.checkpoint:
         base, meta = model_from_checkpoint(args.model, args.checkpoint, **args.model_kwargs)

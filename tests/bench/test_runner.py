@@ -2,7 +2,8 @@
 import pytest
 
 from leanvit.bench import BenchConfig, TimingBudget, run_bench, time_alternating
-from leanvit.bench.runner import default_threads, published_top1
+from leanvit.bench.host import usable_cpus
+from leanvit.bench.runner import published_top1
 from leanvit.catalog import find_facts
 from leanvit.errors import InputSizeError, LeanvitError, LeanvitWarning
 from leanvit.profile import create_model_at
@@ -69,8 +70,8 @@ def test_whole_run_errors_stay_fatal_and_up_front():
 
 def test_more_threads_than_cpus_warns_and_rows_record_what_the_engines_report():
     """``--threads 8`` on 2 CPUs: OpenVINO silently ran 2, the others 8, and every row said 8."""
-    asked = default_threads() + 1
-    with pytest.warns(UserWarning, match=f"--threads {asked} is more than the {default_threads()} CPUs"):
+    asked = usable_cpus() + 1
+    with pytest.warns(UserWarning, match=f"--threads {asked} is more than the {usable_cpus()} CPUs"):
         rows = run_bench(tiny_bench(engines=["eager", "onnxruntime", "openvino"], threads=asked), progress=False)
     eager, ort, ov = rows
     assert all(r.threads == asked for r in rows)  # asked for

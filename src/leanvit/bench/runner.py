@@ -31,18 +31,13 @@ DEFAULT_MODELS = (
 DEFAULT_ENGINES = ("eager", "onnxruntime", "openvino")
 
 
-def default_threads() -> int:
-    """One thread per CPU this process may use (:func:`~leanvit.bench.host.usable_cpus`)."""
-    return usable_cpus()
-
-
 @dataclass
 class BenchConfig:
     models: Sequence[str] = DEFAULT_MODELS
     engines: Sequence[str] = DEFAULT_ENGINES
     precisions: Sequence[str] = ("f32",)
     batch: int = 1
-    threads: int = field(default_factory=default_threads)
+    threads: int = field(default_factory=usable_cpus)  #: one per CPU this process may use
     img_size: int | None = None  #: None: each model's own pretrained_cfg input size
     budget: TimingBudget = TimingBudget()  #: each configuration's, spread over ``rounds``
     rounds: int = 5  #: alternating rounds in which a model's configurations are timed side by side
@@ -172,10 +167,10 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
     unrunnable = unrunnable_pairs(cfg)
     if unrunnable:
         warn(f"{'; '.join(unrunnable.values())}: those rows are skipped.")
-    if cfg.threads > default_threads():
-        warn(f"--threads {cfg.threads} is more than the {default_threads()} CPUs this process may use: engines "
+    if cfg.threads > (cpus := usable_cpus()):
+        warn(f"--threads {cfg.threads} is more than the {cpus} CPUs this process may use: engines "
              "that take the count as given oversubscribe the cores, OpenVINO caps it (each row's threads_used "
-             f"says what an engine reports). Use --threads {default_threads()} or fewer for comparable rows.")
+             f"says what an engine reports). Use --threads {cpus} or fewer for comparable rows.")
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     total = len(cfg.models) * (1 + len(cfg.tokens)) * len(cfg.engines) * len(cfg.precisions)

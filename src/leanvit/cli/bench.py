@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..bench import DEFAULT_ENGINES, DEFAULT_MODELS, BenchConfig, TimingBudget, host_info, run_bench, write_results
-from ..bench.runner import default_threads
+from ..bench.host import usable_cpus
 from . import number_in, positive_int, prepare_out_dir, print_json
 
 
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--precision", nargs="+", default=["f32"], metavar="P", help="precisions: f32, bf16, fp16 (default f32); "
                    "an engine that does not run one skips it")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
-    p.add_argument("--threads", type=positive_int, default=default_threads(), help="CPU threads per engine (default: all usable)")
+    p.add_argument("--threads", type=positive_int, default=usable_cpus(), help="CPU threads per engine (default: all usable)")
     p.add_argument("--img-size", type=positive_int, help="input resolution (default: each model's own)")
     p.add_argument("--budget", type=_seconds, default=2.0, help="seconds of timed calls per configuration (default 2)")
     p.add_argument("--warmup", type=_seconds, default=0.5, help="seconds of warm-up per configuration (default 0.5)")

@@ -136,11 +136,12 @@ def run(args: argparse.Namespace) -> int:
             calib_indices = calib.indices
             listed = dataset_classes(calibset)
             classes = [c for c in listed if c != "."]  # ".": images beside the class folders
-            if _labels_fit(model, meta, classes) and len(classes) == len(listed):
+            fit = _labels_fit(model, meta, classes)
+            if fit and len(classes) == len(listed):
                 calib = list(zip(calib.batches, calib.labels))
             else:  # DiffRate's own fallback: the unreduced model's top-1 is the target
                 why = (f"some images of {args.calib} lie beside its class folders, of no class (move them into "
-                       "their class folders to use the labels)" if _labels_fit(model, meta, classes) else
+                       "their class folders to use the labels)" if fit else
                        f"the labels of {args.calib} are not the model's {model.num_classes} classes")
                 note("tokens", f"{why}; the search matches the unreduced model's own top-1 instead")
                 calib = calib.batches

@@ -104,11 +104,10 @@ class QuantMatmuls:
         forward knows them; :class:`QuantMatrixProducts` learns in calibration which operands they are)."""
         return True
 
-    def share_qkv_quantizer(self) -> bool:
-        """Quantize q, k and v where their projections write them rather than just before the matmuls;
-        whether done. :class:`QuantAttention` and EfficientFormerV2's attentions do; EfficientFormer's (one
-        block, in its last stage, on 49 tokens at 224x224) keeps them at the matmuls."""
-        return False
+    def share_qkv_quantizer(self) -> None:
+        """Quantize q, k and v where their projections write them rather than just before the matmuls (its
+        :meth:`describe` says where it did). :class:`QuantAttention` and EfficientFormerV2's attentions do;
+        EfficientFormer's (one block, in its last stage, on 49 tokens at 224x224) keeps them at the matmuls."""
 
     def observe(self) -> None:
         """Start calibration: every quantizer records its input and passes it on unchanged."""
@@ -162,7 +161,7 @@ class QuantAttention(QuantMatmuls, Attention):
                     attn_dim=attn.num_heads * attn.head_dim)
 
     @torch.no_grad()
-    def share_qkv_quantizer(self) -> bool:
+    def share_qkv_quantizer(self) -> None:
         """Quantize the qkv projection's output once, on the calibrated q, k and v quantizers' integer grids.
 
         Why: OpenVINO fuses a quantizer that directly follows a fully-connected layer into it, which then
@@ -176,7 +175,7 @@ class QuantAttention(QuantMatmuls, Attention):
         Not done with q/k norms (they sit between the projection and the quantizers).
         """
         if not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
-            return False
+            return
         step = self.v_quantizer.scale.clone()
         gain_q = step * self.scale / self.q_quantizer.scale
         gain_k = step / self.k_quantizer.scale
@@ -187,7 +186,6 @@ class QuantAttention(QuantMatmuls, Attention):
         self.qkv_quantizer.scale.copy_(step)
         self.q_quantizer.scale.copy_(step * self.qk_scale)
         self.k_quantizer.scale.copy_(step)
-        return True
 
     def describe(self) -> str:
         shared = "; q, k, v quantized once at the qkv output" if self.qkv_quantizer is not None else ""
@@ -224,7 +222,7 @@ class _QuantAttention2dHeads(QuantMatmuls):
         return q
 
     @torch.no_grad()
-    def share_qkv_quantizer(self) -> bool:
+    def share_qkv_quantizer(self) -> None:
         """Quantize q and k at their projections' outputs, on their matmul quantizers' grids.
 
         Why: as in :meth:`QuantAttention.share_qkv_quantizer`, OpenVINO fuses a quantizer that directly
@@ -236,7 +234,6 @@ class _QuantAttention2dHeads(QuantMatmuls):
         """
         self.q_proj_quantizer = copy.deepcopy(self.q_quantizer)
         self.k_proj_quantizer = copy.deepcopy(self.k_quantizer)
-        return True
 
     def describe(self) -> str:
         shared = "; q, k quantized at their projections" if self.q_proj_quantizer is not None else ""
