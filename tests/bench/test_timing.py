@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from leanvit.bench.timing import (
-    Timing, TimingBudget, peak_rss_mb, reset_peak_rss, round_ratios, time_alternating, time_calls,
+    Timing, TimingBudget, median_speedup, peak_rss_mb, reset_peak_rss, round_ratios, time_alternating, time_calls,
 )
 
 
@@ -87,6 +87,15 @@ def test_round_ratios_pair_the_two_timings_round_by_round(monkeypatch):
     with pytest.raises(ValueError):
         round_ratios(timings["a"], Timing(np.ones(3)))
 
+
+
+def test_a_speedup_is_the_median_round_ratio_else_the_ratio_of_medians():
+    """Rounds that ran 3x, 1x and 1x faster make 1x (the pooled medians' 2.0 / 1.0 says 2x); without rounds the
+    medians' ratio, and nothing without both medians (a row that did not run)."""
+    assert median_speedup([3.0, 1.0, 1.0], 2.0, 1.0) == 1.0
+    assert median_speedup(np.array([1.5, 2.5]), 9.0, 1.0) == 2.0
+    assert median_speedup((), 3.0, 2.0) == 1.5
+    assert median_speedup((), None, 2.0) is None and median_speedup((), 3.0, None) is None
 
 def test_every_round_weighs_alike_in_the_pooled_samples(monkeypatch):
     """Rounds timed by the clock gave a function more calls where the machine ran it fast: "a" at 1 ms in quiet

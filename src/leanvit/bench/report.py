@@ -8,11 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from ..deploy.engine import REDUCED_PRECISION_RTOL
 from .runner import BenchConfig, BenchRow, checked_images
-from .timing import round_ratios
+from .timing import median_speedup, round_ratios
 
 _CSV_FIELDS = [f for f in BenchRow.__dataclass_fields__ if f != "engine_info"]
 
@@ -67,11 +66,9 @@ def host_lines(host: dict) -> list[str]:
 def vs_row(base: BenchRow, row: BenchRow) -> float | None:
     """How many times faster ``row`` runs than ``base``: the median of their per-round ratios where they were timed
     in the same alternating rounds (a ratio of pooled medians mixes the machine's states), else of their medians."""
-    if base.latency_ms_rounds and len(base.latency_ms_rounds) == len(row.latency_ms_rounds):
-        return float(np.median(round_ratios(base.latency_ms_rounds, row.latency_ms_rounds)))
-    if base.latency_ms_median and row.latency_ms_median:
-        return base.latency_ms_median / row.latency_ms_median
-    return None
+    paired = base.latency_ms_rounds and len(base.latency_ms_rounds) == len(row.latency_ms_rounds)
+    ratios = round_ratios(base.latency_ms_rounds, row.latency_ms_rounds) if paired else ()
+    return median_speedup(ratios, base.latency_ms_median, row.latency_ms_median)
 
 
 def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, created: str) -> str:

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..deploy import export_onnx
 from ..deploy.engine import Engine, Runner
-from .timing import TimingBudget, round_ratios, time_alternating
+from .timing import TimingBudget, median_speedup, round_ratios, time_alternating
 
 
 @dataclass
@@ -37,10 +37,9 @@ class Speedup:
 
     @property
     def ratio(self) -> float:
-        """How many times faster the quantized model is (below 1: slower): the median of the per-round ratios,
-        which pair timings taken back to back (the pooled medians' ratio can land between two load states of a
-        shared machine, even outside every round's range), else ``float_ms / quantized_ms``."""
-        return float(np.median(self.round_ratios)) if self.round_ratios else self.float_ms / self.quantized_ms
+        """How many times faster the quantized model is (below 1: slower): :func:`median_speedup` of the per-round
+        ratios, which pair timings taken back to back."""
+        return median_speedup(self.round_ratios, self.float_ms, self.quantized_ms)
 
     @property
     def slower(self) -> bool:

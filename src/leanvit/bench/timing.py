@@ -135,6 +135,16 @@ def round_ratios(a: Timing | Sequence[float], b: Timing | Sequence[float]) -> np
     return np.asarray(a) / np.asarray(b)
 
 
+def median_speedup(ratios: Sequence[float], base_ms: float | None, ms: float | None) -> float | None:
+    """How many times faster a configuration ran than its base (below 1: slower): the median of their per-round
+    ``ratios`` (:func:`round_ratios`) where they were timed in the same alternating rounds, since the pooled medians'
+    ratio can land between two load states of a shared machine, even outside every round's range; else the
+    ratio of their medians ``base_ms / ms``; None without them."""
+    if len(ratios):
+        return float(np.median(ratios))
+    return base_ms / ms if base_ms and ms else None
+
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
