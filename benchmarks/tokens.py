@@ -33,7 +33,7 @@ import torch
 
 import leanvit.tokens as tokens
 from leanvit.bench import TimingBudget, host_info, time_alternating
-from leanvit.bench.host import usable_cpus
+from leanvit.host import usable_cpus
 from leanvit.checkpoint import model_from_checkpoint
 from leanvit.data import (
     DecodedDataset, build_transform, calibration_subset, make_loader, open_dataset, resolve_data_config,

@@ -2,7 +2,7 @@
 import pytest
 
 from leanvit.bench import BenchConfig, TimingBudget, run_bench, time_alternating
-from leanvit.bench.host import usable_cpus
+from leanvit.host import usable_cpus
 from leanvit.bench.runner import published_top1
 from leanvit.catalog import find_facts
 from leanvit.errors import InputSizeError, LeanvitError, LeanvitWarning

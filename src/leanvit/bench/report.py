@@ -48,7 +48,7 @@ def input_sizes(rows: Sequence[BenchRow]) -> str:
 
 
 def host_lines(host: dict) -> list[str]:
-    """The markdown bullets that describe ``host`` (:func:`~leanvit.bench.host_info`) in every report."""
+    """The markdown bullets that describe ``host`` (:func:`~leanvit.host.host_info`) in every report."""
     versions = ", ".join(f"{k} {v}" for k, v in host.get("versions", {}).items())
     cpu_id = ", ".join(f"{k} {v}" for k, v in host.get("cpu_id", {}).items())
     return [

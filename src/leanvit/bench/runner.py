@@ -22,7 +22,7 @@ from ..deploy.engine import Runner
 from ..errors import LeanvitError, check_range, warn
 from ..models.registry import resolve_model_name
 from ..profile import check_img_size, count_macs, count_params, create_model_at
-from .host import usable_cpus
+from ..host import usable_cpus
 from .timing import TimingBudget, peak_rss_mb, reset_peak_rss, rss_mb, time_alternating, time_calls
 
 DEFAULT_MODELS = (

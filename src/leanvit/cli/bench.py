@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..bench import DEFAULT_ENGINES, DEFAULT_MODELS, BenchConfig, TimingBudget, host_info, run_bench, write_results
-from ..bench.host import usable_cpus
+from ..host import usable_cpus
 from . import number_in, positive_int, prepare_out_dir, print_json
 
 

@@ -12,6 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from ..compress.tokens import EViT, ToMe, from_spec
 from ..errors import LeanvitError, check_range
+from ..host import usable_cpus
 from ..profile import check_img_size
 from .distill import DISTILL_MODES
 
@@ -24,8 +25,6 @@ DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_FRACTION = 5.0, 0.1
 def default_workers() -> int:
     """Up to 4 data loader processes per training process, no more than its share of the CPUs it may use (torchrun
     starts ``LOCAL_WORLD_SIZE`` processes per machine): more only take turns, and torch warns about them."""
-    from ..bench.host import usable_cpus  # (not at import: the bench package loads the engines' modules)
-
     return max(1, min(4, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))))
 
 

@@ -40,6 +40,7 @@ from ..data import (CorruptImageWarning, build_transform, check_input_size, data
                     resolve_data_config)
 from ..errors import InputSizeError, LeanvitError, LeanvitWarning, warn
 from ..evaluate import evaluate
+from ..host import host_info
 from ..models.registry import create_model, pretrained_num_classes
 from .config import DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_FRACTION, TrainConfig, default_workers
 from .distill import AdaptedTeacher, DistillationLoss
@@ -355,8 +356,6 @@ def _hardware(device: torch.device, world: int) -> str:
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
-        from ..bench.host import host_info
-
         what = f"{host_info()['cpu']}, {torch.get_num_threads()} threads"
     return f"{world} x {what}" if world > 1 else what
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from leanvit.bench import host
+from leanvit import host
 from leanvit.bench.report import host_lines
 
 _EPYC = """processor\t: {n}

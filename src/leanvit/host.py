@@ -1,4 +1,4 @@
-"""Facts about the machine and the software a benchmark ran on, for every report."""
+"""Facts about the machine and the software a benchmark or training run ran on, for every report."""
 from __future__ import annotations
 
 import importlib.metadata
