@@ -492,6 +492,19 @@ def _swap_layers(model: nn.Module, config: QuantConfig, report: QuantReport, con
     return swapped
 
 
+@dataclass
+class _Swapped:
+    """The quantized modules :func:`quantize` swapped into its copy, by name, and what it recorded of the float
+    model before the swap for the steps after it."""
+
+    layers: dict[str, nn.Module]  #: QuantLinear / QuantConv2d
+    attentions: dict[str, QuantMatmuls]  #: attentions with quantized matmul inputs (QuantConfig.attn_bits)
+    concats: dict[str, nn.Module]  #: int8 NHWC concatenations (QuantConfig.int8_nhwc_concats)
+    skipped: dict[str, str]  #: modules kept float by QuantConfig.skip -> the pattern naming them
+    matmul_calls: dict  #: what each module multiplies itself (modules.record_matmuls)
+    consumers: dict  #: LayerNorm -> the Linears it feeds, for RepQ-ViT (reparam.layernorm_consumers)
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), *,
              progress: bool = True) -> nn.Module:
@@ -501,8 +514,44 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     on the calibration data (their weights are used by some other code path) cannot be calibrated;
     they are put back in float and listed, with a warning.
     """
-    from tqdm.auto import tqdm
+    _check_float_model(model, config)
+    device = next(model.parameters(), torch.empty(0)).device
+    batches = [b.to(device) for b in calibration_batches(calib_data, config.min_images, config.batch_size)]
+    qmodel = copy.deepcopy(model).eval()
+    example = batches[0][:2]
+    report = QuantReport(calib_images=sum(b.shape[0] for b in batches), input_size=tuple(batches[0].shape[1:]))
+    _check_runs(qmodel, example, report)  # the float model on the user's images, before any step that runs it
+    swapped = _swap_in_quantized(qmodel, config, report, batches)
+    qmodel.to(device)  # the quantizers are created on the CPU; here and after each step that adds some
+    observers = _observe(qmodel, swapped, batches, report, progress)
+    _settle_matmuls(qmodel, swapped, config, report, batches)
+    ranged = _set_ranges(qmodel, swapped, observers, config, report, example)
+    qmodel.to(device)
+    if config.hessian_search:
+        from .hessian import hessian_search
 
+        hessian_search(qmodel, batches, fixed_inputs=ranged, progress=progress)
+    if config.bias_correction:
+        correct_bias(qmodel, swapped.layers, batches)
+    if config.reconstruct:  # last: it fits whole blocks to the float outputs, which later per-layer changes would undo
+        from .reconstruct import reconstruct
+
+        report.reconstructed = reconstruct(qmodel, model, batches, mode=config.reconstruct,
+                                           iters=config.reconstruct_iters, act_scales=config.reconstruct_act_scales,
+                                           progress=progress)
+    _fit_to_engine(qmodel, swapped, config, batches, device)
+    if report.float_compute_layers:
+        listed = "\n".join(f"  {n or ROOT}: {r}" for n, r in report.float_compute_layers.items())
+        warn(f"{len(report.float_compute_layers)} compute layers stay in float:\n{listed}")
+    qmodel.quant_report = report
+    refresh_report(qmodel)  # each listed module's line, from its final quantizers
+    qmodel.register_load_state_dict_post_hook(refresh_report)
+    return qmodel.eval()  # (the quantized modules swapped in were created in training mode)
+
+
+def _check_float_model(model: nn.Module, config: QuantConfig) -> None:
+    """Refuse what :func:`quantize` cannot calibrate, with the fix: a config that is not a QuantConfig, a model
+    quantized already, a half-precision model."""
     if not isinstance(config, QuantConfig):  # one way to say it: a bits string or dict would skip its checks
         raise LeanvitError(f"quantize() takes a QuantConfig, got {config!r} ({type(config).__name__}): pass "
                            "QuantConfig.from_bits('w8a8'), QuantConfig.recipe('mse', 'w8a8') or QuantConfig(...).")
@@ -514,18 +563,25 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     if dtypes:  # calibration runs float32 batches, which a half model's layers refuse as mismatched inputs
         raise LeanvitError(f"{type(model).__name__} is in {' and '.join(dtypes)}; quantization calibrates in float32: "
                            "pass model.float() to quantize() (the quantized model simulates INT8 in float32).")
-    device = next(model.parameters(), torch.empty(0)).device
-    batches = [b.to(device) for b in calibration_batches(calib_data, config.min_images, config.batch_size)]
-    qmodel = copy.deepcopy(model).eval()
-    example = batches[0][:2]
-    report = QuantReport(calib_images=sum(b.shape[0] for b in batches), input_size=tuple(batches[0].shape[1:]))
-    try:  # the float model on the user's images, before any step that runs it
+
+
+def _check_runs(qmodel: nn.Module, example: torch.Tensor, report: QuantReport) -> None:
+    """Run the float model once on calibration images: a model that cannot take them fails here, named, rather
+    than deep in a later step."""
+    try:
         qmodel(example)
     except (AssertionError, RuntimeError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LeanvitError(f"{type(model).__name__} does not run on the calibration images "
+        raise LeanvitError(f"{type(qmodel).__name__} does not run on the calibration images "
                            f"({'x'.join(map(str, report.input_size))}: {reason}). Calibrate on images of the size "
                            "and channels it takes, pre-processed as for inference.") from None
+
+
+def _swap_in_quantized(qmodel: nn.Module, config: QuantConfig, report: QuantReport,
+                       batches: list[torch.Tensor]) -> _Swapped:
+    """Fold the BatchNorms, record what the float model computes (LayerNorm consumers, matmuls, image-independent
+    layers, NHWC concatenations), then swap in the quantized layers, concatenations and attentions."""
+    example = batches[0][:2]
     report.folded_batchnorms = fold_batchnorm(qmodel, example)
     consumers = layernorm_consumers(qmodel, example) if config.reparam_layernorm else {}
     matmul_calls = record_matmuls(qmodel, example)  # before any swap: what each module multiplies itself
@@ -544,7 +600,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         concats[name] = concat_counterpart(type(module := qmodel.get_submodule(name))).from_float(module, config.a_bits)
         qmodel.set_submodule(name, concats[name])
     if not layers:
-        raise LeanvitError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer left to quantize "
+        raise LeanvitError(f"{type(qmodel).__name__} has no nn.Linear or nn.Conv2d layer left to quantize "
                            f"(QuantConfig.skip={config.skip}).")
     skipped = {n: p for n, _ in qmodel.named_modules() if (p := config.skip_pattern(n)) is not None}
     attentions = {}
@@ -552,15 +608,24 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         attentions = swap_attention(qmodel, config.attn_bits, config.softmax_quantizer, matmul_calls, set(skipped))
         for name in attentions:  # its matrix products quantized: not a float layer, whatever its own weights said
             report.float_layers.pop(name, None)
-    qmodel.to(device)  # the quantizers are created on the CPU; here and after each step that adds some
+    return _Swapped(layers, attentions, concats, skipped, matmul_calls, consumers)
 
-    # Ranges come from the float model's activations (PTQ4ViT's "parallel" calibration): the weight
-    # quantizers are off and the input quantizers only observe, so every layer sees float inputs.
+
+def _observe(qmodel: nn.Module, swapped: _Swapped, batches: list[torch.Tensor], report: QuantReport,
+             progress: bool) -> dict[str, RangeObserver]:
+    """Observe every quantized module's inputs on the calibration batches; returns each layer's input observer.
+    A layer never called (its weights are used outside its forward) is put back in float and listed.
+
+    Ranges come from the float model's activations (PTQ4ViT's "parallel" calibration): the weight quantizers are
+    off and the input quantizers only observe, so every layer sees float inputs."""
+    from tqdm.auto import tqdm
+
+    layers = swapped.layers
     for layer in layers.values():
         layer.input_quantizer.observer = RangeObserver(axis=layer.input_quantizer.axis)
-    for attention in attentions.values():
+    for attention in swapped.attentions.values():
         attention.observe()
-    for concat in concats.values():
+    for concat in swapped.concats.values():
         concat.observe()
     try:
         with quantizers_disabled(qmodel):
@@ -573,7 +638,15 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
     for name in [n for n, o in observers.items() if o.batches == 0]:
         qmodel.set_submodule(name, layers.pop(name).to_float())
         report.float_layers[name] = "never called during calibration (its weights are used outside its forward)"
-    for name, concat in concats.items():
+    return observers
+
+
+def _settle_matmuls(qmodel: nn.Module, swapped: _Swapped, config: QuantConfig, report: QuantReport,
+                    batches: list[torch.Tensor]) -> None:
+    """Range the observed concatenations and attentions, or put back in float those never called or (beyond
+    ``attn_max_error``) too hurt by quantization; list every module still computing matrix products in float."""
+    layers, attentions = swapped.layers, swapped.attentions
+    for name, concat in swapped.concats.items():
         if concat.calibrated():
             concat.calibrate(config.a_method, config.percentile)
             report.int8_concats[name] = concat.describe()
@@ -597,6 +670,7 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         warn(f"softmax_quantizer={config.softmax_quantizer!r} applies to no matmul operand of "
              f"{len(uniform)} attentions (none is a softmax output; they keep uniform quantizers): "
              f"{', '.join(uniform)}")
+    matmul_calls, skipped = swapped.matmul_calls, swapped.skipped
     for name, calls in float_matmuls(qmodel, matmul_calls, (QuantLinear, QuantConv2d, QuantMatmuls)).items():
         module = qmodel.get_submodule(name)
         if name in skipped:
@@ -609,10 +683,16 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
             f"attention matmuls in float: {calls.products} matrix products in {type(module).__name__}, which has "
             "no quantized counterpart"))
 
+
+def _set_ranges(qmodel: nn.Module, swapped: _Swapped, observers: dict[str, RangeObserver], config: QuantConfig,
+                report: QuantReport, example: torch.Tensor) -> set[str]:
+    """Reparameterise the LayerNorms where it pays (RepQ-ViT), then set every layer's weight range and input
+    scheme and range; returns the layers whose input range the reparameterisation set."""
     ranged = set()
-    if consumers and config.a_per_channel is not True:
-        ranged = _reparameterise_layernorms(qmodel, consumers, layers, observers, config, example, report)
-    for name, layer in layers.items():
+    if swapped.consumers and config.a_per_channel is not True:
+        ranged = _reparameterise_layernorms(qmodel, swapped.consumers, swapped.layers, observers, config, example,
+                                            report)
+    for name, layer in swapped.layers.items():
         layer.weight_quantizer.set_range(*weight_range(layer.weight, layer.weight_quantizer.scheme, config.w_method,
                                                        percentile=config.percentile))
         if name not in ranged:
@@ -627,22 +707,17 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         report.weight_bits[name] = layer.weight_quantizer.scheme.bits
         if layer.input_quantizer.scheme.per_channel:
             report.per_channel_inputs.append(name)
-    qmodel.to(device)
-    if config.hessian_search:
-        from .hessian import hessian_search
+    return ranged
 
-        hessian_search(qmodel, batches, fixed_inputs=ranged, progress=progress)
-    if config.bias_correction:
-        correct_bias(qmodel, layers, batches)
-    if config.reconstruct:  # last: it fits whole blocks to the float outputs, which later per-layer changes would undo
-        from .reconstruct import reconstruct
 
-        report.reconstructed = reconstruct(qmodel, model, batches, mode=config.reconstruct,
-                                           iters=config.reconstruct_iters, act_scales=config.reconstruct_act_scales,
-                                           progress=progress)
-
-    if config.share_qkv_quantizer:  # after every step that may change the attention's quantizers
-        for attention in attentions.values():
+def _fit_to_engine(qmodel: nn.Module, swapped: _Swapped, config: QuantConfig, batches: list[torch.Tensor],
+                   device: torch.device) -> None:
+    """The engine-aware last steps, after every step that changes weights, biases or the attentions' quantizers:
+    one quantizer for q, k and v; int32-grid biases and quantized conv outputs (ONNX Runtime's QLinearConv);
+    int8 outputs at the producers, and on conv outputs a float op reads transposed (OpenVINO)."""
+    layers = swapped.layers
+    if config.share_qkv_quantizer:
+        for attention in swapped.attentions.values():
             attention.share_qkv_quantizer()
     qmodel.to(device)
     if config.quantize_conv_outputs:  # after every step that changes weights or biases
@@ -655,13 +730,6 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig = QuantConfig(), 
         convs = {n: m for n, m in layers.items() if isinstance(m, QuantConv2d) and m.output_quantizer is None}
         _quantize_outputs(qmodel, {n: convs[n] for n in transposed_reads(qmodel, convs, batches[0][:1])}, batches,
                           config, " (a float op reads them transposed)")
-    if report.float_compute_layers:
-        listed = "\n".join(f"  {n or ROOT}: {r}" for n, r in report.float_compute_layers.items())
-        warn(f"{len(report.float_compute_layers)} compute layers stay in float:\n{listed}")
-    qmodel.quant_report = report
-    refresh_report(qmodel)  # each listed module's line, from its final quantizers
-    qmodel.register_load_state_dict_post_hook(refresh_report)
-    return qmodel.eval()  # (the quantized modules swapped in were created in training mode)
 
 
 def refresh_report(qmodel: nn.Module, incompatible_keys=None) -> None:
