@@ -4,6 +4,7 @@ drop-path schedule and eval preprocessing, the published sizes, export to ONNX R
 torch.compile and timm's model API."""
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 
@@ -134,6 +135,36 @@ def test_selective_scan_broadcasts_shared_decays():
     for k in range(4):
         expected = selective_scan(us[:, k], delta, A, Bs[:, k], C, D, delta_bias=dt_bias, delta_softplus=True)
         torch.testing.assert_close(y[:, k], expected)
+
+
+def test_fused_kernel_gets_flat_batches_and_cpu_tensors_stay_on_the_pytorch_path(monkeypatch):
+    """On CUDA the scan calls mamba_ssm's selective_scan_fn, which takes one flat batch ((batch, dim, L) u and delta,
+    (batch, N, L) B and C), float32 A / D / delta_bias and applies the softplus itself: the wrapper must broadcast the
+    four scans' shared delta and C, fold the leading dimensions, pass D, delta_bias and delta_softplus on, and unfold
+    the result. No GPU here: a stand-in kernel with that signature (the sequential reference) checks what it gets;
+    and CPU tensors never reach it (the real kernel is CUDA-only), mamba_ssm installed or not."""
+    scan_module = importlib.import_module('leanvit.models.layers.selective_scan')
+    calls = []
+
+    def kernel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+        assert u.dim() == delta.dim() == B.dim() == C.dim() == 3
+        assert all(t.is_contiguous() for t in (u, delta, B, C)) and z is None and A.dtype == torch.float32
+        assert u.shape == delta.shape and B.shape == C.shape and B.shape[0] == u.shape[0]
+        calls.append(tuple(u.shape))
+        return sequential_scan(u, delta, A, B, C, D, delta_bias, delta_softplus).float()
+
+    monkeypatch.setattr(scan_module, '_fused_selective_scan', kernel)
+    u, delta, A, B, C, D, dt_bias = realistic_inputs(2, 8, 4, 49)
+    us = torch.stack([u, u.flip(-1), u.roll(3, -1), 2 * u], dim=1)  # (2, 4, 8, 49): four scans of one delta and C
+    Bs = torch.stack([B, B + 1, B.flip(-1), -B], dim=1)
+    args = (us, delta.unsqueeze(1), A, Bs, C.unsqueeze(1))
+    expected = selective_scan(*args, D, delta_bias=dt_bias, delta_softplus=True)
+    assert calls == []  # CPU tensors: the PyTorch path
+    torch.testing.assert_close(scan_module._fused(*args, D, dt_bias, True), expected, rtol=1e-4, atol=1e-5)
+    assert calls == [(8, 8, 49)]
+    args = (us, delta.abs().unsqueeze(1), A, Bs, C.unsqueeze(1))  # no softplus: dt >= 0 for decays <= 1
+    torch.testing.assert_close(scan_module._fused(*args, None, None, False), selective_scan(*args),
+                               rtol=1e-4, atol=1e-5)
 
 
 # --- scan orders and the Mamba mixer -------------------------------------------------------------
@@ -291,7 +322,8 @@ def official_grid(img_size: int) -> int:
 
 
 def official_shapes(widths, layers, vit_num, grid=7, num_classes=1000, d_state=16, expand=2):
-    """Every (key, shape) of an official state dict, following the official module tree."""
+    """Every (key, shape) of an official state dict, following the official module tree; ``grid`` is the token
+    grid's side, or its (height, width) for a non-square one (which the official constructors do not build)."""
     shapes = {}
 
     def conv(p, cin, cout, k=1, groups=1, bias=True):
@@ -328,7 +360,7 @@ def official_shapes(widths, layers, vit_num, grid=7, num_classes=1000, d_state=1
             mlp(f'{p}.mlp', c)
         if i < 3:
             conv(f'network.{2 * i + 1}.proj', c, widths[i + 1], 3), bn(f'network.{2 * i + 1}.norm', widths[i + 1])
-    shapes['pos_embed'] = (1, widths[3], grid, grid)
+    shapes['pos_embed'] = (1, widths[3], *(grid if isinstance(grid, tuple) else (grid, grid)))
     shapes['norm.weight'] = shapes['norm.bias'] = (widths[3],)
     for head in ('head', 'dist_head'):
         shapes[f'{head}.weight'], shapes[f'{head}.bias'] = (num_classes, widths[3]), (num_classes,)
@@ -500,13 +532,19 @@ def test_official_checkpoint_loads_through_timm(tmp_path):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('img_size', [96, 100])  # 3x3 and 4x4 token grids (100 is no multiple of 32)
+# 3x3 and 4x4 token grids (100 is no multiple of 32), and 3x4: rows and columns of different lengths
+@pytest.mark.parametrize('img_size', [96, 100, (96, 128)])
 def test_tiny_official_weights_compute_the_official_forward(img_size):
-    """Two FFN blocks then two Mamba blocks in the last stage; odd and even grids (the snake scans' ends)."""
-    sd = random_official_state_dict(**TINY_OFFICIAL, grid=official_grid(img_size), num_classes=100)
+    """Two FFN blocks then two Mamba blocks in the last stage; odd and even grids (the snake scans' ends), and a
+    non-square one, where a grid built, or a scan run, with height and width swapped shows (on a square grid it
+    cannot). The official constructors build square maps only; non-square sizes are this implementation's extension,
+    run here through the official forward, whose scan orders take any height and width."""
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    grid = (official_grid(height), official_grid(width))
+    sd = random_official_state_dict(**TINY_OFFICIAL, grid=grid, num_classes=100)
     model = timm.create_model('vcmamba_s', **{**TINY, 'img_size': img_size, 'num_classes': 100}).eval()
     model.load_state_dict(checkpoint_filter_fn({'model': sd}, model))
-    x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         out, ref = model(x), official_forward(sd, x)
     assert ref.abs().max() > 1 and (ref[0] - ref[1]).abs().max() > 0.2
