@@ -443,3 +443,153 @@ def test_a_pruned_model_is_unreduced_and_may_checkpoint(vit, images):
     assert tokens.applied(model) is None
     model.set_grad_checkpointing(True)
     assert model(images).shape == (3, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the first mutation review of this file found unchecked
+
+
+def _timm_block_parts_vit():
+    """A ViT whose blocks use every part timm's Block and Attention may have: QK norm, the attention output's norm,
+    a sigmoid gate, layer scales, attention / projection dropout and drop path, all with random weights."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3,
+                              num_classes=10, qk_norm=True, scale_attn_norm=True, init_values=0.5,
+                              attn_drop_rate=0.3, proj_drop_rate=0.2, drop_path_rate=0.3)
+    for blk in model.blocks:
+        blk.attn.gate = torch.nn.Linear(48, 48)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            noise = torch.randn(t.shape, generator=g)
+            if t.ndim > 1:  # fan-in scaled matrices
+                t.copy_(noise / math.sqrt(math.prod(t.shape[1:])))
+            elif name.endswith(("weight", "gamma")):  # norm scales and layer scales, away from 1 (and 1e-5)
+                t.copy_(1 + 0.2 * noise)
+            else:  # biases
+                t.copy_(0.2 * noise)
+    return model
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("sized", [False, True])
+def test_the_reducing_block_is_timms_block(training, sized):
+    """Between reductions a block must compute what timm's Block does: QK norms, the attention output's norm, the
+    gate, both layer scales, and dropout / drop path in training only (same random draws, in the same order). Without
+    token sizes the attention stays on SDPA, as timm's fused path; with sizes (all 1: log 0, no bias) it is written
+    out, as timm's unfused path. Dropping any of them changes a fine-tuned or QK-normed ViT silently."""
+    from leanvit.compress.tokens.patch import block_forward
+
+    model = _timm_block_parts_vit().train(training)
+    x = torch.randn(2, 17, 48, generator=torch.Generator().manual_seed(6))
+    method = tokens.ToMe(r=1) if sized else tokens.EViT()  # proportional (takes sizes), or not
+    size = torch.ones(2, 17, 1) if sized else None
+    for blk in model.blocks:
+        blk.attn.fused_attn = not sized
+        torch.manual_seed(7)
+        want = blk(x)
+        torch.manual_seed(7)
+        got, got_size = block_forward(blk, x, size, None, method)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert got_size is size
+        x = want
+
+
+def test_a_per_block_r_as_long_as_the_model_is_taken_and_a_longer_one_refused():
+    assert tokens.ToMe(r=(1,) * DEPTH).schedule(DEPTH) == [1] * DEPTH
+    with pytest.raises(LeanvitError, match=f"ToMe got {DEPTH + 1} per-block r values for a {DEPTH}-block model"):
+        tokens.ToMe(r=(1,) * (DEPTH + 1)).schedule(DEPTH)
+
+
+def test_tome_refuses_an_input_whose_tokens_cannot_merge_r():
+    """A model taking other input sizes (dynamic_img_size) gets fewer tokens than apply() validated: merging r of them
+    would take masked pairs, the class token among them, instead of refusing."""
+    torch.manual_seed(0)
+    model = tokens.apply(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=2,
+                                           num_heads=3, num_classes=10, dynamic_img_size=True).eval(), tokens.ToMe(r=16))
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(LeanvitError, match=r"^ToMe r=16 is too large for this input: block 0 gets 17 tokens "
+                                           r"\(1 protected\) and can merge at most 8\."):
+        model(torch.randn(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("num_tokens,match", [
+    # 9 tokens: r=2 leaves 7, 5, 3 and block 3 can merge 1; r=1 fits all four blocks
+    (9, r"block 3 has 3 tokens \(1 protected\) and can merge at most 1\. The largest r every block can take here is "
+        r"1\."),
+    (4, r"block 0 has 4 tokens \(1 protected\) and can merge at most 1\. No r > 0 fits every block here\."),
+])
+def test_r_too_large_names_a_largest_r_of_one_or_none(num_tokens, match):
+    with pytest.raises(LeanvitError, match=match):
+        tokens.ToMe(r=2).token_counts(num_tokens, 1, 4)
+
+
+def test_a_negative_r_is_refused():
+    with pytest.raises(LeanvitError, match=r"ToMe r must be >= 0, got -1\."):
+        tokens.ToMe(r=-1)
+    with pytest.raises(LeanvitError, match=r"ToMe r must be >= 0"):
+        tokens.ToMe(r=(2, -1, 0))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", [
+    tokens.EViT(keep_rate=0.5, fuse=False, layers=(1, 4)),
+    tokens.EViT(keep_rate=0.99, fuse=True, layers=(0, 2)),  # ceil(0.99 * 64) = 64: nothing to drop
+    tokens.EViT(keep_rate=0.7, fuse=True, layers=tuple(range(DEPTH))),  # down to a block where nothing drops
+    tokens.DiffRate(prune=(200, 60, 60, 40, 40, 12), merge=(200, 62, 50, 50, 30, 200)),
+])
+def test_token_counts_are_the_shapes_the_forward_produces(vit, images, method):
+    """Exports and MAC counts trust the static counts; a count one off (a fused token counted where none was added, or
+    a DiffRate count above the tokens there are) would describe another model."""
+    model = reduced(vit, method)
+    seen = []
+    hooks = [blk.mlp.register_forward_hook(lambda m, i, o: seen.append(o.shape[1])) for blk in model.blocks]
+    model(images)
+    for h in hooks:
+        h.remove()
+    assert seen == tokens.token_counts(model)
+
+
+def test_evit_and_diffrate_token_counts(vit):
+    p, n = vit.num_prefix_tokens, 64 + vit.num_prefix_tokens
+    counts = tokens.EViT(keep_rate=0.5, fuse=False, layers=(1, 4)).token_counts(n, p, DEPTH)
+    assert counts == [n, p + 32, p + 32, p + 32, p + 16, p + 16]  # no fused token
+    assert tokens.EViT(keep_rate=0.99, layers=(0, 2)).token_counts(n, p, DEPTH) == [n] * DEPTH
+    # 3 patch tokens at keep 0.7: ceil(2.1) = 3 kept, so nothing is dropped and no fused token is added
+    assert tokens.EViT(keep_rate=0.7, layers=(0, 1)).token_counts(1 + 3, 1, 2) == [4, 4]
+    assert tokens.DiffRate(prune=(200, 60, 60, 40), merge=(200, 62, 50, 50)).token_counts(n, p, 4) == [n, 60, 50, 40]
+    assert tokens.token_counts(reduced(vit, tokens.ToMe(r=4)), 33) == [29, 25, 21, 17, 13, 9]  # another input size
+
+
+@torch.no_grad()
+def test_evit_at_a_block_with_nothing_to_drop_is_the_original_block(vit, images):
+    """Official EViT skips a block whose keep rate keeps every token: a fused token of weight 0 appended there would
+    be one more token in every later attention."""
+    torch.testing.assert_close(reduced(vit, tokens.EViT(keep_rate=0.99, layers=(0, 2)))(images), vit(images),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_keep_rate_within_an_epoch_follows_evits_cosine():
+    """EViT's ``adjust_keep_rate`` (warm-up 1 epoch, shrink to epoch 3, 10 steps per epoch): the cosine moves every
+    step, not only at epoch boundaries, and stays at the target once the shrink is over."""
+    at = [tokens.keep_rate_at(s, 10, 0.5, start_epoch=1, shrink_epochs=2) for s in (9, 10, 15, 29, 30, 35)]
+    assert at == pytest.approx([1.0, 1.0, 0.5 + 0.25 * (math.cos(math.pi / 4) + 1), 0.5030779148512156, 0.5, 0.5])
+
+
+def test_keep_rate_warmup_needs_a_step_per_epoch(vit):
+    with pytest.raises(LeanvitError, match="steps_per_epoch must be at least 1, got 0"):
+        tokens.keep_rate_warmup(reduced(vit, tokens.EViT(keep_rate=0.5, layers=(1,))), steps_per_epoch=0)
+
+
+def test_evit_layers_must_be_blocks_of_the_model(vit):
+    """A negative index matched no block: the model ran unreduced at that layer, silently."""
+    with pytest.raises(LeanvitError, match=r"EViT layers \[-1\] do not exist in a 6-block model; pass layers within "
+                                           r"0\.\.5\."):
+        tokens.apply(copy.deepcopy(vit), tokens.EViT(layers=(-1, 3)))
+
+
+def test_a_class_token_vit_pooling_otherwise_is_refused():
+    """Its head averages the tokens: merging or dropping them changes what it pools, unlike a class-token read."""
+    avg = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, global_pool="avg", class_token=True)
+    with pytest.raises(LeanvitError, match="pools with 'avg' rather than reading a class token"):
+        tokens.apply(avg, tokens.ToMe(r=1))
