@@ -147,7 +147,8 @@ def _warn_unused_flags(args: argparse.Namespace, config) -> None:
         warn(f"{flag} has no effect without {needs}")
 
 
-def run(args: argparse.Namespace) -> int:
+def _config_from_args(args: argparse.Namespace):
+    """The QuantConfig the flags ask for (the recipe's, with each given flag winning) and the CPU target resolved."""
     from ..compress import quant
 
     given = {
@@ -166,10 +167,18 @@ def run(args: argparse.Namespace) -> int:
     if args.attn_max_error is not None:  # (negative: None, every attention quantized)
         config = dataclasses.replace(config, attn_max_error=args.attn_max_error if args.attn_max_error >= 0 else None)
     _warn_unused_flags(args, config)
+    return config, target
+
+
+def _check_args(args: argparse.Namespace, config) -> None:
+    """Refuse, with the fix, flags that cannot work together: too few calibration images, an average-bit budget
+    the bit-widths cannot meet, a config the engine cannot run, an ``--out`` that is a file."""
+    from ..compress import quant
+
     if args.calib_images < config.min_images:
         raise LeanvitError(f"--calib-images {args.calib_images} is too few for stable activation ranges: give at least "
                            f"{config.min_images} (256 is a good choice).")
-    if args.avg_bits is not None:  # before the model is loaded and the images decoded
+    if args.avg_bits is not None:
         try:
             quant.check_budget(args.avg_bits, args.bits, "w8a8")
         except LeanvitError as e:
@@ -179,6 +188,72 @@ def run(args: argparse.Namespace) -> int:
         quant.check_config_deployable(config, args.engine)
         if args.out.exists() and not args.out.is_dir():
             raise LeanvitError(f"--out {args.out} is a file; give a folder to write the INT8 model and report.json to.")
+
+
+def _deploy(args: argparse.Namespace, model: torch.nn.Module, qmodel: torch.nn.Module, data_config: dict,
+            result: dict):
+    """Export the quantized model for ``--engine`` into ``--out``, load it there, list the layers the engine runs in
+    float and (unless ``--no-latency``) time it against the float model; returns the runner and the speed-up."""
+    from ..compress import quant
+    from ..deploy import get_engine
+
+    example = torch.zeros(1, *data_config["input_size"])
+    path = quant.export(qmodel, args.out / "model", engine=args.engine, example=example, dynamic_batch=False,
+                        check=False)
+    engine = get_engine(args.engine, threads=args.threads)
+    runner = engine.load_model_file(path)
+    in_float = quant.check_engine_precisions(qmodel, path, args.engine, compiled=getattr(runner, "compiled", None))
+    result.update(exported=str(path), engine=args.engine, engine_float_layers=in_float)
+    if args.no_latency:
+        return runner, None
+    from ..bench.speedup import measure_speedup
+
+    speedup = measure_speedup(model, runner, engine, torch.randn_like(example))
+    result["latency"] = speedup.to_dict()
+    if speedup.slower:  # the figure tested is the one quoted: the medians' ratio can say otherwise
+        warn(f"on this CPU {args.engine} runs the INT8 model slower than the float one (INT8 "
+             f"{speedup.summary()}; batch {speedup.batch}, {speedup.threads} threads): "
+             f"{_SLOWER_HINTS[args.engine]}")
+    return runner, speedup
+
+
+def _score(args: argparse.Namespace, model, qmodel, runner, evalset, result: dict) -> None:
+    """Top-1 on ``--eval`` of the float model, the simulation and (when exported) the engine's INT8 model."""
+    dataset, classes = evalset, dataset_classes(evalset)
+    if args.eval_images and args.eval_images < len(dataset):
+        dataset = calibration_subset(dataset, args.eval_images)
+    loader = make_loader(dataset, args.batch_size)
+    result["eval_data"] = str(args.eval)
+    scored = evaluate(model, loader, classes=classes, device="cpu", progress=False)
+    result["top1"] = scored.top1
+    result["sim_top1"] = evaluate(qmodel, loader, classes=classes, device="cpu", progress=False).top1
+    if runner is not None:  # the exported file has a batch of 1, the deployment case
+        result["engine_top1"] = evaluate(runner, make_loader(dataset, 1), classes=classes, progress=False).top1
+    result["eval_images"] = scored.images  # those that decoded
+
+
+def _print_summary(args: argparse.Namespace, result: dict, report, target: str, speedup) -> None:
+    """The human-readable lines of what ``run`` did (``--json`` prints ``result`` instead)."""
+    print(f"model    {args.model}" + (f"  ({args.checkpoint})" if args.checkpoint else ""))
+    print(f"quant    {args.bits.lower()} for a {target} CPU, calibrated in {result['calibration_s']} s: "
+          f"{report.summary()}")
+    if args.out:
+        print(f"wrote    {result['exported']}  (and report.json)")
+    if speedup is not None:  # the medians are in report.json and --json
+        print(f"latency  {args.engine} INT8 against float: {speedup.summary()} (batch {speedup.batch}, "
+              f"{speedup.threads} threads; --no-latency skips)")
+    if args.eval:
+        line = f"top-1    float {result['top1']:.2f} %  simulated {result['sim_top1']:.2f} %"
+        if "engine_top1" in result:
+            line += f"  {args.engine} INT8 {result['engine_top1']:.2f} %"
+        print(line + f"  on {result['eval_images']} images of {args.eval}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..compress import quant
+
+    config, target = _config_from_args(args)
+    _check_args(args, config)  # before the model is loaded and the images decoded
     torch.set_num_threads(args.threads)
     if args.checkpoint:
         model, meta = model_from_checkpoint(args.model, args.checkpoint, **args.model_kwargs)
@@ -231,58 +306,16 @@ def run(args: argparse.Namespace) -> int:
               "reparameterised": report.reparameterised, "reconstructed": report.reconstructed,
               "int8_concats": report.int8_concats, "folded_batchnorms": len(report.folded_batchnorms)}
 
-    runner = speedup = None
     if args.avg_bits is not None:
         result["avg_weight_bits"] = round(quant.average_weight_bits(qmodel), 3)
-    if args.out:
-        example = torch.zeros(1, *data_config["input_size"])
-        path = quant.export(qmodel, args.out / "model", engine=args.engine, example=example, dynamic_batch=False,
-                            check=False)
-        from ..deploy import get_engine
-
-        engine = get_engine(args.engine, threads=args.threads)
-        runner = engine.load_model_file(path)
-        in_float = quant.check_engine_precisions(qmodel, path, args.engine, compiled=getattr(runner, "compiled", None))
-        result.update(exported=str(path), engine=args.engine, engine_float_layers=in_float)
-        if not args.no_latency:
-            from ..bench.speedup import measure_speedup
-
-            speedup = measure_speedup(model, runner, engine, torch.randn_like(example))
-            result["latency"] = speedup.to_dict()
-            if speedup.slower:  # the figure tested is the one quoted: the medians' ratio can say otherwise
-                warn(f"on this CPU {args.engine} runs the INT8 model slower than the float one (INT8 "
-                     f"{speedup.summary()}; batch {speedup.batch}, {speedup.threads} threads): "
-                     f"{_SLOWER_HINTS[args.engine]}")
-
+    runner, speedup = _deploy(args, model, qmodel, data_config, result) if args.out else (None, None)
     if evalset is not None:
-        dataset, classes = evalset, dataset_classes(evalset)
-        if args.eval_images and args.eval_images < len(dataset):
-            dataset = calibration_subset(dataset, args.eval_images)
-        loader = make_loader(dataset, args.batch_size)
-        result["eval_data"] = str(args.eval)
-        scored = evaluate(model, loader, classes=classes, device="cpu", progress=False)
-        result["top1"] = scored.top1
-        result["sim_top1"] = evaluate(qmodel, loader, classes=classes, device="cpu", progress=False).top1
-        if runner is not None:  # the exported file has a batch of 1, the deployment case
-            result["engine_top1"] = evaluate(runner, make_loader(dataset, 1), classes=classes, progress=False).top1
-        result["eval_images"] = scored.images  # those that decoded
+        _score(args, model, qmodel, runner, evalset, result)
 
     if args.out:
         (args.out / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     if args.json:
         print_json(result)
         return 0
-    print(f"model    {args.model}" + (f"  ({args.checkpoint})" if args.checkpoint else ""))
-    print(f"quant    {args.bits.lower()} for a {target} CPU, calibrated in {result['calibration_s']} s: "
-          f"{report.summary()}")
-    if args.out:
-        print(f"wrote    {result['exported']}  (and report.json)")
-    if speedup is not None:  # the medians are in report.json and --json
-        print(f"latency  {args.engine} INT8 against float: {speedup.summary()} (batch {speedup.batch}, "
-              f"{speedup.threads} threads; --no-latency skips)")
-    if args.eval:
-        line = f"top-1    float {result['top1']:.2f} %  simulated {result['sim_top1']:.2f} %"
-        if "engine_top1" in result:
-            line += f"  {args.engine} INT8 {result['engine_top1']:.2f} %"
-        print(line + f"  on {result['eval_images']} images of {args.eval}")
+    _print_summary(args, result, report, target, speedup)
     return 0
