@@ -101,6 +101,34 @@ def _method_flags(args: argparse.Namespace) -> None:
         raise LeanvitError("--eval-images has no effect without --eval DATA.")
 
 
+def _search_batches(args: argparse.Namespace, model, meta: dict, calibset, calib) -> list:
+    """DiffRate's search batches from the decoded ``--calib`` images: with their labels where they are the model's
+    classes, else the images alone (DiffRate's own fallback: the unreduced model's top-1 is the target), said."""
+    listed = dataset_classes(calibset)
+    classes = [c for c in listed if c != "."]  # ".": images beside the class folders
+    fit = _labels_fit(model, meta, classes)
+    if fit and len(classes) == len(listed):
+        return list(zip(calib.batches, calib.labels))
+    why = (f"some images of {args.calib} lie beside its class folders, of no class (move them into "
+           "their class folders to use the labels)" if fit else
+           f"the labels of {args.calib} are not the model's {model.num_classes} classes")
+    note("tokens", f"{why}; the search matches the unreduced model's own top-1 instead")
+    return calib.batches
+
+
+def _print_summary(args: argparse.Namespace, result: dict) -> None:
+    """The human-readable lines of what ``run`` measured (``--json`` prints ``result`` instead)."""
+    print(f"model    {args.model} @ {result['img_size']}x{result['img_size']}"
+          + (f"  ({args.checkpoint})" if args.checkpoint else ""))
+    print(f"method   {result['method']}")
+    print(f"tokens   {' '.join(map(str, result['tokens_per_block']))}  (after each block)")
+    print(f"MACs     {result['macs'] / 1e9:.3f} G -> {result['reduced_macs'] / 1e9:.3f} G"
+          f"  (-{result['macs_cut_pct']:.1f} %)")
+    if args.eval:
+        print(f"top-1    {result['top1']:.2f} % -> {result['reduced_top1']:.2f} %  on {result['eval_images']} "
+              f"images of {args.eval} (no fine-tuning)")
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import tokens
 
@@ -127,26 +155,13 @@ def run(args: argparse.Namespace) -> int:
     data_config = resolve_data_config(model, img_size=model.patch_embed.img_size[0], saved=meta.get("data_config"))
     check_input_size(model, data_config, args.model)  # (a size that is not a multiple of the patch size: warned)
     transform = build_transform(data_config)
-    calibset = None
+    calibset = calib = None
     if args.method == "diffrate":
-        calib = None
         if args.calib:
             calibset = open_dataset(args.calib, train=True, transform=transform, unlabelled=True)
             calib = decode_calibration(calibset, args)
-            calib_indices = calib.indices
-            listed = dataset_classes(calibset)
-            classes = [c for c in listed if c != "."]  # ".": images beside the class folders
-            fit = _labels_fit(model, meta, classes)
-            if fit and len(classes) == len(listed):
-                calib = list(zip(calib.batches, calib.labels))
-            else:  # DiffRate's own fallback: the unreduced model's top-1 is the target
-                why = (f"some images of {args.calib} lie beside its class folders, of no class (move them into "
-                       "their class folders to use the labels)" if fit else
-                       f"the labels of {args.calib} are not the model's {model.num_classes} classes")
-                note("tokens", f"{why}; the search matches the unreduced model's own top-1 instead")
-                calib = calib.batches
-        method = tokens.DiffRate(target_macs=args.target_gmacs * 1e9, calib=calib, steps=args.steps,
-                                 macs_weight=args.macs_weight)
+        method = tokens.DiffRate(target_macs=args.target_gmacs * 1e9, steps=args.steps, macs_weight=args.macs_weight,
+                                 calib=None if calib is None else _search_batches(args, model, meta, calibset, calib))
 
     input_size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
     result = {"model": args.model, "checkpoint": args.checkpoint, "img_size": input_size[-1],
@@ -157,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             raise LeanvitError(f"The checkpoint was trained on the classes {meta['classes']}, not those of "
                                f"{args.eval}. Evaluate it on data with the same classes.")
         if calibset is not None:  # scored on the images the rates were searched on, it would look better than it is
-            dataset, left_out = without_calibration_images(dataset, calibset, calib_indices, args.eval)
+            dataset, left_out = without_calibration_images(dataset, calibset, calib.indices, args.eval)
             if left_out:
                 note("tokens", left_out)
         loader = make_loader(_subset(dataset, args.eval_images), args.batch_size)
@@ -180,13 +195,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0
-    print(f"model    {args.model} @ {result['img_size']}x{result['img_size']}"
-          + (f"  ({args.checkpoint})" if args.checkpoint else ""))
-    print(f"method   {result['method']}")
-    print(f"tokens   {' '.join(map(str, result['tokens_per_block']))}  (after each block)")
-    print(f"MACs     {result['macs'] / 1e9:.3f} G -> {result['reduced_macs'] / 1e9:.3f} G"
-          f"  (-{result['macs_cut_pct']:.1f} %)")
-    if args.eval:
-        print(f"top-1    {result['top1']:.2f} % -> {result['reduced_top1']:.2f} %  on {result['eval_images']} "
-              f"images of {args.eval} (no fine-tuning)")
+    _print_summary(args, result)
     return 0
