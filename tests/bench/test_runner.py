@@ -222,7 +222,8 @@ def test_a_models_engines_are_timed_side_by_side_in_alternating_rounds(monkeypat
     monkeypatch.setattr(runner, "time_alternating", recording)
     rows = run_bench(tiny_bench(models=["mobilenetv2_050", "resnet10t"], engines=["eager", "onnxruntime"],
                                 rounds=3), progress=False)
-    assert calls == [([0, 1], 3), ([2, 3], 3)]  # one alternation per model, its two engines' rows
+    assert calls == [([f"{m} eager f32", f"{m} onnxruntime f32"], 3) for m in ("mobilenetv2_050", "resnet10t")]
+    # (one alternation per model, its two engines' rows)
     assert all(r.ran and len(r.latency_ms_rounds) == 3 and r.iterations % 3 == 0 for r in rows)
 
 

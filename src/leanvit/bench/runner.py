@@ -177,64 +177,69 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> list[BenchRow]:
     rows: list[BenchRow] = []
     bar = tqdm(total=total, desc="bench", unit="run", disable=not progress, file=sys.stderr)
     for name in cfg.models:
-        bar.set_description(f"{name}: create")
-        try:
-            model = create_model_at(name, cfg.img_size, pretrained=cfg.pretrained)
-        except LeanvitError as e:  # (cannot run at --img-size, weights not cached): the other models still run
-            error = str(e).splitlines()[0][:500]
-            tqdm.write(f"!! {name} FAILED: {error}", file=sys.stderr)
-            for variant in ("", *cfg.tokens):
-                for engine_name in cfg.engines:
-                    rows += [BenchRow(model=name, engine=engine_name, variant=variant, precision=p, batch=cfg.batch,
-                                      threads=cfg.threads, img_size=cfg.img_size or _native_size(name),
-                                      skipped=unrunnable.get((engine_name, p)),
-                                      error=None if (engine_name, p) in unrunnable else error)
-                             for p in cfg.precisions]
-            bar.update(len(cfg.engines) * len(cfg.precisions) * (1 + len(cfg.tokens)))
-            continue
-        chans, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))
-        size = cfg.img_size or h
-        params = count_params(model)
-        facts = find_facts(name)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        x = torch.randn(cfg.batch, chans, size, size, generator=gen)
-        checks = [torch.randn(cfg.batch, chans, size, size, generator=gen)
-                  for _ in range(checked_images(cfg) // cfg.batch)]
-        loaded: dict[int, Runner] = {}  # row index -> its loaded engine: all of the model's, timed side by side
-        for variant in ("", *cfg.tokens):
-            label = row_label(name, variant)
-            inapplicable, reduced = None, model
-            if variant:
-                # its own modules (the rows of the model as built keep running it unreduced), the same weights
-                reduced = copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())})
-                try:
-                    token_apply(reduced, from_spec(variant))
-                except LeanvitError as e:  # (not a plain ViT, r too large): the other models' rows still count
-                    inapplicable = f"token reduction does not apply: {e}"
-                    tqdm.write(f"!! {label}: {inapplicable}", file=sys.stderr)
-            macs = None if inapplicable else count_macs(reduced, (chans, size, size))
-            for engine_name in cfg.engines:
-                for precision in cfg.precisions:
-                    bar.set_description(f"{label}: load {engine_name} {precision}")
-                    row = BenchRow(model=name, engine=engine_name, variant=variant, precision=precision,
-                                   batch=cfg.batch, threads=cfg.threads, img_size=size, params=params, macs=macs,
-                                   published_top1=published_top1(facts, name, size, variant, precision),
-                                   paper_speed=facts.speed if facts else None,
-                                   skipped=inapplicable or unrunnable.get((engine_name, precision)))
-                    rows.append(row)
-                    if row.skipped:
-                        bar.update()
-                        continue
-                    try:
-                        loaded[len(rows) - 1] = _load(row, reduced, x, checks, cfg)
-                    except Exception as e:  # noqa: BLE001 - one engine failing must not hide the others
-                        _failed(row, e)
-                        bar.update()
-        bar.set_description(f"{name}: timing {len(loaded)} side by side")
-        _time_side_by_side({i: (rows[i], runner) for i, runner in loaded.items()}, x.numpy(), cfg)
-        bar.update(len(loaded))
-        del loaded, model
+        rows += _bench_model(name, cfg, unrunnable, bar)
     bar.close()
+    return rows
+
+
+def _bench_model(name: str, cfg: BenchConfig, unrunnable: dict, bar) -> list[BenchRow]:
+    """The rows of one model: each token variant x engine x precision loaded (or its failure recorded), then all
+    that loaded timed side by side. A model that cannot be built gives a failed row for each."""
+    rows: list[BenchRow] = []
+    bar.set_description(f"{name}: create")
+    try:
+        model = create_model_at(name, cfg.img_size, pretrained=cfg.pretrained)
+    except LeanvitError as e:  # (cannot run at --img-size, weights not cached): the other models still run
+        error = str(e).splitlines()[0][:500]
+        tqdm.write(f"!! {name} FAILED: {error}", file=sys.stderr)
+        rows = [BenchRow(model=name, engine=engine_name, variant=variant, precision=p, batch=cfg.batch,
+                         threads=cfg.threads, img_size=cfg.img_size or _native_size(name),
+                         skipped=unrunnable.get((engine_name, p)),
+                         error=None if (engine_name, p) in unrunnable else error)
+                for variant in ("", *cfg.tokens) for engine_name in cfg.engines for p in cfg.precisions]
+        bar.update(len(rows))
+        return rows
+    chans, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    size = cfg.img_size or h
+    params = count_params(model)
+    facts = find_facts(name)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(cfg.batch, chans, size, size, generator=gen)
+    checks = [torch.randn(cfg.batch, chans, size, size, generator=gen)
+              for _ in range(checked_images(cfg) // cfg.batch)]
+    loaded: dict[str, tuple[BenchRow, Runner]] = {}  # all of the model's loaded engines, timed side by side
+    for variant in ("", *cfg.tokens):
+        label = row_label(name, variant)
+        inapplicable, reduced = None, model
+        if variant:
+            # its own modules (the rows of the model as built keep running it unreduced), the same weights
+            reduced = copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())})
+            try:
+                token_apply(reduced, from_spec(variant))
+            except LeanvitError as e:  # (not a plain ViT, r too large): the other models' rows still count
+                inapplicable = f"token reduction does not apply: {e}"
+                tqdm.write(f"!! {label}: {inapplicable}", file=sys.stderr)
+        macs = None if inapplicable else count_macs(reduced, (chans, size, size))
+        for engine_name in cfg.engines:
+            for precision in cfg.precisions:
+                bar.set_description(f"{label}: load {engine_name} {precision}")
+                row = BenchRow(model=name, engine=engine_name, variant=variant, precision=precision,
+                               batch=cfg.batch, threads=cfg.threads, img_size=size, params=params, macs=macs,
+                               published_top1=published_top1(facts, name, size, variant, precision),
+                               paper_speed=facts.speed if facts else None,
+                               skipped=inapplicable or unrunnable.get((engine_name, precision)))
+                rows.append(row)
+                if row.skipped:
+                    bar.update()
+                    continue
+                try:
+                    loaded[f"{label} {engine_name} {precision}"] = row, _load(row, reduced, x, checks, cfg)
+                except Exception as e:  # noqa: BLE001 - one engine failing must not hide the others
+                    _failed(row, e)
+                    bar.update()
+    bar.set_description(f"{name}: timing {len(loaded)} side by side")
+    _time_side_by_side(loaded, x.numpy(), cfg)
+    bar.update(len(loaded))
     return rows
 
 
@@ -283,12 +288,12 @@ def _load(row: BenchRow, model, x, checks, cfg: BenchConfig) -> Runner:
 class _CallFailed(Exception):
     """A runner that raised while being timed, and which one."""
 
-    def __init__(self, key: int, error: Exception):
+    def __init__(self, key: str, error: Exception):
         super().__init__(str(error))
         self.key, self.error = key, error
 
 
-def _time_side_by_side(loaded: dict[int, tuple[BenchRow, Runner]], x_np, cfg: BenchConfig) -> None:
+def _time_side_by_side(loaded: dict[str, tuple[BenchRow, Runner]], x_np, cfg: BenchConfig) -> None:
     """Time the loaded engines of one model on ``x_np`` in ``cfg.rounds`` alternating rounds
     (:func:`time_alternating`): a shared machine's drift over the minutes a model takes then reaches all its rows
     alike, and their ratios hold. Each engine's memory is read first, on its own (its warm-up calls)."""
@@ -307,7 +312,7 @@ def _time_side_by_side(loaded: dict[int, tuple[BenchRow, Runner]], x_np, cfg: Be
         if row.rss_baseline_mb is not None and row.peak_rss_mb is not None:
             row.peak_rss_above_baseline_mb = row.peak_rss_mb - row.rss_baseline_mb
 
-    def call(key: int, runner: Runner):
+    def call(key: str, runner: Runner):
         def timed():
             try:
                 runner(x_np)
