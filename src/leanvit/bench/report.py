@@ -72,10 +72,7 @@ def vs_row(base: BenchRow, row: BenchRow) -> float | None:
 
 
 def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, created: str) -> str:
-    eager = {(r.model, r.variant, r.batch): r for r in rows if r.engine == "eager" and r.precision == "f32" and r.ran}
-    on_cpu = sorted({r.engine for r in rows if cfg.device != "cpu" and r.engine_info.get("device") == "cpu"})
-    on_gpu = sorted({r.engine for r in rows if cfg.device == "cpu" and r.engine_info.get("device", "cpu") != "cpu"})
-    capped = sorted({f"{r.engine} {r.threads_used}" for r in rows if r.threads_used not in (None, r.threads)})
+    """A run's ``report.md``: host, settings, the results table, the token variants, correctness, papers' figures."""
     lines = [
         "# leanvit bench report", "",
         f"Created {created}. Every row was measured in this one run; "
@@ -83,7 +80,25 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
            "machine's drift reached them alike." if cfg.rounds > 1 else
            "each configuration was timed in one block, one after another (--rounds 1)."), "",
         "## Host", "", *host_lines(host), "",
-        "## Settings", "",
+        "## Settings", "", *_settings_lines(rows, cfg), "",
+        "## Results", "", *_results_table(rows),
+    ]
+    lines += _token_section(rows)
+    lines += ["", "## Correctness", "", *_correctness_lines(rows)]
+    paper = sorted({(r.model, r.paper_speed) for r in rows if r.paper_speed})
+    if paper:
+        lines += ["", "## Papers' own speed figures (their hardware, not this host)", ""]
+        lines += [f"- {m}: {s}" for m, s in paper]
+    lines += ["", "![latency vs published top-1](pareto.png)", ""]
+    return "\n".join(lines)
+
+
+def _settings_lines(rows: Sequence[BenchRow], cfg: BenchConfig) -> list[str]:
+    """The run's settings, the timing protocol and what the correctness and memory columns mean."""
+    on_cpu = sorted({r.engine for r in rows if cfg.device != "cpu" and r.engine_info.get("device") == "cpu"})
+    on_gpu = sorted({r.engine for r in rows if cfg.device == "cpu" and r.engine_info.get("device", "cpu") != "cpu"})
+    capped = sorted({f"{r.engine} {r.threads_used}" for r in rows if r.threads_used not in (None, r.threads)})
+    return [
         f"- input: {input_sizes(rows)}; batch {cfg.batch}, threads {cfg.threads}, weights: {'pretrained' if cfg.pretrained else 'random init (latency does not depend on weight values)'}",
         f"- device: {cfg.device}" + (f" (CPU-only engines on the CPU: {', '.join(on_cpu)})" if on_cpu else "")
         + (f" (GPU-only engines on the GPU: {', '.join(on_gpu)})" if on_gpu else ""),
@@ -104,8 +119,13 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
         "(activations, workspaces), not its loaded weights, the model or the export; *peak RSS* is that high-water "
         "mark itself, process-wide: it also holds the Python process, the model, all of its loaded engines and "
         "whatever the exports and earlier rows left that could not be handed back, so it depends on what ran before",
-        "",
-        "## Results", "",
+    ]
+
+
+def _results_table(rows: Sequence[BenchRow]) -> list[str]:
+    """One line per row: its latency statistics, speed against eager f32, size, accuracy check and memory."""
+    eager = {(r.model, r.variant, r.batch): r for r in rows if r.engine == "eager" and r.precision == "f32" and r.ran}
+    lines = [
         "| model | engine | precision | median ms | p90 | p99 | IQR | calls | vs eager | img/s | params M | GMACs | published top-1 | max abs err | top-1 agree | RSS growth MiB | peak RSS MiB |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -126,12 +146,16 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
             f"{_fmt(r.max_abs_err, '.2e')}{flag} | {_fmt(r.top1_agreement, '.0%')} | "
             f"{_fmt(r.peak_rss_above_baseline_mb, '.0f')} | {_fmt(r.peak_rss_mb, '.0f')} |"
         )
-    lines += _token_section(rows)
+    return lines
+
+
+def _correctness_lines(rows: Sequence[BenchRow]) -> list[str]:
+    """Which engines diverge from eager (or that all agree), then the failed and the skipped configurations."""
+    lines = []
     bad = [r for r in rows if r.diverges]
     failed = [r for r in rows if r.error]
     skipped = [r for r in rows if r.skipped]
     checked = sum(r.ran for r in rows)
-    lines += ["", "## Correctness", ""]
     if bad:
         lines += ["**Engines that diverge from eager (⚠):**", ""]
         lines += [f"- {r.label} on {r.engine} ({r.precision}): top-1 agreement {r.top1_agreement:.1%}, "
@@ -149,12 +173,7 @@ def render_markdown(rows: Sequence[BenchRow], cfg: BenchConfig, host: dict, crea
     if skipped:
         lines += ["", "## Skipped configurations", ""]
         lines += [f"- {r.label} on {r.engine} ({r.precision}): {r.skipped}" for r in skipped]
-    paper = sorted({(r.model, r.paper_speed) for r in rows if r.paper_speed})
-    if paper:
-        lines += ["", "## Papers' own speed figures (their hardware, not this host)", ""]
-        lines += [f"- {m}: {s}" for m, s in paper]
-    lines += ["", "![latency vs published top-1](pareto.png)", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _token_section(rows: Sequence[BenchRow]) -> list[str]:
