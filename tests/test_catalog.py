@@ -69,3 +69,54 @@ def test_leanvits_own_families_have_their_published_figures():
     ours = {f.name: (f.params_m, f.gmacs, f.top1) for f in CATALOG.values() if f.provider == "leanvit"}
     assert ours == PUBLISHED
     assert all(CATALOG[n].num_classes == 1000 and CATALOG[n].img_size == 224 for n in PUBLISHED)
+
+
+#: (params M, GMACs, top-1 %, img_size, {tag: top-1 % of that training}) of the families timm provides, restated from
+#: the papers / official READMEs as ../shared/specs records them (zoo-hybrids.md sections 1-3, zoo-vits-and-methods.md
+#: TinyViT and DeiT), independently of the catalog; MobileNetV2 from its paper's Table 4.
+PUBLISHED_TIMM = {
+    # EfficientFormer paper via the RepViT table (the V1 README has no params / MACs); top-1 300 epochs, 80.2 for
+    # the 1000-epoch L1 that timm's snap_dist_in1k weights are
+    "efficientformer_l1": (12.3, 1.3, 79.2, 224, {"snap_dist_in1k": 80.2}),
+    "efficientformer_l3": (31.3, 3.9, 82.4, 224, {}), "efficientformer_l7": (82.1, 10.2, 83.3, 224, {}),
+    # EfficientFormerV2 README, 450-epoch top-1
+    "efficientformerv2_s0": (3.5, 0.40, 76.2, 224, {}), "efficientformerv2_s1": (6.1, 0.65, 79.7, 224, {}),
+    "efficientformerv2_s2": (12.6, 1.25, 82.0, 224, {}), "efficientformerv2_l": (26.1, 2.56, 83.5, 224, {}),
+    # Next-ViT README: ImageNet-1k training, and the SSLD-6M one at 224
+    "nextvit_small": (31.7, 5.8, 82.5, 224, {"bd_ssld_6m_in1k": 84.8}),
+    "nextvit_base": (44.8, 8.3, 83.2, 224, {"bd_ssld_6m_in1k": 85.1}),
+    "nextvit_large": (57.8, 10.8, 83.6, 224, {"bd_ssld_6m_in1k": 85.4}),
+    # TinyViT README: IN-22k distilled -> 1k, and ImageNet-1k only
+    "tiny_vit_5m_224": (5.4, 1.3, 80.7, 224, {"in1k": 79.1}), "tiny_vit_11m_224": (11.0, 2.0, 83.2, 224, {"in1k": 81.5}),
+    "tiny_vit_21m_224": (21.0, 4.3, 84.8, 224, {"in1k": 83.1}),
+    "tiny_vit_21m_384": (21.0, 13.8, 86.2, 384, {}), "tiny_vit_21m_512": (21.0, 27.0, 86.5, 512, {}),
+    # DeiT README top-1; params and GMACs timm's
+    "deit_tiny_patch16_224": (5.72, 1.26, 72.2, 224, {}), "deit_small_patch16_224": (22.05, 4.61, 79.9, 224, {}),
+    "deit_base_patch16_224": (86.57, 17.58, 81.8, 224, {}),
+    "deit_tiny_distilled_patch16_224": (5.91, 1.27, 74.5, 224, {}),
+    "deit_small_distilled_patch16_224": (22.44, 4.63, 81.2, 224, {}),
+    "deit_base_distilled_patch16_224": (87.34, 17.68, 83.4, 224, {}),
+    "deit_base_patch16_384": (86.86, 55.54, 82.9, 384, {}), "deit_base_distilled_patch16_384": (87.63, 55.65, 85.2, 384, {}),
+    "mobilenetv2_100": (3.4, 0.30, 72.0, 224, {}),
+}
+
+
+def test_timm_families_have_their_published_figures():
+    ours = {f.name: (f.params_m, f.gmacs, f.top1, f.img_size, dict(f.tag_top1))
+            for f in CATALOG.values() if f.provider == "timm"}
+    assert ours == PUBLISHED_TIMM
+
+
+def test_the_top1_of_a_tagged_training_is_its_own():
+    """bench plots a model's measured accuracy against top1_for(its name): a tag with its own training (TinyViT's 1k-only,
+    Next-ViT's SSLD) has its own figure, any other name the entry's. Each such tag is one timm registers for the
+    model: a misspelt one would never match a name, and the entry's figure would stand for that training."""
+    assert CATALOG["tiny_vit_5m_224"].top1_for("tiny_vit_5m_224.in1k") == 79.1
+    assert CATALOG["tiny_vit_5m_224"].top1_for("tiny_vit_5m_224") == 80.7
+    assert CATALOG["tiny_vit_5m_224"].top1_for("tiny_vit_5m_224.dist_in22k_ft_in1k") == 80.7
+    assert CATALOG["efficientformer_l1"].top1_for("efficientformer_l1.snap_dist_in1k") == 80.2
+    assert CATALOG["nextvit_base"].top1_for("nextvit_base.bd_ssld_6m_in1k") == 85.1
+    assert CATALOG["nextvit_base"].top1_for("nextvit_base.bd_in1k") == 83.2
+    for facts in CATALOG.values():
+        tags = {name.partition(".")[2] for name in timm.models.get_arch_pretrained_cfgs(facts.name)}
+        assert {tag for tag, _ in facts.tag_top1} <= tags, facts.name
