@@ -1,5 +1,6 @@
 """DiffRate's differentiable rate search on a tiny ViT: deterministic, driven by the MAC target."""
 import copy
+import math
 import warnings
 
 import pytest
@@ -110,3 +111,153 @@ def test_the_searched_counts_are_the_expected_counts_rounded_up(vit, calib):
         method = tokens.applied(search(vit, calib, count_macs(vit, (3, 32, 32)) / 2, steps=1, lr=0.0, min_lr=0.0,
                                        granularity=3))
     assert method.prune[1:] == method.merge[1:] == (34,) * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# What the first mutation review of this file found unchecked
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: tokens.DiffRate(prune=(65,) * 4), "needs both prune and merge counts, or neither"),
+    (lambda: tokens.DiffRate(merge=(65,) * 4), "needs both prune and merge counts, or neither"),
+    (lambda: tokens.DiffRate(prune=(65,) * 4, merge=(65,) * 4, calib=torch.zeros(1, 3, 32, 32)),
+     "got both kept counts and calibration data"),
+    (lambda: tokens.DiffRate(target_macs=1e6, batch_size=0), "steps, granularity and batch_size must be at least 1"),
+    (lambda: tokens.DiffRate(target_macs=1e6, steps=0), "steps, granularity and batch_size must be at least 1"),
+    (lambda: tokens.DiffRate(target_macs=1e6, granularity=0), "steps, granularity and batch_size must be at least 1"),
+])
+def test_contradictory_or_empty_options_are_refused(make, match):
+    with pytest.raises(LeanvitError, match=match):
+        make()
+
+
+def test_counts_must_fit_the_model(vit):
+    """One count too few would be dropped silently by zip(); a count of only the class token leaves the merge no
+    destination but the class token, which is never one."""
+    with pytest.raises(LeanvitError, match="4 prune and 3 merge counts for a 4-block model"):
+        tokens.apply(copy.deepcopy(vit), tokens.DiffRate(prune=(65, 60, 50, 40), merge=(65, 60, 50)))
+    with pytest.raises(LeanvitError, match="must keep at least one more; got a minimum of 1"):
+        tokens.apply(copy.deepcopy(vit), tokens.DiffRate(prune=(65, 60, 50, 40), merge=(65, 60, 50, 1)))
+    tokens.apply(copy.deepcopy(vit), tokens.DiffRate(prune=(65, 60, 50, 40), merge=(65, 60, 50, 2)))
+
+
+def test_published_rates_only_for_the_token_count_they_were_searched_at():
+    """DeiT-S's published counts start at 197 tokens (224x224): at 32x32 (65 tokens) they would cut nothing where they
+    should and everything where they should not; the search is asked for instead."""
+    model = timm.create_model("deit_small_patch16_224", img_size=32, patch_size=4, depth=12)
+    with pytest.raises(LeanvitError, match=r"no published rates for deit_small_patch16_224 at 2.9 GMACs"):
+        tokens.DiffRate(target_macs=2.9e9).resolve(model)
+
+
+def test_calibration_batches_are_checked(vit):
+    with pytest.raises(LeanvitError, match=r"calibration images are \(16, 16\) but the model takes \(32, 32\)"):
+        search(vit, torch.zeros(4, 3, 16, 16), 0.6 * count_macs(vit, (3, 32, 32)))
+    with pytest.raises(LeanvitError, match="DiffRate got an empty calibration set"):
+        search(vit, [], 0.6 * count_macs(vit, (3, 32, 32)))
+
+
+def test_unlabelled_calibration_images_are_labelled_by_the_unreduced_models_top1(vit, calib, monkeypatch):
+    from leanvit.compress.tokens import diffrate
+
+    given, cross_entropy = [], diffrate.F.cross_entropy
+    monkeypatch.setattr(diffrate.F, "cross_entropy", lambda out, labels: given.append(labels) or cross_entropy(out, labels))
+    search(vit, calib, 0.6 * count_macs(vit, (3, 32, 32)), batch_size=16, steps=2)
+    with torch.no_grad():
+        top1 = vit(calib).argmax(dim=-1)
+    assert len(given) == 2 and all(torch.equal(labels, top1) for labels in given)
+    assert len(top1.unique()) > 1  # (a constant label would pass for any of them)
+
+
+def test_the_search_cycles_over_every_calibration_batch(vit, calib, monkeypatch):
+    from leanvit.compress.tokens import diffrate
+
+    seen, forward = [], diffrate._search_forward
+    monkeypatch.setattr(diffrate, "_search_forward", lambda m, images, *a: seen.append(images) or forward(m, images, *a))
+    search(vit, calib, 0.6 * count_macs(vit, (3, 32, 32)), steps=5, batch_size=8)
+    assert [torch.equal(s, calib[8 * (i % 2):8 * (i % 2) + 8]) for i, s in enumerate(seen)] == [True] * 5
+
+
+def _randomised(model):
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            noise = torch.randn(t.shape, generator=g)
+            if t.ndim > 1:  # fan-in scaled matrices
+                t.copy_(noise / math.sqrt(math.prod(t.shape[1:])))
+            elif name.endswith(("weight", "gamma")):  # norm scales and layer scales, away from 1 (and 1e-5)
+                t.copy_(1 + 0.2 * noise)
+            else:
+                t.copy_(0.2 * noise)
+    return model
+
+
+def test_the_search_forward_with_sure_rates_is_the_pruned_model():
+    """With every rate distribution on one count (one-hot softmax) and no merging, the masked search forward must
+    compute what the pruned model computes: the tokens the class token attends to least masked out of every later
+    attention (as DiffRate's inference drops them), layer scales applied, and the MACs of the counts."""
+    from leanvit.compress.tokens import diffrate
+
+    torch.manual_seed(0)
+    model = _randomised(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=4,
+                                          num_heads=3, num_classes=10, init_values=0.5)).eval()
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    candidates = torch.arange(64, 0, -4, dtype=torch.float32)  # granularity 4
+    costs = [diffrate._BlockCost(b) for b in model.blocks]
+    full = count_macs(model, (3, 32, 32))
+    fixed = full - sum(c.attention(65) + c.ffn(65) for c in costs)
+    for prune in [(65, 65, 65, 65), (65, 49, 33, 17)]:
+        logits = torch.zeros(3, 2, len(candidates))
+        for i, p in enumerate(prune[1:]):
+            logits[i, 0, candidates.tolist().index(p - 1)] = 1e4
+            logits[i, 1, 0] = 1e4  # merge count 64 + 1: no merging
+        with torch.no_grad():
+            out, macs = diffrate._search_forward(model, images, logits, candidates, costs, fixed)
+            pruned = tokens.apply(copy.deepcopy(model), tokens.DiffRate(prune=prune, merge=(65,) * 4))
+            torch.testing.assert_close(out, pruned(images), atol=1e-4, rtol=1e-4)
+        assert macs.item() == pytest.approx(count_macs(pruned, (3, 32, 32)), rel=3e-3)
+
+
+def test_straight_through_estimators():
+    """The search's rounding and minimum pass the gradient through unchanged (DiffRate's ``ste_ceil`` and ``STE_Min``,
+    which reaches the prune and the merge count in full, not the incoming count)."""
+    from leanvit.compress.tokens.diffrate import _ste_ceil, _ste_min
+
+    x = torch.tensor([2.2, 3.0], requires_grad=True)
+    y = _ste_ceil(x)
+    y.sum().backward()
+    assert y.tolist() == [3.0, 3.0] and x.grad.tolist() == [1.0, 1.0]
+    n, p, m = (torch.tensor(v, requires_grad=True) for v in (50.0, 40.0, 45.0))
+    out = _ste_min(n, p, m)
+    out.backward()
+    assert out.item() == 40.0 and (n.grad, p.grad.item(), m.grad.item()) == (None, 1.0, 1.0)
+
+
+def test_the_token_mask_is_hard_with_the_kept_probabilitys_gradient():
+    """DiffRate's ``get_token_mask``: 0 for the tokens past the count, 1 elsewhere, and the gradient of
+    P(position t kept) = sum of the probabilities of the candidate counts above t (prefix tokens always kept)."""
+    from leanvit.compress.tokens.diffrate import _token_mask
+
+    probs = torch.tensor([0.5, 0.3, 0.2], requires_grad=True)
+    candidates = torch.tensor([4.0, 2.0, 1.0])  # patch tokens kept
+    mask = _token_mask(probs, candidates, 3, 5, 6, 1)  # tokens 3 and 4 of 6 masked; token 5 already was
+    assert mask.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    weights = torch.arange(1.0, 7.0)
+    (mask * weights).sum().backward()
+    # position t is kept by candidate c iff t < c + 1: t 0-1 by all, t 2 by 4 and 2, t 3-4 by 4, t 5 by none
+    expected = [sum(w for t, w in enumerate(weights.tolist()) if t < c + 1) for c in candidates.tolist()]
+    assert probs.grad.tolist() == pytest.approx(expected)
+
+
+def test_the_search_learning_rate_follows_a_cosine_to_min_lr(vit, calib, monkeypatch):
+    """--lr and --min-lr: the rate logits' learning rate goes from lr down to min_lr over the steps."""
+    rates, step = [], torch.optim.AdamW.step
+
+    def recording(self, *a, **k):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the target is not what this checks)
+        search(vit, calib, 0.6 * count_macs(vit, (3, 32, 32)), steps=3, lr=0.2, min_lr=0.05)
+    assert rates == pytest.approx([0.2, 0.05 + 0.15 * 0.75, 0.05 + 0.15 * 0.25])
