@@ -541,3 +541,91 @@ def test_a_model_on_the_gpu_quantizes_there(tiny_vit, tiny_cnn):
                 if config.a_bits == 8:
                     ref = quantize(model, calib, config, progress=False)(calib[:4])
                     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2),
+                                  nn.Conv2d(4, 4, 3, padding=1, groups=2, padding_mode="reflect"),
+                                  nn.Conv2d(4, 6, (3, 1), stride=(1, 2), padding=(1, 0), padding_mode="circular")])
+def test_a_wrapped_conv_and_its_float_copy_compute_what_the_conv_does(conv):
+    """QuantConv2d.from_float and to_float rebuild the layer from its settings: one dropped (a dilation, a reflect
+    or circular padding, a stride) computes another function, or another output size, with the same weights."""
+    from leanvit.compress.quant.calibrate import quantizers_disabled
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 10)
+    q = QuantConv2d.from_float(conv, QScheme(8, True, True), QScheme(8, False))
+    with torch.no_grad(), quantizers_disabled(q):
+        torch.testing.assert_close(q(x), conv(x))
+        torch.testing.assert_close(q.to_float()(x), conv(x))
+
+
+def test_timms_linear_is_wrapped_like_torchs():
+    """timm's Linear only differs from nn.Linear under TorchScript: it is quantized, not reported as a float layer."""
+    from timm.layers import Linear as TimmLinear
+
+    from leanvit.compress.quant.modules import quantizable_type
+
+    assert quantizable_type(TimmLinear(4, 3)) is QuantLinear and quantizable_type(nn.Linear(4, 3)) is QuantLinear
+    assert quantizable_type(QuantLinear.from_float(nn.Linear(4, 3), QScheme(8, True, True), QScheme(8, False))) is None
+
+
+class _SharedConv(nn.Module):
+    """One conv read by two BatchNorms (neither can take the fold), and a BatchNorm normalising by batch statistics
+    (no running ones to fold), next to a conv + BatchNorm pair that folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn_a, self.bn_b = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.conv2, self.bn_batch = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = self.bn_a(y) + self.bn_b(y)
+        return self.bn3(self.conv3(self.bn_batch(self.conv2(y))))
+
+
+@torch.no_grad()
+def test_batchnorms_that_cannot_be_folded_are_left_alone_without_a_warning():
+    """Only a BatchNorm that alone reads a conv's output and has running statistics folds; the others are not even
+    tried (folding the conv into one of two readers would change the other; a BatchNorm without running statistics
+    has nothing to fold), so no 'not folded' warning is given for them, nor when every fold keeps the output."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = _SharedConv().eval()
+    for bn in (model.bn_a, model.bn_b, model.bn3):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 8, 8)
+    ref = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fold_batchnorm(model, x) == ["bn3"]
+    assert [type(m) for m in (model.bn_a, model.bn_b, model.bn_batch)] == [nn.BatchNorm2d] * 3
+    torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_an_output_moves_relative_to_the_reference_scale_of_at_least_one():
+    """fold_batchnorm and the RepQ-ViT check accept a change within 1e-3 of it: float rounding on logits in the
+    hundreds is more than 1e-3 absolute, so the difference is taken relative to the largest reference value."""
+    from leanvit.compress.quant.modules import output_error
+
+    ref = (torch.tensor([[200.0, -400.0]]), {"aux": torch.tensor([0.5])})
+    moved = (torch.tensor([[200.2, -400.0]]), {"aux": torch.tensor([0.4])})
+    assert output_error(moved, ref) == pytest.approx(0.2 / 400, rel=1e-4)  # the largest difference over the largest value
+    small = torch.tensor([0.5, -0.25])
+    assert output_error(small + 0.01, small) == pytest.approx(0.01)  # (divided by 1 below a scale of 1)
+    with pytest.raises(ValueError, match="different structures"):
+        output_error((small,), small)
+
+
+def test_a_fused_attention_counts_as_two_matrix_products():
+    """F.scaled_dot_product_attention computes q @ kᵀ and softmax @ v: the report names two products per call."""
+    from leanvit.compress.quant.modules import record_matmuls
+
+    class Mix(nn.Module):
+        def forward(self, x):
+            return F.scaled_dot_product_attention(x, x, x) @ x.transpose(-2, -1)
+
+    calls = record_matmuls(nn.Sequential(nn.Linear(4, 4), Mix()), torch.randn(2, 3, 4))
+    assert list(calls) == ["1"] and calls["1"].runs == 1 and calls["1"].products == 3

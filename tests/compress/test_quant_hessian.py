@@ -493,3 +493,152 @@ def test_the_layer_search_weighs_each_output_channel_by_its_squared_gradient():
     assert weighted_err < 0.5 * plain_weighted_err
     assert weighted_plain_err > 10 * plain_err  # a different objective: the plain output MSE is what it gives up
     assert weighted.input_quantizer.scale < 0.3 * plain.input_quantizer.scale
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+                                   nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+                                   nn.Conv2d(4, 4, (3, 1), padding=(1, 0), padding_mode="circular"),
+                                   nn.Linear(4, 6)])
+def test_sampled_input_rows_and_output_rows_are_the_same_positions(layer):
+    """The search compares ``rows @ W`` with the layer's output at each sampled position: the input rows must be
+    padded as the layer pads (reflect, circular) and the output rows ordered position by position as the input
+    rows are, or every error it weighs is that of some other position's output."""
+    from leanvit.compress.quant.hessian import _input_rows, _matmul, _output_rows
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.bias.normal_()
+        x = torch.randn(2, 4, 7, 6) if isinstance(layer, nn.Conv2d) else torch.randn(2, 5, 4)
+        torch.testing.assert_close(_matmul(_input_rows(layer, x), layer.weight) + layer.bias,
+                                   _output_rows(layer, layer(x)), atol=1e-5, rtol=1e-5)
+
+
+def test_every_batch_gets_its_share_of_the_rows_rounded_up():
+    """A batch's share of the sampled rows is rounded up: a small last batch (or one image) still gives rows."""
+    from leanvit.compress.quant.hessian import _gradient_batches
+
+    batches = [torch.zeros(8, 1), torch.ones(8, 1), torch.full((1, 1), 2.0)]
+    assert [(len(b), keep) for b, keep in _gradient_batches(batches, 17, 8)] == [(8, 4), (8, 4), (1, 1)]
+    assert [(len(b), keep) for b, keep in _gradient_batches(batches, 10, 64)] == [(8, 52), (2, 13)]  # first 10
+
+
+def test_the_ratio_search_refines_around_the_best_grid_ratio_per_row_and_keeps_a_better_start():
+    """20 ratios, then 21 within 0.05 of the best one, each row on its own; a start no candidate beats stays."""
+    from leanvit.compress.quant.hessian import _ratio_search
+
+    optimum = torch.tensor([0.523, 0.871, 0.1234])
+    best = _ratio_search(lambda ratios: (ratios - optimum).pow(2), torch.ones(3))
+    assert (best - optimum).abs().max() <= 0.0026  # the fine grid's half step; the coarse one alone: 0.025
+    assert torch.equal(_ratio_search(lambda ratios: (ratios - optimum).pow(2), optimum), optimum)
+
+
+@torch.no_grad()
+def test_the_layer_search_never_worsens_a_channel_and_keeps_the_range_of_one_the_loss_ignores():
+    """Each weight row's search starts from its calibrated ratio, which a candidate replaces only if strictly
+    better: a row calibrated at its optimum (off the search's grid) keeps it, and a channel with no gradient, whose
+    error is 0 whatever its range, keeps its calibrated scale bit for bit (not the last candidate tried)."""
+    from leanvit.compress.quant.hessian import _matmul, _quantized_rows, _search_layer
+    from leanvit.compress.quant.quantizer import QScheme, fake_quantize, qparams
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(nn.Linear(16, 8), QScheme(4, True, True), QScheme(8, symmetric=False))
+    x = torch.randn(128, 1, 16)
+    layer.input_quantizer.set_range(x.min(), x.max())
+    grad_sq = torch.rand(128, 8)
+    grad_sq[:, 3] = 0.0  # the loss does not read channel 3
+    weight, x_hat = layer.weight.detach(), _quantized_rows(x, layer.input_quantizer)
+    bound = weight.abs().amax(1)
+
+    def errors(scale):  # per output channel, the search's objective
+        w_hat = fake_quantize(weight, scale, torch.zeros(8, dtype=torch.int32), layer.weight_quantizer.scheme)
+        return (grad_sq * (_matmul(x_hat, w_hat) - _matmul(x, weight)).pow(2)).sum(0)
+
+    dense = torch.linspace(0.3, 1.0, 701)
+    table = torch.stack([errors(qparams(-bound * r, bound * r, layer.weight_quantizer.scheme)[0]) for r in dense])
+    ratio = dense[table.argmin(0)]
+    ratio[3] = 0.777
+    layer.weight_quantizer.set_range(-bound * ratio, bound * ratio)
+    before_scale, before = layer.weight_quantizer.scale.clone(), errors(layer.weight_quantizer.scale)
+    _search_layer(layer, x, grad_sq, rounds=2, search_input=False)
+    assert (errors(layer.weight_quantizer.scale) <= before * (1 + 1e-6)).all()
+    assert layer.weight_quantizer.scale[3] == before_scale[3]
+
+
+def test_the_widened_input_range_takes_in_sampled_values_beyond_either_end():
+    """The zero-point-keeping family is the calibrated range widened by the most any sampled value passes it, on the
+    negative side as on the positive one; its start ratio gives the calibrated range back."""
+    from leanvit.compress.quant.hessian import _input_range_families
+
+    current = (torch.tensor([-3.0]), torch.tensor([5.0]))
+    for x, widen in ((torch.tensor([-6.0, 1.0]), 2.0), (torch.tensor([-1.0, 7.5]), 1.5), (torch.tensor([-1.0, 2.0]), 1)):
+        (lo, hi, start), _ = _input_range_families(x, *current)
+        torch.testing.assert_close((lo, hi, start), (current[0] * widen, current[1] * widen, torch.ones(1) / widen))
+
+
+class RecordedMixing(nn.Module):
+    """``q @ kᵀ`` over the tokens, keeping each product computed with gradients (``outputs``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk = nn.Linear(8, 16)
+        self.outputs = []
+
+    def forward(self, t):
+        q, k = self.qk(t).chunk(2, -1)
+        attn = q @ k.transpose(-2, -1)
+        if attn.requires_grad:
+            self.outputs.append(attn.detach())
+        return attn.softmax(-1) @ t
+
+
+class RecordedAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix, self.head = RecordedMixing(), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.mix(x.flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_sampled_product_rows_read_their_own_batchs_operand_over_several_batches():
+    """Each sampled row of ``A`` keeps the index of the ``B`` it reads among all batches' groups: a second batch's
+    rows, numbered from 0 again, would read the first batch's ``B`` and weigh the errors of products never computed."""
+    from leanvit.compress.quant.hessian import _collect_products, _matmul_quantizers
+
+    torch.manual_seed(0)
+    calib = torch.randn(16, 8, 2, 3)
+    qmodel = quantize(RecordedAttention().eval(), calib, QuantConfig(attn_bits=8, attn_max_error=None, min_images=16),
+                      progress=False)
+    qmodel.mix.outputs.clear()
+    found = _collect_products(qmodel, _matmul_quantizers(qmodel), list(calib.split(8)), 16, 64,
+                              torch.Generator().manual_seed(0))
+    a_rows, groups, b, _ = found[("mix.matmul0_a_quantizer", "mix.matmul0_b_quantizer")]
+    outputs = torch.cat(qmodel.mix.outputs)  # (16 groups: 8 per batch, 6 tokens, 6 tokens)
+    assert len(qmodel.mix.outputs) == 2 and len(b) == 16 and groups.max() >= 8
+    rows = torch.einsum("rk,rkn->rn", a_rows, b[groups])
+    gaps = (rows[:, None, :] - outputs[groups]).abs().amax(-1).amin(-1)  # to the nearest row of its group's product
+    assert gaps.max() < 1e-5
+
+
+def test_the_search_runs_every_batch_and_alternates_the_operand_ranges_for_every_round(monkeypatch):
+    """Layers are sampled on every calibration batch (two batches, two layers: four draws), and each product's
+    operand ranges are searched once per round, in turn (rounds=3: three searches of each of its four quantizers)."""
+    import leanvit.compress.quant.hessian as hessian
+
+    torch.manual_seed(0)
+    calib = torch.randn(16, 16, 16, 16)
+    qmodel = quantize(ClsTokens().eval(), calib, QuantConfig(w_bits=4, a_bits=4, batch_size=8), progress=False)
+    draws, draw_rows = [], hessian._draw_rows
+    monkeypatch.setattr(hessian, "_draw_rows", lambda g, keep, gen: draws.append(keep) or draw_rows(g, keep, gen))
+    assert hessian.hessian_search(qmodel, list(calib.split(8)), products=False, progress=False) == ["fc", "head"]
+    assert len(draws) == 4
+    monkeypatch.undo()
+
+    model = ClsAttention().eval()
+    calib = torch.randn(32, 8, 4, 4)
+    qmodel = quantize(model, calib, QuantConfig(w_bits=8, a_bits=8, attn_bits=4, min_images=16), progress=False)
+    searches, search = [], hessian._input_range_search
+    monkeypatch.setattr(hessian, "_input_range_search",
+                        lambda error, current, families: searches.append(current) or search(error, current, families))
+    hessian.hessian_search(qmodel, [calib], fixed_inputs={"mix.qk", "head"}, rounds=3, progress=False)
+    assert len(searches) == 3 * len(QUANTIZERS)
