@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -285,3 +286,34 @@ def test_eval_lists_the_lowest_per_class_top1_lowest_first(trained, capsys, monk
     line, = [s for s in capsys.readouterr().out.splitlines() if s.startswith("lowest per-class top-1: ")]
     assert line == ("lowest per-class top-1: class5 0.0, class11 5.0, class1 10.0, class7 20.0, class3 30.0, "
                     "class9 40.0, class0 50.0, class8 60.0, class4 70.0, class10 80.0")
+
+
+@pytest.mark.parametrize("mode", ["text", "json", "rank1"])
+def test_train_reports_the_run_once_as_text_or_json(mode, capsys, tmp_path, monkeypatch):
+    """The closing line (or --json's per-epoch log) names the epochs, the last loss, the validation top-1 and where the
+    weights are; under torchrun only rank 0 prints it, the others would repeat it once per process."""
+    if mode == "rank1":
+        monkeypatch.setenv("RANK", "1")
+    else:
+        monkeypatch.delenv("RANK", raising=False)
+    out = tmp_path / "run"
+    rc = main(["train", MODEL, "--data", "cifar10-test500", "--val-data", "cifar10-test500", "--output", str(out),
+               "--model-kwargs", json.dumps(KWARGS), "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "1",
+               "--workers", "0", "--mixup", "0", "--cutmix", "0", "--no-progress"] + (["--json"] if mode == "json" else []))
+    printed = capsys.readouterr().out
+    assert rc == 0 and (out / "model.safetensors").exists()
+    if mode == "rank1":
+        assert printed == ""
+    elif mode == "json":
+        report = json.loads(printed)
+        assert report["output"] == str(out) and len(report["epochs"]) == 1
+        assert report["epochs"][0]["epoch"] == 0 and {"loss", "top1", "top5"} <= report["epochs"][0].keys()
+    else:
+        assert re.fullmatch(rf"trained {MODEL}: 1 epochs, last loss \d+\.\d{{4}}, val top-1 \d+\.\d\d %; weights in "
+                            rf"{re.escape(str(out))}\n", printed), printed
+
+
+def test_train_needs_its_data(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", MODEL, "--model-kwargs", json.dumps(KWARGS)])
+    assert exit_.value.code == 2 and "the following arguments are required: --data" in capsys.readouterr().err

@@ -324,7 +324,10 @@ def test_from_spec():
 
 
 @pytest.mark.parametrize("spec,match", [("evt:0.7", "evit"), ("tome:8.5", "expected R"), ("tome:1x", "RxK"), ("tome:1,a", "per block"),
-                                       ("evit", "has no value: write evit:VALUE, e.g. evit:0.7")])
+                                       ("evit", "has no value: write evit:VALUE, e.g. evit:0.7"),
+                                       ("tme:8", r"Unknown token spec 'tme:8' \(did you mean tome\?\)"),
+                                       ("evit:abc", "Token spec 'evit:abc': expected a number after 'evit:', got 'abc'"),
+                                       ("diffrate:", "expected a number after 'diffrate:', got ''")])
 def test_bad_spec(spec, match):
     with pytest.raises(LeanvitError, match=match):
         tokens.from_spec(spec)

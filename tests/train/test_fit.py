@@ -403,7 +403,11 @@ def test_train_help_says_how_long_the_default_warmup_is(capsys):
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    assert "(default: 5, at most a tenth of --epochs" in " ".join(capsys.readouterr().out.split())
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 5, at most a tenth of --epochs" in text
+    # every other option with a default shows it, and a flag with none says nothing
+    assert "training epochs (default: 300)" in text and "distillation: hard or soft (default: hard)" in text
+    assert "--ema-decay X keep an EMA of the weights (e.g. 0.9998) --teacher" in text
 
 
 def test_a_one_step_run_logs_no_scheduler_notice(tmp_path, caplog, capsys):
@@ -616,3 +620,51 @@ def test_objective_passes_mixup_cutmix_and_label_smoothing_as_given():
     soft = torch.softmax(torch.randn(4, 10, generator=g), 1)
     _, loss = loop._objective(TrainConfig(model="m", data="d"), 10, None)
     torch.testing.assert_close(loss(None, logits, soft), -(soft * logits.log_softmax(1)).sum(1).mean())
+
+
+@pytest.mark.parametrize("given, message", [
+    (dict(epochs=0), r"--epochs must be between 1 and 100000, got 0\."),
+    (dict(batch_size=0), r"--batch-size must be between 1 and 1048576, got 0\."),
+    (dict(workers=-1), r"--workers must be between 0 and 256, got -1\."),
+    (dict(label_smoothing=1.5), r"--label-smoothing must be between 0\.0 and 1\.0, got 1\.5\."),
+    (dict(reprob=-0.1), r"--reprob must be between 0\.0 and 1\.0, got -0\.1\."),
+    (dict(distill_alpha=2.0, teacher="t"), r"--distill-alpha must be between 0\.0 and 1\.0, got 2\.0\."),
+    (dict(crop_scale=1.5), r"--crop-scale must be between 0\.0 and 1\.0, got 1\.5\."),
+    (dict(ema_decay=1.0), r"--ema-decay must be in \[0, 1\)"),  # decay 1: the EMA never moves from the initial weights
+    (dict(lr=0.0), r"--lr must be above 0, got 0\.0\."),
+    (dict(img_size=8), r"--img-size must be between 16 and 4096, got 8\."),
+    (dict(tokens="evit:0.5", keep_rate_start_epoch=-1), r"--keep-rate-start-epoch must be between 0 and 100000"),
+    (dict(tokens="evit:0.5", keep_rate_shrink_epochs=-1), r"--keep-rate-shrink-epochs must be between 0 and 100000"),
+    (dict(teacher_checkpoint="t.pth"), r"--teacher-checkpoint needs --teacher, the teacher's model name\."),
+])
+def test_options_out_of_their_range_are_refused(given, message):
+    """Each would train on nonsense or fail late (an epoch of nothing, a probability above 1, a negative warm-up)."""
+    with pytest.raises(LeanvitError, match=message):
+        TrainConfig(model="m", data="d", **given)
+
+
+def test_an_empty_randaug_policy_means_none():
+    """'--randaug ""' (as 'none') turns RandAugment off; it is no policy for timm to parse."""
+    assert TrainConfig(model="m", data="d", randaug="").randaug is None
+    assert TrainConfig(model="m", data="d", randaug="none").randaug is None
+
+
+def test_tome_is_trained_with_the_proportional_attention_asked_for(tmp_path, monkeypatch):
+    """The checkpoint's record is not enough: the training forward itself must run without it."""
+    from leanvit.compress import tokens
+
+    applied = []
+    monkeypatch.setattr(loop, "token_apply", lambda model, method: applied.append(method) or tokens.apply(model, method))
+    fit(_config(tmp_path, "tome", tokens="tome:1x1", tome_prop_attn=False, epochs=1, max_steps_per_epoch=1))
+    assert applied == [tokens.ToMe(r=(1,), prop_attn=False)]
+    assert TrainConfig(model="m", data="d", tokens="tome:2", tome_prop_attn=False).token_method() == tokens.ToMe(
+        r=2, prop_attn=False)
+
+
+def test_a_resume_may_change_the_memory_layout_and_records_it_but_not_the_progress_bars(tmp_path):
+    """channels_last is a resumable change (same result, another layout) and kept in the run's changes; the progress
+    bars say nothing of how the run was carried out."""
+    fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1))
+    fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=1, channels_last=True, progress=True, resume=True))
+    state = json.loads((tmp_path / "run" / "epoch-0001" / "state.json").read_text())
+    assert state["changes"] == [{"epoch": 1, "changes": {"epochs": [1, 2], "channels_last": [False, True]}}]
