@@ -1,6 +1,5 @@
 """DiffRate's differentiable rate search on a tiny ViT: deterministic, driven by the MAC target."""
 import copy
-import math
 import warnings
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 import leanvit.tokens as tokens
 from leanvit.errors import LeanvitError
 from leanvit.profile import count_macs
+from random_vit import randomised
 
 torch.set_num_threads(1)
 
@@ -177,20 +177,6 @@ def test_the_search_cycles_over_every_calibration_batch(vit, calib, monkeypatch)
     assert [torch.equal(s, calib[8 * (i % 2):8 * (i % 2) + 8]) for i, s in enumerate(seen)] == [True] * 5
 
 
-def _randomised(model):
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            noise = torch.randn(t.shape, generator=g)
-            if t.ndim > 1:  # fan-in scaled matrices
-                t.copy_(noise / math.sqrt(math.prod(t.shape[1:])))
-            elif name.endswith(("weight", "gamma")):  # norm scales and layer scales, away from 1 (and 1e-5)
-                t.copy_(1 + 0.2 * noise)
-            else:
-                t.copy_(0.2 * noise)
-    return model
-
-
 def test_the_search_forward_with_sure_rates_is_the_pruned_model():
     """With every rate distribution on one count (one-hot softmax) and no merging, the masked search forward must
     compute what the pruned model computes: the tokens the class token attends to least masked out of every later
@@ -198,7 +184,7 @@ def test_the_search_forward_with_sure_rates_is_the_pruned_model():
     from leanvit.compress.tokens import diffrate
 
     torch.manual_seed(0)
-    model = _randomised(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=4,
+    model = randomised(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=4,
                                           num_heads=3, num_classes=10, init_values=0.5)).eval()
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     candidates = torch.arange(64, 0, -4, dtype=torch.float32)  # granularity 4

@@ -19,6 +19,7 @@ import leanvit.tokens as tokens
 from leanvit.compress.tokens.patch import model_tokens
 from leanvit.errors import LeanvitError
 from leanvit.profile import count_macs
+from random_vit import randomised
 
 torch.set_num_threads(1)
 
@@ -461,17 +462,7 @@ def _timm_block_parts_vit():
                               attn_drop_rate=0.3, proj_drop_rate=0.2, drop_path_rate=0.3)
     for blk in model.blocks:
         blk.attn.gate = torch.nn.Linear(48, 48)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            noise = torch.randn(t.shape, generator=g)
-            if t.ndim > 1:  # fan-in scaled matrices
-                t.copy_(noise / math.sqrt(math.prod(t.shape[1:])))
-            elif name.endswith(("weight", "gamma")):  # norm scales and layer scales, away from 1 (and 1e-5)
-                t.copy_(1 + 0.2 * noise)
-            else:  # biases
-                t.copy_(0.2 * noise)
-    return model
+    return randomised(model)
 
 
 @pytest.mark.parametrize("training", [False, True])
