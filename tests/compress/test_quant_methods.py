@@ -55,6 +55,10 @@ def test_reparameterisation_deploys_per_channel_ranges_per_tensor(outlier_vit, c
     per_channel = _only(quantize(outlier_vit, calib, QuantConfig(a_per_channel=True, reparam_layernorm=False),
                                  progress=False), keep)
     torch.testing.assert_close(_only(rep, keep)(x), per_channel(x), atol=1e-4, rtol=1e-4)
+    # RepQ-ViT's per-tensor grid: the mean of the per-channel scales, the rounded mean of their zero points
+    channels, tensor = per_channel.blocks[0].attn.qkv.input_quantizer, rep.blocks[0].attn.qkv.input_quantizer
+    torch.testing.assert_close(tensor.scale, channels.scale.mean())
+    assert tensor.zero_point == torch.round(channels.zero_point.float().mean())
     per_tensor = _only(quantize(outlier_vit, calib, QuantConfig(reparam_layernorm=False), progress=False), keep)
     ref = outlier_vit(x)
     assert (per_channel(x) - ref).pow(2).mean() < 0.5 * (per_tensor(x) - ref).pow(2).mean()
@@ -199,3 +203,130 @@ def test_a_rejected_reparameterisation_is_undone_in_full(calib):
     x = torch.randn(8, 3, 32, 32)
     with quantizers_disabled(q):
         torch.testing.assert_close(q(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_assign_bits_ranks_by_score_per_weight_and_needs_fewer_bits_below():
+    """The cheapest layer is the one losing least per weight moved down: a big layer with a larger score but a
+    smaller score per weight goes first (by score alone the small one would, and the big one after it). A low
+    bit-width with as many weight bits as the high one moves nothing: an error."""
+    from leanvit.compress.quant import assign_bits, check_budget
+
+    scores, sizes = {"big": 4.0, "small": 1.0}, {"big": 400, "small": 10}  # per weight: big 0.01, small 0.1
+    assert assign_bits(scores, sizes, 7.9) == (("big", "w4a4"), ("*", "w8a8"))
+    with pytest.raises(LeanvitError, match="down to w8a4, which has as many weight bits or more"):
+        check_budget(8.0, "w8a4", "w8a8")
+
+
+class _TwoLayers(torch.nn.Module):
+    """A Linear reading inputs with one outlier channel (an 4-bit input grid rounds the rest away), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = torch.nn.Linear(12, 16), torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = x.flatten(1) * torch.tensor([30.0] + [1.0] * 11)
+        return self.head(torch.relu(self.fc(x)))
+
+
+@torch.no_grad()
+def test_logit_sensitivity_quantizes_the_layers_weights_and_inputs_together():
+    """A layer's "logit" sensitivity is the logits' mean squared error with its weights and its inputs quantized,
+    everything else float: what moving that layer to the low bit-width costs (at W8A4 mostly the inputs')."""
+    from leanvit.compress.quant import layer_sensitivity
+
+    torch.manual_seed(0)
+    model, calib = _TwoLayers().eval(), torch.randn(32, 3, 2, 2)
+    config = QuantConfig(w_bits=8, a_bits=4)
+    sensitivity = layer_sensitivity(model, calib, config)
+    qmodel = quantize(model, calib, config, progress=False)
+    for name in ("fc", "head"):
+        _only(qmodel, {f"{name}.input_quantizer", f"{name}.weight_quantizer"})
+        assert sensitivity[name] == pytest.approx(float((qmodel(calib) - model(calib)).pow(2).mean()), rel=1e-5)
+
+
+def test_layers_are_scored_against_the_float_function_whatever_else_the_config_does(tiny_vit, calib):
+    """Bias correction, reconstruction and conv output quantizers change the scored copy's biases, weights or
+    outputs, away from the float function each layer is measured against: the scores are those without them."""
+    from leanvit.compress.quant import layer_sensitivity
+
+    config = QuantConfig(w_bits=4, a_bits=8)
+    plain = layer_sensitivity(tiny_vit, calib, config, max_images=8)
+    for changes in (dict(bias_correction=True), dict(quantize_conv_outputs=True),
+                    dict(reconstruct="blocks", reconstruct_iters=2, reconstruct_act_scales=True)):
+        assert layer_sensitivity(tiny_vit, calib, replace(config, **changes), max_images=8) == plain, changes
+
+
+class _NormHead(torch.nn.Module):
+    """Patch embedding -> LayerNorm with outlier channels -> Linear(s) read straight from it -> mean."""
+
+    def __init__(self, linears=("fc",), bias=True, norm_bias=True, act=False):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 32, 4, 4)
+        self.norm = torch.nn.LayerNorm(32, bias=norm_bias)
+        self.act = torch.nn.Hardswish(inplace=True) if act else torch.nn.Identity()
+        self.names = linears
+        for name in linears:
+            setattr(self, name, torch.nn.Linear(32, 10, bias=bias))
+        with torch.no_grad():
+            self.norm.weight[:4] = 30.0  # outliers: per-channel ranges win, so the change is attempted
+            if norm_bias:
+                self.norm.bias.normal_(0, 0.5)
+
+    def forward(self, x):
+        t = self.act(self.norm(self.embed(x).flatten(2).transpose(1, 2)))
+        return sum(getattr(self, name)(t) for name in self.names).mean(1)
+
+
+@torch.no_grad()
+def test_reparameterisation_of_layernorms_and_linears_without_a_bias(calib):
+    """RepQ-ViT's shift goes into the Linear's bias: a bias-free Linear gets one (``-W' s (z_c - z)``), and the
+    float function stays; rolled back (an in-place activation between them), it is bias-free again. A LayerNorm
+    without a bias has none to take the shift: it is not reparameterised, and quantizing still works."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    for act, reparameterised in ((False, ["norm"]), (True, [])):
+        model = _NormHead(bias=False, act=act).eval()
+        q = quantize(model, calib, QuantConfig(), progress=False)
+        assert q.quant_report.reparameterised == reparameterised
+        assert (q.fc.bias is None) == act
+        with quantizers_disabled(q):
+            torch.testing.assert_close(q(x), model(x), atol=1e-4, rtol=1e-4)
+    q = quantize(_NormHead(norm_bias=False).eval(), calib, QuantConfig(), progress=False)
+    assert q.quant_report.reparameterised == [] and q.norm.bias is None
+
+
+def test_a_layernorm_read_by_linears_quantizing_their_inputs_differently_is_not_reparameterised(calib):
+    """One LayerNorm output, one per-tensor quantizer after the change: where its readers' input grids differ
+    (``layer_bits``), the one scale set for all would be another layer's, so the LayerNorm is left as it is."""
+    model = _NormHead(linears=("q", "k")).eval()
+    assert quantize(model, calib, QuantConfig(), progress=False).quant_report.reparameterised == ["norm"]
+    mixed = quantize(model, calib, QuantConfig(layer_bits=(("q", "w8a6"),)), progress=False)
+    assert mixed.quant_report.reparameterised == []
+
+
+@torch.no_grad()
+def test_bias_correction_gives_a_bias_free_layer_the_correction():
+    """A Linear without a bias gets one holding minus its mean output error."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16, bias=False), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 10)).eval()
+    calib = torch.randn(32, 3, 2, 2)
+    plain = quantize(model, calib, QuantConfig(w_bits=4, a_bits=8), progress=False)
+    corrected = quantize(model, calib, QuantConfig(w_bits=4, a_bits=8, bias_correction=True), progress=False)
+    assert plain[1].bias is None and corrected[1].bias is not None
+    mean_error = lambda q: (q[1](calib.flatten(1)) - model[1](calib.flatten(1))).mean(0).abs().max()  # noqa: E731
+    assert mean_error(plain) > 1e-3 and mean_error(corrected) < 1e-5
+
+
+@torch.no_grad()
+def test_edge_layers_count_towards_the_budget_at_their_weight_bits(tiny_vit, calib):
+    """Edge layers at ``edge_bits="w8a4"`` hold 8-bit weights: counted at their 4 activation bits, the allocation
+    stopped too early and the model came out above the budget (6.08 bits for 6, 4.33 for 4.3)."""
+    from leanvit.compress.quant import allocate_bits, average_weight_bits
+
+    config = QuantConfig.recipe("mse", "w4a4", edge_bits="w8a4")
+    for budget in (4.3, 6.0):
+        bits = allocate_bits(tiny_vit, calib, budget, low="w4a4", high="w8a8", config=config)
+        qmodel = quantize(tiny_vit, calib, replace(config, layer_bits=(*config.layer_bits, *bits)), progress=False)
+        assert qmodel.quant_report.weight_bits["head"] == 8 and average_weight_bits(qmodel) <= budget
