@@ -612,7 +612,7 @@ def test_an_output_moves_relative_to_the_reference_scale_of_at_least_one():
 
     ref = (torch.tensor([[200.0, -400.0]]), {"aux": torch.tensor([0.5])})
     moved = (torch.tensor([[200.2, -400.0]]), {"aux": torch.tensor([0.4])})
-    assert output_error(moved, ref) == pytest.approx(0.2 / 400, rel=1e-4)  # the largest difference over the largest value
+    assert output_error(moved, ref) == pytest.approx(0.2 / 400, rel=1e-4)  # largest difference / largest value
     small = torch.tensor([0.5, -0.25])
     assert output_error(small + 0.01, small) == pytest.approx(0.01)  # (divided by 1 below a scale of 1)
     with pytest.raises(ValueError, match="different structures"):

@@ -570,7 +570,8 @@ def test_the_widened_input_range_takes_in_sampled_values_beyond_either_end():
     from leanvit.compress.quant.hessian import _input_range_families
 
     current = (torch.tensor([-3.0]), torch.tensor([5.0]))
-    for x, widen in ((torch.tensor([-6.0, 1.0]), 2.0), (torch.tensor([-1.0, 7.5]), 1.5), (torch.tensor([-1.0, 2.0]), 1)):
+    for x, widen in ((torch.tensor([-6.0, 1.0]), 2.0), (torch.tensor([-1.0, 7.5]), 1.5),
+                     (torch.tensor([-1.0, 2.0]), 1)):
         (lo, hi, start), _ = _input_range_families(x, *current)
         torch.testing.assert_close((lo, hi, start), (current[0] * widen, current[1] * widen, torch.ones(1) / widen))
 

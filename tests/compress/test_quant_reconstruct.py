@@ -295,3 +295,71 @@ def test_learned_input_steps_are_kept_with_the_learned_rounding():
     with torch.no_grad():
         errors = [float(_reconstruction_error(learned[0](batch), [model[0](batch)], "0", 8)) for batch in calib.split(16)]
     assert sum(errors) / len(errors) == pytest.approx(after, rel=1e-3)
+
+
+class ChannelMix(nn.Module):
+    """A convolutional block that mixes channels with a learned matrix (``x @ self.mix``): a layer, not attention."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+        self.mix = nn.Parameter(torch.randn(c, c) / c**0.5)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv1(x)))
+        return x + (y.permute(0, 2, 3, 1) @ self.mix).permute(0, 3, 1, 2)
+
+
+class MapAttention(nn.Module):
+    """nn.MultiheadAttention over a feature map's positions, the map given back: attention with a 4-D output."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.pre, self.post = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
+        self.mha = nn.MultiheadAttention(c, 2, batch_first=True)
+
+    def forward(self, x):
+        t = self.pre(x).flatten(2).transpose(1, 2)
+        t = self.mha(t, t, t, need_weights=False)[0]
+        return x + self.post(t.transpose(1, 2).reshape(x.shape))
+
+
+@pytest.mark.parametrize("conv, attention", [(ChannelMix, Mixer), (ConvBlock, MapAttention)])
+def test_a_product_with_a_weight_is_no_attention_and_multihead_attention_always_is(conv, attention, calib):
+    """A product of an activation with a parameter is a layer's: the block stays convolutional (feature maps out).
+    A block holding nn.MultiheadAttention is a transformer one even when it gives feature maps back (whatever torch
+    calls its fused kernel makes)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Sequential(conv(8), conv(8)),
+                          nn.Conv2d(8, 16, 2, stride=2), nn.Sequential(attention(16), attention(16)),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    qmodel = quantize(model, calib, QuantConfig(**W4), progress=False)
+    assert find_bridges(qmodel, calib[:2]) == ["2", "3.0"]
+
+
+def test_learned_input_steps_take_lsqs_straight_through_gradients():
+    """LSQ (Esser et al.): the forward is fake quantization at the learned step; the rounding is passed straight
+    through, so an input inside the grid gets its output's gradient and the step ``s`` the gradient
+    ``round(x / s) - x / s`` per unclamped value (the clamped ones: their grid end ``q - z``), times ``s`` for the
+    log step learned. Without the straight-through term the inputs get no gradient and the step only ``q - z``."""
+    from leanvit.compress.quant.quantizer import FakeQuantizer, QScheme
+    from leanvit.compress.quant.reconstruct import LearnedStep
+
+    torch.manual_seed(0)
+    quantizer = FakeQuantizer(QScheme(4, symmetric=False), axis=-1, channels=1)
+    quantizer.set_range(torch.tensor(-1.0), torch.tensor(2.0))
+    step = LearnedStep(quantizer)
+    s, z, scheme = quantizer.scale, quantizer.zero_point.float(), quantizer.scheme
+    x = torch.randn(600) * 1.5
+    x = x[(torch.round(x / s) + z - scheme.qmin) * (torch.round(x / s) + z - scheme.qmax) != 0][:500]  # not at an end
+    x, g = x.requires_grad_(), torch.randn(500)
+    out = step(x)
+    torch.testing.assert_close(out, quantizer(x.detach()))
+    dx, dlog = torch.autograd.grad((out * g).sum(), (x, step.log_scale))
+    ints = torch.round(x.detach() / s) + z
+    inside = (ints >= scheme.qmin) & (ints <= scheme.qmax)
+    assert 0 < inside.sum() < 500
+    torch.testing.assert_close(dx, g * inside)
+    scaled = x.detach() / s
+    per_value = torch.where(inside, torch.round(scaled) - scaled, ints.clamp(scheme.qmin, scheme.qmax) - z)
+    torch.testing.assert_close(dlog, (g * per_value).sum() * s, rtol=1e-4, atol=1e-5)
