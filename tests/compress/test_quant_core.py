@@ -629,3 +629,24 @@ def test_a_fused_attention_counts_as_two_matrix_products():
 
     calls = record_matmuls(nn.Sequential(nn.Linear(4, 4), Mix()), torch.randn(2, 3, 4))
     assert list(calls) == ["1"] and calls["1"].runs == 1 and calls["1"].products == 3
+
+
+def test_a_layer_called_more_often_for_one_image_is_not_constant():
+    """A layer whose calls for the two images differ in number (a loop that depends on the image) does not compute a
+    constant, though its first calls read the same input."""
+    from leanvit.compress.quant.modules import image_independent_layers
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.fc(torch.ones_like(x))
+            if x.sum() > 0:
+                y = self.fc(y * x)
+            return self.head(y + x)
+
+    found = image_independent_layers(Loop(), torch.ones(1, 4), -torch.ones(1, 4))
+    assert found == set()
+    assert image_independent_layers(Loop(), -torch.ones(1, 4), -2 * torch.ones(1, 4)) == {"fc"}  # one call each

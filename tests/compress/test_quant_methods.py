@@ -330,3 +330,24 @@ def test_edge_layers_count_towards_the_budget_at_their_weight_bits(tiny_vit, cal
         bits = allocate_bits(tiny_vit, calib, budget, low="w4a4", high="w8a8", config=config)
         qmodel = quantize(tiny_vit, calib, replace(config, layer_bits=(*config.layer_bits, *bits)), progress=False)
         assert qmodel.quant_report.weight_bits["head"] == 8 and average_weight_bits(qmodel) <= budget
+
+
+@torch.no_grad()
+def test_the_per_channel_gain_weighs_the_errors_by_every_reader_of_the_layernorm():
+    """q, k and v as three Linears read one LayerNorm: an input channel's error costs what it costs at all their
+    outputs, so the gain is that of one Linear stacking their rows (not of the first reader alone)."""
+    from leanvit.compress.quant.quantizer import QScheme, RangeObserver
+    from leanvit.compress.quant.reparam import per_channel_gain
+
+    torch.manual_seed(0)
+    observer = RangeObserver(axis=-1)
+    observer.update(torch.randn(64, 16, 8) * torch.logspace(-1, 1, 8))
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    a.weight[:, 4:] = 0.0  # a reads the small channels only, b all of them, the large ones strongly
+    b.weight[:, 4:] *= 10
+    both = torch.nn.Linear(8, 8)
+    both.weight.copy_(torch.cat([a.weight, b.weight]))
+    scheme = QScheme(4, symmetric=False)
+    gain = per_channel_gain(observer, [a, b], scheme, "mse", 99.99)
+    assert gain == pytest.approx(per_channel_gain(observer, [both], scheme, "mse", 99.99), rel=1e-5)
+    assert gain != pytest.approx(per_channel_gain(observer, [a], scheme, "mse", 99.99), rel=1e-2)
