@@ -18,7 +18,7 @@ from leanvit.catalog import CATALOG, get_facts
 import leanvit.models.efficientmod as emod
 from leanvit.errors import LeanvitError
 from leanvit.profile import count_macs, count_params
-from drop_path import drop_prob
+from drop_path import drop_prob, shared_rate
 from random_weights import randomize, random_like
 
 VARIANTS = [f.name for f in CATALOG.values() if f.family == 'EfficientMod']
@@ -322,8 +322,7 @@ def test_drop_path_rates_rise_linearly_over_every_block_of_the_network():
     for stage in model.stages:
         for block in stage.blocks:
             if isinstance(block, emod.AttentionBlock):
-                assert drop_prob(block.drop_path1) == drop_prob(block.drop_path2)
-                rates.append(drop_prob(block.drop_path1))
+                rates.append(shared_rate(block.drop_path1, block.drop_path2))
             else:
                 rates.append(drop_prob(block.drop_path))
     assert rates == pytest.approx(torch.linspace(0, 0.3, n_blocks).tolist())

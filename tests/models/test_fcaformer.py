@@ -23,7 +23,7 @@ import leanvit.models.fcaformer as fca
 from leanvit.errors import InputSizeError, LeanvitError
 from leanvit.profile import count_macs, count_params
 
-from drop_path import drop_prob
+from drop_path import drop_prob, shared_rate
 
 VARIANTS = [f.name for f in CATALOG.values() if f.family == 'FcaFormer']
 
@@ -585,8 +585,7 @@ def test_drop_path_rates_rise_linearly_over_every_block_of_the_network():
     for stage in model.stages:
         for block in stage.blocks:
             if isinstance(block, fca.FcaBlock):
-                assert drop_prob(block.drop_path1) == drop_prob(block.drop_path2)
-                rates.append(drop_prob(block.drop_path1))
+                rates.append(shared_rate(block.drop_path1, block.drop_path2))
             else:
                 rates.append(drop_prob(block.drop_path))
     assert rates == pytest.approx(torch.linspace(0, 0.3, sum(TINY["depths"])).tolist())

@@ -19,7 +19,7 @@ from leanvit.catalog import CATALOG, get_facts
 import leanvit.models.mobilevig as mvig
 from leanvit.errors import LeanvitError
 from leanvit.profile import count_macs, count_params
-from drop_path import drop_prob
+from drop_path import drop_prob, shared_rate
 from random_weights import randomize, random_like
 
 VARIANTS = [f.name for f in CATALOG.values() if f.family == 'MobileViG']
@@ -355,8 +355,7 @@ def test_drop_path_rates_rise_linearly_over_every_block_of_the_network():
     for stage in model.stages:
         for block in stage.blocks:
             if isinstance(block, mvig.SvgaBlock):
-                assert drop_prob(block.grapher.drop_path) == drop_prob(block.ffn.drop_path)
-                rates.append(drop_prob(block.grapher.drop_path))
+                rates.append(shared_rate(block.grapher.drop_path, block.ffn.drop_path))
             else:
                 rates.append(drop_prob(block.drop_path))
     assert rates == pytest.approx(torch.linspace(0, 0.3, n_blocks).tolist())
