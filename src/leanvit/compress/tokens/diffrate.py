@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
-from itertools import accumulate
 from typing import Any
 
 import torch
@@ -389,7 +388,7 @@ def search_rates(model: VisionTransformer, calib: Any, cfg: DiffRate) -> tuple[t
             kept = (torch.ceil(logits.softmax(dim=-1) @ candidates) + prefix).int().tolist()
     prune = (n0,) + tuple(p for p, _ in kept)
     merge = (n0,) + tuple(m for _, m in kept)
-    reached = _counted_macs(costs, fixed, n0, list(accumulate(map(min, prune, merge), min)))
+    reached = _counted_macs(costs, fixed, n0, DiffRate(prune=prune, merge=merge).token_counts(n0, prefix, depth))
     if abs(reached - cfg.target_macs) > MISS_TOLERANCE * full:
         warn(f"DiffRate's search reached {reached / 1e9:.4g} GMACs for a target of {cfg.target_macs / 1e9:.4g} "
              f"(unreduced {full / 1e9:.4g}): more than {MISS_TOLERANCE:.0%} of the model's MACs off. Raise "
