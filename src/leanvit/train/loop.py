@@ -85,15 +85,9 @@ def _warnings_of_rank(rank: int):
 def _fit(cfg: TrainConfig) -> TrainResult:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = _device()
-    if cfg.batch_size % world:
-        raise LeanvitError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes.")
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size // world % 2:
-        raise LeanvitError(f"Mixup and CutMix pair the images of a batch: the batch per process "
-                           f"({cfg.batch_size // world}) must be even. Change --batch-size, or pass --mixup 0 "
-                           "--cutmix 0.")
+    _check_batch_split(cfg, world)
     output = Path(cfg.output).expanduser()
     main = rank == 0
-    show = cfg.progress and main
     if main:  # before any training, not when the first epoch is saved
         try:
             output.mkdir(parents=True, exist_ok=True)
@@ -103,22 +97,9 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     train_set = open_dataset(cfg.data, train=True)
     classes = dataset_classes(train_set)
     _seed_everything(cfg.seed)
-    kwargs = {"num_classes": len(classes), **cfg.model_kwargs}
-    if kwargs["num_classes"] != len(classes):
-        raise LeanvitError(f"--model-kwargs sets num_classes={kwargs['num_classes']} but {cfg.data} "
-                           f"has {len(classes)} classes.")
-    model = create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
-    if cfg.init_checkpoint:
-        _load_init(model, cfg.init_checkpoint, classes, announce=main)
-    if cfg.tokens:
-        token_apply(model, cfg.token_method())  # no new parameters: the weights stay a plain ViT's
-    data_config = resolve_data_config(model, img_size=cfg.img_size, crop_pct=cfg.crop_pct)
-    check_input_size(model, data_config, cfg.model)  # a ViT built for 224 fed 32x32 data: the fix, not an assertion
+    model, data_config, metadata = _student(cfg, classes, announce=main)
     train_set.transform = build_transform(data_config, train=True, auto_augment=cfg.randaug, re_prob=cfg.reprob,
                                           re_mode=cfg.remode, no_aug=cfg.no_aug, crop_scale=cfg.crop_scale)
-    metadata = {"model": cfg.model, "model_kwargs": kwargs, "data_config": data_config, "classes": classes,
-                **({"tokens": cfg.tokens} if cfg.tokens else {}),
-                **({"tokens_options": {"prop_attn": False}} if not cfg.tome_prop_attn else {})}
 
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=layout)
@@ -148,110 +129,40 @@ def _fit(cfg: TrainConfig) -> TrainResult:
     if steps == 0:
         raise LeanvitError(f"{cfg.data} has {len(train_set)} images, fewer than one batch of {cfg.batch_size}.")
     warmup = _warmup_epochs(cfg, state["config"] if state else None, announce=main)
-    cosine_log = logging.getLogger(CosineLRScheduler.__module__)
-    level = cosine_log.level  # its "will have no effect ... t_initial = t_mul = eta_mul = 1" for a one-step run
-    cosine_log.setLevel(logging.ERROR)
-    try:
-        scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr,
-                                      warmup_t=round(warmup * steps), warmup_lr_init=cfg.warmup_lr,
-                                      t_in_epochs=False)
-    finally:
-        cosine_log.setLevel(level)
-    keep_rate = _keep_rate_schedule(cfg, model, steps)
+    scheduler = _lr_scheduler(optimizer, cfg, steps, warmup)
     mixup, loss_fn = _objective(cfg, len(classes), teacher)
     amp_dtype = _amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    trainer = _Trainer(cfg, model, net, optimizer, scheduler, scaler, ema, mixup, loss_fn,
+                       _keep_rate_schedule(cfg, model, steps), amp_dtype, layout, device, world,
+                       show=cfg.progress and main)
     val_loader = _val_loader(cfg, data_config, classes, workers) if main and cfg.val_data else None
 
-    start_epoch, step, steps_log, epochs_log, changes, cwd = 0, 0, [], [], [], os.getcwd()
-    inputs = _weights_read(cfg)
     config = {**cfg.to_dict(), "warmup_epochs": warmup, "workers": workers}  # as it ran, kept by a resume
+    run = _Progress(inputs=_weights_read(cfg), cwd=os.getcwd())
     if state is not None:
-        cwd = state.get("cwd", cwd)  # relative paths in the saved config are relative to the start's folder
-        resumed = _resume_changes(state["config"], config, state["epoch"] + 1, cwd)
-        changes = state.get("changes", []) + resumed
-        # the same files by other words (from another folder): the record keeps the words relative to ``cwd``
-        moved = {k for change in resumed for k in change["changes"]}
-        config.update({k: state["config"][k] for k in _PATHS if k in state["config"] and k not in moved})
-        inputs = _same_weights_read(state.get("inputs"), inputs)
-        load_training_state(last, state, model=model, optimizer=optimizer, ema=ema)
-        if state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, step, epochs_log = state["epoch"] + 1, state["step"], state["epochs"]
-        # the saved optimizer holds the learning rate the old schedule set last; a longer --epochs changes the
-        # schedule, and the first step must run at the new one's rate, not the old one's last (often min_lr)
-        scheduler.step_update(step)
-        if start_epoch > cfg.epochs:
-            raise LeanvitError(f"The run in {output} has trained {start_epoch} epochs, more than --epochs "
-                               f"{cfg.epochs}: pass --epochs {start_epoch} or more to resume it.")
-        if main:
-            print(f"resumed from {last} (epoch {start_epoch} of {cfg.epochs})" if start_epoch < cfg.epochs else
-                  f"{last}: the run has trained all its {cfg.epochs} epochs; nothing left to train", file=sys.stderr)
+        run = _resume(cfg, state, last, config, run.inputs, trainer, main)
     if world > 1:
-        _check_ranks_agree(start_epoch, device)
+        _check_ranks_agree(run.start_epoch, device)
 
-    for epoch in range(start_epoch, cfg.epochs):
+    steps_log = []
+    for epoch in range(run.start_epoch, cfg.epochs):
         _seed_everything(int(np.random.SeedSequence([cfg.seed, epoch, rank]).generate_state(1)[0]))
         loader.sampler.set_epoch(epoch)
-        net.train()
         started = time.perf_counter()
-        bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=not show, leave=False)
-        for i, batch in enumerate(loader):
-            if i == steps:
-                break
-            if batch is None:
-                raise LeanvitError("Every image of a training batch failed to decode; see the warnings above.")
-            x, y = batch[0].to(device, non_blocking=True, memory_format=layout), batch[1].to(device, non_blocking=True)
-            if mixup:
-                even = len(x) // 2 * 2  # mixup pairs samples; a skipped corrupt image can leave one over
-                x, y = mixup(x[:even], y[:even])
-            if keep_rate is not None:
-                keep_rate(step)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                try:
-                    logits = net(x)
-                except ValueError as e:  # torch's complaint names no layer nor fix
-                    if "more than 1 value per channel" not in str(e):
-                        raise
-                    raise LeanvitError(f"{cfg.model} has a BatchNorm that sees one value per channel (after pooling, "
-                                       f"as a classifier head's), which cannot normalise a training batch of "
-                                       f"{len(x)} image: {_batch_of_one_fix(cfg.batch_size, world)}.") from None
-                loss = loss_fn(x, logits, y)
-            lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler sets the next one's below)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            scheduler.step_update(step)
-            if ema is not None:
-                ema.update(model, step=step)
-            loss = loss.detach().float()
-            if world > 1:
-                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            if not torch.isfinite(loss):  # every rank sees the reduced loss, so all stop; before any checkpoint
-                bar.close()
-                raise LeanvitError(f"The loss is {loss.item()} at epoch {epoch}, step {i + 1}: training diverged, "
-                                   f"and no checkpoint of this epoch is written. Lower --lr (it is {cfg.lr}) or "
-                                   "pass --clip-grad (e.g. 1.0).")
-            steps_log.append({"epoch": epoch, "step": step, "loss": loss.item(), "lr": lr})
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            bar.update()
-        bar.close()
-        losses = [s["loss"] for s in steps_log if s["epoch"] == epoch]
-        summary = {"epoch": epoch, "loss": round(sum(losses) / len(losses), 6), "lr": steps_log[-1]["lr"],
+        epoch_log = trainer.train_epoch(loader, steps, epoch, run)
+        steps_log += epoch_log
+        losses = [s["loss"] for s in epoch_log]
+        summary = {"epoch": epoch, "loss": round(sum(losses) / len(losses), 6), "lr": epoch_log[-1]["lr"],
                    "seconds": round(time.perf_counter() - started, 1), "hardware": _hardware(device, world)}
-        epochs_log.append(summary)
+        run.epochs.append(summary)
         if main:
             if val_loader is not None:
-                summary.update(_validate(model, ema, val_loader, device, show))
+                summary.update(_validate(model, ema, val_loader, device, trainer.show))
             save_training_state(output, epoch, model=model, metadata=metadata, optimizer=optimizer, ema=ema,
-                                state={"step": step, "config": config, "scaler": scaler.state_dict(),
-                                       "epochs": epochs_log, "changes": changes,
-                                       "inputs": inputs, "cwd": cwd})
+                                state={"step": run.step, "config": config, "scaler": scaler.state_dict(),
+                                       "epochs": run.epochs, "changes": run.changes,
+                                       "inputs": run.inputs, "cwd": run.cwd})
             print(json.dumps(summary), file=sys.stderr)
         if world > 1:
             dist.barrier()
@@ -260,7 +171,169 @@ def _fit(cfg: TrainConfig) -> TrainResult:
         save_weights(output / WEIGHTS_FILE, model.state_dict(), metadata)
         if ema is not None:
             save_weights(output / EMA_FILE, ema.module.state_dict(), metadata)
-    return TrainResult(output=output, steps=steps_log, epochs=epochs_log)
+    return TrainResult(output=output, steps=steps_log, epochs=run.epochs)
+
+
+def _check_batch_split(cfg: TrainConfig, world: int) -> None:
+    """The batch must split evenly over the processes, and into pairs where Mixup / CutMix pair its images."""
+    if cfg.batch_size % world:
+        raise LeanvitError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes.")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size // world % 2:
+        raise LeanvitError(f"Mixup and CutMix pair the images of a batch: the batch per process "
+                           f"({cfg.batch_size // world}) must be even. Change --batch-size, or pass --mixup 0 "
+                           "--cutmix 0.")
+
+
+def _student(cfg: TrainConfig, classes: list[str], announce: bool) -> tuple[nn.Module, dict, dict]:
+    """The model to train (its init weights loaded, its token method applied), its data config, checked against
+    its input size, and the metadata its checkpoints carry."""
+    kwargs = {"num_classes": len(classes), **cfg.model_kwargs}
+    if kwargs["num_classes"] != len(classes):
+        raise LeanvitError(f"--model-kwargs sets num_classes={kwargs['num_classes']} but {cfg.data} "
+                           f"has {len(classes)} classes.")
+    model = create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
+    if cfg.init_checkpoint:
+        _load_init(model, cfg.init_checkpoint, classes, announce=announce)
+    if cfg.tokens:
+        token_apply(model, cfg.token_method())  # no new parameters: the weights stay a plain ViT's
+    data_config = resolve_data_config(model, img_size=cfg.img_size, crop_pct=cfg.crop_pct)
+    check_input_size(model, data_config, cfg.model)  # a ViT built for 224 fed 32x32 data: the fix, not an assertion
+    metadata = {"model": cfg.model, "model_kwargs": kwargs, "data_config": data_config, "classes": classes,
+                **({"tokens": cfg.tokens} if cfg.tokens else {}),
+                **({"tokens_options": {"prop_attn": False}} if not cfg.tome_prop_attn else {})}
+    return model, data_config, metadata
+
+
+def _lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int, warmup: float) -> CosineLRScheduler:
+    """timm's cosine schedule with linear warm-up, stepped per optimizer step (``steps`` per epoch)."""
+    cosine_log = logging.getLogger(CosineLRScheduler.__module__)
+    level = cosine_log.level  # its "will have no effect ... t_initial = t_mul = eta_mul = 1" for a one-step run
+    cosine_log.setLevel(logging.ERROR)
+    try:
+        return CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr,
+                                 warmup_t=round(warmup * steps), warmup_lr_init=cfg.warmup_lr, t_in_epochs=False)
+    finally:
+        cosine_log.setLevel(level)
+
+
+@dataclass
+class _Progress:
+    """Where the run stands: the next epoch, the optimizer steps taken, the per-epoch log, the settings changed by
+    resumes, the weights files read, and the folder relative paths in the saved config are relative to."""
+
+    inputs: dict
+    cwd: str
+    start_epoch: int = 0
+    step: int = 0
+    epochs: list[dict] = field(default_factory=list)
+    changes: list[dict] = field(default_factory=list)
+
+
+def _resume(cfg: TrainConfig, state: dict, last: Path, config: dict, inputs: dict, trainer: _Trainer,
+            announce: bool) -> _Progress:
+    """Continue the run saved in ``last`` (its ``state``): refuse changes that would make it another computation,
+    record the allowed ones, load the model, optimizer, EMA and scaler, and set the schedule at its step. ``config``,
+    the settings as this call runs them, keeps the start's words for paths that name the same files."""
+    cwd = state.get("cwd", os.getcwd())  # relative paths in the saved config are relative to the start's folder
+    resumed = _resume_changes(state["config"], config, state["epoch"] + 1, cwd)
+    # the same files by other words (from another folder): the record keeps the words relative to ``cwd``
+    moved = {k for change in resumed for k in change["changes"]}
+    config.update({k: state["config"][k] for k in _PATHS if k in state["config"] and k not in moved})
+    run = _Progress(inputs=_same_weights_read(state.get("inputs"), inputs), cwd=cwd, start_epoch=state["epoch"] + 1,
+                    step=state["step"], epochs=state["epochs"], changes=state.get("changes", []) + resumed)
+    load_training_state(last, state, model=trainer.model, optimizer=trainer.optimizer, ema=trainer.ema)
+    if state["scaler"]:
+        trainer.scaler.load_state_dict(state["scaler"])
+    # the saved optimizer holds the learning rate the old schedule set last; a longer --epochs changes the
+    # schedule, and the first step must run at the new one's rate, not the old one's last (often min_lr)
+    trainer.scheduler.step_update(run.step)
+    if run.start_epoch > cfg.epochs:
+        raise LeanvitError(f"The run in {last.parent} has trained {run.start_epoch} epochs, more than --epochs "
+                           f"{cfg.epochs}: pass --epochs {run.start_epoch} or more to resume it.")
+    if announce:
+        print(f"resumed from {last} (epoch {run.start_epoch} of {cfg.epochs})" if run.start_epoch < cfg.epochs else
+              f"{last}: the run has trained all its {cfg.epochs} epochs; nothing left to train", file=sys.stderr)
+    return run
+
+
+@dataclass
+class _Trainer:
+    """What a training step needs, set up once by :func:`_fit`. ``model`` is the plain module (gradient clipping,
+    EMA), ``net`` what the steps call (the model under DDP and / or ``torch.compile``)."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    scaler: torch.amp.GradScaler
+    ema: ModelEmaV3 | None
+    mixup: Mixup | None
+    loss_fn: nn.Module
+    keep_rate: object | None  # EViT's keep-rate hook, called with the step
+    amp_dtype: torch.dtype | None
+    layout: torch.memory_format
+    device: torch.device
+    world: int
+    show: bool
+
+    def train_epoch(self, loader, steps: int, epoch: int, run: _Progress) -> list[dict]:
+        """``steps`` optimizer steps on ``loader``'s batches (``run.step`` counts them); each step's log."""
+        self.net.train()
+        log = []
+        bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=not self.show, leave=False)
+        for i, batch in enumerate(loader):
+            if i == steps:
+                break
+            if batch is None:
+                raise LeanvitError("Every image of a training batch failed to decode; see the warnings above.")
+            lr = self.optimizer.param_groups[0]["lr"]  # this step's (the scheduler sets the next one's)
+            loss = self._step(batch, run)
+            if not torch.isfinite(loss):  # every rank sees the reduced loss, so all stop; before any checkpoint
+                bar.close()
+                raise LeanvitError(f"The loss is {loss.item()} at epoch {epoch}, step {i + 1}: training diverged, "
+                                   f"and no checkpoint of this epoch is written. Lower --lr (it is {self.cfg.lr}) or "
+                                   "pass --clip-grad (e.g. 1.0).")
+            log.append({"epoch": epoch, "step": run.step, "loss": loss.item(), "lr": lr})
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.update()
+        bar.close()
+        return log
+
+    def _step(self, batch, run: _Progress) -> torch.Tensor:
+        """One optimizer step on ``batch``; the loss, averaged over the processes."""
+        cfg, device = self.cfg, self.device
+        x, y = batch[0].to(device, non_blocking=True, memory_format=self.layout), batch[1].to(device, non_blocking=True)
+        if self.mixup:
+            even = len(x) // 2 * 2  # mixup pairs samples; a skipped corrupt image can leave one over
+            x, y = self.mixup(x[:even], y[:even])
+        if self.keep_rate is not None:
+            self.keep_rate(run.step)
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            try:
+                logits = self.net(x)
+            except ValueError as e:  # torch's complaint names no layer nor fix
+                if "more than 1 value per channel" not in str(e):
+                    raise
+                raise LeanvitError(f"{cfg.model} has a BatchNorm that sees one value per channel (after pooling, "
+                                   f"as a classifier head's), which cannot normalise a training batch of "
+                                   f"{len(x)} image: {_batch_of_one_fix(cfg.batch_size, self.world)}.") from None
+            loss = self.loss_fn(x, logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        run.step += 1
+        self.scheduler.step_update(run.step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=run.step)
+        loss = loss.detach().float()
+        if self.world > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        return loss
 
 
 def _load_init(model: nn.Module, path: str, classes: list[str], announce: bool) -> None:
