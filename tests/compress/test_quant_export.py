@@ -11,8 +11,8 @@ import torch
 from onnx import numpy_helper
 
 from leanvit.compress.quant import (
-    QuantConfig, QuantConv2d, QuantLinear, check_config_deployable, export, export_quantized, onnx_int8_summary,
-    onnxruntime_precisions, openvino_precisions, quantize, source_modules,
+    QuantConfig, QuantConv2d, QuantLinear, check_config_deployable, check_deployable, export, export_quantized,
+    onnx_int8_summary, onnxruntime_precisions, openvino_precisions, quantize, source_modules,
 )
 from leanvit.compress.quant.export import OnnxInt8Summary, fuses_a_matmul, int8_saturates
 from leanvit.deploy import check_agreement, get_engine
@@ -344,6 +344,7 @@ def test_per_channel_depthwise_inputs_run_int8_on_openvino_and_are_refused_for_o
     assert agreement.max_abs_err < 0.02 * agreement.ref_scale
     with pytest.raises(LeanvitError, match="3.*QLinearConv needs one input scale per tensor"):
         export(qcnn, tmp_path / "dw.onnx", engine="onnxruntime")
+    check_deployable(qcnn)  # no engine named: a file OpenVINO can run in INT8 is not refused
 
 
 class _ChannelsLast(torch.nn.Module):
@@ -400,6 +401,31 @@ def test_bit_widths_without_engine_kernels_are_refused(tiny_vit, tmp_path):
         export(w4a4, tmp_path / "m.onnx", engine="tensorrt")
 
 
+def test_configs_without_engine_kernels_are_refused_before_calibrating():
+    """``leanvit quantize --out`` refuses these from the config alone, before minutes of calibration, naming the
+    field and the flag: 7 bits is deployable for weights only, ``layer_bits`` widths count as ``--bits`` does, and
+    per-channel depthwise inputs are refused for ONNX Runtime alone."""
+    for bits in ("w6a8", "w2a8"):  # (7 bits for weights is no licence for fewer)
+        with pytest.raises(LeanvitError, match=rf"^{bits} in w_bits/a_bits \(--bits {bits}\): layers quantized below"):
+            check_config_deployable(QuantConfig.from_bits(bits))
+    with pytest.raises(LeanvitError, match=r"^w4a8 in layer_bits \(--layer-bits PATTERN=w4a8\)"):
+        check_config_deployable(QuantConfig(w_bits=7, layer_bits=(("head", "w8a8"), ("blocks.0.*", "w4a8"))))
+    check_config_deployable(QuantConfig(layer_bits=(("head", "w7a8"),)))
+    with pytest.raises(LeanvitError, match=r"^attn_bits=7 \(--attn-bits 7\)"):
+        check_config_deployable(QuantConfig(attn_bits=7))
+    check_config_deployable(QuantConfig(attn_bits=8))
+    with pytest.raises(LeanvitError, match=r"^The log2 softmax quantizer is simulation only"):
+        check_config_deployable(QuantConfig(attn_bits=8, softmax_quantizer="log2"))
+    with pytest.raises(LeanvitError, match=r"^a_per_channel=True \(--a-granularity channel\)"):
+        check_config_deployable(QuantConfig(a_per_channel=True), "openvino")
+    auto = QuantConfig(a_per_channel="auto", quantize_depthwise=True)
+    with pytest.raises(LeanvitError, match=r"^a_per_channel='auto' .* QLinearConv cannot run"):
+        check_config_deployable(auto, "onnxruntime")
+    for engine in ("openvino", None):  # OpenVINO runs them in INT8: no engine chosen yet is no reason to refuse
+        check_config_deployable(auto, engine)
+    check_config_deployable(replace(auto, quantize_depthwise=False), "onnxruntime")  # no depthwise conv quantized
+
+
 def test_an_export_that_loses_a_quantized_layer_is_an_error(qvit, tmp_path):
     """The graph's INT8 compute nodes are counted against the layers the report says are quantized: one fewer in
     the graph (here, one more in the report) is a float layer the exporter dropped, not a model to ship."""
@@ -423,6 +449,63 @@ def test_8bit_weights_on_a_cpu_without_vnni_warn(tmp_path):
     w8 = quantize(model, torch.randn(16, 3, 8, 8), progress=False)
     with pytest.warns(UserWarning, match="VNNI"):
         export_quantized(w8, tmp_path / "m.onnx", dynamic_batch=False)
+
+
+def test_int8_saturation_is_read_from_the_cpu_flags_and_warned_for_8bit_weights_only(monkeypatch, tmp_path):
+    """Whether the INT8 sums saturate is read from /proc/cpuinfo on x86 (VNNI or AMX: they do not; other CPUs, or
+    no cpuinfo: assumed not), and only 8-bit weights are warned about there: W7A8, what the warning recommends,
+    runs exactly what was simulated."""
+    import importlib
+
+    module = importlib.import_module("leanvit.compress.quant.export")  # (the package's `export` is the function)
+
+    def cpu(machine, flags):
+        class CpuInfo:
+            def __init__(self, path):
+                assert str(path) == "/proc/cpuinfo"
+
+            def read_text(self):
+                if flags is None:
+                    raise OSError("no /proc")
+                return flags
+
+        monkeypatch.setattr(module.platform, "machine", lambda: machine)
+        monkeypatch.setattr(module, "Path", CpuInfo)
+        return int8_saturates()
+
+    assert cpu("x86_64", "flags : fpu sse avx2 fma")
+    assert cpu("AMD64", "flags : avx2")
+    for flags in ("flags : avx2 avx512f avx512_vnni", "flags : avx2 avx_vnni", "flags : avx2 amx_int8"):
+        assert not cpu("x86_64", flags)
+    assert not cpu("x86_64", None) and not cpu("aarch64", "flags : asimd")
+    monkeypatch.undo()
+
+    monkeypatch.setattr(module, "int8_saturates", lambda: True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 2)).eval()
+    for w_bits, warned in ((8, True), (7, False)):
+        qmodel = quantize(model, torch.randn(16, 3, 8, 8), QuantConfig(w_bits=w_bits), progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export_quantized(qmodel, tmp_path / f"w{w_bits}.onnx")
+        assert any("no VNNI/AMX" in str(w.message) for w in caught) == warned, [str(w.message) for w in caught]
+
+
+def test_an_export_gives_7bit_weights_back_as_they_were(tmp_path):
+    """The export swaps each 7-bit weight for its quantized values at 8 bits (the exporter's int8 container): the
+    model must get its float weights, trainable, and its 7-bit schemes back, else a later export, fine-tuning or
+    saved checkpoint sees another model (its weights rounded, "int8" in what it reports)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 2)).eval()
+    qmodel = quantize(model, torch.randn(16, 3, 8, 8), DEPLOY, progress=False)
+    layers = [qmodel[0], qmodel[2]]
+    weights = [layer.weight for layer in layers]
+    saved = [w.detach().clone() for w in weights]
+    export_quantized(qmodel, tmp_path / "m.onnx")
+    for layer, weight, values in zip(layers, weights, saved):
+        assert layer.weight is weight and weight.requires_grad and torch.equal(weight.detach(), values)
+        assert layer.weight_quantizer.scheme.bits == 7
+    assert not torch.equal(saved[1], layers[1].weight_quantizer(saved[1]))  # (off the grid: a swap would show)
 
 
 def test_dynamic_batch_export(qvit, tmp_path):
