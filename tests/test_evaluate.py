@@ -179,3 +179,69 @@ def test_a_module_in_training_mode_is_scored_in_eval_mode_and_left_in_training_m
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running statistics untouched
     evaluate(model.eval(), make_loader(data, batch_size=32), progress=False)
     assert not any(m.training for m in model.modules())  # and a model in eval mode stays so
+
+
+def _predicting(n: int):
+    """An engine runner whose top-1 is the class written in pixel (0, 0, 0) of each image, the rest ranked by
+    distance from it: the test chooses every prediction."""
+    def runner(images: np.ndarray) -> np.ndarray:
+        chosen = images[:, 0, 0, 0][:, None]
+        return -np.abs(np.arange(n, dtype=np.float32)[None] - chosen)
+    return runner
+
+
+def _images(labels, predictions):
+    return [(torch.full((3, 4, 4), float(p)), y) for y, p in zip(labels, predictions)]
+
+
+def test_most_confused_lists_only_confusions_that_happened_and_at_most_top_confusions():
+    """With fewer distinct confusions than ``top_confusions``, pairs never confused (count 0) and the diagonal filled
+    the list; and ``top_confusions`` must cut it, most frequent first."""
+    data = _images([0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 2, 1, 2, 2])  # a -> b twice, b -> c once
+    classes = ["a", "b", "c"]
+    result = evaluate(_predicting(3), make_loader(data, batch_size=4), classes=classes, progress=False)
+    assert result.most_confused == [{"true": "a", "predicted": "b", "count": 2},
+                                    {"true": "b", "predicted": "c", "count": 1}]
+    assert result.top1 == pytest.approx(100 * 4 / 7, abs=1e-4) and result.top5 == 100.0  # 3 classes: top-5 is all
+    assert result.per_class == pytest.approx({"a": 100 / 3, "b": 50.0, "c": 100.0}, abs=1e-4)
+    one = evaluate(_predicting(3), make_loader(data, batch_size=4), classes=classes, top_confusions=1, progress=False)
+    assert one.most_confused == [{"true": "a", "predicted": "b", "count": 2}]
+
+
+def test_accuracies_are_over_the_images_that_decoded_not_the_skipped_ones():
+    """A corrupt image is counted in ``skipped``, not as a wrong answer: top-1 and per-class are over the images scored."""
+    data = [*_images([0, 1], [0, 0]), None]  # a dataset item of None: an image that did not decode
+    result = evaluate(_predicting(2), make_loader(data, batch_size=3), classes=["a", "b"], progress=False)
+    assert (result.images, result.skipped) == (2, 1)
+    assert (result.top1, result.per_class) == (50.0, {"a": 100.0, "b": 0.0})
+
+
+def test_a_dataset_of_which_no_image_decodes_is_an_error_not_a_division_by_zero():
+    with pytest.raises(LeanvitError, match="No image of the dataset could be decoded"):
+        evaluate(_predicting(2), make_loader([None, None, None], batch_size=2), classes=["a", "b"], progress=False)
+
+
+def test_a_label_equal_to_the_number_of_classes_given_is_beyond_them():
+    """The check is ``label >= classes``: label 1 with one class named must be the error naming the fix, not a tensor
+    size error from the confusion matrix."""
+    with pytest.raises(LeanvitError, match=r"label 1, beyond the 1 classes given \(a\)"):
+        evaluate(_predicting(1), make_loader(_images([0, 1], [0, 0]), batch_size=2), classes=["a"], progress=False)
+
+
+def test_outputs_of_more_than_one_dimension_per_image_are_refused_even_with_the_classes_first():
+    """A model giving (batch, classes, k), such as a feature map with ``classes`` channels, is not a classifier: it
+    must be refused, not scored by the ``topk`` of a 3-D tensor."""
+    data = _images([0, 1, 2], [0, 1, 2])
+    runner = lambda images: np.zeros((len(images), 3, 2), np.float32)  # noqa: E731
+    with pytest.raises(LeanvitError, match=r"gives \(3, 2\) outputs per image but the data has 3 classes"):
+        evaluate(runner, make_loader(data, batch_size=3), classes=["a", "b", "c"], progress=False)
+
+
+def test_a_sampler_without_a_length_that_draws_images_twice_skips_none():
+    """A sampler without ``len`` (a generator) is taken to ask for the whole dataset: it must not crash the count, and
+    one that draws more images than the dataset holds (with replacement) skipped none, not a negative number."""
+    data = _images([0, 1, 0], [0, 1, 1])
+    draws = (i % 3 for i in range(5))  # 5 draws from 3 images
+    loader = DataLoader(data, batch_size=2, sampler=draws, collate_fn=collate_skipping_corrupt)
+    result = evaluate(_predicting(2), loader, classes=["a", "b"], progress=False)
+    assert (result.images, result.skipped) == (5, 0)
