@@ -474,3 +474,51 @@ def test_splits_sharing_class_names_stay_splits_with_a_stray_image_beside_them(t
     with pytest.warns(IgnoredFilesWarning, match=r"val: 1 image file\(s\) \(preview\.png\) not read"):
         evalset = open_dataset(tmp_path)
     assert evalset.classes == ["cat", "dog"] and evalset.root == str(tmp_path / "val")
+
+
+def test_decoded_dataset_drops_a_batch_of_only_corrupt_images_and_refuses_data_of_which_none_decodes(tmp_path):
+    """A batch whose every image is corrupt comes out of the loader as ``None``: it is left out (not concatenated);
+    a dataset of which no image decodes is the error naming it, not torch.cat's of an empty list."""
+    _write_images(tmp_path, ["cat/a.png", "dog/b.png"])
+    (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    ds = open_dataset(tmp_path, transform=lambda im: torch.from_numpy(np.asarray(im).copy()))
+    with pytest.warns(CorruptImageWarning, match="broken.png"):
+        decoded = DecodedDataset(ds, batch_size=1)  # the corrupt image is a batch of its own
+    assert (len(decoded), decoded.skipped, decoded.tensors[1].tolist()) == (2, 1, [0, 1])
+    with pytest.raises(LeanvitError, match="No image of the dataset could be decoded"):
+        DecodedDataset([None, None])
+
+
+def _train_order(data, batch_size, monkeypatch, world=1, rank=0, **kwargs):
+    """The samples, batch by batch, one pass of a training loader over ``data`` gives on process ``rank`` of
+    ``world`` (the distributed calls faked)."""
+    import types
+
+    import leanvit.data.loader as loader
+
+    monkeypatch.setattr(loader, "dist", types.SimpleNamespace(
+        is_initialized=lambda: world > 1, get_world_size=lambda: world, get_rank=lambda: rank))
+    return [b[0].tolist() for b in make_loader(data, batch_size, train=True, **kwargs)]
+
+
+def test_training_loader_shuffles_by_seed_and_drops_the_last_partial_batch(monkeypatch):
+    """Training batches are full (drop_last: BatchNorm on a batch of one fails, a small last batch weighs its samples
+    too much), in an order that is a shuffle fixed by ``seed`` (a resumed or repeated run sees the same order)."""
+    data = torch.utils.data.TensorDataset(torch.arange(11), torch.zeros(11, dtype=torch.long))
+    order = _train_order(data, 4, monkeypatch, seed=3)
+    assert [len(b) for b in order] == [4, 4]  # 11 samples: the 3 left over are dropped
+    flat = sum(order, [])
+    assert len(set(flat)) == 8 and flat != sorted(flat)  # distinct samples, shuffled
+    assert _train_order(data, 4, monkeypatch, seed=3) == order
+    assert _train_order(data, 4, monkeypatch, seed=4) != order
+
+
+def test_distributed_training_loaders_split_the_global_batches_of_one_process_between_ranks(monkeypatch):
+    """On N processes each rank reads its own share (the sampler told the world size and the rank), and together
+    they read the global batches one process reads with N times the batch: the same samples, the same order, each
+    sample once (no padding with repeated samples: the sampler drops the remainder)."""
+    data = torch.utils.data.TensorDataset(torch.arange(7), torch.zeros(7, dtype=torch.long))
+    single = _train_order(data, 2, monkeypatch, seed=5)
+    ranks = [_train_order(data, 1, monkeypatch, world=2, rank=r, seed=5) for r in (0, 1)]
+    assert [len(r) for r in ranks] == [3, 3]
+    assert [a + b for a, b in zip(*ranks)] == single
