@@ -209,7 +209,8 @@ def test_most_confused_lists_only_confusions_that_happened_and_at_most_top_confu
 
 
 def test_accuracies_are_over_the_images_that_decoded_not_the_skipped_ones():
-    """A corrupt image is counted in ``skipped``, not as a wrong answer: top-1 and per-class are over the images scored."""
+    """A corrupt image is counted in ``skipped``, not as a wrong answer: top-1 and per-class are over the images
+    scored."""
     data = [*_images([0, 1], [0, 0]), None]  # a dataset item of None: an image that did not decode
     result = evaluate(_predicting(2), make_loader(data, batch_size=3), classes=["a", "b"], progress=False)
     assert (result.images, result.skipped) == (2, 1)

@@ -180,3 +180,76 @@ def test_an_interrupted_command_exits_130(capsys, monkeypatch):
     monkeypatch.setattr(leanvit.cli.models, "run", interrupted)
     code, _, err = run_cli(capsys, "models")
     assert code == 130 and err == "interrupted\n"
+
+
+def test_argument_types_take_their_bounds_and_refuse_nan():
+    """``--crop-pct 1`` (keep the whole image) and ``--workers 0`` are in range; NaN compares false with either
+    bound, so a check written as ``value <= lo or value > hi`` would let it through."""
+    import argparse
+    import math
+
+    from leanvit.cli import count, crop_fraction, number_in, positive_int
+
+    assert (positive_int("1"), count("0"), crop_fraction("1"), crop_fraction("0.875")) == (1, 0, 1.0, 0.875)
+    for parse, text in ((crop_fraction, "nan"), (number_in(-math.inf, math.inf, "an error"), "nan"),
+                        (crop_fraction, "1.0001"), (count, "-1")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--batch", "two"], "argument --batch: expected a whole number, got 'two'"),
+    (["bench", "--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    (["bench", "--budget", "soon"], "argument --budget: expected seconds, got 'soon'"),
+    (["bench", "--budget", "-1"], "argument --budget: must be in (0, 3600] (seconds), got -1.0"),
+])
+def test_argument_type_errors_say_what_was_expected(capsys, argv, message):
+    """Raised as anything but ArgumentTypeError, argparse would replace the message by "invalid parse value"."""
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_main_restores_the_warning_format_it_set_for_the_command(capsys):
+    """A program calling main() keeps its own warning format afterwards, not lines labelled ``leanvit models``."""
+    import warnings
+
+    before = warnings.formatwarning
+    run_cli(capsys, "models", "--json")
+    assert warnings.formatwarning is before
+
+
+def test_an_existing_out_file_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeypatch):
+    """An existing --out file is checked for write permission (no file can be created beside /dev/stdout); the
+    permission is faked, as root may write anything."""
+    from leanvit.cli import prepare_out_file
+    from leanvit.errors import LeanvitError
+
+    out = tmp_path / "eval.json"
+    out.write_text("{}")
+    assert prepare_out_file(out, "the JSON result", "eval.json") == out
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(LeanvitError, match=r"cannot write the JSON result there \(permission denied\)"):
+        prepare_out_file(out, "the JSON result", "eval.json")
+
+
+def test_the_input_size_from_the_img_size_model_kwarg():
+    """--model-kwargs' ``img_size`` sizes the pre-processing when --img-size is not given: the command line's over
+    the checkpoint's (the model is built with it), a square one given as a pair too, a non-square pair not as a square
+    of its first side."""
+    import argparse
+
+    import torch.nn as nn
+
+    from leanvit.cli import input_data_config
+
+    model = nn.Linear(2, 2)  # timm's defaults: 224
+
+    def size(kwargs, meta=None):
+        args = argparse.Namespace(model_kwargs=kwargs, img_size=None)
+        return input_data_config(model, {"model_kwargs": meta or {}}, args)["input_size"]
+
+    assert size({"img_size": [48, 48]}) == [3, 48, 48]
+    assert size({"img_size": 56}, meta={"img_size": 40}) == [3, 56, 56]
+    assert size({}, meta={"img_size": 40}) == [3, 40, 40]
+    assert size({"img_size": [48, 64]}) != [3, 48, 48]
