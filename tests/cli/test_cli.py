@@ -235,8 +235,8 @@ def test_an_existing_out_file_that_cannot_be_written_is_refused_before_the_work(
 
 def test_the_input_size_from_the_img_size_model_kwarg():
     """--model-kwargs' ``img_size`` sizes the pre-processing when --img-size is not given: the command line's over
-    the checkpoint's (the model is built with it), a square one given as a pair too, a non-square pair not as a square
-    of its first side."""
+    the checkpoint's (the model is built with it), a square one given as a pair too, a non-square pair as (height,
+    width), not as a square of its first side nor as timm's default."""
     import argparse
 
     import torch.nn as nn
@@ -252,4 +252,5 @@ def test_the_input_size_from_the_img_size_model_kwarg():
     assert size({"img_size": [48, 48]}) == [3, 48, 48]
     assert size({"img_size": 56}, meta={"img_size": 40}) == [3, 56, 56]
     assert size({}, meta={"img_size": 40}) == [3, 40, 40]
-    assert size({"img_size": [48, 64]}) != [3, 48, 48]
+    assert size({"img_size": [48, 64]}) == [3, 48, 64]
+    assert size({}, meta={"img_size": [40, 56]}) == [3, 40, 56]

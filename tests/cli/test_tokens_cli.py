@@ -149,6 +149,20 @@ def test_not_a_vit(capsys):
     assert code == 2 and "plain ViTs" in err
 
 
+def test_a_non_square_vit_is_fed_and_reported_height_by_width(capsys):
+    """A ViT built for 48x64 images: evaluated on 48x64 images (its first side, 48x48, stopped the command at the
+    input-size check) and reported as 48x64, not as a square of its width."""
+    kwargs = '{"num_classes": 10, "img_size": [48, 64], "patch_size": 16, "depth": 2}'
+    code, out, _ = run_cli(capsys, "tokens", "deit_tiny_patch16_224", "--model-kwargs", kwargs, "--method", "tome",
+                           "--r", "2", "--eval", "cifar10-test500", "--eval-images", "4", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["img_size"] == [48, 64] and report["eval_images"] == 4
+    assert report["tokens_per_block"] == [1 + 12 - 2, 1 + 12 - 4]
+    code, out, _ = run_cli(capsys, "tokens", "deit_tiny_patch16_224", "--model-kwargs", kwargs, "--method", "tome",
+                           "--r", "2")
+    assert code == 0 and "deit_tiny_patch16_224 @ 48x64" in out
+
+
 def test_img_size_kwarg_over_a_checkpoints_saved_config(tmp_path, capsys):
     # the checkpoint's saved pre-processing is 32x32; a model rebuilt at 48x48 must be fed 48x48 images
     import timm

@@ -33,6 +33,19 @@ def test_a_saved_data_config_keeps_its_crop_and_statistics_at_another_resolution
     assert saved["input_size"] == [3, 96, 96]  # the checkpoint's own record is not modified
 
 
+def test_a_non_square_size_is_height_by_width_and_its_images_are_cut_to_it():
+    """A ViT built for (48, 64) inputs: the pre-processing yields 48x64 images, from timm's config or a saved one,
+    where taking the first side (or timm's 224) stopped the command at the input-size check."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=(48, 64), patch_size=16)
+    cfg = resolve_data_config(model, img_size=(48, 64), crop_pct=1.0)
+    assert cfg["input_size"] == [3, 48, 64] and cfg["crop_pct"] == 1.0
+    assert tuple(cfg["mean"]) == tuple(model.pretrained_cfg["mean"])
+    saved = resolve_data_config(model, img_size=[48, 64], saved={**cfg, "input_size": [3, 32, 32]})
+    assert saved == cfg
+    x = build_transform(cfg)(Image.new("RGB", (100, 80)))
+    assert x.shape == (3, 48, 64) and model(x[None]).shape == (1, 1000)
+
+
 def test_eval_transform_normalises_with_the_models_mean_and_std():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
     cfg = resolve_data_config(model, img_size=16, crop_pct=1.0)

@@ -172,13 +172,13 @@ crop_fraction = number_in(0, 1, "the fraction of the image kept, such as 0.875")
 
 
 def input_data_config(model, meta: dict, args: argparse.Namespace) -> dict:
-    """Pre-processing for a command that runs a model on images: ``--img-size`` (else an integer
-    ``img_size`` model kwarg, the command line's over the checkpoint's recorded ones, as the model is built) and
-    ``--crop-pct`` where the command has one, over the checkpoint's saved data config, else over the model's timm
-    test-time config (``--use-train-size``: its training one)."""
+    """Pre-processing for a command that runs a model on images: ``--img-size`` (else the ``img_size`` model kwarg,
+    a side or a (height, width) pair, the command line's over the checkpoint's recorded ones, as the model is
+    built) and ``--crop-pct`` where the command has one, over the checkpoint's saved data config, else over the
+    model's timm test-time config (``--use-train-size``: its training one)."""
     kwarg = {**meta.get("model_kwargs", {}), **args.model_kwargs}.get("img_size")
-    if isinstance(kwarg, (list, tuple)) and len(set(kwarg)) == 1:  # a square size given as [96, 96]
-        kwarg = kwarg[0]
-    img_size = args.img_size or (kwarg if isinstance(kwarg, int) else None)
+    if not (isinstance(kwarg, int) or isinstance(kwarg, (list, tuple)) and len(kwarg) == 2):
+        kwarg = None  # (the model's constructor refused anything else already)
+    img_size = args.img_size or kwarg
     return resolve_data_config(model, img_size=img_size, crop_pct=getattr(args, "crop_pct", None),
                                saved=meta.get("data_config"), use_test_size=not getattr(args, "use_train_size", False))

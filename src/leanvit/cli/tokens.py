@@ -118,7 +118,8 @@ def _search_batches(args: argparse.Namespace, model, meta: dict, calibset, calib
 
 def _print_summary(args: argparse.Namespace, result: dict) -> None:
     """The human-readable lines of what ``run`` measured (``--json`` prints ``result`` instead)."""
-    print(f"model    {args.model} @ {result['img_size']}x{result['img_size']}"
+    height, width = result["img_size"] if isinstance(result["img_size"], list) else (result["img_size"],) * 2
+    print(f"model    {args.model} @ {height}x{width}"
           + (f"  ({args.checkpoint})" if args.checkpoint else ""))
     print(f"method   {result['method']}")
     print(f"tokens   {' '.join(map(str, result['tokens_per_block']))}  (after each block)")
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             warn("no --checkpoint, evaluating random weights")
     tokens.check_plain_vit(model)
     # the size the model was built for (an img_size model kwarg wins over the checkpoint's), its saved crop and statistics
-    data_config = resolve_data_config(model, img_size=model.patch_embed.img_size[0], saved=meta.get("data_config"))
+    data_config = resolve_data_config(model, img_size=model.patch_embed.img_size, saved=meta.get("data_config"))
     check_input_size(model, data_config, args.model)  # (a size that is not a multiple of the patch size: warned)
     transform = build_transform(data_config)
     calibset = calib = None
@@ -164,8 +165,9 @@ def run(args: argparse.Namespace) -> int:
                                  calib=None if calib is None else _search_batches(args, model, meta, calibset, calib))
 
     input_size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-    result = {"model": args.model, "checkpoint": args.checkpoint, "img_size": input_size[-1],
-              "macs": count_macs(model, input_size)}
+    height, width = input_size[1:]  # (the img_size model kwarg's form: a side, or a pair where they differ)
+    result = {"model": args.model, "checkpoint": args.checkpoint,
+              "img_size": width if height == width else [height, width], "macs": count_macs(model, input_size)}
     if args.eval:
         dataset = open_dataset(args.eval, transform=transform)
         if meta.get("classes") and meta["classes"] != dataset_classes(dataset):

@@ -18,23 +18,28 @@ from ..modes import eval_mode
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
-def resolve_data_config(model: nn.Module, *, img_size: int | None = None, crop_pct: float | None = None,
-                        saved: dict | None = None, use_test_size: bool = False) -> dict:
+def resolve_data_config(model: nn.Module, *, img_size: int | tuple[int, int] | None = None,
+                        crop_pct: float | None = None, saved: dict | None = None, use_test_size: bool = False) -> dict:
     """The evaluation data config of ``model``: the one ``saved`` with its checkpoint when there is
     one, else timm's from its ``pretrained_cfg`` (with ``use_test_size``, its ``test_input_size`` and
     ``test_crop_pct`` where it has them, as timm's ``validate.py`` scores its published top-1). ``img_size``
-    and ``crop_pct`` override either and keep the rest, so a checkpoint evaluated at another resolution keeps
-    its own crop and statistics."""
+    (a side, or a (height, width) pair) and ``crop_pct`` override either and keep the rest, so a checkpoint
+    evaluated at another resolution keeps its own crop and statistics."""
+    pair = None if img_size is None else tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size,) * 2
     if saved:
         config = dict(saved)
-        if img_size is not None:
-            config["input_size"] = [config["input_size"][0], img_size, img_size]
+        if pair is not None:
+            config["input_size"] = [config["input_size"][0], *pair]
         if crop_pct is not None:
             config["crop_pct"] = crop_pct
         return config
-    args = {k: v for k, v in {"img_size": img_size, "crop_pct": crop_pct}.items() if v is not None}
+    square = pair is not None and pair[0] == pair[1]  # timm's own argument; a non-square size is set after
+    args = {k: v for k, v in {"img_size": pair[0] if square else None, "crop_pct": crop_pct}.items() if v is not None}
     config = resolve_model_data_config(model, args=args, use_test_size=use_test_size)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
+    if pair is not None and not square:
+        config["input_size"] = [config["input_size"][0], *pair]
+    return config
 
 
 def run_blank_image(model: nn.Module, size: tuple[int, int, int]) -> torch.Tensor:
