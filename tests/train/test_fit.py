@@ -126,6 +126,13 @@ def test_data_at_a_size_the_model_was_not_built_for_is_refused_with_the_fix(tmp_
         fit(_config(tmp_path, "run", img_size=48))
 
 
+def test_a_model_built_for_non_square_inputs_trains_on_them(tmp_path):
+    """img_size [height, width] in the model kwargs sizes the data too, as an integer one does (timm's 224 stopped the
+    run at the input-size check); the checkpoint records that size for eval and quantize."""
+    result = fit(_config(tmp_path, "run", model_kwargs={**TINY, "img_size": [32, 48]}, epochs=1, max_steps_per_epoch=1))
+    assert read_metadata(result.output / "model.safetensors")["data_config"]["input_size"] == [3, 32, 48]
+
+
 def test_the_logged_learning_rate_is_the_one_each_step_ran_at(tmp_path):
     result = fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=3, warmup_epochs=0.5, warmup_lr=1e-6))
     assert result.steps[0]["lr"] == pytest.approx(1e-6)  # the first step runs at the warm-up's start

@@ -46,8 +46,8 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict, **_help(
         "JSON kwargs for timm.create_model, e.g. '{\"img_size\": 32}' for a 32x32 ViT"))
     img_size: int | None = field(default=None, **_help(
-        "input resolution of the data pipeline (default: the model kwarg img_size, else the "
-        "model's pretrained_cfg)"))
+        "input resolution of the data pipeline (default: the model kwarg img_size, a side or a [height, width] "
+        "pair, else the model's pretrained_cfg)"))
     crop_pct: float | None = field(default=None, **_help("evaluation crop fraction (default: the model's)"))
     pretrained: bool = field(default=False, **_help("start from timm's pretrained weights (downloads)"))
     init_checkpoint: str | None = field(default=None, **_help(

@@ -196,7 +196,9 @@ def _student(cfg: TrainConfig, classes: list[str], announce: bool) -> tuple[nn.M
         _load_init(model, cfg.init_checkpoint, classes, announce=announce)
     if cfg.tokens:
         token_apply(model, cfg.token_method())  # no new parameters: the weights stay a plain ViT's
-    data_config = resolve_data_config(model, img_size=cfg.img_size, crop_pct=cfg.crop_pct)
+    kwarg = cfg.model_kwargs.get("img_size")  # (an integer one is cfg.img_size's default already)
+    size = kwarg if cfg.img_size is None and isinstance(kwarg, (list, tuple)) else cfg.img_size  # (height, width)
+    data_config = resolve_data_config(model, img_size=size, crop_pct=cfg.crop_pct)
     check_input_size(model, data_config, cfg.model)  # a ViT built for 224 fed 32x32 data: the fix, not an assertion
     metadata = {"model": cfg.model, "model_kwargs": kwargs, "data_config": data_config, "classes": classes,
                 **({"tokens": cfg.tokens} if cfg.tokens else {}),
