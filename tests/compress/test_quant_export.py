@@ -11,10 +11,10 @@ import torch
 from onnx import numpy_helper
 
 from leanvit.compress.quant import (
-    QuantConfig, QuantConv2d, QuantLinear, check_config_deployable, check_deployable, export, export_quantized,
-    onnx_int8_summary, onnxruntime_precisions, openvino_precisions, quantize, source_modules,
+    QuantConfig, QuantConv2d, QuantLinear, check_config_deployable, check_deployable, check_engine_precisions, export,
+    export_quantized, onnx_int8_summary, onnxruntime_precisions, openvino_precisions, quantize, source_modules,
 )
-from leanvit.compress.quant.export import OnnxInt8Summary, fuses_a_matmul, int8_saturates
+from leanvit.compress.quant.export import OnnxInt8Summary, _int8_summary, fuses_a_matmul, int8_saturates
 from leanvit.deploy import check_agreement, get_engine
 from leanvit.errors import LeanvitError
 
@@ -64,7 +64,8 @@ def test_onnx_carries_the_simulation_scales_and_int8_weights(qvit, vit_onnx):
 
 def test_int8_weights_are_the_simulations_integers_at_rounding_ties(tmp_path):
     """x * (1 / scale), as torch's fake quantization computes it, and x / scale round apart at some values next to a
-    .5 tie (3 of 11.8 M trained-like weights): the export folds the weights the simulation's way."""
+    .5 tie (3 of 11.8 M trained-like weights): the export folds the weights the simulation's way, and clips them
+    where it does (the full int8 range: -128 too, which a symmetric MSE range can reach)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 256)).eval()
     qmodel = quantize(model, torch.randn(16, 3, 2, 2), QuantConfig(), progress=False)  # 8-bit weights, folded
@@ -85,6 +86,8 @@ def test_int8_weights_are_the_simulations_integers_at_rounding_ties(tmp_path):
     with torch.no_grad():
         for channel, x in ties:
             layer.weight[channel, 0] = float(x)
+        scale = layer.weight_quantizer.scale
+        layer.weight[:, 1], layer.weight[:, 2] = -300 * scale, 300 * scale  # clipped to both ends, -128 and 127
     with warnings.catch_warnings():  # (without VNNI: the 8-bit weights' saturation warning)
         warnings.simplefilter("ignore")
         path = export(qmodel, tmp_path / "m.onnx", engine="onnxruntime")
@@ -92,6 +95,7 @@ def test_int8_weights_are_the_simulations_integers_at_rounding_ties(tmp_path):
     ints = next(v for v in inits.values() if v.dtype == np.int8 and v.size == 12 * 256)
     ints = ints.T if ints.shape != (256, 12) else ints
     simulated = torch.round(layer.weight_quantizer(layer.weight) / layer.weight_quantizer.scale[:, None])
+    assert simulated.min() == -128 and simulated.max() == 127
     np.testing.assert_array_equal(ints, simulated.detach().numpy())
 
 
@@ -203,6 +207,10 @@ def test_a_bias_free_linear_before_a_relu_runs_int8_on_onnxruntime(tmp_path):
     runner = get_engine("onnxruntime", threads=1).load_onnx(path)
     with torch.no_grad():
         np.testing.assert_allclose(runner(x.numpy()), qmodel(x).numpy(), atol=1e-5)
+    # a rewrite for ONNX Runtime alone: OpenVINO's file keeps the MatMul as the exporter wrote it
+    for engine, added in (("onnxruntime", 1), ("openvino", 0), (None, 0)):
+        graph = onnx.load(str(export_quantized(qmodel, tmp_path / f"{engine}.onnx", engine=engine))).graph
+        assert sum(n.op_type == "Add" and n.name.endswith("_zero_bias") for n in graph.node) == added
 
 class _EinsumMixer(torch.nn.Module):
     """A Linear, then a token mixing by einsum (no INT8 wrapper: float on every engine)."""
@@ -219,11 +227,41 @@ class _EinsumMixer(torch.nn.Module):
 def test_a_float_einsum_is_named_on_onnxruntime_and_a_dotted_name_keeps_its_tail(tmp_path):
     qmodel = quantize(_EinsumMixer().eval(), torch.randn(16, 16, 4, 4), QuantConfig.recipe("mse", "w7a8"),
                       progress=False)
-    with pytest.warns(UserWarning, match=r"1 compute layers run in float on ONNX Runtime: .*einsum"):
+    with pytest.warns(UserWarning, match=r"1 compute layers run in float on ONNX Runtime: .*einsum") as caught:
         path = export(qmodel, tmp_path / "mixer.w7a8", engine="onnxruntime")
     assert path == tmp_path / "mixer.w7a8.onnx" and path.exists()
     [(name, what)] = qmodel.quant_report.engine_float_layers.items()  # kept for report.json
     assert "einsum" in name + what and "float" in what
+    assert "quantize_conv_outputs" not in str(caught[0].message)  # no conv: the QLinearConv advice would mislead
+
+
+def test_a_model_files_suffix_is_swapped_whatever_its_case():
+    """``export(..., "M.ONNX", engine="openvino")`` writes M.onnx and M.xml, not M.ONNX.onnx and M.ONNX.xml."""
+    from pathlib import Path
+
+    from leanvit.compress.quant.export import _with_suffix
+
+    assert _with_suffix(Path("d/M.ONNX"), ".xml") == Path("d/M.xml")
+    assert _with_suffix(Path("d/M.Xml"), ".onnx") == Path("d/M.onnx")
+    assert _with_suffix(Path("d/deit.w8a8"), ".xml") == Path("d/deit.w8a8.xml")
+
+
+def test_a_compute_node_counts_as_int8_only_with_its_data_and_weight_dequantized():
+    """The lost-quantizer check counts these: a MatMul whose weight stays float runs in float on either engine,
+    however its input is quantized; so does one whose weight alone is dequantized."""
+    from onnx import TensorProto, helper
+
+    def dq(name):  # x (uint8) -> DequantizeLinear -> name
+        return helper.make_node("DequantizeLinear", [f"{name}_q", "s", "z"], [name], name=f"{name}_dq")
+
+    nodes = [dq("x"), dq("w"), dq("v"),
+             helper.make_node("MatMul", ["x", "w"], ["both"], name="both"),
+             helper.make_node("MatMul", ["x", "float_w"], ["input_only"], name="input_only"),
+             helper.make_node("Gemm", ["float_x", "v"], ["weight_only"], name="weight_only")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("float_x", TensorProto.FLOAT, [2, 2])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2])
+                               for n in ("both", "input_only", "weight_only")])
+    assert _int8_summary(graph) == OnnxInt8Summary(int8=1, float=["input_only", "weight_only"])
 
 
 def test_onnxruntime_recipe_runs_the_classifier_as_qgemm(tiny_vit, tmp_path, tests_in):
@@ -274,6 +312,11 @@ def test_openvino_runs_int8_kernels_and_the_simulation(qvit, vit_xml, tests_in):
     named = openvino_precisions(runner.compiled, source_modules(vit_xml.with_suffix(".onnx")))
     layer_names = {n for n, m in qvit.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
     assert {n.split(" (")[0] for n, (kind, _) in named.items() if kind != "Subgraph"} <= layer_names, named
+    # what export's check reports as float (from the compiled model given): none of the quantized layers, u8 or i8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the float attention matmuls, named)
+        found = check_engine_precisions(qvit, vit_xml, "openvino", compiled=runner.compiled)
+    assert not {n.split(" (")[0] for n in found} & set(qvit.quant_report.quantized), found
     # DEPLOY keeps the attention matmuls float: where OpenVINO fuses them (AVX-512 CPUs) the fused layers say so
     assert {p for kind, p in precisions.values() if kind == "Subgraph"} <= {"f32"}, precisions
     agreement = check_agreement(qvit, runner, tests_in)
@@ -506,6 +549,44 @@ def test_an_export_gives_7bit_weights_back_as_they_were(tmp_path):
         assert layer.weight is weight and weight.requires_grad and torch.equal(weight.detach(), values)
         assert layer.weight_quantizer.scheme.bits == 7
     assert not torch.equal(saved[1], layers[1].weight_quantizer(saved[1]))  # (off the grid: a swap would show)
+
+
+def _w8_linear():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 2)).eval()
+    return quantize(model, torch.randn(16, 3, 8, 8), progress=False)  # (8-bit weights)
+
+
+def _opset(path) -> int:
+    return next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+
+
+def test_an_export_writes_the_opset_asked_for_and_caches_each_opset_apart(tmp_path):
+    from leanvit.compress.quant.export import cached_export_quantized
+
+    qmodel, x = _w8_linear(), torch.zeros(1, 3, 8, 8)
+    with warnings.catch_warnings():  # (without VNNI: the 8-bit weights' saturation warning)
+        warnings.simplefilter("ignore")
+        assert _opset(export_quantized(qmodel, tmp_path / "m18.onnx", opset=18)) == 18
+        for opset in (18, 20):
+            assert _opset(cached_export_quantized(qmodel, x, "onnxruntime", cache_dir=tmp_path, opset=opset)) == opset
+
+
+def test_a_cached_export_is_kept_per_engine_and_a_hit_is_checked_as_an_export_is(monkeypatch, tmp_path):
+    """Each engine gets its own cached file (their rewrites differ: ONNX Runtime's alone gives a bias-free Linear
+    before a ReLU its zeros), and a cache hit still checks the model as an export does: here, the warning about
+    8-bit weights on a CPU whose INT8 sums saturate."""
+    import importlib
+
+    from leanvit.compress.quant.export import cached_export_quantized
+
+    qmodel, x = _w8_linear(), torch.zeros(1, 3, 8, 8)
+    monkeypatch.setattr(importlib.import_module("leanvit.compress.quant.export"), "int8_saturates", lambda: True)
+    paths = []
+    for engine in ("onnxruntime", "openvino", "onnxruntime"):
+        with pytest.warns(UserWarning, match="no VNNI/AMX"):  # a miss, a miss, a hit
+            paths.append(cached_export_quantized(qmodel, x, engine, cache_dir=tmp_path))
+    assert paths[0] == paths[2] != paths[1]
 
 
 def test_dynamic_batch_export(qvit, tmp_path):
