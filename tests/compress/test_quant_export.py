@@ -294,6 +294,23 @@ def test_onnxruntime_recipe_runs_the_classifier_as_qgemm(tiny_vit, tmp_path, tes
         assert len(float_biases(export(qvit, tmp_path / "off_grid.onnx", engine="onnxruntime"))) == 1
 
 
+def test_per_tensor_weights_run_the_classifier_as_qgemm_too(tmp_path):
+    """With ``w_per_channel=False`` the Gemm's explicit weight zero point is a scalar, as its scale is: a
+    one-element one made ONNX Runtime run the classifier as a float Gemm."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3)).eval()
+    torch.nn.init.normal_(model[2].bias, std=0.5)
+    config = QuantConfig.recipe("mse", "w7a8", engine="onnxruntime", w_per_channel=False)
+    qmodel = quantize(model, torch.randn(16, 3, 8, 8), config, progress=False)
+    assert qmodel[2].weight_quantizer.scale.numel() == 1
+    path = export(qmodel, tmp_path / "m.onnx", engine="onnxruntime")
+    assert onnxruntime_precisions(path, source_modules(path))["2 (node_linear)"] == ("QGemm", "int8")
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        np.testing.assert_allclose(get_engine("onnxruntime", threads=1).load_onnx(path)(x.numpy()), qmodel(x).numpy(),
+                                   atol=1e-5)
+
+
 def float_biases(path) -> list[str]:
     """The Conv / Gemm nodes of an ONNX file whose bias is a float initializer (not int32 behind a
     DequantizeLinear)."""
