@@ -863,15 +863,41 @@ def test_an_int32_bias_leaves_no_float_initializer_behind(tiny_vit, tmp_path, ca
             path = export_quantized(qvit, tmp_path / f"vit{dynamic_batch}.onnx", dynamic_batch=dynamic_batch,
                                     engine="onnxruntime")
         graph = onnx.load(str(path)).graph
-        assert "head.bias_int32" in {t.name for t in graph.initializer}  # the rewrite happened
+        inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        # the rewrite happened, to the simulation's integers (bias / (input scale x weight scale), rounded)
+        step = (qvit.head.input_quantizer.scale * qvit.head.weight_quantizer.scale).double()
+        np.testing.assert_array_equal(inits["head.bias_int32"], torch.round(qvit.head.bias.detach().double() / step).numpy())
+        onnx.checker.check_model(str(path))  # (nodes in order: each int32 bias dequantized before it is read)
         read = {name for node in graph.node for name in node.input}
         assert [t.name for t in graph.initializer if t.name not in read] == []
         assert [i.name for i in graph.input] == ["input"]
+        produced = {name for node in graph.node for name in node.output}
+        assert [v.name for v in graph.value_info if v.name not in produced] == []  # no shape of a value nobody writes
         options = ort.SessionOptions()
         options.log_severity_level = 2  # warnings: where ONNX Runtime names each unused initializer
         capfd.readouterr()
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         assert "Removing initializer" not in capfd.readouterr().err
+
+
+def test_an_initializer_only_a_subgraph_reads_is_kept():
+    """The unused initializers dropped after the rewrites are those no node reads, an If's or Loop's branches
+    included: they can read the outer graph's values, and dropping one leaves a file no engine opens."""
+    from onnx import TensorProto, helper
+
+    from leanvit.compress.quant.export import _drop_unused
+
+    def branch(name, value):
+        return helper.make_graph([helper.make_node("Identity", [value], [f"{name}_out"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1])])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=branch("then", "a"), else_branch=branch("else", "b"))],
+        "g", [helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [numpy_helper.from_array(np.ones(1, np.float32), name) for name in ("a", "b", "unused")])
+    _drop_unused(graph)
+    assert [t.name for t in graph.initializer] == ["a", "b"]
 
 
 def test_a_weight_folded_with_its_transpose_keeps_no_stale_shape(vit_onnx, capfd):
