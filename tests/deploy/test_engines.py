@@ -321,7 +321,9 @@ def test_export_runs_the_model_in_eval_mode_and_puts_its_modes_back(tmp_path):
 
 
 def test_a_model_torch_export_cannot_trace_falls_back_to_the_torchscript_exporter(tiny_cnn, tmp_path, monkeypatch):
-    """The fallback says why, and writes a file that runs."""
+    """The fallback says why, and writes a file that runs, with a dynamic batch (input and logits) where asked."""
+    import onnx
+
     from leanvit.deploy import export
     from leanvit.errors import LeanvitWarning
 
@@ -334,6 +336,13 @@ def test_a_model_torch_export_cannot_trace_falls_back_to_the_torchscript_exporte
     with pytest.warns(LeanvitWarning, match=r"torch.export-based ONNX export failed for Sequential \(RuntimeError: "
                                             r"data-dependent control flow\); using the TorchScript exporter"):
         path = export_onnx(model, x, tmp_path / "m.onnx")
+    np.testing.assert_allclose(get_engine("onnxruntime", threads=1).load_onnx(path)(x.numpy()),
+                               model(x).detach().numpy(), atol=1e-5)
+    with pytest.warns(LeanvitWarning):
+        path = export_onnx(model, x, tmp_path / "dynamic.onnx", dynamic_batch=True)
+    graph = onnx.load(str(path)).graph
+    assert [t.type.tensor_type.shape.dim[0].dim_param for t in (*graph.input, *graph.output)] == ["batch", "batch"]
+    x = torch.randn(3, 3, 8, 8)
     np.testing.assert_allclose(get_engine("onnxruntime", threads=1).load_onnx(path)(x.numpy()),
                                model(x).detach().numpy(), atol=1e-5)
 
@@ -366,6 +375,7 @@ def test_gelu_runs_as_one_kernel_on_onnxruntime(tiny_vit, tmp_path):
     optimized = tmp_path / "optimized.onnx"
     runner = get_engine("onnxruntime", threads=1).load_onnx(path, optimized_path=optimized)
     assert runner.info["opset"] == DEFAULT_OPSET == 20  # recorded with every ORT measurement
+    assert "disabled_optimizers" not in runner.info  # a float model keeps every fusion (only QDQ models lose one)
     ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
     gelus = sum(isinstance(m, torch.nn.GELU) for m in tiny_vit.modules())
     assert gelus and ops.count("Gelu") == gelus and "Erf" not in ops
@@ -487,12 +497,31 @@ print("alive")
 def test_a_missing_or_wrong_model_file_is_a_clear_error(engine, tmp_path):
     with pytest.raises(LeanvitError, match="No model file at"):
         get_engine(engine).load_model_file(tmp_path / "missing.onnx")
+    (tmp_path / "folder.onnx").mkdir()
+    with pytest.raises(LeanvitError, match="No model file at .*folder.onnx"):  # a directory is no model file
+        get_engine(engine).load_model_file(tmp_path / "folder.onnx")
     if engine == "onnxruntime":
         (tmp_path / "model.xml").write_text("<net/>")
         with pytest.raises(LeanvitError, match="use the .onnx file next to it"):
             get_engine(engine).load_model_file(tmp_path / "model.xml")
         upper = export_onnx(torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8), tmp_path / "MODEL.ONNX")
         assert get_engine(engine).load_model_file(upper)(np.zeros((1, 3, 8, 8), np.float32)).shape == (1, 4, 6, 6)
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_a_model_file_from_elsewhere_runs_whatever_its_input_is_named(engine, tmp_path):
+    """A model file another tool wrote (a quantizer's, say) need not name its input "input" as leanvit's exports do:
+    the runner feeds the model's first input, whatever its name."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["pixel_values"], ["scores"])], "g",
+                              [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [2, 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    x = np.array([[-1, 2, -3], [4, -5, 6]], np.float32)
+    np.testing.assert_array_equal(get_engine(engine, threads=1).load_model_file(tmp_path / "m.onnx")(x),
+                                  np.maximum(x, 0))
 
 
 def test_a_device_an_engine_cannot_use_is_an_error_and_bench_runs_cpu_engines_on_the_cpu():
