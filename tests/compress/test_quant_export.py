@@ -471,6 +471,9 @@ def test_configs_without_engine_kernels_are_refused_before_calibrating():
     with pytest.raises(LeanvitError, match=r"^w4a8 in layer_bits \(--layer-bits PATTERN=w4a8\)"):
         check_config_deployable(QuantConfig(w_bits=7, layer_bits=(("head", "w8a8"), ("blocks.0.*", "w4a8"))))
     check_config_deployable(QuantConfig(layer_bits=(("head", "w7a8"),)))
+    with pytest.raises(LeanvitError, match=r"^w6a6 in edge_bits \(the first layer and the classifier\)"):
+        check_config_deployable(QuantConfig(edge_bits="w6a6"))  # (the Python API's: no recipe sets edges this low)
+    check_config_deployable(QuantConfig(edge_bits="w8a8"))
     with pytest.raises(LeanvitError, match=r"^attn_bits=7 \(--attn-bits 7\)"):
         check_config_deployable(QuantConfig(attn_bits=7))
     check_config_deployable(QuantConfig(attn_bits=8))

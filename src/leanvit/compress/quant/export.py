@@ -54,11 +54,13 @@ def check_config_deployable(config, engine: str | None = None) -> None:
     """Refuse, from ``config`` alone, what :func:`check_deployable` would refuse of the model it quantizes for
     ``engine`` (None: either): before calibrating (minutes with reconstruction or the Hessian search), not after.
     Each message names the ``QuantConfig`` field and the ``leanvit quantize`` flag that set it."""
-    widths = {b: parse_bits(b) for b in (f"w{config.w_bits}a{config.a_bits}", *(b for _, b in config.layer_bits))}
+    given = f"w{config.w_bits}a{config.a_bits}"
+    widths = {b: parse_bits(b) for b in (given, *(b for _, b in config.layer_bits), *filter(None, [config.edge_bits]))}
     low = sorted(b for b, (w, a) in widths.items() if not (deployable_bits(w, True) and deployable_bits(a, False)))
     if low:
-        where = [f"w_bits/a_bits (--bits {b})" if b == f"w{config.w_bits}a{config.a_bits}" else
-                 f"layer_bits (--layer-bits PATTERN={b})" for b in low]
+        where = [f"w_bits/a_bits (--bits {b})" if b == given else
+                 f"layer_bits (--layer-bits PATTERN={b})" if any(b == lb for _, lb in config.layer_bits) else
+                 "edge_bits (the first layer and the classifier)" for b in low]
         raise LeanvitError(f"{', '.join(low)} in {', '.join(where)}: layers quantized below 8 bits (7 for weights) "
                            "have no kernels on OpenVINO or ONNX Runtime; such bit-widths are simulation only. "
                            "Measure them in "
