@@ -869,7 +869,8 @@ def test_an_int32_bias_leaves_no_float_initializer_behind(tiny_vit, tmp_path, ca
         inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         # the rewrite happened, to the simulation's integers (bias / (input scale x weight scale), rounded)
         step = (qvit.head.input_quantizer.scale * qvit.head.weight_quantizer.scale).double()
-        np.testing.assert_array_equal(inits["head.bias_int32"], torch.round(qvit.head.bias.detach().double() / step).numpy())
+        np.testing.assert_array_equal(inits["head.bias_int32"],
+                                      torch.round(qvit.head.bias.detach().double() / step).numpy())
         onnx.checker.check_model(str(path))  # (nodes in order: each int32 bias dequantized before it is read)
         read = {name for node in graph.node for name in node.input}
         assert [t.name for t in graph.initializer if t.name not in read] == []
