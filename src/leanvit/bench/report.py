@@ -8,7 +8,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-
 from ..deploy.engine import REDUCED_PRECISION_RTOL
 from .runner import BenchConfig, BenchRow, checked_images
 from .timing import median_speedup, round_ratios

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..data import calibration_images, calibration_shortfall, resolve_data_config
+from ..data import calibration_images, calibration_shortfall, calibration_subset, resolve_data_config
 from ..errors import LeanvitError, warn
 from ..files import write_problem
 
@@ -75,6 +75,11 @@ def note(command: str, text: str) -> None:
     """A line the user should read that is neither a result nor a warning (what was left out, what a step fell back
     to), on stderr so that ``--json`` output stays clean."""
     print(f"leanvit {command}: note: {text}", file=sys.stderr)
+
+
+def eval_subset(dataset, n: int | None):
+    """``--eval-images``: ``n`` class-balanced images of ``dataset`` (all of them when ``n`` is None or not fewer)."""
+    return dataset if n is None or n >= len(dataset) else calibration_subset(dataset, n)
 
 
 def decode_calibration(calibset, args: argparse.Namespace):

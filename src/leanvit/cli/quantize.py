@@ -20,13 +20,16 @@ import torch
 
 from ..checkpoint import model_from_checkpoint
 from ..data import (
-    build_transform, calibration_subset, check_input_size, dataset_classes,
+    build_transform, check_input_size, dataset_classes,
     make_loader, open_dataset, without_calibration_images,
 )
 from ..errors import LeanvitError, warn
 from ..evaluate import check_class_outputs, evaluate
 from ..models.registry import create_model
-from . import decode_calibration, input_data_config, label_classes, note, number_in, positive_int, prepare_out_dir, print_json
+from . import (
+    decode_calibration, eval_subset, input_data_config, label_classes, note, number_in, positive_int, prepare_out_dir,
+    print_json,
+)
 from .train import json_object
 
 
@@ -219,9 +222,7 @@ def _deploy(args: argparse.Namespace, model: torch.nn.Module, qmodel: torch.nn.M
 
 def _score(args: argparse.Namespace, model, qmodel, runner, evalset, result: dict) -> None:
     """Top-1 on ``--eval`` of the float model, the simulation and (when exported) the engine's INT8 model."""
-    dataset, classes = evalset, dataset_classes(evalset)
-    if args.eval_images and args.eval_images < len(dataset):
-        dataset = calibration_subset(dataset, args.eval_images)
+    dataset, classes = eval_subset(evalset, args.eval_images), dataset_classes(evalset)
     loader = make_loader(dataset, args.batch_size)
     result["eval_data"] = str(args.eval)
     scored = evaluate(model, loader, classes=classes, device="cpu", progress=False)

@@ -11,14 +11,14 @@ import time
 
 from ..checkpoint import model_from_checkpoint
 from ..data import (
-    build_transform, calibration_subset, check_input_size, dataset_classes,
+    build_transform, check_input_size, dataset_classes,
     make_loader, open_dataset, resolve_data_config, without_calibration_images,
 )
 from ..errors import LeanvitError, warn
 from ..evaluate import evaluate
 from ..models.registry import create_model
 from ..profile import count_macs
-from . import decode_calibration, note, number_in, positive_int, print_json
+from . import decode_calibration, eval_subset, note, number_in, positive_int, print_json
 from .train import json_object
 
 
@@ -55,10 +55,6 @@ def _index_list(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got '{text}'") from None
-
-
-def _subset(dataset, n: int | None):
-    return dataset if n is None or n >= len(dataset) else calibration_subset(dataset, n)
 
 
 def _labels_fit(model, meta: dict, classes: list[str]) -> bool:
@@ -177,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
             dataset, left_out = without_calibration_images(dataset, calibset, calib.indices, args.eval)
             if left_out:
                 note("tokens", left_out)
-        loader = make_loader(_subset(dataset, args.eval_images), args.batch_size)
+        loader = make_loader(eval_subset(dataset, args.eval_images), args.batch_size)
         before = evaluate(model, loader, classes=dataset_classes(dataset), device="cpu", progress=False)
 
     started = time.perf_counter()
