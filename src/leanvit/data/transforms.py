@@ -33,13 +33,10 @@ def resolve_data_config(model: nn.Module, *, img_size: int | tuple[int, int] | N
         if crop_pct is not None:
             config["crop_pct"] = crop_pct
         return config
-    square = pair is not None and pair[0] == pair[1]  # timm's own argument; a non-square size is set after
-    args = {k: v for k, v in {"img_size": pair[0] if square else None, "crop_pct": crop_pct}.items() if v is not None}
+    # (3 channels: RGB, as timm's own img_size argument gives)
+    args = {k: v for k, v in {"input_size": pair and (3, *pair), "crop_pct": crop_pct}.items() if v is not None}
     config = resolve_model_data_config(model, args=args, use_test_size=use_test_size)
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
-    if pair is not None and not square:
-        config["input_size"] = [config["input_size"][0], *pair]
-    return config
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
 
 
 def run_blank_image(model: nn.Module, size: tuple[int, int, int]) -> torch.Tensor:
