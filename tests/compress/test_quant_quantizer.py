@@ -104,3 +104,111 @@ def test_the_held_out_error_weighs_each_input_channel_by_its_consumers_weights()
     fit, held = observer.rows[0::2, 0], observer.rows[1::2, 0]
     scale, zero = qparams(fit.min(), fit.max(), scheme)
     assert first == pytest.approx(float((fake_quantize(held, scale, zero, scheme) - held).pow(2).mean()))
+
+
+def test_a_constant_zero_channel_still_gets_a_positive_scale():
+    """A weight row or input channel that is all zeros (a pruned filter, a dead ReLU) spans no range: its scale is
+    MIN_SCALE, not 0, which the exported QuantizeLinear would divide by."""
+    from leanvit.compress.quant.quantizer import MIN_SCALE
+
+    zeros = torch.zeros(3)
+    for symmetric in (True, False):
+        scale, zero = qparams(zeros, zeros, QScheme(8, symmetric=symmetric, per_channel=True))
+        assert scale.tolist() == pytest.approx([MIN_SCALE] * 3, rel=1e-6) and zero.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_mse_search_finds_the_best_clipping_ratio_to_half_a_percent(bits, symmetric):
+    """Two passes (20 ratios, then 21 steps of 0.005 around the best) reach what a brute-force search of every ratio
+    0.005, 0.010, ..., 1 finds, on bell-shaped and heavy-tailed data."""
+    from leanvit.compress.quant import choose_range
+
+    generator = torch.Generator().manual_seed(bits)
+    scheme = QScheme(bits, symmetric=symmetric)
+    for values in (torch.randn(1, 20000, generator=generator),
+                   torch.randn(1, 20000, generator=generator).pow(3)):  # heavy tails: a small best ratio
+
+        def error(lo, hi):
+            scale, zero = qparams(lo, hi, scheme)
+            return float((fake_quantize(values[0], scale[0], zero[0], scheme) - values[0]).pow(2).mean())
+
+        lo, hi = values.amin(1), values.amax(1)
+        dense = min(error(lo * r, hi * r) for r in torch.arange(1, 201) * 0.005)
+        assert error(*choose_range(values, lo, hi, scheme, "mse")) <= dense * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("scheme", [QScheme(8), QScheme(4), QScheme(8, symmetric=False), QScheme(6, symmetric=False)])
+def test_the_grid_range_is_the_span_set_range_maps_back_onto_the_same_grid(scheme):
+    """The Hessian search scales ``grid_range()`` by ratios and sets the result: an int8 grid spans +-127 steps
+    (-128 steps would widen the scale by 128/127), a uint8 one (0 - z) to (255 - z) steps."""
+    quantizer = FakeQuantizer(scheme, axis=-1, channels=1)
+    quantizer.set_range(torch.tensor(-0.7), torch.tensor(2.3))
+    scale, zero = quantizer.scale.clone(), quantizer.zero_point.clone()
+    lo, hi = quantizer.grid_range()
+    assert float(hi - lo) == pytest.approx(float(scale) * (2 * scheme.qmax if scheme.symmetric else scheme.qmax))
+    assert float(lo) <= -0.7 + float(scale) and float(hi) >= 2.3 - float(scale)
+    quantizer.set_range(lo, hi)
+    assert torch.allclose(quantizer.scale, scale, rtol=1e-6) and torch.equal(quantizer.zero_point, zero)
+    quantizer.set_range(lo * 0.5, hi * 0.5)
+    assert torch.allclose(quantizer.scale, scale * 0.5, rtol=1e-6) and torch.equal(quantizer.zero_point, zero)
+
+
+def test_the_sample_holds_about_limit_values_and_the_exact_extremes():
+    """The post-softmax quantizers fit on ``sample()``: whole rows up to ``limit`` values, plus the exact minimum and
+    maximum over every batch, which the kept rows can miss."""
+    observer = RangeObserver(axis=-1, max_values=4096)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        observer.update(torch.rand(64, 8, generator=generator))
+    observer.update(torch.tensor([[-5.0] + [0.5] * 7, [0.5] * 7 + [9.0]]))  # extremes in two rows among 258
+    sample = observer.sample(limit=80)
+    assert sample.numel() == 80 + 2
+    assert torch.equal(sample[:80], observer.rows[:10].flatten())
+    assert sample.min() == -5.0 and sample.max() == 9.0
+
+
+@pytest.mark.parametrize("shift", [1, 2, 3, 4, 5])
+def test_twin_uniform_decodes_onto_its_two_b_minus_1_bit_grids_only(shift):
+    """Each grid has 2^(b-1) codes, 0 .. 2^(b-1)-1: the fine grid tops out at 7 d1 and the coarse one at 1 - d2 (a
+    softmax's 1.0 included) at 4 bits; an eighth step on either is a value no 4-bit code holds."""
+    from leanvit.compress.quant.quantizer import TwinUniformQuantizer
+
+    q = TwinUniformQuantizer(4)
+    q.fine_step.fill_(q.coarse_step * 2.0**-shift)
+    fine, coarse = q.fine_step.item(), q.coarse_step
+    out = q(torch.linspace(0, 1, 20001)).tolist()
+    levels = {k * fine for k in range(8)} | {k * coarse for k in range(8)}
+    assert set(out) <= levels and max(out) == 1 - coarse
+    assert q(torch.tensor([7.6 * fine])).item() == 7 * fine  # the fine grid's top code, not an eighth step
+
+
+def test_weight_ranges_follow_the_method_per_output_channel_or_per_tensor():
+    """``weight_range`` searches each output channel's clipping (``w_method``), or the whole tensor's: heavy-tailed
+    rows get MSE ranges inside their min-max."""
+    from leanvit.compress.quant import choose_range
+    from leanvit.compress.quant.quantizer import weight_range
+
+    weight = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(0)).pow(3)
+    rows = weight.flatten(1)
+    for per_channel in (True, False):
+        scheme = QScheme(4, symmetric=True, per_channel=per_channel)
+        values = rows if per_channel else rows.reshape(1, -1)
+        for method in ("minmax", "mse", "percentile"):
+            lo, hi = weight_range(weight, scheme, method, percentile=90.0)
+            expected = choose_range(values, values.amin(1), values.amax(1), scheme, method, percentile=90.0)
+            assert torch.equal(lo, expected[0]) and torch.equal(hi, expected[1])
+        assert (weight_range(weight, scheme, "mse")[1] < values.amax(1)).any()
+
+
+@pytest.mark.parametrize("saved, loaded", [(QScheme(8, symmetric=False), QScheme(8)),
+                                           (QScheme(4, symmetric=False), QScheme(8)),
+                                           (QScheme(6), QScheme(8, symmetric=False))], ids=["uint8", "uint4", "int6"])
+def test_a_quantizer_takes_an_unsigned_or_a_signed_grid_from_a_state_dict(saved, loaded):
+    """Both ways: a uint grid ([0, 2^b-1]) saved and loaded into an int8 quantizer is read as that uint grid."""
+    source, target = FakeQuantizer(saved, axis=-1, channels=1), FakeQuantizer(loaded, axis=-1, channels=1)
+    source.set_range(torch.tensor(-0.3), torch.tensor(2.0))
+    target.load_state_dict(source.state_dict())
+    assert target.scheme == saved and target.qrange.tolist() == [saved.qmin, saved.qmax]
+    x = torch.linspace(-1, 3, 101)
+    assert torch.equal(target(x), source(x))

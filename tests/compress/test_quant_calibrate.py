@@ -1,0 +1,99 @@
+"""quantize()'s pipeline (calibrate.py): what each step takes from the config and the float model, checked on tiny
+models against ranges computed here from the float activations."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from leanvit.compress.quant import QScheme, QuantConfig, choose_range, qparams, quantize, quantizers
+from leanvit.compress.quant.calibrate import quantizers_disabled
+from leanvit.errors import LeanvitError
+
+torch.set_num_threads(1)
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    """Linear -> ReLU -> Linear with biases away from zero (so the hidden activations are one-sided and shifted)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    with torch.no_grad():
+        model[1].bias.uniform_(-0.5, 1.0)
+        model[3].bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def _calib() -> torch.Tensor:
+    return torch.randn(32, 3, 2, 2, generator=torch.Generator().manual_seed(1)) * 2 + 0.3
+
+
+@torch.no_grad()
+def test_input_ranges_come_from_the_float_models_activations():
+    """PTQ4ViT's parallel calibration: every layer's input range is set from what it receives in the float model,
+    not from the activations of a model whose earlier weights are already quantized (at 2 bits, far apart)."""
+    model, calib = _mlp(), _calib()
+    qmodel = quantize(model, calib, QuantConfig(w_bits=2, a_method="minmax", min_images=8), progress=False)
+    hidden = model[2](model[1](calib.flatten(1)))
+    scale, zero = qparams(hidden.min(), hidden.max(), QScheme(8, symmetric=False))
+    assert torch.allclose(qmodel[3].input_quantizer.scale, scale, rtol=1e-6)
+    assert torch.equal(qmodel[3].input_quantizer.zero_point, zero)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("w_method, a_method", [("minmax", "percentile"), ("percentile", "minmax"), ("mse", "minmax")])
+def test_weights_take_w_method_and_inputs_a_method_with_the_configs_percentile(w_method, a_method):
+    model, calib = _mlp(), _calib()
+    config = QuantConfig(w_method=w_method, a_method=a_method, percentile=90.0, min_images=8)
+    layer = quantize(model, calib, config, progress=False)[1]
+    weight_scheme, input_scheme = QScheme(8, per_channel=True), QScheme(8, symmetric=False)
+    weight = model[1].weight
+    lo, hi = choose_range(weight, weight.amin(1), weight.amax(1), weight_scheme, w_method, percentile=90.0)
+    assert torch.allclose(layer.weight_quantizer.scale, qparams(lo, hi, weight_scheme)[0], rtol=1e-6)
+    images = calib.flatten(1)  # 32 x 12 values: every one kept by the observer, so the range is exact
+    lo, hi = choose_range(images.reshape(1, -1), images.min().view(1), images.max().view(1), input_scheme, a_method,
+                          percentile=90.0)
+    scale, zero = qparams(lo, hi, input_scheme)
+    assert torch.allclose(layer.input_quantizer.scale, scale[0], rtol=1e-6)
+    assert torch.equal(layer.input_quantizer.zero_point, zero[0])
+
+
+def test_a_model_holding_quantizers_is_refused_even_without_its_report():
+    """The report is one sign of a quantized model; its quantizers are the other (a quantized model whose report was
+    dropped, or a float model holding a quantized block)."""
+    qmodel = quantize(_mlp(), _calib(), QuantConfig(min_images=8), progress=False)
+    del qmodel.quant_report
+    with pytest.raises(LeanvitError, match="quantized already"):
+        quantize(qmodel, _calib(), QuantConfig(min_images=8), progress=False)
+    holder = nn.Sequential(_mlp(), nn.Sequential(copy.deepcopy(qmodel[3])))
+    with pytest.raises(LeanvitError, match="quantized already"):
+        quantize(holder, _calib(), QuantConfig(min_images=8), progress=False)
+
+
+def test_a_skipped_classifier_passes_the_8_bit_end_to_the_last_quantized_layer(tiny_vit):
+    """``edge_bits`` goes to the first and last layers that are quantized: a classifier kept float by ``skip`` is
+    not one, so the layer before it gets the 8 bits instead of staying at 4."""
+    config = QuantConfig.recipe("mse", "w4a4", skip=("head",), attn_bits=None)
+    with pytest.warns(UserWarning, match="head"):
+        report = quantize(tiny_vit, torch.randn(16, 3, 32, 32), config, progress=False).quant_report
+    assert report.edge_layers == ["patch_embed.proj", "blocks.1.mlp.fc2"]
+    assert report.weight_bits["blocks.1.mlp.fc2"] == 8 and report.weight_bits["blocks.1.mlp.fc1"] == 4
+
+
+def test_quantizers_disabled_gives_each_quantizer_back_its_own_state():
+    qmodel = quantize(_mlp(), _calib(), QuantConfig(min_images=8), progress=False)
+    found = quantizers(qmodel)
+    found["1.input_quantizer"].enabled = False
+    with quantizers_disabled(qmodel):
+        assert not any(q.enabled for q in found.values())
+    assert {n for n, q in found.items() if not q.enabled} == {"1.input_quantizer"}
+
+
+@torch.no_grad()
+def test_double_precision_images_calibrate_as_float32():
+    """Images in float64 (NumPy's default) are cast to the float32 the model computes in: the same ranges."""
+    model, calib = _mlp(), _calib()
+    config = QuantConfig(min_images=8)
+    single = quantize(model, calib, config, progress=False)
+    double = quantize(model, calib.double(), config, progress=False)
+    for name, quantizer in quantizers(single).items():
+        assert torch.equal(quantizer.scale, quantizers(double)[name].scale), name
