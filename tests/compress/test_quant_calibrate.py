@@ -97,3 +97,33 @@ def test_double_precision_images_calibrate_as_float32():
     double = quantize(model, calib.double(), config, progress=False)
     for name, quantizer in quantizers(single).items():
         assert torch.equal(quantizer.scale, quantizers(double)[name].scale), name
+
+
+def _depthwise_model() -> nn.Sequential:
+    """A 1x1 conv whose output channels span three orders of magnitude, read by a depthwise conv, then a Linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(),
+                          nn.Linear(8 * 16, 5)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(torch.logspace(-2, 1, 8).view(8, 1, 1, 1))
+        model[0].bias.mul_(torch.logspace(-2, 1, 8))
+    return model
+
+
+@torch.no_grad()
+def test_automatic_per_channel_inputs_are_considered_for_depthwise_convs_only():
+    """Q-HyViT's granularity choice deploys only where a conv reads each input channel on its own: the Linear reading
+    the same wide-ranging channels (flattened) keeps one input scale, as its INT8 kernel needs; True makes every
+    input per channel, and the report lists them."""
+    calib = torch.randn(32, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    models = {}
+    for per_channel, listed in (("auto", ["1"]), (True, ["0", "1", "3"]), (False, [])):
+        config = QuantConfig(a_bits=4, a_per_channel=per_channel, quantize_depthwise=True, min_images=8)
+        models[per_channel] = qmodel = quantize(_depthwise_model(), calib, config, progress=False)
+        assert qmodel.quant_report.per_channel_inputs == listed
+        for name in ("0", "1", "3"):
+            quantizer = qmodel.get_submodule(name).input_quantizer
+            assert quantizer.scheme.per_channel == (name in listed) and quantizer.scale.ndim == (name in listed)
+    assert models[True][3].input_quantizer.scale.shape == (8 * 16,)
+    scale = models["auto"][1].input_quantizer.scale  # one per channel of the depthwise conv, as wide as its input's
+    assert scale.shape == (8,) and scale.max() > 100 * scale.min()
