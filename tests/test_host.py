@@ -70,3 +70,48 @@ def test_the_cpu_is_described_by_its_first_core(fake_host):
     facts = fake_host(first + "\n" + second)
     assert (facts["cpu_id"]["family"], facts["cpu_id"]["model"]) == (23, 49)
     assert facts["cpu_flags"] == ["avx2"]
+
+
+def test_usable_cpus_are_the_affinity_not_the_machines(fake_host, monkeypatch):
+    """In a container or under taskset the process may use 2 of 8 CPUs: threads default to 2, the report says both."""
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: {0, 3}, raising=False)
+    monkeypatch.setattr(host.os, "cpu_count", lambda: 8)
+    assert host.usable_cpus() == 2
+    info = fake_host(_two_cpus(family=23, model=49, stepping=0, microcode="0x1"))
+    assert (info["usable_cpus"], info["logical_cpus"]) == (2, 8)
+
+
+def test_the_versions_and_the_time_of_the_load_are_recorded(fake_host):
+    import importlib.metadata
+
+    info = fake_host("")
+    assert info["versions"]["leanvit"] == importlib.metadata.version("leanvit")
+    assert info["versions"]["torch"] == importlib.metadata.version("torch")
+    assert info["loadavg_at"]
+    assert host_lines(info)[1].startswith(f"- load average (1, 5, 15 min) at {info['loadavg_at']}: 1.23, 0.5, 0.25")
+
+
+def test_without_proc_cpuinfo_the_platforms_name_is_kept(monkeypatch, tmp_path):
+    """Windows and macOS have no /proc/cpuinfo: the CPU is what the platform calls it, with no flags nor identity."""
+    monkeypatch.setattr(host.platform, "processor", lambda: "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel")
+    missing = tmp_path / "missing"
+    monkeypatch.setattr(host, "Path", lambda name: missing if str(name) == "/proc/cpuinfo" else Path(name))
+    info = host.host_info()
+    assert info["cpu"] == "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel"
+    assert info["cpu_flags"] == [] and info["cpu_id"] == {}
+
+
+def test_the_flags_of_interest_are_listed_in_one_order_whatever_the_cpus(fake_host):
+    """Reports of two hosts compare line by line: the flags in the project's order, not /proc/cpuinfo's."""
+    info = fake_host("model name\t: X\nflags\t\t: avx512f sse fma avx2 amx_tile\n")
+    assert info["cpu_flags"] == ["avx2", "fma", "avx512f", "amx_tile"]
+
+
+def test_a_gpu_is_named_where_torch_sees_one(fake_host, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "gpu" not in fake_host("")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Test GPU")
+    assert fake_host("")["gpu"] == "Test GPU"

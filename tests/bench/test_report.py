@@ -1,4 +1,7 @@
 """What report.md and the plot say about the run beside the rows."""
+import csv
+import json
+
 from leanvit.bench import BenchConfig, BenchRow
 from leanvit.bench import report
 
@@ -135,3 +138,110 @@ def test_a_token_variants_rows_are_compared_with_that_variants_eager_row(tmp_pat
     reduced = measured("eager", variant="evit:0.7", latency_ms_median=1.0, latency_ms_rounds=(1.0, 1.0, 1.0), macs=7e8)
     text = report.write_results([base, reduced], cfg, HOST, tmp_path)["md"].read_text()
     assert "| 1.00 | 75.0% | 4.00× |" in text
+
+
+def _table_row(text: str, label: str, engine: str) -> list[str]:
+    """The results table's cells of one row."""
+    for line in text.split("## Results")[1].splitlines():
+        cells = [cell.strip() for cell in line.split("|")][1:-1]
+        if cells[:2] == [label, engine]:
+            return cells
+    raise AssertionError(f"no row {label} {engine}")
+
+
+def test_the_table_gives_params_in_millions_gmacs_and_flags_a_diverging_engine(tmp_path, monkeypatch):
+    """5.7 M parameters and 1.258 GMACs; an engine that diverges is marked beside its error and listed under
+    Correctness with its agreement, in place of "every engine agrees"."""
+    monkeypatch.setattr(report, "plot_pareto", lambda *args, **kwargs: None)
+    cfg = BenchConfig(models=["deit_tiny_patch16_224"], engines=["eager", "openvino"], rounds=3)
+    rows = [measured("eager", params=5_717_416, macs=1_258_000_000),
+            measured("openvino", params=5_717_416, macs=1_258_000_000, diverges=True, max_abs_err=0.25,
+                     top1_agreement=0.5)]
+    text = report.write_results(rows, cfg, HOST, tmp_path)["md"].read_text()
+    header = [cell.strip() for cell in text.split("## Results")[1].strip().splitlines()[0].split("|")][1:-1]
+    eager = dict(zip(header, _table_row(text, "deit_tiny_patch16_224", "eager")))
+    ov = dict(zip(header, _table_row(text, "deit_tiny_patch16_224", "openvino")))
+    assert (eager["params M"], eager["GMACs"], eager["max abs err"]) == ("5.72", "1.258", "1.00e-06")
+    assert (ov["max abs err"], ov["top-1 agree"]) == ("2.50e-01 ⚠", "50%")
+    assert "- deit_tiny_patch16_224 on openvino (f32): top-1 agreement 50.0%, max abs err 0.25" in text
+    assert "Every engine agrees" not in text
+
+
+def test_failures_are_listed_and_a_run_where_nothing_ran_says_so(tmp_path, monkeypatch):
+    """Each failed configuration with its error; with none that ran, no claim that every engine agrees."""
+    monkeypatch.setattr(report, "plot_pareto", lambda *args, **kwargs: None)
+    cfg = BenchConfig(models=["deit_tiny_patch16_224"], engines=["eager", "openvino"])
+    rows = [measured("eager", error="cannot build (test)"),
+            measured("openvino", precision="fp16", skipped="openvino does not run fp16 (it runs f32, bf16)")]
+    text = report.write_results(rows, cfg, HOST, tmp_path)["md"].read_text()
+    assert "No configuration ran, so none was checked against eager" in text and "agrees" not in text
+    failed = text.split("## Failed configurations")[1].split("##")[0]
+    assert failed.strip() == "- deit_tiny_patch16_224 on eager (f32): `cannot build (test)`"
+    skipped = text.split("## Skipped configurations")[1].split("![")[0]
+    assert skipped.strip() == ("- deit_tiny_patch16_224 on openvino (fp16): openvino does not run fp16 "
+                               "(it runs f32, bf16)")
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["engine"], r["error"], r["skipped"]) for r in doc["rows"]] == [
+        ("eager", "cannot build (test)", None), ("openvino", None, "openvino does not run fp16 (it runs f32, bf16)")]
+    with (tmp_path / "results.csv").open() as f:
+        assert [(r["engine"], r["error"]) for r in csv.DictReader(f)] == [("eager", "cannot build (test)"),
+                                                                          ("openvino", "")]
+
+
+def test_the_token_section_leaves_out_variants_that_did_not_run_or_whose_model_did_not(tmp_path, monkeypatch):
+    """A variant the model cannot take (skipped, no MACs) and one whose unreduced row failed have nothing to be
+    compared with: they are left out of the section, not a crash."""
+    monkeypatch.setattr(report, "plot_pareto", lambda *args, **kwargs: None)
+    cfg = BenchConfig(models=["deit_tiny_patch16_224"], engines=["eager", "openvino"], tokens=["evit:0.7"], rounds=3)
+    rows = [measured("eager", latency_ms_rounds=(2.0, 2.0, 2.0), macs=1e9),
+            measured("eager", variant="evit:0.7", skipped="token reduction does not apply: (test)"),
+            measured("openvino", error="boom", latency_ms_median=None, macs=1e9),
+            measured("openvino", variant="evit:0.7", latency_ms_rounds=(1.0, 1.0, 1.0), macs=7e8)]
+    text = report.write_results(rows, cfg, HOST, tmp_path)["md"].read_text()
+    assert "## Token reduction against the unreduced model" not in text
+
+
+def test_the_papers_speed_figures_are_listed_once_per_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "plot_pareto", lambda *args, **kwargs: None)
+    cfg = BenchConfig(models=["deit_tiny_patch16_224"], engines=["eager", "openvino"])
+    rows = [measured(e, paper_speed="2536 img/s on a V100") for e in ("eager", "openvino")]
+    text = report.write_results(rows, cfg, HOST, tmp_path)["md"].read_text()
+    section = text.split("## Papers' own speed figures (their hardware, not this host)")[1].split("![")[0]
+    assert section.strip() == "- deit_tiny_patch16_224: 2536 img/s on a V100"
+
+
+def test_an_engine_that_does_not_report_its_threads_is_not_listed_as_capped(tmp_path, monkeypatch):
+    """ONNX Runtime says nothing (None): that is not "threads None"."""
+    monkeypatch.setattr(report, "plot_pareto", lambda *args, **kwargs: None)
+    cfg = BenchConfig(models=["deit_tiny_patch16_224"], engines=["eager", "onnxruntime"], threads=4)
+    rows = [measured("eager", threads_used=4), measured("onnxruntime", threads_used=None)]
+    text = report.write_results(rows, cfg, HOST, tmp_path)["md"].read_text()
+    assert "threads as the engine reports them" not in text
+
+
+def test_rounds_that_cannot_be_paired_fall_back_to_the_medians():
+    """Rows with different counts of rounds (not timed together) are compared by their medians."""
+    eager = measured("eager", latency_ms_median=3.0, latency_ms_rounds=(2.0, 8.0, 2.0))
+    ov = measured("openvino", latency_ms_median=1.5, latency_ms_rounds=(1.0, 2.0))
+    assert report.vs_row(eager, ov) == 2.0
+
+
+def test_the_plot_front_holds_each_point_more_accurate_than_every_faster_one(tmp_path, monkeypatch):
+    """A slower point at the same top-1 is not on the front; a row that did not run (no latency) is not plotted."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [measured("eager", model=m, latency_ms_median=ms, published_top1=top1)
+            for m, ms, top1 in (("a", 1.0, 70.0), ("b", 2.0, 75.0), ("c", 3.0, 75.0), ("d", 4.0, 72.0))]
+    rows.append(measured("openvino", model="a", latency_ms_median=None, published_top1=70.0, error="boom"))
+    report.plot_pareto(rows, tmp_path / "p.png")
+    (ax,) = figures[0].axes
+    (front,) = [line for line in ax.get_lines() if line.get_label() == "Pareto front"]
+    assert list(front.get_xdata()) == [1.0, 2.0] and list(front.get_ydata()) == [70.0, 75.0]
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 4
+    plt.close(figures[0])
+
+
+def test_a_host_without_flags_of_interest_says_so():
+    assert "- CPU flags: none of interest" in report.host_lines(HOST)

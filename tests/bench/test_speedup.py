@@ -45,3 +45,28 @@ def test_the_words_quote_the_ratio_that_was_tested_not_the_pooled_medians():
     assert even.summary().startswith("1.00x") and not even.slower  # not "slower" beside a printed 1.00x
     unpaired = Speedup("openvino", 1, 1, float_ms=1.0, quantized_ms=4.0, rounds=1)  # the medians are what is tested
     assert unpaired.slower and unpaired.summary() == "0.25x as fast, the medians 4.00 against 1.00 ms"
+
+
+def test_the_budget_rounds_batch_and_threads_are_the_ones_given(monkeypatch):
+    """The budget and rounds go to the timing; the row names the engine's threads and the example's batch; the float
+    side runs the model exported onto the engine (its logits), the quantized side the runner given."""
+    from leanvit.bench import speedup as module
+    from leanvit.bench.timing import Timing
+
+    seen = {}
+
+    def alternating(fns, budget, rounds):
+        seen.update(budget=budget, rounds=rounds, outputs={name: fn() for name, fn in fns.items()})
+        return {"float": Timing(np.full(4, 2.0), (2.0, 2.0)), "quantized": Timing(np.full(4, 1.0), (1.0, 1.0))}
+
+    monkeypatch.setattr(module, "time_alternating", alternating)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 14 * 14, 10)).eval()
+    example = torch.randn(2, 3, 16, 16)
+    speedup = measure_speedup(model, lambda x: "quantized", get_engine("onnxruntime", threads=2), example,
+                              budget_s=0.7, rounds=2)
+    assert seen["budget"].budget_s == 0.7 and seen["rounds"] == 2
+    assert (speedup.threads, speedup.batch, speedup.rounds) == (2, 2, 2)
+    assert (speedup.float_ms, speedup.quantized_ms, speedup.round_ratios, speedup.ratio) == (2.0, 1.0, (2.0, 2.0), 2.0)
+    assert seen["outputs"]["quantized"] == "quantized"
+    assert np.allclose(seen["outputs"]["float"], model(example).detach().numpy(), atol=1e-5)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from leanvit.bench.timing import (
-    Timing, TimingBudget, median_speedup, peak_rss_mb, release_freed_memory, reset_peak_rss, round_ratios,
+    Timing, TimingBudget, median_speedup, peak_rss_mb, release_freed_memory, reset_peak_rss, round_ratios, rss_mb,
     time_alternating, time_calls,
 )
 
@@ -164,3 +164,84 @@ def test_a_rounds_figure_is_its_median_and_each_round_warms_up_first(monkeypatch
     timing_ = time_alternating({"f": call}, budget, rounds=3)["f"]
     assert len(calls) == 3 * (2 + 3)
     assert timing_.round_medians_ms == (1.0, 1.0, 1.0)
+
+
+def fake_clock(monkeypatch, ms_per_call: float = 1.0):
+    """Each call of the returned function takes ``ms_per_call`` on timing's clock; ``calls`` counts them."""
+    from types import SimpleNamespace
+
+    from leanvit.bench import timing
+
+    now_ns, calls = [0], []
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter_ns=lambda: now_ns[0],
+                                                        perf_counter=lambda: now_ns[0] / 1e9))
+
+    def call():
+        calls.append(1)
+        now_ns[0] += int(ms_per_call * 1e6)
+
+    return call, calls
+
+
+def test_the_mean_min_and_p99_are_over_every_sample_whatever_their_order():
+    """Samples in call order, not sorted: the mean is not the median, the min not the first call."""
+    t = Timing(np.array([5.0, 1.0, 9.0, 3.0, 100.0, 2.0]))
+    assert t.mean == 20.0 and t.median == 4.0 and t.min == 1.0
+    assert t.p99 == pytest.approx(95.45) and t.p90 == pytest.approx(54.5)
+
+
+def test_the_timed_budget_starts_after_the_warm_up(monkeypatch):
+    """12.5 ms of warm-up (13 calls of 1 ms), then 5.5 ms timed (6 calls): the warm-up is not taken out of the
+    budget (that left the minimum, 1 call)."""
+    call, calls = fake_clock(monkeypatch)
+    timing_ = time_calls(call, TimingBudget(warmup_s=0.0125, warmup_iters=0, budget_s=0.0055, min_iters=1))
+    assert timing_.n == 6 and len(calls) == 13 + 6
+
+
+def test_the_budget_is_spread_over_the_rounds(monkeypatch):
+    """42 ms over 4 rounds: 10.5 ms a round, 11 calls of 1 ms in each (the whole budget in every round made 42)."""
+    call, calls = fake_clock(monkeypatch)
+    timing_ = time_alternating({"f": call}, TimingBudget(warmup_s=0, warmup_iters=0, budget_s=0.042, min_iters=1),
+                               rounds=4)["f"]
+    assert timing_.n == 44 and timing_.round_medians_ms == (1.0,) * 4
+
+
+def test_later_rounds_warm_up_for_a_share_of_the_warm_up(monkeypatch):
+    """12.5 ms before the first round (13 calls of 1 ms), 12.5 / 3 ms (5 calls) before each later one: not the whole
+    warm-up again (13 each), nor none."""
+    call, calls = fake_clock(monkeypatch)
+    timing_ = time_alternating({"f": call}, TimingBudget(warmup_s=0.0125, warmup_iters=0, budget_s=0, min_iters=3),
+                               rounds=3)["f"]
+    assert timing_.n == 3 and len(calls) == (13 + 1) + 2 * (5 + 1)
+
+
+def test_as_many_calls_as_rounds_is_enough_and_every_round_times_at_least_one():
+    """max_iters equal to rounds is one call a round, not refused; min_iters 0 still times each round once (an empty
+    round has no median)."""
+    exact = time_alternating({"f": lambda: None}, TimingBudget(warmup_s=0, budget_s=0, min_iters=3, max_iters=3),
+                             rounds=3)["f"]
+    assert exact.n == 3 and len(exact.round_medians_ms) == 3
+    none = time_alternating({"f": lambda: None}, TimingBudget(warmup_s=0, budget_s=0, min_iters=0), rounds=3)["f"]
+    assert none.n == 3 and all(np.isfinite(none.round_medians_ms))
+
+
+def test_round_ratios_refuse_timings_without_rounds():
+    """Two time_calls timings have no rounds to pair: an empty answer would make median_speedup fall back silently."""
+    with pytest.raises(ValueError, match="same time_alternating call"):
+        round_ratios(Timing(np.ones(3)), Timing(np.ones(3)))
+    with pytest.raises(ValueError):
+        round_ratios((), ())
+
+
+def test_memory_figures_are_read_in_mib_from_their_own_fields(monkeypatch, tmp_path):
+    """VmHWM is the peak and VmRSS the resident set now, in kB; where /proc cannot be read or reset: None and False."""
+    from leanvit.bench import timing
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmPeak:\t 9999999 kB\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\n")
+    monkeypatch.setattr(timing, "_STATUS", status)
+    assert peak_rss_mb() == 200.0 and rss_mb() == 100.0
+    monkeypatch.setattr(timing, "_STATUS", tmp_path / "missing")
+    assert peak_rss_mb() is None and rss_mb() is None
+    monkeypatch.setattr(timing, "_CLEAR_REFS", tmp_path / "missing" / "clear_refs")
+    assert reset_peak_rss() is False
