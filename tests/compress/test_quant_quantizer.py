@@ -212,3 +212,20 @@ def test_a_quantizer_takes_an_unsigned_or_a_signed_grid_from_a_state_dict(saved,
     assert target.scheme == saved and target.qrange.tolist() == [saved.qmin, saved.qmax]
     x = torch.linspace(-1, 3, 101)
     assert torch.equal(target(x), source(x))
+
+
+@pytest.mark.parametrize("tokens, bits, shift", [(16, 4, 2), (197, 4, 3), (197, 6, 4), (1000, 6, 5)])
+def test_twin_uniform_fits_the_shift_with_the_least_error_and_finer_for_more_tokens(tokens, bits, shift):
+    """The fine step is ``d2 / 2^m`` with ``m`` searched over 0 .. MAX_SHIFT: more tokens make smaller softmax values
+    and a finer best grid (the search must reach m = 5 and beyond), the least squared error of every m."""
+    from leanvit.compress.quant.quantizer import TwinUniformQuantizer
+
+    values = (torch.randn(64, tokens, generator=torch.Generator().manual_seed(tokens)) * 1.5).softmax(-1).flatten()
+    q = TwinUniformQuantizer(bits)
+    q.fit(values)
+    assert q.fine_step.item() == q.coarse_step * 2.0**-shift
+    errors = []
+    for m in range(TwinUniformQuantizer.MAX_SHIFT + 1):
+        q.fine_step.fill_(q.coarse_step * 2.0**-m)
+        errors.append(float((q(values) - values).pow(2).mean()))
+    assert min(range(len(errors)), key=errors.__getitem__) == shift
