@@ -127,3 +127,32 @@ def test_automatic_per_channel_inputs_are_considered_for_depthwise_convs_only():
     assert models[True][3].input_quantizer.scale.shape == (8 * 16,)
     scale = models["auto"][1].input_quantizer.scale  # one per channel of the depthwise conv, as wide as its input's
     assert scale.shape == (8,) and scale.max() > 100 * scale.min()
+
+
+class _NormHead(nn.Module):
+    """Patch embedding -> LayerNorm whose first four channels are 30x the rest -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm, self.fc = nn.Conv2d(3, 32, 4, 4), nn.LayerNorm(32), nn.Linear(32, 5)
+        with torch.no_grad():
+            self.norm.weight[:4] = 30.0
+            self.norm.bias.normal_(0, 0.5)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.embed(x).flatten(2).transpose(1, 2))).mean(1)
+
+
+@torch.no_grad()
+def test_per_channel_inputs_leave_the_layernorms_alone_and_range_every_channel():
+    """RepQ-ViT turns per-channel post-LayerNorm ranges into per-tensor ones; with ``a_per_channel=True`` there is
+    nothing to turn: the LayerNorm stays as it is and the Linear's input gets each channel's own range."""
+    torch.manual_seed(0)
+    model, calib = _NormHead().eval(), torch.randn(16, 3, 32, 32)
+    assert quantize(model, calib, QuantConfig(), progress=False).quant_report.reparameterised == ["norm"]
+    qmodel = quantize(model, calib, QuantConfig(a_per_channel=True), progress=False)
+    assert qmodel.quant_report.reparameterised == [] and torch.equal(qmodel.norm.weight, model.norm.weight)
+    tokens = model.norm(model.embed(calib).flatten(2).transpose(1, 2)).reshape(-1, 32)
+    scheme = QScheme(8, symmetric=False, per_channel=True)
+    lo, hi = choose_range(tokens.T.contiguous(), tokens.amin(0), tokens.amax(0), scheme, "mse")
+    torch.testing.assert_close(qmodel.fc.input_quantizer.scale, qparams(lo, hi, scheme)[0])
