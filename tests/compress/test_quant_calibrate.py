@@ -156,3 +156,28 @@ def test_per_channel_inputs_leave_the_layernorms_alone_and_range_every_channel()
     scheme = QScheme(8, symmetric=False, per_channel=True)
     lo, hi = choose_range(tokens.T.contiguous(), tokens.amin(0), tokens.amax(0), scheme, "mse")
     torch.testing.assert_close(qmodel.fc.input_quantizer.scale, qparams(lo, hi, scheme)[0])
+
+
+@torch.no_grad()
+def test_per_channel_inputs_when_asked_whatever_the_held_out_error_says():
+    """``a_per_channel=True`` is not a candidate among others: a depthwise conv whose channels look alike (where
+    the automatic choice would take one scale) still gets one per channel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(),
+                          nn.Linear(8 * 4, 5)).eval()
+    calib = torch.randn(16, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    config = QuantConfig(a_per_channel=True, quantize_depthwise=True, min_images=8)
+    assert quantize(model, calib, config, progress=False).quant_report.per_channel_inputs == ["0", "1", "3"]
+    auto = QuantConfig(a_per_channel="auto", quantize_depthwise=True, min_images=8)
+    assert quantize(model, calib, auto, progress=False).quant_report.per_channel_inputs == []
+
+
+def test_a_float_depthwise_stem_passes_the_8_bit_end_to_the_first_quantized_layer():
+    """A depthwise conv first (float by design unless ``quantize_depthwise``) is not the first quantized layer: the
+    conv after it is, and takes ``edge_bits``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, groups=3), nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1),
+                          nn.Flatten(), nn.Linear(8 * 16, 5)).eval()
+    report = quantize(model, torch.randn(16, 3, 4, 4), QuantConfig.recipe("mse", "w4a4"), progress=False).quant_report
+    assert "0" in report.float_layers and report.edge_layers == ["1", "5"]
+    assert report.weight_bits == {"1": 8, "3": 4, "5": 8}
