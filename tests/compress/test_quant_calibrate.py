@@ -181,3 +181,13 @@ def test_a_float_depthwise_stem_passes_the_8_bit_end_to_the_first_quantized_laye
     report = quantize(model, torch.randn(16, 3, 4, 4), QuantConfig.recipe("mse", "w4a4"), progress=False).quant_report
     assert "0" in report.float_layers and report.edge_layers == ["1", "5"]
     assert report.weight_bits == {"1": 8, "3": 4, "5": 8}
+
+
+def test_batches_of_only_corrupt_images_are_skipped():
+    """leanvit's loaders give None for a batch whose every image failed to decode (an (images, labels) pair whose
+    images are None likewise): skipped, the other batches calibrate."""
+    from leanvit.compress.quant import calibration_batches
+
+    images = torch.randn(16, 3, 4, 4)
+    batches = calibration_batches([images[:8], None, (None, None), (images[8:], torch.zeros(8))], 16)
+    assert len(batches) == 2 and torch.equal(torch.cat(batches), images)
