@@ -191,3 +191,24 @@ def test_batches_of_only_corrupt_images_are_skipped():
     images = torch.randn(16, 3, 4, 4)
     batches = calibration_batches([images[:8], None, (None, None), (images[8:], torch.zeros(8))], 16)
     assert len(batches) == 2 and torch.equal(torch.cat(batches), images)
+
+
+class _Gain(nn.Module):
+    """A per-channel scale, shaped (C, 1, 1) as timm's LayerScale2d."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(channels, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def test_elementwise_modules_with_parameters_are_listed_as_float_by_design():
+    """Every module left computing in float is named: a per-channel scale as elementwise (float by design, so not
+    among the compute layers that a warning names), not as a compute layer, nor left out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), _Gain(8), nn.Flatten(), nn.Linear(8 * 16, 5)).eval()
+    report = quantize(model, torch.randn(16, 3, 4, 4), QuantConfig(min_images=8), progress=False).quant_report
+    assert report.float_layers == {"1": "elementwise (_Gain): float by design"}
+    assert report.float_compute_layers == {}
