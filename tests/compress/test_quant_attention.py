@@ -205,6 +205,8 @@ def test_model_attention_quantized_and_int8_on_the_engines(name, tmp_path):
             nn.init.normal_(p)  # inside the talking heads) shows only with both at trained-like sizes
         elif name_.endswith(("ls1.gamma", "ls2.gamma", "layer_scale_1", "layer_scale_2")):
             nn.init.ones_(p)
+        elif name_.endswith(("attn.q_bias", "attn.v_bias")):  # EVA's own qkv biases, added to F.linear's: zero at init
+            nn.init.normal_(p)
     config = replace(DEPLOY, attn_max_error=None)  # every counterpart through the engines, however coarse
     qmodel = quantize(model, torch.randn(16, 3, size, size), config, progress=False)
     swapped = [type(m).__name__ for m in qmodel.modules() if isinstance(m, QuantMatmuls)]
@@ -767,6 +769,13 @@ def test_efficientformerv2_qk_quantized_where_the_convs_write_them(tmp_path):
         restored = shared.get_submodule(name).to_float()
         assert type(restored) is type(model.get_submodule(name))
         assert not any(hasattr(restored, n) for n in ("q_proj_quantizer", "k_proj_quantizer"))
+        seen = {}  # what reaches the matmul quantizers is already on their grids: the projections' outputs quantized
+        hooks = [getattr(shared.get_submodule(name), f"{n}_quantizer").register_forward_hook(
+            lambda m, args, _, n=n: seen.setdefault(n, args[0] / m.scale)) for n in "qk"]
+        shared(x)
+        for hook in hooks:
+            hook.remove()
+        assert all(torch.allclose(v, v.round(), atol=1e-3) for v in seen.values()) and len(seen) == 2
     ov = get_engine("openvino", threads=1)
     float_reorders = {}
     for label, qmodel in (("separate", separate), ("shared", shared)):
@@ -778,3 +787,170 @@ def test_efficientformerv2_qk_quantized_where_the_convs_write_them(tmp_path):
         agreement = check_agreement(qmodel, compiled, [x[:1]])
         assert agreement.max_abs_err < ENGINE_TOLERANCE * agreement.ref_scale
     assert float_reorders["shared"] < float_reorders["separate"], float_reorders
+
+
+def _random_norms(attn):
+    for norm in (m for m in attn.modules() if isinstance(m, nn.LayerNorm)):
+        nn.init.normal_(norm.weight)
+        nn.init.normal_(norm.bias)
+    return attn
+
+
+def test_quant_attention_computes_timm_masks_and_norms():
+    """Additive, boolean and causal masks, q/k norms and the output norm, as timm's unfused path computes them (the
+    norms away from their init, where q's and k's are the same function and the output's the identity)."""
+    attn = _random_norms(small_attention(qk_norm=True, scale_norm=True, norm_layer=nn.LayerNorm, gated=True))
+    qattn = QuantAttention.from_float(attn, 8)
+    x = torch.randn(2, 10, 32)
+    masks = [{}, {"attn_mask": torch.randn(10, 10)}, {"attn_mask": (torch.rand(10, 10) > 0.5) | torch.eye(10).bool()},
+             {"is_causal": True}]
+    with torch.no_grad(), quantizers_disabled(qattn):
+        outs = [qattn(x, **mask) for mask in masks]
+        for out, mask in zip(outs, masks):
+            assert torch.equal(out, attn(x, **mask)), mask
+    assert not any(torch.allclose(outs[0], out) for out in outs[1:])  # each mask changes the output
+
+
+def test_shared_qkv_quantizer_is_not_used_with_qk_norms():
+    """The norms sit between the qkv projection and the q/k quantizers: no shared quantizer, the output unchanged."""
+    attn = _random_norms(small_attention(qk_norm=True, norm_layer=nn.LayerNorm))
+    qattn = QuantAttention.from_float(attn, 8)
+    x = torch.randn(4, 10, 32)
+    with torch.no_grad():
+        qattn.observe()
+        qattn(x)
+        qattn.calibrate("minmax", 99.99)
+        before = qattn(x)
+        qattn.share_qkv_quantizer()
+        assert qattn.qkv_quantizer is None and torch.equal(qattn(x), before)
+    assert "quantized once" not in qattn.describe()
+
+
+def test_attention_quantizers_are_ranged_by_the_method_and_percentile_asked_for():
+    qattn = QuantAttention.from_float(small_attention(), 8)
+    qattn.observe()
+    with torch.no_grad():
+        qattn(torch.randn(4, 10, 32))
+    observers = {name: copy.deepcopy(getattr(qattn, name).observer) for name in QuantAttention.QUANTIZERS}
+    qattn.calibrate("percentile", 90.0)
+    for name, observer in observers.items():
+        quantizer = getattr(qattn, name)
+        expected = FakeQuantizer(quantizer.scheme, axis=-1, channels=1)
+        expected.set_range(*observer.range(quantizer.scheme, "percentile", percentile=90.0))
+        assert torch.equal(quantizer.scale, expected.scale), name
+        assert torch.equal(quantizer.zero_point, expected.zero_point), name
+
+
+class GroupedQueries(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, 4, C // 4).transpose(1, 2)
+        k, v = self.kv(x).reshape(B, N, 2, 2, C // 4).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+def test_grouped_query_attention_is_refused():
+    with pytest.raises(LeanvitError, match="grouped-query attention is not quantized.*attn_bits=None"):
+        quantize(Tokens(GroupedQueries(16)).eval(), torch.randn(16, 3, 16, 16), DEPLOY, progress=False)
+
+
+class ProductsBy(OwnAttention):
+    """``product(softmax(product(q, kᵀ)), relu(v))``, written with the torch functions given."""
+
+    def __init__(self, dim, product, softmax):
+        super().__init__(dim)
+        self.product, self.softmax = product, softmax
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(self.product(self.softmax(self.product(q, k.transpose(-2, -1)), -1), v.relu()))
+
+
+@pytest.mark.parametrize("product, softmax", [(torch.matmul, torch.softmax), (torch.bmm, F.softmax),
+                                              (torch.Tensor.bmm, torch.special.softmax),
+                                              (torch.Tensor.matmul, torch.Tensor.softmax)])
+def test_plain_matmuls_and_softmaxes_are_found_whichever_function_computes_them(product, softmax):
+    """Every plain product function is quantized, and every softmax function's output gets the softmax quantizer;
+    a product of two non-negative operands keeps its order (the probabilities on the left, unsigned)."""
+    torch.manual_seed(0)
+    model = Tokens(ProductsBy(16, product, softmax)).eval()
+    qmodel = quantize(model, torch.randn(16, 3, 16, 16), replace(DEPLOY, attn_bits=4, softmax_quantizer="log2"),
+                      progress=False)
+    assert type(qmodel.blocks[0]).__name__ == "QuantMatmulProductsBy" and not qmodel.quant_report.float_compute_layers
+    assert qmodel.blocks[0].softmax_fed == ["", "a"] and isinstance(qmodel.blocks[0].matmul1_a_quantizer, Log2Quantizer)
+    assert qmodel.blocks[0].transposed == [False, False]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), quantizers_disabled(qmodel):
+        assert torch.allclose(qmodel(x), model(x), atol=1e-6)
+
+
+class SometimesSoftmax(OwnAttention):
+    """Probabilities by a softmax, or by a sigmoid when asked."""
+
+    def forward(self, x, sigmoid=False):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = q @ k.transpose(-2, -1)
+        return self.proj((scores.sigmoid() if sigmoid else scores.softmax(-1)) @ v)
+
+
+class CalledThrice(nn.Module):
+    """One fused attention called twice per forward; plain products called twice, a softmax output in the first
+    call only; chunked attention on 16, 8 and 8 tokens: 16 products in 3 calls, no fixed number per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fused = nn.Conv2d(3, 16, 4, stride=4), FusedAttention(16, "causal")
+        self.mixed, self.chunked = SometimesSoftmax(16), ChunkedAttention(16)
+
+    def forward(self, x):
+        x = self.fused(self.fused(self.embed(x).flatten(2).transpose(1, 2)))
+        x = self.mixed(x) + self.mixed(x.flip(1), sigmoid=True)
+        return sum(self.chunked(t).mean(1) for t in (x, x[:, :8], x[:, 8:]))
+
+
+def test_modules_called_more_than_once_per_forward():
+    torch.manual_seed(0)
+    model = CalledThrice().eval()
+    with pytest.warns(UserWarning, match="compute layers stay in float"):
+        qmodel = quantize(model, torch.randn(16, 3, 16, 16), DEPLOY, progress=False)
+    assert type(qmodel.fused).__name__ == "QuantSdpaFusedAttention" and "fused" in qmodel.quant_report.quantized
+    assert type(qmodel.chunked) is ChunkedAttention
+    assert type(qmodel.mixed).__name__ == "QuantMatmulSometimesSoftmax"
+    assert qmodel.mixed.softmax_fed == ["", ""]  # a softmax output in one call of two: no softmax quantizer
+    assert list(qmodel.quant_report.float_compute_layers) == ["chunked"], qmodel.quant_report.float_compute_layers
+
+
+class Pooling(nn.Module):
+    """Tokens pooled by learned softmax weights: a signed matrix times a non-negative vector (which has no
+    transpose)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj, self.logits = nn.Linear(dim, dim), nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        return self.proj(x.transpose(1, 2) @ self.logits.softmax(-1)).unsqueeze(1)
+
+
+def test_a_vector_operand_stays_on_the_right():
+    torch.manual_seed(0)
+    model = Tokens(Pooling(16)).eval()
+    qmodel = quantize(model, torch.randn(16, 3, 16, 16), DEPLOY, progress=False)
+    assert type(qmodel.blocks[0]).__name__ == "QuantMatmulPooling" and qmodel.blocks[0].transposed == [True]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), quantizers_disabled(qmodel):
+        assert torch.allclose(qmodel(x), model(x), atol=1e-6)
+
+
+def test_a_modules_own_calls_are_not_its_siblings():
+    """Only a submodule's products make a module's own calls unknown: blocks.10 is no submodule of blocks.1."""
+    from leanvit.compress.quant.attention import own_calls
+    from leanvit.compress.quant.modules import MatmulCalls
+
+    calls = {"blocks.1": MatmulCalls(), "blocks.10": MatmulCalls(), "blocks.2": MatmulCalls(), "blocks.2.inner": None}
+    assert own_calls(calls, "blocks.1") is calls["blocks.1"] and own_calls(calls, "blocks.2") is None

@@ -1,4 +1,5 @@
 """Concatenations of a depthwise conv's NHWC output (MambaOut's gated block) quantized on one grid, the conv float."""
+import copy
 import warnings
 from dataclasses import replace
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 from timm.models.mambaout import GatedConvBlock
 
-from leanvit.compress.quant import QuantConfig, export, quantize
-from leanvit.compress.quant.concat import nhwc_concats
+from leanvit.compress.quant import FakeQuantizer, QScheme, QuantConfig, export, quantize
+from leanvit.compress.quant.concat import concat_counterpart, nhwc_concats
 from leanvit.deploy import get_engine
 
 torch.set_num_threads(1)
@@ -96,8 +97,6 @@ class _Concatenate(_Concatenating):
 def test_the_shared_grid_covers_every_input_and_keeps_the_concatenation_axis():
     """The one quantizer is ranged on all the concatenated values (ranged on the first input only, it clipped the
     conv's larger outputs), and the concatenation keeps the axis it was asked for under either name."""
-    from leanvit.compress.quant.concat import concat_counterpart
-
     torch.manual_seed(0)
     module = _Concatenate().eval()
     quantized = concat_counterpart(_Concatenate).from_float(module)
@@ -114,3 +113,62 @@ def test_the_shared_grid_covers_every_input_and_keeps_the_concatenation_axis():
         out = quantized(calib)
     assert out.shape == reference.shape == (8, 5, 5, 8)
     assert (out - reference).abs().max() <= float(quantizer.scale) / 2 + 1e-5
+    steps = out / quantizer.scale  # every input on the grid: whole steps
+    assert torch.allclose(steps, steps.round(), atol=1e-3)
+
+
+class _TwoConvs(_Concatenating):
+    """One concatenation, by keyword, of ``x`` and two depthwise convs' outputs as NHWC."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4)
+
+    def forward(self, x):
+        nchw = x.permute(0, 3, 1, 2)
+        return torch.cat(tensors=(x, self.conv(nchw).permute(0, 2, 3, 1), self.conv2(nchw).permute(0, 2, 3, 1)), dim=-1)
+
+
+class _AroundConcatenating(_Concatenating):
+    """Concatenates a conv's NHWC output itself, around a submodule that does too."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _Concatenating()
+
+    def forward(self, x):
+        return super().forward(x) + self.inner(x)
+
+
+def test_nhwc_concats_read_keyword_tensors_and_several_convs_and_no_module_around_another():
+    """A ``tensors=`` keyword is read like the positional tuple, a concatenation of two convs' outputs counts once,
+    and a module (the model itself too) concatenating around a submodule that concatenates is not listed."""
+    net = torch.nn.ModuleDict({"two": _TwoConvs(), "around": _AroundConcatenating()}).eval()
+    net.forward = lambda x: [m(x) for m in net.values()]
+    assert nhwc_concats(net, torch.randn(1, 5, 5, 4)) == {"two": ("two.conv", "two.conv2"),
+                                                           "around.inner": ("around.inner.conv",)}
+    root = _AroundConcatenating().eval()  # the model itself: not its own concatenations either
+    assert nhwc_concats(root, torch.randn(1, 5, 5, 4)) == {"inner": ("inner.conv",)}
+
+
+def test_quant_concat_calibration_and_float_restore():
+    """Unsigned with a zero point (OpenVINO concatenates u8), ranged by the method and percentile asked for; back
+    in float, the module has its own class and parameters and no quantizer."""
+    torch.manual_seed(0)
+    module = _Concatenate().eval()
+    quantized = concat_counterpart(_Concatenate).from_float(module)
+    quantized.observe()
+    assert not quantized.calibrated()
+    with torch.no_grad():
+        quantized(torch.randn(8, 5, 5, 4))
+    assert quantized.calibrated()
+    observer = copy.deepcopy(quantized._observer)
+    quantized.calibrate("percentile", 90.0)
+    assert quantized.concat_quantizer.scheme == QScheme(8, symmetric=False)
+    expected = FakeQuantizer(quantized.concat_quantizer.scheme, axis=-1, channels=1)
+    expected.set_range(*observer.range(expected.scheme, "percentile", percentile=90.0))
+    assert torch.equal(quantized.concat_quantizer.scale, expected.scale)
+    assert torch.equal(quantized.concat_quantizer.zero_point, expected.zero_point)
+    restored = quantized.to_float()
+    assert type(restored) is _Concatenate and not hasattr(restored, "concat_quantizer")
+    assert restored.state_dict().keys() == module.state_dict().keys() and restored.conv.weight is module.conv.weight
