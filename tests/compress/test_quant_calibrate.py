@@ -212,3 +212,17 @@ def test_elementwise_modules_with_parameters_are_listed_as_float_by_design():
     report = quantize(model, torch.randn(16, 3, 4, 4), QuantConfig(min_images=8), progress=False).quant_report
     assert report.float_layers == {"1": "elementwise (_Gain): float by design"}
     assert report.float_compute_layers == {}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bits", [4, 8])
+def test_automatic_symmetry_picks_int_for_zero_centred_inputs_and_uint_after_a_relu(bits):
+    """Q-HyViT's per-layer choice goes both ways: normalised images (centred on zero) get the signed grid, the
+    ReLU's one-sided output the unsigned one."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    qmodel = quantize(model, torch.randn(64, 3, 4, 4), QuantConfig(a_bits=bits, a_symmetric="auto"), progress=False)
+    assert qmodel[1].input_quantizer.scheme == QScheme(bits, symmetric=True)
+    assert qmodel[1].input_quantizer.qrange.tolist() == [-(2 ** (bits - 1)), 2 ** (bits - 1) - 1]
+    assert qmodel[3].input_quantizer.scheme == QScheme(bits, symmetric=False)
+    assert qmodel.quant_report.quantized["1"].endswith(f"inputs int{bits} sym per-tensor")
