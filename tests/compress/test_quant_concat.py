@@ -172,3 +172,30 @@ def test_quant_concat_calibration_and_float_restore():
     restored = quantized.to_float()
     assert type(restored) is _Concatenate and not hasattr(restored, "concat_quantizer")
     assert restored.state_dict().keys() == module.state_dict().keys() and restored.conv.weight is module.conv.weight
+
+
+class _RootConcatenating(_Concatenating):
+    """The concatenation in the model's own forward, a Linear after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(super().forward(x))
+
+
+def test_a_concatenation_in_the_models_own_forward_quantizes_as_without_the_option():
+    """A counterpart cannot replace the model itself in place: its NHWC concatenation stays as it is and its depthwise
+    conv is quantized as usual (it raised torch's "Cannot set the submodule without a target name!")."""
+    torch.manual_seed(0)
+    model = _RootConcatenating().eval()
+    assert nhwc_concats(model, torch.randn(1, 5, 5, 4)) == {"": ("conv",)}
+    config = QuantConfig.recipe("mse", "w8a8", target="vnni", engine="openvino")
+    calib = torch.randn(16, 5, 5, 4)
+    qmodels = [quantize(model, calib, replace(config, int8_nhwc_concats=flag), progress=False) for flag in (True, False)]
+    report = qmodels[0].quant_report
+    assert not report.int8_concats and "conv" in report.quantized and "conv" not in report.float_layers
+    x = torch.randn(2, 5, 5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(qmodels[0](x), qmodels[1](x))

@@ -590,8 +590,9 @@ def _swap_in_quantized(qmodel: nn.Module, config: QuantConfig, report: QuantRepo
     if other is None:
         raise LeanvitError("Every calibration image is the same image: calibration needs distinct images.")
     constant = image_independent_layers(qmodel, first, other)
-    concats = {n: convs for n, convs in nhwc_concats(qmodel, example).items()  # (not an attention's: one routing)
-               if n not in matmul_calls} if config.int8_nhwc_concats and config.a_bits == 8 else {}
+    # not an attention's (one routing), nor the model's own forward: a counterpart cannot replace the root in place
+    concats = {n: convs for n, convs in nhwc_concats(qmodel, example).items()
+               if n and n not in matmul_calls} if config.int8_nhwc_concats and config.a_bits == 8 else {}
     kept_float = {conv: f"depthwise convolution whose output {module} concatenates as NHWC: float by design, so "
                   "OpenVINO folds that permute into its int8 conversion (QuantConfig.int8_nhwc_concats)"
                   for module, convs in concats.items() for conv in convs}
