@@ -226,3 +226,16 @@ def test_automatic_symmetry_picks_int_for_zero_centred_inputs_and_uint_after_a_r
     assert qmodel[1].input_quantizer.qrange.tolist() == [-(2 ** (bits - 1)), 2 ** (bits - 1) - 1]
     assert qmodel[3].input_quantizer.scheme == QScheme(bits, symmetric=False)
     assert qmodel.quant_report.quantized["1"].endswith(f"inputs int{bits} sym per-tensor")
+
+
+@torch.no_grad()
+def test_conv_outputs_are_quantized_unsigned_at_the_layers_input_bits():
+    """``quantize_conv_outputs`` gives each conv an output grid like its input's: uint at the activation bits (here
+    the layer's own, from ``layer_bits``), ranged on the quantized model's outputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 4, 5)).eval()
+    config = QuantConfig(a_bits=6, quantize_conv_outputs=True, layer_bits=(("2", "w8a4"),), min_images=8)
+    qmodel = quantize(model, torch.randn(16, 3, 4, 4), config, progress=False)
+    assert qmodel[0].output_quantizer.scheme == QScheme(6, symmetric=False)
+    assert qmodel[2].output_quantizer.scheme == QScheme(4, symmetric=False)
+    assert qmodel[0].output_quantizer.qrange.tolist() == [0, 63]
