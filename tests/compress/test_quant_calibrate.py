@@ -239,3 +239,15 @@ def test_conv_outputs_are_quantized_unsigned_at_the_layers_input_bits():
     assert qmodel[0].output_quantizer.scheme == QScheme(6, symmetric=False)
     assert qmodel[2].output_quantizer.scheme == QScheme(4, symmetric=False)
     assert qmodel[0].output_quantizer.qrange.tolist() == [0, 63]
+
+
+@torch.no_grad()
+def test_automatic_symmetry_scores_the_candidates_at_the_configs_percentile():
+    """The held-out error that picks a grid fits each candidate's range the way the layer's range will be set: with
+    ``a_method="percentile"`` at the config's percentile (at the default 99.99 instead, the 4-bit uint grid wins
+    here, and the layer's 75th-percentile range is then set on a grid chosen for another range)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    config = QuantConfig(a_bits=4, a_symmetric="auto", a_method="percentile", percentile=75.0)
+    qmodel = quantize(model, torch.randn(64, 3, 4, 4), config, progress=False)
+    assert qmodel[1].input_quantizer.scheme == QScheme(4, symmetric=True)
