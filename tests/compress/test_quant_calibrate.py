@@ -251,3 +251,25 @@ def test_automatic_symmetry_scores_the_candidates_at_the_configs_percentile():
     config = QuantConfig(a_bits=4, a_symmetric="auto", a_method="percentile", percentile=75.0)
     qmodel = quantize(model, torch.randn(64, 3, 4, 4), config, progress=False)
     assert qmodel[1].input_quantizer.scheme == QScheme(4, symmetric=True)
+
+
+class _WithMultiheadAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Conv2d(3, 8, 2, 2), nn.Linear(8, 4)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.mha(tokens, tokens, tokens)[0].mean(1))
+
+
+def test_the_linear_inside_a_multihead_attention_is_named_with_the_reason():
+    """nn.MultiheadAttention uses its out_proj's weights itself: the report says so, not that QuantConfig.skip (which
+    names nothing here) kept it."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="mha.out_proj"):
+        report = quantize(_WithMultiheadAttention().eval(), torch.randn(16, 3, 4, 4), QuantConfig(min_images=8),
+                          progress=False).quant_report
+    assert report.float_layers["mha.out_proj"].startswith("inside nn.MultiheadAttention, which uses its weights")
+    assert set(report.quantized) == {"embed", "head"}
