@@ -299,3 +299,171 @@ def test_a_rows_statistics_are_its_timings(monkeypatch):
     assert (row.latency_ms_min, row.latency_ms_mean, row.iterations) == (1.0, 50.5, 100)
     assert row.throughput == pytest.approx(2 * 1000 / 50.5)
     assert row.latency_ms_rounds == (10.0, 20.0)
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(tokens=["evit:0.7", "evit:0.7"]), "--tokens lists evit:0.7 more than once"),
+    (dict(models=[]), "no models to benchmark"),
+    (dict(tokens=["evit"]), "Token spec 'evit' has no value"),
+    (dict(rounds=0), "--rounds"),
+])
+def test_a_bad_setting_is_refused_before_anything_runs(settings, match):
+    """A token spec that cannot be read was a skipped row per model ("does not apply"), not a mistake named."""
+    with pytest.raises(LeanvitError, match=match):
+        tiny_bench(**settings).validate()
+
+
+def test_an_unwritable_cache_is_refused_whichever_engine_comes_last(tmp_path):
+    """The exporting engine first, eager last: the check ran only where the last engine exported."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(LeanvitError, match="point --cache-dir at a directory"):
+        tiny_bench(engines=["onnxruntime", "eager"], cache_dir=str(afile / "x")).validate()
+
+
+def test_as_many_threads_as_usable_cpus_is_no_warning(monkeypatch):
+    import warnings
+
+    from leanvit.bench import runner
+
+    monkeypatch.setattr(runner, "usable_cpus", lambda: 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_bench(tiny_bench(threads=1), progress=False)[0].ran
+    assert not [w for w in caught if "more than the" in str(w.message)]
+
+
+def test_a_model_that_cannot_be_built_gets_a_row_per_variant_at_its_own_size(monkeypatch):
+    """Without --img-size the failed rows give the model's pretrained size (resnet10t: 176), not 224."""
+    from leanvit.bench import runner
+
+    def create(name, img_size, **kwargs):
+        raise InputSizeError("cannot build (test).")
+
+    monkeypatch.setattr(runner, "create_model_at", create)
+    rows = run_bench(tiny_bench(models=["resnet10t"], img_size=None, tokens=["evit:0.7"]), progress=False)
+    assert [(r.variant, r.img_size, r.error) for r in rows] == [("", 176, "cannot build (test)."),
+                                                                 ("evit:0.7", 176, "cannot build (test).")]
+
+
+def test_the_engines_get_the_batch_and_the_checked_images_at_the_models_size(monkeypatch):
+    """Without --img-size a model runs at its pretrained size (resnet10t: 176); the engine is loaded and timed on a
+    batch of --batch images and checked on n_check of them in whole batches (5 at batch 2: 3 batches)."""
+    from leanvit.bench import runner
+
+    seen, check, load = [], runner.check_agreement, runner._load
+
+    def checking(model, runner_, checks):
+        seen.append([tuple(c.shape) for c in checks])
+        return check(model, runner_, checks)
+
+    def loading(row, model, x, *args):
+        seen.append(tuple(x.shape))
+        return load(row, model, x, *args)
+
+    monkeypatch.setattr(runner, "check_agreement", checking)
+    monkeypatch.setattr(runner, "_load", loading)
+    [row] = run_bench(tiny_bench(models=["resnet10t"], img_size=None, batch=2, n_check=5), progress=False)
+    assert row.ran and row.img_size == 176
+    assert seen == [(2, 3, 176, 176), [(2, 3, 176, 176)] * 3]
+    assert runner.checked_images(tiny_bench(n_check=0, batch=3)) == 3  # at least one batch
+
+
+def test_a_variant_the_model_cannot_take_is_a_skipped_row(capsys):
+    """EViT on a CNN: the variant's rows are skipped with the reason, and the model's own rows still run."""
+    plain, variant = run_bench(tiny_bench(tokens=["evit:0.5"]), progress=False)
+    assert plain.ran and plain.macs > 0
+    assert variant.skipped.startswith("token reduction does not apply:") and variant.macs is None
+    assert variant.latency_ms_median is None and "token reduction does not apply" in capsys.readouterr().err
+
+
+def test_each_row_gets_its_own_variants_macs_and_the_papers_figures_where_they_describe_it(monkeypatch):
+    """The variant's MACs are the reduced model's; published_top1 is asked with the row's own variant and
+    precision; the paper's speed figure is the model's."""
+    from dataclasses import replace
+
+    from leanvit.bench import runner
+
+    asked, published = [], runner.published_top1
+    facts = replace(find_facts("deit_tiny_patch16_224"), speed="0.5 ms on a test GPU")
+    monkeypatch.setattr(runner, "find_facts", lambda name: facts)
+    monkeypatch.setattr(runner, "published_top1", lambda facts, name, size, variant, precision: asked.append(
+        (variant, precision)) or published(facts, name, size, variant, precision))
+    rows = run_bench(tiny_bench(models=["deit_tiny_patch16_224"], tokens=["evit:0.5"], precisions=["f32", "bf16"]),
+                     progress=False)
+    assert asked == [("", "f32"), ("", "bf16"), ("evit:0.5", "f32"), ("evit:0.5", "bf16")]
+    assert rows[0].macs == rows[1].macs > rows[2].macs == rows[3].macs > 0
+    assert [r.paper_speed for r in rows] == ["0.5 ms on a test GPU"] * 4
+
+
+def test_a_row_records_the_precision_the_engine_ran_and_its_divergence(monkeypatch):
+    """OpenVINO runs an f32 model in bf16 on an AMX CPU, unasked: the row says bf16. A runner whose logits are far
+    from eager's is flagged as diverging."""
+    from leanvit.bench import runner
+    from leanvit.deploy import engine
+    from leanvit.deploy.pytorch import EagerEngine
+
+    class Silent(engine.Engine):
+        name, package = "silent_bf16", "torch"
+
+        def load(self, model, example, **kwargs):
+            runner_ = EagerEngine(threads=self.threads).load(model, example)
+            runner_.precision = "bf16"
+            return runner_
+
+    monkeypatch.setitem(engine._ENGINES, "silent_bf16", Silent)
+    monkeypatch.setattr(runner, "check_agreement", lambda *args: engine.Agreement(0.5, 0.5, 2))
+    eager, silent = run_bench(tiny_bench(engines=["eager", "silent_bf16"]), progress=False)
+    assert (eager.precision, silent.precision) == ("f32", "bf16")
+    assert eager.diverges and silent.diverges and silent.ran
+
+
+def test_an_engine_failing_in_its_warm_up_fails_its_row_with_the_errors_type(monkeypatch):
+    """The memory pass runs each engine first: one that raises there is a failed row without figures (named with
+    its exception's type, not a leanvit error), the others are timed."""
+    from leanvit.bench import runner
+
+    load = runner._load
+
+    def loading(row, *args):
+        ran = load(row, *args)
+        if row.precision == "f32":
+            return ran
+
+        def crashing(x):
+            raise RuntimeError("warm-up crashed (test)")
+
+        return crashing
+
+    monkeypatch.setattr(runner, "_load", loading)
+    f32, bf16 = run_bench(tiny_bench(precisions=["f32", "bf16"]), progress=False)
+    assert f32.ran and f32.latency_ms_median > 0 and f32.peak_rss_mb is not None
+    assert bf16.error == "RuntimeError: warm-up crashed (test)"
+    assert bf16.peak_rss_mb is None and bf16.latency_ms_median is None and bf16.iterations == 0
+
+
+def test_a_rows_mean_min_and_iqr_are_its_timings(monkeypatch):
+    import numpy as np
+
+    from leanvit.bench import runner
+    from leanvit.bench.timing import Timing
+
+    monkeypatch.setattr(runner, "time_alternating", lambda fns, budget, rounds: {
+        key: Timing(np.array([5.0, 1.0, 9.0, 3.0, 100.0, 2.0]), (4.0,)) for key in fns})
+    [row] = run_bench(tiny_bench(rounds=1), progress=False)
+    assert (row.latency_ms_mean, row.latency_ms_min, row.latency_ms_median) == (20.0, 1.0, 4.0)
+    assert row.latency_ms_iqr == pytest.approx(8.0 - 2.25)
+
+
+def test_the_seed_fixes_the_weights_and_the_inputs(monkeypatch):
+    """Two runs with one seed check and time the same model on the same images; another seed, others."""
+    from leanvit.bench import runner
+
+    seen, load = [], runner._load
+    monkeypatch.setattr(runner, "_load", lambda row, model, x, checks, cfg: seen.append(
+        (sum(float(p.detach().sum()) for p in model.parameters()), float(x.sum()), float(checks[0].sum())))
+        or load(row, model, x, checks, cfg))
+    for seed in (1, 1, 2):
+        run_bench(tiny_bench(seed=seed), progress=False)
+    assert seen[0] == seen[1]
+    assert all(a != b for a, b in zip(seen[1], seen[2]))
