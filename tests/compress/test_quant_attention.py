@@ -954,3 +954,30 @@ def test_a_modules_own_calls_are_not_its_siblings():
 
     calls = {"blocks.1": MatmulCalls(), "blocks.10": MatmulCalls(), "blocks.2": MatmulCalls(), "blocks.2.inner": None}
     assert own_calls(calls, "blocks.1") is calls["blocks.1"] and own_calls(calls, "blocks.2") is None
+
+
+class _AttentionTwice(nn.Module):
+    """One attention run on all the 16 tokens, then on the first half of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.attn = Attention(8, num_heads=2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.attn(x).mean(1) + self.attn(x[:, : x.shape[1] // 2]).mean(1))
+
+
+def test_an_attention_called_at_two_token_counts_is_named_with_the_fix():
+    """Its operands' statistics are kept per token position: a second token count is a user error naming the
+    module and the way out (it was torch's size-mismatch RuntimeError from inside the observer)."""
+    torch.manual_seed(0)
+    calib = torch.randn(8, 3, 8, 8)
+    with pytest.raises(LeanvitError, match=r"^attn's k_quantizer: calibration fed it 16, then 8 values .* in float "
+                                           r"\(QuantConfig\(skip=\[\.\.\.\]\)\)$"):
+        quantize(_AttentionTwice().eval(), calib, QuantConfig(attn_bits=8, min_images=8), progress=False)
+    config = QuantConfig(attn_bits=8, skip=["attn"], min_images=8)
+    report = quantize(_AttentionTwice().eval(), calib, config, progress=False).quant_report
+    assert "attn" in report.float_layers and "attn" not in report.quantized and "embed" in report.quantized

@@ -37,7 +37,8 @@ from .modules import (
     output_error, quantizable_type, record_matmuls, transposed_reads,
 )
 from .quantizer import (
-    RANGE_METHODS, FakeQuantizer, QScheme, Quantizer, RangeObserver, input_channel_weights, weight_range,
+    RANGE_METHODS, FakeQuantizer, ObservedShapeError, QScheme, Quantizer, RangeObserver, input_channel_weights,
+    weight_range,
 )
 from .reparam import layernorm_consumers, per_channel_gain, reparameterise
 
@@ -632,6 +633,8 @@ def _observe(qmodel: nn.Module, swapped: _Swapped, batches: list[torch.Tensor], 
         with quantizers_disabled(qmodel):
             for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress, file=sys.stderr):
                 qmodel(batch)
+    except ObservedShapeError as e:
+        raise ObservedShapeError(f"{_observed_by(e.observer, swapped)}: {e}", e.observer) from None
     finally:
         observers = {name: layer.input_quantizer.observer for name, layer in layers.items()}
         for layer in layers.values():
@@ -640,6 +643,14 @@ def _observe(qmodel: nn.Module, swapped: _Swapped, batches: list[torch.Tensor], 
         qmodel.set_submodule(name, layers.pop(name).to_float())
         report.float_layers[name] = "never called during calibration (its weights are used outside its forward)"
     return observers
+
+
+def _observed_by(observer: RangeObserver, swapped: _Swapped) -> str:
+    """Which quantizer of ``swapped`` holds ``observer``: the error that names it says where to look."""
+    owners = {id(layer.input_quantizer.observer): f"the input of {name}" for name, layer in swapped.layers.items()}
+    owners |= {id(getattr(attention, q).observer): f"{name}'s {q}" for name, attention in swapped.attentions.items()
+               for q in attention.QUANTIZERS}
+    return owners.get(id(observer), "a quantizer")
 
 
 def _settle_matmuls(qmodel: nn.Module, swapped: _Swapped, config: QuantConfig, report: QuantReport,

@@ -117,6 +117,14 @@ def _keep_better(values, lo, hi, scheme, ratio, best_err, best):
     return torch.where(better, err, best_err), torch.where(better, ratio, best)
 
 
+class ObservedShapeError(LeanvitError):
+    """Calibration fed one quantizer tensors of different sizes along the axis its observer keeps statistics on."""
+
+    def __init__(self, message: str, observer: RangeObserver):
+        super().__init__(message)
+        self.observer = observer
+
+
 class RangeObserver:
     """Statistics of an activation over the calibration batches, in bounded memory.
 
@@ -135,6 +143,13 @@ class RangeObserver:
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         rows = x.detach().float().movedim(self.axis, -1).reshape(-1, x.shape[self.axis])
+        if self.rows is not None and rows.shape[1] != self.rows.shape[1]:
+            raise ObservedShapeError(
+                f"calibration fed it {self.rows.shape[1]}, then {rows.shape[1]} values along the axis its range "
+                f"statistics are kept on (dimension {self.axis}: a layer input's channels, the tokens of an attention "
+                "operand): a module called at several token counts, or calibration images of several sizes. "
+                "Calibrate on images of one size; keep a module that runs at several token counts in float "
+                "(QuantConfig(skip=[...]))", self)
         lo, hi = rows.amin(0), rows.amax(0)
         keys = torch.rand(rows.shape[0], generator=self.generator).to(rows.device)
         if self.rows is not None:
