@@ -4,7 +4,6 @@ import warnings
 from dataclasses import replace
 
 import numpy as np
-import pytest
 import torch
 from timm.models.mambaout import GatedConvBlock
 
