@@ -675,3 +675,242 @@ def test_a_resume_may_change_the_memory_layout_and_records_it_but_not_the_progre
     fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=1, channels_last=True, progress=True, resume=True))
     state = json.loads((tmp_path / "run" / "epoch-0001" / "state.json").read_text())
     assert state["changes"] == [{"epoch": 1, "changes": {"epochs": [1, 2], "channels_last": [False, True]}}]
+
+
+def test_the_batch_splits_over_the_processes_and_into_pairs_for_mixup_or_cutmix():
+    """--batch-size is the global batch: it must split evenly over torchrun's processes, and each process's share must
+    be even where Mixup or CutMix (either alone) pairs its images."""
+    def check(world, **given):
+        loop._check_batch_split(TrainConfig(model="m", data="d", **given), world)
+
+    check(2, batch_size=8)
+    with pytest.raises(LeanvitError, match="--batch-size 9 does not split evenly over 2 processes"):
+        check(2, batch_size=9, mixup=0, cutmix=0)
+    with pytest.raises(LeanvitError, match=r"the batch per process \(3\) must be even"):
+        check(2, batch_size=6)  # even in all, odd per process
+    check(2, batch_size=6, mixup=0, cutmix=0)
+    for alone in (dict(mixup=0.8, cutmix=0), dict(mixup=0, cutmix=1.0)):
+        with pytest.raises(LeanvitError, match=r"the batch per process \(1\) must be even"):
+            check(1, batch_size=1, **alone)
+
+
+def test_model_kwargs_giving_another_number_of_classes_are_refused(tmp_path):
+    """The data's classes size the classifier: a num_classes in --model-kwargs that disagrees is the user's mistake."""
+    with pytest.raises(LeanvitError, match="--model-kwargs sets num_classes=5 but cifar10-test500 has 10 classes"):
+        fit(_config(tmp_path, "run", model_kwargs={**TINY, "num_classes": 5}))
+
+
+def test_crop_pct_is_recorded_in_the_checkpoints_data_config(tmp_path):
+    """--crop-pct is the evaluation crop the checkpoint's data config gives eval and export."""
+    fit(_config(tmp_path, "run", crop_pct=0.75, epochs=1, max_steps_per_epoch=1))
+    assert read_metadata(tmp_path / "run" / "model.safetensors")["data_config"]["crop_pct"] == 0.75
+
+
+def test_adamw_decays_the_weights_at_weight_decay_but_not_norms_biases_and_tokens(tmp_path):
+    """--weight-decay reaches AdamW, on the weight matrices only (timm's groups: no decay on 1-d parameters and the
+    model's no_weight_decay(), its position embedding and tokens)."""
+    fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1, weight_decay=0.3))
+    groups = json.loads((tmp_path / "run" / "epoch-0000" / "state.json").read_text())["param_groups"]
+    model, _ = model_from_checkpoint("deit_tiny_distilled_patch16_224", tmp_path / "run")
+    skip = model.no_weight_decay()
+    decayed = sum(p.ndim > 1 and name not in skip for name, p in model.named_parameters())
+    assert sorted((g["weight_decay"], len(g["params"])) for g in groups) == [
+        (0.0, len(list(model.parameters())) - decayed), (0.3, decayed)]
+
+
+def test_the_learning_rate_rises_linearly_then_follows_the_cosine_to_min_lr(tmp_path):
+    """Per step: warm-up from --warmup-lr over round(warmup_epochs * steps) steps, then timm's cosine from --lr towards
+    --min-lr over the whole run (its steps counted from the run's start)."""
+    import math
+
+    cfg = _config(tmp_path, "run", epochs=2, max_steps_per_epoch=3, warmup_epochs=0.5, warmup_lr=1e-5, lr=1e-3,
+                  min_lr=2e-4, ema_decay=None)
+    lrs = [s["lr"] for s in fit(cfg).steps]
+    warmup = [1e-5, 1e-5 + (1e-3 - 1e-5) / 2]  # 0.5 x 3 steps: 2 warm-up steps
+    cosine = [2e-4 + 0.5 * (1e-3 - 2e-4) * (1 + math.cos(math.pi * t / 6)) for t in range(2, 6)]
+    assert lrs == pytest.approx(warmup + cosine, rel=1e-9)
+
+
+def test_each_epochs_summary_is_the_mean_loss_and_last_rate_of_its_steps(tmp_path):
+    """The per-epoch log (the model card's loss curve) averages the epoch's step losses and gives the rate its last
+    step ran at; the steps are counted over the run, as the checkpoint's step."""
+    result = fit(_config(tmp_path, "run", epochs=2, max_steps_per_epoch=3))
+    assert [s["step"] for s in result.steps] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((tmp_path / "run" / "epoch-0001" / "state.json").read_text())["step"] == 6
+    for summary in result.epochs:
+        steps = [s for s in result.steps if s["epoch"] == summary["epoch"]]
+        assert summary["loss"] == pytest.approx(sum(s["loss"] for s in steps) / 3, abs=1e-6)
+        assert summary["lr"] == steps[-1]["lr"] != steps[0]["lr"]
+
+
+def test_validation_scores_the_model_then_its_ema(tmp_path, monkeypatch):
+    """--val-data's top1 is the trained weights', ema_top1 the EMA's (the weights ema.safetensors ships)."""
+    seen, evaluate = [], loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda net, *a, **k: seen.append(
+        {name: value.clone() for name, value in net.state_dict().items()}) or evaluate(net, *a, **k))
+    result = fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=2, val_data="cifar10-test500", mixup=0,
+                         cutmix=0))
+    assert {"top1", "ema_top1"} <= result.epochs[0].keys() and len(seen) == 2
+    model, ema = (_float_weights(tmp_path / "run" / "epoch-0000" / name) for name in ("model.safetensors",
+                                                                                      "ema.safetensors"))
+    assert any(not torch.equal(model[k], ema[k]) for k in model)  # two steps at decay 0.9: the EMA lags
+    for k in model:
+        assert torch.equal(seen[0][k], model[k]) and torch.equal(seen[1][k], ema[k])
+
+
+def test_data_with_fewer_images_than_one_batch_is_refused(tmp_path):
+    """The training loader drops an incomplete last batch: with fewer images than one batch an epoch had no step."""
+    from leanvit.data import bundled_cifar10
+
+    for i in range(6):
+        (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        bundled_cifar10()[i][0].save(tmp_path / "data" / f"c{i % 2}" / f"{i}.png")
+    with pytest.raises(LeanvitError, match=r"data has 6 images, fewer than one batch of 8\."):
+        fit(_config(tmp_path, "run", data=str(tmp_path / "data")))
+
+
+def test_mixup_trains_on_a_batch_left_odd_by_a_corrupt_image(tmp_path):
+    """A skipped corrupt image leaves a batch of 7 of 8: Mixup pairs the images, so it mixes the first 6 (timm's
+    Mixup asserted an even batch and stopped the run)."""
+    from leanvit.data import CorruptImageWarning, bundled_cifar10
+
+    for i in range(16):
+        (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        bundled_cifar10()[i][0].save(tmp_path / "data" / f"c{i % 2}" / f"{i}.png")
+    (tmp_path / "data" / "c1" / "5.png").write_bytes(b"not an image")
+    with pytest.warns(CorruptImageWarning, match="5.png"):
+        result = fit(_config(tmp_path, "run", data=str(tmp_path / "data"), epochs=1, max_steps_per_epoch=None))
+    assert len(result.steps) == 2 and result.epochs[0]["loss"] > 0
+
+
+def test_a_checkpointed_teacher_is_frozen_in_eval_mode_and_fed_in_its_saved_preprocessing(tmp_path):
+    """The teacher's BatchNorm / dropout must not train on the student's batches, and a teacher that leanvit saved
+    says its own pre-processing (mean, std, size), which wins over timm's default for its architecture."""
+    import timm
+
+    kwargs = {**TINY, "num_classes": 10}
+    own = {"input_size": [3, 32, 32], "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "interpolation": "bilinear",
+           "crop_pct": 1.0}
+    save_weights(tmp_path / "t.safetensors", timm.create_model("deit_tiny_patch16_224", **kwargs).state_dict(),
+                 {"model": "deit_tiny_patch16_224", "model_kwargs": kwargs, "data_config": own})
+    cfg = TrainConfig(model="m", data="d", teacher="deit_tiny_patch16_224",
+                      teacher_checkpoint=str(tmp_path / "t.safetensors"))
+    student = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
+               "crop_pct": 1.0}
+    adapted = loop._teacher(cfg, [str(i) for i in range(10)], student, torch.device("cpu"))
+    assert not adapted.teacher.training and not any(p.requires_grad for p in adapted.teacher.parameters())
+    assert adapted.teacher_mean.flatten().tolist() == pytest.approx(own["mean"])
+    assert adapted.teacher_std.flatten().tolist() == pytest.approx(own["std"])
+
+
+def test_val_data_with_other_classes_is_refused(tmp_path):
+    """Scoring on another class list would compare labels that mean other things."""
+    from leanvit.data import bundled_cifar10
+
+    for i in range(4):
+        (tmp_path / "val" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        bundled_cifar10()[i][0].save(tmp_path / "val" / f"c{i % 2}" / f"{i}.png")
+    with pytest.raises(LeanvitError, match="--val-data .*val has other classes than --data cifar10-test500"):
+        fit(_config(tmp_path, "run", val_data=str(tmp_path / "val"), epochs=1, max_steps_per_epoch=1))
+
+
+def test_objective_distils_with_the_mode_alpha_and_temperature_given():
+    """--distill soft, --distill-alpha and --distill-tau reach the loss (hard distillation at tau 1 trained instead,
+    with nothing said)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    cls, dist, teacher = (torch.randn(4, 10, generator=g) for _ in range(3))
+    y = torch.tensor([0, 3, 9, 3])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return teacher
+
+    _, loss = loop._objective(TrainConfig(model="m", data="d", teacher="t", distill="soft", distill_alpha=0.3,
+                                          distill_tau=2.0, mixup=0, cutmix=0, label_smoothing=0), 10, Fixed())
+    kd = F.kl_div((dist / 2).log_softmax(1), (teacher / 2).log_softmax(1), reduction="sum", log_target=True) * 4 / 40
+    torch.testing.assert_close(loss(None, (cls, dist), y), 0.7 * F.cross_entropy(cls, y) + 0.3 * kd)
+
+
+def test_an_evit_keep_rate_shrink_alone_starts_at_once_and_lasts_its_epochs(tmp_path, monkeypatch):
+    """--keep-rate-shrink-epochs without --keep-rate-start-epoch (0: from the first step) schedules the cosine from 1
+    down to the target over that many epochs."""
+    from leanvit.compress.tokens import evit
+
+    seen, warmup = [], evit.keep_rate_warmup
+
+    def recording_warmup(model, **kwargs):
+        hook = warmup(model, **kwargs)
+        return lambda step: seen.append(hook(step)) or seen[-1]
+
+    monkeypatch.setattr(loop, "keep_rate_warmup", recording_warmup)
+    fit(_config(tmp_path, "evit", model="deit_tiny_patch16_224", model_kwargs={**TINY, "depth": 10}, epochs=2,
+                max_steps_per_epoch=2, tokens="evit:0.5", keep_rate_shrink_epochs=2))
+    assert seen == [evit.keep_rate_at(step, 2, 0.5, start_epoch=0, shrink_epochs=2) for step in range(4)]
+    assert seen[0] == 1.0 and 0.5 < seen[3] < seen[2] < seen[1] < 1.0
+
+
+def test_a_run_from_before_the_weights_record_resumes_without_claiming_its_files(tmp_path):
+    """A run saved before ``inputs`` existed cannot say which teacher file it started from: a resume keeps no record
+    rather than record today's file as the start's."""
+    path, _ = _teacher(tmp_path)
+    kd = dict(max_steps_per_epoch=1, teacher="deit_tiny_patch16_224", teacher_checkpoint=str(path), mixup=0, cutmix=0)
+    fit(_config(tmp_path, "kd", epochs=1, **kd))
+    state_file = tmp_path / "kd" / "epoch-0000" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("inputs").keys() == {"teacher_checkpoint"}
+    state_file.write_text(json.dumps(state))
+    fit(_config(tmp_path, "kd", epochs=2, resume=True, **kd))
+    assert json.loads((tmp_path / "kd" / "epoch-0001" / "state.json").read_text())["inputs"] == {}
+
+
+def test_a_resume_on_other_data_than_a_bundled_datasets_name_is_refused(tmp_path):
+    """A saved --data that names no folder (the bundled subset's name) is compared by its words: a resume on a folder
+    of other images, with as many classes, would go on training on them."""
+    from leanvit.data import bundled_cifar10
+
+    for i in range(20):
+        (tmp_path / "data" / f"c{i % 10}").mkdir(parents=True, exist_ok=True)
+        bundled_cifar10()[i][0].save(tmp_path / "data" / f"c{i % 10}" / f"{i}.png")
+    fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1))
+    with pytest.raises(LeanvitError, match=rf"different settings \(data: 'cifar10-test500' .*-> '{tmp_path}/data'"):
+        fit(_config(tmp_path, "run", data=str(tmp_path / "data"), epochs=2, max_steps_per_epoch=1, resume=True))
+
+
+def test_init_checkpoint_without_classes_and_another_head_size_starts_a_new_classifier(tmp_path, capsys):
+    """A checkpoint that names no classes keeps its classifier where it fits; where its size differs (a 5-class head
+    for 10 classes) the rest is loaded and the classifier re-initialised, said in the log."""
+    import timm
+
+    kwargs = {**TINY, "num_classes": 5}
+    torch.manual_seed(123)
+    init = timm.create_model("deit_tiny_distilled_patch16_224", **kwargs).state_dict()
+    save_weights(tmp_path / "init.safetensors", init, {"model": "deit_tiny_distilled_patch16_224",
+                                                       "model_kwargs": kwargs})
+    tiny_lr = dict(lr=1e-12, warmup_lr=1e-12, min_lr=1e-12, weight_decay=0.0)
+    fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1, init_checkpoint=str(tmp_path / "init.safetensors"),
+                **tiny_lr))
+    weights = read_checkpoint(tmp_path / "run" / "model.safetensors")[0]
+    assert weights["head.weight"].shape == (10, 16)
+    torch.testing.assert_close(weights["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
+    assert "classifier re-initialised (its size differs)" in capsys.readouterr().err
+
+
+def test_the_default_warmup_is_announced_only_when_a_short_run_caps_it(capsys):
+    """The log line says that the run's warm-up is shorter than the default: at 50 epochs and more it is the default,
+    and nothing is said."""
+    assert loop._warmup_epochs(TrainConfig(model="m", data="d", epochs=50), None, announce=True) == 5
+    assert loop._warmup_epochs(TrainConfig(model="m", data="d", epochs=20), None, announce=True) == 2
+    assert capsys.readouterr().err.count("warm-up:") == 1
+
+
+def test_a_checkpoint_save_left_half_written_by_a_killed_run_is_replaced(tmp_path):
+    """A run killed while saving leaves its temporary folder: the resumed (or restarted) run writes over it."""
+    stale = tmp_path / "run" / ".epoch-0000.tmp"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half written")
+    fit(_config(tmp_path, "run", epochs=1, max_steps_per_epoch=1))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ema.safetensors", "epoch-0000",
+                                                                    "model.safetensors"]
+    read_checkpoint(tmp_path / "run" / "epoch-0000")
