@@ -914,3 +914,48 @@ def test_a_checkpoint_save_left_half_written_by_a_killed_run_is_replaced(tmp_pat
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ema.safetensors", "epoch-0000",
                                                                     "model.safetensors"]
     read_checkpoint(tmp_path / "run" / "epoch-0000")
+
+
+def test_the_seed_sets_the_initial_weights_the_data_order_and_the_augmentations(tmp_path, monkeypatch):
+    """--seed is the seed of initialisation, data order and augmentation: another seed changes all three."""
+    datasets, open_dataset = [], loop.open_dataset
+    monkeypatch.setattr(loop, "open_dataset", lambda *a, **k: datasets.append(_AskedFor(open_dataset(*a, **k)))
+                        or datasets[-1])
+    initial, create = [], loop.create_model
+
+    def recording(*args, **kwargs):
+        model = create(*args, **kwargs)
+        initial.append({k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()})
+        return model
+
+    monkeypatch.setattr(loop, "create_model", recording)
+    for seed in (0, 1):
+        fit(_config(tmp_path, f"seed{seed}", seed=seed, epochs=1, max_steps_per_epoch=None, mixup=0, cutmix=0,
+                    ema_decay=None))
+    (a, b), (first, second) = datasets, initial
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert [i for i, _ in a.asked] != [i for i, _ in b.asked]
+    assert all(x != y for x, y in zip(a.asked[0][1], b.asked[0][1]))  # Python's, NumPy's and torch's draws
+
+
+def test_a_batch_of_images_that_all_fail_to_decode_stops_the_run_with_the_reason(tmp_path):
+    from leanvit.data import CorruptImageWarning
+
+    for i in range(8):
+        (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / f"c{i % 2}" / f"{i}.png").write_bytes(b"not an image")
+    with pytest.warns(CorruptImageWarning), pytest.raises(
+            LeanvitError, match="Every image of a training batch failed to decode; see the warnings above"):
+        fit(_config(tmp_path, "run", data=str(tmp_path / "data"), epochs=1))
+
+
+def test_run_records_its_init_checkpoints_file(tmp_path):
+    """The initial weights are pinned by their sha256 as the teacher's are."""
+    import hashlib
+
+    path, _ = _teacher(tmp_path)  # a 10-class DeiT checkpoint
+    fit(_config(tmp_path, "run", model="deit_tiny_patch16_224", epochs=1, max_steps_per_epoch=1,
+                init_checkpoint=str(path)))
+    inputs = json.loads((tmp_path / "run" / "epoch-0000" / "state.json").read_text())["inputs"]
+    assert inputs == {"init_checkpoint": {"file": str(path.resolve()),
+                                          "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}}
