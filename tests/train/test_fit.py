@@ -959,3 +959,24 @@ def test_run_records_its_init_checkpoints_file(tmp_path):
     inputs = json.loads((tmp_path / "run" / "epoch-0000" / "state.json").read_text())["inputs"]
     assert inputs == {"init_checkpoint": {"file": str(path.resolve()),
                                           "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}}
+
+
+def test_an_infinite_loss_stops_the_run_as_a_nan_does(tmp_path, monkeypatch):
+    """An overflow gives inf before any NaN: the run stops there, not at the NaN a later step makes of it."""
+    objective = loop._objective
+
+    def infinite(*args):
+        mixup, loss_fn = objective(*args)
+        return mixup, lambda *a: loss_fn(*a) * float("inf")
+
+    monkeypatch.setattr(loop, "_objective", infinite)
+    with pytest.raises(LeanvitError, match=r"The loss is inf at epoch 0, step 1: training diverged"):
+        fit(_config(tmp_path, "run", epochs=1))
+
+
+def test_a_teacher_whose_class_count_is_not_known_before_its_download_is_checked_after():
+    """pretrained_num_classes is None where timm's config does not say: the check waits for the model itself."""
+    cfg = TrainConfig(model="m", data="d", teacher="t")
+    loop._check_teacher_classes(cfg, None, ["a", "b"])
+    with pytest.raises(LeanvitError, match="The teacher t has 3 classes but d has 2"):
+        loop._check_teacher_classes(cfg, 3, ["a", "b"])
