@@ -440,6 +440,7 @@ def test_an_engine_failing_in_its_warm_up_fails_its_row_with_the_errors_type(mon
     assert f32.ran and f32.latency_ms_median > 0 and f32.peak_rss_mb is not None
     assert bf16.error == "RuntimeError: warm-up crashed (test)"
     assert bf16.peak_rss_mb is None and bf16.latency_ms_median is None and bf16.iterations == 0
+    assert bf16.rss_baseline_mb is None  # (it kept the baseline read before its warm-up, without a peak)
 
 
 def test_a_rows_mean_min_and_iqr_are_its_timings(monkeypatch):

@@ -306,6 +306,7 @@ def _time_side_by_side(loaded: dict[str, tuple[BenchRow, Runner]], x_np, cfg: Be
             time_calls(lambda: runner(x_np), replace(cfg.budget, budget_s=0.0, min_iters=1, max_iters=1))
         except Exception as e:  # noqa: BLE001 - one engine failing must not hide the others
             _failed(row, e)
+            row.rss_baseline_mb = None  # a failed row has no figures: no baseline without its peak
             del loaded[key]
             continue
         row.peak_rss_mb = peak_rss_mb()
