@@ -118,3 +118,38 @@ def test_the_input_size_check_leaves_batchnorm_statistics_and_the_mode_alone():
     out = check_input_size(model, {"input_size": (3, 8, 8)}, "toy")  # BatchNorm1d on one image: fine in eval
     assert out.shape == (1, 8) and model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_dropped_pixels_are_warned_of_when_only_the_rows_or_only_the_columns_are_cut_by_non_square_patches():
+    """The check of dropped pixels reads the patch height for the rows and the patch width for the columns, and warns
+    where either side leaves a remainder, not only both."""
+    from leanvit.data import check_input_size
+    from leanvit.errors import LeanvitWarning
+
+    def deit(height: int, width: int) -> torch.nn.Module:  # built for the size: the conv cuts whole patches
+        return timm.create_model("deit_tiny_patch16_224", img_size=(height, width), patch_size=(8, 12), depth=1,
+                                 embed_dim=16, num_heads=2)
+
+    with pytest.warns(LeanvitWarning, match=r"cuts 44x48 inputs into 8x12 patches and drops the last 4 pixel rows: "
+                                            r"it computes as at 40x48\. Use inputs whose sides are multiples of 8 and "
+                                            r"12\.") as caught:
+        check_input_size(deit(44, 48), {"input_size": (3, 44, 48)}, "deit")
+    assert "columns" not in str(caught[0].message)  # 48 is a multiple of 12 (of 8 too: not what is read)
+    with pytest.warns(LeanvitWarning, match=r"cuts 40x44 inputs into 8x12 patches and drops the last 8 pixel "
+                                            r"columns: it computes as at 40x36"):
+        check_input_size(deit(40, 44), {"input_size": (3, 40, 44)}, "deit")
+
+
+def test_a_model_of_other_input_channels_than_rgb_is_told_to_drop_in_chans_not_to_change_the_size():
+    from leanvit.data import check_input_size
+    from leanvit.errors import InputSizeError
+
+    gray = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2,
+                             in_chans=1)
+    with pytest.raises(InputSizeError, match=r"gray does not run on 3x32x32 inputs \(.*\)\. It takes 1-channel images "
+                                             r"and the pre-processing gives 3 \(RGB\): use a model built for 3 channels "
+                                             r"\(drop the in_chans model kwarg\)\.$"):
+        check_input_size(gray, {"input_size": (3, 32, 32)}, "gray")
+    rgb = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2)
+    with pytest.raises(InputSizeError, match=r"add --model-kwargs '\{\"img_size\": 48\}'"):
+        check_input_size(rgb, {"input_size": (3, 48, 48)}, "rgb")
