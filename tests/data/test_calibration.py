@@ -94,5 +94,6 @@ def test_an_eval_set_of_image_files_without_calibration_images_is_kept_without_a
     for name in ("calib/a.png", "calib/b.png", "eval/c.png", "eval/d.png"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / name)
-    evalset, calibset = open_dataset(tmp_path / "eval", unlabelled=True), open_dataset(tmp_path / "calib", unlabelled=True)
+    evalset = open_dataset(tmp_path / "eval", unlabelled=True)
+    calibset = open_dataset(tmp_path / "calib", unlabelled=True)
     assert without_calibration_images(evalset, calibset, [0, 1], tmp_path / "eval") == (evalset, None)

@@ -522,3 +522,137 @@ def test_distributed_training_loaders_split_the_global_batches_of_one_process_be
     ranks = [_train_order(data, 1, monkeypatch, world=2, rank=r, seed=5) for r in (0, 1)]
     assert [len(r) for r in ranks] == [3, 3]
     assert [a + b for a, b in zip(*ranks)] == single
+
+
+def test_not_read_files_are_counted_by_type_in_any_case_of_extension(tmp_path):
+    _write_images(tmp_path, ["cat/a.png", "cat/b.PSD", "cat/c.psd", "cat/d.Psd"])
+    with pytest.warns(IgnoredFilesWarning, match=r"3 file\(s\) not read, not an image type by name \(\.psd 3\)"):
+        open_dataset(tmp_path)
+
+
+def test_32_bit_integer_images_scale_by_their_range_and_float_images_beyond_one_are_read_as_0_to_255(tmp_path):
+    """Mode I holds 8-bit levels (kept) or 16-bit ones (scaled from 65535); a float image in [0, 255] is not one in
+    [0, 1] (which would turn it all white)."""
+    levels = np.arange(64).reshape(8, 8)
+    (tmp_path / "x").mkdir()
+    Image.fromarray((levels * 1000).astype(np.int32)).save(tmp_path / "x" / "i16.tif")  # mode I, up to 63000
+    Image.fromarray((levels * 4).astype(np.int32)).save(tmp_path / "x" / "i8.tif")  # mode I, up to 252
+    Image.fromarray((levels * 4.0).astype(np.float32)).save(tmp_path / "x" / "f255.tif")  # mode F, up to 252
+    ds = open_dataset(tmp_path, unlabelled=True)
+    by_name = {Path(path).name: np.asarray(ds[i][0]) for i, (path, _) in enumerate(ds.samples)}
+    assert {Image.open(tmp_path / "x" / n).mode for n in ("i16.tif", "i8.tif")} == {"I"}
+    np.testing.assert_array_equal(by_name["i16.tif"][..., 0], np.rint(levels * 1000 * 255 / 65535))
+    np.testing.assert_array_equal(by_name["i8.tif"][..., 1], levels * 4)
+    np.testing.assert_array_equal(by_name["f255.tif"][..., 2], levels * 4)
+
+
+def test_an_image_folder_without_any_class_folder_says_so(tmp_path):
+    from leanvit.data.datasets import ImageFolderDataset
+
+    _write_images(tmp_path, ["a.png"])
+    (tmp_path / ".cache").mkdir()
+    with pytest.raises(LeanvitError, match=r"has no class folder; expected root/<class>/<image>\.$"):
+        ImageFolderDataset(tmp_path)
+
+
+def test_label_file_samples_and_unlabelled_images_are_in_file_name_order(tmp_path):
+    """Whatever the label file's order or the folder listing's, so a dataset's indices name the same images."""
+    names = [f"x{i:02d}.png" for i in (7, 3, 11, 0, 5, 9, 1, 10, 2, 8, 4, 6)]
+    _write_images(tmp_path / "val", names)
+    (tmp_path / "labels.txt").write_text("".join(f"{name} {i % 3}\n" for i, name in enumerate(names)))
+    ds = open_dataset(tmp_path / "val", labels=tmp_path / "labels.txt")
+    assert [Path(p).name for p, _ in ds.samples] == sorted(names)
+    assert ds.targets == [names.index(name) % 3 for name in sorted(names)]
+    flat = open_dataset(tmp_path / "val", unlabelled=True)
+    assert [Path(p).name for p, _ in flat.samples] == sorted(names) and flat.targets == [0] * 12
+
+
+@pytest.mark.parametrize("name", ["data.zip", "data.tgz", "data.tar"])
+def test_every_archive_type_says_extract(tmp_path, name):
+    (tmp_path / name).write_bytes(b"archive")
+    with pytest.raises(LeanvitError, match=r"is a file; expected a folder\. Extract it first"):
+        open_dataset(tmp_path / name)
+    (tmp_path / "image.png").write_bytes(b"image")
+    with pytest.raises(LeanvitError, match=r"is a file; expected a folder\.$"):
+        open_dataset(tmp_path / "image.png")
+
+
+def test_a_root_of_split_folders_alone_is_split_even_when_they_hold_no_class_folder(tmp_path):
+    """train/ and test/ of unlabelled images (Kaggle's test split): calibration reads the split, not two classes."""
+    _write_images(tmp_path, ["train/1.png", "train/2.png", "test/3.png"])
+    for train, count in ((True, 2), (False, 1)):
+        ds = open_dataset(tmp_path, train=train, unlabelled=True)
+        assert len(ds) == count and ds.classes == ["unlabelled"]
+    with pytest.raises(LeanvitError, match=r"test holds 1 images but no class folders"):
+        open_dataset(tmp_path)
+
+
+def test_a_split_named_folder_beside_folders_whose_images_sit_in_sub_folders_reads_two_ways(tmp_path):
+    _write_images(tmp_path, ["cat/part1/a.png", "dog/part1/b.png", "val/crops/c.png"])
+    with pytest.raises(LeanvitError, match=r"reads two ways: val holds only sub-folders with images, .*; beside it, 2 "
+                                           r"other folder\(s\) with images \(cat, dog\) would be classes"):
+        open_dataset(tmp_path)
+
+
+def test_a_folder_named_like_an_image_is_a_class_not_an_image(tmp_path):
+    _write_images(tmp_path, ["b/1.png", "logo.png/2.png"])
+    for unlabelled in (False, True):
+        ds = open_dataset(tmp_path, unlabelled=unlabelled)
+        assert ds.classes == ["b", "logo.png"] and ds.targets == [0, 1]
+
+
+def test_label_csv_class_names_keep_their_spaces_and_blank_spreadsheet_rows_are_skipped(tmp_path):
+    _write_images(tmp_path / "val", ["x1.png", "x2.png"])
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\nx1.png,tabby cat\nx2.png,golden retriever\n,\n,,\n")
+    ds = open_dataset(tmp_path / "val", labels=labels)
+    assert ds.classes == ["golden retriever", "tabby cat"] and ds.targets == [1, 0]
+
+
+def test_a_long_list_of_images_without_a_label_names_five_and_counts_the_rest(tmp_path):
+    _write_images(tmp_path / "val", [f"x{i}.png" for i in range(8)])
+    (tmp_path / "labels.txt").write_text("x0.png 0\n")
+    with pytest.raises(LeanvitError, match=r"7 image\(s\) without a label \(x1\.png, x2\.png, x3\.png, x4\.png, "
+                                           r"x5\.png, \.\.\. \(2 more\)\)\. Pass the label file"):
+        open_dataset(tmp_path / "val", labels=tmp_path / "labels.txt")
+
+
+def test_dataset_classes_of_a_subset_of_a_subset(tmp_path):
+    from torch.utils.data import Subset
+
+    from leanvit.data import dataset_classes
+
+    _write_images(tmp_path, ["cat/a.png", "dog/b.png", "eel/c.png"])
+    ds = open_dataset(tmp_path)
+    assert dataset_classes(Subset(Subset(ds, [1, 2]), [0])) == ["cat", "dog", "eel"]
+
+
+def test_an_unreadable_calibration_image_matches_no_unreadable_eval_image(tmp_path, monkeypatch):
+    """Two files of one size that cannot be read are not copies of each other (no bytes compared)."""
+    from torch.utils.data import Subset
+
+    from leanvit.data import shared_images
+
+    _write_images(tmp_path / "calib", ["cat/0.png"])
+    _write_images(tmp_path / "eval", ["cat/1.png"], seed=1)  # the same size (8x8 random PNG), other pixels
+    (tmp_path / "eval" / "cat" / "2.png").write_bytes((tmp_path / "calib" / "cat" / "0.png").read_bytes())
+
+    def read_bytes(path: Path, read=Path.read_bytes) -> bytes:
+        if path.name in ("0.png", "1.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return read(path)
+
+    calib, evalset = open_dataset(tmp_path / "calib"), open_dataset(tmp_path / "eval")
+    assert (tmp_path / "eval" / "cat" / "1.png").stat().st_size == (tmp_path / "calib" / "cat" / "0.png").stat().st_size
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    assert shared_images(evalset, Subset(calib, [0])) == []
+
+
+def test_calibration_images_come_with_their_labels(tmp_path):
+    from leanvit.data import calibration_images
+
+    _write_images(tmp_path, [f"{c}/{i}.png" for c in ("cat", "dog", "eel") for i in range(3)])
+    ds = open_dataset(tmp_path, transform=lambda im: torch.from_numpy(np.asarray(im).copy()))
+    found = calibration_images(ds, 7, batch_size=3, seed=1)
+    assert torch.cat(found.labels).tolist() == [ds.targets[i] for i in found.indices]
+    assert sorted(set(torch.cat(found.labels).tolist())) == [0, 1, 2] and [len(b) for b in found.labels] == [3, 3, 1]

@@ -146,9 +146,9 @@ def test_a_model_of_other_input_channels_than_rgb_is_told_to_drop_in_chans_not_t
 
     gray = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2,
                              in_chans=1)
-    with pytest.raises(InputSizeError, match=r"gray does not run on 3x32x32 inputs \(.*\)\. It takes 1-channel images "
-                                             r"and the pre-processing gives 3 \(RGB\): use a model built for 3 channels "
-                                             r"\(drop the in_chans model kwarg\)\.$"):
+    with pytest.raises(InputSizeError, match=r"gray does not run on 3x32x32 inputs \(.*\)\. It takes 1-channel "
+                                             r"images and the pre-processing gives 3 \(RGB\): use a model built for 3 "
+                                             r"channels \(drop the in_chans model kwarg\)\.$"):
         check_input_size(gray, {"input_size": (3, 32, 32)}, "gray")
     rgb = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2)
     with pytest.raises(InputSizeError, match=r"add --model-kwargs '\{\"img_size\": 48\}'"):
