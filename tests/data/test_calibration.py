@@ -40,6 +40,8 @@ def test_small_class_leaves_its_share_to_the_others():
 def test_size_out_of_range():
     with pytest.raises(LeanvitError, match="calibration size"):
         calibration_subset(_dataset([3, 3]), 7)
+    with pytest.raises(LeanvitError, match="calibration size"):
+        calibration_subset(_dataset([3, 3]), 0)
 
 
 def test_the_draw_is_random_within_a_class_and_over_the_classes():
@@ -97,3 +99,13 @@ def test_an_eval_set_of_image_files_without_calibration_images_is_kept_without_a
     evalset = open_dataset(tmp_path / "eval", unlabelled=True)
     calibset = open_dataset(tmp_path / "calib", unlabelled=True)
     assert without_calibration_images(evalset, calibset, [0, 1], tmp_path / "eval") == (evalset, None)
+
+
+def test_a_subset_is_balanced_over_its_own_samples_classes():
+    from torch.utils.data import Subset
+
+    ds = _dataset([10, 10, 10])
+    subset = Subset(ds, [10, *range(20, 30)])  # one image of class 1, ten of class 2
+    for seed in range(5):
+        drawn = calibration_subset(subset, 2, seed=seed)
+        assert Counter(ds.targets[subset.indices[i]] for i in drawn.indices) == {1: 1, 2: 1}

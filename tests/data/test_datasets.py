@@ -296,9 +296,12 @@ def test_cifar10_python_pickles(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(test[2][0]), expected)
     train = open_dataset(root, train=True)
     assert len(train) == 20
+    from torch.utils.data import Subset
+
     from leanvit.data import shared_images
 
     assert shared_images(test, open_dataset(tmp_path, train=False)) == [0, 1, 2, 3]  # the same pixels, compared
+    assert shared_images(test, Subset(test, [2])) == [2]  # each row's own pixels
     assert shared_images(test, train) == []
 
 
@@ -656,3 +659,44 @@ def test_calibration_images_come_with_their_labels(tmp_path):
     found = calibration_images(ds, 7, batch_size=3, seed=1)
     assert torch.cat(found.labels).tolist() == [ds.targets[i] for i in found.indices]
     assert sorted(set(torch.cat(found.labels).tolist())) == [0, 1, 2] and [len(b) for b in found.labels] == [3, 3, 1]
+
+
+def test_label_files_mixing_names_and_numbers_are_names_and_indices_stay_within_the_classes_given(tmp_path):
+    _write_images(tmp_path / "val", ["x1.png", "x2.png"])
+    labels = tmp_path / "labels.txt"
+    labels.write_text("x1.png cat\nx2.png 3\n")
+    assert open_dataset(tmp_path / "val", labels=labels).classes == ["3", "cat"]
+    labels.write_text("x1.png 0\nx2.png 3\n")  # 3 is a model's output, but not one of the two classes named
+    with pytest.raises(LeanvitError, match=r"1 label\(s\) \(3\) outside the 2 classes its indices index"):
+        open_dataset(tmp_path / "val", labels=labels, classes=["a", "b"], num_classes=5)
+
+
+def test_imagenet_loc_csv_with_spaced_header_and_an_image_without_boxes(tmp_path):
+    _write_images(tmp_path / "val", ["x1.JPEG", "x2.JPEG"])
+    loc = tmp_path / "LOC_val_solution.csv"
+    loc.write_text("ImageId, PredictionString\nx1,n02 1 2 3 4\nx2,n01 5 6 7 8\n")  # the header's space: still LOC
+    assert open_dataset(tmp_path / "val", labels=loc).classes == ["n01", "n02"]
+    loc.write_text("ImageId,PredictionString\nx1,n02 1 2 3 4\nx2,\n")
+    with pytest.raises(LeanvitError, match=r"LOC_val_solution.csv:3: expected 'filename label', got 'x2,'"):
+        open_dataset(tmp_path / "val", labels=loc)
+
+
+def test_a_stale_label_file_in_the_folder_is_counted_as_not_read_when_another_is_passed(tmp_path):
+    _write_images(tmp_path / "val", ["x1.png"])
+    (tmp_path / "val" / "labels.txt").write_text("old.png 0\n")
+    (tmp_path / "labels.txt").write_text("x1.png 0\n")
+    with pytest.warns(IgnoredFilesWarning, match=r"1 file\(s\) not read, not an image type by name \(\.txt 1\)"):
+        assert len(open_dataset(tmp_path / "val", labels=tmp_path / "labels.txt")) == 1
+
+
+def test_calibration_images_try_the_last_untried_image_for_one_that_did_not_decode(tmp_path):
+    from leanvit.data import calibration_images, calibration_subset
+
+    _write_images(tmp_path, ["cat/0.png", "cat/1.png", "cat/2.png"])
+    (tmp_path / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    ds = open_dataset(tmp_path, transform=lambda im: torch.from_numpy(np.asarray(im).copy()))
+    broken = next(i for i, (path, _) in enumerate(ds.samples) if path.endswith("broken.png"))
+    seed = next(s for s in range(100) if broken in calibration_subset(ds, 3, seed=s).indices)
+    with pytest.warns(CorruptImageWarning):
+        found = calibration_images(ds, 3, seed=seed)
+    assert (sorted(found.indices), found.skipped) == (sorted(set(range(4)) - {broken}), 1)

@@ -1,6 +1,8 @@
 """Pre-processing comes from the model's timm config, never from constants in leanvit."""
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import timm
@@ -153,3 +155,15 @@ def test_a_model_of_other_input_channels_than_rgb_is_told_to_drop_in_chans_not_t
     rgb = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2)
     with pytest.raises(InputSizeError, match=r"add --model-kwargs '\{\"img_size\": 48\}'"):
         check_input_size(rgb, {"input_size": (3, 48, 48)}, "rgb")
+
+
+def test_random_erasing_fills_its_box_with_noise_by_default_as_deit():
+    config = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+              "crop_pct": 1.0, "crop_mode": "center"}
+    image = Image.new("RGB", (32, 32), (128, 128, 128))
+    random.seed(0)
+    torch.manual_seed(0)
+    erased = [build_transform(config, train=True, re_prob=1.0)(image) for _ in range(3)]
+    assert all(x.unique().numel() > 20 for x in erased)  # per-pixel normal noise (a box of 2% at least), not a constant
+    const = build_transform(config, train=True, re_prob=1.0, re_mode="const")(image)
+    assert const.unique().numel() < 10
