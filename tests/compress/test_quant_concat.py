@@ -192,7 +192,8 @@ def test_a_concatenation_in_the_models_own_forward_quantizes_as_without_the_opti
     assert nhwc_concats(model, torch.randn(1, 5, 5, 4)) == {"": ("conv",)}
     config = QuantConfig.recipe("mse", "w8a8", target="vnni", engine="openvino")
     calib = torch.randn(16, 5, 5, 4)
-    qmodels = [quantize(model, calib, replace(config, int8_nhwc_concats=flag), progress=False) for flag in (True, False)]
+    qmodels = [quantize(model, calib, replace(config, int8_nhwc_concats=flag), progress=False)
+               for flag in (True, False)]
     report = qmodels[0].quant_report
     assert not report.int8_concats and "conv" in report.quantized and "conv" not in report.float_layers
     x = torch.randn(2, 5, 5, 4)
