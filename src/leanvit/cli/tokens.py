@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from timm.layers import to_2tuple
+
 from ..checkpoint import model_from_checkpoint
 from ..data import (
     build_transform, check_input_size, dataset_classes,
@@ -114,7 +116,7 @@ def _search_batches(args: argparse.Namespace, model, meta: dict, calibset, calib
 
 def _print_summary(args: argparse.Namespace, result: dict) -> None:
     """The human-readable lines of what ``run`` measured (``--json`` prints ``result`` instead)."""
-    height, width = result["img_size"] if isinstance(result["img_size"], list) else (result["img_size"],) * 2
+    height, width = to_2tuple(result["img_size"])
     print(f"model    {args.model} @ {height}x{width}"
           + (f"  ({args.checkpoint})" if args.checkpoint else ""))
     print(f"method   {result['method']}")

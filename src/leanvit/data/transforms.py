@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from timm.data import create_transform, resolve_model_data_config
+from timm.layers import to_2tuple
 
 from ..errors import InputSizeError, warn
 from ..modes import eval_mode
@@ -25,7 +26,7 @@ def resolve_data_config(model: nn.Module, *, img_size: int | tuple[int, int] | N
     ``test_crop_pct`` where it has them, as timm's ``validate.py`` scores its published top-1). ``img_size``
     (a side, or a (height, width) pair) and ``crop_pct`` override either and keep the rest, so a checkpoint
     evaluated at another resolution keeps its own crop and statistics."""
-    pair = None if img_size is None else tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size,) * 2
+    pair = None if img_size is None else to_2tuple(img_size)
     if saved:
         config = dict(saved)
         if pair is not None:
