@@ -19,6 +19,7 @@ from leanvit.compress.quant import (
 )
 from leanvit.deploy import check_agreement, get_engine
 from leanvit.errors import LeanvitError
+from random_vit import randomised
 
 torch.set_num_threads(1)
 #: An engine's float ops (GEMM, softmax, GELU) sum in another order than PyTorch's, so a value within float error of a
@@ -789,17 +790,10 @@ def test_efficientformerv2_qk_quantized_where_the_convs_write_them(tmp_path):
     assert float_reorders["shared"] < float_reorders["separate"], float_reorders
 
 
-def _random_norms(attn):
-    for norm in (m for m in attn.modules() if isinstance(m, nn.LayerNorm)):
-        nn.init.normal_(norm.weight)
-        nn.init.normal_(norm.bias)
-    return attn
-
-
 def test_quant_attention_computes_timm_masks_and_norms():
     """Additive, boolean and causal masks, q/k norms and the output norm, as timm's unfused path computes them (the
     norms away from their init, where q's and k's are the same function and the output's the identity)."""
-    attn = _random_norms(small_attention(qk_norm=True, scale_norm=True, norm_layer=nn.LayerNorm, gated=True))
+    attn = randomised(small_attention(qk_norm=True, scale_norm=True, norm_layer=nn.LayerNorm, gated=True))
     qattn = QuantAttention.from_float(attn, 8)
     x = torch.randn(2, 10, 32)
     masks = [{}, {"attn_mask": torch.randn(10, 10)}, {"attn_mask": (torch.rand(10, 10) > 0.5) | torch.eye(10).bool()},
@@ -813,7 +807,7 @@ def test_quant_attention_computes_timm_masks_and_norms():
 
 def test_shared_qkv_quantizer_is_not_used_with_qk_norms():
     """The norms sit between the qkv projection and the q/k quantizers: no shared quantizer, the output unchanged."""
-    attn = _random_norms(small_attention(qk_norm=True, norm_layer=nn.LayerNorm))
+    attn = randomised(small_attention(qk_norm=True, norm_layer=nn.LayerNorm))
     qattn = QuantAttention.from_float(attn, 8)
     x = torch.randn(4, 10, 32)
     with torch.no_grad():
