@@ -317,3 +317,116 @@ def test_train_needs_its_data(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", MODEL, "--model-kwargs", json.dumps(KWARGS)])
     assert exit_.value.code == 2 and "the following arguments are required: --data" in capsys.readouterr().err
+
+
+def _fake_fit(monkeypatch, epochs):
+    """``fit`` replaced: the configuration the command line gave, and a run that logged ``epochs``."""
+    import leanvit.cli.train
+    from leanvit.train.loop import TrainResult
+
+    configs = []
+    monkeypatch.setattr(leanvit.cli.train, "fit",
+                        lambda cfg: configs.append(cfg) or TrainResult("runs/x", epochs=epochs))
+    monkeypatch.delenv("RANK", raising=False)
+    return configs
+
+
+def test_train_flags_become_the_config_and_unset_ones_keep_its_defaults(monkeypatch):
+    """A flag not given leaves the field's default (--amp and --progress on), a --no- flag turns one off."""
+    from leanvit.train import TrainConfig
+
+    configs = _fake_fit(monkeypatch, [{"epoch": 0, "loss": 1.0}])
+    assert main(["train", MODEL, "--data", "d"]) == 0
+    assert configs.pop() == TrainConfig(model=MODEL, data="d")
+    assert main(["train", MODEL, "--data", "d", "--epochs", "3", "--warmup-epochs", "0.5", "--no-amp", "--pretrained",
+                 "--model-kwargs", '{"img_size": 32}', "--randaug", "rand-m7"]) == 0
+    assert configs.pop() == TrainConfig(model=MODEL, data="d", epochs=3, warmup_epochs=0.5, amp=False, pretrained=True,
+                                        model_kwargs={"img_size": 32}, randaug="rand-m7")
+
+
+@pytest.mark.parametrize("text, message", [("{img_size: 32}", "not valid JSON"),
+                                           ("32", "expected a JSON object like '{\"img_size\": 32}', got 32")])
+def test_model_kwargs_that_are_not_a_json_object_are_usage_errors(text, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", MODEL, "--data", "d", "--model-kwargs", text])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_reports_the_last_of_several_epochs(monkeypatch, capsys):
+    """Without --val-data there is no top-1 to print; the count, the loss and --json's log are the whole run's."""
+    epochs = [{"epoch": 0, "loss": 2.5}, {"epoch": 1, "loss": 1.25}, {"epoch": 2, "loss": 0.75}]
+    _fake_fit(monkeypatch, epochs)
+    assert main(["train", MODEL, "--data", "d"]) == 0
+    assert capsys.readouterr().out == f"trained {MODEL}: 3 epochs, last loss 0.7500; weights in runs/x\n"
+    assert main(["train", MODEL, "--data", "d", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"output": "runs/x", "epochs": epochs}
+
+
+def _fake_evaluate(monkeypatch, result):
+    """``evaluate`` replaced by ``result`` (no image decoded); returns what it and ``make_loader`` were called with."""
+    import leanvit.cli.eval
+
+    calls, make_loader = {}, leanvit.cli.eval.make_loader
+    monkeypatch.setattr(leanvit.cli.eval, "make_loader",
+                        lambda *a, **k: calls.setdefault("loader", (a[1:], k)) and make_loader(*a, **k))
+    monkeypatch.setattr(leanvit.cli.eval, "evaluate", lambda *a, **k: calls.setdefault("evaluate", k) and result)
+    return calls
+
+
+def _result(**kwargs):
+    from leanvit.evaluate import EvalResult
+
+    return EvalResult(**{"top1": 12.5, "top5": 55.25, "images": 497, "skipped": 3, "seconds": 2.0,
+                         "images_per_s": 248.5, **kwargs})
+
+
+def test_eval_text_report_line_by_line(trained, monkeypatch, capsys):
+    """Each figure on its own line, the five most confused pairs as true -> predicted; by default batches of 64 read
+    by 2 loader processes, with a progress bar."""
+    confused = [{"true": t, "predicted": p, "count": c} for t, p, c in
+                [("cat", "dog", 9), ("dog", "cat", 7), ("car", "truck", 5), ("deer", "horse", 4), ("ship", "plane", 3),
+                 ("bird", "plane", 2)]]
+    calls = _fake_evaluate(monkeypatch, _result(most_confused=confused))
+    assert main(["eval", MODEL, "--checkpoint", str(trained)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:5] == [f"model    {MODEL}  ({trained})",
+                         "data     cifar10-test500: 497 images, 10 classes, 3 skipped",
+                         "top-1    12.50 %", "top-5    55.25 %",
+                         "speed    248.5 images/s (decode + pre-process + model, batch 64, eager)"]
+    assert lines[6] == ("most confused (true -> predicted): cat -> dog (9), dog -> cat (7), car -> truck (5), "
+                        "deer -> horse (4), ship -> plane (3)")
+    assert calls["loader"] == ((64,), {"workers": 2}) and calls["evaluate"]["progress"] is True
+
+
+def test_eval_json_report_names_what_was_evaluated_and_how(trained, monkeypatch, capsys):
+    """The model, checkpoint, data, batch size and the pre-processing used (--crop-pct over the checkpoint's)."""
+    calls = _fake_evaluate(monkeypatch, _result())
+    assert main(["eval", MODEL, "--checkpoint", str(trained), "--batch-size", "50", "--crop-pct", "0.5",
+                 "--workers", "0", "--no-progress", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {k: report[k] for k in ("model", "checkpoint", "data", "engine", "batch_size", "top5", "skipped")} == {
+        "model": MODEL, "checkpoint": str(trained), "data": "cifar10-test500", "engine": "eager", "batch_size": 50,
+        "top5": 55.25, "skipped": 3}
+    assert report["data_config"]["crop_pct"] == 0.5 and report["data_config"]["input_size"] == [3, 32, 32]
+    assert calls["loader"] == ((50,), {"workers": 0}) and calls["evaluate"]["progress"] is False
+
+
+def test_eval_without_weights_warns_and_pretrained_asks_for_them(monkeypatch):
+    """Random weights are said to be random; --pretrained is passed to the model's creation (faked: no download) and
+    then says nothing, nor does --use-train-size without a leanvit checkpoint, where it does act."""
+    import warnings
+
+    import leanvit.cli.eval
+
+    asked, create_model = [], leanvit.cli.eval.create_model
+    monkeypatch.setattr(leanvit.cli.eval, "create_model",
+                        lambda name, pretrained, **k: asked.append(pretrained) or create_model(name, **k))
+    _fake_evaluate(monkeypatch, _result())
+    argv = ["eval", MODEL, "--model-kwargs", json.dumps({**KWARGS, "num_classes": 10}), "--no-progress", "--workers",
+            "0", "--json"]
+    with pytest.warns(LeanvitWarning, match="no --checkpoint or --pretrained, evaluating random weights"):
+        assert main(argv) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*argv, "--pretrained", "--use-train-size"]) == 0
+    assert asked == [False, True] and not [w for w in caught if issubclass(w.category, LeanvitWarning)]
