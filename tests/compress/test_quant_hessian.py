@@ -1,4 +1,6 @@
 """PTQ4ViT's Hessian-guided range search and HAWQ's Hessian-trace sensitivity, against what they promise."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -643,3 +645,247 @@ def test_the_search_runs_every_batch_and_alternates_the_operand_ranges_for_every
                         lambda error, current, families: searches.append(current) or search(error, current, families))
     hessian.hessian_search(qmodel, [calib], fixed_inputs={"mix.qk", "head"}, rounds=3, progress=False)
     assert len(searches) == 3 * len(QUANTIZERS)
+
+
+@pytest.mark.parametrize("shape", [(10,), (2, 5, 10)])
+def test_the_pseudo_label_loss_needs_batch_by_class_logits(shape):
+    """Logits of one image or of every token have no per-image top-1 class to take as the label: an error naming
+    the shape the model returned, not cross entropy over the wrong dim."""
+    from leanvit.compress.quant.hessian import pseudo_label_loss
+
+    with pytest.raises(LeanvitError, match=r"this model returns " + re.escape(str(shape))):
+        pseudo_label_loss(torch.randn(shape), "hessian_search")
+
+
+class MeanTokens(nn.Module):
+    """Pixels as tokens through ``fc``, averaged into the head; ``dead``'s output reaches the loss times 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.dead, self.head = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)
+        return self.head(torch.tanh(self.fc(t)).mean(1) + 0 * self.dead(t).mean(1))
+
+
+def test_sampled_rows_carry_their_squared_output_gradients_weighted_by_the_draws():
+    """Each sampled row of a layer comes with ``g^2`` at its output (``g`` the pseudo-label loss gradient there), times
+    the times it was drawn over ``keep`` times its draw probability ``|g|^2 / sum |g|^2``: PTQ4ViT's diagonal
+    Fisher weight, estimated without bias. Checked against autograd's gradient at each row's own position."""
+    from leanvit.compress.quant.hessian import _collect
+
+    torch.manual_seed(0)
+    calib = torch.randn(16, 4, 2, 3)
+    qmodel = quantize(MeanTokens().eval(), calib, QuantConfig(), progress=False)
+    found = {}
+    handle = qmodel.fc.register_forward_hook(lambda _, args, out: found.update(x=args[0], out=out.retain_grad() or out))
+    with torch.enable_grad(), quantizers_disabled(qmodel):
+        logits = qmodel(calib)
+        F.cross_entropy(logits, logits.argmax(1), reduction="sum").backward()
+    handle.remove()
+    inputs, g_sq = found["x"].detach().reshape(-1, 4), found["out"].grad.reshape(-1, 6).pow(2)
+    x_rows, weighted = _collect(qmodel, {"fc": qmodel.fc}, [calib], 16, 64, torch.Generator().manual_seed(0))["fc"]
+    index = (x_rows[:, 0, None, :] == inputs).all(-1).float().argmax(1)  # each sampled row's position
+    assert torch.equal(inputs[index], x_rows[:, 0])
+    p = g_sq.sum(1) / g_sq.sum()
+    draws = weighted / (g_sq[index] / (64 * p[index])[:, None])
+    torch.testing.assert_close(draws, draws[:, :1].round().expand(-1, 6), rtol=1e-4, atol=1e-4)
+    assert draws[:, 0].round().sum() == 64
+
+
+def test_a_layer_the_loss_does_not_read_keeps_its_ranges_and_is_not_searched():
+    """A layer whose output reaches the loss times 0 has a zero gradient everywhere: no row to draw (no probability
+    to draw it with), so it keeps its calibrated ranges and is left out of the layers searched."""
+    from leanvit.compress.quant.hessian import hessian_search
+
+    torch.manual_seed(0)
+    calib = torch.randn(16, 4, 2, 3)
+    qmodel = quantize(MeanTokens().eval(), calib, QuantConfig(w_bits=4, a_bits=4), progress=False)
+    before = {n: t.clone() for n, t in qmodel.dead.state_dict().items()}
+    assert hessian_search(qmodel, [calib], progress=False) == ["fc", "head"]
+    assert all(torch.equal(t, qmodel.dead.state_dict()[n]) for n, t in before.items())
+
+
+class InPlace(nn.Module):
+    """``fc2``'s input changed in place after ``fc2`` read it: with frozen weights autograd keeps no copy of it, so
+    nothing else notices that the input rows recorded are not those the layer read."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        t = self.fc1(x.flatten(2).transpose(1, 2))
+        y = self.fc2(t)
+        t.mul_(2)
+        return self.head((y + t).mean(1))
+
+
+def test_an_input_modified_in_place_after_the_layer_read_it_is_an_error():
+    torch.manual_seed(0)
+    model = InPlace().eval().requires_grad_(False)
+    with pytest.raises(RuntimeError, match="the input of fc2 was modified in place"):
+        quantize(model, torch.randn(16, 4, 2, 3), QuantConfig(hessian_search=True), progress=False)
+
+
+def test_the_ratio_search_reaches_small_ratios_but_never_a_zero_scale():
+    """The coarse grid starts at 0.05, so a row whose best ratio is 0.03 gets it from the fine pass; the fine pass's
+    ratios stop at 0.005, however much the error favours smaller ones (a ratio of 0 is a zero scale)."""
+    from leanvit.compress.quant.hessian import _ratio_search
+
+    best = _ratio_search(lambda ratios: (ratios - 0.03).pow(2), torch.ones(1))
+    assert float(best) == pytest.approx(0.03, abs=0.0026)
+    assert _ratio_search(lambda ratios: ratios.pow(2), torch.ones(2)).tolist() == pytest.approx([0.005] * 2)
+
+
+@torch.no_grad()
+def test_each_rounds_weight_search_reads_the_inputs_at_the_range_the_last_input_search_chose(monkeypatch):
+    """The layer search alternates: each round searches the weight ranges against the inputs quantized as they stand
+    (the calibrated range first, then each input search's result), then the input range; ``rounds`` times."""
+    import leanvit.compress.quant.hessian as hessian
+    from leanvit.compress.quant.hessian import _matmul
+    from leanvit.compress.quant.quantizer import FakeQuantizer, QScheme
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(nn.Linear(6, 4), QScheme(4, True, True), QScheme(4, symmetric=False))
+    layer.weight_quantizer.set_range(-layer.weight.abs().amax(1), layer.weight.abs().amax(1))
+    x, grad_sq = torch.randn(32, 1, 6), torch.rand(32, 4)
+    layer.input_quantizer.set_range(x.min(), x.max())
+    chosen = [(torch.tensor([-0.5 * i]), torch.tensor([0.7 * i])) for i in (1, 2, 3)]  # each input search's result
+    costs, inputs = [], iter(chosen)
+    monkeypatch.setattr(hessian, "_ratio_search", lambda error, start: costs.append(error(start[None])[0]) or start)
+    monkeypatch.setattr(hessian, "_input_range_search", lambda error, current, families: next(inputs))
+    w_hat = layer.weight_quantizer(layer.weight)
+    hessian._search_layer(layer, x, grad_sq, rounds=3, search_input=True)
+    grids = []
+    for lo, hi in [(x.min(), x.max()), *chosen[:2]]:
+        probe = FakeQuantizer(QScheme(4, symmetric=False), axis=-1, channels=1)
+        probe.set_range(lo, hi)
+        grids.append((grad_sq * (_matmul(probe(x), w_hat) - _matmul(x, layer.weight)).pow(2)).sum(0))
+    assert len(costs) == 3 and next(inputs, None) is None
+    for cost, expected in zip(costs, grids):
+        torch.testing.assert_close(cost, expected)
+
+
+@torch.no_grad()
+def test_the_weight_search_gives_each_row_its_own_ratio():
+    """Output channel ``c`` depends on weight row ``c`` alone, so each row's ratio is searched on its own error: every
+    row ends at least as good as the best ratio of the coarse grid for it alone, though those differ from row to row
+    (one ratio for all rows, searched on their summed error, leaves rows off their own best)."""
+    from leanvit.compress.quant.hessian import _matmul, _quantized_rows, _search_layer
+    from leanvit.compress.quant.quantizer import QScheme, fake_quantize, qparams
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(nn.Linear(16, 4), QScheme(3, True, True), QScheme(8, symmetric=False))
+    layer.weight[1, 0] = 3.0  # an outlier weight in row 1
+    layer.weight[2] = torch.linspace(-1, 1, 16)  # evenly spread weights in row 2
+    x, grad_sq = torch.randn(128, 1, 16), torch.rand(128, 4)
+    layer.input_quantizer.set_range(x.min(), x.max())
+    weight, x_hat = layer.weight.detach().clone(), _quantized_rows(x, layer.input_quantizer)
+    bound = weight.abs().amax(1)
+    layer.weight_quantizer.set_range(-bound, bound)
+
+    def errors(scale):  # per output channel, the search's objective
+        w_hat = fake_quantize(weight, scale, torch.zeros(4, dtype=torch.int32), layer.weight_quantizer.scheme)
+        return (grad_sq * (_matmul(x_hat, w_hat) - _matmul(x, weight)).pow(2)).sum(0)
+
+    table = torch.stack([errors(qparams(-bound * r, bound * r, layer.weight_quantizer.scheme)[0])
+                         for r in torch.linspace(0.05, 1.0, 20)])
+    assert len(set(table.argmin(0).tolist())) > 1
+    _search_layer(layer, x, grad_sq, rounds=1, search_input=False)
+    assert (errors(layer.weight_quantizer.scale) <= table.amin(0) * (1 + 1e-6)).all()
+
+
+
+def test_products_seen_at_two_sizes_are_searched_on_the_first_sizes_rows():
+    """hessian_search on batches of two image sizes: a product's rows at another size than its first call's cannot
+    join them (their ``B`` has another shape), so the first size's rows serve, and every operand is still searched."""
+    from leanvit.compress.quant.hessian import hessian_search
+
+    torch.manual_seed(0)
+    calib = torch.randn(16, 8, 4, 4)
+    qmodel = quantize(ClsAttention().eval(), calib, QuantConfig(attn_bits=4, min_images=16), progress=False)
+    searched = hessian_search(qmodel, [calib[:8], torch.randn(8, 8, 2, 4)], products=True, progress=False)
+    assert {f"mix.{name}" for name in QUANTIZERS} <= set(searched)
+
+
+@torch.no_grad()
+def test_a_shared_quantizers_widened_range_takes_in_what_every_product_reads(monkeypatch):
+    """A quantizer two products read is searched from its calibrated range widened to take in the operand values of
+    both (here the second's reach 3, past the first's and the calibrated range's 1)."""
+    import leanvit.compress.quant.hessian as hessian
+    from leanvit.compress.quant.quantizer import FakeQuantizer, QScheme
+
+    torch.manual_seed(0)
+    shared, b1, b2 = (FakeQuantizer(QScheme(4, symmetric=True), axis=-1, channels=1) for _ in range(3))
+    for q in (shared, b1, b2):
+        q.set_range(torch.tensor(-1.0), torch.tensor(1.0))
+    a1, a2 = torch.rand(6, 5) * 1.8 - 0.9, torch.rand(6, 5) * 1.8 - 0.9
+    a2[2, 3] = 3.0
+    groups = torch.zeros(6, dtype=torch.long)
+    first = hessian._Product(shared, b1, a1, groups, torch.randn(1, 5, 4), torch.rand(6, 4))
+    second = hessian._Product(shared, b2, a2, groups, torch.randn(1, 5, 4), torch.rand(6, 4))
+    families = []  # each search's candidate families, in the order searched
+    monkeypatch.setattr(hessian, "_input_range_search",
+                        lambda error, current, fams: families.append(fams) or current)
+    feeds = {shared: [(first, 0), (second, 0)], b1: [(first, 1)], b2: [(second, 1)]}
+    assert hessian._search_product(first, feeds, rounds=1) == [0, 1]
+    (lo, hi, start), = families[0]  # the shared quantizer's, searched first
+    torch.testing.assert_close((lo, hi, start), (torch.tensor([-3.0]), torch.tensor([3.0]), torch.tensor([1 / 3])))
+
+
+def test_quantize_searches_each_layer_for_a_couple_of_rounds(monkeypatch):
+    """``QuantConfig(hessian_search=True)`` alternates the weight and input ranges of each layer twice: once would
+    search the input range against weights whose ranges were never searched with it."""
+    import leanvit.compress.quant.hessian as hessian
+
+    torch.manual_seed(0)
+    searches, search = [], hessian._input_range_search
+    monkeypatch.setattr(hessian, "_input_range_search",
+                        lambda error, current, families: searches.append(1) or search(error, current, families))
+    quantize(MeanTokens().eval(), torch.randn(16, 4, 2, 3), QuantConfig(hessian_search=True), progress=False)
+    assert len(searches) == 2 * 2  # fc and head, twice each (dead is not searched)
+
+
+def test_hessian_sensitivity_takes_the_draws_asked_and_scores_a_frozen_model():
+    """``samples`` Hutchinson draws, as :func:`hessian_traces` takes them; a model whose weights need no gradient (a
+    frozen checkpoint) is scored all the same, on the scoring copy's own weights."""
+    import copy
+
+    from leanvit.compress.quant import layer_sensitivity
+    from leanvit.compress.quant.mixed import hessian_traces
+
+    torch.manual_seed(0)
+    model = TwoBranches().eval()
+    calib = torch.randn(32, 1, 4, 4)
+    config = QuantConfig(w_bits=4, a_bits=8)
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    sensitivity = layer_sensitivity(frozen, calib, config, method="hessian", samples=3)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    qmodel = quantize(model, calib, config, progress=False)
+    traces = hessian_traces(model, calib, {n: model.get_submodule(n).weight for n in sensitivity}, samples=3)
+    with torch.no_grad():
+        for name in ("loud", "quiet", "head"):
+            layer = qmodel.get_submodule(name)
+            error = float((layer.weight_quantizer(layer.weight) - layer.weight).pow(2).sum())
+            assert sensitivity[name] == pytest.approx(traces[name] * error, rel=1e-4)
+
+
+@torch.no_grad()
+def test_a_product_range_no_candidate_beats_keeps_its_scale_and_zero_point(monkeypatch):
+    """As for a layer's: an operand range the search keeps is not set again from its grid range (whose scale and
+    zero point can come back rounded otherwise)."""
+    import leanvit.compress.quant.hessian as hessian
+    from leanvit.compress.quant.quantizer import FakeQuantizer, QScheme
+
+    torch.manual_seed(0)
+    quantizers = [FakeQuantizer(QScheme(4, symmetric=s), axis=-1, channels=1) for s in (False, True)]
+    quantizers[0].set_range(torch.tensor(-0.3137), torch.tensor(1.4421))
+    quantizers[1].set_range(torch.tensor(-0.7071), torch.tensor(0.7071))
+    before = [t.clone() for q in quantizers for t in q.state_dict().values()]
+    product = hessian._Product(*quantizers, torch.randn(6, 5), torch.zeros(6, dtype=torch.long), torch.randn(1, 5, 4),
+                               torch.rand(6, 4))
+    monkeypatch.setattr(hessian, "_input_range_search", lambda error, current, families: current)
+    hessian._search_product(product, {q: [(product, side)] for side, q in enumerate(quantizers)}, rounds=2)
+    assert all(torch.equal(a, b) for a, b in zip([t for q in quantizers for t in q.state_dict().values()], before))

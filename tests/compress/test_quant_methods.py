@@ -351,3 +351,48 @@ def test_the_per_channel_gain_weighs_the_errors_by_every_reader_of_the_layernorm
     gain = per_channel_gain(observer, [a, b], scheme, "mse", 99.99)
     assert gain == pytest.approx(per_channel_gain(observer, [both], scheme, "mse", 99.99), rel=1e-5)
     assert gain != pytest.approx(per_channel_gain(observer, [a], scheme, "mse", 99.99), rel=1e-2)
+
+
+def test_allocate_bits_ranks_the_layers_by_the_method_asked():
+    """``"hessian"`` sees the weights' error alone, ``"logit"`` the inputs' too: ``fc``'s inputs have an outlier channel
+    that a 4-bit input grid ruins, so the logit error moves ``head`` down first and the Hessian one ``fc``. Each
+    allocation is the greedy one on that method's scores at the low bit-width."""
+    from leanvit.compress.quant import allocate_bits, assign_bits, layer_sensitivity
+
+    torch.manual_seed(0)
+    model, calib = _TwoLayers().eval(), torch.randn(32, 3, 2, 2)
+    sizes = {"fc": 12 * 16, "head": 16 * 10}
+    allocations = {}
+    for method in ("logit", "hessian"):
+        scores = layer_sensitivity(model, calib, QuantConfig(w_bits=4, a_bits=4), method=method)
+        allocations[method] = allocate_bits(model, calib, 7.0, method=method)
+        assert allocations[method] == assign_bits(scores, sizes, 7.0), method
+    assert allocations == {"logit": (("head", "w4a4"), ("*", "w8a8")), "hessian": (("fc", "w4a4"), ("*", "w8a8"))}
+
+
+@torch.no_grad()
+def test_logit_sensitivity_is_measured_on_the_first_max_images():
+    from leanvit.compress.quant import layer_sensitivity
+
+    torch.manual_seed(0)
+    model, calib = _TwoLayers().eval(), torch.randn(32, 3, 2, 2)
+    config = QuantConfig(w_bits=8, a_bits=4)
+    sensitivity = layer_sensitivity(model, calib, config, max_images=8)
+    qmodel = quantize(model, calib, config, progress=False)
+    for name in ("fc", "head"):
+        _only(qmodel, {f"{name}.input_quantizer", f"{name}.weight_quantizer"})
+        expected = float((qmodel(calib[:8]) - model(calib[:8])).pow(2).mean())
+        assert sensitivity[name] == pytest.approx(expected, rel=1e-5)
+
+
+@torch.no_grad()
+def test_per_channel_ranges_that_fit_exactly_win_without_dividing_by_zero():
+    """Channels each taking two values (0 and its own level) quantize exactly on per-channel min-max grids: a held-out
+    per-channel error of 0, against which the per-tensor error wins nothing (a gain above 1, not a division error)."""
+    from leanvit.compress.quant.quantizer import QScheme, RangeObserver
+    from leanvit.compress.quant.reparam import per_channel_gain
+
+    torch.manual_seed(0)
+    observer = RangeObserver(axis=-1)
+    observer.update((torch.rand(64, 16, 8) > 0.5).float() * torch.logspace(-1, 1, 8))
+    assert per_channel_gain(observer, [torch.nn.Linear(8, 4)], QScheme(8, symmetric=False), "minmax", 99.99) > 1e6

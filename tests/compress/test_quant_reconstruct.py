@@ -363,3 +363,77 @@ def test_learned_input_steps_take_lsqs_straight_through_gradients():
     scaled = x.detach() / s
     per_value = torch.where(inside, torch.round(scaled) - scaled, ints.clamp(scheme.qmin, scheme.qmax) - z)
     torch.testing.assert_close(dlog, (g * per_value).sum() * s, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_adaround_starts_at_the_weights_and_its_hard_rounding_is_round_to_nearest(symmetric):
+    """AdaRound's ``h(V)`` starts at each weight's fractional part of a step, so the relaxed weights are the float
+    ones (clamped to the grid as the quantizer clamps) and the hard rounding (up where ``V >= 0``) is round-to-nearest,
+    around the zero point: what the weight quantizer gives. Its regulariser ``sum(1 - |2h - 1|^beta)`` is 1 per weight
+    at ``h = 1/2`` (``V = 0``) and 0 once the stretched sigmoid has pushed ``h`` to exactly 0 or 1."""
+    from leanvit.compress.quant.quantizer import FakeQuantizer, QScheme
+    from leanvit.compress.quant.reconstruct import AdaRound
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 16, 3, 3)
+    quantizer = FakeQuantizer(QScheme(4, symmetric=symmetric, per_channel=True), axis=0, channels=8)
+    bound = weight.flatten(1).abs().amax(1)
+    quantizer.set_range(-0.6 * bound, 0.4 * bound)  # both ends clip some weights
+    rounder = AdaRound(quantizer, weight)
+    scale, zero = quantizer.scale.view(-1, 1, 1, 1), quantizer.zero_point.view(-1, 1, 1, 1)
+    lo, hi = (quantizer.scheme.qmin - zero) * scale, (quantizer.scheme.qmax - zero) * scale  # the grid's ends
+    assert ((weight < lo) | (weight > hi)).any()
+    with torch.no_grad():
+        torch.testing.assert_close(rounder(weight), torch.minimum(torch.maximum(weight, lo), hi))
+        assert torch.equal(rounder.hard(), quantizer.quantize(weight))
+        rounder.v.zero_()
+        assert float(rounder.regulariser(2.0)) == pytest.approx(weight.numel())
+        rounder.v.copy_(torch.randn_like(weight).sign() * 20)
+        assert float(rounder.regulariser(2.0)) == 0.0 and torch.equal(rounder(weight), rounder.hard())
+
+
+@pytest.mark.parametrize("axis, shape", [(-1, (4, 5, 6)), (1, (2, 6, 3, 3))])
+def test_learned_steps_of_a_per_channel_input_start_as_its_quantizer(axis, shape):
+    """A per-channel input quantizer (``a_per_channel``: a token's last dim, a map's dim 1) learns one step per
+    channel, each applied along its channel: at the start, the quantizer's own output."""
+    from leanvit.compress.quant.quantizer import FakeQuantizer, QScheme
+    from leanvit.compress.quant.reconstruct import LearnedStep
+
+    torch.manual_seed(0)
+    quantizer = FakeQuantizer(QScheme(4, symmetric=False, per_channel=True), axis=axis, channels=6)
+    quantizer.set_range(-torch.linspace(0.1, 1, 6), torch.linspace(0.5, 5, 6))
+    x = torch.randn(shape) * torch.linspace(0.2, 3, 6).view((-1,) + (1,) * (-axis - 1 if axis < 0 else len(shape) - 2))
+    torch.testing.assert_close(LearnedStep(quantizer)(x), quantizer(x))
+
+
+class Twice(nn.Module):
+    """A Linear in a container element of its own (one quantized layer: no unit), run twice; then a block of two."""
+
+    def __init__(self):
+        super().__init__()
+        self.parts = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU()),
+                                    nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))])
+
+    def forward(self, x):
+        once = self.parts[0]
+        return self.parts[1](once(once(x.flatten(1))))
+
+
+def test_a_container_element_with_one_layer_is_no_unit_and_a_layer_run_twice_comes_once():
+    """A unit is an element holding two or more quantized layers (whose errors can compensate each other); a layer
+    alone is reconstructed as a layer, once, in the order of its first call."""
+    from leanvit.compress.quant.reconstruct import _call_order
+
+    torch.manual_seed(0)
+    calib = torch.randn(16, 2, 2, 2)
+    qmodel = quantize(Twice().eval(), calib, QuantConfig(), progress=False)
+    assert find_units(qmodel) == ["parts.1"]
+    assert _call_order(qmodel, calib[:2])[1] == ["parts.0.0", "parts.1"]
+
+
+def test_the_reconstruction_error_sums_over_the_tensors_a_unit_returns_as_a_list():
+    from leanvit.compress.quant.reconstruct import _reconstruction_error
+
+    a, b = torch.ones(2, 3, 4), torch.full((2, 5), 2.0)
+    error = _reconstruction_error([a, b], [torch.zeros(2, 3, 4), torch.zeros(2, 5)], "unit")
+    assert float(error) == pytest.approx(4 * 1.0 + 5 * 4.0)  # squares summed over channels, averaged elsewhere
