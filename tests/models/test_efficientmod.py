@@ -12,7 +12,9 @@ import argparse
 import pytest
 import timm
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import group_parameters
 
 from leanvit.catalog import CATALOG, get_facts
 import leanvit.models.efficientmod as emod
@@ -382,3 +384,119 @@ def test_official_checkpoint_saved_from_ddp_loads_through_timm(tmp_path):
     expected = emod.checkpoint_filter_fn(sd, model)
     assert expected.keys() == model.state_dict().keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
+
+
+def test_num_heads_reaches_the_attention_blocks():
+    """num_heads=2 gives 2 heads of max(dim // 2, 32) channels, as the official forward with heads=2 computes."""
+    sd = official_state_dict(**TINY_OFFICIAL, heads=2)
+    model = timm.create_model('efficientmod_xxs', num_heads=2, **TINY).eval()
+    model.load_state_dict(emod.checkpoint_filter_fn(sd, model))
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), official_forward(sd, x, heads=2), rtol=1e-4, atol=1e-4)
+
+
+def test_forward_intermediates_norms_only_the_last_stage():
+    model = _tiny()
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        final, raw = model.forward_intermediates(x)
+        normed = model.forward_intermediates(x, norm=True, intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(normed[:3], raw[:3]))
+    assert torch.equal(normed[3], final.permute(0, 3, 1, 2)) and not torch.allclose(normed[3], raw[3])
+
+
+def test_stop_early_returns_the_last_stage_asked_for_unnormed():
+    """The final norm belongs to the last stage: stopping at stage 1 returns its map as it comes out (NHWC)."""
+    model = _tiny()
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x, indices=[1], stop_early=True)
+    assert final.shape == (1, 12, 8, TINY['embed_dims'][1]) and torch.equal(final.permute(0, 3, 1, 2), inter[0])
+
+
+def test_prune_keeping_every_stage_drops_the_head_and_keeps_the_norm():
+    model = _tiny()
+    x = torch.randn(1, 3, 96, 64)
+    assert model.prune_intermediate_layers(4) == [0, 1, 2, 3]
+    assert isinstance(model.head, nn.Identity) and not isinstance(model.norm, nn.Identity)
+    with torch.no_grad():
+        assert torch.equal(model(x), model.forward_features(x))  # normed NHWC map: no pooling, no classifier
+    with pytest.raises(LeanvitError, match="global_pool='avg' or ''"):
+        model.reset_classifier(5, 'max')
+
+
+def test_head_dropout_before_the_classifier():
+    """timm's head: pool, dropout (drop_rate), classifier; pre_logits come after the dropout."""
+    model = _tiny(drop_rate=1.0).train()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert not model.forward_head(model.forward_features(x), pre_logits=True).any()
+        torch.testing.assert_close(model(x), model.head.bias.expand(2, -1))
+        assert model.eval().forward_head(model.forward_features(x), pre_logits=True).abs().min() > 0
+
+
+def test_drop_path_of_one_drops_every_residual_branch():
+    """In training, a block whose drop-path rate is 1 is the identity: each residual branch goes through it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 8)  # NHWC
+    for block in (emod.EfficientModBlock(8, 3, drop_path=1.), emod.AttentionBlock(8, drop_path=1.)):
+        randomize(block).train()
+        assert torch.equal(block(x), x), type(block).__name__
+        assert not torch.allclose(block.eval()(x), x)
+
+
+def test_grad_checkpointing_recomputes_the_blocks_in_backward():
+    """set_grad_checkpointing(True): each block runs again during backward, with the same gradients;
+    set_grad_checkpointing(False) turns it back off."""
+    x = torch.randn(2, 3, 64, 64)
+    calls, grads = [], []
+    for enable in (False, True, False):
+        model = _tiny().train()
+        model.set_grad_checkpointing(True)
+        model.set_grad_checkpointing(enable)
+        seen = []
+        for stage in model.stages:  # counted in forward itself: hooks do not fire when checkpointing reruns it
+            block = stage.blocks[0]
+            block.forward = lambda x, run=block.forward: (seen.append(1), run(x))[1]
+        model(x).sum().backward()
+        calls.append(len(seen))
+        grads.append(model.stem.conv.weight.grad)
+    assert calls == [4, 8, 4]
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_fresh_weights_are_initialised_as_the_officials():
+    """Official _init_weights tests isinstance(m, nn.Linear or nn.Conv2d), i.e. nn.Linear: linears trunc_normal
+    (std .02) with zero bias; convs keep PyTorch's default, uniform within 1 / sqrt(fan_in), bias too."""
+    torch.manual_seed(0)
+    model = timm.create_model('efficientmod_xxs')
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    weights = torch.cat([m.weight.flatten() for m in linears])
+    assert weights.numel() > 1_000_000 and abs(weights.std().item() / 0.02 - 1) < 0.01
+    assert all(m.bias is None or not m.bias.any() for m in linears)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 + 3 + sum((2, 2, 6, 2))
+    for m in convs:
+        bound = m.weight[0].numel() ** -0.5
+        assert m.weight.abs().max() <= bound and m.bias.abs().max() <= bound and m.bias.any()
+        assert abs(m.weight.std().item() / (bound / 3 ** 0.5) - 1) < 0.1  # uniform, not std .02
+
+
+def test_layer_decay_groups_follow_the_blocks():
+    """group_matcher (timm's layer-wise LR decay): the stem first, each block its own group, a stage's
+    downsample with its first block, the final norm with the last block, the classifier last."""
+    model = timm.create_model('efficientmod_xxs', **TINY)
+    groups = group_parameters(model, model.group_matcher(), reverse=True)
+    n_blocks = sum(TINY['depths']) + sum(TINY['attn_depths'])
+    assert groups['stem.conv.weight'] == groups['stem.norm.bias'] == 0 and groups['head.weight'] == n_blocks + 1
+    assert groups['stages.1.downsample.conv.weight'] == groups['stages.1.blocks.0.norm.weight'] == 1 + 2
+    assert groups['norm.weight'] == groups['stages.3.blocks.2.mlp.fc2.weight'] == n_blocks
+    assert len(set(groups.values())) == n_blocks + 2
+
+
+def test_kernel_size_reaches_every_context_branch():
+    model = timm.create_model('efficientmod_xxs', kernel_size=3, **TINY)
+    convs = [b.mlp.context.conv for s in model.stages for b in s.blocks if isinstance(b, emod.EfficientModBlock)]
+    assert len(convs) == sum(TINY['depths']) and all(c.kernel_size == (3, 3) and c.padding == (1, 1) for c in convs)

@@ -16,6 +16,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models import group_parameters
 from timm.models._features_fx import FeatureGraphNet
 
 from leanvit.catalog import CATALOG, get_facts
@@ -611,3 +612,124 @@ def test_norms_have_the_officials_eps():
     assert "head.norm" in norms and "stages.2.blocks.1.attn.cross_norm" in norms and "stages.2.blocks.0.mlp.norm" in norms
     assert sum(v == 1e-6 for v in expected.values()) == sum(TINY["depths"][:2])
     assert norms == expected
+
+
+
+
+def test_intermediates_and_features_refuse_a_transposed_input():
+    """64x96 for a 96x64 model gives as many tokens (4x6 vs 6x4) and would run, wrongly, without the check."""
+    x = torch.randn(1, 3, 64, 96)
+    with pytest.raises(InputSizeError, match="96x64"):
+        _tiny().forward_intermediates(x)
+    with pytest.raises(InputSizeError, match="96x64"):
+        timm.create_model("fcaformer_l1", features_only=True, **TINY)(x)
+
+
+def test_stop_early_returns_the_last_stage_asked_for():
+    model = _tiny()
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x, indices=[2], stop_early=True)
+    assert final.shape == (1, TINY["embed_dims"][2], 6, 4) and torch.equal(final, inter[0])
+
+
+def test_prune_keeping_every_stage_drops_the_head_and_a_new_one_fits():
+    model = _tiny()
+    x = torch.randn(1, 3, 96, 64)
+    assert model.prune_intermediate_layers(4) == [0, 1, 2, 3]
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert torch.equal(model(x), features)  # no norm, no pooling, no classifier
+        model.reset_classifier(3, "avg")
+        torch.testing.assert_close(model(x), model.head.fc(features.mean((2, 3))))
+    model = _tiny()
+    model.prune_intermediate_layers([0, 1])
+    model.reset_classifier(3, "avg")  # sized for the kept stage's 24 channels
+    with torch.no_grad():
+        assert model(x).shape == (1, 3)
+
+
+def test_unpooled_head_scores_every_position():
+    """global_pool='': timm's NormMlpClassifierHead norms the map (LayerNorm2d) and classifies each position."""
+    model = _tiny(global_pool="")
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        out, features = model(x), model.forward_features(x)
+    normed = F.layer_norm(features.permute(0, 2, 3, 1), (48,), model.head.norm.weight, model.head.norm.bias, 1e-5)
+    fc = model.head.fc
+    expected = (normed @ fc.weight.flatten(1).T + fc.bias).permute(0, 3, 1, 2)
+    assert out.shape == (2, TINY["num_classes"], 3, 2)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("rate", ["drop_rate", "proj_drop_rate", "attn_drop_rate", None])
+def test_each_dropout_rate_reaches_the_network(rate):
+    """In training only the dropout asked for makes two passes differ (batch-norm statistics are deterministic)."""
+    model = _tiny(**({rate: 0.5} if rate else {})).train()
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first = model(x)
+        torch.manual_seed(2)
+        assert torch.equal(model(x), first) == (rate is None)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_dropout_only_in_training(fused):
+    torch.manual_seed(0)
+    attn = _randomize(fca.ForwardCrossAttention(32, 4, (3, 5), 8, attn_drop=0.5))
+    attn.fused_attn = fused
+    x, cross = torch.randn(2, 15, 32), torch.randn(2, 8, 32)
+    with torch.no_grad():
+        evaluated = attn.eval()(x, cross)
+        assert not torch.allclose(attn.train()(x, cross), evaluated)
+        attn.attn_drop.p = 0.
+        torch.testing.assert_close(attn.eval()(x, cross), evaluated)
+
+
+def test_drop_path_of_one_drops_both_residual_branches():
+    """In training, an FcaBlock at drop-path rate 1 is its non-residual part alone: the local conv of its input
+    (the token merge still reads that input)."""
+    torch.manual_seed(0)
+    block = _randomize(fca.FcaBlock(16, 2, (4, 4), num_cross=0, merge_tokens=True, drop_path=1.)).train()
+    block.local_conv.eval()  # running statistics, as in the reference below
+    x = torch.randn(2, 16, 16)
+    grid = x.transpose(1, 2).reshape(2, 16, 4, 4)
+    with torch.no_grad():
+        out, merged = block(x)
+        torch.testing.assert_close(out, block.local_conv(grid).flatten(2).transpose(1, 2))
+        torch.testing.assert_close(merged, block.token_merge(grid).flatten(2).transpose(1, 2))
+
+
+def test_grad_checkpointing_recomputes_the_stages_in_backward():
+    """set_grad_checkpointing(True): each stage runs again during backward, in forward and in
+    forward_intermediates; set_grad_checkpointing(False) turns it back off."""
+    x = torch.randn(2, 3, 96, 64)
+    for enable in (False, True, False):
+        model = _tiny().train()
+        model.set_grad_checkpointing(True)
+        model.set_grad_checkpointing(enable)
+        seen = []
+        for stage in model.stages:  # counted in forward itself: hooks do not fire when checkpointing reruns it
+            stage.forward = lambda x, run=stage.forward: (seen.append(1), run(x))[1]
+        model(x).sum().backward()
+        model.forward_intermediates(x)[0].sum().backward()
+        assert len(seen) == 2 * 4 * (2 if enable else 1), enable
+
+
+def test_layer_decay_groups_follow_the_blocks():
+    """group_matcher (timm's layer-wise LR decay): the stem first, each block its own group, a stage's
+    downsample with its first block, the head's norm with the last block, the classifier last."""
+    model = timm.create_model("fcaformer_l1", **TINY)
+    groups = group_parameters(model, model.group_matcher(), reverse=True)
+    n_blocks = sum(TINY["depths"])
+    assert groups["patch_embed.conv1.conv.weight"] == 0 and groups["head.fc.weight"] == n_blocks + 1
+    assert groups["stages.2.downsample.conv1.conv.weight"] == groups["stages.2.blocks.0.attn.q.weight"] == 3
+    assert groups["head.norm.weight"] == groups["stages.3.blocks.1.mlp.fc2.weight"] == n_blocks
+    assert len(set(groups.values())) == n_blocks + 2
+
+
+def test_mlp_ratio_reaches_every_fca_block():
+    model = timm.create_model("fcaformer_l1", mlp_ratio=2, **TINY)
+    fcs = [b.mlp.fc1 for stage in model.stages[2:] for b in stage.blocks]
+    assert len(fcs) == sum(TINY["depths"][2:]) and all(fc.out_features == 2 * fc.in_features for fc in fcs)

@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import group_parameters
 from timm.models._features_fx import FeatureGraphNet
 
 from leanvit.catalog import CATALOG, get_facts
@@ -387,3 +388,113 @@ def test_fresh_convs_are_kaiming_normal_as_the_officials():
     pooled = torch.cat(normalised)
     assert pooled.numel() > 10_000 and abs(pooled.std().item() - 1) < 0.03 and abs(pooled.mean().item()) < 0.03
     assert pooled.abs().max() > 3  # a normal, not truncated at 2 std
+
+
+
+def test_hop_is_svgas_k():
+    """hop=K links every token to those K, 2K, ... away: the official forward with K=3 (a 6x5 map: hop 3 along
+    each side) is what a hop=3 model computes; K=2 would add no neighbour along H's 2 and 4."""
+    sd = official_state_dict(**TINY_OFFICIAL)
+    model = timm.create_model('mobilevig_ti', hop=3, **TINY).eval()
+    model.load_state_dict(mvig.checkpoint_filter_fn(sd, model))
+    x = torch.randn(1, 3, 192, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), official_forward(sd, x, K=3), rtol=1e-4, atol=1e-4)
+
+
+def test_mlp_ratio_widens_the_local_and_the_global_blocks():
+    model = timm.create_model('mobilevig_ti', mlp_ratio=2, **TINY)
+    widths = [(b.fc1.conv.out_channels if isinstance(b, mvig.InvertedResidual) else b.ffn.fc1.conv.out_channels,
+               2 * dim) for s, dim in zip(model.stages, TINY['embed_dims']) for b in s.blocks]
+    assert all(w == expected for w, expected in widths), widths
+
+
+def test_unpooled_head_scores_every_position():
+    """global_pool='': the head conv and both classifiers (1x1 convs in the official model) score each position of
+    the final map, rows and columns kept in place (a 3x2 map from a 96x64 input)."""
+    model = _tiny()
+    model.reset_classifier(5, '')
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        out = model(x)
+        hidden = model.conv_head(model.forward_features(x))
+        expected = sum(F.conv2d(hidden, h.weight[..., None, None], h.bias) for h in (model.head, model.head_dist)) / 2
+    assert out.shape == (2, 5, 3, 2)
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(LeanvitError, match="global_pool='avg' or ''"):
+        model.reset_classifier(5, 'max')
+
+
+def test_head_dropout_follows_the_head_conv():
+    """Official prediction = (pool, conv, BN, GELU, Dropout), then the classifiers: drop_rate=1 zeroes the
+    pre-logits in training (the logits are then the classifiers' mean bias), and nothing in eval."""
+    model = _tiny(drop_rate=1.0).train()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert not model.forward_head(model.forward_features(x), pre_logits=True).any()
+        torch.testing.assert_close(model(x), ((model.head.bias + model.head_dist.bias) / 2).expand(2, -1))
+        assert model.eval().forward_head(model.forward_features(x), pre_logits=True).abs().min() > 0
+
+
+def test_stop_early_returns_the_last_stage_asked_for():
+    model = _tiny()
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x, indices=[1], stop_early=True)
+    assert final.shape == (1, TINY['embed_dims'][1], 12, 8) and torch.equal(final, inter[0])
+
+
+def test_prune_keeping_every_stage_drops_the_head_and_a_new_one_fits():
+    model = _tiny()
+    x = torch.randn(1, 3, 96, 64)
+    assert model.prune_intermediate_layers(4) == [0, 1, 2, 3]
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert torch.equal(model(x), features)  # no head conv, no pooling, no classifier
+        assert model.num_features == model.head_hidden_size == TINY['embed_dims'][-1]
+        model.reset_classifier(3, 'avg')
+        pooled = features.mean((2, 3))
+        torch.testing.assert_close(model(x), (model.head(pooled) + model.head_dist(pooled)) / 2)
+
+
+def test_drop_path_of_one_drops_every_residual_branch():
+    """In training, a block whose drop-path rate is 1 is the identity: each residual branch goes through it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 5)
+    for block in (mvig.InvertedResidual(8, drop_path=1.), mvig.SvgaBlock(8, drop_path=1.)):
+        randomize(block).train()
+        assert torch.equal(block(x), x), type(block).__name__
+        assert not torch.allclose(block.eval()(x), x)
+
+
+def test_grad_checkpointing_recomputes_the_blocks_in_backward():
+    """set_grad_checkpointing(True): each block runs again during backward, with the same gradients;
+    set_grad_checkpointing(False) turns it back off."""
+    x = torch.randn(2, 3, 64, 64)
+    calls, grads = [], []
+    for enable in (False, True, False):
+        model = _tiny().train()
+        model.set_grad_checkpointing(True)
+        model.set_grad_checkpointing(enable)
+        seen = []
+        for stage in model.stages:  # counted in forward itself: hooks do not fire when checkpointing reruns it
+            block = stage.blocks[0]
+            block.forward = lambda x, run=block.forward: (seen.append(1), run(x))[1]
+        model(x).sum().backward()
+        calls.append(len(seen))
+        grads.append(model.stem.conv1.conv.weight.grad)
+    assert calls == [4, 8, 4]
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_layer_decay_groups_follow_the_blocks():
+    """group_matcher (timm's layer-wise LR decay): the stem first, each block its own group, a stage's
+    downsample with its first block, the head conv with the last block, the classifiers last."""
+    model = timm.create_model('mobilevig_ti', **TINY)
+    groups = group_parameters(model, model.group_matcher(), reverse=True)
+    n_blocks = sum(TINY['depths'])
+    assert groups['stem.conv1.conv.weight'] == 0 and groups['head.weight'] == groups['head_dist.bias'] == n_blocks + 1
+    first_of_stage_1 = 1 + TINY['depths'][0]
+    assert groups['stages.1.downsample.conv.weight'] == groups['stages.1.blocks.0.fc1.conv.weight'] == first_of_stage_1
+    assert groups['conv_head.conv.weight'] == groups['stages.3.blocks.1.ffn.fc2.conv.weight'] == n_blocks
+    assert len(set(groups.values())) == n_blocks + 2
