@@ -9,6 +9,7 @@ import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -127,6 +128,37 @@ def test_documented_tokens_commands_run_and_write_the_folder_they_document(scrip
         args = tokens.parse_args()
         assert args.out == Path("benchmarks") / folder
         assert args.engines == json.loads((BENCHMARKS / folder / "tokens.json").read_text())["engines"]
+
+
+def test_recipe_ab_rates_b_by_the_median_of_its_rounds(script, tmp_path, monkeypatch):
+    """A machine in two load states: B as fast as A in four rounds of five, but its pooled median lands in the slow
+    state and A's in the fast one. The verdict is the rounds' median (1.0), the pooled medians' ratio (0.71) beside."""
+    from leanvit.bench.timing import Timing
+
+    module = script("recipe_ab")
+    # round by round (ms): B as fast as A but in round 3, where B met the slow state and A the fast one
+    states = {"fp32": [4.0] * 3 + [5.6] * 2, "A": [2.0] * 3 + [2.8] * 2, "B": [2.0] * 2 + [2.8] * 3}
+
+    def time_alternating(fns, budget, rounds):
+        return {k: Timing(np.repeat(states[k], 3), tuple(states[k])) for k in fns}
+
+    class Engine:
+        def load_model_file(self, path):
+            return lambda x: x
+
+    monkeypatch.setattr(module, "create_model", lambda model, **kwargs: torch.nn.Identity())
+    monkeypatch.setattr(module, "export_onnx", lambda model, x, path, **kwargs: path)
+    monkeypatch.setattr(module, "get_engine", lambda *args, **kwargs: Engine())
+    monkeypatch.setattr(module, "time_alternating", time_alternating)
+    monkeypatch.setattr(module.quant, "quantize", lambda model, calib, config, progress: (lambda x: x))
+    monkeypatch.setattr(module.quant, "export", lambda qmodel, path, **kwargs: path)
+    monkeypatch.setattr("sys.argv", ["recipe_ab", "--models", "deit_tiny_patch16_224", "--rounds", "5", "--change",
+                                     "{}", "--out", str(tmp_path)])
+    module.main()
+    row, = json.loads((tmp_path / "recipe_ab.json").read_text())["rows"]
+    assert row["A_over_B_round_median"] == 1.0 and row["A_over_B"] == pytest.approx(2.0 / 2.8, abs=1e-3)
+    assert row["A_over_B_rounds"] == pytest.approx([1.0, 1.0, 2.0 / 2.8, 1.0, 1.0], abs=1e-3)
+    assert "| **1.000** | 0.71–1.00 | 0.714 |" in (tmp_path / "recipe_ab.md").read_text()
 
 
 @pytest.mark.parametrize("name", ["opset", "recipe_ab", "activation_cost"])
