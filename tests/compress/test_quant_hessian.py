@@ -218,7 +218,6 @@ def test_a_row_drawn_several_times_is_one_row_with_its_weights_summed():
     assert draws[:, 0].round().sum() == 64 and (draws[:, 0] > 1).all()
 
 
-
 class Mixing(nn.Module):
     """One attention written with plain products (quantized as :class:`QuantMatrixProducts`) whose first query is
     20x larger than the rest. Keeps its first product's float operands and output (``seen``) so a test can weigh
@@ -795,7 +794,6 @@ def test_the_weight_search_gives_each_row_its_own_ratio():
     assert len(set(table.argmin(0).tolist())) > 1
     _search_layer(layer, x, grad_sq, rounds=1, search_input=False)
     assert (errors(layer.weight_quantizer.scale) <= table.amin(0) * (1 + 1e-6)).all()
-
 
 
 def test_products_seen_at_two_sizes_are_searched_on_the_first_sizes_rows():

@@ -42,7 +42,6 @@ TINY_OFFICIAL = dict(dims=(8, 16, 24, 40), depths=(2, 2, 1, 1), attn=(0, 0, 1, 2
 slow = pytest.mark.slow
 
 
-
 @torch.no_grad()
 def _tiny(**kwargs) -> emod.EfficientMod:
     torch.manual_seed(0)
@@ -384,7 +383,6 @@ def test_official_checkpoint_saved_from_ddp_loads_through_timm(tmp_path):
     expected = emod.checkpoint_filter_fn(sd, model)
     assert expected.keys() == model.state_dict().keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
-
 
 
 def test_num_heads_reaches_the_attention_blocks():

@@ -36,7 +36,6 @@ TINY = dict(
 )
 
 
-
 def _tiny(**kwargs) -> fca.FcaFormer:
     torch.manual_seed(0)
     return _randomize(timm.create_model("fcaformer_l1", **{**TINY, **kwargs}).eval())
@@ -612,8 +611,6 @@ def test_norms_have_the_officials_eps():
     assert "head.norm" in norms and "stages.2.blocks.1.attn.cross_norm" in norms and "stages.2.blocks.0.mlp.norm" in norms
     assert sum(v == 1e-6 for v in expected.values()) == sum(TINY["depths"][:2])
     assert norms == expected
-
-
 
 
 def test_intermediates_and_features_refuse_a_transposed_input():

@@ -37,7 +37,6 @@ TINY_OFFICIAL = dict(local_channels=(8, 16, 24), local_blocks=(1, 2, 1), global_
 slow = pytest.mark.slow
 
 
-
 @torch.no_grad()
 def _tiny(**kwargs) -> mvig.MobileViG:
     torch.manual_seed(0)
@@ -388,7 +387,6 @@ def test_fresh_convs_are_kaiming_normal_as_the_officials():
     pooled = torch.cat(normalised)
     assert pooled.numel() > 10_000 and abs(pooled.std().item() - 1) < 0.03 and abs(pooled.mean().item()) < 0.03
     assert pooled.abs().max() > 3  # a normal, not truncated at 2 std
-
 
 
 def test_hop_is_svgas_k():
