@@ -581,3 +581,106 @@ def test_a_class_token_vit_pooling_otherwise_is_refused():
     avg = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, global_pool="avg", class_token=True)
     with pytest.raises(LeanvitError, match="pools with 'avg' rather than reading a class token"):
         tokens.apply(avg, tokens.ToMe(r=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# What the second mutation review found unchecked
+
+
+@torch.no_grad()
+def test_tome_merging_half_the_tokens_or_one_matches_reference(vit, images):
+    """r at its bound merges every mergeable A token (64 patch tokens, r=32) and r=1 merges one: both are merges like
+    any other, not a refusal at run time or a skipped block."""
+    out = reduced(vit, tokens.ToMe(r=(32, 1, 0)))(images)
+    ref = torch.stack([tome_reference(vit, img, [32, 1, 0, 0, 0, 0]) for img in images])
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_tome_at_run_time_merges_at_most_half_of_an_odd_token_count():
+    """3x3 patches (a 12x12 input to a dynamic-size model) and the class token: 9 unprotected tokens, of which A holds
+    4 mergeable ones. r=4 runs; r=5 would have to merge the class token and is refused."""
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=10, dynamic_img_size=True)
+    vit, small = timm.create_model("deit_tiny_patch16_224", **kw).eval(), torch.randn(1, 3, 12, 12)
+    assert tokens.apply(vit, tokens.ToMe(r=(4,)))(small).shape == (1, 10)
+    with pytest.raises(LeanvitError, match=r"r=\(5,\) is too large for this input: it schedules r=5 for block 0, "
+                                           r"which gets 10 tokens \(1 protected\) and can merge at most 4\."):
+        tokens.apply(vit, tokens.ToMe(r=(5,)))(small)
+
+
+def test_evit_layer_one_past_the_last_block_is_refused(vit):
+    """Index ``depth`` names no block: taken, the model would run unreduced there, silently."""
+    with pytest.raises(LeanvitError, match=r"EViT layers \[6\] do not exist in a 6-block model"):
+        tokens.apply(copy.deepcopy(vit), tokens.EViT(layers=(2, DEPTH)))
+    with pytest.raises(LeanvitError, match=r"EViT layers \[6\] do not exist"):  # the static counts too
+        tokens.EViT(layers=(DEPTH,)).token_counts(65, 1, DEPTH)
+
+
+def test_keep_rate_schedule_defaults_are_the_official_recipe(vit):
+    """EViT's run_code.sh (300 epochs): keep rate 1 for 10 epochs, then a cosine down over 100 epochs. Here with one
+    step per epoch, which the warm-up must take."""
+    def cosine(epoch):  # adjust_keep_rate's formula, by hand
+        return 0.5 + 0.5 * (math.cos(math.pi * (epoch - 10) / 100) + 1) / 2
+
+    assert [tokens.keep_rate_at(e, 1, 0.5) for e in (9, 10, 60, 110)] == pytest.approx([1.0, 1.0, 0.75, 0.5])
+    hook = tokens.keep_rate_warmup(reduced(vit, tokens.EViT(keep_rate=0.5, layers=(1,))), steps_per_epoch=1)
+    assert [hook(e) for e in (9, 33, 109, 110)] == pytest.approx([1.0, cosine(33), cosine(109), 0.5])
+
+
+def test_keep_rate_warmup_needs_evit_applied(vit):
+    """On an unreduced model or one with ToMe applied there is no keep rate to drive: refused up front, not an
+    AttributeError at the first training step."""
+    for model in (copy.deepcopy(vit), reduced(vit, tokens.ToMe(r=2))):
+        with pytest.raises(LeanvitError, match="keep-rate warm-up needs a model with EViT applied"):
+            tokens.keep_rate_warmup(model, steps_per_epoch=10)
+
+
+def test_numpy_rates_are_plain_floats_in_the_repr():
+    """A sweep's numpy keep rate or inflection prints as a plain number (CLI tables, checkpoint metadata)."""
+    assert repr(tokens.EViT(keep_rate=np.float64(0.5))) == repr(tokens.EViT(keep_rate=0.5))
+    assert type(tokens.EViT(keep_rate=np.float32(0.5)).keep_rate) is float
+    assert repr(tokens.ToMe(r=4, inflect=np.float64(-0.5))) == repr(tokens.ToMe(r=4, inflect=-0.5))
+
+
+def test_inflect_with_per_block_counts_is_refused():
+    """Per-block counts are the schedule already: an inflection given with them would be ignored, silently."""
+    with pytest.raises(LeanvitError, match=r"inflect must be in \[-1, 1\] and given with an int r, got r=\(2, 1, 0\)"):
+        tokens.ToMe(r=(2, 1, 0), inflect=0.5)
+
+
+def test_tome_inflection_truncates_as_official_parse_r():
+    """tome.utils.parse_r: lo = int(r * (1 - inflect)), hi = 2r - lo, int(lo + step * i) in between. r=5, inflect=0.3
+    over 4 blocks: lo = int(3.5) = 3, hi = 7, step 4/3: 3, int(4.33), int(5.67), 7."""
+    assert tokens.ToMe(r=5, inflect=0.3).schedule(4) == [3, 4, 5, 7]
+
+
+def test_a_positional_attention_mask_warns_too(vit):
+    """timm's forward(x, attn_mask, is_causal): a mask passed by position also runs the original blocks."""
+    model = reduced(vit, tokens.ToMe(r=2))
+    n = model_tokens(model)
+    with pytest.warns(UserWarning, match="ran without its token reduction"):
+        model(torch.randn(1, 3, 32, 32), torch.zeros(n, n))
+
+
+def test_token_counts_of_an_unreduced_model_is_refused(vit):
+    with pytest.raises(LeanvitError, match="No token reduction is applied to this model"):
+        tokens.token_counts(vit)
+
+
+def test_from_spec_passes_options_and_ignores_surrounding_space():
+    assert tokens.from_spec("tome:8", prop_attn=False) == tokens.ToMe(r=8, prop_attn=False)
+    assert tokens.from_spec("diffrate:2.9", steps=7) == tokens.DiffRate(target_macs=2.9e9, steps=7)
+    assert tokens.from_spec(" tome :8") == tokens.ToMe(r=8) and tokens.from_spec(" evit: 0.5 ") == tokens.EViT(0.5)
+
+
+def test_non_standard_blocks_are_refused():
+    """A post-norm block or another attention (differential attention has a qkv too) would run through timm Block's
+    pre-norm forward and plain attention: another model, silently."""
+    from timm.layers import DiffAttention
+    from timm.models.vision_transformer import ResPostBlock
+
+    for kw in (dict(block_fn=ResPostBlock), dict(attn_layer=DiffAttention)):
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=48,
+                                  num_heads=3, **kw)
+        with pytest.raises(LeanvitError, match="non-standard transformer blocks"):
+            tokens.apply(model, tokens.ToMe(r=1))
