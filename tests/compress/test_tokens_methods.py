@@ -679,8 +679,9 @@ def test_non_standard_blocks_are_refused():
     from timm.layers import DiffAttention
     from timm.models.vision_transformer import ResPostBlock
 
-    for kw in (dict(block_fn=ResPostBlock), dict(attn_layer=DiffAttention)):
+    for kw, named in ((dict(block_fn=ResPostBlock), "ResPostBlock"), (dict(attn_layer=DiffAttention),
+                                                                      "Block with DiffAttention")):
         model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=48,
                                   num_heads=3, **kw)
-        with pytest.raises(LeanvitError, match="non-standard transformer blocks"):
+        with pytest.raises(LeanvitError, match=rf"non-standard transformer blocks \({named}\)"):
             tokens.apply(model, tokens.ToMe(r=1))

@@ -159,7 +159,8 @@ def check_plain_vit(model: nn.Module) -> VisionTransformer:
             "Pick a model such as deit_small_patch16_224 or vit_base_patch16_224."
         )
     blocks = model.blocks.original if isinstance(model.blocks, ReducingBlocks) else model.blocks
-    odd = {type(b).__name__ for b in blocks if type(b) is not Block or type(b.attn) is not Attention}
+    odd = {type(b).__name__ if type(b) is not Block else f"Block with {type(b.attn).__name__}"
+           for b in blocks if type(b) is not Block or type(b.attn) is not Attention}
     if type(blocks) is not nn.Sequential or odd:
         raise LeanvitError(
             f"{name} has non-standard transformer blocks ({', '.join(sorted(odd)) or type(blocks).__name__}); "
