@@ -46,7 +46,7 @@ def test_the_export_cache_defaults_to_the_users_cache_folder(tmp_path, monkeypat
     """Without LEANVIT_CACHE exports go to ~/.cache/leanvit/exports (the documented place)."""
     from leanvit.deploy.export import cache_root, export_dir
 
-    monkeypatch.delenv("LEANVIT_CACHE")
+    monkeypatch.delenv("LEANVIT_CACHE", raising=False)  # (the suite sets it for every test: conftest)
     monkeypatch.setattr(Path, "home", classmethod(lambda cls: tmp_path))
     assert cache_root() == tmp_path / ".cache" / "leanvit" and export_dir() == tmp_path / ".cache/leanvit/exports"
     assert export_dir(tmp_path / "mine") == tmp_path / "mine"
