@@ -246,3 +246,50 @@ def test_a_sampler_without_a_length_that_draws_images_twice_skips_none():
     loader = DataLoader(data, batch_size=2, sampler=draws, collate_fn=collate_skipping_corrupt)
     result = evaluate(_predicting(2), loader, classes=["a", "b"], progress=False)
     assert (result.images, result.skipped) == (5, 0)
+
+
+def test_a_last_batch_one_short_is_padded_too_and_the_speed_is_images_per_second():
+    """A fixed-batch engine gets full batches, a last one a single image short included; the speed counts images per
+    second of the whole pass, timed here by a runner that takes 20 ms a batch."""
+    import time
+
+    seen, inner = [], _predicting(2)
+
+    def slow(images: np.ndarray) -> np.ndarray:
+        seen.append(len(images))
+        time.sleep(0.02)
+        return inner(images)
+
+    data = _images([0, 1, 0, 1, 0], [0, 1, 0, 1, 0])
+    started = time.perf_counter()
+    result = evaluate(slow, make_loader(data, batch_size=3), classes=["a", "b"], progress=False)
+    elapsed = time.perf_counter() - started
+    assert seen == [3, 3] and (result.images, result.top1) == (5, 100.0)
+    assert 0.04 <= result.seconds <= elapsed + 1e-3
+    assert 5 / (elapsed + 0.01) <= result.images_per_s <= 5 / 0.04
+
+
+def test_top5_is_over_the_images_that_decoded():
+    data = [*_images([0, 6], [0, 0]), None]  # label 6 ranks 7th of 7 behind a prediction of 0: no top-5 hit
+    result = evaluate(_predicting(7), make_loader(data, batch_size=3), classes=list("abcdefg"), progress=False)
+    assert (result.images, result.skipped, result.top5) == (2, 1, 50.0)
+
+
+def test_most_confused_can_list_more_pairs_than_classes():
+    """``top_confusions`` caps the n * n - n off-diagonal pairs, not the n classes: 4 distinct confusions of 3 classes,
+    most frequent first."""
+    data = _images([0, 0, 0, 1, 1, 2, 2], [1, 1, 1, 0, 2, 0, 1])  # a->b 3 times, b->a, b->c, c->a, c->b once
+    result = evaluate(_predicting(3), make_loader(data, batch_size=8), classes=["a", "b", "c"], progress=False)
+    assert result.most_confused[0] == {"true": "a", "predicted": "b", "count": 3}
+    assert len(result.most_confused) == 5 and all(c["count"] == 1 for c in result.most_confused[1:])
+
+
+def test_paired_comparison_checks_the_labels_length_and_takes_column_vectors():
+    from leanvit.evaluate import compare_paired
+
+    labels = np.array([0, 1, 1, 0])
+    a, b = np.array([0, 1, 0, 0]), np.array([1, 1, 1, 1])  # a alone right on 0 and 3, b alone on 2
+    with pytest.raises(LeanvitError, match="got 4, 4 predictions for 3 labels"):
+        compare_paired(a, b, labels[:3])
+    column = compare_paired(a[:, None], b[:, None], labels)  # (n, 1) arrays, as a model's argmax(keepdim) gives
+    assert (column.a_only, column.b_only) == (2, 1) and column.p_value == 1.0  # 2 * (1 + 3) / 8, capped at 1

@@ -251,3 +251,116 @@ def test_evit_no_fuse_drops_the_inattentive_tokens(capsys):
     report = json.loads(out)
     assert report["tokens_per_block"] == [17, 17, 17, 1 + 8, 9, 9, 1 + 4, 5, 5, 1 + 2, 3, 3]
     assert "fuse=False" in report["method"]
+
+
+def test_each_methods_defaults_and_the_layers_flag(capsys):
+    """EViT keeps ceil(0.7 n) of the n patch tokens after blocks 3, 6 and 9 (plus the fused one); ToMe merges 8 a
+    block (65 tokens: 57, 49, 41); --layers 1,4 moves EViT's reductions."""
+    code, out, err = run_cli(capsys, "tokens", *TINY, "--method", "evit", "--json")
+    assert code == 0, err
+    assert json.loads(out)["tokens_per_block"] == [17] * 3 + [1 + 12 + 1] * 3 + [1 + 10 + 1] * 3 + [1 + 8 + 1] * 3
+    code, out, err = run_cli(capsys, "tokens", *TINY, "--method", "evit", "--keep-rate", "0.5", "--layers", "1,4",
+                             "--json")
+    assert code == 0, err
+    assert json.loads(out)["tokens_per_block"] == [17, 10, 10, 10, 7] + [7] * 7
+    code, out, err = run_cli(capsys, "tokens", "deit_tiny_patch16_224", "--model-kwargs",
+                             '{"num_classes": 10, "img_size": 64, "patch_size": 8, "depth": 3}', "--method", "tome",
+                             "--json")
+    assert code == 0, err
+    assert json.loads(out)["tokens_per_block"] == [57, 49, 41]
+
+
+def test_diffrate_search_defaults_and_labelled_batches(capsys, monkeypatch):
+    """With only --target-gmacs and --calib, the search runs 300 steps weighing the MAC target by 100, towards the
+    target in MACs, on 256 images paired with their labels (the model's 10 classes)."""
+    from leanvit.compress.tokens import diffrate
+
+    seen = {}
+
+    class Searched(Exception):
+        pass
+
+    def search_rates(model, calib, cfg):
+        seen.update(cfg=cfg, calib=calib)
+        raise Searched  # the 300 steps themselves are not what is tested
+
+    monkeypatch.setattr(diffrate, "search_rates", search_rates)
+    with pytest.raises(Searched):
+        main(["tokens", *TINY, "--method", "diffrate", "--target-gmacs", "0.05", "--calib", "cifar10-test500"])
+    cfg, calib = seen["cfg"], seen["calib"]
+    assert (cfg.steps, cfg.macs_weight, cfg.target_macs) == (300, 100.0, pytest.approx(5e7))
+    assert all(len(pair) == 2 and len(pair[0]) == len(pair[1]) for pair in calib)
+    assert sum(len(y) for _, y in calib) == 256 and all(0 <= int(v) < 10 for _, y in calib for v in y)
+    with pytest.raises(Searched):  # and the flags, given, set them
+        main(["tokens", *TINY, "--method", "diffrate", "--target-gmacs", "0.06", "--calib", "cifar10-test500",
+              "--calib-images", "20", "--steps", "5", "--macs-weight", "7"])
+    cfg, calib = seen["cfg"], seen["calib"]
+    assert (cfg.steps, cfg.macs_weight, cfg.target_macs) == (5, 7, pytest.approx(6e7))
+    assert sum(len(y) for _, y in calib) == 20
+
+
+def _checkpoint(tmp_path, classes):
+    import timm
+
+    from leanvit.checkpoint import save_weights
+
+    kwargs = json.loads(TINY[2])
+    return str(save_weights(tmp_path / "m.safetensors", timm.create_model(TINY[0], **kwargs).state_dict(),
+                            {"model": TINY[0], "model_kwargs": kwargs, "classes": classes}))
+
+
+def test_a_checkpoint_of_other_classes_is_neither_searched_with_nor_scored_on_these_labels(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Ten outputs are not enough: a checkpoint naming other classes than the data's (c0..c9, not CIFAR-10's) gets
+    no labels for the search, and --eval on that data is refused."""
+    from leanvit.compress.tokens import diffrate
+
+    seen = []
+    monkeypatch.setattr(diffrate, "search_rates", lambda model, calib, cfg: seen.append(calib) or ((17,) * 12,) * 2)
+    path = _checkpoint(tmp_path, [f"c{i}" for i in range(10)])
+    code, out, err = run_cli(capsys, "tokens", TINY[0], "--checkpoint", path, "--method", "diffrate",
+                             "--target-gmacs", "0.05", "--calib", "cifar10-test500", "--calib-images", "16", "--json")
+    assert code == 0, err
+    assert "are not the model's 10 classes" in err and all(not isinstance(b, tuple) for b in seen[0])
+    code, out, err = run_cli(capsys, "tokens", TINY[0], "--checkpoint", path, "--method", "evit", "--eval",
+                             "cifar10-test500", "--eval-images", "10")
+    assert code == 2 and "trained on the classes ['c0', 'c1'" in err
+
+
+def test_the_text_report_quotes_the_json_figures(tmp_path, capsys, monkeypatch):
+    """Each line of the text report: the checkpoint, the method, every block's tokens, the MACs in G with the cut,
+    and the top-1 before -> after (the evaluations told apart as in the JSON test above), on --batch-size batches."""
+    import dataclasses
+
+    import leanvit.cli.tokens
+    from leanvit import tokens
+
+    real, real_loader, sizes = leanvit.cli.tokens.evaluate, leanvit.cli.tokens.make_loader, []
+    monkeypatch.setattr(leanvit.cli.tokens, "evaluate", lambda model, loader, **kw: dataclasses.replace(
+        real(model, loader, **kw), top1=25.0 if tokens.applied(model) else 75.0))
+    monkeypatch.setattr(leanvit.cli.tokens, "make_loader", lambda data, size, **kw: sizes.append(size)
+                        or real_loader(data, size, **kw))
+    path = _checkpoint(tmp_path, None)
+    argv = ["tokens", TINY[0], "--checkpoint", path, "--method", "evit", "--keep-rate", "0.5", "--eval",
+            "cifar10-test500", "--eval-images", "10", "--batch-size", "4"]
+    code, out, err = run_cli(capsys, *argv, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    macs, reduced = report["macs"] / 1e9, report["reduced_macs"] / 1e9
+    assert out.splitlines() == [
+        f"model    {TINY[0]} @ 32x32  ({path})",
+        f"method   {report['method']}",
+        "tokens   17 17 17 10 10 10 7 7 7 5 5 5  (after each block)",
+        f"MACs     {macs:.3f} G -> {reduced:.3f} G  (-{100 * (1 - reduced / macs):.1f} %)",
+        "top-1    75.00 % -> 25.00 %  on 10 images of cifar10-test500 (no fine-tuning)",
+    ]
+    assert sizes == [4, 4]
+
+
+def test_evaluating_random_weights_is_warned(capsys):
+    with pytest.warns(LeanvitWarning, match="no --checkpoint, evaluating random weights"):
+        code, _, _ = run_cli(capsys, "tokens", *TINY, "--method", "tome", "--r", "1", "--eval", "cifar10-test500",
+                             "--eval-images", "4")
+    assert code == 0

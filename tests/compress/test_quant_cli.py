@@ -365,3 +365,179 @@ def test_an_interrupted_run_leaves_no_earlier_model_in_out(tmp_path, monkeypatch
     (out / "notes.txt").write_text("the user's")
     assert main(["quantize", *TINY, "--out", str(out)]) == 130
     assert not any((out / name).exists() for name in earlier) and (out / "notes.txt").is_file()
+
+
+@pytest.mark.parametrize("text", ["head=", "=w8a8", "head"])
+def test_layer_bits_needs_a_pattern_and_bits(text, capsys):
+    from leanvit.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", TINY[0], "--calib", "x", "--layer-bits", text])
+    assert f"expected PATTERN=BITS such as head=w8a8, got '{text}'" in capsys.readouterr().err
+
+
+def test_each_flag_overrides_its_recipe_field():
+    """Every flag reaches the QuantConfig, each set against the hybrid recipe's own value (checked to differ); flags
+    that need another are warned about only without it."""
+    import warnings
+
+    from leanvit.cli import build_parser
+    from leanvit.cli.quantize import _config_from_args
+    from leanvit.compress.quant import QuantConfig
+
+    flags = {"--a-scheme": ("asym", "a_symmetric", False), "--no-reparam": (None, "reparam_layernorm", False),
+             "--w-method": ("minmax", "w_method", "minmax"), "--a-method": ("percentile", "a_method", "percentile"),
+             "--reconstruct": ("bridge", "reconstruct", "bridge"), "--reconstruct-iters": ("7", "reconstruct_iters", 7),
+             "--attn-bits": ("6", "attn_bits", 6), "--quantize-depthwise": (None, "quantize_depthwise", True),
+             "--skip": ("head", "skip", ("head",)), "--layer-bits": ("head=w8a8", "layer_bits", (("head", "w8a8"),))}
+    argv = [a for flag, (value, _, _) in flags.items() for a in (flag, value) if a is not None]
+    args = build_parser().parse_args(["quantize", TINY[0], "--calib", "x", "--recipe", "hybrid", "--target", "generic",
+                                      "--engine", "onnxruntime", *argv])
+    config, target = _config_from_args(args)
+    recipe = vars(QuantConfig.recipe("hybrid", target="generic", engine="onnxruntime"))
+    for flag, (_, field, value) in flags.items():
+        assert recipe[field] != value and getattr(config, field) == value, flag
+    assert target == "generic" and config.quantize_conv_outputs  # (ONNX Runtime's: not an OpenVINO config)
+    args = build_parser().parse_args(["quantize", TINY[0], "--calib", "x", "--bias-correction"])
+    assert _config_from_args(args)[0].bias_correction and not QuantConfig.recipe("mse").bias_correction
+    for argv, said in ((["--sensitivity", "hessian"], "--sensitivity hessian has no effect without --avg-bits"),
+                       (["--target", "generic", "--attn-max-error", "0.2"],
+                        "--attn-max-error has no effect without --attn-bits (or --target vnni)"),
+                       (["--a-method", "percentile", "--percentile", "99"], None)):  # (the activations' percentile)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _config_from_args(build_parser().parse_args(["quantize", TINY[0], "--calib", "x", *argv]))
+        assert [str(w.message) for w in caught] == ([said] if said else []), argv
+
+
+def test_mixed_precision_plumbing_and_the_resolved_target(monkeypatch, capsys):
+    """--avg-bits hands allocate_bits --bits as the low width, w8a8 the high one, --sensitivity and the config; the
+    user's --layer-bits come before the allocation's (first match wins); torch runs at --threads; the report names
+    the CPU the model is for, never "auto", and the weight bits averaged over the weights."""
+    import sys
+    import warnings
+
+    import timm
+    import torch
+
+    quant, calls, threads = sys.modules["leanvit.compress.quant"], [], []
+
+    def allocate_bits(model, calib, avg_bits, **kwargs):
+        calls.append((avg_bits, kwargs))
+        return (("head", "w4a4"), ("blocks.0.mlp.fc1", "w4a4"))
+
+    monkeypatch.setattr(quant, "allocate_bits", allocate_bits)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "--sensitivity")  # it has its effect here
+        assert main(["quantize", *TINY, "--bits", "w4a4", "--avg-bits", "6", "--sensitivity", "hessian",
+                     "--layer-bits", "head=w8a8", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert "calibrating" not in captured.err  # --json: no progress bar either
+    (avg, kwargs), = calls
+    assert avg == 6.0 and (kwargs["low"], kwargs["high"], kwargs["method"]) == ("w4a4", "w8a8", "hessian")
+    assert kwargs["config"].layer_bits == (("head", "w8a8"),)
+    assert result["layers"]["head"].startswith("weights int8") and "int4" in result["layers"]["blocks.0.mlp.fc1"]
+    assert threads == [1] and result["target"] in ("generic", "vnni")
+    model = timm.create_model(TINY[0], **json.loads(TINY[2]))
+    bits = {name: int(scheme.split()[1].removeprefix("int")) for name, scheme in result["layers"].items()
+            if scheme.startswith("weights ")}
+    sizes = {name: model.get_submodule(name).weight.numel() for name in bits}
+    assert sorted(set(bits.values())) == [4, 8]
+    assert result["avg_weight_bits"] == pytest.approx(sum(sizes[n] * bits[n] for n in bits) / sum(sizes.values()),
+                                                      abs=1e-3)
+
+
+def test_calibrates_on_the_training_split_with_exactly_the_images_it_needs(tmp_path, capsys):
+    """A folder with train/ and val/ calibrates on train/ (16 images: the least allowed, accepted); val/'s 3 would
+    be refused."""
+    from PIL import Image
+
+    for split, count in (("train", 16), ("val", 3)):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (32, 32), (i, 2 * i, 3 * i)).save(tmp_path / split / "ab"[i % 2] / f"{i}.png")
+    argv = [a if a != "cifar10-test500" else str(tmp_path) for a in TINY]
+    with pytest.warns(LeanvitWarning, match="no --checkpoint, quantizing random weights"):
+        assert main(["quantize", *argv, "--bits", "W8A8", "--json"]) == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    assert result["calib_images"] == 16 and result["bits"] == "w8a8"  # as --bits parses it, in either case
+
+
+def test_the_report_counts_the_folded_batchnorms(capsys):
+    """Every BatchNorm of a ResNet follows a conv and is folded into it."""
+    import timm
+    from torch import nn
+
+    assert main(["quantize", "resnet10t", "--model-kwargs", '{"num_classes": 10}', "--img-size", "32", *TINY[3:],
+                 "--json"]) == 0
+    norms = [m for m in timm.create_model("resnet10t").modules() if isinstance(m, nn.BatchNorm2d)]
+    assert json.loads(capsys.readouterr().out)["folded_batchnorms"] == len(norms) > 0
+
+
+def test_the_deployment_plumbing_and_the_text_report(tmp_path, monkeypatch, capsys):
+    """Exported for a batch of 1 at the model's input size, loaded at --threads; an OpenVINO model slower than float
+    gets OpenVINO's hint; --eval is read at --batch-size; the text report names the checkpoint, the file written, the
+    latency and the three top-1s each under its own name (the export, engine, timing and scoring stood in for: the
+    command's own wiring)."""
+    import sys
+
+    import timm
+    from torch import nn
+
+    import leanvit.bench.speedup
+    import leanvit.cli.quantize
+    import leanvit.deploy
+    from leanvit.checkpoint import save_weights
+    from leanvit.deploy.engine import is_quantized
+    from leanvit.evaluate import EvalResult
+
+    quant, exported, loaded = sys.modules["leanvit.compress.quant"], [], []
+
+    def export(qmodel, path, *, engine, example, **kwargs):
+        exported.append((engine, tuple(example.shape), kwargs))
+        return path.with_suffix(".xml")
+
+    class Engine:
+        name = "openvino"
+
+        def load_model_file(self, path):
+            loaded.append(path.name)
+            return lambda images: None
+
+    def scored(predictor, loader, **kwargs):
+        top1 = 30.0 if not isinstance(predictor, nn.Module) else 20.0 if is_quantized(predictor) else 10.0
+        return EvalResult(top1=top1, top5=100.0, images=len(loader.dataset), skipped=0, seconds=1, images_per_s=1)
+
+    monkeypatch.setattr(quant, "export", export)
+    monkeypatch.setattr(quant, "check_engine_precisions", lambda *args, **kwargs: {})
+    monkeypatch.setattr(leanvit.deploy, "get_engine", lambda name, threads: loaded.append((name, threads)) or Engine())
+    monkeypatch.setattr(leanvit.bench.speedup, "measure_speedup", lambda model, runner, engine, example: (
+        leanvit.bench.speedup.Speedup(engine.name, 1, 1, float_ms=1.0, quantized_ms=1.25, round_ratios=(0.8,) * 4,
+                                      rounds=4)))
+    monkeypatch.setattr(leanvit.cli.quantize, "evaluate", scored)
+    real_loader, sizes = leanvit.cli.quantize.make_loader, []
+    monkeypatch.setattr(leanvit.cli.quantize, "make_loader", lambda data, size, **kw: sizes.append(size)
+                        or real_loader(data, size, **kw))
+    kwargs = json.loads(TINY[2])
+    path = save_weights(tmp_path / "m.safetensors", timm.create_model(TINY[0], **kwargs).state_dict(),
+                        {"model": TINY[0], "model_kwargs": kwargs})
+    out = tmp_path / "q"
+    with pytest.warns(LeanvitWarning) as caught:
+        assert main(["quantize", *TINY, "--checkpoint", str(path), "--out", str(out), "--eval", "cifar10-test500",
+                     "--eval-images", "10", "--batch-size", "4"]) == 0
+    assert sizes[-2:] == [4, 1]  # the models in PyTorch at --batch-size, the exported one at its batch of 1
+    assert exported == [("openvino", (1, 3, 32, 32), {"dynamic_batch": False, "check": False})]
+    assert loaded == [("openvino", 1), "model.xml"]
+    warning, = [str(w.message) for w in caught if "slower" in str(w.message)]
+    assert warning.endswith("check --target (auto picks this CPU's), and keep slow layers float with --skip")
+    lines = capsys.readouterr().out.splitlines()  # (the layers kept float are listed between them)
+    assert lines[0] == f"model    {TINY[0]}  ({path})"
+    assert f"wrote    {out / 'model.xml'}  (and report.json)" in lines
+    assert any(line.startswith("latency  openvino INT8 against float: 0.80x as fast") for line in lines)
+    assert lines[-1] == ("top-1    float 10.00 %  simulated 20.00 %  openvino INT8 30.00 %  on 10 images of "
+                         "cifar10-test500")
+    report = json.loads((out / "report.json").read_text())
+    assert report["eval_data"] == "cifar10-test500" and report["calib"] == "cifar10-test500"
