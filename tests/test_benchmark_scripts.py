@@ -130,17 +130,9 @@ def test_documented_tokens_commands_run_and_write_the_folder_they_document(scrip
         assert args.engines == json.loads((BENCHMARKS / folder / "tokens.json").read_text())["engines"]
 
 
-def test_recipe_ab_rates_b_by_the_median_of_its_rounds(script, tmp_path, monkeypatch):
-    """A machine in two load states: B as fast as A in four rounds of five, but its pooled median lands in the slow
-    state and A's in the fast one. The verdict is the rounds' median (1.0), the pooled medians' ratio (0.71) beside."""
-    from leanvit.bench.timing import Timing
-
-    module = script("recipe_ab")
-    # round by round (ms): B as fast as A but in round 3, where B met the slow state and A the fast one
-    states = {"fp32": [4.0] * 3 + [5.6] * 2, "A": [2.0] * 3 + [2.8] * 2, "B": [2.0] * 2 + [2.8] * 3}
-
-    def time_alternating(fns, budget, rounds):
-        return {k: Timing(np.repeat(states[k], 3), tuple(states[k])) for k in fns}
+def _stub_measurements(module, monkeypatch, time_alternating) -> None:
+    """A latency script's models, exports, engines and (where it quantizes) quantization stubbed, its timing by
+    ``time_alternating``: what is left is the script's own plumbing."""
 
     class Engine:
         def load_model_file(self, path):
@@ -150,8 +142,22 @@ def test_recipe_ab_rates_b_by_the_median_of_its_rounds(script, tmp_path, monkeyp
     monkeypatch.setattr(module, "export_onnx", lambda model, x, path, **kwargs: path)
     monkeypatch.setattr(module, "get_engine", lambda *args, **kwargs: Engine())
     monkeypatch.setattr(module, "time_alternating", time_alternating)
-    monkeypatch.setattr(module.quant, "quantize", lambda model, calib, config, progress: (lambda x: x))
-    monkeypatch.setattr(module.quant, "export", lambda qmodel, path, **kwargs: path)
+    if hasattr(module, "quant"):
+        monkeypatch.setattr(module.quant, "quantize", lambda model, calib, config, progress: (lambda x: x))
+        monkeypatch.setattr(module.quant, "export", lambda qmodel, path, **kwargs: path)
+
+
+def test_recipe_ab_rates_b_by_the_median_of_its_rounds(script, tmp_path, monkeypatch):
+    """A machine in two load states: B as fast as A in four rounds of five, but its pooled median lands in the slow
+    state and A's in the fast one. The verdict is the rounds' median (1.0), the pooled medians' ratio (0.71) beside."""
+    from leanvit.bench.timing import Timing
+
+    module = script("recipe_ab")
+    # round by round (ms): B as fast as A but in round 3, where B met the slow state and A the fast one
+    states = {"fp32": [4.0] * 3 + [5.6] * 2, "A": [2.0] * 3 + [2.8] * 2, "B": [2.0] * 2 + [2.8] * 3}
+
+    _stub_measurements(module, monkeypatch, lambda fns, budget, rounds: {
+        k: Timing(np.repeat(states[k], 3), tuple(states[k])) for k in fns})
     monkeypatch.setattr("sys.argv", ["recipe_ab", "--models", "deit_tiny_patch16_224", "--rounds", "5", "--change",
                                      "{}", "--out", str(tmp_path)])
     module.main()
@@ -175,17 +181,7 @@ def test_budget_s_is_each_files_budget_not_multiplied_by_the_files(name, script,
     def time_alternating(fns, budget, rounds):
         raise Timed(len(fns), budget.budget_s, rounds)
 
-    class Engine:
-        def load_model_file(self, path):
-            return lambda x: x
-
-    monkeypatch.setattr(module, "create_model", lambda model, **kwargs: torch.nn.Identity())
-    monkeypatch.setattr(module, "export_onnx", lambda model, x, path, **kwargs: path)
-    monkeypatch.setattr(module, "get_engine", lambda *args, **kwargs: Engine())
-    monkeypatch.setattr(module, "time_alternating", time_alternating)
-    if hasattr(module, "quant"):
-        monkeypatch.setattr(module.quant, "quantize", lambda model, calib, config, progress: (lambda x: x))
-        monkeypatch.setattr(module.quant, "export", lambda qmodel, path, **kwargs: path)
+    _stub_measurements(module, monkeypatch, time_alternating)
     extra = ["--change", "{}"] if name == "recipe_ab" else []
     monkeypatch.setattr("sys.argv", [name, "--models", "deit_tiny_patch16_224", "--budget-s", "1.5", "--rounds", "3",
                                      "--out", str(tmp_path), *extra])

@@ -78,3 +78,32 @@ def check_every_route_loads():
             assert all(torch.equal(loaded[k], v) for k, v in expected.items()), f"{route} did not load '{key}'"
 
     return check
+
+
+@pytest.fixture
+def check_grad_checkpointing():
+    """``check(build, x, units, forwards=(forward,))``: after ``set_grad_checkpointing(True)`` each of ``units(model)``
+    runs again during backward, with the same gradients as without, and ``set_grad_checkpointing(False)`` turns it
+    back off; ``build()`` makes a fresh model, ``forwards`` are the calls run and backpropagated (e.g. also
+    ``forward_intermediates``). Calls are counted in each unit's forward itself: hooks do not fire when
+    checkpointing reruns one."""
+
+    def check(build, x: torch.Tensor, units, forwards=(lambda model, x: model(x),)) -> None:
+        calls, grads = [], []
+        for enable in (False, True, False):
+            model = build().train()
+            model.set_grad_checkpointing(True)
+            model.set_grad_checkpointing(enable)
+            seen = []
+            for unit in units(model):
+                unit.forward = lambda x, run=unit.forward: (seen.append(1), run(x))[1]
+            for forward in forwards:
+                forward(model, x).sum().backward()
+            calls.append(len(seen))
+            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        once = len(units(build())) * len(forwards)
+        assert calls == [once, 2 * once, once]
+        for checkpointed, plain in zip(grads[1], grads[0], strict=True):
+            torch.testing.assert_close(checkpointed, plain)
+
+    return check

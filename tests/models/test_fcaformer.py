@@ -698,20 +698,10 @@ def test_drop_path_of_one_drops_both_residual_branches():
         torch.testing.assert_close(merged, block.token_merge(grid).flatten(2).transpose(1, 2))
 
 
-def test_grad_checkpointing_recomputes_the_stages_in_backward():
-    """set_grad_checkpointing(True): each stage runs again during backward, in forward and in
-    forward_intermediates; set_grad_checkpointing(False) turns it back off."""
-    x = torch.randn(2, 3, 96, 64)
-    for enable in (False, True, False):
-        model = _tiny().train()
-        model.set_grad_checkpointing(True)
-        model.set_grad_checkpointing(enable)
-        seen = []
-        for stage in model.stages:  # counted in forward itself: hooks do not fire when checkpointing reruns it
-            stage.forward = lambda x, run=stage.forward: (seen.append(1), run(x))[1]
-        model(x).sum().backward()
-        model.forward_intermediates(x)[0].sum().backward()
-        assert len(seen) == 2 * 4 * (2 if enable else 1), enable
+def test_grad_checkpointing_recomputes_the_stages_in_backward(check_grad_checkpointing):
+    """In forward and in forward_intermediates."""
+    check_grad_checkpointing(_tiny, torch.randn(2, 3, 96, 64), lambda model: list(model.stages),
+                             forwards=(lambda model, x: model(x), lambda model, x: model.forward_intermediates(x)[0]))
 
 
 def test_layer_decay_groups_follow_the_blocks():
