@@ -105,6 +105,7 @@ def test_timm_families_have_their_published_figures():
     ours = {f.name: (f.params_m, f.gmacs, f.top1, f.img_size, dict(f.tag_top1))
             for f in CATALOG.values() if f.provider == "timm"}
     assert ours == PUBLISHED_TIMM
+    assert all(CATALOG[n].num_classes == 1000 for n in PUBLISHED_TIMM)  # every figure is an ImageNet-1k model's
 
 
 def test_the_top1_of_a_tagged_training_is_its_own():
@@ -120,3 +121,49 @@ def test_the_top1_of_a_tagged_training_is_its_own():
     for facts in CATALOG.values():
         tags = {name.partition(".")[2] for name in timm.models.get_arch_pretrained_cfgs(facts.name)}
         assert {tag for tag, _ in facts.tag_top1} <= tags, facts.name
+
+
+#: (figures in the order given, device) of each paper's own speed figure (ms, or img/s for TinyViT), restated from
+#: ../shared/specs/zoo-hybrids.md and zoo-vits-and-methods.md; None where the sources give none of their own (DeiT's
+#: table is timm's RTX 4090 run, MobileViG S / M only RepViT's re-measure, VCMamba and EfficientMod s_conv none).
+#: MobileNetV2: its paper's Table 4.
+PUBLISHED_SPEED = {
+    "efficientformer_l1": ((1.6,), "iPhone 12"), "efficientformer_l3": ((3.0,), "iPhone 12"),
+    "efficientformer_l7": ((7.0,), "iPhone 12"),
+    "efficientformerv2_s0": ((0.9,), "iPhone 12"), "efficientformerv2_s1": ((1.1,), "iPhone 12"),
+    "efficientformerv2_s2": ((1.6,), "iPhone 12"), "efficientformerv2_l": ((2.7,), "iPhone 12"),
+    "nextvit_small": ((3.5, 7.7), "iPhone 12 Pro Max"), "nextvit_base": ((4.5, 10.5), "iPhone 12 Pro Max"),
+    "nextvit_large": ((5.5, 13.0), "iPhone 12 Pro Max"),
+    "tiny_vit_5m_224": ((3060,), "V100"), "tiny_vit_11m_224": ((2468,), "V100"), "tiny_vit_21m_224": ((1571,), "V100"),
+    "tiny_vit_21m_384": ((394,), "V100"), "tiny_vit_21m_512": ((167,), "V100"),
+    **{name: None for name in ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
+                               "deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224",
+                               "deit_base_distilled_patch16_224", "deit_base_patch16_384",
+                               "deit_base_distilled_patch16_384", "mobilevig_s", "mobilevig_m", "efficientmod_s_conv",
+                               "vcmamba_s", "vcmamba_m", "vcmamba_b")},
+    "mobilevig_ti": ((0.78,), "iPhone 13 Mini"), "mobilevig_b": ((2.30,), "iPhone 13 Mini"),
+    "efficientmod_xxs": ((10.2, 3.0), "Xeon E5-2680"), "efficientmod_xs": ((13.4, 3.6), "Xeon E5-2680"),
+    "efficientmod_s": ((23.5, 5.5), "Xeon E5-2680"),
+    "fcaformer_l1": ((312,), "Cortex-A17"), "fcaformer_l2": ((728,), "Cortex-A17"),
+    "fcaformer_l3": ((1344,), "Cortex-A17"), "fcaformer_l4": ((2624,), "Cortex-A17"),
+    "mobilenetv2_100": ((75,), "Pixel 1"),
+}
+
+
+def test_every_speed_figure_is_the_papers_own_on_its_device():
+    """``leanvit models`` prints these and ``leanvit bench`` plots measured latency against them."""
+    import re
+
+    ours = {}
+    for facts in CATALOG.values():
+        figures = tuple(float(f.replace(",", "")) for f in re.findall(r"(\d[\d,]*(?:\.\d+)?) (?:ms|img/s)",
+                                                                      facts.speed or ""))
+        ours[facts.name] = (figures, PUBLISHED_SPEED.get(facts.name, (0, facts.speed))[1]) if facts.speed else None
+        if facts.speed and PUBLISHED_SPEED.get(facts.name):
+            assert PUBLISHED_SPEED[facts.name][1] in facts.speed, facts.name
+    assert ours == PUBLISHED_SPEED
+
+
+def test_the_built_models_class_count_decides_over_its_tags():
+    """tiny_vit_5m_224.dist_in22k given a 1000-class head (``num_classes=1000``) is the published model's size."""
+    assert find_facts("tiny_vit_5m_224.dist_in22k", num_classes=1000).name == "tiny_vit_5m_224"

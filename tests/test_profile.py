@@ -145,3 +145,48 @@ def test_a_model_given_is_profiled_at_the_size_it_was_built_for():
 def test_macs_of_a_half_model():
     """The counting input was float32 whatever the model: a bfloat16 model failed with a dtype error."""
     assert count_macs(nn.Linear(4, 3).to(torch.bfloat16), (4,)) == 12
+
+
+def test_frozen_parameters_count_and_macs_are_counted_in_eval_mode():
+    """A frozen backbone is still model size; a BatchNorm in training mode cannot take the batch of 1 counted."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).train()
+    model[0].requires_grad_(False)
+    assert count_params(model) == 4 * 4 + 4 + 2 * 4
+    assert count_macs(model, (4,)) == 4 * 4 and model.training
+
+
+def test_the_difference_is_relative_to_the_published_figure():
+    """A 1-block deit_tiny (1000 classes, 224): far below the published 5.72 M / 1.26 G of the DeiT README, so the
+    denominator matters; the published note is given only for entries that have one."""
+    model = timm.create_model("deit_tiny_patch16_224", depth=1)
+    prof = profile_model("deit_tiny_patch16_224", model=model)
+    assert prof.params_diff_pct == round(100 * (prof.params - 5.72e6) / 5.72e6, 2)
+    assert prof.macs_diff_pct == round(100 * (prof.macs - 1.26e9) / 1.26e9, 2)
+    assert prof.published_note is None
+
+
+def test_img_size_range_is_inclusive_and_checked_before_building():
+    from leanvit.errors import LeanvitError
+    from leanvit.profile import check_img_size
+
+    check_img_size(16)
+    check_img_size(4096)
+    for size in (15, 4097):
+        with pytest.raises(LeanvitError, match=f"--img-size must be between 16 and 4096, got {size}"):
+            profile_model("no_such_model", img_size=size)
+
+
+def test_an_asked_size_wins_over_the_built_one_and_the_input_has_the_cfgs_channels():
+    vit = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2,
+                            dynamic_img_size=True)
+    prof = profile_model("deit_tiny_patch16_224", 48, model=vit)
+    assert prof.img_size == 48 and prof.macs == count_macs(vit, (3, 48, 48))
+    gray = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Flatten())
+    gray.pretrained_cfg = {"input_size": (1, 16, 16)}
+    assert profile_model("gray", model=gray).macs == 2 * 16 * 16
+
+
+def test_a_published_note_comes_with_the_comparison():
+    """EfficientFormerV2's README counts parameters without BatchNorm (../shared/specs/zoo-hybrids.md)."""
+    model = timm.create_model("efficientformerv2_s0")
+    assert "BatchNorm" in profile_model("efficientformerv2_s0", model=model).published_note

@@ -314,3 +314,84 @@ def test_another_architectures_model_kwargs_are_not_applied(tmp_path):
                  {"model": "resnet10t", "model_kwargs": {"num_classes": 10, "stem_width": 24}})
     with pytest.raises(CheckpointMismatchError, match="It was saved from 'resnet10t'"):
         model_from_checkpoint("deit_tiny_patch16_224", tmp_path / "r.safetensors", **TINY)
+
+
+def test_saved_weights_get_the_umasks_mode_and_a_sha256_of_their_bytes(tmp_path):
+    """safetensors writes 0600 (other users of a shared run folder could not read it): the umask's 0644 instead.
+    The digest is the file's sha256, whole, the way ``sha256sum`` gives it (a folder names its model.safetensors)."""
+    import hashlib
+    import os
+
+    from leanvit.checkpoint import checkpoint_sha256
+
+    old = os.umask(0o022)
+    try:
+        path = save_weights(tmp_path / "model.safetensors", {"w": torch.ones(2)})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert checkpoint_sha256(tmp_path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_local_file_named_like_a_shipped_checkpoint_is_the_one_read(tmp_path, monkeypatch):
+    """A shipped name stands for its file only where no such path exists."""
+    import leanvit.checkpoint as checkpoint
+
+    (tmp_path / "shipped").mkdir()
+    monkeypatch.setattr(checkpoint, "SHIPPED_DIR", tmp_path / "shipped")
+    save_weights(tmp_path / "shipped" / "tiny.safetensors", {"w": torch.zeros(1)})
+    monkeypatch.chdir(tmp_path)
+    save_weights(tmp_path / "tiny", {"w": torch.ones(1)})
+    assert read_checkpoint("tiny")[0]["w"].item() == 1.0
+
+
+def test_safetensors_keys_lose_the_wrappers_prefixes_and_load_weights_returns_the_metadata(tmp_path):
+    model = _vit()
+    save_weights(tmp_path / "m.safetensors", {f"module.{k}": v for k, v in model.state_dict().items()}, {"a": 1})
+    assert read_checkpoint(tmp_path / "m.safetensors")[0].keys() == model.state_dict().keys()
+    assert load_weights(_vit(), tmp_path / "m.safetensors") == {"a": 1}
+
+
+def test_an_unreadable_file_names_the_errors_type_and_a_pickled_leanvit_model_the_fix(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LeanvitError, match=r"\(SafetensorError: "):
+        read_checkpoint(tmp_path / "bad.safetensors")
+    from leanvit.models.registry import create_model
+
+    torch.save(create_model("mobilevig_ti"), tmp_path / "vig.pth")  # leanvit.models.mobilevig.MobileViG
+    with pytest.raises(LeanvitError, match=r"save model.state_dict\(\) instead"):
+        read_checkpoint(tmp_path / "vig.pth")
+
+
+def test_saved_kwargs_and_token_reduction_apply_to_a_tagged_name_of_the_same_architecture_only(tmp_path):
+    """``deit_tiny_patch16_224.fb_in1k`` is the saved architecture; ``vit_tiny_patch16_224`` (same keys) is not."""
+    from leanvit.compress.tokens import applied
+
+    save_weights(tmp_path / "t.safetensors", _vit().state_dict(),
+                 {"model": "deit_tiny_patch16_224", "model_kwargs": TINY, "tokens": "tome:4",
+                  "tokens_options": {"prop_attn": False}})
+    model, _ = model_from_checkpoint("deit_tiny_patch16_224.fb_in1k", tmp_path / "t.safetensors")
+    assert applied(model).r == 4 and applied(model).prop_attn is False
+    plain, _ = model_from_checkpoint("deit_tiny_patch16_224", tmp_path / "t.safetensors", with_tokens=False)
+    assert applied(plain) is None
+    other, _ = model_from_checkpoint("vit_tiny_patch16_224", tmp_path / "t.safetensors", **TINY)
+    assert applied(other) is None
+
+
+def test_a_checkpoint_of_the_same_architecture_that_does_not_fit_says_to_match_its_kwargs(tmp_path):
+    save_weights(tmp_path / "m.safetensors", _vit().state_dict(), {"model": "deit_tiny_patch16_224.fb_in1k"})
+    with pytest.raises(CheckpointMismatchError, match=r"Create the model with the architecture and num_classes") as e:
+        load_weights(_vit(depth=2), tmp_path / "m.safetensors")
+    assert "saved from" not in str(e.value)
+
+
+def test_a_long_list_of_keys_names_the_first_eight_sorted_and_says_there_are_more(tmp_path):
+    state = _vit().state_dict()
+    dropped = sorted(state)[:9]
+    save_weights(tmp_path / "m.safetensors", {k: v for k, v in state.items() if k not in dropped})
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_weights(_vit(), tmp_path / "m.safetensors")
+    assert f"9 missing keys ({', '.join(dropped[:8])}, ...)" in str(e.value)
+    save_weights(tmp_path / "l.safetensors", {"weight": torch.zeros(1, 2), "bias": torch.zeros(1)})
+    with pytest.raises(CheckpointMismatchError, match="does not fit Linear: "):  # no pretrained_cfg: its class
+        load_weights(torch.nn.Linear(2, 3), tmp_path / "l.safetensors")
