@@ -245,3 +245,99 @@ def test_the_plot_front_holds_each_point_more_accurate_than_every_faster_one(tmp
 
 def test_a_host_without_flags_of_interest_says_so():
     assert "- CPU flags: none of interest" in report.host_lines(HOST)
+
+
+def _report(tmp_path, monkeypatch, rows, host=HOST, **cfg) -> str:
+    monkeypatch.setattr(report, "plot_pareto", lambda *args, **kwargs: None)
+    cfg = BenchConfig(**{"models": ["deit_tiny_patch16_224"], "engines": ["eager", "openvino"], **cfg})
+    return report.write_results(rows, cfg, host, tmp_path)["md"].read_text()
+
+
+def test_each_statistic_is_in_its_own_column(tmp_path, monkeypatch):
+    """Distinct values per statistic, so that no column shows another's (median, p90, p99, img/s, top-1)."""
+    row = measured("eager", latency_ms_median=1.25, latency_ms_p90=2.5, latency_ms_p99=7.75, latency_ms_iqr=0.5,
+                   throughput=2400.04, published_top1=72.2)
+    text = _report(tmp_path, monkeypatch, [row, measured("openvino", error="boom"),
+                                           measured("openvino", precision="bf16", skipped="no bf16 (test)")])
+    header = [cell.strip() for cell in text.split("## Results")[1].strip().splitlines()[0].split("|")][1:-1]
+    cells = dict(zip(header, _table_row(text, "deit_tiny_patch16_224", "eager")))
+    assert [cells[k] for k in ("median ms", "p90", "p99", "IQR", "img/s", "published top-1")] == [
+        "1.25", "2.50", "7.75", "0.50", "2400.0", "72.2"]
+    assert "| f32 | **failed** |" in text and "| bf16 | **skipped** |" in text
+
+
+def test_the_settings_state_the_timing_budget_and_the_weights(tmp_path, monkeypatch):
+    """Every budget figure where it belongs; with --rounds 1 vs eager is the medians' ratio, not the rounds'."""
+    from leanvit.bench.timing import TimingBudget
+
+    budget = TimingBudget(warmup_s=0.25, warmup_iters=4, budget_s=1.5, min_iters=7, max_iters=300)
+    text = _report(tmp_path, monkeypatch, [measured("eager")], budget=budget, rounds=1, pretrained=True)
+    assert "- protocol: per configuration, warm-up ≥ 0.25 s and ≥ 4 calls, then single calls timed for 1.5 s in all " \
+           "(≥ 7, ≤ 300 calls); " in text
+    assert "*vs eager* is eager's median latency over the row's" in text and "median over the rounds" not in text
+    assert "weights: pretrained" in text
+    assert "weights: random init" in _report(tmp_path, monkeypatch, [measured("eager")], pretrained=False)
+
+
+def test_the_host_lines_give_gpu_os_python_versions_and_an_undated_load():
+    lines = report.host_lines({**HOST, "gpu": "H200", "os": "Linux 6.1", "python": "3.11.9",
+                               "versions": {"torch": "2.5.0", "timm": "1.0.11"}, "loadavg": [1.5, 1.0, 0.5]})
+    assert "- GPU: H200" in lines and "- OS: Linux 6.1, Python 3.11.9" in lines
+    assert "- Versions: torch 2.5.0, timm 1.0.11" in lines
+    assert "- load average (1, 5, 15 min) at the time the host was recorded: 1.5, 1.0, 0.5" in lines
+
+
+def test_a_cpu_run_names_only_the_engines_that_ran_on_the_gpu(tmp_path, monkeypatch):
+    """An engine that reports no device ran where it was asked to; one on the CPU in a CPU run is no exception."""
+    rows = [measured("eager", engine_info={"device": "cpu"}), measured("onnxruntime", engine_info={}),
+            measured("tensorrt", engine_info={"device": "cuda"})]
+    text = _report(tmp_path, monkeypatch, rows, device="cpu")
+    assert "- device: cpu (GPU-only engines on the GPU: tensorrt)\n" in text
+    text = _report(tmp_path, monkeypatch, rows, device="cuda")  # in a GPU run, the GPU is no exception
+    assert "- device: cuda (CPU-only engines on the CPU: eager)\n" in text
+
+
+def test_the_correctness_note_gives_the_tolerances_and_points_to_the_failures(tmp_path, monkeypatch):
+    """REDUCED_PRECISION_RTOL is a fraction of the largest logit: 0.1 is 10 %."""
+    from leanvit.deploy.engine import REDUCED_PRECISION_RTOL
+
+    text = _report(tmp_path, monkeypatch, [measured("eager"), measured("openvino", error="boom")])
+    assert f"max abs error ≤ {round(REDUCED_PRECISION_RTOL * 100, 6):g} % of the largest logit)" in text
+    assert "in the 1 configurations that ran" in text and "the failed ones are listed below." in text
+
+
+def test_a_row_without_an_eager_row_has_no_speed_up(tmp_path, monkeypatch):
+    assert _vs_eager_column(_report(tmp_path, monkeypatch, [measured("openvino")])) == ["–"]
+
+
+def test_a_reduced_precision_variant_is_compared_with_the_unreduced_model_at_that_precision(tmp_path, monkeypatch):
+    """The bf16 variant at 1 ms against the bf16 model at 2 ms is 2x (against the f32 model's 4 ms: 4x)."""
+    rows = [measured("eager", latency_ms_median=4.0, latency_ms_rounds=(4.0, 4.0, 4.0), macs=1e9),
+            measured("eager", precision="bf16", latency_ms_median=2.0, latency_ms_rounds=(2.0, 2.0, 2.0), macs=1e9),
+            measured("eager", precision="bf16", variant="evit:0.7", latency_ms_median=1.0,
+                     latency_ms_rounds=(1.0, 1.0, 1.0), macs=7e8)]
+    text = _report(tmp_path, monkeypatch, rows, precisions=["f32", "bf16"], tokens=["evit:0.7"], rounds=3)
+    assert "| evit:0.7 | eager | bf16 | 0.700 | 30.0% | 1.00 | 50.0% | 2.00× |" in text
+
+
+def test_results_json_keeps_the_host_and_config_and_the_csv_leaves_out_engine_info(tmp_path, monkeypatch):
+    """engine_info is a nested dict: it has no place in a CSV cell (it is in the JSON rows)."""
+    _report(tmp_path, monkeypatch, [measured("eager")], batch=3)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["host"] == HOST and doc["config"]["batch"] == 3
+    assert doc["rows"][0]["engine_info"] == {"device": "cuda"}
+    with (tmp_path / "results.csv").open() as f:
+        header = next(csv.reader(f))
+    assert "engine_info" not in header and {"model", "engine", "latency_ms_median"} <= set(header)
+
+
+def test_one_plotted_point_makes_no_front_and_latency_is_on_a_log_axis(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    report.plot_pareto([measured("eager", published_top1=72.2)], tmp_path / "p.png")
+    (ax,) = figures[0].axes
+    assert not [line for line in ax.get_lines() if line.get_label() == "Pareto front"]
+    assert ax.get_xscale() == "log"
+    plt.close(figures[0])

@@ -70,3 +70,16 @@ def test_the_budget_rounds_batch_and_threads_are_the_ones_given(monkeypatch):
     assert (speedup.float_ms, speedup.quantized_ms, speedup.round_ratios, speedup.ratio) == (2.0, 1.0, (2.0, 2.0), 2.0)
     assert seen["outputs"]["quantized"] == "quantized"
     assert np.allclose(seen["outputs"]["float"], model(example).detach().numpy(), atol=1e-5)
+
+
+def test_the_figures_are_kept_to_the_microsecond(monkeypatch):
+    """Medians of 1/3 and 7/3 ms are stored as 0.333 and 2.333, their rounds' ratios as 0.143 (not 15 digits)."""
+    from leanvit.bench import speedup as module
+    from leanvit.bench.timing import Timing
+
+    monkeypatch.setattr(module, "time_alternating", lambda fns, budget, rounds: {
+        "float": Timing(np.full(2, 1 / 3), (1 / 3, 1 / 3)), "quantized": Timing(np.full(2, 7 / 3), (7 / 3, 7 / 3))})
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).eval()
+    speedup = measure_speedup(model, lambda x: x, get_engine("onnxruntime", threads=1), torch.randn(1, 3, 4, 4),
+                              rounds=2)
+    assert (speedup.float_ms, speedup.quantized_ms, speedup.round_ratios) == (0.333, 2.333, (0.143, 0.143))

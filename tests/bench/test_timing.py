@@ -245,3 +245,24 @@ def test_memory_figures_are_read_in_mib_from_their_own_fields(monkeypatch, tmp_p
     assert peak_rss_mb() is None and rss_mb() is None
     monkeypatch.setattr(timing, "_CLEAR_REFS", tmp_path / "missing" / "clear_refs")
     assert reset_peak_rss() is False
+
+
+def test_freed_memory_is_released_with_the_garbage_collected_first():
+    """Objects kept only by a reference cycle are freed memory too: they go before malloc_trim, even with gc off."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    gc.disable()
+    try:
+        node = Node()
+        node.self = node
+        ref = weakref.ref(node)
+        del node
+        assert ref() is not None  # the cycle keeps it until a collection
+        release_freed_memory()
+        assert ref() is None
+    finally:
+        gc.enable()
