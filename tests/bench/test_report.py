@@ -272,8 +272,8 @@ def test_the_settings_state_the_timing_budget_and_the_weights(tmp_path, monkeypa
 
     budget = TimingBudget(warmup_s=0.25, warmup_iters=4, budget_s=1.5, min_iters=7, max_iters=300)
     text = _report(tmp_path, monkeypatch, [measured("eager")], budget=budget, rounds=1, pretrained=True)
-    assert "- protocol: per configuration, warm-up ≥ 0.25 s and ≥ 4 calls, then single calls timed for 1.5 s in all " \
-           "(≥ 7, ≤ 300 calls); " in text
+    assert ("- protocol: per configuration, warm-up ≥ 0.25 s and ≥ 4 calls, then single calls timed for 1.5 s in "
+            "all (≥ 7, ≤ 300 calls); ") in text
     assert "*vs eager* is eager's median latency over the row's" in text and "median over the rounds" not in text
     assert "weights: pretrained" in text
     assert "weights: random init" in _report(tmp_path, monkeypatch, [measured("eager")], pretrained=False)
